@@ -1,0 +1,408 @@
+"""Configuration file → validated settings.
+
+The file is TOML, found at `--config PATH`, else `$DIRPULL_CONFIG`, else `./dirpull.toml`. Every
+mistake is reported as `FILE: tenants.NAME.KEY: what is wrong`, never as a traceback. Secret values
+may be `env:NAME` or `file:PATH`; they are resolved only when a connector needs them and never
+appear in a repr, a log line or an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    PlainSerializer,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+DEFAULT_CONFIG = "dirpull.toml"
+PROVIDERS = ("entra_id", "google_workspace", "okta", "workday", "bamboohr")
+
+
+class ConfigError(Exception):
+    """A configuration mistake, already phrased for the operator."""
+
+
+# --- secrets -----------------------------------------------------------------------------------
+
+
+class SecretRef:
+    """A secret given literally, as `env:NAME` or as `file:PATH`. Resolved on each `get()`."""
+
+    __slots__ = ("_base", "_value")
+
+    def __init__(self, value: str, base: Path | None = None) -> None:
+        self._value = value
+        self._base = base
+
+    @property
+    def reference(self) -> str:
+        """What the configuration says, safe to show (literal secrets are masked)."""
+        if self._value.startswith(("env:", "file:")):
+            return self._value
+        return "***"
+
+    def check(self) -> str | None:
+        """Why the secret cannot be read right now, or None."""
+        if self._value.startswith("env:"):
+            name = self._value[4:]
+            if not name:
+                return "env: needs a variable name"
+            if name not in os.environ:
+                return f"environment variable {name} is not set"
+        elif self._value.startswith("file:"):
+            path = self.path
+            if path is None or not path.is_file():
+                return f"secret file {self._value[5:]} does not exist"
+        elif not self._value:
+            return "is empty"
+        return None
+
+    @property
+    def path(self) -> Path | None:
+        if not self._value.startswith("file:"):
+            return None
+        p = Path(self._value[5:]).expanduser()
+        return p if p.is_absolute() or self._base is None else self._base / p
+
+    def get(self) -> str:
+        if self._value.startswith("env:"):
+            value = os.environ.get(self._value[4:])
+            if value is None:
+                raise ConfigError(f"secret {self._value}: environment variable is not set")
+            return value
+        if self._value.startswith("file:"):
+            assert self.path is not None
+            try:
+                return self.path.read_text(encoding="utf-8").rstrip("\r\n")
+            except OSError as exc:
+                raise ConfigError(f"secret {self._value}: cannot read ({exc.strerror})") from None
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"SecretRef({self.reference!r})"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SecretRef) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+def _to_secret(value: Any) -> SecretRef:
+    if isinstance(value, SecretRef):
+        return value
+    if not isinstance(value, str):
+        raise PydanticCustomError("secret", "must be a string: a literal, env:NAME or file:PATH")
+    ref = SecretRef(value, _CONFIG_DIR.get())
+    problem = ref.check()
+    if problem:
+        raise PydanticCustomError("secret", "{problem}", {"problem": problem})
+    return ref
+
+
+class _ConfigDir:
+    """The directory of the file being loaded, so `file:` paths are relative to it."""
+
+    value: Path | None = None
+
+    def get(self) -> Path | None:
+        return self.value
+
+
+_CONFIG_DIR = _ConfigDir()
+
+Secret = Annotated[
+    Any,
+    BeforeValidator(_to_secret),
+    PlainSerializer(lambda s: s.reference, return_type=str),
+]
+
+
+# --- schedules and durations --------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta:
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"{text!r} is not a duration like 30s, 15m, 6h or 1d")
+    seconds = float(m.group(1)) * _UNIT[m.group(2)]
+    if seconds <= 0:
+        raise ValueError("a duration must be positive")
+    return timedelta(seconds=seconds)
+
+
+def _check_schedule(value: str) -> str:
+    if value.startswith("cron:"):
+        expr = value[5:].strip()
+        from apscheduler.triggers.cron import CronTrigger
+
+        try:
+            CronTrigger.from_crontab(expr, timezone="UTC")
+        except ValueError as exc:
+            raise ValueError(f"bad cron expression {expr!r}: {exc}") from None
+        return value
+    parse_duration(value)
+    return value
+
+
+def _check_duration(value: str) -> str:
+    parse_duration(value)
+    return value
+
+
+# --- settings -----------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+
+class StoreSettings(_Strict):
+    url: str = "sqlite:///dirpull.db"
+    pool_size: int = Field(5, ge=1, le=100)
+    connect_timeout: float = Field(10.0, gt=0)
+
+
+class GuardSettings(_Strict):
+    """Hold a run that would deactivate or delete more than `max_percent` of the tenant's users
+    (or groups) and more than `min_count` objects: both must be exceeded."""
+
+    max_percent: float = Field(10.0, ge=0, le=100)
+    min_count: int = Field(20, ge=0)
+
+
+class Defaults(_Strict):
+    schedule: str = "15m"
+    full_sync_every: str = "24h"
+    guard: GuardSettings = GuardSettings()
+    max_concurrent_syncs: int = Field(4, ge=1, le=64)
+    lease_ttl: str = "60s"
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: str) -> str:
+        return _check_schedule(v)
+
+    @field_validator("full_sync_every", "lease_ttl")
+    @classmethod
+    def _duration(cls, v: str) -> str:
+        return _check_duration(v)
+
+
+class TenantBase(_Strict):
+    schedule: str | None = None
+    # How often a delta-capable provider does a full walk to catch what deltas miss.
+    full_sync_every: str | None = None
+    guard: GuardSettings | None = None
+    # custom_attributes name → provider attribute path (dotted), e.g. cost_center = "organizations.costCenter"
+    attributes: dict[str, str] = Field(default_factory=dict)
+    enabled: bool = True
+
+    @field_validator("schedule")
+    @classmethod
+    def _schedule(cls, v: str | None) -> str | None:
+        return None if v is None else _check_schedule(v)
+
+    @field_validator("full_sync_every")
+    @classmethod
+    def _full(cls, v: str | None) -> str | None:
+        return None if v is None else _check_duration(v)
+
+
+class BambooHRTenant(TenantBase):
+    provider: Literal["bamboohr"]
+    company_domain: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+    api_key: Secret
+    api_url: str = "https://api.bamboohr.com/api/gateway.php"
+
+
+class EntraTenant(TenantBase):
+    provider: Literal["entra_id"]
+    tenant_id: str = Field(min_length=1)
+    client_id: str = Field(min_length=1)
+    client_secret: Secret
+    cloud: Literal["global", "usgov", "china"] = "global"
+    login_url: str | None = None
+    graph_url: str | None = None
+    # Extension attributes to $select, e.g. "extension_abc123_costCenter" or "onPremisesExtensionAttributes".
+    extension_attributes: list[str] = Field(default_factory=list)
+
+
+class GoogleTenant(TenantBase):
+    provider: Literal["google_workspace"]
+    credentials_file: Secret
+    subject: str = Field(min_length=3)
+    customer: str | None = None
+    domain: str | None = None
+    api_url: str | None = None
+    org_units: list[str] = Field(default_factory=list)
+    groups: list[str] = Field(default_factory=list)
+    member_workers: int = Field(4, ge=1, le=32)
+
+    @model_validator(mode="after")
+    def _customer_or_domain(self) -> GoogleTenant:
+        if self.customer and self.domain:
+            raise ValueError("give customer or domain, not both")
+        return self
+
+
+class OktaTenant(TenantBase):
+    provider: Literal["okta"]
+    org_url: str = Field(min_length=8)
+    api_token: Secret | None = None
+    client_id: str | None = None
+    private_key: Secret | None = None
+    scopes: list[str] = Field(default_factory=lambda: ["okta.users.read", "okta.groups.read"])
+    include_everyone: bool = False
+    poll_system_log: bool = False
+    rate_limit_reserve: float = Field(0.30, ge=0, lt=1)
+    max_rate_limit_wait: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _auth(self) -> OktaTenant:
+        if self.api_token is None and not (self.client_id and self.private_key is not None):
+            raise ValueError("give api_token, or client_id and private_key (OAuth service app)")
+        if self.api_token is not None and self.client_id:
+            raise ValueError("give api_token or client_id/private_key, not both")
+        return self
+
+
+class WorkdayTenant(TenantBase):
+    provider: Literal["workday"]
+    users_report_url: str = Field(min_length=8)
+    groups_report_url: str | None = None
+    prompts: dict[str, str] = Field(default_factory=dict)
+    username: str | None = None
+    password: Secret | None = None
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret: Secret | None = None
+    refresh_token: Secret | None = None
+    fields: dict[str, str] = Field(default_factory=dict)
+    group_column: str | None = None
+    timeout: float = Field(300.0, gt=0)
+
+    @model_validator(mode="after")
+    def _auth(self) -> WorkdayTenant:
+        basic = self.username is not None and self.password is not None
+        oauth = all(
+            x is not None for x in (self.token_url, self.client_id, self.client_secret, self.refresh_token)
+        )
+        if not basic and not oauth:
+            raise ValueError(
+                "give username and password, or token_url, client_id, client_secret and refresh_token"
+            )
+        return self
+
+
+TenantSettings = Annotated[
+    BambooHRTenant | EntraTenant | GoogleTenant | OktaTenant | WorkdayTenant,
+    Field(discriminator="provider"),
+]
+
+_TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+
+
+class Config(_Strict):
+    store: StoreSettings = StoreSettings()
+    defaults: Defaults = Defaults()
+    tenants: dict[str, TenantSettings] = Field(default_factory=dict)
+    path: Path | None = Field(None, exclude=True)
+
+    @field_validator("tenants", mode="before")
+    @classmethod
+    def _tenant_ids(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            for name in v:
+                if not _TENANT_ID.match(name):
+                    raise ValueError(f"tenant id {name!r}: use letters, digits, '-', '_' or '.'")
+        return v
+
+    def tenant(self, name: str) -> TenantSettings:
+        try:
+            return self.tenants[name]
+        except KeyError:
+            known = ", ".join(sorted(self.tenants)) or "none configured"
+            raise ConfigError(f"unknown tenant {name!r} (known: {known})") from None
+
+    def schedule_of(self, name: str) -> str:
+        return self.tenants[name].schedule or self.defaults.schedule
+
+    def guard_of(self, name: str) -> GuardSettings:
+        return self.tenants[name].guard or self.defaults.guard
+
+    def full_sync_every_of(self, name: str) -> timedelta:
+        return parse_duration(self.tenants[name].full_sync_every or self.defaults.full_sync_every)
+
+
+def _format_errors(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        # The discriminated union puts the provider name in the location: drop it.
+        if len(loc) >= 3 and loc[0] == "tenants" and loc[2] in PROVIDERS:
+            del loc[2]
+        where = ".".join(loc) if loc else "(top level)"
+        msg = err["msg"]
+        if err["type"] == "union_tag_invalid":
+            msg = f"unknown provider; use one of: {', '.join(PROVIDERS)}"
+        elif err["type"] == "union_tag_not_found":
+            msg = f"provider is missing; use one of: {', '.join(PROVIDERS)}"
+        elif err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        lines.append(f"{path}: {where}: {msg}")
+    return "\n".join(lines)
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    return Path(explicit or os.environ.get("DIRPULL_CONFIG") or DEFAULT_CONFIG)
+
+
+def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+    path = config_path(explicit)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: configuration file not found (use --config PATH or set DIRPULL_CONFIG; "
+            "see config/dirpull.example.toml)"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_config(raw, path)
+
+
+def parse_config(raw: dict[str, Any], path: Path) -> Config:
+    store_url = os.environ.get("DIRPULL_STORE_URL")
+    if store_url:
+        raw = {**raw, "store": {**raw.get("store", {}), "url": store_url}}
+    _CONFIG_DIR.value = path.resolve().parent
+    try:
+        cfg = Config.model_validate({**raw, "path": path})
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(path, exc)) from None
+    finally:
+        _CONFIG_DIR.value = None
+    return cfg

@@ -1,0 +1,84 @@
+"""The one contract every connector fulfils.
+
+A connector is given the tenant's settings and its stored cursor. `pull()` yields `Page`s of
+normalized records as it reads them from the vendor, and finally one `Done` that says whether the
+pages formed a complete snapshot (anything not seen may be deleted) or a delta (only explicit
+removals delete), and what the next cursor is. A pull that ends without `Done` is incomplete and
+the runner applies nothing. Connectors never touch the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from dirpull.model import Group, User
+
+Mode = Literal["full", "incremental"]
+
+
+@dataclass(slots=True)
+class Quarantined:
+    """A vendor record the normalizer could not read: reported on the run, never deleted."""
+
+    kind: Literal["user", "group", "member"]
+    idp_id: str | None
+    reason: str
+
+
+@dataclass(slots=True)
+class Page:
+    users: list[User] = field(default_factory=list)
+    groups: list[Group] = field(default_factory=list)
+    # (group_idp_id, user_idp_id) pairs that exist, flattened (a user in a nested group counts).
+    members: list[tuple[str, str]] = field(default_factory=list)
+    # Explicit removals, for deltas.
+    removed_users: list[str] = field(default_factory=list)
+    removed_groups: list[str] = field(default_factory=list)
+    removed_members: list[tuple[str, str]] = field(default_factory=list)
+    # Groups whose whole member set is given by `members` over this pull (members not listed are
+    # removed). In a snapshot every group is complete without being named here.
+    complete_groups: list[str] = field(default_factory=list)
+    quarantined: list[Quarantined] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Done:
+    snapshot: bool
+    cursor: dict[str, Any] | None
+    mode: Mode
+    requests: int = 0
+    # Things an operator should see on the run record, e.g. "delta token expired: full resync".
+    notes: list[str] = field(default_factory=list)
+
+
+class Connector(Protocol):
+    provider: str
+
+    def pull(self, cursor: dict[str, Any] | None, *, full: bool) -> Iterator[Page | Done]:
+        """Read the directory. `full=True` ignores the cursor (a manual or periodic full resync)."""
+        ...
+
+
+class ConnectorError(Exception):
+    """A pull failed. `retriable` says whether the next scheduled fire may simply try again."""
+
+    def __init__(self, message: str, *, retriable: bool = True, step: str | None = None) -> None:
+        super().__init__(message)
+        self.retriable = retriable
+        self.step = step
+
+
+class AuthError(ConnectorError):
+    """Credentials were refused (401/403): retrying will not help until an operator acts."""
+
+    def __init__(self, message: str, *, step: str | None = None) -> None:
+        super().__init__(message, retriable=False, step=step)
+
+
+class ConfigurationError(ConnectorError):
+    """The tenant's configuration does not match what the directory serves (e.g. a missing column)."""
+
+    def __init__(self, message: str, *, step: str | None = None) -> None:
+        super().__init__(message, retriable=False, step=step)

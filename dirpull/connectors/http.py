@@ -1,0 +1,196 @@
+"""The HTTP pieces connectors share: one retry/rate-limit policy, error classification at the
+boundary, request counting, URL redaction and a paging guard.
+
+SDK-based connectors (msgraph, okta, google) keep their SDK's transport but use `RetryPolicy` and
+`PagingGuard` from here so every provider waits, gives up and reports in the same way.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import re
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import requests
+
+from dirpull.connectors.base import AuthError, ConnectorError
+
+RETRIABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+_SECRET_PARAM = re.compile(r"(token|key|secret|password|passwd|assertion|code|sig|auth)", re.I)
+
+
+def redact_url(url: str) -> str:
+    """A URL safe for logs and errors: no userinfo, no secret-looking query values."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc = f"{netloc}:{parts.port}"
+    query = urlencode(
+        [(k, "***" if _SECRET_PARAM.search(k) else v) for k, v in parse_qsl(parts.query, True)],
+        safe="*$:,",
+    )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header: integer, fractional (Graph sends 2.128) or a date."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+class RetriesExhausted(ConnectorError):
+    def __init__(self, message: str, *, step: str | None = None) -> None:
+        super().__init__(message, retriable=True, step=step)
+
+
+@dataclass
+class RetryPolicy:
+    """How long to wait before retry number `attempt` (1-based), and when to give up.
+
+    A server's own hint (`Retry-After`, Okta's reset time) wins over the backoff, but never past
+    `max_delay` for a single wait or `max_total_wait` for the whole run: a vendor that keeps
+    throttling fails the run cleanly instead of holding a worker for hours.
+    """
+
+    max_attempts: int = 6
+    base_delay: float = 0.5
+    max_delay: float = 60.0
+    max_total_wait: float = 300.0
+    jitter: float = 0.25
+    sleep: Callable[[float], None] = time.sleep
+    waited: float = field(default=0.0, init=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+
+    def backoff(self, attempt: int) -> float:
+        delay = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
+        return delay + random.uniform(0, self.jitter * delay)
+
+    def wait(self, attempt: int, hint: float | None, *, what: str, step: str | None = None) -> None:
+        """Sleep before retry `attempt`, or raise `RetriesExhausted` if the budget is spent."""
+        if attempt >= self.max_attempts:
+            raise RetriesExhausted(f"{what}: gave up after {attempt} attempts", step=step)
+        delay = self.backoff(attempt) if hint is None else hint
+        delay = min(delay, self.max_delay)
+        with self._lock:
+            if self.waited + delay > self.max_total_wait:
+                raise RetriesExhausted(
+                    f"{what}: gave up, waiting {delay:.1f}s more would pass the "
+                    f"{self.max_total_wait:.0f}s cap on retry waits",
+                    step=step,
+                )
+            self.waited += delay
+        self.sleep(delay)
+
+
+class PagingGuard:
+    """Stops a paging loop that would never end: a repeated cursor or too many pages."""
+
+    def __init__(self, what: str, max_pages: int = 1_000_000) -> None:
+        self.what = what
+        self.max_pages = max_pages
+        self.pages = 0
+        self._seen: set[str] = set()
+
+    def next(self, cursor: str | None) -> None:
+        self.pages += 1
+        if self.pages > self.max_pages:
+            raise ConnectorError(f"{self.what}: more than {self.max_pages} pages, giving up")
+        if cursor is None:
+            return
+        if cursor in self._seen:
+            raise ConnectorError(f"{self.what}: the server repeated a page cursor; stopping a loop")
+        self._seen.add(cursor)
+
+
+def readable_body(body: bytes | str, limit: int = 300) -> str:
+    """A short, single-line rendering of an error body (JSON, XML or HTML)."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    if "<" in text and ">" in text:
+        text = re.sub(r"<(script|style)\b.*?</\1>", " ", text, flags=re.S | re.I)
+        text = re.sub(r"<[^>]+>", " ", text)
+    text = re.sub(r"\s+", " ", text).strip()
+    return text[:limit] + ("…" if len(text) > limit else "")
+
+
+class HttpClient:
+    """A `requests` session with the shared policy: timeouts, retries, classification, counting."""
+
+    def __init__(
+        self,
+        *,
+        policy: RetryPolicy | None = None,
+        timeout: tuple[float, float] = (10.0, 60.0),
+        headers: Mapping[str, str] | None = None,
+        auth: Any = None,
+        retry_statuses: frozenset[int] = RETRIABLE_STATUSES,
+    ) -> None:
+        self.session = requests.Session()
+        if headers:
+            self.session.headers.update(headers)
+        self.session.auth = auth
+        self.policy = policy or RetryPolicy()
+        self.timeout = timeout
+        self.retry_statuses = retry_statuses
+        self.requests = 0
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> HttpClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, url: str, *, step: str, stream: bool = False, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", self.timeout)
+        attempt = 0
+        while True:
+            attempt += 1
+            self.requests += 1
+            try:
+                resp = self.session.request(method, url, stream=stream, **kwargs)
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                what = f"{step}: {type(exc).__name__} on {method} {redact_url(url)}"
+                self.policy.wait(attempt, None, what=what, step=step)
+                continue
+            if resp.status_code in self.retry_statuses:
+                hint = parse_retry_after(resp.headers.get("Retry-After"))
+                what = f"{step}: HTTP {resp.status_code} on {method} {redact_url(url)}"
+                resp.close()
+                self.policy.wait(attempt, hint, what=what, step=step)
+                continue
+            if resp.status_code in (401, 403):
+                detail = readable_body(resp.content)
+                raise AuthError(
+                    f"{step}: HTTP {resp.status_code} from {redact_url(url)}: credentials refused or "
+                    f"not permitted ({detail})",
+                    step=step,
+                )
+            if resp.status_code >= 400:
+                detail = resp.headers.get("X-BambooHR-Error-Message") or readable_body(resp.content)
+                raise ConnectorError(
+                    f"{step}: HTTP {resp.status_code} from {redact_url(url)}: {detail}",
+                    retriable=resp.status_code >= 500,
+                    step=step,
+                )
+            return resp

@@ -1,0 +1,302 @@
+"""The HTTP plumbing every emulator shares: a threaded loopback server, a small route table,
+switchable fault injection and control endpoints.
+
+A protocol layer (graph.py, google.py, …) subclasses `Emulator`, registers its routes and says how
+its vendor words errors (rate limit, 5xx, 401). Everything else is here, once.
+
+Control endpoints, served by every emulator (for tests, the demo and benchmarks that run the
+emulator in another process):
+  GET  /_emulator/health            {"ok": true, "requests": N}
+  POST /_emulator/faults            {"rate_limit": 3, "error": 2, "error_status": 503, "drop": 1,
+                                     "malformed": 1, "expire_auth": 1, "delay": 0.5, "path": "/users"}
+  POST /_emulator/changes           {"random": 100, "seed": 7}
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from dirpull.emulators.org import Org
+
+LOOPBACK = "127.0.0.1"
+
+
+class Headers(dict[str, str]):
+    """Request headers, looked up without regard to case (SDKs send lower-case names)."""
+
+    def __init__(self, items: list[tuple[str, str]]) -> None:
+        super().__init__((k.lower(), v) for k, v in items)
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return super().get(key.lower(), default)
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: Headers
+    body: bytes
+    raw_path: str
+    params: dict[str, str] = field(default_factory=dict)  # named groups of the matched route
+
+    def arg(self, name: str, default: str | None = None) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else default
+
+    def json(self) -> Any:
+        return json.loads(self.body or b"null")
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: Any = None  # bytes, str, or an object encoded as JSON
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    content_type: str = "application/json"
+
+    def encoded(self) -> bytes:
+        if self.body is None:
+            return b""
+        if isinstance(self.body, bytes):
+            return self.body
+        if isinstance(self.body, str):
+            return self.body.encode()
+        return json.dumps(self.body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+@dataclass
+class Faults:
+    """Misbehaviour for the next N matching requests (each counter counts down), plus a delay."""
+
+    rate_limit: int = 0
+    error: int = 0
+    error_status: int = 500
+    drop: int = 0
+    malformed: int = 0
+    expire_auth: int = 0
+    delay: float = 0.0
+    path: str | None = None  # only requests whose path contains this are affected
+
+    def take(self, name: str, path: str) -> bool:
+        if self.path and self.path not in path:
+            return False
+        left = getattr(self, name)
+        if left > 0:
+            setattr(self, name, left - 1)
+            return True
+        return False
+
+    def update(self, values: dict[str, Any]) -> None:
+        known = {f.name for f in fields(self)}
+        for key, value in values.items():
+            if key not in known:
+                raise KeyError(key)
+            setattr(self, key, value)
+
+    def clear(self) -> None:
+        self.update({f.name: f.default for f in fields(self)})
+
+
+Handler = Callable[[Request], Response]
+
+
+class Emulator:
+    """Base of the vendor emulators. Subclasses call `self.route()` in `__init__`."""
+
+    name = "emulator"
+
+    def __init__(self, org: Org) -> None:
+        self.org = org
+        self.faults = Faults()
+        self.requests = 0
+        self.request_log: list[tuple[str, str]] = []  # (method, path?query) for tests
+        self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.route("GET", r"/_emulator/health", self._health)
+        self.route("POST", r"/_emulator/faults", self._set_faults)
+        self.route("POST", r"/_emulator/changes", self._changes)
+
+    # --- vendor-specific wording (override) ----------------------------------------------------
+
+    def authenticate(self, req: Request) -> Response | None:
+        """None when the request may proceed, else the vendor's 401/403 response."""
+        return None
+
+    def rate_limited(self, req: Request) -> Response:
+        return Response(429, {"error": "rate limited"}, [("Retry-After", "1")])
+
+    def server_error(self, req: Request, status: int) -> Response:
+        return Response(status, {"error": f"HTTP {status}"})
+
+    def unauthorized(self, req: Request) -> Response:
+        return Response(401, {"error": "unauthorized"})
+
+    def not_found(self, req: Request) -> Response:
+        return Response(404, {"error": f"no route for {req.method} {req.path}"})
+
+    # --- routing ---------------------------------------------------------------------------------
+
+    def route(self, method: str, pattern: str, handler: Handler) -> None:
+        self._routes.append((method, re.compile(pattern + r"$"), handler))
+
+    def is_control(self, req: Request) -> bool:
+        return req.path.startswith("/_emulator/")
+
+    def handle(self, req: Request) -> tuple[Response, str | None]:
+        """The response and the fault to apply while sending it ('drop', 'malformed' or None)."""
+        control = self.is_control(req)
+        if not control:
+            with self._lock:
+                self.requests += 1
+                self.request_log.append((req.method, req.raw_path))
+                f = self.faults
+                if f.take("rate_limit", req.path):
+                    return self.rate_limited(req), None
+                if f.take("error", req.path):
+                    return self.server_error(req, f.error_status), None
+                if f.take("expire_auth", req.path):
+                    return self.unauthorized(req), None
+                delay = f.delay if (not f.path or f.path in req.path) else 0.0
+                wire_fault = "drop" if f.take("drop", req.path) else None
+                wire_fault = wire_fault or ("malformed" if f.take("malformed", req.path) else None)
+            if delay:
+                threading.Event().wait(delay)
+        for method, pattern, handler in self._routes:
+            m = pattern.match(req.path)
+            if m and method == req.method:
+                if not control:
+                    denied = self.authenticate(req)
+                    if denied is not None:
+                        return denied, None
+                req.params = {k: v for k, v in m.groupdict().items() if v is not None}
+                return handler(req), (None if control else wire_fault)
+        return self.not_found(req), None
+
+    # --- control endpoints -----------------------------------------------------------------------
+
+    def _health(self, req: Request) -> Response:
+        return Response(200, {"ok": True, "emulator": self.name, "requests": self.requests})
+
+    def _set_faults(self, req: Request) -> Response:
+        body = req.json() or {}
+        with self._lock:
+            if body.get("clear"):
+                self.faults.clear()
+                body = {k: v for k, v in body.items() if k != "clear"}
+            try:
+                self.faults.update(body)
+            except KeyError as exc:
+                return Response(400, {"error": f"unknown fault {exc.args[0]!r}"})
+        return Response(200, {"ok": True})
+
+    def _changes(self, req: Request) -> Response:
+        body = req.json() or {}
+        rng = random.Random(body.get("seed"))
+        done = self.org.random_changes(int(body.get("random", 0)), rng)
+        return Response(200, {"ok": True, "changes": done})
+
+    # --- serving ---------------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        if self._server is None:
+            raise RuntimeError(f"{self.name} emulator is not started")
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self, host: str = LOOPBACK, port: int = 0) -> str:
+        if host not in (LOOPBACK, "localhost", "::1"):
+            raise ValueError("emulators listen on loopback only")
+        emulator = self
+
+        class _Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            # stdlib writes headers and body separately: without this Nagle + delayed ACK add ~40 ms.
+            disable_nagle_algorithm = True
+            server_version = f"dirpull-{emulator.name}-emulator"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                parts = urlsplit(self.path)
+                req = Request(
+                    method=self.command,
+                    path=parts.path,
+                    query=parse_qs(parts.query, keep_blank_values=True),
+                    headers=Headers(list(self.headers.items())),
+                    body=body,
+                    raw_path=self.path,
+                )
+                try:
+                    resp, wire_fault = emulator.handle(req)
+                except Exception as exc:  # an emulator bug must show up as a 500, not a hang
+                    resp, wire_fault = Response(500, {"error": f"emulator error: {exc!r}"}), None
+                payload = resp.encoded()
+                if wire_fault == "malformed":
+                    payload = payload[: max(1, len(payload) // 2)] + b"\x00}{not json"
+                self.send_response(resp.status)
+                has_ct = any(k.lower() == "content-type" for k, _ in resp.headers)
+                if payload and not has_ct:
+                    ctype = resp.content_type
+                    if ctype.startswith(("application/json", "text/")) and "charset" not in ctype:
+                        ctype += "; charset=utf-8"
+                    self.send_header("Content-Type", ctype)
+                for key, value in resp.headers:
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                if wire_fault == "drop":
+                    self.wfile.write(payload[: len(payload) // 2])
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    return
+                if self.command != "HEAD":
+                    self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _serve
+
+        class _Server(ThreadingHTTPServer):
+            daemon_threads = True
+            allow_reuse_address = True
+            request_queue_size = 128
+
+        self._server = _Server((host, port), _Handler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
+            name=f"{self.name}-emulator", daemon=True,
+        )
+        self._thread.start()
+        return self.base_url
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def __enter__(self) -> Emulator:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,75 @@
+"""Normalized records every connector produces and the event types the store emits.
+
+The field names here are the outside contract (../shared/CONTRACT.md): `--json` output, event
+`data` and the store columns all use them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+State = Literal["active", "inactive"]
+
+
+class User(BaseModel):
+    model_config = ConfigDict(frozen=False, extra="forbid")
+
+    idp_id: str
+    username: str | None = None
+    email: str | None = None
+    emails: list[str] = Field(default_factory=list)
+    first_name: str | None = None
+    last_name: str | None = None
+    display_name: str | None = None
+    state: State = "active"
+    job_title: str | None = None
+    department: str | None = None
+    employee_number: str | None = None
+    manager_idp_id: str | None = None
+    custom_attributes: dict[str, Any] = Field(default_factory=dict)
+    raw_attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+class Group(BaseModel):
+    model_config = ConfigDict(frozen=False, extra="forbid")
+
+    idp_id: str
+    name: str | None = None
+    description: str | None = None
+    email: str | None = None
+    raw_attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+USER_FIELDS: tuple[str, ...] = tuple(User.model_fields)
+GROUP_FIELDS: tuple[str, ...] = tuple(Group.model_fields)
+
+
+class EventType(StrEnum):
+    USER_CREATED = "user.created"
+    USER_UPDATED = "user.updated"
+    USER_DELETED = "user.deleted"
+    GROUP_CREATED = "group.created"
+    GROUP_UPDATED = "group.updated"
+    GROUP_DELETED = "group.deleted"
+    GROUP_USER_ADDED = "group.user_added"
+    GROUP_USER_REMOVED = "group.user_removed"
+
+
+def record_fields(record: User | Group) -> dict[str, Any]:
+    """The record as a plain dict (what is stored, fingerprinted and put in event data)."""
+    return record.model_dump()
+
+
+def fingerprint(fields: dict[str, Any]) -> str:
+    """A stable digest of a record's fields.
+
+    Connectors strip volatile vendor fields (last-login times, etags) before a record gets here,
+    so the digest changes only when something a consumer cares about changed.
+    """
+    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()

@@ -232,6 +232,17 @@ class BambooHRTenant(TenantBase):
     company_domain: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*$")
     api_key: Secret
     api_url: str = "https://api.bamboohr.com/api/gateway.php"
+    # Which report field names the manager, and what it holds. The reference is unsure whether
+    # supervisorEId or supervisorId is the employee id (the other being the employeeNumber).
+    manager_field: str = Field("supervisorEId", min_length=1)
+    manager_field_holds: Literal["employee_id", "employee_number"] = "employee_id"
+    # Employees fetched per custom-report request in an incremental run (filters.employeeIds).
+    batch_size: int = Field(200, ge=1, le=5000)
+    # Users per yielded page when streaming the full report.
+    page_size: int = Field(1000, ge=1, le=100_000)
+    # Seconds subtracted from the stored `since` (BambooHR timestamps have second precision).
+    changed_overlap: float = Field(1.0, ge=0, le=86_400)
+    timeout: float = Field(120.0, gt=0)
 
 
 class EntraTenant(TenantBase):

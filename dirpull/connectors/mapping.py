@@ -1,0 +1,68 @@
+"""Attribute paths into a vendor record, for the tenant's `attributes` mapping and the
+connectors' own field picking.
+
+A path is dotted keys; a list step may pick an element by `[primary]` (the element whose
+`primary` is true, else the first), by `[key=value]`, or by index `[0]`:
+  organizations[primary].costCenter · relations[type=manager].value · customSchemas.Employment.Type
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+_STEP = re.compile(r"([^.\[\]]+)((?:\[[^\]]*\])*)")
+_SELECTOR = re.compile(r"\[([^\]]*)\]")
+
+
+def _select(items: list[Any], selector: str) -> Any:
+    if selector == "primary":
+        for item in items:
+            if isinstance(item, Mapping) and item.get("primary") is True:
+                return item
+        return items[0] if items else None
+    if "=" in selector:
+        key, _, value = selector.partition("=")
+        for item in items:
+            if isinstance(item, Mapping) and str(item.get(key)) == value:
+                return item
+        return None
+    if selector.lstrip("-").isdigit():
+        idx = int(selector)
+        return items[idx] if -len(items) <= idx < len(items) else None
+    raise ValueError(f"bad list selector [{selector}]")
+
+
+def extract(record: Mapping[str, Any], path: str) -> Any:
+    """The value at `path`, or None when any step is missing."""
+    cur: Any = record
+    for m in _STEP.finditer(path):
+        key, selectors = m.group(1), m.group(2)
+        if not isinstance(cur, Mapping):
+            return None
+        cur = cur.get(key)
+        for sel in _SELECTOR.findall(selectors):
+            if not isinstance(cur, list):
+                return None
+            cur = _select(cur, sel)
+        if cur is None:
+            return None
+    return cur
+
+
+def map_attributes(record: Mapping[str, Any], mapping: Mapping[str, str]) -> dict[str, Any]:
+    """custom_attributes for one record from the tenant's `attributes` table (missing → absent)."""
+    out = {}
+    for name, path in mapping.items():
+        value = extract(record, path)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def without(record: Mapping[str, Any], volatile: Iterable[str]) -> dict[str, Any]:
+    """The record minus volatile top-level keys (last-login times, etags) that must never
+    make a record look changed."""
+    drop = set(volatile)
+    return {k: v for k, v in record.items() if k not in drop}

@@ -1,0 +1,123 @@
+"""The store's tables (SQLAlchemy Core). Migrations in `migrations/versions` create them; this module
+is what queries are written against. Nothing here is SQLite-only: JSON columns become `jsonb` on
+PostgreSQL, sequence numbers are BIGINT there."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+# SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL gets a 64-bit identity.
+SeqType = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+TS = sa.DateTime(timezone=True)
+
+metadata = sa.MetaData()
+
+tenants = sa.Table(
+    "tenants",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("provider", sa.String(32), nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("idp_id", sa.String(255), primary_key=True),
+    sa.Column("username", sa.String(512)),
+    sa.Column("email", sa.String(512)),
+    sa.Column("emails", JSONType, nullable=False),
+    sa.Column("first_name", sa.String(255)),
+    sa.Column("last_name", sa.String(255)),
+    sa.Column("display_name", sa.String(512)),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("job_title", sa.String(255)),
+    sa.Column("department", sa.String(255)),
+    sa.Column("employee_number", sa.String(255)),
+    sa.Column("manager_idp_id", sa.String(255)),
+    sa.Column("custom_attributes", JSONType, nullable=False),
+    sa.Column("raw_attributes", JSONType, nullable=False),
+    sa.Column("fingerprint", sa.String(32), nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+    sa.Index("ix_users_tenant_state", "tenant", "state"),
+)
+
+groups = sa.Table(
+    "groups",
+    metadata,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("idp_id", sa.String(255), primary_key=True),
+    sa.Column("name", sa.String(512)),
+    sa.Column("description", sa.Text),
+    sa.Column("email", sa.String(512)),
+    sa.Column("raw_attributes", JSONType, nullable=False),
+    sa.Column("fingerprint", sa.String(32), nullable=False),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Column("updated_at", TS, nullable=False),
+)
+
+memberships = sa.Table(
+    "memberships",
+    metadata,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("group_idp_id", sa.String(255), primary_key=True),
+    sa.Column("user_idp_id", sa.String(255), primary_key=True),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Index("ix_memberships_tenant_user", "tenant", "user_idp_id"),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column("seq", SeqType, primary_key=True, autoincrement=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("run_id", sa.Integer, nullable=False),
+    sa.Column("type", sa.String(32), nullable=False),
+    sa.Column("object_id", sa.String(255), nullable=False),
+    sa.Column("data", JSONType, nullable=False),
+    sa.Column("previous_attributes", JSONType),
+    sa.Column("created_at", TS, nullable=False),
+    sa.Index("ix_events_tenant_seq", "tenant", "seq"),
+)
+
+runs = sa.Table(
+    "runs",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("tenant", sa.String(64), nullable=False),
+    sa.Column("trigger", sa.String(16), nullable=False),
+    sa.Column("mode", sa.String(16), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("worker", sa.String(128), nullable=False),
+    sa.Column("started_at", TS, nullable=False),
+    sa.Column("finished_at", TS),
+    sa.Column("duration_s", sa.Float),
+    sa.Column("requests", sa.Integer, nullable=False, server_default="0"),
+    sa.Column("counts", JSONType, nullable=False),
+    sa.Column("notes", JSONType, nullable=False),
+    sa.Column("quarantined", JSONType, nullable=False),
+    sa.Column("error", sa.Text),
+    sa.Index("ix_runs_tenant_id", "tenant", "id"),
+)
+
+cursors = sa.Table(
+    "cursors",
+    metadata,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("value", JSONType),
+    sa.Column("last_full_at", TS),
+    sa.Column("updated_at", TS, nullable=False),
+)
+
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("tenant", sa.String(64), primary_key=True),
+    sa.Column("holder", sa.String(128)),
+    sa.Column("acquired_at", TS),
+    sa.Column("expires_at", TS),
+)

@@ -1,0 +1,566 @@
+"""The store: normalized users, groups and memberships, the event log, runs, cursors and leases.
+
+Everything a sync changes is written by `apply()` in ONE transaction (rows, events, the new cursor,
+the run record), so a run applies completely or not at all. The store knows nothing of providers.
+
+Two cross-process guarantees live here:
+- Leases: a row per tenant with holder and expiry, taken with one conditional UPDATE, kept alive by
+  a heartbeat and re-checked inside the applying transaction (a fencing check), so a worker that
+  lost its lease cannot commit.
+- Event order: on PostgreSQL, `apply()` takes a transaction-level advisory lock right before it
+  inserts events, so transactions that write events commit in the order of their sequence
+  numbers. A consumer reading `seq > N` can never later see a lower seq appear (no outbox gap).
+  SQLite has a single writer, which gives the same order for free.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from dirpull.model import GROUP_FIELDS, USER_FIELDS
+from dirpull.storage import schema as t
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+BATCH = 500
+EVENT_LOCK_KEY = 0x64697270756C6C  # "dirpull": one advisory lock serializes event commits
+
+
+class StoreError(Exception):
+    """The store cannot be used (unreachable, schema behind); phrased for the operator."""
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes even for timezone=True columns.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def _iso(value: datetime | None) -> str | None:
+    value = _aware(value)
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+@dataclass(slots=True)
+class CursorState:
+    value: dict[str, Any] | None
+    last_full_at: datetime | None
+
+
+@dataclass(slots=True)
+class Lease:
+    holder: str | None
+    expires_at: datetime | None
+
+
+@dataclass
+class WriteSet:
+    """What one run changes, computed by the diff; written by `Store.apply`."""
+
+    user_creates: list[dict[str, Any]]
+    user_updates: list[dict[str, Any]]
+    user_deletes: list[str]
+    group_creates: list[dict[str, Any]]
+    group_updates: list[dict[str, Any]]
+    group_deletes: list[str]
+    member_adds: list[tuple[str, str]]
+    member_removes: list[tuple[str, str]]
+    events: list[dict[str, Any]]  # {"type", "object_id", "data", "previous_attributes"}
+
+    @property
+    def rows(self) -> int:
+        return (
+            len(self.user_creates) + len(self.user_updates) + len(self.user_deletes)
+            + len(self.group_creates) + len(self.group_updates) + len(self.group_deletes)
+            + len(self.member_adds) + len(self.member_removes)
+        )
+
+
+class Store:
+    def __init__(self, url: str, *, pool_size: int = 5, connect_timeout: float = 10.0) -> None:
+        self.url = url
+        self.engine = _make_engine(url, pool_size=pool_size, connect_timeout=connect_timeout)
+        self.dialect = self.engine.dialect.name
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # --- schema ------------------------------------------------------------------------------------
+
+    def _alembic(self, conn: Connection) -> Any:
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        cfg.attributes["connection"] = conn
+        return cfg
+
+    def schema_state(self) -> tuple[str | None, str]:
+        """(current revision or None for an empty database, head revision)."""
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
+        try:
+            with self.engine.connect() as conn:
+                current = MigrationContext.configure(conn).get_current_revision()
+                head = ScriptDirectory.from_config(self._alembic(conn)).get_current_head()
+        except sa.exc.OperationalError as exc:
+            raise StoreError(f"store {self.safe_url}: unreachable ({_first_line(exc)})") from None
+        return current, head or ""
+
+    def upgrade(self) -> tuple[str | None, str]:
+        """Apply pending migrations; returns (from, to)."""
+        from alembic import command
+
+        before, head = self.schema_state()
+        if before != head:
+            with self.engine.begin() as conn:
+                command.upgrade(self._alembic(conn), "head")
+        return before, head
+
+    def ensure_schema(self, *, create_if_empty: bool = True) -> None:
+        """Refuse an outdated schema; create it on a brand-new, empty store (zero set-up)."""
+        current, head = self.schema_state()
+        if current == head:
+            return
+        if current is None and create_if_empty and not self._has_tables():
+            self.upgrade()
+            return
+        raise StoreError(
+            f"store {self.safe_url}: schema is at revision {current or 'none'}, this dirpull needs "
+            f"{head}; run `dirpull db upgrade`"
+        )
+
+    def _has_tables(self) -> bool:
+        return bool(sa.inspect(self.engine).get_table_names())
+
+    @property
+    def safe_url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    # --- tenants -----------------------------------------------------------------------------------
+
+    def ensure_tenant(self, tenant: str, provider: str) -> None:
+        with self.engine.begin() as conn:
+            row = conn.execute(sa.select(t.tenants.c.provider).where(t.tenants.c.id == tenant)).first()
+            if row is None:
+                try:
+                    conn.execute(t.tenants.insert().values(id=tenant, provider=provider, created_at=utcnow()))
+                except sa.exc.IntegrityError:
+                    pass  # another worker created it at the same moment
+            elif row.provider != provider:
+                conn.execute(t.tenants.update().where(t.tenants.c.id == tenant).values(provider=provider))
+
+    def tenant_exists(self, tenant: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(t.tenants.c.id).where(t.tenants.c.id == tenant)).first() is not None
+
+    # --- state the diff needs --------------------------------------------------------------------
+
+    def user_fingerprints(self, tenant: str) -> dict[str, str]:
+        q = sa.select(t.users.c.idp_id, t.users.c.fingerprint).where(t.users.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            return {k: v for k, v in conn.execute(q)}
+
+    def group_fingerprints(self, tenant: str) -> dict[str, str]:
+        q = sa.select(t.groups.c.idp_id, t.groups.c.fingerprint).where(t.groups.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            return {k: v for k, v in conn.execute(q)}
+
+    def membership_pairs(self, tenant: str) -> set[tuple[str, str]]:
+        m = t.memberships.c
+        q = sa.select(m.group_idp_id, m.user_idp_id).where(m.tenant == tenant)
+        with self.engine.connect() as conn:
+            return {(g, u) for g, u in conn.execute(q)}
+
+    def load_users(self, tenant: str, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        return self._load(t.users, USER_FIELDS, tenant, ids)
+
+    def load_groups(self, tenant: str, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        return self._load(t.groups, GROUP_FIELDS, tenant, ids)
+
+    def _load(self, table: sa.Table, names: Sequence[str], tenant: str, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+        cols = [table.c[n] for n in names]
+        out: dict[str, dict[str, Any]] = {}
+        id_list = list(ids)
+        with self.engine.connect() as conn:
+            for i in range(0, len(id_list), BATCH):
+                chunk = id_list[i : i + BATCH]
+                q = sa.select(*cols).where(table.c.tenant == tenant, table.c.idp_id.in_(chunk))
+                for row in conn.execute(q).mappings():
+                    out[row["idp_id"]] = dict(row)
+        return out
+
+    def count_users(self, tenant: str) -> dict[str, int]:
+        q = (
+            sa.select(t.users.c.state, sa.func.count())
+            .where(t.users.c.tenant == tenant)
+            .group_by(t.users.c.state)
+        )
+        with self.engine.connect() as conn:
+            return {k: v for k, v in conn.execute(q)}
+
+    def count_groups(self, tenant: str) -> int:
+        q = sa.select(sa.func.count()).select_from(t.groups).where(t.groups.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+    def get_cursor(self, tenant: str) -> CursorState:
+        q = sa.select(t.cursors.c.value, t.cursors.c.last_full_at).where(t.cursors.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            row = conn.execute(q).first()
+        if row is None:
+            return CursorState(None, None)
+        return CursorState(row.value, _aware(row.last_full_at))
+
+    def has_succeeded(self, tenant: str) -> bool:
+        q = sa.select(t.runs.c.id).where(t.runs.c.tenant == tenant, t.runs.c.status == "succeeded").limit(1)
+        with self.engine.connect() as conn:
+            return conn.execute(q).first() is not None
+
+    # --- leases ----------------------------------------------------------------------------------
+
+    def acquire_lease(self, tenant: str, holder: str, ttl: timedelta) -> Lease | None:
+        """Take the tenant's lease. Returns None when taken, else the current holder's lease."""
+        now = utcnow()
+        L = t.leases.c
+        with self.engine.begin() as conn:
+            taken = conn.execute(
+                t.leases.update()
+                .where(L.tenant == tenant, sa.or_(L.holder.is_(None), L.expires_at < now))
+                .values(holder=holder, acquired_at=now, expires_at=now + ttl)
+            ).rowcount
+            if taken:
+                return None
+            row = conn.execute(sa.select(L.holder, L.expires_at).where(L.tenant == tenant)).first()
+            if row is None:
+                try:
+                    with conn.begin_nested():
+                        conn.execute(
+                            t.leases.insert().values(tenant=tenant, holder=holder, acquired_at=now, expires_at=now + ttl)
+                        )
+                    return None
+                except sa.exc.IntegrityError:
+                    row = conn.execute(sa.select(L.holder, L.expires_at).where(L.tenant == tenant)).first()
+            assert row is not None
+            return Lease(row.holder, _aware(row.expires_at))
+
+    def renew_lease(self, tenant: str, holder: str, ttl: timedelta) -> bool:
+        L = t.leases.c
+        with self.engine.begin() as conn:
+            return bool(
+                conn.execute(
+                    t.leases.update()
+                    .where(L.tenant == tenant, L.holder == holder)
+                    .values(expires_at=utcnow() + ttl)
+                ).rowcount
+            )
+
+    def release_lease(self, tenant: str, holder: str) -> None:
+        L = t.leases.c
+        with self.engine.begin() as conn:
+            conn.execute(
+                t.leases.update()
+                .where(L.tenant == tenant, L.holder == holder)
+                .values(holder=None, expires_at=None)
+            )
+
+    def lease(self, tenant: str) -> Lease:
+        L = t.leases.c
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(L.holder, L.expires_at).where(L.tenant == tenant)).first()
+        if row is None or row.holder is None or _aware(row.expires_at) < utcnow():
+            return Lease(None, None)
+        return Lease(row.holder, _aware(row.expires_at))
+
+    # --- runs --------------------------------------------------------------------------------------
+
+    def start_run(self, tenant: str, *, trigger: str, mode: str, worker: str) -> int:
+        with self.engine.begin() as conn:
+            # A run still marked running was cut off (its worker died): this worker holds the
+            # lease now, so that run can no longer commit.
+            conn.execute(
+                t.runs.update()
+                .where(t.runs.c.tenant == tenant, t.runs.c.status == "running")
+                .values(status="failed", finished_at=utcnow(), error="interrupted: worker stopped or lost its lease")
+            )
+            return int(
+                conn.execute(
+                    t.runs.insert().values(
+                        tenant=tenant, trigger=trigger, mode=mode, status="running", worker=worker,
+                        started_at=utcnow(), counts={}, notes=[], quarantined=[], requests=0,
+                    )
+                ).inserted_primary_key[0]
+            )
+
+    def finish_run(
+        self,
+        run_id: int,
+        *,
+        status: str,
+        mode: str,
+        counts: Mapping[str, int],
+        requests: int,
+        notes: Sequence[str] = (),
+        quarantined: Sequence[Mapping[str, Any]] = (),
+        error: str | None = None,
+        conn: Connection | None = None,
+    ) -> None:
+        values = dict(
+            status=status, mode=mode, counts=dict(counts), requests=requests, notes=list(notes),
+            quarantined=list(quarantined), error=error, finished_at=utcnow(),
+        )
+
+        def _write(c: Connection) -> None:
+            started = c.execute(sa.select(t.runs.c.started_at).where(t.runs.c.id == run_id)).scalar_one()
+            values["duration_s"] = round((utcnow() - _aware(started)).total_seconds(), 3)
+            c.execute(t.runs.update().where(t.runs.c.id == run_id).values(**values))
+
+        if conn is not None:
+            _write(conn)
+        else:
+            with self.engine.begin() as c:
+                _write(c)
+
+    def runs(self, tenant: str, limit: int = 20) -> list[dict[str, Any]]:
+        q = sa.select(t.runs).where(t.runs.c.tenant == tenant).order_by(t.runs.c.id.desc()).limit(limit)
+        with self.engine.connect() as conn:
+            return [_run_dict(r) for r in conn.execute(q).mappings()]
+
+    def last_runs(self) -> dict[str, dict[str, Any]]:
+        """The newest run of every tenant."""
+        newest = sa.select(sa.func.max(t.runs.c.id)).group_by(t.runs.c.tenant).scalar_subquery()
+        q = sa.select(t.runs).where(t.runs.c.id.in_(newest))
+        with self.engine.connect() as conn:
+            return {r["tenant"]: _run_dict(r) for r in conn.execute(q).mappings()}
+
+    def last_success(self) -> dict[str, datetime]:
+        q = (
+            sa.select(t.runs.c.tenant, sa.func.max(t.runs.c.finished_at))
+            .where(t.runs.c.status == "succeeded")
+            .group_by(t.runs.c.tenant)
+        )
+        with self.engine.connect() as conn:
+            return {tenant: _aware(ts) for tenant, ts in conn.execute(q)}
+
+    # --- apply ---------------------------------------------------------------------------------------
+
+    def apply(
+        self,
+        tenant: str,
+        run_id: int,
+        writes: WriteSet,
+        *,
+        holder: str,
+        cursor: dict[str, Any] | None,
+        full: bool,
+        run_fields: Mapping[str, Any],
+    ) -> int:
+        """Write one run in one transaction; returns the number of events written.
+
+        Raises LeaseLost (and writes nothing) if `holder` no longer holds the tenant's lease.
+        """
+        now = utcnow()
+        with self.engine.begin() as conn:
+            L = t.leases.c
+            fenced = conn.execute(
+                t.leases.update()
+                .where(L.tenant == tenant, L.holder == holder, L.expires_at >= now)
+                .values(expires_at=L.expires_at)
+            ).rowcount
+            if not fenced:
+                raise LeaseLost(f"tenant {tenant}: lease lost before commit; nothing applied")
+            self._write_rows(conn, tenant, writes, now)
+            written = self._write_events(conn, tenant, run_id, writes.events, now)
+            self._write_cursor(conn, tenant, cursor, full, now)
+            self.finish_run(run_id, conn=conn, **run_fields)
+        return written
+
+    def _write_rows(self, conn: Connection, tenant: str, w: WriteSet, now: datetime) -> None:
+        for table, creates, updates, deletes in (
+            (t.users, w.user_creates, w.user_updates, w.user_deletes),
+            (t.groups, w.group_creates, w.group_updates, w.group_deletes),
+        ):
+            for chunk in _chunks(creates, BATCH):
+                conn.execute(
+                    table.insert(), [{**row, "tenant": tenant, "created_at": now, "updated_at": now} for row in chunk]
+                )
+            if updates:
+                names = [n for n in updates[0] if n != "idp_id"]
+                stmt = (
+                    table.update()
+                    .where(table.c.tenant == sa.bindparam("_tenant"), table.c.idp_id == sa.bindparam("_id"))
+                    .values({n: sa.bindparam(n) for n in [*names, "updated_at"]})
+                )
+                for chunk in _chunks(updates, BATCH):
+                    conn.execute(
+                        stmt,
+                        [{**{n: r[n] for n in names}, "_tenant": tenant, "_id": r["idp_id"], "updated_at": now} for r in chunk],
+                    )
+            for chunk in _chunks(deletes, BATCH):
+                conn.execute(table.delete().where(table.c.tenant == tenant, table.c.idp_id.in_(chunk)))
+        m = t.memberships
+        for chunk in _chunks(w.member_adds, BATCH):
+            conn.execute(
+                m.insert(),
+                [{"tenant": tenant, "group_idp_id": g, "user_idp_id": u, "created_at": now} for g, u in chunk],
+            )
+        if w.member_removes:
+            stmt = m.delete().where(
+                m.c.tenant == tenant,
+                m.c.group_idp_id == sa.bindparam("_g"),
+                m.c.user_idp_id == sa.bindparam("_u"),
+            )
+            for chunk in _chunks(w.member_removes, BATCH):
+                conn.execute(stmt, [{"_g": g, "_u": u} for g, u in chunk])
+
+    def _write_events(
+        self, conn: Connection, tenant: str, run_id: int, events: list[dict[str, Any]], now: datetime
+    ) -> int:
+        if not events:
+            return 0
+        if self.dialect == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": EVENT_LOCK_KEY})
+        rows = [
+            {
+                "tenant": tenant, "run_id": run_id, "type": e["type"], "object_id": e["object_id"],
+                "data": e["data"], "previous_attributes": e.get("previous_attributes"), "created_at": now,
+            }
+            for e in events
+        ]
+        for chunk in _chunks(rows, BATCH):
+            conn.execute(t.events.insert(), chunk)
+        return len(rows)
+
+    def _write_cursor(self, conn: Connection, tenant: str, cursor: dict[str, Any] | None, full: bool, now: datetime) -> None:
+        c = t.cursors.c
+        values: dict[str, Any] = {"value": cursor, "updated_at": now}
+        if full:
+            values["last_full_at"] = now
+        updated = conn.execute(t.cursors.update().where(c.tenant == tenant).values(**values)).rowcount
+        if not updated:
+            conn.execute(t.cursors.insert().values(tenant=tenant, **values))
+
+    # --- queries (streamed: a tenant of 100,000 users never sits in memory) -------------------------
+
+    def iter_users(self, tenant: str, *, state: str | None = None, group: str | None = None) -> Iterator[dict[str, Any]]:
+        u = t.users
+        q = sa.select(*[u.c[n] for n in USER_FIELDS], u.c.created_at, u.c.updated_at).where(u.c.tenant == tenant)
+        if state:
+            q = q.where(u.c.state == state)
+        if group:
+            m = t.memberships.c
+            q = q.where(
+                u.c.idp_id.in_(sa.select(m.user_idp_id).where(m.tenant == tenant, m.group_idp_id == group))
+            )
+        yield from self._stream(q.order_by(u.c.idp_id))
+
+    def iter_groups(self, tenant: str, *, user: str | None = None) -> Iterator[dict[str, Any]]:
+        g = t.groups
+        q = sa.select(*[g.c[n] for n in GROUP_FIELDS], g.c.created_at, g.c.updated_at).where(g.c.tenant == tenant)
+        if user:
+            m = t.memberships.c
+            q = q.where(g.c.idp_id.in_(sa.select(m.group_idp_id).where(m.tenant == tenant, m.user_idp_id == user)))
+        yield from self._stream(q.order_by(g.c.idp_id))
+
+    def iter_events(self, tenant: str | None, *, after: int = 0, limit: int | None = None) -> Iterator[dict[str, Any]]:
+        e = t.events
+        q = sa.select(e).where(e.c.seq > after).order_by(e.c.seq)
+        if tenant is not None:
+            q = q.where(e.c.tenant == tenant)
+        if limit is not None:
+            q = q.limit(limit)
+        for row in self._stream(q):
+            yield {
+                "seq": row["seq"], "type": row["type"], "tenant": row["tenant"], "run_id": row["run_id"],
+                "data": row["data"], "previous_attributes": row["previous_attributes"],
+                "created_at": row["created_at"],
+            }
+
+    def iter_memberships(self, tenant: str) -> Iterator[tuple[str, str]]:
+        m = t.memberships.c
+        q = sa.select(m.group_idp_id, m.user_idp_id).where(m.tenant == tenant).order_by(m.group_idp_id, m.user_idp_id)
+        with self.engine.connect() as conn:
+            for g, u in conn.execution_options(yield_per=2000).execute(q):
+                yield (g, u)
+
+    def last_seq(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(t.events.c.seq), 0))).scalar_one())
+
+    def _stream(self, q: sa.Select[Any]) -> Iterator[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            for row in conn.execution_options(yield_per=1000).execute(q).mappings():
+                out = dict(row)
+                for key in ("created_at", "updated_at"):
+                    if key in out:
+                        out[key] = _iso(out[key])
+                yield out
+
+
+class LeaseLost(StoreError):
+    pass
+
+
+def _run_dict(row: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(row)
+    for key in ("started_at", "finished_at"):
+        out[key] = _iso(out[key])
+    return out
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _make_engine(url: str, *, pool_size: int, connect_timeout: float) -> Engine:
+    try:
+        parsed = sa.engine.make_url(url)
+    except sa.exc.ArgumentError:
+        raise StoreError(f"store url {url!r} is not a database URL (e.g. sqlite:///dirpull.db)") from None
+    backend = parsed.get_backend_name()
+    if backend == "sqlite":
+        from sqlalchemy import event
+
+        engine = sa.create_engine(url, connect_args={"timeout": connect_timeout * 3})
+
+        @event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _: Any) -> None:
+            cur = dbapi_conn.cursor()
+            # WAL lets readers (CLI queries) run while a sync writes; a busy timeout makes
+            # concurrent writers queue instead of failing.
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute(f"PRAGMA busy_timeout={int(connect_timeout * 3000)}")
+            cur.close()
+
+        return engine
+    if backend == "postgresql":
+        return sa.create_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_pre_ping=True,
+            pool_timeout=connect_timeout,
+            connect_args={"connect_timeout": int(connect_timeout)},
+        )
+    raise StoreError(f"store url: unsupported database {backend!r} (use sqlite or postgresql+psycopg)")

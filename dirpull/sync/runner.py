@@ -1,0 +1,315 @@
+"""One sync of one tenant: lease → pull → diff → guard → apply in one transaction → release.
+
+A failure anywhere before the commit (an HTTP error after retries, a crash, SIGTERM, a lost lease)
+leaves the store as it was, with the old cursor, and the run recorded as failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from dirpull.config import Config, ConfigError, parse_duration
+from dirpull.connectors import make_connector
+from dirpull.connectors.base import Connector, ConnectorError, Done, Page
+from dirpull.storage.store import LeaseLost, Store, StoreError, WriteSet, utcnow
+from dirpull.sync import guard
+from dirpull.sync.diff import Diff, Plan, build_writes, deactivations
+
+log = logging.getLogger("dirpull.sync")
+
+Progress = Callable[[str, int, int, int], None]  # (tenant, pages, users seen, groups seen)
+
+
+class Interrupted(Exception):
+    """The worker is stopping (SIGTERM/SIGINT) or lost its lease: the run applies nothing."""
+
+
+@dataclass
+class RunResult:
+    tenant: str
+    status: str  # succeeded | failed | held | skipped | planned
+    mode: str
+    run_id: int | None = None
+    counts: dict[str, int] = field(default_factory=dict)
+    requests: int = 0
+    events: int = 0
+    error: str | None = None
+    notes: list[str] = field(default_factory=list)
+    duration_s: float = 0.0
+    writes: WriteSet | None = None
+    holder: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return {"succeeded": 0, "planned": 0, "held": 3}.get(self.status, 1)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class _Heartbeat(threading.Thread):
+    """Keeps the lease alive while a run is in progress; notices if it was lost."""
+
+    def __init__(self, store: Store, tenant: str, holder: str, ttl: timedelta) -> None:
+        super().__init__(name=f"lease-{tenant}", daemon=True)
+        self.store, self.tenant, self.holder, self.ttl = store, tenant, holder, ttl
+        self.stopped = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        interval = max(0.2, self.ttl.total_seconds() / 3)
+        while not self.stopped.wait(interval):
+            try:
+                if not self.store.renew_lease(self.tenant, self.holder, self.ttl):
+                    self.lost = True
+                    return
+            except Exception as exc:  # the store blinked: keep trying until the lease expires
+                log.warning("tenant %s: lease renewal failed: %s", self.tenant, exc)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.join(timeout=5)
+
+
+class Runner:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        worker: str | None = None,
+        stop: threading.Event | None = None,
+        connector_factory: Callable[[str, Any], Connector] = make_connector,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.worker = worker or worker_name()
+        self.stop = stop or threading.Event()
+        self.connector_factory = connector_factory
+        self.lease_ttl = parse_duration(config.defaults.lease_ttl)
+
+    def sync(
+        self,
+        tenant: str,
+        *,
+        trigger: str = "manual",
+        full: bool = False,
+        dry_run: bool = False,
+        force: bool = False,
+        wait: float = 0.0,
+        progress: Progress | None = None,
+    ) -> RunResult:
+        settings = self.config.tenant(tenant)
+        self.store.ensure_tenant(tenant, settings.provider)
+        holder = f"{self.worker}/{uuid.uuid4().hex[:8]}"
+        deadline = time.monotonic() + wait
+        while True:
+            current = self.store.acquire_lease(tenant, holder, self.lease_ttl)
+            if current is None:
+                break
+            if time.monotonic() >= deadline or self.stop.is_set():
+                until = current.expires_at.isoformat(timespec="seconds") if current.expires_at else "?"
+                return RunResult(
+                    tenant, "skipped", "-", holder=current.holder,
+                    error=f"tenant {tenant} is being synced by {current.holder} (lease until {until})",
+                )
+            self.stop.wait(min(1.0, max(0.05, deadline - time.monotonic())))
+
+        heartbeat = _Heartbeat(self.store, tenant, holder, self.lease_ttl)
+        heartbeat.start()
+        try:
+            return self._locked_sync(tenant, settings, holder, heartbeat, trigger, full, dry_run, force, progress)
+        finally:
+            heartbeat.stop()
+            try:
+                self.store.release_lease(tenant, holder)
+            except Exception as exc:  # it expires by itself
+                log.warning("tenant %s: could not release the lease: %s", tenant, exc)
+
+    def _locked_sync(
+        self,
+        tenant: str,
+        settings: Any,
+        holder: str,
+        heartbeat: _Heartbeat,
+        trigger: str,
+        full: bool,
+        dry_run: bool,
+        force: bool,
+        progress: Progress | None,
+    ) -> RunResult:
+        started = time.monotonic()
+        cursor = self.store.get_cursor(tenant)
+        notes: list[str] = []
+        if full:
+            notes.append("full sync requested")
+        elif cursor.value is not None and cursor.last_full_at is not None:
+            due = cursor.last_full_at + self.config.full_sync_every_of(tenant)
+            if utcnow() >= due:
+                full = True
+                notes.append("periodic full reconciliation")
+        planned_mode = "full" if full or cursor.value is None else "incremental"
+        run_id = None if dry_run else self.store.start_run(tenant, trigger=trigger, mode=planned_mode, worker=self.worker)
+        log.info("sync start tenant=%s provider=%s trigger=%s mode=%s%s", tenant, settings.provider, trigger,
+                 planned_mode, " dry-run" if dry_run else "")
+        result = RunResult(tenant, "failed", planned_mode, run_id=run_id, notes=notes)
+        try:
+            done, plan = self._pull_and_diff(tenant, settings, cursor.value, full, heartbeat, progress)
+            result.mode = done.mode
+            result.requests = done.requests
+            notes.extend(done.notes)
+            old_users = self.store.load_users(tenant, [*plan.users, *plan.user_deletes])
+            old_groups = self.store.load_groups(tenant, [*plan.groups, *plan.group_deletes])
+            writes = build_writes(plan, old_users, old_groups)
+            result.counts = _counts(plan, writes, old_users)
+            result.writes = writes
+            stored = self.store.count_users(tenant)
+            verdict = guard.check(
+                settings=self.config.guard_of(tenant),
+                first_sync=not self.store.has_succeeded(tenant) and not stored,
+                snapshot=plan.snapshot,
+                seen_users=plan.seen_users,
+                stored_users=sum(stored.values()),
+                stored_groups=self.store.count_groups(tenant),
+                user_deletes=len(plan.user_deletes),
+                user_deactivations=result.counts["users_deactivated"],
+                group_deletes=len(plan.group_deletes),
+            )
+            if dry_run:
+                result.status = "planned"
+                if verdict.held:
+                    notes.append(f"the guard would hold this run: {verdict.reason}")
+                return result
+            if verdict.held and not force:
+                result.status = "held"
+                result.error = f"held by the mass-change guard: {verdict.reason}; review with --dry-run, apply with --force"
+                assert run_id is not None
+                self.store.finish_run(run_id, status="held", mode=result.mode, counts=result.counts,
+                                      requests=result.requests, notes=notes, error=result.error,
+                                      quarantined=_quarantine_list(plan))
+                log.warning("sync held tenant=%s: %s", tenant, verdict.reason)
+                return result
+            if verdict.held:
+                notes.append(f"guard overridden with --force: {verdict.reason}")
+            self._check_still_running(heartbeat)
+            assert run_id is not None
+            result.status = "succeeded"
+            result.events = self.store.apply(
+                tenant, run_id, writes, holder=holder, cursor=done.cursor, full=done.mode == "full",
+                run_fields=dict(status="succeeded", mode=result.mode, counts=result.counts,
+                                requests=result.requests, notes=notes, quarantined=_quarantine_list(plan)),
+            )
+            if plan.quarantined:
+                log.warning("tenant %s: %d records quarantined (see `dirpull runs %s`)", tenant,
+                            len(plan.quarantined), tenant)
+            return result
+        except (ConnectorError, ConfigError, StoreError, Interrupted) as exc:
+            result.status = "failed"
+            result.error = str(exc)
+            return self._failed(result, notes)
+        except Exception as exc:  # a bug or an SDK surprise: recorded, never half-applied
+            log.exception("tenant %s: unexpected error", tenant)
+            result.status = "failed"
+            result.error = f"{type(exc).__name__}: {exc}"
+            return self._failed(result, notes)
+        finally:
+            result.duration_s = round(time.monotonic() - started, 3)
+            log.info(
+                "sync end tenant=%s provider=%s mode=%s status=%s events=%d requests=%d duration=%.2fs counts=%s%s",
+                tenant, settings.provider, result.mode, result.status, result.events, result.requests,
+                result.duration_s, _short_counts(result.counts), f" error={result.error}" if result.error else "",
+            )
+
+    def _failed(self, result: RunResult, notes: list[str]) -> RunResult:
+        result.writes = None
+        if result.run_id is not None:
+            try:
+                self.store.finish_run(result.run_id, status="failed", mode=result.mode, counts=result.counts,
+                                      requests=result.requests, notes=notes, error=result.error)
+            except Exception as exc:
+                log.error("tenant %s: could not record the failed run: %s", result.tenant, exc)
+        return result
+
+    def _check_still_running(self, heartbeat: _Heartbeat) -> None:
+        if self.stop.is_set():
+            raise Interrupted("interrupted: the worker is stopping; nothing applied")
+        if heartbeat.lost:
+            raise Interrupted("lease lost during the run (another worker took over); nothing applied")
+
+    def _pull_and_diff(
+        self,
+        tenant: str,
+        settings: Any,
+        cursor: dict[str, Any] | None,
+        full: bool,
+        heartbeat: _Heartbeat,
+        progress: Progress | None,
+    ) -> tuple[Done, Plan]:
+        diff = Diff(
+            stored_users=self.store.user_fingerprints(tenant),
+            stored_groups=self.store.group_fingerprints(tenant),
+            stored_members=self.store.membership_pairs(tenant),
+        )
+        connector = self.connector_factory(tenant, settings)
+        done: Done | None = None
+        pages = users = groups = 0
+        stream = connector.pull(None if full else cursor, full=full)
+        try:
+            for item in stream:
+                self._check_still_running(heartbeat)
+                if isinstance(item, Done):
+                    done = item
+                    break
+                if not isinstance(item, Page):
+                    raise ConnectorError(f"connector yielded {type(item).__name__}, not a Page")
+                diff.add(item)
+                pages += 1
+                users += len(item.users)
+                groups += len(item.groups)
+                if progress:
+                    progress(tenant, pages, users, groups)
+        finally:
+            close = getattr(stream, "close", None)
+            if close:
+                close()
+        if done is None:
+            raise ConnectorError("the connector stopped before the end of the directory; nothing applied")
+        return done, diff.finish(done)
+
+
+def _quarantine_list(plan: Plan) -> list[dict[str, Any]]:
+    return [{"kind": q.kind, "idp_id": q.idp_id, "reason": q.reason} for q in plan.quarantined[:1000]]
+
+
+def _counts(plan: Plan, writes: WriteSet, old_users: dict[str, dict[str, Any]]) -> dict[str, int]:
+    return {
+        "users_seen": plan.seen_users,
+        "groups_seen": plan.seen_groups,
+        "users_created": len(writes.user_creates),
+        "users_updated": sum(1 for e in writes.events if e["type"] == "user.updated"),
+        "users_deactivated": deactivations(plan, old_users),
+        "users_deleted": len(writes.user_deletes),
+        "groups_created": len(writes.group_creates),
+        "groups_updated": sum(1 for e in writes.events if e["type"] == "group.updated"),
+        "groups_deleted": len(writes.group_deletes),
+        "members_added": len(writes.member_adds),
+        "members_removed": len(writes.member_removes),
+        "members_skipped": plan.members_skipped,
+        "quarantined": len(plan.quarantined),
+        "rows_written": writes.rows,
+        "events": len(writes.events),
+    }
+
+
+def _short_counts(counts: dict[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in counts.items() if v and k not in ("users_seen", "groups_seen")) or "-"

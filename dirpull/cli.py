@@ -1,0 +1,452 @@
+"""The `dirpull` command. Thin: parse options, call the runner/store, print.
+
+Exit codes: 0 ok · 1 failed · 2 bad usage, configuration or unknown tenant · 3 held by the guard.
+`--json` prints JSON Lines on stdout and nothing else there; messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from dirpull import logs
+from dirpull.config import Config, ConfigError, load_config
+from dirpull.storage.store import Store, StoreError, WriteSet
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Pull users, groups and memberships from directory APIs into one store with an event log.",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Store schema: check and migrate.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+log = logging.getLogger("dirpull")
+
+
+class _Opts:
+    config: str | None = None
+
+
+OPTS = _Opts()
+
+
+class StateFilter(StrEnum):
+    active = "active"
+    inactive = "inactive"
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"dirpull: {message}", err=True)
+    return typer.Exit(code)
+
+
+@app.callback()
+def main_options(
+    config: Annotated[str | None, typer.Option("--config", "-c", help="Configuration file (default $DIRPULL_CONFIG, else ./dirpull.toml).")] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[str, typer.Option("--log-format", help="text or json.")] = "text",
+) -> None:
+    if log_format not in ("text", "json"):
+        raise fail("--log-format must be text or json")
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise fail("--log-level must be debug, info, warning or error")
+    OPTS.config = config
+    logs.setup(log_level, log_format)
+
+
+def _config() -> Config:
+    try:
+        return load_config(OPTS.config)
+    except ConfigError as exc:
+        raise fail(str(exc)) from None
+
+
+def _store(config: Config, *, create: bool = True) -> Store:
+    try:
+        store = Store(config.store.url, pool_size=config.store.pool_size, connect_timeout=config.store.connect_timeout)
+        store.ensure_schema(create_if_empty=create)
+        return store
+    except StoreError as exc:
+        raise fail(str(exc), 1) from None
+
+
+def _tenant(config: Config, tenant: str) -> None:
+    if tenant not in config.tenants:
+        known = ", ".join(sorted(config.tenants)) or "none configured"
+        raise fail(f"unknown tenant {tenant!r} (known: {known})")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        v = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return v.isoformat().replace("+00:00", "Z")
+    return str(value)
+
+
+def _jsonl(rows: Iterable[dict[str, Any]]) -> None:
+    out = sys.stdout
+    for row in rows:
+        out.write(json.dumps(row, ensure_ascii=False, default=_json_default, separators=(",", ":")))
+        out.write("\n")
+    out.flush()
+
+
+def _table(rows: Iterator[dict[str, Any]], columns: list[str]) -> int:
+    typer.echo("\t".join(columns))
+    n = 0
+    for row in rows:
+        typer.echo("\t".join("" if row.get(c) is None else str(row.get(c)) for c in columns))
+        n += 1
+    return n
+
+
+# --- sync ------------------------------------------------------------------------------------------
+
+
+def _progress() -> tuple[Any, Any]:
+    """A live progress line on a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None, None
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                        console=Console(stderr=True), transient=True)
+    task = progress.add_task("connecting…")
+
+    def update(tenant: str, pages: int, users: int, groups: int) -> None:
+        progress.update(task, description=f"{tenant}: {pages} pages · {users:,} users · {groups:,} groups read")
+
+    return progress, update
+
+
+def _describe(writes: WriteSet, limit: int = 200) -> Iterator[str]:
+    sign = {"created": "+", "updated": "~", "deleted": "-", "user_added": "+", "user_removed": "-"}
+    for i, e in enumerate(writes.events):
+        if i == limit:
+            yield f"… and {len(writes.events) - limit} more"
+            return
+        kind = e["type"].split(".", 1)[1]
+        if e["type"].startswith("group.user_"):
+            yield f"{sign[kind]} {e['type']} group={e['data']['group']} user={e['data']['user']}"
+        else:
+            name = e["data"].get("username") or e["data"].get("name") or e["data"].get("display_name") or ""
+            changed = f" ({', '.join(sorted(e['previous_attributes']))})" if e.get("previous_attributes") else ""
+            yield f"{sign[kind]} {e['type']} {e['object_id']} {name}{changed}"
+
+
+@app.command()
+def sync(
+    tenant: Annotated[str, typer.Argument(help="Tenant id from the configuration.")],
+    full: Annotated[bool, typer.Option("--full", help="Ignore cursors: walk the whole directory.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planned changes; apply none.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Apply a run the mass-change guard would hold.")] = False,
+    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait if another worker is syncing this tenant.")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the run (and with --dry-run the planned events) as JSON Lines.")] = False,
+) -> None:
+    """Sync one tenant now (manual resync). Exit 0 applied or nothing to do, 1 failed, 3 held."""
+    from dirpull.sync.runner import Runner
+
+    config = _config()
+    _tenant(config, tenant)
+    store = _store(config)
+    progress, update = (None, None) if as_json else _progress()
+    try:
+        if progress:
+            progress.start()
+        result = Runner(config, store).sync(tenant, full=full, dry_run=dry_run, force=force, wait=wait, progress=update)
+    finally:
+        if progress:
+            progress.stop()
+        store.close()
+    summary = {
+        "tenant": tenant, "status": result.status, "run_id": result.run_id, "mode": result.mode,
+        "counts": result.counts, "requests": result.requests, "events": result.events,
+        "duration_s": result.duration_s, "notes": result.notes, "error": result.error,
+    }
+    if as_json:
+        rows: list[dict[str, Any]] = [summary]
+        if dry_run and result.writes is not None:
+            rows += [{"planned": True, **e} for e in result.writes.events]
+        _jsonl(rows)
+    else:
+        if dry_run and result.writes is not None:
+            for line in _describe(result.writes):
+                typer.echo(line)
+        counts = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v and not k.endswith("_seen"))
+        typer.echo(
+            f"{tenant}: {result.status} ({result.mode}) in {result.duration_s:.2f}s, {result.requests} requests"
+            + (f"; {counts}" if counts else "; no changes")
+        )
+        for note in result.notes:
+            typer.echo(f"  note: {note}")
+        if result.error:
+            typer.echo(f"  {result.error}", err=True)
+    raise typer.Exit(result.exit_code)
+
+
+# --- queries ---------------------------------------------------------------------------------------
+
+USER_COLUMNS = ["idp_id", "state", "username", "email", "display_name", "department", "job_title"]
+
+
+@app.command()
+def users(
+    tenant: str,
+    state: Annotated[StateFilter | None, typer.Option("--state", help="active or inactive.")] = None,
+    group: Annotated[str | None, typer.Option("--group", help="Only members of this group (idp_id).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON Lines, every field.")] = False,
+) -> None:
+    """Users in the store."""
+    config = _config()
+    _tenant(config, tenant)
+    store = _store(config)
+    rows = store.iter_users(tenant, state=state.value if state else None, group=group)
+    _jsonl(rows) if as_json else _table(rows, USER_COLUMNS)
+
+
+@app.command()
+def groups(
+    tenant: str,
+    user: Annotated[str | None, typer.Option("--user", help="Only groups this user (idp_id) is in.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON Lines, every field.")] = False,
+) -> None:
+    """Groups in the store."""
+    config = _config()
+    _tenant(config, tenant)
+    store = _store(config)
+    rows = store.iter_groups(tenant, user=user)
+    _jsonl(rows) if as_json else _table(rows, ["idp_id", "name", "email", "description"])
+
+
+@app.command()
+def events(
+    tenant: str,
+    after: Annotated[int, typer.Option("--after", help="Only events with seq greater than this.", min=0)] = 0,
+    limit: Annotated[int | None, typer.Option("--limit", help="At most this many.", min=1)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] = False,
+) -> None:
+    """The event log, oldest first. Store the last seq you read and pass it as --after."""
+    config = _config()
+    _tenant(config, tenant)
+    store = _store(config)
+    rows = store.iter_events(tenant, after=after, limit=limit)
+    if as_json:
+        _jsonl(rows)
+        return
+    for e in rows:
+        d = e["data"]
+        what = f"group={d['group']} user={d['user']}" if "group" in d and "user" in d else d.get("idp_id", "")
+        changed = f" changed={','.join(sorted(e['previous_attributes']))}" if e["previous_attributes"] else ""
+        typer.echo(f"{e['seq']}\t{_json_default(e['created_at'])}\t{e['type']}\t{what}{changed}")
+
+
+@app.command()
+def runs(
+    tenant: str,
+    limit: Annotated[int, typer.Option("--limit", min=1)] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] = False,
+) -> None:
+    """Sync runs, newest first."""
+    config = _config()
+    _tenant(config, tenant)
+    store = _store(config)
+    rows = store.runs(tenant, limit)
+    if as_json:
+        _jsonl(rows)
+        return
+    typer.echo("id\tstarted_at\ttrigger\tmode\tstatus\tduration_s\trequests\tevents\terror")
+    for r in rows:
+        typer.echo(
+            f"{r['id']}\t{r['started_at']}\t{r['trigger']}\t{r['mode']}\t{r['status']}\t{r['duration_s']}\t"
+            f"{r['requests']}\t{r['counts'].get('events', 0)}\t{r['error'] or ''}"
+        )
+
+
+@app.command()
+def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] = False) -> None:
+    """Every tenant: provider, last run, result, next run — and what needs attention."""
+    from dirpull.config import parse_duration
+    from dirpull.sync.daemon import next_fire
+
+    config = _config()
+    store = _store(config)
+    last = store.last_runs()
+    ok = store.last_success()
+    now = datetime.now(UTC)
+    rows = []
+    for name, tenant in sorted(config.tenants.items()):
+        run = last.get(name)
+        schedule = config.schedule_of(name)
+        started = datetime.fromisoformat(run["started_at"].replace("Z", "+00:00")) if run else None
+        attention = []
+        if run and run["status"] == "held":
+            attention.append("held by the guard: review with --dry-run, apply with --force")
+        if run and run["status"] == "failed":
+            attention.append(f"failing: {run['error']}")
+        if not schedule.startswith("cron:"):
+            stale_after = parse_duration(schedule) * 3
+            if name in ok and now - ok[name] > stale_after:
+                attention.append(f"no successful sync since {_json_default(ok[name])}")
+        if not tenant.enabled:
+            attention.append("disabled")
+        rows.append({
+            "tenant": name, "provider": tenant.provider, "schedule": schedule,
+            "last_run": run["finished_at"] or run["started_at"] if run else None,
+            "result": run["status"] if run else "never synced",
+            "next_run": _json_default(next_fire(schedule, started, now)) if tenant.enabled else None,
+            "attention": attention,
+        })
+    if as_json:
+        _jsonl(rows)
+        return
+    typer.echo("tenant\tprovider\tlast_run\tresult\tnext_run\tattention")
+    for r in rows:
+        typer.echo(f"{r['tenant']}\t{r['provider']}\t{r['last_run'] or '-'}\t{r['result']}\t{r['next_run'] or '-'}\t"
+                   f"{'; '.join(r['attention'])}")
+
+
+# --- daemon ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def run(
+    max_seconds: Annotated[float | None, typer.Option("--max-seconds", help="Stop after this long (tests, demos).")] = None,
+) -> None:
+    """The daemon: every tenant on its schedule until SIGTERM/SIGINT."""
+    from dirpull.sync.daemon import Daemon
+
+    config = _config()
+    store = _store(config, create=True)
+    if not config.tenants:
+        raise fail(f"{config.path}: no tenants configured")
+    Daemon(config, store).run_forever(max_seconds=max_seconds)
+    store.close()
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply pending schema migrations."""
+    config = _config()
+    try:
+        store = Store(config.store.url, connect_timeout=config.store.connect_timeout)
+        before, head = store.upgrade()
+    except StoreError as exc:
+        raise fail(str(exc), 1) from None
+    typer.echo(f"schema at {head}" + (f" (was {before or 'empty'})" if before != head else " (already current)"))
+
+
+@db_app.command("check")
+def db_check() -> None:
+    """Exit 0 when the schema is current, 1 otherwise."""
+    config = _config()
+    try:
+        current, head = Store(config.store.url, connect_timeout=config.store.connect_timeout).schema_state()
+    except StoreError as exc:
+        raise fail(str(exc), 1) from None
+    typer.echo(f"schema {current or 'empty'}, needed {head}")
+    raise typer.Exit(0 if current == head else 1)
+
+
+# --- emulators and demo ----------------------------------------------------------------------------
+
+
+def _provider_list(provider: list[str] | None) -> list[str] | None:
+    from dirpull.emulators import EMULATOR_CLASSES
+
+    for p in provider or []:
+        if p not in EMULATOR_CLASSES:
+            raise fail(f"unknown provider {p!r}; use one of: {', '.join(EMULATOR_CLASSES)}")
+    return provider or None
+
+
+@app.command()
+def emulate(
+    provider: Annotated[list[str] | None, typer.Option("--provider", "-p", help="Only this provider (repeatable).")] = None,
+    people: Annotated[int, typer.Option("--people", min=1, max=1_000_000)] = 200,
+    seed: Annotated[int, typer.Option("--seed")] = 1,
+    write_config: Annotated[Path | None, typer.Option("--write-config", help="Write the config here instead of printing it.")] = None,
+    store_url: Annotated[str, typer.Option("--store-url")] = "sqlite:///dirpull.db",
+    changes_every: Annotated[float, typer.Option("--changes-every", help="Seconds between random changes (0: none).")] = 0.0,
+    max_seconds: Annotated[float | None, typer.Option("--max-seconds")] = None,
+) -> None:
+    """Serve local emulators of the vendors' APIs on 127.0.0.1 and print a config for them."""
+    from dirpull.emulators.cluster import Cluster
+    from dirpull.emulators.org import Org
+
+    chosen = _provider_list(provider)
+    workdir = (write_config.parent if write_config else Path(tempfile.mkdtemp(prefix="dirpull-emulate-"))).resolve()
+    cluster = Cluster(Org.generate(people, seed=seed))
+    cluster.start(chosen)
+    stop = threading.Event()
+    try:
+        text = cluster.config_toml(workdir, store_url=store_url)
+        if write_config:
+            write_config.write_text(text, encoding="utf-8")
+            typer.echo(f"wrote {write_config}", err=True)
+        else:
+            typer.echo(text)
+        for p, why in cluster.skipped.items():
+            typer.echo(f"skipped {p}: {why}", err=True)
+        for p, em in cluster.emulators.items():
+            typer.echo(f"{p}: {em.base_url}", err=True)
+        typer.echo("serving; Ctrl-C stops", err=True)
+        _serve(cluster, stop, changes_every, max_seconds)
+    finally:
+        cluster.stop()
+
+
+def _serve(cluster: Any, stop: threading.Event, changes_every: float, max_seconds: float | None) -> None:
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    deadline = None if max_seconds is None else time.monotonic() + max_seconds
+    next_change = time.monotonic() + changes_every if changes_every else None
+    while not stop.wait(0.2):
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            break
+        if next_change is not None and now >= next_change:
+            for line in cluster.org.random_changes(3):
+                log.info("directory change: %s", line)
+            next_change = now + changes_every
+
+
+@app.command()
+def demo(
+    people: Annotated[int, typer.Option("--people", min=5, max=100_000)] = 60,
+    duration: Annotated[float, typer.Option("--duration", help="Seconds to run (0: until Ctrl-C).")] = 45.0,
+    schedule: Annotated[str, typer.Option("--schedule", help="How often each tenant syncs.")] = "5s",
+    workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo config and store go.")] = Path("demo"),
+) -> None:
+    """Emulators for every provider, the real daemon syncing them into SQLite, and the events as they arrive."""
+    from dirpull.demo import run_demo
+
+    raise typer.Exit(run_demo(people=people, duration=duration, schedule=schedule, workdir=workdir))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+
+
+if __name__ == "__main__":
+    main()

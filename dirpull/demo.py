@@ -1,0 +1,118 @@
+"""`dirpull demo`: every emulator over one changing organization, the real daemon syncing a tenant
+per provider into an SQLite store, and the events printed as they are committed."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import signal
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from dirpull.config import load_config
+from dirpull.emulators.cluster import Cluster
+from dirpull.emulators.org import Org
+from dirpull.storage.store import Store
+from dirpull.sync.daemon import Daemon
+
+log = logging.getLogger("dirpull.demo")
+SHOW_PER_RUN = 6
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def run_demo(*, people: int, duration: float, schedule: str, workdir: Path) -> int:
+    workdir = workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    db = workdir / "demo.db"
+    for leftover in (db, db.with_suffix(".db-wal"), db.with_suffix(".db-shm")):
+        leftover.unlink(missing_ok=True)
+    org = Org.generate(people, seed=7)
+    cluster = Cluster(org)
+    cluster.start(require_connector=True)
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, lambda *_: stop.set())
+    daemon = None
+    try:
+        if not cluster.emulators:
+            _say("no provider has both an emulator and a connector yet; nothing to demo")
+            return 1
+        config_file = workdir / "dirpull.toml"
+        config_file.write_text(cluster.config_toml(workdir, store_url=f"sqlite:///{db}", schedule=schedule), encoding="utf-8")
+        config = load_config(config_file)
+        store = Store(config.store.url)
+        store.ensure_schema()
+        _say(f"dirpull demo: {people} people, {len(org.groups)} groups; config {config_file}, store {db}")
+        for provider, emulator in cluster.emulators.items():
+            _say(f"  {provider:17} emulator at {emulator.base_url}")
+        for provider, why in cluster.skipped.items():
+            _say(f"  {provider:17} skipped: {why}")
+        _say(f"each tenant syncs every {schedule}; the organization changes every few seconds. Ctrl-C stops.\n")
+        daemon = Daemon(config, store, backoff_base=2.0)
+        daemon.start()
+        _tail(store, org, stop, duration)
+        return 0
+    finally:
+        if daemon is not None:
+            daemon.shutdown(wait=True)
+            _summary(daemon)
+        cluster.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _tail(store: Store, org: Org, stop: threading.Event, duration: float) -> None:
+    deadline = None if duration <= 0 else time.monotonic() + duration
+    next_change = time.monotonic() + 6.0
+    last_seq = 0
+    while not stop.wait(0.5):
+        now = time.monotonic()
+        if deadline is not None and now >= deadline:
+            break
+        if now >= next_change:
+            for line in org.random_changes(2):
+                _say(f"~ directory change: {line}")
+            next_change = now + 4.0
+        batch = list(store.iter_events(None, after=last_seq, limit=5000))
+        if not batch:
+            continue
+        last_seq = batch[-1]["seq"]
+        by_run: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+        for e in batch:
+            by_run[(e["tenant"], e["run_id"])].append(e)
+        for (tenant, run_id), evs in by_run.items():
+            _say(f"[{tenant}] run {run_id}: {len(evs)} events")
+            for e in itertools.islice(evs, SHOW_PER_RUN):
+                _say(f"    #{e['seq']} {_line(e)}")
+            if len(evs) > SHOW_PER_RUN:
+                _say(f"    … {len(evs) - SHOW_PER_RUN} more (dirpull -c … events {tenant} --after …)")
+
+
+def _line(e: dict[str, Any]) -> str:
+    d = e["data"]
+    if e["type"].startswith("group.user_"):
+        return f"{e['type']} group={d['group']} user={d['user']}"
+    name = d.get("display_name") or d.get("name") or d.get("username") or ""
+    changed = f" ({', '.join(sorted(e['previous_attributes']))})" if e.get("previous_attributes") else ""
+    return f"{e['type']} {d.get('idp_id')} {name}{changed}"
+
+
+def _summary(daemon: Daemon) -> None:
+    results = daemon.results
+    _say("\nruns by tenant:")
+    per: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    for r in results:
+        per[r.tenant][r.status] += 1
+    for tenant in sorted(per):
+        _say(f"  {tenant:16} " + ", ".join(f"{k} {v}" for k, v in sorted(per[tenant].items())))
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed[-5:]:
+        _say(f"  failure {r.tenant}: {r.error}")

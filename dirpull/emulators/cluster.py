@@ -1,0 +1,90 @@
+"""Start several vendor emulators over one organization and write the dirpull configuration that
+points a tenant at each (`dirpull emulate`, `dirpull demo`, benchmarks)."""
+
+from __future__ import annotations
+
+import logging
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dirpull.connectors import is_available as connector_available
+from dirpull.emulators import EMULATOR_CLASSES, emulator_class
+from dirpull.emulators import is_available as emulator_available
+from dirpull.emulators.org import Org
+from dirpull.emulators.server import Emulator
+
+log = logging.getLogger(__name__)
+
+TENANT_NAMES = {
+    "entra_id": "demo-entra",
+    "google_workspace": "demo-google",
+    "okta": "demo-okta",
+    "workday": "demo-workday",
+    "bamboohr": "demo-bamboohr",
+}
+
+
+@dataclass
+class Cluster:
+    org: Org
+    emulators: dict[str, Emulator] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def start(self, providers: list[str] | None = None, *, require_connector: bool = False) -> None:
+        for provider in providers or list(EMULATOR_CLASSES):
+            if not emulator_available(provider):
+                self.skipped[provider] = "its emulator is not built yet"
+                continue
+            if require_connector and not connector_available(provider):
+                self.skipped[provider] = "its connector is not built yet"
+                continue
+            emulator = emulator_class(provider)(self.org)
+            emulator.start()
+            self.emulators[provider] = emulator
+
+    def stop(self) -> None:
+        for emulator in self.emulators.values():
+            emulator.stop()
+        self.emulators.clear()
+
+    def tenants(self, workdir: Path) -> dict[str, dict[str, Any]]:
+        return {
+            TENANT_NAMES[p]: emulator.tenant_config(TENANT_NAMES[p], workdir)
+            for p, emulator in self.emulators.items()
+        }
+
+    def config_toml(self, workdir: Path, *, store_url: str, schedule: str = "15m") -> str:
+        lines = [
+            "# Written by dirpull: tenants pointed at local emulators (loopback only).",
+            "[store]",
+            f"url = {_toml(store_url)}",
+            "",
+            "[defaults]",
+            f"schedule = {_toml(schedule)}",
+        ]
+        for name, table in self.tenants(workdir).items():
+            lines += ["", f"[tenants.{name}]"]
+            nested = {k: v for k, v in table.items() if isinstance(v, dict)}
+            lines += [f"{k} = {_toml(v)}" for k, v in table.items() if k not in nested]
+            for key, sub in nested.items():
+                lines += ["", f"[tenants.{name}.{key}]"] + [f"{k} = {_toml(v)}" for k, v in sub.items()]
+        text = "\n".join(lines) + "\n"
+        tomllib.loads(text)  # what we print must load
+        return text
+
+
+def _toml(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    if isinstance(value, Path):
+        value = str(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{escaped}"'
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")

@@ -1,0 +1,142 @@
+"""`dirpull run`: every tenant on its schedule, in one process (or several, sharing a store).
+
+APScheduler 3 fires one job per tenant in a bounded thread pool. Overlapping fires of one tenant
+are skipped in-process (`max_instances=1`) and across processes by the tenant's lease in the store,
+so several workers can load the same configuration. A failing tenant backs off exponentially
+without slowing the others. SIGTERM/SIGINT stop new fires, interrupt running syncs at the next page
+boundary (an interrupted run applies nothing) and wait for them to finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.background import BackgroundScheduler
+from apscheduler.schedulers.base import STATE_STOPPED
+from apscheduler.triggers.base import BaseTrigger
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from dirpull.config import Config, parse_duration
+from dirpull.storage.store import Store
+from dirpull.sync.runner import Runner, RunResult
+
+log = logging.getLogger("dirpull.daemon")
+
+MAX_BACKOFF = timedelta(hours=1)
+
+
+class _QuietStopScheduler(BackgroundScheduler):
+    # APScheduler 3.x runs one more pass over due jobs after shutdown() and loses those fires
+    # (agronholm/apscheduler#285, #985; see shared/sdk-notes.md). Pinned to 3.11.
+    def _process_jobs(self) -> float | None:
+        if self.state == STATE_STOPPED:
+            return None
+        return super()._process_jobs()
+
+
+def trigger_for(schedule: str) -> BaseTrigger:
+    if schedule.startswith("cron:"):
+        return CronTrigger.from_crontab(schedule[5:].strip(), timezone="UTC")
+    interval = parse_duration(schedule)
+    # A little jitter keeps many tenants on the same interval from hitting the store at once.
+    return IntervalTrigger(seconds=interval.total_seconds(), jitter=min(30, int(interval.total_seconds() * 0.1)) or None)
+
+
+def next_fire(schedule: str, last_start: datetime | None, now: datetime | None = None) -> datetime:
+    now = now or datetime.now(UTC)
+    if schedule.startswith("cron:"):
+        fire = CronTrigger.from_crontab(schedule[5:].strip(), timezone="UTC").get_next_fire_time(None, now)
+        return fire or now
+    if last_start is None:
+        return now
+    return max(now, last_start + parse_duration(schedule))
+
+
+class Daemon:
+    def __init__(self, config: Config, store: Store, *, worker: str | None = None, backoff_base: float = 30.0) -> None:
+        self.config = config
+        self.store = store
+        self.stop_event = threading.Event()
+        self.runner = Runner(config, store, worker=worker, stop=self.stop_event)
+        self.backoff_base = backoff_base
+        self.failures: dict[str, int] = {}
+        self.retry_at: dict[str, float] = {}
+        self.results: list[RunResult] = []
+        self._lock = threading.Lock()
+        self.scheduler = _QuietStopScheduler(
+            executors={"default": ThreadPoolExecutor(config.defaults.max_concurrent_syncs)},
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300},
+            timezone="UTC",
+        )
+
+    def fire(self, tenant: str) -> RunResult | None:
+        if self.stop_event.is_set():
+            return None
+        wait_until = self.retry_at.get(tenant, 0.0)
+        if time.monotonic() < wait_until:
+            log.info("tenant %s: backing off after %d failures, %.0fs left", tenant,
+                     self.failures.get(tenant, 0), wait_until - time.monotonic())
+            return None
+        try:
+            result = self.runner.sync(tenant, trigger="schedule")
+        except Exception as exc:  # store unreachable, bad tenant config: keep the daemon alive
+            log.error("tenant %s: sync could not run: %s", tenant, exc)
+            result = RunResult(tenant, "failed", "-", error=str(exc))
+        with self._lock:
+            self.results.append(result)
+            del self.results[:-1000]
+            if result.status == "failed":
+                n = self.failures[tenant] = self.failures.get(tenant, 0) + 1
+                delay = min(MAX_BACKOFF.total_seconds(), self.backoff_base * 2 ** (n - 1))
+                delay *= random.uniform(0.8, 1.2)
+                self.retry_at[tenant] = time.monotonic() + delay
+                log.warning("tenant %s: failed %d time(s) in a row; next attempt in at least %.0fs", tenant, n, delay)
+            elif result.status in ("succeeded", "held"):
+                self.failures.pop(tenant, None)
+                self.retry_at.pop(tenant, None)
+        return result
+
+    def start(self) -> None:
+        now = datetime.now(UTC)
+        tenants = [name for name, t in self.config.tenants.items() if t.enabled]
+        for i, name in enumerate(tenants):
+            schedule = self.config.schedule_of(name)
+            self.scheduler.add_job(
+                self.fire, trigger_for(schedule), args=[name], id=name, name=f"sync {name}",
+                # First fire right away, spread over a few seconds so a restart is not a thundering herd.
+                next_run_time=now + timedelta(seconds=min(i * 0.2, 10)),
+            )
+            log.info("scheduled tenant %s (%s) every %s", name, self.config.tenants[name].provider, schedule)
+        self.scheduler.start()
+
+    def shutdown(self, wait: bool = True) -> None:
+        self.stop_event.set()
+        if self.scheduler.running:
+            self.scheduler.shutdown(wait=wait)
+
+    def run_forever(self, until: threading.Event | None = None, max_seconds: float | None = None) -> None:
+        """Run until SIGTERM/SIGINT (or `until` is set, or `max_seconds` pass)."""
+        stop = until or threading.Event()
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, lambda *_: stop.set())
+        self.start()
+        try:
+            deadline = None if max_seconds is None else time.monotonic() + max_seconds
+            while not stop.wait(0.5):
+                if deadline is not None and time.monotonic() >= deadline:
+                    break
+        finally:
+            log.info("stopping: waiting for running syncs to finish or abort")
+            self.shutdown(wait=True)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)

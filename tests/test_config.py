@@ -1,0 +1,104 @@
+"""Configuration mistakes are reported with the file, the tenant and the key — never a traceback —
+and secrets never show."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dirpull.config import ConfigError, load_config, parse_duration
+
+GOOD = """
+[store]
+url = "sqlite:///x.db"
+[defaults]
+schedule = "15m"
+[tenants.acme-hr]
+provider = "bamboohr"
+company_domain = "acme"
+api_key = "env:ACME_BAMBOO_KEY"
+api_url = "http://127.0.0.1:8080/api/gateway.php"
+schedule = "cron: */5 * * * *"
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "dirpull.toml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def error_of(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, text))
+    return str(exc.value)
+
+
+def test_good_config_loads_and_resolves_secrets_lazily(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "s3cret-value")
+    cfg = load_config(write(tmp_path, GOOD))
+    t = cfg.tenant("acme-hr")
+    assert t.provider == "bamboohr" and cfg.schedule_of("acme-hr") == "cron: */5 * * * *"
+    assert t.api_key.get() == "s3cret-value"
+    assert "s3cret" not in repr(t) and "s3cret" not in json.dumps(cfg.model_dump(mode="json"), default=str)
+
+
+def test_missing_env_secret_names_file_tenant_and_key(tmp_path, monkeypatch):
+    monkeypatch.delenv("ACME_BAMBOO_KEY", raising=False)
+    msg = error_of(tmp_path, GOOD)
+    assert msg == f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.api_key: environment variable ACME_BAMBOO_KEY is not set"
+
+
+def test_file_secret_relative_to_config(tmp_path):
+    (tmp_path / "key.txt").write_text("from-file\n")
+    cfg = load_config(write(tmp_path, GOOD.replace("env:ACME_BAMBOO_KEY", "file:key.txt")))
+    assert cfg.tenant("acme-hr").api_key.get() == "from-file"
+    msg = error_of(tmp_path, GOOD.replace("env:ACME_BAMBOO_KEY", "file:missing.txt"))
+    assert "tenants.acme-hr.api_key: secret file missing.txt does not exist" in msg
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (('provider = "bamboohr"', 'provider = "ldap"'), "tenants.acme-hr: unknown provider"),
+        (('company_domain = "acme"', ""), "tenants.acme-hr.company_domain: Field required"),
+        (('schedule = "15m"', 'schedule = "often"'), "defaults.schedule: 'often' is not a duration"),
+        (('schedule = "cron: */5 * * * *"', 'schedule = "cron: 99 * * * *"'), "tenants.acme-hr.schedule: bad cron"),
+        (("[tenants.acme-hr]", "[tenants.acme-hr]\napi_secret = 1"), "tenants.acme-hr.api_secret: unknown key"),
+    ],
+)
+def test_mistakes_name_the_key(tmp_path, monkeypatch, change, expected):
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    msg = error_of(tmp_path, GOOD.replace(*change))
+    assert expected in msg
+    assert "Traceback" not in msg
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    assert "not valid TOML" in error_of(tmp_path, "[store\nurl=")
+    with pytest.raises(ConfigError, match="configuration file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_env_overrides_store_url_and_config_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    path = write(tmp_path, GOOD)
+    monkeypatch.setenv("DIRPULL_CONFIG", str(path))
+    monkeypatch.setenv("DIRPULL_STORE_URL", "sqlite:///other.db")
+    assert load_config().store.url == "sqlite:///other.db"
+
+
+def test_unknown_tenant_lists_known_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    cfg = load_config(write(tmp_path, GOOD))
+    with pytest.raises(ConfigError, match=r"unknown tenant 'nope' \(known: acme-hr\)"):
+        cfg.tenant("nope")
+
+
+def test_durations():
+    assert parse_duration("30s").total_seconds() == 30
+    assert parse_duration("6h").total_seconds() == 21600
+    with pytest.raises(ValueError):
+        parse_duration("0s")

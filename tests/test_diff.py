@@ -1,0 +1,105 @@
+"""The diff is pure: stored fingerprints + fresh pages → a plan, then rows and events."""
+
+from __future__ import annotations
+
+from dirpull.connectors.base import Done, Page, Quarantined
+from dirpull.model import Group, User, fingerprint, record_fields
+from dirpull.sync.diff import Diff, build_writes, changed_fields
+
+
+def fp(record):
+    return fingerprint(record_fields(record))
+
+
+ADA = User(idp_id="1", username="ada", state="active", job_title="Engineer")
+BOB = User(idp_id="2", username="bob", state="active")
+ENG = Group(idp_id="g", name="Eng")
+
+SNAPSHOT = Done(snapshot=True, cursor=None, mode="full")
+DELTA = Done(snapshot=False, cursor=None, mode="incremental")
+
+
+def stored(users=(ADA, BOB), groups=(ENG,), members=(("g", "1"),)):
+    return Diff({u.idp_id: fp(u) for u in users}, {g.idp_id: fp(g) for g in groups}, set(members))
+
+
+def test_unchanged_snapshot_is_an_empty_plan():
+    d = stored()
+    d.add(Page(users=[ADA, BOB], groups=[ENG], members=[("g", "1")]))
+    plan = d.finish(SNAPSHOT)
+    assert plan.is_empty()
+    assert build_writes(plan, {}, {}).rows == 0
+
+
+def test_snapshot_create_update_delete_and_membership():
+    d = stored()
+    carol = User(idp_id="3", username="carol")
+    d.add(Page(users=[ADA.model_copy(update={"state": "inactive"}), carol], groups=[ENG], members=[("g", "3")]))
+    plan = d.finish(SNAPSHOT)
+    assert set(plan.users) == {"1", "3"}
+    assert plan.user_deletes == {"2"}
+    assert plan.member_adds == {("g", "3")} and plan.member_removes == {("g", "1")}
+    old = {"1": record_fields(ADA), "2": record_fields(BOB)}
+    ws = build_writes(plan, old, {})
+    types = [e["type"] for e in ws.events]
+    assert types == ["user.updated", "user.created", "group.user_added", "group.user_removed", "user.deleted"]
+    assert ws.events[0]["previous_attributes"] == {"state": "active"}
+    assert "fingerprint" not in ws.events[1]["data"]
+
+
+def test_delta_only_explicit_removals_delete():
+    d = stored()
+    d.add(Page(users=[BOB.model_copy(update={"job_title": "Boss"})], removed_members=[("g", "1")]))
+    plan = d.finish(DELTA)
+    assert plan.user_deletes == set()  # ADA not seen, but a delta does not sweep
+    assert set(plan.users) == {"2"}
+    assert plan.member_removes == {("g", "1")}
+
+
+def test_delta_removed_user_takes_its_memberships():
+    d = stored()
+    d.add(Page(removed_users=["1"]))
+    plan = d.finish(DELTA)
+    assert plan.user_deletes == {"1"} and plan.member_removes == {("g", "1")}
+
+
+def test_delta_complete_group_replaces_its_member_set():
+    d = stored(members=(("g", "1"),))
+    d.add(Page(members=[("g", "2")], complete_groups=["g"]))
+    plan = d.finish(DELTA)
+    assert plan.member_adds == {("g", "2")} and plan.member_removes == {("g", "1")}
+
+
+def test_same_object_twice_later_wins_and_removal_then_return_cancels():
+    d = stored()
+    d.add(Page(users=[ADA.model_copy(update={"job_title": "X"})], removed_users=["2"]))
+    d.add(Page(users=[ADA, BOB]))  # back to the stored values
+    plan = d.finish(DELTA)
+    assert plan.is_empty()
+
+
+def test_membership_to_unknown_user_is_skipped_not_stored():
+    d = stored()
+    d.add(Page(users=[ADA, BOB], groups=[ENG], members=[("g", "1"), ("g", "ghost")]))
+    plan = d.finish(SNAPSHOT)
+    assert plan.member_adds == set() and plan.members_skipped == 1
+
+
+def test_quarantined_user_is_not_deleted_and_keeps_memberships():
+    d = stored()
+    d.add(Page(users=[BOB], groups=[ENG], quarantined=[Quarantined("user", "1", "bad record")]))
+    plan = d.finish(SNAPSHOT)
+    assert plan.user_deletes == set() and plan.member_removes == set()
+
+
+def test_changed_fields_lists_old_values_only_for_differences():
+    old = record_fields(ADA)
+    new = record_fields(ADA.model_copy(update={"job_title": "CTO", "department": "R&D"}))
+    assert changed_fields(old, new) == {"job_title": "Engineer", "department": None}
+
+
+def test_fingerprint_ignores_nothing_the_connector_kept_and_is_stable():
+    a = User(idp_id="1", raw_attributes={"b": 1, "a": [1, 2]})
+    b = User(idp_id="1", raw_attributes={"a": [1, 2], "b": 1})
+    assert fp(a) == fp(b)
+    assert fp(a) != fp(User(idp_id="1", raw_attributes={"a": [2, 1], "b": 1}))

@@ -1,0 +1,255 @@
+"""The sync runner through the real store: what gets applied, held, or left alone."""
+
+from __future__ import annotations
+
+import threading
+from datetime import timedelta
+
+from scripted import Directory, factory, people
+
+from dirpull.model import Group, User
+from dirpull.storage.store import utcnow
+
+TENANT = {"t": {"provider": "bamboohr", "company_domain": "acme", "api_key": "literal-key"}}
+
+
+def make(harness, directory: Directory, **kw):
+    return harness(TENANT, connector_factory=factory(directory), **kw)
+
+
+def test_first_sync_creates_everything_and_unchanged_resync_writes_nothing(harness):
+    d = Directory(users=people(25), groups=[Group(idp_id="g1", name="Eng")], members=[("g1", "u1"), ("g1", "u2")])
+    h = make(harness, d)
+    r = h.sync("t")
+    assert r.status == "succeeded" and r.exit_code == 0
+    assert r.counts["users_created"] == 25 and r.counts["members_added"] == 2
+    assert len(h.users("t")) == 25 and h.members("t") == {("g1", "u1"), ("g1", "u2")}
+    seq = h.last_seq()
+    again = h.sync("t")
+    assert again.status == "succeeded"
+    assert again.events == 0 and again.counts["rows_written"] == 0
+    assert h.last_seq() == seq
+
+
+def test_changes_produce_exact_events_with_previous_attributes(harness):
+    d = Directory(users=people(5), groups=[Group(idp_id="g1", name="Eng")], members=[("g1", "u1")])
+    h = make(harness, d)
+    h.sync("t")
+    seq = h.last_seq()
+    d.users[1] = d.users[1].model_copy(update={"state": "inactive", "job_title": "Ex"})
+    d.users.pop()  # u4 gone
+    d.users.append(User(idp_id="u9", username="new@example.test"))
+    d.groups = [Group(idp_id="g1", name="Engineering")]
+    d.members = [("g1", "u2"), ("g1", "u9")]
+    r = h.sync("t")
+    assert r.status == "succeeded"
+    assert h.changes("t", seq) == [
+        ("user.updated", "u1", ("job_title", "state")),
+        ("user.created", "u9"),
+        ("group.updated", "g1", ("name",)),
+        ("group.user_added", "g1", "u2"),
+        ("group.user_added", "g1", "u9"),
+        ("group.user_removed", "g1", "u1"),
+        ("user.deleted", "u4"),
+    ]
+    updated = [e for e in h.events("t", seq) if e["type"] == "user.updated"][0]
+    assert updated["previous_attributes"] == {"job_title": None, "state": "active"}
+    assert updated["data"]["state"] == "inactive"
+    deleted = [e for e in h.events("t", seq) if e["type"] == "user.deleted"][0]
+    assert deleted["data"]["username"] == "user4@example.test"  # the last stored object
+    assert r.counts["users_deactivated"] == 1
+
+
+def test_mass_deletion_is_held_and_force_applies_it(harness):
+    d = Directory(users=people(100))
+    h = make(harness, d, guard={"max_percent": 10, "min_count": 5})
+    assert h.sync("t").status == "succeeded"
+    seq = h.last_seq()
+    d.users = d.users[:50]
+    held = h.sync("t")
+    assert held.status == "held" and held.exit_code == 3
+    assert "delete 50 of 100" in held.error
+    assert len(h.users("t")) == 100 and h.last_seq() == seq
+    assert h.store.runs("t")[0]["status"] == "held"
+    dry = h.sync("t", dry_run=True)
+    assert dry.status == "planned" and dry.writes is not None and len(dry.writes.user_deletes) == 50
+    assert len(h.users("t")) == 100
+    forced = h.sync("t", force=True)
+    assert forced.status == "succeeded" and len(h.users("t")) == 50
+    assert any("guard overridden" in n for n in forced.notes)
+
+
+def test_mass_deactivation_is_held(harness):
+    d = Directory(users=people(40))
+    h = make(harness, d, guard={"max_percent": 20, "min_count": 5})
+    h.sync("t")
+    d.users = [u.model_copy(update={"state": "inactive"}) if i < 20 else u for i, u in enumerate(d.users)]
+    r = h.sync("t")
+    assert r.status == "held" and "deactivate 20" in r.error
+    assert all(u["state"] == "active" for u in h.users("t").values())
+
+
+def test_small_changes_below_the_floor_apply(harness):
+    d = Directory(users=people(10))
+    h = make(harness, d, guard={"max_percent": 10, "min_count": 5})
+    h.sync("t")
+    d.users = d.users[:6]  # 40% but only 4 users: under the absolute floor
+    assert h.sync("t").status == "succeeded"
+
+
+def test_empty_directory_after_users_is_held_whatever_the_thresholds(harness):
+    d = Directory(users=people(3))
+    h = make(harness, d, guard={"max_percent": 100, "min_count": 1000})
+    h.sync("t")
+    d.users = []
+    r = h.sync("t")
+    assert r.status == "held" and "no users" in r.error
+    assert len(h.users("t")) == 3
+
+
+def test_guard_is_skipped_on_the_first_sync(harness):
+    h = make(harness, Directory(users=people(500)), guard={"max_percent": 1, "min_count": 1})
+    assert h.sync("t").status == "succeeded"
+
+
+def test_failure_mid_fetch_changes_nothing_and_keeps_the_cursor(harness):
+    d = Directory(users=people(30))
+    h = make(harness, d)
+    h.sync("t")
+    cursor = h.store.get_cursor("t")
+    seq = h.last_seq()
+    d.users = people(30, job_title="Changed")
+    d.fail_after_pages = 2
+    r = h.sync("t")
+    assert r.status == "failed" and r.exit_code == 1 and "HTTP 500" in r.error
+    assert all(u["job_title"] is None for u in h.users("t").values())
+    assert h.last_seq() == seq
+    assert h.store.get_cursor("t").value == cursor.value
+    run = h.store.runs("t")[0]
+    assert run["status"] == "failed" and "HTTP 500" in run["error"]
+
+
+def test_a_pull_that_ends_without_done_applies_nothing(harness):
+    class Truncated:
+        provider = "x"
+
+        def pull(self, cursor, *, full):
+            from dirpull.connectors.base import Page
+
+            yield Page(users=people(3))
+
+    h = harness(TENANT, connector_factory=lambda t, s: Truncated())
+    r = h.sync("t")
+    assert r.status == "failed" and "before the end" in r.error
+    assert h.users("t") == {}
+
+
+def test_concurrent_syncs_of_one_tenant_run_once(harness):
+    gate = threading.Event()
+    d = Directory(users=people(20), gate=gate)
+    h = make(harness, d)
+    results = []
+    first = threading.Thread(target=lambda: results.append(h.sync("t")))
+    first.start()
+    assert d.entered.wait(10)
+    second = h.sync("t")  # no --wait: reports who holds the lease
+    gate.set()
+    first.join(10)
+    assert second.status == "skipped" and "is being synced by" in second.error
+    assert results[0].status == "succeeded"
+    assert d.pulls == 1
+    assert len(h.store.runs("t")) == 1
+
+
+def test_second_sync_with_wait_runs_after_the_first(harness):
+    gate = threading.Event()
+    d = Directory(users=people(20), gate=gate)
+    h = make(harness, d)
+    first = threading.Thread(target=h.sync, args=("t",))
+    first.start()
+    assert d.entered.wait(10)
+    threading.Timer(0.3, gate.set).start()
+    second = h.sync("t", wait=10)
+    first.join(10)
+    assert second.status == "succeeded" and d.pulls == 2
+
+
+def test_stop_during_a_run_applies_nothing(harness):
+    stop = threading.Event()
+    d = Directory(users=people(30), on_page=lambda n: stop.set() if n == 1 else None)
+    h = make(harness, d, stop=stop)
+    r = h.sync("t")
+    assert r.status == "failed" and "interrupted" in r.error
+    assert h.users("t") == {}
+
+
+def test_lost_lease_means_nothing_is_applied(harness):
+    d = Directory(users=people(5))
+    h = make(harness, d)
+
+    def steal(n: int) -> None:
+        # Another worker took over after this lease expired (e.g. this one was paused).
+        with h.store.engine.begin() as conn:
+            from dirpull.storage import schema
+
+            conn.execute(schema.leases.update().values(holder="other", expires_at=utcnow() + timedelta(minutes=5)))
+
+    d.on_page = steal
+    r = h.sync("t")
+    assert r.status == "failed" and "lease lost" in r.error
+    assert h.users("t") == {}
+
+
+def test_cursor_is_handed_back_and_advances_only_on_commit(harness):
+    d = Directory(users=people(3))
+    h = make(harness, d)
+    h.sync("t")
+    h.sync("t")
+    assert d.cursors_seen == [None, {"pull": 1}]
+    d.fail_after_pages = 0
+    h.sync("t")
+    d.fail_after_pages = None
+    h.sync("t")
+    assert d.cursors_seen[-1] == {"pull": 2}
+    h.sync("t", full=True)
+    assert d.cursors_seen[-1] is None
+
+
+def test_periodic_full_reconciliation_ignores_the_cursor(harness):
+    d = Directory(users=people(3))
+    h = make(harness, d, defaults={"full_sync_every": "1s"})
+    h.sync("t")
+    with h.store.engine.begin() as conn:
+        from dirpull.storage import schema
+
+        conn.execute(schema.cursors.update().values(last_full_at=utcnow() - timedelta(seconds=5)))
+    r = h.sync("t")
+    assert d.cursors_seen[-1] is None and "periodic full reconciliation" in r.notes
+
+
+def test_quarantined_record_is_kept_as_stored_not_deleted(harness):
+    from dirpull.connectors.base import Done, Page, Quarantined
+
+    state = {"bad": False}
+
+    class C:
+        provider = "x"
+
+        def pull(self, cursor, *, full):
+            users = people(3)
+            if state["bad"]:
+                yield Page(users=users[:2], groups=[Group(idp_id="g", name="G")],
+                           quarantined=[Quarantined("user", "u2", "login too short")])
+            else:
+                yield Page(users=users, groups=[Group(idp_id="g", name="G")], members=[("g", "u2")])
+            yield Done(snapshot=True, cursor=None, mode="full")
+
+    h = harness(TENANT, connector_factory=lambda t, s: C())
+    h.sync("t")
+    state["bad"] = True
+    seq = h.last_seq()
+    r = h.sync("t")
+    assert r.status == "succeeded" and r.counts["quarantined"] == 1
+    assert "u2" in h.users("t") and ("g", "u2") in h.members("t")
+    assert h.last_seq() == seq
+    assert h.store.runs("t")[0]["quarantined"] == [{"kind": "user", "idp_id": "u2", "reason": "login too short"}]

@@ -56,7 +56,10 @@ def fail(message: str, code: int = 2) -> typer.Exit:
 
 @app.callback()
 def main_options(
-    config: Annotated[str | None, typer.Option("--config", "-c", help="Configuration file (default $DIRPULL_CONFIG, else ./dirpull.toml).")] = None,
+    config: Annotated[
+        str | None,
+        typer.Option("--config", "-c", help="Configuration file (default $DIRPULL_CONFIG, else ./dirpull.toml)."),
+    ] = None,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
     log_format: Annotated[str, typer.Option("--log-format", help="text or json.")] = "text",
 ) -> None:
@@ -124,8 +127,13 @@ def _progress() -> tuple[Any, Any]:
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                        console=Console(stderr=True), transient=True)
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    )
     task = progress.add_task("connecting…")
 
     def update(tenant: str, pages: int, users: int, groups: int) -> None:
@@ -155,8 +163,12 @@ def sync(
     full: Annotated[bool, typer.Option("--full", help="Ignore cursors: walk the whole directory.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planned changes; apply none.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Apply a run the mass-change guard would hold.")] = False,
-    wait: Annotated[float, typer.Option("--wait", help="Seconds to wait if another worker is syncing this tenant.")] = 0.0,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the run (and with --dry-run the planned events) as JSON Lines.")] = False,
+    wait: Annotated[
+        float, typer.Option("--wait", help="Seconds to wait if another worker is syncing this tenant.")
+    ] = 0.0,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the run (and with --dry-run the planned events) as JSON Lines.")
+    ] = False,
 ) -> None:
     """Sync one tenant now (manual resync). Exit 0 applied or nothing to do, 1 failed, 3 held."""
     from dirpull.sync.runner import Runner
@@ -174,9 +186,16 @@ def sync(
             progress.stop()
         store.close()
     summary = {
-        "tenant": tenant, "status": result.status, "run_id": result.run_id, "mode": result.mode,
-        "counts": result.counts, "requests": result.requests, "events": result.events,
-        "duration_s": result.duration_s, "notes": result.notes, "error": result.error,
+        "tenant": tenant,
+        "status": result.status,
+        "run_id": result.run_id,
+        "mode": result.mode,
+        "counts": result.counts,
+        "requests": result.requests,
+        "events": result.events,
+        "duration_s": result.duration_s,
+        "notes": result.notes,
+        "error": result.error,
     }
     if as_json:
         rows: list[dict[str, Any]] = [summary]
@@ -304,20 +323,26 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
                 attention.append(f"no successful sync since {_json_default(ok[name])}")
         if not tenant.enabled:
             attention.append("disabled")
-        rows.append({
-            "tenant": name, "provider": tenant.provider, "schedule": schedule,
-            "last_run": run["finished_at"] or run["started_at"] if run else None,
-            "result": run["status"] if run else "never synced",
-            "next_run": _json_default(next_fire(schedule, started, now)) if tenant.enabled else None,
-            "attention": attention,
-        })
+        rows.append(
+            {
+                "tenant": name,
+                "provider": tenant.provider,
+                "schedule": schedule,
+                "last_run": run["finished_at"] or run["started_at"] if run else None,
+                "result": run["status"] if run else "never synced",
+                "next_run": _json_default(next_fire(schedule, started, now)) if tenant.enabled else None,
+                "attention": attention,
+            }
+        )
     if as_json:
         _jsonl(rows)
         return
     typer.echo("tenant\tprovider\tlast_run\tresult\tnext_run\tattention")
     for r in rows:
-        typer.echo(f"{r['tenant']}\t{r['provider']}\t{r['last_run'] or '-'}\t{r['result']}\t{r['next_run'] or '-'}\t"
-                   f"{'; '.join(r['attention'])}")
+        typer.echo(
+            f"{r['tenant']}\t{r['provider']}\t{r['last_run'] or '-'}\t{r['result']}\t{r['next_run'] or '-'}\t"
+            f"{'; '.join(r['attention'])}"
+        )
 
 
 # --- daemon ----------------------------------------------------------------------------------------
@@ -325,7 +350,9 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
 
 @app.command()
 def run(
-    max_seconds: Annotated[float | None, typer.Option("--max-seconds", help="Stop after this long (tests, demos).")] = None,
+    max_seconds: Annotated[
+        float | None, typer.Option("--max-seconds", help="Stop after this long (tests, demos).")
+    ] = None,
 ) -> None:
     """The daemon: every tenant on its schedule until SIGTERM/SIGINT."""
     from dirpull.sync.daemon import Daemon
@@ -376,12 +403,18 @@ def _provider_list(provider: list[str] | None) -> list[str] | None:
 
 @app.command()
 def emulate(
-    provider: Annotated[list[str] | None, typer.Option("--provider", "-p", help="Only this provider (repeatable).")] = None,
+    provider: Annotated[
+        list[str] | None, typer.Option("--provider", "-p", help="Only this provider (repeatable).")
+    ] = None,
     people: Annotated[int, typer.Option("--people", min=1, max=1_000_000)] = 200,
     seed: Annotated[int, typer.Option("--seed")] = 1,
-    write_config: Annotated[Path | None, typer.Option("--write-config", help="Write the config here instead of printing it.")] = None,
+    write_config: Annotated[
+        Path | None, typer.Option("--write-config", help="Write the config here instead of printing it.")
+    ] = None,
     store_url: Annotated[str, typer.Option("--store-url")] = "sqlite:///dirpull.db",
-    changes_every: Annotated[float, typer.Option("--changes-every", help="Seconds between random changes (0: none).")] = 0.0,
+    changes_every: Annotated[
+        float, typer.Option("--changes-every", help="Seconds between random changes (0: none).")
+    ] = 0.0,
     max_seconds: Annotated[float | None, typer.Option("--max-seconds")] = None,
 ) -> None:
     """Serve local emulators of the vendors' APIs on 127.0.0.1 and print a config for them."""

@@ -255,6 +255,12 @@ class EntraTenant(TenantBase):
     graph_url: str | None = None
     # Extension attributes to $select, e.g. "extension_abc123_costCenter" or "onPremisesExtensionAttributes".
     extension_attributes: list[str] = Field(default_factory=list)
+    # Throttling (429/503/504): give up after this many attempts per request or this many seconds
+    # of waiting in one run, whatever Retry-After says.
+    max_retry_attempts: int = Field(6, ge=1, le=20)
+    max_retry_wait: float = Field(300.0, gt=0)
+    # Seconds to wait for one HTTP response.
+    timeout: float = Field(60.0, gt=0)
 
 
 class GoogleTenant(TenantBase):
@@ -286,6 +292,41 @@ class OktaTenant(TenantBase):
     poll_system_log: bool = False
     rate_limit_reserve: float = Field(0.30, ge=0, lt=1)
     max_rate_limit_wait: float = Field(300.0, gt=0)
+    # Incremental cursors stay this many seconds behind the newest lastUpdated seen (Okta's lists
+    # are eventually consistent); records in that window are re-read and de-duplicated by the diff.
+    cursor_holdback: float = Field(300.0, ge=0)
+    # Okta statuses mapped to inactive; SUSPENDED and DEPROVISIONED always are.
+    inactive_statuses: list[
+        Literal[
+            "STAGED", "PROVISIONED", "RECOVERY", "PASSWORD_EXPIRED", "LOCKED_OUT",
+            "SUSPENDED", "DEPROVISIONED",
+        ]
+    ] = Field(default_factory=lambda: ["STAGED", "SUSPENDED", "DEPROVISIONED"])
+    page_size: int = Field(200, ge=1, le=200)
+    request_timeout: float = Field(60.0, gt=0)
+    # First wait of the exponential backoff used when Okta gives no X-Rate-Limit-Reset (and for 5xx).
+    backoff_base: float = Field(1.0, gt=0)
+
+    @field_validator("org_url")
+    @classmethod
+    def _org_url(cls, v: str) -> str:
+        from ipaddress import ip_address
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(v.strip())
+        host = (parts.hostname or "").lower()
+        if parts.scheme not in ("http", "https") or not host:
+            raise ValueError("must look like https://YOUR-ORG.okta.com")
+        if parts.scheme == "http":
+            try:
+                loopback = host == "localhost" or ip_address(host).is_loopback
+            except ValueError:
+                loopback = False
+            if not loopback:
+                raise ValueError(
+                    "must use https:// (http:// is allowed only for a local emulator on 127.0.0.1)"
+                )
+        return v.strip().rstrip("/")
 
     @model_validator(mode="after")
     def _auth(self) -> OktaTenant:

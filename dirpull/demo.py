@@ -46,7 +46,9 @@ def run_demo(*, people: int, duration: float, schedule: str, workdir: Path) -> i
             _say("no provider has both an emulator and a connector yet; nothing to demo")
             return 1
         config_file = workdir / "dirpull.toml"
-        config_file.write_text(cluster.config_toml(workdir, store_url=f"sqlite:///{db}", schedule=schedule), encoding="utf-8")
+        config_file.write_text(
+            cluster.config_toml(workdir, store_url=f"sqlite:///{db}", schedule=schedule), encoding="utf-8"
+        )
         config = load_config(config_file)
         store = Store(config.store.url)
         store.ensure_schema()

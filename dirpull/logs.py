@@ -31,6 +31,16 @@ def setup(level: str = "info", fmt: str = "text") -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # The SDKs and the scheduler are chatty at INFO (and some log request URLs): warnings only.
-    for noisy in ("apscheduler", "httpx", "httpcore", "urllib3", "okta", "googleapiclient", "kiota",
-                  "azure", "msal", "alembic"):
+    for noisy in (
+        "apscheduler",
+        "httpx",
+        "httpcore",
+        "urllib3",
+        "okta",
+        "googleapiclient",
+        "kiota",
+        "azure",
+        "msal",
+        "alembic",
+    ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from harness import SyncHarness
 
 # Keep the SDKs hermetic: no ambient credentials, config files or proxies leak into tests.

@@ -14,8 +14,14 @@ from dirpull.model import Group, User
 
 def people(n: int, *, start: int = 0, **overrides: Any) -> list[User]:
     return [
-        User(idp_id=f"u{i}", username=f"user{i}@example.test", email=f"user{i}@example.test",
-             display_name=f"User {i}", state="active", **overrides)
+        User(
+            idp_id=f"u{i}",
+            username=f"user{i}@example.test",
+            email=f"user{i}@example.test",
+            display_name=f"User {i}",
+            state="active",
+            **overrides,
+        )
         for i in range(start, start + n)
     ]
 

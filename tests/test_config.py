@@ -48,7 +48,9 @@ def test_good_config_loads_and_resolves_secrets_lazily(tmp_path, monkeypatch):
 def test_missing_env_secret_names_file_tenant_and_key(tmp_path, monkeypatch):
     monkeypatch.delenv("ACME_BAMBOO_KEY", raising=False)
     msg = error_of(tmp_path, GOOD)
-    assert msg == f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.api_key: environment variable ACME_BAMBOO_KEY is not set"
+    assert (
+        msg == f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.api_key: environment variable ACME_BAMBOO_KEY is not set"
+    )
 
 
 def test_file_secret_relative_to_config(tmp_path):

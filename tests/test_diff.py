@@ -98,6 +98,12 @@ def test_changed_fields_lists_old_values_only_for_differences():
     assert changed_fields(old, new) == {"job_title": "Engineer", "department": None}
 
 
+def test_changed_mapping_fields_list_only_changed_keys():
+    old = record_fields(User(idp_id="1", raw_attributes={"a": 1, "b": 2, "gone": 3}))
+    new = record_fields(User(idp_id="1", raw_attributes={"a": 1, "b": 5, "new": 4}))
+    assert changed_fields(old, new) == {"raw_attributes": {"b": 2, "gone": 3, "new": None}}
+
+
 def test_fingerprint_ignores_nothing_the_connector_kept_and_is_stable():
     a = User(idp_id="1", raw_attributes={"b": 1, "a": [1, 2]})
     b = User(idp_id="1", raw_attributes={"a": [1, 2], "b": 1})

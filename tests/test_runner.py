@@ -52,10 +52,10 @@ def test_changes_produce_exact_events_with_previous_attributes(harness):
         ("group.user_removed", "g1", "u1"),
         ("user.deleted", "u4"),
     ]
-    updated = [e for e in h.events("t", seq) if e["type"] == "user.updated"][0]
+    updated = next(e for e in h.events("t", seq) if e["type"] == "user.updated")
     assert updated["previous_attributes"] == {"job_title": None, "state": "active"}
     assert updated["data"]["state"] == "inactive"
-    deleted = [e for e in h.events("t", seq) if e["type"] == "user.deleted"][0]
+    deleted = next(e for e in h.events("t", seq) if e["type"] == "user.deleted")
     assert deleted["data"]["username"] == "user4@example.test"  # the last stored object
     assert r.counts["users_deactivated"] == 1
 
@@ -238,8 +238,11 @@ def test_quarantined_record_is_kept_as_stored_not_deleted(harness):
         def pull(self, cursor, *, full):
             users = people(3)
             if state["bad"]:
-                yield Page(users=users[:2], groups=[Group(idp_id="g", name="G")],
-                           quarantined=[Quarantined("user", "u2", "login too short")])
+                yield Page(
+                    users=users[:2],
+                    groups=[Group(idp_id="g", name="G")],
+                    quarantined=[Quarantined("user", "u2", "login too short")],
+                )
             else:
                 yield Page(users=users, groups=[Group(idp_id="g", name="G")], members=[("g", "u2")])
             yield Done(snapshot=True, cursor=None, mode="full")

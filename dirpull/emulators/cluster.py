@@ -51,8 +51,7 @@ class Cluster:
 
     def tenants(self, workdir: Path) -> dict[str, dict[str, Any]]:
         return {
-            TENANT_NAMES[p]: emulator.tenant_config(TENANT_NAMES[p], workdir)
-            for p, emulator in self.emulators.items()
+            TENANT_NAMES[p]: emulator.tenant_config(TENANT_NAMES[p], workdir) for p, emulator in self.emulators.items()
         }
 
     def config_toml(self, workdir: Path, *, store_url: str, schedule: str = "15m") -> str:

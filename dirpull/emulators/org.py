@@ -22,20 +22,96 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Literal
 
 GIVEN = [
-    "Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Margaret", "Ken", "Radia", "Linus",
-    "Frances", "John", "Katherine", "Dennis", "Hedy", "Tim", "Sophie", "Guido", "Anita", "Niklaus",
-    "Zoë", "José", "Björn", "Chloé", "Łukasz", "Søren", "Mário", "François", "Ngozi", "Aiko",
-    "Jürgen", "Siobhán", "Renée", "İlkay", "Dvořák", "Øystein", "Nuño", "Aleš", "Thảo", "Zuzana",
+    "Ada",
+    "Grace",
+    "Alan",
+    "Edsger",
+    "Barbara",
+    "Donald",
+    "Margaret",
+    "Ken",
+    "Radia",
+    "Linus",
+    "Frances",
+    "John",
+    "Katherine",
+    "Dennis",
+    "Hedy",
+    "Tim",
+    "Sophie",
+    "Guido",
+    "Anita",
+    "Niklaus",
+    "Zoë",
+    "José",
+    "Björn",
+    "Chloé",
+    "Łukasz",
+    "Søren",
+    "Mário",
+    "François",
+    "Ngozi",
+    "Aiko",
+    "Jürgen",
+    "Siobhán",
+    "Renée",
+    "İlkay",
+    "Dvořák",
+    "Øystein",
+    "Nuño",
+    "Aleš",
+    "Thảo",
+    "Zuzana",
 ]
 FAMILY = [
-    "Lovelace", "Hopper", "Turing", "Dijkstra", "Liskov", "Knuth", "Hamilton", "Thompson",
-    "Perlman", "Torvalds", "Allen", "Backus", "Johnson", "Ritchie", "Lamarr", "Berners-Lee",
-    "Wilson", "van Rossum", "Borg", "Wirth", "Müller", "García", "Nakamura", "O'Brien", "Ødegaard",
-    "Kowalski", "Nguyễn", "Šimek", "Ōta", "Adeyemi", "Fernández", "Bäcklund", "Çelik", "Dubois",
+    "Lovelace",
+    "Hopper",
+    "Turing",
+    "Dijkstra",
+    "Liskov",
+    "Knuth",
+    "Hamilton",
+    "Thompson",
+    "Perlman",
+    "Torvalds",
+    "Allen",
+    "Backus",
+    "Johnson",
+    "Ritchie",
+    "Lamarr",
+    "Berners-Lee",
+    "Wilson",
+    "van Rossum",
+    "Borg",
+    "Wirth",
+    "Müller",
+    "García",
+    "Nakamura",
+    "O'Brien",
+    "Ødegaard",
+    "Kowalski",
+    "Nguyễn",
+    "Šimek",
+    "Ōta",
+    "Adeyemi",
+    "Fernández",
+    "Bäcklund",
+    "Çelik",
+    "Dubois",
 ]
 DEPARTMENTS = [
-    "Engineering", "Sales", "Marketing", "Finance", "People", "Legal", "Support", "Research",
-    "Operations", "Design", "Security", "Data",
+    "Engineering",
+    "Sales",
+    "Marketing",
+    "Finance",
+    "People",
+    "Legal",
+    "Support",
+    "Research",
+    "Operations",
+    "Design",
+    "Security",
+    "Data",
 ]
 TITLES = ["Engineer", "Senior Engineer", "Manager", "Director", "Analyst", "Specialist", "Associate", "Lead"]
 LOCATIONS = ["Berlin", "London", "New York", "Tokyo", "São Paulo", "Lagos", "Sydney", "Toronto"]
@@ -302,7 +378,11 @@ class Org:
     ) -> Person:
         with self.lock:
             return self._add_person(
-                given=given, family=family, with_email=with_email, title=title, department=department,
+                given=given,
+                family=family,
+                with_email=with_email,
+                title=title,
+                department=department,
                 manager=manager,
             )
 
@@ -416,8 +496,12 @@ class Org:
                 groups = [g for g in self.groups.values() if not g.deleted]
                 roll = rng.random()
                 if roll < 0.10 or not people:
-                    p = self.hire(rng.choice(GIVEN), rng.choice(FAMILY), department=rng.choice(DEPARTMENTS),
-                                  manager=rng.choice(people).n if people else None)
+                    p = self.hire(
+                        rng.choice(GIVEN),
+                        rng.choice(FAMILY),
+                        department=rng.choice(DEPARTMENTS),
+                        manager=rng.choice(people).n if people else None,
+                    )
                     done.append(f"hire {p.display}")
                 elif roll < 0.20:
                     p = rng.choice(people)

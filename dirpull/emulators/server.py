@@ -279,8 +279,10 @@ class Emulator:
 
         self._server = _Server((host, port), _Handler)
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-            name=f"{self.name}-emulator", daemon=True,
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.1},
+            name=f"{self.name}-emulator",
+            daemon=True,
         )
         self._thread.start()
         return self.base_url

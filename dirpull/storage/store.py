@@ -84,9 +84,14 @@ class WriteSet:
     @property
     def rows(self) -> int:
         return (
-            len(self.user_creates) + len(self.user_updates) + len(self.user_deletes)
-            + len(self.group_creates) + len(self.group_updates) + len(self.group_deletes)
-            + len(self.member_adds) + len(self.member_removes)
+            len(self.user_creates)
+            + len(self.user_updates)
+            + len(self.user_deletes)
+            + len(self.group_creates)
+            + len(self.group_updates)
+            + len(self.group_deletes)
+            + len(self.member_adds)
+            + len(self.member_removes)
         )
 
 
@@ -193,7 +198,9 @@ class Store:
     def load_groups(self, tenant: str, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         return self._load(t.groups, GROUP_FIELDS, tenant, ids)
 
-    def _load(self, table: sa.Table, names: Sequence[str], tenant: str, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
+    def _load(
+        self, table: sa.Table, names: Sequence[str], tenant: str, ids: Iterable[str]
+    ) -> dict[str, dict[str, Any]]:
         cols = [table.c[n] for n in names]
         out: dict[str, dict[str, Any]] = {}
         id_list = list(ids)
@@ -206,11 +213,7 @@ class Store:
         return out
 
     def count_users(self, tenant: str) -> dict[str, int]:
-        q = (
-            sa.select(t.users.c.state, sa.func.count())
-            .where(t.users.c.tenant == tenant)
-            .group_by(t.users.c.state)
-        )
+        q = sa.select(t.users.c.state, sa.func.count()).where(t.users.c.tenant == tenant).group_by(t.users.c.state)
         with self.engine.connect() as conn:
             return {k: v for k, v in conn.execute(q)}
 
@@ -251,7 +254,9 @@ class Store:
                 try:
                     with conn.begin_nested():
                         conn.execute(
-                            t.leases.insert().values(tenant=tenant, holder=holder, acquired_at=now, expires_at=now + ttl)
+                            t.leases.insert().values(
+                                tenant=tenant, holder=holder, acquired_at=now, expires_at=now + ttl
+                            )
                         )
                     return None
                 except sa.exc.IntegrityError:
@@ -264,9 +269,7 @@ class Store:
         with self.engine.begin() as conn:
             return bool(
                 conn.execute(
-                    t.leases.update()
-                    .where(L.tenant == tenant, L.holder == holder)
-                    .values(expires_at=utcnow() + ttl)
+                    t.leases.update().where(L.tenant == tenant, L.holder == holder).values(expires_at=utcnow() + ttl)
                 ).rowcount
             )
 
@@ -274,9 +277,7 @@ class Store:
         L = t.leases.c
         with self.engine.begin() as conn:
             conn.execute(
-                t.leases.update()
-                .where(L.tenant == tenant, L.holder == holder)
-                .values(holder=None, expires_at=None)
+                t.leases.update().where(L.tenant == tenant, L.holder == holder).values(holder=None, expires_at=None)
             )
 
     def lease(self, tenant: str) -> Lease:
@@ -301,8 +302,16 @@ class Store:
             return int(
                 conn.execute(
                     t.runs.insert().values(
-                        tenant=tenant, trigger=trigger, mode=mode, status="running", worker=worker,
-                        started_at=utcnow(), counts={}, notes=[], quarantined=[], requests=0,
+                        tenant=tenant,
+                        trigger=trigger,
+                        mode=mode,
+                        status="running",
+                        worker=worker,
+                        started_at=utcnow(),
+                        counts={},
+                        notes=[],
+                        quarantined=[],
+                        requests=0,
                     )
                 ).inserted_primary_key[0]
             )
@@ -321,8 +330,14 @@ class Store:
         conn: Connection | None = None,
     ) -> None:
         values = dict(
-            status=status, mode=mode, counts=dict(counts), requests=requests, notes=list(notes),
-            quarantined=list(quarantined), error=error, finished_at=utcnow(),
+            status=status,
+            mode=mode,
+            counts=dict(counts),
+            requests=requests,
+            notes=list(notes),
+            quarantined=list(quarantined),
+            error=error,
+            finished_at=utcnow(),
         )
 
         def _write(c: Connection) -> None:
@@ -409,7 +424,10 @@ class Store:
                 for chunk in _chunks(updates, BATCH):
                     conn.execute(
                         stmt,
-                        [{**{n: r[n] for n in names}, "_tenant": tenant, "_id": r["idp_id"], "updated_at": now} for r in chunk],
+                        [
+                            {**{n: r[n] for n in names}, "_tenant": tenant, "_id": r["idp_id"], "updated_at": now}
+                            for r in chunk
+                        ],
                     )
             for chunk in _chunks(deletes, BATCH):
                 conn.execute(table.delete().where(table.c.tenant == tenant, table.c.idp_id.in_(chunk)))
@@ -437,8 +455,13 @@ class Store:
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": EVENT_LOCK_KEY})
         rows = [
             {
-                "tenant": tenant, "run_id": run_id, "type": e["type"], "object_id": e["object_id"],
-                "data": e["data"], "previous_attributes": e.get("previous_attributes"), "created_at": now,
+                "tenant": tenant,
+                "run_id": run_id,
+                "type": e["type"],
+                "object_id": e["object_id"],
+                "data": e["data"],
+                "previous_attributes": e.get("previous_attributes"),
+                "created_at": now,
             }
             for e in events
         ]
@@ -446,7 +469,9 @@ class Store:
             conn.execute(t.events.insert(), chunk)
         return len(rows)
 
-    def _write_cursor(self, conn: Connection, tenant: str, cursor: dict[str, Any] | None, full: bool, now: datetime) -> None:
+    def _write_cursor(
+        self, conn: Connection, tenant: str, cursor: dict[str, Any] | None, full: bool, now: datetime
+    ) -> None:
         c = t.cursors.c
         values: dict[str, Any] = {"value": cursor, "updated_at": now}
         if full:
@@ -457,16 +482,16 @@ class Store:
 
     # --- queries (streamed: a tenant of 100,000 users never sits in memory) -------------------------
 
-    def iter_users(self, tenant: str, *, state: str | None = None, group: str | None = None) -> Iterator[dict[str, Any]]:
+    def iter_users(
+        self, tenant: str, *, state: str | None = None, group: str | None = None
+    ) -> Iterator[dict[str, Any]]:
         u = t.users
         q = sa.select(*[u.c[n] for n in USER_FIELDS], u.c.created_at, u.c.updated_at).where(u.c.tenant == tenant)
         if state:
             q = q.where(u.c.state == state)
         if group:
             m = t.memberships.c
-            q = q.where(
-                u.c.idp_id.in_(sa.select(m.user_idp_id).where(m.tenant == tenant, m.group_idp_id == group))
-            )
+            q = q.where(u.c.idp_id.in_(sa.select(m.user_idp_id).where(m.tenant == tenant, m.group_idp_id == group)))
         yield from self._stream(q.order_by(u.c.idp_id))
 
     def iter_groups(self, tenant: str, *, user: str | None = None) -> Iterator[dict[str, Any]]:
@@ -486,8 +511,12 @@ class Store:
             q = q.limit(limit)
         for row in self._stream(q):
             yield {
-                "seq": row["seq"], "type": row["type"], "tenant": row["tenant"], "run_id": row["run_id"],
-                "data": row["data"], "previous_attributes": row["previous_attributes"],
+                "seq": row["seq"],
+                "type": row["type"],
+                "tenant": row["tenant"],
+                "run_id": row["run_id"],
+                "data": row["data"],
+                "previous_attributes": row["previous_attributes"],
                 "created_at": row["created_at"],
             }
 
@@ -495,8 +524,7 @@ class Store:
         m = t.memberships.c
         q = sa.select(m.group_idp_id, m.user_idp_id).where(m.tenant == tenant).order_by(m.group_idp_id, m.user_idp_id)
         with self.engine.connect() as conn:
-            for g, u in conn.execution_options(yield_per=2000).execute(q):
-                yield (g, u)
+            yield from conn.execution_options(yield_per=2000).execute(q)
 
     def last_seq(self) -> int:
         with self.engine.connect() as conn:

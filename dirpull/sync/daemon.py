@@ -47,7 +47,9 @@ def trigger_for(schedule: str) -> BaseTrigger:
         return CronTrigger.from_crontab(schedule[5:].strip(), timezone="UTC")
     interval = parse_duration(schedule)
     # A little jitter keeps many tenants on the same interval from hitting the store at once.
-    return IntervalTrigger(seconds=interval.total_seconds(), jitter=min(30, int(interval.total_seconds() * 0.1)) or None)
+    return IntervalTrigger(
+        seconds=interval.total_seconds(), jitter=min(30, int(interval.total_seconds() * 0.1)) or None
+    )
 
 
 def next_fire(schedule: str, last_start: datetime | None, now: datetime | None = None) -> datetime:
@@ -61,11 +63,19 @@ def next_fire(schedule: str, last_start: datetime | None, now: datetime | None =
 
 
 class Daemon:
-    def __init__(self, config: Config, store: Store, *, worker: str | None = None, backoff_base: float = 30.0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        worker: str | None = None,
+        backoff_base: float = 30.0,
+        **runner_kwargs: Any,
+    ) -> None:
         self.config = config
         self.store = store
         self.stop_event = threading.Event()
-        self.runner = Runner(config, store, worker=worker, stop=self.stop_event)
+        self.runner = Runner(config, store, worker=worker, stop=self.stop_event, **runner_kwargs)
         self.backoff_base = backoff_base
         self.failures: dict[str, int] = {}
         self.retry_at: dict[str, float] = {}
@@ -82,8 +92,12 @@ class Daemon:
             return None
         wait_until = self.retry_at.get(tenant, 0.0)
         if time.monotonic() < wait_until:
-            log.info("tenant %s: backing off after %d failures, %.0fs left", tenant,
-                     self.failures.get(tenant, 0), wait_until - time.monotonic())
+            log.info(
+                "tenant %s: backing off after %d failures, %.0fs left",
+                tenant,
+                self.failures.get(tenant, 0),
+                wait_until - time.monotonic(),
+            )
             return None
         try:
             result = self.runner.sync(tenant, trigger="schedule")
@@ -110,7 +124,11 @@ class Daemon:
         for i, name in enumerate(tenants):
             schedule = self.config.schedule_of(name)
             self.scheduler.add_job(
-                self.fire, trigger_for(schedule), args=[name], id=name, name=f"sync {name}",
+                self.fire,
+                trigger_for(schedule),
+                args=[name],
+                id=name,
+                name=f"sync {name}",
                 # First fire right away, spread over a few seconds so a restart is not a thundering herd.
                 next_run_time=now + timedelta(seconds=min(i * 0.2, 10)),
             )

@@ -37,8 +37,12 @@ class Plan:
 
     def is_empty(self) -> bool:
         return not (
-            self.users or self.groups or self.user_deletes or self.group_deletes
-            or self.member_adds or self.member_removes
+            self.users
+            or self.groups
+            or self.user_deletes
+            or self.group_deletes
+            or self.member_adds
+            or self.member_removes
         )
 
 
@@ -112,9 +116,7 @@ class Diff:
         skipped = len(self._members) - len(target)
 
         if done.snapshot:
-            keep = {
-                (g, u) for g, u in self.stored_members if u in quarantined_users or g in quarantined_groups
-            }
+            keep = {(g, u) for g, u in self.stored_members if u in quarantined_users or g in quarantined_groups}
             wanted = target | (keep & self.stored_members)
             adds = wanted - self.stored_members
             removes = self.stored_members - wanted
@@ -127,9 +129,7 @@ class Diff:
             complete = self._complete_groups
             if complete:
                 removes |= {(g, u) for g, u in self.stored_members if g in complete and u not in by_group.get(g, ())}
-            removes |= {
-                (g, u) for g, u in self.stored_members if g in group_deletes or u in user_deletes
-            }
+            removes |= {(g, u) for g, u in self.stored_members if g in group_deletes or u in user_deletes}
             adds -= removes
         return Plan(
             snapshot=done.snapshot,
@@ -147,15 +147,32 @@ class Diff:
 
 
 def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
-    """Old values of the fields that differ (the event's `previous_attributes`)."""
-    return {k: old.get(k) for k in new if k not in ("fingerprint", "idp_id") and old.get(k) != new[k]}
+    """Old values of the fields that differ (the event's `previous_attributes`).
+
+    For mapping fields (raw_attributes, custom_attributes) only the changed keys are given, so a
+    title change does not repeat the whole vendor record.
+    """
+    out: dict[str, Any] = {}
+    for key, value in new.items():
+        if key in ("fingerprint", "idp_id"):
+            continue
+        before = old.get(key)
+        if before == value:
+            continue
+        if isinstance(before, Mapping) and isinstance(value, Mapping):
+            out[key] = {k: before.get(k) for k in sorted({*before, *value}) if before.get(k) != value.get(k)}
+        else:
+            out[key] = before
+    return out
 
 
 def _public(fields: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if k != "fingerprint"}
 
 
-def build_writes(plan: Plan, old_users: Mapping[str, dict[str, Any]], old_groups: Mapping[str, dict[str, Any]]) -> WriteSet:
+def build_writes(
+    plan: Plan, old_users: Mapping[str, dict[str, Any]], old_groups: Mapping[str, dict[str, Any]]
+) -> WriteSet:
     """Rows to write and events to emit. `old_*` hold the stored rows of every changed or deleted
     object (the plan names which)."""
     events: list[dict[str, Any]] = []
@@ -180,7 +197,12 @@ def build_writes(plan: Plan, old_users: Mapping[str, dict[str, Any]], old_groups
                     continue
                 updates.append(fields)
                 events.append(
-                    {"type": f"{kind}.updated", "object_id": key, "data": _public(fields), "previous_attributes": previous}
+                    {
+                        "type": f"{kind}.updated",
+                        "object_id": key,
+                        "data": _public(fields),
+                        "previous_attributes": previous,
+                    }
                 )
 
     ws.member_adds = sorted(plan.member_adds)
@@ -190,15 +212,28 @@ def build_writes(plan: Plan, old_users: Mapping[str, dict[str, Any]], old_groups
     for g, u in ws.member_removes:
         events.append({"type": EventType.GROUP_USER_REMOVED.value, "object_id": g, "data": {"group": g, "user": u}})
     for key in ws.group_deletes:
-        events.append({"type": EventType.GROUP_DELETED.value, "object_id": key, "data": _public(old_groups.get(key, {"idp_id": key}))})
+        events.append(
+            {
+                "type": EventType.GROUP_DELETED.value,
+                "object_id": key,
+                "data": _public(old_groups.get(key, {"idp_id": key})),
+            }
+        )
     for key in ws.user_deletes:
-        events.append({"type": EventType.USER_DELETED.value, "object_id": key, "data": _public(old_users.get(key, {"idp_id": key}))})
+        events.append(
+            {
+                "type": EventType.USER_DELETED.value,
+                "object_id": key,
+                "data": _public(old_users.get(key, {"idp_id": key})),
+            }
+        )
     return ws
 
 
 def deactivations(plan: Plan, old_users: Mapping[str, dict[str, Any]]) -> int:
     """Users this plan turns from active to inactive."""
     return sum(
-        1 for key, fields in plan.users.items()
+        1
+        for key, fields in plan.users.items()
         if fields.get("state") == "inactive" and old_users.get(key, {}).get("state") == "active"
     )

@@ -20,7 +20,7 @@ from typing import Any
 from dirpull.config import Config, ConfigError, parse_duration
 from dirpull.connectors import make_connector
 from dirpull.connectors.base import Connector, ConnectorError, Done, Page
-from dirpull.storage.store import LeaseLost, Store, StoreError, WriteSet, utcnow
+from dirpull.storage.store import Store, StoreError, WriteSet, utcnow
 from dirpull.sync import guard
 from dirpull.sync.diff import Diff, Plan, build_writes, deactivations
 
@@ -120,7 +120,10 @@ class Runner:
             if time.monotonic() >= deadline or self.stop.is_set():
                 until = current.expires_at.isoformat(timespec="seconds") if current.expires_at else "?"
                 return RunResult(
-                    tenant, "skipped", "-", holder=current.holder,
+                    tenant,
+                    "skipped",
+                    "-",
+                    holder=current.holder,
                     error=f"tenant {tenant} is being synced by {current.holder} (lease until {until})",
                 )
             self.stop.wait(min(1.0, max(0.05, deadline - time.monotonic())))
@@ -159,9 +162,17 @@ class Runner:
                 full = True
                 notes.append("periodic full reconciliation")
         planned_mode = "full" if full or cursor.value is None else "incremental"
-        run_id = None if dry_run else self.store.start_run(tenant, trigger=trigger, mode=planned_mode, worker=self.worker)
-        log.info("sync start tenant=%s provider=%s trigger=%s mode=%s%s", tenant, settings.provider, trigger,
-                 planned_mode, " dry-run" if dry_run else "")
+        run_id = (
+            None if dry_run else self.store.start_run(tenant, trigger=trigger, mode=planned_mode, worker=self.worker)
+        )
+        log.info(
+            "sync start tenant=%s provider=%s trigger=%s mode=%s%s",
+            tenant,
+            settings.provider,
+            trigger,
+            planned_mode,
+            " dry-run" if dry_run else "",
+        )
         result = RunResult(tenant, "failed", planned_mode, run_id=run_id, notes=notes)
         try:
             done, plan = self._pull_and_diff(tenant, settings, cursor.value, full, heartbeat, progress)
@@ -192,11 +203,20 @@ class Runner:
                 return result
             if verdict.held and not force:
                 result.status = "held"
-                result.error = f"held by the mass-change guard: {verdict.reason}; review with --dry-run, apply with --force"
+                result.error = (
+                    f"held by the mass-change guard: {verdict.reason}; review with --dry-run, apply with --force"
+                )
                 assert run_id is not None
-                self.store.finish_run(run_id, status="held", mode=result.mode, counts=result.counts,
-                                      requests=result.requests, notes=notes, error=result.error,
-                                      quarantined=_quarantine_list(plan))
+                self.store.finish_run(
+                    run_id,
+                    status="held",
+                    mode=result.mode,
+                    counts=result.counts,
+                    requests=result.requests,
+                    notes=notes,
+                    error=result.error,
+                    quarantined=_quarantine_list(plan),
+                )
                 log.warning("sync held tenant=%s: %s", tenant, verdict.reason)
                 return result
             if verdict.held:
@@ -205,13 +225,25 @@ class Runner:
             assert run_id is not None
             result.status = "succeeded"
             result.events = self.store.apply(
-                tenant, run_id, writes, holder=holder, cursor=done.cursor, full=done.mode == "full",
-                run_fields=dict(status="succeeded", mode=result.mode, counts=result.counts,
-                                requests=result.requests, notes=notes, quarantined=_quarantine_list(plan)),
+                tenant,
+                run_id,
+                writes,
+                holder=holder,
+                cursor=done.cursor,
+                full=done.mode == "full",
+                run_fields=dict(
+                    status="succeeded",
+                    mode=result.mode,
+                    counts=result.counts,
+                    requests=result.requests,
+                    notes=notes,
+                    quarantined=_quarantine_list(plan),
+                ),
             )
             if plan.quarantined:
-                log.warning("tenant %s: %d records quarantined (see `dirpull runs %s`)", tenant,
-                            len(plan.quarantined), tenant)
+                log.warning(
+                    "tenant %s: %d records quarantined (see `dirpull runs %s`)", tenant, len(plan.quarantined), tenant
+                )
             return result
         except (ConnectorError, ConfigError, StoreError, Interrupted) as exc:
             result.status = "failed"
@@ -226,16 +258,30 @@ class Runner:
             result.duration_s = round(time.monotonic() - started, 3)
             log.info(
                 "sync end tenant=%s provider=%s mode=%s status=%s events=%d requests=%d duration=%.2fs counts=%s%s",
-                tenant, settings.provider, result.mode, result.status, result.events, result.requests,
-                result.duration_s, _short_counts(result.counts), f" error={result.error}" if result.error else "",
+                tenant,
+                settings.provider,
+                result.mode,
+                result.status,
+                result.events,
+                result.requests,
+                result.duration_s,
+                _short_counts(result.counts),
+                f" error={result.error}" if result.error else "",
             )
 
     def _failed(self, result: RunResult, notes: list[str]) -> RunResult:
         result.writes = None
         if result.run_id is not None:
             try:
-                self.store.finish_run(result.run_id, status="failed", mode=result.mode, counts=result.counts,
-                                      requests=result.requests, notes=notes, error=result.error)
+                self.store.finish_run(
+                    result.run_id,
+                    status="failed",
+                    mode=result.mode,
+                    counts=result.counts,
+                    requests=result.requests,
+                    notes=notes,
+                    error=result.error,
+                )
             except Exception as exc:
                 log.error("tenant %s: could not record the failed run: %s", result.tenant, exc)
         return result

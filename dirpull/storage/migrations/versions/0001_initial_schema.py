@@ -27,17 +27,13 @@ def upgrade() -> None:
     )
     op.create_table(
         "events",
-        sa.Column(
-            "seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False
-        ),
+        sa.Column("seq", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), autoincrement=True, nullable=False),
         sa.Column("tenant", sa.String(length=64), nullable=False),
         sa.Column("run_id", sa.Integer(), nullable=False),
         sa.Column("type", sa.String(length=32), nullable=False),
         sa.Column("object_id", sa.String(length=255), nullable=False),
         sa.Column("data", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
-        sa.Column(
-            "previous_attributes", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=True
-        ),
+        sa.Column("previous_attributes", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("seq"),
     )
@@ -119,9 +115,7 @@ def upgrade() -> None:
         sa.Column("department", sa.String(length=255), nullable=True),
         sa.Column("employee_number", sa.String(length=255), nullable=True),
         sa.Column("manager_idp_id", sa.String(length=255), nullable=True),
-        sa.Column(
-            "custom_attributes", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False
-        ),
+        sa.Column("custom_attributes", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
         sa.Column("raw_attributes", sa.JSON().with_variant(postgresql.JSONB(), "postgresql"), nullable=False),
         sa.Column("fingerprint", sa.String(length=32), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),

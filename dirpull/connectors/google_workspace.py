@@ -1,0 +1,550 @@
+"""Google Workspace through the Admin SDK Directory API (google-api-python-client).
+
+The Directory API has no delta, so every run is a full snapshot:
+
+1. users.list (500 a page, `projection=full` only when the attribute mapping reads customSchemas),
+   every page to the end. Raw records are spooled to an anonymous temporary file while small maps
+   (email → id, the ids in the org-unit scope) are built: a manager is named by email and may
+   appear on any later page, so users are normalized only once every page has been read. Memory
+   holds one page of full records plus those maps.
+2. groups.list (200 a page), then members.list (200 a page) for every group, fetched by
+   `member_workers` threads, each with its own service object and httplib2 connection
+   (httplib2 is not thread-safe). GROUP members are fetched too and flattened transitively
+   (cycles are safe); a CUSTOMER member (the whole domain) is expanded to every user in scope;
+   EXTERNAL members (and USER members who are not users of this domain) cannot be memberships
+   because a membership names a user idp_id, so their addresses are kept on the group, in
+   `raw_attributes["externalMembers"]`.
+3. Users (scoped), groups, then flattened memberships are yielded; `Done(snapshot=True)`.
+
+Throttling (403 userRateLimitExceeded/rateLimitExceeded/quotaExceeded, 429) and 5xx are retried
+with exponential backoff and jitter from the shared RetryPolicy (Google sends no Retry-After),
+capped in attempts and total wait; then the run fails and nothing is applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import logging
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import httplib2
+
+from dirpull.connectors.base import (
+    AuthError,
+    ConfigurationError,
+    ConnectorError,
+    Done,
+    Page,
+    Quarantined,
+)
+from dirpull.connectors.http import PagingGuard, RetryPolicy, redact_url
+from dirpull.connectors.mapping import map_attributes, without
+from dirpull.model import Group, User
+
+log = logging.getLogger(__name__)
+
+PROVIDER = "google_workspace"
+DEFAULT_API_URL = "https://admin.googleapis.com"
+SCOPES = (
+    "https://www.googleapis.com/auth/admin.directory.user.readonly",
+    "https://www.googleapis.com/auth/admin.directory.group.readonly",
+)
+USER_PAGE = 500
+GROUP_PAGE = 200
+MEMBER_PAGE = 200
+YIELD_PAGE = 500
+HTTP_TIMEOUT = 60.0
+# 403 reasons that mean "slow down", not "forbidden".
+THROTTLE_REASONS = frozenset({"userRateLimitExceeded", "rateLimitExceeded", "quotaExceeded"})
+USER_VOLATILE = ("etag", "lastLoginTime", "thumbnailPhotoEtag")
+GROUP_VOLATILE = ("etag", "directMembersCount")
+
+
+def make_policy(template: RetryPolicy | None = None) -> RetryPolicy:
+    """A fresh retry policy for one pull (its wait budget is per run). `template` carries the
+    caps and the sleep function (tests record sleeps instead of sleeping)."""
+    return dataclasses.replace(template) if template is not None else RetryPolicy()
+
+
+class _CountingHttp(httplib2.Http):
+    """httplib2 with a shared request counter (API calls, retries and token requests)."""
+
+    def __init__(self, counter: _Counter, timeout: float) -> None:
+        super().__init__(timeout=timeout)
+        self._counter = counter
+
+    def request(self, *args: Any, **kwargs: Any) -> Any:
+        self._counter.add()
+        return super().request(*args, **kwargs)
+
+
+class _Counter:
+    def __init__(self) -> None:
+        self.value = 0
+        self._lock = threading.Lock()
+
+    def add(self) -> None:
+        with self._lock:
+            self.value += 1
+
+
+class _GroupGone(Exception):
+    """members.list answered 404: the group was deleted while the run was reading."""
+
+
+@dataclass(slots=True)
+class _Direct:
+    users: list[str] = field(default_factory=list)
+    groups: list[str] = field(default_factory=list)
+    customer: bool = False
+    external: list[str] = field(default_factory=list)
+
+
+def _error_reason(exc: Any) -> tuple[str, str]:
+    """(reason, message) from a Google JSON error body."""
+    try:
+        err = json.loads(exc.content)["error"]
+        first = (err.get("errors") or [{}])[0]
+        return str(first.get("reason") or err.get("status") or ""), str(err.get("message") or "")
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return "", ""
+
+
+class _Session:
+    """Credentials and one service object per thread, all counting into one counter."""
+
+    def __init__(self, settings: Any, policy: RetryPolicy) -> None:
+        from google.oauth2 import service_account
+
+        self.policy = policy
+        self.counter = _Counter()
+        self.api_url = (settings.api_url or DEFAULT_API_URL).rstrip("/")
+        ref = settings.credentials_file
+        try:
+            path = getattr(ref, "path", None)
+            if path is not None:
+                info = json.loads(path.read_text(encoding="utf-8"))
+            else:
+                info = json.loads(ref.get() if hasattr(ref, "get") else str(ref))
+            creds = service_account.Credentials.from_service_account_info(info, scopes=list(SCOPES))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # Never echo the file: it holds a private key.
+            raise ConfigurationError(
+                f"credentials_file {getattr(ref, 'reference', '***')}: not a readable service-account "
+                f"JSON key ({type(exc).__name__})",
+                step="credentials",
+            ) from None
+        self.credentials = creds.with_subject(settings.subject)
+        self._local = threading.local()
+        self._https: list[httplib2.Http] = []
+        self._lock = threading.Lock()
+
+    def service(self) -> Any:
+        svc = getattr(self._local, "service", None)
+        if svc is None:
+            from google_auth_httplib2 import AuthorizedHttp
+            from googleapiclient.discovery import build as build_service
+
+            raw = _CountingHttp(self.counter, HTTP_TIMEOUT)
+            with self._lock:
+                self._https.append(raw)
+            svc = build_service(
+                "admin",
+                "directory_v1",
+                http=AuthorizedHttp(self.credentials, http=raw),
+                static_discovery=True,
+                cache_discovery=False,
+                client_options={"api_endpoint": self.api_url},
+            )
+            self._local.service = svc
+        return svc
+
+    def close(self) -> None:
+        with self._lock:
+            for h in self._https:
+                h.close()
+            self._https.clear()
+
+    def execute(self, request: Any, step: str) -> dict[str, Any]:
+        from google.auth.exceptions import RefreshError, TransportError
+        from googleapiclient.errors import HttpError
+
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                body = request.execute(num_retries=0)
+            except HttpError as exc:
+                status = exc.resp.status
+                reason, message = _error_reason(exc)
+                label = f"HTTP {status} {reason}" if reason else f"HTTP {status}"
+                where = f"{step}: {label} from {redact_url(str(exc.uri))}"
+                if status == 429 or status >= 500 or (status == 403 and reason in THROTTLE_REASONS):
+                    log.warning("%s; backing off (attempt %d)", where, attempt)
+                    self.policy.wait(attempt, None, what=where, step=step)
+                    continue
+                if status == 404:
+                    raise _GroupGone(where) from None
+                if status in (401, 403):
+                    raise AuthError(
+                        f"{where}: {message or 'not permitted'} (check the subject, domain-wide delegation "
+                        "and the read-only scopes)",
+                        step=step,
+                    ) from None
+                if status == 400:
+                    raise ConfigurationError(f"{where}: {message}", step=step) from None
+                raise ConnectorError(f"{where}: {message}", retriable=False, step=step) from None
+            except RefreshError as exc:
+                detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else "refused"
+                raise AuthError(
+                    f"{step}: the token endpoint refused the service-account grant: {detail[:200]}", step=step
+                ) from None
+            except (
+                TransportError,
+                OSError,
+                httplib2.HttpLib2Error,
+                http.client.HTTPException,
+                UnicodeDecodeError,
+            ) as exc:
+                what = f"{step}: {type(exc).__name__} talking to {redact_url(self.api_url)}"
+                log.warning("%s; retrying (attempt %d)", what, attempt)
+                self.policy.wait(attempt, None, what=what, step=step)
+                continue
+            if not isinstance(body, dict):
+                # googleapiclient hands back the raw text when a 2xx body is not JSON.
+                what = f"{step}: the response body was not JSON"
+                log.warning("%s; retrying (attempt %d)", what, attempt)
+                self.policy.wait(attempt, None, what=what, step=step)
+                continue
+            return body
+
+    def pages(self, make: Callable[[Any], Any], step: str) -> Iterator[dict[str, Any]]:
+        """Every page of one listing; `make(service)` returns the collection resource's first request."""
+        svc = self.service()
+        collection, request = make(svc)
+        guard = PagingGuard(step)
+        while request is not None:
+            body = self.execute(request, step)
+            guard.next(body.get("nextPageToken"))
+            yield body
+            request = collection.list_next(request, body)
+
+
+class GoogleWorkspaceConnector:
+    provider = PROVIDER
+
+    def __init__(self, tenant: str, settings: Any, *, policy: RetryPolicy | None = None) -> None:
+        self.tenant = tenant
+        self.settings = settings
+        self.policy = policy
+        self.customer = None if settings.domain else (settings.customer or "my_customer")
+        self.domain = settings.domain
+        self.mapping: dict[str, str] = dict(settings.attributes or {})
+        self.projection = (
+            "full" if any(p.startswith("customSchemas") for p in self.mapping.values()) else "basic"
+        )
+        self.org_units = [_norm_ou(ou) for ou in settings.org_units or []]
+        self.group_filter = {g.strip().lower() for g in settings.groups or [] if g.strip()}
+        self.workers = max(1, int(getattr(settings, "member_workers", 4) or 4))
+
+    def _scope_args(self) -> dict[str, str]:
+        return {"customer": self.customer} if self.customer else {"domain": self.domain}
+
+    def pull(self, cursor: dict[str, Any] | None, *, full: bool) -> Iterator[Page | Done]:
+        # No delta exists: `cursor` and `full` change nothing, every run is a full snapshot.
+        session = _Session(self.settings, make_policy(self.policy))
+        try:
+            with tempfile.TemporaryFile(mode="w+", encoding="utf-8") as spool:
+                yield from self._pull(session, spool)
+        finally:
+            session.close()
+
+    # --- the run ---------------------------------------------------------------------------------
+
+    def _pull(self, session: _Session, spool: Any) -> Iterator[Page | Done]:
+        notes: list[str] = []
+        quarantined: list[Quarantined] = []
+        email_to_id: dict[str, str] = {}
+        domain_ids: set[str] = set()
+        ou_scope: set[str] | None = set() if self.org_units else None
+        spooled = 0
+
+        # 1. Users: spool raw records, build the small maps.
+        for body in session.pages(
+            lambda svc: (
+                svc.users(),
+                svc.users().list(maxResults=USER_PAGE, projection=self.projection, **self._scope_args()),
+            ),
+            "users.list",
+        ):
+            for raw in body.get("users") or []:
+                uid, email = raw.get("id"), raw.get("primaryEmail")
+                if not isinstance(uid, str) or not uid:
+                    quarantined.append(Quarantined("user", None, "user record without id"))
+                    continue
+                # Known to the domain even when unreadable, so its memberships are not mistaken
+                # for external ones.
+                domain_ids.add(uid)
+                if ou_scope is not None and _in_ous(raw.get("orgUnitPath"), self.org_units):
+                    ou_scope.add(uid)
+                if not isinstance(email, str) or not email:
+                    quarantined.append(Quarantined("user", uid, "user record without primaryEmail"))
+                    continue
+                email_to_id[email.lower()] = uid
+                for alias in raw.get("aliases") or []:
+                    if isinstance(alias, str):
+                        email_to_id.setdefault(alias.lower(), uid)
+                spool.write(json.dumps(raw, ensure_ascii=False, separators=(",", ":")))
+                spool.write("\n")
+                spooled += 1
+        if spooled == 0:
+            notes.append("users.list returned no users")
+
+        # 2. Groups (scoped by settings.groups), then their members, flattened.
+        groups: list[dict[str, Any]] = []
+        for body in session.pages(
+            lambda svc: (svc.groups(), svc.groups().list(maxResults=GROUP_PAGE, **self._scope_args())),
+            "groups.list",
+        ):
+            for raw in body.get("groups") or []:
+                gid = raw.get("id")
+                if not isinstance(gid, str) or not gid:
+                    quarantined.append(Quarantined("group", None, "group record without id"))
+                    continue
+                if self.group_filter and not self._group_selected(raw):
+                    continue
+                groups.append(raw)
+        if self.group_filter:
+            found = {k for raw in groups for k in _group_keys(raw)}
+            missing = sorted(self.group_filter - found)
+            if missing:
+                notes.append(f"configured groups not found: {', '.join(missing)}")
+
+        direct = self._fetch_members(session, [g["id"] for g in groups], domain_ids)
+        gone = [g["id"] for g in groups if g["id"] not in direct]
+        if gone:
+            notes.append(f"{len(gone)} group(s) disappeared while the run read them")
+            groups = [g for g in groups if g["id"] in direct]
+
+        # 3. Scope: org units and/or group membership (both, when both are configured).
+        member_scope: set[str] | None = None
+        if self.group_filter:
+            member_scope = set()
+            for g in groups:
+                users, customer, _ = _flatten(g["id"], direct)
+                if customer:
+                    member_scope = domain_ids
+                    break
+                member_scope |= users
+
+        def in_scope(uid: str) -> bool:
+            return (ou_scope is None or uid in ou_scope) and (member_scope is None or uid in member_scope)
+
+        # 4. Users, normalized now that every manager's email is known.
+        emitted: set[str] = set()
+        spool.seek(0)
+        page = Page(quarantined=[q for q in quarantined if q.kind == "user"])
+        for line in spool:
+            raw = json.loads(line)
+            if not in_scope(raw["id"]):
+                continue
+            try:
+                user = self._user(raw, email_to_id, domain_ids)
+            except (ValueError, TypeError) as exc:
+                page.quarantined.append(Quarantined("user", raw["id"], f"cannot normalize: {exc}"[:300]))
+                continue
+            emitted.add(user.idp_id)
+            page.users.append(user)
+            if len(page.users) >= YIELD_PAGE:
+                yield page
+                page = Page()
+        # A quarantined user is left as stored: keep their memberships too.
+        keep = emitted | {
+            q.idp_id for q in quarantined if q.kind == "user" and q.idp_id and in_scope(q.idp_id)
+        }
+        if page.users or page.quarantined:
+            yield page
+
+        # 5. Groups, with the addresses of members who are not users of this domain.
+        page = Page(quarantined=[q for q in quarantined if q.kind == "group"])
+        for raw in groups:
+            _, _, external = _flatten(raw["id"], direct)
+            page.groups.append(self._group(raw, external))
+        yield page
+
+        # 6. Flattened memberships.
+        page = Page()
+        for raw in groups:
+            users, customer, _ = _flatten(raw["id"], direct)
+            members = keep if customer else users & keep
+            for uid in sorted(members):
+                page.members.append((raw["id"], uid))
+                if len(page.members) >= YIELD_PAGE * 10:
+                    yield page
+                    page = Page()
+        if page.members:
+            yield page
+
+        yield Done(snapshot=True, cursor=None, mode="full", requests=session.counter.value, notes=notes)
+
+    def _group_selected(self, raw: dict[str, Any]) -> bool:
+        return any(k in self.group_filter for k in _group_keys(raw))
+
+    def _fetch_members(self, session: _Session, roots: list[str], domain_ids: set[str]) -> dict[str, _Direct]:
+        """Direct members of every root group and every group nested in them, `workers` at a time."""
+        out: dict[str, _Direct] = {}
+        submitted: set[str] = set()
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="google-members")
+        pending: dict[Future[_Direct | None], str] = {}
+        try:
+            for gid in roots:
+                if gid not in submitted:
+                    submitted.add(gid)
+                    pending[pool.submit(self._members_of, session, gid, domain_ids)] = gid
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    gid = pending.pop(fut)
+                    result = fut.result()  # raises the worker's ConnectorError: the run fails
+                    if result is None:
+                        continue
+                    out[gid] = result
+                    for sub in result.groups:
+                        if sub not in submitted:
+                            submitted.add(sub)
+                            pending[pool.submit(self._members_of, session, sub, domain_ids)] = sub
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        return out
+
+    def _members_of(self, session: _Session, gid: str, domain_ids: set[str]) -> _Direct | None:
+        result = _Direct()
+        try:
+            for body in session.pages(
+                lambda svc: (svc.members(), svc.members().list(groupKey=gid, maxResults=MEMBER_PAGE)),
+                "members.list",
+            ):
+                for m in body.get("members") or []:
+                    kind, mid, email = m.get("type"), m.get("id"), m.get("email")
+                    if kind == "GROUP" and isinstance(mid, str):
+                        result.groups.append(mid)
+                    elif kind == "CUSTOMER":
+                        result.customer = True
+                    elif kind == "USER" and mid in domain_ids:
+                        result.users.append(mid)
+                    elif kind in ("USER", "EXTERNAL") and isinstance(email, str):
+                        # Not a user of this domain (a consumer account, a partner): no idp_id to
+                        # pair with, so it is kept on the group by address.
+                        result.external.append(email.lower())
+        except _GroupGone:
+            return None
+        return result
+
+    # --- normalization ---------------------------------------------------------------------------
+
+    def _user(self, raw: dict[str, Any], email_to_id: dict[str, str], domain_ids: set[str]) -> User:
+        name = raw.get("name") or {}
+        org = _pick(raw.get("organizations"), lambda o: o.get("primary") is True)
+        ext = _pick(raw.get("externalIds"), lambda e: e.get("type") == "organization", fallback=False)
+        manager = None
+        rel = _pick(raw.get("relations"), lambda r: r.get("type") == "manager", fallback=False)
+        if rel and isinstance(rel.get("value"), str):
+            value = rel["value"].strip()
+            manager = value if value in domain_ids else email_to_id.get(value.lower())
+        primary = raw["primaryEmail"]
+        emails = [primary]
+        for e in raw.get("emails") or []:
+            addr = e.get("address") if isinstance(e, dict) else None
+            if isinstance(addr, str) and addr.lower() not in {x.lower() for x in emails}:
+                emails.append(addr)
+        return User(
+            idp_id=raw["id"],
+            username=primary,
+            email=primary,
+            emails=emails,
+            first_name=name.get("givenName"),
+            last_name=name.get("familyName"),
+            display_name=name.get("displayName") or name.get("fullName"),
+            state="inactive" if raw.get("suspended") or raw.get("archived") else "active",
+            job_title=(org or {}).get("title") or None,
+            department=(org or {}).get("department") or None,
+            employee_number=(ext or {}).get("value") or None,
+            manager_idp_id=manager if manager != raw["id"] else None,
+            custom_attributes=map_attributes(raw, self.mapping),
+            raw_attributes=without(raw, USER_VOLATILE),
+        )
+
+    def _group(self, raw: dict[str, Any], external: set[str]) -> Group:
+        attrs = without(raw, GROUP_VOLATILE)
+        if external:
+            attrs["externalMembers"] = sorted(external)
+        return Group(
+            idp_id=raw["id"],
+            name=raw.get("name") or None,
+            description=raw.get("description") or None,
+            email=raw.get("email") or None,
+            raw_attributes=attrs,
+        )
+
+
+def _pick(
+    items: Any, pred: Callable[[dict[str, Any]], bool], *, fallback: bool = True
+) -> dict[str, Any] | None:
+    if not isinstance(items, list):
+        return None
+    dicts = [i for i in items if isinstance(i, dict)]
+    for item in dicts:
+        if pred(item):
+            return item
+    return dicts[0] if fallback and dicts else None
+
+
+def _norm_ou(ou: str) -> str:
+    ou = ou.strip().strip("/")
+    return "/" + ou if ou else "/"
+
+
+def _in_ous(path: Any, ous: list[str]) -> bool:
+    """Under one of the org units (an org unit includes every org unit below it)."""
+    p = _norm_ou(path) if isinstance(path, str) else "/"
+    return any(ou == "/" or p == ou or p.startswith(ou + "/") for ou in ous)
+
+
+def _group_keys(raw: dict[str, Any]) -> set[str]:
+    keys = {str(raw.get("id", "")).lower(), str(raw.get("email", "")).lower()}
+    keys.update(str(a).lower() for a in raw.get("aliases") or [])
+    keys.discard("")
+    return keys
+
+
+def _flatten(gid: str, direct: dict[str, _Direct]) -> tuple[set[str], bool, set[str]]:
+    """(users, whole-domain?, external addresses) of a group and every group nested in it."""
+    users: set[str] = set()
+    external: set[str] = set()
+    customer = False
+    seen: set[str] = set()
+    stack = [gid]
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue  # a cycle or a diamond
+        seen.add(cur)
+        d = direct.get(cur)
+        if d is None:
+            continue
+        users.update(d.users)
+        external.update(d.external)
+        customer = customer or d.customer
+        stack.extend(d.groups)
+    return users, customer, external
+
+
+def build(tenant: str, settings: Any, *, policy: RetryPolicy | None = None) -> GoogleWorkspaceConnector:
+    return GoogleWorkspaceConnector(tenant, settings, policy=policy)

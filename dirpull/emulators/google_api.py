@@ -1,0 +1,773 @@
+"""Google Admin SDK Directory API (directory_v1) over the synthetic organization.
+
+What it serves (../shared/directory-apis.md §2, §6 rule 2):
+  POST /token                                   OAuth 2.0 JWT-bearer grant of a service account
+                                                (RS256 signature checked against the key this
+                                                emulator made; `sub` = the impersonated admin)
+  GET  /admin/directory/v1/users                users.list: customer|domain required, maxResults
+                                                1..500 (default 100), pageToken, projection,
+                                                customFieldMask, showDeleted, query
+  GET  /admin/directory/v1/groups               groups.list: customer|domain|userKey, ≤200
+  GET  /admin/directory/v1/groups/{key}/members members.list: ≤200, USER/GROUP/CUSTOMER/EXTERNAL
+  POST /_emulator/google                        switches: {"rate_limit_kind": "user"|"quota"|
+                                                "concurrent"|"alternate", "silent_empty": bool,
+                                                "broken_users": [n, …]}
+
+Vendor-only state lives here, keyed by Person.n / Group.n: which group holds the CUSTOMER member
+(the whole domain), which groups have EXTERNAL members, which users are served broken. Inactive
+people map through `Person.inactive_reason`: `archived` → `archived: true`, anything else
+(`suspended`, `terminated`) → `suspended: true`. Deleted (`Person.deleted`/`soft_deleted`) people
+are hidden from the list and shown, with `deletionTime`, only by `showDeleted=true`.
+
+Ids: users "1077" + 17-digit n (a 21-digit numeric string, like Google's), groups "03x8tuzt" +
+7-digit n. `lastLoginTime` and `etag` change on every read (they are volatile in the real API too).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import secrets
+import threading
+import time
+from bisect import bisect_right
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import parse_qs, unquote
+
+from dirpull.emulators.org import Group, Org, Person
+from dirpull.emulators.server import Emulator, Request, Response
+
+API = "/admin/directory/v1"
+GOOGLE_TOKEN_AUD = "https://oauth2.googleapis.com/token"
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+SCOPE_ROOT = "https://www.googleapis.com/auth/"
+USER_SCOPES = {SCOPE_ROOT + "admin.directory.user.readonly"}
+GROUP_SCOPES = {SCOPE_ROOT + "admin.directory.group.readonly"}
+MEMBER_SCOPES = {
+    SCOPE_ROOT + "admin.directory.group.member.readonly",
+    SCOPE_ROOT + "admin.directory.group.readonly",
+}
+# The domain-wide delegation this emulated customer granted: read-only directory scopes only.
+DELEGATED_SCOPES = (
+    USER_SCOPES | GROUP_SCOPES | MEMBER_SCOPES | {SCOPE_ROOT + "admin.directory.orgunit.readonly"}
+)
+TOKEN_LIFETIME = 3599
+SCHEMA = "Employment"
+
+RateLimitKind = Literal["user", "quota", "concurrent", "alternate"]
+
+
+def user_id(n: int) -> str:
+    return f"1077{n:017d}"
+
+
+def group_id(n: int) -> str:
+    return f"03x8tuzt{n:07d}"
+
+
+def _parse_id(value: str, prefix: str, width: int) -> int | None:
+    if len(value) == len(prefix) + width and value.startswith(prefix) and value[len(prefix) :].isdigit():
+        return int(value[len(prefix) :])
+    return None
+
+
+def _b64url_decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def _token(kind: str, value: str) -> str:
+    return base64.urlsafe_b64encode(f"{kind}:{value}".encode()).decode().rstrip("=")
+
+
+def _untoken(kind: str, token: str) -> str | None:
+    try:
+        text = _b64url_decode(token).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    k, _, value = text.partition(":")
+    return value if k == kind else None
+
+
+def google_error(status: int, message: str, reason: str, domain: str = "global", **extra: Any) -> dict:
+    """The standard Google JSON error body."""
+    statuses = {
+        400: "INVALID_ARGUMENT",
+        401: "UNAUTHENTICATED",
+        403: "PERMISSION_DENIED",
+        404: "NOT_FOUND",
+        429: "RESOURCE_EXHAUSTED",
+        500: "INTERNAL",
+        502: "UNAVAILABLE",
+        503: "UNAVAILABLE",
+        504: "DEADLINE_EXCEEDED",
+    }
+    err = {"message": message, "domain": domain, "reason": reason, **extra}
+    return {
+        "error": {
+            "code": status,
+            "message": message,
+            "errors": [err],
+            "status": statuses.get(status, "UNKNOWN"),
+        }
+    }
+
+
+class _BadRequest(Exception):
+    def __init__(self, response: Response) -> None:
+        self.response = response
+
+
+def _bad(message: str = "Bad Request", reason: str = "badRequest") -> _BadRequest:
+    return _BadRequest(Response(400, google_error(400, message, reason)))
+
+
+class GoogleEmulator(Emulator):
+    name = "google_workspace"
+
+    def __init__(self, org: Org, *, rate_limit_kind: RateLimitKind = "alternate") -> None:
+        super().__init__(org)
+        self.rate_limit_kind: RateLimitKind = rate_limit_kind
+        self._rate_limit_count = 0
+        # A listing outage that looks like an empty domain (first page without `users`).
+        self.silent_empty = False
+        # People served without primaryEmail (a record a connector cannot normalize).
+        self.broken_users: set[int] = set()
+        # Vendor-only membership kinds, keyed by Group.n.
+        teams = sorted(g.n for g in org.groups.values() if g.name.startswith("Team "))
+        self.customer_groups: set[int] = set(teams[:1])
+        self.external_members: dict[int, set[str]] = {}
+        for i, g in enumerate(teams[1:3]):
+            self.external_members[g] = {f"partner.{i + 1}@partner.example"}
+        # Service accounts whose keys this emulator trusts: client_email → (key id, public key).
+        self._accounts: dict[str, tuple[str, Any]] = {}
+        self._default_account: dict[str, Any] | None = None
+        self._tokens: dict[str, tuple[str | None, frozenset[str], float]] = {}
+        self._state_lock = threading.Lock()
+        self._keys: list[int] = []  # Person.n in order (people are only ever appended)
+
+        self.route("POST", r"/token", self._token_endpoint)
+        self.route("POST", r"/oauth2/v4/token", self._token_endpoint)
+        self.route("GET", API + r"/users", self._users_list)
+        self.route("GET", API + r"/groups", self._groups_list)
+        self.route("GET", API + r"/groups/(?P<key>[^/]+)/members", self._members_list)
+        self.route("POST", r"/_emulator/google", self._switches)
+
+    # --- service accounts and tokens -------------------------------------------------------------
+
+    def service_account_info(self) -> dict[str, Any]:
+        """The service-account JSON key (made once, throw-away) whose token_uri is this emulator."""
+        with self._state_lock:
+            if self._default_account is None:
+                from cryptography.hazmat.primitives import serialization
+                from cryptography.hazmat.primitives.asymmetric import rsa
+
+                key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+                pem = key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                ).decode()
+                kid = secrets.token_hex(20)
+                email = "dirpull-sync@dirpull-emulator.iam.gserviceaccount.com"
+                self._accounts[email] = (kid, key.public_key())
+                self._default_account = {
+                    "type": "service_account",
+                    "project_id": "dirpull-emulator",
+                    "private_key_id": kid,
+                    "private_key": pem,
+                    "client_email": email,
+                    "client_id": "100000000000000000001",
+                    "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+                    "token_uri": "",
+                    "auth_provider_x509_cert_url": "https://www.googleapis.com/oauth2/v1/certs",
+                    "universe_domain": "googleapis.com",
+                }
+            info = dict(self._default_account)
+        info["token_uri"] = f"{self.base_url}/token"
+        return info
+
+    def trust_service_account(self, client_email: str, key_id: str, public_key: Any) -> None:
+        """Trust another service account's key (a test that brings its own throw-away key)."""
+        with self._state_lock:
+            self._accounts[client_email] = (key_id, public_key)
+
+    def admin_email(self) -> str:
+        with self.org.lock:
+            ceo = self.org.people.get(1)
+            return self._email(ceo) if ceo else f"admin@{self.org.domain}"
+
+    def issue_token(self, subject: str | None, scopes: set[str] | frozenset[str]) -> str:
+        token = "ya29.emu-" + secrets.token_urlsafe(24)
+        with self._state_lock:
+            self._tokens[token] = (subject, frozenset(scopes), time.time() + TOKEN_LIFETIME)
+        return token
+
+    def tenant_config(self, tenant: str, workdir: Path) -> dict[str, Any]:
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        path = workdir / f"{tenant}-google-service-account.json"
+        path.write_text(json.dumps(self.service_account_info(), indent=2), encoding="utf-8")
+        path.chmod(0o600)
+        return {
+            "provider": "google_workspace",
+            "credentials_file": f"file:{path}",
+            "subject": self.admin_email(),
+            "customer": "my_customer",
+            "api_url": self.base_url,
+        }
+
+    def _oauth_error(self, status: int, error: str, description: str) -> Response:
+        return Response(status, {"error": error, "error_description": description})
+
+    def _token_endpoint(self, req: Request) -> Response:
+        form = {k: v[0] for k, v in parse_qs(req.body.decode("utf-8", "replace")).items()}
+        if form.get("grant_type") != JWT_BEARER:
+            return self._oauth_error(
+                400, "unsupported_grant_type", f"Invalid grant_type: {form.get('grant_type')}"
+            )
+        assertion = form.get("assertion", "")
+        parts = assertion.split(".")
+        if len(parts) != 3:
+            return self._oauth_error(400, "invalid_grant", "Invalid JWT: malformed assertion.")
+        try:
+            header = json.loads(_b64url_decode(parts[0]))
+            claims = json.loads(_b64url_decode(parts[1]))
+            signature = _b64url_decode(parts[2])
+        except (ValueError, UnicodeDecodeError):
+            return self._oauth_error(400, "invalid_grant", "Invalid JWT: malformed assertion.")
+        if header.get("alg") != "RS256":
+            return self._oauth_error(400, "invalid_grant", "Invalid JWT: only RS256 is accepted.")
+        with self._state_lock:
+            account = self._accounts.get(str(claims.get("iss")))
+        if account is None:
+            return self._oauth_error(400, "invalid_grant", "Invalid grant: account not found")
+        kid, public_key = account
+        if header.get("kid") not in (None, kid):
+            return self._oauth_error(400, "invalid_grant", "Invalid JWT Signature.")
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import padding
+
+        try:
+            public_key.verify(
+                signature, f"{parts[0]}.{parts[1]}".encode(), padding.PKCS1v15(), hashes.SHA256()
+            )
+        except InvalidSignature:
+            return self._oauth_error(400, "invalid_grant", "Invalid JWT Signature.")
+        now = time.time()
+        iat, exp = claims.get("iat"), claims.get("exp")
+        if (
+            not isinstance(iat, int | float)
+            or not isinstance(exp, int | float)
+            or exp <= now
+            or iat > now + 300
+            or exp - iat > 3600
+        ):
+            return self._oauth_error(
+                400,
+                "invalid_grant",
+                "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. "
+                "Check your iat and exp values in the JWT claim.",
+            )
+        if claims.get("aud") not in (GOOGLE_TOKEN_AUD, f"{self.base_url}/token"):
+            return self._oauth_error(400, "invalid_grant", "Invalid JWT: audience is not the token endpoint.")
+        scopes = frozenset(str(claims.get("scope", "")).split())
+        if not scopes:
+            return self._oauth_error(
+                400, "invalid_scope", "Invalid OAuth scope or ID token audience provided."
+            )
+        sub = claims.get("sub")
+        if sub is not None and not str(sub).lower().endswith("@" + self.org.domain):
+            return self._oauth_error(400, "invalid_grant", "Invalid email or User ID")
+        if sub is not None and not scopes <= DELEGATED_SCOPES:
+            # Domain-wide delegation was granted for read-only directory scopes only.
+            return self._oauth_error(
+                401,
+                "unauthorized_client",
+                "Client is unauthorized to retrieve access tokens using this method, or client not "
+                "authorized for any of the scopes requested.",
+            )
+        token = self.issue_token(sub, scopes)
+        return Response(200, {"access_token": token, "expires_in": TOKEN_LIFETIME, "token_type": "Bearer"})
+
+    # --- vendor wording of errors ----------------------------------------------------------------
+
+    def authenticate(self, req: Request) -> Response | None:
+        if not req.path.startswith(API):
+            return None
+        header = req.headers.get("Authorization") or ""
+        scheme, _, token = header.partition(" ")
+        with self._state_lock:
+            grant = self._tokens.get(token) if scheme.lower() == "bearer" else None
+        if grant is None or grant[2] < time.time():
+            return self.unauthorized(req)
+        subject, scopes, _ = grant
+        if subject is None:
+            # A service account acting as itself (no domain-wide delegation) sees no directory.
+            return Response(403, google_error(403, "Not Authorized to access this resource/api", "forbidden"))
+        if req.path.endswith("/members"):
+            needed = MEMBER_SCOPES
+        elif req.path.startswith(API + "/groups"):
+            needed = GROUP_SCOPES
+        else:
+            needed = USER_SCOPES
+        if not scopes & needed:
+            return Response(
+                403,
+                google_error(
+                    403, "Request had insufficient authentication scopes.", "insufficientPermissions"
+                ),
+            )
+        return None
+
+    def unauthorized(self, req: Request) -> Response:
+        body = google_error(
+            401,
+            "Request had invalid authentication credentials. Expected OAuth 2 access token, login cookie or "
+            "other valid authentication credential. See "
+            "https://developers.google.com/identity/sign-in/web/devconsole-project.",
+            "authError",
+            location="Authorization",
+            locationType="header",
+        )
+        body["error"]["errors"][0]["message"] = "Invalid Credentials"
+        return Response(401, body, [("WWW-Authenticate", 'Bearer realm="https://accounts.google.com/"')])
+
+    def rate_limited(self, req: Request) -> Response:
+        kind = self.rate_limit_kind
+        if kind == "alternate":
+            self._rate_limit_count += 1
+            kind = "user" if self._rate_limit_count % 2 else "concurrent"
+        if kind == "user":
+            return Response(
+                403, google_error(403, "User Rate Limit Exceeded", "userRateLimitExceeded", "usageLimits")
+            )
+        if kind == "quota":
+            return Response(403, google_error(403, "Quota Exceeded", "quotaExceeded", "usageLimits"))
+        return Response(429, google_error(429, "Rate Limit Exceeded", "rateLimitExceeded", "usageLimits"))
+
+    def server_error(self, req: Request, status: int) -> Response:
+        if status == 500:
+            body = google_error(500, "Internal error encountered.", "backendError")
+        else:
+            body = google_error(status, "The service is currently unavailable.", "backendError")
+        return Response(status, body)
+
+    def not_found(self, req: Request) -> Response:
+        return Response(
+            404, google_error(404, "Resource Not Found: " + req.path.rsplit("/", 1)[-1], "notFound")
+        )
+
+    def _switches(self, req: Request) -> Response:
+        body = req.json() or {}
+        if "rate_limit_kind" in body:
+            if body["rate_limit_kind"] not in ("user", "quota", "concurrent", "alternate"):
+                return Response(400, {"error": "rate_limit_kind: user|quota|concurrent|alternate"})
+            self.rate_limit_kind = body["rate_limit_kind"]
+        if "silent_empty" in body:
+            self.silent_empty = bool(body["silent_empty"])
+        if "broken_users" in body:
+            self.broken_users = {int(n) for n in body["broken_users"]}
+        return Response(200, {"ok": True})
+
+    # --- rendering -------------------------------------------------------------------------------
+
+    def _email(self, p: Person) -> str:
+        # Every Google account has a primary address; people without a mailbox keep their login.
+        return p.email or p.username
+
+    @staticmethod
+    def org_unit(p: Person) -> str:
+        """The person's org unit: their department, and for every third person a location sub-OU."""
+        if not p.department:
+            return "/"
+        return f"/{p.department}/{p.location}" if p.n % 3 == 0 else f"/{p.department}"
+
+    def _check_customer(self, req: Request, *, allow_user_key: bool = False) -> None:
+        customer, domain = req.arg("customer"), req.arg("domain")
+        user_key = req.arg("userKey") if allow_user_key else None
+        if user_key and customer:
+            raise _bad("Bad Request: userKey cannot be combined with customer")
+        if not customer and not domain and not user_key:
+            raise _bad("Bad Request")
+        if customer and customer not in ("my_customer", self.org.customer_id):
+            raise _BadRequest(
+                Response(403, google_error(403, "Not Authorized to access this resource/api", "forbidden"))
+            )
+        if domain and domain.lower() != self.org.domain:
+            raise _BadRequest(
+                Response(403, google_error(403, "Not Authorized to access this resource/api", "forbidden"))
+            )
+
+    @staticmethod
+    def _max_results(req: Request, default: int, cap: int) -> int:
+        raw = req.arg("maxResults")
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise _bad(
+                f"Invalid value '{raw}'. Values must be within the range: [1, {cap}]", "invalid"
+            ) from None
+        if value < 1:
+            raise _bad(f"Invalid value '{raw}'. Values must be within the range: [1, {cap}]", "invalid")
+        return min(value, cap)
+
+    def render_user(self, p: Person, projection: str, mask: set[str] | None, now: float) -> dict[str, Any]:
+        email = self._email(p)
+        reason = p.inactive_reason if p.state == "inactive" else None
+        suspended = p.state == "inactive" and reason != "archived"
+        archived = reason == "archived"
+        # Volatile: recent sign-ins move on every read (never-signed-in accounts show the epoch).
+        last_login = "1970-01-01T00:00:00.000Z" if p.n % 11 == 0 else Org.iso(now - (p.n % 997))
+        user: dict[str, Any] = {
+            "kind": "admin#directory#user",
+            "id": user_id(p.n),
+            "etag": '"' + hashlib.sha1(f"{p.version}:{last_login}".encode()).hexdigest()[:27] + '"',
+            "primaryEmail": email,
+            "name": {"givenName": p.given, "familyName": p.family, "fullName": p.display},
+            "isAdmin": p.n == 1,
+            "isDelegatedAdmin": False,
+            "lastLoginTime": last_login,
+            "creationTime": Org.iso(p.created_at),
+            "agreedToTerms": True,
+            "suspended": suspended,
+            "archived": archived,
+            "changePasswordAtNextLogin": False,
+            "ipWhitelisted": False,
+            "emails": [{"address": email, "primary": True}],
+            "customerId": self.org.customer_id,
+            "orgUnitPath": self.org_unit(p),
+            "isMailboxSetup": p.email is not None,
+            "isEnrolledIn2Sv": p.n % 2 == 0,
+            "isEnforcedIn2Sv": False,
+            "includeInGlobalAddressList": True,
+        }
+        if suspended:
+            user["suspensionReason"] = "ADMIN"
+        if p.email and p.n % 4 == 0:
+            # An alias made when the account was created: renames do not touch it.
+            given, family = [*p.username.split("@")[0].split("."), "x", "x"][:2]
+            alias = f"{given[:1]}{family}.{p.n}@{self.org.domain}"
+            user["emails"].append({"address": alias})
+            user["aliases"] = [alias]
+        org_entry: dict[str, Any] = {"primary": True, "customType": "", "costCenter": p.cost_center}
+        if p.title:
+            org_entry["title"] = p.title
+        if p.department:
+            org_entry["department"] = p.department
+        org_entry["location"] = p.location
+        user["organizations"] = [org_entry]
+        if p.manager is not None and p.manager in self.org.people:
+            user["relations"] = [{"value": self._email(self.org.people[p.manager]), "type": "manager"}]
+        user["externalIds"] = [{"value": p.employee_number, "type": "organization"}]
+        if projection == "full" or (projection == "custom" and mask and SCHEMA in mask):
+            user["customSchemas"] = {
+                SCHEMA: {"EmployeeType": "Contractor" if p.n % 7 == 0 else "FTE", "HireDate": p.hire_date}
+            }
+        if p.deleted or p.soft_deleted:
+            user["deletionTime"] = Org.iso(p.updated_at)
+        if p.n in self.broken_users:
+            del user["primaryEmail"]
+        return user
+
+    # --- users.list ------------------------------------------------------------------------------
+
+    def _person_keys(self) -> list[int]:
+        # People are only appended (with increasing n), so the cached key list only ever grows.
+        if len(self._keys) != len(self.org.people):
+            self._keys = list(self.org.people)
+        return self._keys
+
+    @staticmethod
+    def _parse_query(query: str) -> list[tuple[str, str]]:
+        terms: list[tuple[str, str]] = []
+        i, text = 0, query.strip()
+        while i < len(text):
+            if text[i].isspace():
+                i += 1
+                continue
+            j = i
+            while j < len(text) and text[j] not in "=:":
+                j += 1
+            if j >= len(text):
+                raise _bad("Invalid Input")
+            key = text[i:j].strip()
+            j += 1
+            if j < len(text) and text[j] in "'\"":
+                end = text.find(text[j], j + 1)
+                if end < 0:
+                    raise _bad("Invalid Input")
+                value, i = text[j + 1 : end], end + 1
+            else:
+                end = j
+                while end < len(text) and not text[end].isspace():
+                    end += 1
+                value, i = text[j:end], end
+            terms.append((key, value))
+        return terms
+
+    def _matcher(self, query: str | None):  # -> Callable[[Person], bool]
+        if not query:
+            return lambda p: True
+        checks = []
+        for key, value in self._parse_query(query):
+            if key == "orgUnitPath":
+                # Matches the org unit and every org unit under it.
+                ou = "/" + value.strip("/") if value.strip("/") else "/"
+                checks.append(
+                    lambda p, ou=ou: (
+                        ou == "/" or self.org_unit(p) == ou or self.org_unit(p).startswith(ou + "/")
+                    )
+                )
+            elif key in ("isSuspended", "isArchived"):
+                want = value.lower() == "true"
+                if key == "isSuspended":
+                    checks.append(
+                        lambda p, want=want: (
+                            (p.state == "inactive" and p.inactive_reason != "archived") == want
+                        )
+                    )
+                else:
+                    checks.append(
+                        lambda p, want=want: (
+                            (p.state == "inactive" and p.inactive_reason == "archived") == want
+                        )
+                    )
+            elif key == "isAdmin":
+                checks.append(lambda p, want=value.lower() == "true": (p.n == 1) == want)
+            elif key == "email":
+                v = value.lower()
+                if v.endswith("*"):
+                    checks.append(lambda p, v=v[:-1]: self._email(p).lower().startswith(v))
+                else:
+                    checks.append(lambda p, v=v: self._email(p).lower() == v)
+            else:
+                raise _bad("Invalid Input")
+        return lambda p: all(c(p) for c in checks)
+
+    def _users_list(self, req: Request) -> Response:
+        try:
+            self._check_customer(req)
+            limit = self._max_results(req, 100, 500)
+            projection = req.arg("projection", "basic") or "basic"
+            if projection not in ("basic", "custom", "full"):
+                raise _bad(f"Invalid value for projection: {projection}", "invalidParameter")
+            mask_arg = req.arg("customFieldMask")
+            if mask_arg and projection != "custom":
+                raise _bad("Invalid Input: customFieldMask needs projection=custom", "invalid")
+            mask = set(mask_arg.split(",")) if mask_arg else None
+            deleted_only = (req.arg("showDeleted") or "").lower() == "true"
+            match = self._matcher(req.arg("query"))
+            domain = (req.arg("domain") or "").lower()
+            after = 0
+            token = req.arg("pageToken")
+            if token:
+                value = _untoken("u", token)
+                if value is None or not value.isdigit():
+                    raise _bad("Invalid pageToken", "invalid")
+                after = int(value)
+        except _BadRequest as exc:
+            return exc.response
+        body: dict[str, Any] = {"kind": "admin#directory#users", "etag": '"' + secrets.token_hex(8) + '"'}
+        if self.silent_empty:
+            return Response(200, body)
+        now = time.time()
+        users: list[dict[str, Any]] = []
+        with self.org.lock:
+            keys = self._person_keys()
+            people = self.org.people
+            last = None
+            more = False
+            for i in range(bisect_right(keys, after), len(keys)):
+                p = people[keys[i]]
+                gone = p.deleted or p.soft_deleted
+                if gone != deleted_only or not match(p):
+                    continue
+                if domain and not self._email(p).lower().endswith("@" + domain):
+                    continue
+                if len(users) == limit:
+                    more = True
+                    break
+                users.append(self.render_user(p, projection, mask, now))
+                last = p.n
+        if users:
+            body["users"] = users
+        if more and last is not None:
+            body["nextPageToken"] = _token("u", str(last))
+        return Response(200, body)
+
+    # --- groups.list -----------------------------------------------------------------------------
+
+    def _direct_count(self, g: Group) -> int:
+        people, subs = self.org.direct_members(g.n)
+        return (
+            len(people)
+            + len(subs)
+            + (1 if g.n in self.customer_groups else 0)
+            + len(self.external_members.get(g.n, ()))
+        )
+
+    def render_group(self, g: Group) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "kind": "admin#directory#group",
+            "id": group_id(g.n),
+            "etag": '"' + hashlib.sha1(f"{g.version}:{g.members_version}".encode()).hexdigest()[:27] + '"',
+            "email": g.email,
+            "name": g.name,
+            "directMembersCount": str(self._direct_count(g)),
+            "description": g.description or "",
+            "adminCreated": True,
+        }
+        if g.email:
+            local, _, dom = g.email.partition("@")
+            out["nonEditableAliases"] = [f"{local}@{dom}.test-google-a.com"]
+        return out
+
+    def _find_person(self, key: str) -> Person | None:
+        n = _parse_id(key, "1077", 17)
+        if n is not None:
+            p = self.org.people.get(n)
+            return p if p and p.visible else None
+        key = key.lower()
+        for p in self.org.listed_people():
+            if self._email(p).lower() == key:
+                return p
+        return None
+
+    def _find_group(self, key: str) -> Group | None:
+        n = _parse_id(key, "03x8tuzt", 7)
+        if n is not None:
+            g = self.org.groups.get(n)
+            return g if g and not g.deleted else None
+        key = key.lower()
+        for g in self.org.listed_groups():
+            if (g.email or "").lower() == key:
+                return g
+        return None
+
+    def _groups_list(self, req: Request) -> Response:
+        try:
+            self._check_customer(req, allow_user_key=True)
+            limit = self._max_results(req, 200, 200)
+            after = 0
+            token = req.arg("pageToken")
+            if token:
+                value = _untoken("g", token)
+                if value is None or not value.isdigit():
+                    raise _bad("Invalid pageToken", "invalid")
+                after = int(value)
+        except _BadRequest as exc:
+            return exc.response
+        user_key = req.arg("userKey")
+        groups: list[dict[str, Any]] = []
+        more = False
+        last = None
+        with self.org.lock:
+            person = None
+            if user_key:
+                person = self._find_person(user_key)
+                if person is None:
+                    return Response(404, google_error(404, "Resource Not Found: userKey", "notFound"))
+            for g in sorted(self.org.listed_groups(), key=lambda g: g.n):
+                if g.n <= after:
+                    continue
+                if person is not None and person.n not in g.members:
+                    continue
+                if len(groups) == limit:
+                    more = True
+                    break
+                groups.append(self.render_group(g))
+                last = g.n
+        body: dict[str, Any] = {"kind": "admin#directory#groups", "etag": '"' + secrets.token_hex(8) + '"'}
+        if groups:
+            body["groups"] = groups
+        if more and last is not None:
+            body["nextPageToken"] = _token("g", str(last))
+        return Response(200, body)
+
+    # --- members.list ----------------------------------------------------------------------------
+
+    def _members_list(self, req: Request) -> Response:
+        try:
+            limit = self._max_results(req, 200, 200)
+            offset = 0
+            token = req.arg("pageToken")
+            if token:
+                value = _untoken("m", token)
+                if value is None or not value.isdigit():
+                    raise _bad("Invalid pageToken", "invalid")
+                offset = int(value)
+            roles = {r.strip().upper() for r in (req.arg("roles") or "").split(",") if r.strip()}
+            derived = (req.arg("includeDerivedMembership") or "").lower() == "true"
+        except _BadRequest as exc:
+            return exc.response
+        with self.org.lock:
+            g = self._find_group(unquote(req.params["key"]))
+            if g is None:
+                return Response(404, google_error(404, "Resource Not Found: groupKey", "notFound"))
+            people, subs = self.org.direct_members(g.n)
+            if derived:
+                direct = set(people)
+                people = people + sorted(self.org.transitive_members(g.n) - direct)
+            members: list[dict[str, Any]] = []
+            owner = people[0] if people else None
+            for n in people:
+                p = self.org.people[n]
+                members.append(
+                    {
+                        "kind": "admin#directory#member",
+                        "etag": f'"m{g.n}-{n}"',
+                        "id": user_id(n),
+                        "email": self._email(p),
+                        "role": "OWNER" if n == owner else "MEMBER",
+                        "type": "USER",
+                        "status": "ACTIVE" if p.state == "active" else "SUSPENDED",
+                    }
+                )
+            for s in subs:
+                members.append(
+                    {
+                        "kind": "admin#directory#member",
+                        "etag": f'"g{g.n}-{s}"',
+                        "id": group_id(s),
+                        "email": self.org.groups[s].email,
+                        "role": "MEMBER",
+                        "type": "GROUP",
+                        "status": "ACTIVE",
+                    }
+                )
+            if g.n in self.customer_groups:
+                members.append(
+                    {
+                        "kind": "admin#directory#member",
+                        "etag": f'"c{g.n}"',
+                        "id": self.org.customer_id,
+                        "role": "MEMBER",
+                        "type": "CUSTOMER",
+                    }
+                )
+            for i, address in enumerate(sorted(self.external_members.get(g.n, ()))):
+                members.append(
+                    {
+                        "kind": "admin#directory#member",
+                        "etag": f'"x{g.n}-{i}"',
+                        "id": f"2{int(hashlib.sha1(address.encode()).hexdigest()[:15], 16):020d}"[:21],
+                        "email": address,
+                        "role": "MEMBER",
+                        "type": "EXTERNAL",
+                        "status": "ACTIVE",
+                    }
+                )
+        if roles:
+            members = [m for m in members if m["role"] in roles]
+        page = members[offset : offset + limit]
+        body: dict[str, Any] = {"kind": "admin#directory#members", "etag": '"' + secrets.token_hex(8) + '"'}
+        if page:
+            body["members"] = page
+        if offset + limit < len(members):
+            body["nextPageToken"] = _token("m", str(offset + limit))
+        return Response(200, body)

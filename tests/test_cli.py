@@ -1,0 +1,185 @@
+"""The `dirpull` command end to end: real config file, real store, the BambooHR emulator over HTTP."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dirpull.cli import app
+from dirpull.emulators.bamboohr_api import BambooHREmulator
+from dirpull.emulators.cluster import Cluster
+from dirpull.emulators.org import Org
+
+EVENT_KEYS = {"seq", "type", "tenant", "run_id", "data", "previous_attributes", "created_at"}
+USER_KEYS = {
+    "idp_id",
+    "username",
+    "email",
+    "emails",
+    "first_name",
+    "last_name",
+    "display_name",
+    "state",
+    "job_title",
+    "department",
+    "employee_number",
+    "manager_idp_id",
+    "custom_attributes",
+    "raw_attributes",
+    "created_at",
+    "updated_at",
+}
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[dict]:
+    org = Org.generate(60, seed=3)
+    emulator = BambooHREmulator(org)
+    emulator.start()
+    try:
+        table = emulator.tenant_config("hr", tmp_path)
+        secret = table["api_key"]
+        (tmp_path / "key").write_text(secret + "\n")
+        table["api_key"] = "file:key"
+        config = tmp_path / "dirpull.toml"
+        lines = [
+            "[store]",
+            f'url = "sqlite:///{tmp_path / "s.db"}"',
+            "[defaults.guard]",
+            "max_percent = 10",
+            "min_count = 5",
+            "[tenants.hr]",
+        ]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in table.items()]
+        config.write_text("\n".join(lines) + "\n")
+        yield {"config": str(config), "org": org, "emulator": emulator, "secret": secret, "tmp": tmp_path}
+    finally:
+        emulator.stop()
+
+
+def run(env: dict, *args: str) -> object:
+    result = CliRunner().invoke(app, ["--config", env["config"], *args], catch_exceptions=False)
+    assert env["secret"] not in result.stdout + result.stderr
+    return result
+
+
+def jsonl(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def test_sync_then_query_everything_as_json(env):
+    r = run(env, "sync", "hr")
+    assert r.exit_code == 0, r.stdout + r.stderr
+    assert "hr: succeeded (full)" in r.stdout
+
+    users = jsonl(run(env, "users", "hr", "--json").stdout)
+    visible = [p for p in env["org"].people.values() if not p.deleted]
+    assert len(users) == len(visible)
+    assert set(users[0]) == USER_KEYS
+    inactive = jsonl(run(env, "users", "hr", "--state", "inactive", "--json").stdout)
+    assert inactive and all(u["state"] == "inactive" for u in inactive)
+    assert len(inactive) == sum(1 for p in visible if p.state == "inactive")
+
+    events = jsonl(run(env, "events", "hr", "--json").stdout)
+    assert len(events) == len(users) and all(set(e) == EVENT_KEYS for e in events)
+    assert [e["seq"] for e in events] == sorted(e["seq"] for e in events)
+    assert {e["type"] for e in events} == {"user.created"}
+    after = jsonl(run(env, "events", "hr", "--after", str(events[9]["seq"]), "--limit", "5", "--json").stdout)
+    assert [e["seq"] for e in after] == [e["seq"] for e in events[10:15]]
+
+    runs = jsonl(run(env, "runs", "hr", "--json").stdout)
+    assert runs[0]["status"] == "succeeded" and runs[0]["trigger"] == "manual"
+
+    status = jsonl(run(env, "status", "--json").stdout)
+    assert status[0]["tenant"] == "hr" and status[0]["result"] == "succeeded" and status[0]["provider"] == "bamboohr"
+    plain = run(env, "status")
+    assert plain.exit_code == 0 and "hr\tbamboohr" in plain.stdout
+
+
+def test_unchanged_resync_and_a_change(env):
+    run(env, "sync", "hr")
+    last = jsonl(run(env, "events", "hr", "--json").stdout)[-1]["seq"]
+    again = run(env, "sync", "hr", "--json")
+    assert jsonl(again.stdout)[0]["events"] == 0
+    old_title = env["org"].people[5].title
+    env["org"].update_person(5, title="Chief Emulator")
+    changed = run(env, "sync", "hr")
+    assert changed.exit_code == 0
+    new = jsonl(run(env, "events", "hr", "--after", str(last), "--json").stdout)
+    assert [(e["type"], e["data"]["idp_id"]) for e in new] == [("user.updated", "5")]
+    assert new[0]["previous_attributes"] == {"job_title": old_title, "raw_attributes": {"jobTitle": old_title}}
+    assert new[0]["data"]["job_title"] == "Chief Emulator"
+
+
+def test_guard_hold_dry_run_and_force_exit_codes(env):
+    run(env, "sync", "hr")
+    for n in range(2, 32):
+        env["org"].delete(n)
+    held = run(env, "sync", "hr")
+    assert held.exit_code == 3 and "held by the mass-change guard" in held.stderr
+    dry = run(env, "sync", "hr", "--dry-run")
+    assert dry.exit_code == 0 and dry.stdout.count("- user.deleted") == 30
+    assert len(jsonl(run(env, "users", "hr", "--json").stdout)) == 60
+    forced = run(env, "sync", "hr", "--force")
+    assert forced.exit_code == 0
+    assert len(jsonl(run(env, "users", "hr", "--json").stdout)) == 30
+    st = jsonl(run(env, "status", "--json").stdout)[0]
+    assert st["result"] == "succeeded"
+
+
+def test_failed_sync_exits_1_without_leaking_the_key(env):
+    env["emulator"].faults.update({"expire_auth": 5})
+    r = run(env, "sync", "hr")
+    assert r.exit_code == 1 and "401" in r.stderr
+    assert jsonl(run(env, "users", "hr", "--json").stdout) == []
+    status = jsonl(run(env, "status", "--json").stdout)[0]
+    assert status["result"] == "failed" and status["attention"]
+
+
+def test_unknown_tenant_and_bad_usage_exit_2(env):
+    r = run(env, "users", "nope")
+    assert r.exit_code == 2 and r.stderr.strip() == "dirpull: unknown tenant 'nope' (known: hr)"
+    r = run(env, "users", "hr", "--state", "gone")
+    assert r.exit_code == 2
+
+
+def test_config_mistake_exits_2_with_file_tenant_and_key(tmp_path):
+    cfg = tmp_path / "dirpull.toml"
+    cfg.write_text('[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\n')
+    r = CliRunner().invoke(app, ["--config", str(cfg), "status"])
+    assert r.exit_code == 2
+    assert r.stderr.strip() == f"dirpull: {cfg}: tenants.hr.api_key: Field required"
+
+
+def test_db_commands(env):
+    assert run(env, "db", "upgrade").exit_code == 0
+    check = run(env, "db", "check")
+    assert check.exit_code == 0 and "schema 0001" in check.stdout
+
+
+def test_emulate_writes_a_config_that_loads(tmp_path):
+    target = tmp_path / "emu.toml"
+    r = CliRunner().invoke(
+        app,
+        ["emulate", "--provider", "bamboohr", "--people", "10", "--write-config", str(target), "--max-seconds", "0.5"],
+    )
+    assert r.exit_code == 0, r.stderr
+    from dirpull.config import load_config
+
+    cfg = load_config(target)
+    assert [t.provider for t in cfg.tenants.values()] == ["bamboohr"]
+    assert cfg.tenants["demo-bamboohr"].api_url.startswith("http://127.0.0.1:")
+
+
+def test_cluster_config_toml_round_trips(tmp_path):
+    cluster = Cluster(Org.generate(10))
+    cluster.start(["bamboohr"])
+    try:
+        text = cluster.config_toml(tmp_path, store_url="sqlite:///x.db", schedule="10s")
+    finally:
+        cluster.stop()
+    assert "[tenants.demo-bamboohr]" in text and 'schedule = "10s"' in text

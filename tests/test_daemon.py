@@ -1,0 +1,78 @@
+"""The daemon: tenants on their schedules, a failing tenant backs off alone, stop is clean."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from scripted import Directory, ScriptedConnector, people
+
+from dirpull.sync.daemon import Daemon, next_fire, trigger_for
+
+TENANTS = {
+    name: {"provider": "bamboohr", "company_domain": "acme", "api_key": "k", "schedule": "1s"}
+    for name in ("good", "bad")
+}
+
+
+def wait_for(predicate, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_failing_tenant_backs_off_while_the_other_keeps_syncing(harness):
+    dirs = {"good": Directory(users=people(3)), "bad": Directory(users=people(3), fail_after_pages=0)}
+    h = harness(TENANTS)
+    daemon = Daemon(h.config, h.store, backoff_base=60.0, connector_factory=lambda t, s: ScriptedConnector(dirs[t]))
+    daemon.start()
+    try:
+        assert wait_for(lambda: dirs["good"].pulls >= 3)
+    finally:
+        daemon.shutdown()
+    assert dirs["bad"].pulls == 1  # failed once, then backing off for a minute
+    assert daemon.failures == {"bad": 1}
+    statuses = {r.tenant: r.status for r in daemon.results}
+    assert statuses == {"good": "succeeded", "bad": "failed"}
+    assert len(h.users("good")) == 3 and h.users("bad") == {}
+    assert {r["trigger"] for r in h.store.runs("good")} == {"schedule"}
+
+
+def test_shutdown_interrupts_a_running_sync_and_applies_nothing(harness):
+    gate = threading.Event()
+    d = Directory(users=people(50), gate=gate)
+    h = harness({"good": TENANTS["good"]})
+    daemon = Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(d))
+    daemon.start()
+    assert d.entered.wait(10)
+    stopper = threading.Thread(target=daemon.shutdown)
+    stopper.start()
+    time.sleep(0.2)
+    gate.set()
+    stopper.join(15)
+    assert not stopper.is_alive()
+    assert h.users("good") == {}
+    run = h.store.runs("good")[0]
+    assert run["status"] == "failed" and "interrupted" in run["error"]
+
+
+def test_run_forever_returns_after_max_seconds(harness):
+    d = Directory(users=people(2))
+    h = harness({"good": TENANTS["good"]})
+    daemon = Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(d))
+    t0 = time.monotonic()
+    daemon.run_forever(max_seconds=1.5)
+    assert time.monotonic() - t0 < 10
+    assert d.pulls >= 1 and not daemon.scheduler.running
+
+
+def test_schedules():
+    assert trigger_for("15m").interval.total_seconds() == 900
+    from datetime import UTC, datetime
+
+    now = datetime(2026, 1, 1, 12, 7, tzinfo=UTC)
+    assert next_fire("cron: */15 * * * *", None, now) == datetime(2026, 1, 1, 12, 15, tzinfo=UTC)
+    assert next_fire("15m", datetime(2026, 1, 1, 12, 0, tzinfo=UTC), now) == datetime(2026, 1, 1, 12, 15, tzinfo=UTC)

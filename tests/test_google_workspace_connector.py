@@ -1,0 +1,444 @@
+"""The Google Workspace connector through google-api-python-client and a real signed-JWT
+service-account flow, against the Google emulator over loopback: connector-level pulls (pages and
+Done) and sync-level runs through the real store (tests/harness.py)."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dirpull.config import GoogleTenant
+from dirpull.connectors.base import AuthError, ConnectorError, Done, Page
+from dirpull.connectors.google_workspace import GoogleWorkspaceConnector, build
+from dirpull.connectors.http import RetryPolicy
+from dirpull.emulators.google_api import GoogleEmulator, group_id, user_id
+from dirpull.emulators.org import Org
+
+
+class Sleeps(list):
+    """An injected sleep: records the waits instead of sleeping."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+@pytest.fixture
+def emu() -> Iterator[GoogleEmulator]:
+    org = Org.generate(60, seed=7)
+    emulator = GoogleEmulator(org)
+    emulator.start()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+def tenant(emu: GoogleEmulator, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    return {**emu.tenant_config("g1", tmp_path), **extra}
+
+
+def connector(
+    emu: GoogleEmulator, tmp_path: Path, sleeps: Sleeps | None = None, **extra: Any
+) -> GoogleWorkspaceConnector:
+    settings = GoogleTenant.model_validate(tenant(emu, tmp_path, **extra))
+    policy = RetryPolicy(max_attempts=5, sleep=sleeps if sleeps is not None else Sleeps())
+    return build("g1", settings, policy=policy)
+
+
+def pull(c: GoogleWorkspaceConnector) -> tuple[list[Page], Done]:
+    out = list(c.pull(None, full=False))
+    done = out[-1]
+    assert isinstance(done, Done) and all(isinstance(p, Page) for p in out[:-1])
+    return out[:-1], done
+
+
+def users(pages: list[Page]) -> dict[str, Any]:
+    return {u.idp_id: u for p in pages for u in p.users}
+
+
+def groups(pages: list[Page]) -> dict[str, Any]:
+    return {g.idp_id: g for p in pages for g in p.groups}
+
+
+def members(pages: list[Page]) -> set[tuple[str, str]]:
+    return {m for p in pages for m in p.members}
+
+
+def expected_members(emu: GoogleEmulator, people: set[int] | None = None) -> set[tuple[str, str]]:
+    """Flattened pairs computed from the organization itself (not from the connector's code):
+    nested groups transitively, a CUSTOMER member as the whole domain."""
+    org = emu.org
+    listed = {p.n for p in org.listed_people()} if people is None else people
+    out = set()
+    for g in org.listed_groups():
+        reach, stack = set(), [g.n]
+        while stack:
+            cur = stack.pop()
+            if cur not in reach:
+                reach.add(cur)
+                stack.extend(org.direct_members(cur)[1])
+        who = listed if reach & emu.customer_groups else org.transitive_members(g.n) & listed
+        out |= {(group_id(g.n), user_id(n)) for n in who}
+    return out
+
+
+# --- connector level -----------------------------------------------------------------------------
+
+
+def test_full_pull_normalizes_users_groups_and_flattened_members(emu: GoogleEmulator, tmp_path: Path) -> None:
+    org = emu.org
+    org.deactivate(10, "suspended")
+    org.deactivate(11, "archived")
+    org.soft_delete(12)
+    before = emu.requests
+    pages, done = pull(connector(emu, tmp_path))
+    assert done.snapshot and done.mode == "full" and done.cursor is None
+    assert done.requests == emu.requests - before  # token + every listing page, counted
+    us = users(pages)
+    assert set(us) == {user_id(p.n) for p in org.listed_people()}
+    assert us[user_id(10)].state == "inactive" and us[user_id(11)].state == "inactive"
+    assert user_id(12) not in us
+    p2 = org.people[2]
+    u2 = us[user_id(2)]
+    assert (u2.email, u2.first_name, u2.last_name, u2.job_title, u2.department, u2.employee_number) == (
+        p2.email,
+        p2.given,
+        p2.family,
+        p2.title,
+        p2.department,
+        p2.employee_number,
+    )
+    assert u2.manager_idp_id == user_id(p2.manager)
+    assert all(
+        u.manager_idp_id == user_id(org.people[int(i[4:])].manager)
+        for i, u in us.items()
+        if org.people[int(i[4:])].manager
+    )
+    assert "lastLoginTime" not in u2.raw_attributes and "etag" not in u2.raw_attributes
+    gs = groups(pages)
+    assert set(gs) == {group_id(g.n) for g in org.listed_groups()}
+    assert all("directMembersCount" not in g.raw_attributes for g in gs.values())
+    # EXTERNAL members are kept on the group by address (flattened into parents too).
+    ext = {a for n, s in emu.external_members.items() for a in s}
+    assert {a for g in gs.values() for a in g.raw_attributes.get("externalMembers", [])} == ext
+    # Nested groups flattened, the CUSTOMER member expanded to the whole domain.
+    assert members(pages) == expected_members(emu)
+    (cust,) = emu.customer_groups
+    assert {u for g, u in members(pages) if g == group_id(cust)} == set(us)
+    assert any(org.groups[g].subgroups for g in org.groups)
+
+
+def test_a_second_pull_of_an_unchanged_directory_is_identical(emu: GoogleEmulator, tmp_path: Path) -> None:
+    c = connector(emu, tmp_path)
+    a, _ = pull(c)
+    b, _ = pull(c)
+    assert users(a) == users(b) and groups(a) == groups(b) and members(a) == members(b)
+
+
+def test_attribute_mapping_reads_custom_schemas_with_projection_full(
+    emu: GoogleEmulator, tmp_path: Path
+) -> None:
+    attrs = {
+        "cost_center": "organizations[primary].costCenter",
+        "employee_type": "customSchemas.Employment.EmployeeType",
+        "badge": "externalIds[type=organization].value",
+    }
+    pages, _ = pull(connector(emu, tmp_path, attributes=attrs))
+    u = users(pages)[user_id(7)]
+    assert u.custom_attributes == {
+        "cost_center": emu.org.people[7].cost_center,
+        "employee_type": "Contractor",
+        "badge": "E000007",
+    }
+    assert any("projection=full" in path for _, path in emu.request_log)
+    emu.request_log.clear()
+    pull(connector(emu, tmp_path, attributes={"cost_center": "organizations[primary].costCenter"}))
+    user_calls = [p for _, p in emu.request_log if "/users?" in p]
+    assert user_calls and all("projection=basic" in p and "maxResults=500" in p for p in user_calls)
+
+
+def test_org_unit_scope_includes_sub_org_units(emu: GoogleEmulator, tmp_path: Path) -> None:
+    pages, _ = pull(connector(emu, tmp_path, org_units=["/Engineering"]))
+    us = users(pages)
+    want = {user_id(p.n) for p in emu.org.listed_people() if p.department == "Engineering"}
+    assert set(us) == want
+    assert {u.raw_attributes["orgUnitPath"] for u in us.values()} >= {"/Engineering"}
+    assert any(u.raw_attributes["orgUnitPath"].startswith("/Engineering/") for u in us.values())
+    assert members(pages) == {(g, u) for g, u in expected_members(emu) if u in want}
+
+
+def test_group_scope_keeps_only_those_groups_and_their_flattened_members(
+    emu: GoogleEmulator, tmp_path: Path
+) -> None:
+    org = emu.org
+    parent = next(g for g in org.groups.values() if g.subgroups and g.n not in emu.customer_groups)
+    pages, done = pull(connector(emu, tmp_path, groups=[parent.email.upper(), "nope@example.test"]))
+    assert set(groups(pages)) == {group_id(parent.n)}
+    want = {user_id(n) for n in org.transitive_members(parent.n)}
+    assert set(users(pages)) == want and want
+    assert members(pages) == {(group_id(parent.n), u) for u in want}
+    assert any("nope@example.test" in n for n in done.notes)
+
+
+@pytest.mark.parametrize(
+    ("faults", "kind"),
+    [
+        ({"rate_limit": 3}, "user"),  # 403 userRateLimitExceeded
+        ({"rate_limit": 3}, "quota"),  # 403 quotaExceeded
+        ({"rate_limit": 3}, "concurrent"),  # 429 rateLimitExceeded
+        ({"rate_limit": 4}, "alternate"),
+        ({"error": 3, "error_status": 503}, "user"),
+        ({"error": 2, "error_status": 500}, "user"),
+        ({"drop": 1, "malformed": 1}, "user"),
+    ],
+)
+def test_throttling_and_transient_errors_are_retried_with_backoff(
+    emu: GoogleEmulator, tmp_path: Path, faults: dict[str, Any], kind: str
+) -> None:
+    clean, _ = pull(connector(emu, tmp_path))
+    emu.rate_limit_kind = kind  # type: ignore[assignment]
+    emu.faults.update({**faults, "path": "/admin/directory"})
+    sleeps = Sleeps()
+    pages, done = pull(connector(emu, tmp_path, sleeps))
+    assert users(pages) == users(clean) and members(pages) == members(clean)
+    retries = sum(v for k, v in faults.items() if k != "error_status")
+    assert len(sleeps) == retries
+    assert all(0 < s <= 60 for s in sleeps)
+    assert done.requests >= retries + 1
+
+
+def test_a_401_mid_run_refreshes_the_token_and_continues(emu: GoogleEmulator, tmp_path: Path) -> None:
+    emu.faults.update({"expire_auth": 1, "path": "/admin/directory/v1/groups"})
+    sleeps = Sleeps()
+    pages, _ = pull(connector(emu, tmp_path, sleeps))
+    assert groups(pages) and not sleeps
+    assert [m for m, p in emu.request_log].count("POST") == 2  # the first token, then a fresh one
+
+
+def test_members_storm_is_retried_across_worker_threads(emu: GoogleEmulator, tmp_path: Path) -> None:
+    clean, _ = pull(connector(emu, tmp_path))
+    emu.faults.update({"rate_limit": 6, "path": "/members"})
+    sleeps = Sleeps()
+    pages, _ = pull(connector(emu, tmp_path, sleeps, member_workers=4))
+    assert members(pages) == members(clean) and len(sleeps) == 6
+
+
+def test_persistent_throttling_fails_cleanly_without_done(emu: GoogleEmulator, tmp_path: Path) -> None:
+    emu.faults.update({"rate_limit": 1000, "path": "/admin/directory/v1/groups"})
+    sleeps = Sleeps()
+    seen: list[Any] = []
+    with pytest.raises(ConnectorError, match="gave up"):
+        for item in connector(emu, tmp_path, sleeps).pull(None, full=False):
+            seen.append(item)
+    assert not any(isinstance(x, Done) for x in seen)
+    assert len(sleeps) == 4  # max_attempts=5: four waits, then give up
+    # Exponential: each wait (before jitter) doubles.
+    assert sleeps[0] < sleeps[2] < sleeps[3]
+
+
+def test_a_refused_service_account_is_an_auth_error_without_secrets(
+    emu: GoogleEmulator, tmp_path: Path
+) -> None:
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    cfg = tenant(emu, tmp_path)
+    path = Path(cfg["credentials_file"][5:])
+    info = json.loads(path.read_text())
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    info["private_key"] = other.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    path.write_text(json.dumps(info))
+    c = build("g1", GoogleTenant.model_validate(cfg), policy=RetryPolicy(sleep=Sleeps()))
+    with pytest.raises(AuthError) as err:
+        list(c.pull(None, full=False))
+    assert "invalid_grant" in str(err.value)
+    assert "PRIVATE KEY" not in str(err.value) and info["private_key_id"] not in str(err.value)
+
+
+def test_a_user_record_that_cannot_be_normalized_is_quarantined(emu: GoogleEmulator, tmp_path: Path) -> None:
+    emu.broken_users = {4}
+    pages, _ = pull(connector(emu, tmp_path))
+    q = [q for p in pages for q in p.quarantined]
+    assert [(x.kind, x.idp_id) for x in q] == [("user", user_id(4))]
+    assert user_id(4) not in users(pages)
+    assert len(users(pages)) == sum(1 for _ in emu.org.listed_people()) - 1
+
+
+def test_nested_group_cycles_terminate(emu: GoogleEmulator, tmp_path: Path) -> None:
+    org = emu.org
+    org.add_subgroup(2, 3)
+    org.add_subgroup(3, 2)
+    pages, _ = pull(connector(emu, tmp_path))
+    got = members(pages)
+    both = {user_id(n) for n in org.transitive_members(2)}
+    assert {u for g, u in got if g == group_id(2)} == both == {u for g, u in got if g == group_id(3)}
+
+
+# --- sync level ----------------------------------------------------------------------------------
+
+
+def fast(tenant_name: str, settings: Any) -> GoogleWorkspaceConnector:
+    return build(tenant_name, settings, policy=RetryPolicy(max_attempts=4, sleep=Sleeps()))
+
+
+def test_sync_initial_round_of_changes_and_idempotence(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any
+) -> None:
+    org = emu.org
+    h = harness({"g1": tenant(emu, tmp_path)}, connector_factory=fast)
+    r = h.sync("g1")
+    assert r.status == "succeeded", r.error
+    assert set(h.users("g1")) == {user_id(p.n) for p in org.listed_people()}
+    assert h.members("g1") == expected_members(emu)
+    assert h.sync("g1").events == 0  # unchanged directory: nothing written
+
+    seq = h.last_seq()
+    before_members = h.members("g1")
+    active_leaves = [
+        p.n
+        for p in org.listed_people()
+        if p.state == "active" and p.n > 20 and not any(q.manager == p.n for q in org.people.values())
+    ]
+    suspended, archived, deleted, renamed, moved = active_leaves[:5]
+    hire = org.hire("Nia", "Newcomer", department="Engineering", manager=2)
+    org.deactivate(suspended, "suspended")
+    org.deactivate(archived, "archived")
+    org.delete(deleted)
+    org.rename(renamed, "Renée", "Renamed")
+    org.update_person(moved, manager=3)
+    org.add_member(6, 9)  # join (team 6 is nested in another team)
+    leaver = sorted(org.groups[1].members)[0]
+    org.remove_member(1, leaver)  # leave
+    org.add_subgroup(8, 2)  # nested group change: Sales inside the empty team
+    org.delete_group(4)  # group delete
+
+    r = h.sync("g1")
+    assert r.status == "succeeded", r.error
+    after_members = expected_members(emu)
+    assert h.members("g1") == after_members
+    want = Counter(
+        [
+            ("user.created", user_id(hire.n)),
+            ("user.updated", user_id(suspended), ("raw_attributes", "state")),
+            ("user.updated", user_id(archived), ("raw_attributes", "state")),
+            ("user.deleted", user_id(deleted)),
+            ("user.updated", user_id(renamed), ("display_name", "first_name", "last_name", "raw_attributes")),
+            ("user.updated", user_id(moved), ("manager_idp_id", "raw_attributes")),
+            ("group.deleted", group_id(4)),
+        ]
+        + [("group.user_added", g, u) for g, u in after_members - before_members]
+        + [("group.user_removed", g, u) for g, u in before_members - after_members]
+    )
+    assert Counter(h.changes("g1", after=seq)) == want
+    assert ("group.user_added", group_id(8), user_id(sorted(org.groups[2].members)[0])) in want
+    assert ("group.user_removed", group_id(1), user_id(leaver)) in want
+    assert h.users("g1")[user_id(moved)]["manager_idp_id"] == user_id(3)
+    assert h.sync("g1").events == 0
+
+
+def test_sync_persistent_failure_leaves_the_store_unchanged(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any
+) -> None:
+    h = harness({"g1": tenant(emu, tmp_path)}, connector_factory=fast)
+    assert h.sync("g1").status == "succeeded"
+    users_before, members_before, seq = h.users("g1"), h.members("g1"), h.last_seq()
+    emu.org.hire("Late", "Arrival")
+    emu.org.delete(30)
+    emu.faults.update({"error": 1000, "error_status": 503, "path": "/members"})
+    r = h.sync("g1")
+    assert r.status == "failed" and "503" in (r.error or "")
+    assert h.users("g1") == users_before and h.members("g1") == members_before and h.last_seq() == seq
+    emu.faults.clear()
+    r = h.sync("g1")
+    assert r.status == "succeeded" and r.counts["users_created"] == 1 and r.counts["users_deleted"] == 1
+
+
+def test_sync_a_silent_empty_listing_is_held_not_applied(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any
+) -> None:
+    h = harness({"g1": tenant(emu, tmp_path)}, connector_factory=fast)
+    assert h.sync("g1").status == "succeeded"
+    stored, seq = h.users("g1"), h.last_seq()
+    emu.silent_empty = True  # users.list answers 200 with no `users` key
+    r = h.sync("g1")
+    assert r.status == "held"
+    assert h.users("g1") == stored and h.last_seq() == seq
+
+
+def test_sync_a_user_leaving_the_org_unit_scope_is_deleted(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any
+) -> None:
+    org = emu.org
+    h = harness({"g1": tenant(emu, tmp_path, org_units=["/Engineering"])}, connector_factory=fast)
+    assert h.sync("g1").status == "succeeded"
+    eng = sorted(p.n for p in org.listed_people() if p.department == "Engineering")
+    assert set(h.users("g1")) == {user_id(n) for n in eng}
+    seq = h.last_seq()
+    mover = eng[-1]
+    org.update_person(mover, department="Sales")
+    r = h.sync("g1")
+    assert r.status == "succeeded"
+    changes = h.changes("g1", after=seq)
+    assert ("user.deleted", user_id(mover)) in changes
+    assert all(c[0] in ("user.deleted", "group.user_removed") for c in changes)
+    assert {c[2] for c in changes if c[0] == "group.user_removed"} <= {user_id(mover)}
+    assert user_id(mover) not in h.users("g1")
+
+
+# --- cost (opt-in: DIRPULL_BENCH=10000 pytest tests/test_google_workspace_connector.py -k cost -s) -----
+
+
+def _serve(people: int, workdir: str, conn: Any) -> None:
+    org = Org.generate(people, seed=1)
+    emulator = GoogleEmulator(org)
+    emulator.start()
+    try:
+        conn.send(emulator.tenant_config("bench", Path(workdir)))
+        conn.recv()  # until the parent is done
+    finally:
+        emulator.stop()
+
+
+@pytest.mark.skipif(not os.environ.get("DIRPULL_BENCH"), reason="benchmark: set DIRPULL_BENCH=<people>")
+def test_cost_per_user(tmp_path: Path) -> None:
+    import multiprocessing
+    import resource
+    import time
+
+    people = int(os.environ["DIRPULL_BENCH"])
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_serve, args=(people, str(tmp_path), child), daemon=True)
+    proc.start()
+    try:
+        settings = GoogleTenant.model_validate(parent.recv())
+        c = build("bench", settings)
+        for run in range(2):
+            start = time.perf_counter()
+            n_users = n_members = 0
+            for item in c.pull(None, full=True):
+                if isinstance(item, Page):
+                    n_users += len(item.users)
+                    n_members += len(item.members)
+                else:
+                    done = item
+            took = time.perf_counter() - start
+            print(
+                f"\nrun {run + 1}: {n_users} users, {n_members} memberships, {done.requests} requests, "
+                f"{took:.2f}s, {took / n_users * 1e6:.0f} µs/user, "
+                f"max RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB"
+            )
+    finally:
+        parent.send("stop")
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.terminate()

@@ -1,0 +1,364 @@
+"""The Google Admin SDK Directory emulator against ../shared/directory-apis.md §2 and §6 rule 2,
+driven through google-api-python-client and a real signed-JWT service-account flow (the emulator
+makes a throw-away RSA key), plus raw HTTP for the exact error shapes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+from google.auth.exceptions import RefreshError
+from google.oauth2 import service_account
+from googleapiclient.discovery import build
+from googleapiclient.errors import HttpError
+
+from dirpull.emulators.google_api import GoogleEmulator, group_id, user_id
+from dirpull.emulators.org import Org
+
+RO = [
+    "https://www.googleapis.com/auth/admin.directory.user.readonly",
+    "https://www.googleapis.com/auth/admin.directory.group.readonly",
+]
+
+
+@pytest.fixture
+def emu() -> Iterator[GoogleEmulator]:
+    org = Org.generate(120, seed=11)
+    emulator = GoogleEmulator(org)
+    emulator.start()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+def service(emu: GoogleEmulator, scopes: list[str] = RO, subject: str | None = "admin") -> Any:
+    info = emu.service_account_info()
+    creds = service_account.Credentials.from_service_account_info(info, scopes=scopes)
+    if subject is not None:
+        creds = creds.with_subject(emu.admin_email() if subject == "admin" else subject)
+    return build(
+        "admin",
+        "directory_v1",
+        credentials=creds,
+        static_discovery=True,
+        cache_discovery=False,
+        client_options={"api_endpoint": emu.base_url},
+    )
+
+
+def all_pages(collection: Any, request: Any, key: str) -> tuple[list[dict], int]:
+    items, pages = [], 0
+    while request is not None and pages < 1000:
+        body = request.execute()
+        pages += 1
+        items += body.get(key, [])
+        request = collection.list_next(request, body)
+    return items, pages
+
+
+def reason(exc: HttpError) -> str:
+    return json.loads(exc.content)["error"]["errors"][0]["reason"]
+
+
+def bearer(emu: GoogleEmulator) -> dict[str, str]:
+    return {"Authorization": "Bearer " + emu.issue_token(emu.admin_email(), set(RO))}
+
+
+# --- users.list ----------------------------------------------------------------------------------
+
+
+def test_users_pages_follow_next_page_token_to_the_end_without_repeats(emu: GoogleEmulator) -> None:
+    svc = service(emu)
+    users, pages = all_pages(svc.users(), svc.users().list(customer="my_customer", maxResults=25), "users")
+    assert pages == 5
+    ids = [u["id"] for u in users]
+    assert len(ids) == len(set(ids)) == 120
+    assert all(i.isdigit() and len(i) == 21 for i in ids)
+    assert ids[0] == user_id(1)
+    # Default page size is 100.
+    first = svc.users().list(customer="my_customer").execute()
+    assert len(first["users"]) == 100 and "nextPageToken" in first
+
+
+def test_users_max_results_is_capped_at_500(emu: GoogleEmulator) -> None:
+    for _ in range(400):
+        emu.org.hire()
+    svc = service(emu)
+    body = svc.users().list(domain="example.test", maxResults=1000).execute()
+    assert len(body["users"]) == 500 and body["nextPageToken"]
+    rest = svc.users().list_next(svc.users().list(domain="example.test", maxResults=1000), body).execute()
+    assert len(rest["users"]) == 20 and "nextPageToken" not in rest
+    with pytest.raises(HttpError) as err:
+        svc.users().list(customer="my_customer", maxResults=0).execute()
+    assert err.value.resp.status == 400
+
+
+def test_users_list_needs_customer_or_domain(emu: GoogleEmulator) -> None:
+    svc = service(emu)
+    with pytest.raises(HttpError) as err:
+        svc.users().list(maxResults=10).execute()
+    assert err.value.resp.status == 400 and reason(err.value) == "badRequest"
+    with pytest.raises(HttpError) as err:
+        svc.users().list(customer="C999other").execute()
+    assert err.value.resp.status == 403
+    assert svc.users().list(customer=emu.org.customer_id, maxResults=1).execute()["users"]
+
+
+def test_suspended_and_archived_are_listed_deleted_only_with_show_deleted(emu: GoogleEmulator) -> None:
+    org = emu.org
+    org.deactivate(5, "suspended")
+    org.deactivate(6, "archived")
+    org.deactivate(7, "terminated")
+    org.soft_delete(8)
+    org.delete(9)
+    svc = service(emu)
+    users, _ = all_pages(svc.users(), svc.users().list(customer="my_customer", maxResults=500), "users")
+    by_id = {u["id"]: u for u in users}
+    assert by_id[user_id(5)]["suspended"] is True and by_id[user_id(5)]["suspensionReason"] == "ADMIN"
+    assert by_id[user_id(6)]["archived"] is True and by_id[user_id(6)]["suspended"] is False
+    assert by_id[user_id(7)]["suspended"] is True
+    assert user_id(8) not in by_id and user_id(9) not in by_id
+    assert not any("deletionTime" in u for u in users)
+    deleted = svc.users().list(customer="my_customer", showDeleted="true").execute()["users"]
+    assert {u["id"] for u in deleted} == {user_id(8), user_id(9)}
+    assert all(u["deletionTime"].endswith("Z") for u in deleted)
+
+
+def test_projection_controls_custom_schemas_and_records_carry_the_documented_fields(
+    emu: GoogleEmulator,
+) -> None:
+    svc = service(emu)
+    basic = svc.users().list(customer="my_customer", maxResults=3).execute()["users"]
+    assert not any("customSchemas" in u for u in basic)
+    full = svc.users().list(customer="my_customer", maxResults=3, projection="full").execute()["users"]
+    assert full[0]["customSchemas"]["Employment"]["EmployeeType"] in ("FTE", "Contractor")
+    custom = (
+        svc.users()
+        .list(customer="my_customer", maxResults=3, projection="custom", customFieldMask="Employment")
+        .execute()["users"]
+    )
+    assert "customSchemas" in custom[0]
+    u = full[1]
+    assert u["kind"] == "admin#directory#user" and u["etag"] and u["lastLoginTime"]
+    assert u["organizations"][0]["primary"] is True and "costCenter" in u["organizations"][0]
+    assert u["externalIds"] == [{"value": "E000002", "type": "organization"}]
+    manager = emu.org.people[emu.org.people[2].manager]
+    assert u["relations"] == [{"value": manager.email or manager.username, "type": "manager"}]
+
+
+def test_query_org_unit_path_includes_sub_org_units(emu: GoogleEmulator) -> None:
+    svc = service(emu)
+    users, _ = all_pages(
+        svc.users(),
+        svc.users().list(customer="my_customer", maxResults=500, query="orgUnitPath='/Engineering'"),
+        "users",
+    )
+    paths = {u["orgUnitPath"] for u in users}
+    assert "/Engineering" in paths and any(p.startswith("/Engineering/") for p in paths)
+    assert all(p == "/Engineering" or p.startswith("/Engineering/") for p in paths)
+    with pytest.raises(HttpError) as err:
+        svc.users().list(customer="my_customer", query="nonsense~x").execute()
+    assert err.value.resp.status == 400
+
+
+# --- groups and members --------------------------------------------------------------------------
+
+
+def test_groups_capped_at_200_with_string_member_counts(emu: GoogleEmulator) -> None:
+    for i in range(210):
+        emu.org.create_group(f"Project {i}")
+    svc = service(emu)
+    first = svc.groups().list(customer="my_customer", maxResults=500).execute()
+    assert len(first["groups"]) == 200 and first["nextPageToken"]
+    groups, pages = all_pages(svc.groups(), svc.groups().list(customer="my_customer"), "groups")
+    assert pages == 2 and len(groups) == len(emu.org.groups)
+    assert all(isinstance(g["directMembersCount"], str) for g in groups)
+    assert groups[0]["id"] == group_id(1)
+    with pytest.raises(HttpError) as err:
+        svc.groups().list().execute()
+    assert err.value.resp.status == 400
+    mine = svc.groups().list(userKey=emu.org.people[2].email).execute().get("groups", [])
+    assert {g["id"] for g in mine} == {group_id(g.n) for g in emu.org.groups.values() if 2 in g.members}
+
+
+def test_members_capped_at_200_and_typed_user_group_customer_external(emu: GoogleEmulator) -> None:
+    org = emu.org
+    big = org.create_group("Everyone-ish")
+    for n in range(1, 121):
+        org.add_member(big.n, n)
+    for _ in range(100):
+        org.add_member(big.n, org.hire().n)
+    org.add_subgroup(big.n, 2)
+    emu.customer_groups.add(big.n)
+    emu.external_members[big.n] = {"friend@partner.example"}
+    svc = service(emu)
+    first = svc.members().list(groupKey=group_id(big.n), maxResults=999).execute()
+    assert len(first["members"]) == 200 and first["nextPageToken"]
+    members, pages = all_pages(svc.members(), svc.members().list(groupKey=group_id(big.n)), "members")
+    assert pages == 2 and len(members) == 223
+    by_type: dict[str, list[dict]] = {}
+    for m in members:
+        by_type.setdefault(m["type"], []).append(m)
+    assert len(by_type["USER"]) == 220
+    assert by_type["GROUP"][0]["id"] == group_id(2)
+    assert by_type["CUSTOMER"] == [
+        {
+            "kind": "admin#directory#member",
+            "etag": by_type["CUSTOMER"][0]["etag"],
+            "id": org.customer_id,
+            "role": "MEMBER",
+            "type": "CUSTOMER",
+        }
+    ]
+    assert by_type["EXTERNAL"][0]["email"] == "friend@partner.example"
+    count = svc.groups().list(customer="my_customer", maxResults=200).execute()["groups"]
+    assert next(g for g in count if g["id"] == group_id(big.n))["directMembersCount"] == "223"
+    # By email too, and 404 in Google's shape for an unknown group.
+    assert svc.members().list(groupKey=big.email).execute()["members"]
+    with pytest.raises(HttpError) as err:
+        svc.members().list(groupKey="03x8tuzt9999999").execute()
+    assert err.value.resp.status == 404 and reason(err.value) == "notFound"
+
+
+# --- auth ----------------------------------------------------------------------------------------
+
+
+def test_missing_or_unknown_bearer_is_401_in_google_shape(emu: GoogleEmulator) -> None:
+    r = requests.get(f"{emu.base_url}/admin/directory/v1/users?customer=my_customer", timeout=5)
+    assert r.status_code == 401
+    err = r.json()["error"]
+    assert err["code"] == 401 and err["errors"][0]["reason"] == "authError"
+    assert "Bearer" in r.headers["WWW-Authenticate"]
+    r = requests.get(
+        f"{emu.base_url}/admin/directory/v1/users?customer=my_customer",
+        headers={"Authorization": "Bearer nope"},
+        timeout=5,
+    )
+    assert r.status_code == 401
+
+
+def test_token_endpoint_checks_signature_subject_and_scopes(emu: GoogleEmulator) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    # Signed with another key than the one the emulator issued: refused.
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    forged = dict(emu.service_account_info())
+    forged["private_key"] = other.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    creds = service_account.Credentials.from_service_account_info(forged, scopes=RO).with_subject(
+        emu.admin_email()
+    )
+    svc = build(
+        "admin",
+        "directory_v1",
+        credentials=creds,
+        static_discovery=True,
+        cache_discovery=False,
+        client_options={"api_endpoint": emu.base_url},
+    )
+    with pytest.raises(RefreshError, match="invalid_grant"):
+        svc.users().list(customer="my_customer").execute()
+    # A write scope was not delegated.
+    with pytest.raises(RefreshError, match="unauthorized_client"):
+        service(emu, scopes=["https://www.googleapis.com/auth/admin.directory.user"]).users().list(
+            customer="my_customer"
+        ).execute()
+    # A subject outside the domain.
+    with pytest.raises(RefreshError, match="invalid_grant"):
+        service(emu, subject="someone@elsewhere.example").users().list(customer="my_customer").execute()
+    # Without `sub` a token is issued but the service account itself sees no directory.
+    with pytest.raises(HttpError) as err:
+        service(emu, subject=None).users().list(customer="my_customer").execute()
+    assert err.value.resp.status == 403 and reason(err.value) == "forbidden"
+    # A token for users only cannot list groups.
+    with pytest.raises(HttpError) as err:
+        service(emu, scopes=RO[:1]).groups().list(customer="my_customer").execute()
+    assert err.value.resp.status == 403 and reason(err.value) == "insufficientPermissions"
+    # The raw grant answers the documented shape.
+    r = requests.post(f"{emu.base_url}/token", data={"grant_type": "password"}, timeout=5)
+    assert r.status_code == 400 and r.json()["error"] == "unsupported_grant_type"
+
+
+def test_token_response_shape(emu: GoogleEmulator) -> None:
+    import google.auth.transport.requests
+
+    creds = service_account.Credentials.from_service_account_info(
+        emu.service_account_info(), scopes=RO
+    ).with_subject(emu.admin_email())
+    creds.refresh(google.auth.transport.requests.Request())
+    assert creds.token.startswith("ya29.") and creds.expiry is not None
+    assert ("POST", "/token") in emu.request_log
+
+
+# --- faults --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "status", "why"),
+    [
+        ("user", 403, "userRateLimitExceeded"),
+        ("quota", 403, "quotaExceeded"),
+        ("concurrent", 429, "rateLimitExceeded"),
+    ],
+)
+def test_rate_limits_in_google_shape_without_retry_after(
+    emu: GoogleEmulator, kind: str, status: int, why: str
+) -> None:
+    r = requests.post(f"{emu.base_url}/_emulator/google", json={"rate_limit_kind": kind}, timeout=5)
+    assert r.ok
+    emu.faults.update({"rate_limit": 1, "path": "/admin/directory"})
+    r = requests.get(
+        f"{emu.base_url}/admin/directory/v1/users?customer=my_customer", headers=bearer(emu), timeout=5
+    )
+    assert r.status_code == status and "Retry-After" not in r.headers
+    err = r.json()["error"]
+    assert err["code"] == status and err["errors"][0] == {
+        "message": err["message"],
+        "domain": "usageLimits",
+        "reason": why,
+    }
+    # Through the official client the reason is readable too.
+    emu.faults.update({"rate_limit": 1})
+    with pytest.raises(HttpError) as exc:
+        service(emu).users().list(customer="my_customer").execute()
+    assert exc.value.resp.status == status and reason(exc.value) == why
+
+
+def test_alternate_rate_limits_switch_between_403_and_429(emu: GoogleEmulator) -> None:
+    emu.faults.update({"rate_limit": 2, "path": "/admin/directory"})
+    url = f"{emu.base_url}/admin/directory/v1/users?customer=my_customer"
+    statuses = [requests.get(url, headers=bearer(emu), timeout=5).status_code for _ in range(3)]
+    assert statuses == [403, 429, 200]
+
+
+def test_server_errors_in_google_shape(emu: GoogleEmulator) -> None:
+    emu.faults.update({"error": 1, "error_status": 503, "path": "/admin/directory"})
+    r = requests.get(
+        f"{emu.base_url}/admin/directory/v1/groups?customer=my_customer", headers=bearer(emu), timeout=5
+    )
+    assert r.status_code == 503
+    assert r.json()["error"]["errors"][0]["reason"] == "backendError"
+
+
+def test_volatile_fields_change_between_reads_and_broken_users_lack_primary_email(
+    emu: GoogleEmulator,
+) -> None:
+    svc = service(emu)
+    a = svc.users().list(customer="my_customer", maxResults=5).execute()["users"]
+    import time
+
+    time.sleep(0.01)
+    emu.broken_users = {3}
+    b = svc.users().list(customer="my_customer", maxResults=5).execute()["users"]
+    assert any(x["lastLoginTime"] != y["lastLoginTime"] for x, y in zip(a, b, strict=True))
+    assert any(x["etag"] != y["etag"] for x, y in zip(a, b, strict=True))
+    assert "primaryEmail" not in b[2] and b[2]["id"] == user_id(3)
+    emu.silent_empty = True
+    body = svc.users().list(customer="my_customer").execute()
+    assert "users" not in body and body["kind"] == "admin#directory#users"

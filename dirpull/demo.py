@@ -29,6 +29,9 @@ def _say(text: str) -> None:
 def run_demo(*, people: int, duration: float, schedule: str, workdir: Path) -> int:
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    # The events are the show: per-run log lines would bury them (warnings still print).
+    for name in ("dirpull.sync", "dirpull.daemon"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     db = workdir / "demo.db"
     for leftover in (db, db.with_suffix(".db-wal"), db.with_suffix(".db-shm")):
         leftover.unlink(missing_ok=True)

@@ -1,0 +1,568 @@
+"""Workday through Report-as-a-Service (RaaS) custom reports.
+
+A worker report (and optionally a groups report) is fetched as ONE unpaged JSON document
+`{"Report_Entry": [...]}` (directory-apis.md §5.1). The body is stream-parsed with ijson straight
+from the socket, so memory holds one page of ~500 users, never the body and the parsed list at once.
+Every pull is a complete snapshot: Workday has no deletions, a worker missing from the report is
+deleted; terminated workers stay in the report and become inactive.
+
+Reports have no fixed schema: `settings.fields` maps normalized field names to the report's column
+aliases; without it each field tries the usual aliases (see DEFAULT_COLUMNS). Because a report never
+says which columns it has (empty values are simply omitted), a column counts as present when at least
+one row carries it; a configured column no row carries is a ConfigurationError raised after the last
+row, before `Done`, so the runner applies nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Iterator, Mapping
+from datetime import date
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import ijson
+import requests
+import urllib3
+
+from dirpull.connectors import mapping
+from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page, Quarantined
+from dirpull.connectors.http import (
+    RETRIABLE_STATUSES,
+    HttpClient,
+    RetriesExhausted,
+    RetryPolicy,
+    readable_body,
+)
+from dirpull.model import Group, User
+
+PAGE_SIZE = 500
+
+# Normalized field → report column aliases tried in order (the first one a row carries wins).
+DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "idp_id": ("Employee_ID", "Worker_ID"),
+    "employee_number": ("Employee_ID", "Worker_ID"),
+    "email": ("Email_Address", "Work_Email", "Email_-_Work", "Primary_Work_Email"),
+    "emails": ("Email_Address_group", "Email_Addresses_group"),
+    "username": ("User_Name", "Username"),
+    "first_name": ("First_Name", "Preferred_First_Name", "Legal_First_Name"),
+    "last_name": ("Last_Name", "Preferred_Last_Name", "Legal_Last_Name"),
+    "display_name": ("Legal_Name", "Preferred_Name", "Worker"),
+    "active": ("Active_Status", "Active"),
+    "worker_status": ("Worker_Status", "Status"),
+    "hire_date": ("Hire_Date",),
+    "termination_date": ("Termination_Date",),
+    "manager": ("Manager_Employee_ID", "Manager_ID"),
+    "job_title": ("Job_Title", "Business_Title"),
+    "department": ("Department", "Supervisory_Organization"),
+    # The groups report.
+    "group_id": ("Group_ID", "Organization_ID", "Reference_ID"),
+    "group_name": ("Group_Name", "Organization_Name", "Name"),
+    "group_description": ("Group_Description", "Description"),
+    "group_members": ("Members_group", "Workers_group", "Members"),
+    "group_subgroups": ("Subgroups_group", "Included_Groups_group"),
+}
+# `fields.state` is accepted as another name for `active` (the issue text uses both).
+_FIELD_SYNONYMS = {"state": "active", "manager_idp_id": "manager"}
+GROUP_FIELDS = ("group_id", "group_name", "group_description", "group_members", "group_subgroups")
+USER_FIELDS = tuple(k for k in DEFAULT_COLUMNS if k not in GROUP_FIELDS)
+
+_TRUE = {"1", "true", "yes", "y", "active"}
+_FALSE = {"0", "false", "no", "n", "inactive", "terminated"}
+_INACTIVE_STATUS = {"terminated", "inactive", "retired", "deceased"}
+_PLACEHOLDER = re.compile(r"\{today(?::([^}]*))?\}")
+
+
+def fill_prompt(value: str, today: date) -> str:
+    """`{today}` → 2026-05-02; `{today:FORMAT}` → today.strftime(FORMAT), e.g. `{today:%Y-%m-%d-07:00}`."""
+    return _PLACEHOLDER.sub(lambda m: today.strftime(m.group(1)) if m.group(1) else today.isoformat(), value)
+
+
+def report_url(url: str, prompts: Mapping[str, str], today: date) -> str:
+    """The report URL with `format=json` (added when missing) and the prompts as query parameters."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    if not any(k == "format" for k, _ in query):
+        query.append(("format", "json"))
+    given = {k for k, _ in query}
+    query += [(k, fill_prompt(v, today)) for k, v in prompts.items() if k not in given]
+    # Workday wants `!` literally in reference prompts (`Worker_Type!WID=a!b`).
+    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query, safe="!:"), ""))
+
+
+def derived_group_id(column: str, value: str) -> str:
+    """The idp_id of a group derived from a column value: readable and stable (same value → same id)."""
+    digest = hashlib.sha1(f"{column}\x00{value}".encode()).hexdigest()[:12]
+    return f"{column}:{digest}"
+
+
+def _parse_date(value: Any) -> date | None:
+    """Workday dates: `2026-05-01` or `2026-05-01-07:00` (a zone suffix). Raises ValueError if bad."""
+    if value in (None, ""):
+        return None
+    return date.fromisoformat(str(value)[:10])
+
+
+class _Head:
+    """A file-like wrapper over the response stream that keeps the first bytes for error messages."""
+
+    def __init__(self, raw: Any, keep: int = 2048) -> None:
+        self.raw = raw
+        self.keep = keep
+        self.head = b""
+        self.bytes = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.bytes += len(data)
+        if len(self.head) < self.keep:
+            self.head += data[: self.keep - len(self.head)]
+        return data
+
+
+class WorkdayConnector:
+    provider = "workday"
+
+    def __init__(
+        self,
+        tenant: str,
+        settings: Any,
+        *,
+        policy_factory: Callable[[], RetryPolicy] | None = None,
+        today: Callable[[], date] | None = None,
+        page_size: int = PAGE_SIZE,
+    ) -> None:
+        self.tenant = tenant
+        self.settings = settings
+        self.policy_factory = policy_factory or RetryPolicy
+        self.today = today or date.today
+        self.page_size = page_size
+        fields = {_FIELD_SYNONYMS.get(k, k): v for k, v in (settings.fields or {}).items()}
+        unknown = sorted(set(fields) - set(DEFAULT_COLUMNS))
+        if unknown:
+            raise ConfigurationError(
+                f"workday tenant {tenant}: unknown field name(s) in fields: {', '.join(unknown)} "
+                f"(known: {', '.join(sorted(DEFAULT_COLUMNS))})",
+                step="config",
+            )
+        # Explicitly configured columns must exist in the report; defaults are tried in order.
+        self.explicit: dict[str, str] = fields
+        self.columns: dict[str, tuple[str, ...]] = {
+            k: ((fields[k],) if k in fields else v) for k, v in DEFAULT_COLUMNS.items()
+        }
+        if "employee_number" not in fields and "idp_id" in fields:
+            self.columns["employee_number"] = (fields["idp_id"],)
+
+    # --- HTTP ----------------------------------------------------------------------------------------
+
+    def _client(self) -> HttpClient:
+        s = self.settings
+        auth = None
+        if s.username is not None and s.password is not None:
+            auth = (s.username, s.password.get())
+        client = HttpClient(
+            policy=self.policy_factory(),
+            timeout=(min(30.0, s.timeout), s.timeout),
+            headers={"Accept": "application/json", "User-Agent": "dirpull-workday"},
+            auth=auth,
+            retry_statuses=RETRIABLE_STATUSES,
+        )
+        # Keep the last retried error body: when retries run out, the operator must see Workday's
+        # own words (a SOAP fault, an HTML page), not just "HTTP 500, gave up".
+        client.last_error = ""  # type: ignore[attr-defined]
+
+        def remember(resp: requests.Response, *args: Any, **kwargs: Any) -> None:
+            if resp.status_code in RETRIABLE_STATUSES:
+                client.last_error = readable_body(resp.content)  # type: ignore[attr-defined]
+
+        client.session.hooks["response"].append(remember)
+        return client
+
+    def _uses_oauth(self) -> bool:
+        s = self.settings
+        return s.refresh_token is not None and not (s.username is not None and s.password is not None)
+
+    def _token(self, client: HttpClient) -> str:
+        s = self.settings
+        form = {"grant_type": "refresh_token", "refresh_token": s.refresh_token.get()}
+        try:
+            resp = client.request(
+                "POST", s.token_url, step="token", data=form, auth=(s.client_id, s.client_secret.get())
+            )
+        except ConnectorError as exc:
+            if exc.retriable:  # the token endpoint is down or throttling: the next run may work
+                raise
+            raise AuthError(f"OAuth refresh-token grant failed: {exc}", step="token") from None
+        try:
+            token = resp.json()["access_token"]
+        except (ValueError, KeyError, TypeError):
+            raise AuthError(
+                f"token endpoint answered without an access_token: {readable_body(resp.content)}",
+                step="token",
+            ) from None
+        if not isinstance(token, str) or not token:
+            raise AuthError("token endpoint answered with an empty access_token", step="token")
+        return token
+
+    def _open(self, client: HttpClient, url: str, step: str, state: dict[str, Any]) -> requests.Response:
+        """GET a report as a stream. With OAuth, a 401 gets one token refresh and one more try."""
+        headers = {}
+        if self._uses_oauth():
+            if state.get("token") is None:
+                state["token"] = self._token(client)
+            headers["Authorization"] = f"Bearer {state['token']}"
+        try:
+            resp = self._get(client, url, step, headers)
+        except AuthError as exc:
+            # Only an expired/revoked token (401) is worth a refresh; a 403 is a permission problem.
+            if not self._uses_oauth() or "HTTP 401" not in str(exc):
+                raise
+            state["token"] = self._token(client)
+            headers["Authorization"] = f"Bearer {state['token']}"
+            resp = self._get(client, url, step, headers)
+        ctype = resp.headers.get("Content-Type", "").lower()
+        if "json" not in ctype:
+            excerpt = readable_body(resp.raw.read(4096, decode_content=True))
+            resp.close()
+            raise ConnectorError(
+                f"{step}: expected JSON from the report but got {ctype or 'no content type'}: {excerpt}",
+                step=step,
+            )
+        return resp
+
+    def _get(self, client: HttpClient, url: str, step: str, headers: dict[str, str]) -> requests.Response:
+        try:
+            return client.request("GET", url, step=step, stream=True, headers=headers)
+        except RetriesExhausted as exc:
+            last = getattr(client, "last_error", "")
+            raise RetriesExhausted(
+                f"{exc}" + (f"; last response: {last}" if last else ""), step=step
+            ) from None
+
+    def _rows(self, resp: requests.Response, step: str, counter: dict[str, Any]) -> Iterator[Any]:
+        """Report_Entry items, parsed one at a time from the socket."""
+        head = _Head(resp.raw)
+        resp.raw.decode_content = True
+        try:
+            for item in ijson.items(head, "Report_Entry.item", use_float=True):
+                counter["rows"] += 1
+                yield item
+        except ijson.JSONError as exc:
+            raise ConnectorError(
+                f"{step}: the report is not valid JSON ({readable_body(str(exc), 120)}) "
+                f"after {head.bytes} bytes; "
+                f"it began: {readable_body(head.head, 200)}",
+                step=step,
+            ) from None
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ConnectorError(
+                f"{step}: the connection failed while reading the report after {head.bytes} bytes "
+                f"({type(exc).__name__})",
+                step=step,
+            ) from None
+        finally:
+            resp.close()
+        if counter["rows"] == 0:
+            counter["head"] = readable_body(head.head, 200)
+
+    # --- pull ----------------------------------------------------------------------------------------
+
+    def pull(self, cursor: dict[str, Any] | None, *, full: bool) -> Iterator[Page | Done]:
+        s = self.settings
+        today = self.today()
+        notes: list[str] = []
+        state: dict[str, Any] = {}
+        client = self._client()
+        try:
+            user_ids: set[str] = set()
+            derived: dict[str, str] = {}  # derived group id → value
+            seen_columns: set[str] = set()
+            stats: dict[str, Any] = {"rows": 0}
+            page = Page()
+            url = report_url(s.users_report_url, s.prompts, today)
+            resp = self._open(client, url, "users report", state)
+            for row in self._rows(resp, "users report", stats):
+                if isinstance(row, dict):
+                    seen_columns.update(row)
+                self._user_row(row, today, page, user_ids, derived)
+                if len(page.users) + len(page.quarantined) >= self.page_size:
+                    yield page
+                    page = Page()
+            self._check_users_report(stats, seen_columns, notes)
+            if s.groups_report_url:
+                if page.users or page.quarantined:
+                    yield page
+                page = Page()
+                yield from self._groups(client, today, state, user_ids, notes)
+            elif derived:
+                for gid, value in sorted(derived.items()):
+                    page.groups.append(Group(idp_id=gid, name=value, raw_attributes={s.group_column: value}))
+            if page.users or page.groups or page.members or page.quarantined:
+                yield page
+            yield Done(snapshot=True, cursor=None, mode="full", requests=client.requests, notes=notes)
+        finally:
+            client.close()
+
+    def _user_row(
+        self, row: Any, today: date, page: Page, user_ids: set[str], derived: dict[str, str]
+    ) -> None:
+        if not isinstance(row, dict):
+            page.quarantined.append(Quarantined("user", None, "report row is not an object"))
+            return
+        idp_id = self._pick(row, "idp_id")
+        if not isinstance(idp_id, str) or not idp_id.strip():
+            cols = "/".join(self.columns["idp_id"])
+            page.quarantined.append(Quarantined("user", None, f"row has no worker id ({cols})"))
+            return
+        idp_id = idp_id.strip()
+        if idp_id in user_ids:
+            page.quarantined.append(Quarantined("user", idp_id, "worker id appears twice in the report"))
+            return
+        try:
+            user = self._user(idp_id, row, today)
+        except (ValueError, TypeError) as exc:
+            page.quarantined.append(Quarantined("user", idp_id, f"cannot read row: {exc}"))
+            return
+        user_ids.add(idp_id)
+        page.users.append(user)
+        column = self.settings.group_column
+        if column and not self.settings.groups_report_url:
+            for value in _values(row.get(column), column):
+                gid = derived_group_id(column, value)
+                derived[gid] = value
+                page.members.append((gid, idp_id))
+
+    def _pick(self, row: Mapping[str, Any], field: str) -> Any:
+        for column in self.columns[field]:
+            value = row.get(column)
+            if value is not None:
+                return value
+        return None
+
+    def _str(self, row: Mapping[str, Any], field: str) -> str | None:
+        value = self._pick(row, field)
+        if value is None:
+            return None
+        if isinstance(value, list):  # a multi-valued column: its first value
+            values = _values(value, self.columns[field][0])
+            return values[0] if values else None
+        text = str(value).strip()
+        return text or None
+
+    def _user(self, idp_id: str, row: dict[str, Any], today: date) -> User:
+        email = self._str(row, "email")
+        emails = self._emails(row, email)
+        first, last = self._str(row, "first_name"), self._str(row, "last_name")
+        display = self._str(row, "display_name") or " ".join(x for x in (first, last) if x) or None
+        return User(
+            idp_id=idp_id,
+            username=self._str(row, "username") or email,
+            email=email,
+            emails=emails,
+            first_name=first,
+            last_name=last,
+            display_name=display,
+            state=self._state(row, today),
+            job_title=self._str(row, "job_title"),
+            department=self._str(row, "department"),
+            employee_number=self._str(row, "employee_number"),
+            manager_idp_id=self._str(row, "manager"),
+            custom_attributes=mapping.map_attributes(row, self.settings.attributes),
+            raw_attributes=row,
+        )
+
+    def _emails(self, row: Mapping[str, Any], email: str | None) -> list[str]:
+        """All work emails: the primary first, then the nested email group's WORK entries."""
+        out = [email] if email else []
+        group = self._pick(row, "emails")
+        if isinstance(group, list):
+            for item in group:
+                if not isinstance(item, dict):
+                    continue
+                usage = str(item.get("Usage_Type") or item.get("Type") or "WORK").upper()
+                value = next(
+                    (v for k, v in item.items() if "email" in k.lower() and isinstance(v, str)), None
+                )
+                if value and usage == "WORK" and value not in out:
+                    out.append(value)
+        return out
+
+    def _state(self, row: Mapping[str, Any], today: date) -> str:
+        """inactive when Workday says so, or when the termination date has passed (a future
+        termination keeps the worker active until the day after the date). A termination date
+        before the (re)hire date is an old employment and is ignored."""
+        flag = self._pick(row, "active")
+        if flag is not None:
+            # "1"/"0" (or true/false); a status text mapped here works too (Active, Terminated, …).
+            text = str(flag).strip().lower()
+            if text in _FALSE or text in _INACTIVE_STATUS:
+                return "inactive"
+            if text.isdigit() and text not in _TRUE:
+                raise ValueError(f"{self.columns['active'][0]} has an unknown value {flag!r}")
+        else:
+            # Worker_Status: Terminated/Inactive → inactive; Active, On Leave, … → active.
+            status = self._str(row, "worker_status")
+            if status is not None and status.lower() in _INACTIVE_STATUS:
+                return "inactive"
+        ended = _parse_date(self._str(row, "termination_date"))
+        hired = _parse_date(self._str(row, "hire_date"))
+        if ended is not None and ended < today and not (hired is not None and hired > ended):
+            return "inactive"
+        return "active"
+
+    def _check_users_report(self, stats: dict[str, Any], seen: set[str], notes: list[str]) -> None:
+        """Refuse a report that would blank or deactivate the tenant (raised before Done: nothing applies)."""
+        if stats["rows"] == 0:
+            raise ConfigurationError(
+                "users report: the report has no rows; refusing to treat every worker as deleted "
+                f"(check the report's prompts and filters; the body began: {stats.get('head', '')})",
+                step="users report",
+            )
+        missing = sorted(
+            f"{field} → {column}"
+            for field, column in self.explicit.items()
+            if field in USER_FIELDS and column not in seen
+        )
+        if (
+            self.settings.group_column
+            and not self.settings.groups_report_url
+            and self.settings.group_column not in seen
+        ):
+            missing.append(f"group_column → {self.settings.group_column}")
+        if missing:
+            raise ConfigurationError(
+                "users report: no row has the configured column(s) "
+                + ", ".join(missing)
+                + f" (the report has: {', '.join(sorted(seen))})",
+                step="users report",
+            )
+        if not any(c in seen for c in self.columns["idp_id"]):
+            raise ConfigurationError(
+                f"users report: no row has a worker id column (tried {', '.join(self.columns['idp_id'])}); "
+                "set fields.idp_id",
+                step="users report",
+            )
+        state_columns = self.columns["active"] + self.columns["worker_status"]
+        if not any(c in seen for c in state_columns):
+            raise ConfigurationError(
+                f"users report: no row has a status column (tried {', '.join(state_columns)}); without it "
+                "terminated workers would stay active. Add Active_Status to the report or set fields.active",
+                step="users report",
+            )
+        for field in (
+            "email",
+            "first_name",
+            "last_name",
+            "display_name",
+            "manager",
+            "job_title",
+            "department",
+        ):
+            if field not in self.explicit and not any(c in seen for c in self.columns[field]):
+                notes.append(f"users report has no {field} column (tried {', '.join(self.columns[field])})")
+
+    def _groups(
+        self, client: HttpClient, today: date, state: dict[str, Any], user_ids: set[str], notes: list[str]
+    ) -> Iterator[Page]:
+        """The groups report: groups with direct members and subgroups, flattened here.
+
+        The whole groups report is held (groups are few next to workers) because a subgroup may be
+        listed before or after its parent."""
+        s = self.settings
+        url = report_url(s.groups_report_url, s.prompts, today)
+        resp = self._open(client, url, "groups report", state)
+        groups: dict[str, Group] = {}
+        direct: dict[str, set[str]] = {}
+        subs: dict[str, list[str]] = {}
+        seen: set[str] = set()
+        stats: dict[str, Any] = {"rows": 0}
+        quarantined: list[Quarantined] = []
+        member_col = self.columns["idp_id"]
+        for row in self._rows(resp, "groups report", stats):
+            if not isinstance(row, dict):
+                quarantined.append(Quarantined("group", None, "report row is not an object"))
+                continue
+            seen.update(row)
+            gid = self._str(row, "group_id")
+            if not gid:
+                quarantined.append(Quarantined("group", None, "row has no group id"))
+                continue
+            groups[gid] = Group(
+                idp_id=gid,
+                name=self._str(row, "group_name"),
+                description=self._str(row, "group_description"),
+                raw_attributes={k: v for k, v in row.items() if k not in self.columns["group_members"]},
+            )
+            direct[gid] = set(_values(self._pick(row, "group_members"), *member_col))
+            subs[gid] = _values(self._pick(row, "group_subgroups"), *self.columns["group_id"])
+        missing = sorted(
+            f"{f} → {c}" for f, c in self.explicit.items() if f in GROUP_FIELDS and c not in seen
+        )
+        if missing and stats["rows"]:
+            raise ConfigurationError(
+                "groups report: no row has the configured column(s) " + ", ".join(missing),
+                step="groups report",
+            )
+        unknown_members = 0
+        page = Page(quarantined=quarantined)
+        for gid, group in groups.items():
+            page.groups.append(group)
+            for uid in sorted(_flatten(gid, direct, subs)):
+                if uid in user_ids:
+                    page.members.append((gid, uid))
+                else:
+                    unknown_members += 1
+            if len(page.groups) >= self.page_size or len(page.members) >= 20 * self.page_size:
+                yield page
+                page = Page()
+        if unknown_members:
+            notes.append(f"groups report lists {unknown_members} member(s) not in the users report; ignored")
+        yield page
+
+
+def _values(value: Any, *keys: str) -> list[str]:
+    """The string values of a column: a plain string, or a nested `_group` array of objects (the
+    value under one of `keys`, else the object's only/first string value)."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value.strip()] if value.strip() else []
+    out: list[str] = []
+    if isinstance(value, list):
+        for item in value:
+            if isinstance(item, str):
+                v = item
+            elif isinstance(item, dict):
+                v = next((item[k] for k in keys if isinstance(item.get(k), str)), None)
+                if v is None:
+                    v = next((x for x in item.values() if isinstance(x, str)), None)
+            else:
+                v = None
+            if v and v.strip():
+                out.append(v.strip())
+    return out
+
+
+def _flatten(gid: str, direct: dict[str, set[str]], subs: dict[str, list[str]]) -> set[str]:
+    out: set[str] = set()
+    seen: set[str] = set()
+    stack = [gid]
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        out |= direct.get(cur, set())
+        stack.extend(subs.get(cur, ()))
+    return out
+
+
+# Test hooks for connectors made through the registry (sync-level tests): a fast retry policy and
+# a fixed "today". None = the defaults (RetryPolicy(), date.today).
+POLICY_FACTORY: Callable[[], RetryPolicy] | None = None
+TODAY: Callable[[], date] | None = None
+
+
+def build(tenant: str, settings: Any) -> WorkdayConnector:
+    return WorkdayConnector(tenant, settings, policy_factory=POLICY_FACTORY, today=TODAY)

@@ -1,0 +1,408 @@
+"""Workday Report-as-a-Service (RaaS) over the synthetic organization.
+
+directory-apis.md §5.1 and §6 rule 5: `GET /ccx/service/customreport2/{tenant}/{owner}/{report}`
+returns ONE unpaged `{"Report_Entry": [...]}`. Keys are the columns' aliases, every value is a string
+(booleans `"1"`/`"0"`), a field with no value is omitted (never null), multi-valued fields are nested
+arrays of objects whose alias ends in `_group`. Prompts are query parameters (`Effective_as_of_Date=…`,
+reference prompts `X!WID=wid1!wid2`). Auth is HTTP Basic for an integration system user, or a Bearer
+token from `POST /ccx/oauth2/{tenant}/token` (grant_type=refresh_token). Errors come back as XML or HTML
+even when `format=json` was asked for.
+
+Two reports are served:
+  * the worker report (default name `Worker_Directory`), one row per listed person; terminated
+    workers stay in it with `Active_Status` "0"; a deleted person is simply absent (Workday has no
+    deletions, a row that disappears is how a "deleted" worker looks to a report consumer);
+  * the groups report (default name `Worker_Groups`), one row per group with its direct members and
+    its direct subgroups as nested `_group` arrays.
+
+Switches (constructor arguments, or attributes a test may change while the emulator runs):
+  columns        the worker report's column set (standard names below); None = all of them
+  aliases        standard column name → the alias this tenant's report uses (e.g. Email_Address →
+                 Work_Email), to emulate a tenant whose report was built with other aliases
+  error_format   "xml" (SOAP-ish fault), "html" (an error page) or "json", for 4xx/5xx bodies
+  forbidden      report names the integration user may not run → 403 with an HTML page
+  login_page     answer report requests with 200 and an HTML sign-in page (an SSO redirect gone wrong)
+
+Faults (server.Faults) apply as everywhere: `error` → 5xx with the XML/HTML body above, `rate_limit`
+→ 503 + Retry-After (Workday documents no 429), `expire_auth` → 401 (a bearer token is forgotten),
+`delay` → a slow report, `drop`/`malformed` → a cut or broken body.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import secrets
+import threading
+from datetime import date
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from dirpull.emulators.org import Group, Org, Person
+from dirpull.emulators.server import Emulator, Request, Response
+
+WORKER_COLUMNS: tuple[str, ...] = (
+    "Employee_ID",
+    "Worker",
+    "Legal_Name",
+    "First_Name",
+    "Last_Name",
+    "Email_Address",
+    "Email_Address_group",
+    "User_Name",
+    "Active_Status",
+    "Worker_Status",
+    "Hire_Date",
+    "Termination_Date",
+    "Manager",
+    "Manager_Employee_ID",
+    "Supervisory_Organization",
+    "Job_Title",
+    "Cost_Center",
+    "Location",
+    "Worker_Type",
+)
+GROUP_COLUMNS: tuple[str, ...] = (
+    "Group_ID",
+    "Group_Name",
+    "Group_Description",
+    "Members_group",
+    "Subgroups_group",
+)
+
+# Report rows are encoded this many at a time into one growing buffer: the body exists once.
+_CHUNK_ROWS = 1000
+
+
+def employee_id(n: int) -> str:
+    """The Workday Employee_ID of Person n (also what Manager_Employee_ID refers to)."""
+    return str(21000 + n)
+
+
+def group_id(n: int) -> str:
+    return f"WG-{n:05d}"
+
+
+def wid(kind: str, value: str) -> str:
+    """A Workday ID (32 hex digits) for a reference value, stable across runs."""
+    return hashlib.md5(f"{kind}:{value}".encode()).hexdigest()
+
+
+class WorkdayEmulator(Emulator):
+    name = "workday"
+
+    def __init__(
+        self,
+        org: Org,
+        *,
+        tenant: str = "dirpull_demo",
+        owner: str = "ISU_Sync",
+        users_report: str = "Worker_Directory",
+        groups_report: str = "Worker_Groups",
+        username: str = "ISU_Sync@dirpull_demo",
+        password: str = "wd-isu-password",
+        client_id: str = "wd-api-client",
+        client_secret: str = "wd-client-secret",
+        refresh_token: str = "wd-refresh-token",
+        columns: list[str] | tuple[str, ...] | None = None,
+        aliases: dict[str, str] | None = None,
+        error_format: str = "xml",
+    ) -> None:
+        super().__init__(org)
+        self.tenant = tenant
+        self.owner = owner
+        self.users_report = users_report
+        self.groups_report = groups_report
+        self.username = username
+        self.password = password
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.refresh_token = refresh_token
+        self.columns = tuple(columns) if columns is not None else WORKER_COLUMNS
+        self.aliases = dict(aliases or {})
+        self.error_format = error_format
+        self.forbidden: set[str] = set()
+        # Answer report requests with 200 and an HTML sign-in page (an SSO redirect gone wrong).
+        self.login_page = False
+        # Every report request's prompts (query parameters minus `format`), for tests.
+        self.prompts_log: list[dict[str, str]] = []
+        self.tokens: set[str] = set()
+        self.tokens_issued = 0
+        self._tok_lock = threading.Lock()
+        self.route(
+            "GET",
+            r"/ccx/service/customreport2/(?P<tenant>[^/]+)/(?P<owner>[^/]+)/(?P<report>[^/]+)",
+            self._report,
+        )
+        self.route("POST", r"/ccx/oauth2/(?P<tenant>[^/]+)/token", self._token)
+
+    # --- vendor wording of errors ------------------------------------------------------------------
+
+    def error(self, status: int, message: str, *, fault: str = "Processing error occurred") -> Response:
+        """An error in the configured body style; Workday ignores `format=json` for errors."""
+        if self.error_format == "json":
+            return Response(status, {"error": fault, "errors": [{"error": message}]})
+        if self.error_format == "html":
+            title = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found"}.get(status, "Error")
+            page = (
+                f"<!DOCTYPE html><html><head><title>{title}</title>"
+                "<style>body{font-family:sans-serif}</style></head>"
+                f"<body><h1>{status} {title}</h1><p>{_esc(message)}</p><hr>"
+                "<address>Workday</address></body></html>"
+            )
+            return Response(status, page, content_type="text/html")
+        xml = (
+            '<?xml version="1.0" encoding="UTF-8"?>'
+            '<SOAP-ENV:Envelope xmlns:SOAP-ENV="http://schemas.xmlsoap.org/soap/envelope/">'
+            "<SOAP-ENV:Body><SOAP-ENV:Fault><faultcode>SOAP-ENV:Client.validationError</faultcode>"
+            f"<faultstring>{_esc(fault)}</faultstring><detail>"
+            '<wd:Error xmlns:wd="urn:com.workday/bsvc">'
+            f"<wd:Message>{_esc(message)}</wd:Message></wd:Error>"
+            "</detail></SOAP-ENV:Fault></SOAP-ENV:Body></SOAP-ENV:Envelope>"
+        )
+        return Response(status, xml, content_type="text/xml")
+
+    def authenticate(self, req: Request) -> Response | None:
+        if req.path.startswith("/ccx/oauth2/"):
+            return None  # the token endpoint checks the client itself
+        header = req.headers.get("Authorization") or ""
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                user, _, pwd = base64.b64decode(value).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return self.unauthorized(req)
+            if secrets.compare_digest(user, self.username) and secrets.compare_digest(pwd, self.password):
+                return None
+        elif scheme.lower() == "bearer":
+            with self._tok_lock:
+                if value in self.tokens:
+                    return None
+        return self.unauthorized(req)
+
+    def unauthorized(self, req: Request) -> Response:
+        # An expired bearer token is forgotten, so the client must refresh.
+        header = req.headers.get("Authorization") or ""
+        if header.lower().startswith("bearer "):
+            with self._tok_lock:
+                self.tokens.discard(header[7:])
+        resp = self.error(401, "Invalid username or password", fault="Authentication failed")
+        resp.headers.append(("WWW-Authenticate", 'Basic realm="Workday"'))
+        return resp
+
+    def rate_limited(self, req: Request) -> Response:
+        resp = self.error(503, "The server is temporarily unable to service your request", fault="Busy")
+        resp.headers.append(("Retry-After", "1"))
+        return resp
+
+    def server_error(self, req: Request, status: int) -> Response:
+        return self.error(
+            status, "An unexpected error occurred while running the report. Please contact Workday support."
+        )
+
+    def not_found(self, req: Request) -> Response:
+        return self.error(404, f"Resource not found: {req.path}", fault="Invalid request")
+
+    # --- OAuth -------------------------------------------------------------------------------------
+
+    def _token(self, req: Request) -> Response:
+        if req.params["tenant"] != self.tenant:
+            return self.not_found(req)
+        form = {k: v[0] for k, v in parse_qs(req.body.decode("utf-8", "replace")).items()}
+        cid, csecret = form.get("client_id"), form.get("client_secret")
+        header = req.headers.get("Authorization") or ""
+        if header.lower().startswith("basic "):
+            try:
+                cid, _, csecret = base64.b64decode(header[6:]).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                cid = csecret = None
+        if cid != self.client_id or csecret != self.client_secret:
+            return Response(401, {"error": "invalid_client", "error_description": "Invalid client"})
+        if form.get("grant_type") != "refresh_token":
+            return Response(400, {"error": "unsupported_grant_type"})
+        if form.get("refresh_token") != self.refresh_token:
+            return Response(400, {"error": "invalid_grant", "error_description": "Invalid refresh token"})
+        token = secrets.token_urlsafe(24)
+        with self._tok_lock:
+            self.tokens.add(token)
+            self.tokens_issued += 1
+        return Response(
+            200, {"access_token": token, "token_type": "Bearer", "refresh_token": self.refresh_token}
+        )
+
+    # --- reports -----------------------------------------------------------------------------------
+
+    def _report(self, req: Request) -> Response:
+        p = req.params
+        if p["tenant"] != self.tenant or p["owner"] != self.owner:
+            return self.error(500, f"Invalid request: report {p['owner']}/{p['report']} not found in tenant")
+        if p["report"] in self.forbidden:
+            return self.error_page_forbidden(p["report"])
+        if self.login_page:
+            page = (
+                "<!DOCTYPE html><html><head><title>Workday</title></head><body>"
+                "<h1>Sign In</h1><p>Your session has expired. Please sign in.</p></body></html>"
+            )
+            return Response(200, page, content_type="text/html")
+        prompts = {k: v[0] for k, v in req.query.items() if k != "format"}
+        with self._lock:
+            self.prompts_log.append(prompts)
+        fmt = req.arg("format")
+        if fmt not in (None, "json"):
+            return self.error(400, f"format {fmt} is not served by this emulator", fault="Invalid request")
+        if fmt is None:
+            # RaaS defaults to XML; the emulator only speaks JSON, so it says so in XML.
+            return self.error(400, "Add format=json to the URL", fault="Invalid request")
+        as_of = _as_of(prompts.get("Effective_as_of_Date"))
+        if as_of is None:
+            return self.error(
+                400, "Invalid value for prompt Effective_as_of_Date", fault="Validation error occurred"
+            )
+        if p["report"] == self.users_report:
+            return Response(200, self._users_body(prompts, as_of))
+        if p["report"] == self.groups_report:
+            return Response(200, self._groups_body())
+        return self.error(500, f"Invalid request: report {p['owner']}/{p['report']} not found in tenant")
+
+    def error_page_forbidden(self, report: str) -> Response:
+        page = (
+            "<!DOCTYPE html><html><head><title>403 Forbidden</title></head><body><h1>Forbidden</h1>"
+            f"<p>The task submitted is not authorized: {_esc(report)}</p></body></html>"
+        )
+        return Response(403, page, content_type="text/html")
+
+    def _users_body(self, prompts: dict[str, str], as_of: date) -> bytes:
+        filters = {
+            k[: -len("!WID")]: set(v.split("!")) for k, v in prompts.items() if k.endswith("!WID") and v
+        }
+        columns = self.columns
+        names = {c: self.aliases.get(c, c) for c in columns}
+
+        def rows() -> Any:
+            for person in self.org.listed_people():
+                row = self.worker_row(person, as_of)
+                if filters and not all(wid(col, row.get(col, "")) in ws for col, ws in filters.items()):
+                    continue
+                yield {names[c]: row[c] for c in columns if c in row}
+
+        return self._encode(rows())
+
+    def _groups_body(self) -> bytes:
+        def rows() -> Any:
+            for group in self.org.listed_groups():
+                yield self.group_row(group)
+
+        return self._encode(rows())
+
+    def _encode(self, rows: Any) -> bytes:
+        """`{"Report_Entry":[…]}` built chunk by chunk into one buffer, under the org lock."""
+        buf = io.BytesIO()
+        buf.write(b'{"Report_Entry":[')
+        enc = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+        first = True
+        chunk: list[str] = []
+        with self.org.lock:
+            for row in rows:
+                chunk.append(enc(row))
+                if len(chunk) >= _CHUNK_ROWS:
+                    buf.write((("" if first else ",") + ",".join(chunk)).encode())
+                    first, chunk = False, []
+            if chunk:
+                buf.write((("" if first else ",") + ",".join(chunk)).encode())
+        buf.write(b"]}")
+        return buf.getvalue()
+
+    def worker_row(self, p: Person, as_of: date) -> dict[str, Any]:
+        """Every standard column of one worker; empty values are left out, as Workday does."""
+        people = self.org.people
+        terminated = p.state == "inactive" and p.inactive_reason == "terminated"
+        # A termination takes effect the day after the termination date (the last day worked);
+        # one before the hire date belongs to an earlier employment (a rehire).
+        if p.termination_date and p.hire_date <= p.termination_date < as_of.isoformat():
+            terminated = True
+        active = p.state == "active" and not terminated
+        row: dict[str, Any] = {
+            "Employee_ID": employee_id(p.n),
+            "Worker": p.display,
+            "Legal_Name": p.display,
+            "First_Name": p.given,
+            "Last_Name": p.family,
+            "User_Name": p.username,
+            "Active_Status": "1" if active else "0",
+            "Worker_Status": "Active" if active else ("Terminated" if terminated else "Inactive"),
+            "Hire_Date": p.hire_date,
+            "Location": p.location,
+            "Cost_Center": p.cost_center,
+            "Worker_Type": "Contingent Worker" if p.n % 10 == 7 else "Employee",
+        }
+        if p.email:
+            row["Email_Address"] = p.email
+            emails = [{"Email_Address": p.email, "Usage_Type": "WORK", "Primary": "1"}]
+            if p.n % 5 == 0:
+                emails.append(
+                    {
+                        "Email_Address": f"{p.username.split('@')[0]}@home.invalid",
+                        "Usage_Type": "HOME",
+                        "Primary": "0",
+                    }
+                )
+            row["Email_Address_group"] = emails
+        if p.termination_date:
+            row["Termination_Date"] = p.termination_date
+        manager = people.get(p.manager) if p.manager is not None else None
+        if manager is not None and manager.visible:
+            row["Manager"] = manager.display
+            row["Manager_Employee_ID"] = employee_id(manager.n)
+        if p.department:
+            row["Supervisory_Organization"] = p.department
+        if p.title:
+            row["Job_Title"] = p.title
+        return row
+
+    def group_row(self, g: Group) -> dict[str, Any]:
+        people, subs = self.org.direct_members(g.n)
+        row: dict[str, Any] = {"Group_ID": group_id(g.n), "Group_Name": g.name}
+        if g.description:
+            row["Group_Description"] = g.description
+        if people:
+            row["Members_group"] = [{"Employee_ID": employee_id(n)} for n in people]
+        if subs:
+            row["Subgroups_group"] = [{"Group_ID": group_id(n)} for n in subs]
+        return row
+
+    # --- configuration for dirpull -----------------------------------------------------------------
+
+    def report_url(self, report: str) -> str:
+        return f"{self.base_url}/ccx/service/customreport2/{self.tenant}/{self.owner}/{report}?format=json"
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.base_url}/ccx/oauth2/{self.tenant}/token"
+
+    def tenant_config(self, tenant: str, workdir: Path) -> dict[str, Any]:
+        return {
+            "provider": "workday",
+            "users_report_url": self.report_url(self.users_report),
+            "groups_report_url": self.report_url(self.groups_report),
+            "username": self.username,
+            "password": self.password,
+            "prompts": {"Effective_as_of_Date": "{today}"},
+            "timeout": 120.0,
+        }
+
+
+def _as_of(value: str | None) -> date | None:
+    """`Effective_as_of_Date` as Workday takes it: `2018-10-01` or `2018-10-01-07:00`."""
+    if not value:
+        return date.today()
+    try:
+        return date.fromisoformat(value[:10])
+    except ValueError:
+        return None
+
+
+def _esc(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")

@@ -1,0 +1,267 @@
+"""The Okta emulator against directory-apis.md §3 / §6 rule 3, over raw HTTP and through the official
+okta SDK (proves the wire format is readable by Okta's own client)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import requests
+
+from dirpull.emulators.okta_api import API_TOKEN, OktaEmulator, group_id, user_id
+from dirpull.emulators.org import Org
+
+AUTH = {"Authorization": f"SSWS {API_TOKEN}"}
+
+
+@pytest.fixture
+def org() -> Org:
+    return Org.generate(people=450, seed=3)
+
+
+@pytest.fixture
+def emu(org: Org) -> Iterator[OktaEmulator]:
+    e = OktaEmulator(org)
+    e.start()
+    try:
+        yield e
+    finally:
+        e.stop()
+
+
+def get(e: OktaEmulator, path: str, **params: Any) -> requests.Response:
+    return requests.get(e.base_url + path, params=params, headers=AUTH, timeout=10)
+
+
+def walk(e: OktaEmulator, path: str, **params: Any) -> tuple[list[dict[str, Any]], int]:
+    """Follow Link rel="next" to the end: (records, pages)."""
+    out: list[dict[str, Any]] = []
+    url: str | None = e.base_url + path
+    pages = 0
+    while url and pages < 100:
+        r = requests.get(url, params=params if pages == 0 else None, headers=AUTH, timeout=10)
+        assert r.status_code == 200, r.text
+        out += r.json()
+        pages += 1
+        url = r.links.get("next", {}).get("url")
+    return out, pages
+
+
+def deprovisioned(org: Org) -> set[str]:
+    return {user_id(p.n) for p in org.people.values() if p.state == "inactive" and p.inactive_reason != "suspended"}
+
+
+# --- raw HTTP ---------------------------------------------------------------------------------------
+
+
+def test_link_paging_limits_and_self_then_next(emu: OktaEmulator, org: Org) -> None:
+    r = get(emu, "/api/v1/users", limit=500)
+    assert len(r.json()) == 200  # limit is capped at 200
+    links = [v for k, v in r.raw.headers.items() if k.lower() == "link"]
+    assert links[0].endswith('rel="self"') and links[-1].endswith('rel="next"')
+    default = get(emu, "/api/v1/users")
+    assert len(default.json()) == 200  # default 200
+    users, pages = walk(emu, "/api/v1/users", limit=100)
+    assert pages == 5
+    ids = [u["id"] for u in users]
+    assert len(ids) == len(set(ids))
+
+
+def test_plain_list_hides_deprovisioned_filter_and_search_show_them(emu: OktaEmulator, org: Org) -> None:
+    gone = deprovisioned(org)
+    assert gone
+    plain = {u["id"] for u in walk(emu, "/api/v1/users")[0]}
+    assert not plain & gone
+    filtered = walk(emu, "/api/v1/users", filter='status eq "DEPROVISIONED"')[0]
+    assert {u["id"] for u in filtered} == gone
+    searched = {u["id"] for u in walk(emu, "/api/v1/users", search='status eq "DEPROVISIONED"')[0]}
+    assert searched == gone
+    everyone = {u["id"] for u in walk(emu, "/api/v1/users", filter='lastUpdated gt "2000-01-01T00:00:00.000Z"')[0]}
+    assert everyone == plain | gone and len(everyone) == 450
+
+
+def test_filter_last_updated_and_bad_filter(emu: OktaEmulator, org: Org) -> None:
+    time.sleep(0.01)
+    mark = Org.iso(time.time())
+    time.sleep(0.01)
+    org.update_person(10, title="CTO")
+    org.deactivate(11)
+    got = walk(emu, "/api/v1/users", filter=f'lastUpdated gt "{mark}"')[0]
+    assert {u["id"]: u["status"] for u in got} == {user_id(10): "ACTIVE", user_id(11): "DEPROVISIONED"}
+    both = walk(emu, "/api/v1/users", filter=f'lastUpdated gt "{mark}" and status eq "ACTIVE"')[0]
+    assert [u["id"] for u in both] == [user_id(10)]
+    for bad in ('title eq "CTO"', 'status gt "A"', "lastUpdated gt 5", 'profile.login sw "a"'):
+        r = get(emu, "/api/v1/users", filter=bad)
+        assert r.status_code == 400 and r.json()["errorCode"] == "E0000053", bad
+
+
+def test_deleted_user_vanishes_and_statuses(emu: OktaEmulator, org: Org) -> None:
+    org.delete(12)
+    assert get(emu, f"/api/v1/users/{user_id(12)}").json()["errorCode"] == "E0000007"
+    assert get(emu, f"/api/v1/users/{user_id(12)}").status_code == 404
+    all_ids = {u["id"] for u in walk(emu, "/api/v1/users", search='lastUpdated gt "2000-01-01T00:00:00.000Z"')[0]}
+    assert user_id(12) not in all_ids
+    org.deactivate(13, "suspended")
+    emu.status_overrides[14] = "LOCKED_OUT"
+    assert get(emu, f"/api/v1/users/{user_id(13)}").json()["status"] == "SUSPENDED"
+    rec = get(emu, f"/api/v1/users/{user_id(14)}").json()
+    assert rec["status"] == "LOCKED_OUT"
+    assert {"login", "email", "firstName", "lastName", "displayName", "employeeNumber"} <= set(rec["profile"])
+    assert rec["profile"]["managerId"] == user_id(org.people[14].manager)  # type: ignore[arg-type]
+
+
+def test_groups_types_members_and_404(emu: OktaEmulator, org: Org) -> None:
+    groups = get(emu, "/api/v1/groups").json()
+    types = {g["type"] for g in groups}
+    assert types == {"BUILT_IN", "OKTA_GROUP", "APP_GROUP"}
+    assert [g["profile"]["name"] for g in groups if g["type"] == "BUILT_IN"] == ["Everyone"]
+    okta_only = get(emu, "/api/v1/groups", filter='type eq "OKTA_GROUP"').json()
+    assert {g["type"] for g in okta_only} == {"OKTA_GROUP"}
+    # Nested Org groups are served flattened; the default member page is 1000.
+    nested = next(g for g in org.groups.values() if g.subgroups)
+    members = get(emu, f"/api/v1/groups/{group_id(nested.n)}/users").json()
+    assert {u["id"] for u in members} == {user_id(n) for n in org.transitive_members(nested.n)}
+    assert "profile" in members[0]
+    everyone = get(emu, f"/api/v1/groups/{group_id(0)}/users").json()
+    assert len(everyone) == 450
+    r = get(emu, "/api/v1/groups/00gnosuchgroup/users")
+    assert r.status_code == 404 and r.json()["errorCode"] == "E0000007"
+    # Membership changes bump lastMembershipUpdated (and a parent's, for a nested child).
+    before = get(emu, f"/api/v1/groups/{group_id(3)}").json()["lastMembershipUpdated"]
+    time.sleep(0.01)
+    newcomer = next(n for n in sorted(org.people) if n not in org.transitive_members(3))
+    org.add_member(3, newcomer)
+    after = get(emu, f"/api/v1/groups/{group_id(3)}").json()
+    assert after["lastMembershipUpdated"] > before
+    got = get(emu, "/api/v1/groups", filter=f'lastMembershipUpdated gt "{before}"').json()
+    assert group_id(3) in {g["id"] for g in got}
+
+
+def test_rate_limit_headers_window_and_429(org: Org) -> None:
+    e = OktaEmulator(org, rate_limit=3, rate_window=0.5)
+    e.start()
+    try:
+        statuses = []
+        for path in ("/api/v1/users", "/api/v1/users?limit=2", "/api/v1/users/nope", "/api/v1/users"):
+            r = requests.get(e.base_url + path, headers=AUTH, timeout=10)
+            statuses.append(r.status_code)
+            assert {"X-Rate-Limit-Limit", "X-Rate-Limit-Remaining", "X-Rate-Limit-Reset", "Date"} <= set(r.headers)
+        assert statuses == [200, 200, 404, 429]
+        assert r.json()["errorCode"] == "E0000047" and r.headers["X-Rate-Limit-Remaining"] == "0"
+        assert int(r.headers["X-Rate-Limit-Reset"]) >= int(time.time())
+        # Unauthorized requests carry the headers too.
+        bad = requests.get(e.base_url + "/api/v1/groups", headers={"Authorization": "SSWS nope"}, timeout=10)
+        assert bad.status_code == 401 and bad.json()["errorCode"] == "E0000011"
+        assert "X-Rate-Limit-Remaining" in bad.headers
+        time.sleep(0.6)
+        assert requests.get(e.base_url + "/api/v1/users", headers=AUTH, timeout=10).status_code == 200
+        # Faulted 429s, with and without the headers.
+        e.faults.update({"rate_limit": 2})
+        e.rate_limit_headers = False
+        r = requests.get(e.base_url + "/api/v1/users", headers=AUTH, timeout=10)
+        assert r.status_code == 429 and "X-Rate-Limit-Reset" not in r.headers and "Date" in r.headers
+        e.rate_limit_headers = True
+        r = requests.get(e.base_url + "/api/v1/users", headers=AUTH, timeout=10)
+        assert r.status_code == 429 and "X-Rate-Limit-Reset" in r.headers
+    finally:
+        e.stop()
+
+
+def test_system_log_polling_never_ends(emu: OktaEmulator, org: Org) -> None:
+    first = get(emu, "/api/v1/logs")
+    assert first.status_code == 200 and first.json() == [] and "next" in first.links
+    org.deactivate(20)
+    org.delete(21)
+    newcomer = next(n for n in sorted(org.people) if n not in org.groups[2].members and org.people[n].visible)
+    org.add_member(2, newcomer)
+    r = requests.get(first.links["next"]["url"], headers=AUTH, timeout=10)
+    types = [ev["eventType"] for ev in r.json()]
+    assert "user.lifecycle.deactivate" in types and "user.lifecycle.delete.completed" in types
+    assert "group.user_membership.add" in types
+    add = next(ev for ev in r.json() if ev["eventType"] == "group.user_membership.add")
+    assert {t["type"] for t in add["target"]} == {"User", "UserGroup"}
+    again = requests.get(r.links["next"]["url"], headers=AUTH, timeout=10)
+    assert again.json() == [] and "next" in again.links  # polling: always a next link
+    only = get(emu, "/api/v1/logs", filter='eventType sw "user.lifecycle.delete"').json()
+    assert {ev["eventType"] for ev in only} == {
+        "user.lifecycle.delete.initiated",
+        "user.lifecycle.delete.completed",
+    }
+    bounded = get(emu, "/api/v1/logs", since="2020-01-01T00:00:00Z", until=Org.iso(time.time() + 60))
+    assert bounded.status_code == 400  # since older than 180 days
+
+
+def test_auth_forms(emu: OktaEmulator) -> None:
+    for header in (f"SSWS {API_TOKEN}", f"SSWS{API_TOKEN}"):
+        assert requests.get(emu.base_url + "/api/v1/groups", headers={"Authorization": header}, timeout=10).ok
+    r = requests.get(emu.base_url + "/api/v1/groups", timeout=10)
+    assert r.status_code == 401 and r.json()["errorCode"] == "E0000011"
+
+
+# --- through the okta SDK -------------------------------------------------------------------------
+
+
+def sdk_client(e: OktaEmulator) -> Any:
+    from dirpull.connectors.okta import Throttle, _client, _transport_class
+
+    def transport(cfg: dict[str, Any]) -> Any:
+        t = _transport_class()(cfg)
+        t.throttle, t.requests, t.last = Throttle(), 0, None
+        return t
+
+    return _client(e.base_url, True, {"authorizationMode": "SSWS", "token": API_TOKEN}, transport)
+
+
+def test_sdk_reads_pages_statuses_groups_and_logs(emu: OktaEmulator, org: Org) -> None:
+    from okta.pagination import PaginationHelper
+
+    async def main() -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        async with sdk_client(emu) as client:
+            for name, kw in (
+                ("plain", {}),
+                ("filter", {"filter": 'lastUpdated gt "2000-01-01T00:00:00.000Z"'}),
+                ("search", {"search": 'status eq "DEPROVISIONED"'}),
+            ):
+                ids, after, pages = [], None, 0
+                while pages < 20:
+                    page, resp, err = await client.list_users(limit=200, after=after, **kw)
+                    assert err is None, err
+                    assert {"X-Rate-Limit-Limit", "X-Rate-Limit-Remaining", "X-Rate-Limit-Reset"} <= set(resp.headers)
+                    ids += [u.id for u in page]
+                    pages += 1
+                    after = PaginationHelper.extract_next_cursor(resp.headers)
+                    if not after:
+                        break
+                out[name] = (ids, pages)
+            groups, _, err = await client.list_groups()
+            assert err is None
+            out["groups"] = {g.type.value for g in groups}
+            members, _, err = await client.list_group_users(groups[1].id, limit=10)
+            assert err is None and len(members) == 10
+            events, resp, err = await client.list_log_events()
+            assert err is None and events == [] and 'rel="next"' in resp.headers["Link"]
+        return out
+
+    out = asyncio.run(main())
+    gone = deprovisioned(org)
+    assert len(out["plain"][0]) == 450 - len(gone) and out["plain"][1] == 3
+    assert len(out["filter"][0]) == 450 and not set(out["plain"][0]) & gone
+    assert set(out["search"][0]) == gone
+    assert out["groups"] == {"BUILT_IN", "OKTA_GROUP", "APP_GROUP"}
+
+
+def test_sdk_rejects_malformed_user_page(emu: OktaEmulator) -> None:
+    from pydantic import ValidationError
+
+    emu.malformed_users.add(5)
+
+    async def main() -> None:
+        async with sdk_client(emu) as client:
+            await client.list_users(limit=10)
+
+    with pytest.raises(ValidationError):
+        asyncio.run(main())

@@ -1,0 +1,533 @@
+"""The Workday connector against the Workday emulator over loopback HTTP: connector-level pulls
+and sync-level runs through the real store (tests/harness.py)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dirpull.config import WorkdayTenant
+from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page
+from dirpull.connectors.http import RetryPolicy
+from dirpull.connectors.workday import WorkdayConnector, derived_group_id, fill_prompt, report_url
+from dirpull.emulators.org import Org
+from dirpull.emulators.workday_api import WorkdayEmulator, employee_id, group_id
+
+TODAY = date.today()  # the emulator, without a date prompt, reports as of the real today
+
+
+def fast_policy() -> RetryPolicy:
+    return RetryPolicy(max_attempts=3, base_delay=0.0, jitter=0.0, sleep=lambda s: None)
+
+
+@pytest.fixture
+def org() -> Org:
+    return Org.generate(people=60, seed=7)
+
+
+@pytest.fixture
+def emu(org: Org) -> Iterator[WorkdayEmulator]:
+    e = WorkdayEmulator(org)
+    e.start()
+    try:
+        yield e
+    finally:
+        e.stop()
+
+
+def tenant(e: WorkdayEmulator, tmp_path: Path, **overrides: Any) -> dict[str, Any]:
+    cfg = e.tenant_config("t1", tmp_path)
+    cfg.update(overrides)
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def connector(cfg: dict[str, Any], today: date = TODAY, **kw: Any) -> WorkdayConnector:
+    return WorkdayConnector(
+        "t1", WorkdayTenant.model_validate(cfg), policy_factory=fast_policy, today=lambda: today, **kw
+    )
+
+
+def pull(c: WorkdayConnector) -> tuple[list[Page], Done]:
+    items = list(c.pull(None, full=False))
+    assert isinstance(items[-1], Done) and all(isinstance(i, Page) for i in items[:-1])
+    return items[:-1], items[-1]
+
+
+def users_of(pages: list[Page]) -> dict[str, Any]:
+    return {u.idp_id: u for p in pages for u in p.users}
+
+
+# --- connector level -------------------------------------------------------------------------------
+
+
+def test_initial_pull_normalizes_workers_and_flattens_groups(
+    emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    parent = org.create_group("Parent")
+    child = next(g for g in org.listed_groups() if g.name == "Finance")
+    org.add_subgroup(parent.n, child.n)
+    org.add_member(parent.n, 1)
+    pages, done = pull(connector(tenant(emu, tmp_path), page_size=25))
+    assert done.snapshot and done.mode == "full" and done.requests == 2
+    users = users_of(pages)
+    assert max(len(p.users) for p in pages) <= 25 and len(pages) >= 3  # paged, not one list
+    assert set(users) == {employee_id(p.n) for p in org.listed_people()}
+    for p in org.listed_people():
+        u = users[employee_id(p.n)]
+        assert u.state == p.state
+        assert (u.first_name, u.last_name, u.display_name) == (p.given, p.family, p.display)
+        assert u.email == p.email and u.job_title == p.title and u.department == p.department
+        assert u.employee_number == employee_id(p.n)
+        assert u.manager_idp_id == (employee_id(p.manager) if p.manager else None)
+        assert u.raw_attributes["Employee_ID"] == u.idp_id
+    groups = {g.idp_id: g for p in pages for g in p.groups}
+    members = {m for p in pages for m in p.members}
+    assert set(groups) == {group_id(g.n) for g in org.listed_groups()}
+    expected = {
+        (group_id(g.n), employee_id(n)) for g in org.listed_groups() for n in org.transitive_members(g.n)
+    }
+    assert members == expected
+    legal = {employee_id(n) for n in org.direct_members(child.n)[0]}
+    assert legal and {u for g, u in members if g == group_id(parent.n)} == legal | {employee_id(1)}
+    assert "Members_group" not in groups[group_id(parent.n)].raw_attributes
+    assert [p for p in emu.prompts_log] == [{"Effective_as_of_Date": TODAY.isoformat()}] * 2
+
+
+def test_prompts_placeholders_and_format_json_added() -> None:
+    day = date(2026, 5, 2)
+    assert fill_prompt("{today}", day) == "2026-05-02"
+    assert fill_prompt("{today:%Y-%m-%d-07:00}", day) == "2026-05-02-07:00"
+    url = report_url(
+        "https://wd2.example/ccx/service/customreport2/acme/ISU/Workers",
+        {"Effective_as_of_Date": "{today}", "Worker_Type!WID": "a1!b2"},
+        day,
+    )
+    assert url == (
+        "https://wd2.example/ccx/service/customreport2/acme/ISU/Workers?format=json"
+        "&Effective_as_of_Date=2026-05-02&Worker_Type!WID=a1!b2"
+    )
+    assert report_url("https://h/x?format=json&A=1", {}, day) == "https://h/x?format=json&A=1"
+
+
+def test_groups_derived_from_a_column(emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
+    cfg = tenant(emu, tmp_path, groups_report_url=None, group_column="Supervisory_Organization")
+    pages, done = pull(connector(cfg))
+    assert done.requests == 1
+    groups = {g.idp_id: g.name for p in pages for g in p.groups}
+    depts = {p.department for p in org.listed_people() if p.department}
+    assert groups == {derived_group_id("Supervisory_Organization", d): d for d in depts}
+    members = {m for p in pages for m in p.members}
+    assert members == {
+        (derived_group_id("Supervisory_Organization", p.department), employee_id(p.n))
+        for p in org.listed_people()
+        if p.department
+    }
+
+
+def test_custom_column_mapping(org: Org, tmp_path: Path) -> None:
+    aliases = {
+        "Employee_ID": "Worker_Reference_ID",
+        "Email_Address": "Email_-_Primary_Work",
+        "Active_Status": "Is_Active",
+        "Job_Title": "Position_Title",
+        "Manager_Employee_ID": "Mgr_ID",
+    }
+    e = WorkdayEmulator(org, aliases=aliases)
+    e.start()
+    try:
+        fields = {
+            "idp_id": "Worker_Reference_ID",
+            "email": "Email_-_Primary_Work",
+            "state": "Is_Active",
+            "job_title": "Position_Title",
+            "manager": "Mgr_ID",
+        }
+        cfg = tenant(e, tmp_path, fields=fields, attributes={"cost_center": "Cost_Center"})
+        org.deactivate(30)
+        pages, _ = pull(connector(cfg))
+    finally:
+        e.stop()
+    users = users_of(pages)
+    p = org.person(31)
+    u = users[employee_id(31)]
+    assert (u.email, u.job_title, u.manager_idp_id) == (p.email, p.title, employee_id(p.manager))
+    assert u.custom_attributes == {"cost_center": p.cost_center}
+    assert users[employee_id(30)].state == "inactive"
+
+
+def test_default_alternative_columns(org: Org, tmp_path: Path) -> None:
+    cols = ["Employee_ID", "First_Name", "Last_Name", "Email_Address", "Worker_Status", "Job_Title"]
+    e = WorkdayEmulator(
+        org,
+        columns=cols,
+        aliases={"Employee_ID": "Worker_ID", "Email_Address": "Work_Email", "Job_Title": "Business_Title"},
+    )
+    e.start()
+    try:
+        org.deactivate(20)
+        pages, done = pull(connector(tenant(e, tmp_path)))
+    finally:
+        e.stop()
+    u = users_of(pages)[employee_id(21)]
+    p = org.person(21)
+    assert (u.email, u.job_title, u.display_name) == (p.email, p.title, p.display)
+    assert users_of(pages)[employee_id(20)].state == "inactive"  # Worker_Status "Terminated"
+    assert any("manager column" in n for n in done.notes)
+
+
+@pytest.mark.parametrize(
+    ("columns", "fields", "needle"),
+    [
+        # an explicitly mapped column the report does not have
+        (None, {"email": "Work_Email"}, "email → Work_Email"),
+        # no id column at all
+        (["Legal_Name", "Email_Address", "Active_Status"], {}, "worker id column"),
+        # no status column: would leave every terminated worker active
+        (["Employee_ID", "Legal_Name", "Email_Address"], {}, "status column"),
+    ],
+)
+def test_missing_columns_are_configuration_errors(
+    org: Org, tmp_path: Path, columns: Any, fields: dict[str, str], needle: str
+) -> None:
+    e = WorkdayEmulator(org, columns=columns)
+    e.start()
+    try:
+        c = connector(tenant(e, tmp_path, fields=fields))
+        with pytest.raises(ConfigurationError, match=needle):
+            list(c.pull(None, full=False))
+    finally:
+        e.stop()
+
+
+def test_empty_report_is_refused(emu: WorkdayEmulator, tmp_path: Path) -> None:
+    from dirpull.emulators.workday_api import wid
+
+    cfg = tenant(emu, tmp_path, prompts={"Worker_Type!WID": wid("Worker_Type", "Nobody")})
+    with pytest.raises(ConfigurationError, match="no rows"):
+        list(connector(cfg).pull(None, full=False))
+
+
+def test_state_future_termination_and_rehire(tmp_path: Path) -> None:
+    org = Org.generate(people=30, seed=1)
+    when = TODAY + timedelta(days=10)
+    leaving, rehired = [p.n for p in org.listed_people() if p.state == "active" and p.n > 1][:2]
+    org.schedule_termination(leaving, when.isoformat())
+    org.update_person(rehired, termination_date="2021-03-31", hire_date="2022-01-10")  # rehired since
+    e = WorkdayEmulator(org)
+    e.start()
+    try:
+        cfg = tenant(e, tmp_path, prompts={})
+        state = lambda day: {k: u.state for k, u in users_of(pull(connector(cfg, day))[0]).items()}  # noqa: E731
+        assert state(TODAY)[employee_id(leaving)] == "active"
+        assert state(when)[employee_id(leaving)] == "active"  # the last day worked
+        assert state(when + timedelta(days=1))[employee_id(leaving)] == "inactive"
+        assert state(TODAY)[employee_id(rehired)] == "active"
+    finally:
+        e.stop()
+
+
+def test_xml_error_body_is_reported_readably(emu: WorkdayEmulator, tmp_path: Path) -> None:
+    emu.faults.update({"error": 10})
+    with pytest.raises(ConnectorError) as info:
+        list(connector(tenant(emu, tmp_path)).pull(None, full=False))
+    msg = str(info.value)
+    assert "HTTP 500" in msg and "An unexpected error occurred while running the report" in msg
+    assert "<" not in msg and "\n" not in msg and emu.password not in msg
+    assert emu.requests == 3  # retried up to the policy's cap
+
+
+def test_forbidden_html_page_is_an_auth_error(emu: WorkdayEmulator, tmp_path: Path) -> None:
+    emu.forbidden.add("Worker_Groups")
+    with pytest.raises(AuthError, match=r"403.*not authorized: Worker_Groups"):
+        list(connector(tenant(emu, tmp_path)).pull(None, full=False))
+
+
+def test_non_json_200_and_broken_json(emu: WorkdayEmulator, tmp_path: Path) -> None:
+    emu.login_page = True
+    with pytest.raises(ConnectorError, match=r"expected JSON.*text/html.*Sign In"):
+        list(connector(tenant(emu, tmp_path)).pull(None, full=False))
+    emu.login_page = False
+    emu.faults.update({"malformed": 1})
+    with pytest.raises(ConnectorError, match=r"not valid JSON.*Report_Entry"):
+        list(connector(tenant(emu, tmp_path)).pull(None, full=False))
+
+
+def test_dropped_connection_fails_the_pull_without_done(emu: WorkdayEmulator, tmp_path: Path) -> None:
+    emu.faults.update({"drop": 1, "path": "Worker_Directory"})
+    items: list[Any] = []
+    with pytest.raises(ConnectorError):
+        for item in connector(tenant(emu, tmp_path), page_size=10).pull(None, full=False):
+            items.append(item)
+    assert not any(isinstance(i, Done) for i in items)
+
+
+def test_busy_and_5xx_responses_are_retried(emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
+    emu.faults.update({"rate_limit": 1, "error": 1, "error_status": 502})
+    pages, done = pull(connector(tenant(emu, tmp_path)))
+    assert len(users_of(pages)) == sum(1 for _ in org.listed_people())
+    assert done.requests == 4 == emu.requests
+
+
+def test_timeout_is_retried_then_fails(emu: WorkdayEmulator, tmp_path: Path) -> None:
+    emu.faults.update({"delay": 0.6})
+    with pytest.raises(ConnectorError, match="Timeout"):
+        list(connector(tenant(emu, tmp_path, timeout=0.2)).pull(None, full=False))
+    assert emu.requests == 3
+
+
+def oauth_tenant(e: WorkdayEmulator, tmp_path: Path) -> dict[str, Any]:
+    return tenant(
+        e,
+        tmp_path,
+        username=None,
+        password=None,
+        token_url=e.token_url,
+        client_id=e.client_id,
+        client_secret=e.client_secret,
+        refresh_token=e.refresh_token,
+    )
+
+
+def test_oauth_refresh_token_flow(emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
+    pages, done = pull(connector(oauth_tenant(emu, tmp_path)))
+    assert len(users_of(pages)) == sum(1 for _ in org.listed_people())
+    assert emu.tokens_issued == 1 and done.requests == 3  # one token, cached for both reports
+    # A token that expires mid-pull is refreshed once.
+    emu.faults.update({"expire_auth": 1, "path": "Worker_Groups"})
+    pages, done = pull(connector(oauth_tenant(emu, tmp_path)))
+    assert emu.tokens_issued == 3 and done.requests == 5
+    bad = oauth_tenant(emu, tmp_path)
+    bad["refresh_token"] = "revoked"
+    with pytest.raises(AuthError, match="invalid_grant") as info:
+        list(connector(bad).pull(None, full=False))
+    assert "revoked" not in str(info.value)
+    # The token endpoint failing with 5xx is a transient failure, not a credentials problem.
+    emu.faults.update({"error": 10, "path": "/ccx/oauth2/"})
+    with pytest.raises(ConnectorError) as info:
+        list(connector(oauth_tenant(emu, tmp_path)).pull(None, full=False))
+    assert not isinstance(info.value, AuthError) and info.value.retriable
+
+
+# --- sync level ------------------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.today = TODAY
+
+    def factory(self, tenant_id: str, settings: Any) -> WorkdayConnector:
+        return WorkdayConnector(tenant_id, settings, policy_factory=fast_policy, today=lambda: self.today)
+
+
+def sync_harness(harness: Any, cfg: dict[str, Any], clock: Clock) -> Any:
+    return harness({"t1": cfg}, connector_factory=clock.factory)
+
+
+def test_sync_round_of_changes_exact_events(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    clock = Clock()
+    cfg = tenant(emu, tmp_path, groups_report_url=None, group_column="Supervisory_Organization", prompts={})
+    h = sync_harness(harness, cfg, clock)
+    r = h.sync("t1")
+    assert r.status == "succeeded", r.error
+    listed = [p for p in org.listed_people()]
+    assert len(h.users("t1")) == len(listed)
+    assert r.events == len(h.events("t1")) > len(listed)
+    assert h.sync("t1").events == 0  # unchanged directory: no events
+
+    dept = lambda d: derived_group_id("Supervisory_Organization", d)  # noqa: E731
+    seq = h.last_seq()
+    leaves = [p for p in listed if p.n > 20 and p.state == "active" and p.department]
+    quit_now, leaving, promoted, mover, gone = leaves[:5]
+    new_dept = next(d for d in ("Legal", "Security", "Data") if d != mover.department)
+    when = TODAY + timedelta(days=14)
+    hired = org.hire("Nova", "Hire", department="Research", manager=2)
+    org.deactivate(quit_now.n, termination_date=TODAY.isoformat())
+    org.schedule_termination(leaving.n, when.isoformat())
+    org.update_person(promoted.n, manager=3)
+    old_dept = mover.department
+    org.update_person(mover.n, department=new_dept)
+    org.delete(gone.n)
+    groups_before = set(h.groups("t1"))
+    groups_after = {dept(p.department) for p in org.listed_people() if p.department}
+    r = h.sync("t1")
+    assert r.status == "succeeded", r.error
+    got = sorted(h.changes("t1", after=seq))
+    expected = sorted(
+        [
+            ("user.created", employee_id(hired.n)),
+            ("group.user_added", dept("Research"), employee_id(hired.n)),
+            ("user.updated", employee_id(quit_now.n), ("raw_attributes", "state")),
+            ("user.updated", employee_id(leaving.n), ("raw_attributes",)),
+            ("user.updated", employee_id(promoted.n), ("manager_idp_id", "raw_attributes")),
+            ("user.updated", employee_id(mover.n), ("department", "raw_attributes")),
+            ("group.user_removed", dept(old_dept), employee_id(mover.n)),
+            ("group.user_added", dept(new_dept), employee_id(mover.n)),
+            ("user.deleted", employee_id(gone.n)),
+            ("group.user_removed", dept(gone.department), employee_id(gone.n)),
+        ]
+        # A department group appears with its first member and goes with its last one.
+        + [("group.created", g) for g in groups_after - groups_before]
+        + [("group.deleted", g) for g in groups_before - groups_after]
+    )
+    assert got == expected
+    users = h.users("t1")
+    assert users[employee_id(quit_now.n)]["state"] == "inactive"
+    assert users[employee_id(leaving.n)]["state"] == "active"
+    assert employee_id(gone.n) not in users
+    assert h.sync("t1").events == 0
+
+    # The scheduled termination takes effect once its date has passed, with no change in Workday.
+    seq = h.last_seq()
+    clock.today = when
+    assert h.sync("t1").events == 0
+    clock.today = when + timedelta(days=1)
+    r = h.sync("t1")
+    assert r.status == "succeeded"
+    assert h.changes("t1", after=seq) == [("user.updated", employee_id(leaving.n), ("state",))]
+    assert h.sync("t1").events == 0
+
+
+def test_sync_with_groups_report(harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
+    h = sync_harness(harness, tenant(emu, tmp_path), Clock())
+    assert h.sync("t1").status == "succeeded"
+    expected = {
+        (group_id(g.n), employee_id(n)) for g in org.listed_groups() for n in org.transitive_members(g.n)
+    }
+    assert h.members("t1") == expected
+    g = next(g for g in org.listed_groups() if g.members)
+    n = next(p.n for p in org.listed_people() if p.n not in org.transitive_members(g.n))
+    seq = h.last_seq()
+    org.add_member(g.n, n)
+    assert h.sync("t1").status == "succeeded"
+    added = [c for c in h.changes("t1", after=seq)]
+    assert ("group.user_added", group_id(g.n), employee_id(n)) in added
+    assert all(c[0] == "group.user_added" for c in added)  # also added to the groups containing g
+
+
+def snapshot(h: Any) -> tuple[Any, ...]:
+    return h.users("t1"), h.groups("t1"), h.members("t1"), h.last_seq()
+
+
+def test_failed_runs_leave_the_store_unchanged(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    clock = Clock()
+    cfg = tenant(emu, tmp_path, fields={"email": "Email_Address"}, timeout=0.3)
+    h = sync_harness(harness, cfg, clock)
+    assert h.sync("t1").status == "succeeded"
+    before = snapshot(h)
+    org.deactivate(25)
+    org.delete(26)
+
+    # The report loses a mapped column.
+    emu.columns = tuple(c for c in emu.columns if c != "Email_Address")
+    r = h.sync("t1")
+    assert r.status == "failed" and "Email_Address" in r.error and "configured column" in r.error
+    assert snapshot(h) == before
+
+    # The report loses its status columns: never a tenant of active-forever workers.
+    emu.columns = tuple(c for c in emu.columns if c not in ("Active_Status", "Worker_Status"))
+    r = h.sync("t1")
+    assert r.status == "failed" and snapshot(h) == before
+
+    from dirpull.emulators.workday_api import WORKER_COLUMNS
+
+    emu.columns = WORKER_COLUMNS
+    # An XML error body, after the retries.
+    emu.faults.update({"error": 5})
+    r = h.sync("t1")
+    assert r.status == "failed" and "unexpected error occurred while running the report" in r.error
+    assert snapshot(h) == before
+    emu.faults.clear()
+
+    # A report that is too slow.
+    emu.faults.update({"delay": 0.6, "path": "Worker_Groups"})
+    r = h.sync("t1")
+    assert r.status == "failed" and "Timeout" in r.error
+    assert snapshot(h) == before
+    emu.faults.clear()
+
+    r = h.sync("t1")
+    assert r.status == "succeeded"
+    assert sorted(c[0] for c in h.changes("t1", after=before[3]) if c[0].startswith("user")) == [
+        "user.deleted",
+        "user.updated",
+    ]
+
+
+def test_sync_with_oauth(harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
+    h = sync_harness(harness, oauth_tenant(emu, tmp_path), Clock())
+    r = h.sync("t1")
+    assert r.status == "succeeded", r.error
+    assert len(h.users("t1")) == sum(1 for _ in org.listed_people())
+    assert emu.tokens_issued == 1
+
+
+# --- cost ----------------------------------------------------------------------------------------
+
+
+def _serve(people: int, q: Any, stop: Any) -> None:
+    e = WorkdayEmulator(Org.generate(people=people, seed=1))
+    e.start()
+    q.put(e.tenant_config("bench", Path(".")))
+    stop.wait(300)
+    e.stop()
+
+
+@pytest.mark.skipif(not os.environ.get("DIRPULL_BENCH"), reason="set DIRPULL_BENCH=<workers> to measure")
+def test_bench_pull_cost_per_user() -> None:
+    """DIRPULL_BENCH=10000 pytest tests/test_workday_connector.py -k bench -s
+    The emulator runs in a child process so its JSON encoding does not share the GIL with the pull."""
+    import multiprocessing
+    import time
+    import tracemalloc
+
+    import requests
+
+    people = int(os.environ["DIRPULL_BENCH"])
+    ctx = multiprocessing.get_context("fork")
+    q, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=_serve, args=(people, q, stop))
+    proc.start()
+    try:
+        cfg = q.get(timeout=300)
+        cfg.pop("groups_report_url")
+        settings = WorkdayTenant.model_validate(cfg)
+        t = time.perf_counter()
+        size = len(
+            requests.get(
+                cfg["users_report_url"], auth=(cfg["username"], cfg["password"]), timeout=300
+            ).content
+        )
+        serve = time.perf_counter() - t
+        best, users = float("inf"), 0
+        for _ in range(3):
+            t = time.perf_counter()
+            users = sum(
+                len(i.users)
+                for i in WorkdayConnector("b", settings).pull(None, full=True)
+                if isinstance(i, Page)
+            )
+            best = min(best, time.perf_counter() - t)
+        tracemalloc.start()
+        for _ in WorkdayConnector("b", settings).pull(None, full=True):
+            pass
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    finally:
+        stop.set()
+        proc.join(30)
+    assert users > 0.9 * people
+    print(
+        f"\n{users} workers, report {size / 1e6:.1f} MB: "
+        f"pull {best:.2f} s = {best / users * 1e6:.0f} µs/user "
+        f"(emulator serving + download alone: {serve / users * 1e6:.0f} µs/user); "
+        f"peak Python memory during a pull {peak / 1e6:.1f} MB"
+    )

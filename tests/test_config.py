@@ -104,3 +104,13 @@ def test_durations():
     assert parse_duration("6h").total_seconds() == 21600
     with pytest.raises(ValueError):
         parse_duration("0s")
+
+
+def test_the_annotated_example_uses_only_known_keys(monkeypatch):
+    """config/dirpull.example.toml documents every provider: its only errors may be the secrets
+    and key files that exist on a real installation, not here."""
+    example = Path(__file__).parent.parent / "config" / "dirpull.example.toml"
+    with pytest.raises(ConfigError) as exc:
+        load_config(example)
+    for line in str(exc.value).splitlines():
+        assert line.endswith(("is not set", "does not exist")), line

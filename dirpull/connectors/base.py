@@ -64,17 +64,20 @@ class Connector(Protocol):
 class ConnectorError(Exception):
     """A pull failed. `retriable` says whether the next scheduled fire may simply try again."""
 
-    def __init__(self, message: str, *, retriable: bool = True, step: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, retriable: bool = True, step: str | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.retriable = retriable
         self.step = step
+        self.status = status  # the HTTP status that caused it, when there was one
 
 
 class AuthError(ConnectorError):
     """Credentials were refused (401/403): retrying will not help until an operator acts."""
 
-    def __init__(self, message: str, *, step: str | None = None) -> None:
-        super().__init__(message, retriable=False, step=step)
+    def __init__(self, message: str, *, step: str | None = None, status: int | None = None) -> None:
+        super().__init__(message, retriable=False, step=step, status=status)
 
 
 class ConfigurationError(ConnectorError):

@@ -85,7 +85,11 @@ class RetryPolicy:
         return delay + random.uniform(0, self.jitter * delay)
 
     def wait(self, attempt: int, hint: float | None, *, what: str, step: str | None = None) -> None:
-        """Sleep before retry `attempt`, or raise `RetriesExhausted` if the budget is spent."""
+        """Sleep before retry `attempt`, or raise `RetriesExhausted` if the budget is spent.
+
+        `what` describes the failed attempt (status, URL, an excerpt of the vendor's error body):
+        it becomes the run's error message when the budget is spent.
+        """
         if attempt >= self.max_attempts:
             raise RetriesExhausted(f"{what}: gave up after {attempt} attempts", step=step)
         delay = self.backoff(attempt) if hint is None else hint
@@ -175,7 +179,10 @@ class HttpClient:
                 continue
             if resp.status_code in self.retry_statuses:
                 hint = parse_retry_after(resp.headers.get("Retry-After"))
-                what = f"{step}: HTTP {resp.status_code} on {method} {redact_url(url)}"
+                detail = readable_body(resp.content, limit=200) if not stream else ""
+                what = f"{step}: HTTP {resp.status_code} on {method} {redact_url(url)}" + (
+                    f" ({detail})" if detail else ""
+                )
                 resp.close()
                 self.policy.wait(attempt, hint, what=what, step=step)
                 continue
@@ -185,6 +192,7 @@ class HttpClient:
                     f"{step}: HTTP {resp.status_code} from {redact_url(url)}: credentials refused or "
                     f"not permitted ({detail})",
                     step=step,
+                    status=resp.status_code,
                 )
             if resp.status_code >= 400:
                 detail = resp.headers.get("X-BambooHR-Error-Message") or readable_body(resp.content)
@@ -192,5 +200,6 @@ class HttpClient:
                     f"{step}: HTTP {resp.status_code} from {redact_url(url)}: {detail}",
                     retriable=resp.status_code >= 500,
                     step=step,
+                    status=resp.status_code,
                 )
             return resp

@@ -1,0 +1,709 @@
+"""Entra ID through Microsoft Graph delta queries, on msgraph-sdk's request pipeline.
+
+Transport: a `GraphServiceClient` over `GraphRequestAdapter` with `GraphClientFactory`'s default
+middleware (redirects, URL handling, telemetry), `base_url` = the tenant's Graph URL. Every response
+is read as raw bytes (`send_primitive_async(req, "bytes", …)`) and parsed with `json.loads`: the
+SDK's typed models cost ~4 ms per user to deserialize, raw JSON costs microseconds.
+kiota's own RetryHandler is switched off (it honours Retry-After with no cap); retries follow the
+shared `RetryPolicy` instead: 429/5xx and dropped connections, Retry-After honoured (fractional
+seconds too), capped in attempts and in total wait, then the run fails and nothing is applied.
+
+Auth: OAuth 2.0 client credentials against `{login_url}/{tenant_id}/oauth2/v2.0/token`, by our own
+`AccessTokenProvider`: the token is cached until shortly before it expires, refreshed once on a
+401, and handed only to the configured Graph origin (scheme, host and port). http:// is accepted
+only when graph_url is given explicitly (the emulators), never for the cloud defaults.
+
+Pull:
+* first sync, `full=True`, or a rejected cursor → walk `/users/delta` and `/groups/delta` (with
+  `members`) to their deltaLinks: a snapshot. Nested groups are flattened from the direct
+  memberships seen in the walk.
+* later syncs → call the two stored deltaLinks: a delta. `@removed` (reason `changed` = soft
+  delete, or `deleted`) → removed; `accountEnabled=false` → inactive; `members@delta` chunks of one
+  group are merged; any `@removed` on a member is a removal; devices, service principals and
+  contacts are ignored. A group whose direct membership or nesting changed and that takes part in
+  nesting (it has child groups, or is an ancestor of a changed group) is re-read transitively with
+  `/groups/{id}/members` and sent as a complete group.
+* `syncStateNotFound` or `410 Gone` on a deltaLink → a full walk, noted on the run. Both deltaLinks
+  are probed before anything is yielded, so a run never mixes delta pages with a snapshot.
+
+The cursor: both deltaLinks, the $select they were made with, and the group-nesting map
+(group → child groups), which a delta alone cannot rebuild.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+
+from dirpull.config import EntraTenant
+from dirpull.connectors.base import (
+    AuthError,
+    ConfigurationError,
+    ConnectorError,
+    Done,
+    Page,
+    Quarantined,
+)
+from dirpull.connectors.http import RETRIABLE_STATUSES, RetryPolicy, parse_retry_after, redact_url
+from dirpull.connectors.mapping import map_attributes
+from dirpull.model import Group, User
+
+log = logging.getLogger(__name__)
+
+CLOUDS: dict[str, tuple[str, str, str]] = {
+    # cloud → (login host, Graph v1.0 URL, token scope)
+    "global": ("https://login.microsoftonline.com", "https://graph.microsoft.com/v1.0",
+               "https://graph.microsoft.com/.default"),
+    "usgov": ("https://login.microsoftonline.us", "https://graph.microsoft.us/v1.0",
+              "https://graph.microsoft.us/.default"),
+    "china": ("https://login.chinacloudapi.cn", "https://microsoftgraph.chinacloudapi.cn/v1.0",
+              "https://microsoftgraph.chinacloudapi.cn/.default"),
+}  # fmt: skip
+
+# What the normalizer reads, plus a few properties worth keeping in raw_attributes.
+USER_SELECT = (
+    "id", "displayName", "givenName", "surname", "mail", "otherMails", "userPrincipalName",
+    "accountEnabled", "jobTitle", "department", "employeeId", "employeeType", "companyName",
+    "officeLocation", "userType", "manager",
+)  # fmt: skip
+GROUP_SELECT = (
+    "id", "displayName", "description", "mail", "mailEnabled", "securityEnabled", "groupTypes", "members",
+)  # fmt: skip
+USER_TYPE = "#microsoft.graph.user"
+GROUP_TYPE = "#microsoft.graph.group"
+PAGE_PAIRS = 5000  # membership pairs per yielded page when flattening
+EXPIRED_NOTE = "delta token expired: full resync"
+
+
+def build(tenant: str, settings: EntraTenant, **kwargs: Any) -> EntraConnector:
+    return EntraConnector(tenant, settings, **kwargs)
+
+
+class _Resync(Exception):
+    """The server rejected a deltaLink (syncStateNotFound, 410 Gone): start over."""
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+# --- normalization ------------------------------------------------------------------------------
+
+
+def _raw(rec: dict[str, Any]) -> dict[str, Any]:
+    # Annotations (@odata.*, @removed, manager@delta, members@delta) are transport, not attributes;
+    # nulls are dropped because Graph omits never-set properties in some answers and not in others.
+    return {k: v for k, v in rec.items() if "@" not in k and v is not None}
+
+
+def normalize_user(rec: dict[str, Any], attributes: dict[str, str]) -> User:
+    mail = rec.get("mail")
+    emails: list[str] = []
+    for address in [mail, *(rec.get("otherMails") or [])]:
+        if isinstance(address, str) and address and address not in emails:
+            emails.append(address)
+    manager = None
+    for ref in rec.get("manager@delta") or []:
+        if isinstance(ref, dict) and "@removed" not in ref and ref.get("id"):
+            manager = ref["id"]
+    raw = _raw(rec)
+    return User(
+        idp_id=rec["id"],
+        username=rec.get("userPrincipalName"),
+        email=mail or None,
+        emails=emails,
+        first_name=rec.get("givenName"),
+        last_name=rec.get("surname"),
+        display_name=rec.get("displayName"),
+        state="inactive" if rec.get("accountEnabled") is False else "active",
+        job_title=rec.get("jobTitle"),
+        department=rec.get("department"),
+        employee_number=rec.get("employeeId"),
+        manager_idp_id=manager,
+        custom_attributes=map_attributes(raw, attributes),
+        raw_attributes=raw,
+    )
+
+
+def normalize_group(rec: dict[str, Any]) -> Group:
+    return Group(
+        idp_id=rec["id"],
+        name=rec.get("displayName"),
+        description=rec.get("description"),
+        email=rec.get("mail") or None,
+        raw_attributes=_raw(rec),
+    )
+
+
+def _flatten(direct: dict[str, set[str]], children: dict[str, set[str]], group: str) -> set[str]:
+    """Users directly in `group` or in any group nested below it (cycles are cut)."""
+    out: set[str] = set()
+    seen: set[str] = set()
+    stack = [group]
+    while stack:
+        g = stack.pop()
+        if g in seen:
+            continue
+        seen.add(g)
+        out |= direct.get(g, set())
+        stack.extend(children.get(g, ()))
+    return out
+
+
+# --- auth ---------------------------------------------------------------------------------------
+
+
+class ClientCredentialsProvider:
+    """kiota `AccessTokenProvider`: OAuth client credentials, cached, for one Graph origin only."""
+
+    def __init__(self, session: _Session, token_url: str, client_id: str, secret: Any, scope: str,
+                 graph_url: str) -> None:  # fmt: skip
+        from kiota_abstractions.authentication import AllowedHostsValidator
+
+        self._session = session
+        self._token_url = token_url
+        self._client_id = client_id
+        self._secret = secret
+        self._scope = scope
+        self._origin = _origin(graph_url)
+        self._validator = AllowedHostsValidator([urlsplit(graph_url).hostname or ""])
+        self._token: str | None = None
+        self._expires = 0.0
+        self._lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"ClientCredentialsProvider(token_url={redact_url(self._token_url)!r})"
+
+    def get_allowed_hosts_validator(self) -> Any:
+        return self._validator
+
+    def invalidate(self) -> None:
+        self._token, self._expires = None, 0.0
+
+    async def get_authorization_token(self, uri: str, additional_authentication_context: Any = None) -> str:
+        if _origin(uri) != self._origin:
+            return ""  # never hand the token to another host
+        async with self._lock:
+            if self._token is None or time.time() >= self._expires:
+                await self._fetch()
+            assert self._token is not None
+            return self._token
+
+    async def _fetch(self) -> None:
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": self._client_id,
+            "client_secret": self._secret.get(),
+            "scope": self._scope,
+        }
+        resp = await self._session.send_raw("token", lambda c: c.post(self._token_url, data=form))
+        if resp.status_code in (400, 401, 403):
+            try:
+                body = resp.json()
+                detail = f"{body.get('error')}: {str(body.get('error_description', '')).splitlines()[0]}"
+            except (ValueError, AttributeError, IndexError):
+                detail = f"HTTP {resp.status_code}"
+            raise AuthError(f"token request to {redact_url(self._token_url)} refused: {detail}", step="token")
+        if resp.status_code >= 400:
+            raise ConnectorError(f"token request to {redact_url(self._token_url)}: HTTP {resp.status_code}",
+                                 retriable=resp.status_code >= 500, step="token")  # fmt: skip
+        try:
+            body = resp.json()
+            token, lifetime = body["access_token"], float(body.get("expires_in", 3599))
+        except (ValueError, KeyError, TypeError):
+            raise ConnectorError("token endpoint answered without an access_token", step="token") from None
+        self._token = token
+        # Refresh a little before expiry: 5 minutes, or a tenth of a short lifetime.
+        self._expires = time.time() + lifetime - min(300.0, lifetime / 10)
+
+
+# --- one pull's HTTP session ----------------------------------------------------------------------
+
+
+class _Session:
+    """The SDK client, the token provider and the request counter of one pull (one event loop)."""
+
+    def __init__(self, settings: EntraTenant, policy: RetryPolicy, login_url: str, graph_url: str,
+                 scope: str) -> None:  # fmt: skip
+        from kiota_abstractions.authentication import BaseBearerTokenAuthenticationProvider
+        from kiota_http.middleware.options import RetryHandlerOption
+        from msgraph import GraphRequestAdapter, GraphServiceClient
+        from msgraph.graph_request_adapter import options as graph_default_options
+        from msgraph_core import GraphClientFactory
+
+        self.policy = policy
+        self.graph_url = graph_url.rstrip("/")
+        self.origin = _origin(self.graph_url)
+        self.requests = 0
+        timeout = httpx.Timeout(settings.timeout, connect=min(10.0, settings.timeout))
+        self._plain = httpx.AsyncClient(timeout=timeout)  # the token endpoint (another host)
+        opts = dict(graph_default_options)
+        # kiota's RetryHandler would sleep for any Retry-After, uncapped: retries are ours.
+        opts[RetryHandlerOption.get_key()] = RetryHandlerOption(delay=0, max_retries=0, should_retry=False)
+        self._http = GraphClientFactory.create_with_default_middleware(
+            client=httpx.AsyncClient(timeout=timeout), options=opts
+        )
+        token_url = f"{login_url.rstrip('/')}/{settings.tenant_id}/oauth2/v2.0/token"
+        self.auth = ClientCredentialsProvider(self, token_url, settings.client_id, settings.client_secret,
+                                              scope, self.graph_url)  # fmt: skip
+        adapter = GraphRequestAdapter(BaseBearerTokenAuthenticationProvider(self.auth), client=self._http)
+        adapter.base_url = self.graph_url
+        self.client = GraphServiceClient(request_adapter=adapter)
+
+    async def close(self) -> None:
+        await self._http.aclose()
+        await self._plain.aclose()
+
+    async def send_raw(self, step: str, call: Any) -> httpx.Response:
+        """A plain httpx call (the token endpoint) under the retry policy."""
+        attempt = 0
+        while True:
+            attempt += 1
+            self.requests += 1
+            try:
+                resp = await call(self._plain)
+            except httpx.TransportError as exc:
+                self.policy.wait(attempt, None, what=f"{step}: {type(exc).__name__}", step=step)
+                continue
+            if resp.status_code in RETRIABLE_STATUSES:
+                hint = parse_retry_after(resp.headers.get("Retry-After"))
+                self.policy.wait(attempt, hint, what=f"{step}: HTTP {resp.status_code}", step=step)
+                continue
+            return resp
+
+    def check_link(self, url: str) -> None:
+        if _origin(url) != self.origin:
+            raise ConnectorError(f"Graph sent a link to another host ({redact_url(url)}); not following it")
+
+    async def get(self, request_info: Any, *, step: str, delta: bool = False) -> dict[str, Any]:
+        """One Graph GET through the SDK pipeline, answered as parsed JSON."""
+        from kiota_abstractions.api_error import APIError
+        from msgraph.generated.models.o_data_errors.o_data_error import ODataError
+
+        # Links the server sent were checked by link(); builder requests get base_url at send time.
+        url = str(request_info.url)
+        attempt = 0
+        refreshed = False
+        while True:
+            attempt += 1
+            self.requests += 1
+            try:
+                body = await self.client.request_adapter.send_primitive_async(
+                    request_info, "bytes", {"XXX": ODataError}
+                )
+                page = json.loads(body or b"{}")
+                if not isinstance(page, dict):
+                    raise ValueError("not a JSON object")
+                return page
+            except APIError as exc:
+                status = exc.response_status_code or 0
+                headers = exc.response_headers or {}
+                err = getattr(exc, "error", None)
+                code = getattr(err, "code", None) or ""
+                message = getattr(err, "message", None) or ""
+                what = f"{step}: HTTP {status} on GET {redact_url(url)}"
+                if delta and (status == 410 or code == "syncStateNotFound"):
+                    raise _Resync(f"{what}: {code or 'Gone'}") from None
+                if status == 401 and not refreshed:
+                    self.auth.invalidate()  # expired or revoked early: one fresh token, then give up
+                    refreshed = True
+                    continue
+                if status in (401, 403):
+                    raise AuthError(f"{what}: {code} {message}".strip(), step=step) from None
+                if status in RETRIABLE_STATUSES:
+                    hint = parse_retry_after(_header(headers, "Retry-After"))
+                    if status == 429:
+                        log.warning("graph throttled (%s), retry after %s s", step, hint)
+                    self.policy.wait(attempt, hint, what=what, step=step)
+                    continue
+                raise ConnectorError(f"{what}: {code} {message}".strip(), retriable=status >= 500,
+                                     step=step) from None  # fmt: skip
+            except httpx.TransportError as exc:
+                self.policy.wait(attempt, None, what=f"{step}: {type(exc).__name__} on GET {redact_url(url)}",
+                                 step=step)  # fmt: skip
+            except ValueError:  # a truncated or malformed body
+                self.policy.wait(attempt, None, what=f"{step}: malformed JSON from {redact_url(url)}", step=step)
+
+    # Request builders of the SDK: the first request of a walk and links the server sent.
+    def users_delta(self, select: list[str]) -> Any:
+        from kiota_abstractions.base_request_configuration import RequestConfiguration
+        from msgraph.generated.users.delta.delta_request_builder import DeltaRequestBuilder
+
+        qp = DeltaRequestBuilder.DeltaRequestBuilderGetQueryParameters(select=select)
+        return self.client.users.delta.to_get_request_information(RequestConfiguration(query_parameters=qp))
+
+    def groups_delta(self, select: list[str]) -> Any:
+        from kiota_abstractions.base_request_configuration import RequestConfiguration
+        from msgraph.generated.groups.delta.delta_request_builder import DeltaRequestBuilder
+
+        qp = DeltaRequestBuilder.DeltaRequestBuilderGetQueryParameters(select=select)
+        return self.client.groups.delta.to_get_request_information(RequestConfiguration(query_parameters=qp))
+
+    def group_members(self, group_id: str) -> Any:
+        from kiota_abstractions.base_request_configuration import RequestConfiguration
+        from msgraph.generated.groups.item.members.members_request_builder import MembersRequestBuilder
+
+        qp = MembersRequestBuilder.MembersRequestBuilderGetQueryParameters(select=["id"], top=999)
+        builder = self.client.groups.by_group_id(group_id).members
+        return builder.to_get_request_information(RequestConfiguration(query_parameters=qp))
+
+    def link(self, url: str) -> Any:
+        self.check_link(url)
+        return self.client.users.delta.with_url(url).to_get_request_information()
+
+
+def _header(headers: Any, name: str) -> str | None:
+    if hasattr(headers, "get"):
+        value = headers.get(name)
+        if value is None:
+            value = headers.get(name.lower())
+        return value
+    return None
+
+
+# --- the connector --------------------------------------------------------------------------------
+
+
+class EntraConnector:
+    provider = "entra_id"
+
+    def __init__(self, tenant: str, settings: EntraTenant, *, policy: RetryPolicy | None = None) -> None:
+        self.tenant = tenant
+        self.settings = settings
+        self._policy = policy
+        login, graph, scope = CLOUDS[settings.cloud]
+        self.login_url = (settings.login_url or login).rstrip("/")
+        self.graph_url = (settings.graph_url or graph).rstrip("/")
+        self.scope = scope
+        for name, url, explicit in (("login_url", self.login_url, settings.login_url),
+                                    ("graph_url", self.graph_url, settings.graph_url)):  # fmt: skip
+            parts = urlsplit(url)
+            if parts.scheme not in ("https", "http") or not parts.hostname:
+                raise ConfigurationError(f"{name} must be an http(s) URL, got {redact_url(url)}")
+            if parts.scheme == "http" and not explicit:
+                raise ConfigurationError(f"{name} must use https")
+            if parts.scheme == "http" and not _is_loopback(parts.hostname):
+                log.warning("%s %s is plain http: tokens travel unencrypted", name, redact_url(url))
+
+    def __repr__(self) -> str:
+        return f"EntraConnector(tenant={self.tenant!r}, graph_url={self.graph_url!r})"
+
+    def user_select(self) -> list[str]:
+        select = list(USER_SELECT)
+        extra = list(self.settings.extension_attributes)
+        # The root property of every mapped attribute path must be selected too.
+        extra += [path.split(".")[0].split("[")[0] for path in self.settings.attributes.values()]
+        for name in extra:
+            if name and name not in select:
+                select.append(name)
+        return select
+
+    def _new_policy(self) -> RetryPolicy:
+        if self._policy is not None:
+            self._policy.waited = 0.0
+            return self._policy
+        return RetryPolicy(max_attempts=self.settings.max_retry_attempts, max_total_wait=self.settings.max_retry_wait)
+
+    # The runner calls pull() from worker threads: each pull runs its own event loop, and the SDK
+    # client (tied to the loop that created it) lives and dies inside it.
+    def pull(self, cursor: dict[str, Any] | None, *, full: bool) -> Iterator[Page | Done]:
+        loop = asyncio.new_event_loop()
+        agen = self._pull(cursor, full)
+        try:
+            while True:
+                try:
+                    item = loop.run_until_complete(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+                yield item
+        finally:
+            try:
+                loop.run_until_complete(agen.aclose())
+            finally:
+                loop.close()
+
+    async def _pull(self, cursor: dict[str, Any] | None, full: bool) -> AsyncIterator[Page | Done]:
+        session = _Session(self.settings, self._new_policy(), self.login_url, self.graph_url, self.scope)
+        try:
+            notes: list[str] = []
+            select = self.user_select()
+            if not full and cursor and cursor.get("users") and cursor.get("groups"):
+                reason = self._cursor_problem(cursor, select)
+                if reason:
+                    notes.append(reason)
+                else:
+                    try:
+                        # Probe both links before yielding anything: a run is a delta or a snapshot.
+                        first_users = await session.get(session.link(cursor["users"]), step="users delta",
+                                                        delta=True)  # fmt: skip
+                        first_groups = await session.get(session.link(cursor["groups"]), step="groups delta",
+                                                         delta=True)  # fmt: skip
+                    except _Resync as exc:
+                        log.info("tenant %s: %s", self.tenant, exc)
+                        notes.append(EXPIRED_NOTE)
+                    else:
+                        async for item in self._incremental(session, cursor, first_users, first_groups):
+                            yield item
+                        return
+            async for item in self._full(session, select, notes):
+                yield item
+        finally:
+            await session.close()
+
+    def _cursor_problem(self, cursor: dict[str, Any], select: list[str]) -> str | None:
+        if cursor.get("select") != select:
+            return "attribute selection changed: full resync"
+        origin = _origin(self.graph_url)
+        if _origin(str(cursor["users"])) != origin or _origin(str(cursor["groups"])) != origin:
+            return "graph_url changed: full resync"
+        return None
+
+    async def _walk(self, session: _Session, first: dict[str, Any] | Any, step: str,
+                    links: dict[str, str]) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
+        """Pages of one delta round; the round's deltaLink is left in links[step]."""
+        page = first if isinstance(first, dict) else await session.get(first, step=step)
+        seen: set[str] = set()
+        while True:
+            yield page
+            next_link = page.get("@odata.nextLink")
+            delta_link = page.get("@odata.deltaLink")
+            if delta_link and not next_link:
+                links[step] = delta_link
+                return
+            if not next_link:
+                raise ConnectorError(f"{step}: a page with neither @odata.nextLink nor @odata.deltaLink")
+            if next_link in seen:
+                raise ConnectorError(f"{step}: the server repeated a page link; stopping a loop")
+            seen.add(next_link)
+            page = await session.get(session.link(next_link), step=step)
+
+    def _user_page(self, page: dict[str, Any]) -> Page:
+        out = Page()
+        attributes = self.settings.attributes
+        for rec in page.get("value") or []:
+            rid = rec.get("id") if isinstance(rec, dict) else None
+            if not isinstance(rid, str) or not rid:
+                out.quarantined.append(Quarantined("user", None, "user record without an id"))
+                continue
+            if "@removed" in rec:
+                out.removed_users.append(rid)  # soft (changed) or hard (deleted): gone for dirpull
+                continue
+            try:
+                out.users.append(normalize_user(rec, attributes))
+            except (ValueError, TypeError) as exc:
+                out.quarantined.append(Quarantined("user", rid, f"cannot normalize: {str(exc)[:200]}"))
+        return out
+
+    async def _full(self, session: _Session, select: list[str], notes: list[str]) -> AsyncIterator[Page | Done]:
+        links: dict[str, str] = {}
+        async for page in self._walk(session, session.users_delta(select), "users delta", links):
+            yield self._user_page(page)
+
+        direct: dict[str, set[str]] = {}
+        children: dict[str, set[str]] = {}
+        async for page in self._walk(session, session.groups_delta(list(GROUP_SELECT)), "groups delta", links):
+            out = Page()
+            for rec in page.get("value") or []:
+                gid = rec.get("id") if isinstance(rec, dict) else None
+                if not isinstance(gid, str) or not gid:
+                    out.quarantined.append(Quarantined("group", None, "group record without an id"))
+                    continue
+                if "@removed" in rec:
+                    out.removed_groups.append(gid)
+                    direct.pop(gid, None)
+                    children.pop(gid, None)
+                    continue
+                try:
+                    out.groups.append(normalize_group(rec))
+                except (ValueError, TypeError) as exc:
+                    out.quarantined.append(Quarantined("group", gid, f"cannot normalize: {str(exc)[:200]}"))
+                    continue
+                users = direct.setdefault(gid, set())
+                for ref in rec.get("members@delta") or []:
+                    kind, mid = ref.get("@odata.type"), ref.get("id")
+                    if not mid:
+                        continue
+                    removed = "@removed" in ref
+                    if kind == USER_TYPE:
+                        if removed:
+                            users.discard(mid)
+                            out.removed_members.append((gid, mid))
+                        else:
+                            users.add(mid)
+                            out.members.append((gid, mid))
+                    elif kind == GROUP_TYPE:
+                        kids = children.setdefault(gid, set())
+                        (kids.discard if removed else kids.add)(mid)
+            yield out
+
+        # Nested groups: a user in a group below G is a member of G.
+        extra: list[tuple[str, str]] = []
+        for gid, kids in children.items():
+            if not kids:
+                continue
+            for uid in _flatten(direct, children, gid) - direct.get(gid, set()):
+                extra.append((gid, uid))
+                if len(extra) >= PAGE_PAIRS:
+                    yield Page(members=extra)
+                    extra = []
+        if extra:
+            yield Page(members=extra)
+        nesting = {g: sorted(k) for g, k in children.items() if k}
+        cursor = {"users": links["users delta"], "groups": links["groups delta"], "select": select,
+                  "nesting": nesting}  # fmt: skip
+        yield Done(snapshot=True, cursor=cursor, mode="full", requests=session.requests, notes=notes)
+
+    async def _incremental(self, session: _Session, cursor: dict[str, Any], first_users: dict[str, Any],
+                           first_groups: dict[str, Any]) -> AsyncIterator[Page | Done]:  # fmt: skip
+        links: dict[str, str] = {}
+        async for page in self._walk(session, first_users, "users delta", links):
+            yield self._user_page(page)
+
+        old_nesting = {g: set(k) for g, k in (cursor.get("nesting") or {}).items()}
+        nesting = {g: set(k) for g, k in old_nesting.items()}
+        # group → member id → (kind, added); later entries win (chunks and replays merge here).
+        changes: dict[str, dict[str, tuple[str, bool]]] = {}
+        removed_groups: set[str] = set()
+        async for page in self._walk(session, first_groups, "groups delta", links):
+            out = Page()
+            for rec in page.get("value") or []:
+                gid = rec.get("id") if isinstance(rec, dict) else None
+                if not isinstance(gid, str) or not gid:
+                    out.quarantined.append(Quarantined("group", None, "group record without an id"))
+                    continue
+                if "@removed" in rec:
+                    out.removed_groups.append(gid)
+                    removed_groups.add(gid)
+                    changes.pop(gid, None)
+                    continue
+                removed_groups.discard(gid)
+                try:
+                    out.groups.append(normalize_group(rec))
+                except (ValueError, TypeError) as exc:
+                    out.quarantined.append(Quarantined("group", gid, f"cannot normalize: {str(exc)[:200]}"))
+                    continue
+                for ref in rec.get("members@delta") or []:
+                    kind, mid = ref.get("@odata.type"), ref.get("id")
+                    if mid and kind in (USER_TYPE, GROUP_TYPE):
+                        changes.setdefault(gid, {})[mid] = (kind, "@removed" not in ref)
+            if out.groups or out.removed_groups or out.quarantined:
+                yield out
+
+        for gid, delta in changes.items():
+            for mid, (kind, added) in delta.items():
+                if kind == GROUP_TYPE:
+                    kids = nesting.setdefault(gid, set())
+                    (kids.add if added else kids.discard)(mid)
+        for gid in removed_groups:
+            nesting.pop(gid, None)
+            for kids in nesting.values():
+                kids.discard(gid)
+
+        # Which groups need a full transitive re-read: those with children whose membership
+        # changed, and every ancestor (before or after this round) of a group that changed.
+        parents: dict[str, set[str]] = {}
+        for tree in (old_nesting, nesting):
+            for g, kids in tree.items():
+                for k in kids:
+                    parents.setdefault(k, set()).add(g)
+        reread: set[str] = set()
+        for gid in changes:
+            if old_nesting.get(gid) or nesting.get(gid):
+                reread.add(gid)
+            stack = list(parents.get(gid, ()))
+            while stack:
+                p = stack.pop()
+                if p not in reread:
+                    reread.add(p)
+                    stack.extend(parents.get(p, ()))
+        for gid in removed_groups:  # a deleted group's ancestors lose its members
+            stack = list(parents.get(gid, ()))
+            while stack:
+                p = stack.pop()
+                if p not in reread:
+                    reread.add(p)
+                    stack.extend(parents.get(p, ()))
+        reread -= removed_groups
+
+        out = Page()
+        for gid, delta in changes.items():
+            if gid in reread:
+                continue
+            for mid, (kind, added) in delta.items():
+                if kind == USER_TYPE:
+                    (out.members if added else out.removed_members).append((gid, mid))
+        if out.members or out.removed_members:
+            yield out
+
+        direct: dict[str, set[str]] = {}
+        kids_read: dict[str, set[str]] = {}
+        for gid in sorted(reread):
+            await self._read_tree(session, gid, direct, kids_read)
+            members = sorted(_flatten(direct, kids_read, gid))
+            for i in range(0, max(1, len(members)), PAGE_PAIRS):
+                chunk = [(gid, uid) for uid in members[i : i + PAGE_PAIRS]]
+                yield Page(members=chunk, complete_groups=[gid] if i == 0 else [])
+        for gid, kids in kids_read.items():  # what was just read is the truth
+            nesting[gid] = set(kids)
+
+        new_cursor = {
+            "users": links["users delta"],
+            "groups": links["groups delta"],
+            "select": cursor.get("select"),
+            "nesting": {g: sorted(k) for g, k in nesting.items() if k},
+        }
+        yield Done(snapshot=False, cursor=new_cursor, mode="incremental", requests=session.requests)
+
+    async def _read_tree(self, session: _Session, root: str, direct: dict[str, set[str]],
+                         kids: dict[str, set[str]]) -> None:  # fmt: skip
+        """Direct members of `root` and of every group below it, via /groups/{id}/members."""
+        stack = [root]
+        while stack:
+            gid = stack.pop()
+            if gid in direct:
+                continue
+            users: set[str] = set()
+            groups: set[str] = set()
+            direct[gid], kids[gid] = users, groups
+            try:
+                page = await session.get(session.group_members(gid), step="group members")
+            except ConnectorError as exc:
+                if "HTTP 404" in str(exc):
+                    continue  # deleted since the delta: no members
+                raise
+            seen: set[str] = set()
+            while True:
+                for ref in page.get("value") or []:
+                    kind, mid = ref.get("@odata.type"), ref.get("id")
+                    if kind == USER_TYPE and mid:
+                        users.add(mid)
+                    elif kind == GROUP_TYPE and mid:
+                        groups.add(mid)
+                        stack.append(mid)
+                nxt = page.get("@odata.nextLink")
+                if not nxt:
+                    break
+                if nxt in seen:
+                    raise ConnectorError("group members: the server repeated a page link; stopping a loop")
+                seen.add(nxt)
+                page = await session.get(session.link(nxt), step="group members")

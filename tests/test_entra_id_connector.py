@@ -1,0 +1,300 @@
+"""The Entra ID connector through msgraph-sdk against the Graph emulator over loopback HTTP:
+connector-level pulls, and syncs through the real store (tests/harness.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dirpull.config import parse_config
+from dirpull.connectors.base import AuthError, ConnectorError, Done, Page
+from dirpull.connectors.entra_id import EXPIRED_NOTE, EntraConnector, build
+from dirpull.connectors.http import RetryPolicy
+from dirpull.emulators.graph_api import GraphEmulator, group_id, user_id
+from dirpull.emulators.org import Org
+
+
+@pytest.fixture
+def org() -> Org:
+    return Org.generate(80, groups=10, seed=11)
+
+
+@pytest.fixture
+def graph(org: Org) -> Iterator[GraphEmulator]:
+    emu = GraphEmulator(org, delta_page_size=30, member_chunk_size=7, retry_after="0.01")
+    emu.start()
+    try:
+        yield emu
+    finally:
+        emu.stop()
+
+
+def tenant(graph: GraphEmulator, tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    return {**graph.tenant_config("t1", tmp_path), **extra}
+
+
+def connector(
+    graph: GraphEmulator, tmp_path: Path, *, sleeps: list[float] | None = None, **extra: Any
+) -> EntraConnector:
+    cfg = parse_config({"tenants": {"t1": tenant(graph, tmp_path, **extra)}}, tmp_path / "dirpull.toml")
+    policy = RetryPolicy(
+        max_attempts=5, max_total_wait=10, sleep=(sleeps.append if sleeps is not None else lambda s: None)
+    )
+    return build("t1", cfg.tenants["t1"], policy=policy)
+
+
+def pull(c: EntraConnector, cursor: dict[str, Any] | None = None, full: bool = False) -> tuple[list[Page], Done]:
+    items = list(c.pull(cursor, full=full))
+    done = items[-1]
+    assert isinstance(done, Done) and all(isinstance(p, Page) for p in items[:-1])
+    return items[:-1], done  # type: ignore[return-value]
+
+
+def expected_members(org: Org) -> set[tuple[str, str]]:
+    """Flattened memberships of visible groups and users, as dirpull should store them."""
+    return {(group_id(g.n), user_id(n)) for g in org.listed_groups() for n in org.transitive_members(g.n)}
+
+
+# --- connector level -----------------------------------------------------------------------------
+
+
+def test_initial_pull_is_a_flattened_snapshot(graph: GraphEmulator, org: Org, tmp_path: Path) -> None:
+    org.soft_delete(5)
+    pages, done = pull(connector(graph, tmp_path))
+    assert done.snapshot and done.mode == "full" and done.notes == []
+    users = {u.idp_id: u for p in pages for u in p.users}
+    assert set(users) == {user_id(p.n) for p in org.listed_people()}
+    assert {g.idp_id for p in pages for g in p.groups} == {group_id(g.n) for g in org.listed_groups()}
+    assert {m for p in pages for m in p.members} == expected_members(org)
+    one = users[user_id(7)]
+    person = org.person(7)
+    assert (one.username, one.email, one.first_name, one.last_name) == (
+        person.username, person.email, person.given, person.family)  # fmt: skip
+    assert one.employee_number == person.employee_number and one.job_title == person.title
+    assert one.manager_idp_id == user_id(person.manager)
+    assert users[user_id(10)].emails == [org.person(10).email, org.person(10).email.replace("@", "@alias.")]
+    inactive = [p.n for p in org.listed_people() if p.state == "inactive"]
+    assert inactive and all(users[user_id(n)].state == "inactive" for n in inactive)
+    assert set(done.cursor) == {"users", "groups", "select", "nesting"}
+    assert done.cursor["nesting"] == {
+        group_id(g.n): sorted(group_id(s) for s in g.subgroups) for g in org.groups.values() if g.subgroups
+    }
+    assert graph.tokens_issued == 1  # cached for the whole pull
+    assert done.requests == graph.requests
+
+
+def test_extension_attributes_and_mapping_are_selected(graph: GraphEmulator, org: Org, tmp_path: Path) -> None:
+    from dirpull.emulators.graph_api import COST_CENTER_EXTENSION
+
+    c = connector(graph, tmp_path, extension_attributes=[COST_CENTER_EXTENSION],
+                  attributes={"cost_center": COST_CENTER_EXTENSION,
+                              "ext1": "onPremisesExtensionAttributes.extensionAttribute1"})  # fmt: skip
+    pages, _ = pull(c)
+    u = next(u for p in pages for u in p.users if u.idp_id == user_id(3))
+    assert u.custom_attributes == {"cost_center": org.person(3).cost_center, "ext1": org.person(3).cost_center}
+
+
+def test_cloud_picks_hosts_and_tokens_stay_on_the_graph_host(tmp_path: Path) -> None:
+    import asyncio
+
+    from dirpull.connectors.entra_id import ClientCredentialsProvider
+
+    base = {"provider": "entra_id", "tenant_id": "t", "client_id": "c", "client_secret": "sekret-value-123"}
+    for cloud, login, graph_url in (
+        ("global", "https://login.microsoftonline.com", "https://graph.microsoft.com/v1.0"),
+        ("usgov", "https://login.microsoftonline.us", "https://graph.microsoft.us/v1.0"),
+        ("china", "https://login.chinacloudapi.cn", "https://microsoftgraph.chinacloudapi.cn/v1.0"),
+    ):
+        cfg = parse_config({"tenants": {"x": {**base, "cloud": cloud}}}, tmp_path / "d.toml")
+        c = build("x", cfg.tenants["x"])
+        assert (c.login_url, c.graph_url) == (login, graph_url)
+        assert "sekret" not in repr(c)
+    provider = ClientCredentialsProvider(None, "https://login.example/t/oauth2/v2.0/token", "c", "x", "scope",  # type: ignore[arg-type]
+                                         "https://graph.microsoft.com/v1.0")  # fmt: skip
+    for elsewhere in ("https://evil.example/v1.0/users", "http://graph.microsoft.com/v1.0/users",
+                      "https://graph.microsoft.com:8443/v1.0/users"):  # fmt: skip
+        assert asyncio.run(provider.get_authorization_token(elsewhere)) == ""
+
+
+def test_token_refresh_after_expiry(graph: GraphEmulator, org: Org, tmp_path: Path) -> None:
+    c = connector(graph, tmp_path)
+    _, done = pull(c)
+    graph.faults.update({"expire_auth": 1, "path": "/v1.0/"})  # the token is refused once mid-pull
+    _, done = pull(c, done.cursor)
+    assert not done.snapshot and graph.tokens_issued == 3  # one per pull, plus one refresh
+
+
+def test_wrong_secret_is_an_auth_error_without_the_secret(graph: GraphEmulator, tmp_path: Path) -> None:
+    c = connector(graph, tmp_path, client_secret="not-the-secret-xyz")
+    with pytest.raises(AuthError) as exc:
+        pull(c)
+    assert "AADSTS7000215" in str(exc.value) and "not-the-secret-xyz" not in str(exc.value)
+
+
+def test_429_storm_is_retried_honouring_retry_after(graph: GraphEmulator, tmp_path: Path) -> None:
+    sleeps: list[float] = []
+    graph.retry_after = "1.5"
+    graph.faults.update({"rate_limit": 3, "path": "/v1.0/users/delta"})
+    pages, done = pull(connector(graph, tmp_path, sleeps=sleeps))
+    assert done.snapshot and sleeps == [1.5, 1.5, 1.5]
+    assert len({u.idp_id for p in pages for u in p.users}) == 80
+
+
+def test_retry_caps_fail_the_pull(graph: GraphEmulator, tmp_path: Path) -> None:
+    sleeps: list[float] = []
+    graph.faults.update({"error": 100, "error_status": 503, "path": "/v1.0/groups/delta"})
+    with pytest.raises(ConnectorError, match="gave up after 5 attempts"):
+        pull(connector(graph, tmp_path, sleeps=sleeps))
+    assert len(sleeps) == 4
+
+
+def test_delta_round_merges_chunks_and_rereads_nested_groups(graph: GraphEmulator, org: Org, tmp_path: Path) -> None:
+    c = connector(graph, tmp_path)
+    _, done = pull(c)
+    parent = next(g for g in org.groups.values() if g.subgroups)
+    child = next(iter(parent.subgroups))
+    joiner = next(n for n in range(80, 0, -1) if n not in org.transitive_members(parent.n))
+    org.add_member(child, joiner)  # a change below a nested group
+    plain = next(g for g in org.groups.values() if not g.subgroups and g.n != child
+                 and not any(g.n in x.subgroups for x in org.groups.values()))  # fmt: skip
+    leaver = min(plain.members)
+    org.remove_member(plain.n, leaver)
+    pages, done2 = pull(c, done.cursor)
+    assert not done2.snapshot and done2.mode == "incremental"
+    members = {m for p in pages for m in p.members}
+    complete = {g for p in pages for g in p.complete_groups}
+    assert (group_id(child), user_id(joiner)) in members
+    assert group_id(parent.n) in complete
+    assert {m for m in members if m[0] == group_id(parent.n)} == {
+        (group_id(parent.n), user_id(n)) for n in org.transitive_members(parent.n)
+    }
+    assert {m for p in pages for m in p.removed_members} == {(group_id(plain.n), user_id(leaver))}
+
+
+# --- sync level ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def synced(harness: Any, graph: GraphEmulator, tmp_path: Path) -> Any:
+    h = harness({"t1": tenant(graph, tmp_path)}, guard={"max_percent": 50, "min_count": 20})
+    r = h.sync("t1")
+    assert r.status == "succeeded", r.error
+    assert r.mode == "full"
+    return h
+
+
+def test_initial_sync_then_unchanged_sync_emits_nothing(synced: Any, org: Org) -> None:
+    h = synced
+    assert set(h.users("t1")) == {user_id(p.n) for p in org.listed_people()}
+    assert h.members("t1") == expected_members(org)
+    seq = h.last_seq()
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental"
+    assert h.changes("t1", after=seq) == []
+    r = h.sync("t1", full=True)
+    assert r.status == "succeeded" and r.mode == "full"
+    assert h.changes("t1", after=seq) == []
+
+
+def test_a_round_of_changes_gives_exactly_the_expected_events(synced: Any, org: Org) -> None:
+    h = synced
+    before_members = expected_members(org)
+    seq = h.last_seq()
+    org.soft_delete(20)
+    h.sync("t1")  # soft delete now, restore in the next round
+    seq_restore = h.last_seq()
+    assert ("user.deleted", user_id(20)) in h.changes("t1", after=seq)
+
+    parent = next(g for g in org.groups.values() if g.subgroups)
+    child = next(iter(parent.subgroups))
+    other = next(g for g in org.groups.values() if g.n not in (parent.n, child) and g.members and not g.subgroups
+                 and not any(g.n in x.subgroups for x in org.groups.values()))  # fmt: skip
+    doomed = next(g for g in org.groups.values() if g.n not in (parent.n, child, other.n) and g.members
+                  and not any(g.n in x.subgroups for x in org.groups.values()) and not g.subgroups)  # fmt: skip
+    hire = org.hire("Nova", "Hire", manager=1)  # hire
+    org.add_member(other.n, hire.n)  # group join
+    active = [p.n for p in org.listed_people() if p.state == "active" and p.n > 20]
+    disabled, soft, hard, renamed = active[:4]
+    org.deactivate(disabled)  # disable
+    org.soft_delete(soft)  # soft delete
+    org.delete(hard)  # hard delete
+    org.rename(renamed, "Renamed", "Person")  # rename
+    org.restore(20)  # restore
+    leaver = min(other.members - {hire.n})
+    org.remove_member(other.n, leaver)  # group leave
+    org.delete_group(doomed.n)  # group delete
+    newcomer = next(n for n in active[4:] if n not in org.transitive_members(parent.n))
+    org.add_member(child, newcomer)  # nested group change
+
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    after_members = expected_members(org)
+    got = h.changes("t1", after=seq_restore)
+    expected_users = {
+        ("user.created", user_id(hire.n)),
+        ("user.created", user_id(20)),
+        ("user.updated", user_id(disabled), ("raw_attributes", "state")),
+        ("user.updated", user_id(renamed), ("display_name", "first_name", "last_name", "raw_attributes")),
+        ("user.deleted", user_id(soft)),
+        ("user.deleted", user_id(hard)),
+        ("group.deleted", group_id(doomed.n)),
+    }
+    before_round = before_members - {(g, u) for g, u in before_members if u == user_id(20)}
+    expected_member_events = {("group.user_added", g, u) for g, u in after_members - before_round} | {
+        ("group.user_removed", g, u) for g, u in before_round - after_members
+    }
+    assert len(got) == len(set(got))
+    assert set(got) == expected_users | expected_member_events
+    assert ("group.user_added", group_id(parent.n), user_id(newcomer)) in expected_member_events
+    assert h.members("t1") == after_members
+    seq = h.last_seq()
+    assert h.sync("t1").status == "succeeded" and h.changes("t1", after=seq) == []
+
+
+def test_expired_delta_token_falls_back_to_a_full_walk(synced: Any, graph: GraphEmulator, org: Org) -> None:
+    h = synced
+    seq = h.last_seq()
+    org.update_person(30, title="Head of Resyncs")
+    graph.expire_delta_tokens()
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "full"
+    assert EXPIRED_NOTE in r.notes
+    assert h.changes("t1", after=seq) == [("user.updated", user_id(30), ("job_title", "raw_attributes"))]
+
+    seq = h.last_seq()
+    graph.force_resync(1)  # 410 Gone
+    org.rename(31, "Gone", "Again")
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "full" and EXPIRED_NOTE in r.notes
+    assert [c[:2] for c in h.changes("t1", after=seq)] == [("user.updated", user_id(31))]
+    assert h.sync("t1").mode == "incremental"
+
+
+def test_429_storm_then_success_through_the_runner(synced: Any, graph: GraphEmulator, org: Org) -> None:
+    h = synced
+    seq = h.last_seq()
+    org.rename(33, "Storm", "Chaser")
+    graph.faults.update({"rate_limit": 4, "path": "/v1.0/"})
+    r = h.sync("t1")
+    assert r.status == "succeeded", r.error
+    assert [c[:2] for c in h.changes("t1", after=seq)] == [("user.updated", user_id(33))]
+
+
+def test_persistent_5xx_fails_the_run_and_leaves_the_store(harness: Any, graph: GraphEmulator, org: Org,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    h = harness({"t1": tenant(graph, tmp_path, max_retry_attempts=2)}, guard={"max_percent": 50, "min_count": 20})
+    assert h.sync("t1").status == "succeeded"
+    users, members, seq = h.users("t1"), h.members("t1"), h.last_seq()
+    org.rename(34, "Never", "Stored")
+    org.delete(35)
+    graph.faults.update({"error": 1000, "error_status": 503, "path": "/v1.0/groups/delta"})
+    r = h.sync("t1")
+    assert r.status == "failed" and "503" in (r.error or "")
+    assert h.users("t1") == users and h.members("t1") == members and h.last_seq() == seq
+    graph.faults.clear()
+    r = h.sync("t1")  # the old cursor is still there: the same changes arrive now
+    assert r.status == "succeeded" and r.mode == "incremental"
+    assert {c[:2] for c in h.changes("t1", after=seq)} >= {("user.updated", user_id(34)), ("user.deleted", user_id(35))}

@@ -195,7 +195,12 @@ class HttpClient:
                     status=resp.status_code,
                 )
             if resp.status_code >= 400:
-                detail = resp.headers.get("X-BambooHR-Error-Message") or readable_body(resp.content)
+                # BambooHR explains a 400 in a header; one of its own pages spells it with three s.
+                detail = (
+                    resp.headers.get("X-BambooHR-Error-Message")
+                    or resp.headers.get("X-BambooHR-Error-Messsage")
+                    or readable_body(resp.content)
+                )
                 raise ConnectorError(
                     f"{step}: HTTP {resp.status_code} from {redact_url(url)}: {detail}",
                     retriable=resp.status_code >= 500,

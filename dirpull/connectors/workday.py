@@ -216,7 +216,7 @@ class WorkdayConnector:
             resp = self._get(client, url, step, headers)
         except AuthError as exc:
             # Only an expired/revoked token (401) is worth a refresh; a 403 is a permission problem.
-            if not self._uses_oauth() or "HTTP 401" not in str(exc):
+            if not self._uses_oauth() or exc.status != 401:
                 raise
             state["token"] = self._token(client)
             headers["Authorization"] = f"Bearer {state['token']}"

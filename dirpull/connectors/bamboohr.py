@@ -1,0 +1,396 @@
+"""BambooHR connector: the custom report for full walks, `employees/changed` for increments.
+
+Full walk (no cursor, or `full=True`): one `POST reports/custom?format=JSON` naming the fields we
+need. The report includes Active and Inactive employees and has no paging, so the body is streamed
+with ijson and yielded `page_size` users at a time (memory holds one page, even at 100,000 people).
+The result is a snapshot: an employee missing from it was deleted.
+
+Increment (the cursor has `since`): `GET employees/changed?since=` answers an object keyed by
+employee id with an action each. `Deleted` ids become removals; `Inserted`/`Updated` ids are read
+back with the custom report filtered by `employeeIds`, `batch_size` at a time. The next cursor is
+the response's `latest` (else the newest `lastChanged` seen), and never moves backwards.
+
+BambooHR has no groups: the connector yields none.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Generator, Iterator
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any
+
+import ijson
+import requests
+import urllib3
+
+from dirpull.config import BambooHRTenant, ConfigError
+from dirpull.connectors.base import (
+    AuthError,
+    ConfigurationError,
+    ConnectorError,
+    Done,
+    Page,
+    Quarantined,
+)
+from dirpull.connectors.http import HttpClient, RetryPolicy
+from dirpull.connectors.mapping import map_attributes, without
+from dirpull.model import User
+
+# What a full or incremental pull asks the custom report for (plus the tenant's custom fields).
+REPORT_FIELDS = (
+    "id", "employeeNumber", "firstName", "lastName", "preferredName", "displayName", "workEmail",
+    "homeEmail", "status", "department", "division", "jobTitle", "supervisorEId", "hireDate",
+    "terminationDate", "lastChanged",
+)  # fmt: skip
+# Changes with every edit, including edits to fields we do not read (compensation, …): keeping it
+# in raw_attributes would turn those into update events that change nothing a consumer sees.
+VOLATILE = ("lastChanged",)
+EMPTY_VALUES = frozenset({"", "0000-00-00", "0000-00-00 00:00:00"})
+REPORT_TITLE = "dirpull"
+_FIELD_OF_PATH = re.compile(r"^[^.\[]+")
+
+
+def build(tenant: str, settings: BambooHRTenant, **kwargs: Any) -> BambooHRConnector:
+    return BambooHRConnector(tenant, settings, **kwargs)
+
+
+def parse_timestamp(text: Any) -> datetime | None:
+    """BambooHR's ISO-8601 timestamps (Z or an offset); None for anything else."""
+    if not isinstance(text, str) or not text.strip():
+        return None
+    value = text.strip()
+    if value.endswith(("Z", "z")):
+        value = value[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def format_timestamp(when: datetime) -> str:
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00")
+
+
+def clean_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Empty values as None: BambooHR prints an empty date as "0000-00-00" and text as "" or null."""
+    return {k: (None if isinstance(v, str) and v.strip() in EMPTY_VALUES else v) for k, v in row.items()}
+
+
+class BambooHRConnector:
+    provider = "bamboohr"
+
+    def __init__(self, tenant: str, settings: BambooHRTenant, *, policy: RetryPolicy | None = None) -> None:
+        self.tenant = tenant
+        self.settings = settings
+        self._policy = policy
+        self.base = f"{settings.api_url.rstrip('/')}/{settings.company_domain}/v1"
+        custom = [_field_of(path) for path in settings.attributes.values()]
+        extra = [settings.manager_field, *custom]
+        self.fields = list(dict.fromkeys([*REPORT_FIELDS, *(f for f in extra if f)]))
+
+    def __repr__(self) -> str:
+        return f"BambooHRConnector(tenant={self.tenant!r}, company={self.settings.company_domain!r})"
+
+    # --- the contract ------------------------------------------------------------------------------
+
+    def pull(self, cursor: dict[str, Any] | None, *, full: bool) -> Iterator[Page | Done]:
+        try:
+            api_key = self.settings.api_key.get()
+        except ConfigError as exc:
+            raise ConfigurationError(f"bamboohr: api_key: {exc}", step="credentials") from None
+        client = HttpClient(
+            policy=self._policy or RetryPolicy(),
+            timeout=(10.0, self.settings.timeout),
+            headers={"Accept": "application/json"},
+            auth=(api_key, "x"),
+        )
+        notes: list[str] = []
+        try:
+            since = None if full or not cursor else cursor.get("since")
+            if since is not None and parse_timestamp(since) is None:
+                notes.append(f"stored cursor {since!r} is not a timestamp: full sync instead")
+                since = None
+            if since is None:
+                done = yield from self._full(client, notes)
+            else:
+                done = yield from self._incremental(client, since, notes)
+            done.requests = client.requests
+            yield done
+        except AuthError as exc:
+            raise self._auth_error(exc) from None
+        finally:
+            client.close()
+
+    # --- full walk ---------------------------------------------------------------------------------
+
+    def _full(self, client: HttpClient, notes: list[str]) -> Generator[Page, None, Done]:
+        numbers = self._employee_numbers(client) if self._manager_by_number else None
+        resp = self._report(client, {}, step="custom report", stream=True)
+        newest: datetime | None = None
+        page = Page()
+        try:
+            for row in _stream_employees(resp):
+                changed = parse_timestamp(row.get("lastChanged")) if isinstance(row, dict) else None
+                if changed is not None and (newest is None or changed > newest):
+                    newest = changed
+                self._add(page, row, numbers)
+                if len(page.users) + len(page.quarantined) >= self.settings.page_size:
+                    yield page
+                    page = Page()
+        finally:
+            resp.close()
+        if page.users or page.quarantined:
+            yield page
+        # The next increment starts at the newest change the report shows; with no rows, at the
+        # server's clock.
+        if newest is None:
+            newest = _date_header(resp)
+        cursor = {"since": format_timestamp(newest)} if newest is not None else None
+        return Done(snapshot=True, cursor=cursor, mode="full", notes=notes)
+
+    # --- increment ---------------------------------------------------------------------------------
+
+    def _incremental(self, client: HttpClient, since: str, notes: list[str]) -> Generator[Page, None, Done]:
+        since_at = parse_timestamp(since)
+        assert since_at is not None
+        ask = format_timestamp(since_at - timedelta(seconds=self.settings.changed_overlap))
+        try:
+            # requests encodes the '+' of the offset as %2B, as BambooHR requires.
+            resp = client.request(
+                "GET", f"{self.base}/employees/changed", params={"since": ask}, step="changed employees"
+            )
+        except AuthError:
+            raise
+        except ConnectorError as exc:
+            if exc.status != 400:
+                raise
+            notes.append(f"employees/changed refused since={ask} ({exc}): full sync instead")
+            done = yield from self._full(client, notes)
+            return done
+        body = _json(resp, "changed employees")
+        entries = body.get("employees") if isinstance(body, dict) else None
+        if isinstance(entries, dict):
+            items = [(str(k), v) for k, v in entries.items()]
+        elif isinstance(entries, list):  # the reference says an object; tolerate an array too
+            items = [(str(v.get("id")) if isinstance(v, dict) else "", v) for v in entries]
+        elif entries is None:
+            items = []
+        else:
+            raise ConnectorError("changed employees: 'employees' is neither an object nor a list")
+
+        removed: list[str] = []
+        wanted: list[str] = []
+        quarantined: list[Quarantined] = []
+        newest = since_at
+        for key, entry in items:
+            if not isinstance(entry, dict):
+                quarantined.append(Quarantined("user", key or None, "changed entry is not an object"))
+                continue
+            eid = str(entry.get("id") or key or "")
+            action = str(entry.get("action") or "").lower()
+            changed = parse_timestamp(entry.get("lastChanged"))
+            if changed is not None and changed > newest:
+                newest = changed
+            if not eid or eid == "None":
+                quarantined.append(Quarantined("user", None, "changed entry without an employee id"))
+            elif action == "deleted":
+                removed.append(eid)
+            elif action in ("inserted", "updated"):
+                wanted.append(eid)
+            else:
+                quarantined.append(Quarantined("user", eid, f"unknown change action {entry.get('action')!r}"))
+        latest = parse_timestamp(body.get("latest"))
+        if latest is not None:
+            newest = max(newest, latest)
+
+        if removed or quarantined:
+            yield Page(removed_users=removed, quarantined=quarantined)
+        numbers = self._employee_numbers(client) if (wanted and self._manager_by_number) else None
+        missing = 0
+        extra = False
+        size = self.settings.batch_size
+        for start in range(0, len(wanted), size):
+            batch = wanted[start : start + size]
+            asked = set(batch)
+            ids = [int(e) if e.isdigit() else e for e in batch]
+            resp = self._report(client, {"employeeIds": ids}, step="custom report (changed employees)")
+            rows = _json(resp, "custom report").get("employees") or []
+            page = Page()
+            seen = set()
+            for row in rows:
+                eid = str(row.get("id")) if isinstance(row, dict) and row.get("id") is not None else None
+                if eid is not None and eid not in asked:
+                    extra = True  # the filter was not applied: keep only what was asked for
+                    continue
+                if eid is not None:
+                    seen.add(eid)
+                self._add(page, row, numbers)
+            missing += len(asked - seen)
+            yield page
+        if missing:
+            notes.append(
+                f"{missing} changed employee(s) were not in the report (deleted since, or hidden from "
+                "the API key): left as stored"
+            )
+        if extra:
+            notes.append("the custom report ignored the employeeIds filter: extra rows were skipped")
+        return Done(snapshot=False, cursor={"since": format_timestamp(newest)}, mode="incremental", notes=notes)
+
+    # --- requests ----------------------------------------------------------------------------------
+
+    def _report(
+        self, client: HttpClient, filters: dict[str, Any], *, step: str, fields: list[str] | None = None,
+        stream: bool = False,
+    ) -> requests.Response:  # fmt: skip
+        body: dict[str, Any] = {"title": REPORT_TITLE, "fields": fields or self.fields}
+        if filters:
+            body["filters"] = filters
+        # json= sends Content-Type: application/json exactly; anything else is parsed as XML.
+        return client.request(
+            "POST",
+            f"{self.base}/reports/custom",
+            params={"format": "JSON", "onlyCurrent": "true"},
+            json=body,
+            step=step,
+            stream=stream,
+        )
+
+    @property
+    def _manager_by_number(self) -> bool:
+        return self.settings.manager_field_holds == "employee_number"
+
+    def _employee_numbers(self, client: HttpClient) -> dict[str, str]:
+        """employeeNumber → id for every employee, when the manager field holds employee numbers."""
+        resp = self._report(client, {}, step="custom report (employee numbers)", fields=["id", "employeeNumber"])
+        out: dict[str, str] = {}
+        for row in _json(resp, "custom report").get("employees") or []:
+            if isinstance(row, dict) and row.get("id") is not None and row.get("employeeNumber"):
+                out[str(row["employeeNumber"])] = str(row["id"])
+        return out
+
+    # --- normalizing -------------------------------------------------------------------------------
+
+    def _add(self, page: Page, row: Any, numbers: dict[str, str] | None) -> None:
+        result = self.normalize(row, numbers)
+        if isinstance(result, User):
+            page.users.append(result)
+        else:
+            page.quarantined.append(result)
+
+    def normalize(self, row: Any, numbers: dict[str, str] | None = None) -> User | Quarantined:
+        if not isinstance(row, dict):
+            return Quarantined("user", None, "employee row is not an object")
+        rec = clean_row(row)
+        eid = rec.get("id")
+        if eid is None or str(eid).strip() == "":
+            name = " ".join(str(rec.get(k)) for k in ("firstName", "lastName") if rec.get(k))
+            return Quarantined("user", None, f"employee row without an id ({name or 'no name'})")
+        eid = str(eid).strip()
+        status = rec.get("status")
+        if status is None:
+            return Quarantined("user", eid, "no status (may the API key read the status field?)")
+        state = {"active": "active", "inactive": "inactive"}.get(str(status).strip().lower())
+        if state is None:
+            return Quarantined("user", eid, f"unknown status {status!r}")
+        manager = rec.get(self.settings.manager_field)
+        manager_id = None if manager in (None, "0", 0) else str(manager)
+        if manager_id is not None and numbers is not None:
+            manager_id = numbers.get(manager_id)
+        work, home = _text(rec.get("workEmail")), _text(rec.get("homeEmail"))
+        first, last = _text(rec.get("firstName")), _text(rec.get("lastName"))
+        display = _text(rec.get("displayName")) or (
+            " ".join(x for x in (_text(rec.get("preferredName")) or first, last) if x) or None
+        )
+        try:
+            return User(
+                idp_id=eid,
+                username=work,
+                email=work,
+                emails=list(dict.fromkeys(e for e in (work, home) if e)),
+                first_name=first,
+                last_name=last,
+                display_name=display,
+                state=state,
+                job_title=_text(rec.get("jobTitle")),
+                department=_text(rec.get("department")),
+                employee_number=_text(rec.get("employeeNumber")),
+                manager_idp_id=manager_id,
+                custom_attributes=map_attributes(rec, self.settings.attributes),
+                raw_attributes=without(rec, VOLATILE),
+            )
+        except ValueError as exc:
+            return Quarantined("user", eid, f"cannot normalize: {exc}".splitlines()[0])
+
+    def _auth_error(self, exc: AuthError) -> AuthError:
+        status = exc.status
+        company = self.settings.company_domain
+        if status == 403:
+            msg = (
+                f"BambooHR company {company!r}: HTTP 403 at {exc.step}: the API key's user is not "
+                "permitted to read this (give that user access to employee reports, or use another key)"
+            )
+        else:
+            msg = (
+                f"BambooHR company {company!r}: HTTP {status or 401} at {exc.step}: the API key was "
+                f"refused (api_key = {self.settings.api_key.reference}; check the key and company_domain)"
+            )
+        return AuthError(msg, step=exc.step)
+
+
+# --- helpers -----------------------------------------------------------------------------------------
+
+
+def _field_of(path: str) -> str:
+    m = _FIELD_OF_PATH.match(path)
+    return m.group(0) if m else path
+
+
+def _text(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return text or None
+
+
+def _check_json(resp: requests.Response, step: str) -> None:
+    ctype = resp.headers.get("Content-Type", "")
+    if "json" not in ctype.lower():
+        resp.close()
+        raise ConnectorError(
+            f"{step}: expected JSON, got {ctype or 'no Content-Type'} (BambooHR answers XML when it "
+            "ignores Accept: application/json)",
+            step=step,
+        )
+
+
+def _json(resp: requests.Response, step: str) -> Any:
+    _check_json(resp, step)
+    try:
+        return resp.json()
+    except ValueError as exc:
+        raise ConnectorError(f"{step}: the response is not valid JSON ({exc})", step=step) from None
+
+
+def _stream_employees(resp: requests.Response) -> Iterator[Any]:
+    """The report's `employees` rows, parsed as they arrive."""
+    step = "custom report"
+    _check_json(resp, step)
+    resp.raw.decode_content = True
+    try:
+        yield from ijson.items(resp.raw, "employees.item", use_float=True)
+    except (ijson.JSONError, ValueError) as exc:
+        raise ConnectorError(f"{step}: the report body is not valid JSON ({exc})", step=step) from None
+    except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
+        raise ConnectorError(
+            f"{step}: the connection broke while reading the report ({type(exc).__name__})", step=step
+        ) from None
+
+
+def _date_header(resp: requests.Response) -> datetime | None:
+    try:
+        return parsedate_to_datetime(resp.headers["Date"])
+    except (KeyError, TypeError, ValueError):
+        return None

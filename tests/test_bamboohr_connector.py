@@ -1,0 +1,404 @@
+"""The BambooHR connector over loopback HTTP against the BambooHR emulator: connector-level pulls
+(pages and Done) and sync-level runs through the real store (tests/harness.py)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import tracemalloc
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from dirpull.config import BambooHRTenant
+from dirpull.connectors.bamboohr import BambooHRConnector, build
+from dirpull.connectors.base import AuthError, ConnectorError, Done, Page
+from dirpull.connectors.http import RetryPolicy
+from dirpull.emulators.bamboohr_api import BambooHREmulator
+from dirpull.emulators.org import Org
+
+SECRET = "s3cr3t-bamboo-key-do-not-log"
+
+
+def age(org: Org, seconds: float = 3600) -> None:
+    """Move the generated org an hour into the past, so what changes during a test is the only
+    thing `employees/changed` reports, whatever the wall clock's second boundaries."""
+    with org.lock:
+        for p in org.people.values():
+            p.created_at -= seconds
+            p.updated_at -= seconds
+
+
+@pytest.fixture
+def emu() -> Iterator[BambooHREmulator]:
+    org = Org.generate(40, seed=5)
+    age(org)
+    emulator = BambooHREmulator(org, api_key=SECRET)
+    emulator.start()
+    try:
+        yield emulator
+    finally:
+        emulator.stop()
+
+
+class Sleeps(list):
+    """An injected sleep: records the waits instead of sleeping."""
+
+    def __call__(self, seconds: float) -> None:
+        self.append(seconds)
+
+
+def settings(emu: BambooHREmulator, **extra: Any) -> BambooHRTenant:
+    return BambooHRTenant.model_validate({**emu.tenant_config("hr", Path(".")), **extra})
+
+
+def connector(emu: BambooHREmulator, sleeps: Sleeps | None = None, **extra: Any) -> BambooHRConnector:
+    policy = RetryPolicy(max_attempts=4, sleep=sleeps if sleeps is not None else Sleeps(), jitter=0)
+    return build("hr", settings(emu, **extra), policy=policy)
+
+
+def pull(c: BambooHRConnector, cursor: dict | None = None, full: bool = False) -> tuple[list[Page], Done]:
+    out = list(c.pull(cursor, full=full))
+    done = out[-1]
+    assert isinstance(done, Done)
+    assert all(isinstance(p, Page) for p in out[:-1])
+    return out[:-1], done
+
+
+def users(pages: list[Page]) -> dict[str, Any]:
+    return {u.idp_id: u for p in pages for u in p.users}
+
+
+# --- connector level -----------------------------------------------------------------------------
+
+
+def test_full_pull_is_a_snapshot_of_active_and_inactive_employees(emu: BambooHREmulator) -> None:
+    org = emu.org
+    org.deactivate(3, "terminated", "2026-04-30")
+    org.delete(4)
+    pages, done = pull(connector(emu, page_size=15))
+    assert done.snapshot and done.mode == "full"
+    assert done.requests == 1  # one custom report, streamed
+    assert [len(p.users) for p in pages] == [15, 15, 9]
+    got = users(pages)
+    assert set(got) == {str(p.n) for p in org.people.values() if p.visible}
+
+    ceo, p2, p3 = got["1"], got["2"], got["3"]
+    person2 = org.people[2]
+    assert p2.first_name == person2.given and p2.last_name == person2.family
+    assert p2.email == p2.username == person2.email and p2.emails == [person2.email]
+    assert p2.display_name == person2.display
+    assert p2.state == "active" and p2.employee_number == person2.employee_number
+    assert p2.job_title == person2.title and p2.department == person2.department
+    assert p2.manager_idp_id == "1" and ceo.manager_idp_id is None
+    # A terminated employee is inactive, not gone; empty dates are None, not "0000-00-00".
+    assert p3.state == "inactive" and p3.raw_attributes["terminationDate"] == "2026-04-30"
+    assert p2.raw_attributes["terminationDate"] is None
+    assert "lastChanged" not in p2.raw_attributes  # volatile
+    assert done.cursor == {"since": max(_iso(p.updated_at) for p in org.people.values() if p.visible)}
+
+
+def test_incremental_pull_reads_only_what_changed_and_moves_the_cursor_forward(emu: BambooHREmulator) -> None:
+    org = emu.org
+    # No overlap window, so exactly the changed employees are read (the default re-reads the
+    # cursor's last second; the sync-level test shows that costs no events).
+    c = connector(emu, changed_overlap=0)
+    _, first = pull(c)
+    org.update_person(5, title="Principal")
+    org.deactivate(6)  # terminated → inactive
+    org.delete(30)
+    hired = org.hire("Ngozi", "Adeyemi", manager=5)
+    pages, done = pull(c, first.cursor)
+    assert not done.snapshot and done.mode == "incremental"
+    got = users(pages)
+    assert set(got) == {"5", "6", str(hired.n)}
+    assert got["5"].job_title == "Principal"
+    assert got["6"].state == "inactive" and got["6"].raw_attributes["terminationDate"] == date.today().isoformat()
+    assert got[str(hired.n)].manager_idp_id == "5"
+    assert [r for p in pages for r in p.removed_users] == ["30"]
+    assert done.cursor["since"] > first.cursor["since"]
+    assert done.requests == 2  # changed + one report batch
+    changed_call = [path for _, path in emu.request_log if "employees/changed" in path][-1]
+    assert "%2B00%3A00" in changed_call or "%2B00:00" in changed_call
+
+    # Nothing changed since: nothing is read and the cursor stays.
+    pages, again = pull(c, done.cursor)
+    assert again.cursor == done.cursor
+    assert pages == [] and again.requests == 1
+
+
+def test_incremental_reads_changed_employees_in_batches(emu: BambooHREmulator) -> None:
+    c = connector(emu, batch_size=4, changed_overlap=0)
+    _, first = pull(c)
+    for n in range(10, 20):
+        emu.org.update_person(n, department="Legal")
+    pages, done = pull(c, first.cursor)
+    assert [len(p.users) for p in pages] == [4, 4, 2]
+    assert done.requests == 1 + 3
+    assert all(u.department == "Legal" for u in users(pages).values())
+
+
+def test_full_flag_ignores_the_cursor(emu: BambooHREmulator) -> None:
+    c = connector(emu)
+    _, first = pull(c)
+    pages, done = pull(c, first.cursor, full=True)
+    assert done.snapshot and len(users(pages)) == 40
+
+
+def test_rejected_or_unreadable_cursor_falls_back_to_a_full_walk(emu: BambooHREmulator) -> None:
+    c = connector(emu)
+    pages, done = pull(c, {"since": "not a date"})
+    assert done.snapshot and len(users(pages)) == 40
+    assert "full sync" in done.notes[0]
+
+
+@pytest.mark.parametrize(("today", "status"), [(date(2026, 9, 16), 429), (date(2026, 9, 15), 503)])
+def test_throttling_is_retried_honouring_retry_after(emu: BambooHREmulator, today: date, status: int) -> None:
+    emu.today = today
+    emu.retry_after = "13"
+    emu.faults.rate_limit = 2
+    sleeps = Sleeps()
+    pages, done = pull(connector(emu, sleeps))
+    assert sleeps == [13.0, 13.0]  # the server's hint, not the backoff
+    assert done.requests == 3 and len(users(pages)) == 40
+
+
+def test_throttling_that_does_not_stop_fails_the_pull(emu: BambooHREmulator) -> None:
+    emu.faults.rate_limit = 100
+    sleeps = Sleeps()
+    with pytest.raises(ConnectorError, match="gave up after 4 attempts"):
+        pull(connector(emu, sleeps))
+    assert len(sleeps) == 3
+
+
+@pytest.mark.parametrize("permitted", [True, False])
+def test_refused_key_fails_with_a_clear_message_without_the_key(emu: BambooHREmulator, permitted: bool) -> None:
+    emu.permitted = permitted
+    extra = {} if not permitted else {"api_key": "wrong-key-also-secret"}
+    with pytest.raises(AuthError) as info:
+        pull(connector(emu, **extra))
+    msg = str(info.value)
+    assert ("HTTP 403" in msg and "not permitted" in msg) if not permitted else ("HTTP 401" in msg)
+    assert "acme" in msg
+    assert SECRET not in msg and "wrong-key-also-secret" not in msg and SECRET not in repr(info.value)
+
+
+def test_rows_without_an_id_or_status_are_quarantined(emu: BambooHREmulator) -> None:
+    c = connector(emu)
+    assert c.normalize({"firstName": "Ghost", "status": "Active"}).reason.startswith("employee row without an id")
+    odd = c.normalize({"id": "9", "status": "Furloughed"})
+    assert odd.idp_id == "9" and "unknown status" in odd.reason
+    emu.forbidden_fields = {"status"}
+    pages, done = pull(c)
+    assert done.snapshot and not users(pages)
+    assert len([q for p in pages for q in p.quarantined]) == 40
+
+
+def test_manager_field_is_configurable_for_both_readings(emu: BambooHREmulator) -> None:
+    emu.supervisor_ids_swapped = True  # supervisorEId then holds the employee number
+    pages, _ = pull(connector(emu, manager_field_holds="employee_number"))
+    assert users(pages)["20"].manager_idp_id == str(emu.org.people[20].manager)
+    pages, _ = pull(connector(emu, manager_field="supervisorId"))
+    assert users(pages)["20"].manager_idp_id == str(emu.org.people[20].manager)
+
+
+def test_custom_attributes_come_from_report_fields(emu: BambooHREmulator) -> None:
+    pages, _ = pull(connector(emu, attributes={"cost_center": "customCostCenter", "division": "division"}))
+    u = users(pages)["2"]
+    assert u.custom_attributes == {
+        "cost_center": emu.org.people[2].cost_center,
+        "division": u.raw_attributes["division"],
+    }
+    assert u.custom_attributes["division"]  # requested by the core field list anyway
+
+
+def test_a_connection_dropped_mid_report_fails_the_pull(emu: BambooHREmulator) -> None:
+    emu.faults.drop = 1
+    with pytest.raises(ConnectorError):
+        pull(connector(emu))
+    emu.faults.malformed = 1
+    with pytest.raises(ConnectorError, match="not valid JSON"):
+        pull(connector(emu))
+
+
+def _iso(ts: float) -> str:
+    from dirpull.emulators.bamboohr_api import iso_seconds
+
+    return iso_seconds(ts)
+
+
+# --- sync level: the real runner and store ---------------------------------------------------------
+
+
+@pytest.fixture
+def synced(emu: BambooHREmulator, harness: Any) -> tuple[Any, Sleeps]:
+    """A harness whose tenant 'hr' points at the emulator, after a first (full) sync."""
+    sleeps = Sleeps()
+
+    def factory(tenant: str, tenant_settings: Any) -> BambooHRConnector:
+        return build(tenant, tenant_settings, policy=RetryPolicy(max_attempts=4, sleep=sleeps, jitter=0))
+
+    h = harness({"hr": emu.tenant_config("hr", Path("."))}, connector_factory=factory)
+    first = h.sync("hr")
+    assert first.status == "succeeded" and first.mode == "full", first.error
+    assert len(h.users("hr")) == 40
+    return h, sleeps
+
+
+def test_sync_a_round_of_changes_emits_exactly_these_events(emu: BambooHREmulator, synced: Any) -> None:
+    h, _ = synced
+    org = emu.org
+    seq = h.last_seq()
+    org.update_person(5, title="Principal")
+    org.deactivate(6, "terminated", "2026-06-30")
+    org.delete(30)  # manages nobody, so no one else's supervisor changes
+    hired = org.hire("Ngozi", "Adeyemi", manager=5)
+    org.update_person(8, manager=5)
+    org.delete(7)  # manages 38, 39 and 40: their supervisor empties, which BambooHR counts as a change
+    assert {p.n for p in org.people.values() if p.manager == 7} == {38, 39, 40}
+    r = h.sync("hr")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert sorted(h.changes("hr", after=seq)) == sorted(
+        [
+            ("user.updated", "5", ("job_title", "raw_attributes")),
+            ("user.updated", "6", ("raw_attributes", "state")),
+            ("user.deleted", "30"),
+            ("user.created", str(hired.n)),
+            ("user.updated", "8", ("manager_idp_id", "raw_attributes")),
+            ("user.deleted", "7"),
+            ("user.updated", "38", ("manager_idp_id", "raw_attributes")),
+            ("user.updated", "39", ("manager_idp_id", "raw_attributes")),
+            ("user.updated", "40", ("manager_idp_id", "raw_attributes")),
+        ]
+    )
+    stored = h.users("hr")
+    assert stored["6"]["state"] == "inactive"
+    assert stored["6"]["raw_attributes"]["terminationDate"] == "2026-06-30"
+    assert "30" not in stored and stored["8"]["manager_idp_id"] == "5"
+    assert h.groups("hr") == {} and h.members("hr") == set()  # BambooHR has no groups
+
+
+def test_an_unchanged_directory_emits_no_events_incremental_or_full(emu: BambooHREmulator, synced: Any) -> None:
+    h, _ = synced
+    seq = h.last_seq()
+    again = h.sync("hr")
+    assert again.status == "succeeded" and again.mode == "incremental" and again.events == 0
+    full = h.sync("hr", full=True)
+    assert full.status == "succeeded" and full.mode == "full" and full.events == 0
+    assert h.last_seq() == seq
+    # A full walk notices a deletion as a missing row.
+    emu.org.delete(33)
+    assert h.sync("hr", full=True).status == "succeeded"
+    assert h.changes("hr", after=seq) == [("user.deleted", "33")]
+
+
+def test_a_run_failing_mid_fetch_leaves_the_store_unchanged(emu: BambooHREmulator, synced: Any) -> None:
+    h, _ = synced
+    before_users, seq = h.users("hr"), h.last_seq()
+    emu.org.update_person(5, title="Principal")
+    emu.org.delete(31)
+    for fault in ({"drop": 1, "path": "reports/custom"}, {"malformed": 1, "path": "reports/custom"}):
+        emu.faults.update(fault)
+        r = h.sync("hr", full=True)
+        assert r.status == "failed" and r.error
+        assert h.users("hr") == before_users and h.last_seq() == seq
+    emu.faults.clear()
+    # The cursor did not move either: the next good run still sees both changes.
+    r = h.sync("hr")
+    assert r.status == "succeeded" and r.mode == "incremental"
+    assert sorted(h.changes("hr", after=seq)) == [
+        ("user.deleted", "31"),
+        ("user.updated", "5", ("job_title", "raw_attributes")),
+    ]
+
+
+def test_a_refused_key_fails_the_run_with_a_clear_message(emu: BambooHREmulator, synced: Any) -> None:
+    h, _ = synced
+    seq = h.last_seq()
+    emu.org.update_person(5, title="Principal")
+    emu.faults.expire_auth = 1
+    r = h.sync("hr")
+    assert r.status == "failed" and "HTTP 401" in r.error and "API key was refused" in r.error
+    emu.permitted = False
+    r = h.sync("hr")
+    assert r.status == "failed" and "HTTP 403" in r.error
+    assert SECRET not in r.error and h.last_seq() == seq
+
+
+def test_a_throttled_sync_waits_as_told_and_succeeds(emu: BambooHREmulator, synced: Any) -> None:
+    h, sleeps = synced
+    emu.org.update_person(5, title="Principal")
+    emu.retry_after = "2"
+    emu.faults.rate_limit = 2
+    r = h.sync("hr")
+    assert r.status == "succeeded" and r.events == 1
+    assert sleeps == [2.0, 2.0]
+
+
+# --- cost measurement (opt-in) -------------------------------------------------------------------
+
+
+def _serve_org(n: int, queue: Any, stop: Any) -> None:
+    org = Org.generate(n, seed=1)
+    with org.lock:  # spread creation times over the past day so 'changed since' means something
+        for p in org.people.values():
+            p.created_at = p.updated_at = p.updated_at - 86_400 + p.n * 0.5
+    emulator = BambooHREmulator(org)
+    emulator.start()
+    try:
+        queue.put(emulator.tenant_config("bench", Path(".")))
+        stop.wait(600)
+    finally:
+        emulator.stop()
+
+
+@pytest.mark.skipif(not os.environ.get("DIRPULL_BENCH"), reason="set DIRPULL_BENCH=<employees> to measure")
+def test_pull_cost_per_user() -> None:
+    """DIRPULL_BENCH=10000 pytest tests/test_bamboohr_connector.py -k pull_cost -s
+    The emulator runs in a child process, so the CPU and heap numbers are the connector's alone."""
+    n = int(os.environ["DIRPULL_BENCH"])
+    ctx = multiprocessing.get_context("fork")
+    queue, stop = ctx.Queue(), ctx.Event()
+    child = ctx.Process(target=_serve_org, args=(n, queue, stop), daemon=True)
+    child.start()
+    try:
+        cfg = queue.get(timeout=600)
+        c = build("bench", BambooHRTenant.model_validate(cfg))
+        for label in ("full", "full (heap traced)"):
+            traced = label != "full"  # tracemalloc slows Python down: time the first run only
+            wall, cpu, count = time.perf_counter(), time.process_time(), 0
+            if traced:
+                tracemalloc.start()
+            for item in c.pull(None, full=True):
+                count += len(item.users) if isinstance(item, Page) else 0
+            wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            assert count == n and isinstance(item, Done)
+            if traced:
+                peak = tracemalloc.get_traced_memory()[1]
+                tracemalloc.stop()
+                print(f"connector heap peak during a full pull: {peak / 2**20:.1f} MiB")
+            else:
+                print(
+                    f"\n{label}: {count} users, {item.requests} request(s), {wall:.2f}s wall "
+                    f"({wall / count * 1e6:.0f} us/user), connector CPU {cpu / count * 1e6:.0f} us/user"
+                )
+        cursor = item.cursor
+        base = cfg["api_url"].split("/api/")[0]
+        requests.post(f"{base}/_emulator/changes", json={"random": n // 100, "seed": 7}, timeout=60)
+        wall, count = time.perf_counter(), 0
+        for item in c.pull(cursor, full=False):
+            count += len(item.users) + len(item.removed_users) if isinstance(item, Page) else 0
+        print(
+            f"incremental after {n // 100} random changes: {count} users read or removed, "
+            f"{item.requests} requests, {time.perf_counter() - wall:.2f}s wall"
+        )
+    finally:
+        stop.set()
+        child.join(30)
+        if child.is_alive():
+            child.kill()

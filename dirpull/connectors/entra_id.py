@@ -54,6 +54,7 @@ from dirpull.connectors.base import (
 )
 from dirpull.connectors.http import RETRIABLE_STATUSES, RetryPolicy, parse_retry_after, redact_url
 from dirpull.connectors.mapping import map_attributes
+from dirpull.connectors.nesting import flatten
 from dirpull.model import Group, User
 
 log = logging.getLogger(__name__)
@@ -153,21 +154,6 @@ def normalize_group(rec: dict[str, Any]) -> Group:
         email=rec.get("mail") or None,
         raw_attributes=_raw(rec),
     )
-
-
-def _flatten(direct: dict[str, set[str]], children: dict[str, set[str]], group: str) -> set[str]:
-    """Users directly in `group` or in any group nested below it (cycles are cut)."""
-    out: set[str] = set()
-    seen: set[str] = set()
-    stack = [group]
-    while stack:
-        g = stack.pop()
-        if g in seen:
-            continue
-        seen.add(g)
-        out |= direct.get(g, set())
-        stack.extend(children.get(g, ()))
-    return out
 
 
 # --- auth ---------------------------------------------------------------------------------------
@@ -336,7 +322,7 @@ class _Session:
                         log.warning("graph throttled (%s), retry after %s s", step, hint)
                     self.policy.wait(attempt, hint, what=what, step=step)
                     continue
-                raise ConnectorError(f"{what}: {code} {message}".strip(), retriable=status >= 500,
+                raise ConnectorError(f"{what}: {code} {message}".strip(), retriable=status >= 500, status=status,
                                      step=step) from None  # fmt: skip
             except httpx.TransportError as exc:
                 self.policy.wait(attempt, None, what=f"{step}: {type(exc).__name__} on GET {redact_url(url)}",
@@ -561,7 +547,7 @@ class EntraConnector:
         for gid, kids in children.items():
             if not kids:
                 continue
-            for uid in _flatten(direct, children, gid) - direct.get(gid, set()):
+            for uid in flatten(gid, direct, children) - direct.get(gid, set()):
                 extra.append((gid, uid))
                 if len(extra) >= PAGE_PAIRS:
                     yield Page(members=extra)
@@ -659,7 +645,7 @@ class EntraConnector:
         kids_read: dict[str, set[str]] = {}
         for gid in sorted(reread):
             await self._read_tree(session, gid, direct, kids_read)
-            members = sorted(_flatten(direct, kids_read, gid))
+            members = sorted(flatten(gid, direct, kids_read))
             for i in range(0, max(1, len(members)), PAGE_PAIRS):
                 chunk = [(gid, uid) for uid in members[i : i + PAGE_PAIRS]]
                 yield Page(members=chunk, complete_groups=[gid] if i == 0 else [])
@@ -688,7 +674,7 @@ class EntraConnector:
             try:
                 page = await session.get(session.group_members(gid), step="group members")
             except ConnectorError as exc:
-                if "HTTP 404" in str(exc):
+                if exc.status == 404:
                     continue  # deleted since the delta: no members
                 raise
             seen: set[str] = set()

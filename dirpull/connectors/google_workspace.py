@@ -46,6 +46,7 @@ from dirpull.connectors.base import (
 )
 from dirpull.connectors.http import PagingGuard, RetryPolicy, redact_url
 from dirpull.connectors.mapping import map_attributes, without
+from dirpull.connectors.nesting import nested_groups
 from dirpull.model import Group, User
 
 log = logging.getLogger(__name__)
@@ -529,20 +530,12 @@ def _flatten(gid: str, direct: dict[str, _Direct]) -> tuple[set[str], bool, set[
     users: set[str] = set()
     external: set[str] = set()
     customer = False
-    seen: set[str] = set()
-    stack = [gid]
-    while stack:
-        cur = stack.pop()
-        if cur in seen:
-            continue  # a cycle or a diamond
-        seen.add(cur)
-        d = direct.get(cur)
-        if d is None:
-            continue
+    none = _Direct()
+    for cur in nested_groups(gid, lambda g: direct.get(g, none).groups):
+        d = direct.get(cur, none)
         users.update(d.users)
         external.update(d.external)
         customer = customer or d.customer
-        stack.extend(d.groups)
     return users, customer, external
 
 

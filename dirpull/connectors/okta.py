@@ -681,7 +681,7 @@ class OktaConnector:
             try:
                 records, headers = await self._log_page(run, after=after)
             except ConnectorError as exc:
-                if "HTTP 400" not in str(exc):
+                if exc.status != 400:
                     raise
                 run.notes.append("system log position rejected: started polling from now")
                 state["log_next"] = await self._log_start(run)
@@ -780,10 +780,10 @@ class OktaConnector:
         summary = readable_body(last.body, 200)
         msg = f"{step}: HTTP {last.status} from {redact_url(last.url)}: {summary}"
         if last.status in (401, 403):
-            return AuthError(msg + " (check api_token / OAuth app scopes)", step=step)
+            return AuthError(msg + " (check api_token / OAuth app scopes)", step=step, status=last.status)
         if last.status == 404 and code == "E0000007":
-            return _NotFound(msg, step=step)
-        return ConnectorError(msg, retriable=last.status >= 500 or last.status == 429, step=step)
+            return _NotFound(msg, step=step, status=404)
+        return ConnectorError(msg, retriable=last.status >= 500 or last.status == 429, step=step, status=last.status)
 
 
 class _NotFound(ConnectorError):

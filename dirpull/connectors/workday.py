@@ -35,6 +35,7 @@ from dirpull.connectors.http import (
     RetryPolicy,
     readable_body,
 )
+from dirpull.connectors.nesting import flatten
 from dirpull.model import Group, User
 
 PAGE_SIZE = 500
@@ -508,7 +509,7 @@ class WorkdayConnector:
         page = Page(quarantined=quarantined)
         for gid, group in groups.items():
             page.groups.append(group)
-            for uid in sorted(_flatten(gid, direct, subs)):
+            for uid in sorted(flatten(gid, direct, subs)):
                 if uid in user_ids:
                     page.members.append((gid, uid))
                 else:
@@ -541,20 +542,6 @@ def _values(value: Any, *keys: str) -> list[str]:
                 v = None
             if v and v.strip():
                 out.append(v.strip())
-    return out
-
-
-def _flatten(gid: str, direct: dict[str, set[str]], subs: dict[str, list[str]]) -> set[str]:
-    out: set[str] = set()
-    seen: set[str] = set()
-    stack = [gid]
-    while stack:
-        cur = stack.pop()
-        if cur in seen:
-            continue
-        seen.add(cur)
-        out |= direct.get(cur, set())
-        stack.extend(subs.get(cur, ()))
     return out
 
 

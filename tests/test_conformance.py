@@ -19,6 +19,7 @@ ORG_GROUPS = {"entra_id", "google_workspace", "okta"}
 # Google's emulator also serves a CUSTOMER member (the whole domain) that the connector expands,
 # so its flattened memberships are a superset of the organization's.
 SUPERSET_MEMBERS = {"google_workspace"}
+SECRET_KEYS = ("api_key", "api_token", "client_secret", "password", "refresh_token")
 
 
 @pytest.fixture(params=PROVIDERS)
@@ -30,9 +31,16 @@ def tenant(request, tmp_path: Path, harness):
     try:
         table = emulator.tenant_config("t", tmp_path)
         h = harness({"t": table}, guard={"max_percent": 50, "min_count": 50})
+        h.emulator = emulator
+        h.secrets = [str(table[k]) for k in SECRET_KEYS if k in table]
         yield provider, org, h
     finally:
         emulator.stop()
+
+
+def emulator_auth_fails(h) -> None:
+    """Every request from now on is refused as unauthorized (a revoked credential)."""
+    h.emulator.faults.update({"expire_auth": 10_000})
 
 
 def org_state(org: Org) -> dict[str, int]:
@@ -63,7 +71,8 @@ def check_members(provider: str, org: Org, h) -> None:
         assert stored == flattened_members(org)
 
 
-def test_first_sync_mirrors_the_organization_and_resync_is_silent(tenant):
+def test_first_sync_mirrors_the_organization_and_resync_is_silent(tenant, caplog):
+    caplog.set_level("DEBUG")
     provider, org, h = tenant
     first = h.sync("t")
     assert first.status == "succeeded", first.error
@@ -77,6 +86,23 @@ def test_first_sync_mirrors_the_organization_and_resync_is_silent(tenant):
     assert again.status == "succeeded", again.error
     assert again.events == 0 and again.counts["rows_written"] == 0
     assert h.last_seq() == seq
+    for secret in h.secrets:
+        assert secret not in caplog.text
+        assert all(secret not in str(run) for run in h.store.runs("t"))
+
+
+def test_a_failing_vendor_fails_the_run_and_changes_nothing(tenant, caplog):
+    caplog.set_level("DEBUG")
+    _, org, h = tenant
+    assert h.sync("t").status == "succeeded"
+    seq, users = h.last_seq(), h.users("t")
+    org.random_changes(10)
+    emulator_auth_fails(h)
+    r = h.sync("t", full=True)
+    assert r.status == "failed" and r.error
+    assert h.last_seq() == seq and h.users("t") == users
+    for secret in h.secrets:
+        assert secret not in caplog.text and secret not in r.error
 
 
 def test_incremental_after_changes_agrees_with_a_full_walk(tenant):

@@ -479,6 +479,9 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except StoreError as exc:  # the database went away mid-command: one line, no traceback
+        typer.echo(f"dirpull: {exc}", err=True)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,15 +13,89 @@ from harness import SyncHarness
 for _name in list(os.environ):
     if _name.startswith(("OKTA_CLIENT_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_")):
         del os.environ[_name]
+os.environ.pop("DIRPULL_STORE_URL", None)  # it would override every test's store
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = "127.0.0.1,localhost"
+
+PG_ENV = "DIRPULL_TEST_PG_URL"
+STORES = ["sqlite", "postgresql"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "stores: run the test once on SQLite and once on PostgreSQL")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # Tests (or modules) marked `stores` get the `store_url` fixture on both stores; the rest
+    # keep SQLite. A test marked `postgres` runs on PostgreSQL only.
+    if "store_kind" not in metafunc.fixturenames:
+        return
+    for marker in metafunc.definition.iter_markers():  # the closest (function, class, module) first
+        if marker.name in ("stores", "postgres"):
+            kinds = STORES if marker.name == "stores" else ["postgresql"]
+            metafunc.parametrize("store_kind", kinds, indirect=True)
+            return
+
+
+def pg_url_or_skip() -> str:
+    """The PostgreSQL server for tests; skipped by hand without one, a failure in CI."""
+    url = os.environ.get(PG_ENV)
+    if url:
+        return url
+    message = f'PostgreSQL tests need {PG_ENV} (start a throw-away server: export {PG_ENV}="$(scripts/postgres start)")'
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set and {message}", pytrace=False)
+    pytest.skip(message)
 
 
 @pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Any]:
-    """`harness(tenants, **kw)` builds a SyncHarness on a fresh store; closed after the test."""
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def pg_schema_url() -> Iterator[Any]:
+    """`make()` returns the URL of a fresh, empty PostgreSQL schema (its own search_path), dropped
+    after the test: tests never see each other's rows, and creating one is quick."""
+    import sqlalchemy as sa
+
+    base = sa.engine.make_url(pg_url_or_skip())
+    admin = sa.create_engine(base, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    made: list[str] = []
+
+    def make() -> str:
+        name = f"t_{uuid.uuid4().hex[:12]}"
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE SCHEMA "{name}"'))
+        made.append(name)
+        url = base.update_query_dict({"options": f"-csearch_path={name}"})
+        return url.render_as_string(hide_password=False)
+
+    yield make
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text("SET lock_timeout = '20s'"))
+            for name in made:
+                conn.execute(sa.text(f'DROP SCHEMA IF EXISTS "{name}" CASCADE'))
+    finally:
+        admin.dispose()
+
+
+@pytest.fixture
+def store_url(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A fresh, empty store: SQLite in tmp_path, or a new PostgreSQL schema."""
+    if store_kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("pg_schema_url")()
+
+
+@pytest.fixture
+def harness(tmp_path: Path, store_url: str) -> Iterator[Any]:
+    """`harness(tenants, **kw)` builds a SyncHarness on a fresh store; closed after the test.
+    SQLite unless the test is marked `stores` (both) or `postgres`."""
     made: list[SyncHarness] = []
 
     def make(tenants: dict[str, dict[str, Any]], **kwargs: Any) -> SyncHarness:
+        kwargs.setdefault("store_url", store_url)
         h = SyncHarness(tmp_path, tenants, **kwargs)
         made.append(h)
         return h

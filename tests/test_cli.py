@@ -14,6 +14,9 @@ from dirpull.emulators.bamboohr_api import BambooHREmulator
 from dirpull.emulators.cluster import Cluster
 from dirpull.emulators.org import Org
 
+# Every test that uses a store runs on SQLite and on PostgreSQL.
+pytestmark = pytest.mark.stores
+
 EVENT_KEYS = {"seq", "type", "tenant", "run_id", "data", "previous_attributes", "created_at"}
 USER_KEYS = {
     "idp_id",
@@ -36,7 +39,7 @@ USER_KEYS = {
 
 
 @pytest.fixture
-def env(tmp_path: Path) -> Iterator[dict]:
+def env(tmp_path: Path, store_url: str) -> Iterator[dict]:
     org = Org.generate(60, seed=3)
     emulator = BambooHREmulator(org)
     emulator.start()
@@ -48,7 +51,7 @@ def env(tmp_path: Path) -> Iterator[dict]:
         config = tmp_path / "dirpull.toml"
         lines = [
             "[store]",
-            f'url = "sqlite:///{tmp_path / "s.db"}"',
+            f'url = "{store_url}"',
             "[defaults.guard]",
             "max_percent = 10",
             "min_count = 5",

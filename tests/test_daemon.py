@@ -5,9 +5,12 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from scripted import Directory, ScriptedConnector, people
 
 from dirpull.sync.daemon import Daemon, next_fire, trigger_for
+
+pytestmark = pytest.mark.stores  # each test runs on SQLite and on PostgreSQL
 
 TENANTS = {
     name: {"provider": "bamboohr", "company_domain": "acme", "api_key": "k", "schedule": "1s"}

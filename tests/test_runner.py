@@ -5,10 +5,13 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
+import pytest
 from scripted import Directory, factory, people
 
 from dirpull.model import Group, User
 from dirpull.storage.store import utcnow
+
+pytestmark = pytest.mark.stores  # each test runs on SQLite and on PostgreSQL
 
 TENANT = {"t": {"provider": "bamboohr", "company_domain": "acme", "api_key": "literal-key"}}
 

@@ -16,6 +16,8 @@ Two cross-process guarantees live here:
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,10 +35,15 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 BATCH = 500
 EVENT_LOCK_KEY = 0x64697270756C6C  # "dirpull": one advisory lock serializes event commits
+MIGRATION_LOCK_KEY = EVENT_LOCK_KEY + 1  # one migration at a time
 
 
 class StoreError(Exception):
     """The store cannot be used (unreachable, schema behind); phrased for the operator."""
+
+
+class StoreUnavailable(StoreError):
+    """The database could not be reached or failed a statement (one line, no password, no SQL)."""
 
 
 def utcnow() -> datetime:
@@ -98,8 +105,17 @@ class WriteSet:
 class Store:
     def __init__(self, url: str, *, pool_size: int = 5, connect_timeout: float = 10.0) -> None:
         self.url = url
+        self.connect_timeout = connect_timeout
         self.engine = _make_engine(url, pool_size=pool_size, connect_timeout=connect_timeout)
         self.dialect = self.engine.dialect.name
+        _one_line_errors(self.engine, self.safe_url)
+
+    def _now(self, conn: Connection) -> datetime:
+        """Lease times come from the database's clock on PostgreSQL, so the workers' machines may
+        disagree about the time without two of them holding one lease. SQLite is one machine."""
+        if self.dialect == "postgresql":
+            return _aware(conn.execute(sa.select(sa.func.clock_timestamp())).scalar_one())
+        return utcnow()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -119,33 +135,58 @@ class Store:
         from alembic.runtime.migration import MigrationContext
         from alembic.script import ScriptDirectory
 
-        try:
-            with self.engine.connect() as conn:
-                current = MigrationContext.configure(conn).get_current_revision()
-                head = ScriptDirectory.from_config(self._alembic(conn)).get_current_head()
-        except sa.exc.OperationalError as exc:
-            raise StoreError(f"store {self.safe_url}: unreachable ({_first_line(exc)})") from None
+        with self.engine.connect() as conn:  # unreachable: StoreUnavailable, one line
+            current = MigrationContext.configure(conn).get_current_revision()
+            head = ScriptDirectory.from_config(self._alembic(conn)).get_current_head()
         return current, head or ""
 
-    def upgrade(self) -> tuple[str | None, str]:
-        """Apply pending migrations; returns (from, to)."""
+    def upgrade(self, *, only_if_empty: bool = False) -> tuple[str | None, str]:
+        """Apply pending migrations in one transaction, one process at a time; returns (from, to).
+
+        Several workers started at once on an empty store: one migrates, the others wait for its
+        lock and then find the schema current. With `only_if_empty`, refuse a store that has
+        tables but is not current (that needs an explicit `dirpull db upgrade`)."""
         from alembic import command
+        from alembic.runtime.migration import MigrationContext
 
         before, head = self.schema_state()
-        if before != head:
-            with self.engine.begin() as conn:
+        if before == head:
+            return before, head
+        engine = self._migration_engine()
+        try:
+            with engine.begin() as conn:
+                if self.dialect == "postgresql":  # DDL is transactional there
+                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+                current = MigrationContext.configure(conn).get_current_revision()
+                if current == head:
+                    return before, head
+                if only_if_empty and (current is not None or sa.inspect(conn).get_table_names()):
+                    raise self._behind(current, head)
                 command.upgrade(self._alembic(conn), "head")
+        finally:
+            if engine is not self.engine:
+                engine.dispose()
         return before, head
+
+    def _migration_engine(self) -> Engine:
+        if self.dialect != "sqlite":
+            return self.engine
+        engine = _make_engine(self.url, pool_size=1, connect_timeout=self.connect_timeout, migrating=True)
+        _one_line_errors(engine, self.safe_url)
+        return engine
 
     def ensure_schema(self, *, create_if_empty: bool = True) -> None:
         """Refuse an outdated schema; create it on a brand-new, empty store (zero set-up)."""
         current, head = self.schema_state()
         if current == head:
             return
-        if current is None and create_if_empty and not self._has_tables():
-            self.upgrade()
+        if current is None and create_if_empty:
+            self.upgrade(only_if_empty=True)
             return
-        raise StoreError(
+        raise self._behind(current, head)
+
+    def _behind(self, current: str | None, head: str) -> StoreError:
+        return StoreError(
             f"store {self.safe_url}: schema is at revision {current or 'none'}, this dirpull needs "
             f"{head}; run `dirpull db upgrade`"
         )
@@ -164,7 +205,9 @@ class Store:
             row = conn.execute(sa.select(t.tenants.c.provider).where(t.tenants.c.id == tenant)).first()
             if row is None:
                 try:
-                    conn.execute(t.tenants.insert().values(id=tenant, provider=provider, created_at=utcnow()))
+                    # A savepoint: on PostgreSQL a failed statement would abort the whole transaction.
+                    with conn.begin_nested():
+                        conn.execute(t.tenants.insert().values(id=tenant, provider=provider, created_at=utcnow()))
                 except sa.exc.IntegrityError:
                     pass  # another worker created it at the same moment
             elif row.provider != provider:
@@ -238,10 +281,13 @@ class Store:
     # --- leases ----------------------------------------------------------------------------------
 
     def acquire_lease(self, tenant: str, holder: str, ttl: timedelta) -> Lease | None:
-        """Take the tenant's lease. Returns None when taken, else the current holder's lease."""
-        now = utcnow()
+        """Take the tenant's lease. Returns None when taken, else the current holder's lease.
+
+        One conditional UPDATE: of two workers racing for an expired lease, PostgreSQL makes the
+        second wait for the first's row lock and then re-checks the WHERE against the new holder."""
         L = t.leases.c
         with self.engine.begin() as conn:
+            now = self._now(conn)
             taken = conn.execute(
                 t.leases.update()
                 .where(L.tenant == tenant, sa.or_(L.holder.is_(None), L.expires_at < now))
@@ -269,7 +315,9 @@ class Store:
         with self.engine.begin() as conn:
             return bool(
                 conn.execute(
-                    t.leases.update().where(L.tenant == tenant, L.holder == holder).values(expires_at=utcnow() + ttl)
+                    t.leases.update()
+                    .where(L.tenant == tenant, L.holder == holder)
+                    .values(expires_at=self._now(conn) + ttl)
                 ).rowcount
             )
 
@@ -284,7 +332,8 @@ class Store:
         L = t.leases.c
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(L.holder, L.expires_at).where(L.tenant == tenant)).first()
-        if row is None or row.holder is None or _aware(row.expires_at) < utcnow():
+            now = self._now(conn)
+        if row is None or row.holder is None or _aware(row.expires_at) < now:
             return Lease(None, None)
         return Lease(row.holder, _aware(row.expires_at))
 
@@ -389,9 +438,11 @@ class Store:
 
         Raises LeaseLost (and writes nothing) if `holder` no longer holds the tenant's lease.
         """
-        now = utcnow()
         with self.engine.begin() as conn:
+            now = self._now(conn)
             L = t.leases.c
+            # The fencing check, and on PostgreSQL a row lock on the lease until this commits: no
+            # other worker can take the lease between this check and the commit.
             fenced = conn.execute(
                 t.leases.update()
                 .where(L.tenant == tenant, L.holder == holder, L.expires_at >= now)
@@ -556,11 +607,31 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[i : i + size]
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(getattr(exc, "orig", exc)).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+def _first_line(exc: BaseException | None) -> str:
+    text = str(getattr(exc, "orig", exc) or "").strip()
+    return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
-def _make_engine(url: str, *, pool_size: int, connect_timeout: float) -> Engine:
+def _one_line_errors(engine: Engine, safe_url: str) -> None:
+    """Connection and database failures become one StoreUnavailable line naming the store (host and
+    port, password hidden), instead of a driver traceback with the SQL and its parameters."""
+
+    @sa.event.listens_for(engine, "handle_error")
+    def _handle(ctx: sa.engine.ExceptionContext) -> BaseException | None:
+        if ctx.is_pre_ping:  # the pool reconnects by itself
+            return None
+        if not isinstance(ctx.sqlalchemy_exception, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+            return None  # integrity errors and the like are handled by the caller
+        if ctx.connection is None:
+            what = "cannot connect"
+        elif ctx.is_disconnect:
+            what = "lost the connection"
+        else:
+            what = "database error"
+        return StoreUnavailable(f"store {safe_url}: {what} ({_first_line(ctx.original_exception)})")
+
+
+def _make_engine(url: str, *, pool_size: int, connect_timeout: float, migrating: bool = False) -> Engine:
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
@@ -569,26 +640,58 @@ def _make_engine(url: str, *, pool_size: int, connect_timeout: float) -> Engine:
     if backend == "sqlite":
         from sqlalchemy import event
 
-        engine = sa.create_engine(url, connect_args={"timeout": connect_timeout * 3})
+        busy = connect_timeout * 3
+        connect_args: dict[str, Any] = {"timeout": busy}
+        if migrating:
+            # pysqlite runs DDL outside any transaction; with its own transaction handling off and
+            # BEGIN IMMEDIATE, a migration is atomic and takes the write lock first, so a second
+            # process waits and then sees it done.
+            connect_args["isolation_level"] = None
+        engine = sa.create_engine(url, connect_args=connect_args)
+        if migrating:
+            event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn: Any, _: Any) -> None:
             cur = dbapi_conn.cursor()
             # WAL lets readers (CLI queries) run while a sync writes; a busy timeout makes
             # concurrent writers queue instead of failing.
-            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute(f"PRAGMA busy_timeout={int(busy * 1000)}")
+            # Switching a new file to WAL needs an exclusive lock and does not wait for it: retry
+            # while another process is creating the store at the same moment.
+            deadline = time.monotonic() + busy
+            while True:
+                try:
+                    cur.execute("PRAGMA journal_mode=WAL")
+                    break
+                except sqlite3.OperationalError:
+                    if time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.05)
             cur.execute("PRAGMA synchronous=NORMAL")
-            cur.execute(f"PRAGMA busy_timeout={int(connect_timeout * 3000)}")
             cur.close()
 
         return engine
     if backend == "postgresql":
+        # A worker whose machine vanishes mid-transaction would hold its lease row and the event
+        # lock until the server notices: TCP keepalives find a dead peer in about a minute, and
+        # a session idle inside a transaction for two minutes is ended by the server.
+        options = " ".join(
+            [
+                str(parsed.query.get("options", "")),
+                "-c tcp_keepalives_idle=30 -c tcp_keepalives_interval=10 -c tcp_keepalives_count=3",
+                "-c idle_in_transaction_session_timeout=120000",
+            ]
+        ).strip()
+        connect_args: dict[str, Any] = {"connect_timeout": max(1, int(connect_timeout)), "options": options}
+        if "application_name" not in parsed.query:
+            connect_args["application_name"] = "dirpull"
         return sa.create_engine(
             url,
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=True,
             pool_timeout=connect_timeout,
-            connect_args={"connect_timeout": int(connect_timeout)},
+            connect_args=connect_args,
         )
     raise StoreError(f"store url: unsupported database {backend!r} (use sqlite or postgresql+psycopg)")

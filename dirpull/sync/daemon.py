@@ -45,11 +45,18 @@ class _QuietStopScheduler(BackgroundScheduler):
 def trigger_for(schedule: str) -> BaseTrigger:
     if schedule.startswith("cron:"):
         return CronTrigger.from_crontab(schedule[5:].strip(), timezone="UTC")
-    interval = parse_duration(schedule)
-    # A little jitter keeps many tenants on the same interval from hitting the store at once.
-    return IntervalTrigger(
-        seconds=interval.total_seconds(), jitter=min(30, int(interval.total_seconds() * 0.1)) or None
-    )
+    seconds = parse_duration(schedule).total_seconds()
+    # A little jitter (10%, at most 30 s) keeps many tenants on the same interval from hitting the
+    # store at once, and makes workers sharing a store race fairly for each fire.
+    return IntervalTrigger(seconds=seconds, jitter=min(30.0, seconds * 0.1) or None)
+
+
+def first_fire_delay(schedule: str) -> float:
+    """Seconds before a tenant's first fire: soon, but at a random point of the first interval
+    (at most 10 s). Every worker schedules every tenant; the first to fire takes the lease, so a
+    random phase per worker and tenant is what spreads the tenants over the workers."""
+    window = 10.0 if schedule.startswith("cron:") else min(10.0, parse_duration(schedule).total_seconds())
+    return random.uniform(0, window)
 
 
 def next_fire(schedule: str, last_start: datetime | None, now: datetime | None = None) -> datetime:
@@ -107,7 +114,11 @@ class Daemon:
         with self._lock:
             self.results.append(result)
             del self.results[:-1000]
-            if result.status == "failed":
+            if result.status == "skipped":  # another worker holds the lease: its turn, not a failure
+                log.debug("tenant %s: %s", tenant, result.error)
+            elif result.status == "failed" and self.stop_event.is_set():
+                pass  # interrupted by our own shutdown: not the tenant's failure, no back-off
+            elif result.status == "failed":
                 n = self.failures[tenant] = self.failures.get(tenant, 0) + 1
                 delay = min(MAX_BACKOFF.total_seconds(), self.backoff_base * 2 ** (n - 1))
                 delay *= random.uniform(0.8, 1.2)
@@ -121,7 +132,7 @@ class Daemon:
     def start(self) -> None:
         now = datetime.now(UTC)
         tenants = [name for name, t in self.config.tenants.items() if t.enabled]
-        for i, name in enumerate(tenants):
+        for name in tenants:
             schedule = self.config.schedule_of(name)
             self.scheduler.add_job(
                 self.fire,
@@ -129,8 +140,8 @@ class Daemon:
                 args=[name],
                 id=name,
                 name=f"sync {name}",
-                # First fire right away, spread over a few seconds so a restart is not a thundering herd.
-                next_run_time=now + timedelta(seconds=min(i * 0.2, 10)),
+                # First fire soon, spread out so a restart is not a thundering herd.
+                next_run_time=now + timedelta(seconds=first_fire_delay(schedule)),
             )
             log.info("scheduled tenant %s (%s) every %s", name, self.config.tenants[name].provider, schedule)
         self.scheduler.start()

@@ -1,0 +1,324 @@
+"""The store on SQLite and on PostgreSQL: leases, fencing, event order under concurrent commits,
+schema checks and the operator-facing errors."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from conftest import pg_url_or_skip
+from typer.testing import CliRunner
+
+from dirpull.cli import app
+from dirpull.storage import store as store_module
+from dirpull.storage.store import LeaseLost, Store, WriteSet
+
+pytestmark = pytest.mark.stores
+
+
+def writes(tenant: str, n: int, tag: str) -> WriteSet:
+    users = [
+        {
+            "idp_id": f"{tag}-{i}",
+            "username": f"{tag}-{i}@example.test",
+            "email": None,
+            "emails": [],
+            "first_name": None,
+            "last_name": None,
+            "display_name": None,
+            "state": "active",
+            "job_title": None,
+            "department": None,
+            "employee_number": None,
+            "manager_idp_id": None,
+            "custom_attributes": {},
+            "raw_attributes": {"n": i},
+            "fingerprint": "x",
+        }
+        for i in range(n)
+    ]
+    events = [{"type": "user.created", "object_id": u["idp_id"], "data": {"idp_id": u["idp_id"]}} for u in users]
+    return WriteSet(users, [], [], [], [], [], [], [], events)
+
+
+def commit_run(store: Store, tenant: str, holder: str, n: int, tag: str) -> int:
+    run_id = store.start_run(tenant, trigger="test", mode="full", worker=holder)
+    return store.apply(
+        tenant,
+        run_id,
+        writes(tenant, n, tag),
+        holder=holder,
+        cursor={"tag": tag},
+        full=True,
+        run_fields={"status": "succeeded", "mode": "full", "counts": {}, "requests": 0},
+    )
+
+
+@pytest.fixture
+def store(store_url: str):
+    s = Store(store_url)
+    s.ensure_schema()
+    s.ensure_tenant("t", "bamboohr")
+    yield s
+    s.close()
+
+
+# --- leases ----------------------------------------------------------------------------------------
+
+
+def test_lease_is_exclusive_renewable_and_expires(store):
+    ttl = timedelta(seconds=30)
+    assert store.acquire_lease("t", "a", ttl) is None
+    taken = store.acquire_lease("t", "b", ttl)
+    assert taken is not None and taken.holder == "a"
+    assert store.lease("t").holder == "a"
+    assert store.renew_lease("t", "a", ttl) and not store.renew_lease("t", "b", ttl)
+    store.release_lease("t", "a")
+    assert store.lease("t").holder is None
+    assert store.acquire_lease("t", "b", timedelta(seconds=0.3)) is None
+    assert store.acquire_lease("t", "a", ttl) is not None
+    time.sleep(0.4)  # b died without releasing: its lease runs out
+    assert store.acquire_lease("t", "a", ttl) is None
+    assert not store.renew_lease("t", "b", ttl)  # b cannot come back
+
+
+def test_racing_workers_never_both_take_an_expired_lease(store_url: str, store):
+    stores = [Store(store_url) for _ in range(4)]
+    try:
+        for round_ in range(8):
+            store.acquire_lease("t", f"old{round_}", timedelta(seconds=-1))  # expired or created
+            start = threading.Barrier(len(stores))
+            won: list[str] = []
+
+            def take(i: int, s: Store, start: threading.Barrier, won: list[str]) -> None:
+                start.wait()
+                if s.acquire_lease("t", f"w{i}", timedelta(seconds=30)) is None:
+                    won.append(f"w{i}")
+
+            threads = [threading.Thread(target=take, args=(i, s, start, won)) for i, s in enumerate(stores)]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(30)
+            assert len(won) == 1, won
+            assert store.lease("t").holder == won[0]
+            store.release_lease("t", won[0])
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_a_worker_that_lost_its_lease_cannot_commit(store):
+    assert store.acquire_lease("t", "a", timedelta(seconds=0.2)) is None
+    run_id = store.start_run("t", trigger="test", mode="full", worker="a")
+    time.sleep(0.3)
+    assert store.acquire_lease("t", "b", timedelta(seconds=30)) is None  # b takes over
+    with pytest.raises(LeaseLost):
+        store.apply(
+            "t",
+            run_id,
+            writes("t", 3, "a"),
+            holder="a",
+            cursor=None,
+            full=True,
+            run_fields={"status": "succeeded", "mode": "full", "counts": {}, "requests": 0},
+        )
+    assert list(store.iter_users("t")) == [] and store.last_seq() == 0
+    assert store.get_cursor("t").value is None
+
+
+def test_takeover_marks_the_cut_off_run_failed(store):
+    assert store.acquire_lease("t", "a", timedelta(seconds=0.1)) is None
+    dead = store.start_run("t", trigger="schedule", mode="full", worker="host:1")
+    time.sleep(0.2)
+    assert store.acquire_lease("t", "b", timedelta(seconds=30)) is None
+    store.start_run("t", trigger="schedule", mode="full", worker="host:2")
+    run = {r["id"]: r for r in store.runs("t")}[dead]
+    assert run["status"] == "failed" and run["error"].startswith("interrupted")
+
+
+# --- the event stream ------------------------------------------------------------------------------
+
+
+def test_concurrent_commits_never_open_a_gap_behind_a_reader(store_url: str, store, monkeypatch):
+    """Several workers commit runs for different tenants at once while a consumer polls
+    `iter_events(after=last)`. A transaction is slowed down between inserting its events and
+    committing, which is exactly when a later-numbered transaction could commit first. The
+    consumer must never find, later, a seq lower than one it already passed."""
+    original = Store._write_cursor
+
+    def slow_cursor(self, *args, **kwargs):
+        time.sleep(random.uniform(0, 0.03))  # after the events are inserted, before the commit
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Store, "_write_cursor", slow_cursor)
+    writers, runs_each = 5, 12
+    stop = threading.Event()
+    seen: list[int] = []
+    errors: list[BaseException] = []
+
+    def consume() -> None:
+        reader = Store(store_url)
+        try:
+            last = 0
+            while True:
+                final = stop.is_set()
+                for e in reader.iter_events(None, after=last):
+                    seen.append(e["seq"])
+                    last = e["seq"]
+                if final:
+                    return
+                time.sleep(0.002)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            reader.close()
+
+    def work(i: int) -> None:
+        s = Store(store_url)
+        tenant = f"w{i}"
+        try:
+            s.ensure_tenant(tenant, "bamboohr")
+            for n in range(runs_each):
+                assert s.acquire_lease(tenant, tenant, timedelta(seconds=60)) is None
+                commit_run(s, tenant, tenant, random.randint(1, 4), f"{tenant}-{n}")
+                s.release_lease(tenant, tenant)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            s.close()
+
+    consumer = threading.Thread(target=consume)
+    consumer.start()
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(writers)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    stop.set()
+    consumer.join(60)
+    assert not errors, errors
+    table = [e["seq"] for e in store.iter_events(None)]
+    assert len(table) >= writers * runs_each
+    assert seen == sorted(set(seen)), "the consumer saw a seq lower than one it had already read"
+    assert seen == table, "the consumer missed events that were committed behind its cursor"
+
+
+# --- schema and errors -----------------------------------------------------------------------------
+
+
+def test_workers_starting_together_on_an_empty_store_migrate_once(store_url: str):
+    stores = [Store(store_url) for _ in range(3)]
+    errors: list[BaseException] = []
+
+    def start(s: Store) -> None:
+        try:
+            s.ensure_schema()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in stores]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(60)
+    try:
+        assert not errors, errors
+        assert stores[0].schema_state()[0] == stores[0].schema_state()[1]
+    finally:
+        for s in stores:
+            s.close()
+
+
+def _config(tmp_path: Path, url: str) -> str:
+    cfg = tmp_path / "dirpull.toml"
+    cfg.write_text(
+        f'[store]\nurl = "{url}"\nconnect_timeout = 2\n'
+        '[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\napi_key = "k"\n'
+        'api_url = "http://127.0.0.1:9/api/gateway.php"\nenabled = false\n'
+    )
+    return str(cfg)
+
+
+def _cli(config: str, *args: str):
+    return CliRunner().invoke(app, ["--config", config, *args])
+
+
+def test_unreachable_store_is_one_line_naming_the_host_without_the_password(store_kind: str, tmp_path: Path):
+    if store_kind == "postgresql":
+        real = sa.engine.make_url(pg_url_or_skip())
+        with __import__("socket").socket() as sock:  # a port nobody listens on
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        url = real.set(port=port).render_as_string(hide_password=False)
+        where, secret = f"127.0.0.1:{port}", real.password
+    else:
+        url = f"sqlite:///{tmp_path / 'no-such-dir' / 'x.db'}"
+        where, secret = "no-such-dir", None
+    config = _config(tmp_path, url)
+    for args in (["run", "--max-seconds", "1"], ["status"], ["users", "hr"], ["db", "upgrade"], ["db", "check"]):
+        r = _cli(config, *args)
+        assert r.exit_code == 1, (args, r.output)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1, (args, r.stderr)
+        assert where in lines[0] and "cannot connect" in lines[0], lines[0]
+        assert "Traceback" not in r.output
+        if secret:
+            assert secret not in r.output and "***" in lines[0]
+
+
+@pytest.fixture
+def newer_dirpull(tmp_path: Path, monkeypatch):
+    """This dirpull ships a migration the store has not had yet."""
+    migrations = tmp_path / "migrations"
+    shutil.copytree(store_module.MIGRATIONS, migrations, ignore=shutil.ignore_patterns("__pycache__"))
+    (migrations / "versions" / "0002_test_only.py").write_text(
+        '"""test only: a later migration"""\n'
+        "from alembic import op\n\n"
+        'revision = "0002"\ndown_revision = "0001"\nbranch_labels = None\ndepends_on = None\n\n\n'
+        "def upgrade() -> None:\n"
+        '    op.create_index("ix_test_runs_status", "runs", ["status"])\n'
+    )
+    monkeypatch.setattr(store_module, "MIGRATIONS", migrations)
+
+
+def test_schema_behind_daemon_refuses_and_db_upgrade_fixes_it(store_url: str, tmp_path: Path, request):
+    old = Store(store_url)
+    old.ensure_schema()  # a store made by the previous release (0001)
+    old.close()
+    request.getfixturevalue("newer_dirpull")
+    config = _config(tmp_path, store_url)
+    r = _cli(config, "run", "--max-seconds", "1")
+    assert r.exit_code == 1
+    assert r.stderr.strip().splitlines() == [
+        f"dirpull: store {Store(store_url).safe_url}: schema is at revision 0001, this dirpull needs 0002; "
+        "run `dirpull db upgrade`"
+    ]
+    assert _cli(config, "db", "check").exit_code == 1
+    up = _cli(config, "db", "upgrade")
+    assert up.exit_code == 0 and "schema at 0002 (was 0001)" in up.stdout
+    assert _cli(config, "db", "check").exit_code == 0
+    assert "already current" in _cli(config, "db", "upgrade").stdout
+    ran = _cli(config, "run", "--max-seconds", "0.5")
+    assert ran.exit_code == 0, ran.output
+
+
+@pytest.mark.postgres
+def test_store_recovers_when_the_server_drops_its_connections(store):
+    assert store.last_seq() == 0
+    admin = sa.create_engine(sa.engine.make_url(pg_url_or_skip()), poolclass=sa.pool.NullPool)
+    with admin.connect() as conn:  # e.g. a PostgreSQL restart or failover
+        conn.execute(
+            sa.text(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'dirpull' AND pid <> pg_backend_pid()"
+            )
+        )
+    admin.dispose()
+    assert store.last_seq() == 0  # the pool pings, drops the dead connections and reconnects

@@ -79,3 +79,30 @@ def test_schedules():
     now = datetime(2026, 1, 1, 12, 7, tzinfo=UTC)
     assert next_fire("cron: */15 * * * *", None, now) == datetime(2026, 1, 1, 12, 15, tzinfo=UTC)
     assert next_fire("15m", datetime(2026, 1, 1, 12, 0, tzinfo=UTC), now) == datetime(2026, 1, 1, 12, 15, tzinfo=UTC)
+
+
+def test_shutdown_cuts_a_vendor_retry_wait_short(harness):
+    """A vendor that asks for long waits must not hold SIGTERM: the wait ends, nothing is applied."""
+    from dirpull.connectors.base import Done, Page
+    from dirpull.connectors.http import RetryPolicy
+
+    waiting = threading.Event()
+
+    class Throttled:
+        provider = "x"
+
+        def pull(self, cursor, *, full):
+            yield Page(users=people(2))
+            waiting.set()
+            RetryPolicy(max_delay=600, max_total_wait=600).wait(1, 300.0, what="HTTP 429")
+            yield Done(snapshot=True, cursor=None, mode="full")
+
+    h = harness({"good": TENANTS["good"]})
+    daemon = Daemon(h.config, h.store, connector_factory=lambda t, s: Throttled())
+    daemon.start()
+    assert waiting.wait(10)
+    t0 = time.monotonic()
+    daemon.shutdown()
+    assert time.monotonic() - t0 < 5
+    assert h.users("good") == {}
+    assert "stopping" in h.store.runs("good")[0]["error"]

@@ -22,6 +22,9 @@ import requests
 from dirpull.connectors.base import AuthError, ConnectorError
 
 RETRIABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
+# Set while the daemon stops (SIGTERM): retry waits end at once instead of holding the shutdown
+# for as long as a vendor asked us to wait.
+SHUTDOWN = threading.Event()
 _SECRET_PARAM = re.compile(r"(token|key|secret|password|passwd|assertion|code|sig|auth)", re.I)
 
 
@@ -57,6 +60,21 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when - (time.time() if now is None else now))
 
 
+def interruptible_sleep(seconds: float) -> None:
+    if SHUTDOWN.wait(seconds):
+        raise ConnectorError("the worker is stopping: retry wait cut short")
+
+
+async def interruptible_async_sleep(seconds: float) -> None:
+    import asyncio
+
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        if SHUTDOWN.is_set():
+            raise ConnectorError("the worker is stopping: retry wait cut short")
+        await asyncio.sleep(min(0.2, left))
+
+
 class RetriesExhausted(ConnectorError):
     def __init__(self, message: str, *, step: str | None = None) -> None:
         super().__init__(message, retriable=True, step=step)
@@ -76,7 +94,7 @@ class RetryPolicy:
     max_delay: float = 60.0
     max_total_wait: float = 300.0
     jitter: float = 0.25
-    sleep: Callable[[float], None] = time.sleep
+    sleep: Callable[[float], None] = interruptible_sleep
     waited: float = field(default=0.0, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 

@@ -38,7 +38,7 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page, Quarantined
-from dirpull.connectors.http import PagingGuard, readable_body, redact_url
+from dirpull.connectors.http import PagingGuard, interruptible_async_sleep, readable_body, redact_url
 from dirpull.connectors.mapping import map_attributes, without
 from dirpull.model import Group, User
 
@@ -168,7 +168,7 @@ class Throttle:
     reserve: float = 0.30
     max_wait: float = 300.0
     backoff_base: float = 1.0
-    sleep: Sleep = asyncio.sleep
+    sleep: Sleep = interruptible_async_sleep
     waited: float = 0.0
     waits: list[tuple[str, float]] = field(default_factory=list)
     limit: float | None = None
@@ -379,7 +379,7 @@ class OktaConnector:
         self.holdback = timedelta(seconds=float(getattr(settings, "cursor_holdback", 300.0)))
         inactive = getattr(settings, "inactive_statuses", None) or DEFAULT_INACTIVE
         self.inactive = frozenset(s.upper() for s in inactive) | ALWAYS_INACTIVE
-        self.sleep = sleep or asyncio.sleep
+        self.sleep = sleep or interruptible_async_sleep
         self.last_throttle: Throttle | None = None
 
     def __repr__(self) -> str:

@@ -25,6 +25,7 @@ from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from dirpull.config import Config, parse_duration
+from dirpull.connectors.http import SHUTDOWN
 from dirpull.storage.store import Store
 from dirpull.sync.runner import Runner, RunResult
 
@@ -148,8 +149,12 @@ class Daemon:
 
     def shutdown(self, wait: bool = True) -> None:
         self.stop_event.set()
-        if self.scheduler.running:
-            self.scheduler.shutdown(wait=wait)
+        SHUTDOWN.set()
+        try:
+            if self.scheduler.running:
+                self.scheduler.shutdown(wait=wait)
+        finally:
+            SHUTDOWN.clear()
 
     def run_forever(self, until: threading.Event | None = None, max_seconds: float | None = None) -> None:
         """Run until SIGTERM/SIGINT (or `until` is set, or `max_seconds` pass)."""

@@ -1,0 +1,71 @@
+"""A tiny run of scripts/bench.py: proves the benchmark works end to end (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("dirpull_bench", ROOT / "scripts" / "bench.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_emulator_serve_prints_one_json_line_and_stops_when_stdin_closes(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dirpull.emulators", "serve", "--provider", "okta", "--people", "30",
+         "--groups", "4", "--seed", "3", "--workdir", str(tmp_path), "--age", "3600"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        info = json.loads(proc.stdout.readline())
+        assert info["base_url"].startswith("http://127.0.0.1:")
+        assert info["tenant"]["provider"] == "okta"
+        assert info["pid"] == proc.pid
+        assert info["people"] == 30 and info["groups"] == 4
+        proc.stdin.close()
+        assert proc.wait(15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("provider", ["entra_id", "bamboohr"])
+def test_bench_smoke(provider: str, tmp_path: Path) -> None:
+    bench = _bench()
+    out = tmp_path / "bench.json"
+    code = bench.main(
+        ["--provider", provider, "--users", "200", "--groups", "10", "--events", "3000",
+         "--baseline-repeats", "1", "--phase-timeout", "120", "--workdir", str(tmp_path / "w"),
+         "--json", str(out)]
+    )  # fmt: skip
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert not report["failed"]
+    (result,) = report["results"]
+    phases = result["phases"]
+    assert list(phases) == ["initial", "full_nochange", "incr_nochange", "full_1pct", "incr_1pct"]
+    assert phases["initial"]["rows_written"] >= 200
+    assert phases["full_nochange"]["rows_written"] == 0 and phases["full_nochange"]["events"] == 0
+    assert phases["full_1pct"]["events"] > 0
+    for p in phases.values():
+        assert p["peak_rss_mb"] > 0 and p["requests"] > 0 and p["ratio"] is not None
+    assert result["baseline_fetch"]["requests"] > 0
+    assert result["baseline_insert"]["rows"] == phases["initial"]["rows_written"]
+    streaming = result["streaming"]
+    assert streaming["events_10x"]["rows"] >= 3000
+    assert streaming["users_10x"]["rows"] == 10 * streaming["users_1x"]["rows"]
+    assert set(result["targets"]) >= {"initial ≤ 1.5×(fetch+insert)", "peak RSS ≤ 400 MB (at 100k)"}
+    assert all(isinstance(t["pass"], bool) for t in result["targets"].values())

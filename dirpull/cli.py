@@ -144,9 +144,9 @@ def _progress() -> tuple[Any, Any]:
 
 def _describe(writes: WriteSet, limit: int = 200) -> Iterator[str]:
     sign = {"created": "+", "updated": "~", "deleted": "-", "user_added": "+", "user_removed": "-"}
-    for i, e in enumerate(writes.events):
+    for i, e in enumerate(writes.all_events()):
         if i == limit:
-            yield f"… and {len(writes.events) - limit} more"
+            yield f"… and {writes.event_count - limit} more"
             return
         kind = e["type"].split(".", 1)[1]
         if e["type"].startswith("group.user_"):
@@ -200,7 +200,7 @@ def sync(
     if as_json:
         rows: list[dict[str, Any]] = [summary]
         if dry_run and result.writes is not None:
-            rows += [{"planned": True, **e} for e in result.writes.events]
+            rows += [{"planned": True, **e} for e in result.writes.all_events()]
         _jsonl(rows)
     else:
         if dry_run and result.writes is not None:

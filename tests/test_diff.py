@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dirpull.connectors.base import Done, Page, Quarantined
 from dirpull.model import Group, User, fingerprint, record_fields
-from dirpull.sync.diff import Diff, build_writes, changed_fields
+from dirpull.sync.diff import Diff, LoadedState, build_writes, changed_fields
 
 
 def fp(record):
@@ -20,7 +20,7 @@ DELTA = Done(snapshot=False, cursor=None, mode="incremental")
 
 
 def stored(users=(ADA, BOB), groups=(ENG,), members=(("g", "1"),)):
-    return Diff({u.idp_id: fp(u) for u in users}, {g.idp_id: fp(g) for g in groups}, set(members))
+    return Diff(LoadedState({u.idp_id: fp(u) for u in users}, {g.idp_id: fp(g) for g in groups}, set(members)))
 
 
 def test_unchanged_snapshot_is_an_empty_plan():
@@ -41,10 +41,13 @@ def test_snapshot_create_update_delete_and_membership():
     assert plan.member_adds == {("g", "3")} and plan.member_removes == {("g", "1")}
     old = {"1": record_fields(ADA), "2": record_fields(BOB)}
     ws = build_writes(plan, old, {})
-    types = [e["type"] for e in ws.events]
+    events = list(ws.all_events())
+    types = [e["type"] for e in events]
     assert types == ["user.updated", "user.created", "group.user_added", "group.user_removed", "user.deleted"]
-    assert ws.events[0]["previous_attributes"] == {"state": "active"}
-    assert "fingerprint" not in ws.events[1]["data"]
+    assert ws.event_count == 5
+    assert events[0]["previous_attributes"] == {"state": "active"}
+    assert "fingerprint" not in events[1]["data"]
+    assert ws.user_fingerprints["3"] == fp(carol) and plan.stored_users == {"1"}
 
 
 def test_delta_only_explicit_removals_delete():

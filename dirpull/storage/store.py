@@ -19,9 +19,10 @@ import logging
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from sys import intern
 from typing import Any
 
 import sqlalchemy as sa
@@ -76,7 +77,13 @@ class Lease:
 
 @dataclass
 class WriteSet:
-    """What one run changes, computed by the diff; written by `Store.apply`."""
+    """What one run changes, computed by the diff; written by `Store.apply`.
+
+    Membership events are not materialized: a first sync of a large tenant has hundreds of
+    thousands of them, so `all_events()` makes them from `member_adds`/`member_removes` while they
+    are written, in the event order consumers see: object creates and updates (`events`), members
+    added, members removed, then deletions (`tail_events`).
+    """
 
     user_creates: list[dict[str, Any]]
     user_updates: list[dict[str, Any]]
@@ -87,6 +94,10 @@ class WriteSet:
     member_adds: list[tuple[str, str]]
     member_removes: list[tuple[str, str]]
     events: list[dict[str, Any]]  # {"type", "object_id", "data", "previous_attributes"}
+    tail_events: list[dict[str, Any]] = field(default_factory=list)
+    # Fingerprints of created/updated rows whose dicts do not carry one, by idp_id.
+    user_fingerprints: dict[str, str] = field(default_factory=dict)
+    group_fingerprints: dict[str, str] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -100,6 +111,17 @@ class WriteSet:
             + len(self.member_adds)
             + len(self.member_removes)
         )
+
+    @property
+    def event_count(self) -> int:
+        return len(self.events) + len(self.member_adds) + len(self.member_removes) + len(self.tail_events)
+
+    def all_events(self) -> Iterator[dict[str, Any]]:
+        yield from self.events
+        for kind, pairs in (("group.user_added", self.member_adds), ("group.user_removed", self.member_removes)):
+            for g, u in pairs:
+                yield {"type": kind, "object_id": g, "data": {"group": g, "user": u}}
+        yield from self.tail_events
 
 
 class Store:
@@ -219,21 +241,54 @@ class Store:
 
     # --- state the diff needs --------------------------------------------------------------------
 
-    def user_fingerprints(self, tenant: str) -> dict[str, str]:
-        q = sa.select(t.users.c.idp_id, t.users.c.fingerprint).where(t.users.c.tenant == tenant)
-        with self.engine.connect() as conn:
-            return {k: v for k, v in conn.execute(q)}
+    def user_fingerprints(self, tenant: str, ids: Iterable[str] | None = None) -> dict[str, str]:
+        """idp_id → fingerprint of the tenant's users (or only of `ids`)."""
+        return self._fingerprints(t.users, tenant, ids)
 
-    def group_fingerprints(self, tenant: str) -> dict[str, str]:
-        q = sa.select(t.groups.c.idp_id, t.groups.c.fingerprint).where(t.groups.c.tenant == tenant)
-        with self.engine.connect() as conn:
-            return {k: v for k, v in conn.execute(q)}
+    def group_fingerprints(self, tenant: str, ids: Iterable[str] | None = None) -> dict[str, str]:
+        return self._fingerprints(t.groups, tenant, ids)
 
-    def membership_pairs(self, tenant: str) -> set[tuple[str, str]]:
+    def _fingerprints(self, table: sa.Table, tenant: str, ids: Iterable[str] | None) -> dict[str, str]:
+        q = sa.select(table.c.idp_id, table.c.fingerprint).where(table.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            if ids is None:
+                # Interned: the diff holds these ids in several sets at once.
+                return {intern(k): v for k, v in conn.execute(q)}
+            out: dict[str, str] = {}
+            id_list = list(ids)
+            for i in range(0, len(id_list), BATCH):
+                out.update((k, v) for k, v in conn.execute(q.where(table.c.idp_id.in_(id_list[i : i + BATCH]))))
+            return out
+
+    def membership_pairs(
+        self, tenant: str, *, groups: Iterable[str] | None = None, users: Iterable[str] | None = None
+    ) -> set[tuple[str, str]]:
+        """Every (group, user) pair of the tenant, or those of the given groups or users."""
         m = t.memberships.c
         q = sa.select(m.group_idp_id, m.user_idp_id).where(m.tenant == tenant)
         with self.engine.connect() as conn:
-            return {(g, u) for g, u in conn.execute(q)}
+            if groups is None and users is None:
+                return {(intern(g), intern(u)) for g, u in conn.execute(q)}
+            out: set[tuple[str, str]] = set()
+            for column, keys in ((m.group_idp_id, groups), (m.user_idp_id, users)):
+                key_list = list(keys or ())
+                for i in range(0, len(key_list), BATCH):
+                    out.update((g, u) for g, u in conn.execute(q.where(column.in_(key_list[i : i + BATCH]))))
+            return out
+
+    def existing_pairs(self, tenant: str, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
+        """The given (group, user) pairs that are stored."""
+        m = t.memberships.c
+        pair_list = list(pairs)
+        out: set[tuple[str, str]] = set()
+        with self.engine.connect() as conn:
+            for i in range(0, len(pair_list), BATCH):
+                chunk = pair_list[i : i + BATCH]
+                q = sa.select(m.group_idp_id, m.user_idp_id).where(
+                    m.tenant == tenant, sa.tuple_(m.group_idp_id, m.user_idp_id).in_(chunk)
+                )
+                out.update((g, u) for g, u in conn.execute(q))
+        return out
 
     def load_users(self, tenant: str, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         return self._load(t.users, USER_FIELDS, tenant, ids)
@@ -451,21 +506,27 @@ class Store:
             if not fenced:
                 raise LeaseLost(f"tenant {tenant}: lease lost before commit; nothing applied")
             self._write_rows(conn, tenant, writes, now)
-            written = self._write_events(conn, tenant, run_id, writes.events, now)
+            written = self._write_events(conn, tenant, run_id, writes, now)
             self._write_cursor(conn, tenant, cursor, full, now)
             self.finish_run(run_id, conn=conn, **run_fields)
         return written
 
     def _write_rows(self, conn: Connection, tenant: str, w: WriteSet, now: datetime) -> None:
-        for table, creates, updates, deletes in (
-            (t.users, w.user_creates, w.user_updates, w.user_deletes),
-            (t.groups, w.group_creates, w.group_updates, w.group_deletes),
+        for table, creates, updates, deletes, fps in (
+            (t.users, w.user_creates, w.user_updates, w.user_deletes, w.user_fingerprints),
+            (t.groups, w.group_creates, w.group_updates, w.group_deletes, w.group_fingerprints),
         ):
             for chunk in _chunks(creates, BATCH):
                 conn.execute(
-                    table.insert(), [{**row, "tenant": tenant, "created_at": now, "updated_at": now} for row in chunk]
+                    table.insert(),
+                    [
+                        {"fingerprint": fps.get(row["idp_id"]), **row, "tenant": tenant, "created_at": now,
+                         "updated_at": now}
+                        for row in chunk
+                    ],
                 )
             if updates:
+                updates = [{"fingerprint": fps.get(r["idp_id"]), **r} for r in updates]
                 names = [n for n in updates[0] if n != "idp_id"]
                 stmt = (
                     table.update()
@@ -497,28 +558,33 @@ class Store:
             for chunk in _chunks(w.member_removes, BATCH):
                 conn.execute(stmt, [{"_g": g, "_u": u} for g, u in chunk])
 
-    def _write_events(
-        self, conn: Connection, tenant: str, run_id: int, events: list[dict[str, Any]], now: datetime
-    ) -> int:
-        if not events:
+    def _write_events(self, conn: Connection, tenant: str, run_id: int, writes: WriteSet, now: datetime) -> int:
+        if not writes.event_count:
             return 0
         if self.dialect == "postgresql":
             conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": EVENT_LOCK_KEY})
-        rows = [
-            {
-                "tenant": tenant,
-                "run_id": run_id,
-                "type": e["type"],
-                "object_id": e["object_id"],
-                "data": e["data"],
-                "previous_attributes": e.get("previous_attributes"),
-                "created_at": now,
-            }
-            for e in events
-        ]
-        for chunk in _chunks(rows, BATCH):
-            conn.execute(t.events.insert(), chunk)
-        return len(rows)
+        written = 0
+        batch: list[dict[str, Any]] = []
+        for e in writes.all_events():
+            batch.append(
+                {
+                    "tenant": tenant,
+                    "run_id": run_id,
+                    "type": e["type"],
+                    "object_id": e["object_id"],
+                    "data": e["data"],
+                    "previous_attributes": e.get("previous_attributes"),
+                    "created_at": now,
+                }
+            )
+            if len(batch) == BATCH:
+                conn.execute(t.events.insert(), batch)
+                written += len(batch)
+                batch = []
+        if batch:
+            conn.execute(t.events.insert(), batch)
+            written += len(batch)
+        return written
 
     def _write_cursor(
         self, conn: Connection, tenant: str, cursor: dict[str, Any] | None, full: bool, now: datetime

@@ -1,4 +1,5 @@
-"""The diff: stored fingerprints + fresh records → changes. Pure: no I/O, no clock.
+"""The diff: stored fingerprints + fresh records → changes. Pure: no I/O or clock of its own; it
+asks a `StoredState` what is stored (the runner answers from the store).
 
 It runs in two steps, so a sync never loads full stored rows it does not need:
 1. `Diff` consumes the connector's pages, comparing each fresh record's fingerprint with the stored
@@ -11,19 +12,64 @@ It runs in two steps, so a sync never loads full stored rows it does not need:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from sys import intern
+from typing import Any, Protocol
 
 from dirpull.connectors.base import Done, Page, Quarantined
 from dirpull.model import EventType, fingerprint, record_fields
 from dirpull.storage.store import WriteSet
 
 
+class StoredState(Protocol):
+    """What the diff may ask of the stored tenant. `LoadedState` holds it all in memory (snapshots
+    compare everything anyway); the runner answers deltas with narrow queries instead, so an
+    incremental run of a large tenant never loads every fingerprint and membership."""
+
+    def user_fingerprints(self, ids: Collection[str]) -> Mapping[str, str]: ...
+    def group_fingerprints(self, ids: Collection[str]) -> Mapping[str, str]: ...
+    def user_ids(self) -> set[str]: ...
+    def group_ids(self) -> set[str]: ...
+    def member_pairs(self) -> set[tuple[str, str]]: ...
+    def member_pairs_of(self, groups: Collection[str], users: Collection[str]) -> set[tuple[str, str]]: ...
+    def existing_pairs(self, pairs: Collection[tuple[str, str]]) -> set[tuple[str, str]]: ...
+
+
+@dataclass
+class LoadedState:
+    users: Mapping[str, str]  # idp_id → fingerprint
+    groups: Mapping[str, str]
+    members: set[tuple[str, str]]
+
+    def user_fingerprints(self, ids: Collection[str]) -> Mapping[str, str]:
+        return self.users
+
+    def group_fingerprints(self, ids: Collection[str]) -> Mapping[str, str]:
+        return self.groups
+
+    def user_ids(self) -> set[str]:
+        return set(self.users)
+
+    def group_ids(self) -> set[str]:
+        return set(self.groups)
+
+    def member_pairs(self) -> set[tuple[str, str]]:
+        return self.members
+
+    def member_pairs_of(self, groups: Collection[str], users: Collection[str]) -> set[tuple[str, str]]:
+        if not groups and not users:
+            return set()
+        return {(g, u) for g, u in self.members if g in groups or u in users}
+
+    def existing_pairs(self, pairs: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
+        return {p for p in pairs if p in self.members}
+
+
 @dataclass
 class Plan:
     snapshot: bool
-    # fresh fields (+ "fingerprint") of records that are new or changed, by idp_id
+    # fresh fields of records that are new or changed, by idp_id, and their fingerprints
     users: dict[str, dict[str, Any]]
     groups: dict[str, dict[str, Any]]
     user_deletes: set[str]
@@ -34,6 +80,11 @@ class Plan:
     seen_users: int
     seen_groups: int
     members_skipped: int = 0
+    user_fingerprints: dict[str, str] = field(default_factory=dict)
+    group_fingerprints: dict[str, str] = field(default_factory=dict)
+    # Ids among `users`/`groups` that are stored already (updates, not creates).
+    stored_users: set[str] = field(default_factory=set)
+    stored_groups: set[str] = field(default_factory=set)
 
     def is_empty(self) -> bool:
         return not (
@@ -48,11 +99,13 @@ class Plan:
 
 @dataclass
 class Diff:
-    stored_users: Mapping[str, str]  # idp_id → fingerprint
-    stored_groups: Mapping[str, str]
-    stored_members: set[tuple[str, str]]
+    stored: StoredState
     _users: dict[str, dict[str, Any]] = field(default_factory=dict)
     _groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _user_fps: dict[str, str] = field(default_factory=dict)
+    _group_fps: dict[str, str] = field(default_factory=dict)
+    _stored_users: set[str] = field(default_factory=set)  # pending records that exist in the store
+    _stored_groups: set[str] = field(default_factory=set)
     _seen_users: set[str] = field(default_factory=set)
     _seen_groups: set[str] = field(default_factory=set)
     _members: set[tuple[str, str]] = field(default_factory=set)
@@ -63,31 +116,44 @@ class Diff:
     _quarantined: list[Quarantined] = field(default_factory=list)
 
     def add(self, page: Page) -> None:
-        for users_or_groups, stored, pending, seen, removed in (
-            (page.users, self.stored_users, self._users, self._seen_users, self._removed_users),
-            (page.groups, self.stored_groups, self._groups, self._seen_groups, self._removed_groups),
-        ):
-            for record in users_or_groups:
+        for records, lookup, pending, fps, existing, seen, removed in (
+            (page.users, self.stored.user_fingerprints, self._users, self._user_fps, self._stored_users,
+             self._seen_users, self._removed_users),
+            (page.groups, self.stored.group_fingerprints, self._groups, self._group_fps, self._stored_groups,
+             self._seen_groups, self._removed_groups),
+        ):  # fmt: skip
+            if not records:
+                continue
+            stored = lookup([r.idp_id for r in records])
+            for record in records:
                 fields = record_fields(record)
                 fp = fingerprint(fields)
-                key = record.idp_id
+                # One string object per id, however many pages and pairs name it.
+                key = fields["idp_id"] = intern(record.idp_id)
                 seen.add(key)
                 # The same object can come twice in one pull (Graph delta replays): the later one wins.
                 removed.discard(key)
-                if stored.get(key) == fp:
+                before = stored.get(key)
+                if before == fp:
                     pending.pop(key, None)
+                    fps.pop(key, None)
                 else:
-                    fields["fingerprint"] = fp
                     pending[key] = fields
+                    fps[key] = fp
+                    if before is not None:
+                        existing.add(key)
         for key in page.removed_users:
             self._removed_users.add(key)
             self._users.pop(key, None)
+            self._user_fps.pop(key, None)
             self._seen_users.discard(key)
         for key in page.removed_groups:
             self._removed_groups.add(key)
             self._groups.pop(key, None)
+            self._group_fps.pop(key, None)
             self._seen_groups.discard(key)
-        for pair in page.members:
+        for g, u in page.members:
+            pair = (intern(g), intern(u))
             self._members.add(pair)
             self._removed_members.discard(pair)
         for pair in page.removed_members:
@@ -100,37 +166,11 @@ class Diff:
         quarantined_users = {q.idp_id for q in self._quarantined if q.kind == "user" and q.idp_id}
         quarantined_groups = {q.idp_id for q in self._quarantined if q.kind == "group" and q.idp_id}
         if done.snapshot:
-            # A quarantined record is left as stored: never counted as deleted.
-            user_deletes = set(self.stored_users) - self._seen_users - quarantined_users
-            group_deletes = set(self.stored_groups) - self._seen_groups - quarantined_groups
+            adds, removes, user_deletes, group_deletes, skipped = self._finish_snapshot(
+                quarantined_users, quarantined_groups
+            )
         else:
-            user_deletes = self._removed_users & set(self.stored_users)
-            group_deletes = self._removed_groups & set(self.stored_groups)
-
-        known_users = (set(self.stored_users) - user_deletes) | set(self._users)
-        known_groups = (set(self.stored_groups) - group_deletes) | set(self._groups)
-        if done.snapshot:
-            known_users |= self._seen_users
-            known_groups |= self._seen_groups
-        target = {(g, u) for g, u in self._members if g in known_groups and u in known_users}
-        skipped = len(self._members) - len(target)
-
-        if done.snapshot:
-            keep = {(g, u) for g, u in self.stored_members if u in quarantined_users or g in quarantined_groups}
-            wanted = target | (keep & self.stored_members)
-            adds = wanted - self.stored_members
-            removes = self.stored_members - wanted
-        else:
-            by_group: dict[str, set[str]] = defaultdict(set)
-            for g, u in target:
-                by_group[g].add(u)
-            adds = target - self.stored_members
-            removes = {p for p in self._removed_members if p in self.stored_members}
-            complete = self._complete_groups
-            if complete:
-                removes |= {(g, u) for g, u in self.stored_members if g in complete and u not in by_group.get(g, ())}
-            removes |= {(g, u) for g, u in self.stored_members if g in group_deletes or u in user_deletes}
-            adds -= removes
+            adds, removes, user_deletes, group_deletes, skipped = self._finish_delta()
         return Plan(
             snapshot=done.snapshot,
             users=self._users,
@@ -143,7 +183,52 @@ class Diff:
             seen_users=len(self._seen_users),
             seen_groups=len(self._seen_groups),
             members_skipped=skipped,
+            user_fingerprints=self._user_fps,
+            group_fingerprints=self._group_fps,
+            stored_users=self._stored_users & set(self._users),
+            stored_groups=self._stored_groups & set(self._groups),
         )
+
+    def _finish_snapshot(self, q_users: set[str], q_groups: set[str]) -> tuple[Any, ...]:
+        stored_users, stored_groups = self.stored.user_ids(), self.stored.group_ids()
+        # A quarantined record is left as stored: never counted as deleted, memberships kept.
+        user_deletes = stored_users - self._seen_users - q_users
+        group_deletes = stored_groups - self._seen_groups - q_groups
+        known_users = self._seen_users | (q_users & stored_users)
+        known_groups = self._seen_groups | (q_groups & stored_groups)
+        target = {(g, u) for g, u in self._members if g in known_groups and u in known_users}
+        skipped = len(self._members) - len(target)
+        stored_members = self.stored.member_pairs()
+        if q_users or q_groups:
+            target |= self.stored.member_pairs_of(q_groups, q_users)
+        return target - stored_members, stored_members - target, user_deletes, group_deletes, skipped
+
+    def _finish_delta(self) -> tuple[Any, ...]:
+        stored = self.stored
+        user_deletes = set(stored.user_fingerprints(self._removed_users)) & self._removed_users
+        group_deletes = set(stored.group_fingerprints(self._removed_groups)) & self._removed_groups
+        # Who a membership may name: what this pull saw, or what is stored and not deleted now.
+        users_named = {u for _, u in self._members} - self._seen_users
+        groups_named = {g for g, _ in self._members} - self._seen_groups
+        known_users = self._seen_users | (set(stored.user_fingerprints(users_named)) & users_named)
+        known_groups = self._seen_groups | (set(stored.group_fingerprints(groups_named)) & groups_named)
+        known_users -= user_deletes
+        known_groups -= group_deletes
+        target = {(g, u) for g, u in self._members if g in known_groups and u in known_users}
+        skipped = len(self._members) - len(target)
+
+        adds = target - stored.existing_pairs(target)
+        removes = stored.existing_pairs(self._removed_members)
+        complete = self._complete_groups
+        if complete:
+            by_group: dict[str, set[str]] = defaultdict(set)
+            for g, u in target:
+                by_group[g].add(u)
+            removes |= {
+                (g, u) for g, u in stored.member_pairs_of(complete, ()) if u not in by_group.get(g, ())
+            }
+        removes |= stored.member_pairs_of(group_deletes, user_deletes)
+        return adds - removes, removes, user_deletes, group_deletes, skipped
 
 
 def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,18 +251,16 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
     return out
 
 
-def _public(fields: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in fields.items() if k != "fingerprint"}
-
-
 def build_writes(
     plan: Plan, old_users: Mapping[str, dict[str, Any]], old_groups: Mapping[str, dict[str, Any]]
 ) -> WriteSet:
     """Rows to write and events to emit. `old_*` hold the stored rows of every changed or deleted
-    object (the plan names which)."""
-    events: list[dict[str, Any]] = []
-    ws = WriteSet([], [], sorted(plan.user_deletes), [], [], sorted(plan.group_deletes), [], [], events)
-
+    object (the plan names which). Event data shares the row dicts: nothing is copied."""
+    ws = WriteSet(
+        [], [], sorted(plan.user_deletes), [], [], sorted(plan.group_deletes),
+        sorted(plan.member_adds), sorted(plan.member_removes), [],
+        user_fingerprints=plan.user_fingerprints, group_fingerprints=plan.group_fingerprints,
+    )  # fmt: skip
     for kind, pending, old, creates, updates in (
         ("user", plan.users, old_users, ws.user_creates, ws.user_updates),
         ("group", plan.groups, old_groups, ws.group_creates, ws.group_updates),
@@ -187,46 +270,22 @@ def build_writes(
             before = old.get(key)
             if before is None:
                 creates.append(fields)
-                events.append({"type": f"{kind}.created", "object_id": key, "data": _public(fields)})
-            else:
-                previous = changed_fields(before, fields)
-                if not previous:
-                    # Same content under a different fingerprint (e.g. after an upgrade changed
-                    # the digest): refresh the stored fingerprint, tell nobody.
-                    updates.append(fields)
-                    continue
-                updates.append(fields)
-                events.append(
-                    {
-                        "type": f"{kind}.updated",
-                        "object_id": key,
-                        "data": _public(fields),
-                        "previous_attributes": previous,
-                    }
+                ws.events.append({"type": f"{kind}.created", "object_id": key, "data": fields})
+                continue
+            updates.append(fields)
+            previous = changed_fields(before, fields)
+            # No previous values: same content under a new fingerprint (e.g. an upgrade changed
+            # the digest). The row is refreshed; nobody is told.
+            if previous:
+                ws.events.append(
+                    {"type": f"{kind}.updated", "object_id": key, "data": fields, "previous_attributes": previous}
                 )
-
-    ws.member_adds = sorted(plan.member_adds)
-    ws.member_removes = sorted(plan.member_removes)
-    for g, u in ws.member_adds:
-        events.append({"type": EventType.GROUP_USER_ADDED.value, "object_id": g, "data": {"group": g, "user": u}})
-    for g, u in ws.member_removes:
-        events.append({"type": EventType.GROUP_USER_REMOVED.value, "object_id": g, "data": {"group": g, "user": u}})
-    for key in ws.group_deletes:
-        events.append(
-            {
-                "type": EventType.GROUP_DELETED.value,
-                "object_id": key,
-                "data": _public(old_groups.get(key, {"idp_id": key})),
-            }
-        )
-    for key in ws.user_deletes:
-        events.append(
-            {
-                "type": EventType.USER_DELETED.value,
-                "object_id": key,
-                "data": _public(old_users.get(key, {"idp_id": key})),
-            }
-        )
+    for kind, keys, old in (
+        (EventType.GROUP_DELETED, ws.group_deletes, old_groups),
+        (EventType.USER_DELETED, ws.user_deletes, old_users),
+    ):
+        for key in keys:
+            ws.tail_events.append({"type": kind.value, "object_id": key, "data": old.get(key, {"idp_id": key})})
     return ws
 
 

@@ -12,7 +12,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -22,7 +22,7 @@ from dirpull.connectors import make_connector
 from dirpull.connectors.base import Connector, ConnectorError, Done, Page
 from dirpull.storage.store import Store, StoreError, WriteSet, utcnow
 from dirpull.sync import guard
-from dirpull.sync.diff import Diff, Plan, build_writes, deactivations
+from dirpull.sync.diff import Diff, LoadedState, Plan, StoredState, build_writes, deactivations
 
 log = logging.getLogger("dirpull.sync")
 
@@ -179,8 +179,8 @@ class Runner:
             result.mode = done.mode
             result.requests = done.requests
             notes.extend(done.notes)
-            old_users = self.store.load_users(tenant, [*plan.users, *plan.user_deletes])
-            old_groups = self.store.load_groups(tenant, [*plan.groups, *plan.group_deletes])
+            old_users = self.store.load_users(tenant, [*plan.stored_users, *plan.user_deletes])
+            old_groups = self.store.load_groups(tenant, [*plan.stored_groups, *plan.group_deletes])
             writes = build_writes(plan, old_users, old_groups)
             result.counts = _counts(plan, writes, old_users)
             result.writes = writes
@@ -301,11 +301,16 @@ class Runner:
         heartbeat: _Heartbeat,
         progress: Progress | None,
     ) -> tuple[Done, Plan]:
-        diff = Diff(
-            stored_users=self.store.user_fingerprints(tenant),
-            stored_groups=self.store.group_fingerprints(tenant),
-            stored_members=self.store.membership_pairs(tenant),
-        )
+        if full or cursor is None:
+            # A snapshot compares everything: load the stored fingerprints and pairs once.
+            stored: StoredState = LoadedState(
+                self.store.user_fingerprints(tenant),
+                self.store.group_fingerprints(tenant),
+                self.store.membership_pairs(tenant),
+            )
+        else:
+            stored = _StoreBackedState(self.store, tenant)
+        diff = Diff(stored)
         connector = self.connector_factory(tenant, settings)
         done: Done | None = None
         pages = users = groups = 0
@@ -333,6 +338,38 @@ class Runner:
         return done, diff.finish(done)
 
 
+class _StoreBackedState:
+    """The stored tenant as the diff sees it during a delta: narrow queries for what a page names,
+    instead of every fingerprint and membership of a large tenant. Should the connector turn the
+    run into a snapshot after all (an expired delta token), the full reads happen then."""
+
+    def __init__(self, store: Store, tenant: str) -> None:
+        self.store, self.tenant = store, tenant
+
+    def user_fingerprints(self, ids: Collection[str]) -> Mapping[str, str]:
+        return self.store.user_fingerprints(self.tenant, ids) if ids else {}
+
+    def group_fingerprints(self, ids: Collection[str]) -> Mapping[str, str]:
+        return self.store.group_fingerprints(self.tenant, ids) if ids else {}
+
+    def user_ids(self) -> set[str]:
+        return set(self.store.user_fingerprints(self.tenant))
+
+    def group_ids(self) -> set[str]:
+        return set(self.store.group_fingerprints(self.tenant))
+
+    def member_pairs(self) -> set[tuple[str, str]]:
+        return self.store.membership_pairs(self.tenant)
+
+    def member_pairs_of(self, groups: Collection[str], users: Collection[str]) -> set[tuple[str, str]]:
+        if not groups and not users:
+            return set()
+        return self.store.membership_pairs(self.tenant, groups=groups, users=users)
+
+    def existing_pairs(self, pairs: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
+        return self.store.existing_pairs(self.tenant, pairs) if pairs else set()
+
+
 def _quarantine_list(plan: Plan) -> list[dict[str, Any]]:
     return [{"kind": q.kind, "idp_id": q.idp_id, "reason": q.reason} for q in plan.quarantined[:1000]]
 
@@ -353,7 +390,7 @@ def _counts(plan: Plan, writes: WriteSet, old_users: dict[str, dict[str, Any]]) 
         "members_skipped": plan.members_skipped,
         "quarantined": len(plan.quarantined),
         "rows_written": writes.rows,
-        "events": len(writes.events),
+        "events": writes.event_count,
     }
 
 

@@ -38,8 +38,10 @@ def test_failing_tenant_backs_off_while_the_other_keeps_syncing(harness):
         daemon.shutdown()
     assert dirs["bad"].pulls == 1  # failed once, then backing off for a minute
     assert daemon.failures == {"bad": 1}
-    statuses = {r.tenant: r.status for r in daemon.results}
-    assert statuses == {"good": "succeeded", "bad": "failed"}
+    # (The last "good" run may be one the shutdown interrupted: look at all of them.)
+    good = [r.status for r in daemon.results if r.tenant == "good"]
+    bad = [r.status for r in daemon.results if r.tenant == "bad"]
+    assert good.count("succeeded") >= 2 and bad == ["failed"]
     assert len(h.users("good")) == 3 and h.users("bad") == {}
     assert {r["trigger"] for r in h.store.runs("good")} == {"schedule"}
 

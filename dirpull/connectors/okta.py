@@ -650,10 +650,12 @@ class OktaConnector:
         while True:
             records, headers = await self._log_page(run, since=since, after=after)
             link = next_link(headers) or link
-            after = next_after(headers)
-            guard.next(after)
-            if not records or after is None:
+            nxt = next_after(headers)
+            # A polling link that does not move is "nothing newer yet", not a paging loop.
+            if not records or nxt is None or nxt == after:
                 return link
+            guard.next(nxt)
+            after = nxt
 
     async def _log_page(
         self, run: _Run, *, since: str | None = None, after: str | None = None
@@ -699,9 +701,9 @@ class OktaConnector:
                 elif kind.startswith("group.user_membership"):
                     groups += [g for g in grps if g not in refreshed and g not in groups]
             nxt = next_after(headers)
-            guard.next(nxt)
-            if not records or nxt is None:
+            if not records or nxt is None or nxt == after:
                 break
+            guard.next(nxt)
             after = nxt
         if removed_users or removed_groups:
             yield Page(removed_users=sorted(set(removed_users)), removed_groups=sorted(set(removed_groups)))

@@ -574,15 +574,9 @@ class OktaEmulator(Emulator):
         if isinstance(limit, Response):
             return limit
         filt, search = req.arg("filter"), req.arg("search")
-        predicate: Predicate | None = None
-        try:
-            if filt:
-                predicate = Expr(filt, USER_FILTER).predicate
-            if search:
-                sp = Expr(search, USER_SEARCH).predicate
-                predicate = sp if predicate is None else (lambda get, a=predicate, b=sp: a(get) and b(get))
-        except FilterError as exc:
-            return _error(400, "E0000053", "Invalid value for filter or search parameter.", [str(exc)])
+        predicate = _predicate(filt, search, USER_FILTER, USER_SEARCH)
+        if isinstance(predicate, Response):
+            return predicate
         include_deprovisioned = bool(filt or search)
         after = req.arg("after")
         start = 1
@@ -642,15 +636,9 @@ class OktaEmulator(Emulator):
         if isinstance(limit, Response):
             return limit
         filt, search = req.arg("filter"), req.arg("search")
-        predicate: Predicate | None = None
-        try:
-            if filt:
-                predicate = Expr(filt, GROUP_FILTER).predicate
-            if search:
-                sp = Expr(search, GROUP_SEARCH).predicate
-                predicate = sp if predicate is None else (lambda get, a=predicate, b=sp: a(get) and b(get))
-        except FilterError as exc:
-            return _error(400, "E0000053", "Invalid value for filter or search parameter.", [str(exc)])
+        predicate = _predicate(filt, search, GROUP_FILTER, GROUP_SEARCH)
+        if isinstance(predicate, Response):
+            return predicate
         after = req.arg("after")
         start = -1
         if after:
@@ -929,3 +917,19 @@ class OktaEmulator(Emulator):
 
 
 __all__ = ["API_TOKEN", "EVERYONE", "STATUSES", "OktaEmulator", "group_id", "parse_id", "user_id"]
+
+
+def _predicate(
+    filt: str | None, search: str | None, filter_fields: Any, search_fields: Any
+) -> Predicate | Response | None:
+    """One predicate for `filter` and `search` together, or Okta's 400 for either one malformed."""
+    predicate: Predicate | None = None
+    try:
+        if filt:
+            predicate = Expr(filt, filter_fields).predicate
+        if search:
+            sp = Expr(search, search_fields).predicate
+            predicate = sp if predicate is None else (lambda get, a=predicate, b=sp: a(get) and b(get))
+    except FilterError as exc:
+        return _error(400, "E0000053", "Invalid value for filter or search parameter.", [str(exc)])
+    return predicate

@@ -38,12 +38,8 @@ def age(org: Org, seconds: float = 3600) -> None:
 def emu() -> Iterator[BambooHREmulator]:
     org = Org.generate(40, seed=5)
     age(org)
-    emulator = BambooHREmulator(org, api_key=SECRET)
-    emulator.start()
-    try:
+    with BambooHREmulator(org, api_key=SECRET) as emulator:
         yield emulator
-    finally:
-        emulator.stop()
 
 
 class Sleeps(list):

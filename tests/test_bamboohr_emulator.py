@@ -35,12 +35,8 @@ def age(org: Org, seconds: float = 3600) -> None:
 def emu() -> Iterator[BambooHREmulator]:
     org = Org.generate(60, seed=3)
     age(org)
-    emulator = BambooHREmulator(org)
-    emulator.start()
-    try:
+    with BambooHREmulator(org) as emulator:
         yield emulator
-    finally:
-        emulator.stop()
 
 
 def gw(emu: BambooHREmulator, path: str, company: str = "acme") -> str:

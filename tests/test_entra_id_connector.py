@@ -24,12 +24,8 @@ def org() -> Org:
 
 @pytest.fixture
 def graph(org: Org) -> Iterator[GraphEmulator]:
-    emu = GraphEmulator(org, delta_page_size=30, member_chunk_size=7, retry_after="0.01")
-    emu.start()
-    try:
+    with GraphEmulator(org, delta_page_size=30, member_chunk_size=7, retry_after="0.01") as emu:
         yield emu
-    finally:
-        emu.stop()
 
 
 def tenant(graph: GraphEmulator, tmp_path: Path, **extra: Any) -> dict[str, Any]:

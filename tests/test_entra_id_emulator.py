@@ -25,12 +25,8 @@ def org() -> Org:
 
 @pytest.fixture
 def graph(org: Org) -> Iterator[GraphEmulator]:
-    emu = GraphEmulator(org, delta_page_size=25)
-    emu.start()
-    try:
+    with GraphEmulator(org, delta_page_size=25) as emu:
         yield emu
-    finally:
-        emu.stop()
 
 
 def token_request(emu: GraphEmulator, **overrides: str) -> requests.Response:

@@ -30,12 +30,8 @@ class Sleeps(list):
 @pytest.fixture
 def emu() -> Iterator[GoogleEmulator]:
     org = Org.generate(60, seed=7)
-    emulator = GoogleEmulator(org)
-    emulator.start()
-    try:
+    with GoogleEmulator(org) as emulator:
         yield emulator
-    finally:
-        emulator.stop()
 
 
 def tenant(emu: GoogleEmulator, tmp_path: Path, **extra: Any) -> dict[str, Any]:

@@ -27,12 +27,8 @@ RO = [
 @pytest.fixture
 def emu() -> Iterator[GoogleEmulator]:
     org = Org.generate(120, seed=11)
-    emulator = GoogleEmulator(org)
-    emulator.start()
-    try:
+    with GoogleEmulator(org) as emulator:
         yield emulator
-    finally:
-        emulator.stop()
 
 
 def service(emu: GoogleEmulator, scopes: list[str] = RO, subject: str | None = "admin") -> Any:

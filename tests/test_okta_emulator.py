@@ -24,12 +24,8 @@ def org() -> Org:
 
 @pytest.fixture
 def emu(org: Org) -> Iterator[OktaEmulator]:
-    e = OktaEmulator(org)
-    e.start()
-    try:
+    with OktaEmulator(org) as e:
         yield e
-    finally:
-        e.stop()
 
 
 def get(e: OktaEmulator, path: str, **params: Any) -> requests.Response:

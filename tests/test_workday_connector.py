@@ -32,12 +32,8 @@ def org() -> Org:
 
 @pytest.fixture
 def emu(org: Org) -> Iterator[WorkdayEmulator]:
-    e = WorkdayEmulator(org)
-    e.start()
-    try:
+    with WorkdayEmulator(org) as e:
         yield e
-    finally:
-        e.stop()
 
 
 def tenant(e: WorkdayEmulator, tmp_path: Path, **overrides: Any) -> dict[str, Any]:

@@ -24,12 +24,8 @@ def org() -> Org:
 
 @pytest.fixture
 def emu(org: Org) -> Iterator[WorkdayEmulator]:
-    e = WorkdayEmulator(org)
-    e.start()
-    try:
+    with WorkdayEmulator(org) as e:
         yield e
-    finally:
-        e.stop()
 
 
 def get(e: WorkdayEmulator, report: str = "Worker_Directory", auth: Any = "isu", **params: str):

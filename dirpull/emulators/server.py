@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from dirpull.emulators.org import Org
@@ -303,7 +303,7 @@ class Emulator:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def __enter__(self) -> Emulator:
+    def __enter__(self) -> Self:
         self.start()
         return self
 

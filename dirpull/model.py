@@ -7,11 +7,12 @@ The field names here are the outside contract (../shared/CONTRACT.md): `--json` 
 from __future__ import annotations
 
 import hashlib
-import json
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from dirpull.jsoncodec import canonical
 
 State = Literal["active", "inactive"]
 
@@ -71,5 +72,9 @@ def fingerprint(fields: dict[str, Any]) -> str:
     Connectors strip volatile vendor fields (last-login times, etags) before a record gets here,
     so the digest changes only when something a consumer cares about changed.
     """
-    blob = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
-    return hashlib.blake2b(blob.encode(), digest_size=16).hexdigest()
+    return digest(canonical(fields))
+
+
+def digest(blob: bytes) -> str:
+    """The fingerprint of a record's canonical JSON (`jsoncodec.canonical`)."""
+    return hashlib.blake2b(blob, digest_size=16).hexdigest()

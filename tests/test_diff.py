@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dirpull.connectors.base import Done, Page, Quarantined
+from dirpull.jsoncodec import loads
 from dirpull.model import Group, User, fingerprint, record_fields
 from dirpull.sync.diff import Diff, LoadedState, build_writes, changed_fields
 
@@ -46,7 +47,10 @@ def test_snapshot_create_update_delete_and_membership():
     assert types == ["user.updated", "user.created", "group.user_added", "group.user_removed", "user.deleted"]
     assert ws.event_count == 5
     assert events[0]["previous_attributes"] == {"state": "active"}
-    assert "fingerprint" not in events[1]["data"]
+    assert events[1]["data"] == record_fields(carol) and "fingerprint" not in events[1]["data"]
+    # Held (and written) as the record's canonical JSON, the same bytes as its row.
+    held = list(ws.all_events(as_written=True))[1]["data"]
+    assert held is ws.user_creates[0] and loads(held) == record_fields(carol)
     assert ws.user_fingerprints["3"] == fp(carol) and plan.stored_users == {"1"}
 
 

@@ -2,7 +2,7 @@
 
 Transport: a `GraphServiceClient` over `GraphRequestAdapter` with `GraphClientFactory`'s default
 middleware (redirects, URL handling, telemetry), `base_url` = the tenant's Graph URL. Every response
-is read as raw bytes (`send_primitive_async(req, "bytes", …)`) and parsed with `json.loads`: the
+is read as raw bytes (`send_primitive_async(req, "bytes", …)`) and parsed with `orjson.loads`: the
 SDK's typed models cost ~4 ms per user to deserialize, raw JSON costs microseconds.
 kiota's own RetryHandler is switched off (it honours Retry-After with no cap); retries follow the
 shared `RetryPolicy` instead: 429/5xx and dropped connections, Retry-After honoured (fractional
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -42,6 +41,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import orjson
 
 from dirpull.config import EntraTenant
 from dirpull.connectors.base import (
@@ -297,7 +297,7 @@ class _Session:
                 body = await self.client.request_adapter.send_primitive_async(
                     request_info, "bytes", {"XXX": ODataError}
                 )
-                page = json.loads(body or b"{}")
+                page = orjson.loads(body or b"{}")
                 if not isinstance(page, dict):
                     raise ValueError("not a JSON object")
                 return page

@@ -3,7 +3,9 @@ asks a `StoredState` what is stored (the runner answers from the store).
 
 It runs in two steps, so a sync never loads full stored rows it does not need:
 1. `Diff` consumes the connector's pages, comparing each fresh record's fingerprint with the stored
-   one, and keeps only what differs (new or changed records), the ids it saw, and memberships.
+   one, and keeps only what differs (new or changed records, as their canonical JSON — a first
+   sync holds the whole tenant this way, at a third of what the same records take as dicts), the
+   ids it saw, and memberships.
 2. `Diff.finish()` works out deletions and membership changes (snapshot or delta semantics) and
    returns a `Plan`; `build_writes()` turns the plan plus the stored rows of the changed and
    deleted objects into rows to write and events (with `previous_attributes`).
@@ -18,7 +20,8 @@ from sys import intern
 from typing import Any, Protocol
 
 from dirpull.connectors.base import Done, Page, Quarantined
-from dirpull.model import EventType, fingerprint, record_fields
+from dirpull.jsoncodec import canonical, loads
+from dirpull.model import EventType, digest, record_fields
 from dirpull.storage.store import WriteSet
 
 
@@ -69,9 +72,10 @@ class LoadedState:
 @dataclass
 class Plan:
     snapshot: bool
-    # fresh fields of records that are new or changed, by idp_id, and their fingerprints
-    users: dict[str, dict[str, Any]]
-    groups: dict[str, dict[str, Any]]
+    # records that are new or changed, by idp_id, as canonical JSON (`jsoncodec.canonical` of
+    # their fields), and their fingerprints
+    users: dict[str, bytes]
+    groups: dict[str, bytes]
     user_deletes: set[str]
     group_deletes: set[str]
     member_adds: set[tuple[str, str]]
@@ -100,8 +104,8 @@ class Plan:
 @dataclass
 class Diff:
     stored: StoredState
-    _users: dict[str, dict[str, Any]] = field(default_factory=dict)
-    _groups: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _users: dict[str, bytes] = field(default_factory=dict)
+    _groups: dict[str, bytes] = field(default_factory=dict)
     _user_fps: dict[str, str] = field(default_factory=dict)
     _group_fps: dict[str, str] = field(default_factory=dict)
     _stored_users: set[str] = field(default_factory=set)  # pending records that exist in the store
@@ -126,10 +130,10 @@ class Diff:
                 continue
             stored = lookup([r.idp_id for r in records])
             for record in records:
-                fields = record_fields(record)
-                fp = fingerprint(fields)
+                blob = canonical(record_fields(record))
+                fp = digest(blob)
                 # One string object per id, however many pages and pairs name it.
-                key = fields["idp_id"] = intern(record.idp_id)
+                key = intern(record.idp_id)
                 seen.add(key)
                 # The same object can come twice in one pull (Graph delta replays): the later one wins.
                 removed.discard(key)
@@ -138,7 +142,7 @@ class Diff:
                     pending.pop(key, None)
                     fps.pop(key, None)
                 else:
-                    pending[key] = fields
+                    pending[key] = blob
                     fps[key] = fp
                     if before is not None:
                         existing.add(key)
@@ -255,7 +259,8 @@ def build_writes(
     plan: Plan, old_users: Mapping[str, dict[str, Any]], old_groups: Mapping[str, dict[str, Any]]
 ) -> WriteSet:
     """Rows to write and events to emit. `old_*` hold the stored rows of every changed or deleted
-    object (the plan names which). Event data shares the row dicts: nothing is copied."""
+    object (the plan names which). A created record stays canonical JSON, shared by its row and its
+    event (the store decodes it while writing); only updates are decoded here, to compare."""
     ws = WriteSet(
         [], [], sorted(plan.user_deletes), [], [], sorted(plan.group_deletes),
         sorted(plan.member_adds), sorted(plan.member_removes), [],
@@ -266,12 +271,13 @@ def build_writes(
         ("group", plan.groups, old_groups, ws.group_creates, ws.group_updates),
     ):
         for key in sorted(pending):
-            fields = pending[key]
+            blob = pending[key]
             before = old.get(key)
             if before is None:
-                creates.append(fields)
-                ws.events.append({"type": f"{kind}.created", "object_id": key, "data": fields})
+                creates.append(blob)
+                ws.events.append({"type": f"{kind}.created", "object_id": key, "data": blob})
                 continue
+            fields = loads(blob)
             updates.append(fields)
             previous = changed_fields(before, fields)
             # No previous values: same content under a new fingerprint (e.g. an upgrade changed
@@ -293,6 +299,6 @@ def deactivations(plan: Plan, old_users: Mapping[str, dict[str, Any]]) -> int:
     """Users this plan turns from active to inactive."""
     return sum(
         1
-        for key, fields in plan.users.items()
-        if fields.get("state") == "inactive" and old_users.get(key, {}).get("state") == "active"
+        for key, before in old_users.items()
+        if key in plan.users and before.get("state") == "active" and loads(plan.users[key]).get("state") == "inactive"
     )

@@ -23,6 +23,7 @@ from dirpull.connectors.base import Connector, ConnectorError, Done, Page
 from dirpull.storage.store import Store, StoreError, WriteSet, utcnow
 from dirpull.sync import guard
 from dirpull.sync.diff import Diff, LoadedState, Plan, StoredState, build_writes, deactivations
+from dirpull.sync.prefetch import Prefetch
 
 log = logging.getLogger("dirpull.sync")
 
@@ -301,21 +302,25 @@ class Runner:
         heartbeat: _Heartbeat,
         progress: Progress | None,
     ) -> tuple[Done, Plan]:
-        if full or cursor is None:
-            # A snapshot compares everything: load the stored fingerprints and pairs once.
-            stored: StoredState = LoadedState(
-                self.store.user_fingerprints(tenant),
-                self.store.group_fingerprints(tenant),
-                self.store.membership_pairs(tenant),
-            )
-        else:
-            stored = _StoreBackedState(self.store, tenant)
-        diff = Diff(stored)
         connector = self.connector_factory(tenant, settings)
         done: Done | None = None
         pages = users = groups = 0
-        stream = connector.pull(None if full else cursor, full=full)
-        try:
+        with Prefetch(
+            lambda: connector.pull(None if full else cursor, full=full),
+            name=f"pull-{tenant}",
+            check=lambda: self._check_still_running(heartbeat),
+        ) as stream:
+            stream.start()  # the first requests go out while the stored state loads
+            if full or cursor is None:
+                # A snapshot compares everything: load the stored fingerprints and pairs once.
+                stored: StoredState = LoadedState(
+                    self.store.user_fingerprints(tenant),
+                    self.store.group_fingerprints(tenant),
+                    self.store.membership_pairs(tenant),
+                )
+            else:
+                stored = _StoreBackedState(self.store, tenant)
+            diff = Diff(stored)
             for item in stream:
                 self._check_still_running(heartbeat)
                 if isinstance(item, Done):
@@ -329,10 +334,6 @@ class Runner:
                 groups += len(item.groups)
                 if progress:
                     progress(tenant, pages, users, groups)
-        finally:
-            close = getattr(stream, "close", None)
-            if close:
-                close()
         if done is None:
             raise ConnectorError("the connector stopped before the end of the directory; nothing applied")
         return done, diff.finish(done)

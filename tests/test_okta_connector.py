@@ -4,7 +4,13 @@ connector-level pulls and sync-level runs through the real store (tests/harness.
 from __future__ import annotations
 
 import asyncio
+import copy
+import inspect
+import json
 import os
+import subprocess
+import sys
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,10 +109,11 @@ def test_http_only_for_loopback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("OKTA_CLIENT_TOKEN", "ambient-token")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "okta.yaml").write_text("okta:\n  testing:\n    testingDisableHttpsCheck: true\n")
-    from dirpull.connectors.okta import _client
+    from dirpull.connectors.okta import _client, _sdk
 
-    with pytest.raises(ValueError, match="https"):
-        _client("http://127.0.0.1:9", False, {"authorizationMode": "SSWS", "token": "t"}, lambda cfg: None)
+    for build in (_sdk, _client):  # the pull's pipeline, and the full SDK client
+        with pytest.raises(ValueError, match="https"):
+            build("http://127.0.0.1:9", False, {"authorizationMode": "SSWS", "token": "t"}, lambda cfg: None)
 
 
 def test_settings_never_show_the_token(emu: OktaEmulator, tmp_path: Path) -> None:
@@ -252,6 +259,304 @@ def test_system_log_finds_deletions_between_full_syncs(emu: OktaEmulator, org: O
     assert delta.cursor and delta.cursor["log_next"] != done.cursor["log_next"]
 
 
+# --- records judged one by one, as the SDK's models would ---------------------------------------
+
+
+class OddRecords(OktaEmulator):
+    """Records a real org can hold: some the SDK's models reject, some only look unusual."""
+
+    bad_group: int = -1
+
+    def user_json(self, p: Any) -> dict[str, Any]:
+        r = super().user_json(p)
+        if p.n == 3:  # other ISO 8601 forms: not the fast check's, fine for the SDK
+            r["created"] = r["created"][:19] + "Z"
+            r["lastUpdated"] = r["lastUpdated"][:19] + "+00:00"
+        elif p.n == 4:
+            r["profile"]["firstName"] = "F" * 51  # the SDK allows 50
+        elif p.n == 5:
+            r["credentials"]["provider"]["type"] = "NOT_A_PROVIDER"
+        elif p.n == 6:
+            r["profile"]["costCenter"] = 1234  # a number where the SDK wants a string
+        elif p.n == 7:
+            r["profile"]["badgeNumber"] = 1234  # a custom attribute: anything goes
+        return r
+
+    def group_json(self, n: int, gtype: str) -> dict[str, Any]:
+        g = super().group_json(n, gtype)
+        if n == self.bad_group:
+            g["objectClass"] = "not-a-list"
+        return g
+
+
+def test_records_the_sdk_rejects_are_quarantined_one_by_one(org: Org, tmp_path: Path) -> None:
+    e = OddRecords(org)
+    e.bad_group = bad_group = sorted(g.n for g in org.listed_groups())[1]
+    with e:
+        pages, _ = pull(connector(tenant(e, tmp_path)))
+    users = users_of(pages)
+    rejected = {user_id(4), user_id(5), user_id(6)}
+    assert set(users) == {user_id(p.n) for p in org.people.values()} - rejected
+    assert users[user_id(3)].raw_attributes["created"].endswith("Z")  # the slow path (the SDK) took it
+    assert users[user_id(7)].raw_attributes["profile"]["badgeNumber"] == 1234
+    bad = {(q.kind, q.idp_id) for p in pages for q in p.quarantined}
+    assert bad == {("user", u) for u in rejected} | {("group", group_id(bad_group))}
+    assert all(q.reason.startswith("the okta SDK rejects this record: ") for p in pages for q in p.quarantined)
+    groups = {g.idp_id for p in pages for g in p.groups}
+    assert group_id(bad_group) not in groups and len(groups) == len(list(org.listed_groups())) - 1
+    members = {m for p in pages for m in p.members}
+    assert any(uid in rejected for _, uid in members)  # a quarantined user keeps its memberships
+
+
+def test_well_formed_users_never_reach_the_sdk_models(
+    emu: OktaEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dirpull.connectors.okta as okta_connector
+
+    asked: list[str] = []
+    real = okta_connector._sdk_rejects
+
+    def counting(rec: Any, kind: str) -> str | None:
+        asked.append(kind)
+        return real(rec, kind)
+
+    monkeypatch.setattr(okta_connector, "_sdk_rejects", counting)
+    emu.status_overrides.update({2: "STAGED", 3: "LOCKED_OUT", 4: "PASSWORD_EXPIRED", 5: "PROVISIONED"})
+    pages, _ = pull(connector(tenant(emu, tmp_path, include_everyone=True)))
+    assert "user" not in asked  # every user record passed the fast check
+    assert asked.count("group") == len({g.idp_id for p in pages for g in p.groups})
+
+
+def _sdk_user_example() -> dict[str, Any]:
+    """A user with every part of the SDK's User model present and valid."""
+    link = {"href": "https://acme.okta.com/api/v1/users/00u1", "hints": {"allow": ["GET", "POST"]}, "name": "n"}
+    from okta.models import UserLinks
+
+    links = {info.alias or name: link for name, info in UserLinks.model_fields.items()}
+    return {
+        "id": "00u1b2c3d4fakeA",
+        "status": "ACTIVE",
+        "created": "2024-04-04T15:56:05.000Z",
+        "activated": "2024-04-04T16:00:00.000Z",
+        "statusChanged": "2024-04-04T16:00:00.000Z",
+        "lastLogin": "2026-05-04T19:50:52.000Z",
+        "lastUpdated": "2026-05-05T18:15:44.000Z",
+        "passwordChanged": "2024-04-04T16:00:22.000Z",
+        "transitioningToStatus": "ACTIVE",
+        "realmId": "guo1fake",
+        "type": {"id": "oty1fakeType"},
+        "profile": {
+            **{k: "Value" for k in ("city", "costCenter", "department", "displayName", "title", "timezone")},
+            "login": "ada@example.com",
+            "email": "ada@example.com",
+            "secondEmail": "ada2@example.com",
+            "firstName": "Ada",
+            "lastName": "Lovelace",
+            "countryCode": "GB",
+            "zipCode": "N1 9GU",
+            "mobilePhone": None,
+            "costCenterCustom": [1, 2],
+        },
+        "credentials": {
+            "password": {},
+            "recovery_question": {"question": "Favourite engine?"},
+            "provider": {"type": "OKTA", "name": "OKTA"},
+        },
+        "_embedded": {"classification": {"type": "STANDARD"}},
+        "_links": copy.deepcopy(links),
+    }
+
+
+_PROBES: list[Any] = [
+    None, "", "a", "abcd", "abcde", "Zoë Ünïcode-ñame", "x" * 2, "x" * 3, "x" * 50, "x" * 51, "x" * 100,
+    "x" * 101, "x" * 128, "x" * 129, "x" * 1024, "x" * 1025, "x" * 4097, "ab\ud800cdef", "\udc00", 0, 1, -1,
+    1.5, 2**70, True, False, [], ["GET"], ["GET", "BOGUS"], [None], {}, {"id": "x"}, {"id": 1},
+    {"href": "https://x"}, {"href": 1}, {"allow": ["GET"]}, {"allow": "GET"}, {"a": {}}, {"a": 1},
+    {"type": "OKTA"}, {"type": "NOPE"}, {"question": 1}, {"value": "secret"}, {"hash": {"algorithm": "BCRYPT"}},
+    "ACTIVE", "DEPROVISIONED", "SUSPENDED", "ACTIVATING", "active", "OKTA", "LDAP", "GET",
+    "2024-05-01T19:15:32.000Z", "2024-02-29T00:00:00.000Z", "2023-02-29T00:00:00.000Z", "2024-04-31T00:00:00.000Z",
+    "2024-04-30T00:00:00.000Z", "2024-13-01T00:00:00.000Z", "0000-01-01T00:00:00.000Z", "0001-01-01T00:00:00.000Z",
+    "9999-12-31T23:59:59.999Z", "2024-05-01T24:00:00.000Z", "2024-05-01T23:59:60.000Z", "2024-05-01T19:15:32Z",
+    "2024-05-01T19:15:32.000+05:00", "2024-W18-3T19:15:32.000Z", "2024-05-01T19:15:32,000Z",
+    "2024-05-01t19:15:32.000Z", "2024-05-01T19:15:32.000z", "2024-05-01 19:15:32.000Z", "2024-05-01T191532.0000Z",
+    "\u0662\u0660\u0662\u0664-05-01T19:15:32.000Z", "2024-05-01T19:15:32.00\u0660Z", "1714590932", 1714590932,
+]  # fmt: skip
+
+
+def test_fast_user_check_never_passes_what_the_sdk_rejects() -> None:
+    """`_user_ok` may send a good record to the SDK (the slow path), never pass one the SDK rejects:
+    every field of the SDK's User model and of the models inside it, found in the installed SDK
+    itself, is set to good and bad values and judged by both."""
+    from okta.models import User as OktaUser
+    from pydantic import BaseModel
+
+    from dirpull.connectors.okta import _sdk_rejects, _user_ok
+
+    base = _sdk_user_example()
+    assert _user_ok(base) and _sdk_rejects(base, "user") is None
+
+    def inner_model(annotation: Any) -> type[BaseModel] | None:
+        """The model in an annotation such as Optional[List[HttpMethod]] / Optional[UserProfile]."""
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            return annotation
+        for arg in typing.get_args(annotation):
+            found = inner_model(arg)
+            if found is not None:
+                return found
+        return None
+
+    def paths(model: type[BaseModel], prefix: tuple[str, ...]) -> Iterator[tuple[str, ...]]:
+        for name, info in model.model_fields.items():
+            if name == "additional_properties":
+                continue
+            path = (*prefix, info.alias or name)
+            yield path
+            sub = inner_model(info.annotation)
+            if sub is not None and len(path) < 4:
+                yield from paths(sub, path)
+
+    def at(rec: dict[str, Any], path: tuple[str, ...]) -> dict[str, Any] | None:
+        for key in path[:-1]:
+            nxt = rec.get(key)
+            if not isinstance(nxt, dict):
+                nxt = rec[key] = {"href": "https://x"} if key in base["_links"] else {}
+            rec = nxt
+        return rec
+
+    every = list(paths(OktaUser, ()))
+    assert len(every) > 100 and ("profile", "login") in every and ("_links", "self", "hints", "allow") in every
+    passed = rejected = 0
+    for path in [*every, ("profile", "aCustomAttribute"), ("_links", "aCustomLink"), ("aTopLevelExtra",)]:
+        for probe in [*_PROBES, "<deleted>"]:
+            rec = copy.deepcopy(base)
+            parent = at(rec, path)
+            assert parent is not None
+            if probe == "<deleted>":
+                parent.pop(path[-1], None)
+            else:
+                parent[path[-1]] = probe
+            sdk = _sdk_rejects(rec, "user")
+            rejected += sdk is not None
+            if _user_ok(rec):
+                passed += 1
+                assert sdk is None, f"{'.'.join(path)} = {probe!r}: the fast check passes what the SDK rejects: {sdk}"
+    assert passed > 1000 and rejected > 1000  # both sides were really exercised
+    for odd in ([], "x", 1, None, [base]):
+        assert not _user_ok(odd)
+
+
+def test_requests_are_serialized_as_the_sdk_methods_do() -> None:
+    """Same method, URL (path, query order, encoding) and headers as the SDK's own list_* calls."""
+    from okta.api.group_api import GroupApi
+    from okta.api.system_log_api import SystemLogApi
+    from okta.api.user_api import UserApi
+
+    from dirpull.connectors.okta import LOG_FILTER, _sdk, _transport_class
+
+    def sdk_side(serializer: Any, api: Any, **kw: Any) -> Any:
+        params = {name: None for name in inspect.signature(serializer).parameters if name != "self"}
+        return serializer(api, **{**params, **kw})
+
+    filt = 'lastUpdated gt "2026-05-01T00:00:00.000Z" or lastMembershipUpdated gt "2026-05-01T00:00:00.000Z"'
+    for auth in ({"authorizationMode": "SSWS", "token": "00tokenvalue"}, {"authorizationMode": "Bearer", "token": "x"}):
+        sdk = _sdk("https://acme.okta.com", False, auth, _transport_class())
+        cases = [
+            (
+                sdk_side(UserApi._list_users_serialize, sdk.api, filter=filt, limit=200),
+                sdk.serialize("/api/v1/users", [("filter", filt), ("limit", 200)]),
+            ),
+            (
+                sdk_side(UserApi._list_users_serialize, sdk.api, filter=filt, after="00u1x", limit=7),
+                sdk.serialize("/api/v1/users", [("filter", filt), ("after", "00u1x"), ("limit", 7)]),
+            ),
+            (
+                sdk_side(GroupApi._list_groups_serialize, sdk.api, limit=200),
+                sdk.serialize("/api/v1/groups", [("limit", 200)]),
+            ),
+            (
+                sdk_side(GroupApi._list_groups_serialize, sdk.api, filter=filt, after="00g9", limit=200),
+                sdk.serialize("/api/v1/groups", [("filter", filt), ("after", "00g9"), ("limit", 200)]),
+            ),
+            (
+                sdk_side(GroupApi._list_group_users_serialize, sdk.api, group_id="00g 1/é", after="00u2", limit=200),
+                sdk.serialize(
+                    "/api/v1/groups/{groupId}/users", [("after", "00u2"), ("limit", 200)], {"groupId": "00g 1/é"}
+                ),
+            ),
+            (
+                sdk_side(
+                    SystemLogApi._list_log_events_serialize,
+                    sdk.api,
+                    since="2026-05-01T00:00:00.000Z",
+                    filter=LOG_FILTER,
+                    limit=1000,
+                    sort_order="ASCENDING",
+                ),
+                sdk.serialize(
+                    "/api/v1/logs",
+                    [
+                        ("since", "2026-05-01T00:00:00.000Z"),
+                        ("filter", LOG_FILTER),
+                        ("limit", 1000),
+                        ("sortOrder", "ASCENDING"),
+                    ],
+                ),
+            ),
+            (
+                sdk_side(
+                    SystemLogApi._list_log_events_serialize,
+                    sdk.api,
+                    after="1627500044869_1",
+                    filter=LOG_FILTER,
+                    limit=1000,
+                    sort_order="ASCENDING",
+                ),
+                sdk.serialize(
+                    "/api/v1/logs",
+                    [("after", "1627500044869_1"), ("filter", LOG_FILTER), ("limit", 1000), ("sortOrder", "ASCENDING")],
+                ),
+            ),
+        ]
+        for theirs, ours in cases:
+            assert ours == theirs
+
+
+def test_a_pull_does_not_import_the_sdk_client(emu: OktaEmulator, tmp_path: Path) -> None:
+    """`okta.client` (every API and model of the SDK: two seconds) stays unimported."""
+    code = (
+        "import json, sys\n"
+        "from dirpull.config import OktaTenant\n"
+        "from dirpull.connectors.okta import OktaConnector\n"
+        "c = OktaConnector('t1', OktaTenant.model_validate(json.loads(sys.argv[1])))\n"
+        "items = list(c.pull(None, full=True))\n"
+        "print(json.dumps([sum(len(i.users) for i in items[:-1]), sorted(m for m in sys.modules\n"
+        "    if m == 'okta.client' or m.startswith('okta.api.'))]))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "NO_PROXY": "127.0.0.1,localhost"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(tenant(emu, tmp_path))],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=root,
+        check=True,
+    )
+    assert json.loads(out.stdout) == [PEOPLE, []]
+
+
+def test_pages_are_not_formatted_while_pulling(
+    emu: OktaEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncio.Runner.run (3.11, main thread) formats repr(task), result included, twice per call:
+    a Page must never be that result (its repr covers every record of the page)."""
+    formatted: list[int] = []
+    monkeypatch.setattr(Page, "__repr__", lambda self: formatted.append(1) or "Page(...)")
+    pages, _ = pull(connector(tenant(emu, tmp_path)))
+    assert pages and formatted == []
+
+
 # --- sync-level through the store ----------------------------------------------------------------
 
 
@@ -359,7 +664,7 @@ def test_bench_full_pull() -> None:
     import multiprocessing as mp
     import time
 
-    import okta.client  # noqa: F401  # the 2 s import is not part of the per-user cost
+    import okta.request_executor  # noqa: F401  # the SDK's import is not part of the per-user cost
 
     n = int(os.environ["OKTA_BENCH"])
     ctx = mp.get_context("spawn")

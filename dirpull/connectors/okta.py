@@ -1,7 +1,7 @@
 """Okta connector on the official `okta` SDK (3.4.x, asyncio/aiohttp).
 
 One pull = one event loop (`asyncio.Runner`, so the runner may call `pull()` from any worker
-thread) and one `async with Client(...)`: one aiohttp session for every request of the run.
+thread) and one aiohttp session for every request of the run.
 
 Full pull (snapshot): users through `filter=lastUpdated gt "1970-01-01T00:00:00.000Z"` (one pass that
 includes DEPROVISIONED, which the plain list hides — see docs/providers/okta.md for why not two
@@ -10,17 +10,28 @@ members. Incremental pull (delta): `filter=lastUpdated gt "<cursor>"` for users,
 `lastMembershipUpdated` for groups (a group whose members changed is re-listed completely and
 named in `complete_groups`), plus, with `poll_system_log`, the System Log for deletions.
 
+Every request goes through the SDK's own pipeline: its `ApiClient.param_serialize` builds the URL
+and headers exactly as its `list_users` / `list_groups` / `list_group_users` / `list_log_events`
+would, its `RequestExecutor` adds auth (SSWS, or OAuth private_key_jwt tokens and DPoP) and sends
+it through `_Transport`, our subclass of its `HTTPClient`. What is skipped is the SDK's
+`okta.client.Client` (importing it loads ~1,700 modules: two seconds) and its response
+deserialization (pydantic models for every record, ~100 µs per user, and the body parsed three
+times): the page's body is parsed once here.
+
 The SDK's sharp edges (../shared/sdk-notes.md §2) and what this module does about them:
-* it reads ./okta.yaml, ~/.okta/okta.yaml and OKTA_CLIENT_* → `_client()` builds the SDK client
-  from our own config dict only, and passes the "allow http" testing flag in that dict only for a
-  loopback host: nothing process-global is touched, so one tenant can never lift the https check
-  for another, whatever thread builds its client at the same time;
+* it reads ./okta.yaml, ~/.okta/okta.yaml and OKTA_CLIENT_* → `_sdk_config()` builds the SDK's
+  configuration from our own settings only, and passes the "allow http" testing flag in that dict
+  only for a loopback host: nothing process-global is touched, so one tenant can never lift the
+  https check for another, whatever thread builds its client at the same time;
 * its retry sleeps on its own and crashes (AttributeError) without rate-limit headers → its retry is
-  off (`maxRetries: 0`) and `_Transport` (our HTTPClient subclass, the single place every request
-  passes) paces, retries, counts and caps every wait itself;
-* a model it cannot parse raises ValidationError for the whole page → the page's raw JSON (kept by
-  `_Transport`) is validated record by record and only the offending records are quarantined;
-* `paginate_all` stops silently on errors → never used; every call's `err` is checked.
+  off (`maxRetries: 0`) and `_Transport` (the single place every request passes) paces, retries,
+  counts and caps every wait itself;
+* its models reject records a real org can hold (a short `login`, an unknown `status`), and one
+  such record used to fail the whole page → every record is checked on its own against what the
+  SDK's models accept (`_user_ok`, a fast check that passes only records the models certainly
+  accept; anything else, and every group, goes to the SDK's own `from_dict`); only the records the
+  SDK rejects are quarantined;
+* `paginate_all` stops silently on errors → never used; every response is checked.
 """
 
 from __future__ import annotations
@@ -30,12 +41,15 @@ import email.utils
 import ipaddress
 import json
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+import orjson
 
 from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page, Quarantined
 from dirpull.connectors.http import PagingGuard, interruptible_async_sleep, readable_body, redact_url
@@ -307,14 +321,12 @@ def _error_code(body: str | None) -> str | None:
     return data.get("errorCode") if isinstance(data, dict) else None
 
 
-def _client(org_url: str, allow_http: bool, auth: dict[str, Any], transport: Any) -> Any:
-    """An okta SDK Client built from our settings only (no okta.yaml, no OKTA_* environment)."""
+def _sdk_config(org_url: str, allow_http: bool, auth: dict[str, Any]) -> dict[str, Any]:
+    """The SDK's configuration from our settings only (no okta.yaml, no OKTA_* environment),
+    checked by the SDK's own validator (it refuses http:// unless `allow_http`)."""
     import logging
 
-    from okta.cache.no_op_cache import NoOpCache
-    from okta.client import Client
     from okta.config.config_validator import ConfigValidator
-    from okta.request_executor import RequestExecutor
 
     config: dict[str, Any] = {
         "client": {
@@ -333,6 +345,84 @@ def _client(org_url: str, allow_http: bool, auth: dict[str, Any], transport: Any
         "testing": {"testingDisableHttpsCheck": allow_http},
     }
     ConfigValidator(config)
+    logging.getLogger("okta-sdk-python").disabled = True  # it would log request headers at DEBUG
+    return config
+
+
+class _Sdk:
+    """The part of the okta SDK a pull uses: its `ApiClient` (serializes a call's URL, query and
+    headers, auth header included, as its generated `*Api` methods do) and its `RequestExecutor`
+    (default headers, OAuth access tokens and DPoP proofs, the send through our `_Transport`).
+    `async with` opens the one aiohttp session of the run, as `okta.client.Client` does."""
+
+    def __init__(self, config: dict[str, Any], transport: Callable[[dict[str, Any]], Any]) -> None:
+        from okta.api_client import ApiClient
+        from okta.cache.no_op_cache import NoOpCache
+        from okta.request_executor import RequestExecutor
+
+        self.api = ApiClient(configuration=config)
+        self.executor = RequestExecutor(config, NoOpCache(), lambda cfg: transport(cfg))
+        self._session: Any = None
+
+    async def __aenter__(self) -> _Sdk:
+        import aiohttp
+
+        self._session = aiohttp.ClientSession()
+        self.executor.set_session(self._session)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._session.close()
+
+    def serialize(
+        self, path: str, query: list[tuple[str, Any]], path_params: dict[str, str] | None = None
+    ) -> tuple[str, str, dict[str, str], Any, Any]:
+        """(method, url, headers, body, form) of a GET, as the SDK's `_<call>_serialize` builds it
+        (tests/test_okta_connector.py compares the two)."""
+        api = self.api
+        return api.param_serialize(
+            method="GET",
+            resource_path=path,
+            path_params=path_params or {},
+            query_params=query,
+            header_params={"Accept": api.select_header_accept(["application/json"])},
+            body=None,
+            post_params=[],
+            files={},
+            auth_settings=["apiToken", "oauth2"],
+            collection_formats={},
+            _host=None,
+            _request_auth=None,
+        )
+
+    async def get(self, path: str, query: list[tuple[str, Any]], path_params: dict[str, str] | None = None) -> Any:
+        """Send one GET the way the SDK's `execute` does, minus its cache (disabled) and its two
+        parses of the body: the error, if any (the response itself is `transport.last`)."""
+        method, url, headers, body, form = self.serialize(path, query, path_params)
+        executor = self.executor
+        request, error = await executor.create_request(
+            method, url, body, headers, form or None, keep_empty_params=False
+        )
+        if error is not None:  # e.g. no OAuth access token
+            return error
+        _, _resp, _body, error = await executor.fire_request_helper(request, 0, time.time())
+        return error
+
+
+def _sdk(org_url: str, allow_http: bool, auth: dict[str, Any], transport: Callable[[dict[str, Any]], Any]) -> _Sdk:
+    """What a pull sends its requests through (a ValueError if the SDK refuses the settings)."""
+    return _Sdk(_sdk_config(org_url, allow_http, auth), transport)
+
+
+def _client(org_url: str, allow_http: bool, auth: dict[str, Any], transport: Any) -> Any:
+    """The SDK's full `okta.client.Client` on the same hermetic configuration and transport, with
+    its typed API methods (for tests and investigations; the pull itself uses `_sdk`, which does not
+    import the SDK's ~1,700 modules)."""
+    config = _sdk_config(org_url, allow_http, auth)
+
+    from okta.cache.no_op_cache import NoOpCache
+    from okta.client import Client
+    from okta.request_executor import RequestExecutor
 
     class _HermeticClient(Client):
         def __init__(self) -> None:  # Client.__init__ minus ConfigSetter (env, yaml) and log handlers
@@ -348,7 +438,6 @@ def _client(org_url: str, allow_http: bool, auth: dict[str, Any], transport: Any
             self._oauth_token_renewal_offset = c["oauthTokenRenewalOffset"]
             self._request_executor = RequestExecutor(config, NoOpCache(), lambda cfg: transport(cfg))
 
-    logging.getLogger("okta-sdk-python").disabled = True  # it would log request headers at DEBUG
     return _HermeticClient()
 
 
@@ -356,10 +445,10 @@ def _client(org_url: str, allow_http: bool, auth: dict[str, Any], transport: Any
 
 
 class _Run:
-    """State of one pull: the SDK client, the transport, what was seen."""
+    """State of one pull: the SDK pipeline, the transport, what was seen."""
 
-    def __init__(self, client: Any, transport: Any) -> None:
-        self.client = client
+    def __init__(self, sdk: _Sdk, transport: Any) -> None:
+        self.sdk = sdk
         self.transport = transport
         self.seen_users: set[str] = set()
         self.notes: list[str] = []
@@ -390,13 +479,22 @@ class OktaConnector:
     def pull(self, cursor: dict[str, Any] | None, *, full: bool) -> Iterator[Page | Done]:
         runner = asyncio.Runner()
         agen = self._pull(cursor, full)
+        box: list[Page | Done] = []
+
+        async def step() -> None:
+            # The item is handed over in `box`, not as the task's result: in the main thread,
+            # Python 3.11's Runner.run formats repr(task) twice per call (signal.getsignal on its
+            # own SIGINT handler), and a Page result would be repr'd with all its records (~10% of
+            # the pull's CPU).
+            box.append(await agen.__anext__())
+
         try:
             while True:
                 try:
-                    item = runner.run(agen.__anext__())
+                    runner.run(step())
                 except StopAsyncIteration:
                     return
-                yield item
+                yield box.pop()
         finally:
             try:
                 runner.run(agen.aclose())
@@ -441,17 +539,17 @@ class OktaConnector:
 
         holder: list[Any] = []
         try:
-            client = _client(self.org_url, self.allow_http, self._auth(), make_transport)
+            sdk = _sdk(self.org_url, self.allow_http, self._auth(), make_transport)
         except ValueError as exc:
             raise ConfigurationError(f"okta SDK refused the configuration: {_first_line(exc)}") from None
         transport = holder[0]
-        run = _Run(client, transport)
+        run = _Run(sdk, transport)
 
         state = _parse_cursor(cursor) if not full else None
         if not full and cursor and state is None:
             run.notes.append("stored cursor unreadable: full resync")
         mode = "incremental" if state is not None else "full"
-        async with client:
+        async with sdk:
             if mode == "full":
                 log_next = await self._log_start(run) if s.poll_system_log else None
                 async for page in self._full(run):
@@ -522,7 +620,7 @@ class OktaConnector:
     # --- users ------------------------------------------------------------------------------------
 
     async def _users(self, run: _Run, filt: str) -> AsyncIterator[Page]:
-        async for records, bad in self._paged("list users", run.client.list_users, "user", filter=filt):
+        async for records, bad in self._paged(run, "list users", "/api/v1/users", "user", filt=filt):
             page = Page(quarantined=bad)
             for rec in records:
                 run.newest_user = _newest(run.newest_user, rec.get("lastUpdated"))
@@ -577,8 +675,7 @@ class OktaConnector:
         members_since: datetime | None = None,
         refresh: list[str] | None = None,
     ) -> AsyncIterator[tuple[Page, list[str]]]:
-        kwargs = {"filter": filt} if filt else {}
-        async for records, bad in self._paged("list groups", run.client.list_groups, "group", **kwargs):
+        async for records, bad in self._paged(run, "list groups", "/api/v1/groups", "group", filt=filt):
             page = Page(quarantined=bad)
             ids: list[str] = []
             for rec in records:
@@ -618,7 +715,11 @@ class OktaConnector:
         first = True
         try:
             async for records, bad in self._paged(
-                f"list members of group {gid}", run.client.list_group_users, "user", group_id=gid
+                run,
+                f"list members of group {gid}",
+                "/api/v1/groups/{groupId}/users",
+                "user",
+                path_params={"groupId": gid},
             ):
                 page = Page(quarantined=bad)
                 if complete and first:
@@ -660,12 +761,10 @@ class OktaConnector:
     async def _log_page(
         self, run: _Run, *, since: str | None = None, after: str | None = None
     ) -> tuple[list[dict[str, Any]], Any]:
-        kwargs: dict[str, Any] = {"filter": LOG_FILTER, "limit": 1000, "sort_order": "ASCENDING"}
-        if after:
-            kwargs["after"] = after
-        elif since:
-            kwargs["since"] = since
-        records, _bad, headers = await self._call("read system log", run.client.list_log_events, None, **kwargs)
+        # The SDK's order (`_list_log_events_serialize`): since, until, after, filter, q, limit, sortOrder.
+        query: list[tuple[str, Any]] = [("after", after)] if after else [("since", since)] if since else []
+        query += [("filter", LOG_FILTER), ("limit", 1000), ("sortOrder", "ASCENDING")]
+        records, _bad, headers = await self._call(run, "read system log", "/api/v1/logs", query, None)
         return records, headers
 
     async def _log(self, run: _Run, state: dict[str, Any], refreshed: set[str]) -> AsyncIterator[Page]:
@@ -717,13 +816,25 @@ class OktaConnector:
     # --- calling the SDK --------------------------------------------------------------------------
 
     async def _paged(
-        self, step: str, method: Callable[..., Awaitable[Any]], kind: str | None, **kwargs: Any
+        self,
+        run: _Run,
+        step: str,
+        path: str,
+        kind: str,
+        *,
+        filt: str | None = None,
+        path_params: dict[str, str] | None = None,
     ) -> AsyncIterator[tuple[list[dict[str, Any]], list[Quarantined]]]:
         """Pages of raw records (and the quarantined ones) of one listing, following Link rel="next"."""
         guard = PagingGuard(step)
         after: str | None = None
         while True:
-            records, bad, headers = await self._call(step, method, kind, limit=self.page_size, after=after, **kwargs)
+            # The SDK's order for /users, /groups and /groups/{id}/users: [search,] filter, [q,] after, limit.
+            query: list[tuple[str, Any]] = [("filter", filt)] if filt else []
+            if after is not None:
+                query.append(("after", after))
+            query.append(("limit", self.page_size))
+            records, bad, headers = await self._call(run, step, path, query, kind, path_params)
             yield records, bad
             after = next_after(headers)
             guard.next(after)
@@ -731,48 +842,42 @@ class OktaConnector:
                 return
 
     async def _call(
-        self, step: str, method: Callable[..., Awaitable[Any]], kind: str | None, **kwargs: Any
+        self,
+        run: _Run,
+        step: str,
+        path: str,
+        query: list[tuple[str, Any]],
+        kind: str | None,
+        path_params: dict[str, str] | None = None,
     ) -> tuple[list[dict[str, Any]], list[Quarantined], Any]:
-        """One SDK call → (raw records the SDK's models accept, quarantined records, headers).
+        """One GET through the SDK → (records the SDK's models accept, quarantined records, headers).
 
-        Errors are returned by the SDK, not raised; some failures raise AttributeError instead and a
-        record its models reject raises ValidationError for the whole page: all become either a
-        ConnectorError or a per-record quarantine, never an empty page.
+        Any failure becomes a ConnectorError, never an empty page. A user or group the SDK's models
+        reject is quarantined alone; a System Log page they reject fails the step.
         """
-        from pydantic import ValidationError
-
-        transport = self._transport_of(method)
+        transport = run.transport
         transport.last = None
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
-        rejected = False
         try:
-            data, _resp, err = await method(**kwargs)
-        except ValidationError:
-            data, err, rejected = None, None, True
+            err = await run.sdk.get(path, query, path_params)
         except AttributeError as exc:
             raise self._failure(step, transport, f"the okta SDK failed ({_first_line(exc)})") from None
         last = transport.last
         if err is not None or last is None or not 200 <= last.status <= 299:
             raise self._failure(step, transport, _first_line(err) if err is not None else "no response")
         try:
-            raw = json.loads(last.body) if last.body else []
+            raw = _loads(last.body) if last.body else []
         except ValueError:
             raise ConnectorError(
                 f"{step}: the response is not JSON ({readable_body(last.body, 120)})", step=step
             ) from None
         if not isinstance(raw, list):
             raise ConnectorError(f"{step}: expected a JSON array, got {type(raw).__name__}", step=step)
-        if not rejected and data is not None and len(data) != len(raw):
-            raise ConnectorError(f"{step}: the SDK returned {len(data)} records for {len(raw)} on the wire", step=step)
-        if rejected and kind is None:
-            raise ConnectorError(f"{step}: the okta SDK could not read a page", step=step)
-        good, bad = raw, []
-        if rejected:
-            good, bad = _validate_each(raw, kind or "user")
+        if kind is None:
+            if not _sdk_reads_log(raw):
+                raise ConnectorError(f"{step}: the okta SDK could not read a page", step=step)
+            return raw, [], last.headers
+        good, bad = _validate_each(raw, kind)
         return good, bad, last.headers
-
-    def _transport_of(self, method: Any) -> Any:
-        return method.__self__._request_executor._http_client
 
     def _failure(self, step: str, transport: Any, detail: str) -> ConnectorError:
         last: LastResponse | None = transport.last
@@ -792,25 +897,263 @@ class _NotFound(ConnectorError):
     pass
 
 
-def _validate_each(raw: list[Any], kind: str) -> tuple[list[dict[str, Any]], list[Quarantined]]:
-    """The records of a page the SDK rejected, one by one: keep the readable, quarantine the rest."""
-    from okta.models import Group as OktaGroup
-    from okta.models import User as OktaUser
+def _loads(text: str) -> Any:
+    """json.loads, through orjson when it can (about twice as fast on these pages); the standard
+    library decides whatever orjson refuses (integers beyond 64 bits, lone surrogates, NaN)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
-    model = OktaUser if kind == "user" else OktaGroup
+
+def _validate_each(raw: list[Any], kind: str) -> tuple[list[dict[str, Any]], list[Quarantined]]:
+    """The records of a page the SDK's models accept, and the others quarantined one by one with
+    the SDK's own reason. A user passing `_user_ok` is one the SDK's User model certainly accepts;
+    any other user, and every group, is decided by the SDK's `from_dict`."""
+    fast = _user_ok if kind == "user" else None
     good: list[dict[str, Any]] = []
     bad: list[Quarantined] = []
     for rec in raw:
-        rid = rec.get("id") if isinstance(rec, dict) else None
-        try:
-            if not isinstance(rec, dict):
-                raise ValueError("not an object")
-            model.from_dict(rec)
-        except Exception as exc:
-            bad.append(Quarantined(kind, rid, f"the okta SDK rejects this record: {_first_line(exc, 200)}"))
+        if fast is not None and fast(rec):
+            good.append(rec)
             continue
-        good.append(rec)
+        reason = _sdk_rejects(rec, kind)
+        if reason is None:
+            good.append(rec)
+        else:
+            rid = rec.get("id") if isinstance(rec, dict) else None
+            bad.append(Quarantined(kind, rid, f"the okta SDK rejects this record: {reason}"))
     return good, bad
+
+
+def _sdk_rejects(rec: Any, kind: str) -> str | None:
+    """Why the SDK's model (what its `list_users`/`list_groups` deserialize into) rejects `rec`, or None."""
+    from okta.models import Group as OktaGroup
+    from okta.models import User as OktaUser
+
+    try:
+        if not isinstance(rec, dict):
+            raise ValueError("not an object")
+        (OktaUser if kind == "user" else OktaGroup).from_dict(rec)
+    except Exception as exc:
+        return _first_line(exc, 200)
+    return None
+
+
+def _sdk_reads_log(raw: list[Any]) -> bool:
+    """Whether the SDK's LogEvent model accepts every event of a System Log page."""
+    if not raw:
+        return True
+    from okta.models.log_event import LogEvent
+
+    try:
+        for ev in raw:
+            if not isinstance(ev, dict):
+                return False
+            LogEvent.from_dict(ev)
+    except Exception:
+        return False
+    return True
+
+
+# --- what the SDK's User model accepts, checked fast ------------------------------------------------
+#
+# `_user_ok(rec)` is True only for a record `okta.models.User.from_dict` accepts (okta 3.4.x); for
+# anything it is not sure of it says False and the SDK itself decides (`_sdk_rejects`). It follows
+# the model field by field: every field is Optional (None always passes); strings are strict (no
+# numbers) and some have length limits; datetimes here only in Okta's own ISO 8601 form; enums by
+# value; keys the model does not know are ignored by it (additional properties). Non-ASCII strings
+# must encode as UTF-8: pydantic rejects lone surrogates in a length-checked string.
+# tests/test_okta_connector.py probes every field of these models with good and bad values against
+# the SDK, so a stricter SDK model shows up as a failing test, not as a missed quarantine.
+
+_from_iso = datetime.fromisoformat
+_ANY = sys.maxsize
+_UNLIMITED = [
+    "costCenter",
+    "department",
+    "displayName",
+    "division",
+    "employeeNumber",
+    "honorificPrefix",
+    "honorificSuffix",
+    "locale",
+    "manager",
+    "managerId",
+    "middleName",
+    "nickName",
+    "organization",
+    "preferredLanguage",
+    "profileUrl",
+    "timezone",
+    "title",
+    "userType",
+]
+# UserProfile: alias → (min length, max length) of each field, every one an optional strict str.
+_PROFILE: dict[str, tuple[int, int]] = {
+    **dict.fromkeys(_UNLIMITED, (0, _ANY)),
+    "city": (0, 128),
+    "countryCode": (0, 2),
+    "email": (5, 100),
+    "firstName": (1, 50),
+    "lastName": (1, 50),
+    "login": (5, _ANY),
+    "mobilePhone": (0, 100),
+    "postalAddress": (0, 4096),
+    "primaryPhone": (0, 100),
+    "secondEmail": (0, 100),
+    "state": (0, 128),
+    "streetAddress": (0, 1024),
+    "zipCode": (0, 50),
+}
+_USER_STATUS = frozenset(
+    ["ACTIVE", "DEPROVISIONED", "LOCKED_OUT", "PASSWORD_EXPIRED", "PROVISIONED", "RECOVERY", "STAGED", "SUSPENDED"]
+)
+_TRANSITIONING = frozenset(("ACTIVE", "DEPROVISIONED", "PROVISIONED"))
+_PROVIDER_TYPE = frozenset(("ACTIVE_DIRECTORY", "FEDERATION", "IMPORT", "LDAP", "OKTA", "SOCIAL"))
+_HTTP_METHOD = frozenset(("DELETE", "GET", "PATCH", "POST", "PUT"))
+_USER_LINKS = frozenset(
+    [
+        "self",
+        "activate",
+        "resetPassword",
+        "resetFactors",
+        "expirePassword",
+        "forgotPassword",
+        "changeRecoveryQuestion",
+        "deactivate",
+        "reactivate",
+        "changePassword",
+        "schema",
+        "suspend",
+        "unsuspend",
+        "unlock",
+        "type",
+    ]
+)
+
+
+def _text(v: Any) -> bool:
+    """A str without lone surrogates (which pydantic refuses in a length-checked str)."""
+    if type(v) is not str:
+        return False
+    if v.isascii():
+        return True
+    try:
+        v.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
+def _opt_text(obj: dict[str, Any], key: str) -> bool:
+    v = obj.get(key)
+    return v is None or _text(v)
+
+
+def _datetime(v: Any) -> bool:
+    """Okta's own form, "2024-05-01T19:15:32.000Z", of a date and time that exist."""
+    if type(v) is not str or len(v) != 24 or v[4:20:3] != "--T::." or v[23] != "Z" or v[11:13] > "23":
+        return False
+    try:
+        _from_iso(v)  # digits, month, day of that month, hour, minute, second
+    except ValueError:
+        return False
+    return True
+
+
+def _profile(v: Any) -> bool:
+    if type(v) is not dict:
+        return False
+    limits = _PROFILE
+    for name, value in v.items():
+        if value is None:
+            continue
+        lim = limits.get(name)
+        if lim is not None and (
+            type(value) is not str or not lim[0] <= len(value) <= lim[1] or not (value.isascii() or _text(value))
+        ):
+            return False
+    return True
+
+
+def _href(v: Any) -> bool:
+    if type(v) is not dict or not _text(v.get("href")) or not _opt_text(v, "name") or not _opt_text(v, "type"):
+        return False
+    templated = v.get("templated")
+    if templated is not None and type(templated) is not bool:
+        return False
+    hints = v.get("hints")
+    if hints is None:
+        return True
+    if type(hints) is not dict:
+        return False
+    allow = hints.get("allow")
+    return allow is None or (type(allow) is list and all(type(m) is str and m in _HTTP_METHOD for m in allow))
+
+
+def _links(v: Any) -> bool:
+    if type(v) is not dict:
+        return False
+    return all(link is None or name not in _USER_LINKS or _href(link) for name, link in v.items())
+
+
+def _credentials(v: Any) -> bool:
+    if type(v) is not dict:
+        return False
+    provider = v.get("provider")
+    if provider is not None:
+        if type(provider) is not dict or not _opt_text(provider, "name"):
+            return False
+        ptype = provider.get("type")
+        if ptype is not None and not (type(ptype) is str and ptype in _PROVIDER_TYPE):
+            return False
+    password = v.get("password")
+    if password is not None and (
+        type(password) is not dict
+        or password.get("hash") is not None
+        or password.get("hook") is not None
+        or not _opt_text(password, "value")
+    ):
+        return False
+    question = v.get("recovery_question")
+    return question is None or (
+        type(question) is dict and _opt_text(question, "answer") and _opt_text(question, "question")
+    )
+
+
+# User: alias → check of a value that is not None.
+_USER_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "activated": _datetime,
+    "created": _datetime,
+    "credentials": _credentials,
+    "id": _text,
+    "lastLogin": _datetime,
+    "lastUpdated": _datetime,
+    "passwordChanged": _datetime,
+    "profile": _profile,
+    "realmId": _text,
+    "status": lambda v: type(v) is str and v in _USER_STATUS,
+    "statusChanged": _datetime,
+    "transitioningToStatus": lambda v: type(v) is str and v in _TRANSITIONING,
+    "type": lambda v: type(v) is dict and _opt_text(v, "id"),
+    "_embedded": lambda v: type(v) is dict and all(type(x) is dict for x in v.values()),
+    "_links": _links,
+}
+
+
+def _user_ok(rec: Any) -> bool:
+    """True only if the SDK's User model certainly accepts `rec` (see above)."""
+    if type(rec) is not dict:
+        return False
+    fields = _USER_FIELDS
+    for key, v in rec.items():
+        if v is None:
+            continue
+        check = fields.get(key)
+        if check is not None and not check(v):  # a key the model does not know is ignored by it
+            return False
+    return True
 
 
 def _parse_cursor(cursor: dict[str, Any] | None) -> dict[str, Any] | None:

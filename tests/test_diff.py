@@ -48,9 +48,9 @@ def test_snapshot_create_update_delete_and_membership():
     assert ws.event_count == 5
     assert events[0]["previous_attributes"] == {"state": "active"}
     assert events[1]["data"] == record_fields(carol) and "fingerprint" not in events[1]["data"]
-    # Held (and written) as the record's canonical JSON, the same bytes as its row.
+    # Held (and written) as the record's canonical JSON on the diff's spool, shared with its row.
     held = list(ws.all_events(as_written=True))[1]["data"]
-    assert held is ws.user_creates[0] and loads(held) == record_fields(carol)
+    assert held is ws.user_creates[0] and loads(held.read()) == record_fields(carol)
     assert ws.user_fingerprints["3"] == fp(carol) and plan.stored_users == {"1"}
 
 
@@ -116,3 +116,16 @@ def test_fingerprint_ignores_nothing_the_connector_kept_and_is_stable():
     b = User(idp_id="1", raw_attributes={"a": [1, 2], "b": 1})
     assert fp(a) == fp(b)
     assert fp(a) != fp(User(idp_id="1", raw_attributes={"a": [2, 1], "b": 1}))
+
+
+def test_pending_records_wait_on_disk_not_in_memory() -> None:
+    d = Diff(LoadedState({}, {}, set()))
+    users = [User(idp_id=str(i), username=f"user{i}", raw_attributes={"n": i, "pad": "x" * 500}) for i in range(2000)]
+    d.add(Page(users=users))
+    plan = d.finish(SNAPSHOT)
+    # Memory holds an offset and a length per record; the JSON (~600 bytes each) is in the spool.
+    assert d.spool.size > 2000 * 500
+    assert all(type(v).__name__ == "SpooledJson" for v in plan.users.values())
+    ws = build_writes(plan, {}, {})
+    expected = [record_fields(u) for u in sorted(users, key=lambda u: u.idp_id)]
+    assert [loads(r.read()) for r in ws.user_creates] == expected

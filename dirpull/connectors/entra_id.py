@@ -37,6 +37,7 @@ import ipaddress
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
+from sys import intern
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -540,6 +541,7 @@ class EntraConnector:
                         users.discard(mid)
                         out.removed_members.append((gid, mid))
                     else:
+                        mid = intern(mid)  # one string per user, however many groups list them
                         users.add(mid)
                         out.members.append((gid, mid))
                 elif kind == GROUP_TYPE:

@@ -14,7 +14,9 @@ The Directory API has no delta, so every run is a full snapshot:
    EXTERNAL members (and USER members who are not users of this domain) cannot be memberships
    because a membership names a user idp_id, so their addresses are kept on the group, in
    `raw_attributes["externalMembers"]`.
-3. Users (scoped), groups, then flattened memberships are yielded; `Done(snapshot=True)`.
+3. Users (scoped) are yielded as soon as their scope is known — right after users.list, before any
+   member is fetched, unless a group scope is configured — then groups, then flattened
+   memberships; `Done(snapshot=True)`.
 
 Throttling (403 userRateLimitExceeded/rateLimitExceeded/quotaExceeded, 429) and 5xx are retried
 with exponential backoff and jitter from the shared RetryPolicy (Google sends no Retry-After),
@@ -29,9 +31,10 @@ import json
 import logging
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from sys import intern
 from typing import Any
 
 import httplib2
@@ -292,7 +295,7 @@ class GoogleWorkspaceConnector:
                     continue
                 # Known to the domain even when unreadable, so its memberships are not mistaken
                 # for external ones.
-                domain_ids.add(uid)
+                domain_ids.add(intern(uid))
                 if ou_scope is not None and _in_ous(raw.get("orgUnitPath"), self.org_units):
                     ou_scope.add(uid)
                 if not isinstance(email, str) or not email:
@@ -307,6 +310,15 @@ class GoogleWorkspaceConnector:
                 spooled += 1
         if spooled == 0:
             notes.append("users.list returned no users")
+
+        def in_ous(uid: str) -> bool:
+            return ou_scope is None or uid in ou_scope
+
+        keep: set[str] = set()
+        if not self.group_filter:
+            # The scope is known already: hand the users on now, so the sync diffs them while the
+            # members are fetched (the longest part of a run: one request per group and page).
+            keep = yield from self._emit_users(spool, quarantined, email_to_id, domain_ids, in_ous)
 
         # 2. Groups (scoped by settings.groups), then their members, flattened.
         groups: list[dict[str, Any]] = []
@@ -334,44 +346,18 @@ class GoogleWorkspaceConnector:
             notes.append(f"{len(gone)} group(s) disappeared while the run read them")
             groups = [g for g in groups if g["id"] in direct]
 
-        # 3. Scope: org units and/or group membership (both, when both are configured).
-        member_scope: set[str] | None = None
+        # 3. With a group scope: users in the scoped groups (and the org units, when both are set).
         if self.group_filter:
-            member_scope = set()
+            member_scope: set[str] = set()
             for g in groups:
                 users, customer, _ = _flatten(g["id"], direct)
                 if customer:
                     member_scope = domain_ids
                     break
                 member_scope |= users
-
-        def in_scope(uid: str) -> bool:
-            return (ou_scope is None or uid in ou_scope) and (member_scope is None or uid in member_scope)
-
-        # 4. Users, normalized now that every manager's email is known.
-        emitted: set[str] = set()
-        spool.seek(0)
-        page = Page(quarantined=[q for q in quarantined if q.kind == "user"])
-        for line in spool:
-            raw = json.loads(line)
-            if not in_scope(raw["id"]):
-                continue
-            try:
-                user = self._user(raw, email_to_id, domain_ids)
-            except (ValueError, TypeError) as exc:
-                page.quarantined.append(Quarantined("user", raw["id"], f"cannot normalize: {exc}"[:300]))
-                continue
-            emitted.add(user.idp_id)
-            page.users.append(user)
-            if len(page.users) >= YIELD_PAGE:
-                yield page
-                page = Page()
-        # A quarantined user is left as stored: keep their memberships too.
-        keep = emitted | {
-            q.idp_id for q in quarantined if q.kind == "user" and q.idp_id and in_scope(q.idp_id)
-        }
-        if page.users or page.quarantined:
-            yield page
+            keep = yield from self._emit_users(
+                spool, quarantined, email_to_id, domain_ids, lambda uid: in_ous(uid) and uid in member_scope
+            )
 
         # 5. Groups, with the addresses of members who are not users of this domain.
         page = Page(quarantined=[q for q in quarantined if q.kind == "group"])
@@ -394,6 +380,38 @@ class GoogleWorkspaceConnector:
             yield page
 
         yield Done(snapshot=True, cursor=None, mode="full", requests=session.counter.value, notes=notes)
+
+    def _emit_users(
+        self,
+        spool: Any,
+        quarantined: list[Quarantined],
+        email_to_id: dict[str, str],
+        domain_ids: set[str],
+        in_scope: Callable[[str], bool],
+    ) -> Generator[Page, None, set[str]]:
+        """4. The spooled users in scope, normalized now that every manager's email is known.
+        Returns the ids whose memberships stand: those emitted, and those quarantined (a
+        quarantined user is left as stored, memberships included)."""
+        emitted: set[str] = set()
+        spool.seek(0)
+        page = Page(quarantined=[q for q in quarantined if q.kind == "user"])
+        for line in spool:
+            raw = json.loads(line)
+            if not in_scope(raw["id"]):
+                continue
+            try:
+                user = self._user(raw, email_to_id, domain_ids)
+            except (ValueError, TypeError) as exc:
+                page.quarantined.append(Quarantined("user", raw["id"], f"cannot normalize: {exc}"[:300]))
+                continue
+            emitted.add(user.idp_id)
+            page.users.append(user)
+            if len(page.users) >= YIELD_PAGE:
+                yield page
+                page = Page()
+        if page.users or page.quarantined:
+            yield page
+        return emitted | {q.idp_id for q in quarantined if q.kind == "user" and q.idp_id and in_scope(q.idp_id)}
 
     def _group_selected(self, raw: dict[str, Any]) -> bool:
         return any(k in self.group_filter for k in _group_keys(raw))
@@ -439,7 +457,8 @@ class GoogleWorkspaceConnector:
                     elif kind == "CUSTOMER":
                         result.customer = True
                     elif kind == "USER" and mid in domain_ids:
-                        result.users.append(mid)
+                        # One string per user however many groups list them (~8 at 100k users).
+                        result.users.append(intern(mid))
                     elif kind in ("USER", "EXTERNAL") and isinstance(email, str):
                         # Not a user of this domain (a consumer account, a partner): no idp_id to
                         # pair with, so it is kept on the group by address.

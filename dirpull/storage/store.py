@@ -30,6 +30,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from dirpull.jsoncodec import dumps, loads
 from dirpull.model import GROUP_FIELDS, USER_FIELDS
+from dirpull.spool import SpooledJson
 from dirpull.storage import schema as t
 
 log = logging.getLogger(__name__)
@@ -87,16 +88,16 @@ class WriteSet:
     added, members removed, then deletions (`tail_events`).
     """
 
-    # Created rows: field dicts, or their canonical JSON (what the diff holds; decoded on write).
-    user_creates: list[dict[str, Any] | bytes]
+    # Created rows: field dicts, or their canonical JSON in the diff's spool (read on write).
+    user_creates: list[dict[str, Any] | SpooledJson]
     user_updates: list[dict[str, Any]]
     user_deletes: list[str]
-    group_creates: list[dict[str, Any] | bytes]
+    group_creates: list[dict[str, Any] | SpooledJson]
     group_updates: list[dict[str, Any]]
     group_deletes: list[str]
     member_adds: list[tuple[str, str]]
     member_removes: list[tuple[str, str]]
-    # {"type", "object_id", "data", "previous_attributes"}; `data` may be canonical JSON bytes.
+    # {"type", "object_id", "data", "previous_attributes"}; `data` may be a SpooledJson.
     events: list[dict[str, Any]]
     tail_events: list[dict[str, Any]] = field(default_factory=list)
     # Fingerprints of created/updated rows whose dicts do not carry one, by idp_id.
@@ -121,10 +122,11 @@ class WriteSet:
         return len(self.events) + len(self.member_adds) + len(self.member_removes) + len(self.tail_events)
 
     def all_events(self, *, as_written: bool = False) -> Iterator[dict[str, Any]]:
-        """Every event in order. `data` held as canonical JSON bytes is decoded unless
-        `as_written` (the store writes those bytes as they are)."""
+        """Every event in order. `data` held in the diff's spool is read and decoded unless
+        `as_written` (the store writes that JSON as it is)."""
         for e in self.events:
-            yield e if as_written or not isinstance(e["data"], bytes) else {**e, "data": loads(e["data"])}
+            data = e["data"]
+            yield e if as_written or not isinstance(data, SpooledJson) else {**e, "data": loads(data.read())}
         for kind, pairs in (("group.user_added", self.member_adds), ("group.user_removed", self.member_removes)):
             for g, u in pairs:
                 yield {"type": kind, "object_id": g, "data": {"group": g, "user": u}}
@@ -703,12 +705,12 @@ def _insert_many(conn: Connection, table: sa.Table, names: Sequence[str], rows: 
     return written
 
 
-def _as_dict(row: dict[str, Any] | bytes) -> dict[str, Any]:
-    return loads(row) if isinstance(row, bytes) else row
+def _as_dict(row: dict[str, Any] | SpooledJson) -> dict[str, Any]:
+    return loads(row.read()) if isinstance(row, SpooledJson) else row
 
 
 def _json_text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else dumps(value)
+    return value.read().decode() if isinstance(value, SpooledJson) else dumps(value)
 
 
 def _bound(type_: sa.types.TypeEngine[Any], value: Any, conn: Connection) -> Any:

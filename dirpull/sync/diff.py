@@ -3,9 +3,9 @@ asks a `StoredState` what is stored (the runner answers from the store).
 
 It runs in two steps, so a sync never loads full stored rows it does not need:
 1. `Diff` consumes the connector's pages, comparing each fresh record's fingerprint with the stored
-   one, and keeps only what differs (new or changed records, as their canonical JSON — a first
-   sync holds the whole tenant this way, at a third of what the same records take as dicts), the
-   ids it saw, and memberships.
+   one, and keeps only what differs (new or changed records, as their canonical JSON in a
+   `RecordSpool` on disk: a first sync holds the whole tenant this way), the ids it saw, and
+   memberships.
 2. `Diff.finish()` works out deletions and membership changes (snapshot or delta semantics) and
    returns a `Plan`; `build_writes()` turns the plan plus the stored rows of the changed and
    deleted objects into rows to write and events (with `previous_attributes`).
@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from dirpull.connectors.base import Done, Page, Quarantined
 from dirpull.jsoncodec import canonical, loads
 from dirpull.model import EventType, digest, record_fields
+from dirpull.spool import RecordSpool, SpooledJson
 from dirpull.storage.store import WriteSet
 
 
@@ -73,9 +74,9 @@ class LoadedState:
 class Plan:
     snapshot: bool
     # records that are new or changed, by idp_id, as canonical JSON (`jsoncodec.canonical` of
-    # their fields), and their fingerprints
-    users: dict[str, bytes]
-    groups: dict[str, bytes]
+    # their fields) in the diff's spool, and their fingerprints
+    users: dict[str, SpooledJson]
+    groups: dict[str, SpooledJson]
     user_deletes: set[str]
     group_deletes: set[str]
     member_adds: set[tuple[str, str]]
@@ -104,8 +105,9 @@ class Plan:
 @dataclass
 class Diff:
     stored: StoredState
-    _users: dict[str, bytes] = field(default_factory=dict)
-    _groups: dict[str, bytes] = field(default_factory=dict)
+    spool: RecordSpool = field(default_factory=RecordSpool)
+    _users: dict[str, SpooledJson] = field(default_factory=dict)
+    _groups: dict[str, SpooledJson] = field(default_factory=dict)
     _user_fps: dict[str, str] = field(default_factory=dict)
     _group_fps: dict[str, str] = field(default_factory=dict)
     _stored_users: set[str] = field(default_factory=set)  # pending records that exist in the store
@@ -142,9 +144,7 @@ class Diff:
                     pending.pop(key, None)
                     fps.pop(key, None)
                 else:
-                    # A right-sized copy: orjson's own bytes object keeps its whole write buffer
-                    # (8 KB for a 1 KB record), ten times the memory on a first sync.
-                    pending[key] = bytes(memoryview(blob))
+                    pending[key] = self.spool.put(blob)
                     fps[key] = fp
                     if before is not None:
                         existing.add(key)
@@ -202,12 +202,16 @@ class Diff:
         group_deletes = stored_groups - self._seen_groups - q_groups
         known_users = self._seen_users | (q_users & stored_users)
         known_groups = self._seen_groups | (q_groups & stored_groups)
-        target = {(g, u) for g, u in self._members if g in known_groups and u in known_users}
-        skipped = len(self._members) - len(target)
+        # In place, and no copy when nothing is stored: at 100,000 users a snapshot names close to
+        # a million pairs, and each extra set of them is ~40 MB. (finish() is called once.)
+        target = self._members
+        unknown = {(g, u) for g, u in target if g not in known_groups or u not in known_users}
+        target -= unknown
         stored_members = self.stored.member_pairs()
         if q_users or q_groups:
             target |= self.stored.member_pairs_of(q_groups, q_users)
-        return target - stored_members, stored_members - target, user_deletes, group_deletes, skipped
+        adds = target - stored_members if stored_members else target
+        return adds, stored_members - target, user_deletes, group_deletes, len(unknown)
 
     def _finish_delta(self) -> tuple[Any, ...]:
         stored = self.stored
@@ -261,8 +265,8 @@ def build_writes(
     plan: Plan, old_users: Mapping[str, dict[str, Any]], old_groups: Mapping[str, dict[str, Any]]
 ) -> WriteSet:
     """Rows to write and events to emit. `old_*` hold the stored rows of every changed or deleted
-    object (the plan names which). A created record stays canonical JSON, shared by its row and its
-    event (the store decodes it while writing); only updates are decoded here, to compare."""
+    object (the plan names which). A created record stays in the spool, named by its row and its
+    event (the store reads it back while writing); only updates are decoded here, to compare."""
     ws = WriteSet(
         [], [], sorted(plan.user_deletes), [], [], sorted(plan.group_deletes),
         sorted(plan.member_adds), sorted(plan.member_removes), [],
@@ -273,13 +277,13 @@ def build_writes(
         ("group", plan.groups, old_groups, ws.group_creates, ws.group_updates),
     ):
         for key in sorted(pending):
-            blob = pending[key]
+            spooled = pending[key]
             before = old.get(key)
             if before is None:
-                creates.append(blob)
-                ws.events.append({"type": f"{kind}.created", "object_id": key, "data": blob})
+                creates.append(spooled)
+                ws.events.append({"type": f"{kind}.created", "object_id": key, "data": spooled})
                 continue
-            fields = loads(blob)
+            fields = loads(spooled.read())
             updates.append(fields)
             previous = changed_fields(before, fields)
             # No previous values: same content under a new fingerprint (e.g. an upgrade changed
@@ -302,5 +306,7 @@ def deactivations(plan: Plan, old_users: Mapping[str, dict[str, Any]]) -> int:
     return sum(
         1
         for key, before in old_users.items()
-        if key in plan.users and before.get("state") == "active" and loads(plan.users[key]).get("state") == "inactive"
+        if key in plan.users
+        and before.get("state") == "active"
+        and loads(plan.users[key].read()).get("state") == "inactive"
     )

@@ -64,5 +64,7 @@ def map_attributes(record: Mapping[str, Any], mapping: Mapping[str, str]) -> dic
 def without(record: Mapping[str, Any], volatile: Iterable[str]) -> dict[str, Any]:
     """The record minus volatile top-level keys (last-login times, etags) that must never
     make a record look changed."""
-    drop = set(volatile)
-    return {k: v for k, v in record.items() if k not in drop}
+    out = dict(record)  # a C-level copy, then a pop per volatile key: cheaper than filtering each key
+    for key in volatile:
+        out.pop(key, None)
+    return out

@@ -14,7 +14,7 @@ It runs in two steps, so a sync never loads full stored rows it does not need:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from sys import intern
 from typing import Any, Protocol
@@ -44,7 +44,15 @@ class StoredState(Protocol):
 class LoadedState:
     users: Mapping[str, str]  # idp_id → fingerprint
     groups: Mapping[str, str]
-    members: set[tuple[str, str]]
+    # The stored pairs, or a function answering them once they are needed (`finish()`): the runner
+    # reads them in the background while the first pages are diffed.
+    pairs: set[tuple[str, str]] | Callable[[], set[tuple[str, str]]]
+
+    @property
+    def members(self) -> set[tuple[str, str]]:
+        if callable(self.pairs):
+            self.pairs = self.pairs()
+        return self.pairs
 
     def user_fingerprints(self, ids: Collection[str]) -> Mapping[str, str]:
         return self.users

@@ -13,6 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -305,18 +306,21 @@ class Runner:
         connector = self.connector_factory(tenant, settings)
         done: Done | None = None
         pages = users = groups = 0
-        with Prefetch(
+        with ThreadPoolExecutor(1, thread_name_prefix=f"load-{tenant}") as loader, Prefetch(
             lambda: connector.pull(None if full else cursor, full=full),
             name=f"pull-{tenant}",
             check=lambda: self._check_still_running(heartbeat),
         ) as stream:
             stream.start()  # the first requests go out while the stored state loads
             if full or cursor is None:
-                # A snapshot compares everything: load the stored fingerprints and pairs once.
+                # A snapshot compares everything: load the stored fingerprints and pairs once. The
+                # pairs (up to a million at 100,000 users) are only needed at the end: they load in
+                # another thread while the pages arrive, instead of holding the first page up.
+                pairs = loader.submit(self.store.membership_pairs, tenant)
                 stored: StoredState = LoadedState(
                     self.store.user_fingerprints(tenant),
                     self.store.group_fingerprints(tenant),
-                    self.store.membership_pairs(tenant),
+                    pairs.result,
                 )
             else:
                 stored = _StoreBackedState(self.store, tenant)

@@ -266,7 +266,7 @@ _TRANSPORT_CLASS: type | None = None
 
 def _transport_class() -> type:
     """`_Transport`: the okta SDK's HTTPClient with our retry/rate-limit policy (built lazily, so the
-    two-second SDK import happens only when an Okta tenant syncs)."""
+    SDK is imported only when an Okta tenant syncs)."""
     global _TRANSPORT_CLASS
     if _TRANSPORT_CLASS is not None:
         return _TRANSPORT_CLASS

@@ -259,3 +259,23 @@ def test_quarantined_record_is_kept_as_stored_not_deleted(harness):
     assert "u2" in h.users("t") and ("g", "u2") in h.members("t")
     assert h.last_seq() == seq
     assert h.store.runs("t")[0]["quarantined"] == [{"kind": "user", "idp_id": "u2", "reason": "login too short"}]
+
+
+def test_the_pending_records_file_is_closed_when_a_run_ends_but_not_under_a_dry_run(harness, monkeypatch):
+    from dirpull.spool import RecordSpool
+
+    spools = []
+    init = RecordSpool.__init__
+
+    def tracked(self) -> None:
+        init(self)
+        spools.append(self)
+
+    monkeypatch.setattr(RecordSpool, "__init__", tracked)
+    h = make(harness, Directory(users=people(5)))
+    dry = h.sync("t", dry_run=True)
+    assert dry.status == "planned" and len(dry.writes.user_creates) == 5
+    assert [e["data"]["idp_id"] for e in dry.writes.all_events()] == [f"u{i}" for i in range(5)]
+    r = h.sync("t")
+    assert r.status == "succeeded" and r.counts["users_created"] == 5 and r.writes is None
+    assert spools[-1]._file.closed and not spools[0]._file.closed

@@ -98,6 +98,7 @@ class Plan:
     # Ids among `users`/`groups` that are stored already (updates, not creates).
     stored_users: set[str] = field(default_factory=set)
     stored_groups: set[str] = field(default_factory=set)
+    spool: RecordSpool | None = None  # where `users`/`groups` are held
 
     def is_empty(self) -> bool:
         return not (
@@ -186,6 +187,7 @@ class Diff:
         else:
             adds, removes, user_deletes, group_deletes, skipped = self._finish_delta()
         return Plan(
+            spool=self.spool,
             snapshot=done.snapshot,
             users=self._users,
             groups=self._groups,

@@ -176,6 +176,7 @@ class Runner:
             " dry-run" if dry_run else "",
         )
         result = RunResult(tenant, "failed", planned_mode, run_id=run_id, notes=notes)
+        plan: Plan | None = None
         try:
             done, plan = self._pull_and_diff(tenant, settings, cursor.value, full, heartbeat, progress)
             result.mode = done.mode
@@ -257,6 +258,11 @@ class Runner:
             result.error = f"{type(exc).__name__}: {exc}"
             return self._failed(result, notes)
         finally:
+            # The pending records' spool file goes now, not whenever the collector gets to it; a
+            # dry run hands its planned writes (which read from it) to the caller instead.
+            if plan is not None and plan.spool is not None and result.status != "planned":
+                result.writes = None
+                plan.spool.close()
             result.duration_s = round(time.monotonic() - started, 3)
             log.info(
                 "sync end tenant=%s provider=%s mode=%s status=%s events=%d requests=%d duration=%.2fs counts=%s%s",

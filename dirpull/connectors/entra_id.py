@@ -147,6 +147,24 @@ def normalize_user(rec: dict[str, Any], attributes: dict[str, str]) -> User:
     )
 
 
+def _group_record(rec: Any, out: Page) -> tuple[str | None, bool]:
+    """One groups-delta record into `out`, as a group, a removal or a quarantine: its id (None
+    without one) and whether it is a group read now, whose members@delta the caller takes."""
+    gid = rec.get("id") if isinstance(rec, dict) else None
+    if not isinstance(gid, str) or not gid:
+        out.quarantined.append(Quarantined("group", None, "group record without an id"))
+        return None, False
+    if "@removed" in rec:
+        out.removed_groups.append(gid)
+        return gid, False
+    try:
+        out.groups.append(normalize_group(rec))
+    except (ValueError, TypeError) as exc:
+        out.quarantined.append(Quarantined("group", gid, f"cannot normalize: {str(exc)[:200]}"))
+        return gid, False
+    return gid, True
+
+
 def normalize_group(rec: dict[str, Any]) -> Group:
     return Group(
         idp_id=rec["id"],
@@ -516,19 +534,11 @@ class EntraConnector:
     def _full_group_page(page: dict[str, Any], direct: dict[str, set[str]], children: dict[str, set[str]]) -> Page:
         out = Page()
         for rec in page.get("value") or []:
-            gid = rec.get("id") if isinstance(rec, dict) else None
-            if not isinstance(gid, str) or not gid:
-                out.quarantined.append(Quarantined("group", None, "group record without an id"))
-                continue
-            if "@removed" in rec:
-                out.removed_groups.append(gid)
+            gid, live = _group_record(rec, out)
+            if gid is not None and "@removed" in rec:
                 direct.pop(gid, None)
                 children.pop(gid, None)
-                continue
-            try:
-                out.groups.append(normalize_group(rec))
-            except (ValueError, TypeError) as exc:
-                out.quarantined.append(Quarantined("group", gid, f"cannot normalize: {str(exc)[:200]}"))
+            if gid is None or not live:
                 continue
             users = direct.setdefault(gid, set())
             for ref in rec.get("members@delta") or []:
@@ -590,20 +600,15 @@ class EntraConnector:
         async for page in self._walk(session, first_groups, "groups delta", links):
             out = Page()
             for rec in page.get("value") or []:
-                gid = rec.get("id") if isinstance(rec, dict) else None
-                if not isinstance(gid, str) or not gid:
-                    out.quarantined.append(Quarantined("group", None, "group record without an id"))
+                gid, live = _group_record(rec, out)
+                if gid is None:
                     continue
                 if "@removed" in rec:
-                    out.removed_groups.append(gid)
                     removed_groups.add(gid)
                     changes.pop(gid, None)
                     continue
                 removed_groups.discard(gid)
-                try:
-                    out.groups.append(normalize_group(rec))
-                except (ValueError, TypeError) as exc:
-                    out.quarantined.append(Quarantined("group", gid, f"cannot normalize: {str(exc)[:200]}"))
+                if not live:
                     continue
                 for ref in rec.get("members@delta") or []:
                     kind, mid = ref.get("@odata.type"), ref.get("id")

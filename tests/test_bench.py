@@ -69,3 +69,14 @@ def test_bench_smoke(provider: str, tmp_path: Path) -> None:
     assert streaming["users_10x"]["rows"] == 10 * streaming["users_1x"]["rows"]
     assert set(result["targets"]) >= {"initial ≤ 1.5×(fetch+insert)", "peak RSS ≤ 400 MB (at 100k)"}
     assert all(isinstance(t["pass"], bool) for t in result["targets"].values())
+
+
+def test_profile_sync_runs_a_full_resync_and_reports_both_processes_cpu() -> None:
+    out = subprocess.run(
+        [sys.executable, "scripts/profile_sync.py", "--provider", "entra_id", "--users", "150", "--groups", "6"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "initial (not measured): succeeded" in out.stdout
+    assert "full: succeeded" in out.stdout and ", 0 rows" in out.stdout  # nothing changed in between
+    assert "CPU: this process" in out.stdout and "emulator" in out.stdout

@@ -129,3 +129,20 @@ def test_pending_records_wait_on_disk_not_in_memory() -> None:
     ws = build_writes(plan, {}, {})
     expected = [record_fields(u) for u in sorted(users, key=lambda u: u.idp_id)]
     assert [loads(r.read()) for r in ws.user_creates] == expected
+
+
+def test_the_diff_digests_the_same_bytes_as_the_records_fields() -> None:
+    from dirpull.jsoncodec import canonical
+
+    rich = User(
+        idp_id="9", emails=["a@example.test", "b@example.test"], custom_attributes={"cost": 7, "tags": ["x"]},
+        raw_attributes={"z": {"nested": [1, None, True]}, "a": "é", "m": 1.5},
+    )  # fmt: skip
+    group = Group(idp_id="g", name="Eng", raw_attributes={"externalMembers": ["p@partner.test"]})
+    for record in (rich, group, ADA):
+        assert canonical(record.__dict__) == canonical(record_fields(record))
+        d = Diff(LoadedState({}, {}, set()))
+        d.add(Page(users=[record]) if isinstance(record, User) else Page(groups=[record]))
+        plan = d.finish(SNAPSHOT)
+        fps = plan.user_fingerprints if isinstance(record, User) else plan.group_fingerprints
+        assert fps[record.idp_id] == fp(record)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from dirpull.connectors.base import Done, Page, Quarantined
 from dirpull.jsoncodec import canonical, loads
-from dirpull.model import EventType, digest, record_fields
+from dirpull.model import EventType, digest
 from dirpull.spool import RecordSpool, SpooledJson
 from dirpull.storage.store import WriteSet
 
@@ -141,7 +141,9 @@ class Diff:
                 continue
             stored = lookup([r.idp_id for r in records])
             for record in records:
-                blob = canonical(record_fields(record))
+                # The model's own field dict: the same canonical bytes as `record_fields(record)`
+                # (every field is a JSON type) without model_dump's deep copy, 3 µs per record.
+                blob = canonical(record.__dict__)
                 fp = digest(blob)
                 # One string object per id, however many pages and pairs name it.
                 key = intern(record.idp_id)

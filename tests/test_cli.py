@@ -161,7 +161,7 @@ def test_config_mistake_exits_2_with_file_tenant_and_key(tmp_path):
 def test_db_commands(env):
     assert run(env, "db", "upgrade").exit_code == 0
     check = run(env, "db", "check")
-    assert check.exit_code == 0 and "schema 0001" in check.stdout
+    assert check.exit_code == 0 and "schema 0002" in check.stdout
 
 
 def test_emulate_writes_a_config_that_loads(tmp_path):

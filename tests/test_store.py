@@ -278,10 +278,10 @@ def newer_dirpull(tmp_path: Path, monkeypatch):
     """This dirpull ships a migration the store has not had yet."""
     migrations = tmp_path / "migrations"
     shutil.copytree(store_module.MIGRATIONS, migrations, ignore=shutil.ignore_patterns("__pycache__"))
-    (migrations / "versions" / "0002_test_only.py").write_text(
+    (migrations / "versions" / "0003_test_only.py").write_text(
         '"""test only: a later migration"""\n'
         "from alembic import op\n\n"
-        'revision = "0002"\ndown_revision = "0001"\nbranch_labels = None\ndepends_on = None\n\n\n'
+        'revision = "0003"\ndown_revision = "0002"\nbranch_labels = None\ndepends_on = None\n\n\n'
         "def upgrade() -> None:\n"
         '    op.create_index("ix_test_runs_status", "runs", ["status"])\n'
     )
@@ -290,19 +290,19 @@ def newer_dirpull(tmp_path: Path, monkeypatch):
 
 def test_schema_behind_daemon_refuses_and_db_upgrade_fixes_it(store_url: str, tmp_path: Path, request):
     old = Store(store_url)
-    old.ensure_schema()  # a store made by the previous release (0001)
+    old.ensure_schema()  # a store made by the previous release (0002)
     old.close()
     request.getfixturevalue("newer_dirpull")
     config = _config(tmp_path, store_url)
     r = _cli(config, "run", "--max-seconds", "1")
     assert r.exit_code == 1
     assert r.stderr.strip().splitlines() == [
-        f"dirpull: store {Store(store_url).safe_url}: schema is at revision 0001, this dirpull needs 0002; "
+        f"dirpull: store {Store(store_url).safe_url}: schema is at revision 0002, this dirpull needs 0003; "
         "run `dirpull db upgrade`"
     ]
     assert _cli(config, "db", "check").exit_code == 1
     up = _cli(config, "db", "upgrade")
-    assert up.exit_code == 0 and "schema at 0002 (was 0001)" in up.stdout
+    assert up.exit_code == 0 and "schema at 0003 (was 0002)" in up.stdout
     assert _cli(config, "db", "check").exit_code == 0
     assert "already current" in _cli(config, "db", "upgrade").stdout
     ran = _cli(config, "run", "--max-seconds", "0.5")

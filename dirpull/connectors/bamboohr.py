@@ -36,6 +36,7 @@ from dirpull.connectors.base import (
 )
 from dirpull.connectors.http import HttpClient, RetryPolicy
 from dirpull.connectors.mapping import map_attributes, without
+from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import User
 
 # What a full or incremental pull asks the custom report for (plus the tenant's custom fields).
@@ -81,6 +82,7 @@ def clean_row(row: dict[str, Any]) -> dict[str, Any]:
 
 class BambooHRConnector:
     provider = "bamboohr"
+    source_digests = True  # a full pull takes `known=` (connectors.source)
 
     def __init__(self, tenant: str, settings: BambooHRTenant, *, policy: RetryPolicy | None = None) -> None:
         self.tenant = tenant
@@ -96,7 +98,9 @@ class BambooHRConnector:
 
     # --- the contract ------------------------------------------------------------------------------
 
-    def pull(self, cursor: dict[str, Any] | None, *, full: bool) -> Iterator[Page | Done]:
+    def pull(
+        self, cursor: dict[str, Any] | None, *, full: bool, known: Known | None = None
+    ) -> Iterator[Page | Done]:
         try:
             api_key = self.settings.api_key.get()
         except ConfigError as exc:
@@ -114,7 +118,7 @@ class BambooHRConnector:
                 notes.append(f"stored cursor {since!r} is not a timestamp: full sync instead")
                 since = None
             if since is None:
-                done = yield from self._full(client, notes)
+                done = yield from self._full(client, notes, known)
             else:
                 done = yield from self._incremental(client, since, notes)
             done.requests = client.requests
@@ -126,8 +130,13 @@ class BambooHRConnector:
 
     # --- full walk ---------------------------------------------------------------------------------
 
-    def _full(self, client: HttpClient, notes: list[str]) -> Generator[Page, None, Done]:
+    def _full(
+        self, client: HttpClient, notes: list[str], known: Known | None = None
+    ) -> Generator[Page, None, Done]:
         numbers = self._employee_numbers(client) if self._manager_by_number else None
+        # Managers given by employee number are resolved through another report: a row alone
+        # does not decide its normalization then, so every row is normalized.
+        sources = SourceDigests(known, self.settings, [__name__]) if known and numbers is None else None
         resp = self._report(client, {}, step="custom report", stream=True)
         newest: datetime | None = None
         page = Page()
@@ -136,13 +145,13 @@ class BambooHRConnector:
                 changed = parse_timestamp(row.get("lastChanged")) if isinstance(row, dict) else None
                 if changed is not None and (newest is None or changed > newest):
                     newest = changed
-                self._add(page, row, numbers)
-                if len(page.users) + len(page.quarantined) >= self.settings.page_size:
+                self._add(page, row, numbers, sources)
+                if len(page.users) + len(page.quarantined) + len(page.unchanged_users) >= self.settings.page_size:
                     yield page
                     page = Page()
         finally:
             resp.close()
-        if page.users or page.quarantined:
+        if page.users or page.quarantined or page.unchanged_users:
             yield page
         # The next increment starts at the newest change the report shows; with no rows, at the
         # server's clock.
@@ -273,10 +282,21 @@ class BambooHRConnector:
 
     # --- normalizing -------------------------------------------------------------------------------
 
-    def _add(self, page: Page, row: Any, numbers: dict[str, str] | None) -> None:
+    def _add(
+        self, page: Page, row: Any, numbers: dict[str, str] | None, sources: SourceDigests | None = None
+    ) -> None:
+        digest = None
+        if sources is not None and isinstance(row, dict) and row.get("id") is not None:
+            digest = sources.digest(row)
+            eid = str(row["id"]).strip()
+            if digest is not None and sources.unchanged(eid, digest):
+                page.unchanged_users.append(eid)
+                return
         result = self.normalize(row, numbers)
         if isinstance(result, User):
             page.users.append(result)
+            if digest is not None:
+                page.user_sources[result.idp_id] = digest
         else:
             page.quarantined.append(result)
 

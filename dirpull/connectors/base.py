@@ -41,6 +41,11 @@ class Page:
     # removed). In a snapshot every group is complete without being named here.
     complete_groups: list[str] = field(default_factory=list)
     quarantined: list[Quarantined] = field(default_factory=list)
+    # Users the connector recognized as stored exactly as the vendor sends them now (their source
+    # digest is known: `connectors.source`), so it did not normalize them. They count as seen.
+    unchanged_users: list[str] = field(default_factory=list)
+    # The source digest of each user in `users` that has one, by idp_id.
+    user_sources: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -57,7 +62,10 @@ class Connector(Protocol):
     provider: str
 
     def pull(self, cursor: dict[str, Any] | None, *, full: bool) -> Iterator[Page | Done]:
-        """Read the directory. `full=True` ignores the cursor (a manual or periodic full resync)."""
+        """Read the directory. `full=True` ignores the cursor (a manual or periodic full resync).
+
+        A connector with `source_digests = True` also takes `known=` (`connectors.source.Known`):
+        given it, it may report unchanged users by id instead of normalizing them."""
         ...
 
 

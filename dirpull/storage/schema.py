@@ -41,6 +41,9 @@ users = sa.Table(
     sa.Column("custom_attributes", JSONType, nullable=False),
     sa.Column("raw_attributes", JSONType, nullable=False),
     sa.Column("fingerprint", sa.String(32), nullable=False),
+    # The digest of the vendor record this row was normalized from (`connectors.source`); NULL
+    # when unknown. Not part of any output.
+    sa.Column("source_digest", sa.String(32)),
     sa.Column("created_at", TS, nullable=False),
     sa.Column("updated_at", TS, nullable=False),
     sa.Index("ix_users_tenant_state", "tenant", "state"),

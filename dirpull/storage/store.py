@@ -103,6 +103,11 @@ class WriteSet:
     # Fingerprints of created/updated rows whose dicts do not carry one, by idp_id.
     user_fingerprints: dict[str, str] = field(default_factory=dict)
     group_fingerprints: dict[str, str] = field(default_factory=dict)
+    # Source digests (`connectors.source`) of created/updated users, by idp_id; an updated user
+    # without one gets NULL. `source_refreshes`: users whose row is unchanged but whose vendor
+    # record was not (e.g. a last-login time): only the digest is rewritten, no event.
+    user_sources: dict[str, str] = field(default_factory=dict)
+    source_refreshes: dict[str, str] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -257,8 +262,28 @@ class Store:
     def group_fingerprints(self, tenant: str, ids: Iterable[str] | None = None) -> dict[str, str]:
         return self._fingerprints(t.groups, tenant, ids)
 
-    def _fingerprints(self, table: sa.Table, tenant: str, ids: Iterable[str] | None) -> dict[str, str]:
-        q = sa.select(table.c.idp_id, table.c.fingerprint).where(table.c.tenant == tenant)
+    def user_digests(self, tenant: str) -> tuple[dict[str, str], dict[str, str]]:
+        """Every user's fingerprint and (where known) source digest, by idp_id, in one read."""
+        u = t.users.c
+        q = sa.select(u.idp_id, u.fingerprint, u.source_digest).where(u.tenant == tenant)
+        fps: dict[str, str] = {}
+        sources: dict[str, str] = {}
+        with self.engine.connect() as conn:
+            for key, fp, source in conn.execute(q):
+                key = intern(key)
+                fps[key] = fp
+                if source is not None:
+                    sources[key] = source
+        return fps, sources
+
+    def user_sources(self, tenant: str, ids: Iterable[str]) -> dict[str, str]:
+        """idp_id → source digest of the given users that have one."""
+        return {k: v for k, v in self._fingerprints(t.users, tenant, ids, column="source_digest").items() if v}
+
+    def _fingerprints(
+        self, table: sa.Table, tenant: str, ids: Iterable[str] | None, *, column: str = "fingerprint"
+    ) -> dict[str, str]:
+        q = sa.select(table.c.idp_id, table.c[column]).where(table.c.tenant == tenant)
         with self.engine.connect() as conn:
             if ids is None:
                 # Interned: the diff holds these ids in several sets at once.
@@ -517,21 +542,25 @@ class Store:
 
     def _write_rows(self, conn: Connection, tenant: str, w: WriteSet, now: datetime) -> None:
         ts = _bound(t.TS, now, conn)
-        for table, names, creates, updates, deletes, fps in (
-            (t.users, USER_FIELDS, w.user_creates, w.user_updates, w.user_deletes, w.user_fingerprints),
-            (t.groups, GROUP_FIELDS, w.group_creates, w.group_updates, w.group_deletes, w.group_fingerprints),
-        ):
+        for table, names, creates, updates, deletes, fps, sources in (
+            (t.users, USER_FIELDS, w.user_creates, w.user_updates, w.user_deletes, w.user_fingerprints,
+             w.user_sources),
+            (t.groups, GROUP_FIELDS, w.group_creates, w.group_updates, w.group_deletes, w.group_fingerprints,
+             None),
+        ):  # fmt: skip
+            extra = ["source_digest"] if sources is not None else []
             if creates:
                 json_cols = _json_columns(table)
                 _insert_many(
                     conn,
                     table,
-                    ["tenant", *names, "fingerprint", "created_at", "updated_at"],
+                    ["tenant", *names, "fingerprint", *extra, "created_at", "updated_at"],
                     (
                         (
                             tenant,
                             *[dumps(row[n]) if n in json_cols else row[n] for n in names],
                             row["fingerprint"] if "fingerprint" in row else fps.get(row["idp_id"]),
+                            *([sources.get(row["idp_id"])] if sources is not None else []),
                             ts,
                             ts,
                         )
@@ -540,6 +569,9 @@ class Store:
                 )
             if updates:
                 updates = [{"fingerprint": fps.get(r["idp_id"]), **r} for r in updates]
+                if sources is not None:
+                    # A row rewritten without a digest of its vendor record must not keep an old one.
+                    updates = [{**r, "source_digest": sources.get(r["idp_id"])} for r in updates]
                 names = [n for n in updates[0] if n != "idp_id"]
                 stmt = (
                     table.update()
@@ -556,6 +588,16 @@ class Store:
                     )
             for chunk in _chunks(deletes, BATCH):
                 conn.execute(table.delete().where(table.c.tenant == tenant, table.c.idp_id.in_(chunk)))
+        if w.source_refreshes:
+            u = t.users
+            stmt = (
+                u.update()
+                .where(u.c.tenant == tenant, u.c.idp_id == sa.bindparam("_id"))
+                .values(source_digest=sa.bindparam("_source"))
+            )
+            refreshes = sorted(w.source_refreshes.items())
+            for chunk in _chunks(refreshes, BULK):
+                conn.execute(stmt, [{"_id": key, "_source": source} for key, source in chunk])
         m = t.memberships
         _insert_many(
             conn,

@@ -33,6 +33,7 @@ class StoredState(Protocol):
 
     def user_fingerprints(self, ids: Collection[str]) -> Mapping[str, str]: ...
     def group_fingerprints(self, ids: Collection[str]) -> Mapping[str, str]: ...
+    def user_sources(self, ids: Collection[str]) -> Mapping[str, str]: ...
     def user_ids(self) -> set[str]: ...
     def group_ids(self) -> set[str]: ...
     def member_pairs(self) -> set[tuple[str, str]]: ...
@@ -47,6 +48,7 @@ class LoadedState:
     # The stored pairs, or a function answering them once they are needed (`finish()`): the runner
     # reads them in the background while the first pages are diffed.
     pairs: set[tuple[str, str]] | Callable[[], set[tuple[str, str]]]
+    sources: Mapping[str, str] = field(default_factory=dict)  # idp_id → source digest, where known
 
     @property
     def members(self) -> set[tuple[str, str]]:
@@ -59,6 +61,9 @@ class LoadedState:
 
     def group_fingerprints(self, ids: Collection[str]) -> Mapping[str, str]:
         return self.groups
+
+    def user_sources(self, ids: Collection[str]) -> Mapping[str, str]:
+        return self.sources
 
     def user_ids(self) -> set[str]:
         return set(self.users)
@@ -99,6 +104,10 @@ class Plan:
     stored_users: set[str] = field(default_factory=set)
     stored_groups: set[str] = field(default_factory=set)
     spool: RecordSpool | None = None  # where `users`/`groups` are held
+    # Source digests to store with the pending users, and digests to refresh on users whose row
+    # stays as it is (`WriteSet.source_refreshes`).
+    user_sources: dict[str, str] = field(default_factory=dict)
+    source_refreshes: dict[str, str] = field(default_factory=dict)
 
     def is_empty(self) -> bool:
         return not (
@@ -129,8 +138,11 @@ class Diff:
     _removed_groups: set[str] = field(default_factory=set)
     _complete_groups: set[str] = field(default_factory=set)
     _quarantined: list[Quarantined] = field(default_factory=list)
+    _user_sources: dict[str, str] = field(default_factory=dict)
+    _source_refreshes: dict[str, str] = field(default_factory=dict)
 
     def add(self, page: Page) -> None:
+        self._add_unchanged(page.unchanged_users)
         for records, lookup, pending, fps, existing, seen, removed in (
             (page.users, self.stored.user_fingerprints, self._users, self._user_fps, self._stored_users,
              self._seen_users, self._removed_users),
@@ -159,10 +171,14 @@ class Diff:
                     fps[key] = fp
                     if before is not None:
                         existing.add(key)
+        if page.users:
+            self._note_sources(page)
         for key in page.removed_users:
             self._removed_users.add(key)
             self._users.pop(key, None)
             self._user_fps.pop(key, None)
+            self._user_sources.pop(key, None)
+            self._source_refreshes.pop(key, None)
             self._seen_users.discard(key)
         for key in page.removed_groups:
             self._removed_groups.add(key)
@@ -178,6 +194,39 @@ class Diff:
             self._members.discard(pair)
         self._complete_groups.update(page.complete_groups)
         self._quarantined.extend(page.quarantined)
+
+    def _add_unchanged(self, ids: list[str]) -> None:
+        """Users the connector found stored exactly as sent: seen, and nothing pending for them
+        (a later copy in the same pull supersedes an earlier, changed one)."""
+        for key in map(intern, ids):
+            self._seen_users.add(key)
+            self._removed_users.discard(key)
+            if key in self._users:
+                del self._users[key]
+                self._user_fps.pop(key, None)
+            self._user_sources.pop(key, None)
+            self._source_refreshes.pop(key, None)
+
+    def _note_sources(self, page: Page) -> None:
+        """Where each normalized user's source digest goes: with its pending row, or — its row
+        unchanged — as a refresh of the stored digest if that differs."""
+        given = page.user_sources
+        stored = self.stored.user_sources(list(given)) if given else {}
+        for record in page.users:
+            key = record.idp_id
+            source = given.get(key)
+            if key in self._users:
+                self._source_refreshes.pop(key, None)
+                if source is None:
+                    self._user_sources.pop(key, None)
+                else:
+                    self._user_sources[key] = source
+            else:
+                self._user_sources.pop(key, None)
+                if source is not None and stored.get(key) != source:
+                    self._source_refreshes[key] = source
+                else:
+                    self._source_refreshes.pop(key, None)
 
     def finish(self, done: Done) -> Plan:
         quarantined_users = {q.idp_id for q in self._quarantined if q.kind == "user" and q.idp_id}
@@ -205,6 +254,8 @@ class Diff:
             group_fingerprints=self._group_fps,
             stored_users=self._stored_users & set(self._users),
             stored_groups=self._stored_groups & set(self._groups),
+            user_sources={k: v for k, v in self._user_sources.items() if k in self._users},
+            source_refreshes=self._source_refreshes,
         )
 
     def _finish_snapshot(self, q_users: set[str], q_groups: set[str]) -> tuple[Any, ...]:
@@ -283,6 +334,7 @@ def build_writes(
         [], [], sorted(plan.user_deletes), [], [], sorted(plan.group_deletes),
         sorted(plan.member_adds), sorted(plan.member_removes), [],
         user_fingerprints=plan.user_fingerprints, group_fingerprints=plan.group_fingerprints,
+        user_sources=plan.user_sources, source_refreshes=plan.source_refreshes,
     )  # fmt: skip
     for kind, pending, old, creates, updates in (
         ("user", plan.users, old_users, ws.user_creates, ws.user_updates),

@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Collection, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -312,41 +312,59 @@ class Runner:
         connector = self.connector_factory(tenant, settings)
         done: Done | None = None
         pages = users = groups = 0
-        with ThreadPoolExecutor(1, thread_name_prefix=f"load-{tenant}") as loader, Prefetch(
-            lambda: connector.pull(None if full else cursor, full=full),
-            name=f"pull-{tenant}",
-            check=lambda: self._check_still_running(heartbeat),
-        ) as stream:
-            stream.start()  # the first requests go out while the stored state loads
-            if full or cursor is None:
-                # A snapshot compares everything: load the stored fingerprints and pairs once. The
-                # pairs (up to a million at 100,000 users) are only needed at the end: they load in
-                # another thread while the pages arrive, instead of holding the first page up.
-                pairs = loader.submit(self.store.membership_pairs, tenant)
-                stored: StoredState = LoadedState(
-                    self.store.user_fingerprints(tenant),
-                    self.store.group_fingerprints(tenant),
-                    pairs.result,
-                )
-            else:
-                stored = _StoreBackedState(self.store, tenant)
-            diff = Diff(stored)
-            for item in stream:
-                self._check_still_running(heartbeat)
-                if isinstance(item, Done):
-                    done = item
-                    break
-                if not isinstance(item, Page):
-                    raise ConnectorError(f"connector yielded {type(item).__name__}, not a Page")
-                diff.add(item)
-                pages += 1
-                users += len(item.users)
-                groups += len(item.groups)
-                if progress:
-                    progress(tenant, pages, users, groups)
+        snapshot = full or cursor is None
+        with ThreadPoolExecutor(1, thread_name_prefix=f"load-{tenant}") as loader:
+            # A snapshot compares everything: the stored fingerprints and pairs are loaded once, in
+            # another thread, while the first requests go out. The pairs (up to a million at
+            # 100,000 users) are only needed at the end, so the pages do not wait for them.
+            user_state = loader.submit(self.store.user_digests, tenant) if snapshot else None
+            pairs = loader.submit(self.store.membership_pairs, tenant) if snapshot else None
+
+            def pull() -> Any:
+                if user_state is not None and getattr(connector, "source_digests", False):
+                    known = _Known(user_state)
+                    return connector.pull(None if full else cursor, full=full, known=known)  # type: ignore[call-arg]
+                return connector.pull(None if full else cursor, full=full)
+
+            with Prefetch(pull, name=f"pull-{tenant}", check=lambda: self._check_still_running(heartbeat)) as stream:
+                stream.start()
+                stored: StoredState
+                if user_state is not None and pairs is not None:
+                    fingerprints, sources = user_state.result()
+                    stored = LoadedState(fingerprints, self.store.group_fingerprints(tenant), pairs.result, sources)
+                else:
+                    stored = _StoreBackedState(self.store, tenant)
+                diff = Diff(stored)
+                for item in stream:
+                    self._check_still_running(heartbeat)
+                    if isinstance(item, Done):
+                        done = item
+                        break
+                    if not isinstance(item, Page):
+                        raise ConnectorError(f"connector yielded {type(item).__name__}, not a Page")
+                    diff.add(item)
+                    pages += 1
+                    users += len(item.users) + len(item.unchanged_users)
+                    groups += len(item.groups)
+                    if progress:
+                        progress(tenant, pages, users, groups)
         if done is None:
             raise ConnectorError("the connector stopped before the end of the directory; nothing applied")
         return done, diff.finish(done)
+
+
+class _Known:
+    """`connectors.source.Known` answered from the stored source digests, which load in another
+    thread while the first request is out (the connector's first ask waits for them)."""
+
+    def __init__(self, state: Future[tuple[dict[str, str], dict[str, str]]]) -> None:
+        self._state = state
+        self._sources: dict[str, str] | None = None
+
+    def __call__(self, idp_id: str, source: str) -> bool:
+        if self._sources is None:
+            self._sources = self._state.result()[1]
+        return self._sources.get(idp_id) == source
 
 
 class _StoreBackedState:
@@ -362,6 +380,9 @@ class _StoreBackedState:
 
     def group_fingerprints(self, ids: Collection[str]) -> Mapping[str, str]:
         return self.store.group_fingerprints(self.tenant, ids) if ids else {}
+
+    def user_sources(self, ids: Collection[str]) -> Mapping[str, str]:
+        return self.store.user_sources(self.tenant, ids) if ids else {}
 
     def user_ids(self) -> set[str]:
         return set(self.store.user_fingerprints(self.tenant))

@@ -36,6 +36,7 @@ from dirpull.connectors.http import (
     readable_body,
 )
 from dirpull.connectors.nesting import flatten
+from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import Group, User
 
 PAGE_SIZE = 500
@@ -124,6 +125,7 @@ class _Head:
 
 class WorkdayConnector:
     provider = "workday"
+    source_digests = True  # a full pull takes `known=` (connectors.source)
 
     def __init__(
         self,
@@ -269,9 +271,12 @@ class WorkdayConnector:
 
     # --- pull ----------------------------------------------------------------------------------------
 
-    def pull(self, cursor: dict[str, Any] | None, *, full: bool) -> Iterator[Page | Done]:
+    def pull(
+        self, cursor: dict[str, Any] | None, *, full: bool, known: Known | None = None
+    ) -> Iterator[Page | Done]:
         s = self.settings
         today = self.today()
+        sources = SourceDigests(known, s, [__name__]) if known else None
         notes: list[str] = []
         state: dict[str, Any] = {}
         client = self._client()
@@ -286,27 +291,33 @@ class WorkdayConnector:
             for row in self._rows(resp, "users report", stats):
                 if isinstance(row, dict):
                     seen_columns.update(row)
-                self._user_row(row, today, page, user_ids, derived)
-                if len(page.users) + len(page.quarantined) >= self.page_size:
+                self._user_row(row, today, page, user_ids, derived, sources)
+                if len(page.users) + len(page.quarantined) + len(page.unchanged_users) >= self.page_size:
                     yield page
                     page = Page()
             self._check_users_report(stats, seen_columns, notes)
             if s.groups_report_url:
-                if page.users or page.quarantined:
+                if page.users or page.quarantined or page.unchanged_users:
                     yield page
                 page = Page()
                 yield from self._groups(client, today, state, user_ids, notes)
             elif derived:
                 for gid, value in sorted(derived.items()):
                     page.groups.append(Group(idp_id=gid, name=value, raw_attributes={s.group_column: value}))
-            if page.users or page.groups or page.members or page.quarantined:
+            if page.users or page.groups or page.members or page.quarantined or page.unchanged_users:
                 yield page
             yield Done(snapshot=True, cursor=None, mode="full", requests=client.requests, notes=notes)
         finally:
             client.close()
 
     def _user_row(
-        self, row: Any, today: date, page: Page, user_ids: set[str], derived: dict[str, str]
+        self,
+        row: Any,
+        today: date,
+        page: Page,
+        user_ids: set[str],
+        derived: dict[str, str],
+        sources: SourceDigests | None = None,
     ) -> None:
         if not isinstance(row, dict):
             page.quarantined.append(Quarantined("user", None, "report row is not an object"))
@@ -320,19 +331,34 @@ class WorkdayConnector:
         if idp_id in user_ids:
             page.quarantined.append(Quarantined("user", idp_id, "worker id appears twice in the report"))
             return
-        try:
-            user = self._user(idp_id, row, today)
-        except (ValueError, TypeError) as exc:
-            page.quarantined.append(Quarantined("user", idp_id, f"cannot read row: {exc}"))
-            return
+        digest = self._source_digest(sources, row, today) if sources is not None else None
+        if sources is not None and digest is not None and sources.unchanged(idp_id, digest):
+            page.unchanged_users.append(idp_id)
+        else:
+            try:
+                user = self._user(idp_id, row, today)
+            except (ValueError, TypeError) as exc:
+                page.quarantined.append(Quarantined("user", idp_id, f"cannot read row: {exc}"))
+                return
+            page.users.append(user)
+            if digest is not None:
+                page.user_sources[idp_id] = digest
         user_ids.add(idp_id)
-        page.users.append(user)
         column = self.settings.group_column
         if column and not self.settings.groups_report_url:
             for value in _values(row.get(column), column):
                 gid = derived_group_id(column, value)
                 derived[gid] = value
                 page.members.append((gid, idp_id))
+
+    def _source_digest(self, sources: SourceDigests, row: dict[str, Any], today: date) -> str | None:
+        """The row's digest, with the one thing besides the row its normalization reads: whether a
+        termination date has passed (`_state` against today). None when the state is unreadable."""
+        try:
+            state = self._state(row, today)
+        except (ValueError, TypeError):
+            return None
+        return sources.digest(row, state)
 
     def _pick(self, row: Mapping[str, Any], field: str) -> Any:
         for column in self.columns[field]:

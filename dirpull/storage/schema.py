@@ -59,6 +59,9 @@ groups = sa.Table(
     sa.Column("email", sa.String(512)),
     sa.Column("raw_attributes", JSONType, nullable=False),
     sa.Column("fingerprint", sa.String(32), nullable=False),
+    # The digest of the group's member ids (`sync.diff.members_digest`) as of the last full run;
+    # NULL when unknown (an incremental run changed its members). Not part of any output.
+    sa.Column("members_digest", sa.String(32)),
     sa.Column("created_at", TS, nullable=False),
     sa.Column("updated_at", TS, nullable=False),
 )

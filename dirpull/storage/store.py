@@ -108,6 +108,9 @@ class WriteSet:
     # record was not (e.g. a last-login time): only the digest is rewritten, no event.
     user_sources: dict[str, str] = field(default_factory=dict)
     source_refreshes: dict[str, str] = field(default_factory=dict)
+    # A full run: each group's new `members_digest`, for the groups whose digest changed. An
+    # incremental run (None): the groups whose members change forget theirs.
+    member_digests: dict[str, str] | None = None
 
     @property
     def rows(self) -> int:
@@ -269,12 +272,26 @@ class Store:
         fps: dict[str, str] = {}
         sources: dict[str, str] = {}
         with self.engine.connect() as conn:
-            for key, fp, source in conn.execute(q):
+            for key, fp, source in _driver_rows(conn, q):
                 key = intern(key)
                 fps[key] = fp
                 if source is not None:
                     sources[key] = source
         return fps, sources
+
+    def group_digests(self, tenant: str) -> tuple[dict[str, str], dict[str, str]]:
+        """Every group's fingerprint and (where known) members digest, by idp_id, in one read."""
+        g = t.groups.c
+        q = sa.select(g.idp_id, g.fingerprint, g.members_digest).where(g.tenant == tenant)
+        fps: dict[str, str] = {}
+        members: dict[str, str] = {}
+        with self.engine.connect() as conn:
+            for key, fp, digest in _driver_rows(conn, q):
+                key = intern(key)
+                fps[key] = fp
+                if digest is not None:
+                    members[key] = digest
+        return fps, members
 
     def user_sources(self, tenant: str, ids: Iterable[str]) -> dict[str, str]:
         """idp_id → source digest of the given users that have one."""
@@ -287,7 +304,7 @@ class Store:
         with self.engine.connect() as conn:
             if ids is None:
                 # Interned: the diff holds these ids in several sets at once.
-                return {intern(k): v for k, v in conn.execute(q)}
+                return {intern(k): v for k, v in _driver_rows(conn, q)}
             out: dict[str, str] = {}
             id_list = list(ids)
             for i in range(0, len(id_list), BATCH):
@@ -302,12 +319,12 @@ class Store:
         q = sa.select(m.group_idp_id, m.user_idp_id).where(m.tenant == tenant)
         with self.engine.connect() as conn:
             if groups is None and users is None:
-                return {(intern(g), intern(u)) for g, u in conn.execute(q)}
+                return {(intern(g), intern(u)) for g, u in _driver_rows(conn, q)}
             out: set[tuple[str, str]] = set()
             for column, keys in ((m.group_idp_id, groups), (m.user_idp_id, users)):
                 key_list = list(keys or ())
                 for i in range(0, len(key_list), BATCH):
-                    out.update((g, u) for g, u in conn.execute(q.where(column.in_(key_list[i : i + BATCH]))))
+                    out.update(_driver_rows(conn, q.where(column.in_(key_list[i : i + BATCH]))))
             return out
 
     def existing_pairs(self, tenant: str, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -613,6 +630,24 @@ class Store:
             )
             for chunk in _chunks(w.member_removes, BATCH):
                 conn.execute(stmt, [{"_g": g, "_u": u} for g, u in chunk])
+        self._write_member_digests(conn, tenant, w)
+
+    def _write_member_digests(self, conn: Connection, tenant: str, w: WriteSet) -> None:
+        g = t.groups
+        if w.member_digests is not None:
+            stmt = (
+                g.update()
+                .where(g.c.tenant == tenant, g.c.idp_id == sa.bindparam("_id"))
+                .values(members_digest=sa.bindparam("_digest"))
+            )
+            for chunk in _chunks(sorted(w.member_digests.items()), BULK):
+                conn.execute(stmt, [{"_id": key, "_digest": digest} for key, digest in chunk])
+            return
+        touched = sorted({grp for grp, _ in w.member_adds} | {grp for grp, _ in w.member_removes})
+        for chunk in _chunks(touched, BATCH):
+            conn.execute(
+                g.update().where(g.c.tenant == tenant, g.c.idp_id.in_(chunk)).values(members_digest=None)
+            )
 
     def _write_events(self, conn: Connection, tenant: str, run_id: int, writes: WriteSet, now: datetime) -> int:
         if not writes.event_count:
@@ -745,6 +780,24 @@ def _insert_many(conn: Connection, table: sa.Table, names: Sequence[str], rows: 
         conn.exec_driver_sql(sql, batch)
         written += len(batch)
     return written
+
+
+def _driver_rows(conn: Connection, q: sa.Select[Any], size: int = 5000) -> Iterator[tuple[Any, ...]]:
+    """A SELECT of plain string columns, its rows as the driver's own tuples. For the reads that
+    return a whole large tenant (every fingerprint, every membership pair): building SQLAlchemy
+    Row objects for them cost more than the database's part (1.4 s of 4.6 s on a 100,000-user
+    Workday resync)."""
+    compiled = q.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    params: Any = compiled.construct_params()
+    if compiled.positional:
+        params = tuple(params[name] for name in compiled.positiontup or ())
+    cursor = conn.connection.cursor()
+    try:
+        cursor.execute(str(compiled), params)
+        while rows := cursor.fetchmany(size):
+            yield from rows
+    finally:
+        cursor.close()
 
 
 def _as_dict(row: dict[str, Any] | SpooledJson) -> dict[str, Any]:

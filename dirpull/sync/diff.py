@@ -34,6 +34,7 @@ class StoredState(Protocol):
     def user_fingerprints(self, ids: Collection[str]) -> Mapping[str, str]: ...
     def group_fingerprints(self, ids: Collection[str]) -> Mapping[str, str]: ...
     def user_sources(self, ids: Collection[str]) -> Mapping[str, str]: ...
+    def group_member_digests(self) -> Mapping[str, str]: ...
     def user_ids(self) -> set[str]: ...
     def group_ids(self) -> set[str]: ...
     def member_pairs(self) -> set[tuple[str, str]]: ...
@@ -49,6 +50,10 @@ class LoadedState:
     # reads them in the background while the first pages are diffed.
     pairs: set[tuple[str, str]] | Callable[[], set[tuple[str, str]]]
     sources: Mapping[str, str] = field(default_factory=dict)  # idp_id → source digest, where known
+    member_digests: Mapping[str, str] = field(default_factory=dict)  # group → `members_digest`, where known
+    # Answers `member_pairs_of` while `pairs` is not loaded (the runner: a narrow store query), so
+    # reading a few groups' pairs never loads them all.
+    pairs_of: Callable[[Collection[str], Collection[str]], set[tuple[str, str]]] | None = None
 
     @property
     def members(self) -> set[tuple[str, str]]:
@@ -65,6 +70,9 @@ class LoadedState:
     def user_sources(self, ids: Collection[str]) -> Mapping[str, str]:
         return self.sources
 
+    def group_member_digests(self) -> Mapping[str, str]:
+        return self.member_digests
+
     def user_ids(self) -> set[str]:
         return set(self.users)
 
@@ -77,6 +85,8 @@ class LoadedState:
     def member_pairs_of(self, groups: Collection[str], users: Collection[str]) -> set[tuple[str, str]]:
         if not groups and not users:
             return set()
+        if callable(self.pairs) and self.pairs_of is not None:
+            return self.pairs_of(groups, users)
         return {(g, u) for g, u in self.members if g in groups or u in users}
 
     def existing_pairs(self, pairs: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
@@ -108,6 +118,9 @@ class Plan:
     # stays as it is (`WriteSet.source_refreshes`).
     user_sources: dict[str, str] = field(default_factory=dict)
     source_refreshes: dict[str, str] = field(default_factory=dict)
+    # Snapshot: the `members_digest` of every group whose stored one differs. Delta: None (the
+    # groups whose members change lose theirs).
+    member_digests: dict[str, str] | None = None
 
     def is_empty(self) -> bool:
         return not (
@@ -231,8 +244,9 @@ class Diff:
     def finish(self, done: Done) -> Plan:
         quarantined_users = {q.idp_id for q in self._quarantined if q.kind == "user" and q.idp_id}
         quarantined_groups = {q.idp_id for q in self._quarantined if q.kind == "group" and q.idp_id}
+        member_digests = None
         if done.snapshot:
-            adds, removes, user_deletes, group_deletes, skipped = self._finish_snapshot(
+            adds, removes, user_deletes, group_deletes, skipped, member_digests = self._finish_snapshot(
                 quarantined_users, quarantined_groups
             )
         else:
@@ -256,6 +270,7 @@ class Diff:
             stored_groups=self._stored_groups & set(self._groups),
             user_sources={k: v for k, v in self._user_sources.items() if k in self._users},
             source_refreshes=self._source_refreshes,
+            member_digests=member_digests,
         )
 
     def _finish_snapshot(self, q_users: set[str], q_groups: set[str]) -> tuple[Any, ...]:
@@ -270,11 +285,25 @@ class Diff:
         target = self._members
         unknown = {(g, u) for g, u in target if g not in known_groups or u not in known_users}
         target -= unknown
-        stored_members = self.stored.member_pairs()
-        if q_users or q_groups:
-            target |= self.stored.member_pairs_of(q_groups, q_users)
-        adds = target - stored_members if stored_members else target
-        return adds, stored_members - target, user_deletes, group_deletes, len(unknown)
+        stored_digests = self.stored.group_member_digests()
+        if not (q_users or q_groups) and stored_digests:
+            # Only groups whose member digest differs (or that go) have their stored pairs read:
+            # a resync where memberships did not change reads none of them.
+            by_group = _members_by_group(target, known_groups)
+            fresh = {g: members_digest(users) for g, users in by_group.items()}
+            changed = {g for g, d in fresh.items() if stored_digests.get(g) != d} | group_deletes
+            stored_members = self.stored.member_pairs_of(changed, ()) if changed else set()
+            target_changed = {(g, u) for g in changed for u in by_group.get(g, ())}
+            adds, removes = target_changed - stored_members, stored_members - target_changed
+        else:
+            stored_members = self.stored.member_pairs()
+            if q_users or q_groups:
+                target |= self.stored.member_pairs_of(q_groups, q_users)
+            adds = target - stored_members if stored_members else target
+            removes = stored_members - target
+            fresh = {g: members_digest(users) for g, users in _members_by_group(target, known_groups).items()}
+        digests = {g: d for g, d in fresh.items() if stored_digests.get(g) != d}
+        return adds, removes, user_deletes, group_deletes, len(unknown), digests
 
     def _finish_delta(self) -> tuple[Any, ...]:
         stored = self.stored
@@ -302,6 +331,19 @@ class Diff:
             }
         removes |= stored.member_pairs_of(group_deletes, user_deletes)
         return adds - removes, removes, user_deletes, group_deletes, skipped
+
+
+def members_digest(users: Collection[str]) -> str:
+    """A digest of one group's member ids, whatever their order."""
+    return digest("\n".join(sorted(users)).encode())
+
+
+def _members_by_group(pairs: Collection[tuple[str, str]], groups: Collection[str]) -> dict[str, list[str]]:
+    """Each group's members; every one of `groups` is a key (an empty group has a digest too)."""
+    by_group: dict[str, list[str]] = {g: [] for g in groups}
+    for g, u in pairs:
+        by_group.setdefault(g, []).append(u)
+    return by_group
 
 
 def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
@@ -335,6 +377,7 @@ def build_writes(
         sorted(plan.member_adds), sorted(plan.member_removes), [],
         user_fingerprints=plan.user_fingerprints, group_fingerprints=plan.group_fingerprints,
         user_sources=plan.user_sources, source_refreshes=plan.source_refreshes,
+        member_digests=plan.member_digests,
     )  # fmt: skip
     for kind, pending, old, creates, updates in (
         ("user", plan.users, old_users, ws.user_creates, ws.user_updates),

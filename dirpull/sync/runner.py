@@ -314,11 +314,28 @@ class Runner:
         pages = users = groups = 0
         snapshot = full or cursor is None
         with ThreadPoolExecutor(1, thread_name_prefix=f"load-{tenant}") as loader:
-            # A snapshot compares everything: the stored fingerprints and pairs are loaded once, in
-            # another thread, while the first requests go out. The pairs (up to a million at
-            # 100,000 users) are only needed at the end, so the pages do not wait for them.
+            # A snapshot compares everything: the stored fingerprints are loaded once, in another
+            # thread, while the first requests go out. Stored membership pairs (up to a million at
+            # 100,000 users) are read only for groups whose member digest changed — unless no
+            # group has a digest yet (the diff then compares every pair): then they all load
+            # meanwhile, as they are needed only at the end.
             user_state = loader.submit(self.store.user_digests, tenant) if snapshot else None
-            pairs = loader.submit(self.store.membership_pairs, tenant) if snapshot else None
+            group_state = loader.submit(self.store.group_digests, tenant) if snapshot else None
+
+            def preload_pairs() -> set[tuple[str, str]] | None:
+                assert group_state is not None
+                _, digests = group_state.result()
+                return None if digests else self.store.membership_pairs(tenant)
+
+            preloaded = loader.submit(preload_pairs) if snapshot else None
+
+            def all_pairs() -> set[tuple[str, str]]:
+                assert preloaded is not None
+                loaded = preloaded.result()
+                return loaded if loaded is not None else self.store.membership_pairs(tenant)
+
+            def pairs_of(groups: Collection[str], users: Collection[str]) -> set[tuple[str, str]]:
+                return self.store.membership_pairs(tenant, groups=groups, users=users)
 
             def pull() -> Any:
                 if user_state is not None and getattr(connector, "source_digests", False):
@@ -329,9 +346,10 @@ class Runner:
             with Prefetch(pull, name=f"pull-{tenant}", check=lambda: self._check_still_running(heartbeat)) as stream:
                 stream.start()
                 stored: StoredState
-                if user_state is not None and pairs is not None:
+                if user_state is not None and group_state is not None:
                     fingerprints, sources = user_state.result()
-                    stored = LoadedState(fingerprints, self.store.group_fingerprints(tenant), pairs.result, sources)
+                    group_fps, member_digests = group_state.result()
+                    stored = LoadedState(fingerprints, group_fps, all_pairs, sources, member_digests, pairs_of)
                 else:
                     stored = _StoreBackedState(self.store, tenant)
                 diff = Diff(stored)
@@ -383,6 +401,9 @@ class _StoreBackedState:
 
     def user_sources(self, ids: Collection[str]) -> Mapping[str, str]:
         return self.store.user_sources(self.tenant, ids) if ids else {}
+
+    def group_member_digests(self) -> Mapping[str, str]:
+        return {}  # a delta turned snapshot compares every stored pair instead
 
     def user_ids(self) -> set[str]:
         return set(self.store.user_fingerprints(self.tenant))

@@ -1,0 +1,153 @@
+"""Group member digests: a full resync reads the stored memberships only of groups whose members
+changed, and still gets every membership change right."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from scripted import Directory, ScriptedConnector, people
+
+from dirpull.connectors.base import Done, Page
+from dirpull.model import Group
+from dirpull.storage import schema as t
+from dirpull.storage.store import Store
+from dirpull.sync.diff import Diff, LoadedState, members_digest
+
+TENANT = {"t": {"provider": "bamboohr", "company_domain": "acme", "api_key": "literal-key"}}
+SNAPSHOT = Done(snapshot=True, cursor=None, mode="full")
+
+
+# --- the diff ----------------------------------------------------------------------------------------
+
+
+def _never() -> set[tuple[str, str]]:
+    raise AssertionError("every stored pair was loaded")
+
+
+def test_digest_is_order_free_and_tells_member_sets_apart():
+    assert members_digest(["b", "a"]) == members_digest(["a", "b"])
+    assert members_digest(["a"]) != members_digest(["a", "b"]) != members_digest([])
+
+
+def test_only_groups_whose_digest_differs_have_their_pairs_read():
+    asked: list[set[str]] = []
+    stored_pairs = {("g1", "u1"), ("g1", "u2"), ("g2", "u1")}
+
+    def pairs_of(groups: Any, users: Any) -> set[tuple[str, str]]:
+        asked.append(set(groups))
+        return {p for p in stored_pairs if p[0] in groups}
+
+    users = {u: "fp" for u in ("u1", "u2")}
+    groups = {"g1": "f", "g2": "f", "g3": "f"}
+    digests = {"g1": members_digest(["u1", "u2"]), "g2": members_digest(["u1"]), "g3": members_digest([])}
+    state = LoadedState(users, groups, _never, {}, digests, pairs_of)
+    d = Diff(state)
+    d.add(Page(unchanged_users=["u1", "u2"]))
+    # g1 and g3 unchanged, g2 loses u1 and gains u2; the users come unnormalized (unchanged)
+    d.add(Page(unchanged_users=[], members=[("g1", "u2"), ("g1", "u1"), ("g2", "u2")]))
+    d._seen_groups.update(groups)  # the groups themselves came unchanged
+    plan = d.finish(SNAPSHOT)
+    assert asked == [{"g2"}]
+    assert plan.member_adds == {("g2", "u2")} and plan.member_removes == {("g2", "u1")}
+    assert plan.member_digests == {"g2": members_digest(["u2"])}
+
+
+# --- through the runner and the real store -----------------------------------------------------------
+
+
+class _Delta(ScriptedConnector):
+    """Serves the directory's members of g1 as a delta: adds and removes, nothing else."""
+
+    def __init__(self, directory: Directory, add: list[tuple[str, str]], remove: list[tuple[str, str]]) -> None:
+        super().__init__(directory)
+        self.add, self.remove = add, remove
+
+    def pull(self, cursor: dict[str, Any] | None, *, full: bool) -> Iterator[Page | Done]:
+        if full:
+            yield from super().pull(cursor, full=full)
+            return
+        yield Page(members=self.add, removed_members=self.remove)
+        yield Done(snapshot=False, cursor={"delta": 1}, mode="incremental", requests=1)
+
+
+def _digests(store: Store) -> dict[str, str | None]:
+    with store.engine.connect() as conn:
+        return dict(conn.execute(sa.select(t.groups.c.idp_id, t.groups.c.members_digest)).all())
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, store: Store) -> list[Any]:
+    calls: list[Any] = []
+    real = store.membership_pairs
+
+    def counted(tenant: str, *, groups: Any = None, users: Any = None) -> set[tuple[str, str]]:
+        calls.append(None if groups is None and users is None else sorted(groups or ()))
+        return real(tenant, groups=groups, users=users)
+
+    monkeypatch.setattr(store, "membership_pairs", counted)
+    return calls
+
+
+@pytest.mark.stores
+def test_full_resync_reads_stored_pairs_of_changed_groups_only(harness, monkeypatch):
+    d = Directory(
+        users=people(30),
+        groups=[Group(idp_id=f"g{i}", name=f"G{i}") for i in range(1, 4)],
+        members=[("g1", "u1"), ("g1", "u2"), ("g2", "u3"), ("g3", "u4")],
+    )
+    connector: dict[str, Any] = {"c": ScriptedConnector(d)}
+    h = harness(TENANT, connector_factory=lambda tenant, settings: connector["c"])
+    assert h.sync("t", full=True).counts["members_added"] == 4
+    assert _digests(h.store) == {
+        "g1": members_digest(["u1", "u2"]), "g2": members_digest(["u3"]), "g3": members_digest(["u4"])
+    }  # fmt: skip
+    calls = _counting(monkeypatch, h.store)
+
+    same = h.sync("t", full=True)
+    assert same.events == 0 and same.counts["rows_written"] == 0
+    assert calls == []  # no stored pair read at all
+
+    d.members = [("g1", "u1"), ("g1", "u5"), ("g2", "u3"), ("g3", "u4")]
+    before = h.last_seq()
+    moved = h.sync("t", full=True)
+    assert calls == [["g1"]]
+    assert h.changes("t", before) == [("group.user_added", "g1", "u5"), ("group.user_removed", "g1", "u2")]
+    assert h.members("t") == {("g1", "u1"), ("g1", "u5"), ("g2", "u3"), ("g3", "u4")}
+    assert _digests(h.store)["g1"] == members_digest(["u1", "u5"]) and moved.status == "succeeded"
+
+    # A deleted group's memberships go with it; a deleted user leaves every group it was in.
+    calls.clear()
+    d.groups = [g for g in d.groups if g.idp_id != "g3"]
+    d.users = [u for u in d.users if u.idp_id != "u3"]
+    d.members = [("g1", "u1"), ("g1", "u5")]
+    h.sync("t", full=True)
+    assert calls == [["g2", "g3"]]
+    assert h.members("t") == {("g1", "u1"), ("g1", "u5")}
+    assert _digests(h.store) == {"g1": members_digest(["u1", "u5"]), "g2": members_digest([])}
+
+
+@pytest.mark.stores
+def test_an_incremental_membership_change_forgets_the_digest_until_the_next_full_run(harness, monkeypatch):
+    d = Directory(
+        users=people(30),
+        groups=[Group(idp_id="g1", name="G1"), Group(idp_id="g2", name="G2")],
+        members=[("g1", "u1"), ("g2", "u2")],
+    )
+    connector: dict[str, Any] = {"c": ScriptedConnector(d)}
+    h = harness(TENANT, connector_factory=lambda tenant, settings: connector["c"])
+    assert h.sync("t", full=True).status == "succeeded"
+    connector["c"] = _Delta(d, add=[("g1", "u7")], remove=[])
+    incr = h.sync("t")
+    assert incr.mode == "incremental" and incr.counts["members_added"] == 1
+    assert _digests(h.store) == {"g1": None, "g2": members_digest(["u2"])}
+
+    # The vendor's full listing now agrees with the delta: g1's pairs are read, nothing changes,
+    # and its digest is known again.
+    d.members = [("g1", "u1"), ("g1", "u7"), ("g2", "u2")]
+    calls = _counting(monkeypatch, h.store)
+    full = h.sync("t", full=True)
+    assert full.events == 0 and full.counts["rows_written"] == 0
+    assert calls == [["g1"]]
+    assert _digests(h.store) == {"g1": members_digest(["u1", "u7"]), "g2": members_digest(["u2"])}

@@ -4,6 +4,8 @@ and sync-level runs through the real store (tests/harness.py)."""
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
@@ -260,6 +262,38 @@ def test_dropped_connection_fails_the_pull_without_done(emu: WorkdayEmulator, tm
         for item in connector(tenant(emu, tmp_path), page_size=10).pull(None, full=False):
             items.append(item)
     assert not any(isinstance(i, Done) for i in items)
+
+
+def test_groups_report_is_requested_while_the_users_report_is_still_being_read(
+    emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    gen = connector(tenant(emu, tmp_path), page_size=10).pull(None, full=False)
+    first = next(gen)
+    assert isinstance(first, Page) and first.users and not first.groups
+    deadline = time.monotonic() + 5
+    while emu.requests < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert emu.requests == 2  # both reports asked for; 50 of the 60 workers not yet handed on
+    rest = list(gen)
+    assert isinstance(rest[-1], Done) and rest[-1].requests == 2
+    groups = {g.idp_id for p in rest[:-1] for g in p.groups}
+    assert groups == {group_id(g.n) for g in org.listed_groups()}
+
+
+def test_a_groups_report_that_breaks_fails_the_pull_and_an_abandoned_pull_stops_reading(
+    emu: WorkdayEmulator, tmp_path: Path
+) -> None:
+    emu.faults.update({"drop": 1, "path": "Worker_Groups"})
+    items: list[Any] = []
+    with pytest.raises(ConnectorError, match="groups report"):
+        for item in connector(tenant(emu, tmp_path), page_size=10).pull(None, full=False):
+            items.append(item)
+    assert items and not any(isinstance(i, Done) for i in items)
+
+    gen = connector(tenant(emu, tmp_path), page_size=10).pull(None, full=False)
+    next(gen)
+    gen.close()  # e.g. the run was stopped: the read-ahead thread is gone with the pull
+    assert not [t for t in threading.enumerate() if t.name.startswith("workday-groups-report")]
 
 
 def test_busy_and_5xx_responses_are_retried(emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import re
+import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import date
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -40,6 +43,8 @@ from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import Group, User
 
 PAGE_SIZE = 500
+# A groups report read ahead stays in memory up to this size, then spills to a temporary file.
+SPOOL_BYTES = 32 << 20
 
 # Normalized field → report column aliases tried in order (the first one a row carries wins).
 DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -121,6 +126,16 @@ class _Head:
         if len(self.head) < self.keep:
             self.head += data[: self.keep - len(self.head)]
         return data
+
+
+class _Read:
+    """A report body read ahead (`WorkdayConnector._fetch`), in the shape `_rows` reads."""
+
+    def __init__(self, raw: Any) -> None:
+        self.raw = raw
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 class WorkdayConnector:
@@ -243,10 +258,41 @@ class WorkdayConnector:
                 f"{exc}" + (f"; last response: {last}" if last else ""), step=step
             ) from None
 
-    def _rows(self, resp: requests.Response, step: str, counter: dict[str, Any]) -> Iterator[Any]:
-        """Report_Entry items, parsed one at a time from the socket."""
+    def _fetch(self, url: str, step: str, state: dict[str, Any], stop: threading.Event) -> tuple[_Read, int]:
+        """A whole report read into a spooled temporary file (memory up to SPOOL_BYTES, then disk),
+        and the requests it took; on its own client, as it runs in another thread."""
+        client = self._client()
+        try:
+            resp = self._open(client, url, step, state)
+            body = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - handed on, closed by _rows
+            read = 0
+            try:
+                resp.raw.decode_content = True
+                while not stop.is_set():
+                    chunk = resp.raw.read(1 << 20)
+                    if not chunk:
+                        break
+                    body.write(chunk)
+                    read += len(chunk)
+            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                body.close()
+                raise ConnectorError(
+                    f"{step}: the connection failed while reading the report after {read} bytes "
+                    f"({type(exc).__name__})",
+                    step=step,
+                ) from None
+            finally:
+                resp.close()
+            body.seek(0)
+            return _Read(body), client.requests
+        finally:
+            client.close()
+
+    def _rows(self, resp: requests.Response | _Read, step: str, counter: dict[str, Any]) -> Iterator[Any]:
+        """Report_Entry items, parsed one at a time from the socket (or from a report read ahead)."""
         head = _Head(resp.raw)
-        resp.raw.decode_content = True
+        if isinstance(resp, requests.Response):
+            resp.raw.decode_content = True
         try:
             for item in ijson.items(head, "Report_Entry.item", use_float=True):
                 counter["rows"] += 1
@@ -280,6 +326,9 @@ class WorkdayConnector:
         notes: list[str] = []
         state: dict[str, Any] = {}
         client = self._client()
+        ahead = ThreadPoolExecutor(1, thread_name_prefix="workday-groups-report")
+        stop = threading.Event()
+        groups_report: Future[tuple[_Read, int]] | None = None
         try:
             user_ids: set[str] = set()
             derived: dict[str, str] = {}  # derived group id → value
@@ -288,6 +337,11 @@ class WorkdayConnector:
             page = Page()
             url = report_url(s.users_report_url, s.prompts, today)
             resp = self._open(client, url, "users report", state)
+            if s.groups_report_url:
+                # Asked for now, read while the users report is parsed: Workday builds a report
+                # before it sends the first byte, and that wait would otherwise come after this one.
+                groups_url = report_url(s.groups_report_url, s.prompts, today)
+                groups_report = ahead.submit(self._fetch, groups_url, "groups report", state, stop)
             for row in self._rows(resp, "users report", stats):
                 if isinstance(row, dict):
                     seen_columns.update(row)
@@ -296,18 +350,26 @@ class WorkdayConnector:
                     yield page
                     page = Page()
             self._check_users_report(stats, seen_columns, notes)
-            if s.groups_report_url:
+            requests_made = client.requests
+            if groups_report is not None:
                 if page.users or page.quarantined or page.unchanged_users:
                     yield page
                 page = Page()
-                yield from self._groups(client, today, state, user_ids, notes)
+                body, requests_made_ahead = groups_report.result()
+                groups_report = None
+                requests_made += requests_made_ahead
+                yield from self._groups(body, user_ids, notes)
             elif derived:
                 for gid, value in sorted(derived.items()):
                     page.groups.append(Group(idp_id=gid, name=value, raw_attributes={s.group_column: value}))
             if page.users or page.groups or page.members or page.quarantined or page.unchanged_users:
                 yield page
-            yield Done(snapshot=True, cursor=None, mode="full", requests=client.requests, notes=notes)
+            yield Done(snapshot=True, cursor=None, mode="full", requests=requests_made, notes=notes)
         finally:
+            stop.set()
+            ahead.shutdown(wait=True)
+            if groups_report is not None and not groups_report.cancelled() and groups_report.exception() is None:
+                groups_report.result()[0].close()  # read ahead, never parsed: this pull failed
             client.close()
 
     def _user_row(
@@ -489,16 +551,11 @@ class WorkdayConnector:
             if field not in self.explicit and not any(c in seen for c in self.columns[field]):
                 notes.append(f"users report has no {field} column (tried {', '.join(self.columns[field])})")
 
-    def _groups(
-        self, client: HttpClient, today: date, state: dict[str, Any], user_ids: set[str], notes: list[str]
-    ) -> Iterator[Page]:
+    def _groups(self, resp: _Read, user_ids: set[str], notes: list[str]) -> Iterator[Page]:
         """The groups report: groups with direct members and subgroups, flattened here.
 
         The whole groups report is held (groups are few next to workers) because a subgroup may be
         listed before or after its parent."""
-        s = self.settings
-        url = report_url(s.groups_report_url, s.prompts, today)
-        resp = self._open(client, url, "groups report", state)
         groups: dict[str, Group] = {}
         direct: dict[str, set[str]] = {}
         subs: dict[str, list[str]] = {}

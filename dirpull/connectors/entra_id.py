@@ -56,6 +56,7 @@ from dirpull.connectors.base import (
 from dirpull.connectors.http import RETRIABLE_STATUSES, RetryPolicy, parse_retry_after, redact_url
 from dirpull.connectors.mapping import map_attributes
 from dirpull.connectors.nesting import flatten
+from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import Group, User
 
 log = logging.getLogger(__name__)
@@ -391,6 +392,7 @@ def _header(headers: Any, name: str) -> str | None:
 
 class EntraConnector:
     provider = "entra_id"
+    source_digests = True  # a full pull takes `known=` (connectors.source)
 
     def __init__(self, tenant: str, settings: EntraTenant, *, policy: RetryPolicy | None = None) -> None:
         self.tenant = tenant
@@ -431,9 +433,11 @@ class EntraConnector:
 
     # The runner calls pull() from worker threads: each pull runs its own event loop, and the SDK
     # client (tied to the loop that created it) lives and dies inside it.
-    def pull(self, cursor: dict[str, Any] | None, *, full: bool) -> Iterator[Page | Done]:
+    def pull(
+        self, cursor: dict[str, Any] | None, *, full: bool, known: Known | None = None
+    ) -> Iterator[Page | Done]:
         loop = asyncio.new_event_loop()
-        agen = self._pull(cursor, full)
+        agen = self._pull(cursor, full, known)
         try:
             while True:
                 try:
@@ -448,7 +452,9 @@ class EntraConnector:
             finally:
                 loop.close()
 
-    async def _pull(self, cursor: dict[str, Any] | None, full: bool) -> AsyncIterator[Page | Done]:
+    async def _pull(
+        self, cursor: dict[str, Any] | None, full: bool, known: Known | None = None
+    ) -> AsyncIterator[Page | Done]:
         session = _Session(self.settings, self._new_policy(), self.login_url, self.graph_url, self.scope)
         try:
             notes: list[str] = []
@@ -471,7 +477,8 @@ class EntraConnector:
                         async for item in self._incremental(session, cursor, first_users, first_groups):
                             yield item
                         return
-            async for item in self._full(session, select, notes):
+            sources = SourceDigests(known, self.settings, [__name__]) if known else None
+            async for item in self._full(session, select, notes, sources):
                 yield item
         finally:
             await session.close()
@@ -513,7 +520,7 @@ class EntraConnector:
                 if not ahead.done():
                     ahead.cancel()
 
-    def _user_page(self, page: dict[str, Any]) -> Page:
+    def _user_page(self, page: dict[str, Any], sources: SourceDigests | None = None) -> Page:
         out = Page()
         attributes = self.settings.attributes
         for rec in page.get("value") or []:
@@ -524,10 +531,17 @@ class EntraConnector:
             if "@removed" in rec:
                 out.removed_users.append(rid)  # soft (changed) or hard (deleted): gone for dirpull
                 continue
+            digest = sources.digest(rec) if sources is not None else None
+            if digest is not None and sources is not None and sources.unchanged(rid, digest):
+                out.unchanged_users.append(rid)
+                continue
             try:
                 out.users.append(normalize_user(rec, attributes))
             except (ValueError, TypeError) as exc:
                 out.quarantined.append(Quarantined("user", rid, f"cannot normalize: {str(exc)[:200]}"))
+                continue
+            if digest is not None:
+                out.user_sources[rid] = digest
         return out
 
     @staticmethod
@@ -559,10 +573,12 @@ class EntraConnector:
                     (kids.discard if removed else kids.add)(mid)
         return out
 
-    async def _full(self, session: _Session, select: list[str], notes: list[str]) -> AsyncIterator[Page | Done]:
+    async def _full(
+        self, session: _Session, select: list[str], notes: list[str], sources: SourceDigests | None = None
+    ) -> AsyncIterator[Page | Done]:
         links: dict[str, str] = {}
         async for page in self._walk(session, session.users_delta(select), "users delta", links):
-            yield await asyncio.to_thread(self._user_page, page)
+            yield await asyncio.to_thread(self._user_page, page, sources)
 
         direct: dict[str, set[str]] = {}
         children: dict[str, set[str]] = {}

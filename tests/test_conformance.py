@@ -127,3 +127,46 @@ def test_incremental_after_changes_agrees_with_a_full_walk(tenant):
     assert store_state(h) == org_state(org)
     if provider in ORG_GROUPS:
         check_members(provider, org, h)
+
+
+def test_full_resync_skips_unchanged_records_and_never_misses_a_change(tenant, monkeypatch):
+    """Connectors with source digests: a full resync normalizes only what the vendor changed, and
+    what it stores is what normalizing everything again finds (0 events then)."""
+    import random
+
+    from dirpull.sync import runner as runner_module
+
+    provider, org, h = tenant
+    assert h.sync("t").status == "succeeded"
+    if not getattr(h.runner.connector_factory("t", h.config.tenant("t")), "source_digests", False):
+        pytest.skip(f"{provider} has no source digests")
+    seen = {"normalized": 0, "unchanged": 0}
+
+    class Spy(runner_module.Diff):
+        def add(self, page):  # type: ignore[no-untyped-def]
+            seen["normalized"] += len(page.users)
+            seen["unchanged"] += len(page.unchanged_users)
+            super().add(page)
+
+    monkeypatch.setattr(runner_module, "Diff", Spy)
+    again = h.sync("t", full=True)
+    assert again.events == 0 and again.counts["rows_written"] == 0
+    assert seen == {"normalized": 0, "unchanged": again.counts["users_seen"]} and seen["unchanged"] > 0
+
+    org.random_changes(20, random.Random(3))
+    seen.update(normalized=0, unchanged=0)
+    changed = h.sync("t", full=True)
+    assert changed.status == "succeeded" and changed.events > 0
+    assert 0 < seen["normalized"] < changed.counts["users_seen"]
+
+    make = h.runner.connector_factory
+
+    def without_digests(tenant_name, settings):  # type: ignore[no-untyped-def]
+        connector = make(tenant_name, settings)
+        connector.source_digests = False
+        return connector
+
+    monkeypatch.setattr(h.runner, "connector_factory", without_digests)
+    seen.update(normalized=0, unchanged=0)
+    check = h.sync("t", full=True)
+    assert check.status == "succeeded" and check.events == 0 and seen["unchanged"] == 0

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -719,3 +720,26 @@ def test_oauth_service_app_private_key_jwt(emu: OktaEmulator, tmp_path: Path) ->
     pages, _ = pull(connector(cfg))
     assert len(users_of(pages)) == PEOPLE
     assert ("POST", "/oauth2/v1/token") in emu.request_log
+
+
+def test_full_pull_skips_known_users_whatever_their_login_time_unless_the_mapping_reads_it(
+    emu: OktaEmulator, org: Org, tmp_path: Path
+) -> None:
+    def digests(cfg: dict[str, Any], stored: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+        items = list(connector(cfg).pull(None, full=True, known=lambda i, d: stored.get(i) == d))
+        pages = [i for i in items if isinstance(i, Page)]
+        return {k: v for p in pages for k, v in p.user_sources.items()}, [u for p in pages for u in p.unchanged_users]
+
+    cfg = tenant(emu, tmp_path)
+    first, unchanged = digests(cfg, {})
+    assert unchanged == [] and len(first) == sum(1 for p in org.people.values() if p.visible)
+    time.sleep(1.1)  # the emulator's lastLogin moves with the clock
+    again, unchanged = digests(cfg, first)
+    assert again == {} and sorted(unchanged) == sorted(first)
+
+    mapped = tenant(emu, tmp_path, attributes={"last_login": "lastLogin"})
+    seen, _ = digests(mapped, {})
+    time.sleep(1.1)
+    again, unchanged = digests(mapped, seen)
+    active = {user_id(p.n) for p in org.people.values() if p.visible and p.state == "active"}
+    assert active and active <= set(again) and not (active & set(unchanged))

@@ -51,6 +51,12 @@ def extract(record: Mapping[str, Any], path: str) -> Any:
     return cur
 
 
+def mapping_root(path: str) -> str:
+    """The top-level key an attribute path starts at (`profile` for `profile.costCenter`)."""
+    m = _STEP.match(path)
+    return m.group(1) if m else path
+
+
 def map_attributes(record: Mapping[str, Any], mapping: Mapping[str, str]) -> dict[str, Any]:
     """custom_attributes for one record from the tenant's `attributes` table (missing → absent)."""
     out = {}

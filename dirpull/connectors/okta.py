@@ -53,7 +53,8 @@ import orjson
 
 from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page, Quarantined
 from dirpull.connectors.http import PagingGuard, interruptible_async_sleep, readable_body, redact_url
-from dirpull.connectors.mapping import map_attributes, without
+from dirpull.connectors.mapping import map_attributes, mapping_root, without
+from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import Group, User
 
 EPOCH = "1970-01-01T00:00:00.000Z"
@@ -455,10 +456,14 @@ class _Run:
         self.newest_user: datetime | None = None
         self.newest_group: datetime | None = None
         self.newest_members: datetime | None = None
+        # Full pulls given `known=`: see `OktaConnector._add_user`.
+        self.sources: SourceDigests | None = None
+        self.digest_whole_record = False
 
 
 class OktaConnector:
     provider = "okta"
+    source_digests = True  # a full pull takes `known=` (connectors.source)
 
     def __init__(self, tenant: str, settings: Any, *, sleep: Sleep | None = None) -> None:
         self.tenant = tenant
@@ -476,9 +481,11 @@ class OktaConnector:
 
     # --- sync face --------------------------------------------------------------------------------
 
-    def pull(self, cursor: dict[str, Any] | None, *, full: bool) -> Iterator[Page | Done]:
+    def pull(
+        self, cursor: dict[str, Any] | None, *, full: bool, known: Known | None = None
+    ) -> Iterator[Page | Done]:
         runner = asyncio.Runner()
-        agen = self._pull(cursor, full)
+        agen = self._pull(cursor, full, known)
         box: list[Page | Done] = []
 
         async def step() -> None:
@@ -519,7 +526,9 @@ class OktaConnector:
 
     # --- the pull -----------------------------------------------------------------------------------
 
-    async def _pull(self, cursor: dict[str, Any] | None, full: bool) -> AsyncIterator[Page | Done]:
+    async def _pull(
+        self, cursor: dict[str, Any] | None, full: bool, known: Known | None = None
+    ) -> AsyncIterator[Page | Done]:
         s = self.settings
         throttle = Throttle(
             reserve=float(getattr(s, "rate_limit_reserve", 0.30)),
@@ -549,6 +558,12 @@ class OktaConnector:
         if not full and cursor and state is None:
             run.notes.append("stored cursor unreadable: full resync")
         mode = "incremental" if state is not None else "full"
+        if mode == "full" and known is not None:
+            run.sources = SourceDigests(known, s, [__name__])
+            # Last-login times and the like change all day without changing the user: they stay
+            # out of the digest, unless the attribute mapping reads one of them.
+            read = {mapping_root(path) for path in s.attributes.values()}
+            run.digest_whole_record = bool(read & set(VOLATILE_USER))
         async with sdk:
             if mode == "full":
                 log_next = await self._log_start(run) if s.poll_system_log else None
@@ -631,11 +646,21 @@ class OktaConnector:
         uid = rec.get("id")
         if not isinstance(uid, str) or uid in run.seen_users:
             return
+        digest = None
+        if run.sources is not None:
+            digest = run.sources.digest(rec if run.digest_whole_record else without(rec, VOLATILE_USER))
+            if digest is not None and run.sources.unchanged(uid, digest):
+                page.unchanged_users.append(uid)
+                run.seen_users.add(uid)
+                return
         try:
             page.users.append(self.normalize_user(rec))
             run.seen_users.add(uid)
         except Exception as exc:  # a record we cannot read is quarantined, never dropped silently
             page.quarantined.append(Quarantined("user", uid, f"cannot normalize: {_first_line(exc)}"))
+            return
+        if digest is not None:
+            page.user_sources[uid] = digest
 
     def normalize_user(self, rec: dict[str, Any]) -> User:
         profile = rec.get("profile") or {}

@@ -48,8 +48,9 @@ from dirpull.connectors.base import (
     Quarantined,
 )
 from dirpull.connectors.http import PagingGuard, RetryPolicy, redact_url
-from dirpull.connectors.mapping import map_attributes, without
+from dirpull.connectors.mapping import map_attributes, mapping_root, without
 from dirpull.connectors.nesting import nested_groups
+from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import Group, User
 
 log = logging.getLogger(__name__)
@@ -243,6 +244,7 @@ class _Session:
 
 class GoogleWorkspaceConnector:
     provider = PROVIDER
+    source_digests = True  # a pull takes `known=` (connectors.source)
 
     def __init__(self, tenant: str, settings: Any, *, policy: RetryPolicy | None = None) -> None:
         self.tenant = tenant
@@ -261,18 +263,21 @@ class GoogleWorkspaceConnector:
     def _scope_args(self) -> dict[str, str]:
         return {"customer": self.customer} if self.customer else {"domain": self.domain}
 
-    def pull(self, cursor: dict[str, Any] | None, *, full: bool) -> Iterator[Page | Done]:
+    def pull(
+        self, cursor: dict[str, Any] | None, *, full: bool, known: Known | None = None
+    ) -> Iterator[Page | Done]:
         # No delta exists: `cursor` and `full` change nothing, every run is a full snapshot.
         session = _Session(self.settings, make_policy(self.policy))
+        sources = SourceDigests(known, self.settings, [__name__]) if known else None
         try:
             with tempfile.TemporaryFile(mode="w+", encoding="utf-8") as spool:
-                yield from self._pull(session, spool)
+                yield from self._pull(session, spool, sources)
         finally:
             session.close()
 
     # --- the run ---------------------------------------------------------------------------------
 
-    def _pull(self, session: _Session, spool: Any) -> Iterator[Page | Done]:
+    def _pull(self, session: _Session, spool: Any, sources: SourceDigests | None = None) -> Iterator[Page | Done]:
         notes: list[str] = []
         quarantined: list[Quarantined] = []
         email_to_id: dict[str, str] = {}
@@ -318,7 +323,7 @@ class GoogleWorkspaceConnector:
         if not self.group_filter:
             # The scope is known already: hand the users on now, so the sync diffs them while the
             # members are fetched (the longest part of a run: one request per group and page).
-            keep = yield from self._emit_users(spool, quarantined, email_to_id, domain_ids, in_ous)
+            keep = yield from self._emit_users(spool, quarantined, email_to_id, domain_ids, in_ous, sources)
 
         # 2. Groups (scoped by settings.groups), then their members, flattened.
         groups: list[dict[str, Any]] = []
@@ -356,7 +361,8 @@ class GoogleWorkspaceConnector:
                     break
                 member_scope |= users
             keep = yield from self._emit_users(
-                spool, quarantined, email_to_id, domain_ids, lambda uid: in_ous(uid) and uid in member_scope
+                spool, quarantined, email_to_id, domain_ids, lambda uid: in_ous(uid) and uid in member_scope,
+                sources,
             )
 
         # 5. Groups, with the addresses of members who are not users of this domain.
@@ -388,6 +394,7 @@ class GoogleWorkspaceConnector:
         email_to_id: dict[str, str],
         domain_ids: set[str],
         in_scope: Callable[[str], bool],
+        sources: SourceDigests | None = None,
     ) -> Generator[Page, None, set[str]]:
         """4. The spooled users in scope, normalized now that every manager's email is known.
         Returns the ids whose memberships stand: those emitted, and those quarantined (a
@@ -395,21 +402,39 @@ class GoogleWorkspaceConnector:
         emitted: set[str] = set()
         spool.seek(0)
         page = Page(quarantined=[q for q in quarantined if q.kind == "user"])
+        # Login times and etags change without changing the user: left out of the digest, unless
+        # the attribute mapping reads them.
+        whole = bool({mapping_root(p) for p in self.mapping.values()} & set(USER_VOLATILE))
         for line in spool:
             raw = json.loads(line)
-            if not in_scope(raw["id"]):
+            uid = raw["id"]
+            if not in_scope(uid):
                 continue
+            digest = None
+            if sources is not None:
+                # The manager is resolved through other users' addresses: that result is an input too.
+                manager = _manager(raw, email_to_id, domain_ids)
+                digest = sources.digest(raw if whole else without(raw, USER_VOLATILE), manager)
+                if digest is not None and sources.unchanged(uid, digest):
+                    emitted.add(uid)
+                    page.unchanged_users.append(uid)
+                    if len(page.unchanged_users) >= YIELD_PAGE:
+                        yield page
+                        page = Page()
+                    continue
             try:
                 user = self._user(raw, email_to_id, domain_ids)
             except (ValueError, TypeError) as exc:
-                page.quarantined.append(Quarantined("user", raw["id"], f"cannot normalize: {exc}"[:300]))
+                page.quarantined.append(Quarantined("user", uid, f"cannot normalize: {exc}"[:300]))
                 continue
             emitted.add(user.idp_id)
             page.users.append(user)
+            if digest is not None:
+                page.user_sources[uid] = digest
             if len(page.users) >= YIELD_PAGE:
                 yield page
                 page = Page()
-        if page.users or page.quarantined:
+        if page.users or page.quarantined or page.unchanged_users:
             yield page
         return emitted | {q.idp_id for q in quarantined if q.kind == "user" and q.idp_id and in_scope(q.idp_id)}
 
@@ -473,11 +498,7 @@ class GoogleWorkspaceConnector:
         name = raw.get("name") or {}
         org = _pick(raw.get("organizations"), lambda o: o.get("primary") is True)
         ext = _pick(raw.get("externalIds"), lambda e: e.get("type") == "organization", fallback=False)
-        manager = None
-        rel = _pick(raw.get("relations"), lambda r: r.get("type") == "manager", fallback=False)
-        if rel and isinstance(rel.get("value"), str):
-            value = rel["value"].strip()
-            manager = value if value in domain_ids else email_to_id.get(value.lower())
+        manager = _manager(raw, email_to_id, domain_ids)
         primary = raw["primaryEmail"]
         emails = [primary]
         for e in raw.get("emails") or []:
@@ -524,6 +545,15 @@ def _pick(
         if pred(item):
             return item
     return dicts[0] if fallback and dicts else None
+
+
+def _manager(raw: dict[str, Any], email_to_id: dict[str, str], domain_ids: set[str]) -> str | None:
+    """The manager's user id: the `manager` relation holds an id or an address of this domain."""
+    rel = _pick(raw.get("relations"), lambda r: r.get("type") == "manager", fallback=False)
+    if rel and isinstance(rel.get("value"), str):
+        value = rel["value"].strip()
+        return value if value in domain_ids else email_to_id.get(value.lower())
+    return None
 
 
 def _norm_ou(ou: str) -> str:

@@ -25,6 +25,8 @@ from dirpull.model import EventType, digest
 from dirpull.spool import RecordSpool, SpooledJson
 from dirpull.storage.store import WriteSet
 
+CHANGED_GROUPS_BATCH = 250  # groups whose stored pairs are read and compared at once
+
 
 class StoredState(Protocol):
     """What the diff may ask of the stored tenant. `LoadedState` holds it all in memory (snapshots
@@ -291,10 +293,19 @@ class Diff:
             # a resync where memberships did not change reads none of them.
             by_group = _members_by_group(target, known_groups)
             fresh = {g: members_digest(users) for g, users in by_group.items()}
-            changed = {g for g, d in fresh.items() if stored_digests.get(g) != d} | group_deletes
-            stored_members = self.stored.member_pairs_of(changed, ()) if changed else set()
-            target_changed = {(g, u) for g in changed for u in by_group.get(g, ())}
-            adds, removes = target_changed - stored_members, stored_members - target_changed
+            changed = sorted({g for g, d in fresh.items() if stored_digests.get(g) != d} | group_deletes)
+            adds, removes = set(), set()
+            # A few hundred groups at a time: when most groups changed, no second copy of every
+            # pair is held at once.
+            for i in range(0, len(changed), CHANGED_GROUPS_BATCH):
+                batch = changed[i : i + CHANGED_GROUPS_BATCH]
+                before: dict[str, set[str]] = defaultdict(set)
+                for g, u in self.stored.member_pairs_of(batch, ()):
+                    before[g].add(u)
+                for g in batch:
+                    now, was = set(by_group.get(g, ())), before.get(g, set())
+                    adds.update((g, u) for u in now - was)
+                    removes.update((g, u) for u in was - now)
         else:
             stored_members = self.stored.member_pairs()
             if q_users or q_groups:

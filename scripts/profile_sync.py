@@ -65,7 +65,8 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=100_000)
     ap.add_argument("--groups", type=int, default=2_000)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--phase", choices=("initial", "full"), default="full", help="what to measure (default: full)")
+    ap.add_argument("--phase", choices=("initial", "full", "full_1pct"), default="full",
+                    help="what to measure (default: full; full_1pct: a full resync after changes to 1%% of the users)")
     ap.add_argument("--py-spy", type=Path, metavar="FILE", help="profile the phase with py-spy into FILE")
     args = ap.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -83,9 +84,12 @@ def main() -> int:
             store = Store(config.store.url)
             store.upgrade()
             runner = Runner(config, store)
-            if args.phase == "full":
+            if args.phase != "initial":
                 first = runner.sync("t")
                 print(f"initial (not measured): {first.status} in {first.duration_s:.2f} s")
+            if args.phase == "full_1pct":
+                done = em.control("/_emulator/changes", {"random": args.users // 100, "seed": args.seed})
+                print(f"changes: {len(done.get('changes', []))}")
             profiler = None
             if args.py_spy:
                 cmd = [spy, "record", "-r", "200", "--threads", "--nonblocking", "-f", "raw", "-o", str(args.py_spy),
@@ -93,7 +97,7 @@ def main() -> int:
                 profiler = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.5)  # py-spy attaches
             emu0, cpu0 = cpu_seconds(em.info["pid"]), time.process_time()
-            result = runner.sync("t", full=args.phase == "full")
+            result = runner.sync("t", full=args.phase != "initial")
             cpu, emu = time.process_time() - cpu0, cpu_seconds(em.info["pid"]) - emu0
             if profiler is not None:
                 time.sleep(0.5)

@@ -147,6 +147,18 @@ def test_retry_caps_fail_the_pull(graph: GraphEmulator, tmp_path: Path) -> None:
     assert len(sleeps) == 4
 
 
+def test_users_and_groups_rounds_are_walked_side_by_side(graph: GraphEmulator, org: Org, tmp_path: Path) -> None:
+    pages, done = pull(connector(graph, tmp_path))
+    paths = [path for method, path in graph.request_log if method == "GET"]
+    users_at = [i for i, p in enumerate(paths) if "/users/delta" in p]
+    groups_at = [i for i, p in enumerate(paths) if "/groups/delta" in p]
+    assert len(users_at) >= 3 and groups_at
+    assert groups_at[0] < users_at[-1]  # the groups round began before the users round ended
+    assert {u.idp_id for p in pages for u in p.users} == {user_id(p.n) for p in org.listed_people()}
+    assert {m for p in pages for m in p.members} == expected_members(org)
+    assert set(done.cursor or {}) >= {"users", "groups"}
+
+
 def test_delta_round_merges_chunks_and_rereads_nested_groups(graph: GraphEmulator, org: Org, tmp_path: Path) -> None:
     c = connector(graph, tmp_path)
     _, done = pull(c)

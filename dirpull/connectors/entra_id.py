@@ -33,6 +33,7 @@ The cursor: both deltaLinks, the $select they were made with, and the group-nest
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import time
@@ -378,6 +379,43 @@ class _Session:
         return self.client.users.delta.with_url(url).to_get_request_information()
 
 
+_WALK_DONE = object()
+
+
+async def _side_by_side(*walks: AsyncIterator[Page]) -> AsyncIterator[Page]:
+    """The pages of several walks as they come, each walk in its own task, a few pages buffered.
+    The first error of any walk is raised here; the others are cancelled."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(maxsize=4)
+
+    async def run(walk: AsyncIterator[Page]) -> None:
+        try:
+            async with contextlib.aclosing(walk) as pages:  # type: ignore[type-var]
+                async for page in pages:
+                    await queue.put(page)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            await queue.put(exc)
+            return
+        await queue.put(_WALK_DONE)
+
+    tasks = [asyncio.ensure_future(run(w)) for w in walks]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is _WALK_DONE:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _header(headers: Any, name: str) -> str | None:
     if hasattr(headers, "get"):
         value = headers.get(name)
@@ -577,13 +615,22 @@ class EntraConnector:
         self, session: _Session, select: list[str], notes: list[str], sources: SourceDigests | None = None
     ) -> AsyncIterator[Page | Done]:
         links: dict[str, str] = {}
-        async for page in self._walk(session, session.users_delta(select), "users delta", links):
-            yield await asyncio.to_thread(self._user_page, page, sources)
-
         direct: dict[str, set[str]] = {}
         children: dict[str, set[str]] = {}
-        async for page in self._walk(session, session.groups_delta(list(GROUP_SELECT)), "groups delta", links):
-            yield await asyncio.to_thread(self._full_group_page, page, direct, children)
+
+        async def users() -> AsyncIterator[Page]:
+            async for page in self._walk(session, session.users_delta(select), "users delta", links):
+                yield await asyncio.to_thread(self._user_page, page, sources)
+
+        async def groups() -> AsyncIterator[Page]:
+            async for page in self._walk(session, session.groups_delta(list(GROUP_SELECT)), "groups delta", links):
+                yield await asyncio.to_thread(self._full_group_page, page, direct, children)
+
+        # Within a round Graph hands out one page at a time (each names the next), so a round is a
+        # chain of round trips; the users and groups rounds are independent and walk side by side.
+        # (A snapshot's memberships are matched to users only at the end, so their order is free.)
+        async for item in _side_by_side(users(), groups()):
+            yield item
 
         # Nested groups: a user in a group below G is a member of G.
         extra: list[tuple[str, str]] = []

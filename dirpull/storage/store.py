@@ -267,31 +267,23 @@ class Store:
 
     def user_digests(self, tenant: str) -> tuple[dict[str, str], dict[str, str]]:
         """Every user's fingerprint and (where known) source digest, by idp_id, in one read."""
-        u = t.users.c
-        q = sa.select(u.idp_id, u.fingerprint, u.source_digest).where(u.tenant == tenant)
-        fps: dict[str, str] = {}
-        sources: dict[str, str] = {}
-        with self.engine.connect() as conn:
-            for key, fp, source in _driver_rows(conn, q):
-                key = intern(key)
-                fps[key] = fp
-                if source is not None:
-                    sources[key] = source
-        return fps, sources
+        return self._with_digests(t.users, "source_digest", tenant)
 
     def group_digests(self, tenant: str) -> tuple[dict[str, str], dict[str, str]]:
         """Every group's fingerprint and (where known) members digest, by idp_id, in one read."""
-        g = t.groups.c
-        q = sa.select(g.idp_id, g.fingerprint, g.members_digest).where(g.tenant == tenant)
+        return self._with_digests(t.groups, "members_digest", tenant)
+
+    def _with_digests(self, table: sa.Table, column: str, tenant: str) -> tuple[dict[str, str], dict[str, str]]:
+        q = sa.select(table.c.idp_id, table.c.fingerprint, table.c[column]).where(table.c.tenant == tenant)
         fps: dict[str, str] = {}
-        members: dict[str, str] = {}
+        digests: dict[str, str] = {}
         with self.engine.connect() as conn:
             for key, fp, digest in _driver_rows(conn, q):
-                key = intern(key)
+                key = intern(key)  # the diff holds these ids in several sets at once
                 fps[key] = fp
                 if digest is not None:
-                    members[key] = digest
-        return fps, members
+                    digests[key] = digest
+        return fps, digests
 
     def user_sources(self, tenant: str, ids: Iterable[str]) -> dict[str, str]:
         """idp_id → source digest of the given users that have one."""

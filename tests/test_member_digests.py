@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from scripted import Directory, ScriptedConnector, people
 
 from dirpull.connectors.base import Done, Page
-from dirpull.model import Group
+from dirpull.model import Group, fingerprint, record_fields
 from dirpull.storage import schema as t
 from dirpull.storage.store import Store
 from dirpull.sync.diff import Diff, LoadedState, members_digest
@@ -41,15 +41,16 @@ def test_only_groups_whose_digest_differs_have_their_pairs_read():
         return {p for p in stored_pairs if p[0] in groups}
 
     users = {u: "fp" for u in ("u1", "u2")}
-    groups = {"g1": "f", "g2": "f", "g3": "f"}
+    records = [Group(idp_id=g, name=g) for g in ("g1", "g2", "g3")]
+    groups = {g.idp_id: fingerprint(record_fields(g)) for g in records}
     digests = {"g1": members_digest(["u1", "u2"]), "g2": members_digest(["u1"]), "g3": members_digest([])}
     state = LoadedState(users, groups, _never, {}, digests, pairs_of)
     d = Diff(state)
     d.add(Page(unchanged_users=["u1", "u2"]))
     # g1 and g3 unchanged, g2 loses u1 and gains u2; the users come unnormalized (unchanged)
-    d.add(Page(unchanged_users=[], members=[("g1", "u2"), ("g1", "u1"), ("g2", "u2")]))
-    d._seen_groups.update(groups)  # the groups themselves came unchanged
+    d.add(Page(groups=records, members=[("g1", "u2"), ("g1", "u1"), ("g2", "u2")]))
     plan = d.finish(SNAPSHOT)
+    assert not plan.groups  # the groups themselves came unchanged
     assert asked == [{"g2"}]
     assert plan.member_adds == {("g2", "u2")} and plan.member_removes == {("g2", "u1")}
     assert plan.member_digests == {"g2": members_digest(["u2"])}

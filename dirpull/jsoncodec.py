@@ -37,5 +37,22 @@ def dumps(value: Any) -> str:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+def compact(value: Any) -> bytes:
+    """`dumps` as UTF-8 bytes, without the round trip through str (spooled vendor records)."""
+    try:
+        return orjson.dumps(value, option=_OPTS, default=str)
+    except (TypeError, orjson.JSONEncodeError):
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+
+
 def loads(text: str | bytes) -> Any:
     return orjson.loads(text)
+
+
+def loads_any(text: str | bytes) -> Any:
+    """`loads` for vendor bodies: the standard library takes what orjson refuses (integers beyond
+    64 bits), so such a body still parses as it did before."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)

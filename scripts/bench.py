@@ -449,7 +449,7 @@ for item in connector.pull(None, full=True):
     pages += 1
     users += len(item.users)
     groups += len(item.groups)
-    members += len(item.members)
+    members += sum(1 for _ in item.pairs())
 took = time.monotonic() - started
 print(json.dumps({"s": round(took, 3), "users": users, "groups": groups, "members": members, "pages": pages,
                   "requests": done.requests if done else None}))

@@ -56,6 +56,42 @@ def test_only_groups_whose_digest_differs_have_their_pairs_read():
     assert plan.member_digests == {"g2": members_digest(["u2"])}
 
 
+def test_member_lists_diff_like_the_pairs_they_stand_for():
+    stored_pairs = {("g1", "u1"), ("g1", "u2"), ("g2", "u1")}
+    users = {u: "fp" for u in ("u1", "u2", "u3")}
+    records = [Group(idp_id=g, name=g) for g in ("g1", "g2", "g3")]
+    groups = {g.idp_id: fingerprint(record_fields(g)) for g in records}
+    digests = {"g1": members_digest(["u1", "u2"]), "g2": members_digest(["u1"]), "g3": members_digest([])}
+    d = Diff(LoadedState(users, groups, _never, {}, digests, lambda g, u: {p for p in stored_pairs if p[0] in g}))
+    d.add(Page(unchanged_users=["u1", "u2", "u3"]))
+    # g1 as a list (one id twice, in another order) plus a pair; g2 split over two lists, one
+    # naming a user and a group nobody has seen.
+    d.add(Page(groups=records, members=[("g1", "u1")], member_lists=[("g1", ["u2", "u1", "u2"]), ("g2", ["u3"])]))
+    d.add(Page(member_lists=[("g2", ["u1", "ghost"]), ("nowhere", ["u1"])]))
+    plan = d.finish(SNAPSHOT)
+    assert plan.member_adds == {("g2", "u3")} and plan.member_removes == set()
+    assert plan.members_skipped == 2  # (g2, ghost) and (nowhere, u1)
+    assert plan.member_digests == {"g2": members_digest(["u1", "u3"])}
+
+    first = Diff(LoadedState({}, {}, set()))
+    first.add(Page(users=[], groups=records[:1], member_lists=[("g1", ["u1"])]))
+    first.add(Page(unchanged_users=["u1"]))
+    assert first.finish(SNAPSHOT).member_adds == {("g1", "u1")}
+
+
+@pytest.mark.stores
+def test_group_members_reads_ids_that_hold_the_separator(harness):
+    odd = "u\x1f1"  # the separator `group_members` joins ids with
+    d = Directory(
+        users=[*people(4), *[u.model_copy(update={"idp_id": odd}) for u in people(1, start=9)]],
+        groups=[Group(idp_id="g1", name="G1"), Group(idp_id="g2", name="G2"), Group(idp_id="g3", name="G3")],
+        members=[("g1", "u1"), ("g1", odd), ("g2", "u2"), ("g2", "u3")],
+    )
+    h = harness(TENANT, connector_factory=lambda tenant, settings: ScriptedConnector(d))
+    assert h.sync("t", full=True).status == "succeeded"
+    assert h.store.group_members("t", ["g1", "g2", "g3"]) == {"g1": {"u1", odd}, "g2": {"u2", "u3"}}
+
+
 # --- through the runner and the real store -----------------------------------------------------------
 
 
@@ -80,14 +116,20 @@ def _digests(store: Store) -> dict[str, str | None]:
 
 
 def _counting(monkeypatch: pytest.MonkeyPatch, store: Store) -> list[Any]:
+    """Records each read of stored memberships: None for all of them, else the groups asked for."""
     calls: list[Any] = []
-    real = store.membership_pairs
+    real_pairs, real_members = store.membership_pairs, store.group_members
 
-    def counted(tenant: str, *, groups: Any = None, users: Any = None) -> set[tuple[str, str]]:
+    def pairs(tenant: str, *, groups: Any = None, users: Any = None) -> set[tuple[str, str]]:
         calls.append(None if groups is None and users is None else sorted(groups or ()))
-        return real(tenant, groups=groups, users=users)
+        return real_pairs(tenant, groups=groups, users=users)
 
-    monkeypatch.setattr(store, "membership_pairs", counted)
+    def members(tenant: str, groups: Any) -> dict[str, set[str]]:
+        calls.append(sorted(groups))
+        return real_members(tenant, groups)
+
+    monkeypatch.setattr(store, "membership_pairs", pairs)
+    monkeypatch.setattr(store, "group_members", members)
     return calls
 
 

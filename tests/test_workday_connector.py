@@ -84,7 +84,7 @@ def test_initial_pull_normalizes_workers_and_flattens_groups(
         assert u.manager_idp_id == (employee_id(p.manager) if p.manager else None)
         assert u.raw_attributes["Employee_ID"] == u.idp_id
     groups = {g.idp_id: g for p in pages for g in p.groups}
-    members = {m for p in pages for m in p.members}
+    members = {m for p in pages for m in p.pairs()}
     assert set(groups) == {group_id(g.n) for g in org.listed_groups()}
     expected = {
         (group_id(g.n), employee_id(n)) for g in org.listed_groups() for n in org.transitive_members(g.n)
@@ -119,7 +119,7 @@ def test_groups_derived_from_a_column(emu: WorkdayEmulator, org: Org, tmp_path: 
     groups = {g.idp_id: g.name for p in pages for g in p.groups}
     depts = {p.department for p in org.listed_people() if p.department}
     assert groups == {derived_group_id("Supervisory_Organization", d): d for d in depts}
-    members = {m for p in pages for m in p.members}
+    members = {m for p in pages for m in p.pairs()}
     assert members == {
         (derived_group_id("Supervisory_Organization", p.department), employee_id(p.n))
         for p in org.listed_people()

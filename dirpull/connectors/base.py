@@ -33,6 +33,11 @@ class Page:
     groups: list[Group] = field(default_factory=list)
     # (group_idp_id, user_idp_id) pairs that exist, flattened (a user in a nested group counts).
     members: list[tuple[str, str]] = field(default_factory=list)
+    # (group_idp_id, [user_idp_id, ...]): the same pairs, one group at a time, for connectors that
+    # read a group's members together (a snapshot's groups report, a members listing). The diff
+    # digests each list as given instead of building a pair per member: a full resync of 100,000
+    # users names ~0.5-0.8 M of them. Snapshots only; a delta gives pairs.
+    member_lists: list[tuple[str, list[str]]] = field(default_factory=list)
     # Explicit removals, for deltas.
     removed_users: list[str] = field(default_factory=list)
     removed_groups: list[str] = field(default_factory=list)
@@ -46,6 +51,13 @@ class Page:
     unchanged_users: list[str] = field(default_factory=list)
     # The source digest of each user in `users` that has one, by idp_id.
     user_sources: dict[str, str] = field(default_factory=dict)
+
+    def pairs(self) -> Iterator[tuple[str, str]]:
+        """Every (group, user) pair this page names, from `members` and `member_lists` alike."""
+        yield from self.members
+        for g, users in self.member_lists:
+            for u in users:
+                yield g, u
 
 
 @dataclass(slots=True)

@@ -588,18 +588,19 @@ class WorkdayConnector:
                 "groups report: no row has the configured column(s) " + ", ".join(missing),
                 step="groups report",
             )
-        unknown_members = 0
+        unknown_members = listed = 0
         page = Page(quarantined=quarantined)
         for gid, group in groups.items():
             page.groups.append(group)
-            for uid in sorted(flatten(gid, direct, subs)):
-                if uid in user_ids:
-                    page.members.append((gid, uid))
-                else:
-                    unknown_members += 1
-            if len(page.groups) >= self.page_size or len(page.members) >= 20 * self.page_size:
+            flat = flatten(gid, direct, subs)
+            members = [uid for uid in flat if uid in user_ids]
+            unknown_members += len(flat) - len(members)
+            page.member_lists.append((gid, members))
+            listed += len(members)
+            if len(page.groups) >= self.page_size or listed >= 20 * self.page_size:
                 yield page
                 page = Page()
+                listed = 0
         if unknown_members:
             notes.append(f"groups report lists {unknown_members} member(s) not in the users report; ignored")
         yield page

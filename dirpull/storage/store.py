@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 BATCH = 500
 BULK = 2000  # rows per driver executemany call
+MEMBER_SEPARATOR = "\x1f"  # joins a group's member ids in `group_members` (ASCII unit separator)
 EVENT_LOCK_KEY = 0x64697270756C6C  # "dirpull": one advisory lock serializes event commits
 MIGRATION_LOCK_KEY = EVENT_LOCK_KEY + 1  # one migration at a time
 
@@ -318,6 +319,34 @@ class Store:
                 for i in range(0, len(key_list), BATCH):
                     out.update(_driver_rows(conn, q.where(column.in_(key_list[i : i + BATCH]))))
             return out
+
+    def group_members(self, tenant: str, groups: Iterable[str]) -> dict[str, set[str]]:
+        """The stored members of the given groups (a group without any is left out).
+
+        One row per group, its members joined by the database: a full resync after changes spread
+        over most groups reads them all, and half a million rows cost more to fetch than the
+        database took to join them."""
+        m = t.memberships.c
+        joined = sa.func.aggregate_strings(m.user_idp_id, MEMBER_SEPARATOR)
+        out: dict[str, set[str]] = {}
+        odd: list[str] = []
+        group_list = list(groups)
+        with self.engine.connect() as conn:
+            for i in range(0, len(group_list), BATCH):
+                q = (
+                    sa.select(m.group_idp_id, sa.func.count(), joined)
+                    .where(m.tenant == tenant, m.group_idp_id.in_(group_list[i : i + BATCH]))
+                    .group_by(m.group_idp_id)
+                )
+                for g, count, text in _driver_rows(conn, q):
+                    users = text.split(MEMBER_SEPARATOR)
+                    if len(users) == count:
+                        out[g] = set(users)
+                    else:  # an id holding the separator itself: read that group row by row
+                        odd.append(g)
+        for g, u in self.membership_pairs(tenant, groups=odd) if odd else ():
+            out.setdefault(g, set()).add(u)
+        return out
 
     def existing_pairs(self, tenant: str, pairs: Iterable[tuple[str, str]]) -> set[tuple[str, str]]:
         """The given (group, user) pairs that are stored."""

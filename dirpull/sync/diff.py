@@ -41,6 +41,7 @@ class StoredState(Protocol):
     def group_ids(self) -> set[str]: ...
     def member_pairs(self) -> set[tuple[str, str]]: ...
     def member_pairs_of(self, groups: Collection[str], users: Collection[str]) -> set[tuple[str, str]]: ...
+    def group_members(self, groups: Collection[str]) -> Mapping[str, set[str]]: ...
     def existing_pairs(self, pairs: Collection[tuple[str, str]]) -> set[tuple[str, str]]: ...
 
 
@@ -53,9 +54,10 @@ class LoadedState:
     pairs: set[tuple[str, str]] | Callable[[], set[tuple[str, str]]]
     sources: Mapping[str, str] = field(default_factory=dict)  # idp_id → source digest, where known
     member_digests: Mapping[str, str] = field(default_factory=dict)  # group → `members_digest`, where known
-    # Answers `member_pairs_of` while `pairs` is not loaded (the runner: a narrow store query), so
-    # reading a few groups' pairs never loads them all.
+    # Answer `member_pairs_of` and `group_members` while `pairs` is not loaded (the runner: narrow
+    # store queries), so reading a few groups' pairs never loads them all.
     pairs_of: Callable[[Collection[str], Collection[str]], set[tuple[str, str]]] | None = None
+    members_of: Callable[[Collection[str]], Mapping[str, set[str]]] | None = None
 
     @property
     def members(self) -> set[tuple[str, str]]:
@@ -90,6 +92,14 @@ class LoadedState:
         if callable(self.pairs) and self.pairs_of is not None:
             return self.pairs_of(groups, users)
         return {(g, u) for g, u in self.members if g in groups or u in users}
+
+    def group_members(self, groups: Collection[str]) -> Mapping[str, set[str]]:
+        if callable(self.pairs) and self.members_of is not None:
+            return self.members_of(groups)
+        out: dict[str, set[str]] = defaultdict(set)
+        for g, u in self.member_pairs_of(groups, ()):
+            out[g].add(u)
+        return out
 
     def existing_pairs(self, pairs: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
         return {p for p in pairs if p in self.members}
@@ -148,6 +158,7 @@ class Diff:
     _seen_users: set[str] = field(default_factory=set)
     _seen_groups: set[str] = field(default_factory=set)
     _members: set[tuple[str, str]] = field(default_factory=set)
+    _member_lists: dict[str, list[str]] = field(default_factory=dict)  # `Page.member_lists`, merged
     _removed_members: set[tuple[str, str]] = field(default_factory=set)
     _removed_users: set[str] = field(default_factory=set)
     _removed_groups: set[str] = field(default_factory=set)
@@ -207,6 +218,10 @@ class Diff:
         for pair in page.removed_members:
             self._removed_members.add(pair)
             self._members.discard(pair)
+        for g, users in page.member_lists:
+            # A group given twice gets both lists. (The connector shares id strings if it wants:
+            # interning here cost more than the memory it saved.)
+            self._member_lists.setdefault(g, []).extend(users)
         self._complete_groups.update(page.complete_groups)
         self._quarantined.extend(page.quarantined)
 
@@ -282,42 +297,71 @@ class Diff:
         group_deletes = stored_groups - self._seen_groups - q_groups
         known_users = self._seen_users | (q_users & stored_users)
         known_groups = self._seen_groups | (q_groups & stored_groups)
-        # In place, and no copy when nothing is stored: at 100,000 users a snapshot names close to
-        # a million pairs, and each extra set of them is ~40 MB. (finish() is called once.)
-        target = self._members
-        unknown = {(g, u) for g, u in target if g not in known_groups or u not in known_users}
-        target -= unknown
+        by_group, unknown = self._members_by_group(known_groups, known_users)
         stored_digests = self.stored.group_member_digests()
+        fresh = {g: members_digest(users) for g, users in by_group.items()}
         if not (q_users or q_groups) and stored_digests:
             # Only groups whose member digest differs (or that go) have their stored pairs read:
             # a resync where memberships did not change reads none of them.
-            by_group = _members_by_group(target, known_groups)
-            fresh = {g: members_digest(users) for g, users in by_group.items()}
             changed = sorted({g for g, d in fresh.items() if stored_digests.get(g) != d} | group_deletes)
             adds, removes = set(), set()
             # A few hundred groups at a time: when most groups changed, no second copy of every
             # pair is held at once.
             for i in range(0, len(changed), CHANGED_GROUPS_BATCH):
                 batch = changed[i : i + CHANGED_GROUPS_BATCH]
-                before: dict[str, set[str]] = defaultdict(set)
-                for g, u in self.stored.member_pairs_of(batch, ()):
-                    before[g].add(u)
+                before = self.stored.group_members(batch)
                 for g in batch:
-                    now, was = set(by_group.get(g, ())), before.get(g, set())
+                    now, was = by_group.get(g, set()), before.get(g, set())
                     adds.update((g, u) for u in now - was)
                     removes.update((g, u) for u in was - now)
         else:
+            # No digests to go by (a first sync, a store just upgraded) or quarantined records
+            # whose stored memberships stand: every pair is compared. In place, and no copy when
+            # nothing is stored: at 100,000 users a snapshot names close to a million pairs.
+            target = self._members
+            target.clear()
+            for g, users in by_group.items():
+                target.update((g, u) for u in users)
+            by_group.clear()
             stored_members = self.stored.member_pairs()
             if q_users or q_groups:
                 target |= self.stored.member_pairs_of(q_groups, q_users)
             adds = target - stored_members if stored_members else target
             removes = stored_members - target
-            fresh = {g: members_digest(users) for g, users in _members_by_group(target, known_groups).items()}
         digests = {g: d for g, d in fresh.items() if stored_digests.get(g) != d}
-        return adds, removes, user_deletes, group_deletes, len(unknown), digests
+        return adds, removes, user_deletes, group_deletes, unknown, digests
+
+    def _members_by_group(
+        self, known_groups: set[str], known_users: set[str]
+    ) -> tuple[dict[str, set[str]], int]:
+        """Each known group's members among the known users (every known group is a key: an empty
+        group has a digest too), from pairs and lists alike; and how many distinct pairs named
+        someone unknown. Consumes what `add()` gathered."""
+        lists = self._member_lists
+        for g, u in self._members:
+            lists.setdefault(g, []).append(u)
+        self._members.clear()
+        by_group: dict[str, set[str]] = {g: set() for g in known_groups}
+        unknown = 0
+        while lists:
+            g, given = lists.popitem()
+            users = set(given)
+            if g not in known_groups:
+                unknown += len(users)
+                continue
+            if not users <= known_users:
+                kept = users & known_users
+                unknown += len(users) - len(kept)
+                users = kept
+            by_group[g] = users
+        return by_group, unknown
 
     def _finish_delta(self) -> tuple[Any, ...]:
         stored = self.stored
+        # Lists are meant for snapshots; in a delta they are pairs (a later removal still wins).
+        for g, users in self._member_lists.items():
+            self._members.update((g, u) for u in users if (g, u) not in self._removed_members)
+        self._member_lists.clear()
         user_deletes = set(stored.user_fingerprints(self._removed_users)) & self._removed_users
         group_deletes = set(stored.group_fingerprints(self._removed_groups)) & self._removed_groups
         # Who a membership may name: what this pull saw, or what is stored and not deleted now.
@@ -347,14 +391,6 @@ class Diff:
 def members_digest(users: Collection[str]) -> str:
     """A digest of one group's member ids, whatever their order."""
     return digest("\n".join(sorted(users)).encode())
-
-
-def _members_by_group(pairs: Collection[tuple[str, str]], groups: Collection[str]) -> dict[str, list[str]]:
-    """Each group's members; every one of `groups` is a key (an empty group has a digest too)."""
-    by_group: dict[str, list[str]] = {g: [] for g in groups}
-    for g, u in pairs:
-        by_group.setdefault(g, []).append(u)
-    return by_group
 
 
 def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:

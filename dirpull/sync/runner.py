@@ -337,6 +337,9 @@ class Runner:
             def pairs_of(groups: Collection[str], users: Collection[str]) -> set[tuple[str, str]]:
                 return self.store.membership_pairs(tenant, groups=groups, users=users)
 
+            def members_of(groups: Collection[str]) -> dict[str, set[str]]:
+                return self.store.group_members(tenant, groups)
+
             def pull() -> Any:
                 if user_state is not None and getattr(connector, "source_digests", False):
                     known = _Known(user_state)
@@ -349,7 +352,9 @@ class Runner:
                 if user_state is not None and group_state is not None:
                     fingerprints, sources = user_state.result()
                     group_fps, member_digests = group_state.result()
-                    stored = LoadedState(fingerprints, group_fps, all_pairs, sources, member_digests, pairs_of)
+                    stored = LoadedState(
+                        fingerprints, group_fps, all_pairs, sources, member_digests, pairs_of, members_of
+                    )
                 else:
                     stored = _StoreBackedState(self.store, tenant)
                 diff = Diff(stored)
@@ -418,6 +423,9 @@ class _StoreBackedState:
         if not groups and not users:
             return set()
         return self.store.membership_pairs(self.tenant, groups=groups, users=users)
+
+    def group_members(self, groups: Collection[str]) -> Mapping[str, set[str]]:
+        return self.store.group_members(self.tenant, groups) if groups else {}
 
     def existing_pairs(self, pairs: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
         return self.store.existing_pairs(self.tenant, pairs) if pairs else set()

@@ -68,6 +68,9 @@ def main() -> int:
     ap.add_argument("--phase", choices=("initial", "full", "full_1pct"), default="full",
                     help="what to measure (default: full; full_1pct: a full resync after changes to 1%% of the users)")
     ap.add_argument("--py-spy", type=Path, metavar="FILE", help="profile the phase with py-spy into FILE")
+    ap.add_argument("--gil", action="store_true",
+                    help="with --py-spy: sample only the thread holding the GIL (where the CPU goes; "
+                         "without it, threads waiting for the GIL count too)")
     args = ap.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if args.py_spy and not Path(spy).exists():
@@ -93,7 +96,7 @@ def main() -> int:
             profiler = None
             if args.py_spy:
                 cmd = [spy, "record", "-r", "200", "--threads", "--nonblocking", "-f", "raw", "-o", str(args.py_spy),
-                       "-p", str(os.getpid())]  # fmt: skip
+                       "-p", str(os.getpid()), *(["--gil"] if args.gil else [])]  # fmt: skip
                 profiler = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.5)  # py-spy attaches
             emu0, cpu0 = cpu_seconds(em.info["pid"]), time.process_time()

@@ -92,6 +92,10 @@ def test_digest_depends_on_the_record_its_order_the_settings_and_the_extras():
     other = SourceDigests(lambda i, s: False, _settings(attributes={"x": "division"}), ["x"])
     assert other.digest({"id": "1"}) != a.digest({"id": "1"})
     assert a.digest({"id": 2**70}) is None  # not encodable: normalized as usual
+    # In two steps (the record now, what else it depends on later) it is the same digest.
+    part = a.record_part({"id": "1", "n": "a"})
+    assert part is not None and a.combine(part, "m1") == a.digest({"id": "1", "n": "a"}, "m1")
+    assert a.combine(part, "m2") != a.combine(part, "m1") and a.combine(part) == a.digest({"id": "1", "n": "a"})
 
 
 def test_a_secret_value_is_not_part_of_the_digest_input(monkeypatch):

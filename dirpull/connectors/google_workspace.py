@@ -139,6 +139,24 @@ class _FastJsonModel(JsonModel):
         return body
 
 
+@dataclass
+class _UserSpool:
+    """The users read so far, one JSON line each on disk, and per line what telling "unchanged"
+    takes without reading the line back: the id, the record's digest share, the manager relation."""
+
+    file: Any
+    ids: list[str] = field(default_factory=list)
+    parts: list[bytes | None] = field(default_factory=list)
+    managers: list[str | None] = field(default_factory=list)
+
+    def add(self, raw: dict[str, Any], uid: str, part: bytes | None, manager_value: str | None) -> None:
+        self.file.write(compact(raw))  # one line: JSON escapes every newline in a string
+        self.file.write(b"\n")
+        self.ids.append(uid)
+        self.parts.append(part)
+        self.managers.append(manager_value)
+
+
 class _Session:
     """Credentials and one service object per thread, all counting into one counter."""
 
@@ -288,20 +306,24 @@ class GoogleWorkspaceConnector:
         session = _Session(self.settings, make_policy(self.policy))
         sources = SourceDigests(known, self.settings, [__name__]) if known else None
         try:
-            with tempfile.TemporaryFile() as spool:
-                yield from self._pull(session, spool, sources)
+            with tempfile.TemporaryFile() as file:
+                yield from self._pull(session, _UserSpool(file), sources)
         finally:
             session.close()
 
     # --- the run ---------------------------------------------------------------------------------
 
-    def _pull(self, session: _Session, spool: Any, sources: SourceDigests | None = None) -> Iterator[Page | Done]:
+    def _pull(
+        self, session: _Session, spool: _UserSpool, sources: SourceDigests | None = None
+    ) -> Iterator[Page | Done]:
         notes: list[str] = []
         quarantined: list[Quarantined] = []
         email_to_id: dict[str, str] = {}
         domain_ids: set[str] = set()
         ou_scope: set[str] | None = set() if self.org_units else None
-        spooled = 0
+        # Login times and etags change without changing the user: left out of the digest, unless
+        # the attribute mapping reads them.
+        whole = bool({mapping_root(p) for p in self.mapping.values()} & set(USER_VOLATILE))
 
         # 1. Users: spool raw records, build the small maps.
         for body in session.pages(
@@ -328,10 +350,9 @@ class GoogleWorkspaceConnector:
                 for alias in raw.get("aliases") or []:
                     if isinstance(alias, str):
                         email_to_id.setdefault(alias.lower(), uid)
-                spool.write(compact(raw))  # one line: JSON escapes every newline in a string
-                spool.write(b"\n")
-                spooled += 1
-        if spooled == 0:
+                part = sources.record_part(raw if whole else without(raw, USER_VOLATILE)) if sources else None
+                spool.add(raw, uid, part, _manager_value(raw))
+        if not spool.ids:
             notes.append("users.list returned no users")
 
         def in_ous(uid: str) -> bool:
@@ -407,7 +428,7 @@ class GoogleWorkspaceConnector:
 
     def _emit_users(
         self,
-        spool: Any,
+        spool: _UserSpool,
         quarantined: list[Quarantined],
         email_to_id: dict[str, str],
         domain_ids: set[str],
@@ -418,21 +439,16 @@ class GoogleWorkspaceConnector:
         Returns the ids whose memberships stand: those emitted, and those quarantined (a
         quarantined user is left as stored, memberships included)."""
         emitted: set[str] = set()
-        spool.seek(0)
+        spool.file.seek(0)
         page = Page(quarantined=[q for q in quarantined if q.kind == "user"])
-        # Login times and etags change without changing the user: left out of the digest, unless
-        # the attribute mapping reads them.
-        whole = bool({mapping_root(p) for p in self.mapping.values()} & set(USER_VOLATILE))
-        for line in spool:
-            raw = loads_any(line)
-            uid = raw["id"]
+        for line, uid, part, manager_value in zip(spool.file, spool.ids, spool.parts, spool.managers, strict=True):
             if not in_scope(uid):
                 continue
             digest = None
-            if sources is not None:
-                # The manager is resolved through other users' addresses: that result is an input too.
-                manager = _manager(raw, email_to_id, domain_ids)
-                digest = sources.digest(raw if whole else without(raw, USER_VOLATILE), manager)
+            if sources is not None and part is not None:
+                # The manager is resolved through other users' addresses: that result is an input
+                # too. An unchanged user's line is never parsed again.
+                digest = sources.combine(part, _resolve_manager(manager_value, email_to_id, domain_ids))
                 if digest is not None and sources.unchanged(uid, digest):
                     emitted.add(uid)
                     page.unchanged_users.append(uid)
@@ -440,6 +456,7 @@ class GoogleWorkspaceConnector:
                         yield page
                         page = Page()
                     continue
+            raw = loads_any(line)
             try:
                 user = self._user(raw, email_to_id, domain_ids)
             except (ValueError, TypeError) as exc:
@@ -576,11 +593,20 @@ def _pick(
 
 def _manager(raw: dict[str, Any], email_to_id: dict[str, str], domain_ids: set[str]) -> str | None:
     """The manager's user id: the `manager` relation holds an id or an address of this domain."""
+    return _resolve_manager(_manager_value(raw), email_to_id, domain_ids)
+
+
+def _manager_value(raw: dict[str, Any]) -> str | None:
     rel = _pick(raw.get("relations"), lambda r: r.get("type") == "manager", fallback=False)
     if rel and isinstance(rel.get("value"), str):
-        value = rel["value"].strip()
-        return value if value in domain_ids else email_to_id.get(value.lower())
+        return intern(rel["value"].strip())  # one string per manager, however many reports
     return None
+
+
+def _resolve_manager(value: str | None, email_to_id: dict[str, str], domain_ids: set[str]) -> str | None:
+    if value is None:
+        return None
+    return value if value in domain_ids else email_to_id.get(value.lower())
 
 
 def _norm_ou(ou: str) -> str:

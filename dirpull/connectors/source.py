@@ -66,13 +66,26 @@ class SourceDigests:
         """The digest of one vendor record as parsed (key order included: a reordered payload is
         a miss, never a false match) and any per-record inputs of its normalization; None for a
         record orjson cannot encode (e.g. an integer beyond 64 bits), which is simply normalized."""
-        h = self._base.copy()
+        part = self.record_part(record)
+        return None if part is None else self.combine(part, *extra)
+
+    def record_part(self, record: Any) -> bytes | None:
+        """The record's share of `digest`: for a connector that learns a record's other inputs
+        only later (Google's manager, resolved once every user is read) and would rather not keep
+        or re-read the record meanwhile. `combine(record_part(r), *extra) == digest(r, *extra)`."""
         try:
-            h.update(orjson.dumps(record))
-            if extra:
-                h.update(orjson.dumps(extra))
+            return hashlib.blake2b(orjson.dumps(record), digest_size=16).digest()
         except (TypeError, orjson.JSONEncodeError):
             return None
+
+    def combine(self, part: bytes, *extra: Any) -> str | None:
+        h = self._base.copy()
+        h.update(part)
+        if extra:
+            try:
+                h.update(orjson.dumps(extra))
+            except (TypeError, orjson.JSONEncodeError):
+                return None
         return h.hexdigest()
 
     def unchanged(self, idp_id: str, digest: str) -> bool:

@@ -64,7 +64,7 @@ def test_initial_pull_is_a_flattened_snapshot(graph: GraphEmulator, org: Org, tm
     users = {u.idp_id: u for p in pages for u in p.users}
     assert set(users) == {user_id(p.n) for p in org.listed_people()}
     assert {g.idp_id for p in pages for g in p.groups} == {group_id(g.n) for g in org.listed_groups()}
-    assert {m for p in pages for m in p.members} == expected_members(org)
+    assert {m for p in pages for m in p.pairs()} == expected_members(org)
     one = users[user_id(7)]
     person = org.person(7)
     assert (one.username, one.email, one.first_name, one.last_name) == (
@@ -155,7 +155,7 @@ def test_users_and_groups_rounds_are_walked_side_by_side(graph: GraphEmulator, o
     assert len(users_at) >= 3 and groups_at
     assert groups_at[0] < users_at[-1]  # the groups round began before the users round ended
     assert {u.idp_id for p in pages for u in p.users} == {user_id(p.n) for p in org.listed_people()}
-    assert {m for p in pages for m in p.members} == expected_members(org)
+    assert {m for p in pages for m in p.pairs()} == expected_members(org)
     assert set(done.cursor or {}) >= {"users", "groups"}
 
 
@@ -172,7 +172,7 @@ def test_delta_round_merges_chunks_and_rereads_nested_groups(graph: GraphEmulato
     org.remove_member(plain.n, leaver)
     pages, done2 = pull(c, done.cursor)
     assert not done2.snapshot and done2.mode == "incremental"
-    members = {m for p in pages for m in p.members}
+    members = {m for p in pages for m in p.pairs()}
     complete = {g for p in pages for g in p.complete_groups}
     assert (group_id(child), user_id(joiner)) in members
     assert group_id(parent.n) in complete

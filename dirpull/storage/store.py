@@ -141,6 +141,23 @@ class WriteSet:
                 yield {"type": kind, "object_id": g, "data": {"group": g, "user": u}}
         yield from self.tail_events
 
+    def event_rows(self) -> Iterator[tuple[str, str, str, str | None]]:
+        """`all_events()` as the store writes them: (type, object_id, data as JSON, previous
+        attributes as JSON or None). Membership events go straight to their JSON: a first sync of
+        100,000 users has half a million to a million of them."""
+        for e in self.events:
+            yield _event_row(e)
+        for kind, pairs in (("group.user_added", self.member_adds), ("group.user_removed", self.member_removes)):
+            for g, u in pairs:
+                yield kind, g, dumps({"group": g, "user": u}), None
+        for e in self.tail_events:
+            yield _event_row(e)
+
+
+def _event_row(e: Mapping[str, Any]) -> tuple[str, str, str, str | None]:
+    previous = e.get("previous_attributes")
+    return e["type"], e["object_id"], _json_text(e["data"]), None if previous is None else dumps(previous)
+
 
 class Store:
     def __init__(self, url: str, *, pool_size: int = 5, connect_timeout: float = 10.0) -> None:
@@ -680,18 +697,7 @@ class Store:
             conn,
             t.events,
             ["tenant", "run_id", "type", "object_id", "data", "previous_attributes", "created_at"],
-            (
-                (
-                    tenant,
-                    run_id,
-                    e["type"],
-                    e["object_id"],
-                    _json_text(e["data"]),
-                    None if e.get("previous_attributes") is None else dumps(e["previous_attributes"]),
-                    ts,
-                )
-                for e in writes.all_events(as_written=True)
-            ),
+            ((tenant, run_id, kind, key, data, previous, ts) for kind, key, data, previous in writes.event_rows()),
         )
 
     def _write_cursor(

@@ -15,7 +15,9 @@ One run, per provider, in one process tree on 127.0.0.1:
     floor);
   * the phases, each a `dirpull sync` in its own subprocess (peak RSS = that process's own, from
     wait4's ru_maxrss): initial (empty store), full no-change, full 1% change, and for providers with
-    deltas incremental no-change and incremental 1% change;
+    deltas incremental no-change and incremental 1% change. The two full resyncs run --repeats
+    times (the 1% one after a fresh round of changes each time) and keep the fastest, as the floor
+    keeps its fastest fetch: on a shared machine one slow sample otherwise decides a ratio;
   * streaming: `dirpull events T --after 0 --json` and `dirpull users T --json`, each at two sizes
     (events inflated by INSERT … SELECT to ≥ max(--events, 2× what the sync wrote); users copied 9
     times under suffixed ids, so 10×), to show whether peak RSS grows with the row count;
@@ -565,6 +567,20 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a is not None and b else None
 
 
+def _pick_run(name: str, runs: list[dict[str, Any]]) -> int:
+    """Which run a repeated phase reports: the fastest, as the floor reports its fastest fetch — but
+    a no-change resync that wrote anything is never hidden by a faster one, and a 1% resync is one
+    whose round of changes touched a stored row."""
+    candidates = list(range(len(runs)))
+    if name == "full_nochange":
+        wrote = [i for i in candidates if runs[i]["rows_written"] or runs[i]["events"]]
+        if wrote:
+            return wrote[0]
+    if name == "full_1pct":
+        candidates = [i for i in candidates if runs[i]["rows_written"]] or candidates[-1:]
+    return min(candidates, key=lambda i: runs[i]["sync_s"])
+
+
 def bench_provider(provider: str, args: argparse.Namespace, root: Path) -> dict[str, Any]:
     workdir = root / provider
     workdir.mkdir(parents=True, exist_ok=True)
@@ -602,8 +618,11 @@ def bench_provider(provider: str, args: argparse.Namespace, root: Path) -> dict[
         def phase(name: str, *, full: bool) -> None:
             log(f"[{provider}] {name}")
             em.control("/_emulator/request_log/clear", {})
-            phases[name] = sync_phase(config, tenant, full=full, timeout=timeout, workdir=workdir)
-            log(f"[{provider}]   {json.dumps({k: v for k, v in phases[name].items() if k != 'counts'})}")
+            run = sync_phase(config, tenant, full=full, timeout=timeout, workdir=workdir)
+            log(f"[{provider}]   {json.dumps({k: v for k, v in run.items() if k != 'counts'})}")
+            runs = [*phases.get(name, {}).get("runs", []), run]
+            kept = _pick_run(name, runs)
+            phases[name] = {**runs[kept], "runs": runs, "runs_s": [r["sync_s"] for r in runs], "kept_run": kept}
 
         def change() -> int:
             n = max(1, args.users // 100)
@@ -614,14 +633,20 @@ def bench_provider(provider: str, args: argparse.Namespace, root: Path) -> dict[
         log(f"[{provider}] baseline insert")
         result["baseline_insert"] = baseline_insert(store_url, tenant, insert_url, f"{tenant}-insert")
         log(f"[{provider}]   {result['baseline_insert']}")
-        phase("full_nochange", full=True)
+        for _ in range(max(1, args.repeats)):
+            phase("full_nochange", full=True)
         if provider in DELTA_PROVIDERS:
             # Steady state: nothing changed since the organization was generated (a day ago, see
             # --age). Run right after a change round instead, Okta's incremental re-reads whatever
             # changed within its cursor_holdback (300 s) — see docs/benchmarks.md.
             phase("incr_nochange", full=False)
-        result["changes_applied"] = {"full_1pct": change()}
-        phase("full_1pct", full=True)
+        # Each repeat is a fresh round of changes to 1% of the users, then the resync.
+        rounds = []
+        for _ in range(max(1, args.repeats)):
+            rounds.append(change())
+            phase("full_1pct", full=True)
+        phases["full_1pct"]["changes_per_round"] = rounds
+        result["changes_applied"] = {"full_1pct": rounds[phases["full_1pct"]["kept_run"]]}
         if provider in DELTA_PROVIDERS:
             result["changes_applied"]["incr_1pct"] = change()
             phase("incr_1pct", full=False)
@@ -787,6 +812,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--events", type=int, default=1_000_000, help="events to stream (inflated to at least this)")
     ap.add_argument("--no-streaming", action="store_true")
     ap.add_argument("--baseline-repeats", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="full resyncs (no change; 1%% change, each after its own round of changes) run this many "
+                         "times, the fastest kept, like the floor's best of --baseline-repeats (default 2)")
     ap.add_argument("--phase-timeout", type=float, default=1800.0)
     ap.add_argument("--workdir", default=None, help="default: a temporary directory, removed afterwards")
     ap.add_argument(

@@ -60,6 +60,11 @@ def test_bench_smoke(provider: str, tmp_path: Path) -> None:
     assert phases["initial"]["rows_written"] >= 200
     assert phases["full_nochange"]["rows_written"] == 0 and phases["full_nochange"]["events"] == 0
     assert phases["full_1pct"]["events"] > 0
+    # Both full resyncs ran twice (the default --repeats) and kept the faster run.
+    for name in ("full_nochange", "full_1pct"):
+        assert len(phases[name]["runs_s"]) == 2 and phases[name]["sync_s"] in phases[name]["runs_s"]
+    assert phases["full_nochange"]["sync_s"] == min(phases["full_nochange"]["runs_s"])
+    assert len(phases["full_1pct"]["changes_per_round"]) == 2
     for p in phases.values():
         assert p["peak_rss_mb"] > 0 and p["requests"] > 0 and p["ratio"] is not None
     assert result["baseline_fetch"]["requests"] > 0

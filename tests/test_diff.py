@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
+
 from dirpull.connectors.base import Done, Page, Quarantined
 from dirpull.jsoncodec import loads
 from dirpull.model import Group, User, fingerprint, record_fields
-from dirpull.sync.diff import Diff, LoadedState, build_writes, changed_fields
+from dirpull.sync.diff import Diff, LoadedState, build_writes, changed_fields, sorted_pairs
 
 
 def fp(record):
@@ -39,7 +41,7 @@ def test_snapshot_create_update_delete_and_membership():
     plan = d.finish(SNAPSHOT)
     assert set(plan.users) == {"1", "3"}
     assert plan.user_deletes == {"2"}
-    assert plan.member_adds == {("g", "3")} and plan.member_removes == {("g", "1")}
+    assert set(plan.member_adds) == {("g", "3")} and set(plan.member_removes) == {("g", "1")}
     old = {"1": record_fields(ADA), "2": record_fields(BOB)}
     ws = build_writes(plan, old, {})
     events = list(ws.all_events())
@@ -60,21 +62,21 @@ def test_delta_only_explicit_removals_delete():
     plan = d.finish(DELTA)
     assert plan.user_deletes == set()  # ADA not seen, but a delta does not sweep
     assert set(plan.users) == {"2"}
-    assert plan.member_removes == {("g", "1")}
+    assert set(plan.member_removes) == {("g", "1")}
 
 
 def test_delta_removed_user_takes_its_memberships():
     d = stored()
     d.add(Page(removed_users=["1"]))
     plan = d.finish(DELTA)
-    assert plan.user_deletes == {"1"} and plan.member_removes == {("g", "1")}
+    assert plan.user_deletes == {"1"} and set(plan.member_removes) == {("g", "1")}
 
 
 def test_delta_complete_group_replaces_its_member_set():
     d = stored(members=(("g", "1"),))
     d.add(Page(members=[("g", "2")], complete_groups=["g"]))
     plan = d.finish(DELTA)
-    assert plan.member_adds == {("g", "2")} and plan.member_removes == {("g", "1")}
+    assert set(plan.member_adds) == {("g", "2")} and set(plan.member_removes) == {("g", "1")}
 
 
 def test_same_object_twice_later_wins_and_removal_then_return_cancels():
@@ -89,14 +91,14 @@ def test_membership_to_unknown_user_is_skipped_not_stored():
     d = stored()
     d.add(Page(users=[ADA, BOB], groups=[ENG], members=[("g", "1"), ("g", "ghost")]))
     plan = d.finish(SNAPSHOT)
-    assert plan.member_adds == set() and plan.members_skipped == 1
+    assert set(plan.member_adds) == set() and plan.members_skipped == 1
 
 
 def test_quarantined_user_is_not_deleted_and_keeps_memberships():
     d = stored()
     d.add(Page(users=[BOB], groups=[ENG], quarantined=[Quarantined("user", "1", "bad record")]))
     plan = d.finish(SNAPSHOT)
-    assert plan.user_deletes == set() and plan.member_removes == set()
+    assert plan.user_deletes == set() and set(plan.member_removes) == set()
 
 
 def test_changed_fields_lists_old_values_only_for_differences():
@@ -146,3 +148,10 @@ def test_the_diff_digests_the_same_bytes_as_the_records_fields() -> None:
         plan = d.finish(SNAPSHOT)
         fps = plan.user_fingerprints if isinstance(record, User) else plan.group_fingerprints
         assert fps[record.idp_id] == fp(record)
+
+
+def test_sorted_pairs_is_sorted_pairs():
+    rng = random.Random(5)
+    pairs = {(f"g{rng.randrange(30)}", f"u{rng.randrange(500)}") for _ in range(3000)}
+    assert sorted_pairs(pairs) == sorted(pairs)
+    assert sorted_pairs([]) == []

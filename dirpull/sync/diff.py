@@ -14,7 +14,7 @@ It runs in two steps, so a sync never loads full stored rows it does not need:
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from sys import intern
 from typing import Any, Protocol
@@ -114,8 +114,9 @@ class Plan:
     groups: dict[str, SpooledJson]
     user_deletes: set[str]
     group_deletes: set[str]
-    member_adds: set[tuple[str, str]]
-    member_removes: set[tuple[str, str]]
+    # (group, user) pairs, sorted: the order their events are written in
+    member_adds: list[tuple[str, str]]
+    member_removes: list[tuple[str, str]]
     quarantined: list[Quarantined]
     seen_users: int
     seen_groups: int
@@ -304,30 +305,34 @@ class Diff:
             # Only groups whose member digest differs (or that go) have their stored pairs read:
             # a resync where memberships did not change reads none of them.
             changed = sorted({g for g, d in fresh.items() if stored_digests.get(g) != d} | group_deletes)
-            adds, removes = set(), set()
-            # A few hundred groups at a time: when most groups changed, no second copy of every
-            # pair is held at once.
+            adds: list[tuple[str, str]] = []
+            removes: list[tuple[str, str]] = []
+            # Group by group in order, each one's users sorted: the pairs come out sorted. A few
+            # hundred groups at a time: when most groups changed, no second copy of every pair is
+            # held at once.
             for i in range(0, len(changed), CHANGED_GROUPS_BATCH):
                 batch = changed[i : i + CHANGED_GROUPS_BATCH]
                 before = self.stored.group_members(batch)
                 for g in batch:
                     now, was = by_group.get(g, set()), before.get(g, set())
-                    adds.update((g, u) for u in now - was)
-                    removes.update((g, u) for u in was - now)
+                    adds.extend((g, u) for u in sorted(now - was))
+                    removes.extend((g, u) for u in sorted(was - now))
         else:
             # No digests to go by (a first sync, a store just upgraded) or quarantined records
-            # whose stored memberships stand: every pair is compared. In place, and no copy when
-            # nothing is stored: at 100,000 users a snapshot names close to a million pairs.
-            target = self._members
-            target.clear()
-            for g, users in by_group.items():
-                target.update((g, u) for u in users)
-            by_group.clear()
+            # whose stored memberships stand: every pair is compared.
             stored_members = self.stored.member_pairs()
-            if q_users or q_groups:
-                target |= self.stored.member_pairs_of(q_groups, q_users)
-            adds = target - stored_members if stored_members else target
-            removes = stored_members - target
+            if not stored_members and not (q_users or q_groups):
+                # A first sync: every pair is new (up to a million at 100,000 users), in order.
+                adds = [(g, u) for g in sorted(by_group) for u in sorted(by_group[g])]
+                removes = []
+            else:
+                target = self._members
+                for g, users in by_group.items():
+                    target.update((g, u) for u in users)
+                if q_users or q_groups:
+                    target |= self.stored.member_pairs_of(q_groups, q_users)
+                adds, removes = sorted_pairs(target - stored_members), sorted_pairs(stored_members - target)
+                target.clear()
         digests = {g: d for g, d in fresh.items() if stored_digests.get(g) != d}
         return adds, removes, user_deletes, group_deletes, unknown, digests
 
@@ -385,7 +390,20 @@ class Diff:
                 (g, u) for g, u in stored.member_pairs_of(complete, ()) if u not in by_group.get(g, ())
             }
         removes |= stored.member_pairs_of(group_deletes, user_deletes)
-        return adds - removes, removes, user_deletes, group_deletes, skipped
+        return sorted_pairs(adds - removes), sorted_pairs(removes), user_deletes, group_deletes, skipped
+
+
+def sorted_pairs(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`sorted(pairs)`, a group at a time: sorting a million (group, user) tuples compares tuples;
+    sorting each group's users compares strings (2.0 s → 0.9 s at 886,000 pairs)."""
+    by_group: dict[str, list[str]] = {}
+    for g, u in pairs:
+        users = by_group.get(g)
+        if users is None:
+            by_group[g] = [u]
+        else:
+            users.append(u)
+    return [(g, u) for g in sorted(by_group) for u in sorted(by_group[g])]
 
 
 def members_digest(users: Collection[str]) -> str:
@@ -421,7 +439,7 @@ def build_writes(
     event (the store reads it back while writing); only updates are decoded here, to compare."""
     ws = WriteSet(
         [], [], sorted(plan.user_deletes), [], [], sorted(plan.group_deletes),
-        sorted(plan.member_adds), sorted(plan.member_removes), [],
+        plan.member_adds, plan.member_removes, [],
         user_fingerprints=plan.user_fingerprints, group_fingerprints=plan.group_fingerprints,
         user_sources=plan.user_sources, source_refreshes=plan.source_refreshes,
         member_digests=plan.member_digests,

@@ -9,6 +9,7 @@ import threading
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -131,6 +132,27 @@ def test_a_worker_that_lost_its_lease_cannot_commit(store):
         )
     assert list(store.iter_users("t")) == [] and store.last_seq() == 0
     assert store.get_cursor("t").value is None
+
+
+def test_a_large_run_is_written_with_a_large_sqlite_cache_given_back_after(store, monkeypatch):
+    if store.dialect != "sqlite":
+        pytest.skip("a SQLite page-cache setting")
+    monkeypatch.setattr(store_module, "BIG_WRITE_ROWS", 10)
+    seen: list[int] = []
+    real = Store._write_rows
+
+    def spying(self: Store, conn: Any, *args: Any) -> None:
+        seen.append(conn.connection.driver_connection.execute("PRAGMA cache_size").fetchone()[0])
+        real(self, conn, *args)
+
+    monkeypatch.setattr(Store, "_write_rows", spying)
+    assert store.acquire_lease("t", "a", timedelta(seconds=30)) is None
+    commit_run(store, "t", "a", 3, "small")  # 6 rows and events: the default cache
+    commit_run(store, "t", "a", 20, "large")
+    assert seen == [-2000, -store_module.WRITE_CACHE_KIB]
+    with store.engine.connect() as conn:  # the connection the runs used, back to the default
+        assert conn.connection.driver_connection.execute("PRAGMA cache_size").fetchone()[0] == -2000
+    assert len(list(store.iter_users("t"))) == 23
 
 
 def test_takeover_marks_the_cut_off_run_failed(store):

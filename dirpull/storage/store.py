@@ -15,6 +15,7 @@ Two cross-process guarantees live here:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import time
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 MIGRATIONS = Path(__file__).parent / "migrations"
 BATCH = 500
 BULK = 2000  # rows per driver executemany call
+# A run writing at least this many rows and events gets a WRITE_CACHE_KIB page cache on SQLite.
+BIG_WRITE_ROWS = 50_000
+WRITE_CACHE_KIB = 32 * 1024
 MEMBER_SEPARATOR = "\x1f"  # joins a group's member ids in `group_members` (ASCII unit separator)
 EVENT_LOCK_KEY = 0x64697270756C6C  # "dirpull": one advisory lock serializes event commits
 MIGRATION_LOCK_KEY = EVENT_LOCK_KEY + 1  # one migration at a time
@@ -577,7 +581,7 @@ class Store:
 
         Raises LeaseLost (and writes nothing) if `holder` no longer holds the tenant's lease.
         """
-        with self.engine.begin() as conn:
+        with self.engine.connect() as conn, self._write_cache(conn, writes), conn.begin():
             now = self._now(conn)
             L = t.leases.c
             # The fencing check, and on PostgreSQL a row lock on the lease until this commits: no
@@ -594,6 +598,26 @@ class Store:
             self._write_cursor(conn, tenant, cursor, full, now)
             self.finish_run(run_id, conn=conn, **run_fields)
         return written
+
+    @contextlib.contextmanager
+    def _write_cache(self, conn: Connection, writes: WriteSet) -> Iterator[None]:
+        """SQLite: a large page cache while a large run is written, back to what it was after.
+
+        A first sync inserts up to a million memberships, whose (tenant, user) index is filled in
+        random order: with SQLite's default 2 MB cache the B-tree pages go back and forth to the
+        WAL (886,000 memberships: 7.4 s; with 32 MB: 4.4 s). The cache is given back once the run
+        is committed, so an idle worker does not keep it."""
+        if self.dialect != "sqlite" or writes.rows + writes.event_count < BIG_WRITE_ROWS:
+            yield
+            return
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        before = raw.execute("PRAGMA cache_size").fetchone()[0]
+        raw.execute(f"PRAGMA cache_size=-{WRITE_CACHE_KIB}")
+        try:
+            yield
+        finally:
+            raw.execute(f"PRAGMA cache_size={int(before)}")
 
     def _write_rows(self, conn: Connection, tenant: str, w: WriteSet, now: datetime) -> None:
         ts = _bound(t.TS, now, conn)

@@ -85,3 +85,15 @@ def test_profile_sync_runs_a_full_resync_and_reports_both_processes_cpu() -> Non
     assert "initial (not measured): succeeded" in out.stdout
     assert "full: succeeded" in out.stdout and ", 0 rows" in out.stdout  # nothing changed in between
     assert "CPU: this process" in out.stdout and "emulator" in out.stdout
+
+
+def test_sqlite_cache_bench_runs_each_cache_size() -> None:
+    out = subprocess.run(
+        [sys.executable, "scripts/bench_sqlite_cache.py", "--pairs", "500", "--users", "50", "--groups", "20",
+         "--cache-kib", "0", "4096"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["cache default (2 MB)", "cache 4096 KiB"]
+    assert all("memberships_s" in line and "total_s" in line for line in lines)

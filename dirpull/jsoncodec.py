@@ -31,14 +31,11 @@ def canonical(value: Any) -> bytes:
 
 def dumps(value: Any) -> str:
     """Compact JSON text in the value's own key order (stored JSON columns)."""
-    try:
-        return orjson.dumps(value, option=_OPTS, default=str).decode()
-    except (TypeError, orjson.JSONEncodeError):
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
+    return compact(value).decode()
 
 
 def compact(value: Any) -> bytes:
-    """`dumps` as UTF-8 bytes, without the round trip through str (spooled vendor records)."""
+    """Compact UTF-8 JSON in the value's own key order (`dumps` without the str round trip)."""
     try:
         return orjson.dumps(value, option=_OPTS, default=str)
     except (TypeError, orjson.JSONEncodeError):

@@ -326,13 +326,10 @@ class Diff:
                 adds = [(g, u) for g in sorted(by_group) for u in sorted(by_group[g])]
                 removes = []
             else:
-                target = self._members
-                for g, users in by_group.items():
-                    target.update((g, u) for u in users)
+                target = {(g, u) for g, users in by_group.items() for u in users}
                 if q_users or q_groups:
                     target |= self.stored.member_pairs_of(q_groups, q_users)
                 adds, removes = sorted_pairs(target - stored_members), sorted_pairs(stored_members - target)
-                target.clear()
         digests = {g: d for g, d in fresh.items() if stored_digests.get(g) != d}
         return adds, removes, user_deletes, group_deletes, unknown, digests
 

@@ -87,6 +87,24 @@ def test_same_object_twice_later_wins_and_removal_then_return_cancels():
     assert plan.is_empty()
 
 
+def test_membership_pairs_follow_the_order_they_came_in() -> None:
+    """Added then removed: gone; removed then added again: kept. In a snapshot and in a delta alike,
+    with a group's pairs spread over pages and interleaved with another group's."""
+    ops = [
+        Page(members=[("g", "1"), ("g", "2"), ("h", "1")]),
+        Page(removed_members=[("g", "2"), ("h", "1")]),
+        Page(members=[("h", "2"), ("h", "1"), ("g", "1")]),
+    ]
+    for done in (SNAPSHOT, DELTA):
+        d = stored(groups=(ENG, Group(idp_id="h", name="H")), members=())
+        d.add(Page(users=[ADA, BOB], groups=[ENG, Group(idp_id="h", name="H")]))
+        for page in ops:
+            d.add(page)
+        plan = d.finish(done)
+        assert plan.member_adds == [("g", "1"), ("h", "1"), ("h", "2")], done.mode
+        assert plan.member_removes == [], done.mode
+
+
 def test_membership_to_unknown_user_is_skipped_not_stored():
     d = stored()
     d.add(Page(users=[ADA, BOB], groups=[ENG], members=[("g", "1"), ("g", "ghost")]))

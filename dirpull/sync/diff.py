@@ -158,7 +158,9 @@ class Diff:
     _stored_groups: set[str] = field(default_factory=set)
     _seen_users: set[str] = field(default_factory=set)
     _seen_groups: set[str] = field(default_factory=set)
-    _members: set[tuple[str, str]] = field(default_factory=set)
+    # `Page.members` gathered group by group as pages arrive (a snapshot's finish then has only
+    # each group's set to make); a pair removed after it was added is dropped at the finish.
+    _paired: dict[str, list[str]] = field(default_factory=dict)
     _member_lists: dict[str, list[str]] = field(default_factory=dict)  # `Page.member_lists`, merged
     _removed_members: set[tuple[str, str]] = field(default_factory=set)
     _removed_users: set[str] = field(default_factory=set)
@@ -212,19 +214,35 @@ class Diff:
             self._groups.pop(key, None)
             self._group_fps.pop(key, None)
             self._seen_groups.discard(key)
-        for g, u in page.members:
-            pair = (intern(g), intern(u))
-            self._members.add(pair)
-            self._removed_members.discard(pair)
-        for pair in page.removed_members:
-            self._removed_members.add(pair)
-            self._members.discard(pair)
+        if page.members:
+            self._add_pairs(page.members)
+        self._removed_members.update(page.removed_members)
         for g, users in page.member_lists:
             # A group given twice gets both lists. (The connector shares id strings if it wants:
             # interning here cost more than the memory it saved.)
             self._member_lists.setdefault(g, []).extend(users)
         self._complete_groups.update(page.complete_groups)
         self._quarantined.extend(page.quarantined)
+
+    def _add_pairs(self, pairs: list[tuple[str, str]]) -> None:
+        paired, removed = self._paired, self._removed_members
+        users: list[str] = []
+        last: str | None = None
+        for g, u in pairs:
+            if g != last:  # connectors hand a group's pairs over together: one lookup per run
+                last = g
+                found = paired.get(g)
+                users = paired[intern(g)] = [] if found is None else found
+            users.append(intern(u))
+            if removed:
+                removed.discard((g, u))  # added again after a removal: the addition stands
+
+    def _pairs(self) -> set[tuple[str, str]]:
+        """Every pair added and not removed since (consumes what `add()` gathered)."""
+        removed = self._removed_members
+        out = {(g, u) for g, users in self._paired.items() for u in users}
+        self._paired.clear()
+        return out - removed if removed else out
 
     def _add_unchanged(self, ids: list[str]) -> None:
         """Users the connector found stored exactly as sent: seen, and nothing pending for them
@@ -340,9 +358,15 @@ class Diff:
         group has a digest too), from pairs and lists alike; and how many distinct pairs named
         someone unknown. Consumes what `add()` gathered."""
         lists = self._member_lists
-        for g, u in self._members:
-            lists.setdefault(g, []).append(u)
-        self._members.clear()
+        removed: dict[str, set[str]] = {}
+        for g, u in self._removed_members:
+            removed.setdefault(g, set()).add(u)
+        for g, users in self._paired.items():
+            if g in removed:
+                gone = removed[g]
+                users = [u for u in users if u not in gone]
+            lists.setdefault(g, []).extend(users)
+        self._paired.clear()
         by_group: dict[str, set[str]] = {g: set() for g in known_groups}
         unknown = 0
         while lists:
@@ -360,21 +384,22 @@ class Diff:
 
     def _finish_delta(self) -> tuple[Any, ...]:
         stored = self.stored
+        members = self._pairs()
         # Lists are meant for snapshots; in a delta they are pairs (a later removal still wins).
         for g, users in self._member_lists.items():
-            self._members.update((g, u) for u in users if (g, u) not in self._removed_members)
+            members.update((g, u) for u in users if (g, u) not in self._removed_members)
         self._member_lists.clear()
         user_deletes = set(stored.user_fingerprints(self._removed_users)) & self._removed_users
         group_deletes = set(stored.group_fingerprints(self._removed_groups)) & self._removed_groups
         # Who a membership may name: what this pull saw, or what is stored and not deleted now.
-        users_named = {u for _, u in self._members} - self._seen_users
-        groups_named = {g for g, _ in self._members} - self._seen_groups
+        users_named = {u for _, u in members} - self._seen_users
+        groups_named = {g for g, _ in members} - self._seen_groups
         known_users = self._seen_users | (set(stored.user_fingerprints(users_named)) & users_named)
         known_groups = self._seen_groups | (set(stored.group_fingerprints(groups_named)) & groups_named)
         known_users -= user_deletes
         known_groups -= group_deletes
-        target = {(g, u) for g, u in self._members if g in known_groups and u in known_users}
-        skipped = len(self._members) - len(target)
+        target = {(g, u) for g, u in members if g in known_groups and u in known_users}
+        skipped = len(members) - len(target)
 
         adds = target - stored.existing_pairs(target)
         removes = stored.existing_pairs(self._removed_members)

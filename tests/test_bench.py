@@ -97,3 +97,18 @@ def test_sqlite_cache_bench_runs_each_cache_size() -> None:
     lines = out.stdout.splitlines()
     assert [line.split(":")[0] for line in lines] == ["cache default (2 MB)", "cache 4096 KiB"]
     assert all("memberships_s" in line and "total_s" in line for line in lines)
+
+
+def test_sqlite_threads_bench_runs_every_case() -> None:
+    out = subprocess.run(
+        [sys.executable, "scripts/bench_sqlite_threads.py", "--rows", "300", "--convoy-rows", "20"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    labels = [line.split(":")[0] for line in out.stdout.splitlines()]
+    assert labels == [
+        "executemany alone", "executemany beside a busy thread", "store insert alone",
+        "store insert beside a busy thread", "store read of every fingerprint alone",
+        "store read of every fingerprint beside a busy thread",
+    ]  # fmt: skip
+    assert "300 rows in" in out.stdout and "20 rows in" in out.stdout

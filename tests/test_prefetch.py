@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from dirpull.sync.prefetch import Prefetch
+from dirpull.prefetch import Prefetch
 
 
 class Stopped(Exception):

@@ -17,6 +17,7 @@ from conftest import pg_url_or_skip
 from typer.testing import CliRunner
 
 from dirpull.cli import app
+from dirpull.storage import schema as t
 from dirpull.storage import store as store_module
 from dirpull.storage.store import LeaseLost, Store, WriteSet
 
@@ -153,6 +154,39 @@ def test_a_large_run_is_written_with_a_large_sqlite_cache_given_back_after(store
     with store.engine.connect() as conn:  # the connection the runs used, back to the default
         assert conn.connection.driver_connection.execute("PRAGMA cache_size").fetchone()[0] == -2000
     assert len(list(store.iter_users("t"))) == 23
+
+
+ODD_IDS = ["plain", "O'Brien", 'quo"te', "back\\slash", "tab\there", "new\nline", "zürich", "東京", "😀", "a,b", "[1]"]
+
+
+def test_whole_tenant_reads_and_large_inserts_keep_every_row_exactly(store, monkeypatch):
+    """Multi-row INSERTs split across statements and the whole-tenant reads (packed a page at a
+    time on SQLite) give back exactly what was written: odd ids, NULL digests, composite keys."""
+    monkeypatch.setattr(store_module, "SQLITE_ROWS_PER_INSERT", 4)  # 4 rows per statement, and a partial one
+    monkeypatch.setattr(store_module, "SQLITE_ROWS_PER_READ", 3)  # pages end inside a group's pairs
+    ws = writes("t", 0, "x")
+    ws.user_creates = [{**writes("t", 1, "x").user_creates[0], "idp_id": i, "fingerprint": f"fp-{i}"} for i in ODD_IDS]
+    ws.user_sources = {i: f"src-{i}" for i in ODD_IDS[::2]}
+    groups = ["g1", "g'2", "g 3"]
+    ws.group_creates = [{"idp_id": g, "name": g, "description": None, "email": None, "raw_attributes": {},
+                         "fingerprint": f"gfp-{g}"} for g in groups]  # fmt: skip
+    pairs = sorted((g, u) for g in groups for u in ODD_IDS[: 3 + len(g)])
+    ws.member_adds = pairs
+    assert store.acquire_lease("t", "a", timedelta(seconds=30)) is None
+    run_id = store.start_run("t", trigger="test", mode="full", worker="a")
+    written = store.apply("t", run_id, ws, holder="a", cursor=None, full=True,
+                          run_fields={"status": "succeeded", "mode": "full", "counts": {}, "requests": 0})  # fmt: skip
+    assert written == len(pairs)  # a group.user_added event per pair (no user events in this WriteSet)
+    fps, sources = store.user_digests("t")
+    assert fps == {i: f"fp-{i}" for i in ODD_IDS}
+    assert sources == {i: f"src-{i}" for i in ODD_IDS[::2]}
+    assert store.user_fingerprints("t") == fps
+    assert store.group_digests("t") == ({g: f"gfp-{g}" for g in groups}, {})
+    assert store.membership_pairs("t") == set(pairs)
+    with store.engine.connect() as conn:  # every row once: no page repeats or skips one
+        rows = [tuple(r) for r in store_module._tenant_rows(conn, t.memberships, ["group_idp_id", "user_idp_id"], "t")]
+    assert sorted(rows) == pairs
+    assert sorted(u["idp_id"] for u in store.iter_users("t")) == sorted(ODD_IDS)
 
 
 def test_takeover_marks_the_cut_off_run_failed(store):

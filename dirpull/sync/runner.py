@@ -21,10 +21,10 @@ from typing import Any
 from dirpull.config import Config, ConfigError, parse_duration
 from dirpull.connectors import make_connector
 from dirpull.connectors.base import Connector, ConnectorError, Done, Page
+from dirpull.prefetch import Prefetch
 from dirpull.storage.store import Store, StoreError, WriteSet, utcnow
 from dirpull.sync import guard
 from dirpull.sync.diff import Diff, LoadedState, Plan, StoredState, build_writes, deactivations
-from dirpull.sync.prefetch import Prefetch
 
 log = logging.getLogger("dirpull.sync")
 

@@ -1,9 +1,11 @@
-"""Run a connector's pull in its own thread, a few pages ahead of the diff.
+"""Iterate a stream in its own thread, a few items ahead of the consumer.
 
-While the diff works on page N the pull thread is already waiting for page N+1 on the socket (the
-GIL is released there), so the vendor renders the next page while this process diffs the last one
-instead of each waiting for the other: on a 100,000-user full resync that waiting was about a
-third of the run. The queue is bounded, so at most `depth` pages sit in memory.
+The sync runs a connector's pull this way: while the diff works on page N the pull thread is
+already waiting for page N+1 on the socket (the GIL is released there), so the vendor renders the
+next page while this process diffs the last one instead of each waiting for the other (on a
+100,000-user full resync that waiting was about a third of the run). The store builds the rows of
+its next INSERT this way while SQLite writes the last one. The queue is bounded, so at most
+`depth` items sit in memory.
 """
 
 from __future__ import annotations

@@ -875,7 +875,7 @@ def _flat_batches(rows: Iterable[tuple[Any, ...]], size: int) -> Iterator[tuple[
 
 
 def _tenant_rows(conn: Connection, table: sa.Table, columns: Sequence[str], tenant: str) -> Iterator[Sequence[Any]]:
-    """Every row of `tenant` in `table`: the given plain string columns, in primary-key order.
+    """Every row of `tenant` in `table`: the given plain string columns (the key among them).
 
     On SQLite the database packs SQLITE_ROWS_PER_READ rows at a time into one JSON array, one step
     of a statement each. Fetched row by row, CPython's sqlite3 lets go of the GIL for every row,
@@ -883,25 +883,24 @@ def _tenant_rows(conn: Connection, table: sa.Table, columns: Sequence[str], tena
     waited to get it back (scripts/bench_sqlite_threads.py: 2,000 fingerprints in 2.9 s instead
     of 3 ms)."""
     keys = [c for c in table.primary_key.columns if c.name != "tenant"]
+    cols = [table.c[n] for n in columns]
     if conn.dialect.name != "sqlite":
-        q = sa.select(*[table.c[n] for n in columns]).where(table.c.tenant == tenant).order_by(*keys)
-        yield from _driver_rows(conn, q)
+        yield from _driver_rows(conn, sa.select(*cols).where(table.c.tenant == tenant))
         return
-    width = len(keys)
+    at = [columns.index(k.name) for k in keys]  # the key columns are among those read
     after: tuple[Any, ...] | None = None
     while True:
-        page = sa.select(*keys, *[table.c[n] for n in columns]).where(table.c.tenant == tenant)
+        page = sa.select(*cols).where(table.c.tenant == tenant)
         if after is not None:
             page = page.where(sa.tuple_(*keys) > sa.tuple_(*after))
         sub = page.order_by(*keys).limit(SQLITE_ROWS_PER_READ).subquery()
         packed = conn.execute(sa.select(sa.func.json_group_array(sa.func.json_array(*sub.c)))).scalar_one()
         rows = loads(packed)
-        for row in rows:
-            yield row[width:]
+        yield from rows
         if len(rows) < SQLITE_ROWS_PER_READ:
             return
         # The aggregate's order is SQLite's to choose: the next page starts after the largest key.
-        after = max(tuple(row[:width]) for row in rows)
+        after = max(tuple(row[i] for i in at) for row in rows) if len(at) > 1 else (max(row[at[0]] for row in rows),)
 
 
 def _driver_rows(conn: Connection, q: sa.Select[Any], size: int = 5000) -> Iterator[tuple[Any, ...]]:

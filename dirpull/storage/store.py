@@ -851,14 +851,24 @@ def _insert_sqlite(conn: Connection, head: str, one: str, width: int, rows: Iter
     limit = raw.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if hasattr(raw, "getlimit") else 999
     per = max(1, min(SQLITE_ROWS_PER_INSERT, limit // width))
     statements: dict[int, str] = {}
-    written = 0
-    with Prefetch(lambda: _flat_batches(rows, per), depth=2, name="store-rows") as ahead:
+
+    def insert(count: int, values: tuple[Any, ...]) -> int:
+        sql = statements.get(count)
+        if sql is None:
+            sql = statements[count] = head + ", ".join([one] * count)
+        conn.exec_driver_sql(sql, values)
+        return count
+
+    batches = _flat_batches(rows, per)
+    first = next(batches, None)
+    if first is None:
+        return 0
+    written = insert(*first)
+    if first[0] < per:
+        return written  # one statement held them all: no helper thread for a small run
+    with Prefetch(lambda: batches, depth=2, name="store-rows") as ahead:
         for count, values in ahead:
-            sql = statements.get(count)
-            if sql is None:
-                sql = statements[count] = head + ", ".join([one] * count)
-            conn.exec_driver_sql(sql, values)
-            written += count
+            written += insert(count, values)
     return written
 
 

@@ -1,9 +1,9 @@
 """Entra ID through Microsoft Graph delta queries, on msgraph-sdk's request pipeline.
 
 Transport: a `GraphServiceClient` over `GraphRequestAdapter` with `GraphClientFactory`'s middleware
-(redirects, query-name decoding, user agent, telemetry), `base_url` = the tenant's Graph URL. Every
-response is read as raw bytes (`send_primitive_async(req, "bytes", …)`) and parsed with `orjson.loads`: the
-SDK's typed models cost ~4 ms per user to deserialize, raw JSON costs microseconds.
+(redirects, query-name decoding, user agent, telemetry), `base_url` = the tenant's Graph URL.
+Every response is read as raw bytes (`send_primitive_async(req, "bytes", …)`) and parsed with
+`orjson.loads`: the SDK's typed models cost ~4 ms per user to deserialize, raw JSON microseconds.
 kiota's own RetryHandler is switched off (it honours Retry-After with no cap); retries follow the
 shared `RetryPolicy` instead: 429/5xx and dropped connections, Retry-After honoured (fractional
 seconds too), capped in attempts and in total wait, then the run fails and nothing is applied.

@@ -843,13 +843,13 @@ def _insert_sqlite(conn: Connection, head: str, one: str, width: int, rows: Iter
 
     CPython's sqlite3 lets go of the GIL around every step of a statement, and executemany steps
     once per row: with any other thread busy (the next rows being built; another tenant's sync in
-    the daemon) each row waits for the GIL to come back. Measured, 100,000 rows of 21 columns:
-    executemany 0.8 s alone and over 500 s next to a busy thread; 1,000-row statements 0.9 s and
-    1.4 s. One step per statement also lets SQLite's own work run beside the Python that builds
-    the next values (Workday's first sync: 6.4 → 5.7 s to apply)."""
+    the daemon) each row waits for the GIL to come back. scripts/bench_sqlite_threads.py, user
+    rows: executemany 0.45 s for 100,000 alone, 143–266 rows/s beside a busy thread; this 0.32 s
+    alone, ~100,000 rows/s beside one. One step per statement also lets SQLite's own work run
+    beside the Python that builds the next values (Workday's first sync: 6.4 → 5.7 s to apply)."""
     raw = conn.connection.driver_connection
-    limit = raw.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if hasattr(raw, "getlimit") else 999
-    per = max(1, min(SQLITE_ROWS_PER_INSERT, limit // width))
+    assert raw is not None
+    per = max(1, min(SQLITE_ROWS_PER_INSERT, raw.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // width))
     statements: dict[int, str] = {}
 
     def insert(count: int, values: tuple[Any, ...]) -> int:
@@ -910,7 +910,7 @@ def _tenant_rows(conn: Connection, table: sa.Table, columns: Sequence[str], tena
         if len(rows) < SQLITE_ROWS_PER_READ:
             return
         # The aggregate's order is SQLite's to choose: the next page starts after the largest key.
-        after = max(tuple(row[i] for i in at) for row in rows) if len(at) > 1 else (max(row[at[0]] for row in rows),)
+        after = max(tuple(row[i] for i in at) for row in rows)
 
 
 def _driver_rows(conn: Connection, q: sa.Select[Any], size: int = 5000) -> Iterator[tuple[Any, ...]]:

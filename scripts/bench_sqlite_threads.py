@@ -6,12 +6,12 @@ row. Alone that costs nothing, but while any other thread of the process is busy
 several tenants at once; the store builds its next rows in a helper thread) each row waits to get
 the GIL back. This inserts user rows into a fresh store of the real schema four ways — driver
 executemany and the store's own insert, each alone and beside a thread that only computes — and
-prints rows per second; then reads a tenant's fingerprints alone and beside a busy thread (the
-reads still step once per row):
+prints rows per second; then deletes memberships beside a busy thread both ways, and reads a
+tenant's fingerprints (packed by SQLite) alone and beside a busy thread:
 
     .venv/bin/python scripts/bench_sqlite_threads.py --rows 100000 --convoy-rows 2000
 
-executemany beside a busy thread is so slow that it gets only --convoy-rows rows. No network; a
+executemany beside a busy thread is so slow that it gets only --convoy-rows rows (deletes too). No network; a
 temporary file, removed afterwards.
 """
 
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from dirpull.jsoncodec import dumps  # noqa: E402
 from dirpull.model import USER_FIELDS  # noqa: E402
 from dirpull.storage import schema as t  # noqa: E402
-from dirpull.storage.store import Store, _bound, _insert_many  # noqa: E402
+from dirpull.storage.store import Store, _bound, _delete_pairs, _insert_many  # noqa: E402
 
 JSON_FIELDS = {"emails", "custom_attributes", "raw_attributes"}
 NAMES = ["tenant", *USER_FIELDS, "fingerprint", "source_digest", "created_at", "updated_at"]
@@ -95,6 +95,13 @@ def executemany(conn: Any, rows: list[tuple[Any, ...]]) -> None:
         raw.executemany(sql, rows[i : i + 2000])
 
 
+def delete_executemany(conn: Any, tenant: str, pairs: list[tuple[str, str]]) -> None:
+    raw = conn.connection.driver_connection
+    sql = "DELETE FROM memberships WHERE tenant = ? AND group_idp_id = ? AND user_idp_id = ?"
+    for i in range(0, len(pairs), 500):
+        raw.executemany(sql, [(tenant, g, u) for g, u in pairs[i : i + 500]])
+
+
 def store_insert(conn: Any, rows: list[tuple[Any, ...]]) -> None:
     _insert_many(conn, t.users, NAMES, rows)
 
@@ -119,7 +126,22 @@ def main() -> int:
             for i, (label, write, count, busy) in enumerate(cases):
                 took = timed(store, write, user_rows(count, ts, f"c{i}-"), busy)
                 print(f"{label}: {count} rows in {took:.2f} s ({count / took:,.0f} rows/s)", flush=True)
-            # Reads step once per row too (not changed yet: the store's reads of a whole tenant).
+            # Deleting memberships: executemany, and the store's join to the primary key.
+            m_names = ["tenant", "group_idp_id", "user_idp_id", "created_at"]
+            for label, count, delete in (
+                ("membership delete executemany beside a busy thread", args.convoy_rows, delete_executemany),
+                ("store membership delete beside a busy thread", args.rows, _delete_pairs),
+            ):  # fmt: skip
+                pairs = [(f"g{i % 97}", f"{label[:5]}{i:08d}") for i in range(count)]
+                with store.engine.begin() as conn:
+                    _insert_many(conn, t.memberships, m_names, (("bench", g, u, ts) for g, u in pairs))
+                with store.engine.begin() as conn:
+                    started = time.perf_counter()
+                    with Busy():
+                        delete(conn, "bench", pairs)
+                    took = time.perf_counter() - started
+                print(f"{label}: {count} rows in {took:.2f} s ({count / took:,.0f} rows/s)", flush=True)
+            # Reads of a whole tenant, packed by SQLite.
             with store.engine.begin() as conn:
                 store_insert(conn, user_rows(args.convoy_rows, ts, "r-", tenant="read"))
             for label, busy in (("store read of every fingerprint alone", False),

@@ -108,7 +108,8 @@ def test_sqlite_threads_bench_runs_every_case() -> None:
     labels = [line.split(":")[0] for line in out.stdout.splitlines()]
     assert labels == [
         "executemany alone", "executemany beside a busy thread", "store insert alone",
-        "store insert beside a busy thread", "store read of every fingerprint alone",
+        "store insert beside a busy thread", "membership delete executemany beside a busy thread",
+        "store membership delete beside a busy thread", "store read of every fingerprint alone",
         "store read of every fingerprint beside a busy thread",
     ]  # fmt: skip
     assert "300 rows in" in out.stdout and "20 rows in" in out.stdout

@@ -188,6 +188,20 @@ def test_whole_tenant_reads_and_large_inserts_keep_every_row_exactly(store, monk
     assert sorted(rows) == pairs
     assert sorted(u["idp_id"] for u in store.iter_users("t")) == sorted(ODD_IDS)
 
+    # A second run: removals, member digests and source refreshes by id, several statements each.
+    monkeypatch.setattr(store_module, "SQLITE_KEYED_ROWS", 3)
+    gone = pairs[::2]
+    ws = writes("t", 0, "y")
+    ws.member_removes = gone
+    ws.member_digests = {g: f"md-{g}" for g in groups}
+    ws.source_refreshes = {i: f"new-{i}" for i in ODD_IDS[1:8]}
+    run_id = store.start_run("t", trigger="test", mode="full", worker="a")
+    store.apply("t", run_id, ws, holder="a", cursor=None, full=True,
+                run_fields={"status": "succeeded", "mode": "full", "counts": {}, "requests": 0})  # fmt: skip
+    assert store.membership_pairs("t") == set(pairs) - set(gone)
+    assert store.group_digests("t")[1] == {g: f"md-{g}" for g in groups}
+    assert store.user_digests("t")[1] == {**sources, **{i: f"new-{i}" for i in ODD_IDS[1:8]}}
+
 
 def test_takeover_marks_the_cut_off_run_failed(store):
     assert store.acquire_lease("t", "a", timedelta(seconds=0.1)) is None

@@ -6,8 +6,8 @@ row. Alone that costs nothing, but while any other thread of the process is busy
 several tenants at once; the store builds its next rows in a helper thread) each row waits to get
 the GIL back. This inserts user rows into a fresh store of the real schema four ways — driver
 executemany and the store's own insert, each alone and beside a thread that only computes — and
-prints rows per second; then deletes memberships beside a busy thread both ways, and reads a
-tenant's fingerprints (packed by SQLite) alone and beside a busy thread:
+prints rows per second; then deletes memberships and rewrites users beside a busy thread both
+ways, and reads a tenant's fingerprints (packed by SQLite) alone and beside a busy thread:
 
     .venv/bin/python scripts/bench_sqlite_threads.py --rows 100000 --convoy-rows 2000
 
@@ -31,10 +31,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dirpull.jsoncodec import dumps  # noqa: E402
+from dirpull.jsoncodec import dumps, loads  # noqa: E402
 from dirpull.model import USER_FIELDS  # noqa: E402
 from dirpull.storage import schema as t  # noqa: E402
-from dirpull.storage.store import Store, _bound, _delete_pairs, _insert_many  # noqa: E402
+from dirpull.storage.store import Store, _bound, _delete_pairs, _insert_many, _update_rows  # noqa: E402
 
 JSON_FIELDS = {"emails", "custom_attributes", "raw_attributes"}
 NAMES = ["tenant", *USER_FIELDS, "fingerprint", "source_digest", "created_at", "updated_at"]
@@ -102,6 +102,22 @@ def delete_executemany(conn: Any, tenant: str, pairs: list[tuple[str, str]]) -> 
         raw.executemany(sql, [(tenant, g, u) for g, u in pairs[i : i + 500]])
 
 
+UPDATED = [n for n in USER_FIELDS if n != "idp_id"]
+
+
+def update_executemany(conn: Any, rows: list[dict[str, Any]], ts: Any) -> None:
+    raw = conn.connection.driver_connection
+    sql = f"UPDATE users SET {', '.join(f'{n} = ?' for n in UPDATED)}, updated_at = ? WHERE tenant = ? AND idp_id = ?"
+    for i in range(0, len(rows), 500):
+        raw.executemany(sql, [(*[r[n] for n in UPDATED], ts, r["tenant"], r["idp_id"]) for r in rows[i : i + 500]])
+
+
+def update_store(conn: Any, rows: list[dict[str, Any]], ts: Any) -> None:
+    # The store binds values as the columns' types do: JSON columns as the objects, not their text.
+    objects = [{**r, **{n: loads(r[n]) for n in JSON_FIELDS}} for r in rows]
+    _update_rows(conn, t.users, "bench", UPDATED, objects, datetime.now(UTC))
+
+
 def store_insert(conn: Any, rows: list[tuple[Any, ...]]) -> None:
     _insert_many(conn, t.users, NAMES, rows)
 
@@ -139,6 +155,18 @@ def main() -> int:
                     started = time.perf_counter()
                     with Busy():
                         delete(conn, "bench", pairs)
+                    took = time.perf_counter() - started
+                print(f"{label}: {count} rows in {took:.2f} s ({count / took:,.0f} rows/s)", flush=True)
+            # Rewriting changed users: executemany, and the store's UPDATE … FROM (VALUES …).
+            changed = [dict(zip(NAMES, row, strict=True)) for row in user_rows(args.rows, ts, "c2-")]
+            for label, count, update in (
+                ("row update executemany beside a busy thread", args.convoy_rows, update_executemany),
+                ("store row update beside a busy thread", args.rows, update_store),
+            ):  # fmt: skip
+                with store.engine.begin() as conn:
+                    started = time.perf_counter()
+                    with Busy():
+                        update(conn, [{**r, "job_title": "Manager"} for r in changed[:count]], ts)
                     took = time.perf_counter() - started
                 print(f"{label}: {count} rows in {took:.2f} s ({count / took:,.0f} rows/s)", flush=True)
             # Reads of a whole tenant, packed by SQLite.

@@ -109,7 +109,8 @@ def test_sqlite_threads_bench_runs_every_case() -> None:
     assert labels == [
         "executemany alone", "executemany beside a busy thread", "store insert alone",
         "store insert beside a busy thread", "membership delete executemany beside a busy thread",
-        "store membership delete beside a busy thread", "store read of every fingerprint alone",
+        "store membership delete beside a busy thread", "row update executemany beside a busy thread",
+        "store row update beside a busy thread", "store read of every fingerprint alone",
         "store read of every fingerprint beside a busy thread",
     ]  # fmt: skip
     assert "300 rows in" in out.stdout and "20 rows in" in out.stdout

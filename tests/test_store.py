@@ -188,19 +188,41 @@ def test_whole_tenant_reads_and_large_inserts_keep_every_row_exactly(store, monk
     assert sorted(rows) == pairs
     assert sorted(u["idp_id"] for u in store.iter_users("t")) == sorted(ODD_IDS)
 
-    # A second run: removals, member digests and source refreshes by id, several statements each.
-    monkeypatch.setattr(store_module, "SQLITE_KEYED_ROWS", 3)
+    # A second run: removals, member digests, source refreshes and rewritten rows by id, several
+    # statements each.
+    monkeypatch.setattr(store_module, "SQLITE_KEYED_ROWS", 2)
+    before = {u["idp_id"]: u for u in store.iter_users("t")}
     gone = pairs[::2]
     ws = writes("t", 0, "y")
     ws.member_removes = gone
     ws.member_digests = {g: f"md-{g}" for g in groups}
     ws.source_refreshes = {i: f"new-{i}" for i in ODD_IDS[1:8]}
+    rewritten = ODD_IDS[8:]  # a rewritten row's source digest is the new one, or none
+    template = writes("t", 1, "z").user_creates[0]
+    ws.user_updates = [
+        {**template, "idp_id": i, "username": None, "job_title": f"title {i}", "emails": [i, "b@x"],
+         "raw_attributes": {"n": i, "nested": {"k": [1, None]}}, "fingerprint": f"fp2-{i}"}
+        for i in rewritten
+    ]  # fmt: skip
+    ws.user_sources = {i: f"src2-{i}" for i in rewritten[::2]}
     run_id = store.start_run("t", trigger="test", mode="full", worker="a")
     store.apply("t", run_id, ws, holder="a", cursor=None, full=True,
                 run_fields={"status": "succeeded", "mode": "full", "counts": {}, "requests": 0})  # fmt: skip
     assert store.membership_pairs("t") == set(pairs) - set(gone)
     assert store.group_digests("t")[1] == {g: f"md-{g}" for g in groups}
-    assert store.user_digests("t")[1] == {**sources, **{i: f"new-{i}" for i in ODD_IDS[1:8]}}
+    fps, sources_now = store.user_digests("t")
+    assert fps == {i: f"fp2-{i}" if i in rewritten else f"fp-{i}" for i in ODD_IDS}
+    expected = {**sources, **{i: f"new-{i}" for i in ODD_IDS[1:8]}}
+    expected = {k: v for k, v in expected.items() if k not in rewritten} | ws.user_sources
+    assert sources_now == expected
+    after = {u["idp_id"]: u for u in store.iter_users("t")}
+    for i in ODD_IDS:
+        if i not in rewritten:
+            assert after[i] == before[i]
+            continue
+        assert after[i]["username"] is None and after[i]["job_title"] == f"title {i}"
+        assert after[i]["emails"] == [i, "b@x"] and after[i]["raw_attributes"] == {"n": i, "nested": {"k": [1, None]}}
+        assert after[i]["updated_at"] > before[i]["updated_at"] and after[i]["created_at"] == before[i]["created_at"]
 
 
 def test_takeover_marks_the_cut_off_run_failed(store):

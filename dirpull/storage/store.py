@@ -656,19 +656,7 @@ class Store:
                     # A row rewritten without a digest of its vendor record must not keep an old one.
                     updates = [{**r, "source_digest": sources.get(r["idp_id"])} for r in updates]
                 names = [n for n in updates[0] if n != "idp_id"]
-                stmt = (
-                    table.update()
-                    .where(table.c.tenant == sa.bindparam("_tenant"), table.c.idp_id == sa.bindparam("_id"))
-                    .values({n: sa.bindparam(n) for n in [*names, "updated_at"]})
-                )
-                for chunk in _chunks(updates, BATCH):
-                    conn.execute(
-                        stmt,
-                        [
-                            {**{n: r[n] for n in names}, "_tenant": tenant, "_id": r["idp_id"], "updated_at": now}
-                            for r in chunk
-                        ],
-                    )
+                _update_rows(conn, table, tenant, names, updates, now)
             for chunk in _chunks(deletes, BATCH):
                 conn.execute(table.delete().where(table.c.tenant == tenant, table.c.idp_id.in_(chunk)))
         if w.source_refreshes:
@@ -863,6 +851,45 @@ def _flat_batches(rows: Iterable[tuple[Any, ...]], size: int) -> Iterator[tuple[
             batch = []
     if batch:
         yield len(batch), tuple(v for r in batch for v in r)
+
+
+def _update_rows(
+    conn: Connection, table: sa.Table, tenant: str, names: Sequence[str], rows: Sequence[Mapping[str, Any]],
+    now: datetime,
+) -> None:  # fmt: skip
+    """Rewrite the `names` columns (and updated_at) of the tenant's rows, by idp_id. On SQLite, one
+    `UPDATE … FROM (VALUES …)` per SQLITE_KEYED_ROWS rows with the values as the columns' own
+    types would bind them (one step each, see `_insert_sqlite`); elsewhere (and before SQLite
+    3.33), executemany."""
+    if conn.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 33):
+        dialect, prep = conn.dialect, conn.dialect.identifier_preparer
+        procs = [table.c[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names]
+        name = prep.format_table(table)
+        sets = ", ".join(f"{prep.quote(n)} = v.column{i + 2}" for i, n in enumerate(names))
+        one = f"({', '.join(['?'] * (len(names) + 1))})"
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        limit = raw.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - 2  # updated_at and the tenant
+        per = max(1, min(SQLITE_KEYED_ROWS, limit // (len(names) + 1)))
+        for chunk in _chunks(rows, per):
+            values: list[Any] = []
+            for r in chunk:
+                values.append(r["idp_id"])
+                values.extend(p(r[n]) if p else r[n] for n, p in zip(names, procs, strict=True))
+            conn.exec_driver_sql(
+                f"UPDATE {name} SET {sets}, updated_at = ? FROM (VALUES {', '.join([one] * len(chunk))}) AS v "
+                f"WHERE {name}.tenant = ? AND {name}.idp_id = v.column1",
+                (_bound(t.TS, now, conn), *values, tenant),
+            )
+        return
+    stmt = (
+        table.update()
+        .where(table.c.tenant == sa.bindparam("_tenant"), table.c.idp_id == sa.bindparam("_id"))
+        .values({n: sa.bindparam(n) for n in [*names, "updated_at"]})
+    )
+    for chunk in _chunks(rows, BATCH):
+        params = [{**{n: r[n] for n in names}, "_tenant": tenant, "_id": r["idp_id"], "updated_at": now} for r in chunk]
+        conn.execute(stmt, params)
 
 
 def _set_by_id(conn: Connection, table: sa.Table, column: str, tenant: str, values: Sequence[tuple[str, Any]]) -> None:

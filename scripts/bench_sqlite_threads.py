@@ -11,8 +11,8 @@ ways, and reads a tenant's fingerprints (packed by SQLite) alone and beside a bu
 
     .venv/bin/python scripts/bench_sqlite_threads.py --rows 100000 --convoy-rows 2000
 
-executemany beside a busy thread is so slow that it gets only --convoy-rows rows (deletes too). No network; a
-temporary file, removed afterwards.
+executemany beside a busy thread is so slow that it gets only --convoy-rows rows (its deletes and
+updates too). No network; a temporary file, removed afterwards.
 """
 
 from __future__ import annotations
@@ -34,9 +34,16 @@ sys.path.insert(0, str(ROOT))
 from dirpull.jsoncodec import dumps, loads  # noqa: E402
 from dirpull.model import USER_FIELDS  # noqa: E402
 from dirpull.storage import schema as t  # noqa: E402
-from dirpull.storage.store import Store, _bound, _delete_pairs, _insert_many, _update_rows  # noqa: E402
+from dirpull.storage.store import (  # noqa: E402
+    Store,
+    _bound,
+    _delete_pairs,
+    _insert_many,
+    _json_columns,
+    _update_rows,
+)
 
-JSON_FIELDS = {"emails", "custom_attributes", "raw_attributes"}
+JSON_FIELDS = _json_columns(t.users)
 NAMES = ["tenant", *USER_FIELDS, "fingerprint", "source_digest", "created_at", "updated_at"]
 
 

@@ -855,64 +855,49 @@ def _flat_batches(rows: Iterable[tuple[Any, ...]], size: int) -> Iterator[tuple[
 
 def _update_rows(
     conn: Connection, table: sa.Table, tenant: str, names: Sequence[str], rows: Sequence[Mapping[str, Any]],
-    now: datetime,
+    now: datetime | None,
 ) -> None:  # fmt: skip
-    """Rewrite the `names` columns (and updated_at) of the tenant's rows, by idp_id. On SQLite, one
-    `UPDATE … FROM (VALUES …)` per SQLITE_KEYED_ROWS rows with the values as the columns' own
-    types would bind them (one step each, see `_insert_sqlite`); elsewhere (and before SQLite
-    3.33), executemany."""
+    """Rewrite the `names` columns of the tenant's rows, by idp_id, and updated_at unless `now` is
+    None (a digest is a cache, not a change). On SQLite, one `UPDATE … FROM (VALUES …)` per
+    SQLITE_KEYED_ROWS rows with the values as the columns' own types would bind them (one step
+    each, see `_insert_sqlite`); elsewhere (and before SQLite 3.33), executemany."""
+    stamp = [] if now is None else ["updated_at"]
     if conn.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 33):
         dialect, prep = conn.dialect, conn.dialect.identifier_preparer
         procs = [table.c[n].type.dialect_impl(dialect).bind_processor(dialect) for n in names]
         name = prep.format_table(table)
-        sets = ", ".join(f"{prep.quote(n)} = v.column{i + 2}" for i, n in enumerate(names))
+        sets = ", ".join([*(f"{prep.quote(n)} = v.column{i + 2}" for i, n in enumerate(names)),
+                          *(f"{n} = ?" for n in stamp)])  # fmt: skip
         one = f"({', '.join(['?'] * (len(names) + 1))})"
         raw = conn.connection.driver_connection
         assert raw is not None
         limit = raw.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) - 2  # updated_at and the tenant
         per = max(1, min(SQLITE_KEYED_ROWS, limit // (len(names) + 1)))
+        head = [_bound(t.TS, now, conn)] if now is not None else []
         for chunk in _chunks(rows, per):
             values: list[Any] = []
             for r in chunk:
                 values.append(r["idp_id"])
                 values.extend(p(r[n]) if p else r[n] for n, p in zip(names, procs, strict=True))
             conn.exec_driver_sql(
-                f"UPDATE {name} SET {sets}, updated_at = ? FROM (VALUES {', '.join([one] * len(chunk))}) AS v "
+                f"UPDATE {name} SET {sets} FROM (VALUES {', '.join([one] * len(chunk))}) AS v "
                 f"WHERE {name}.tenant = ? AND {name}.idp_id = v.column1",
-                (_bound(t.TS, now, conn), *values, tenant),
+                (*head, *values, tenant),
             )
         return
     stmt = (
         table.update()
         .where(table.c.tenant == sa.bindparam("_tenant"), table.c.idp_id == sa.bindparam("_id"))
-        .values({n: sa.bindparam(n) for n in [*names, "updated_at"]})
+        .values({n: sa.bindparam(n) for n in [*names, *stamp]})
     )
+    extra = {"_tenant": tenant} if now is None else {"_tenant": tenant, "updated_at": now}
     for chunk in _chunks(rows, BATCH):
-        params = [{**{n: r[n] for n in names}, "_tenant": tenant, "_id": r["idp_id"], "updated_at": now} for r in chunk]
-        conn.execute(stmt, params)
+        conn.execute(stmt, [{**{n: r[n] for n in names}, **extra, "_id": r["idp_id"]} for r in chunk])
 
 
 def _set_by_id(conn: Connection, table: sa.Table, column: str, tenant: str, values: Sequence[tuple[str, Any]]) -> None:
-    """`column` = value for each (idp_id, value) of the tenant's rows. On SQLite, one
-    `UPDATE … FROM (VALUES …)` per SQLITE_KEYED_ROWS rows (one step each, see `_insert_sqlite`);
-    elsewhere (and before SQLite 3.33, which has no UPDATE … FROM), executemany."""
-    if conn.dialect.name == "sqlite" and sqlite3.sqlite_version_info >= (3, 33):
-        prep = conn.dialect.identifier_preparer
-        name, col = prep.format_table(table), prep.quote(column)
-        for chunk in _chunks(values, SQLITE_KEYED_ROWS):
-            conn.exec_driver_sql(
-                f"UPDATE {name} SET {col} = v.column2 FROM (VALUES {', '.join(['(?, ?)'] * len(chunk))}) AS v "
-                f"WHERE {name}.tenant = ? AND {name}.idp_id = v.column1",
-                (*[x for pair in chunk for x in pair], tenant),
-            )
-        return
-    stmt = (
-        table.update()
-        .where(table.c.tenant == tenant, table.c.idp_id == sa.bindparam("_id"))
-        .values({column: sa.bindparam("_value")})
-    )
-    for chunk in _chunks(values, BULK):
-        conn.execute(stmt, [{"_id": key, "_value": value} for key, value in chunk])
+    """`column` = value for each (idp_id, value) of the tenant's rows, updated_at left alone."""
+    _update_rows(conn, table, tenant, [column], [{"idp_id": key, column: value} for key, value in values], None)
 
 
 def _delete_pairs(conn: Connection, tenant: str, pairs: Sequence[tuple[str, str]]) -> None:

@@ -21,13 +21,13 @@ class RecordSpool:
         self._unflushed = False
         self._lock = threading.Lock()
 
-    def put(self, blob: bytes) -> SpooledJson:
+    def put(self, blob: bytes, key: str | None = None) -> SpooledJson:
         with self._lock:
             offset = self._end
             self._file.write(blob)
             self._end += len(blob)
             self._unflushed = True
-        return SpooledJson(self, offset, len(blob))
+        return SpooledJson(self, offset, len(blob), key)
 
     def read(self, offset: int, length: int) -> bytes:
         if self._unflushed:
@@ -45,12 +45,14 @@ class RecordSpool:
 
 
 class SpooledJson:
-    """One record's canonical JSON in a `RecordSpool`."""
+    """One record's canonical JSON in a `RecordSpool`, and the record's idp_id if the spooler gave
+    it (the store then writes the row without decoding the JSON in Python)."""
 
-    __slots__ = ("_length", "_offset", "_spool")
+    __slots__ = ("_length", "_offset", "_spool", "key")
 
-    def __init__(self, spool: RecordSpool, offset: int, length: int) -> None:
+    def __init__(self, spool: RecordSpool, offset: int, length: int, key: str | None = None) -> None:
         self._spool, self._offset, self._length = spool, offset, length
+        self.key = key
 
     def read(self) -> bytes:
         return self._spool.read(self._offset, self._length)

@@ -225,6 +225,61 @@ def test_whole_tenant_reads_and_large_inserts_keep_every_row_exactly(store, monk
         assert after[i]["updated_at"] > before[i]["updated_at"] and after[i]["created_at"] == before[i]["created_at"]
 
 
+def test_created_rows_from_spooled_json_are_stored_exactly(store, monkeypatch):
+    """Created users and groups as the diff hands them over (their canonical JSON in the spool,
+    named by id; SQLite takes the columns out of it) read back exactly as normalized, with odd
+    values in every kind of column; a JSON column holds the text `dumps` gives its value."""
+    from dirpull.jsoncodec import canonical, dumps, loads
+    from dirpull.model import USER_FIELDS
+    from dirpull.spool import RecordSpool
+
+    monkeypatch.setattr(store_module, "SQLITE_ROWS_PER_INSERT", 4)
+    template = {k: v for k, v in writes("t", 1, "x").user_creates[0].items() if k != "fingerprint"}
+    # PostgreSQL's text and jsonb refuse NUL; SQLite keeps it (a NUL-bearing record takes the Python path).
+    nul = "\u0000" if store.dialect == "sqlite" else ""
+    odd = ['quo"te \\ back', f"tab\t nl\n nul{nul} bell\u0007", "zürich 東京 😀", "", " padded "]
+    users = []
+    for n, i in enumerate(ODD_IDS):
+        users.append({
+            **template, "idp_id": i, "username": odd[n % len(odd)], "email": None, "emails": [i, odd[n % 5]],
+            "first_name": odd[(n + 1) % 5], "display_name": None, "state": "inactive" if n % 2 else "active",
+            "custom_attributes": {"cost center": odd[(n + 2) % 5], "n": n, "f": 1.5 + n, "big": 2**62, "t": True},
+            "raw_attributes": {"nested": {"k": [1, None, {"x": odd[n % 5]}]}, "z": None, "": [], "e": {}},
+        })  # fmt: skip
+    spool = RecordSpool()
+    ws = writes("t", 0, "x")
+    ws.user_creates = [spool.put(canonical(u), u["idp_id"]) for u in users[:-2]]
+    ws.user_creates.append(spool.put(canonical(users[-2])))  # no key: decoded to find it
+    ws.user_creates.append({**users[-1], "fingerprint": "own-fp"})  # a dict carrying its fingerprint
+    ws.user_fingerprints = {u["idp_id"]: f"fp-{u['idp_id']}" for u in users[:-1]}
+    ws.user_sources = {i: f"src-{i}" for i in ODD_IDS[::3]}
+    group = {"idp_id": "g'1", "name": odd[0], "description": odd[1], "email": None, "raw_attributes": {"a": odd[2]}}
+    ws.group_creates = [spool.put(canonical(group), group["idp_id"])]
+    ws.group_fingerprints = {"g'1": "gfp"}
+    ws.events = [
+        {"type": "user.created", "object_id": u["idp_id"], "data": c}
+        for u, c in zip(users, ws.user_creates, strict=True)
+    ]
+    assert store.acquire_lease("t", "a", timedelta(seconds=30)) is None
+    run_id = store.start_run("t", trigger="test", mode="full", worker="a")
+    store.apply("t", run_id, ws, holder="a", cursor=None, full=True,
+                run_fields={"status": "succeeded", "mode": "full", "counts": {}, "requests": 0})  # fmt: skip
+    stored = {u["idp_id"]: u for u in store.iter_users("t")}
+    assert {i: {k: stored[i][k] for k in USER_FIELDS} for i in stored} == {u["idp_id"]: u for u in users}
+    assert store.user_digests("t") == ({**ws.user_fingerprints, users[-1]["idp_id"]: "own-fp"}, ws.user_sources)
+    assert [{k: g[k] for k in group} for g in store.iter_groups("t")] == [group]
+    assert [e["data"] for e in store.iter_events("t")] == [*users[:-1], {**users[-1], "fingerprint": "own-fp"}]
+    if store.dialect == "sqlite":
+        with store.engine.connect() as conn:
+            texts = conn.exec_driver_sql("SELECT idp_id, emails, custom_attributes, raw_attributes FROM users")
+            by_id = {r[0]: r[1:] for r in texts}
+        # What the store wrote before SQLite took the JSON apart: each column's value as decoded
+        # from the record's JSON (keys sorted, for a spooled record), through `dumps`.
+        for u in [*map(loads, map(canonical, users[:-1])), users[-1]]:
+            assert by_id[u["idp_id"]] == tuple(dumps(u[k]) for k in ("emails", "custom_attributes", "raw_attributes"))
+    spool.close()
+
+
 def test_takeover_marks_the_cut_off_run_failed(store):
     assert store.acquire_lease("t", "a", timedelta(seconds=0.1)) is None
     dead = store.start_run("t", trigger="schedule", mode="full", worker="host:1")

@@ -196,7 +196,7 @@ class Diff:
                     pending.pop(key, None)
                     fps.pop(key, None)
                 else:
-                    pending[key] = self.spool.put(blob)
+                    pending[key] = self.spool.put(blob, key)
                     fps[key] = fp
                     if before is not None:
                         existing.add(key)

@@ -78,3 +78,15 @@ def fingerprint(fields: dict[str, Any]) -> str:
 def digest(blob: bytes) -> str:
     """The fingerprint of a record's canonical JSON (`jsoncodec.canonical`)."""
     return hashlib.blake2b(blob, digest_size=16).hexdigest()
+
+
+def without_nul(value: Any) -> Any:
+    """`value` with NUL characters dropped from its strings (dict keys too): PostgreSQL's text and
+    jsonb cannot hold one, and in a name or an attribute it is never meaningful."""
+    if isinstance(value, str):
+        return value.replace("\x00", "")
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_nul(v) for v in value]
+    return value

@@ -63,6 +63,26 @@ def test_changes_produce_exact_events_with_previous_attributes(harness):
     assert r.counts["users_deactivated"] == 1
 
 
+def test_nul_characters_in_values_are_dropped_on_both_stores(harness):
+    """A vendor value holding a NUL (PostgreSQL's text and jsonb refuse one) is stored without
+    it, identically on both stores, and an unchanged resync finds nothing to write."""
+    odd = User(idp_id="u0", username="nul\x00name", job_title="a\x00b", emails=["x\x00@example.test"],
+               raw_attributes={"k\x00ey": ["v\x00", {"n": "\x00"}], "plain": "ok"})  # fmt: skip
+    d = Directory(users=[odd, *people(3, start=1)], groups=[Group(idp_id="g1", name="E\x00ng")], members=[("g1", "u0")])
+    h = make(harness, d)
+    r = h.sync("t")
+    assert r.status == "succeeded" and r.counts["users_created"] == 4
+    stored = h.users("t")["u0"]
+    assert (stored["username"], stored["job_title"], stored["emails"]) == ("nulname", "ab", ["x@example.test"])
+    assert stored["raw_attributes"] == {"key": ["v", {"n": ""}], "plain": "ok"}
+    assert h.groups("t")["g1"]["name"] == "Eng"
+    created = next(e for e in h.events("t", 0) if e["type"] == "user.created" and e["data"]["idp_id"] == "u0")
+    assert created["data"]["username"] == "nulname"
+    seq = h.last_seq()
+    again = h.sync("t")
+    assert again.status == "succeeded" and again.counts["rows_written"] == 0 and h.last_seq() == seq
+
+
 def test_mass_deletion_is_held_and_force_applies_it(harness):
     d = Directory(users=people(100))
     h = make(harness, d, guard={"max_percent": 10, "min_count": 5})

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from dirpull.connectors.base import Done, Page, Quarantined
 from dirpull.jsoncodec import canonical, loads
-from dirpull.model import EventType, digest
+from dirpull.model import EventType, digest, without_nul
 from dirpull.spool import RecordSpool, SpooledJson
 from dirpull.storage.store import WriteSet
 
@@ -185,6 +185,8 @@ class Diff:
                 # The model's own field dict: the same canonical bytes as `record_fields(record)`
                 # (every field is a JSON type) without model_dump's deep copy, 3 µs per record.
                 blob = canonical(record.__dict__)
+                if b"\\u0000" in blob:  # a NUL in a value (rare: checked on the JSON, not field by field)
+                    blob = canonical(without_nul(record.__dict__))
                 fp = digest(blob)
                 # One string object per id, however many pages and pairs name it.
                 key = intern(record.idp_id)

@@ -186,7 +186,8 @@ class Diff:
                 # (every field is a JSON type) without model_dump's deep copy, 3 µs per record.
                 blob = canonical(record.__dict__)
                 if b"\\u0000" in blob:  # a NUL in a value (rare: checked on the JSON, not field by field)
-                    blob = canonical(without_nul(record.__dict__))
+                    # The id stays as the vendor gave it: it names the record in pairs and removals.
+                    blob = canonical({**without_nul(record.__dict__), "idp_id": record.idp_id})
                 fp = digest(blob)
                 # One string object per id, however many pages and pairs name it.
                 key = intern(record.idp_id)

@@ -24,6 +24,7 @@ from dirpull.connectors.base import Connector, ConnectorError, Done, Page
 from dirpull.prefetch import Prefetch
 from dirpull.storage.store import Store, StoreError, WriteSet, utcnow
 from dirpull.sync import guard
+from dirpull.sync.collector import fewer_collections
 from dirpull.sync.diff import Diff, LoadedState, Plan, StoredState, build_writes, deactivations
 
 log = logging.getLogger("dirpull.sync")
@@ -133,7 +134,10 @@ class Runner:
         heartbeat = _Heartbeat(self.store, tenant, holder, self.lease_ttl)
         heartbeat.start()
         try:
-            return self._locked_sync(tenant, settings, holder, heartbeat, trigger, full, dry_run, force, progress)
+            with fewer_collections():
+                return self._locked_sync(
+                    tenant, settings, holder, heartbeat, trigger, full, dry_run, force, progress
+                )
         finally:
             heartbeat.stop()
             try:

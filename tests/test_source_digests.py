@@ -92,10 +92,20 @@ def test_digest_depends_on_the_record_its_order_the_settings_and_the_extras():
     other = SourceDigests(lambda i, s: False, _settings(attributes={"x": "division"}), ["x"])
     assert other.digest({"id": "1"}) != a.digest({"id": "1"})
     assert a.digest({"id": 2**70}) is None  # not encodable: normalized as usual
-    # In two steps (the record now, what else it depends on later) it is the same digest.
+    assert len(a.digest({"id": "1"})) == 32  # the stored column's width
+
+
+def test_a_digest_in_two_steps_depends_on_the_same_inputs_and_never_equals_a_one_step_digest():
+    a = SourceDigests(lambda i, s: False, _settings(), ["x"])
     part = a.record_part({"id": "1", "n": "a"})
-    assert part is not None and a.combine(part, "m1") == a.digest({"id": "1", "n": "a"}, "m1")
-    assert a.combine(part, "m2") != a.combine(part, "m1") and a.combine(part) == a.digest({"id": "1", "n": "a"})
+    assert part is not None and a.combine(part, "m1") == a.combine(a.record_part({"id": "1", "n": "a"}), "m1")
+    assert a.combine(part, "m2") != a.combine(part, "m1")
+    assert a.combine(part) != a.combine(a.record_part({"id": "1", "n": "b"}))
+    assert a.combine(a.record_part({"id": "1", "n": "a"})) != a.combine(a.record_part({"n": "a", "id": "1"}))
+    other = SourceDigests(lambda i, s: False, _settings(attributes={"x": "division"}), ["x"])
+    assert other.combine(part) != a.combine(part)
+    assert a.record_part({"id": 2**70}) is None and a.combine(part, 2**70) is None
+    assert a.combine(part) != a.digest({"id": "1", "n": "a"}) and len(a.combine(part)) == 32
 
 
 def test_a_secret_value_is_not_part_of_the_digest_input(monkeypatch):

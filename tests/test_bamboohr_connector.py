@@ -139,6 +139,26 @@ def test_incremental_reads_changed_employees_in_batches(emu: BambooHREmulator) -
     assert all(u.department == "Legal" for u in users(pages).values())
 
 
+def test_the_cursor_after_a_full_walk_is_the_newest_change_whatever_form_it_is_printed_in() -> None:
+    from dirpull.connectors.bamboohr import _Newest
+
+    def newest(*texts: Any) -> str | None:
+        n = _Newest()
+        for text in texts:
+            n.add(text)
+        return None if n.when is None else n.when.isoformat()
+
+    usual = ["2025-01-02T03:04:05+00:00", "2025-06-30T23:59:59+00:00", "2025-03-01T00:00:00+00:00"]
+    assert newest(*usual) == "2025-06-30T23:59:59+00:00"
+    # Other forms are compared by their time, not their text.
+    assert newest(*usual, "2025-07-01T01:30:00+02:00") == "2025-06-30T23:59:59+00:00"
+    assert newest(*usual, "2025-07-01T03:00:00+02:00") == "2025-07-01T03:00:00+02:00"
+    assert newest(*usual, "2025-06-30T23:59:59.5Z") == "2025-06-30T23:59:59.500000+00:00"
+    # A text of the usual shape that is no time never hides a real one after it.
+    assert newest("2025-99-99T99:99:99+00:00", *usual) == "2025-06-30T23:59:59+00:00"
+    assert newest(None, "", "0000-00-00", 20250101) is None
+
+
 def test_full_flag_ignores_the_cursor(emu: BambooHREmulator) -> None:
     c = connector(emu)
     _, first = pull(c)

@@ -71,6 +71,32 @@ def parse_timestamp(text: Any) -> datetime | None:
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
+class _Newest:
+    """The newest of a report's `lastChanged` timestamps. BambooHR prints them in one form
+    ("2025-11-28T08:03:15+00:00"), whose text sorts as its time does: of those, only a text
+    greater than the greatest seen is parsed (a dozen in 100,000 rows; parsing every one was 0.05
+    s of a 100,000-user resync). Anything else is parsed as it comes."""
+
+    def __init__(self) -> None:
+        self.when: datetime | None = None
+        self._text = ""  # the greatest text of the usual form that parsed
+
+    def add(self, text: Any) -> None:
+        if type(text) is str and len(text) == 25 and text.endswith("+00:00"):
+            if text <= self._text:
+                return
+            when = parse_timestamp(text)
+            if when is None:
+                return
+            self._text = text
+        else:
+            when = parse_timestamp(text)
+            if when is None:
+                return
+        if self.when is None or when > self.when:
+            self.when = when
+
+
 def format_timestamp(when: datetime) -> str:
     return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S+00:00")
 
@@ -138,23 +164,25 @@ class BambooHRConnector:
         # does not decide its normalization then, so every row is normalized.
         sources = SourceDigests(known, self.settings, [__name__]) if known and numbers is None else None
         resp = self._report(client, {}, step="custom report", stream=True)
-        newest: datetime | None = None
+        latest = _Newest()
         page = Page()
+        size, rows = self.settings.page_size, 0
         try:
             for row in _stream_employees(resp):
-                changed = parse_timestamp(row.get("lastChanged")) if isinstance(row, dict) else None
-                if changed is not None and (newest is None or changed > newest):
-                    newest = changed
-                self._add(page, row, numbers, sources)
-                if len(page.users) + len(page.quarantined) + len(page.unchanged_users) >= self.settings.page_size:
+                if isinstance(row, dict):
+                    latest.add(row.get("lastChanged"))
+                self._add(page, row, numbers, sources)  # one user, unchanged id or quarantined
+                rows += 1
+                if rows >= size:
                     yield page
-                    page = Page()
+                    page, rows = Page(), 0
         finally:
             resp.close()
-        if page.users or page.quarantined or page.unchanged_users:
+        if rows:
             yield page
         # The next increment starts at the newest change the report shows; with no rows, at the
         # server's clock.
+        newest = latest.when
         if newest is None:
             newest = _date_header(resp)
         cursor = {"since": format_timestamp(newest)} if newest is not None else None

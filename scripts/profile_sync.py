@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Where a sync's time goes: one provider's emulator in its own process, an initial sync, then the
-phase you ask for, in this process — with the CPU seconds of this process and of the emulator, and
-optionally a py-spy profile of that phase (all threads). The numbers in docs/benchmarks.md
+phase you ask for, in this process — with the CPU seconds of this process and of the emulator, the
+time this process spent in the cyclic garbage collector, and optionally a py-spy profile of that
+phase (all threads). The numbers in docs/benchmarks.md
 "Where the remaining time goes" come from this.
 
     .venv/bin/python scripts/profile_sync.py --provider entra_id --users 100000 --groups 2000
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import os
 import re
 import shutil
@@ -38,6 +40,30 @@ from dirpull.sync.runner import Runner  # noqa: E402
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CollectorTime:
+    """Time spent in CPython's cyclic garbage collector (all threads), by generation."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.counts = [0, 0, 0]
+        self._started = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.seconds[info["generation"]] += time.perf_counter() - self._started
+            self.counts[info["generation"]] += 1
+
+    def reset(self) -> None:
+        self.seconds, self.counts = [0.0, 0.0, 0.0], [0, 0, 0]
+
+    def __str__(self) -> str:
+        total, full = sum(self.seconds), self.seconds[2]
+        return f"{total:.2f} s in {sum(self.counts)} collections ({self.counts[2]} full: {full:.2f} s)"
 
 
 def top_frames(raw: Path, n: int = 25) -> str:
@@ -76,6 +102,7 @@ def main() -> int:
     if args.py_spy and not Path(spy).exists():
         ap.error("--py-spy: py-spy is not installed (.venv/bin/pip install py-spy)")
 
+    collector = CollectorTime()
     with tempfile.TemporaryDirectory(prefix="dirpull-profile-") as tmp:
         work = Path(tmp)
         with bench.EmulatorProcess(args.provider, args.users, args.groups, args.seed, work) as em:
@@ -100,6 +127,7 @@ def main() -> int:
                 profiler = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.5)  # py-spy attaches
             emu0, cpu0 = cpu_seconds(em.info["pid"]), time.process_time()
+            collector.reset()
             result = runner.sync("t", full=args.phase != "initial")
             cpu, emu = time.process_time() - cpu0, cpu_seconds(em.info["pid"]) - emu0
             if profiler is not None:
@@ -111,7 +139,7 @@ def main() -> int:
         f"{args.phase}: {result.status} in {result.duration_s:.2f} s "
         f"({result.duration_s / fetch['s']:.2f}× the fetch); "
         f"CPU: this process {cpu:.2f} s, emulator {emu:.2f} s; {result.requests} requests, "
-        f"{result.counts.get('rows_written', 0)} rows"
+        f"{result.counts.get('rows_written', 0)} rows; garbage collection {collector}"
     )
     if args.py_spy and args.py_spy.exists():
         print(top_frames(args.py_spy))

@@ -85,6 +85,7 @@ def test_profile_sync_runs_a_full_resync_and_reports_both_processes_cpu() -> Non
     assert "initial (not measured): succeeded" in out.stdout
     assert "full: succeeded" in out.stdout and ", 0 rows" in out.stdout  # nothing changed in between
     assert "CPU: this process" in out.stdout and "emulator" in out.stdout
+    assert "garbage collection" in out.stdout and "full:" in out.stdout
 
 
 def test_sqlite_cache_bench_runs_each_cache_size() -> None:

@@ -4,8 +4,8 @@ A large sync allocates millions of short-lived containers (parsed pages, records
 With CPython's default thresholds the cyclic collector ran thousands of times per 100,000-user
 sync, and each full collection walks every object the process holds (for Entra the SDK's
 thousands of generated classes too): 0.6 s of GIL time in a 7.5 s Entra resync, 1.3 s of its
-initial sync, 0.7–1.0 s of BambooHR's and Workday's initial syncs (measured with `gc.callbacks`
-around `scripts/profile_sync.py`). What a sync builds is freed by reference counting; the few
+initial sync, 0.7–1.0 s of BambooHR's and Workday's initial syncs (`scripts/profile_sync.py`
+prints the collector's time). What a sync builds is freed by reference counting; the few
 cycles it leaves (asyncio and httpx: ~36,000 objects in an Entra resync) are still collected,
 once per `YOUNG` allocations instead of once per 700.
 

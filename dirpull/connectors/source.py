@@ -73,11 +73,9 @@ class SourceDigests:
         record orjson cannot encode (e.g. an integer beyond 64 bits), which is simply normalized."""
         try:
             data = orjson.dumps(record)
-            if extra:
-                data += orjson.dumps(extra)  # the record's JSON ends where it ends: no separator needed
         except (TypeError, orjson.JSONEncodeError):
             return None
-        return hashlib.sha256(self._base + data).hexdigest()[:32]
+        return self._finish(data, extra)  # the record's JSON ends where it ends: no separator needed
 
     # Two steps, for a connector that learns a record's other inputs only later (Google's manager,
     # resolved once every user is read) and would rather not keep or re-read the record meanwhile:
@@ -92,13 +90,15 @@ class SourceDigests:
             return None
 
     def combine(self, part: bytes, *extra: Any) -> str | None:
-        data = self._base + b"\x01" + part
+        return self._finish(b"\x01" + part, extra)
+
+    def _finish(self, data: bytes, extra: tuple[Any, ...]) -> str | None:
         if extra:
             try:
                 data += orjson.dumps(extra)
             except (TypeError, orjson.JSONEncodeError):
                 return None
-        return hashlib.sha256(data).hexdigest()[:32]
+        return hashlib.sha256(self._base + data).hexdigest()[:32]
 
     def unchanged(self, idp_id: str, digest: str) -> bool:
         return self._known(idp_id, digest)

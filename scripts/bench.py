@@ -62,6 +62,12 @@ DELTA_PROVIDERS = ("entra_id", "okta", "bamboohr")
 # changes answers in one page, as Graph does, instead of the emulator's empty pages every 5,000
 # objects scanned (a bound on the emulator's own CPU per request).
 EMULATOR_KW = {"okta": ["rate_limit=100000000"], "entra_id": ["delta_scan_limit=1000000000"]}
+# Processes serving an emulator. Graph answers concurrent requests in parallel, and the Entra
+# connector walks the users and groups rounds side by side: one emulator process would compute
+# both rounds' pages under one GIL, queueing each users page behind a groups page (~12 ms at 100k),
+# a wait the wire does not have. The floor's client is sequential and gains nothing from it.
+# The other emulators keep per-process state (Emulator.parallel) and serve from one process.
+EMULATOR_WORKERS = {"entra_id": 2}
 MB = 1024 * 1024
 
 TARGETS = {
@@ -101,6 +107,7 @@ class EmulatorProcess:
         ]  # fmt: skip
         for kw in EMULATOR_KW.get(provider, []):
             self.cmd += ["--kw", kw]
+        self.cmd += ["--workers", str(EMULATOR_WORKERS.get(provider, 1))]
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
 
@@ -125,14 +132,21 @@ class EmulatorProcess:
         return self.info["base_url"]
 
     def control(self, path: str, body: dict[str, Any] | None = None, timeout: float = 600) -> dict[str, Any]:
-        url = self.base_url + path
-        resp = (
-            requests.post(url, json=body or {}, timeout=timeout)
-            if body is not None
-            else requests.get(url, timeout=timeout)
-        )
-        resp.raise_for_status()
-        return resp.json()
+        """Send a control request to every worker (each holds its own state); the first answer.
+        Seeded changes must come out the same in every worker, or the run is meaningless."""
+        answers = []
+        for worker in self.info.get("workers") or [self.base_url]:
+            url = worker + path
+            resp = (
+                requests.post(url, json=body or {}, timeout=timeout)
+                if body is not None
+                else requests.get(url, timeout=timeout)
+            )
+            resp.raise_for_status()
+            answers.append(resp.json())
+        if any(a.get("changes") != answers[0].get("changes") for a in answers):
+            raise RuntimeError(f"emulator workers disagree on {path}: {[a.get('changes') for a in answers]}")
+        return answers[0]
 
     def stop(self) -> None:
         p = self.proc
@@ -603,6 +617,7 @@ def bench_provider(provider: str, args: argparse.Namespace, root: Path) -> dict[
     log(f"[{provider}] starting emulator ({args.users} people, {args.groups} groups)")
     with EmulatorProcess(provider, args.users, args.groups, args.seed, workdir) as em:
         result["emulator"] = {k: em.info[k] for k in ("people", "groups", "memberships", "startup_s")}
+        result["emulator"]["workers"] = len(em.info.get("workers") or [em.base_url])
         config = workdir / "dirpull.toml"
         write_config(config, store_url, tenant, em.info["tenant"])
 

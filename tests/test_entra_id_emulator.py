@@ -4,6 +4,8 @@ msgraph-sdk's own typed client (the wire format must be readable by Microsoft's 
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -104,6 +106,31 @@ def test_graph_requires_a_valid_unexpired_bearer_token(graph: GraphEmulator) -> 
     time.sleep(0.4)
     expired = requests.get(f"{graph.base_url}/v1.0/users", headers=headers, timeout=5)
     assert expired.status_code == 401 and expired.json()["error"]["code"] == "InvalidAuthenticationToken"
+
+
+def test_access_tokens_are_signed_and_can_be_revoked(graph: GraphEmulator) -> None:
+    token = token_request(graph).json()["access_token"]
+    header, claims, signature = token.split(".")
+    users = f"{graph.base_url}/v1.0/users"
+
+    def status(tok: str) -> int:
+        return requests.get(users, headers={"Authorization": "Bearer " + tok}, timeout=5).status_code
+
+    assert status(token) == 200
+    # Claims that say something else (a later expiry) under the old signature are refused.
+    forged = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
+    forged["exp"] += 3600
+    forged_claims = base64.urlsafe_b64encode(json.dumps(forged).encode()).rstrip(b"=").decode()
+    assert status(f"{header}.{forged_claims}.{signature}") == 401
+    assert status(f"{header}.{claims}.{signature[:-2]}") == 401
+    assert status(f"{header}.{claims}") == 401
+    # Another emulator (another key) does not honour this one's tokens.
+    with GraphEmulator(graph.org) as other:
+        assert requests.get(f"{other.base_url}/v1.0/users", headers={"Authorization": "Bearer " + token},
+                            timeout=5).status_code == 401  # fmt: skip
+    graph.expire_access_tokens()
+    assert status(token) == 401
+    assert status(token_request(graph).json()["access_token"]) == 200
 
 
 def test_tenant_config_points_at_this_emulator(graph: GraphEmulator, tmp_path: Any) -> None:

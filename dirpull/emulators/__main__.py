@@ -1,13 +1,17 @@
 """Serve one vendor emulator in its own process (benchmarks, manual testing).
 
     python -m dirpull.emulators serve --provider okta --people 100000 --groups 2000 --seed 1 \\
-        [--port 0] [--workdir DIR] [--tenant bench] [--age 86400] [--kw rate_limit=1000000]
+        [--port 0] [--workdir DIR] [--tenant bench] [--age 86400] [--kw rate_limit=1000000] [--workers 2]
 
 Builds `Org.generate(people, groups=groups, seed=seed)`, starts the provider's emulator on
 127.0.0.1 and prints ONE JSON line on stdout:
 
     {"base_url": "http://127.0.0.1:PORT", "tenant": {<the [tenants.<tenant>] table>}, "pid": PID,
-     "provider": "okta", "people": N, "groups": G, "memberships": M, "startup_s": 1.2}
+     "provider": "okta", "people": N, "groups": G, "memberships": M, "startup_s": 1.2,
+     "workers": ["http://127.0.0.1:PORT2", …], "worker_pids": [PID2, …]}
+
+With --workers N (emulators that allow it: Graph) N processes serve the port (workers.py); each
+also answers on its own URL in "workers", where control requests must go — to each of them.
 
 Credential files a tenant needs (Google's service-account key) are written into --workdir.
 It serves until SIGTERM/SIGINT, or until stdin closes when stdin is a pipe (so a parent that dies
@@ -101,6 +105,8 @@ def _stdin_is_pipe() -> bool:
 
 def serve(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    if args.workers < 1 or (args.workers > 1 and not emulator_class(args.provider).parallel):
+        raise SystemExit(f"--workers {args.workers}: the {args.provider} emulator serves from one process only")
     org = Org.generate(args.people, groups=args.groups, seed=args.seed)
     if args.age:
         backdate(org, args.age)
@@ -111,7 +117,7 @@ def serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    emulator.start(LOOPBACK, args.port)
+    emulator.start(LOOPBACK, args.port, workers=args.workers)
     try:
         line = {
             "base_url": emulator.base_url,
@@ -122,6 +128,8 @@ def serve(args: argparse.Namespace) -> int:
             "groups": len(org.groups),
             "memberships": sum(len(g.members) for g in org.groups.values()),
             "startup_s": round(time.monotonic() - started, 3),
+            "workers": emulator.worker_urls or [emulator.base_url],
+            "worker_pids": emulator.worker_pids,
         }
         sys.stdout.write(json.dumps(line, default=str) + "\n")
         sys.stdout.flush()
@@ -164,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         help="spread the generated organization's timestamps over the past year, the newest "
         "this many seconds old (benchmarks: 86400)",
     )
+    s.add_argument("--workers", type=int, default=1,
+                   help="processes serving the port (more than 1: emulators whose state allows it)")
     s.add_argument("--max-seconds", type=float, default=0.0, help="stop after this long (0: never)")
     args = parser.parse_args(argv)
     return serve(args)

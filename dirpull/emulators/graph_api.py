@@ -26,6 +26,8 @@ the 410 body (`gone_body`), whether member removals caused by deleting a user sh
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import secrets
 import threading
@@ -52,6 +54,7 @@ GRAPH_SCOPES = frozenset(
         "https://microsoftgraph.chinacloudapi.cn/.default",
     }
 )
+JWT_HEADER = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9"  # what an Entra access token starts with
 JSON_TYPE = "application/json;odata.metadata=minimal;odata.streaming=true;IEEE754Compatible=false;charset=utf-8"
 
 
@@ -251,6 +254,9 @@ class _Round:
 
 class GraphEmulator(Emulator):
     name = "graph"
+    # Access tokens are signed and skip/delta tokens say where they are; the member cache is a cache,
+    # and a worker whose _Tracker has not seen an object can only replay it (see above).
+    parallel = True
 
     def __init__(
         self,
@@ -288,7 +294,9 @@ class GraphEmulator(Emulator):
         self.user_delete_removes_members = user_delete_removes_members
         self.resync_required = 0  # the next N deltaLink calls answer 410 Gone
         self.tokens_issued = 0
-        self._tokens: dict[str, float] = {}  # access token → expiry (epoch seconds)
+        # Access tokens are signed, not remembered: any worker of a forked emulator accepts them.
+        self._token_key = secrets.token_bytes(32)
+        self._token_epoch = 0  # bumped to revoke every access token issued so far
         self._generation = 0  # bumped to expire every delta token issued so far
         self._users = _Tracker(USER_FIELDS)
         self._groups = _Tracker(GROUP_FIELDS)
@@ -317,7 +325,25 @@ class GraphEmulator(Emulator):
 
     def expire_access_tokens(self) -> None:
         with self._state_lock:
-            self._tokens.clear()
+            self._token_epoch += 1
+
+    def _sign(self, claims: str) -> str:
+        digest = hmac.new(self._token_key, claims.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def _mint(self, expiry: float) -> str:
+        body = {"exp": expiry, "epoch": self._token_epoch, "jti": secrets.token_hex(8)}
+        claims = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
+        return f"{JWT_HEADER}.{claims}.{self._sign(claims)}"
+
+    def _token_expiry(self, token: str) -> float | None:
+        """When a token this emulator signed expires; None for anything else (or revoked)."""
+        header, _, rest = token.partition(".")
+        claims, _, signature = rest.partition(".")
+        if header != JWT_HEADER or not hmac.compare_digest(signature.encode(), self._sign(claims).encode()):
+            return None
+        body = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
+        return float(body["exp"]) if body.get("epoch") == self._token_epoch else None
 
     def _control(self, req: Request) -> Response:
         body = req.json() or {}
@@ -421,8 +447,7 @@ class GraphEmulator(Emulator):
         scheme, _, token = header.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return self._error(401, "InvalidAuthenticationToken", "Access token is empty.", req=req)
-        with self._state_lock:
-            expiry = self._tokens.get(token.strip())
+        expiry = self._token_expiry(token.strip())
         if expiry is None:
             return self._error(401, "InvalidAuthenticationToken", "IDX14100: JWT is not well formed.", req=req)
         if expiry <= time.time():
@@ -489,11 +514,8 @@ class GraphEmulator(Emulator):
                 f"The provided value for the input parameter 'scope' is not valid. The scope "
                 f"{form.get('scope')} is not valid.",
             )
-        token = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9." + secrets.token_urlsafe(32)
-        now = time.time()
         with self._state_lock:
-            self._tokens = {t: e for t, e in self._tokens.items() if e > now}
-            self._tokens[token] = now + self.token_lifetime
+            token = self._mint(time.time() + self.token_lifetime)
             self.tokens_issued += 1
         lifetime = int(self.token_lifetime)
         return Response(

@@ -15,6 +15,7 @@ emulator in another process):
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import socket
@@ -26,6 +27,7 @@ from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
 
 from dirpull.emulators.org import Org
+from dirpull.emulators.workers import Balance, Workers, balanced, wait_while_parent_lives
 
 LOOPBACK = "127.0.0.1"
 
@@ -115,6 +117,9 @@ class Emulator:
     """Base of the vendor emulators. Subclasses call `self.route()` in `__init__`."""
 
     name = "emulator"
+    # True when everything a request creates travels in later requests (signed tokens, page tokens
+    # that say where they are) or is a cache: then forked workers answer alike (workers.py).
+    parallel = False
 
     def __init__(self, org: Org) -> None:
         self.org = org
@@ -123,7 +128,10 @@ class Emulator:
         self.request_log: list[tuple[str, str]] = []  # (method, path?query) for tests
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
         self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._extra_servers: list[ThreadingHTTPServer] = []  # each worker's own port (workers > 1)
+        self._threads: list[threading.Thread] = []
+        self._workers = Workers()
+        self.worker_urls: list[str] = []  # with workers > 1: where each worker answers on its own
         self._lock = threading.Lock()
         self.route("GET", r"/_emulator/health", self._health)
         self.route("POST", r"/_emulator/faults", self._set_faults)
@@ -217,9 +225,15 @@ class Emulator:
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self, host: str = LOOPBACK, port: int = 0) -> str:
+    def start(self, host: str = LOOPBACK, port: int = 0, *, workers: int = 1) -> str:
+        """Serve on `host:port` (0: any free port); `workers` > 1 forks that many processes in all
+        (see workers.py), for emulators whose state allows it (`parallel`)."""
         if host not in (LOOPBACK, "localhost", "::1"):
             raise ValueError("emulators listen on loopback only")
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        if workers > 1 and not self.parallel:
+            raise ValueError(f"the {self.name} emulator keeps state per process: it serves from one worker")
         emulator = self
 
         class _Handler(BaseHTTPRequestHandler):
@@ -284,24 +298,52 @@ class Emulator:
                 if not isinstance(sys.exc_info()[1], ConnectionError):
                     super().handle_error(request, client_address)
 
-        self._server = _Server((host, port), _Handler)
-        self._thread = threading.Thread(
-            target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.1},
-            name=f"{self.name}-emulator",
-            daemon=True,
-        )
-        self._thread.start()
+        if workers == 1:
+            self._server = _Server((host, port), _Handler)
+            self._serve(self._server)
+            return self.base_url
+        balance = Balance(workers)
+        self._server = balanced(_Server, balance)((host, port), _Handler)
+        parent = os.getpid()
+
+        def serve_child(index: int, report: Callable[[int], None]) -> None:
+            own = _Server((host, 0), _Handler)
+            report(own.server_address[1])
+            self._serve(self._server)
+            self._serve(own)
+            wait_while_parent_lives(parent)
+
+        ports = self._workers.fork(workers - 1, balance, serve_child)
+        own = _Server((host, 0), _Handler)
+        self._extra_servers.append(own)
+        self._serve(self._server)
+        self._serve(own)
+        self.worker_urls = [f"http://{host}:{p}" for p in (own.server_address[1], *ports)]
         return self.base_url
 
+    @property
+    def worker_pids(self) -> list[int]:
+        """The forked workers' process ids (empty when serving from one process)."""
+        return list(self._workers.pids)
+
+    def _serve(self, server: ThreadingHTTPServer) -> None:
+        thread = threading.Thread(
+            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=f"{self.name}-emulator", daemon=True
+        )
+        thread.start()
+        self._threads.append(thread)
+
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-            self._thread = None
+        self._workers.stop()
+        for server in [*self._extra_servers, *([self._server] if self._server else [])]:
+            server.shutdown()
+            server.server_close()
+        self._server = None
+        self._extra_servers.clear()
+        self.worker_urls = []
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads.clear()
 
     def __enter__(self) -> Self:
         self.start()

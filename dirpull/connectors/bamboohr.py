@@ -2,7 +2,8 @@
 
 Full walk (no cursor, or `full=True`): one `POST reports/custom?format=JSON` naming the fields we
 need. The report includes Active and Inactive employees and has no paging, so the body is streamed
-with ijson and yielded `page_size` users at a time (memory holds one page, even at 100,000 people).
+(`report_rows`: a megabyte at a time, whole rows parsed by orjson) and yielded `page_size` users at
+a time (memory holds about one page, even at 100,000 people).
 The result is a snapshot: an employee missing from it was deleted.
 
 Increment (the cursor has `since`): `GET employees/changed?since=` answers an object keyed by
@@ -21,7 +22,6 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
-import ijson
 import requests
 import urllib3
 
@@ -36,6 +36,7 @@ from dirpull.connectors.base import (
 )
 from dirpull.connectors.http import HttpClient, RetryPolicy
 from dirpull.connectors.mapping import map_attributes, without
+from dirpull.connectors.report_rows import items as report_items
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import User
 
@@ -428,8 +429,8 @@ def _stream_employees(resp: requests.Response) -> Iterator[Any]:
     _check_json(resp, step)
     resp.raw.decode_content = True
     try:
-        yield from ijson.items(resp.raw, "employees.item", use_float=True)
-    except (ijson.JSONError, ValueError) as exc:
+        yield from report_items(resp.raw, "employees")
+    except ValueError as exc:  # report_rows.NotJSON, and a body that is not UTF-8
         raise ConnectorError(f"{step}: the report body is not valid JSON ({exc})", step=step) from None
     except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
         raise ConnectorError(

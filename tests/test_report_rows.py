@@ -1,0 +1,106 @@
+"""report_rows.items against ijson and json.loads: the same rows for any layout, chunking and
+content a report can have, and NotJSON for anything that is not the document."""
+
+from __future__ import annotations
+
+import io
+import json
+import random
+from typing import Any
+
+import ijson
+import pytest
+
+from dirpull.connectors import report_rows
+from dirpull.connectors.report_rows import NotJSON, items
+
+
+def rows_of(body: bytes, key: str, chunk_size: int = 7) -> list[Any]:
+    return list(items(io.BytesIO(body), key, chunk_size=chunk_size))
+
+
+def ijson_rows(body: bytes, key: str) -> list[Any]:
+    return list(ijson.items(io.BytesIO(body), f"{key}.item", use_float=True))
+
+
+TRICKY = [
+    {"id": "1", "note": "},{", "x": None},
+    {"id": "2", "note": '"},{"id":"3"}', "n": 12, "f": 1.5, "t": True},
+    {"id": "4", "name": "Zoë 山田 \u2028", "e": "a\\\"},{\\"},
+    {"id": "5", "nested": {"a": {"b": [1, {"c": "},{"}]}}, "list": [{"k": 1}, {"k": 2}]},
+    {},
+    {"id": "7", "deep": [[{"x": "}"}], [{"y": "{"}]]},
+]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 7, 64, 1 << 20])
+@pytest.mark.parametrize("indent", [None, 2])
+def test_the_same_rows_as_ijson_whatever_the_layout_and_chunking(chunk_size: int, indent: int | None) -> None:
+    doc = {"title": "dirpull", "fields": [{"id": "employees", "employees": []}], "employees": TRICKY, "after": {"a": 1}}
+    body = json.dumps(doc, indent=indent, ensure_ascii=False).encode()
+    assert rows_of(body, "employees", chunk_size) == ijson_rows(body, "employees") == TRICKY
+
+
+def test_random_rows_with_every_awkward_character() -> None:
+    rng = random.Random(7)
+    alphabet = ['{', '}', ',', '"', '\\', ':', '[', ']', ' ', '\n', 'a', 'é', '😀', '},{', '},{"id":']
+    for _ in range(40):
+        rows = [
+            {"id": str(i), **{f"k{j}": "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+                              for j in range(rng.randrange(4))}}
+            for i in range(rng.randrange(60))
+        ]  # fmt: skip
+        body = json.dumps({"employees": rows, "tail": "},{"}, separators=(",", ":"), ensure_ascii=False).encode()
+        assert rows_of(body, "employees", rng.choice([1, 5, 50, 4096])) == rows
+
+
+def test_an_integer_beyond_64_bits_comes_out_as_a_float() -> None:
+    body = b'{"employees": [{"id": "1", "n": 123456789012345678901234567890}]}'
+    assert rows_of(body, "employees") == [{"id": "1", "n": 1.2345678901234568e29}]
+    with pytest.raises(ijson.JSONError):  # where ijson gave up on the whole report
+        ijson_rows(body, "employees")
+
+
+def test_an_empty_array_a_missing_key_and_a_nested_key() -> None:
+    assert rows_of(b'{"employees": []}', "employees") == []
+    assert rows_of(b'{"title": "x"}', "employees") == []  # as ijson: no such array, no rows
+    nested_first = b'{"meta": {"employees": [{"id": "no"}]}, "employees": [{"id": "yes"}]}'
+    assert rows_of(nested_first, "employees") == ijson_rows(nested_first, "employees") == [{"id": "yes"}]
+
+
+def test_rows_with_nested_objects_everywhere_still_come_out_right(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No cut among the last few candidates parses: rows pile up until ijson takes over.
+    monkeypatch.setattr(report_rows, "STUCK_LIMIT", 200)
+    handed_over: list[bytes] = []
+    ijson_rest = report_rows._ijson
+
+    def spy(prefix: bytes, stream: Any, key: str) -> Any:
+        handed_over.append(prefix)
+        return ijson_rest(prefix, stream, key)
+
+    monkeypatch.setattr(report_rows, "_ijson", spy)
+    rows = [{"id": str(i), "refs": [{"r": k} for k in range(12)]} for i in range(50)]
+    body = json.dumps({"Report_Entry": rows}).encode()
+    assert rows_of(body, "Report_Entry", 64) == rows
+    assert len(handed_over) == 1 and handed_over[0].startswith(b'{"Report_Entry": [{"id": "')
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"employees": [{"id": "1"}, {"id": "2"}',  # cut off
+        b'{"employees": [{"id": "1"}, {"id": "2"}]',  # the document never closes
+        b'{"employees": [{"id": "1"}, {"id": "2"\x00}{not json',  # the emulator's malformed fault
+        b'{"employees": [{"id": "1"},, {"id": "2"}]}',
+        b'{"employees": [{"id": "1"}]} trailing',
+        b'<?xml version="1.0"?><employees/>',
+    ],
+)
+def test_anything_but_the_document_is_not_json(body: bytes) -> None:
+    with pytest.raises(NotJSON):
+        rows_of(body, "employees", 8)
+
+
+def test_a_key_whose_value_is_not_a_list_has_no_rows_as_with_ijson() -> None:
+    body = b'{"employees": {"id": "1"}}'
+    assert rows_of(body, "employees") == ijson_rows(body, "employees") == []

@@ -99,7 +99,9 @@ def child_env() -> dict[str, str]:
 class EmulatorProcess:
     """`python -m dirpull.emulators serve` in its own process; stopped on exit whatever happens."""
 
-    def __init__(self, provider: str, people: int, groups: int, seed: int, workdir: Path) -> None:
+    def __init__(
+        self, provider: str, people: int, groups: int, seed: int, workdir: Path, workers: int | None = None
+    ) -> None:
         self.cmd = [
             sys.executable, "-m", "dirpull.emulators", "serve", "--provider", provider,
             "--people", str(people), "--groups", str(groups), "--seed", str(seed),
@@ -107,7 +109,9 @@ class EmulatorProcess:
         ]  # fmt: skip
         for kw in EMULATOR_KW.get(provider, []):
             self.cmd += ["--kw", kw]
-        self.cmd += ["--workers", str(EMULATOR_WORKERS.get(provider, 1))]
+        if workers is None or provider not in EMULATOR_WORKERS:
+            workers = EMULATOR_WORKERS.get(provider, 1)
+        self.cmd += ["--workers", str(workers)]
         self.proc: subprocess.Popen[bytes] | None = None
         self.info: dict[str, Any] = {}
 
@@ -615,7 +619,7 @@ def bench_provider(provider: str, args: argparse.Namespace, root: Path) -> dict[
                               "store": "sqlite" if args.store == "sqlite" else "postgresql", "phases": {}}  # fmt: skip
     timeout = args.phase_timeout
     log(f"[{provider}] starting emulator ({args.users} people, {args.groups} groups)")
-    with EmulatorProcess(provider, args.users, args.groups, args.seed, workdir) as em:
+    with EmulatorProcess(provider, args.users, args.groups, args.seed, workdir, args.emulator_workers) as em:
         result["emulator"] = {k: em.info[k] for k in ("people", "groups", "memberships", "startup_s")}
         result["emulator"]["workers"] = len(em.info.get("workers") or [em.base_url])
         config = workdir / "dirpull.toml"
@@ -831,6 +835,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="full resyncs (no change; 1%% change, each after its own round of changes) run this many "
                          "times, the fastest kept, like the floor's best of --baseline-repeats (default 2)")
     ap.add_argument("--phase-timeout", type=float, default=1800.0)
+    ap.add_argument("--emulator-workers", type=int, default=None, metavar="N",
+                    help="processes serving the emulators that can run several (Graph's; default: "
+                         "EMULATOR_WORKERS, 2); 1 serves them from one process as before the seventh round")
     ap.add_argument("--workdir", default=None, help="default: a temporary directory, removed afterwards")
     ap.add_argument(
         "--compare",

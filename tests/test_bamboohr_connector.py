@@ -313,6 +313,81 @@ def test_an_unchanged_directory_emits_no_events_incremental_or_full(emu: BambooH
     assert h.changes("hr", after=seq) == [("user.deleted", "33")]
 
 
+def test_a_full_resync_recognizes_unchanged_rows_by_their_text_and_parses_only_the_rest(
+    emu: BambooHREmulator, synced: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h, _ = synced
+    seq = h.last_seq()
+    parsed: list[str] = []  # rows handed over parsed (recognized ones are not)
+    normalized: list[str] = []
+    real_add, real_normalize = BambooHRConnector._add, BambooHRConnector.normalize
+
+    def add(self: BambooHRConnector, page: Page, row: Any, *args: Any) -> None:
+        parsed.append(str(row.get("id")))
+        real_add(self, page, row, *args)
+
+    def normalize(self: BambooHRConnector, row: Any, *args: Any) -> Any:
+        normalized.append(str(row.get("id")))
+        return real_normalize(self, row, *args)
+
+    monkeypatch.setattr(BambooHRConnector, "_add", add)
+    monkeypatch.setattr(BambooHRConnector, "normalize", normalize)
+    # The newest change is an employee's whose row the resync will recognize, not parse.
+    emu.org.update_person(12, title="Staff Engineer")
+    assert h.sync("hr").status == "succeeded"  # an increment: row 12 stored without a source digest
+    assert h.sync("hr", full=True).events == 0  # …so a full walk normalizes it once more
+    parsed.clear()
+    normalized.clear()
+    full = h.sync("hr", full=True)
+    assert full.status == "succeeded" and full.mode == "full" and full.events == 0
+    assert normalized == []
+    assert parsed == ["40"]  # only the document's last row, parsed with the document's end
+    assert len(h.users("hr")) == 40  # recognized rows count as seen: nobody deleted
+    # Its cursor is the newest change the report shows, read from a row that was not parsed.
+    _, walked = pull(connector(emu), full=True)
+    assert h.store.get_cursor("hr").value == walked.cursor
+    # A changed row is parsed and normalized; the others still are not.
+    parsed.clear()
+    normalized.clear()
+    emu.org.update_person(5, title="Principal")
+    changed = h.sync("hr", full=True)
+    assert changed.status == "succeeded" and normalized == ["5"] and parsed == ["5", "40"]
+    assert h.changes("hr", after=seq)[-1] == ("user.updated", "5", ("job_title", "raw_attributes"))
+
+
+def test_a_recognized_row_gives_its_last_change_however_it_is_written() -> None:
+    from dirpull.connectors.bamboohr import _Newest, _recognizer
+    from dirpull.connectors.source import SourceDigests
+
+    texts = [
+        b'{"id":"1","lastChanged":"2025-01-02T03:04:05+00:00"}',
+        b'{"id":"2", "lastChanged" : "2025-03-01T00:00:00+00:00"}',
+        b'{"id":"3","note":"\\"lastChanged\\":\\"2099-01-01T00:00:00+00:00\\"","lastChanged":null}',
+        b'{"id":"4","lastChanged":"2025-02-01T00:00:00\\u002B00:00"}',
+        b'{"id":"5"}',
+    ]
+
+    class Known:
+        def __init__(self, owners: dict[str, str]) -> None:
+            self.owners = owners
+
+        def __call__(self, idp_id: str, digest: str) -> bool:
+            return self.owners.get(digest) == idp_id
+
+        def owner(self, digest: str) -> str | None:
+            return self.owners.get(digest)
+
+    known = Known({})
+    sources = SourceDigests(known, {"tenant": "hr"}, [])
+    known.owners = {sources.digest_text(t): str(i + 1) for i, t in enumerate(texts)}
+    latest = _Newest()
+    recognize = _recognizer(sources, latest)
+    assert [recognize(t) for t in texts] == ["1", "2", "3", "4", "5"]
+    assert recognize(b'{"id":"1","lastChanged":"2025-01-02T03:04:05+00:00" }') is None  # another text
+    # Row 3's quoted look-alike is inside a string and its own value is null; row 4's is escaped.
+    assert latest.when is not None and latest.when.isoformat() == "2025-03-01T00:00:00+00:00"
+
+
 def test_a_run_failing_mid_fetch_leaves_the_store_unchanged(emu: BambooHREmulator, synced: Any) -> None:
     h, _ = synced
     before_users, seq = h.users("hr"), h.last_seq()

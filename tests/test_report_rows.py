@@ -104,3 +104,27 @@ def test_anything_but_the_document_is_not_json(body: bytes) -> None:
 def test_a_key_whose_value_is_not_a_list_has_no_rows_as_with_ijson() -> None:
     body = b'{"employees": {"id": "1"}}'
     assert rows_of(body, "employees") == ijson_rows(body, "employees") == []
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 64, 1 << 20])
+def test_recognized_texts_are_not_parsed_and_every_text_handed_over_is_exactly_one_row(chunk_size: int) -> None:
+    rows = [{"id": str(i), "note": ["},{", '"},{"id":"9"}', "plain", "\\\\},{"][i % 4]} for i in range(30)]
+    texts = [json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode() for r in rows]
+    body = b'{"title":"x","employees":[' + b", \n".join(texts) + b'],"after":"},{"}'
+    known = {t: i for i, t in enumerate(texts) if i % 3 == 0}  # as a digest of the exact text would
+    offered: list[bytes] = []
+
+    def recognize(text: bytes) -> int | None:
+        offered.append(text)
+        return known.get(text)
+
+    out = list(report_rows.rows(io.BytesIO(body), "employees", recognize, chunk_size=chunk_size))
+    assert len(out) == len(rows)
+    for i, (text, row, token) in enumerate(out):
+        if token is not None:
+            assert (token, row, text) == (i, None, texts[i])
+        else:
+            assert row == rows[i] and text in (texts[i], None)  # the document's last row: no text
+    assert sum(token is not None for _, _, token in out) == len([i for i in known.values() if i < len(rows) - 1])
+    # Pieces between wrong cuts were offered too, and were never taken for rows.
+    assert set(offered) - set(texts)

@@ -3,7 +3,8 @@
 Full walk (no cursor, or `full=True`): one `POST reports/custom?format=JSON` naming the fields we
 need. The report includes Active and Inactive employees and has no paging, so the body is streamed
 (`report_rows`: a megabyte at a time, whole rows parsed by orjson) and yielded `page_size` users at
-a time (memory holds about one page, even at 100,000 people).
+a time (memory holds about one page, even at 100,000 people). On a resync a row whose exact text
+digests to a stored user's source digest is that user unchanged, and is not parsed at all.
 The result is a snapshot: an employee missing from it was deleted.
 
 Increment (the cursor has `since`): `GET employees/changed?since=` answers an object keyed by
@@ -22,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
+import orjson
 import requests
 import urllib3
 
@@ -36,7 +38,8 @@ from dirpull.connectors.base import (
 )
 from dirpull.connectors.http import HttpClient, RetryPolicy
 from dirpull.connectors.mapping import map_attributes, without
-from dirpull.connectors.report_rows import items as report_items
+from dirpull.connectors.report_rows import Recognize
+from dirpull.connectors.report_rows import rows as report_rows
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import User
 
@@ -52,6 +55,7 @@ VOLATILE = ("lastChanged",)
 EMPTY_VALUES = frozenset({"", "0000-00-00", "0000-00-00 00:00:00"})
 REPORT_TITLE = "dirpull"
 _FIELD_OF_PATH = re.compile(r"^[^.\[]+")
+_LAST_CHANGED = re.compile(rb'"lastChanged"\s*:\s*"([^"\\]*)"')
 
 
 def build(tenant: str, settings: BambooHRTenant, **kwargs: Any) -> BambooHRConnector:
@@ -110,6 +114,7 @@ def clean_row(row: dict[str, Any]) -> dict[str, Any]:
 class BambooHRConnector:
     provider = "bamboohr"
     source_digests = True  # a full pull takes `known=` (connectors.source)
+    source_texts = True  # … and asks it whose digest a row's text is (`SourceDigests.owner`)
 
     def __init__(self, tenant: str, settings: BambooHRTenant, *, policy: RetryPolicy | None = None) -> None:
         self.tenant = tenant
@@ -168,11 +173,15 @@ class BambooHRConnector:
         latest = _Newest()
         page = Page()
         size, rows = self.settings.page_size, 0
+        recognize = _recognizer(sources, latest) if sources is not None and sources.recognizes else None
         try:
-            for row in _stream_employees(resp):
-                if isinstance(row, dict):
-                    latest.add(row.get("lastChanged"))
-                self._add(page, row, numbers, sources)  # one user, unchanged id or quarantined
+            for text, row, unchanged in _stream_employees(resp, recognize):
+                if unchanged is not None:  # a row's text exactly as last normalized: not even parsed
+                    page.unchanged_users.append(unchanged)
+                else:
+                    if isinstance(row, dict):
+                        latest.add(row.get("lastChanged"))
+                    self._add(page, row, numbers, sources, text)  # one user, unchanged id or quarantined
                 rows += 1
                 if rows >= size:
                     yield page
@@ -312,11 +321,16 @@ class BambooHRConnector:
     # --- normalizing -------------------------------------------------------------------------------
 
     def _add(
-        self, page: Page, row: Any, numbers: dict[str, str] | None, sources: SourceDigests | None = None
+        self,
+        page: Page,
+        row: Any,
+        numbers: dict[str, str] | None,
+        sources: SourceDigests | None = None,
+        text: bytes | None = None,
     ) -> None:
         digest = None
         if sources is not None and isinstance(row, dict) and row.get("id") is not None:
-            digest = sources.digest(row)
+            digest = sources.digest_text(text) if text is not None else sources.digest(row)
             eid = str(row["id"]).strip()
             if digest is not None and sources.unchanged(eid, digest):
                 page.unchanged_users.append(eid)
@@ -423,13 +437,36 @@ def _json(resp: requests.Response, step: str) -> Any:
         raise ConnectorError(f"{step}: the response is not valid JSON ({exc})", step=step) from None
 
 
-def _stream_employees(resp: requests.Response) -> Iterator[Any]:
-    """The report's `employees` rows, parsed as they arrive."""
+def _recognizer(sources: SourceDigests, latest: _Newest) -> Recognize:
+    """A row's text → the id of the stored user last normalized from exactly that text, or None.
+    A recognized row is not parsed, so its `lastChanged` (for the next cursor) is read from the
+    text: the first `"lastChanged":"…"` — rows are flat, and in JSON text `"…":` is a key —, or,
+    when that is not there as a plain string, from the parsed row."""
+    digest_text, owner, add = sources.digest_text, sources.owner, latest.add
+
+    def recognize(text: bytes) -> str | None:
+        idp_id = owner(digest_text(text))
+        if idp_id is not None:
+            found = _LAST_CHANGED.search(text)
+            if found is not None:
+                add(found.group(1).decode("utf-8", "replace"))
+            else:  # escaped, null or absent: the recognized text is a whole row, so it parses
+                row = orjson.loads(text)
+                add(row.get("lastChanged") if isinstance(row, dict) else None)
+        return idp_id
+
+    return recognize
+
+
+def _stream_employees(
+    resp: requests.Response, recognize: Recognize | None = None
+) -> Iterator[tuple[bytes | None, Any, str | None]]:
+    """The report's `employees` rows as they arrive: (text, row, id of an unchanged row)."""
     step = "custom report"
     _check_json(resp, step)
     resp.raw.decode_content = True
     try:
-        yield from report_items(resp.raw, "employees")
+        yield from report_rows(resp.raw, "employees", recognize)
     except ValueError as exc:  # report_rows.NotJSON, and a body that is not UTF-8
         raise ConnectorError(f"{step}: the report body is not valid JSON ({exc})", step=step) from None
     except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:

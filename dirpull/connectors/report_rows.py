@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any, Protocol
 
 import ijson
@@ -36,6 +36,11 @@ STUCK_LIMIT = 8 << 20  # rows no cut could free: ijson reads the rest (rows with
 _ROW_BOUNDARY = re.compile(rb"\}\s*,\s*\{")
 
 
+# A row's exact JSON text → a token (say, the id of the stored user last normalized from exactly
+# that text) or None.
+Recognize = Callable[[bytes], Any]
+
+
 class NotJSON(ValueError):
     """The report body is not valid JSON (or not the document asked for)."""
 
@@ -45,36 +50,80 @@ class Readable(Protocol):
 
 
 def items(stream: Readable, key: str, *, chunk_size: int = CHUNK) -> Iterator[Any]:
-    opening = re.compile(rb'"' + re.escape(json.dumps(key).encode()[1:-1]) + rb'"\s*:\s*\[')
-    buf, searched = b"", 0
-    found: re.Match[bytes] | None = None
-    while found is None:
-        chunk = stream.read(chunk_size)
-        buf += chunk
-        for match in opening.finditer(buf, searched):
-            if _opens_top_level(buf[: match.end() - 1], key):
-                found = match
-                break
-            searched = match.end()  # the key inside something else: look further on
-        if not chunk or len(buf) > HEAD_LIMIT:
-            break
-    if found is None:
-        yield from _ijson(buf, stream, key)
+    for _, row, _ in rows(stream, key, chunk_size=chunk_size):
+        yield row
+
+
+def rows(
+    stream: Readable, key: str, recognize: Recognize | None = None, *, chunk_size: int = CHUNK
+) -> Iterator[tuple[bytes | None, Any, Any]]:
+    """`(text, row, token)` for each row of the array: `text` is the row's exact JSON text where it
+    is at hand (None otherwise), `row` the parsed row. With `recognize`, each row's text is first
+    offered to it: a result other than None comes back as `token`, and that row is not parsed
+    (`row` None). `recognize` must only say yes to a text it has seen as a whole row before (a
+    digest of it): a piece of text between two wrong cuts is never one, so what it recognizes
+    needs no parsing to be trusted."""
+    opened = _open(stream, key, chunk_size)
+    if isinstance(opened, bytes):
+        for row in _ijson(opened, stream, key):
+            yield None, row, None
         return
-    head, buf = buf[: found.end() - 1], buf[found.end() :]
-    while chunk:
+    head, buf, more = opened
+    while more:
         chunk = stream.read(chunk_size)
+        more = bool(chunk)
         buf += chunk
-        rows, buf = _whole_rows(buf)
-        yield from rows
+        if recognize is None:
+            batch, buf = _whole_rows(buf)
+            for row in batch:
+                yield None, row, None
+        else:
+            buf = yield from _row_by_row(buf, recognize)
         if len(buf) > STUCK_LIMIT:
-            yield from _ijson(head + b"[" + buf, stream, key)  # the same document, minus the rows read
+            for row in _ijson(head + b"[" + buf, stream, key):  # the same document, minus the rows read
+                yield None, row, None
             return
+    # The last row, the array's end and the document's: parsed with the opening, which checks the
+    # document as a whole.
     document = _loads(head + b"[" + buf)
     rest = document.get(key) if isinstance(document, dict) else None
     if not isinstance(rest, list):
         raise NotJSON(f"the report's {key!r} is not a list")
-    yield from rest
+    for row in rest:
+        yield None, row, None
+
+
+def _open(stream: Readable, key: str, chunk_size: int) -> tuple[bytes, bytes, bool] | bytes:
+    """(the document up to the array's `[`, what follows it, whether more may come) — or, where
+    the array does not open as a top-level value within HEAD_LIMIT, everything read so far."""
+    opening = re.compile(rb'"' + re.escape(json.dumps(key).encode()[1:-1]) + rb'"\s*:\s*\[')
+    buf, searched, chunk = b"", 0, b"-"
+    while chunk and len(buf) <= HEAD_LIMIT:
+        chunk = stream.read(chunk_size)
+        buf += chunk
+        for match in opening.finditer(buf, searched):
+            if _opens_top_level(buf[: match.end() - 1], key):
+                return buf[: match.end() - 1], buf[match.end() :], bool(chunk)
+            searched = match.end()  # the key inside something else: look further on
+    return buf
+
+
+def _row_by_row(buf: bytes, recognize: Recognize) -> Generator[tuple[bytes, Any, Any], None, bytes]:
+    """Each whole row at the start of `buf`, as its text: recognized, or else parsed; the rest."""
+    start = 0
+    for boundary in _ROW_BOUNDARY.finditer(buf):
+        text = buf[start : boundary.start() + 1]
+        token = recognize(text)
+        if token is not None:
+            yield text, None, token
+        else:
+            try:
+                row = orjson.loads(text)
+            except orjson.JSONDecodeError:
+                continue  # a cut inside a string or a nested object: the row goes on to the next
+            yield text, row, None
+        start = boundary.end() - 1
+    return buf[start:]
 
 
 def _opens_top_level(head: bytes, key: str) -> bool:

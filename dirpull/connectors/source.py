@@ -27,7 +27,8 @@ import orjson
 
 from dirpull.jsoncodec import canonical
 
-# (idp_id, source digest) → "the stored user was normalized from exactly this".
+# (idp_id, source digest) → "the stored user was normalized from exactly this". The runner's also
+# has `owner(digest) -> idp_id | None` (see `SourceDigests.owner`).
 Known = Callable[[str, str], bool]
 
 _code_digests: dict[tuple[str, ...], bytes] = {}
@@ -57,6 +58,7 @@ class SourceDigests:
 
     def __init__(self, known: Known, settings: Any, modules: Iterable[str]) -> None:
         self._known = known
+        self._owner: Callable[[str], str | None] | None = getattr(known, "owner", None)
         # Settings as canonical JSON: any configuration change re-normalizes every record once.
         # (Secrets serialize as their references, never their values.)
         dumped = settings.model_dump(mode="json") if hasattr(settings, "model_dump") else repr(settings)
@@ -102,3 +104,20 @@ class SourceDigests:
 
     def unchanged(self, idp_id: str, digest: str) -> bool:
         return self._known(idp_id, digest)
+
+    # A record's own JSON text, as the vendor sent it, digested without parsing it: a connector
+    # that has each record's text at hand (connectors.report_rows) asks `owner` whose stored digest
+    # it is, and needs to parse only the records nobody owns. The same digest as `digest(r)` when
+    # the text is what orjson would write for r; either way equal digests mean equal texts.
+
+    def digest_text(self, text: bytes) -> str:
+        return hashlib.sha256(self._base + text).hexdigest()[:32]
+
+    @property
+    def recognizes(self) -> bool:
+        """Whether `owner` can answer (the runner's `known` can; a bare callable cannot)."""
+        return self._owner is not None
+
+    def owner(self, digest: str) -> str | None:
+        """The idp_id of the stored user whose source digest this is, if any."""
+        return self._owner(digest) if self._owner is not None else None

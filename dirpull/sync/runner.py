@@ -346,7 +346,9 @@ class Runner:
 
             def pull() -> Any:
                 if user_state is not None and getattr(connector, "source_digests", False):
-                    known = _Known(user_state)
+                    # Built in the loader thread too: a 100,000-entry map is ~15 ms.
+                    owners = loader.submit(_owners, user_state) if getattr(connector, "source_texts", False) else None
+                    known = _Known(user_state, owners)
                     return connector.pull(None if full else cursor, full=full, known=known)  # type: ignore[call-arg]
                 return connector.pull(None if full else cursor, full=full)
 
@@ -382,16 +384,32 @@ class Runner:
 
 class _Known:
     """`connectors.source.Known` answered from the stored source digests, which load in another
-    thread while the first request is out (the connector's first ask waits for them)."""
+    thread while the first request is out (the connector's first ask waits for them); and, for a
+    connector that digests records before parsing them (`source_texts`), whose digest one is."""
 
-    def __init__(self, state: Future[tuple[dict[str, str], dict[str, str]]]) -> None:
+    def __init__(
+        self,
+        state: Future[tuple[dict[str, str], dict[str, str]]],
+        owners: Future[dict[str, str]] | None = None,
+    ) -> None:
         self._state = state
         self._sources: dict[str, str] | None = None
+        self._owners_future = owners
+        self._owners: dict[str, str] | None = None
 
     def __call__(self, idp_id: str, source: str) -> bool:
         if self._sources is None:
             self._sources = self._state.result()[1]
         return self._sources.get(idp_id) == source
+
+    def owner(self, source: str) -> str | None:
+        if self._owners is None:
+            self._owners = self._owners_future.result() if self._owners_future is not None else {}
+        return self._owners.get(source)
+
+
+def _owners(state: Future[tuple[dict[str, str], dict[str, str]]]) -> dict[str, str]:
+    return {source: idp_id for idp_id, source in state.result()[1].items()}
 
 
 class _StoreBackedState:

@@ -118,7 +118,7 @@ def test_recognized_texts_are_not_parsed_and_every_text_handed_over_is_exactly_o
         offered.append(text)
         return known.get(text)
 
-    out = list(report_rows.rows(io.BytesIO(body), "employees", recognize, chunk_size=chunk_size))
+    out = list(report_rows.rows(io.BytesIO(body), "employees", lambda: recognize, chunk_size=chunk_size))
     assert len(out) == len(rows)
     for i, (text, row, token) in enumerate(out):
         if token is not None:
@@ -128,3 +128,11 @@ def test_recognized_texts_are_not_parsed_and_every_text_handed_over_is_exactly_o
     assert sum(token is not None for _, _, token in out) == len([i for i in known.values() if i < len(rows) - 1])
     # Pieces between wrong cuts were offered too, and were never taken for rows.
     assert set(offered) - set(texts)
+
+
+def test_without_a_recognizer_rows_are_parsed_in_batches_and_have_no_text() -> None:
+    rows = [{"id": str(i)} for i in range(10)]
+    body = json.dumps({"employees": rows}).encode()
+    for recognizer in (None, lambda: None):
+        out = list(report_rows.rows(io.BytesIO(body), "employees", recognizer, chunk_size=16))
+        assert out == [(None, row, None) for row in rows]

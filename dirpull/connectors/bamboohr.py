@@ -18,7 +18,7 @@ BambooHR has no groups: the connector yields none.
 from __future__ import annotations
 
 import re
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
@@ -173,9 +173,11 @@ class BambooHRConnector:
         latest = _Newest()
         page = Page()
         size, rows = self.settings.page_size, 0
-        recognize = _recognizer(sources, latest) if sources is not None and sources.recognizes else None
+        def recognizer() -> Recognize | None:  # once the rows arrive: by then the digests have loaded
+            return _recognizer(sources, latest) if sources is not None and sources.owns_any() else None
+
         try:
-            for text, row, unchanged in _stream_employees(resp, recognize):
+            for text, row, unchanged in _stream_employees(resp, recognizer):
                 if unchanged is not None:  # a row's text exactly as last normalized: not even parsed
                     page.unchanged_users.append(unchanged)
                 else:
@@ -459,14 +461,14 @@ def _recognizer(sources: SourceDigests, latest: _Newest) -> Recognize:
 
 
 def _stream_employees(
-    resp: requests.Response, recognize: Recognize | None = None
+    resp: requests.Response, recognizer: Callable[[], Recognize | None] | None = None
 ) -> Iterator[tuple[bytes | None, Any, str | None]]:
     """The report's `employees` rows as they arrive: (text, row, id of an unchanged row)."""
     step = "custom report"
     _check_json(resp, step)
     resp.raw.decode_content = True
     try:
-        yield from report_rows(resp.raw, "employees", recognize)
+        yield from report_rows(resp.raw, "employees", recognizer)
     except ValueError as exc:  # report_rows.NotJSON, and a body that is not UTF-8
         raise ConnectorError(f"{step}: the report body is not valid JSON ({exc})", step=step) from None
     except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:

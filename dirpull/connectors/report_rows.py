@@ -55,20 +55,23 @@ def items(stream: Readable, key: str, *, chunk_size: int = CHUNK) -> Iterator[An
 
 
 def rows(
-    stream: Readable, key: str, recognize: Recognize | None = None, *, chunk_size: int = CHUNK
-) -> Iterator[tuple[bytes | None, Any, Any]]:
+    stream: Readable, key: str, recognizer: Callable[[], Recognize | None] | None = None, *,
+    chunk_size: int = CHUNK,
+) -> Iterator[tuple[bytes | None, Any, Any]]:  # fmt: skip
     """`(text, row, token)` for each row of the array: `text` is the row's exact JSON text where it
-    is at hand (None otherwise), `row` the parsed row. With `recognize`, each row's text is first
-    offered to it: a result other than None comes back as `token`, and that row is not parsed
-    (`row` None). `recognize` must only say yes to a text it has seen as a whole row before (a
-    digest of it): a piece of text between two wrong cuts is never one, so what it recognizes
-    needs no parsing to be trusted."""
+    is at hand (None otherwise), `row` the parsed row. `recognizer()` is called once, when the array
+    opens (whatever it needs has had the request's time to load), and may give a `recognize`: each
+    row's text is then first offered to it, a result other than None comes back as `token`, and
+    that row is not parsed (`row` None). `recognize` must only say yes to a text it has seen as a
+    whole row before (a digest of it): a piece of text between two wrong cuts is never one, so what
+    it recognizes needs no parsing to be trusted. Without one, rows are parsed in batches."""
     opened = _open(stream, key, chunk_size)
     if isinstance(opened, bytes):
         for row in _ijson(opened, stream, key):
             yield None, row, None
         return
     head, buf, more = opened
+    recognize = recognizer() if recognizer is not None else None
     while more:
         chunk = stream.read(chunk_size)
         more = bool(chunk)

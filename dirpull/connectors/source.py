@@ -113,10 +113,11 @@ class SourceDigests:
     def digest_text(self, text: bytes) -> str:
         return hashlib.sha256(self._base + text).hexdigest()[:32]
 
-    @property
-    def recognizes(self) -> bool:
-        """Whether `owner` can answer (the runner's `known` can; a bare callable cannot)."""
-        return self._owner is not None
+    def owns_any(self) -> bool:
+        """Whether `owner` can answer yes at all: the runner's `known` can, once a sync has stored
+        digests (a bare callable never can). Waits for the stored digests to load."""
+        owns_any = getattr(self._known, "owns_any", None)
+        return self._owner is not None and owns_any is not None and bool(owns_any())
 
     def owner(self, digest: str) -> str | None:
         """The idp_id of the stored user whose source digest this is, if any."""

@@ -403,9 +403,15 @@ class _Known:
         return self._sources.get(idp_id) == source
 
     def owner(self, source: str) -> str | None:
+        return self._owner_map().get(source)
+
+    def owns_any(self) -> bool:
+        return bool(self._owner_map())
+
+    def _owner_map(self) -> dict[str, str]:
         if self._owners is None:
             self._owners = self._owners_future.result() if self._owners_future is not None else {}
-        return self._owners.get(source)
+        return self._owners
 
 
 def _owners(state: Future[tuple[dict[str, str], dict[str, str]]]) -> dict[str, str]:

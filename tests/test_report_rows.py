@@ -1,4 +1,4 @@
-"""report_rows.items against ijson and json.loads: the same rows for any layout, chunking and
+"""report_rows.rows against ijson and json.loads: the same rows for any layout, chunking and
 content a report can have, and NotJSON for anything that is not the document."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import ijson
 import pytest
 
 from dirpull.connectors import report_rows
-from dirpull.connectors.report_rows import NotJSON, items
+from dirpull.connectors.report_rows import NotJSON
 
 
 def rows_of(body: bytes, key: str, chunk_size: int = 7) -> list[Any]:
-    return list(items(io.BytesIO(body), key, chunk_size=chunk_size))
+    return [row for _, row, _ in report_rows.rows(io.BytesIO(body), key, chunk_size=chunk_size)]
 
 
 def ijson_rows(body: bytes, key: str) -> list[Any]:
@@ -108,8 +108,8 @@ def test_a_key_whose_value_is_not_a_list_has_no_rows_as_with_ijson() -> None:
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 64, 1 << 20])
 def test_recognized_texts_are_not_parsed_and_every_text_handed_over_is_exactly_one_row(chunk_size: int) -> None:
-    rows = [{"id": str(i), "note": ["},{", '"},{"id":"9"}', "plain", "\\\\},{"][i % 4]} for i in range(30)]
-    texts = [json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode() for r in rows]
+    expected = [{"id": str(i), "note": ["},{", '"},{"id":"9"}', "plain", "\\\\},{"][i % 4]} for i in range(30)]
+    texts = [json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode() for r in expected]
     body = b'{"title":"x","employees":[' + b", \n".join(texts) + b'],"after":"},{"}'
     known = {t: i for i, t in enumerate(texts) if i % 3 == 0}  # as a digest of the exact text would
     offered: list[bytes] = []
@@ -119,13 +119,14 @@ def test_recognized_texts_are_not_parsed_and_every_text_handed_over_is_exactly_o
         return known.get(text)
 
     out = list(report_rows.rows(io.BytesIO(body), "employees", lambda: recognize, chunk_size=chunk_size))
-    assert len(out) == len(rows)
+    assert len(out) == len(expected)
     for i, (text, row, token) in enumerate(out):
         if token is not None:
             assert (token, row, text) == (i, None, texts[i])
         else:
-            assert row == rows[i] and text in (texts[i], None)  # the document's last row: no text
-    assert sum(token is not None for _, _, token in out) == len([i for i in known.values() if i < len(rows) - 1])
+            assert row == expected[i] and text in (texts[i], None)  # the document's last row: no text
+    last = len(expected) - 1
+    assert sum(token is not None for _, _, token in out) == len([i for i in known.values() if i < last])
     # Pieces between wrong cuts were offered too, and were never taken for rows.
     assert set(offered) - set(texts)
 
@@ -136,3 +137,18 @@ def test_without_a_recognizer_rows_are_parsed_in_batches_and_have_no_text() -> N
     for recognizer in (None, lambda: None):
         out = list(report_rows.rows(io.BytesIO(body), "employees", recognizer, chunk_size=16))
         assert out == [(None, row, None) for row in rows]
+
+
+def test_a_row_that_keeps_refusing_its_cuts_hands_over_to_ijson(monkeypatch: pytest.MonkeyPatch) -> None:
+    handed_over: list[bytes] = []
+    ijson_rest = report_rows._ijson
+
+    def spy(prefix: bytes, stream: Any, key: str) -> Any:
+        handed_over.append(prefix)
+        return ijson_rest(prefix, stream, key)
+
+    monkeypatch.setattr(report_rows, "_ijson", spy)
+    expected = [{"id": str(i), "refs": [{"r": k} for k in range(40)]} for i in range(5)]
+    body = json.dumps({"employees": expected}).encode()
+    out = list(report_rows.rows(io.BytesIO(body), "employees", lambda: lambda text: None, chunk_size=1 << 20))
+    assert [row for _, row, _ in out] == expected and len(handed_over) == 1

@@ -1,6 +1,6 @@
-"""The rows of a report's top-level JSON array, streamed: `items(stream, key)` yields what
-`ijson.items(stream, f"{key}.item", use_float=True)` yields — for the one-document reports of
-Workday (`Report_Entry`) and BambooHR (`employees`), 100,000 rows and tens of MB in one body.
+"""The rows of a report's top-level JSON array, streamed: `rows(stream, key)` yields the rows
+`ijson.items(stream, f"{key}.item", use_float=True)` yields — for one-document reports such as
+BambooHR's custom report (`employees`): 100,000 rows and 40 MB in one body.
 
 Why not ijson alone: building the rows one at a time through ijson is ~3.7 µs a row, as slow as
 `json.loads` of the whole body, and a third of a no-change BambooHR resync. Here the body is read a
@@ -13,8 +13,8 @@ unterminated, and one closing a nested object leaves its row unclosed, so a wron
 parses: what parses is exactly a run of whole rows. What remains after the last cut is parsed at
 the end together with the document's opening, which checks the document as a whole (its other
 keys, its closing brackets). Rows are expected flat, as these reports' are: where the last few
-candidate cuts of a chunk all fall inside nested objects, no rows are freed, and once 8 MB are held
-that way ijson reads the rest. A document laid out otherwise (the array not a top-level value, no
+candidate cuts of a chunk (or 16 of one row) fall inside nested objects, or 8 MB are held that way,
+ijson reads the rest. A document laid out otherwise (the array not a top-level value, no
 such key in the first 8 MB) goes to ijson unchanged. One difference from ijson, which refuses
 them: an integer beyond 64 bits comes out as a float (these reports print numbers as strings).
 """
@@ -32,6 +32,7 @@ import orjson
 CHUNK = 1 << 20
 HEAD_LIMIT = 8 << 20  # the array must open within this many bytes, else ijson reads the body
 CUT_TRIES = 4  # candidate cuts tried per chunk, from the last one back
+ROW_CUT_TRIES = 16  # … or per row, when rows are taken one at a time
 STUCK_LIMIT = 8 << 20  # rows no cut could free: ijson reads the rest (rows with nested objects)
 _ROW_BOUNDARY = re.compile(rb"\}\s*,\s*\{")
 
@@ -47,11 +48,6 @@ class NotJSON(ValueError):
 
 class Readable(Protocol):
     def read(self, size: int = ..., /) -> bytes: ...
-
-
-def items(stream: Readable, key: str, *, chunk_size: int = CHUNK) -> Iterator[Any]:
-    for _, row, _ in rows(stream, key, chunk_size=chunk_size):
-        yield row
 
 
 def rows(
@@ -76,13 +72,14 @@ def rows(
         chunk = stream.read(chunk_size)
         more = bool(chunk)
         buf += chunk
+        stuck = False
         if recognize is None:
             batch, buf = _whole_rows(buf)
             for row in batch:
                 yield None, row, None
         else:
-            buf = yield from _row_by_row(buf, recognize)
-        if len(buf) > STUCK_LIMIT:
+            buf, stuck = yield from _row_by_row(buf, recognize)
+        if stuck or len(buf) > STUCK_LIMIT:
             for row in _ijson(head + b"[" + buf, stream, key):  # the same document, minus the rows read
                 yield None, row, None
             return
@@ -111,9 +108,12 @@ def _open(stream: Readable, key: str, chunk_size: int) -> tuple[bytes, bytes, bo
     return buf
 
 
-def _row_by_row(buf: bytes, recognize: Recognize) -> Generator[tuple[bytes, Any, Any], None, bytes]:
-    """Each whole row at the start of `buf`, as its text: recognized, or else parsed; the rest."""
-    start = 0
+def _row_by_row(
+    buf: bytes, recognize: Recognize
+) -> Generator[tuple[bytes, Any, Any], None, tuple[bytes, bool]]:
+    """Each whole row at the start of `buf`, as its text: recognized, or else parsed. Returns the
+    rest, and whether a row kept refusing its cuts (nested objects: ijson had better read on)."""
+    start, refused = 0, 0
     for boundary in _ROW_BOUNDARY.finditer(buf):
         text = buf[start : boundary.start() + 1]
         token = recognize(text)
@@ -123,10 +123,13 @@ def _row_by_row(buf: bytes, recognize: Recognize) -> Generator[tuple[bytes, Any,
             try:
                 row = orjson.loads(text)
             except orjson.JSONDecodeError:
-                continue  # a cut inside a string or a nested object: the row goes on to the next
+                refused += 1  # a cut inside a string or a nested object: the row goes on
+                if refused > ROW_CUT_TRIES:
+                    return buf[start:], True
+                continue
             yield text, row, None
-        start = boundary.end() - 1
-    return buf[start:]
+        start, refused = boundary.end() - 1, 0
+    return buf[start:], False
 
 
 def _opens_top_level(head: bytes, key: str) -> bool:

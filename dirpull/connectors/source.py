@@ -100,6 +100,9 @@ class SourceDigests:
                 data += orjson.dumps(extra)
             except (TypeError, orjson.JSONEncodeError):
                 return None
+        return self._hash(data)
+
+    def _hash(self, data: bytes) -> str:
         return hashlib.sha256(self._base + data).hexdigest()[:32]
 
     def unchanged(self, idp_id: str, digest: str) -> bool:
@@ -111,7 +114,7 @@ class SourceDigests:
     # the text is what orjson would write for r; either way equal digests mean equal texts.
 
     def digest_text(self, text: bytes) -> str:
-        return hashlib.sha256(self._base + text).hexdigest()[:32]
+        return self._hash(text)
 
     def owns_any(self) -> bool:
         """Whether `owner` can answer yes at all: the runner's `known` can, once a sync has stored

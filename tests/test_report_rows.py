@@ -68,17 +68,25 @@ def test_an_empty_array_a_missing_key_and_a_nested_key() -> None:
     assert rows_of(nested_first, "employees") == ijson_rows(nested_first, "employees") == [{"id": "yes"}]
 
 
-def test_rows_with_nested_objects_everywhere_still_come_out_right(monkeypatch: pytest.MonkeyPatch) -> None:
-    # No cut among the last few candidates parses: rows pile up until ijson takes over.
-    monkeypatch.setattr(report_rows, "STUCK_LIMIT", 200)
-    handed_over: list[bytes] = []
+@pytest.fixture
+def handed_over(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """What was handed over to ijson (the bytes already read), each time it was."""
+    seen: list[bytes] = []
     ijson_rest = report_rows._ijson
 
     def spy(prefix: bytes, stream: Any, key: str) -> Any:
-        handed_over.append(prefix)
+        seen.append(prefix)
         return ijson_rest(prefix, stream, key)
 
     monkeypatch.setattr(report_rows, "_ijson", spy)
+    return seen
+
+
+def test_rows_with_nested_objects_everywhere_still_come_out_right(
+    monkeypatch: pytest.MonkeyPatch, handed_over: list[bytes]
+) -> None:
+    # No cut among the last few candidates parses: rows pile up until ijson takes over.
+    monkeypatch.setattr(report_rows, "STUCK_LIMIT", 200)
     rows = [{"id": str(i), "refs": [{"r": k} for k in range(12)]} for i in range(50)]
     body = json.dumps({"Report_Entry": rows}).encode()
     assert rows_of(body, "Report_Entry", 64) == rows
@@ -139,15 +147,7 @@ def test_without_a_recognizer_rows_are_parsed_in_batches_and_have_no_text() -> N
         assert out == [(None, row, None) for row in rows]
 
 
-def test_a_row_that_keeps_refusing_its_cuts_hands_over_to_ijson(monkeypatch: pytest.MonkeyPatch) -> None:
-    handed_over: list[bytes] = []
-    ijson_rest = report_rows._ijson
-
-    def spy(prefix: bytes, stream: Any, key: str) -> Any:
-        handed_over.append(prefix)
-        return ijson_rest(prefix, stream, key)
-
-    monkeypatch.setattr(report_rows, "_ijson", spy)
+def test_a_row_that_keeps_refusing_its_cuts_hands_over_to_ijson(handed_over: list[bytes]) -> None:
     expected = [{"id": str(i), "refs": [{"r": k} for k in range(40)]} for i in range(5)]
     body = json.dumps({"employees": expected}).encode()
     out = list(report_rows.rows(io.BytesIO(body), "employees", lambda: lambda text: None, chunk_size=1 << 20))

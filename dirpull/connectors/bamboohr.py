@@ -173,6 +173,7 @@ class BambooHRConnector:
         latest = _Newest()
         page = Page()
         size, rows = self.settings.page_size, 0
+
         def recognizer() -> Recognize | None:  # once the rows arrive: by then the digests have loaded
             return _recognizer(sources, latest) if sources is not None and sources.owns_any() else None
 

@@ -441,6 +441,119 @@ def test_sync_with_groups_report(harness: Any, emu: WorkdayEmulator, org: Org, t
     assert all(c[0] == "group.user_added" for c in added)  # also added to the groups containing g
 
 
+def test_a_resync_recognizes_unchanged_rows_by_their_text_and_parses_only_the_rest(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = Clock()
+    # Configured columns must still be found in a report whose rows are never parsed. (No date
+    # prompt: the report is as of the emulator's today, whatever the connector's clock says.)
+    fields = {"email": "Email_Address", "department": "Supervisory_Organization"}
+    cfg = tenant(emu, tmp_path, fields=fields, prompts={})
+    h = sync_harness(harness, cfg, clock)
+    leaving = next(p for p in org.listed_people() if p.n > 10 and p.state == "active")
+    when = TODAY + timedelta(days=3)
+    org.schedule_termination(leaving.n, when.isoformat())
+    first = h.sync("t1")
+    assert first.status == "succeeded", first.error
+    parsed: list[str] = []  # rows handed over parsed (recognized ones are not)
+    normalized: list[str] = []
+    real_user_row, real_user = WorkdayConnector._user_row, WorkdayConnector._user
+
+    def user_row(self: WorkdayConnector, row: Any, *args: Any, **kw: Any) -> None:
+        parsed.append(row["Employee_ID"])
+        real_user_row(self, row, *args, **kw)
+
+    def user(self: WorkdayConnector, idp_id: str, *args: Any) -> Any:
+        normalized.append(idp_id)
+        return real_user(self, idp_id, *args)
+
+    monkeypatch.setattr(WorkdayConnector, "_user_row", user_row)
+    monkeypatch.setattr(WorkdayConnector, "_user", user)
+    listed = sorted(org.listed_people(), key=lambda p: p.n)
+    # A row with a termination date is parsed: whether the date has passed is not in its text.
+    dated = {employee_id(p.n) for p in listed if p.termination_date}
+    last = employee_id(listed[-1].n)  # parsed with the document's end
+    seq = h.last_seq()
+    again = h.sync("t1")
+    assert again.status == "succeeded" and again.events == 0, again.error
+    assert normalized == [] and set(parsed) == dated | {last} and employee_id(leaving.n) in dated
+    assert len(h.users("t1")) == len(listed)  # recognized rows count as seen: nobody deleted
+    # A changed row is parsed and normalized; the unchanged ones still are not.
+    parsed.clear()
+    org.update_person(listed[3].n, title="Principal Engineer")
+    changed = h.sync("t1")
+    assert changed.status == "succeeded" and normalized == [employee_id(listed[3].n)]
+    assert set(parsed) == dated | {last, employee_id(listed[3].n)}
+    title = ("user.updated", employee_id(listed[3].n), ("job_title", "raw_attributes"))
+    assert h.changes("t1", after=seq) == [title]
+    # The scheduled termination still takes effect when its date passes, the report unchanged.
+    seq = h.last_seq()
+    normalized.clear()
+    clock.today = when + timedelta(days=1)
+    r = h.sync("t1")
+    assert r.status == "succeeded" and normalized == [employee_id(leaving.n)]
+    assert h.changes("t1", after=seq) == [("user.updated", employee_id(leaving.n), ("state",))]
+
+
+def test_a_recognized_row_listed_twice_is_quarantined_and_checks_still_see_its_columns(
+    emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    import json
+
+    cfg = tenant(emu, tmp_path, fields={"email": "Email_Address"})
+    sources: dict[str, str] = {}
+    owners: dict[str, str] = {}
+
+    class Known:
+        def __call__(self, idp_id: str, digest: str) -> bool:
+            return sources.get(idp_id) == digest
+
+        def owner(self, digest: str) -> str | None:
+            return owners.get(digest)
+
+        def owns_any(self) -> bool:
+            return bool(owners)
+
+    first = list(connector(cfg).pull(None, full=True, known=Known()))
+    sources.update({k: v for p in first[:-1] for k, v in p.user_sources.items()})
+    owners.update({v: k for k, v in sources.items()})
+    real_body = emu._users_body
+    twins: list[str] = []
+
+    def twice(*args: Any) -> bytes:
+        doc = json.loads(real_body(*args))
+        doc["Report_Entry"].insert(5, doc["Report_Entry"][2])
+        twins.append(doc["Report_Entry"][2]["Employee_ID"])
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+    emu._users_body = twice  # type: ignore[method-assign]
+    items = list(connector(cfg).pull(None, full=True, known=Known()))
+    pages, done = items[:-1], items[-1]
+    assert isinstance(done, Done)
+    unchanged = [u for p in pages for u in p.unchanged_users]
+    quarantined = [(q.idp_id, q.reason) for p in pages for q in p.quarantined]
+    assert twins[0] in unchanged and len(unchanged) > len(sources) // 2
+    assert quarantined == [(twins[0], "worker id appears twice in the report")]
+    # Nothing parsed said which columns the report has; the rows' texts did.
+    emu.columns = tuple(c for c in emu.columns if c != "Email_Address")
+    emu._users_body = real_body  # type: ignore[method-assign]
+    with pytest.raises(ConfigurationError, match=r"configured column.*Email_Address"):
+        list(connector(cfg).pull(None, full=True, known=Known()))
+
+
+def test_columns_of_a_recognized_text_are_read_as_keys() -> None:
+    from dirpull.connectors.workday import _Columns
+
+    columns = _Columns([("Email_Address",), ("Active_Status", "Worker_Status"), ("Job_Title", "Business_Title")])
+    columns.add_text(b'{"Employee_ID":"1","Worker_Status" : "Active","Note":"Job_Title","X":"\\\\"}')
+    assert columns.seen == {"Worker_Status"}  # a value is not a key; whitespace before a colon is fine
+    columns.add_text(b'{"Employee_ID":"2","Note":"say \\"Email_Address\\": x"}')
+    assert columns.seen == {"Worker_Status"}  # inside a string, a key's look-alike is escaped
+    columns.add_row({"Business_Title": "Boss"})
+    columns.add_text(b'{"Employee_ID":"3","Email_Address":"a@b","Job_Title":"x"}')
+    assert columns.seen == {"Worker_Status", "Business_Title", "Email_Address"}  # a found group stops
+
+
 def snapshot(h: Any) -> tuple[Any, ...]:
     return h.users("t1"), h.groups("t1"), h.members("t1"), h.last_seq()
 

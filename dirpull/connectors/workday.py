@@ -1,8 +1,10 @@
 """Workday through Report-as-a-Service (RaaS) custom reports.
 
 A worker report (and optionally a groups report) is fetched as ONE unpaged JSON document
-`{"Report_Entry": [...]}` (directory-apis.md §5.1). The body is stream-parsed with ijson straight
-from the socket, so memory holds one page of ~500 users, never the body and the parsed list at once.
+`{"Report_Entry": [...]}` (directory-apis.md §5.1). The workers report is streamed from the socket
+(`report_rows`: a megabyte at a time, whole rows parsed by orjson), so memory holds about one page
+of ~500 users, never the body and the parsed list at once. On a resync a row whose exact text
+digests to a stored user's source digest is that user unchanged, and is not parsed at all.
 Every pull is a complete snapshot: Workday has no deletions, a worker missing from the report is
 deleted; terminated workers stay in the report and become inactive.
 
@@ -15,7 +17,9 @@ row, before `Done`, so the runner applies nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import json
 import re
 import tempfile
 import threading
@@ -39,6 +43,8 @@ from dirpull.connectors.http import (
     readable_body,
 )
 from dirpull.connectors.nesting import flatten
+from dirpull.connectors.report_rows import Recognize
+from dirpull.connectors.report_rows import rows as report_rows
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import Group, User
 
@@ -79,6 +85,8 @@ _TRUE = {"1", "true", "yes", "y", "active"}
 _FALSE = {"0", "false", "no", "n", "inactive", "terminated"}
 _INACTIVE_STATUS = {"terminated", "inactive", "retired", "deceased"}
 _PLACEHOLDER = re.compile(r"\{today(?::([^}]*))?\}")
+# Fields a users report without any of their columns gets a note about.
+_NOTED_FIELDS = ("email", "first_name", "last_name", "display_name", "manager", "job_title", "department")
 
 
 def fill_prompt(value: str, today: date) -> str:
@@ -141,6 +149,7 @@ class _Read:
 class WorkdayConnector:
     provider = "workday"
     source_digests = True  # a full pull takes `known=` (connectors.source)
+    source_texts = True  # … and asks it whose digest a row's text is (`SourceDigests.owner`)
 
     def __init__(
         self,
@@ -288,16 +297,36 @@ class WorkdayConnector:
         finally:
             client.close()
 
-    def _rows(self, resp: requests.Response | _Read, step: str, counter: dict[str, Any]) -> Iterator[Any]:
-        """Report_Entry items, parsed one at a time from the socket (or from a report read ahead)."""
+    def _rows(self, resp: _Read, step: str, counter: dict[str, Any]) -> Iterator[Any]:
+        """A report read ahead (the groups report), its Report_Entry items parsed one at a time by
+        ijson: a group row nests thousands of members, which `report_rows` would not cut between."""
         head = _Head(resp.raw)
-        if isinstance(resp, requests.Response):
-            resp.raw.decode_content = True
-        try:
+        with self._reading(resp, head, step, counter):
             for item in ijson.items(head, "Report_Entry.item", use_float=True):
                 counter["rows"] += 1
                 yield item
-        except ijson.JSONError as exc:
+
+    def _user_rows(
+        self, resp: requests.Response, counter: dict[str, Any], recognizer: Callable[[], Recognize | None] | None
+    ) -> Iterator[tuple[bytes | None, Any, str | None]]:
+        """The workers report's rows from the socket: (text, row, id of an unchanged row), as
+        `report_rows.rows` gives them."""
+        head = _Head(resp.raw)
+        resp.raw.decode_content = True
+        with self._reading(resp, head, "users report", counter):
+            for item in report_rows(head, "Report_Entry", recognizer):
+                counter["rows"] += 1
+                yield item
+
+    @contextlib.contextmanager
+    def _reading(
+        self, resp: requests.Response | _Read, head: _Head, step: str, counter: dict[str, Any]
+    ) -> Iterator[None]:
+        """Errors while a report is read, as ConnectorErrors that say how far it got and how its
+        body began; the response closed however the reading ends."""
+        try:
+            yield
+        except (ijson.JSONError, ValueError) as exc:  # also report_rows.NotJSON, a body not UTF-8
             raise ConnectorError(
                 f"{step}: the report is not valid JSON ({readable_body(str(exc), 120)}) "
                 f"after {head.bytes} bytes; "
@@ -332,7 +361,7 @@ class WorkdayConnector:
         try:
             user_ids: set[str] = set()
             derived: dict[str, str] = {}  # derived group id → value
-            seen_columns: set[str] = set()
+            columns = _Columns(self._checked_columns())
             stats: dict[str, Any] = {"rows": 0}
             page = Page()
             url = report_url(s.users_report_url, s.prompts, today)
@@ -342,14 +371,33 @@ class WorkdayConnector:
                 # before it sends the first byte, and that wait would otherwise come after this one.
                 groups_url = report_url(s.groups_report_url, s.prompts, today)
                 groups_report = ahead.submit(self._fetch, groups_url, "groups report", state, stop)
-            for row in self._rows(resp, "users report", stats):
-                if isinstance(row, dict):
-                    seen_columns.update(row)
-                self._user_row(row, today, page, user_ids, derived, sources)
+            derives_groups = bool(s.group_column and not s.groups_report_url)
+
+            def recognizer() -> Recognize | None:  # once the rows arrive: by then the digests have loaded
+                # A derived group's members are read from each row: those rows are all parsed.
+                if sources is None or derives_groups or not sources.owns_any():
+                    return None
+                digest_text, owner = sources.digest_text, sources.owner
+                return lambda text: owner(digest_text(text))
+
+            for text, row, unchanged in self._user_rows(resp, stats, recognizer):
+                if unchanged is not None:  # a row's text exactly as last normalized: not even parsed
+                    columns.add_text(text or b"")
+                    if unchanged in user_ids:
+                        page.quarantined.append(
+                            Quarantined("user", unchanged, "worker id appears twice in the report")
+                        )
+                    else:
+                        user_ids.add(unchanged)
+                        page.unchanged_users.append(unchanged)
+                else:
+                    if isinstance(row, dict):
+                        columns.add_row(row)
+                    self._user_row(row, today, page, user_ids, derived, sources, text)
                 if len(page.users) + len(page.quarantined) + len(page.unchanged_users) >= self.page_size:
                     yield page
                     page = Page()
-            self._check_users_report(stats, seen_columns, notes)
+            self._check_users_report(stats, columns.seen, notes)
             requests_made = client.requests
             if groups_report is not None:
                 if page.users or page.quarantined or page.unchanged_users:
@@ -380,6 +428,7 @@ class WorkdayConnector:
         user_ids: set[str],
         derived: dict[str, str],
         sources: SourceDigests | None = None,
+        text: bytes | None = None,
     ) -> None:
         if not isinstance(row, dict):
             page.quarantined.append(Quarantined("user", None, "report row is not an object"))
@@ -393,7 +442,7 @@ class WorkdayConnector:
         if idp_id in user_ids:
             page.quarantined.append(Quarantined("user", idp_id, "worker id appears twice in the report"))
             return
-        digest = self._source_digest(sources, row, today) if sources is not None else None
+        digest = self._source_digest(sources, row, today, text) if sources is not None else None
         if sources is not None and digest is not None and sources.unchanged(idp_id, digest):
             page.unchanged_users.append(idp_id)
         else:
@@ -413,9 +462,18 @@ class WorkdayConnector:
                 derived[gid] = value
                 page.members.append((gid, idp_id))
 
-    def _source_digest(self, sources: SourceDigests, row: dict[str, Any], today: date) -> str | None:
-        """The row's digest, with the one thing besides the row its normalization reads: whether a
-        termination date has passed (`_state` against today). None when the state is unreadable."""
+    def _source_digest(
+        self, sources: SourceDigests, row: dict[str, Any], today: date, text: bytes | None = None
+    ) -> str | None:
+        """The row's digest. A row with a termination date column digests with the one thing
+        besides the row its normalization reads: whether that date has passed (`_state` against
+        today; None when the state is unreadable). Any other row's normalization reads the row
+        alone: it digests as its text (`digest_text`, which a resync's recognizer can match
+        without parsing it), or as the row where the text is not at hand — the same digest when
+        the text is what orjson writes. A digest with the state never equals a text's: its input
+        ends after a JSON object with another value."""
+        if not any(c in row for c in self.columns["termination_date"]):
+            return sources.digest_text(text) if text is not None else sources.digest(row)
         try:
             state = self._state(row, today)
         except (ValueError, TypeError):
@@ -500,6 +558,16 @@ class WorkdayConnector:
             return "inactive"
         return "active"
 
+    def _checked_columns(self) -> list[tuple[str, ...]]:
+        """The columns `_check_users_report` asks about, in groups of which one present is enough."""
+        s = self.settings
+        checked = [(column,) for field, column in self.explicit.items() if field in USER_FIELDS]
+        if s.group_column and not s.groups_report_url:
+            checked.append((s.group_column,))
+        checked += [self.columns["idp_id"], self.columns["active"] + self.columns["worker_status"]]
+        checked += [self.columns[f] for f in _NOTED_FIELDS if f not in self.explicit]
+        return checked
+
     def _check_users_report(self, stats: dict[str, Any], seen: set[str], notes: list[str]) -> None:
         """Refuse a report that would blank or deactivate the tenant (raised before Done: nothing applies)."""
         if stats["rows"] == 0:
@@ -539,15 +607,7 @@ class WorkdayConnector:
                 "terminated workers would stay active. Add Active_Status to the report or set fields.active",
                 step="users report",
             )
-        for field in (
-            "email",
-            "first_name",
-            "last_name",
-            "display_name",
-            "manager",
-            "job_title",
-            "department",
-        ):
+        for field in _NOTED_FIELDS:
             if field not in self.explicit and not any(c in seen for c in self.columns[field]):
                 notes.append(f"users report has no {field} column (tried {', '.join(self.columns[field])})")
 
@@ -604,6 +664,39 @@ class WorkdayConnector:
         if unknown_members:
             notes.append(f"groups report lists {unknown_members} member(s) not in the users report; ignored")
         yield page
+
+
+class _Columns:
+    """The columns a users report's rows carry, as far as `_check_users_report` asks: all of a
+    parsed row's; of a row recognized by its text (never parsed), those of the checked groups
+    (`WorkdayConnector._checked_columns`) no row has shown yet, found as keys in the text — which
+    costs nothing once each group has shown one. A key inside a nested object counts too: such a
+    text was stored from a report that passed these checks."""
+
+    def __init__(self, checked: list[tuple[str, ...]]) -> None:
+        self.seen: set[str] = set()
+        self._pending: list[tuple[tuple[str, ...], re.Pattern[bytes], dict[bytes, str]]] = []
+        for names in checked:
+            keys = {json.dumps(n, ensure_ascii=False)[1:-1].encode(): n for n in names}
+            pattern = re.compile(rb'"(' + b"|".join(re.escape(k) for k in keys) + rb')"\s*:')
+            self._pending.append((names, pattern, keys))
+
+    def add_row(self, row: dict[str, Any]) -> None:
+        self.seen.update(row)
+
+    def add_text(self, text: bytes) -> None:
+        if not self._pending:
+            return
+        pending = []
+        for names, pattern, keys in self._pending:
+            if any(n in self.seen for n in names):
+                continue
+            found = pattern.search(text)
+            if found is not None:
+                self.seen.add(keys[found.group(1)])
+            else:
+                pending.append((names, pattern, keys))
+        self._pending = pending
 
 
 def _values(value: Any, *keys: str) -> list[str]:

@@ -91,8 +91,9 @@ def main() -> int:
     ap.add_argument("--users", type=int, default=100_000)
     ap.add_argument("--groups", type=int, default=2_000)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--phase", choices=("initial", "full", "full_1pct"), default="full",
-                    help="what to measure (default: full; full_1pct: a full resync after changes to 1%% of the users)")
+    ap.add_argument("--phase", choices=("initial", "full", "full_1pct", "incremental"), default="full",
+                    help="what to measure (default: full; full_1pct: a full resync after changes to 1%% of the "
+                         "users; incremental: a run from the stored cursor, nothing changed)")
     ap.add_argument("--emulator-workers", type=int, default=None, metavar="N",
                     help="processes serving the emulator, where it can run several (default: the benchmark's)")
     ap.add_argument("--py-spy", type=Path, metavar="FILE", help="profile the phase with py-spy into FILE")
@@ -133,7 +134,7 @@ def main() -> int:
             emulator_pids = [em.info["pid"], *em.info.get("worker_pids", [])]  # every worker's CPU counts
             emu0, cpu0 = sum(map(cpu_seconds, emulator_pids)), time.process_time()
             collector.reset()
-            result = runner.sync("t", full=args.phase != "initial")
+            result = runner.sync("t", full=args.phase in ("full", "full_1pct"))
             cpu, emu = time.process_time() - cpu0, sum(map(cpu_seconds, emulator_pids)) - emu0
             if profiler is not None:
                 time.sleep(0.5)

@@ -28,9 +28,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCOPE = "https://graph.microsoft.com/.default"
 
 
-def _serve(tmp_path: Path, *extra: str) -> subprocess.Popen[bytes]:
+def _serve(tmp_path: Path, *extra: str, provider: str = "entra_id") -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "dirpull.emulators", "serve", "--provider", "entra_id", "--people", "300",
+        [sys.executable, "-m", "dirpull.emulators", "serve", "--provider", provider, "--people", "300",
          "--groups", "12", "--seed", "4", "--workdir", str(tmp_path), *extra],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
     )  # fmt: skip
@@ -128,6 +128,42 @@ def test_a_sync_through_the_sdk_sees_one_directory_across_workers(served: dict[s
         assert full.counts["rows_written"] == 0 and full.counts["events"] == 0
     finally:
         store.close()
+
+
+def test_google_served_by_workers_syncs_through_the_sdk(tmp_path: Path) -> None:
+    """The service account's key is made before the workers fork and access tokens are signed:
+    whichever worker grants the token and whichever answers each of the connector's concurrent
+    member listings, a sync sees one directory."""
+    proc = _serve(tmp_path, "--workers", "2", provider="google_workspace")
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        assert len(info["workers"]) == 2
+        spec = importlib.util.spec_from_file_location("dirpull_bench", ROOT / "scripts" / "bench.py")
+        assert spec and spec.loader
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        config_path = tmp_path / "dirpull.toml"
+        bench.write_config(config_path, f"sqlite:///{tmp_path / 'store.db'}", "t", info["tenant"])
+        store = Store(load_config(str(config_path)).store.url)
+        try:
+            store.upgrade()
+            runner = Runner(load_config(str(config_path)), store)
+            first = runner.sync("t")
+            assert first.status == "succeeded", first.error
+            assert first.counts["rows_written"] > 300
+            # Changes made now: a new account's creationTime is the same in both workers.
+            change = {"random": 20, "seed": 9, "at": time.time()}
+            answers = [requests.post(w + "/_emulator/changes", json=change, timeout=10).json() for w in info["workers"]]
+            assert answers[0]["changes"] and answers[0]["changes"] == answers[1]["changes"]
+            changed = runner.sync("t")
+            assert changed.status == "succeeded" and changed.counts["events"] > 0, changed.error
+            again = runner.sync("t")
+            assert again.status == "succeeded" and again.counts["events"] == 0, again.counts
+        finally:
+            store.close()
+    finally:
+        _stop(proc)
 
 
 def test_workers_stop_with_the_parent_however_it_ends(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import secrets
 import threading
@@ -125,6 +126,9 @@ def _bad(message: str = "Bad Request", reason: str = "badRequest") -> _BadReques
 
 class GoogleEmulator(Emulator):
     name = "google_workspace"
+    # Access tokens are signed, page tokens say where they are, and the service account's key is
+    # made before the workers fork (`before_fork`): forked workers answer alike.
+    parallel = True
 
     def __init__(self, org: Org, *, rate_limit_kind: RateLimitKind = "alternate") -> None:
         super().__init__(org)
@@ -143,7 +147,8 @@ class GoogleEmulator(Emulator):
         # Service accounts whose keys this emulator trusts: client_email → (key id, public key).
         self._accounts: dict[str, tuple[str, Any]] = {}
         self._default_account: dict[str, Any] | None = None
-        self._tokens: dict[str, tuple[str | None, frozenset[str], float]] = {}
+        # Access tokens are signed, not remembered: any worker of a forked emulator accepts them.
+        self._token_key = secrets.token_bytes(32)
         self._state_lock = threading.Lock()
         self._keys: list[int] = []  # Person.n in order (people are only ever appended)
 
@@ -199,10 +204,25 @@ class GoogleEmulator(Emulator):
             return self._email(ceo) if ceo else f"admin@{self.org.domain}"
 
     def issue_token(self, subject: str | None, scopes: set[str] | frozenset[str]) -> str:
-        token = "ya29.emu-" + secrets.token_urlsafe(24)
-        with self._state_lock:
-            self._tokens[token] = (subject, frozenset(scopes), time.time() + TOKEN_LIFETIME)
-        return token
+        expiry = time.time() + TOKEN_LIFETIME
+        grant = {"sub": subject, "scp": sorted(scopes), "exp": expiry, "jti": secrets.token_hex(8)}
+        claims = base64.urlsafe_b64encode(json.dumps(grant).encode()).rstrip(b"=").decode()
+        return f"ya29.emu-{claims}.{self._sign(claims)}"
+
+    def _grant(self, token: str) -> tuple[str | None, frozenset[str], float] | None:
+        """(subject, scopes, expiry) of an access token this emulator signed; None for anything else."""
+        claims, _, signature = token.removeprefix("ya29.emu-").rpartition(".")
+        if not token.startswith("ya29.emu-") or not hmac.compare_digest(signature, self._sign(claims)):
+            return None
+        grant = json.loads(_b64url_decode(claims))
+        return grant["sub"], frozenset(grant["scp"]), float(grant["exp"])
+
+    def _sign(self, claims: str) -> str:
+        digest = hmac.new(self._token_key, claims.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+    def before_fork(self) -> None:
+        self.service_account_info()  # the default account's key, made once for every worker
 
     def tenant_config(self, tenant: str, workdir: Path) -> dict[str, Any]:
         workdir = Path(workdir)
@@ -299,8 +319,7 @@ class GoogleEmulator(Emulator):
             return None
         header = req.headers.get("Authorization") or ""
         scheme, _, token = header.partition(" ")
-        with self._state_lock:
-            grant = self._tokens.get(token) if scheme.lower() == "bearer" else None
+        grant = self._grant(token) if scheme.lower() == "bearer" else None
         if grant is None or grant[2] < time.time():
             return self.unauthorized(req)
         subject, scopes, _ = grant

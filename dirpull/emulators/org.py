@@ -13,6 +13,7 @@ of any vendor.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -195,17 +196,29 @@ class Org:
         self._next_person = 1
         self._next_group = 1
         self._last_ts = 0.0
+        self._pinned: float | None = None
         self.rng = random.Random(0)
 
     # --- time and versions ---------------------------------------------------------------------
 
     def now(self) -> float:
         # Strictly increasing, so "changed after T" is never ambiguous within one process.
-        t = time.time()
+        t = time.time() if self._pinned is None else self._pinned
         if t <= self._last_ts:
             t = self._last_ts + 0.001
         self._last_ts = t
         return t
+
+    @contextlib.contextmanager
+    def clock_at(self, at: float | None) -> Iterator[None]:
+        """Changes made inside are stamped from `at` on (each a millisecond after the last), not
+        from the wall clock: forked emulator workers making the same seeded changes stamp them
+        alike. None: the wall clock."""
+        self._pinned = at
+        try:
+            yield
+        finally:
+            self._pinned = None
 
     def _touch(self, obj: Person | Group) -> None:
         self.version += 1

@@ -9,7 +9,7 @@ emulator in another process):
   GET  /_emulator/health            {"ok": true, "requests": N}
   POST /_emulator/faults            {"rate_limit": 3, "error": 2, "error_status": 503, "drop": 1,
                                      "malformed": 1, "expire_auth": 1, "delay": 0.5, "path": "/users"}
-  POST /_emulator/changes           {"random": 100, "seed": 7}
+  POST /_emulator/changes           {"random": 100, "seed": 7, "at": 1795000000.0 (optional)}
 """
 
 from __future__ import annotations
@@ -213,7 +213,9 @@ class Emulator:
     def _changes(self, req: Request) -> Response:
         body = req.json() or {}
         rng = random.Random(body.get("seed"))
-        done = self.org.random_changes(int(body.get("random", 0)), rng)
+        at = body.get("at")  # the changes' time, the same in every worker of a forked emulator
+        with self.org.lock, self.org.clock_at(float(at) if at is not None else None):
+            done = self.org.random_changes(int(body.get("random", 0)), rng)
         return Response(200, {"ok": True, "changes": done})
 
     # --- serving ---------------------------------------------------------------------------------
@@ -224,6 +226,9 @@ class Emulator:
             raise RuntimeError(f"{self.name} emulator is not started")
         host, port = self._server.server_address[:2]
         return f"http://{host}:{port}"
+
+    def before_fork(self) -> None:
+        """Make, once, what every worker must share (keys, accounts): called bound, before forking."""
 
     def start(self, host: str = LOOPBACK, port: int = 0, *, workers: int = 1) -> str:
         """Serve on `host:port` (0: any free port); `workers` > 1 forks that many processes in all
@@ -304,6 +309,7 @@ class Emulator:
             return self.base_url
         balance = Balance(workers)
         self._server = balanced(_Server, balance)((host, port), _Handler)
+        self.before_fork()
         parent = os.getpid()
 
         def serve_child(index: int, report: Callable[[int], None]) -> None:

@@ -4,6 +4,7 @@ real SDK sees one consistent directory, and the workers never outlive their pare
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -99,17 +100,25 @@ def test_connections_are_spread_over_the_workers_and_a_token_is_good_on_each(ser
         assert requests.get(f"{worker}/v1.0/users", headers=headers, timeout=5).status_code == 200
 
 
-def test_a_sync_through_the_sdk_sees_one_directory_across_workers(served: dict[str, Any], tmp_path: Path) -> None:
+@contextlib.contextmanager
+def _runner(tenant: dict[str, Any], tmp_path: Path) -> Iterator[Runner]:
+    """A runner over a fresh SQLite store for the served tenant, configured as the benchmark does."""
     spec = importlib.util.spec_from_file_location("dirpull_bench", ROOT / "scripts" / "bench.py")
     assert spec and spec.loader
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     config_path = tmp_path / "dirpull.toml"
-    bench.write_config(config_path, f"sqlite:///{tmp_path / 'store.db'}", "t", served["tenant"])
+    bench.write_config(config_path, f"sqlite:///{tmp_path / 'store.db'}", "t", tenant)
     store = Store(load_config(str(config_path)).store.url)
     try:
         store.upgrade()
-        runner = Runner(load_config(str(config_path)), store)
+        yield Runner(load_config(str(config_path)), store)
+    finally:
+        store.close()
+
+
+def test_a_sync_through_the_sdk_sees_one_directory_across_workers(served: dict[str, Any], tmp_path: Path) -> None:
+    with _runner(served["tenant"], tmp_path) as runner:
         first = runner.sync("t")
         assert first.status == "succeeded" and first.counts["rows_written"] > 300
 
@@ -126,8 +135,6 @@ def test_a_sync_through_the_sdk_sees_one_directory_across_workers(served: dict[s
         full = runner.sync("t", full=True)
         assert full.status == "succeeded"
         assert full.counts["rows_written"] == 0 and full.counts["events"] == 0
-    finally:
-        store.close()
 
 
 def test_google_served_by_workers_syncs_through_the_sdk(tmp_path: Path) -> None:
@@ -139,16 +146,7 @@ def test_google_served_by_workers_syncs_through_the_sdk(tmp_path: Path) -> None:
         assert proc.stdout is not None
         info = json.loads(proc.stdout.readline())
         assert len(info["workers"]) == 2
-        spec = importlib.util.spec_from_file_location("dirpull_bench", ROOT / "scripts" / "bench.py")
-        assert spec and spec.loader
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-        config_path = tmp_path / "dirpull.toml"
-        bench.write_config(config_path, f"sqlite:///{tmp_path / 'store.db'}", "t", info["tenant"])
-        store = Store(load_config(str(config_path)).store.url)
-        try:
-            store.upgrade()
-            runner = Runner(load_config(str(config_path)), store)
+        with _runner(info["tenant"], tmp_path) as runner:
             first = runner.sync("t")
             assert first.status == "succeeded", first.error
             assert first.counts["rows_written"] > 300
@@ -160,8 +158,6 @@ def test_google_served_by_workers_syncs_through_the_sdk(tmp_path: Path) -> None:
             assert changed.status == "succeeded" and changed.counts["events"] > 0, changed.error
             again = runner.sync("t")
             assert again.status == "succeeded" and again.counts["events"] == 0, again.counts
-        finally:
-            store.close()
     finally:
         _stop(proc)
 

@@ -228,7 +228,8 @@ class Emulator:
         return f"http://{host}:{port}"
 
     def before_fork(self) -> None:
-        """Make, once, what every worker must share (keys, accounts): called bound, before forking."""
+        """Make, once, what every worker must share (keys, accounts): called once the port is bound,
+        before the workers fork."""
 
     def start(self, host: str = LOOPBACK, port: int = 0, *, workers: int = 1) -> str:
         """Serve on `host:port` (0: any free port); `workers` > 1 forks that many processes in all

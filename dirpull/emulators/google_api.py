@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import hmac
 import json
 import secrets
 import threading
@@ -38,7 +37,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, unquote
 
 from dirpull.emulators.org import Group, Org, Person
-from dirpull.emulators.server import Emulator, Request, Response
+from dirpull.emulators.server import Emulator, Request, Response, signed_token, token_claims
 
 API = "/admin/directory/v1"
 GOOGLE_TOKEN_AUD = "https://oauth2.googleapis.com/token"
@@ -204,22 +203,16 @@ class GoogleEmulator(Emulator):
             return self._email(ceo) if ceo else f"admin@{self.org.domain}"
 
     def issue_token(self, subject: str | None, scopes: set[str] | frozenset[str]) -> str:
-        expiry = time.time() + TOKEN_LIFETIME
-        grant = {"sub": subject, "scp": sorted(scopes), "exp": expiry, "jti": secrets.token_hex(8)}
-        claims = base64.urlsafe_b64encode(json.dumps(grant).encode()).rstrip(b"=").decode()
-        return f"ya29.emu-{claims}.{self._sign(claims)}"
+        grant = {"sub": subject, "scp": sorted(scopes), "exp": time.time() + TOKEN_LIFETIME,
+                 "jti": secrets.token_hex(8)}  # fmt: skip
+        return "ya29.emu-" + signed_token(self._token_key, grant)
 
     def _grant(self, token: str) -> tuple[str | None, frozenset[str], float] | None:
         """(subject, scopes, expiry) of an access token this emulator signed; None for anything else."""
-        claims, _, signature = token.removeprefix("ya29.emu-").rpartition(".")
-        if not token.startswith("ya29.emu-") or not hmac.compare_digest(signature, self._sign(claims)):
+        if not token.startswith("ya29.emu-"):
             return None
-        grant = json.loads(_b64url_decode(claims))
-        return grant["sub"], frozenset(grant["scp"]), float(grant["exp"])
-
-    def _sign(self, claims: str) -> str:
-        digest = hmac.new(self._token_key, claims.encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        grant = token_claims(self._token_key, token.removeprefix("ya29.emu-"))
+        return None if grant is None else (grant["sub"], frozenset(grant["scp"]), float(grant["exp"]))
 
     def before_fork(self) -> None:
         self.service_account_info()  # the default account's key, made once for every worker

@@ -26,8 +26,6 @@ the 410 body (`gone_body`), whether member removals caused by deleting a user sh
 from __future__ import annotations
 
 import base64
-import hashlib
-import hmac
 import json
 import secrets
 import threading
@@ -41,7 +39,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote
 
 from dirpull.emulators.org import Group, Org, Person
-from dirpull.emulators.server import Emulator, Request, Response
+from dirpull.emulators.server import Emulator, Request, Response, signed_token, token_claims
 
 USER_PREFIX = "0b7f2d1e-1111-4a4a-9c9c-"
 GROUP_PREFIX = "5c1d9f00-2222-4b4b-8d8d-"
@@ -327,23 +325,15 @@ class GraphEmulator(Emulator):
         with self._state_lock:
             self._token_epoch += 1
 
-    def _sign(self, claims: str) -> str:
-        digest = hmac.new(self._token_key, claims.encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-
     def _mint(self, expiry: float) -> str:
-        body = {"exp": expiry, "epoch": self._token_epoch, "jti": secrets.token_hex(8)}
-        claims = base64.urlsafe_b64encode(json.dumps(body).encode()).rstrip(b"=").decode()
-        return f"{JWT_HEADER}.{claims}.{self._sign(claims)}"
+        claims = {"exp": expiry, "epoch": self._token_epoch, "jti": secrets.token_hex(8)}
+        return f"{JWT_HEADER}.{signed_token(self._token_key, claims)}"
 
     def _token_expiry(self, token: str) -> float | None:
         """When a token this emulator signed expires; None for anything else (or revoked)."""
         header, _, rest = token.partition(".")
-        claims, _, signature = rest.partition(".")
-        if header != JWT_HEADER or not hmac.compare_digest(signature.encode(), self._sign(claims).encode()):
-            return None
-        body = json.loads(base64.urlsafe_b64decode(claims + "=" * (-len(claims) % 4)))
-        return float(body["exp"]) if body.get("epoch") == self._token_epoch else None
+        body = token_claims(self._token_key, rest) if header == JWT_HEADER else None
+        return float(body["exp"]) if body is not None and body.get("epoch") == self._token_epoch else None
 
     def _control(self, req: Request) -> Response:
         body = req.json() or {}

@@ -14,6 +14,9 @@ emulator in another process):
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -40,6 +43,27 @@ class Headers(dict[str, str]):
 
     def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
         return super().get(key.lower(), default)
+
+
+def signed_token(key: bytes, claims: dict[str, Any]) -> str:
+    """`<base64url JSON claims>.<base64url HMAC-SHA256>`: an access token that any forked worker
+    holding `key` can check without having remembered it (`token_claims`)."""
+    text = base64.urlsafe_b64encode(json.dumps(claims).encode()).rstrip(b"=").decode()
+    return f"{text}.{_mac(key, text)}"
+
+
+def token_claims(key: bytes, token: str) -> dict[str, Any] | None:
+    """The claims of a token `signed_token` made with `key`; None for anything else."""
+    text, _, signature = token.rpartition(".")
+    if not text or not hmac.compare_digest(signature.encode(), _mac(key, text).encode()):
+        return None
+    claims = json.loads(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4)))
+    return claims if isinstance(claims, dict) else None
+
+
+def _mac(key: bytes, text: str) -> str:
+    digest = hmac.new(key, text.encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
 
 
 @dataclass

@@ -12,12 +12,13 @@ One run, per provider, in one process tree on 127.0.0.1:
     per-user connector cost, excluding the diff and the store;
   * baseline insert: the same user/group/membership rows as the initial sync stored, inserted into a
     fresh store of the same kind with SQLAlchemy Core executemany, one transaction (the database
-    floor);
+    floor; best of --baseline-repeats);
   * the phases, each a `dirpull sync` in its own subprocess (peak RSS = that process's own, from
     wait4's ru_maxrss): initial (empty store), full no-change, full 1% change, and for providers with
-    deltas incremental no-change and incremental 1% change. The two full resyncs run --repeats
-    times (the 1% one after a fresh round of changes each time) and keep the fastest, as the floor
-    keeps its fastest fetch: on a shared machine one slow sample otherwise decides a ratio;
+    deltas incremental no-change and incremental 1% change. The initial sync (into an emptied store
+    each time) and the two full resyncs run --repeats times (the 1% one after a fresh round of
+    changes each time) and keep the fastest, as the floors keep their fastest: on a shared machine
+    one slow sample otherwise decides a ratio;
   * streaming: `dirpull events T --after 0 --json` and `dirpull users T --json`, each at two sizes
     (events inflated by INSERT … SELECT to ≥ max(--events, 2× what the sync wrote); users copied 9
     times under suffixed ids, so 10×), to show whether peak RSS grows with the row count;
@@ -419,7 +420,10 @@ def baseline_fetch(provider: str, tenant: dict[str, Any], repeats: int) -> dict[
 # --- baseline insert: the rows the initial sync stored, bulk-inserted into a fresh store ----------
 
 
-def baseline_insert(sync_url: str, tenant: str, target_url: str, target_tenant: str) -> dict[str, Any]:
+def baseline_insert(
+    sync_url: str, tenant: str, target_url: str, target_tenant: str, repeats: int = 1
+) -> dict[str, Any]:
+    """The database floor, best of `repeats`: each an insert into an empty store."""
     from dirpull.storage import schema as t
     from dirpull.storage.store import Store
 
@@ -437,23 +441,55 @@ def baseline_insert(sync_url: str, tenant: str, target_url: str, target_tenant: 
     for rows in (users, groups, members):
         for r in rows:
             r["tenant"] = target_tenant
-    dst = Store(target_url)
-    try:
-        dst.ensure_schema()
-        started = time.monotonic()
-        with dst.engine.begin() as conn:
-            for table, rows in ((t.users, users), (t.groups, groups), (t.memberships, members)):
-                if rows:
-                    conn.execute(table.insert(), rows)
-        took = time.monotonic() - started
-        if target_url == sync_url:  # a shared (PostgreSQL) store: leave nothing behind
+    took = float("inf")
+    for _ in range(max(1, repeats)):
+        _drop_sqlite(target_url)
+        dst = Store(target_url)
+        try:
+            dst.ensure_schema()
+            started = time.monotonic()
             with dst.engine.begin() as conn:
-                for table in (t.memberships, t.groups, t.users):
-                    conn.execute(table.delete().where(table.c.tenant == target_tenant))
-    finally:
-        dst.close()
+                for table, rows in ((t.users, users), (t.groups, groups), (t.memberships, members)):
+                    if rows:
+                        conn.execute(table.insert(), rows)
+            took = min(took, time.monotonic() - started)
+            if target_url == sync_url:  # a shared (PostgreSQL) store: leave nothing behind
+                with dst.engine.begin() as conn:
+                    for table in (t.memberships, t.groups, t.users):
+                        conn.execute(table.delete().where(table.c.tenant == target_tenant))
+        finally:
+            dst.close()
     return {"s": round(took, 3), "rows": len(users) + len(groups) + len(members), "users": len(users),
-            "groups": len(groups), "memberships": len(members)}  # fmt: skip
+            "groups": len(groups), "memberships": len(members), "repeats": max(1, repeats)}  # fmt: skip
+
+
+def _drop_sqlite(url: str) -> None:
+    """Delete a SQLite store's files (a PostgreSQL URL: nothing)."""
+    if url.startswith("sqlite:///"):
+        for suffix in ("", "-wal", "-shm"):
+            Path(url.removeprefix("sqlite:///") + suffix).unlink(missing_ok=True)
+
+
+def empty_store(url: str, tenant: str) -> None:
+    """Back to before the tenant's first sync: a SQLite store's files deleted, or on PostgreSQL
+    (shared with other runs) every row of the tenant."""
+    if url.startswith("sqlite:///"):
+        _drop_sqlite(url)
+        return
+    from dirpull.storage import schema as t
+    from dirpull.storage.store import Store
+
+    store = Store(url)
+    try:
+        with store.engine.begin() as conn:
+            for table in reversed(t.metadata.sorted_tables):
+                column = table.c.get("tenant")
+                if column is None and table is t.tenants:
+                    column = table.c.id
+                if column is not None:
+                    conn.execute(table.delete().where(column == tenant))
+    finally:
+        store.close()
 
 
 # --- connector alone: pull every page, keep nothing (per-user connector cost, excluding the store) --
@@ -610,13 +646,10 @@ def bench_provider(provider: str, args: argparse.Namespace, root: Path) -> dict[
     workdir.mkdir(parents=True, exist_ok=True)
     stamp = f"{os.getpid()}{int(time.time()) % 100000}"
     if args.store == "sqlite":
-        db = workdir / "bench.db"
-        for suffix in ("", "-wal", "-shm"):
-            Path(str(db) + suffix).unlink(missing_ok=True)
-        store_url = f"sqlite:///{db}"
+        store_url = f"sqlite:///{workdir / 'bench.db'}"
         insert_url = f"sqlite:///{workdir / 'baseline-insert.db'}"
-        for suffix in ("", "-wal", "-shm"):
-            Path(str(workdir / "baseline-insert.db") + suffix).unlink(missing_ok=True)
+        _drop_sqlite(store_url)
+        _drop_sqlite(insert_url)
         tenant = f"bench-{provider.replace('_', '-')}"
     else:
         store_url = insert_url = args.store
@@ -654,9 +687,16 @@ def bench_provider(provider: str, args: argparse.Namespace, root: Path) -> dict[
             done = em.control("/_emulator/changes", {"random": n, "seed": args.seed + len(phases)})
             return len(done.get("changes", []))
 
-        phase("initial", full=False)
+        # The first sync, --repeats times into an empty store, and the insert floor, best of
+        # --baseline-repeats, are compared fastest to fastest, as the resyncs and the fetch are.
+        for i in range(max(1, args.repeats)):
+            if i:
+                empty_store(store_url, tenant)
+            phase("initial", full=False)
         log(f"[{provider}] baseline insert")
-        result["baseline_insert"] = baseline_insert(store_url, tenant, insert_url, f"{tenant}-insert")
+        result["baseline_insert"] = baseline_insert(
+            store_url, tenant, insert_url, f"{tenant}-insert", args.baseline_repeats
+        )
         log(f"[{provider}]   {result['baseline_insert']}")
         for _ in range(max(1, args.repeats)):
             phase("full_nochange", full=True)
@@ -836,10 +876,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", dest="json_out", help="write the results here")
     ap.add_argument("--events", type=int, default=1_000_000, help="events to stream (inflated to at least this)")
     ap.add_argument("--no-streaming", action="store_true")
-    ap.add_argument("--baseline-repeats", type=int, default=2)
+    ap.add_argument("--baseline-repeats", type=int, default=2,
+                    help="the baseline fetch and the baseline insert (into an empty store each time) run this "
+                         "many times, the fastest kept (default 2)")
     ap.add_argument("--repeats", type=int, default=2,
-                    help="full resyncs (no change; 1%% change, each after its own round of changes) run this many "
-                         "times, the fastest kept, like the floor's best of --baseline-repeats (default 2)")
+                    help="the initial sync (into an empty store each time) and the full resyncs (no change; 1%% "
+                         "change, each after its own round of changes) run this many times, the fastest kept, "
+                         "like the floors' best of --baseline-repeats (default 2)")
     ap.add_argument("--phase-timeout", type=float, default=1800.0)
     ap.add_argument("--emulator-workers", type=int, default=None, metavar="N",
                     help="processes serving the emulators that can run several, Graph's and Google's "

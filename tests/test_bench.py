@@ -65,6 +65,10 @@ def test_bench_smoke(provider: str, tmp_path: Path) -> None:
         assert len(phases[name]["runs_s"]) == 2 and phases[name]["sync_s"] in phases[name]["runs_s"]
     assert phases["full_nochange"]["sync_s"] == min(phases["full_nochange"]["runs_s"])
     assert len(phases["full_1pct"]["changes_per_round"]) == 2
+    # So did the first sync, into an emptied store each time: each created every user again.
+    initial = phases["initial"]["runs"]
+    assert len(initial) == 2 and phases["initial"]["sync_s"] == min(phases["initial"]["runs_s"])
+    assert all(r["mode"] == "full" and r["rows_written"] == phases["initial"]["rows_written"] for r in initial)
     for p in phases.values():
         assert p["peak_rss_mb"] > 0 and p["requests"] > 0 and p["ratio"] is not None
     assert result["baseline_fetch"]["requests"] > 0
@@ -74,6 +78,28 @@ def test_bench_smoke(provider: str, tmp_path: Path) -> None:
     assert streaming["users_10x"]["rows"] == 10 * streaming["users_1x"]["rows"]
     assert set(result["targets"]) >= {"initial ≤ 1.5×(fetch+insert)", "peak RSS ≤ 400 MB (at 100k)"}
     assert all(isinstance(t["pass"], bool) for t in result["targets"].values())
+
+
+@pytest.mark.stores
+def test_empty_store_takes_the_store_back_to_before_the_tenants_first_sync(
+    harness, store_url: str, store_kind: str
+) -> None:
+    from scripted import Directory, factory, people
+
+    tenants = {k: {"provider": "bamboohr", "company_domain": k, "api_key": "literal-key"} for k in ("a", "b")}
+    h = harness(tenants, connector_factory=factory(Directory(users=people(5))))
+    assert h.sync("a").status == h.sync("b").status == "succeeded"
+    h.close()
+    _bench().empty_store(store_url, "a")
+
+    again = harness(tenants, connector_factory=factory(Directory(users=people(5))))
+    assert again.users("a") == {} and again.events("a") == [] and not again.store.has_succeeded("a")
+    if store_kind == "postgresql":  # shared with other runs: only the tenant's rows go
+        assert len(again.users("b")) == 5 and again.store.has_succeeded("b")
+    else:  # the benchmark's own file: a new one, as the first time
+        assert again.users("b") == {}
+    first = again.sync("a")  # a first sync again: every user created
+    assert first.mode == "full" and first.counts["users_created"] == 5
 
 
 def test_profile_sync_runs_a_full_resync_and_reports_both_processes_cpu() -> None:

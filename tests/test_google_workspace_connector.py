@@ -239,6 +239,34 @@ def test_persistent_throttling_fails_cleanly_without_done(emu: GoogleEmulator, t
     assert sleeps[0] < sleeps[2] < sleeps[3]
 
 
+def test_members_read_while_the_users_are_handed_over_fail_the_pull_after_them(
+    emu: GoogleEmulator, tmp_path: Path
+) -> None:
+    emu.faults.update({"rate_limit": 1000, "path": "/members"})
+    seen: list[Any] = []
+    with pytest.raises(ConnectorError, match=r"members\.list"):
+        for item in connector(emu, tmp_path).pull(None, full=False):
+            seen.append(item)
+    assert users(seen) and not any(isinstance(x, Done) for x in seen)
+
+
+def test_a_pull_closed_while_the_users_are_handed_over_stops_its_reads(
+    emu: GoogleEmulator, tmp_path: Path
+) -> None:
+    import threading
+
+    stream = connector(emu, tmp_path).pull(None, full=False)
+    first = next(stream)
+    assert isinstance(first, Page) and first.users  # the member reads have started by now
+    stream.close()
+    asked = len(emu.request_log)
+    left = [t.name for t in threading.enumerate() if t.name.startswith(("google-members", "google-users"))]
+    assert left == []
+    listed = len(list(emu.org.listed_groups()))
+    assert sum("/members" in path for _, path in emu.request_log) < listed  # not every group was read
+    assert len(emu.request_log) == asked  # and nothing is asked after
+
+
 def test_a_refused_service_account_is_an_auth_error_without_secrets(
     emu: GoogleEmulator, tmp_path: Path
 ) -> None:

@@ -55,6 +55,7 @@ from dirpull.connectors.nesting import nested_groups
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.jsoncodec import compact, loads_any
 from dirpull.model import Group, User
+from dirpull.prefetch import Prefetch
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,54 @@ class _Direct:
     groups: list[str] = field(default_factory=list)
     customer: bool = False
     external: list[str] = field(default_factory=list)
+
+
+class _MemberReads:
+    """Direct members of the root groups and of every group nested in them, read `workers` requests
+    at a time from `start()` on, while the caller does other work; `result()` waits for them all.
+    Leaving the `with` block cancels what has not started and waits for what has."""
+
+    def __init__(self, read: Callable[[str], _Direct | None], workers: int) -> None:
+        self._read = read
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="google-members")
+        # Finished requests queue up here: `wait(FIRST_COMPLETED)` over thousands of pending futures
+        # re-registers on every one of them per completion (0.7 s of CPU at 2,000 groups).
+        self._finished: queue.SimpleQueue[tuple[str, Future[_Direct | None]]] = queue.SimpleQueue()
+        self._submitted: set[str] = set()
+        self._pending = 0
+
+    def __enter__(self) -> _MemberReads:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def start(self, roots: list[str]) -> None:
+        for gid in roots:
+            if gid not in self._submitted:
+                self._submit(gid)
+
+    def _submit(self, gid: str) -> None:
+        self._submitted.add(gid)
+        self._pending += 1
+        fut = self._pool.submit(self._read, gid)
+        fut.add_done_callback(lambda f: self._finished.put((gid, f)))
+
+    def result(self) -> dict[str, _Direct]:
+        """Each group's direct members; a group gone meanwhile is left out."""
+        out: dict[str, _Direct] = {}
+        while self._pending:
+            # Every request has its own timeout and bounded retries, so each future finishes.
+            gid, fut = self._finished.get()
+            self._pending -= 1
+            result = fut.result()  # raises the worker's ConnectorError: the run fails
+            if result is None:
+                continue
+            out[gid] = result
+            for sub in result.groups:
+                if sub not in self._submitted:
+                    self._submit(sub)
+        return out
 
 
 def _error_reason(exc: Any) -> tuple[str, str]:
@@ -325,44 +374,46 @@ class GoogleWorkspaceConnector:
         # the attribute mapping reads them.
         whole = bool({mapping_root(p) for p in self.mapping.values()} & set(USER_VOLATILE))
 
-        # 1. Users: spool raw records, build the small maps.
-        for body in session.pages(
-            lambda svc: (
-                svc.users(),
-                svc.users().list(maxResults=USER_PAGE, projection=self.projection, **self._scope_args()),
+        # 1. Users: spool raw records, build the small maps. The listing runs a page ahead in its
+        # own thread: the server renders the next page while this one is spooled, instead of
+        # each side waiting for the other (1.4 of the 4.7 s the listing took at 100,000 users).
+        listing = Prefetch(
+            lambda: session.pages(
+                lambda svc: (
+                    svc.users(),
+                    svc.users().list(maxResults=USER_PAGE, projection=self.projection, **self._scope_args()),
+                ),
+                "users.list",
             ),
-            "users.list",
-        ):
-            for raw in body.get("users") or []:
-                uid, email = raw.get("id"), raw.get("primaryEmail")
-                if not isinstance(uid, str) or not uid:
-                    quarantined.append(Quarantined("user", None, "user record without id"))
-                    continue
-                # Known to the domain even when unreadable, so its memberships are not mistaken
-                # for external ones.
-                domain_ids.add(intern(uid))
-                if ou_scope is not None and _in_ous(raw.get("orgUnitPath"), self.org_units):
-                    ou_scope.add(uid)
-                if not isinstance(email, str) or not email:
-                    quarantined.append(Quarantined("user", uid, "user record without primaryEmail"))
-                    continue
-                email_to_id[email.lower()] = uid
-                for alias in raw.get("aliases") or []:
-                    if isinstance(alias, str):
-                        email_to_id.setdefault(alias.lower(), uid)
-                part = sources.record_part(raw if whole else without(raw, USER_VOLATILE)) if sources else None
-                spool.add(raw, uid, part, _manager_value(raw))
+            depth=2,
+            name="google-users",
+        )
+        with listing:
+            for body in listing:
+                for raw in body.get("users") or []:
+                    uid, email = raw.get("id"), raw.get("primaryEmail")
+                    if not isinstance(uid, str) or not uid:
+                        quarantined.append(Quarantined("user", None, "user record without id"))
+                        continue
+                    # Known to the domain even when unreadable, so its memberships are not mistaken
+                    # for external ones.
+                    domain_ids.add(intern(uid))
+                    if ou_scope is not None and _in_ous(raw.get("orgUnitPath"), self.org_units):
+                        ou_scope.add(uid)
+                    if not isinstance(email, str) or not email:
+                        quarantined.append(Quarantined("user", uid, "user record without primaryEmail"))
+                        continue
+                    email_to_id[email.lower()] = uid
+                    for alias in raw.get("aliases") or []:
+                        if isinstance(alias, str):
+                            email_to_id.setdefault(alias.lower(), uid)
+                    part = sources.record_part(raw if whole else without(raw, USER_VOLATILE)) if sources else None
+                    spool.add(raw, uid, part, _manager_value(raw))
         if not spool.ids:
             notes.append("users.list returned no users")
 
         def in_ous(uid: str) -> bool:
             return ou_scope is None or uid in ou_scope
-
-        keep: set[str] = set()
-        if not self.group_filter:
-            # The scope is known already: hand the users on now, so the sync diffs them while the
-            # members are fetched (the longest part of a run: one request per group and page).
-            keep = yield from self._emit_users(spool, quarantined, email_to_id, domain_ids, in_ous, sources)
 
         # 2. Groups (scoped by settings.groups), then their members, flattened.
         groups: list[dict[str, Any]] = []
@@ -384,7 +435,14 @@ class GoogleWorkspaceConnector:
             if missing:
                 notes.append(f"configured groups not found: {', '.join(missing)}")
 
-        direct = self._fetch_members(session, [g["id"] for g in groups], domain_ids)
+        keep: set[str] = set()
+        with _MemberReads(lambda gid: self._members_of(session, gid, domain_ids), self.workers) as reads:
+            reads.start([g["id"] for g in groups])
+            if not self.group_filter:
+                # The scope is known already: hand the users on now, so the sync diffs them while
+                # the members are read (the longest part of a run: one request per group and page).
+                keep = yield from self._emit_users(spool, quarantined, email_to_id, domain_ids, in_ous, sources)
+            direct = reads.result()
         gone = [g["id"] for g in groups if g["id"] not in direct]
         if gone:
             notes.append(f"{len(gone)} group(s) disappeared while the run read them")
@@ -475,42 +533,6 @@ class GoogleWorkspaceConnector:
 
     def _group_selected(self, raw: dict[str, Any]) -> bool:
         return any(k in self.group_filter for k in _group_keys(raw))
-
-    def _fetch_members(self, session: _Session, roots: list[str], domain_ids: set[str]) -> dict[str, _Direct]:
-        """Direct members of every root group and every group nested in them, `workers` at a time."""
-        out: dict[str, _Direct] = {}
-        submitted: set[str] = set()
-        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="google-members")
-        # Finished requests queue up here: `wait(FIRST_COMPLETED)` over thousands of pending futures
-        # re-registers on every one of them per completion (0.7 s of CPU at 2,000 groups).
-        finished: queue.SimpleQueue[tuple[str, Future[_Direct | None]]] = queue.SimpleQueue()
-        pending = 0
-
-        def submit(gid: str) -> None:
-            nonlocal pending
-            submitted.add(gid)
-            pending += 1
-            fut = pool.submit(self._members_of, session, gid, domain_ids)
-            fut.add_done_callback(lambda f: finished.put((gid, f)))
-
-        try:
-            for gid in roots:
-                if gid not in submitted:
-                    submit(gid)
-            while pending:
-                # Every request has its own timeout and bounded retries, so each future finishes.
-                gid, fut = finished.get()
-                pending -= 1
-                result = fut.result()  # raises the worker's ConnectorError: the run fails
-                if result is None:
-                    continue
-                out[gid] = result
-                for sub in result.groups:
-                    if sub not in submitted:
-                        submit(sub)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-        return out
 
     def _members_of(self, session: _Session, gid: str, domain_ids: set[str]) -> _Direct | None:
         result = _Direct()

@@ -315,10 +315,22 @@ class _Session:
                 continue
             return body
 
-    def pages(self, make: Callable[[Any], Any], step: str) -> Iterator[dict[str, Any]]:
-        """Every page of one listing; `make(service)` returns the collection resource's first request."""
-        svc = self.service()
-        collection, request = make(svc)
+    def collection(self, name: str) -> Any:
+        """This thread's `users`, `groups` or `members` collection of the service. Kept: asked for
+        again, googleapiclient builds the collection's methods from the discovery document anew
+        (0.34 ms, twice per group: 1.3 s of CPU in a run over 2,000 groups)."""
+        collections = getattr(self._local, "collections", None)
+        if collections is None:
+            collections = self._local.collections = {}
+        found = collections.get(name)
+        if found is None:
+            found = collections[name] = getattr(self.service(), name)()
+        return found
+
+    def pages(self, name: str, step: str, **params: Any) -> Iterator[dict[str, Any]]:
+        """Every page of the `name` collection's listing with these parameters."""
+        collection = self.collection(name)
+        request = collection.list(**params)
         guard = PagingGuard(step)
         while request is not None:
             body = self.execute(request, step)
@@ -379,11 +391,7 @@ class GoogleWorkspaceConnector:
         # each side waiting for the other (1.4 of the 4.7 s the listing took at 100,000 users).
         listing = Prefetch(
             lambda: session.pages(
-                lambda svc: (
-                    svc.users(),
-                    svc.users().list(maxResults=USER_PAGE, projection=self.projection, **self._scope_args()),
-                ),
-                "users.list",
+                "users", "users.list", maxResults=USER_PAGE, projection=self.projection, **self._scope_args()
             ),
             depth=2,
             name="google-users",
@@ -417,10 +425,7 @@ class GoogleWorkspaceConnector:
 
         # 2. Groups (scoped by settings.groups), then their members, flattened.
         groups: list[dict[str, Any]] = []
-        for body in session.pages(
-            lambda svc: (svc.groups(), svc.groups().list(maxResults=GROUP_PAGE, **self._scope_args())),
-            "groups.list",
-        ):
+        for body in session.pages("groups", "groups.list", maxResults=GROUP_PAGE, **self._scope_args()):
             for raw in body.get("groups") or []:
                 gid = raw.get("id")
                 if not isinstance(gid, str) or not gid:
@@ -537,10 +542,7 @@ class GoogleWorkspaceConnector:
     def _members_of(self, session: _Session, gid: str, domain_ids: set[str]) -> _Direct | None:
         result = _Direct()
         try:
-            for body in session.pages(
-                lambda svc: (svc.members(), svc.members().list(groupKey=gid, maxResults=MEMBER_PAGE)),
-                "members.list",
-            ):
+            for body in session.pages("members", "members.list", groupKey=gid, maxResults=MEMBER_PAGE):
                 for m in body.get("members") or []:
                     kind, mid, email = m.get("type"), m.get("id"), m.get("email")
                     if kind == "GROUP" and isinstance(mid, str):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import typing
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -326,6 +327,29 @@ def test_well_formed_users_never_reach_the_sdk_models(
     pages, _ = pull(connector(tenant(emu, tmp_path, include_everyone=True)))
     assert "user" not in asked  # every user record passed the fast check
     assert asked.count("group") == len({g.idp_id for p in pages for g in p.groups})
+
+
+def test_a_member_record_of_a_user_already_taken_is_not_judged_again(
+    emu: OktaEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import dirpull.connectors.okta as okta_connector
+
+    judged: list[str] = []
+    real = okta_connector._user_ok
+
+    def counting(rec: Any) -> bool:
+        judged.append(rec["id"])
+        return real(rec)
+
+    monkeypatch.setattr(okta_connector, "_user_ok", counting)
+    emu.malformed_users.add(8)  # rejected by the users listing: its member records are judged each time
+    pages, _ = pull(connector(tenant(emu, tmp_path)))
+    members = [m for p in pages for m in p.members]
+    listed = {u.idp_id for p in pages for u in p.users}
+    assert len(listed) == PEOPLE - 1 and len(members) > len(listed)  # more member records than users
+    assert Counter(judged)[user_id(8)] == 1 + sum(u == user_id(8) for _, u in members)
+    assert all(n == 1 for uid, n in Counter(judged).items() if uid != user_id(8))  # once, in the listing
+    assert {q.idp_id for p in pages for q in p.quarantined} == {user_id(8)}
 
 
 def _sdk_user_example() -> dict[str, Any]:

@@ -256,7 +256,7 @@ def test_a_pull_closed_while_the_users_are_handed_over_stops_its_reads(
     import threading
     import time
 
-    emu.faults.update({"delay": 0.3, "path": "/members"})  # slow member reads: the close comes mid-way
+    emu.faults.update({"delay": 1.0, "path": "/members"})  # slow member reads: the close comes mid-way
     stream = connector(emu, tmp_path, member_workers=4).pull(None, full=False)
     first = next(stream)
     assert isinstance(first, Page) and first.users  # the member reads have started by now

@@ -40,6 +40,7 @@ class Directory:
     gate: threading.Event | None = None  # a pull waits here after its first page
     entered: threading.Event = field(default_factory=threading.Event)
     on_page: Callable[[int], None] | None = None
+    hands_over_pages: bool = True  # False: the runner diffs each page in the pull's thread
 
 
 class ScriptedConnector:
@@ -47,6 +48,7 @@ class ScriptedConnector:
 
     def __init__(self, directory: Directory) -> None:
         self.d = directory
+        self.hands_over_pages = directory.hands_over_pages
 
     def pull(self, cursor: dict[str, Any] | None, *, full: bool) -> Iterator[Page | Done]:
         d = self.d

@@ -20,10 +20,21 @@ def make(harness, directory: Directory, **kw):
     return harness(TENANT, connector_factory=factory(directory), **kw)
 
 
-def test_first_sync_creates_everything_and_unchanged_resync_writes_nothing(harness):
-    d = Directory(users=people(25), groups=[Group(idp_id="g1", name="Eng")], members=[("g1", "u1"), ("g1", "u2")])
+# Both ways the runner takes pages: diffed in this thread as the pull thread hands them over, or
+# diffed in the pull thread itself (a connector with `hands_over_pages = False`).
+handover = pytest.mark.parametrize("hands_over", [True, False], ids=["handed-over", "diffed-in-pull-thread"])
+
+
+@handover
+def test_first_sync_creates_everything_and_unchanged_resync_writes_nothing(harness, hands_over):
+    d = Directory(
+        users=people(25), groups=[Group(idp_id="g1", name="Eng")], members=[("g1", "u1"), ("g1", "u2")],
+        hands_over_pages=hands_over,
+    )  # fmt: skip
     h = make(harness, d)
-    r = h.sync("t")
+    seen = []
+    r = h.sync("t", progress=lambda tenant, pages, users, groups: seen.append((pages, users, groups)))
+    assert seen[-1] == (4, 25, 1)  # three pages of users, then the groups
     assert r.status == "succeeded" and r.exit_code == 0
     assert r.counts["users_created"] == 25 and r.counts["members_added"] == 2
     assert len(h.users("t")) == 25 and h.members("t") == {("g1", "u1"), ("g1", "u2")}
@@ -142,8 +153,9 @@ def test_guard_is_skipped_on_the_first_sync(harness):
     assert h.sync("t").status == "succeeded"
 
 
-def test_failure_mid_fetch_changes_nothing_and_keeps_the_cursor(harness):
-    d = Directory(users=people(30))
+@handover
+def test_failure_mid_fetch_changes_nothing_and_keeps_the_cursor(harness, hands_over):
+    d = Directory(users=people(30), hands_over_pages=hands_over)
     h = make(harness, d)
     h.sync("t")
     cursor = h.store.get_cursor("t")
@@ -159,9 +171,11 @@ def test_failure_mid_fetch_changes_nothing_and_keeps_the_cursor(harness):
     assert run["status"] == "failed" and "HTTP 500" in run["error"]
 
 
-def test_a_pull_that_ends_without_done_applies_nothing(harness):
+@handover
+def test_a_pull_that_ends_without_done_applies_nothing(harness, hands_over):
     class Truncated:
         provider = "x"
+        hands_over_pages = hands_over
 
         def pull(self, cursor, *, full):
             from dirpull.connectors.base import Page
@@ -204,17 +218,19 @@ def test_second_sync_with_wait_runs_after_the_first(harness):
     assert second.status == "succeeded" and d.pulls == 2
 
 
-def test_stop_during_a_run_applies_nothing(harness):
+@handover
+def test_stop_during_a_run_applies_nothing(harness, hands_over):
     stop = threading.Event()
-    d = Directory(users=people(30), on_page=lambda n: stop.set() if n == 1 else None)
+    d = Directory(users=people(30), on_page=lambda n: stop.set() if n == 1 else None, hands_over_pages=hands_over)
     h = make(harness, d, stop=stop)
     r = h.sync("t")
     assert r.status == "failed" and "interrupted" in r.error
     assert h.users("t") == {}
 
 
-def test_lost_lease_means_nothing_is_applied(harness):
-    d = Directory(users=people(5))
+@handover
+def test_lost_lease_means_nothing_is_applied(harness, hands_over):
+    d = Directory(users=people(5), hands_over_pages=hands_over)
     h = make(harness, d)
 
     def steal(n: int) -> None:
@@ -306,3 +322,39 @@ def test_the_pending_records_file_is_closed_when_a_run_ends_but_not_under_a_dry_
     r = h.sync("t")
     assert r.status == "succeeded" and r.counts["users_created"] == 5 and r.writes is None
     assert spools[-1]._file.closed and not spools[0]._file.closed
+
+
+@handover
+def test_pages_are_diffed_in_the_thread_the_connector_asks_for(harness, hands_over, monkeypatch):
+    from dirpull.sync.diff import Diff
+
+    threads = set()
+    add = Diff.add
+
+    def recorded(self, page):
+        threads.add(threading.current_thread().name)
+        add(self, page)
+
+    monkeypatch.setattr(Diff, "add", recorded)
+    h = make(harness, Directory(users=people(25), hands_over_pages=hands_over))
+    assert h.sync("t").status == "succeeded" and len(h.users("t")) == 25
+    assert threads == ({threading.current_thread().name} if hands_over else {"pull-t"})
+
+
+@handover
+def test_a_connector_yielding_something_else_than_pages_applies_nothing(harness, hands_over):
+    class Odd:
+        provider = "x"
+        hands_over_pages = hands_over
+
+        def pull(self, cursor, *, full):
+            from dirpull.connectors.base import Done, Page
+
+            yield Page(users=people(3))
+            yield {"users": []}
+            yield Done(snapshot=True, cursor=None, mode="full")
+
+    h = harness(TENANT, connector_factory=lambda t, s: Odd())
+    r = h.sync("t")
+    assert r.status == "failed" and "connector yielded dict, not a Page" in r.error
+    assert h.users("t") == {}

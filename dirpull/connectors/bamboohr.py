@@ -115,6 +115,7 @@ class BambooHRConnector:
     provider = "bamboohr"
     source_digests = True  # a full pull takes `known=` (connectors.source)
     source_texts = True  # … and asks it whose digest a row's text is (`SourceDigests.owner`)
+    hands_over_pages = False  # its pages come back to back from one streamed body: diffed where made
 
     def __init__(self, tenant: str, settings: BambooHRTenant, *, policy: RetryPolicy | None = None) -> None:
         self.tenant = tenant

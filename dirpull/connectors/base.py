@@ -77,7 +77,13 @@ class Connector(Protocol):
         """Read the directory. `full=True` ignores the cursor (a manual or periodic full resync).
 
         A connector with `source_digests = True` also takes `known=` (`connectors.source.Known`):
-        given it, it may report unchanged users by id instead of normalizing them."""
+        given it, it may report unchanged users by id instead of normalizing them.
+
+        A connector with `hands_over_pages = False` makes its pages back to back from streamed
+        bodies (one report, say), with no wait for the vendor between them: the runner then
+        diffs each page in the thread that pulls (handing a page from one busy thread to another
+        costs more than it overlaps). By default the pull runs a page ahead of the diff, in a
+        thread of its own."""
         ...
 
 

@@ -150,6 +150,7 @@ class WorkdayConnector:
     provider = "workday"
     source_digests = True  # a full pull takes `known=` (connectors.source)
     source_texts = True  # … and asks it whose digest a row's text is (`SourceDigests.owner`)
+    hands_over_pages = False  # its pages come back to back from streamed reports: diffed where made
 
     def __init__(
         self,

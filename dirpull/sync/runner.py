@@ -378,7 +378,7 @@ class Runner:
                             if not diffs:
                                 diffs.append(new_diff())
                             diffs[0].add(item)
-                            yield _Diffed(len(item.users) + len(item.unchanged_users), len(item.groups))
+                            yield _Diffed.of(item)
                         else:
                             yield item  # Done, or something the other side refuses
                 finally:
@@ -397,16 +397,14 @@ class Runner:
                     if isinstance(item, Done):
                         done = item
                         break
-                    if isinstance(item, _Diffed):
-                        page_users, page_groups = item
-                    elif isinstance(item, Page):
+                    if isinstance(item, Page):
                         diffs[0].add(item)
-                        page_users, page_groups = len(item.users) + len(item.unchanged_users), len(item.groups)
-                    else:
+                        item = _Diffed.of(item)
+                    elif not isinstance(item, _Diffed):
                         raise ConnectorError(f"connector yielded {type(item).__name__}, not a Page")
                     pages += 1
-                    users += page_users
-                    groups += page_groups
+                    users += item.users
+                    groups += item.groups
                     if progress:
                         progress(tenant, pages, users, groups)
             if done is None:
@@ -420,6 +418,10 @@ class _Diffed(NamedTuple):
 
     users: int
     groups: int
+
+    @classmethod
+    def of(cls, page: Page) -> _Diffed:
+        return cls(len(page.users) + len(page.unchanged_users), len(page.groups))
 
 
 class _Known:

@@ -368,9 +368,9 @@ class Runner:
 
             def pull_and_diff() -> Iterator[_Diffed | Done]:
                 # A connector whose pages come back to back from one streamed body keeps the pull
-                # thread busy: diffing its pages there too spares the handover between two busy
+                # thread busy: diffing its pages there too spares the hand-over between two busy
                 # threads (BambooHR's first sync at 100,000 users: 1.5 s of CPU, see
-                # docs/benchmarks.md). This thread only waits for the end.
+                # docs/benchmarks.md). The main thread then only waits for the end.
                 items = pull()
                 try:
                     for item in items:

@@ -115,6 +115,71 @@ def test_cloud_picks_hosts_and_tokens_stay_on_the_graph_host(tmp_path: Path) -> 
         assert asyncio.run(provider.get_authorization_token(elsewhere)) == ""
 
 
+@pytest.fixture
+def untrusted_tls(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
+    """An HTTPS server on loopback with a self-signed certificate: its URL and the paths it served."""
+    import datetime
+    import http.server
+    import ipaddress
+    import ssl
+    import threading
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    pem = tmp_path / "server.pem"
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + private)
+    served: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            served.append(self.path)
+            self.send_response(500)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pem)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}", served
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_a_host_whose_certificate_is_not_trusted_gets_no_request(
+    graph: GraphEmulator, tmp_path: Path, untrusted_tls: tuple[str, list[str]]
+) -> None:
+    url, served = untrusted_tls
+    # Twice: the TLS settings are made once per process, and the second pull must verify too.
+    for _ in range(2):
+        with pytest.raises(ConnectorError, match="ConnectError"):
+            pull(connector(graph, tmp_path, login_url=url))
+    assert served == []  # the client secret never left
+
+
 def test_token_refresh_after_expiry(graph: GraphEmulator, org: Org, tmp_path: Path) -> None:
     c = connector(graph, tmp_path)
     _, done = pull(c)

@@ -293,6 +293,30 @@ def test_a_refused_service_account_is_an_auth_error_without_secrets(
     assert "PRIVATE KEY" not in str(err.value) and info["private_key_id"] not in str(err.value)
 
 
+def test_a_key_file_rewritten_between_runs_takes_effect_in_the_next(emu: GoogleEmulator, tmp_path: Path) -> None:
+    import json
+
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    cfg = tenant(emu, tmp_path)
+    path = Path(cfg["credentials_file"][5:])
+    good = path.read_text()
+    c = build("g1", GoogleTenant.model_validate(cfg), policy=RetryPolicy(sleep=Sleeps()))
+    assert isinstance(list(c.pull(None, full=False))[-1], Done)
+    # A key parsed once per process must not outlive the file: a revoked key fails at once...
+    info = json.loads(good)
+    info["private_key"] = rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    path.write_text(json.dumps(info))
+    with pytest.raises(AuthError):
+        list(c.pull(None, full=False))
+    # ...and the good one, put back, works again in the same process.
+    path.write_text(good)
+    assert isinstance(list(c.pull(None, full=False))[-1], Done)
+
+
 def test_a_user_record_that_cannot_be_normalized_is_quarantined(emu: GoogleEmulator, tmp_path: Path) -> None:
     emu.broken_users = {4}
     pages, _ = pull(connector(emu, tmp_path))

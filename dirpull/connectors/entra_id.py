@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Iterator
 from sys import intern
@@ -247,6 +249,14 @@ class ClientCredentialsProvider:
 # --- one pull's HTTP session ----------------------------------------------------------------------
 
 
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """The TLS settings httpx would make for each client (certifi's CAs, or SSL_CERT_FILE /
+    SSL_CERT_DIR), made once per process: reading the CA bundle takes ~20 ms, and every pull
+    opens two clients. A context is safe to share between clients, threads and event loops."""
+    return httpx.create_ssl_context()
+
+
 class _Session:
     """The SDK client, the token provider and the request counter of one pull (one event loop)."""
 
@@ -265,7 +275,8 @@ class _Session:
         self.origin = _origin(self.graph_url)
         self.requests = 0
         timeout = httpx.Timeout(settings.timeout, connect=min(10.0, settings.timeout))
-        self._plain = httpx.AsyncClient(timeout=timeout)  # the token endpoint (another host)
+        tls = _tls_context()
+        self._plain = httpx.AsyncClient(timeout=timeout, verify=tls)  # the token endpoint (another host)
         # The default pipeline less what this connector does not use: kiota's RetryHandler (it
         # sleeps for any Retry-After, uncapped: retries are ours), UrlReplaceHandler (/me paths)
         # and the two inspection handlers (hooks for callers that read raw headers and bodies).
@@ -273,7 +284,7 @@ class _Session:
         telemetry = GraphTelemetryHandler(options=graph_default_options[GraphTelemetryHandlerOption.get_key()])
         middleware = [RedirectHandler(), ParametersNameDecodingHandler(), UserAgentHandler(), telemetry]
         self._http = GraphClientFactory.create_with_custom_middleware(
-            middleware, client=httpx.AsyncClient(timeout=timeout)
+            middleware, client=httpx.AsyncClient(timeout=timeout, verify=tls)
         )
         token_url = f"{login_url.rstrip('/')}/{settings.tenant_id}/oauth2/v2.0/token"
         self.auth = ClientCredentialsProvider(self, token_url, settings.client_id, settings.client_secret,

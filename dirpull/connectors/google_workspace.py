@@ -26,6 +26,7 @@ capped in attempts and total wait; then the run fails and nothing is applied.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import http.client
 import json
 import logging
@@ -206,12 +207,20 @@ class _UserSpool:
         self.managers.append(manager_value)
 
 
+@functools.lru_cache(maxsize=16)
+def _service_account(key: str) -> Any:
+    """A service-account key's credentials, parsed once per process and key text (a file is read
+    every run, so a rotated key takes effect): checking the RSA key takes ~35 ms, in every run
+    otherwise. Each run signs with its own copy (`with_subject`); this one is never refreshed."""
+    from google.oauth2 import service_account
+
+    return service_account.Credentials.from_service_account_info(json.loads(key), scopes=list(SCOPES))
+
+
 class _Session:
     """Credentials and one service object per thread, all counting into one counter."""
 
     def __init__(self, settings: Any, policy: RetryPolicy) -> None:
-        from google.oauth2 import service_account
-
         self.policy = policy
         self.counter = _Counter()
         self.api_url = (settings.api_url or DEFAULT_API_URL).rstrip("/")
@@ -219,10 +228,10 @@ class _Session:
         try:
             path = getattr(ref, "path", None)
             if path is not None:
-                info = json.loads(path.read_text(encoding="utf-8"))
+                key = path.read_text(encoding="utf-8")
             else:
-                info = json.loads(ref.get() if hasattr(ref, "get") else str(ref))
-            creds = service_account.Credentials.from_service_account_info(info, scopes=list(SCOPES))
+                key = ref.get() if hasattr(ref, "get") else str(ref)
+            creds = _service_account(key)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # Never echo the file: it holds a private key.
             raise ConfigurationError(

@@ -14,12 +14,13 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-import requests
-
 from dirpull.connectors.base import AuthError, ConnectorError
+
+if TYPE_CHECKING:
+    import requests
 
 RETRIABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Set while the daemon stops (SIGTERM): retry waits end at once instead of holding the shutdown
@@ -165,6 +166,11 @@ class HttpClient:
         auth: Any = None,
         retry_statuses: frozenset[int] = RETRIABLE_STATUSES,
     ) -> None:
+        # Imported here: the SDK-based connectors share this module but not `requests` (~30 ms of
+        # every `dirpull sync` that starts a process).
+        import requests
+
+        self._transient = (requests.ConnectionError, requests.Timeout)
         self.session = requests.Session()
         if headers:
             self.session.headers.update(headers)
@@ -191,7 +197,7 @@ class HttpClient:
             self.requests += 1
             try:
                 resp = self.session.request(method, url, stream=stream, **kwargs)
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except self._transient as exc:
                 what = f"{step}: {type(exc).__name__} on {method} {redact_url(url)}"
                 self.policy.wait(attempt, None, what=what, step=step)
                 continue

@@ -433,6 +433,18 @@ def newer_dirpull(tmp_path: Path, monkeypatch):
         '    op.create_index("ix_test_runs_status", "runs", ["status"])\n'
     )
     monkeypatch.setattr(store_module, "MIGRATIONS", migrations)
+    monkeypatch.setattr(store_module, "HEAD_REVISION", "0003")
+
+
+def test_the_head_revision_in_code_is_the_newest_migration() -> None:
+    # A current store is recognized by HEAD_REVISION alone: a migration added without bumping it
+    # would never run.
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(store_module.MIGRATIONS))
+    assert ScriptDirectory.from_config(cfg).get_current_head() == store_module.HEAD_REVISION
 
 
 def test_schema_behind_daemon_refuses_and_db_upgrade_fixes_it(store_url: str, tmp_path: Path, request):

@@ -231,6 +231,26 @@ def test_connection_refused_fails(org: Org, tmp_path: Path) -> None:
     assert len(sleeps.calls) == 5
 
 
+def test_the_next_page_is_asked_for_while_this_one_is_handed_over(
+    emu: OktaEmulator, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def users_requests() -> int:
+        return sum(1 for _, path in emu.request_log if path.startswith("/api/v1/users"))
+
+    stream = connector(tenant(emu, tmp_path, page_size=50)).pull(None, full=True)  # 3 pages of users
+    first = next(stream)
+    assert isinstance(first, Page) and len(first.users) == 50
+    # The pull is suspended here (its event loop stopped): page 2 was asked for before page 1 came.
+    deadline = time.monotonic() + 5
+    while users_requests() < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert users_requests() == 2
+    stream.close()  # with page 2 in flight: dropped, nothing left running or unreported
+    time.sleep(0.2)
+    assert users_requests() == 2
+    assert not [r for r in caplog.records if r.name == "asyncio"]
+
+
 def test_malformed_user_is_quarantined_alone(emu: OktaEmulator, tmp_path: Path) -> None:
     emu.malformed_users.add(8)
     pages, _ = pull(connector(tenant(emu, tmp_path)))

@@ -37,6 +37,7 @@ The SDK's sharp edges (../shared/sdk-notes.md §2) and what this module does abo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import ipaddress
 import json
@@ -857,19 +858,36 @@ class OktaConnector:
         """Pages of raw records (and the quarantined ones) of one listing, following Link rel="next".
         A record whose id is in `taken` is passed on unjudged (`_validate_each`)."""
         guard = PagingGuard(step)
-        after: str | None = None
-        while True:
+
+        def call(after: str | None) -> asyncio.Future[tuple[list[dict[str, Any]], list[Quarantined], Any]]:
             # The SDK's order for /users, /groups and /groups/{id}/users: [search,] filter, [q,] after, limit.
             query: list[tuple[str, Any]] = [("filter", filt)] if filt else []
             if after is not None:
                 query.append(("after", after))
             query.append(("limit", self.page_size))
-            records, bad, headers = await self._call(run, step, path, query, kind, path_params, taken)
-            yield records, bad
-            after = next_after(headers)
-            guard.next(after)
-            if after is None:
-                return
+            return asyncio.ensure_future(self._call(run, step, path, query, kind, path_params, taken))
+
+        ahead = call(None)
+        try:
+            while True:
+                records, bad, headers = await ahead
+                after = next_after(headers)
+                guard.next(after)
+                if after is None:
+                    yield records, bad
+                    return
+                # Page N+1 is asked for before page N is handed on: Okta renders it while this
+                # one is normalized and diffed (the request leaves at the sleep; its answer waits
+                # in the socket until this generator is resumed). One request in flight at a time,
+                # as before, so `transport.last` still belongs to the call that reads it.
+                ahead = call(after)
+                await asyncio.sleep(0)
+                yield records, bad
+        finally:
+            if not ahead.done():
+                ahead.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await ahead  # a page asked for but not wanted: its outcome is dropped
 
     async def _call(
         self,

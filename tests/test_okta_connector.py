@@ -251,6 +251,31 @@ def test_the_next_page_is_asked_for_while_this_one_is_handed_over(
     assert not [r for r in caplog.records if r.name == "asyncio"]
 
 
+def test_a_failure_of_the_page_asked_ahead_comes_after_the_page_before(
+    emu: OktaEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    asked: list[str | None] = []
+
+    async def call(self: OktaConnector, run: Any, step: str, path: str, query: list[tuple[str, Any]],
+                   *args: Any) -> tuple[list[dict[str, Any]], list[Any], dict[str, str]]:  # fmt: skip
+        asked.append(dict(query).get("after"))
+        if len(asked) == 1:
+            return [{"id": "00u1"}], [], {"Link": f'<{emu.base_url}/api/v1/users?after=00u1&limit=200>; rel="next"'}
+        raise ConnectorError(f"{step}: HTTP 500 from {path}", step=step)
+
+    monkeypatch.setattr(OktaConnector, "_call", call)
+    got: list[Any] = []
+
+    async def listing() -> None:
+        async for records, _bad in connector(tenant(emu, tmp_path))._paged(None, "list users", "/api/v1/users",
+                                                                            "user"):  # fmt: skip
+            got.append(records)
+
+    with pytest.raises(ConnectorError, match="HTTP 500"):
+        asyncio.run(listing())
+    assert got == [[{"id": "00u1"}]] and asked == [None, "00u1"]  # page 1 handed on, then page 2's error
+
+
 def test_malformed_user_is_quarantined_alone(emu: OktaEmulator, tmp_path: Path) -> None:
     emu.malformed_users.add(8)
     pages, _ = pull(connector(tenant(emu, tmp_path)))

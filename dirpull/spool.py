@@ -5,10 +5,6 @@ which would otherwise sit in the sync's memory from the moment the diff sees a r
 store writes it. `RecordSpool` appends each to an anonymous temporary file (gone when closed or
 when the process ends, whatever happens) and hands back a `SpooledJson` — an offset and a length,
 ~60 bytes in memory — that the store reads back when it writes the row and the event.
-
-The store reads records back in about the order they were put, twice (rows, then events): reads
-are served from a window of the file read ahead (`WINDOW` bytes), one system call per few hundred
-records instead of one each.
 """
 
 from __future__ import annotations
@@ -17,8 +13,6 @@ import os
 import tempfile
 import threading
 
-WINDOW = 256 * 1024
-
 
 class RecordSpool:
     def __init__(self) -> None:
@@ -26,10 +20,6 @@ class RecordSpool:
         self._end = 0
         self._unflushed = False
         self._lock = threading.Lock()
-        # Bytes of the file from `_window_at` on. What is written is never rewritten, so a window
-        # stays true; a record beyond its end (put since, or just further on) reads a new one.
-        self._window_at = 0
-        self._window = b""
 
     def put(self, blob: bytes, key: str | None = None) -> SpooledJson:
         with self._lock:
@@ -40,17 +30,11 @@ class RecordSpool:
         return SpooledJson(self, offset, len(blob), key)
 
     def read(self, offset: int, length: int) -> bytes:
-        with self._lock:
-            start = offset - self._window_at
-            if start >= 0 and start + length <= len(self._window):
-                return self._window[start : start + length]
-            if self._unflushed:
+        if self._unflushed:
+            with self._lock:
                 self._file.flush()
                 self._unflushed = False
-            if length >= WINDOW:
-                return os.pread(self._file.fileno(), length, offset)
-            self._window_at, self._window = offset, os.pread(self._file.fileno(), WINDOW, offset)
-            return self._window[:length]
+        return os.pread(self._file.fileno(), length, offset)
 
     @property
     def size(self) -> int:

@@ -205,10 +205,9 @@ class Store:
                 found = conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all()
                 if found == [HEAD_REVISION]:
                     return HEAD_REVISION, HEAD_REVISION
-        from alembic.runtime.migration import MigrationContext
-        from alembic.script import ScriptDirectory
+            from alembic.runtime.migration import MigrationContext
+            from alembic.script import ScriptDirectory
 
-        with self.engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
             head = ScriptDirectory.from_config(self._alembic(conn)).get_current_head()
         return current, head or ""

@@ -276,6 +276,44 @@ def test_a_failure_of_the_page_asked_ahead_comes_after_the_page_before(
     assert got == [[{"id": "00u1"}]] and asked == [None, "00u1"]  # page 1 handed on, then page 2's error
 
 
+def test_cancelling_the_listing_while_it_drops_the_page_ahead_still_cancels_it(
+    emu: OktaEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dropping = asyncio.Event()
+
+    async def call(self: OktaConnector, run: Any, step: str, path: str, query: list[tuple[str, Any]],
+                   *args: Any) -> tuple[list[dict[str, Any]], list[Any], dict[str, str]]:  # fmt: skip
+        if dict(query).get("after") is None:
+            return [{"id": "00u1"}], [], {"Link": f'<{emu.base_url}/api/v1/users?after=00u1&limit=200>; rel="next"'}
+        try:
+            await asyncio.sleep(30)  # page 2, still in flight when page 1 is done with
+        except asyncio.CancelledError:
+            dropping.set()
+            await asyncio.sleep(0.2)  # a transport that takes a moment to shut its connection
+            raise
+        raise AssertionError("page 2 was never cancelled")
+
+    monkeypatch.setattr(OktaConnector, "_call", call)
+    finished: list[str] = []
+
+    async def listing() -> None:
+        pages = connector(tenant(emu, tmp_path))._paged(None, "list users", "/api/v1/users", "user")
+        async for _records, _bad in pages:
+            break
+        await pages.aclose()  # waits for page 2's cancellation to finish
+        finished.append("after aclose")
+
+    async def main() -> None:
+        task = asyncio.ensure_future(listing())
+        await asyncio.wait_for(dropping.wait(), timeout=5)
+        task.cancel()  # e.g. the daemon shutting down, while the page ahead is being dropped
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=5)
+
+    asyncio.run(main())
+    assert finished == []  # the cancellation was not swallowed by the listing's clean-up
+
+
 def test_malformed_user_is_quarantined_alone(emu: OktaEmulator, tmp_path: Path) -> None:
     emu.malformed_users.add(8)
     pages, _ = pull(connector(tenant(emu, tmp_path)))

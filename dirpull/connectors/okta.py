@@ -37,7 +37,6 @@ The SDK's sharp edges (../shared/sdk-notes.md §2) and what this module does abo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import email.utils
 import ipaddress
 import json
@@ -884,10 +883,13 @@ class OktaConnector:
                 await asyncio.sleep(0)
                 yield records, bad
         finally:
+            # A page asked for but not wanted: cancelled, waited for, its outcome dropped. wait()
+            # rather than `await ahead`, so that a cancellation of this task itself still propagates.
             if not ahead.done():
                 ahead.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await ahead  # a page asked for but not wanted: its outcome is dropped
+                await asyncio.wait([ahead])
+            if not ahead.cancelled():
+                ahead.exception()  # retrieved: asyncio would otherwise log it as never retrieved
 
     async def _call(
         self,

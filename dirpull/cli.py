@@ -171,6 +171,8 @@ def sync(
     ] = False,
 ) -> None:
     """Sync one tenant now (manual resync). Exit 0 applied or nothing to do, 1 failed, 3 held."""
+    from dirpull.connectors.http import SHUTDOWN
+    from dirpull.signals import stop_on_signals
     from dirpull.sync.runner import Runner
 
     config = _config()
@@ -180,8 +182,13 @@ def sync(
     try:
         if progress:
             progress.start()
-        result = Runner(config, store).sync(tenant, full=full, dry_run=dry_run, force=force, wait=wait, progress=update)
+        # SIGTERM (cron's timeout, systemd) or Ctrl-C: the run stops at its next page (a retry's
+        # wait ends at once), applies nothing and is recorded as failed, its lease given back.
+        with stop_on_signals(SHUTDOWN) as stop:
+            runner = Runner(config, store, stop=stop)
+            result = runner.sync(tenant, full=full, dry_run=dry_run, force=force, wait=wait, progress=update)
     finally:
+        SHUTDOWN.clear()
         if progress:
             progress.stop()
         store.close()
@@ -444,21 +451,19 @@ def emulate(
 
 
 def _serve(cluster: Any, stop: threading.Event, changes_every: float, max_seconds: float | None) -> None:
-    import signal
+    from dirpull.signals import stop_on_signals
 
-    if threading.current_thread() is threading.main_thread():
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: stop.set())
     deadline = None if max_seconds is None else time.monotonic() + max_seconds
     next_change = time.monotonic() + changes_every if changes_every else None
-    while not stop.wait(0.2):
-        now = time.monotonic()
-        if deadline is not None and now >= deadline:
-            break
-        if next_change is not None and now >= next_change:
-            for line in cluster.org.random_changes(3):
-                log.info("directory change: %s", line)
-            next_change = now + changes_every
+    with stop_on_signals(stop):
+        while not stop.wait(0.2):
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                break
+            if next_change is not None and now >= next_change:
+                for line in cluster.org.random_changes(3):
+                    log.info("directory change: %s", line)
+                next_change = now + changes_every
 
 
 @app.command()

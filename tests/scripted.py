@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from dirpull.connectors.base import ConnectorError, Done, Page
+from dirpull.connectors.base import ConnectorError, Done, Page, Quarantined
 from dirpull.model import Group, User
 
 
@@ -33,6 +33,7 @@ class Directory:
     users: list[User] = field(default_factory=list)
     groups: list[Group] = field(default_factory=list)
     members: list[tuple[str, str]] = field(default_factory=list)
+    quarantined: list[Quarantined] = field(default_factory=list)  # sent with the groups
     fail_after_pages: int | None = None  # raise after yielding this many pages
     page_size: int = 10
     pulls: int = 0
@@ -66,7 +67,7 @@ class ScriptedConnector:
                 d.on_page(pages)
             if d.gate is not None:
                 d.gate.wait(10)
-        yield Page(groups=list(d.groups), members=list(d.members))
+        yield Page(groups=list(d.groups), members=list(d.members), quarantined=list(d.quarantined))
         yield Done(snapshot=True, cursor={"pull": d.pulls}, mode="full", requests=pages + 1)
 
 

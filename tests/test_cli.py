@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +18,7 @@ from dirpull.cli import app
 from dirpull.emulators.bamboohr_api import BambooHREmulator
 from dirpull.emulators.cluster import Cluster
 from dirpull.emulators.org import Org
+from dirpull.storage.store import Store
 
 # Every test that uses a store runs on SQLite and on PostgreSQL.
 pytestmark = pytest.mark.stores
@@ -141,6 +147,42 @@ def test_failed_sync_exits_1_without_leaking_the_key(env):
     assert jsonl(run(env, "users", "hr", "--json").stdout) == []
     status = jsonl(run(env, "status", "--json").stdout)[0]
     assert status["result"] == "failed" and status["attention"]
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_sync_stopped_by_a_signal_applies_nothing_and_says_so(env, store_url, how):
+    """cron's `timeout` or Ctrl-C mid-run: the run is recorded as failed, not left `running`, and
+    its lease is given back at once (the next sync is not refused for a lease TTL)."""
+    assert run(env, "sync", "hr").exit_code == 0
+    env["org"].random_changes(5)  # something to apply, were the run to apply anything
+    env["emulator"].faults.update({"delay": 2.0})  # the report takes a while to come
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dirpull.cli", "--config", env["config"], "sync", "hr", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "DIRPULL_STORE_URL": ""},
+    )  # fmt: skip
+    store = Store(store_url)
+    events = len(list(store.iter_events("hr", after=0)))
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and store.runs("hr", 1)[0]["status"] != "running":
+            time.sleep(0.05)
+        assert store.runs("hr", 1)[0]["status"] == "running"
+        time.sleep(0.3)  # into the report's request
+        proc.send_signal(how)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1, err
+        summary = jsonl(out.decode())[0]
+        assert summary["status"] == "failed" and "stopping" in summary["error"]
+        last = store.runs("hr", 1)[0]
+        assert last["status"] == "failed" and "stopping" in last["error"]
+        assert len(list(store.iter_events("hr", after=0))) == events
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        store.close()
+    env["emulator"].faults.clear()
+    assert run(env, "sync", "hr").exit_code == 0  # not refused: the lease was given back
 
 
 def test_unknown_tenant_and_bad_usage_exit_2(env):

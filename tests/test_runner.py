@@ -304,6 +304,63 @@ def test_quarantined_record_is_kept_as_stored_not_deleted(harness):
     assert h.store.runs("t")[0]["quarantined"] == [{"kind": "user", "idp_id": "u2", "reason": "login too short"}]
 
 
+@pytest.mark.parametrize("kind", ["user", "group"])
+def test_a_record_quarantined_without_an_id_gets_no_one_unlisted_deleted(harness, kind):
+    """An unreadable row without its id (a Workday row with no worker id) could be anyone the
+    snapshot did not list: they all stay as stored, memberships too, until a clean snapshot."""
+    from dirpull.connectors.base import Quarantined
+
+    d = Directory(
+        users=people(30), groups=[Group(idp_id="g1", name="A"), Group(idp_id="g2", name="B")],
+        members=[("g1", "u1"), ("g1", "u7"), ("g2", "u1")],
+    )  # fmt: skip
+    h = make(harness, d)
+    h.sync("t")
+    seq = h.last_seq()
+    if kind == "user":
+        d.users = [u for u in d.users if u.idp_id != "u7"]
+        d.members = [("g1", "u1"), ("g2", "u1")]
+    else:
+        d.groups = [g for g in d.groups if g.idp_id != "g2"]
+        d.members = [("g1", "u1"), ("g1", "u7")]
+    d.quarantined = [Quarantined(kind, None, "row has no id")]  # type: ignore[arg-type]
+    r = h.sync("t")
+    assert r.status == "succeeded" and r.counts["quarantined"] == 1
+    assert h.last_seq() == seq  # nothing deleted, no membership removed
+    assert "u7" in h.users("t") and {("g1", "u7"), ("g2", "u1")} <= h.members("t")
+    assert any(f"1 stored {kind}s not listed were kept" in n for n in r.notes)
+    assert any(f"1 stored {kind}s not listed were kept" in n for n in h.store.runs("t")[0]["notes"])
+
+    d.quarantined = []  # the row is readable again, and the record is still not listed: gone
+    r = h.sync("t")
+    expected = (
+        [("group.user_removed", "g1", "u7"), ("user.deleted", "u7")]
+        if kind == "user"
+        else [("group.user_removed", "g2", "u1"), ("group.deleted", "g2")]
+    )
+    assert h.changes("t", seq) == expected
+
+
+def test_a_membership_kept_for_a_quarantined_user_goes_once_the_vendor_drops_it(harness):
+    from dirpull.connectors.base import Quarantined
+
+    d = Directory(users=people(3), groups=[Group(idp_id="g", name="G")], members=[("g", "u1"), ("g", "u2")])
+    h = make(harness, d)
+    h.sync("t")
+    # u2's record cannot be read, and u2 has left g: the pair stays while u2 is quarantined ...
+    d.users, d.members = people(2), [("g", "u1")]
+    d.quarantined = [Quarantined("user", "u2", "login too short")]
+    h.sync("t")
+    assert ("g", "u2") in h.members("t")
+    # ... and goes at the first run that can read u2 again, a full resync (which goes by the
+    # groups' member digests) included.
+    d.users, d.quarantined = people(3), []
+    seq = h.last_seq()
+    r = h.sync("t", full=True)
+    assert r.counts["members_removed"] == 1 and h.members("t") == {("g", "u1")}
+    assert h.changes("t", seq) == [("group.user_removed", "g", "u2")]
+
+
 def test_the_pending_records_file_is_closed_when_a_run_ends_but_not_under_a_dry_run(harness, monkeypatch):
     from dirpull.spool import RecordSpool
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import random
-import signal
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -26,6 +25,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from dirpull.config import Config, parse_duration
 from dirpull.connectors.http import SHUTDOWN
+from dirpull.signals import stop_on_signals
 from dirpull.storage.store import Store
 from dirpull.sync.runner import Runner, RunResult
 
@@ -158,19 +158,13 @@ class Daemon:
 
     def run_forever(self, until: threading.Event | None = None, max_seconds: float | None = None) -> None:
         """Run until SIGTERM/SIGINT (or `until` is set, or `max_seconds` pass)."""
-        stop = until or threading.Event()
-        previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                previous[sig] = signal.signal(sig, lambda *_: stop.set())
-        self.start()
-        try:
-            deadline = None if max_seconds is None else time.monotonic() + max_seconds
-            while not stop.wait(0.5):
-                if deadline is not None and time.monotonic() >= deadline:
-                    break
-        finally:
-            log.info("stopping: waiting for running syncs to finish or abort")
-            self.shutdown(wait=True)
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+        with stop_on_signals(until or threading.Event()) as stop:
+            self.start()
+            try:
+                deadline = None if max_seconds is None else time.monotonic() + max_seconds
+                while not stop.wait(0.5):
+                    if deadline is not None and time.monotonic() >= deadline:
+                        break
+            finally:
+                log.info("stopping: waiting for running syncs to finish or abort")
+                self.shutdown(wait=True)

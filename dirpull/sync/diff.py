@@ -134,6 +134,7 @@ class Plan:
     # Snapshot: the `members_digest` of every group whose stored one differs. Delta: None (the
     # groups whose members change lose theirs).
     member_digests: dict[str, str] | None = None
+    notes: list[str] = field(default_factory=list)  # what the run should say about this plan
 
     def is_empty(self) -> bool:
         return not (
@@ -167,6 +168,7 @@ class Diff:
     _removed_groups: set[str] = field(default_factory=set)
     _complete_groups: set[str] = field(default_factory=set)
     _quarantined: list[Quarantined] = field(default_factory=list)
+    _notes: list[str] = field(default_factory=list)
     _user_sources: dict[str, str] = field(default_factory=dict)
     _source_refreshes: dict[str, str] = field(default_factory=dict)
 
@@ -310,13 +312,24 @@ class Diff:
             user_sources={k: v for k, v in self._user_sources.items() if k in self._users},
             source_refreshes=self._source_refreshes,
             member_digests=member_digests,
+            notes=self._notes,
         )
 
     def _finish_snapshot(self, q_users: set[str], q_groups: set[str]) -> tuple[Any, ...]:
         stored_users, stored_groups = self.stored.user_ids(), self.stored.group_ids()
-        # A quarantined record is left as stored: never counted as deleted, memberships kept.
+        # A quarantined record is left as stored: never counted as deleted, memberships kept. One
+        # without an id could be any stored record this snapshot did not list, so all of those are.
+        idless = {q.kind for q in self._quarantined if not q.idp_id}
         user_deletes = stored_users - self._seen_users - q_users
+        if user_deletes and "user" in idless:
+            self._notes.append(f"{len(user_deletes)} stored users not listed were kept, not deleted: a quarantined "
+                               "user record has no id, so which of them it is cannot be told")  # fmt: skip
+            q_users, user_deletes = q_users | user_deletes, set()
         group_deletes = stored_groups - self._seen_groups - q_groups
+        if group_deletes and "group" in idless:
+            self._notes.append(f"{len(group_deletes)} stored groups not listed were kept, not deleted: a quarantined "
+                               "group record has no id, so which of them it is cannot be told")  # fmt: skip
+            q_groups, group_deletes = q_groups | group_deletes, set()
         known_users = self._seen_users | (q_users & stored_users)
         known_groups = self._seen_groups | (q_groups & stored_groups)
         by_group, unknown = self._members_by_group(known_groups, known_users)
@@ -349,7 +362,15 @@ class Diff:
             else:
                 target = {(g, u) for g, users in by_group.items() for u in users}
                 if q_users or q_groups:
-                    target |= self.stored.member_pairs_of(q_groups, q_users)
+                    kept: dict[str, set[str]] = {}
+                    for g, u in self.stored.member_pairs_of(q_groups, q_users):
+                        kept.setdefault(g, set()).add(u)
+                        target.add((g, u))
+                    # The digest describes the members stored, kept ones included: one of the
+                    # pulled members alone would match the vendor's list later and hide a kept
+                    # pair that is gone by then.
+                    for g in kept.keys() & fresh.keys():
+                        fresh[g] = members_digest(by_group.get(g, set()) | kept[g])
                 adds, removes = sorted_pairs(target - stored_members), sorted_pairs(stored_members - target)
         digests = {g: d for g, d in fresh.items() if stored_digests.get(g) != d}
         return adds, removes, user_deletes, group_deletes, unknown, digests

@@ -181,11 +181,13 @@ class Runner:
         )
         result = RunResult(tenant, "failed", planned_mode, run_id=run_id, notes=notes)
         plan: Plan | None = None
+        recorded = False  # the run's outcome is committed
         try:
             done, plan = self._pull_and_diff(tenant, settings, cursor.value, full, heartbeat, progress)
             result.mode = done.mode
             result.requests = done.requests
             notes.extend(done.notes)
+            notes.extend(plan.notes)
             old_users = self.store.load_users(tenant, [*plan.stored_users, *plan.user_deletes])
             old_groups = self.store.load_groups(tenant, [*plan.stored_groups, *plan.group_deletes])
             writes = build_writes(plan, old_users, old_groups)
@@ -224,6 +226,7 @@ class Runner:
                     error=result.error,
                     quarantined=_quarantine_list(plan),
                 )
+                recorded = True
                 log.warning("sync held tenant=%s: %s", tenant, verdict.reason)
                 return result
             if verdict.held:
@@ -247,6 +250,7 @@ class Runner:
                     quarantined=_quarantine_list(plan),
                 ),
             )
+            recorded = True
             if plan.quarantined:
                 log.warning(
                     "tenant %s: %d records quarantined (see `dirpull runs %s`)", tenant, len(plan.quarantined), tenant
@@ -261,6 +265,12 @@ class Runner:
             result.status = "failed"
             result.error = f"{type(exc).__name__}: {exc}"
             return self._failed(result, notes)
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit: recorded, then passed on
+            if not recorded:
+                result.status = "failed"
+                result.error = f"interrupted ({type(exc).__name__}); nothing applied"
+                self._failed(result, notes)
+            raise
         finally:
             # The pending records' spool file goes now, not whenever the collector gets to it; a
             # dry run hands its planned writes (which read from it) to the caller instead.

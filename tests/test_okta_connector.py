@@ -75,6 +75,17 @@ def users_of(pages: list[Page]) -> dict[str, Any]:
     return {u.idp_id: u for p in pages for u in p.users}
 
 
+def age(org: Org, days: float = 30.0) -> Org:
+    """History spread over the past month, an hour apart, like a real org (`Org.generate` stamps
+    everything within a second of now, so every record is inside any cursor holdback)."""
+    base = time.time() - days * 86400
+    for p in org.people.values():
+        p.created_at = p.updated_at = base + p.n * 3600
+    for g in org.groups.values():
+        g.created_at = g.updated_at = g.members_updated_at = base + g.n * 3600 + 1800
+    return org
+
+
 def outsider(org: Org, g: int) -> int:
     return next(
         n
@@ -176,6 +187,30 @@ def test_incremental_uses_held_back_cursor(emu: OktaEmulator, org: Org, tmp_path
     _, d2 = pull(c2)
     pages2, _ = pull(c2, d2.cursor)
     assert len(users_of(pages2)) == PEOPLE
+
+
+def test_a_change_on_a_page_already_read_is_not_skipped_by_the_cursor(
+    emu: OktaEmulator, org: Org, tmp_path: Path
+) -> None:
+    """The user listing is paged by id, not by time: a user on a page already read may change
+    while the walk goes on, before a user on a later page changes more than `cursor_holdback` later
+    (a long walk: a large org, rate-limit pacing). The cursor must not pass the earlier change."""
+    age(org)
+    c = connector(tenant(emu, tmp_path, page_size=50))  # default cursor_holdback: 300 s
+    stream = c.pull(None, full=True)
+    first = next(stream)
+    assert isinstance(first, Page) and user_id(1) in {u.idp_id for u in first.users}
+    edited = org.update_person(1, title="Edited During The Walk").updated_at  # page 1 is already read
+    with org.clock_at(edited + 400):  # the walk goes on; 400 s later, on a page not read yet:
+        org.update_person(110, title="Edited Later")
+    items = [first, *stream]
+    done = items[-1]
+    assert isinstance(done, Done) and done.cursor
+    assert users_of(items[:-1])[user_id(110)].job_title == "Edited Later"  # type: ignore[arg-type]
+    pages, _ = pull(c, done.cursor)
+    users = users_of(pages)
+    assert set(users) == {user_id(1), user_id(110)}
+    assert users[user_id(1)].job_title == "Edited During The Walk"
 
 
 def test_429_storm_with_reset_headers(emu: OktaEmulator, tmp_path: Path) -> None:

@@ -123,6 +123,11 @@ def _iso(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
+def _now() -> datetime:
+    """The local clock (the run's start, the System Log start position)."""
+    return datetime.now(UTC)
+
+
 def _newest(current: datetime | None, text: str | None) -> datetime | None:
     value = _ts(text)
     if value is None:
@@ -451,6 +456,7 @@ class _Run:
     def __init__(self, sdk: _Sdk, transport: Any) -> None:
         self.sdk = sdk
         self.transport = transport
+        self.started = _now()  # no cursor timestamp goes past it (`OktaConnector._cursor`)
         self.seen_users: set[str] = set()
         self.notes: list[str] = []
         self.newest_user: datetime | None = None
@@ -587,11 +593,13 @@ class OktaConnector:
 
     def _cursor(self, run: _Run, prev: dict[str, Any] | None, log_next: str | None) -> dict[str, Any]:
         """Each timestamp held back `cursor_holdback` behind the newest one seen (Okta's lists are
-        eventually consistent), never moving backwards."""
+        eventually consistent), never moving backwards, and never past the start of this run held
+        back the same way: the lists are paged by id, not by time, so a record on a page already
+        read may have changed while later pages were read, before the newest timestamp seen."""
 
         def held(newest: datetime | None, key: str) -> str:
             before = _ts(prev.get(key)) if prev else None
-            value = newest - self.holdback if newest is not None else None
+            value = min(newest, run.started) - self.holdback if newest is not None else None
             candidates = [v for v in (before, value) if v is not None]
             return _iso(max(candidates)) if candidates else EPOCH
 
@@ -772,7 +780,7 @@ class OktaConnector:
 
     async def _log_start(self, run: _Run) -> str | None:
         """A polling position from (now − holdback): events before it are covered by this snapshot."""
-        since = _iso(datetime.now(UTC) - self.holdback)
+        since = _iso(_now() - self.holdback)
         link: str | None = None
         after: str | None = None
         guard = PagingGuard("system log")

@@ -14,8 +14,11 @@ import time
 import typing
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 import pytest
 
@@ -379,6 +382,67 @@ def test_system_log_finds_deletions_between_full_syncs(emu: OktaEmulator, org: O
     assert delta.cursor and delta.cursor["log_next"] != done.cursor["log_next"]
 
 
+def test_system_log_position_keeps_its_since_through_a_long_pause(
+    emu: OktaEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stored polling link's `since` is sent with its `after`: without it Okta takes 7 days
+    before now, so a tenant paused for more than a week silently skipped older events, and a
+    position older than 180 days (400 E0000053) was never noticed."""
+    import dirpull.connectors.okta as okta_connector
+    import dirpull.emulators.okta_api as okta_api
+
+    def log_position(link: str) -> tuple[str | None, str | None]:
+        query = parse_qs(urlsplit(link).query)
+        return query.get("since", [None])[0], query.get("after", [None])[0]
+
+    c = connector(tenant(emu, tmp_path, poll_system_log=True))
+    _, done = pull(c)
+    assert done.cursor
+    stored_since, stored_after = log_position(done.cursor["log_next"])
+    assert stored_since and stored_after
+    victim = leaf(org, set())
+    org.delete(victim)
+
+    def log_requests(since: int) -> list[dict[str, list[str]]]:
+        return [parse_qs(urlsplit(p).query) for _, p in emu.request_log[since:] if p.startswith("/api/v1/logs")]
+
+    # A link stored by an older version, without `since`: followed with `after` only, as before.
+    n0 = len(emu.request_log)
+    parts = urlsplit(done.cursor["log_next"])
+    no_since = parts._replace(query=urlencode([kv for kv in parse_qsl(parts.query) if kv[0] != "since"])).geturl()
+    assert log_position(no_since) == (None, stored_after)
+    pages, _ = pull(c, {**done.cursor, "log_next": no_since})
+    assert [u for p in pages for u in p.removed_users] == [user_id(victim)]
+    asked = log_requests(n0)
+    assert asked and all("since" not in q for q in asked) and asked[0]["after"] == [stored_after]
+
+    real_time = time.time
+
+    def pause(days: int) -> None:
+        """The tenant is paused for `days`: Okta's clock and ours move on."""
+        okta_time = SimpleNamespace(time=lambda: real_time() + days * 86400, sleep=time.sleep, monotonic=time.monotonic)
+        monkeypatch.setattr(okta_api, "time", okta_time)
+        monkeypatch.setattr(okta_connector, "_now", lambda: datetime.now(UTC) + timedelta(days=days))
+
+    # 8 days: beyond Okta's default `since`, well within the 90 days the log keeps.
+    pause(8)
+    n0 = len(emu.request_log)
+    pages, delta = pull(c, done.cursor)
+    assert [u for p in pages for u in p.removed_users] == [user_id(victim)] and not delta.notes
+    asked = log_requests(n0)
+    assert len(asked) == 2  # the page with the deletion, then the (empty) next page
+    assert all(q["since"] == [stored_since] for q in asked) and asked[0]["after"] == [stored_after]
+
+    # 181 days: Okta refuses the position (400 E0000053); polling starts again from now.
+    pause(181)
+    pages, delta = pull(c, done.cursor)
+    assert not [u for p in pages for u in p.removed_users]
+    assert delta.notes == ["system log position rejected: started polling from now"]
+    assert delta.cursor
+    new_since, new_after = log_position(delta.cursor["log_next"])
+    assert new_since and new_after and new_since > Org.iso(real_time() + 180 * 86400)
+
+
 # --- records judged one by one, as the SDK's models would ---------------------------------------
 
 
@@ -639,6 +703,27 @@ def test_requests_are_serialized_as_the_sdk_methods_do() -> None:
                     "/api/v1/logs",
                     [
                         ("since", "2026-05-01T00:00:00.000Z"),
+                        ("filter", LOG_FILTER),
+                        ("limit", 1000),
+                        ("sortOrder", "ASCENDING"),
+                    ],
+                ),
+            ),
+            (
+                sdk_side(
+                    SystemLogApi._list_log_events_serialize,
+                    sdk.api,
+                    since="2026-05-01T00:00:00.000Z",
+                    after="1627500044869_1",
+                    filter=LOG_FILTER,
+                    limit=1000,
+                    sort_order="ASCENDING",
+                ),
+                sdk.serialize(
+                    "/api/v1/logs",
+                    [
+                        ("since", "2026-05-01T00:00:00.000Z"),
+                        ("after", "1627500044869_1"),
                         ("filter", LOG_FILTER),
                         ("limit", 1000),
                         ("sortOrder", "ASCENDING"),

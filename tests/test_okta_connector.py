@@ -382,6 +382,18 @@ def test_system_log_finds_deletions_between_full_syncs(emu: OktaEmulator, org: O
     assert delta.cursor and delta.cursor["log_next"] != done.cursor["log_next"]
 
 
+def test_system_log_finds_group_deletions_between_full_syncs(emu: OktaEmulator, org: Org, tmp_path: Path) -> None:
+    c = connector(tenant(emu, tmp_path, poll_system_log=True))
+    _, done = pull(c)
+    child, parent = next((c, g.n) for g in org.groups.values() for c in sorted(g.subgroups))
+    org.delete_group(child)
+    pages, _ = pull(c, done.cursor)
+    assert [g for p in pages for g in p.removed_groups] == [group_id(child)]
+    # Its members left the parent (Okta groups are flat): the parent is re-listed in full.
+    complete = [g for p in pages for g in p.complete_groups]
+    assert group_id(parent) in complete and group_id(child) not in complete
+
+
 def test_system_log_position_keeps_its_since_through_a_long_pause(
     emu: OktaEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

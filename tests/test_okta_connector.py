@@ -14,8 +14,11 @@ import time
 import typing
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
+from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 import pytest
 
@@ -73,6 +76,17 @@ def pull(c: OktaConnector, cursor: dict[str, Any] | None = None, full: bool = Fa
 
 def users_of(pages: list[Page]) -> dict[str, Any]:
     return {u.idp_id: u for p in pages for u in p.users}
+
+
+def age(org: Org, days: float = 30.0) -> Org:
+    """History spread over the past month, an hour apart, like a real org (`Org.generate` stamps
+    everything within a second of now, so every record is inside any cursor holdback)."""
+    base = time.time() - days * 86400
+    for p in org.people.values():
+        p.created_at = p.updated_at = base + p.n * 3600
+    for g in org.groups.values():
+        g.created_at = g.updated_at = g.members_updated_at = base + g.n * 3600 + 1800
+    return org
 
 
 def outsider(org: Org, g: int) -> int:
@@ -176,6 +190,30 @@ def test_incremental_uses_held_back_cursor(emu: OktaEmulator, org: Org, tmp_path
     _, d2 = pull(c2)
     pages2, _ = pull(c2, d2.cursor)
     assert len(users_of(pages2)) == PEOPLE
+
+
+def test_a_change_on_a_page_already_read_is_not_skipped_by_the_cursor(
+    emu: OktaEmulator, org: Org, tmp_path: Path
+) -> None:
+    """The user listing is paged by id, not by time: a user on a page already read may change
+    while the walk goes on, before a user on a later page changes more than `cursor_holdback` later
+    (a long walk: a large org, rate-limit pacing). The cursor must not pass the earlier change."""
+    age(org)
+    c = connector(tenant(emu, tmp_path, page_size=50))  # default cursor_holdback: 300 s
+    stream = c.pull(None, full=True)
+    first = next(stream)
+    assert isinstance(first, Page) and user_id(1) in {u.idp_id for u in first.users}
+    edited = org.update_person(1, title="Edited During The Walk").updated_at  # page 1 is already read
+    with org.clock_at(edited + 400):  # the walk goes on; 400 s later, on a page not read yet:
+        org.update_person(110, title="Edited Later")
+    items = [first, *stream]
+    done = items[-1]
+    assert isinstance(done, Done) and done.cursor
+    assert users_of(items[:-1])[user_id(110)].job_title == "Edited Later"  # type: ignore[arg-type]
+    pages, _ = pull(c, done.cursor)
+    users = users_of(pages)
+    assert set(users) == {user_id(1), user_id(110)}
+    assert users[user_id(1)].job_title == "Edited During The Walk"
 
 
 def test_429_storm_with_reset_headers(emu: OktaEmulator, tmp_path: Path) -> None:
@@ -342,6 +380,79 @@ def test_system_log_finds_deletions_between_full_syncs(emu: OktaEmulator, org: O
     pages, delta = pull(c, done.cursor)
     assert [u for p in pages for u in p.removed_users] == [user_id(victim)]
     assert delta.cursor and delta.cursor["log_next"] != done.cursor["log_next"]
+
+
+def test_system_log_finds_group_deletions_between_full_syncs(emu: OktaEmulator, org: Org, tmp_path: Path) -> None:
+    c = connector(tenant(emu, tmp_path, poll_system_log=True))
+    _, done = pull(c)
+    child, parent = next((c, g.n) for g in org.groups.values() for c in sorted(g.subgroups))
+    org.delete_group(child)
+    pages, _ = pull(c, done.cursor)
+    assert [g for p in pages for g in p.removed_groups] == [group_id(child)]
+    # Its members left the parent (Okta groups are flat): the parent is re-listed in full.
+    complete = [g for p in pages for g in p.complete_groups]
+    assert group_id(parent) in complete and group_id(child) not in complete
+
+
+def test_system_log_position_keeps_its_since_through_a_long_pause(
+    emu: OktaEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stored polling link's `since` is sent with its `after`: without it Okta takes 7 days
+    before now, so a tenant paused for more than a week silently skipped older events, and a
+    position older than 180 days (400 E0000053) was never noticed."""
+    import dirpull.connectors.okta as okta_connector
+    import dirpull.emulators.okta_api as okta_api
+
+    def log_position(link: str) -> tuple[str | None, str | None]:
+        query = parse_qs(urlsplit(link).query)
+        return query.get("since", [None])[0], query.get("after", [None])[0]
+
+    c = connector(tenant(emu, tmp_path, poll_system_log=True))
+    _, done = pull(c)
+    assert done.cursor
+    stored_since, stored_after = log_position(done.cursor["log_next"])
+    assert stored_since and stored_after
+    victim = leaf(org, set())
+    org.delete(victim)
+
+    def log_requests(since: int) -> list[dict[str, list[str]]]:
+        return [parse_qs(urlsplit(p).query) for _, p in emu.request_log[since:] if p.startswith("/api/v1/logs")]
+
+    # A link stored by an older version, without `since`: followed with `after` only, as before.
+    n0 = len(emu.request_log)
+    parts = urlsplit(done.cursor["log_next"])
+    no_since = parts._replace(query=urlencode([kv for kv in parse_qsl(parts.query) if kv[0] != "since"])).geturl()
+    assert log_position(no_since) == (None, stored_after)
+    pages, _ = pull(c, {**done.cursor, "log_next": no_since})
+    assert [u for p in pages for u in p.removed_users] == [user_id(victim)]
+    asked = log_requests(n0)
+    assert asked and all("since" not in q for q in asked) and asked[0]["after"] == [stored_after]
+
+    real_time = time.time
+
+    def pause(days: int) -> None:
+        """The tenant is paused for `days`: Okta's clock and ours move on."""
+        okta_time = SimpleNamespace(time=lambda: real_time() + days * 86400, sleep=time.sleep, monotonic=time.monotonic)
+        monkeypatch.setattr(okta_api, "time", okta_time)
+        monkeypatch.setattr(okta_connector, "_now", lambda: datetime.now(UTC) + timedelta(days=days))
+
+    # 8 days: beyond Okta's default `since`, well within the 90 days the log keeps.
+    pause(8)
+    n0 = len(emu.request_log)
+    pages, delta = pull(c, done.cursor)
+    assert [u for p in pages for u in p.removed_users] == [user_id(victim)] and not delta.notes
+    asked = log_requests(n0)
+    assert len(asked) == 2  # the page with the deletion, then the (empty) next page
+    assert all(q["since"] == [stored_since] for q in asked) and asked[0]["after"] == [stored_after]
+
+    # 181 days: Okta refuses the position (400 E0000053); polling starts again from now.
+    pause(181)
+    pages, delta = pull(c, done.cursor)
+    assert not [u for p in pages for u in p.removed_users]
+    assert delta.notes == ["system log position rejected: started polling from now"]
+    assert delta.cursor
+    new_since, new_after = log_position(delta.cursor["log_next"])
+    assert new_since and new_after and new_since > Org.iso(real_time() + 180 * 86400)
 
 
 # --- records judged one by one, as the SDK's models would ---------------------------------------
@@ -604,6 +715,27 @@ def test_requests_are_serialized_as_the_sdk_methods_do() -> None:
                     "/api/v1/logs",
                     [
                         ("since", "2026-05-01T00:00:00.000Z"),
+                        ("filter", LOG_FILTER),
+                        ("limit", 1000),
+                        ("sortOrder", "ASCENDING"),
+                    ],
+                ),
+            ),
+            (
+                sdk_side(
+                    SystemLogApi._list_log_events_serialize,
+                    sdk.api,
+                    since="2026-05-01T00:00:00.000Z",
+                    after="1627500044869_1",
+                    filter=LOG_FILTER,
+                    limit=1000,
+                    sort_order="ASCENDING",
+                ),
+                sdk.serialize(
+                    "/api/v1/logs",
+                    [
+                        ("since", "2026-05-01T00:00:00.000Z"),
+                        ("after", "1627500044869_1"),
                         ("filter", LOG_FILTER),
                         ("limit", 1000),
                         ("sortOrder", "ASCENDING"),

@@ -190,6 +190,40 @@ def test_system_log_polling_never_ends(emu: OktaEmulator, org: Org) -> None:
     assert bounded.status_code == 400  # since older than 180 days
 
 
+def test_system_log_logs_group_deletions_after_the_membership_removals(org: Org) -> None:
+    child, parent = next((c, g.n) for g in org.groups.values() for c in sorted(g.subgroups))
+    assert org.transitive_members(child)
+    before = next(n for n in sorted(org.groups) if n not in (child, parent) and child not in org.groups[n].subgroups)
+    org.delete_group(before)  # deleted before the emulator exists: not logged (as with people)
+    with OktaEmulator(org) as e:
+        first = get(e, "/api/v1/logs")
+        assert first.status_code == 200 and first.json() == []
+        org.delete_group(child)  # also removes its (flattened) members from the parent
+        r = requests.get(first.links["next"]["url"], headers=AUTH, timeout=10)
+        events = r.json()
+        kinds = [ev["eventType"] for ev in events]
+        assert kinds.count("group.lifecycle.delete") == 1 and kinds[-1] == "group.lifecycle.delete"
+        removals = [ev for ev in events if ev["eventType"] == "group.user_membership.remove"]
+        assert len(removals) == len(org.transitive_members(child))  # all of them before the deletion
+        parent_target = next(t for t in removals[0]["target"] if t["type"] == "UserGroup")
+        assert parent_target["id"] == group_id(parent)
+        deletion = events[-1]
+        assert deletion["target"] == [
+            {
+                "id": group_id(child),
+                "type": "UserGroup",
+                "alternateId": "unknown",
+                "displayName": org.groups[child].name,
+            }
+        ]
+        assert deletion["target"][0].keys() == parent_target.keys()  # shaped like the membership events' group
+        assert deletion["published"] == Org.iso(org.groups[child].updated_at)
+        again = requests.get(r.links["next"]["url"], headers=AUTH, timeout=10)
+        assert again.json() == []  # logged once
+        every = get(e, "/api/v1/logs", filter='eventType eq "group.lifecycle.delete"').json()
+        assert [ev["target"][0]["id"] for ev in every] == [group_id(child)]
+
+
 def test_auth_forms(emu: OktaEmulator) -> None:
     for header in (f"SSWS {API_TOKEN}", f"SSWS{API_TOKEN}"):
         assert requests.get(emu.base_url + "/api/v1/groups", headers={"Authorization": header}, timeout=10).ok

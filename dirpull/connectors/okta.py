@@ -123,6 +123,11 @@ def _iso(dt: datetime) -> str:
     return dt.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
+def _now() -> datetime:
+    """The local clock (the run's start, the System Log start position)."""
+    return datetime.now(UTC)
+
+
 def _newest(current: datetime | None, text: str | None) -> datetime | None:
     value = _ts(text)
     if value is None:
@@ -163,6 +168,15 @@ def next_link(headers: Any) -> str | None:
             if 'rel="next"' in part:
                 return part[part.find("<") + 1 : part.find(">")]
     return None
+
+
+def log_position(link: str | None) -> tuple[str | None, str | None]:
+    """(since, after) of a System Log polling link (either may be missing)."""
+    if not link:
+        return None, None
+    query = parse_qs(urlsplit(link).query)
+    since, after = query.get("since"), query.get("after")
+    return (since[0] if since else None), (after[0] if after else None)
 
 
 # --- rate limits, retries, counting -------------------------------------------------------------------
@@ -451,6 +465,7 @@ class _Run:
     def __init__(self, sdk: _Sdk, transport: Any) -> None:
         self.sdk = sdk
         self.transport = transport
+        self.started = _now()  # no cursor timestamp goes past it (`OktaConnector._cursor`)
         self.seen_users: set[str] = set()
         self.notes: list[str] = []
         self.newest_user: datetime | None = None
@@ -587,11 +602,13 @@ class OktaConnector:
 
     def _cursor(self, run: _Run, prev: dict[str, Any] | None, log_next: str | None) -> dict[str, Any]:
         """Each timestamp held back `cursor_holdback` behind the newest one seen (Okta's lists are
-        eventually consistent), never moving backwards."""
+        eventually consistent), never moving backwards, and never past the start of this run held
+        back the same way: the lists are paged by id, not by time, so a record on a page already
+        read may have changed while later pages were read, before the newest timestamp seen."""
 
         def held(newest: datetime | None, key: str) -> str:
             before = _ts(prev.get(key)) if prev else None
-            value = newest - self.holdback if newest is not None else None
+            value = min(newest, run.started) - self.holdback if newest is not None else None
             candidates = [v for v in (before, value) if v is not None]
             return _iso(max(candidates)) if candidates else EPOCH
 
@@ -772,7 +789,7 @@ class OktaConnector:
 
     async def _log_start(self, run: _Run) -> str | None:
         """A polling position from (now − holdback): events before it are covered by this snapshot."""
-        since = _iso(datetime.now(UTC) - self.holdback)
+        since = _iso(_now() - self.holdback)
         link: str | None = None
         after: str | None = None
         guard = PagingGuard("system log")
@@ -790,14 +807,19 @@ class OktaConnector:
         self, run: _Run, *, since: str | None = None, after: str | None = None
     ) -> tuple[list[dict[str, Any]], Any]:
         # The SDK's order (`_list_log_events_serialize`): since, until, after, filter, q, limit, sortOrder.
-        query: list[tuple[str, Any]] = [("after", after)] if after else [("since", since)] if since else []
+        # `since` goes with `after`: without it Okta takes 7 days before now, and a position older
+        # than that would skip its events silently.
+        query: list[tuple[str, Any]] = [("since", since)] if since else []
+        if after:
+            query.append(("after", after))
         query += [("filter", LOG_FILTER), ("limit", 1000), ("sortOrder", "ASCENDING")]
         records, _bad, headers = await self._call(run, "read system log", "/api/v1/logs", query, None)
         return records, headers
 
     async def _log(self, run: _Run, state: dict[str, Any], refreshed: set[str]) -> AsyncIterator[Page]:
-        link = state.get("log_next")
-        after = next_after({"Link": f'<{link}>; rel="next"'}) if link else None
+        # The stored polling link's `since` is sent with its `after` (a link stored by an older
+        # version may have none: followed with `after` only, until a full sync takes a new one).
+        since, after = log_position(state.get("log_next"))
         if after is None:
             state["log_next"] = await self._log_start(run)
             run.notes.append("system log position missing: started polling from now")
@@ -808,14 +830,15 @@ class OktaConnector:
         guard = PagingGuard("system log")
         while True:
             try:
-                records, headers = await self._log_page(run, after=after)
+                records, headers = await self._log_page(run, since=since, after=after)
             except ConnectorError as exc:
-                if exc.status != 400:
+                if exc.status != 400:  # 400 E0000053: `since` older than 180 days
                     raise
                 run.notes.append("system log position rejected: started polling from now")
                 state["log_next"] = await self._log_start(run)
                 break
-            state["log_next"] = next_link(headers) or state.get("log_next")
+            link = next_link(headers)
+            state["log_next"] = link or state.get("log_next")
             for ev in records:
                 kind = str(ev.get("eventType") or "")
                 targets = ev.get("target") or []
@@ -827,11 +850,11 @@ class OktaConnector:
                     removed_groups += grps
                 elif kind.startswith("group.user_membership"):
                     groups += [g for g in grps if g not in refreshed and g not in groups]
-            nxt = next_after(headers)
+            link_since, nxt = log_position(link)
             if not records or nxt is None or nxt == after:
                 break
             guard.next(nxt)
-            after = nxt
+            since, after = link_since or since, nxt
         if removed_users or removed_groups:
             yield Page(removed_users=sorted(set(removed_users)), removed_groups=sorted(set(removed_groups)))
         for gid in groups:

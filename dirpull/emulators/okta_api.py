@@ -9,8 +9,9 @@ Served over the shared `Org`:
                                      `filter` on id, type, lastUpdated, lastMembershipUpdated
   GET  /api/v1/groups/{id}/users     full User objects, default limit 1000; Org subgroups are served
                                      flattened (Okta groups do not nest)
-  GET  /api/v1/logs                  System Log derived from Org changes; a polling request (no `until`)
-                                     always carries rel="next", pages may be empty
+  GET  /api/v1/logs                  System Log derived from Org changes (people, memberships, group
+                                     deletions); a polling request (no `until`) always carries
+                                     rel="next", pages may be empty
   POST /oauth2/v1/token              client_credentials + private_key_jwt (OAuth service app)
 
 Every response carries `X-Rate-Limit-Limit/Remaining/Reset` from a real per-window counter and a
@@ -32,7 +33,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
-from dirpull.emulators.org import Org, Person
+from dirpull.emulators.org import Group, Org, Person
 from dirpull.emulators.server import Emulator, Request, Response
 
 STATUSES = (
@@ -321,11 +322,13 @@ class OktaEmulator(Emulator):
         self._events: list[dict[str, Any]] = []
         self._seen_people: dict[int, tuple[str | None, int]] = {}  # n → (status or None if gone, version)
         self._seen_member_version = 0
+        self._seen_deleted_groups: set[int] = set()  # Group.n already logged as deleted
         self._log_lock = threading.Lock()
         with org.lock:
             for p in org.people.values():
                 self._seen_people[p.n] = (None if not p.visible else self.status_of(p), p.version)
             self._seen_member_version = org.version
+            self._seen_deleted_groups = {g.n for g in org.groups.values() if g.deleted}
         self.route("GET", r"/api/v1/users", self._list_users)
         self.route("GET", r"/api/v1/users/(?P<id>[^/]+)", self._get_user)
         self.route("GET", r"/api/v1/groups", self._list_groups)
@@ -725,6 +728,14 @@ class OktaEmulator(Emulator):
             "detailEntry": None,
         }
 
+    def _group_target(self, group: Group) -> dict[str, Any]:
+        return {
+            "id": group_id(group.n),
+            "type": "UserGroup",
+            "alternateId": "unknown",
+            "displayName": group.name,
+        }
+
     def _append_event(self, event_type: str, at: float, targets: list[dict[str, Any]], message: str) -> None:
         seq = len(self._events) + 1
         self._events.append(
@@ -749,7 +760,9 @@ class OktaEmulator(Emulator):
         )
 
     def sync_log(self) -> None:
-        """Turn Org changes since the last call into System Log events (arrival order)."""
+        """Turn Org changes since the last call into System Log events (arrival order): people's
+        lifecycle and profile changes, membership changes, then group deletions. Changes made before
+        the emulator was built are not logged."""
         org = self.org
         with self._log_lock, org.lock:
             changed = []
@@ -783,12 +796,7 @@ class OktaEmulator(Emulator):
                 self._seen_people[p.n] = (now_status, p.version)
             for change in org.member_changes_since(self._seen_member_version):
                 group = org.groups[change.group]
-                gtarget = {
-                    "id": group_id(group.n),
-                    "type": "UserGroup",
-                    "alternateId": "unknown",
-                    "displayName": group.name,
-                }
+                gtarget = self._group_target(group)
                 people = (
                     [change.member] if change.member_kind == "user" else sorted(org.transitive_members(change.member))
                 )
@@ -802,6 +810,13 @@ class OktaEmulator(Emulator):
                         "Add user to group membership" if change.added else "Remove user from group membership",
                     )
             self._seen_member_version = org.version
+            # After the membership removals a deletion causes (the parents' flattened members).
+            gone = [g for g in org.groups.values() if g.deleted and g.n not in self._seen_deleted_groups]
+            for group in sorted(gone, key=lambda g: g.version):
+                self._append_event(
+                    "group.lifecycle.delete", group.updated_at, [self._group_target(group)], "Delete Okta group"
+                )
+                self._seen_deleted_groups.add(group.n)
 
     def _list_logs(self, req: Request) -> Response:
         limit = self._limit(req, 100, 1000)

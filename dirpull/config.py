@@ -137,6 +137,9 @@ Secret = Annotated[
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# A hundred years: far beyond any schedule, yet "last run + duration" stays a valid date and a
+# lease's heartbeat interval a valid timeout.
+_MAX_DAYS = 36500
 
 
 def parse_duration(text: str) -> timedelta:
@@ -146,6 +149,8 @@ def parse_duration(text: str) -> timedelta:
     seconds = float(m.group(1)) * _UNIT[m.group(2)]
     if seconds <= 0:
         raise ValueError("a duration must be positive")
+    if seconds > _MAX_DAYS * 86400:  # also inf: timedelta() would raise OverflowError
+        raise ValueError(f"{text!r} is too long; at most {_MAX_DAYS}d")
     return timedelta(seconds=seconds)
 
 

@@ -158,6 +158,26 @@ def test_config_mistake_exits_2_with_file_tenant_and_key(tmp_path):
     assert r.stderr.strip() == f"dirpull: {cfg}: tenants.hr.api_key: Field required"
 
 
+BAMBOO = '[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\napi_key = "k"\n'
+
+
+@pytest.mark.parametrize(
+    ("toml", "env_vars", "expected"),
+    [
+        ('[defaults]\nschedule = "9999999999d"\n', {}, "defaults.schedule: '9999999999d' is too long; at most 36500d"),
+        ('[defaults]\nlease_ttl = "99999999h"\n', {}, "defaults.lease_ttl: '99999999h' is too long; at most 36500d"),
+    ],
+)
+def test_config_mistake_is_one_line_exit_2(tmp_path, monkeypatch, toml, env_vars, expected):
+    """No traceback, whatever the mistake: one line naming the file and the key, exit 2."""
+    for name, value in env_vars.items():
+        monkeypatch.setenv(name, value)
+    cfg = tmp_path / "dirpull.toml"
+    cfg.write_text(toml + BAMBOO)
+    r = CliRunner().invoke(app, ["--config", str(cfg), "status"])
+    assert (r.exit_code, r.stdout, r.stderr) == (2, "", f"dirpull: {cfg}: {expected}\n")
+
+
 def test_db_commands(env):
     assert run(env, "db", "upgrade").exit_code == 0
     check = run(env, "db", "check")

@@ -69,6 +69,10 @@ def test_file_secret_relative_to_config(tmp_path):
         (('schedule = "15m"', 'schedule = "often"'), "defaults.schedule: 'often' is not a duration"),
         (('schedule = "cron: */5 * * * *"', 'schedule = "cron: 99 * * * *"'), "tenants.acme-hr.schedule: bad cron"),
         (("[tenants.acme-hr]", "[tenants.acme-hr]\napi_secret = 1"), "tenants.acme-hr.api_secret: unknown key"),
+        (('schedule = "15m"', 'schedule = "99999999999d"'), "defaults.schedule: '99999999999d' is too long"),
+        (("[defaults]", '[defaults]\nfull_sync_every = "9999999999d"'), "defaults.full_sync_every: '9999999999d' is"),
+        (("[defaults]", '[defaults]\nlease_ttl = "99999999999d"'), "defaults.lease_ttl: '99999999999d' is too long"),
+        (("[tenants.acme-hr]", '[tenants.acme-hr]\nfull_sync_every = "99999999999d"'), "acme-hr.full_sync_every: "),
     ],
 )
 def test_mistakes_name_the_key(tmp_path, monkeypatch, change, expected):
@@ -104,6 +108,10 @@ def test_durations():
     assert parse_duration("6h").total_seconds() == 21600
     with pytest.raises(ValueError):
         parse_duration("0s")
+    assert parse_duration("36500d").days == 36500
+    for huge in ("36501d", "99999999999d", "1" + "9" * 400 + "s"):
+        with pytest.raises(ValueError, match="is too long; at most 36500d"):
+            parse_duration(huge)
 
 
 def test_the_annotated_example_uses_only_known_keys(monkeypatch):

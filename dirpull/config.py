@@ -425,6 +425,8 @@ def _format_errors(path: Path, exc: ValidationError) -> str:
             msg = f"provider is missing; use one of: {', '.join(PROVIDERS)}"
         elif err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            msg = f"must be a table ([{where}])"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         lines.append(f"{path}: {where}: {msg}")
@@ -453,7 +455,7 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
 
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
     store_url = os.environ.get("DIRPULL_STORE_URL")
-    if store_url:
+    if store_url and isinstance(raw.get("store", {}), dict):  # anything else is reported below
         raw = {**raw, "store": {**raw.get("store", {}), "url": store_url}}
     _CONFIG_DIR.value = path.resolve().parent
     try:

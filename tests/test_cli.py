@@ -166,6 +166,7 @@ BAMBOO = '[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\napi_key 
     [
         ('[defaults]\nschedule = "9999999999d"\n', {}, "defaults.schedule: '9999999999d' is too long; at most 36500d"),
         ('[defaults]\nlease_ttl = "99999999h"\n', {}, "defaults.lease_ttl: '99999999h' is too long; at most 36500d"),
+        ('store = "x"\n', {"DIRPULL_STORE_URL": "sqlite:///s.db"}, "store: must be a table ([store])"),
     ],
 )
 def test_config_mistake_is_one_line_exit_2(tmp_path, monkeypatch, toml, env_vars, expected):

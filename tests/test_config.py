@@ -96,6 +96,18 @@ def test_env_overrides_store_url_and_config_path(tmp_path, monkeypatch):
     assert load_config().store.url == "sqlite:///other.db"
 
 
+@pytest.mark.parametrize("store_url", [None, "sqlite:///other.db"])
+def test_a_section_that_is_not_a_table(tmp_path, monkeypatch, store_url):
+    """`store = "x"` is the same mistake whether or not $DIRPULL_STORE_URL overrides the url."""
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    if store_url:
+        monkeypatch.setenv("DIRPULL_STORE_URL", store_url)
+    path = tmp_path / "dirpull.toml"
+    tenant = GOOD[GOOD.index("[tenants.acme-hr]") :]
+    assert error_of(tmp_path, 'store = "x"\n' + tenant) == f"{path}: store: must be a table ([store])"
+    assert error_of(tmp_path, "tenants = 1\n") == f"{path}: tenants: must be a table ([tenants])"
+
+
 def test_unknown_tenant_lists_known_ones(tmp_path, monkeypatch):
     monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
     cfg = load_config(write(tmp_path, GOOD))

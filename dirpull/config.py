@@ -185,6 +185,17 @@ class StoreSettings(_Strict):
     pool_size: int = Field(5, ge=1, le=100)
     connect_timeout: float = Field(10.0, gt=0)
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from dirpull.storage.store import StoreError, parse_store_url
+
+        try:
+            parse_store_url(v)
+        except StoreError as exc:  # phrased without the password
+            raise ValueError(str(exc).removeprefix("store url: ")) from None
+        return v
+
 
 class GuardSettings(_Strict):
     """Hold a run that would deactivate or delete more than `max_percent` of the tenant's users
@@ -410,7 +421,7 @@ class Config(_Strict):
         return parse_duration(self.tenants[name].full_sync_every or self.defaults.full_sync_every)
 
 
-def _format_errors(path: Path, exc: ValidationError) -> str:
+def _format_errors(path: Path, exc: ValidationError, *, url_from_env: bool = False) -> str:
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
@@ -418,6 +429,8 @@ def _format_errors(path: Path, exc: ValidationError) -> str:
         if len(loc) >= 3 and loc[0] == "tenants" and loc[2] in PROVIDERS:
             del loc[2]
         where = ".".join(loc) if loc else "(top level)"
+        if url_from_env and where == "store.url":
+            where = "store.url (from $DIRPULL_STORE_URL)"
         msg = err["msg"]
         if err["type"] == "union_tag_invalid":
             msg = f"unknown provider; use one of: {', '.join(PROVIDERS)}"
@@ -455,13 +468,14 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
 
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
     store_url = os.environ.get("DIRPULL_STORE_URL")
-    if store_url and isinstance(raw.get("store", {}), dict):  # anything else is reported below
+    from_env = bool(store_url) and isinstance(raw.get("store", {}), dict)  # anything else is reported below
+    if from_env:
         raw = {**raw, "store": {**raw.get("store", {}), "url": store_url}}
     _CONFIG_DIR.value = path.resolve().parent
     try:
         cfg = Config.model_validate({**raw, "path": path})
     except ValidationError as exc:
-        raise ConfigError(_format_errors(path, exc)) from None
+        raise ConfigError(_format_errors(path, exc, url_from_env=from_env)) from None
     finally:
         _CONFIG_DIR.value = None
     return cfg

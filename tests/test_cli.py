@@ -167,6 +167,17 @@ BAMBOO = '[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\napi_key 
         ('[defaults]\nschedule = "9999999999d"\n', {}, "defaults.schedule: '9999999999d' is too long; at most 36500d"),
         ('[defaults]\nlease_ttl = "99999999h"\n', {}, "defaults.lease_ttl: '99999999h' is too long; at most 36500d"),
         ('store = "x"\n', {"DIRPULL_STORE_URL": "sqlite:///s.db"}, "store: must be a table ([store])"),
+        (
+            '[store]\nurl = "postgresql+psycopg://u:hunter2@db:5432x/d"\n',
+            {},
+            "store.url: 'postgresql+psycopg://u:***@db:5432x/d': the port is not a number",
+        ),
+        (
+            "",
+            {"DIRPULL_STORE_URL": "postgresql+psycopg//u:hunter2@db/d"},
+            "store.url (from $DIRPULL_STORE_URL): 'postgresql+psycopg//u:***@db/d' is not a database URL"
+            " (e.g. sqlite:///dirpull.db or postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE)",
+        ),
     ],
 )
 def test_config_mistake_is_one_line_exit_2(tmp_path, monkeypatch, toml, env_vars, expected):
@@ -177,6 +188,7 @@ def test_config_mistake_is_one_line_exit_2(tmp_path, monkeypatch, toml, env_vars
     cfg.write_text(toml + BAMBOO)
     r = CliRunner().invoke(app, ["--config", str(cfg), "status"])
     assert (r.exit_code, r.stdout, r.stderr) == (2, "", f"dirpull: {cfg}: {expected}\n")
+    assert "hunter2" not in r.stdout + r.stderr
 
 
 def test_db_commands(env):

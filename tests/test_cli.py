@@ -158,6 +158,28 @@ def test_config_mistake_exits_2_with_file_tenant_and_key(tmp_path):
     assert r.stderr.strip() == f"dirpull: {cfg}: tenants.hr.api_key: Field required"
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["events", "hr", "--bogus"], "No such option: --bogus (see 'dirpull events --help')"),
+        (["events", "hr", "--jsn"], "No such option: --jsn (Possible options: --json) (see 'dirpull events --help')"),
+        (["events"], "Missing argument 'tenant'. (see 'dirpull events --help')"),
+        (["events", "hr", "--after", "x"], "Invalid value for '--after': "),
+        (["users", "hr", "--state", "gone"], "Invalid value for '--state': "),
+        (["nosuch"], "No such command 'nosuch'. (see 'dirpull --help')"),
+        (["--bogus", "status"], "No such option: --bogus (see 'dirpull --help')"),
+        (["db", "check", "--bogus"], "No such option: --bogus (see 'dirpull db check --help')"),
+    ],
+)
+def test_bad_usage_is_one_line_exit_2(args, expected):
+    """As the contract says: exit 2 and one line on stderr (with where to find help), not a usage
+    block or a Rich box."""
+    r = CliRunner().invoke(app, args, prog_name="dirpull")
+    assert (r.exit_code, r.stdout) == (2, "")
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"dirpull: {expected}") and "--help" in r.stderr
+
+
 BAMBOO = '[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\napi_key = "k"\n'
 
 

@@ -6,6 +6,7 @@ Exit codes: 0 ok · 1 failed · 2 bad usage, configuration or unknown tenant · 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
@@ -19,12 +20,44 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from dirpull import logs
 from dirpull.config import Config, ConfigError, load_config
 from dirpull.storage.store import Store, StoreError, WriteSet
 
+try:
+    from typer._click.exceptions import UsageError  # Typer ≥ 0.22 carries its own click
+except ImportError:  # pragma: no cover
+    from click.exceptions import UsageError
+
+
+@contextlib.contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    try:
+        yield
+    except UsageError as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # `dirpull` alone: click prints the help
+            raise
+        where = exc.ctx.command_path if exc.ctx is not None else "dirpull"
+        raise fail(f"{exc.format_message()} (see '{where} --help')", exc.exit_code) from None
+
+
+class _Group(TyperGroup):
+    """A bad option, argument or command: one line `dirpull: ...` on stderr and exit 2, instead of
+    click's usage block or Typer's Rich box. Sub-commands' mistakes surface through invoke()."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=_Group,
     add_completion=False,
     no_args_is_help=True,
     help="Pull users, groups and memberships from directory APIs into one store with an event log.",

@@ -137,6 +137,9 @@ Secret = Annotated[
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h|d)\s*$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# A hundred years: far beyond any schedule, yet "last run + duration" stays a valid date and a
+# lease's heartbeat interval a valid timeout.
+_MAX_DAYS = 36500
 
 
 def parse_duration(text: str) -> timedelta:
@@ -146,6 +149,8 @@ def parse_duration(text: str) -> timedelta:
     seconds = float(m.group(1)) * _UNIT[m.group(2)]
     if seconds <= 0:
         raise ValueError("a duration must be positive")
+    if seconds > _MAX_DAYS * 86400:  # also inf: timedelta() would raise OverflowError
+        raise ValueError(f"{text!r} is too long; at most {_MAX_DAYS}d")
     return timedelta(seconds=seconds)
 
 
@@ -179,6 +184,17 @@ class StoreSettings(_Strict):
     url: str = "sqlite:///dirpull.db"
     pool_size: int = Field(5, ge=1, le=100)
     connect_timeout: float = Field(10.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from dirpull.storage.store import StoreError, parse_store_url
+
+        try:
+            parse_store_url(v)
+        except StoreError as exc:  # phrased without the password
+            raise ValueError(str(exc).removeprefix("store url: ")) from None
+        return v
 
 
 class GuardSettings(_Strict):
@@ -405,7 +421,7 @@ class Config(_Strict):
         return parse_duration(self.tenants[name].full_sync_every or self.defaults.full_sync_every)
 
 
-def _format_errors(path: Path, exc: ValidationError) -> str:
+def _format_errors(path: Path, exc: ValidationError, *, url_from_env: bool = False) -> str:
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
@@ -413,6 +429,8 @@ def _format_errors(path: Path, exc: ValidationError) -> str:
         if len(loc) >= 3 and loc[0] == "tenants" and loc[2] in PROVIDERS:
             del loc[2]
         where = ".".join(loc) if loc else "(top level)"
+        if url_from_env and where == "store.url":
+            where = "store.url (from $DIRPULL_STORE_URL)"
         msg = err["msg"]
         if err["type"] == "union_tag_invalid":
             msg = f"unknown provider; use one of: {', '.join(PROVIDERS)}"
@@ -420,6 +438,8 @@ def _format_errors(path: Path, exc: ValidationError) -> str:
             msg = f"provider is missing; use one of: {', '.join(PROVIDERS)}"
         elif err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            msg = f"must be a table ([{where}])"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         lines.append(f"{path}: {where}: {msg}")
@@ -448,13 +468,14 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
 
 def parse_config(raw: dict[str, Any], path: Path) -> Config:
     store_url = os.environ.get("DIRPULL_STORE_URL")
-    if store_url:
+    from_env = bool(store_url) and isinstance(raw.get("store", {}), dict)  # anything else is reported below
+    if from_env:
         raw = {**raw, "store": {**raw.get("store", {}), "url": store_url}}
     _CONFIG_DIR.value = path.resolve().parent
     try:
         cfg = Config.model_validate({**raw, "path": path})
     except ValidationError as exc:
-        raise ConfigError(_format_errors(path, exc)) from None
+        raise ConfigError(_format_errors(path, exc, url_from_env=from_env)) from None
     finally:
         _CONFIG_DIR.value = None
     return cfg

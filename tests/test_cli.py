@@ -200,6 +200,61 @@ def test_config_mistake_exits_2_with_file_tenant_and_key(tmp_path):
     assert r.stderr.strip() == f"dirpull: {cfg}: tenants.hr.api_key: Field required"
 
 
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["events", "hr", "--bogus"], "No such option: --bogus (see 'dirpull events --help')"),
+        (["events", "hr", "--jsn"], "No such option: --jsn (Possible options: --json) (see 'dirpull events --help')"),
+        (["events"], "Missing argument 'tenant'. (see 'dirpull events --help')"),
+        (["events", "hr", "--after", "x"], "Invalid value for '--after': "),
+        (["users", "hr", "--state", "gone"], "Invalid value for '--state': "),
+        (["nosuch"], "No such command 'nosuch'. (see 'dirpull --help')"),
+        (["--bogus", "status"], "No such option: --bogus (see 'dirpull --help')"),
+        (["db", "check", "--bogus"], "No such option: --bogus (see 'dirpull db check --help')"),
+    ],
+)
+def test_bad_usage_is_one_line_exit_2(args, expected):
+    """As the contract says: exit 2 and one line on stderr (with where to find help), not a usage
+    block or a Rich box."""
+    r = CliRunner().invoke(app, args, prog_name="dirpull")
+    assert (r.exit_code, r.stdout) == (2, "")
+    assert len(r.stderr.splitlines()) == 1, r.stderr
+    assert r.stderr.startswith(f"dirpull: {expected}") and "--help" in r.stderr
+
+
+BAMBOO = '[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\napi_key = "k"\n'
+
+
+@pytest.mark.parametrize(
+    ("toml", "env_vars", "expected"),
+    [
+        ('[defaults]\nschedule = "9999999999d"\n', {}, "defaults.schedule: '9999999999d' is too long; at most 36500d"),
+        ('[defaults]\nlease_ttl = "99999999h"\n', {}, "defaults.lease_ttl: '99999999h' is too long; at most 36500d"),
+        ('store = "x"\n', {"DIRPULL_STORE_URL": "sqlite:///s.db"}, "store: must be a table ([store])"),
+        (
+            '[store]\nurl = "postgresql+psycopg://u:hunter2@db:5432x/d"\n',
+            {},
+            "store.url: 'postgresql+psycopg://u:***@db:5432x/d': the port is not a number",
+        ),
+        (
+            "",
+            {"DIRPULL_STORE_URL": "postgresql+psycopg//u:hunter2@db/d"},
+            "store.url (from $DIRPULL_STORE_URL): 'postgresql+psycopg//u:***@db/d' is not a database URL"
+            " (e.g. sqlite:///dirpull.db or postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE)",
+        ),
+    ],
+)
+def test_config_mistake_is_one_line_exit_2(tmp_path, monkeypatch, toml, env_vars, expected):
+    """No traceback, whatever the mistake: one line naming the file and the key, exit 2."""
+    for name, value in env_vars.items():
+        monkeypatch.setenv(name, value)
+    cfg = tmp_path / "dirpull.toml"
+    cfg.write_text(toml + BAMBOO)
+    r = CliRunner().invoke(app, ["--config", str(cfg), "status"])
+    assert (r.exit_code, r.stdout, r.stderr) == (2, "", f"dirpull: {cfg}: {expected}\n")
+    assert "hunter2" not in r.stdout + r.stderr
+
+
 def test_db_commands(env):
     assert run(env, "db", "upgrade").exit_code == 0
     check = run(env, "db", "check")

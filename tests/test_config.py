@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from dirpull.config import ConfigError, load_config, parse_duration
+from dirpull.storage.store import Store, StoreError, mask_password
 
 GOOD = """
 [store]
@@ -69,6 +70,10 @@ def test_file_secret_relative_to_config(tmp_path):
         (('schedule = "15m"', 'schedule = "often"'), "defaults.schedule: 'often' is not a duration"),
         (('schedule = "cron: */5 * * * *"', 'schedule = "cron: 99 * * * *"'), "tenants.acme-hr.schedule: bad cron"),
         (("[tenants.acme-hr]", "[tenants.acme-hr]\napi_secret = 1"), "tenants.acme-hr.api_secret: unknown key"),
+        (('schedule = "15m"', 'schedule = "99999999999d"'), "defaults.schedule: '99999999999d' is too long"),
+        (("[defaults]", '[defaults]\nfull_sync_every = "9999999999d"'), "defaults.full_sync_every: '9999999999d' is"),
+        (("[defaults]", '[defaults]\nlease_ttl = "99999999999d"'), "defaults.lease_ttl: '99999999999d' is too long"),
+        (("[tenants.acme-hr]", '[tenants.acme-hr]\nfull_sync_every = "99999999999d"'), "acme-hr.full_sync_every: "),
     ],
 )
 def test_mistakes_name_the_key(tmp_path, monkeypatch, change, expected):
@@ -92,6 +97,62 @@ def test_env_overrides_store_url_and_config_path(tmp_path, monkeypatch):
     assert load_config().store.url == "sqlite:///other.db"
 
 
+@pytest.mark.parametrize("store_url", [None, "sqlite:///other.db"])
+def test_a_section_that_is_not_a_table(tmp_path, monkeypatch, store_url):
+    """`store = "x"` is the same mistake whether or not $DIRPULL_STORE_URL overrides the url."""
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    if store_url:
+        monkeypatch.setenv("DIRPULL_STORE_URL", store_url)
+    path = tmp_path / "dirpull.toml"
+    tenant = GOOD[GOOD.index("[tenants.acme-hr]") :]
+    assert error_of(tmp_path, 'store = "x"\n' + tenant) == f"{path}: store: must be a table ([store])"
+    assert error_of(tmp_path, "tenants = 1\n") == f"{path}: tenants: must be a table ([tenants])"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql+psycopg://u:hunter2@db:5432x/d", "'postgresql+psycopg://u:***@db:5432x/d': the port is not"),
+        ("postgresql+psycopg//u:hunter2@db/d", "'postgresql+psycopg//u:***@db/d' is not a database URL (e.g. sqlite:"),
+        ("postgresql+psycopg:u:hunter2@db/d", "'postgresql+psycopg:***@db/d' is not a database URL"),
+        ("mysql://u:hunter2@db/d", "unsupported database 'mysql' (use sqlite or postgresql+psycopg)"),
+    ],
+)
+@pytest.mark.parametrize("from_env", [False, True])
+def test_bad_store_url_names_the_key_and_hides_the_password(tmp_path, monkeypatch, url, expected, from_env):
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    if from_env:
+        monkeypatch.setenv("DIRPULL_STORE_URL", url)
+    msg = error_of(tmp_path, GOOD if from_env else GOOD.replace("sqlite:///x.db", url))
+    where = "store.url (from $DIRPULL_STORE_URL)" if from_env else "store.url"
+    assert msg.startswith(f"{tmp_path / 'dirpull.toml'}: {where}: {expected}")
+    assert "hunter2" not in msg and "\n" not in msg
+
+
+def test_store_refuses_a_bad_url_without_showing_the_password():
+    for url in ("postgresql+psycopg://u:hunter2@db:5432x/d", "postgresql+psycopg//u:hunter2@db/d"):
+        with pytest.raises(StoreError) as exc:
+            Store(url)
+        assert "hunter2" not in str(exc.value) and "u:***@db" in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("postgresql+psycopg://u:hunter2@db:5432/d", "postgresql+psycopg://u:***@db:5432/d"),
+        ("postgresql+psycopg://u:hun@ter//2@db/d", "postgresql+psycopg://u:***@db/d"),
+        ("postgresql+psycopg//u:hunter2@db/d", "postgresql+psycopg//u:***@db/d"),
+        ("pg:u:hun//ter2@db/d", "pg:***@db/d"),
+        ("u:hunter2@db", "u:***@db"),
+        ("postgresql://db/d?sslmode=require&password=hunter2", "postgresql://db/d?sslmode=require&password=***"),
+        ("postgresql://u@db/d", "postgresql://u@db/d"),
+        ("sqlite:////srv/a@b/dirpull.db", "sqlite:////srv/a@b/dirpull.db"),
+    ],
+)
+def test_mask_password(url, masked):
+    assert mask_password(url) == masked
+
+
 def test_unknown_tenant_lists_known_ones(tmp_path, monkeypatch):
     monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
     cfg = load_config(write(tmp_path, GOOD))
@@ -104,6 +165,10 @@ def test_durations():
     assert parse_duration("6h").total_seconds() == 21600
     with pytest.raises(ValueError):
         parse_duration("0s")
+    assert parse_duration("36500d").days == 36500
+    for huge in ("36501d", "99999999999d", "1" + "9" * 400 + "s"):
+        with pytest.raises(ValueError, match="is too long; at most 36500d"):
+            parse_duration(huge)
 
 
 def test_the_annotated_example_uses_only_known_keys(monkeypatch):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -1084,11 +1085,44 @@ def _one_line_errors(engine: Engine, safe_url: str) -> None:
         return StoreUnavailable(f"store {safe_url}: {what} ({_first_line(ctx.original_exception)})")
 
 
-def _make_engine(url: str, *, pool_size: int, connect_timeout: float, migrating: bool = False) -> Engine:
+_AUTHORITY = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:?//")
+_PASSWORD_PARAM = re.compile(r"(?i)\b(password=)[^&#\s]*")
+
+
+def mask_password(url: str) -> str:
+    """`url` with any password replaced by ***, even when it is too broken to parse: whatever looks
+    like `user:password@` (also with the `:` or the `//` after the scheme missing), and a
+    `password=` query parameter. When unsure it hides more, never less."""
+    at = url.rfind("@")  # a raw password may contain "@" or "//": the host follows the last "@"
+    if at >= 0:
+        authority = _AUTHORITY.match(url)
+        if authority:  # scheme://user:password@ → keep the user
+            start = authority.end()
+            user, colon, _ = url[start:at].partition(":")
+            if colon:
+                url = f"{url[:start]}{user}:***{url[at:]}"
+        elif ":" in url[:at]:  # no // to go by: hide everything from the first ":"
+            url = f"{url[: url.index(':')]}:***{url[at:]}"
+    return _PASSWORD_PARAM.sub(r"\1***", url)
+
+
+def parse_store_url(url: str) -> sa.URL:
+    """The parsed store URL; StoreError (naming the URL without its password) if dirpull cannot use it."""
+    example = "e.g. sqlite:///dirpull.db or postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE"
     try:
         parsed = sa.engine.make_url(url)
     except sa.exc.ArgumentError:
-        raise StoreError(f"store url {url!r} is not a database URL (e.g. sqlite:///dirpull.db)") from None
+        raise StoreError(f"store url: {mask_password(url)!r} is not a database URL ({example})") from None
+    except ValueError:  # the one int() in make_url: the port
+        raise StoreError(f"store url: {mask_password(url)!r}: the port is not a number") from None
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise StoreError(f"store url: unsupported database {backend!r} (use sqlite or postgresql+psycopg)")
+    return parsed
+
+
+def _make_engine(url: str, *, pool_size: int, connect_timeout: float, migrating: bool = False) -> Engine:
+    parsed = parse_store_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         from sqlalchemy import event

@@ -26,10 +26,9 @@ from dirpull import logs
 from dirpull.config import Config, ConfigError, load_config
 from dirpull.storage.store import Store, StoreError, WriteSet
 
-try:
-    from typer._click.exceptions import UsageError  # Typer ≥ 0.22 carries its own click
-except ImportError:  # pragma: no cover
-    from click.exceptions import UsageError
+# click's UsageError, found through Typer's public BadParameter: Typer ≥ 0.22 carries its own copy
+# of click (typer._click), older ones use the click package.
+UsageError: type[Exception] = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 
 
 @contextlib.contextmanager

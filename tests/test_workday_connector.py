@@ -202,6 +202,32 @@ def test_missing_columns_are_configuration_errors(
         e.stop()
 
 
+@pytest.mark.parametrize(
+    ("renamed", "needle"),
+    [
+        ({"Members_group": "Worker_group"}, r"members column \(tried Members_group, .*fields\.group_members"),
+        ({"Group_ID": "Team_ID"}, r"group id column \(tried Group_ID, .*fields\.group_id"),
+    ],
+)
+def test_a_groups_report_without_its_id_or_members_column_is_a_configuration_error(
+    org: Org, tmp_path: Path, renamed: dict[str, str], needle: str
+) -> None:
+    # An alias renamed in Workday must not read as every group, or every membership, gone.
+    e = WorkdayEmulator(org, aliases=renamed)
+    e.start()
+    try:
+        with pytest.raises(ConfigurationError, match=needle):
+            list(connector(tenant(e, tmp_path)).pull(None, full=False))
+        field = "group_members" if "Members_group" in renamed else "group_id"
+        pages, _ = pull(connector(tenant(e, tmp_path, fields={field: next(iter(renamed.values()))})))
+    finally:
+        e.stop()
+    expected = {
+        (group_id(g.n), employee_id(n)) for g in org.listed_groups() for n in org.transitive_members(g.n)
+    }
+    assert {m for p in pages for m in p.pairs()} == expected  # mapped, the report reads as before
+
+
 def test_empty_report_is_refused(emu: WorkdayEmulator, tmp_path: Path) -> None:
     from dirpull.emulators.workday_api import wid
 
@@ -603,6 +629,22 @@ def test_failed_runs_leave_the_store_unchanged(
         "user.deleted",
         "user.updated",
     ]
+
+
+def test_a_renamed_members_column_fails_the_run_and_keeps_the_memberships(
+    harness: Any, emu: WorkdayEmulator, tmp_path: Path
+) -> None:
+    h = sync_harness(harness, tenant(emu, tmp_path), Clock())
+    assert h.sync("t1").status == "succeeded"
+    before = snapshot(h)
+    assert before[2]  # memberships to lose
+    emu.aliases = {"Members_group": "Worker_group"}
+    r = h.sync("t1")
+    assert r.status == "failed" and "members column" in r.error and "fields.group_members" in r.error
+    assert snapshot(h) == before
+    emu.aliases = {"Group_ID": "Team_ID"}
+    r = h.sync("t1")
+    assert r.status == "failed" and "group id column" in r.error and snapshot(h) == before
 
 
 def test_sync_with_oauth(harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ Reports have no fixed schema: `settings.fields` maps normalized field names to t
 aliases; without it each field tries the usual aliases (see DEFAULT_COLUMNS). Because a report never
 says which columns it has (empty values are simply omitted), a column counts as present when at least
 one row carries it; a configured column no row carries is a ConfigurationError raised after the last
-row, before `Done`, so the runner applies nothing.
+row, before `Done`, so the runner applies nothing. So is a users report without an id or status
+column, and a groups report without a group id or members column.
 """
 
 from __future__ import annotations
@@ -612,6 +613,17 @@ class WorkdayConnector:
             if field not in self.explicit and not any(c in seen for c in self.columns[field]):
                 notes.append(f"users report has no {field} column (tried {', '.join(self.columns[field])})")
 
+    def _check_groups_report(self, seen: set[str]) -> None:
+        """Refuse a groups report none of whose rows has an id or a members column: an alias renamed
+        in Workday would otherwise read as every group (or every membership) deleted."""
+        for field, what in (("group_id", "group id"), ("group_members", "members")):
+            if not any(c in seen for c in self.columns[field]):
+                raise ConfigurationError(
+                    f"groups report: no row has a {what} column (tried {', '.join(self.columns[field])}); "
+                    f"set fields.{field} (the report has: {', '.join(sorted(seen))})",
+                    step="groups report",
+                )
+
     def _groups(self, resp: _Read, user_ids: set[str], notes: list[str]) -> Iterator[Page]:
         """The groups report: groups with direct members and subgroups, flattened here.
 
@@ -649,6 +661,8 @@ class WorkdayConnector:
                 "groups report: no row has the configured column(s) " + ", ".join(missing),
                 step="groups report",
             )
+        if stats["rows"]:
+            self._check_groups_report(seen)
         unknown_members = listed = 0
         page = Page(quarantined=quarantined)
         for gid, group in groups.items():

@@ -18,7 +18,8 @@ Two reports are served:
 Switches (constructor arguments, or attributes a test may change while the emulator runs):
   columns        the worker report's column set (standard names below); None = all of them
   aliases        standard column name → the alias this tenant's report uses (e.g. Email_Address →
-                 Work_Email), to emulate a tenant whose report was built with other aliases
+                 Work_Email), to emulate a tenant whose report was built with other aliases; applies
+                 to the groups report's columns too (e.g. Members_group → Worker_group)
   error_format   "xml" (SOAP-ish fault), "html" (an error page) or "json", for 4xx/5xx bodies
   forbidden      report names the integration user may not run → 403 with an HTML page
   login_page     answer report requests with 200 and an HTML sign-in page (an SSO redirect gone wrong)
@@ -293,7 +294,7 @@ class WorkdayEmulator(Emulator):
     def _groups_body(self) -> bytes:
         def rows() -> Any:
             for group in self.org.listed_groups():
-                yield self.group_row(group)
+                yield {self.aliases.get(k, k): v for k, v in self.group_row(group).items()}
 
         return self._encode(rows())
 

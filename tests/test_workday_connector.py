@@ -369,6 +369,34 @@ def test_oauth_refresh_token_flow(emu: WorkdayEmulator, org: Org, tmp_path: Path
     assert not isinstance(info.value, AuthError) and info.value.retriable
 
 
+def test_a_token_answer_without_access_token_quotes_only_the_oauth_error(
+    emu: WorkdayEmulator, tmp_path: Path
+) -> None:
+    # The body may carry a refresh_token; the error reaches the run record and the log.
+    emu.token_response = {
+        "token_type": "Bearer",
+        "refresh_token": emu.refresh_token,
+        "scope": "Staffing",
+        "error": "temporarily_unavailable",
+        "error_description": "Try again later",
+    }
+    with pytest.raises(AuthError) as info:
+        list(connector(oauth_tenant(emu, tmp_path)).pull(None, full=False))
+    msg = str(info.value)
+    assert msg.endswith("without an access_token: temporarily_unavailable – Try again later")
+    assert emu.refresh_token not in msg and "Staffing" not in msg
+    emu.token_response = {"token_type": "Bearer", "refresh_token": emu.refresh_token}
+    with pytest.raises(AuthError) as info:
+        list(connector(oauth_tenant(emu, tmp_path)).pull(None, full=False))
+    assert str(info.value).endswith("without an access_token and without an error")
+    # … and an error text that echoes the refresh token sent does not quote it.
+    emu.token_response = {"error": "invalid_request", "error_description": f"bad token {emu.refresh_token}"}
+    with pytest.raises(AuthError) as info:
+        list(connector(oauth_tenant(emu, tmp_path)).pull(None, full=False))
+    assert str(info.value).endswith("invalid_request – bad token …")
+    assert emu.requests == 3  # no report was asked for without a token
+
+
 # --- sync level ------------------------------------------------------------------------------------
 
 

@@ -224,12 +224,22 @@ class WorkdayConnector:
                 raise
             raise AuthError(f"OAuth refresh-token grant failed: {exc}", step="token") from None
         try:
-            token = resp.json()["access_token"]
-        except (ValueError, KeyError, TypeError):
-            raise AuthError(
-                f"token endpoint answered without an access_token: {readable_body(resp.content)}",
-                step="token",
-            ) from None
+            body = resp.json()
+        except ValueError:
+            body = None
+        token = body.get("access_token") if isinstance(body, dict) else None
+        if token is None:
+            # Only the OAuth error fields are quoted: the body may carry a refresh_token (or echo the
+            # one sent), and this message goes to the run record and the log.
+            if isinstance(body, dict):
+                said = [readable_body(str(body[k]), 200) for k in ("error", "error_description") if body.get(k)]
+                what = ": " + " – ".join(said) if said else " and without an error"
+                for secret in (form["refresh_token"], s.client_secret.get()):
+                    what = what.replace(secret, "…") if secret else what
+            else:
+                ctype = resp.headers.get("Content-Type") or "no content type"
+                what = f" (the body is not a JSON object: {ctype}, {len(resp.content)} bytes)"
+            raise AuthError(f"token endpoint answered without an access_token{what}", step="token")
         if not isinstance(token, str) or not token:
             raise AuthError("token endpoint answered with an empty access_token", step="token")
         return token

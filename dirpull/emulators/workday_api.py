@@ -23,6 +23,8 @@ Switches (constructor arguments, or attributes a test may change while the emula
   error_format   "xml" (SOAP-ish fault), "html" (an error page) or "json", for 4xx/5xx bodies
   forbidden      report names the integration user may not run → 403 with an HTML page
   login_page     answer report requests with 200 and an HTML sign-in page (an SSO redirect gone wrong)
+  token_response a JSON object the token endpoint answers a valid grant with (200) instead of a
+                 token, e.g. one without `access_token`; None = a token
 
 Faults (server.Faults) apply as everywhere: `error` → 5xx with the XML/HTML body above, `rate_limit`
 → 503 + Retry-After (Workday documents no 429), `expire_auth` → 401 (a bearer token is forgotten),
@@ -128,6 +130,8 @@ class WorkdayEmulator(Emulator):
         self.forbidden: set[str] = set()
         # Answer report requests with 200 and an HTML sign-in page (an SSO redirect gone wrong).
         self.login_page = False
+        # The token endpoint's 200 body for a valid grant instead of a token (None = a token).
+        self.token_response: dict[str, Any] | None = None
         # Every report request's prompts (query parameters minus `format`), for tests.
         self.prompts_log: list[dict[str, str]] = []
         self.tokens: set[str] = set()
@@ -226,6 +230,8 @@ class WorkdayEmulator(Emulator):
             return Response(400, {"error": "unsupported_grant_type"})
         if form.get("refresh_token") != self.refresh_token:
             return Response(400, {"error": "invalid_grant", "error_description": "Invalid refresh token"})
+        if self.token_response is not None:
+            return Response(200, self.token_response)
         token = secrets.token_urlsafe(24)
         with self._tok_lock:
             self.tokens.add(token)

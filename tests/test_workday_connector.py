@@ -3,6 +3,7 @@ and sync-level runs through the real store (tests/harness.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -226,6 +227,40 @@ def test_a_groups_report_without_its_id_or_members_column_is_a_configuration_err
         (group_id(g.n), employee_id(n)) for g in org.listed_groups() for n in org.transitive_members(g.n)
     }
     assert {m for p in pages for m in p.pairs()} == expected  # mapped, the report reads as before
+
+
+def test_a_nested_column_with_one_entry_sent_as_an_object_is_read_as_a_list_of_one(
+    org: Org, tmp_path: Path
+) -> None:
+    solo, wrapper = org.create_group("Solo"), org.create_group("Wrapper")
+    org.add_member(solo.n, 1)
+    org.add_subgroup(wrapper.n, solo.n)  # one subgroup, no direct members
+    from dirpull.emulators.workday_api import WORKER_COLUMNS
+
+    # No Email_Address column: the emails come from the nested group alone.
+    e = WorkdayEmulator(org, columns=[c for c in WORKER_COLUMNS if c != "Email_Address"])
+    e.lone_objects = True
+    e.start()
+    try:
+        groups = {r["Group_ID"]: r for r in json.loads(e._groups_body())["Report_Entry"]}
+        assert groups[group_id(solo.n)]["Members_group"] == {"Employee_ID": employee_id(1)}
+        assert groups[group_id(wrapper.n)]["Subgroups_group"] == {"Group_ID": group_id(solo.n)}
+        pages, _ = pull(connector(tenant(e, tmp_path)))
+        mapped_email = tenant(e, tmp_path, groups_report_url=None, fields={"email": "Email_Address_group"})
+        mapped, _ = pull(connector(mapped_email))
+    finally:
+        e.stop()
+    members = {m for p in pages for m in p.pairs()}
+    assert {(group_id(solo.n), employee_id(1)), (group_id(wrapper.n), employee_id(1))} <= members
+    expected = {
+        (group_id(g.n), employee_id(n)) for g in org.listed_groups() for n in org.transitive_members(g.n)
+    }
+    assert members == expected
+    single = [p for p in org.listed_people() if p.email and p.n % 5]  # one (work) email: an object
+    assert single
+    for p in single:
+        assert users_of(pages)[employee_id(p.n)].emails == [p.email]
+        assert users_of(mapped)[employee_id(p.n)].email == p.email
 
 
 def test_empty_report_is_refused(emu: WorkdayEmulator, tmp_path: Path) -> None:

@@ -503,7 +503,7 @@ class WorkdayConnector:
         value = self._pick(row, field)
         if value is None:
             return None
-        if isinstance(value, list):  # a multi-valued column: its first value
+        if isinstance(value, (list, dict)):  # a multi-valued column: its first value
             values = _values(value, self.columns[field][0])
             return values[0] if values else None
         text = str(value).strip()
@@ -535,6 +535,8 @@ class WorkdayConnector:
         """All work emails: the primary first, then the nested email group's WORK entries."""
         out = [email] if email else []
         group = self._pick(row, "emails")
+        if isinstance(group, dict):  # one entry, sent as the object itself (see `_values`)
+            group = [group]
         if isinstance(group, list):
             for item in group:
                 if not isinstance(item, dict):
@@ -726,11 +728,15 @@ class _Columns:
 
 def _values(value: Any, *keys: str) -> list[str]:
     """The string values of a column: a plain string, or a nested `_group` array of objects (the
-    value under one of `keys`, else the object's only/first string value)."""
+    value under one of `keys`, else the object's only/first string value). A `_group` column with one
+    entry may come as that object rather than an array of one (an XML-to-JSON conversion does that):
+    it is read as the array, so a one-member group keeps its member."""
     if value is None:
         return []
     if isinstance(value, str):
         return [value.strip()] if value.strip() else []
+    if isinstance(value, dict):
+        value = [value]
     out: list[str] = []
     if isinstance(value, list):  # a groups report's member lists: 300,000 items at 100,000 users
         for item in value:

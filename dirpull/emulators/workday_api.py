@@ -23,6 +23,8 @@ Switches (constructor arguments, or attributes a test may change while the emula
   error_format   "xml" (SOAP-ish fault), "html" (an error page) or "json", for 4xx/5xx bodies
   forbidden      report names the integration user may not run → 403 with an HTML page
   login_page     answer report requests with 200 and an HTML sign-in page (an SSO redirect gone wrong)
+  lone_objects   a nested `_group` column with a single entry comes as that object instead of an
+                 array of one (as some XML-to-JSON conversions send it)
   token_response a JSON object the token endpoint answers a valid grant with (200) instead of a
                  token, e.g. one without `access_token`; None = a token
 
@@ -130,6 +132,8 @@ class WorkdayEmulator(Emulator):
         self.forbidden: set[str] = set()
         # Answer report requests with 200 and an HTML sign-in page (an SSO redirect gone wrong).
         self.login_page = False
+        # A `_group` column with one entry as that object, not an array of one.
+        self.lone_objects = False
         # The token endpoint's 200 body for a valid grant instead of a token (None = a token).
         self.token_response: dict[str, Any] | None = None
         # Every report request's prompts (query parameters minus `format`), for tests.
@@ -293,16 +297,22 @@ class WorkdayEmulator(Emulator):
                 row = self.worker_row(person, as_of)
                 if filters and not all(wid(col, row.get(col, "")) in ws for col, ws in filters.items()):
                     continue
-                yield {names[c]: row[c] for c in columns if c in row}
+                yield self._shaped({names[c]: row[c] for c in columns if c in row})
 
         return self._encode(rows())
 
     def _groups_body(self) -> bytes:
         def rows() -> Any:
             for group in self.org.listed_groups():
-                yield {self.aliases.get(k, k): v for k, v in self.group_row(group).items()}
+                yield self._shaped({self.aliases.get(k, k): v for k, v in self.group_row(group).items()})
 
         return self._encode(rows())
+
+    def _shaped(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A row as sent: with `lone_objects`, a one-entry `_group` array becomes its entry."""
+        if not self.lone_objects:
+            return row
+        return {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in row.items()}
 
     def _encode(self, rows: Any) -> bytes:
         """`{"Report_Entry":[…]}` built chunk by chunk into one buffer, under the org lock."""

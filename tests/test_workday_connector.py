@@ -263,6 +263,26 @@ def test_a_nested_column_with_one_entry_sent_as_an_object_is_read_as_a_list_of_o
         assert users_of(mapped)[employee_id(p.n)].email == p.email
 
 
+def test_numeric_worker_ids_are_read_as_their_digits(emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
+    emu.numeric_ids = True  # a calculated field: Employee_ID 21004, not "21004"
+    assert isinstance(json.loads(emu._groups_body())["Report_Entry"][0]["Members_group"][0]["Employee_ID"], int)
+    pages, _ = pull(connector(tenant(emu, tmp_path)))
+    assert not [q for p in pages for q in p.quarantined]
+    users = users_of(pages)
+    assert set(users) == {employee_id(p.n) for p in org.listed_people()}
+    for p in org.listed_people():
+        u = users[employee_id(p.n)]
+        assert u.employee_number == employee_id(p.n)
+        assert u.manager_idp_id == (employee_id(p.manager) if p.manager else None)
+    expected = {
+        (group_id(g.n), employee_id(n)) for g in org.listed_groups() for n in org.transitive_members(g.n)
+    }
+    assert {m for p in pages for m in p.pairs()} == expected
+    from dirpull.connectors.workday import _text
+
+    assert _text(True) is None and _text(21001.0) is None  # a flag or a float is no id
+
+
 def test_empty_report_is_refused(emu: WorkdayEmulator, tmp_path: Path) -> None:
     from dirpull.emulators.workday_api import wid
 

@@ -445,12 +445,11 @@ class WorkdayConnector:
         if not isinstance(row, dict):
             page.quarantined.append(Quarantined("user", None, "report row is not an object"))
             return
-        idp_id = self._pick(row, "idp_id")
-        if not isinstance(idp_id, str) or not idp_id.strip():
+        idp_id = _text(self._pick(row, "idp_id"))
+        if not idp_id:
             cols = "/".join(self.columns["idp_id"])
             page.quarantined.append(Quarantined("user", None, f"row has no worker id ({cols})"))
             return
-        idp_id = idp_id.strip()
         if idp_id in user_ids:
             page.quarantined.append(Quarantined("user", idp_id, "worker id appears twice in the report"))
             return
@@ -726,34 +725,42 @@ class _Columns:
         self._pending = pending
 
 
+def _text(value: Any) -> str | None:
+    """A string value, stripped; or an integer as its digits: the reference says values are strings,
+    but a calculated field (a worker id) may come as a JSON number. Not a bool, not a float (which
+    would read as `21001.0`); None for anything else or blank."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
 def _values(value: Any, *keys: str) -> list[str]:
-    """The string values of a column: a plain string, or a nested `_group` array of objects (the
-    value under one of `keys`, else the object's only/first string value). A `_group` column with one
-    entry may come as that object rather than an array of one (an XML-to-JSON conversion does that):
-    it is read as the array, so a one-member group keeps its member."""
+    """The string values of a column: a plain string (or integer, `_text`), or a nested `_group`
+    array of objects (the value under one of `keys`, else the object's only/first string value).
+    A `_group` column with one entry may come as that object rather than an array of one (an
+    XML-to-JSON conversion does that): it is read as the array, so a one-member group keeps its member."""
     if value is None:
         return []
-    if isinstance(value, str):
-        return [value.strip()] if value.strip() else []
     if isinstance(value, dict):
         value = [value]
+    if not isinstance(value, list):
+        v = _text(value)
+        return [v] if v else []
     out: list[str] = []
-    if isinstance(value, list):  # a groups report's member lists: 300,000 items at 100,000 users
-        for item in value:
-            v: Any = None
-            if isinstance(item, dict):
-                for key in keys:
-                    v = item.get(key)
-                    if isinstance(v, str):
-                        break
-                else:
-                    v = next((x for x in item.values() if isinstance(x, str)), None)
-            elif isinstance(item, str):
-                v = item
-            if v:
-                v = v.strip()
-                if v:
-                    out.append(v)
+    for item in value:  # a groups report's member lists: 300,000 items at 100,000 users
+        v: Any = item
+        if isinstance(item, dict):
+            for key in keys:
+                v = item.get(key)
+                if isinstance(v, (str, int)) and not isinstance(v, bool):
+                    break
+            else:
+                v = next((x for x in item.values() if isinstance(x, (str, int)) and not isinstance(x, bool)), None)
+        v = _text(v)
+        if v:
+            out.append(v)
     return out
 
 

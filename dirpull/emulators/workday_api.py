@@ -25,6 +25,8 @@ Switches (constructor arguments, or attributes a test may change while the emula
   login_page     answer report requests with 200 and an HTML sign-in page (an SSO redirect gone wrong)
   lone_objects   a nested `_group` column with a single entry comes as that object instead of an
                  array of one (as some XML-to-JSON conversions send it)
+  numeric_ids    worker ids (`Employee_ID`, `Manager_Employee_ID`, also inside `Members_group`) as
+                 JSON numbers, as a calculated field may send them
   token_response a JSON object the token endpoint answers a valid grant with (200) instead of a
                  token, e.g. one without `access_token`; None = a token
 
@@ -134,6 +136,8 @@ class WorkdayEmulator(Emulator):
         self.login_page = False
         # A `_group` column with one entry as that object, not an array of one.
         self.lone_objects = False
+        # Worker ids as JSON numbers (a calculated field), not strings.
+        self.numeric_ids = False
         # The token endpoint's 200 body for a valid grant instead of a token (None = a token).
         self.token_response: dict[str, Any] | None = None
         # Every report request's prompts (query parameters minus `format`), for tests.
@@ -297,22 +301,26 @@ class WorkdayEmulator(Emulator):
                 row = self.worker_row(person, as_of)
                 if filters and not all(wid(col, row.get(col, "")) in ws for col, ws in filters.items()):
                     continue
-                yield self._shaped({names[c]: row[c] for c in columns if c in row})
+                row = self._shaped(row)
+                yield {names[c]: row[c] for c in columns if c in row}
 
         return self._encode(rows())
 
     def _groups_body(self) -> bytes:
         def rows() -> Any:
             for group in self.org.listed_groups():
-                yield self._shaped({self.aliases.get(k, k): v for k, v in self.group_row(group).items()})
+                yield {self.aliases.get(k, k): v for k, v in self._shaped(self.group_row(group)).items()}
 
         return self._encode(rows())
 
     def _shaped(self, row: dict[str, Any]) -> dict[str, Any]:
-        """A row as sent: with `lone_objects`, a one-entry `_group` array becomes its entry."""
-        if not self.lone_objects:
-            return row
-        return {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in row.items()}
+        """A row (standard column names) as sent: with `numeric_ids`, worker ids are numbers; with
+        `lone_objects`, a one-entry `_group` array becomes its entry."""
+        if self.numeric_ids:
+            row = _numeric_ids(row)
+        if self.lone_objects:
+            row = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in row.items()}
+        return row
 
     def _encode(self, rows: Any) -> bytes:
         """`{"Report_Entry":[…]}` built chunk by chunk into one buffer, under the org lock."""
@@ -419,6 +427,17 @@ def _as_of(value: str | None) -> date | None:
         return date.fromisoformat(value[:10])
     except ValueError:
         return None
+
+
+def _numeric_ids(row: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if k in ("Employee_ID", "Manager_Employee_ID"):
+            v = int(v)
+        elif isinstance(v, list):
+            v = [_numeric_ids(i) if isinstance(i, dict) else i for i in v]
+        out[k] = v
+    return out
 
 
 def _esc(text: str) -> str:

@@ -3,6 +3,7 @@ and sync-level runs through the real store (tests/harness.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -202,6 +203,86 @@ def test_missing_columns_are_configuration_errors(
         e.stop()
 
 
+@pytest.mark.parametrize(
+    ("renamed", "needle"),
+    [
+        ({"Members_group": "Worker_group"}, r"members column \(tried Members_group, .*fields\.group_members"),
+        ({"Group_ID": "Team_ID"}, r"group id column \(tried Group_ID, .*fields\.group_id"),
+    ],
+)
+def test_a_groups_report_without_its_id_or_members_column_is_a_configuration_error(
+    org: Org, tmp_path: Path, renamed: dict[str, str], needle: str
+) -> None:
+    # An alias renamed in Workday must not read as every group, or every membership, gone.
+    e = WorkdayEmulator(org, aliases=renamed)
+    e.start()
+    try:
+        with pytest.raises(ConfigurationError, match=needle):
+            list(connector(tenant(e, tmp_path)).pull(None, full=False))
+        field = "group_members" if "Members_group" in renamed else "group_id"
+        pages, _ = pull(connector(tenant(e, tmp_path, fields={field: next(iter(renamed.values()))})))
+    finally:
+        e.stop()
+    expected = {
+        (group_id(g.n), employee_id(n)) for g in org.listed_groups() for n in org.transitive_members(g.n)
+    }
+    assert {m for p in pages for m in p.pairs()} == expected  # mapped, the report reads as before
+
+
+def test_a_nested_column_with_one_entry_sent_as_an_object_is_read_as_a_list_of_one(
+    org: Org, tmp_path: Path
+) -> None:
+    solo, wrapper = org.create_group("Solo"), org.create_group("Wrapper")
+    org.add_member(solo.n, 1)
+    org.add_subgroup(wrapper.n, solo.n)  # one subgroup, no direct members
+    from dirpull.emulators.workday_api import WORKER_COLUMNS
+
+    # No Email_Address column: the emails come from the nested group alone.
+    e = WorkdayEmulator(org, columns=[c for c in WORKER_COLUMNS if c != "Email_Address"])
+    e.lone_objects = True
+    e.start()
+    try:
+        groups = {r["Group_ID"]: r for r in json.loads(e._groups_body())["Report_Entry"]}
+        assert groups[group_id(solo.n)]["Members_group"] == {"Employee_ID": employee_id(1)}
+        assert groups[group_id(wrapper.n)]["Subgroups_group"] == {"Group_ID": group_id(solo.n)}
+        pages, _ = pull(connector(tenant(e, tmp_path)))
+        mapped_email = tenant(e, tmp_path, groups_report_url=None, fields={"email": "Email_Address_group"})
+        mapped, _ = pull(connector(mapped_email))
+    finally:
+        e.stop()
+    members = {m for p in pages for m in p.pairs()}
+    assert {(group_id(solo.n), employee_id(1)), (group_id(wrapper.n), employee_id(1))} <= members
+    expected = {
+        (group_id(g.n), employee_id(n)) for g in org.listed_groups() for n in org.transitive_members(g.n)
+    }
+    assert members == expected
+    single = [p for p in org.listed_people() if p.email and p.n % 5]  # one (work) email: an object
+    assert single
+    for p in single:
+        assert users_of(pages)[employee_id(p.n)].emails == [p.email]
+        assert users_of(mapped)[employee_id(p.n)].email == p.email
+
+
+def test_numeric_worker_ids_are_read_as_their_digits(emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
+    emu.numeric_ids = True  # a calculated field: Employee_ID 21004, not "21004"
+    assert isinstance(json.loads(emu._groups_body())["Report_Entry"][0]["Members_group"][0]["Employee_ID"], int)
+    pages, _ = pull(connector(tenant(emu, tmp_path)))
+    assert not [q for p in pages for q in p.quarantined]
+    users = users_of(pages)
+    assert set(users) == {employee_id(p.n) for p in org.listed_people()}
+    for p in org.listed_people():
+        u = users[employee_id(p.n)]
+        assert u.employee_number == employee_id(p.n)
+        assert u.manager_idp_id == (employee_id(p.manager) if p.manager else None)
+    expected = {
+        (group_id(g.n), employee_id(n)) for g in org.listed_groups() for n in org.transitive_members(g.n)
+    }
+    assert {m for p in pages for m in p.pairs()} == expected
+    from dirpull.connectors.workday import _text
+
+    assert _text(True) is None and _text(21001.0) is None  # a flag or a float is no id
+
+
 def test_empty_report_is_refused(emu: WorkdayEmulator, tmp_path: Path) -> None:
     from dirpull.emulators.workday_api import wid
 
@@ -341,6 +422,34 @@ def test_oauth_refresh_token_flow(emu: WorkdayEmulator, org: Org, tmp_path: Path
     with pytest.raises(ConnectorError) as info:
         list(connector(oauth_tenant(emu, tmp_path)).pull(None, full=False))
     assert not isinstance(info.value, AuthError) and info.value.retriable
+
+
+def test_a_token_answer_without_access_token_quotes_only_the_oauth_error(
+    emu: WorkdayEmulator, tmp_path: Path
+) -> None:
+    # The body may carry a refresh_token; the error reaches the run record and the log.
+    emu.token_response = {
+        "token_type": "Bearer",
+        "refresh_token": emu.refresh_token,
+        "scope": "Staffing",
+        "error": "temporarily_unavailable",
+        "error_description": "Try again later",
+    }
+    with pytest.raises(AuthError) as info:
+        list(connector(oauth_tenant(emu, tmp_path)).pull(None, full=False))
+    msg = str(info.value)
+    assert msg.endswith("without an access_token: temporarily_unavailable – Try again later")
+    assert emu.refresh_token not in msg and "Staffing" not in msg
+    emu.token_response = {"token_type": "Bearer", "refresh_token": emu.refresh_token}
+    with pytest.raises(AuthError) as info:
+        list(connector(oauth_tenant(emu, tmp_path)).pull(None, full=False))
+    assert str(info.value).endswith("without an access_token and without an error")
+    # … and an error text that echoes the refresh token sent does not quote it.
+    emu.token_response = {"error": "invalid_request", "error_description": f"bad token {emu.refresh_token}"}
+    with pytest.raises(AuthError) as info:
+        list(connector(oauth_tenant(emu, tmp_path)).pull(None, full=False))
+    assert str(info.value).endswith("invalid_request – bad token …")
+    assert emu.requests == 3  # no report was asked for without a token
 
 
 # --- sync level ------------------------------------------------------------------------------------
@@ -603,6 +712,22 @@ def test_failed_runs_leave_the_store_unchanged(
         "user.deleted",
         "user.updated",
     ]
+
+
+def test_a_renamed_members_column_fails_the_run_and_keeps_the_memberships(
+    harness: Any, emu: WorkdayEmulator, tmp_path: Path
+) -> None:
+    h = sync_harness(harness, tenant(emu, tmp_path), Clock())
+    assert h.sync("t1").status == "succeeded"
+    before = snapshot(h)
+    assert before[2]  # memberships to lose
+    emu.aliases = {"Members_group": "Worker_group"}
+    r = h.sync("t1")
+    assert r.status == "failed" and "members column" in r.error and "fields.group_members" in r.error
+    assert snapshot(h) == before
+    emu.aliases = {"Group_ID": "Team_ID"}
+    r = h.sync("t1")
+    assert r.status == "failed" and "group id column" in r.error and snapshot(h) == before
 
 
 def test_sync_with_oauth(harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ Reports have no fixed schema: `settings.fields` maps normalized field names to t
 aliases; without it each field tries the usual aliases (see DEFAULT_COLUMNS). Because a report never
 says which columns it has (empty values are simply omitted), a column counts as present when at least
 one row carries it; a configured column no row carries is a ConfigurationError raised after the last
-row, before `Done`, so the runner applies nothing.
+row, before `Done`, so the runner applies nothing. So is a users report without an id or status
+column, and a groups report without a group id or members column.
 """
 
 from __future__ import annotations
@@ -223,12 +224,22 @@ class WorkdayConnector:
                 raise
             raise AuthError(f"OAuth refresh-token grant failed: {exc}", step="token") from None
         try:
-            token = resp.json()["access_token"]
-        except (ValueError, KeyError, TypeError):
-            raise AuthError(
-                f"token endpoint answered without an access_token: {readable_body(resp.content)}",
-                step="token",
-            ) from None
+            body = resp.json()
+        except ValueError:
+            body = None
+        token = body.get("access_token") if isinstance(body, dict) else None
+        if token is None:
+            # Only the OAuth error fields are quoted: the body may carry a refresh_token (or echo the
+            # one sent), and this message goes to the run record and the log.
+            if isinstance(body, dict):
+                said = [readable_body(str(body[k]), 200) for k in ("error", "error_description") if body.get(k)]
+                what = ": " + " – ".join(said) if said else " and without an error"
+                for secret in (form["refresh_token"], s.client_secret.get()):
+                    what = what.replace(secret, "…") if secret else what
+            else:
+                ctype = resp.headers.get("Content-Type") or "no content type"
+                what = f" (the body is not a JSON object: {ctype}, {len(resp.content)} bytes)"
+            raise AuthError(f"token endpoint answered without an access_token{what}", step="token")
         if not isinstance(token, str) or not token:
             raise AuthError("token endpoint answered with an empty access_token", step="token")
         return token
@@ -434,12 +445,11 @@ class WorkdayConnector:
         if not isinstance(row, dict):
             page.quarantined.append(Quarantined("user", None, "report row is not an object"))
             return
-        idp_id = self._pick(row, "idp_id")
-        if not isinstance(idp_id, str) or not idp_id.strip():
+        idp_id = _text(self._pick(row, "idp_id"))
+        if not idp_id:
             cols = "/".join(self.columns["idp_id"])
             page.quarantined.append(Quarantined("user", None, f"row has no worker id ({cols})"))
             return
-        idp_id = idp_id.strip()
         if idp_id in user_ids:
             page.quarantined.append(Quarantined("user", idp_id, "worker id appears twice in the report"))
             return
@@ -492,7 +502,7 @@ class WorkdayConnector:
         value = self._pick(row, field)
         if value is None:
             return None
-        if isinstance(value, list):  # a multi-valued column: its first value
+        if isinstance(value, (list, dict)):  # a multi-valued column: its first value
             values = _values(value, self.columns[field][0])
             return values[0] if values else None
         text = str(value).strip()
@@ -524,6 +534,8 @@ class WorkdayConnector:
         """All work emails: the primary first, then the nested email group's WORK entries."""
         out = [email] if email else []
         group = self._pick(row, "emails")
+        if isinstance(group, dict):  # one entry, sent as the object itself (see `_values`)
+            group = [group]
         if isinstance(group, list):
             for item in group:
                 if not isinstance(item, dict):
@@ -612,6 +624,17 @@ class WorkdayConnector:
             if field not in self.explicit and not any(c in seen for c in self.columns[field]):
                 notes.append(f"users report has no {field} column (tried {', '.join(self.columns[field])})")
 
+    def _check_groups_report(self, seen: set[str]) -> None:
+        """Refuse a groups report none of whose rows has an id or a members column: an alias renamed
+        in Workday would otherwise read as every group (or every membership) deleted."""
+        for field, what in (("group_id", "group id"), ("group_members", "members")):
+            if not any(c in seen for c in self.columns[field]):
+                raise ConfigurationError(
+                    f"groups report: no row has a {what} column (tried {', '.join(self.columns[field])}); "
+                    f"set fields.{field} (the report has: {', '.join(sorted(seen))})",
+                    step="groups report",
+                )
+
     def _groups(self, resp: _Read, user_ids: set[str], notes: list[str]) -> Iterator[Page]:
         """The groups report: groups with direct members and subgroups, flattened here.
 
@@ -649,6 +672,8 @@ class WorkdayConnector:
                 "groups report: no row has the configured column(s) " + ", ".join(missing),
                 step="groups report",
             )
+        if stats["rows"]:
+            self._check_groups_report(seen)
         unknown_members = listed = 0
         page = Page(quarantined=quarantined)
         for gid, group in groups.items():
@@ -700,30 +725,42 @@ class _Columns:
         self._pending = pending
 
 
+def _text(value: Any) -> str | None:
+    """A string value, stripped; or an integer as its digits: the reference says values are strings,
+    but a calculated field (a worker id) may come as a JSON number. Not a bool, not a float (which
+    would read as `21001.0`); None for anything else or blank."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
 def _values(value: Any, *keys: str) -> list[str]:
-    """The string values of a column: a plain string, or a nested `_group` array of objects (the
-    value under one of `keys`, else the object's only/first string value)."""
+    """The string values of a column: a plain string (or integer, `_text`), or a nested `_group`
+    array of objects (the value under one of `keys`, else the object's only/first string value).
+    A `_group` column with one entry may come as that object rather than an array of one (an
+    XML-to-JSON conversion does that): it is read as the array, so a one-member group keeps its member."""
     if value is None:
         return []
-    if isinstance(value, str):
-        return [value.strip()] if value.strip() else []
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        v = _text(value)
+        return [v] if v else []
     out: list[str] = []
-    if isinstance(value, list):  # a groups report's member lists: 300,000 items at 100,000 users
-        for item in value:
-            v: Any = None
-            if isinstance(item, dict):
-                for key in keys:
-                    v = item.get(key)
-                    if isinstance(v, str):
-                        break
-                else:
-                    v = next((x for x in item.values() if isinstance(x, str)), None)
-            elif isinstance(item, str):
-                v = item
-            if v:
-                v = v.strip()
-                if v:
-                    out.append(v)
+    for item in value:  # a groups report's member lists: 300,000 items at 100,000 users
+        v: Any = item
+        if isinstance(item, dict):
+            for key in keys:
+                v = item.get(key)
+                if isinstance(v, (str, int)) and not isinstance(v, bool):
+                    break
+            else:
+                v = next((x for x in item.values() if isinstance(x, (str, int)) and not isinstance(x, bool)), None)
+        v = _text(v)
+        if v:
+            out.append(v)
     return out
 
 

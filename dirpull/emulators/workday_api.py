@@ -18,10 +18,17 @@ Two reports are served:
 Switches (constructor arguments, or attributes a test may change while the emulator runs):
   columns        the worker report's column set (standard names below); None = all of them
   aliases        standard column name → the alias this tenant's report uses (e.g. Email_Address →
-                 Work_Email), to emulate a tenant whose report was built with other aliases
+                 Work_Email), to emulate a tenant whose report was built with other aliases; applies
+                 to the groups report's columns too (e.g. Members_group → Worker_group)
   error_format   "xml" (SOAP-ish fault), "html" (an error page) or "json", for 4xx/5xx bodies
   forbidden      report names the integration user may not run → 403 with an HTML page
   login_page     answer report requests with 200 and an HTML sign-in page (an SSO redirect gone wrong)
+  lone_objects   a nested `_group` column with a single entry comes as that object instead of an
+                 array of one (as some XML-to-JSON conversions send it)
+  numeric_ids    worker ids (`Employee_ID`, `Manager_Employee_ID`, also inside `Members_group`) as
+                 JSON numbers, as a calculated field may send them
+  token_response a JSON object the token endpoint answers a valid grant with (200) instead of a
+                 token, e.g. one without `access_token`; None = a token
 
 Faults (server.Faults) apply as everywhere: `error` → 5xx with the XML/HTML body above, `rate_limit`
 → 503 + Retry-After (Workday documents no 429), `expire_auth` → 401 (a bearer token is forgotten),
@@ -127,6 +134,12 @@ class WorkdayEmulator(Emulator):
         self.forbidden: set[str] = set()
         # Answer report requests with 200 and an HTML sign-in page (an SSO redirect gone wrong).
         self.login_page = False
+        # A `_group` column with one entry as that object, not an array of one.
+        self.lone_objects = False
+        # Worker ids as JSON numbers (a calculated field), not strings.
+        self.numeric_ids = False
+        # The token endpoint's 200 body for a valid grant instead of a token (None = a token).
+        self.token_response: dict[str, Any] | None = None
         # Every report request's prompts (query parameters minus `format`), for tests.
         self.prompts_log: list[dict[str, str]] = []
         self.tokens: set[str] = set()
@@ -225,6 +238,8 @@ class WorkdayEmulator(Emulator):
             return Response(400, {"error": "unsupported_grant_type"})
         if form.get("refresh_token") != self.refresh_token:
             return Response(400, {"error": "invalid_grant", "error_description": "Invalid refresh token"})
+        if self.token_response is not None:
+            return Response(200, self.token_response)
         token = secrets.token_urlsafe(24)
         with self._tok_lock:
             self.tokens.add(token)
@@ -286,6 +301,7 @@ class WorkdayEmulator(Emulator):
                 row = self.worker_row(person, as_of)
                 if filters and not all(wid(col, row.get(col, "")) in ws for col, ws in filters.items()):
                     continue
+                row = self._shaped(row)
                 yield {names[c]: row[c] for c in columns if c in row}
 
         return self._encode(rows())
@@ -293,9 +309,18 @@ class WorkdayEmulator(Emulator):
     def _groups_body(self) -> bytes:
         def rows() -> Any:
             for group in self.org.listed_groups():
-                yield self.group_row(group)
+                yield {self.aliases.get(k, k): v for k, v in self._shaped(self.group_row(group)).items()}
 
         return self._encode(rows())
+
+    def _shaped(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A row (standard column names) as sent: with `numeric_ids`, worker ids are numbers; with
+        `lone_objects`, a one-entry `_group` array becomes its entry."""
+        if self.numeric_ids:
+            row = _numeric_ids(row)
+        if self.lone_objects:
+            row = {k: v[0] if isinstance(v, list) and len(v) == 1 else v for k, v in row.items()}
+        return row
 
     def _encode(self, rows: Any) -> bytes:
         """`{"Report_Entry":[…]}` built chunk by chunk into one buffer, under the org lock."""
@@ -402,6 +427,17 @@ def _as_of(value: str | None) -> date | None:
         return date.fromisoformat(value[:10])
     except ValueError:
         return None
+
+
+def _numeric_ids(row: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if k in ("Employee_ID", "Manager_Employee_ID"):
+            v = int(v)
+        elif isinstance(v, list):
+            v = [_numeric_ids(i) if isinstance(i, dict) else i for i in v]
+        out[k] = v
+    return out
 
 
 def _esc(text: str) -> str:

@@ -209,6 +209,8 @@ def sync(
 
     config = _config()
     _tenant(config, tenant)
+    if problems := config.secret_problems(tenant):
+        raise fail("\n".join(problems))
     store = _store(config)
     progress, update = (None, None) if as_json else _progress()
     try:
@@ -400,6 +402,9 @@ def run(
     store = _store(config, create=True)
     if not config.tenants:
         raise fail(f"{config.path}: no tenants configured")
+    for tenant in config.tenants:
+        for problem in config.secret_problems(tenant):
+            log.error("%s (its runs fail until this is fixed; the other tenants sync)", problem)
     Daemon(config, store).run_forever(max_seconds=max_seconds)
     store.close()
 

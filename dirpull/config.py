@@ -3,7 +3,8 @@
 The file is TOML, found at `--config PATH`, else `$DIRPULL_CONFIG`, else `./dirpull.toml`. Every
 mistake is reported as `FILE: tenants.NAME.KEY: what is wrong`, never as a traceback. Secret values
 may be `env:NAME` or `file:PATH`; they are resolved only when a connector needs them and never
-appear in a repr, a log line or an error.
+appear in a repr, a log line or an error. One that cannot be read now is not a load error but that
+tenant's (`Config.secret_problems`).
 """
 
 from __future__ import annotations
@@ -54,20 +55,29 @@ class SecretRef:
             return self._value
         return "***"
 
+    def mistake(self) -> str | None:
+        """What is wrong with the reference itself, on any machine, or None."""
+        if self._value == "env:":
+            return "env: needs a variable name"
+        if self._value == "file:":
+            return "file: needs a path"
+        if not self._value:
+            return "is empty"
+        return None
+
     def check(self) -> str | None:
-        """Why the secret cannot be read right now, or None."""
+        """Why the secret cannot be read right now (a mistake, an unset variable, a missing
+        file), or None."""
+        if problem := self.mistake():
+            return problem
         if self._value.startswith("env:"):
             name = self._value[4:]
-            if not name:
-                return "env: needs a variable name"
             if name not in os.environ:
                 return f"environment variable {name} is not set"
         elif self._value.startswith("file:"):
             path = self.path
             if path is None or not path.is_file():
                 return f"secret file {self._value[5:]} does not exist"
-        elif not self._value:
-            return "is empty"
         return None
 
     @property
@@ -109,7 +119,9 @@ def _to_secret(value: Any) -> SecretRef:
     if not isinstance(value, str):
         raise PydanticCustomError("secret", "must be a string: a literal, env:NAME or file:PATH")
     ref = SecretRef(value, _CONFIG_DIR.get())
-    problem = ref.check()
+    # Only a mistake in the reference fails the load. An unset variable or a missing file is one
+    # tenant's trouble (`Config.secret_problems`): the daemon syncs the others meanwhile.
+    problem = ref.mistake()
     if problem:
         raise PydanticCustomError("secret", "{problem}", {"problem": problem})
     return ref
@@ -410,6 +422,17 @@ class Config(_Strict):
         except KeyError:
             known = ", ".join(sorted(self.tenants)) or "none configured"
             raise ConfigError(f"unknown tenant {name!r} (known: {known})") from None
+
+    def secret_problems(self, name: str) -> list[str]:
+        """Why this tenant's secrets cannot be read now, as `FILE: tenants.NAME.KEY: problem`
+        lines. Not a load error: the daemon syncs the other tenants, and this one's runs fail with
+        the same cause until it is fixed (a `file:` secret that appears is read at the next run)."""
+        settings = self.tenant(name)
+        return [
+            f"{self.path}: tenants.{name}.{key}: {problem}"
+            for key in type(settings).model_fields
+            if isinstance(ref := getattr(settings, key), SecretRef) and (problem := ref.check())
+        ]
 
     def schedule_of(self, name: str) -> str:
         return self.tenants[name].schedule or self.defaults.schedule

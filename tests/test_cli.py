@@ -192,6 +192,29 @@ def test_unknown_tenant_and_bad_usage_exit_2(env):
     assert r.exit_code == 2
 
 
+def test_a_tenant_whose_secret_is_missing_fails_alone(env, monkeypatch):
+    """One tenant's unset variable: `sync` of it exits 2 naming file, tenant and key; the daemon
+    still starts, syncs the other tenants, and records that tenant's runs as failed with the cause."""
+    monkeypatch.delenv("DIRPULL_TEST_UNSET_KEY", raising=False)
+    config = Path(env["config"])
+    text = config.read_text().replace("[defaults.guard]", '[defaults]\nschedule = "1s"\n[defaults.guard]')
+    config.write_text(
+        text + '[tenants.broken]\nprovider = "bamboohr"\ncompany_domain = "x"\napi_key = "env:DIRPULL_TEST_UNSET_KEY"\n'
+    )
+    r = run(env, "sync", "broken")
+    assert r.exit_code == 2
+    why = "tenants.broken.api_key: environment variable DIRPULL_TEST_UNSET_KEY is not set"
+    assert r.stderr == f"dirpull: {config}: {why}\n"
+
+    r = run(env, "run", "--max-seconds", "4")
+    assert r.exit_code == 0
+    assert why in r.stderr
+    assert jsonl(run(env, "runs", "hr", "--json").stdout)[0]["status"] == "succeeded"
+    assert len(jsonl(run(env, "users", "hr", "--json").stdout)) == len(env["org"].people)
+    broken = jsonl(run(env, "runs", "broken", "--json").stdout)
+    assert broken and all(r["status"] == "failed" and "DIRPULL_TEST_UNSET_KEY" in r["error"] for r in broken)
+
+
 def test_config_mistake_exits_2_with_file_tenant_and_key(tmp_path):
     cfg = tmp_path / "dirpull.toml"
     cfg.write_text('[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\n')

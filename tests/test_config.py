@@ -46,20 +46,34 @@ def test_good_config_loads_and_resolves_secrets_lazily(tmp_path, monkeypatch):
     assert "s3cret" not in repr(t) and "s3cret" not in json.dumps(cfg.model_dump(mode="json"), default=str)
 
 
-def test_missing_env_secret_names_file_tenant_and_key(tmp_path, monkeypatch):
+def test_missing_env_secret_is_that_tenants_problem_naming_file_tenant_and_key(tmp_path, monkeypatch):
     monkeypatch.delenv("ACME_BAMBOO_KEY", raising=False)
-    msg = error_of(tmp_path, GOOD)
-    assert (
-        msg == f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.api_key: environment variable ACME_BAMBOO_KEY is not set"
-    )
+    cfg = load_config(write(tmp_path, GOOD))  # the other tenants stay usable
+    assert cfg.secret_problems("acme-hr") == [
+        f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.api_key: environment variable ACME_BAMBOO_KEY is not set"
+    ]
+    with pytest.raises(ConfigError, match="ACME_BAMBOO_KEY: environment variable is not set"):
+        cfg.tenant("acme-hr").api_key.get()
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "s3cret-value")
+    assert cfg.secret_problems("acme-hr") == []
 
 
 def test_file_secret_relative_to_config(tmp_path):
     (tmp_path / "key.txt").write_text("from-file\n")
     cfg = load_config(write(tmp_path, GOOD.replace("env:ACME_BAMBOO_KEY", "file:key.txt")))
     assert cfg.tenant("acme-hr").api_key.get() == "from-file"
-    msg = error_of(tmp_path, GOOD.replace("env:ACME_BAMBOO_KEY", "file:missing.txt"))
-    assert "tenants.acme-hr.api_key: secret file missing.txt does not exist" in msg
+    cfg = load_config(write(tmp_path, GOOD.replace("env:ACME_BAMBOO_KEY", "file:missing.txt")))
+    assert cfg.secret_problems("acme-hr") == [
+        f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.api_key: secret file missing.txt does not exist"
+    ]
+    (tmp_path / "missing.txt").write_text("mounted later\n")  # read at the next run, no restart
+    assert cfg.secret_problems("acme-hr") == [] and cfg.tenant("acme-hr").api_key.get() == "mounted later"
+
+
+@pytest.mark.parametrize(("value", "problem"), [("env:", "env: needs a variable name"), ("", "is empty")])
+def test_a_malformed_secret_reference_fails_the_load(tmp_path, value, problem):
+    msg = error_of(tmp_path, GOOD.replace('"env:ACME_BAMBOO_KEY"', f'"{value}"'))
+    assert msg == f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.api_key: {problem}"
 
 
 @pytest.mark.parametrize(
@@ -175,7 +189,8 @@ def test_the_annotated_example_uses_only_known_keys(monkeypatch):
     """config/dirpull.example.toml documents every provider: its only errors may be the secrets
     and key files that exist on a real installation, not here."""
     example = Path(__file__).parent.parent / "config" / "dirpull.example.toml"
-    with pytest.raises(ConfigError) as exc:
-        load_config(example)
-    for line in str(exc.value).splitlines():
+    cfg = load_config(example)
+    problems = [line for tenant in cfg.tenants for line in cfg.secret_problems(tenant)]
+    assert problems
+    for line in problems:
         assert line.endswith(("is not set", "does not exist")), line

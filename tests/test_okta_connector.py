@@ -221,8 +221,19 @@ def test_429_storm_with_reset_headers(emu: OktaEmulator, tmp_path: Path) -> None
     emu.faults.update({"rate_limit": 4, "path": "/api/v1/users"})
     pages, done = pull(connector(tenant(emu, tmp_path), sleeps))
     assert len(users_of(pages)) == PEOPLE
-    assert len(sleeps.calls) == 4 and all(s <= 1.1 for s in sleeps.calls)  # waited for X-Rate-Limit-Reset
+    assert len(sleeps.calls) == 4 and all(s <= 1.1 for s in sleeps.calls)  # the window resets now: short waits
     assert done.requests == 4 + 1 + 1 + len({g.idp_id for p in pages for g in p.groups})
+
+
+def test_a_429_whose_reset_has_passed_backs_off(emu: OktaEmulator, tmp_path: Path) -> None:
+    """The concurrent limit's reset is only an estimate: one already past is no reason to retry at
+    once, again and again, while 75 requests are still in flight."""
+    sleeps = Sleeps()
+    emu.fault_reset_in = -5
+    emu.faults.update({"rate_limit": 4, "path": "/api/v1/users"})
+    pages, _ = pull(connector(tenant(emu, tmp_path), sleeps))
+    assert len(users_of(pages)) == PEOPLE
+    assert len(sleeps.calls) == 4 and sleeps.calls == sorted(set(sleeps.calls))  # exponential
 
 
 def test_429_storm_without_headers_backs_off(emu: OktaEmulator, tmp_path: Path) -> None:

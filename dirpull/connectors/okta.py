@@ -218,10 +218,14 @@ class Throttle:
         self.observed_at = time.monotonic()
 
     def reset_wait(self, headers: Any) -> float | None:
+        """Seconds until the window resets, on the response's own clock; None when the reset is not
+        ahead of it (the concurrent limit's reset is only an estimate): the caller backs off then,
+        rather than retrying at once, again and again."""
         reset = _num(_header(headers, "X-Rate-Limit-Reset"))
         if reset is None:
             return None
-        return max(0.05, reset - _server_now(headers))
+        wait = reset - _server_now(headers)
+        return wait if wait > 0 else None
 
     def backoff(self, attempt: int) -> float:
         delay = min(MAX_BACKOFF, self.backoff_base * (2 ** (attempt - 1)))

@@ -276,6 +276,31 @@ def test_delta_round_merges_chunks_and_rereads_nested_groups(graph: GraphEmulato
     assert {m for p in pages for m in p.removed_members} == {(group_id(plain.n), user_id(leaver))}
 
 
+def test_an_object_listed_twice_on_one_page_is_what_its_last_record_says(
+    graph: GraphEmulator, org: Org, tmp_path: Path
+) -> None:
+    # Graph may list an object several times in a round (directory-apis §1.1); here a replayed
+    # @removed comes first and the live record right after it, on the same page, in both rounds.
+    grp = next(g for g in org.groups.values() if g.members)
+    graph.stale_removals |= {user_id(7), group_id(grp.n)}
+    c = connector(graph, tmp_path)
+    pages, done = pull(c)
+    assert not graph.stale_removals  # both replays were served (each just before its live record)
+    assert user_id(7) in {u.idp_id for p in pages for u in p.users}
+    assert group_id(grp.n) in {g.idp_id for p in pages for g in p.groups}
+    assert [r for p in pages for r in p.removed_users + p.removed_groups] == []
+    assert {m for p in pages for m in p.pairs()} == expected_members(org)
+
+    org.rename(7, "Still", "Here")
+    org.update_group(grp.n, name="Still Here")
+    graph.stale_removals |= {user_id(7), group_id(grp.n)}
+    pages, done = pull(c, done.cursor)
+    assert done.mode == "incremental" and not graph.stale_removals
+    assert [u.idp_id for p in pages for u in p.users] == [user_id(7)]
+    assert [g.name for p in pages for g in p.groups] == ["Still Here"]
+    assert [r for p in pages for r in p.removed_users + p.removed_groups] == []
+
+
 # --- sync level ------------------------------------------------------------------------------------
 
 
@@ -354,6 +379,24 @@ def test_a_round_of_changes_gives_exactly_the_expected_events(synced: Any, org: 
     assert h.members("t1") == after_members
     seq = h.last_seq()
     assert h.sync("t1").status == "succeeded" and h.changes("t1", after=seq) == []
+
+
+def test_a_replayed_removal_before_the_live_record_on_one_page_deletes_nothing(
+    synced: Any, graph: GraphEmulator, org: Org
+) -> None:
+    h = synced
+    seq, members = h.last_seq(), h.members("t1")
+    grp = next(g for g in org.groups.values() if g.members)
+    org.rename(7, "Still", "Here")
+    org.update_group(grp.n, description="still here")
+    graph.stale_removals |= {user_id(7), group_id(grp.n)}
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert not graph.stale_removals
+    assert {c[:2] for c in h.changes("t1", after=seq)} == {
+        ("user.updated", user_id(7)), ("group.updated", group_id(grp.n))}  # fmt: skip
+    assert user_id(7) in h.users("t1") and group_id(grp.n) in h.groups("t1")
+    assert h.members("t1") == members == expected_members(org)
 
 
 def test_expired_delta_token_falls_back_to_a_full_walk(synced: Any, graph: GraphEmulator, org: Org) -> None:

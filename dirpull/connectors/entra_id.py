@@ -25,6 +25,11 @@ Pull:
   `/groups/{id}/members` and sent as a complete group.
 * `syncStateNotFound` or `410 Gone` on a deltaLink → a full walk, noted on the run. Both deltaLinks
   are probed before anything is yielded, so a run never mixes delta pages with a snapshot.
+* The groups round always starts first: its first page is in before the users round's first
+  request goes out. A round's cut-off is its first request, so every user a groups page names
+  was created before the users round's cut-off (the users round lists it, or an earlier run did),
+  or after the groups round's (the next groups round names the membership again). The other
+  order drops a membership for good when its user is created between the two cut-offs.
 
 The cursor: both deltaLinks, the $select they were made with, and the group-nesting map
 (group → child groups), which a delta alone cannot rebuild.
@@ -565,10 +570,11 @@ class EntraConnector:
                 else:
                     try:
                         # Probe both links before yielding anything: a run is a delta or a snapshot.
-                        first_users = await session.get(session.link(cursor["users"]), step="users delta",
-                                                        delta=True)  # fmt: skip
+                        # Groups first: its cut-off must come before the users round's (module doc).
                         first_groups = await session.get(session.link(cursor["groups"]), step="groups delta",
                                                          delta=True)  # fmt: skip
+                        first_users = await session.get(session.link(cursor["users"]), step="users delta",
+                                                        delta=True)  # fmt: skip
                     except _Resync as exc:
                         log.info("tenant %s: %s", self.tenant, exc)
                         notes.append(EXPIRED_NOTE)
@@ -688,18 +694,22 @@ class EntraConnector:
         direct: dict[str, set[str]] = {}
         children: dict[str, set[str]] = {}
 
+        # The groups round's first page before the users round's first request: the groups
+        # round's cut-off comes first (module doc). One page's wait; then the walks overlap.
+        first_groups = await session.get(session.groups_delta(list(GROUP_SELECT)), step="groups delta")
+
         async def users() -> AsyncIterator[Page]:
             async for page in self._walk(session, session.users_delta(select), "users delta", links):
                 yield await asyncio.to_thread(self._user_page, page, sources)
 
         async def groups() -> AsyncIterator[Page]:
-            async for page in self._walk(session, session.groups_delta(list(GROUP_SELECT)), "groups delta", links):
+            async for page in self._walk(session, first_groups, "groups delta", links):
                 yield await asyncio.to_thread(self._full_group_page, page, direct, children)
 
         # Within a round Graph hands out one page at a time (each names the next), so a round is a
-        # chain of round trips; the users and groups rounds are independent and walk side by side.
-        # (A snapshot's memberships are matched to users only at the end, so their order is free.)
-        async for item in _side_by_side(users(), groups()):
+        # chain of round trips; the users and groups rounds walk side by side. (A snapshot's
+        # memberships are matched to users only at the end, so the order of pages is free.)
+        async for item in _side_by_side(groups(), users()):
             yield item
 
         # Each group's members, once the walk has seen them all (a group's members may come over

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from dirpull.config import GoogleTenant
-from dirpull.connectors.base import AuthError, ConnectorError, Done, Page
+from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page
 from dirpull.connectors.google_workspace import GoogleWorkspaceConnector, build
 from dirpull.connectors.http import RetryPolicy
 from dirpull.emulators.google_api import GoogleEmulator, group_id, user_id
@@ -270,6 +270,23 @@ def test_a_pull_closed_while_the_users_are_handed_over_stops_its_reads(
     assert len(emu.request_log) == asked
 
 
+def test_a_404_from_users_or_groups_list_is_a_configuration_error(emu: GoogleEmulator, tmp_path: Path) -> None:
+    # api_url given as the API root rather than the host root: every path is doubled, and 404s.
+    api_root = tenant(emu, tmp_path)["api_url"] + "/admin/directory/v1"
+    with pytest.raises(ConfigurationError, match=r"^users\.list: HTTP 404 .*check api_url.*customer / domain"):
+        pull(connector(emu, tmp_path, api_url=api_root))
+    emu.faults.update({"error": 1, "error_status": 404, "path": "/admin/directory/v1/groups"})
+    with pytest.raises(ConfigurationError, match=r"^groups\.list: HTTP 404 .*check api_url"):
+        pull(connector(emu, tmp_path))
+
+
+def test_a_404_from_members_list_leaves_the_group_out(emu: GoogleEmulator, tmp_path: Path) -> None:
+    emu.faults.update({"error": 1, "error_status": 404, "path": "/members"})  # deleted while read
+    pages, done = pull(connector(emu, tmp_path, member_workers=1))
+    assert len(groups(pages)) == sum(1 for _ in emu.org.listed_groups()) - 1
+    assert "1 group(s) disappeared while the run read them" in done.notes
+
+
 def test_a_refused_service_account_is_an_auth_error_without_secrets(
     emu: GoogleEmulator, tmp_path: Path
 ) -> None:
@@ -413,6 +430,19 @@ def test_sync_persistent_failure_leaves_the_store_unchanged(
     emu.faults.clear()
     r = h.sync("g1")
     assert r.status == "succeeded" and r.counts["users_created"] == 1 and r.counts["users_deleted"] == 1
+
+
+def test_sync_with_api_url_set_to_the_api_root_fails_with_a_configuration_error(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tenant(emu, tmp_path)
+    cfg["api_url"] += "/admin/directory/v1"
+    h = harness({"g1": cfg}, connector_factory=fast)
+    with caplog.at_level("ERROR"):
+        r = h.sync("g1")
+    assert r.status == "failed" and "check api_url" in (r.error or "")
+    assert not [rec for rec in caplog.records if "unexpected error" in rec.getMessage()]
+    assert h.users("g1") == {}
 
 
 def test_sync_a_silent_empty_listing_is_held_not_applied(

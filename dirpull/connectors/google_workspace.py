@@ -271,7 +271,9 @@ class _Session:
                 h.close()
             self._https.clear()
 
-    def execute(self, request: Any, step: str) -> dict[str, Any]:
+    def execute(self, request: Any, step: str, *, may_vanish: bool = False) -> dict[str, Any]:
+        """One API call under the retry policy. `may_vanish`: a 404 means the object listed (a
+        group) was deleted meanwhile (`_GroupGone`); otherwise a 404 is a configuration error."""
         from google.auth.exceptions import RefreshError, TransportError
         from googleapiclient.errors import HttpError
 
@@ -289,8 +291,15 @@ class _Session:
                     log.warning("%s; backing off (attempt %d)", where, attempt)
                     self.policy.wait(attempt, None, what=where, step=step)
                     continue
-                if status == 404:
+                if status == 404 and may_vanish:
                     raise _GroupGone(where) from None
+                if status == 404:
+                    # Nothing of this directory's is addressed here: the URL or the directory is wrong.
+                    raise ConfigurationError(
+                        f"{where}: {message or 'not found'} (check api_url, the host root such as "
+                        f"{DEFAULT_API_URL} without /admin/directory/v1, and customer / domain)",
+                        step=step,
+                    ) from None
                 if status in (401, 403):
                     raise AuthError(
                         f"{where}: {message or 'not permitted'} (check the subject, domain-wide delegation "
@@ -336,13 +345,13 @@ class _Session:
             found = collections[name] = getattr(self.service(), name)()
         return found
 
-    def pages(self, name: str, step: str, **params: Any) -> Iterator[dict[str, Any]]:
+    def pages(self, name: str, step: str, *, may_vanish: bool = False, **params: Any) -> Iterator[dict[str, Any]]:
         """Every page of the `name` collection's listing with these parameters."""
         collection = self.collection(name)
         request = collection.list(**params)
         guard = PagingGuard(step)
         while request is not None:
-            body = self.execute(request, step)
+            body = self.execute(request, step, may_vanish=may_vanish)
             guard.next(body.get("nextPageToken"))
             yield body
             request = collection.list_next(request, body)
@@ -551,7 +560,8 @@ class GoogleWorkspaceConnector:
     def _members_of(self, session: _Session, gid: str, domain_ids: set[str]) -> _Direct | None:
         result = _Direct()
         try:
-            for body in session.pages("members", "members.list", groupKey=gid, maxResults=MEMBER_PAGE):
+            for body in session.pages("members", "members.list", may_vanish=True, groupKey=gid,
+                                      maxResults=MEMBER_PAGE):  # fmt: skip
                 for m in body.get("members") or []:
                     kind, mid, email = m.get("type"), m.get("id"), m.get("email")
                     if kind == "GROUP" and isinstance(mid, str):

@@ -287,6 +287,39 @@ def test_a_404_from_members_list_leaves_the_group_out(emu: GoogleEmulator, tmp_p
     assert "1 group(s) disappeared while the run read them" in done.notes
 
 
+@pytest.fixture
+def quick_token_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """google-auth tries the token endpoint 3 times before it raises, sleeping ~1 s and ~2 s
+    between: the same 3 tries here, without the sleeps (its backoff module's only use of `time`)."""
+    import types
+
+    from google.auth import _exponential_backoff
+
+    monkeypatch.setattr(_exponential_backoff, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+
+
+def test_a_token_endpoint_outage_is_retried_under_the_retry_policy(
+    emu: GoogleEmulator, tmp_path: Path, quick_token_retries: None
+) -> None:
+    clean, _ = pull(connector(emu, tmp_path))
+    emu.request_log.clear()
+    # Four 503s: google-auth's three tries fail (a retryable RefreshError), the policy waits once,
+    # then google-auth's next try fails and the one after gets the token.
+    emu.faults.update({"error": 4, "error_status": 503, "path": "/token"})
+    sleeps = Sleeps()
+    pages, _ = pull(connector(emu, tmp_path, sleeps))
+    assert users(pages) == users(clean) and members(pages) == members(clean)
+    assert len(sleeps) == 1
+    assert [m for m, p in emu.request_log if p.startswith("/token")] == ["POST"] * 5
+
+    emu.faults.update({"error": 1000, "error_status": 500, "path": "/token"})  # it stays down
+    sleeps = Sleeps()
+    with pytest.raises(ConnectorError, match=r"token endpoint failed.*gave up after 5 attempts") as err:
+        pull(connector(emu, tmp_path, sleeps))
+    assert not isinstance(err.value, AuthError) and err.value.retriable
+    assert len(sleeps) == 4
+
+
 def test_a_refused_service_account_is_an_auth_error_without_secrets(
     emu: GoogleEmulator, tmp_path: Path
 ) -> None:
@@ -303,10 +336,12 @@ def test_a_refused_service_account_is_an_auth_error_without_secrets(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
     path.write_text(json.dumps(info))
-    c = build("g1", GoogleTenant.model_validate(cfg), policy=RetryPolicy(sleep=Sleeps()))
+    sleeps = Sleeps()
+    c = build("g1", GoogleTenant.model_validate(cfg), policy=RetryPolicy(sleep=sleeps))
     with pytest.raises(AuthError) as err:
         list(c.pull(None, full=False))
     assert "invalid_grant" in str(err.value)
+    assert sleeps == []  # a refusal is not retried
     assert "PRIVATE KEY" not in str(err.value) and info["private_key_id"] not in str(err.value)
 
 

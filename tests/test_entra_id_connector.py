@@ -246,8 +246,9 @@ def test_users_and_groups_rounds_are_walked_side_by_side(graph: GraphEmulator, o
     paths = [path for method, path in graph.request_log if method == "GET"]
     users_at = [i for i, p in enumerate(paths) if "/users/delta" in p]
     groups_at = [i for i, p in enumerate(paths) if "/groups/delta" in p]
-    assert len(users_at) >= 3 and groups_at
-    assert groups_at[0] < users_at[-1]  # the groups round began before the users round ended
+    assert len(users_at) >= 3 and len(groups_at) >= 3
+    assert groups_at[0] < users_at[0]  # the groups round's cut-off comes first...
+    assert users_at[0] < groups_at[-1]  # ...and the users round begins while it is under way
     assert {u.idp_id for p in pages for u in p.users} == {user_id(p.n) for p in org.listed_people()}
     assert {m for p in pages for m in p.pairs()} == expected_members(org)
     assert set(done.cursor or {}) >= {"users", "groups"}
@@ -274,6 +275,31 @@ def test_delta_round_merges_chunks_and_rereads_nested_groups(graph: GraphEmulato
         (group_id(parent.n), user_id(n)) for n in org.transitive_members(parent.n)
     }
     assert {m for p in pages for m in p.removed_members} == {(group_id(plain.n), user_id(leaver))}
+
+
+def test_an_object_listed_twice_on_one_page_is_what_its_last_record_says(
+    graph: GraphEmulator, org: Org, tmp_path: Path
+) -> None:
+    # Graph may list an object several times in a round (directory-apis §1.1); here a replayed
+    # @removed comes first and the live record right after it, on the same page, in both rounds.
+    grp = next(g for g in org.groups.values() if g.members)
+    graph.stale_removals |= {user_id(7), group_id(grp.n)}
+    c = connector(graph, tmp_path)
+    pages, done = pull(c)
+    assert not graph.stale_removals  # both replays were served (each just before its live record)
+    assert user_id(7) in {u.idp_id for p in pages for u in p.users}
+    assert group_id(grp.n) in {g.idp_id for p in pages for g in p.groups}
+    assert [r for p in pages for r in p.removed_users + p.removed_groups] == []
+    assert {m for p in pages for m in p.pairs()} == expected_members(org)
+
+    org.rename(7, "Still", "Here")
+    org.update_group(grp.n, name="Still Here")
+    graph.stale_removals |= {user_id(7), group_id(grp.n)}
+    pages, done = pull(c, done.cursor)
+    assert done.mode == "incremental" and not graph.stale_removals
+    assert [u.idp_id for p in pages for u in p.users] == [user_id(7)]
+    assert [g.name for p in pages for g in p.groups] == ["Still Here"]
+    assert [r for p in pages for r in p.removed_users + p.removed_groups] == []
 
 
 # --- sync level ------------------------------------------------------------------------------------
@@ -354,6 +380,74 @@ def test_a_round_of_changes_gives_exactly_the_expected_events(synced: Any, org: 
     assert h.members("t1") == after_members
     seq = h.last_seq()
     assert h.sync("t1").status == "succeeded" and h.changes("t1", after=seq) == []
+
+
+def test_a_replayed_removal_before_the_live_record_on_one_page_deletes_nothing(
+    synced: Any, graph: GraphEmulator, org: Org
+) -> None:
+    h = synced
+    seq, members = h.last_seq(), h.members("t1")
+    grp = next(g for g in org.groups.values() if g.members)
+    org.rename(7, "Still", "Here")
+    org.update_group(grp.n, description="still here")
+    graph.stale_removals |= {user_id(7), group_id(grp.n)}
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert not graph.stale_removals
+    assert {c[:2] for c in h.changes("t1", after=seq)} == {
+        ("user.updated", user_id(7)), ("group.updated", group_id(grp.n))}  # fmt: skip
+    assert user_id(7) in h.users("t1") and group_id(grp.n) in h.groups("t1")
+    assert h.members("t1") == members == expected_members(org)
+
+
+class _CutOffRace(GraphEmulator):
+    """Runs `change` once, between the cut-offs of a run's two delta rounds (a round's cut-off is
+    its first request): when the other round's first request comes in, before it is answered."""
+
+    change: Any = None
+    first_round: str | None = None
+
+    def _delta_inner(self, req: Any, kind: str) -> Any:
+        if self.change is not None and req.arg("$skiptoken") is None:
+            if self.first_round is None:
+                self.first_round = kind
+            elif kind != self.first_round:
+                change, self.change = self.change, None
+                change()
+        return super()._delta_inner(req, kind)
+
+
+@pytest.mark.parametrize("first_sync", [False, True], ids=["incremental", "full"])
+def test_a_user_created_between_the_two_rounds_cut_offs_keeps_their_memberships(
+    harness: Any, tmp_path: Path, first_sync: bool
+) -> None:
+    org = Org.generate(40, groups=5, seed=4)
+    # One page per users round: the round has ended when the change comes.
+    with _CutOffRace(org, delta_page_size=1000, member_chunk_size=7, retry_after="0.01") as graph:
+        h = harness({"t1": tenant(graph, tmp_path)}, guard={"max_percent": 100, "min_count": 1000})
+        if not first_sync:
+            assert h.sync("t1").status == "succeeded"
+        target = next(g for g in org.groups.values() if g.members and not g.subgroups
+                      and not any(g.n in x.subgroups for x in org.groups.values()))  # fmt: skip
+        hired: list[int] = []
+
+        def hire_and_add() -> None:
+            p = org.hire("Race", "Condition")
+            org.add_member(target.n, p.n)
+            hired.append(p.n)
+
+        graph.change = hire_and_add
+        r = h.sync("t1")
+        assert r.status == "succeeded" and r.mode == ("incremental" if not first_sync else "full"), r.error
+        assert hired
+        new_user_stored = user_id(hired[0]) in h.users("t1")
+        pair = (group_id(target.n), user_id(hired[0]))
+        r = h.sync("t1")  # the membership is in this run's groups round, if it was not in the last
+        assert r.status == "succeeded" and r.mode == "incremental"
+        assert pair in h.members("t1")
+        assert h.members("t1") == expected_members(org)
+        # The users round began after the change: the user came in the same run.
+        assert new_user_stored
 
 
 def test_expired_delta_token_falls_back_to_a_full_walk(synced: Any, graph: GraphEmulator, org: Org) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from dirpull.config import GoogleTenant
-from dirpull.connectors.base import AuthError, ConnectorError, Done, Page
+from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page
 from dirpull.connectors.google_workspace import GoogleWorkspaceConnector, build
 from dirpull.connectors.http import RetryPolicy
 from dirpull.emulators.google_api import GoogleEmulator, group_id, user_id
@@ -270,6 +270,56 @@ def test_a_pull_closed_while_the_users_are_handed_over_stops_its_reads(
     assert len(emu.request_log) == asked
 
 
+def test_a_404_from_users_or_groups_list_is_a_configuration_error(emu: GoogleEmulator, tmp_path: Path) -> None:
+    # api_url given as the API root rather than the host root: every path is doubled, and 404s.
+    api_root = tenant(emu, tmp_path)["api_url"] + "/admin/directory/v1"
+    with pytest.raises(ConfigurationError, match=r"^users\.list: HTTP 404 .*check api_url.*customer / domain"):
+        pull(connector(emu, tmp_path, api_url=api_root))
+    emu.faults.update({"error": 1, "error_status": 404, "path": "/admin/directory/v1/groups"})
+    with pytest.raises(ConfigurationError, match=r"^groups\.list: HTTP 404 .*check api_url"):
+        pull(connector(emu, tmp_path))
+
+
+def test_a_404_from_members_list_leaves_the_group_out(emu: GoogleEmulator, tmp_path: Path) -> None:
+    emu.faults.update({"error": 1, "error_status": 404, "path": "/members"})  # deleted while read
+    pages, done = pull(connector(emu, tmp_path, member_workers=1))
+    assert len(groups(pages)) == sum(1 for _ in emu.org.listed_groups()) - 1
+    assert "1 group(s) disappeared while the run read them" in done.notes
+
+
+@pytest.fixture
+def quick_token_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """google-auth tries the token endpoint 3 times before it raises, sleeping ~1 s and ~2 s
+    between: the same 3 tries here, without the sleeps (its backoff module's only use of `time`)."""
+    import types
+
+    from google.auth import _exponential_backoff
+
+    monkeypatch.setattr(_exponential_backoff, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+
+
+def test_a_token_endpoint_outage_is_retried_under_the_retry_policy(
+    emu: GoogleEmulator, tmp_path: Path, quick_token_retries: None
+) -> None:
+    clean, _ = pull(connector(emu, tmp_path))
+    emu.request_log.clear()
+    # Four 503s: google-auth's three tries fail (a retryable RefreshError), the policy waits once,
+    # then google-auth's next try fails and the one after gets the token.
+    emu.faults.update({"error": 4, "error_status": 503, "path": "/token"})
+    sleeps = Sleeps()
+    pages, _ = pull(connector(emu, tmp_path, sleeps))
+    assert users(pages) == users(clean) and members(pages) == members(clean)
+    assert len(sleeps) == 1
+    assert [m for m, p in emu.request_log if p.startswith("/token")] == ["POST"] * 5
+
+    emu.faults.update({"error": 1000, "error_status": 500, "path": "/token"})  # it stays down
+    sleeps = Sleeps()
+    with pytest.raises(ConnectorError, match=r"token endpoint failed.*gave up after 5 attempts") as err:
+        pull(connector(emu, tmp_path, sleeps))
+    assert not isinstance(err.value, AuthError) and err.value.retriable
+    assert len(sleeps) == 4
+
+
 def test_a_refused_service_account_is_an_auth_error_without_secrets(
     emu: GoogleEmulator, tmp_path: Path
 ) -> None:
@@ -286,10 +336,12 @@ def test_a_refused_service_account_is_an_auth_error_without_secrets(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
     path.write_text(json.dumps(info))
-    c = build("g1", GoogleTenant.model_validate(cfg), policy=RetryPolicy(sleep=Sleeps()))
+    sleeps = Sleeps()
+    c = build("g1", GoogleTenant.model_validate(cfg), policy=RetryPolicy(sleep=sleeps))
     with pytest.raises(AuthError) as err:
         list(c.pull(None, full=False))
     assert "invalid_grant" in str(err.value)
+    assert sleeps == []  # a refusal is not retried
     assert "PRIVATE KEY" not in str(err.value) and info["private_key_id"] not in str(err.value)
 
 
@@ -413,6 +465,19 @@ def test_sync_persistent_failure_leaves_the_store_unchanged(
     emu.faults.clear()
     r = h.sync("g1")
     assert r.status == "succeeded" and r.counts["users_created"] == 1 and r.counts["users_deleted"] == 1
+
+
+def test_sync_with_api_url_set_to_the_api_root_fails_with_a_configuration_error(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = tenant(emu, tmp_path)
+    cfg["api_url"] += "/admin/directory/v1"
+    h = harness({"g1": cfg}, connector_factory=fast)
+    with caplog.at_level("ERROR"):
+        r = h.sync("g1")
+    assert r.status == "failed" and "check api_url" in (r.error or "")
+    assert not [rec for rec in caplog.records if "unexpected error" in rec.getMessage()]
+    assert h.users("g1") == {}
 
 
 def test_sync_a_silent_empty_listing_is_held_not_applied(

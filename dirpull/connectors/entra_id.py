@@ -25,6 +25,11 @@ Pull:
   `/groups/{id}/members` and sent as a complete group.
 * `syncStateNotFound` or `410 Gone` on a deltaLink → a full walk, noted on the run. Both deltaLinks
   are probed before anything is yielded, so a run never mixes delta pages with a snapshot.
+* The groups round always starts first: its first page is in before the users round's first
+  request goes out. A round's cut-off is its first request, so every user a groups page names
+  was created before the users round's cut-off (the users round lists it, or an earlier run did),
+  or after the groups round's (the next groups round names the membership again). The other
+  order drops a membership for good when its user is created between the two cut-offs.
 
 The cursor: both deltaLinks, the $select they were made with, and the group-nesting map
 (group → child groups), which a delta alone cannot rebuild.
@@ -149,6 +154,51 @@ def normalize_user(rec: dict[str, Any], attributes: dict[str, str]) -> User:
         custom_attributes=map_attributes(raw, attributes),
         raw_attributes=raw,
     )
+
+
+def _record_id(rec: Any) -> str | None:
+    rid = rec.get("id") if isinstance(rec, dict) else None
+    return rid if isinstance(rid, str) and rid else None
+
+
+# Graph may list one object several times in a round, on one page too (a replay, or a delete and a
+# restore). A page's records are a sequence; a Page is not (the diff applies its removals after its
+# records), so where an id comes more than once on a page, its last record is what the Page says.
+
+
+def _last_per_id(records: list[Any]) -> list[Any]:
+    """A page's records keeping only the last one of each id (records without an id stay)."""
+    last: dict[str, int] = {}
+    with_id = 0
+    for i, rec in enumerate(records):
+        rid = _record_id(rec)
+        if rid is not None:
+            last[rid] = i
+            with_id += 1
+    if len(last) == with_id:
+        return records  # every id once: the usual page
+    kept = []
+    for i, rec in enumerate(records):
+        rid = _record_id(rec)
+        if rid is None or last[rid] == i:
+            kept.append(rec)
+    return kept
+
+
+def _last_group_record_wins(records: list[Any], out: Page) -> None:
+    """`out` made from a page's group records in order: a group whose last record on the page is a
+    removal is removed, one whose last record is live is not. (Groups are read in order rather than
+    deduplicated first: a group may come twice on a page with two chunks of members@delta.)"""
+    if not out.removed_groups:
+        return
+    removed_last: dict[str, bool] = {}
+    for rec in records:
+        gid = _record_id(rec)
+        if gid is not None:
+            removed_last[gid] = "@removed" in rec
+    out.groups = [g for g in out.groups if not removed_last.get(g.idp_id)]
+    out.quarantined = [q for q in out.quarantined if q.idp_id is None or not removed_last.get(q.idp_id)]
+    out.removed_groups = list(dict.fromkeys(g for g in out.removed_groups if removed_last.get(g)))
 
 
 def _group_record(rec: Any, out: Page) -> tuple[str | None, bool]:
@@ -520,10 +570,11 @@ class EntraConnector:
                 else:
                     try:
                         # Probe both links before yielding anything: a run is a delta or a snapshot.
-                        first_users = await session.get(session.link(cursor["users"]), step="users delta",
-                                                        delta=True)  # fmt: skip
+                        # Groups first: its cut-off must come before the users round's (module doc).
                         first_groups = await session.get(session.link(cursor["groups"]), step="groups delta",
                                                          delta=True)  # fmt: skip
+                        first_users = await session.get(session.link(cursor["users"]), step="users delta",
+                                                        delta=True)  # fmt: skip
                     except _Resync as exc:
                         log.info("tenant %s: %s", self.tenant, exc)
                         notes.append(EXPIRED_NOTE)
@@ -577,7 +628,7 @@ class EntraConnector:
     def _user_page(self, page: dict[str, Any], sources: SourceDigests | None = None) -> Page:
         out = Page()
         attributes = self.settings.attributes
-        for rec in page.get("value") or []:
+        for rec in _last_per_id(page.get("value") or []):
             rid = rec.get("id") if isinstance(rec, dict) else None
             if not isinstance(rid, str) or not rid:
                 out.quarantined.append(Quarantined("user", None, "user record without an id"))
@@ -603,7 +654,8 @@ class EntraConnector:
         """A walk's page of groups: the groups, and their members gathered into `direct` and
         `children` (handed over once the walk is done, a list per group: `_full`)."""
         out = Page()
-        for rec in page.get("value") or []:
+        records = page.get("value") or []
+        for rec in records:
             gid, live = _group_record(rec, out)
             if gid is not None and "@removed" in rec:
                 direct.pop(gid, None)
@@ -632,6 +684,7 @@ class EntraConnector:
                 elif kind == GROUP_TYPE:
                     kids = children.setdefault(gid, set())
                     (kids.discard if removed else kids.add)(mid)
+        _last_group_record_wins(records, out)
         return out
 
     async def _full(
@@ -641,18 +694,22 @@ class EntraConnector:
         direct: dict[str, set[str]] = {}
         children: dict[str, set[str]] = {}
 
+        # The groups round's first page before the users round's first request: the groups
+        # round's cut-off comes first (module doc). One page's wait; then the walks overlap.
+        first_groups = await session.get(session.groups_delta(list(GROUP_SELECT)), step="groups delta")
+
         async def users() -> AsyncIterator[Page]:
             async for page in self._walk(session, session.users_delta(select), "users delta", links):
                 yield await asyncio.to_thread(self._user_page, page, sources)
 
         async def groups() -> AsyncIterator[Page]:
-            async for page in self._walk(session, session.groups_delta(list(GROUP_SELECT)), "groups delta", links):
+            async for page in self._walk(session, first_groups, "groups delta", links):
                 yield await asyncio.to_thread(self._full_group_page, page, direct, children)
 
         # Within a round Graph hands out one page at a time (each names the next), so a round is a
-        # chain of round trips; the users and groups rounds are independent and walk side by side.
-        # (A snapshot's memberships are matched to users only at the end, so their order is free.)
-        async for item in _side_by_side(users(), groups()):
+        # chain of round trips; the users and groups rounds walk side by side. (A snapshot's
+        # memberships are matched to users only at the end, so the order of pages is free.)
+        async for item in _side_by_side(groups(), users()):
             yield item
 
         # Each group's members, once the walk has seen them all (a group's members may come over
@@ -686,7 +743,8 @@ class EntraConnector:
         removed_groups: set[str] = set()
         async for page in self._walk(session, first_groups, "groups delta", links):
             out = Page()
-            for rec in page.get("value") or []:
+            records = page.get("value") or []
+            for rec in records:
                 gid, live = _group_record(rec, out)
                 if gid is None:
                     continue
@@ -701,6 +759,7 @@ class EntraConnector:
                     kind, mid = ref.get("@odata.type"), ref.get("id")
                     if mid and kind in (USER_TYPE, GROUP_TYPE):
                         changes.setdefault(gid, {})[mid] = (kind, "@removed" not in ref)
+            _last_group_record_wins(records, out)
             if out.groups or out.removed_groups or out.quarantined:
                 yield out
 

@@ -20,7 +20,8 @@ The Directory API has no delta, so every run is a full snapshot:
 
 Throttling (403 userRateLimitExceeded/rateLimitExceeded/quotaExceeded, 429) and 5xx are retried
 with exponential backoff and jitter from the shared RetryPolicy (Google sends no Retry-After),
-capped in attempts and total wait; then the run fails and nothing is applied.
+capped in attempts and total wait; then the run fails and nothing is applied. So is a token
+request that google-auth marks retryable (5xx, 429, 408); any other refusal is an AuthError.
 """
 
 from __future__ import annotations
@@ -271,7 +272,9 @@ class _Session:
                 h.close()
             self._https.clear()
 
-    def execute(self, request: Any, step: str) -> dict[str, Any]:
+    def execute(self, request: Any, step: str, *, may_vanish: bool = False) -> dict[str, Any]:
+        """One API call under the retry policy. `may_vanish`: a 404 means the object listed (a
+        group) was deleted meanwhile (`_GroupGone`); otherwise a 404 is a configuration error."""
         from google.auth.exceptions import RefreshError, TransportError
         from googleapiclient.errors import HttpError
 
@@ -289,8 +292,15 @@ class _Session:
                     log.warning("%s; backing off (attempt %d)", where, attempt)
                     self.policy.wait(attempt, None, what=where, step=step)
                     continue
-                if status == 404:
+                if status == 404 and may_vanish:
                     raise _GroupGone(where) from None
+                if status == 404:
+                    # Nothing of this directory's is addressed here: the URL or the directory is wrong.
+                    raise ConfigurationError(
+                        f"{where}: {message or 'not found'} (check api_url, the host root such as "
+                        f"{DEFAULT_API_URL} without /admin/directory/v1, and customer / domain)",
+                        step=step,
+                    ) from None
                 if status in (401, 403):
                     raise AuthError(
                         f"{where}: {message or 'not permitted'} (check the subject, domain-wide delegation "
@@ -302,6 +312,13 @@ class _Session:
                 raise ConnectorError(f"{where}: {message}", retriable=False, step=step) from None
             except RefreshError as exc:
                 detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else "refused"
+                if getattr(exc, "retryable", False):
+                    # A 5xx/429/408 or a server_error/temporarily_unavailable from the token endpoint
+                    # (google-auth has tried it 3 times by now): an outage, not a refusal.
+                    what = f"{step}: the token endpoint failed: {detail[:200]}"
+                    log.warning("%s; retrying (attempt %d)", what, attempt)
+                    self.policy.wait(attempt, None, what=what, step=step)
+                    continue
                 raise AuthError(
                     f"{step}: the token endpoint refused the service-account grant: {detail[:200]}", step=step
                 ) from None
@@ -336,13 +353,13 @@ class _Session:
             found = collections[name] = getattr(self.service(), name)()
         return found
 
-    def pages(self, name: str, step: str, **params: Any) -> Iterator[dict[str, Any]]:
+    def pages(self, name: str, step: str, *, may_vanish: bool = False, **params: Any) -> Iterator[dict[str, Any]]:
         """Every page of the `name` collection's listing with these parameters."""
         collection = self.collection(name)
         request = collection.list(**params)
         guard = PagingGuard(step)
         while request is not None:
-            body = self.execute(request, step)
+            body = self.execute(request, step, may_vanish=may_vanish)
             guard.next(body.get("nextPageToken"))
             yield body
             request = collection.list_next(request, body)
@@ -551,7 +568,8 @@ class GoogleWorkspaceConnector:
     def _members_of(self, session: _Session, gid: str, domain_ids: set[str]) -> _Direct | None:
         result = _Direct()
         try:
-            for body in session.pages("members", "members.list", groupKey=gid, maxResults=MEMBER_PAGE):
+            for body in session.pages("members", "members.list", may_vanish=True, groupKey=gid,
+                                      maxResults=MEMBER_PAGE):  # fmt: skip
                 for m in body.get("members") or []:
                     kind, mid, email = m.get("type"), m.get("id"), m.get("email")
                     if kind == "GROUP" and isinstance(mid, str):

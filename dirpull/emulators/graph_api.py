@@ -17,6 +17,10 @@ the rendered record) and the version at which each one last changed. An object t
 seen before counts as "everything changed at its current version" — that can only cause a replay,
 which Graph clients must tolerate anyway, never a missed change.
 
+An object may be listed more than once in a round (§1.1 "Delta caveats"): `stale_removals` holds
+ids whose next listing, in any round, is preceded on the same page by an `@removed` record of that
+object (a replayed removal that the live record after it overrides).
+
 Switches for what the reference marks [U]: the status of an expired token (`sync_state_status`),
 the 410 body (`gone_body`), whether member removals caused by deleting a user show in groups/delta
 (`user_delete_removes_members`), whether `@removed` objects show in an initial round
@@ -291,6 +295,8 @@ class GraphEmulator(Emulator):
         self.removed_retention = removed_retention
         self.user_delete_removes_members = user_delete_removes_members
         self.resync_required = 0  # the next N deltaLink calls answer 410 Gone
+        # User or group ids whose next listing comes right after a stale @removed of the same object.
+        self.stale_removals: set[str] = set()
         self.tokens_issued = 0
         # Access tokens are signed, not remembered: any worker of a forked emulator accepts them.
         self._token_key = secrets.token_bytes(32)
@@ -343,6 +349,9 @@ class GraphEmulator(Emulator):
             self.expire_access_tokens()
         if "resync" in body:
             self.force_resync(int(body["resync"]))
+        if "stale_removals" in body:
+            with self.org.lock:
+                self.stale_removals.update(str(i) for i in body["stale_removals"])
         for key in (
             "token_lifetime",
             "delta_page_size",
@@ -846,6 +855,7 @@ class GraphEmulator(Emulator):
                     items.append(self._removed(user_id(n), p))
                     continue
             item = self._render(p, USER_PROPERTIES, names)
+            self._stale_removal(item["id"], items)
             if with_manager and p.manager is not None:
                 mgr = people.get(p.manager)
                 if mgr is not None and mgr.visible:
@@ -853,6 +863,12 @@ class GraphEmulator(Emulator):
             items.append(item)
         rnd.pos = n
         return items, n < hi
+
+    def _stale_removal(self, oid: str, items: list[dict[str, Any]]) -> None:
+        """A replayed `@removed` of an object about to be listed live, when the test asked for one."""
+        if oid in self.stale_removals:
+            self.stale_removals.discard(oid)
+            items.append({"id": oid, "@removed": {"reason": "changed"}})
 
     @staticmethod
     def _removed(oid: str, p: Person) -> dict[str, Any]:
@@ -948,6 +964,7 @@ class GraphEmulator(Emulator):
                             entry["@removed"] = {"reason": "deleted"}
                         member_list.append(entry)
             item = self._render(g, GROUP_PROPERTIES, names)
+            self._stale_removal(item["id"], items)
             if member_list:
                 # A large group comes back on several pages, each with a chunk of its members.
                 item["members@delta"] = member_list[offset : offset + self.member_chunk_size]

@@ -501,4 +501,11 @@ def parse_config(raw: dict[str, Any], path: Path) -> Config:
         raise ConfigError(_format_errors(path, exc, url_from_env=from_env)) from None
     finally:
         _CONFIG_DIR.value = None
+    for name, t in cfg.tenants.items():
+        # A System Log position keeps the `since` of the full sync that took it; Okta refuses one
+        # older than 180 days and keeps 90 days of events: with rarer full syncs, incrementals
+        # would restart polling from "now" and skip what happened in between.
+        if isinstance(t, OktaTenant) and t.poll_system_log and cfg.full_sync_every_of(name) > timedelta(days=90):
+            raise ConfigError(f"{path}: tenants.{name}.full_sync_every: with poll_system_log at most 90d "
+                              "(the System Log keeps 90 days)")  # fmt: skip
     return cfg

@@ -97,6 +97,18 @@ def test_mistakes_name_the_key(tmp_path, monkeypatch, change, expected):
     assert "Traceback" not in msg
 
 
+def test_okta_system_log_polling_needs_a_full_sync_within_its_retention(tmp_path):
+    okta = '[tenants.o]\nprovider = "okta"\norg_url = "https://acme.okta.com"\napi_token = "t"\n'
+    polling = okta + "poll_system_log = true\n"
+    assert load_config(write(tmp_path, polling + 'full_sync_every = "90d"\n')).tenants["o"].poll_system_log
+    assert load_config(write(tmp_path, '[defaults]\nfull_sync_every = "100d"\n' + okta)).tenants["o"]
+    for text in (polling + 'full_sync_every = "91d"\n', '[defaults]\nfull_sync_every = "100d"\n' + polling):
+        assert error_of(tmp_path, text) == (
+            f"{tmp_path / 'dirpull.toml'}: tenants.o.full_sync_every: with poll_system_log at most 90d "
+            "(the System Log keeps 90 days)"
+        )
+
+
 def test_bad_toml_and_missing_file(tmp_path):
     assert "not valid TOML" in error_of(tmp_path, "[store\nurl=")
     with pytest.raises(ConfigError, match="configuration file not found"):

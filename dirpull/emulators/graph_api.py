@@ -2,7 +2,7 @@
 
 Served on one port:
   POST /{tenant}/oauth2/v2.0/token              client credentials → bearer token (login host)
-  GET  /v1.0/users, /v1.0/groups                 plain lists, $select/$top, @odata.nextLink ($skiptoken)
+  GET  /v1.0/users, /v1.0/groups                 plain lists, $select/$top, @odata.nextLink ($skiptoken; $skip: 400)
   GET  /v1.0/groups/{id}/members                 direct members (users and groups), @odata.type
   GET  /v1.0/users/delta[()], /v1.0/groups/delta[()]
                                                  delta rounds: nextLink XOR deltaLink, @removed,
@@ -566,6 +566,9 @@ class GraphEmulator(Emulator):
         return out
 
     def _top(self, req: Request, default: int = 100) -> int:
+        if req.arg("$skip") is not None:
+            # Directory collections page by $skiptoken only; Graph refuses $skip rather than ignore it.
+            raise GraphError(400, "Request_BadRequest", "'$skip' is not supported by the service.")
         raw = req.arg("$top")
         if raw is None:
             return default

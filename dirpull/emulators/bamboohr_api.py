@@ -18,7 +18,8 @@ any inactive person is status "Inactive" with a terminationDate (their terminati
 day of their last change). `lastChanged` has second precision and `changed?since=` compares
 against it strictly.
 
-Switches (attributes, set them before or while serving):
+Switches (attributes, set them before or while serving; over HTTP at `POST /_emulator/bamboohr`,
+dates as "YYYY-MM-DD"):
   directory_sharing     False → directory answers 403
   permitted             False → a valid key is answered 403 everywhere (the key's user lacks access)
   throttle_429_from     the date BambooHR moves throttling from 503 to 429 (2026-09-16); `today`
@@ -43,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from dirpull.emulators.org import Org, Person
-from dirpull.emulators.server import Emulator, Request, Response
+from dirpull.emulators.server import Emulator, Request, Response, flag, one_of
 
 DEFAULT_KEY = "demo-bamboohr-api-key"
 DEFAULT_COMPANY = "acme"
@@ -150,6 +151,20 @@ class BambooHREmulator(Emulator):
             self.route("GET", prefix + r"/employees/changed", self._changed)
             self.route("GET", prefix + r"/meta/fields", self._meta_fields)
             self.route("GET", prefix + r"/employees/(?P<eid>[^/]+)", self._employee)
+        self.switch_route(
+            "/_emulator/bamboohr",
+            {
+                "directory_sharing": flag,
+                "permitted": flag,
+                "throttle_429_from": date.fromisoformat,
+                "today": date.fromisoformat,
+                "retry_after": str,
+                "error_header": one_of("X-BambooHR-Error-Message", "X-BambooHR-Error-Messsage"),
+                "supervisor_ids_swapped": flag,
+                "empty_date": lambda v: None if v is None else str(v),
+                "forbidden_fields": lambda v: {str(f) for f in v},
+            },
+        )
 
     # --- vendor wording ----------------------------------------------------------------------------
 

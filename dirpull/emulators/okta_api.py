@@ -15,9 +15,12 @@ Served over the shared `Org`:
   POST /oauth2/v1/token              client_credentials + private_key_jwt (OAuth service app)
 
 Every response carries `X-Rate-Limit-Limit/Remaining/Reset` from a real per-window counter and a
-`Date`; exhausting the window gives 429 E0000047. Switches for tests: `status_overrides`
-(Person.n → STAGED, PROVISIONED, …), `malformed_users` (Person.n served with a record the SDK's
-models reject), `rate_limit_headers` (a faulted 429 with or without the X-Rate-Limit headers).
+`Date`; exhausting the window gives 429 E0000047. Switches (attributes, or over HTTP at
+`POST /_emulator/okta`): `status_overrides` (Person.n → STAGED, PROVISIONED, …), `malformed_users`
+(Person.n served with a record the SDK's models reject), `rate_limit_headers` (a faulted 429 with or
+without the X-Rate-Limit headers), `fault_reset_in` (a faulted 429's X-Rate-Limit-Reset, seconds from
+now; 0 or less: not ahead of the server's clock, as the concurrent limit's estimate can be),
+`app_group_every`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 from dirpull.emulators.org import Group, Org, Person
-from dirpull.emulators.server import Emulator, Request, Response
+from dirpull.emulators.server import Emulator, Request, Response, flag, one_of
 
 STATUSES = (
     "STAGED",
@@ -336,6 +339,16 @@ class OktaEmulator(Emulator):
         self.route("GET", r"/api/v1/groups/(?P<id>[^/]+)/users", self._list_group_users)
         self.route("GET", r"/api/v1/logs", self._list_logs)
         self.route("POST", r"/oauth2/v1/token", self._token)
+        self.switch_route(
+            "/_emulator/okta",
+            {
+                "rate_limit_headers": flag,
+                "fault_reset_in": int,
+                "status_overrides": lambda v: {int(n): one_of(*STATUSES)(s) for n, s in dict(v).items()},
+                "malformed_users": lambda v: {int(n) for n in v},
+                "app_group_every": int,
+            },
+        )
 
     # --- vendor wording ---------------------------------------------------------------------------
 

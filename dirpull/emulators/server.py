@@ -10,6 +10,7 @@ emulator in another process):
   POST /_emulator/faults            {"rate_limit": 3, "error": 2, "error_status": 503, "drop": 1,
                                      "malformed": 1, "expire_auth": 1, "delay": 0.5, "path": "/users"}
   POST /_emulator/changes           {"random": 100, "seed": 7, "at": 1795000000.0 (optional)}
+plus each vendor's own switches at POST /_emulator/<vendor> (graph, google, okta, bamboohr, workday).
 """
 
 from __future__ import annotations
@@ -64,6 +65,22 @@ def token_claims(key: bytes, token: str) -> dict[str, Any] | None:
 def _mac(key: bytes, text: str) -> str:
     digest = hmac.new(key, text.encode(), hashlib.sha256).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def flag(value: Any) -> bool:
+    """A switch value that must be a JSON boolean (bool("false") would be True)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
+
+
+def one_of(*choices: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return str(value)
+
+    return check
 
 
 @dataclass
@@ -183,6 +200,29 @@ class Emulator:
 
     def route(self, method: str, pattern: str, handler: Handler) -> None:
         self._routes.append((method, re.compile(pattern + r"$"), handler))
+
+    def switch_route(self, path: str, switches: dict[str, Callable[[Any], Any]]) -> None:
+        """`POST {path} {"<switch>": value, …}` sets vendor switches (attributes of the emulator),
+        each value through its converter: an emulator served in another process (`python -m
+        dirpull.emulators serve`) has no other way to produce the vendor's other failure modes."""
+
+        def handler(req: Request) -> Response:
+            body = req.json() or {}
+            if not isinstance(body, dict):
+                return Response(400, {"error": "expected a JSON object"})
+            unknown = sorted(set(body) - set(switches))
+            if unknown:
+                return Response(400, {"error": f"unknown switch {unknown[0]!r}", "switches": sorted(switches)})
+            try:
+                values = {name: switches[name](value) for name, value in body.items()}
+            except (TypeError, ValueError) as exc:
+                return Response(400, {"error": f"bad switch value: {exc}"})
+            with self._lock:
+                for name, value in values.items():
+                    setattr(self, name, value)
+            return Response(200, {"ok": True})
+
+        self.route("POST", path, handler)
 
     def is_control(self, req: Request) -> bool:
         return req.path.startswith("/_emulator/")

@@ -15,7 +15,8 @@ Two reports are served:
   * the groups report (default name `Worker_Groups`), one row per group with its direct members and
     its direct subgroups as nested `_group` arrays.
 
-Switches (constructor arguments, or attributes a test may change while the emulator runs):
+Switches (constructor arguments, or attributes a test may change while the emulator runs; over HTTP
+at `POST /_emulator/workday`):
   columns        the worker report's column set (standard names below); None = all of them
   aliases        standard column name → the alias this tenant's report uses (e.g. Email_Address →
                  Work_Email), to emulate a tenant whose report was built with other aliases; applies
@@ -49,7 +50,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from dirpull.emulators.org import Group, Org, Person
-from dirpull.emulators.server import Emulator, Request, Response
+from dirpull.emulators.server import Emulator, Request, Response, flag, one_of
 
 WORKER_COLUMNS: tuple[str, ...] = (
     "Employee_ID",
@@ -151,6 +152,19 @@ class WorkdayEmulator(Emulator):
             self._report,
         )
         self.route("POST", r"/ccx/oauth2/(?P<tenant>[^/]+)/token", self._token)
+        self.switch_route(
+            "/_emulator/workday",
+            {
+                "columns": lambda v: tuple(str(c) for c in v),
+                "aliases": lambda v: {str(k): str(a) for k, a in dict(v).items()},
+                "error_format": one_of("xml", "html", "json"),
+                "forbidden": lambda v: {str(r) for r in v},
+                "login_page": flag,
+                "lone_objects": flag,
+                "numeric_ids": flag,
+                "token_response": lambda v: None if v is None else dict(v),
+            },
+        )
 
     # --- vendor wording of errors ------------------------------------------------------------------
 

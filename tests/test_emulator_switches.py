@@ -1,0 +1,114 @@
+"""Vendor switches set over HTTP (`POST /_emulator/<vendor>`) on an emulator served in its own
+process (`python -m dirpull.emulators serve`, as benchmarks and manual tests run it): the failure
+modes the reference documents besides the default one can be produced there too, and the
+connectors, through the vendor's SDK or client, cope with them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from dirpull.config import BambooHRTenant, OktaTenant, WorkdayTenant
+from dirpull.connectors.bamboohr import build as build_bamboohr
+from dirpull.connectors.base import AuthError, Done, Page
+from dirpull.connectors.http import RetryPolicy
+from dirpull.connectors.okta import OktaConnector
+from dirpull.connectors.workday import WorkdayConnector
+
+ROOT = Path(__file__).resolve().parent.parent
+PEOPLE = 40
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Any]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(provider: str) -> dict[str, Any]:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dirpull.emulators", "serve", "--provider", provider, "--people", str(PEOPLE),
+             "--groups", "8", "--seed", "5", "--workdir", str(tmp_path), "--age", "3600", "--max-seconds", "120"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+        procs.append(proc)
+        assert proc.stdout is not None
+        return dict(json.loads(proc.stdout.readline()))
+
+    yield start
+    for proc in procs:
+        assert proc.stdin is not None
+        proc.stdin.close()  # the emulator stops when its stdin closes
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def control(info: dict[str, Any], path: str, body: dict[str, Any]) -> requests.Response:
+    return requests.post(info["base_url"] + path, json=body, timeout=10)
+
+
+def pages_of(items: list[Any]) -> tuple[list[Page], Done]:
+    assert isinstance(items[-1], Done) and all(isinstance(p, Page) for p in items[:-1])
+    return items[:-1], items[-1]
+
+
+def test_bamboohr_throttles_with_503_before_2026_09_16(serve: Any) -> None:
+    info = serve("bamboohr")
+    assert control(info, "/_emulator/bamboohr", {"today": "2026-09-15", "retry_after": "13"}).ok
+    assert control(info, "/_emulator/faults", {"rate_limit": 1}).ok
+    t = info["tenant"]
+    resp = requests.get(f"{t['api_url']}/{t['company_domain']}/v1/employees/directory", auth=(t["api_key"], "x"),
+                        headers={"Accept": "application/json"}, timeout=10)  # fmt: skip
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "13"
+
+    assert control(info, "/_emulator/faults", {"rate_limit": 2}).ok
+    sleeps: list[float] = []
+    policy = RetryPolicy(max_attempts=4, sleep=sleeps.append, jitter=0)
+    connector = build_bamboohr("hr", BambooHRTenant.model_validate(t), policy=policy)
+    pages, done = pages_of(list(connector.pull(None, full=True)))
+    assert sleeps == [13.0, 13.0]  # the 503's Retry-After, twice, then the report
+    assert len({u.idp_id for p in pages for u in p.users}) == PEOPLE and done.snapshot
+
+
+@pytest.mark.parametrize(
+    "switches",
+    [{"rate_limit_headers": False}, {"fault_reset_in": -5}],
+    ids=["429-without-rate-limit-headers", "429-whose-reset-has-passed"],
+)
+def test_okta_429_variants(serve: Any, switches: dict[str, Any]) -> None:
+    info = serve("okta")
+    assert control(info, "/_emulator/okta", switches).ok
+    assert control(info, "/_emulator/faults", {"rate_limit": 3, "path": "/api/v1/groups"}).ok
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+        await asyncio.sleep(0)
+
+    cfg = OktaTenant.model_validate({**info["tenant"], "backoff_base": 0.01})
+    pages, _ = pages_of(list(OktaConnector("t1", cfg, sleep=sleep).pull(None, full=True)))
+    assert {g.idp_id for p in pages for g in p.groups}
+    # No usable reset (none sent, or one already passed): an exponential backoff, not a busy retry.
+    assert len(sleeps) == 3 and sleeps[0] < sleeps[1] < sleeps[2]
+
+
+def test_workday_forbidden_report_and_bad_switches(serve: Any) -> None:
+    info = serve("workday")
+    assert control(info, "/_emulator/workday", {"forbidden": ["Worker_Groups"], "error_format": "html"}).ok
+    connector = WorkdayConnector("t1", WorkdayTenant.model_validate(info["tenant"]))
+    with pytest.raises(AuthError):
+        list(connector.pull(None, full=True))
+
+    for body in ({"no_such_switch": 1}, {"login_page": "false"}, {"error_format": "yaml"}):
+        resp = control(info, "/_emulator/workday", body)
+        assert resp.status_code == 400, body
+    assert control(info, "/_emulator/okta", {}).status_code == 404  # another vendor's switches

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from dirpull.config import parse_config
 from dirpull.connectors.base import AuthError, ConnectorError, Done, Page
@@ -448,6 +449,38 @@ def test_a_user_created_between_the_two_rounds_cut_offs_keeps_their_memberships(
         assert h.members("t1") == expected_members(org)
         # The users round began after the change: the user came in the same run.
         assert new_user_stored
+
+
+def test_devices_service_principals_and_contacts_in_groups_are_not_memberships(
+    synced: Any, graph: GraphEmulator, org: Org
+) -> None:
+    """Graph groups hold devices, service principals and org contacts too (in members@delta and in
+    /members): they are not users, so never memberships, and do not upset a nested group's re-read."""
+    h = synced
+    holder = next(n for n in sorted(graph.foreign_members) if not org.groups[n].deleted)
+    kinds = {m["@odata.type"] for m in graph_members(graph, holder)}
+    assert {"#microsoft.graph.device", "#microsoft.graph.servicePrincipal", "#microsoft.graph.orgContact"} <= kinds
+    assert h.members("t1") == expected_members(org)
+    # Make the holder a parent: the next delta re-reads it with /groups/{id}/members.
+    child = next(g.n for g in org.groups.values() if g.n != holder and g.members and not g.deleted
+                 and holder not in org.groups[g.n].subgroups)  # fmt: skip
+    org.add_subgroup(holder, child)
+    joiner = next(n for n in range(80, 0, -1) if n not in org.transitive_members(holder) and org.people[n].visible)
+    org.add_member(child, joiner)
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert h.members("t1") == expected_members(org)
+    assert (group_id(holder), user_id(joiner)) in h.members("t1")
+
+
+def graph_members(graph: GraphEmulator, n: int) -> list[dict[str, Any]]:
+    form = {"grant_type": "client_credentials", "client_id": graph.client_id, "client_secret": graph.client_secret,
+            "scope": "https://graph.microsoft.com/.default"}  # fmt: skip
+    token = requests.post(f"{graph.base_url}/{graph.tenant_id}/oauth2/v2.0/token", data=form, timeout=5).json()
+    resp = requests.get(f"{graph.base_url}/v1.0/groups/{group_id(n)}/members",
+                        headers={"Authorization": f"Bearer {token['access_token']}"}, timeout=5)  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    return list(resp.json()["value"])
 
 
 def test_expired_delta_token_falls_back_to_a_full_walk(synced: Any, graph: GraphEmulator, org: Org) -> None:

@@ -319,6 +319,16 @@ def test_groups_delta_members_chunks_and_changes(graph: GraphEmulator, client: C
     assert by_id[group_id(security.n)] == {"id": group_id(security.n), "@removed": {"reason": "deleted"}}
 
 
+def test_groups_hold_devices_service_principals_and_contacts(graph: GraphEmulator, client: Client) -> None:
+    holder = min(graph.foreign_members)
+    foreign = {"#microsoft.graph.device", "#microsoft.graph.servicePrincipal", "#microsoft.graph.orgContact"}
+    listed = client.get(f"/groups/{group_id(holder)}/members").json()["value"]
+    assert foreign <= {m["@odata.type"] for m in listed}
+    items, _, _ = client.round("/groups/delta()", **{"$select": "displayName,members"})
+    refs = [m for i in items if i["id"] == group_id(holder) for m in i.get("members@delta", [])]
+    assert foreign <= {m["@odata.type"] for m in refs}
+
+
 def test_groups_delta_follows_soft_delete_and_restore(graph: GraphEmulator, client: Client, org: Org) -> None:
     _, link, _ = client.round("/users/delta", **{"$select": "displayName"})
     _, glink, _ = client.round("/groups/delta", **{"$select": "displayName,members"})

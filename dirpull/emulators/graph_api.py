@@ -3,7 +3,8 @@
 Served on one port:
   POST /{tenant}/oauth2/v2.0/token              client credentials → bearer token (login host)
   GET  /v1.0/users, /v1.0/groups                 plain lists, $select/$top, @odata.nextLink ($skiptoken; $skip: 400)
-  GET  /v1.0/groups/{id}/members                 direct members (users and groups), @odata.type
+  GET  /v1.0/groups/{id}/members                 direct members (users, groups, and in some groups a
+                                                 device, a service principal, an org contact), @odata.type
   GET  /v1.0/users/delta[()], /v1.0/groups/delta[()]
                                                  delta rounds: nextLink XOR deltaLink, @removed,
                                                  members@delta chunks, manager@delta, $deltatoken=latest
@@ -66,6 +67,14 @@ def user_id(n: int) -> str:
 
 def group_id(n: int) -> str:
     return f"{GROUP_PREFIX}{n:012d}"
+
+
+# Directory objects a group can hold besides users and groups (§1.1 "Membership delta").
+FOREIGN_KINDS = ("device", "servicePrincipal", "orgContact")
+
+
+def foreign_id(kind: str, n: int) -> str:
+    return f"{FOREIGN_KINDS.index(kind) + 1:08d}-3333-4c4c-8e8e-{n:012d}"
 
 
 def _parse_id(value: str, prefix: str) -> int | None:
@@ -305,6 +314,11 @@ class GraphEmulator(Emulator):
         self._users = _Tracker(USER_FIELDS)
         self._groups = _Tracker(GROUP_FIELDS)
         self._member_cache: dict[tuple[int, int], dict[int, list[tuple[str, int, bool]]]] = {}
+        # Members that are neither users nor groups (a device, a service principal, an org contact),
+        # vendor-only and fixed, keyed by Group.n: every seventh group from the second holds one of each.
+        self.foreign_members: dict[int, list[str]] = {
+            n: list(FOREIGN_KINDS) for n in org.groups if n % 7 == 2
+        }
         self._state_lock = threading.Lock()
 
         self.route("POST", r"/(?P<tenant>[^/]+)/oauth2/v2\.0/token", self._token)
@@ -695,9 +709,12 @@ class GraphEmulator(Emulator):
             people, subs = self.org.direct_members(group.n)
         # Members in a stable order: users then groups, addressed by index (1-based) for paging.
         members: list[tuple[str, int]] = [("user", p) for p in people] + [("group", s) for s in subs]
+        members += [(kind, group.n) for kind in self.foreign_members.get(group.n, ())]
 
         def render(m: tuple[str, int], names: list[str]) -> dict[str, Any]:
             kind, num = m
+            if kind in FOREIGN_KINDS:
+                return {"@odata.type": f"#microsoft.graph.{kind}", "id": foreign_id(kind, num)}
             if kind == "user":
                 obj, table = self.org.people[num], USER_PROPERTIES
             else:
@@ -946,6 +963,10 @@ class GraphEmulator(Emulator):
                     people, subs = self.org.direct_members(g.n)
                     member_list = [{"@odata.type": "#microsoft.graph.user", "id": user_id(m)} for m in people]
                     member_list += [{"@odata.type": "#microsoft.graph.group", "id": group_id(m)} for m in subs]
+                    member_list += [
+                        {"@odata.type": f"#microsoft.graph.{kind}", "id": foreign_id(kind, g.n)}
+                        for kind in self.foreign_members.get(g.n, ())
+                    ]
             else:
                 prop_changed = g.version > rnd.since and self._groups.changed_after(g, tracked, rnd.since)
                 member_changes = changes.get(g.n)

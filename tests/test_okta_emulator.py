@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -64,6 +65,22 @@ def test_link_paging_limits_and_self_then_next(emu: OktaEmulator, org: Org) -> N
     assert pages == 5
     ids = [u["id"] for u in users]
     assert len(ids) == len(set(ids))
+
+
+def test_q_is_a_prefix_lookup_without_paging_that_hides_deprovisioned(emu: OktaEmulator, org: Org) -> None:
+    # `q` is no listing: 10 results unless `limit` says otherwise, never a next page, and like the
+    # plain list it leaves DEPROVISIONED users out. An emulator that ignored it answered every user.
+    given = Counter(p.given for p in org.listed_people()).most_common(1)[0][0]
+    matching = {user_id(p.n) for p in org.listed_people()
+                if any(v and v.lower().startswith(given.lower()) for v in (p.given, p.family, p.email))}  # fmt: skip
+    assert len(matching) > 10
+    first = get(emu, "/api/v1/users", q=given)
+    assert first.status_code == 200 and len(first.json()) == 10 and "next" not in first.links
+    assert {u["id"] for u in first.json()} <= matching
+    wide = get(emu, "/api/v1/users", q=given, limit=200)
+    assert {u["id"] for u in wide.json()} == matching - deprovisioned(org) and "next" not in wide.links
+    groups = get(emu, "/api/v1/groups", q="every").json()
+    assert [g["profile"]["name"] for g in groups] == ["Everyone"]
 
 
 def test_plain_list_hides_deprovisioned_filter_and_search_show_them(emu: OktaEmulator, org: Org) -> None:

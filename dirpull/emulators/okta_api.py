@@ -3,10 +3,13 @@
 Served over the shared `Org`:
   GET  /api/v1/users                 Link-header paging (rel="self" first, rel="next" last), limit ≤ 200,
                                      opaque `after`; the plain list hides DEPROVISIONED, `filter` and
-                                     `search` include them; a bad filter is 400 E0000053
+                                     `search` include them; a bad filter is 400 E0000053; `q` (a prefix
+                                     of firstName, lastName or email) hides them too, 10 by default,
+                                     never a next page
   GET  /api/v1/users/{id}            404 E0000007 for a deleted user (no tombstones anywhere)
   GET  /api/v1/groups                OKTA_GROUP / APP_GROUP from the Org plus a BUILT_IN `Everyone`;
-                                     `filter` on id, type, lastUpdated, lastMembershipUpdated
+                                     `filter` on id, type, lastUpdated, lastMembershipUpdated; `q` (a
+                                     name prefix): 300 by default, never a next page
   GET  /api/v1/groups/{id}/users     full User objects, default limit 1000; Org subgroups are served
                                      flattened (Okta groups do not nest)
   GET  /api/v1/logs                  System Log derived from Org changes (people, memberships, group
@@ -586,13 +589,17 @@ class OktaEmulator(Emulator):
     # --- users ------------------------------------------------------------------------------------
 
     def _list_users(self, req: Request) -> Response:
-        limit = self._limit(req, 200, 200)
+        q = req.arg("q") or None
+        # `q` is a quick lookup, not a listing: 10 results by default and never a next page.
+        limit = self._limit(req, 10 if q else 200, 200)
         if isinstance(limit, Response):
             return limit
         filt, search = req.arg("filter"), req.arg("search")
         predicate = _predicate(filt, search, USER_FILTER, USER_SEARCH)
         if isinstance(predicate, Response):
             return predicate
+        if q:
+            predicate = _and(predicate, _starts_with(q, ("profile.firstName", "profile.lastName", "profile.email")))
         include_deprovisioned = bool(filt or search)
         after = req.arg("after")
         start = 1
@@ -622,8 +629,8 @@ class OktaEmulator(Emulator):
                     break
                 out.append(self.user_json(p))
                 last_n = p.n
-        params = {"limit": str(limit), "filter": filt, "search": search, "after": after}
-        next_after = user_id(last_n) if more and last_n is not None else None
+        params = {"limit": str(limit), "filter": filt, "search": search, "q": q, "after": after}
+        next_after = user_id(last_n) if more and last_n is not None and not q else None
         return Response(200, out, self._links(req, "/api/v1/users", params, next_after))
 
     def _person_by_id(self, value: str) -> Person | None:
@@ -648,13 +655,16 @@ class OktaEmulator(Emulator):
     # --- groups -----------------------------------------------------------------------------------
 
     def _list_groups(self, req: Request) -> Response:
-        limit = self._limit(req, 10000, 10000)
+        q = req.arg("q") or None
+        limit = self._limit(req, 300 if q else 10000, 10000)
         if isinstance(limit, Response):
             return limit
         filt, search = req.arg("filter"), req.arg("search")
         predicate = _predicate(filt, search, GROUP_FILTER, GROUP_SEARCH)
         if isinstance(predicate, Response):
             return predicate
+        if q:
+            predicate = _and(predicate, _starts_with(q, ("profile.name",)))
         after = req.arg("after")
         start = -1
         if after:
@@ -682,8 +692,8 @@ class OktaEmulator(Emulator):
                     break
                 out.append(record)
                 last_n = n
-        params = {"limit": req.arg("limit"), "filter": filt, "search": search, "after": after}
-        next_after = group_id(last_n) if more and last_n is not None else None
+        params = {"limit": req.arg("limit"), "filter": filt, "search": search, "q": q, "after": after}
+        next_after = group_id(last_n) if more and last_n is not None and not q else None
         return Response(200, out, self._links(req, "/api/v1/groups", params, next_after))
 
     def _group_n(self, value: str) -> int | None:
@@ -961,3 +971,13 @@ def _predicate(
     except FilterError as exc:
         return _error(400, "E0000053", "Invalid value for filter or search parameter.", [str(exc)])
     return predicate
+
+
+def _starts_with(q: str, attrs: tuple[str, ...]) -> Predicate:
+    """Okta's `q`: a case-insensitive prefix of any of `attrs`."""
+    low = q.lower()
+    return lambda get: any(isinstance(v := get(a), str) and v.lower().startswith(low) for a in attrs)
+
+
+def _and(a: Predicate | None, b: Predicate) -> Predicate:
+    return b if a is None else (lambda get: a(get) and b(get))

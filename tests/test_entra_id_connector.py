@@ -451,6 +451,36 @@ def test_a_user_created_between_the_two_rounds_cut_offs_keeps_their_memberships(
         assert new_user_stored
 
 
+@pytest.mark.parametrize("every_change", [True, False], ids=["manager-repeated", "manager-only-on-change"])
+def test_a_later_round_keeps_managers_whichever_way_graph_names_them(
+    harness: Any, graph: GraphEmulator, org: Org, tmp_path: Path, every_change: bool
+) -> None:
+    """Whether a later delta round repeats an unchanged manager in manager@delta is not settled (users
+    report it does not): a user listed for another change keeps their manager either way, and a
+    manager changed or taken away is seen either way."""
+    graph.manager_on_every_change = every_change
+    h = harness({"t1": tenant(graph, tmp_path)}, guard={"max_percent": 50, "min_count": 20})
+    assert h.sync("t1").status == "succeeded"
+    managed = [p.n for p in org.listed_people() if p.manager is not None and org.people[p.manager].visible]
+    retitled, moved, unmanaged = managed[:3]
+    new_boss = next(n for n in managed[3:] if n not in (retitled, moved, unmanaged, org.people[moved].manager))
+    org.update_person(retitled, title="Chief Delta Officer")
+    org.update_person(moved, manager=new_boss)
+    org.update_person(unmanaged, manager=None)
+    seq = h.last_seq()
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert sorted(h.changes("t1", after=seq)) == sorted([
+        ("user.updated", user_id(retitled), ("job_title", "raw_attributes")),
+        ("user.updated", user_id(moved), ("manager_idp_id",)),
+        ("user.updated", user_id(unmanaged), ("manager_idp_id",)),
+    ])  # fmt: skip
+    stored = h.users("t1")
+    assert stored[user_id(retitled)]["manager_idp_id"] == user_id(org.people[retitled].manager)
+    assert stored[user_id(moved)]["manager_idp_id"] == user_id(new_boss)
+    assert stored[user_id(unmanaged)]["manager_idp_id"] is None
+
+
 def test_devices_service_principals_and_contacts_in_groups_are_not_memberships(
     synced: Any, graph: GraphEmulator, org: Org
 ) -> None:

@@ -239,6 +239,28 @@ def test_users_delta_rounds(client: Client, org: Org) -> None:
     assert delta_link3 != delta_link2
 
 
+def test_manager_endpoint_and_a_manager_named_only_when_it_changed(
+    graph: GraphEmulator, client: Client, org: Org
+) -> None:
+    boss = org.person(7).manager
+    assert boss is not None
+    found = client.get(f"/users/{user_id(7)}/manager", **{"$select": "id"})
+    assert found.status_code == 200 and found.json()["id"] == user_id(boss)
+    top = next(p.n for p in org.listed_people() if p.manager is None)
+    assert client.get(f"/users/{user_id(top)}/manager").json()["error"]["code"] == "Request_ResourceNotFound"
+
+    graph.manager_on_every_change = False
+    items, link, _ = client.round("/users/delta", **{"$select": "displayName,jobTitle,manager"})
+    assert next(i for i in items if i["id"] == user_id(7))["manager@delta"]  # an initial round names it
+    org.update_person(7, title="Retitled")
+    org.update_person(8, manager=7)
+    org.update_person(9, manager=None)
+    by_id = {i["id"]: i for i in client.round(link)[0]}
+    assert "manager@delta" not in by_id[user_id(7)]
+    assert by_id[user_id(8)]["manager@delta"] == [{"@odata.type": "#microsoft.graph.user", "id": user_id(7)}]
+    assert by_id[user_id(9)]["manager@delta"] == []
+
+
 def test_users_delta_latest_and_default_properties(client: Client, org: Org) -> None:
     resp = client.get("/users/delta", **{"$deltatoken": "latest", "$select": "displayName"})
     body = resp.json()

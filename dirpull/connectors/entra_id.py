@@ -18,7 +18,8 @@ Pull:
   `members`) to their deltaLinks: a snapshot. Nested groups are flattened from the direct
   memberships seen in the walk.
 * later syncs → call the two stored deltaLinks: a delta. `@removed` (reason `changed` = soft
-  delete, or `deleted`) → removed; `accountEnabled=false` → inactive; `members@delta` chunks of one
+  delete, or `deleted`) → removed; `accountEnabled=false` → inactive; a user listed without
+  `manager@delta` has the manager read (`_read_managers`); `members@delta` chunks of one
   group are merged; any `@removed` on a member is a removal; devices, service principals and
   contacts are ignored. A group whose direct membership or nesting changed and that takes part in
   nesting (it has child groups, or is an ancestor of a changed group) is re-read transitively with
@@ -91,6 +92,7 @@ GROUP_SELECT = (
 USER_TYPE = "#microsoft.graph.user"
 GROUP_TYPE = "#microsoft.graph.group"
 PAGE_PAIRS = 5000  # about this many members per yielded page of member lists
+MANAGER_READS = 8  # /users/{id}/manager requests in flight at once in a later round
 EXPIRED_NOTE = "delta token expired: full resync"
 
 
@@ -440,6 +442,14 @@ class _Session:
         builder = self.client.groups.by_group_id(group_id).members
         return builder.to_get_request_information(RequestConfiguration(query_parameters=qp))
 
+    def user_manager(self, user_id: str) -> Any:
+        from kiota_abstractions.base_request_configuration import RequestConfiguration
+        from msgraph.generated.users.item.manager.manager_request_builder import ManagerRequestBuilder
+
+        qp = ManagerRequestBuilder.ManagerRequestBuilderGetQueryParameters(select=["id"])
+        builder = self.client.users.by_user_id(user_id).manager
+        return builder.to_get_request_information(RequestConfiguration(query_parameters=qp))
+
     def link(self, url: str) -> Any:
         self.check_link(url)
         return self.client.users.delta.with_url(url).to_get_request_information()
@@ -734,7 +744,9 @@ class EntraConnector:
                            first_groups: dict[str, Any]) -> AsyncIterator[Page | Done]:  # fmt: skip
         links: dict[str, str] = {}
         async for page in self._walk(session, first_users, "users delta", links):
-            yield await asyncio.to_thread(self._user_page, page)
+            out = await asyncio.to_thread(self._user_page, page)
+            await self._read_managers(session, page, out)
+            yield out
 
         old_nesting = {g: set(k) for g, k in (cursor.get("nesting") or {}).items()}
         nesting = {g: set(k) for g, k in old_nesting.items()}
@@ -827,6 +839,38 @@ class EntraConnector:
             "nesting": {g: sorted(k) for g, k in nesting.items() if k},
         }
         yield Done(snapshot=False, cursor=new_cursor, mode="incremental", requests=session.requests)
+
+    async def _read_managers(self, session: _Session, page: dict[str, Any], out: Page) -> None:
+        """The manager of each user a later round lists without `manager@delta`. Whether Graph
+        repeats an unchanged manager there is not settled (users report it names the manager only
+        when it changed), so an absent one is no proof of "no manager": it is read, which also
+        covers a Graph that does repeat it (then only users without a manager are read)."""
+        unnamed = {
+            rid
+            for rec in _last_per_id(page.get("value") or [])
+            if isinstance(rec, dict) and "@removed" not in rec and "manager@delta" not in rec
+            and (rid := _record_id(rec)) is not None
+        }  # fmt: skip
+        users = [u for u in out.users if u.idp_id in unnamed]
+        if not users:
+            return
+        limit = asyncio.Semaphore(MANAGER_READS)
+
+        async def read(user: User) -> None:
+            async with limit:
+                try:
+                    found = await session.get(session.user_manager(user.idp_id), step="user manager")
+                except ConnectorError as exc:
+                    if exc.status != 404:  # 404: no manager (or the user is gone since the delta)
+                        raise
+                    found = {}
+            manager = found.get("id")
+            user.manager_idp_id = manager if isinstance(manager, str) and manager else None
+
+        # Every read runs to its end (each under the retry policy); then the first failure fails the run.
+        for result in await asyncio.gather(*(read(u) for u in users), return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
 
     async def _read_tree(self, session: _Session, root: str, direct: dict[str, set[str]],
                          kids: dict[str, set[str]]) -> None:  # fmt: skip

@@ -3,6 +3,7 @@
 Served on one port:
   POST /{tenant}/oauth2/v2.0/token              client credentials → bearer token (login host)
   GET  /v1.0/users, /v1.0/groups                 plain lists, $select/$top, @odata.nextLink ($skiptoken; $skip: 400)
+  GET  /v1.0/users/{id}/manager                  the user's manager (404 when there is none)
   GET  /v1.0/groups/{id}/members                 direct members (users, groups, and in some groups a
                                                  device, a service principal, an org contact), @odata.type
   GET  /v1.0/users/delta[()], /v1.0/groups/delta[()]
@@ -25,7 +26,10 @@ object (a replayed removal that the live record after it overrides).
 Switches for what the reference marks [U]: the status of an expired token (`sync_state_status`),
 the 410 body (`gone_body`), whether member removals caused by deleting a user show in groups/delta
 (`user_delete_removes_members`), whether `@removed` objects show in an initial round
-(`initial_removed`), and whether 429s carry a Retry-After (`retry_after=None`).
+(`initial_removed`), whether 429s carry a Retry-After (`retry_after=None`), and whether a later
+round repeats an unchanged manager in `manager@delta` (`manager_on_every_change`, the reference's
+"unchanged properties repeat their old values"), or names it only when it changed, an empty list
+when it was taken away (False: what users report, microsoft-graph-explorer-v4 #4018).
 """
 
 from __future__ import annotations
@@ -287,6 +291,7 @@ class GraphEmulator(Emulator):
         initial_removed: bool = True,
         removed_retention: float = 30 * 86400.0,
         user_delete_removes_members: bool = True,
+        manager_on_every_change: bool = True,
     ) -> None:
         super().__init__(org)
         self.tenant_id = tenant_id
@@ -303,6 +308,7 @@ class GraphEmulator(Emulator):
         self.initial_removed = initial_removed
         self.removed_retention = removed_retention
         self.user_delete_removes_members = user_delete_removes_members
+        self.manager_on_every_change = manager_on_every_change
         self.resync_required = 0  # the next N deltaLink calls answer 410 Gone
         # User or group ids whose next listing comes right after a stale @removed of the same object.
         self.stale_removals: set[str] = set()
@@ -327,6 +333,7 @@ class GraphEmulator(Emulator):
         self.route("GET", r"/v1\.0/users/delta(?:\(\))?", lambda r: self._delta(r, "users"))
         self.route("GET", r"/v1\.0/groups/delta(?:\(\))?", lambda r: self._delta(r, "groups"))
         self.route("GET", r"/v1\.0/groups/(?P<gid>[^/]+)/members", self._members)
+        self.route("GET", r"/v1\.0/users/(?P<uid>[^/]+)/manager", self._manager)
         self.route("POST", r"/_emulator/graph", self._control)
 
     # --- switches ----------------------------------------------------------------------------------
@@ -377,6 +384,7 @@ class GraphEmulator(Emulator):
             "gone_body",
             "initial_removed",
             "user_delete_removes_members",
+            "manager_on_every_change",
         ):
             if key in body:
                 setattr(self, key, body[key])
@@ -693,6 +701,28 @@ class GraphEmulator(Emulator):
             req,
         )
 
+    def _manager(self, req: Request) -> Response:
+        uid = req.params["uid"]
+        n = _parse_id(uid, USER_PREFIX)
+        with self.org.lock:
+            p = self.org.people.get(n) if n is not None else None
+            if p is None or not p.visible:
+                return self._error(404, "Request_ResourceNotFound", f"Resource '{uid}' does not exist or one of "
+                                   "its queried reference-property objects are not present.", req=req)  # fmt: skip
+            mgr = self.org.people.get(p.manager) if p.manager is not None else None
+            if mgr is None or not mgr.visible:
+                return self._error(404, "Request_ResourceNotFound", "Resource 'manager' does not exist or one of "
+                                   "its queried reference-property objects are not present.", req=req)  # fmt: skip
+
+            def render() -> Response:
+                select = self._select(req, USER_PROPERTIES, {}, (), "user")
+                names = [x for x in select if x in USER_PROPERTIES] if select is not None else USER_DEFAULT
+                ctx = f"{self.base_url}/v1.0/$metadata#directoryObjects/$entity"
+                item = self._render(mgr, USER_PROPERTIES, names)
+                return self._json({"@odata.context": ctx, "@odata.type": "#microsoft.graph.user", **item})
+
+            return self._guarded(render, req)
+
     def _members(self, req: Request) -> Response:
         gid = req.params["gid"]
         n = _parse_id(gid, GROUP_PREFIX)
@@ -876,10 +906,16 @@ class GraphEmulator(Emulator):
                     continue
             item = self._render(p, USER_PROPERTIES, names)
             self._stale_removal(item["id"], items)
-            if with_manager and p.manager is not None:
-                mgr = people.get(p.manager)
+            if with_manager and (
+                rnd.initial
+                or self.manager_on_every_change
+                or self._users.changed_after(p, (self._users.index["manager"],), rnd.since)
+            ):
+                mgr = people.get(p.manager) if p.manager is not None else None
                 if mgr is not None and mgr.visible:
                     item["manager@delta"] = [{"@odata.type": "#microsoft.graph.user", "id": user_id(mgr.n)}]
+                elif not rnd.initial and not self.manager_on_every_change:
+                    item["manager@delta"] = []  # the manager was taken away
             items.append(item)
         rnd.pos = n
         return items, n < hi

@@ -23,7 +23,9 @@ An object may be listed more than once in a round (§1.1 "Delta caveats"): `stal
 ids whose next listing, in any round, is preceded on the same page by an `@removed` record of that
 object (a replayed removal that the live record after it overrides).
 
-Switches for what the reference marks [U]: the status of an expired token (`sync_state_status`),
+Switches for what the reference marks [U]: the status and code of an expired token
+(`sync_state_status`, `sync_state_code`: the overview says syncStateNotFound, the dev blog
+BadRequest, and Graph has been seen sending SyncStateNotFound),
 the 410 body (`gone_body`), whether member removals caused by deleting a user show in groups/delta
 (`user_delete_removes_members`), whether `@removed` objects show in an initial round
 (`initial_removed`), whether 429s carry a Retry-After (`retry_after=None`), and whether a later
@@ -287,6 +289,7 @@ class GraphEmulator(Emulator):
         delta_token_ttl: float = 7 * 86400.0,
         retry_after: str | None = "2.128",
         sync_state_status: int = 400,
+        sync_state_code: str = "syncStateNotFound",
         gone_body: bool = False,
         initial_removed: bool = True,
         removed_retention: float = 30 * 86400.0,
@@ -304,6 +307,7 @@ class GraphEmulator(Emulator):
         self.delta_token_ttl = delta_token_ttl
         self.retry_after = retry_after
         self.sync_state_status = sync_state_status
+        self.sync_state_code = sync_state_code
         self.gone_body = gone_body
         self.initial_removed = initial_removed
         self.removed_retention = removed_retention
@@ -381,6 +385,7 @@ class GraphEmulator(Emulator):
             "delta_token_ttl",
             "retry_after",
             "sync_state_status",
+            "sync_state_code",
             "gone_body",
             "initial_removed",
             "user_delete_removes_members",
@@ -825,7 +830,7 @@ class GraphEmulator(Emulator):
             if expired:
                 raise GraphError(
                     self.sync_state_status,
-                    "syncStateNotFound",
+                    self.sync_state_code,
                     "The sync state generation is not found. The delta token is expired and data "
                     "must be synchronized again.",
                 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -282,6 +283,28 @@ def test_db_commands(env):
     assert run(env, "db", "upgrade").exit_code == 0
     check = run(env, "db", "check")
     assert check.exit_code == 0 and "schema 0002" in check.stdout
+
+
+def test_the_systemd_unit_starts_the_daemon(env, monkeypatch):
+    """config/dirpull.service as written: its ExecStartPre and ExecStart, with the configuration
+    from its Environment=, once the store is migrated as its comment says."""
+    unit = (Path(__file__).parent.parent / "config" / "dirpull.service").read_text()
+    lines = [line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")]
+    assert ["Environment", "DIRPULL_CONFIG=/etc/dirpull/dirpull.toml"] in lines
+    config = Path(env["config"])
+    config.write_text(config.read_text().replace("[defaults.guard]", '[defaults]\nschedule = "1s"\n[defaults.guard]'))
+    monkeypatch.setenv("DIRPULL_CONFIG", str(config))
+    pre = [shlex.split(v)[1:] for k, v in lines if k == "ExecStartPre"]
+    start = [shlex.split(v)[1:] for k, v in lines if k == "ExecStart"]
+    assert len(start) == 1
+    assert CliRunner().invoke(app, ["db", "upgrade"]).exit_code == 0
+    for args in pre:
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.stderr
+    r = CliRunner().invoke(app, [*start[0], "--max-seconds", "3"])
+    assert r.exit_code == 0, r.stderr
+    logged = jsonl(r.stderr)  # --log-format json: every line is a JSON object
+    assert any(line["msg"].startswith("sync end tenant=hr") for line in logged)
 
 
 def test_emulate_writes_a_config_that_loads(tmp_path):

@@ -76,6 +76,11 @@ class _Opts:
 OPTS = _Opts()
 
 
+# The stores' BIGINT: a larger --after or --limit is a bad option (exit 2), not an OverflowError
+# from the database driver.
+MAX_INT = 2**63 - 1
+
+
 class StateFilter(StrEnum):
     active = "active"
     inactive = "inactive"
@@ -296,8 +301,10 @@ def groups(
 @app.command()
 def events(
     tenant: str,
-    after: Annotated[int, typer.Option("--after", help="Only events with seq greater than this.", min=0)] = 0,
-    limit: Annotated[int | None, typer.Option("--limit", help="At most this many.", min=1)] = None,
+    after: Annotated[
+        int, typer.Option("--after", help="Only events with seq greater than this.", min=0, max=MAX_INT)
+    ] = 0,
+    limit: Annotated[int | None, typer.Option("--limit", help="At most this many.", min=1, max=MAX_INT)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] = False,
 ) -> None:
     """The event log, oldest first. Store the last seq you read and pass it as --after."""
@@ -318,7 +325,7 @@ def events(
 @app.command()
 def runs(
     tenant: str,
-    limit: Annotated[int, typer.Option("--limit", min=1)] = 20,
+    limit: Annotated[int, typer.Option("--limit", min=1, max=MAX_INT)] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] = False,
 ) -> None:
     """Sync runs, newest first."""

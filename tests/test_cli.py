@@ -193,6 +193,19 @@ def test_unknown_tenant_and_bad_usage_exit_2(env):
     assert r.exit_code == 2
 
 
+def test_after_and_limit_beyond_any_seq(env):
+    """`--after` past the end is nothing to read; a number no store can hold is a bad option
+    (exit 2, one line), not a traceback."""
+    assert run(env, "sync", "hr").exit_code == 0
+    r = run(env, "events", "hr", "--after", str(2**63 - 1), "--limit", str(2**63 - 1), "--json")
+    assert (r.exit_code, r.stdout) == (0, "")
+    huge = "1" + "0" * 20
+    for args in (["events", "hr", "--after", huge], ["events", "hr", "--limit", huge], ["runs", "hr", "--limit", huge]):
+        r = run(env, *args)
+        assert (r.exit_code, r.stdout) == (2, ""), args
+        assert len(r.stderr.splitlines()) == 1 and r.stderr.startswith(f"dirpull: Invalid value for '{args[2]}'")
+
+
 def test_a_tenant_whose_secret_is_missing_fails_alone(env, monkeypatch):
     """One tenant's unset variable: `sync` of it exits 2 naming file, tenant and key; the daemon
     still starts, syncs the other tenants, and records that tenant's runs as failed with the cause."""

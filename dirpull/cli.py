@@ -14,7 +14,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -344,10 +344,30 @@ def runs(
         )
 
 
+def _stale_at(schedule: str, last_success: datetime) -> datetime | None:
+    """When a tenant whose last successful sync ended at `last_success` has missed three
+    scheduled syncs: three intervals later, or on a cron schedule the fourth fire after it (by
+    then the third fire's run has had a whole period to finish)."""
+    if not schedule.startswith("cron:"):
+        from dirpull.config import parse_duration
+
+        return last_success + parse_duration(schedule) * 3
+    from apscheduler.triggers.cron import CronTrigger
+
+    trigger = CronTrigger.from_crontab(schedule[5:].strip(), timezone="UTC")
+    fire = last_success
+    for _ in range(4):
+        # get_next_fire_time returns `now` itself when it is a fire time: step past it.
+        following = trigger.get_next_fire_time(None, fire + timedelta(seconds=1))
+        if following is None:
+            return None
+        fire = following
+    return fire
+
+
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] = False) -> None:
     """Every tenant: provider, last run, result, next run — and what needs attention."""
-    from dirpull.config import parse_duration
     from dirpull.sync.daemon import next_fire
 
     config = _config()
@@ -365,10 +385,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
             attention.append("held by the guard: review with --dry-run, apply with --force")
         if run and run["status"] == "failed":
             attention.append(f"failing: {run['error']}")
-        if not schedule.startswith("cron:"):
-            stale_after = parse_duration(schedule) * 3
-            if name in ok and now - ok[name] > stale_after:
-                attention.append(f"no successful sync since {_json_default(ok[name])}")
+        if name in ok and (stale := _stale_at(schedule, ok[name])) is not None and now > stale:
+            attention.append(f"no successful sync since {_json_default(ok[name])}")
         if not tenant.enabled:
             attention.append("disabled")
         rows.append(

@@ -10,15 +10,18 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from dirpull.cli import app
 from dirpull.emulators.bamboohr_api import BambooHREmulator
 from dirpull.emulators.cluster import Cluster
 from dirpull.emulators.org import Org
+from dirpull.storage import schema
 from dirpull.storage.store import Store
 
 # Every test that uses a store runs on SQLite and on PostgreSQL.
@@ -184,6 +187,27 @@ def test_a_sync_stopped_by_a_signal_applies_nothing_and_says_so(env, store_url, 
         store.close()
     env["emulator"].faults.clear()
     assert run(env, "sync", "hr").exit_code == 0  # not refused: the lease was given back
+
+
+@pytest.mark.parametrize("schedule", ["5m", "cron: */5 * * * *"])
+def test_status_shows_a_tenant_not_synced_for_too_long(env, store_url, schedule):
+    """Whatever the schedule form: a tenant whose last success is three scheduled syncs old (the
+    daemon is down, say) needs attention in `dirpull status`; one that synced just now does not."""
+    config = Path(env["config"])
+    config.write_text(config.read_text() + f"schedule = {json.dumps(schedule)}\n")
+    assert run(env, "sync", "hr").exit_code == 0
+    assert jsonl(run(env, "status", "--json").stdout)[0]["attention"] == []
+    store = Store(store_url)
+    try:
+        with store.engine.begin() as conn:
+            old = datetime.now(UTC) - timedelta(hours=2)
+            conn.execute(sa.update(schema.runs).values(started_at=old, finished_at=old))
+    finally:
+        store.close()
+    row = jsonl(run(env, "status", "--json").stdout)[0]
+    assert row["result"] == "succeeded"
+    assert [a for a in row["attention"] if a.startswith("no successful sync since")], row
+    assert "no successful sync since" in run(env, "status").stdout
 
 
 def test_unknown_tenant_and_bad_usage_exit_2(env):

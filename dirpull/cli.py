@@ -528,11 +528,27 @@ def _serve(cluster: Any, stop: threading.Event, changes_every: float, max_second
                 next_change = now + changes_every
 
 
+def _schedule_option(value: str) -> str:
+    # Checked here: the demo writes it into its configuration, whose loader would only fail later,
+    # with the emulators already up and a traceback.
+    from dirpull.config import _check_schedule
+
+    try:
+        return _check_schedule(value)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 @app.command()
 def demo(
     people: Annotated[int, typer.Option("--people", min=5, max=100_000)] = 60,
     duration: Annotated[float, typer.Option("--duration", help="Seconds to run (0: until Ctrl-C).")] = 45.0,
-    schedule: Annotated[str, typer.Option("--schedule", help="How often each tenant syncs.")] = "5s",
+    schedule: Annotated[
+        str,
+        typer.Option(
+            "--schedule", help='How often each tenant syncs (30s, 5m or "cron: ...").', callback=_schedule_option
+        ),
+    ] = "5s",
     workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo config and store go.")] = Path("demo"),
 ) -> None:
     """Emulators for every provider, the real daemon syncing them into SQLite, and the events as they arrive."""

@@ -272,6 +272,7 @@ def test_config_mistake_exits_2_with_file_tenant_and_key(tmp_path):
         (["nosuch"], "No such command 'nosuch'. (see 'dirpull --help')"),
         (["--bogus", "status"], "No such option: --bogus (see 'dirpull --help')"),
         (["db", "check", "--bogus"], "No such option: --bogus (see 'dirpull db check --help')"),
+        (["demo", "--schedule", "5x"], "Invalid value for '--schedule': '5x' is not a duration like 30s"),
     ],
 )
 def test_bad_usage_is_one_line_exit_2(args, expected):

@@ -496,9 +496,13 @@ def emulate(
     cluster.start(chosen)
     stop = threading.Event()
     try:
-        text = cluster.config_toml(workdir, store_url=store_url)
+        try:  # the configuration and the Google emulator's key file go into write_config's folder
+            text = cluster.config_toml(workdir, store_url=store_url)
+            if write_config:
+                write_config.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise fail(f"--write-config {write_config}: cannot write ({exc.strerror})") from None
         if write_config:
-            write_config.write_text(text, encoding="utf-8")
             typer.echo(f"wrote {write_config}", err=True)
         else:
             typer.echo(text)

@@ -359,6 +359,13 @@ def test_emulate_writes_a_config_that_loads(tmp_path):
     assert cfg.tenants["demo-bamboohr"].api_url.startswith("http://127.0.0.1:")
 
 
+def test_emulate_into_a_missing_folder_is_one_line_exit_2(tmp_path):
+    target = tmp_path / "no-such-dir" / "emu.toml"
+    r = CliRunner().invoke(app, ["emulate", "-p", "okta", "--people", "5", "--write-config", str(target)])
+    assert (r.exit_code, r.stdout) == (2, "")
+    assert r.stderr == f"dirpull: --write-config {target}: cannot write (No such file or directory)\n"
+
+
 def test_cluster_config_toml_round_trips(tmp_path):
     cluster = Cluster(Org.generate(10))
     cluster.start(["bamboohr"])

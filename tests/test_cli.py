@@ -210,6 +210,24 @@ def test_status_shows_a_tenant_not_synced_for_too_long(env, store_url, schedule)
     assert "no successful sync since" in run(env, "status").stdout
 
 
+@pytest.mark.parametrize("provider", ["okta", "workday", "bamboohr"])
+def test_throttling_is_a_warning_in_the_log(tmp_path, provider):
+    """DESIGN, Operating it: throttling is a warning in the log when it happens, for every
+    provider (Graph's and Google's connectors already said so), and the run still succeeds."""
+    cluster = Cluster(Org.generate(10))
+    cluster.start([provider])
+    try:
+        config = tmp_path / "dirpull.toml"
+        config.write_text(cluster.config_toml(tmp_path, store_url=f"sqlite:///{tmp_path / 'store.db'}"))
+        cluster.emulators[provider].faults.update({"rate_limit": 1})
+        r = CliRunner().invoke(app, ["--config", str(config), "sync", f"demo-{provider}"])
+    finally:
+        cluster.stop()
+    assert r.exit_code == 0, r.stderr
+    warnings = [line for line in r.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1 and any(code in warnings[0] for code in ("429", "503")), r.stderr
+
+
 def test_unknown_tenant_and_bad_usage_exit_2(env):
     r = run(env, "users", "nope")
     assert r.exit_code == 2 and r.stderr.strip() == "dirpull: unknown tenant 'nope' (known: hr)"

@@ -8,6 +8,7 @@ SDK-based connectors (msgraph, okta, google) keep their SDK's transport but use 
 from __future__ import annotations
 
 import email.utils
+import logging
 import random
 import re
 import threading
@@ -21,6 +22,8 @@ from dirpull.connectors.base import AuthError, ConnectorError
 
 if TYPE_CHECKING:
     import requests
+
+log = logging.getLogger(__name__)
 
 RETRIABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Set while the daemon stops (SIGTERM): retry waits end at once instead of holding the shutdown
@@ -189,6 +192,12 @@ class HttpClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def _retrying(self, what: str, attempt: int) -> None:
+        # Throttling and outages show in the daemon's log as they happen, not only in the error of
+        # a run that finally gives up (the last attempt fails the run instead).
+        if attempt < self.policy.max_attempts:
+            log.warning("%s; retrying (attempt %d of %d)", what, attempt + 1, self.policy.max_attempts)
+
     def request(self, method: str, url: str, *, step: str, stream: bool = False, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
         attempt = 0
@@ -199,6 +208,7 @@ class HttpClient:
                 resp = self.session.request(method, url, stream=stream, **kwargs)
             except self._transient as exc:
                 what = f"{step}: {type(exc).__name__} on {method} {redact_url(url)}"
+                self._retrying(what, attempt)
                 self.policy.wait(attempt, None, what=what, step=step)
                 continue
             if resp.status_code in self.retry_statuses:
@@ -208,6 +218,7 @@ class HttpClient:
                     f" ({detail})" if detail else ""
                 )
                 resp.close()
+                self._retrying(what, attempt)
                 self.policy.wait(attempt, hint, what=what, step=step)
                 continue
             if resp.status_code in (401, 403):

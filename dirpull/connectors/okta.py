@@ -40,6 +40,7 @@ import asyncio
 import email.utils
 import ipaddress
 import json
+import logging
 import random
 import sys
 import time
@@ -56,6 +57,8 @@ from dirpull.connectors.http import PagingGuard, interruptible_async_sleep, read
 from dirpull.connectors.mapping import map_attributes, mapping_root, without
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import Group, User
+
+log = logging.getLogger(__name__)
 
 EPOCH = "1970-01-01T00:00:00.000Z"
 CURSOR_VERSION = 1
@@ -231,7 +234,7 @@ class Throttle:
         delay = min(MAX_BACKOFF, self.backoff_base * (2 ** (attempt - 1)))
         return delay + random.uniform(0, 0.25 * delay)
 
-    async def wait(self, seconds: float, why: str) -> None:
+    async def wait(self, seconds: float, why: str, *, level: int = logging.WARNING) -> None:
         if self.waited + seconds > self.max_wait:
             raise ConnectorError(
                 f"{why}: waiting {seconds:.1f}s more would pass max_rate_limit_wait "
@@ -239,6 +242,8 @@ class Throttle:
             )
         self.waited += seconds
         self.waits.append((why, seconds))
+        # The operator watching the daemon sees throttling as it happens, not only in the run's notes.
+        log.log(level, "%s; waiting %.1fs", why, seconds)
         await self.sleep(seconds)
 
     async def pace(self) -> None:
@@ -249,7 +254,10 @@ class Throttle:
             return
         left = self.reset_in - (time.monotonic() - self.observed_at)
         if left > 0:
-            await self.wait(left, f"rate limit reserve reached ({self.remaining:.0f}/{self.limit:.0f} left)")
+            # Our own pacing, before Okta refuses anything: not worth a warning.
+            await self.wait(
+                left, f"rate limit reserve reached ({self.remaining:.0f}/{self.limit:.0f} left)", level=logging.INFO
+            )
         self.remaining = None  # unknown until the next response
 
 

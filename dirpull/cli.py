@@ -140,7 +140,13 @@ def _json_default(value: Any) -> Any:
 def _jsonl(rows: Iterable[dict[str, Any]]) -> None:
     out = sys.stdout
     for row in rows:
-        out.write(json.dumps(row, ensure_ascii=False, default=_json_default, separators=(",", ":")))
+        line = json.dumps(row, ensure_ascii=False, default=_json_default, separators=(",", ":"))
+        if not line.isascii():  # O(1) for str: ASCII lines skip the scans below
+            # JSON leaves these raw in strings, and str.splitlines() (like other readers) takes
+            # them for line ends: a vendor value holding one (U+2028 comes with text pasted from
+            # word processors) cut its object in two. Escaped, they decode to the same string.
+            line = line.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
+        out.write(line)
         out.write("\n")
     out.flush()
 

@@ -128,6 +128,19 @@ def test_unchanged_resync_and_a_change(env):
     assert new[0]["data"]["job_title"] == "Chief Emulator"
 
 
+def test_json_lines_stay_one_object_per_line_whatever_the_vendor_sends(env):
+    """A title pasted from a word processor holds U+2028: every --json output still splits into
+    one object per line, with str.splitlines() too, and decodes to the vendor's value."""
+    title = "Head\x85of\u2028Opera\u2029tions"
+    env["org"].update_person(5, title=title)
+    assert run(env, "sync", "hr").exit_code == 0
+    users = [json.loads(line) for line in run(env, "users", "hr", "--json").stdout.splitlines()]
+    assert len(users) == len(env["org"].people)
+    assert {u["idp_id"]: u["job_title"] for u in users}["5"] == title
+    events = [json.loads(line) for line in run(env, "events", "hr", "--json").stdout.splitlines()]
+    assert len(events) == len(users)
+
+
 def test_guard_hold_dry_run_and_force_exit_codes(env):
     run(env, "sync", "hr")
     for n in range(2, 32):

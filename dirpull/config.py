@@ -476,7 +476,13 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
 def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
     path = config_path(explicit)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte-order mark (Windows editors write one) is not a TOML syntax error.
+        raw = tomllib.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} on line {line}); save it as UTF-8"
+        ) from None
     except FileNotFoundError:
         raise ConfigError(
             f"{path}: configuration file not found (use --config PATH or set DIRPULL_CONFIG; "

@@ -348,6 +348,20 @@ def test_config_mistake_is_one_line_exit_2(tmp_path, monkeypatch, toml, env_vars
     assert "hunter2" not in r.stdout + r.stderr
 
 
+def test_a_config_file_not_in_utf8_is_named_and_a_bom_is_fine(tmp_path, monkeypatch):
+    """Saved as Latin-1: one line naming the file and where, not a UnicodeDecodeError traceback.
+    Saved by an editor that writes a byte-order mark: loads."""
+    monkeypatch.chdir(tmp_path)  # the default store, ./dirpull.db, goes there
+    cfg = tmp_path / "dirpull.toml"
+    cfg.write_bytes("# Acme café\n".encode("latin-1") + BAMBOO.encode())
+    r = CliRunner().invoke(app, ["--config", str(cfg), "status"])
+    expected = f"dirpull: {cfg}: not UTF-8 text (byte 0xe9 on line 1); save it as UTF-8\n"
+    assert (r.exit_code, r.stdout, r.stderr) == (2, "", expected)
+    cfg.write_bytes(b"\xef\xbb\xbf" + BAMBOO.encode())
+    r = CliRunner().invoke(app, ["--config", str(cfg), "status"])
+    assert r.exit_code == 0 and "hr\tbamboohr" in r.stdout, r.stderr
+
+
 def test_db_commands(env):
     assert run(env, "db", "upgrade").exit_code == 0
     check = run(env, "db", "check")

@@ -96,9 +96,12 @@ class SecretRef:
         if self._value.startswith("file:"):
             assert self.path is not None
             try:
-                return self.path.read_text(encoding="utf-8").rstrip("\r\n")
+                # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the secret.
+                return self.path.read_text(encoding="utf-8-sig").rstrip("\r\n")
             except OSError as exc:
                 raise ConfigError(f"secret {self._value}: cannot read ({exc.strerror})") from None
+            except UnicodeDecodeError:  # e.g. PowerShell's UTF-16; the message would quote a byte of it
+                raise ConfigError(f"secret {self._value}: not UTF-8 text; save it as UTF-8") from None
         return self._value
 
     def __repr__(self) -> str:

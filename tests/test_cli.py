@@ -141,6 +141,20 @@ def test_json_lines_stay_one_object_per_line_whatever_the_vendor_sends(env):
     assert len(events) == len(users)
 
 
+def test_a_secret_file_written_by_a_windows_editor(env):
+    """A key file with a byte-order mark is read without it; one in UTF-16 (PowerShell's
+    Out-File) fails the run naming the reference, not with a decoding traceback."""
+    key = env["tmp"] / "key"
+    key.write_bytes(b"\xef\xbb\xbf" + env["secret"].encode() + b"\r\n")
+    r = run(env, "sync", "hr")
+    assert r.exit_code == 0, r.stderr
+    key.write_bytes(env["secret"].encode("utf-16"))
+    r = run(env, "sync", "hr", "--json")
+    assert r.exit_code == 1
+    assert jsonl(r.stdout)[0]["error"].endswith("api_key: secret file:key: not UTF-8 text; save it as UTF-8")
+    assert "Traceback" not in r.stderr
+
+
 def test_guard_hold_dry_run_and_force_exit_codes(env):
     run(env, "sync", "hr")
     for n in range(2, 32):

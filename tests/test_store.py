@@ -481,3 +481,16 @@ def test_store_recovers_when_the_server_drops_its_connections(store):
         )
     admin.dispose()
     assert store.last_seq() == 0  # the pool pings, drops the dead connections and reconnects
+
+
+def test_a_store_password_given_in_the_query_is_hidden_in_store_errors(tmp_path: Path):
+    # libpq (and so psycopg) takes the password as a query parameter too: ?password=…
+    with __import__("socket").socket() as sock:  # a port nobody listens on: no server needed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    config = _config(tmp_path, f"postgresql+psycopg://dirpull@127.0.0.1:{port}/dirpull?password=hunter2-in-query")
+    for args in (["status"], ["users", "hr"], ["db", "check"]):
+        r = _cli(config, *args)
+        assert r.exit_code == 1, (args, r.output)
+        assert f"127.0.0.1:{port}" in r.stderr and "cannot connect" in r.stderr, r.stderr
+        assert "hunter2-in-query" not in r.output and "password=***" in r.stderr, r.stderr

@@ -269,7 +269,8 @@ class Store:
 
     @property
     def safe_url(self) -> str:
-        return self.engine.url.render_as_string(hide_password=True)
+        # hide_password covers only user:password@; libpq also takes ?password=… in the query.
+        return mask_password(self.engine.url.render_as_string(hide_password=True))
 
     # --- tenants -----------------------------------------------------------------------------------
 

@@ -142,6 +142,11 @@ def test_a_section_that_is_not_a_table(tmp_path, monkeypatch, store_url):
         ("postgresql+psycopg//u:hunter2@db/d", "'postgresql+psycopg//u:***@db/d' is not a database URL (e.g. sqlite:"),
         ("postgresql+psycopg:u:hunter2@db/d", "'postgresql+psycopg:***@db/d' is not a database URL"),
         ("mysql://u:hunter2@db/d", "unsupported database 'mysql' (use sqlite or postgresql+psycopg)"),
+        # A raw "@" in the password: the part after it was taken for the host and shown as such.
+        (
+            "postgresql+psycopg://u:p@hunter2@127.0.0.1:5432/d",
+            "'postgresql+psycopg://u:***@127.0.0.1:5432/d': an '@' in the password or user name must be written %40",
+        ),
     ],
 )
 @pytest.mark.parametrize("from_env", [False, True])

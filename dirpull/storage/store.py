@@ -1119,6 +1119,12 @@ def parse_store_url(url: str) -> sa.URL:
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise StoreError(f"store url: unsupported database {backend!r} (use sqlite or postgresql+psycopg)")
+    if parsed.host and "@" in parsed.host:
+        # A raw "@" in the password ends it early: the rest would be taken for the host and shown,
+        # with the driver's "cannot resolve host", in every store error.
+        raise StoreError(
+            f"store url: {mask_password(url)!r}: an '@' in the password or user name must be written %40"
+        )
     return parsed
 
 

@@ -799,3 +799,40 @@ def test_bench_pull_cost_per_user() -> None:
         f"(emulator serving + download alone: {serve / users * 1e6:.0f} µs/user); "
         f"peak Python memory during a pull {peak / 1e6:.1f} MB"
     )
+
+
+@pytest.mark.parametrize("refused", ["refresh_token", "client_secret"])
+def test_a_token_endpoint_quoting_the_credential_sent_does_not_put_it_in_the_run_or_the_log(
+    emu: WorkdayEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refused: str
+) -> None:
+    """An OAuth server may quote what it refused ("Invalid refresh token: …"): the run's error keeps
+    the vendor's words and the step, but not the credential — in `sync --json`, `runs`, `status`
+    and the debug log alike."""
+    from typer.testing import CliRunner
+
+    from dirpull.cli import app
+
+    emu.echo_grant = True
+    secret = f"wd-{refused}-that-was-revoked"
+    monkeypatch.setenv("WD_CLIENT_SECRET", secret if refused == "client_secret" else emu.client_secret)
+    monkeypatch.setenv("WD_REFRESH_TOKEN", secret if refused == "refresh_token" else emu.refresh_token)
+    monkeypatch.delenv("DIRPULL_STORE_URL", raising=False)
+    config = tmp_path / "dirpull.toml"
+    config.write_text(
+        f'[store]\nurl = "sqlite:///{tmp_path / "store.db"}"\n\n[tenants.wd]\nprovider = "workday"\n'
+        f'users_report_url = "{emu.report_url(emu.users_report)}"\ntoken_url = "{emu.token_url}"\n'
+        f'client_id = "{emu.client_id}"\nclient_secret = "env:WD_CLIENT_SECRET"\n'
+        'refresh_token = "env:WD_REFRESH_TOKEN"\n'
+    )
+    runner = CliRunner()
+    sync = runner.invoke(app, ["--config", str(config), "--log-level", "debug", "sync", "wd", "--json"])
+    assert sync.exit_code == 1, sync.output
+    error = json.loads(sync.stdout.splitlines()[0])["error"]
+    assert ("invalid_grant" if refused == "refresh_token" else "invalid_client") in error and "token" in error
+    outputs = [sync.stdout, sync.stderr]
+    for args in (["runs", "wd", "--json"], ["runs", "wd"], ["status", "--json"], ["status"]):
+        r = runner.invoke(app, ["--config", str(config), *args])
+        assert r.exit_code == 0, r.output
+        outputs.append(r.output)
+    for text in outputs:
+        assert secret not in text, text

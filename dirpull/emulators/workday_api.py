@@ -30,6 +30,8 @@ at `POST /_emulator/workday`):
                  JSON numbers, as a calculated field may send them
   token_response a JSON object the token endpoint answers a valid grant with (200) instead of a
                  token, e.g. one without `access_token`; None = a token
+  echo_grant     the token endpoint's invalid_client/invalid_grant errors quote the client secret
+                 or refresh token sent, as some OAuth servers do ("Invalid refresh token: …")
 
 Faults (server.Faults) apply as everywhere: `error` → 5xx with the XML/HTML body above, `rate_limit`
 → 503 + Retry-After (Workday documents no 429), `expire_auth` → 401 (a bearer token is forgotten),
@@ -141,6 +143,7 @@ class WorkdayEmulator(Emulator):
         self.numeric_ids = False
         # The token endpoint's 200 body for a valid grant instead of a token (None = a token).
         self.token_response: dict[str, Any] | None = None
+        self.echo_grant = False
         # Every report request's prompts (query parameters minus `format`), for tests.
         self.prompts_log: list[dict[str, str]] = []
         self.tokens: set[str] = set()
@@ -247,11 +250,13 @@ class WorkdayEmulator(Emulator):
             except (ValueError, UnicodeDecodeError):
                 cid = csecret = None
         if cid != self.client_id or csecret != self.client_secret:
-            return Response(401, {"error": "invalid_client", "error_description": "Invalid client"})
+            said = f"Invalid client: {cid}:{csecret}" if self.echo_grant else "Invalid client"
+            return Response(401, {"error": "invalid_client", "error_description": said})
         if form.get("grant_type") != "refresh_token":
             return Response(400, {"error": "unsupported_grant_type"})
         if form.get("refresh_token") != self.refresh_token:
-            return Response(400, {"error": "invalid_grant", "error_description": "Invalid refresh token"})
+            said = f"Invalid refresh token: {form.get('refresh_token')}" if self.echo_grant else "Invalid refresh token"
+            return Response(400, {"error": "invalid_grant", "error_description": said})
         if self.token_response is not None:
             return Response(200, self.token_response)
         token = secrets.token_urlsafe(24)

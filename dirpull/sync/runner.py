@@ -6,11 +6,13 @@ leaves the store as it was, with the old cursor, and the run recorded as failed.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import threading
 import time
+import traceback
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, NamedTuple
 
-from dirpull.config import Config, ConfigError, parse_duration
+from dirpull.config import Config, ConfigError, SecretRef, parse_duration
 from dirpull.connectors import make_connector
 from dirpull.connectors.base import Connector, ConnectorError, Done, Page
 from dirpull.prefetch import Prefetch
@@ -258,12 +260,16 @@ class Runner:
             return result
         except (ConnectorError, ConfigError, StoreError, Interrupted) as exc:
             result.status = "failed"
-            result.error = str(exc)
+            result.error = _without_secrets(str(exc), settings)
             return self._failed(result, notes)
         except Exception as exc:  # a bug or an SDK surprise: recorded, never half-applied
-            log.exception("tenant %s: unexpected error", tenant)
+            trace = traceback.format_exc()
+            if (clean := _without_secrets(trace, settings)) == trace:
+                log.exception("tenant %s: unexpected error", tenant)
+            else:
+                log.error("tenant %s: unexpected error\n%s", tenant, clean.rstrip())
             result.status = "failed"
-            result.error = f"{type(exc).__name__}: {exc}"
+            result.error = _without_secrets(f"{type(exc).__name__}: {exc}", settings)
             return self._failed(result, notes)
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: recorded, then passed on
             if not recorded:
@@ -509,6 +515,40 @@ class _StoreBackedState:
 
     def existing_pairs(self, pairs: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
         return self.store.existing_pairs(self.tenant, pairs) if pairs else set()
+
+
+def _secret_values(settings: Any) -> list[str]:
+    """The tenant's secrets as configured now, longest first, and each line of a multi-line one (a
+    PEM key, a service-account file and the private key in it)."""
+    values: set[str] = set()
+    for key in getattr(type(settings), "model_fields", {}):
+        ref = getattr(settings, key, None)
+        if not isinstance(ref, SecretRef):
+            continue
+        try:
+            value = ref.get()
+        except ConfigError:
+            continue
+        found = [value]
+        try:
+            info = json.loads(value)
+        except ValueError:
+            info = None
+        if isinstance(info, dict) and isinstance(info.get("private_key"), str):
+            found.append(info["private_key"])
+        for v in found:
+            values.add(v)
+            values.update(line.strip() for line in v.splitlines())
+    return sorted((v for v in values if len(v) >= 8), key=len, reverse=True)
+
+
+def _without_secrets(text: str, settings: Any) -> str:
+    """`text` with the tenant's secrets masked. Errors quote the vendor's own words, and a vendor may
+    quote a credential it was sent (an OAuth server's "Invalid refresh token: …", a proxy's error
+    page echoing the request): the run record and the log must not carry it on."""
+    for secret in _secret_values(settings):
+        text = text.replace(secret, "***")
+    return text
 
 
 def _quarantine_list(plan: Plan) -> list[dict[str, Any]]:

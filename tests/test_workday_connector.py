@@ -836,3 +836,16 @@ def test_a_token_endpoint_quoting_the_credential_sent_does_not_put_it_in_the_run
         outputs.append(r.output)
     for text in outputs:
         assert secret not in text, text
+
+
+def test_a_token_answer_cut_short_is_retried_and_then_fails_naming_the_step(
+    emu: WorkdayEmulator, tmp_path: Path
+) -> None:
+    emu.faults.update({"drop": 1, "path": "/ccx/oauth2/"})
+    pages, _ = pull(connector(oauth_tenant(emu, tmp_path)))
+    assert users_of(pages) and emu.tokens_issued == 2  # the first answer was cut short, then retried
+    emu.faults.update({"drop": 100, "path": "/ccx/oauth2/"})
+    with pytest.raises(ConnectorError) as info:  # not a bare ChunkedEncodingError with a traceback
+        list(connector(oauth_tenant(emu, tmp_path)).pull(None, full=False))
+    assert info.value.retriable and str(info.value).startswith("token: ChunkedEncodingError on POST http://")
+    assert "gave up after 3 attempts" in str(info.value)

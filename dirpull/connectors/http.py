@@ -173,7 +173,9 @@ class HttpClient:
         # every `dirpull sync` that starts a process).
         import requests
 
-        self._transient = (requests.ConnectionError, requests.Timeout)
+        # A connection cut while the body is read (a non-streamed response) is as transient as one
+        # cut before the status line: retried, and reported with the step and URL if it persists.
+        self._transient = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
         self.session = requests.Session()
         if headers:
             self.session.headers.update(headers)

@@ -560,3 +560,20 @@ def test_cost_per_user(tmp_path: Path) -> None:
         proc.join(timeout=30)
         if proc.is_alive():
             proc.terminate()
+
+
+def test_a_token_answer_that_is_not_json_is_retried_and_then_fails_naming_the_token_endpoint(
+    emu: GoogleEmulator, tmp_path: Path
+) -> None:
+    clean, _ = pull(connector(emu, tmp_path))
+    emu.faults.update({"malformed": 1, "path": "/token"})
+    sleeps = Sleeps()
+    pages, _ = pull(connector(emu, tmp_path, sleeps))
+    assert users(pages) == users(clean) and len(sleeps) == 1
+    emu.faults.update({"malformed": 1000, "path": "/token"})
+    with pytest.raises(ConnectorError) as err:  # not google-auth's bare TypeError
+        pull(connector(emu, tmp_path, Sleeps()))
+    assert str(err.value).startswith(
+        "users.list: the token endpoint answered 200 with a body that is not a JSON object (application/json"
+    )
+    assert "gave up after 5 attempts" in str(err.value) and err.value.retriable

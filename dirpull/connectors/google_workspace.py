@@ -93,7 +93,24 @@ class _CountingHttp(httplib2.Http):
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
         self._counter.add()
-        return super().request(*args, **kwargs)
+        resp, content = super().request(*args, **kwargs)
+        # The only POST is google-auth's token request. Its 200 answer that is not a JSON object
+        # (a proxy's page, a cut body) would surface as google-auth's bare TypeError.
+        method = kwargs.get("method") or (args[1] if len(args) > 1 else "GET")
+        if method == "POST" and resp.status == 200:
+            try:
+                ok = isinstance(json.loads(content), dict)
+            except (ValueError, TypeError):
+                ok = False
+            if not ok:
+                ctype = resp.get("content-type") or "no content type"
+                raise _BadTokenAnswer(f"the token endpoint answered 200 with a body that is not a JSON object "
+                                      f"({ctype}, {len(content or b'')} bytes)")  # fmt: skip
+        return resp, content
+
+
+class _BadTokenAnswer(Exception):
+    pass
 
 
 class _Counter:
@@ -322,6 +339,11 @@ class _Session:
                 raise AuthError(
                     f"{step}: the token endpoint refused the service-account grant: {detail[:200]}", step=step
                 ) from None
+            except _BadTokenAnswer as exc:
+                what = f"{step}: {exc}"
+                log.warning("%s; retrying (attempt %d)", what, attempt)
+                self.policy.wait(attempt, None, what=what, step=step)
+                continue
             except (
                 TransportError,
                 OSError,

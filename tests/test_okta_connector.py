@@ -993,3 +993,34 @@ def test_full_pull_skips_known_users_whatever_their_login_time_unless_the_mappin
     again, unchanged = digests(mapped, seen)
     active = {user_id(p.n) for p in org.people.values() if p.visible and p.state == "active"}
     assert active and active <= set(again) and not (active & set(unchanged))
+
+
+def test_an_oauth_token_answer_that_is_not_json_fails_naming_the_token_endpoint(
+    emu: OktaEmulator, tmp_path: Path
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    public = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    ).decode()
+    (tmp_path / "okta.pem").write_text(pem)
+    emu.register_oauth_client("0oadirpull", public)
+    cfg = {"provider": "okta", "org_url": emu.base_url, "client_id": "0oadirpull",
+           "private_key": f"file:{tmp_path / 'okta.pem'}"}  # fmt: skip
+    emu.faults.update({"malformed": 1, "path": "/oauth2/v1/token"})
+    with pytest.raises(ConnectorError) as err:  # not the SDK's bare JSONDecodeError
+        pull(connector(cfg))
+    msg = str(err.value)
+    assert msg.startswith(f"list users: the answer from {emu.base_url}/oauth2/v1/token (HTTP 200, "), msg
+    assert "is not JSON" in msg and "emu-at-" not in msg  # the cut answer's access token is not quoted
+    # A key the SDK cannot sign with fails before any request, as a configuration error.
+    (tmp_path / "okta.pem").write_text("-----BEGIN PRIVATE KEY-----\nMIIBnotakey\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(ConfigurationError) as err:
+        pull(connector(cfg))
+    assert str(err.value).startswith("list users: the okta SDK refused the OAuth credentials (")
+    assert str(err.value).endswith("; check client_id and private_key") and "MIIBnotakey" not in str(err.value)

@@ -947,6 +947,21 @@ class OktaConnector:
             err = await run.sdk.get(path, query, path_params)
         except AttributeError as exc:
             raise self._failure(step, transport, f"the okta SDK failed ({_first_line(exc)})") from None
+        except ValueError as exc:
+            last = transport.last
+            if last is None:  # before any answer: the SDK could not sign the OAuth assertion
+                raise ConfigurationError(
+                    f"{step}: the okta SDK refused the OAuth credentials ({_first_line(exc)}); "
+                    "check client_id and private_key",
+                    step=step,
+                ) from None
+            # The SDK's json.loads of a token answer that is not JSON. Not quoted: a token answer
+            # cut short may still hold the access token.
+            raise ConnectorError(
+                f"{step}: the answer from {redact_url(last.url)} (HTTP {last.status}, {len(last.body)} "
+                f"characters) is not JSON ({_first_line(exc)})",
+                step=step,
+            ) from None
         last = transport.last
         if err is not None or last is None or not 200 <= last.status <= 299:
             raise self._failure(step, transport, _first_line(err) if err is not None else "no response")

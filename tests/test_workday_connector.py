@@ -849,3 +849,13 @@ def test_a_token_answer_cut_short_is_retried_and_then_fails_naming_the_step(
         list(connector(oauth_tenant(emu, tmp_path)).pull(None, full=False))
     assert info.value.retriable and str(info.value).startswith("token: ChunkedEncodingError on POST http://")
     assert "gave up after 3 attempts" in str(info.value)
+
+
+def test_a_password_in_the_report_url_query_is_not_shown_in_errors(emu: WorkdayEmulator, tmp_path: Path) -> None:
+    url = emu.report_url(emu.users_report) + "&pwd=hunter2-pwd&pass=hunter2-pass&sessionid=hunter2-session"
+    emu.faults.update({"expire_auth": 10})
+    with pytest.raises(AuthError) as info:
+        list(connector(tenant(emu, tmp_path, users_report_url=url, groups_report_url=None)).pull(None, full=False))
+    msg = str(info.value)
+    assert msg.startswith("users report: HTTP 401 from http://") and "pwd=***&pass=***&sessionid=***" in msg, msg
+    assert "hunter2" not in msg

@@ -29,7 +29,7 @@ RETRIABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Set while the daemon stops (SIGTERM): retry waits end at once instead of holding the shutdown
 # for as long as a vendor asked us to wait.
 SHUTDOWN = threading.Event()
-_SECRET_PARAM = re.compile(r"(token|key|secret|password|passwd|assertion|code|sig|auth)", re.I)
+_SECRET_PARAM = re.compile(r"(token|key|secret|pass|pwd|assertion|code|sig|auth|jwt|session|credential)", re.I)
 
 
 def redact_url(url: str) -> str:

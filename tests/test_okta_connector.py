@@ -1022,5 +1022,16 @@ def test_an_oauth_token_answer_that_is_not_json_fails_naming_the_token_endpoint(
     (tmp_path / "okta.pem").write_text("-----BEGIN PRIVATE KEY-----\nMIIBnotakey\n-----END PRIVATE KEY-----\n")
     with pytest.raises(ConfigurationError) as err:
         pull(connector(cfg))
-    assert str(err.value).startswith("list users: the okta SDK refused the OAuth credentials (")
+    assert str(err.value).startswith("list users: the okta SDK cannot use the credentials (")
     assert str(err.value).endswith("; check client_id and private_key") and "MIIBnotakey" not in str(err.value)
+
+
+def test_an_api_token_no_header_can_hold_fails_as_a_configuration_error(
+    emu: OktaEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OKTA_TOKEN", "00first-line\n00second-line")  # a token file with two lines
+    with pytest.raises(ConfigurationError) as err:  # not a bare ValueError with a traceback
+        pull(connector(tenant(emu, tmp_path, api_token="env:OKTA_TOKEN")))
+    msg = str(err.value)
+    assert msg.startswith("list users: the okta SDK cannot use the credentials (") and msg.endswith("check api_token")
+    assert "00first-line" not in msg and "00second-line" not in msg

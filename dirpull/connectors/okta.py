@@ -949,10 +949,10 @@ class OktaConnector:
             raise self._failure(step, transport, f"the okta SDK failed ({_first_line(exc)})") from None
         except ValueError as exc:
             last = transport.last
-            if last is None:  # before any answer: the SDK could not sign the OAuth assertion
+            if last is None:  # before any answer: a key it cannot sign with, a token no header can hold
+                which = "api_token" if self.settings.api_token is not None else "client_id and private_key"
                 raise ConfigurationError(
-                    f"{step}: the okta SDK refused the OAuth credentials ({_first_line(exc)}); "
-                    "check client_id and private_key",
+                    f"{step}: the okta SDK cannot use the credentials ({_first_line(exc)}); check {which}",
                     step=step,
                 ) from None
             # The SDK's json.loads of a token answer that is not JSON. Not quoted: a token answer

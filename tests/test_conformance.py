@@ -105,6 +105,19 @@ def test_a_failing_vendor_fails_the_run_and_changes_nothing(tenant, caplog):
         assert secret not in caplog.text and secret not in r.error
 
 
+def test_a_failed_run_records_the_requests_it_made(tenant):
+    """`dirpull runs` and the 'sync end' line of a failed run count what it sent, not 0."""
+    provider, _, h = tenant
+    api = {"entra_id": "/v1.0/", "google_workspace": "/admin/directory/", "okta": "/api/v1/",
+           "workday": "/ccx/service/", "bamboohr": "/api/gateway.php/"}[provider]  # fmt: skip
+    h.emulator.faults.update({"error": 10_000, "error_status": 400, "path": api})  # sign-in works
+    before = h.emulator.requests
+    r = h.sync("t", full=True)
+    assert r.status == "failed" and r.error
+    assert r.requests == h.emulator.requests - before > 0
+    assert h.store.runs("t", 1)[0]["requests"] == r.requests
+
+
 def test_incremental_after_changes_agrees_with_a_full_walk(tenant):
     provider, org, h = tenant
     assert h.sync("t").status == "succeeded"

@@ -157,7 +157,12 @@ class BambooHRConnector:
             done.requests = client.requests
             yield done
         except AuthError as exc:
-            raise self._auth_error(exc) from None
+            err = self._auth_error(exc)
+            err.requests = client.requests
+            raise err from None
+        except ConnectorError as exc:
+            exc.requests = client.requests
+            raise
         finally:
             client.close()
 

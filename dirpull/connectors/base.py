@@ -97,6 +97,7 @@ class ConnectorError(Exception):
         self.retriable = retriable
         self.step = step
         self.status = status  # the HTTP status that caused it, when there was one
+        self.requests = 0  # the requests the pull had sent when it failed (set as it leaves the pull)
 
 
 class AuthError(ConnectorError):

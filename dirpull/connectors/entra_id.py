@@ -604,6 +604,9 @@ class EntraConnector:
             sources = SourceDigests(known, self.settings, [__name__]) if known else None
             async for item in self._full(session, select, notes, sources):
                 yield item
+        except ConnectorError as exc:
+            exc.requests = session.requests
+            raise
         finally:
             await session.close()
 

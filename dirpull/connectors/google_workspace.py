@@ -417,6 +417,9 @@ class GoogleWorkspaceConnector:
         try:
             with tempfile.TemporaryFile() as file:
                 yield from self._pull(session, _UserSpool(file), sources)
+        except ConnectorError as exc:
+            exc.requests = session.counter.value
+            raise
         finally:
             session.close()
 

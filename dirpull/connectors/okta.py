@@ -591,17 +591,21 @@ class OktaConnector:
             # out of the digest, unless the attribute mapping reads one of them.
             read = {mapping_root(path) for path in s.attributes.values()}
             run.digest_whole_record = bool(read & set(VOLATILE_USER))
-        async with sdk:
-            if mode == "full":
-                log_next = await self._log_start(run) if s.poll_system_log else None
-                async for page in self._full(run):
-                    yield page
-                new_cursor = self._cursor(run, None, log_next)
-            else:
-                assert state is not None
-                async for page in self._incremental(run, state):
-                    yield page
-                new_cursor = self._cursor(run, state, state.get("log_next"))
+        try:
+            async with sdk:
+                if mode == "full":
+                    log_next = await self._log_start(run) if s.poll_system_log else None
+                    async for page in self._full(run):
+                        yield page
+                    new_cursor = self._cursor(run, None, log_next)
+                else:
+                    assert state is not None
+                    async for page in self._incremental(run, state):
+                        yield page
+                    new_cursor = self._cursor(run, state, state.get("log_next"))
+        except ConnectorError as exc:
+            exc.requests = transport.requests
+            raise
         if throttle.waited:
             run.notes.append(f"rate limits: waited {throttle.waited:.1f}s over {len(throttle.waits)} pauses")
         yield Done(

@@ -306,6 +306,9 @@ class WorkdayConnector:
                 resp.close()
             body.seek(0)
             return _Read(body), client.requests
+        except ConnectorError as exc:
+            exc.requests = client.requests
+            raise
         finally:
             client.close()
 
@@ -425,6 +428,9 @@ class WorkdayConnector:
             if page.users or page.groups or page.members or page.quarantined or page.unchanged_users:
                 yield page
             yield Done(snapshot=True, cursor=None, mode="full", requests=requests_made, notes=notes)
+        except ConnectorError as exc:
+            exc.requests += client.requests  # on top of the groups report's, if it is what failed
+            raise
         finally:
             stop.set()
             ahead.shutdown(wait=True)

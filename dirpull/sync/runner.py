@@ -260,6 +260,8 @@ class Runner:
             return result
         except (ConnectorError, ConfigError, StoreError, Interrupted) as exc:
             result.status = "failed"
+            if isinstance(exc, ConnectorError) and exc.requests:
+                result.requests = exc.requests
             result.error = _without_secrets(str(exc), settings)
             return self._failed(result, notes)
         except Exception as exc:  # a bug or an SDK surprise: recorded, never half-applied

@@ -457,10 +457,13 @@ def db_check() -> None:
     """Exit 0 when the schema is current, 1 otherwise."""
     config = _config()
     try:
-        current, head = Store(config.store.url, connect_timeout=config.store.connect_timeout).schema_state()
+        store = Store(config.store.url, connect_timeout=config.store.connect_timeout)
+        current, head = store.schema_state()
+        newer = current != head and store.schema_is_newer(current)
     except StoreError as exc:
         raise fail(str(exc), 1) from None
-    typer.echo(f"schema {current or 'empty'}, needed {head}")
+    hint = " (newer than this dirpull: upgrade dirpull)" if newer else ""
+    typer.echo(f"schema {current or 'empty'}, needed {head}{hint}")
     raise typer.Exit(0 if current == head else 1)
 
 

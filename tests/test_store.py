@@ -468,6 +468,29 @@ def test_schema_behind_daemon_refuses_and_db_upgrade_fixes_it(store_url: str, tm
     assert ran.exit_code == 0, ran.output
 
 
+def test_a_store_migrated_by_a_newer_dirpull_says_to_upgrade_dirpull_not_the_schema(
+    store_url: str, tmp_path: Path, monkeypatch, request
+):
+    # A rolling upgrade: one machine's newer dirpull ran `db upgrade`, an older worker restarts.
+    # It used to say "run `dirpull db upgrade`", and that command then died with alembic's traceback.
+    old_migrations, old_head = store_module.MIGRATIONS, store_module.HEAD_REVISION
+    request.getfixturevalue("newer_dirpull")
+    config = _config(tmp_path, store_url)
+    assert _cli(config, "db", "upgrade").exit_code == 0
+    monkeypatch.setattr(store_module, "MIGRATIONS", old_migrations)
+    monkeypatch.setattr(store_module, "HEAD_REVISION", old_head)
+    expected = (
+        f"dirpull: store {Store(store_url).safe_url}: schema is at revision 0003, newer than this dirpull "
+        "(which needs 0002): a newer dirpull migrated it; upgrade dirpull here"
+    )
+    for args in (["run", "--max-seconds", "0.5"], ["status"], ["db", "upgrade"]):
+        r = _cli(config, *args)
+        assert (r.exit_code, r.stderr.strip().splitlines()) == (1, [expected]), (args, r.output)
+    check = _cli(config, "db", "check")
+    assert check.exit_code == 1
+    assert check.stdout.strip() == "schema 0003, needed 0002 (newer than this dirpull: upgrade dirpull)"
+
+
 @pytest.mark.postgres
 def test_store_recovers_when_the_server_drops_its_connections(store):
     assert store.last_seq() == 0

@@ -189,7 +189,7 @@ class Store:
 
     # --- schema ------------------------------------------------------------------------------------
 
-    def _alembic(self, conn: Connection) -> Any:
+    def _alembic(self, conn: Connection | None) -> Any:
         from alembic.config import Config
 
         cfg = Config()
@@ -225,6 +225,8 @@ class Store:
         before, head = self.schema_state()
         if before == head:
             return before, head
+        if self.schema_is_newer(before):
+            raise self._behind(before, head)
         engine = self._migration_engine()
         try:
             with engine.begin() as conn:
@@ -258,7 +260,21 @@ class Store:
             return
         raise self._behind(current, head)
 
+    def schema_is_newer(self, current: str | None) -> bool:
+        """The schema is at a revision this dirpull has no migration for: a newer one migrated it."""
+        if current is None:
+            return False
+        from alembic.script import ScriptDirectory
+
+        scripts = ScriptDirectory.from_config(self._alembic(None))
+        return current not in {s.revision for s in scripts.walk_revisions()}
+
     def _behind(self, current: str | None, head: str) -> StoreError:
+        if self.schema_is_newer(current):
+            return StoreError(
+                f"store {self.safe_url}: schema is at revision {current}, newer than this dirpull "
+                f"(which needs {head}): a newer dirpull migrated it; upgrade dirpull here"
+            )
         return StoreError(
             f"store {self.safe_url}: schema is at revision {current or 'none'}, this dirpull needs "
             f"{head}; run `dirpull db upgrade`"

@@ -391,6 +391,11 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
             attention.append("held by the guard: review with --dry-run, apply with --force")
         if run and run["status"] == "failed":
             attention.append(f"failing: {run['error']}")
+        if run and run["status"] == "running" and _abandoned(store, name, run):
+            attention.append(
+                f"run {run['id']} never finished: its worker {run['worker']} no longer holds the lease "
+                "(killed, crashed or cut off from the store); nothing of it was applied"
+            )
         if name in ok and (stale := _stale_at(schedule, ok[name])) is not None and now > stale:
             attention.append(f"no successful sync since {_json_default(ok[name])}")
         if not tenant.enabled:
@@ -415,6 +420,17 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
             f"{r['tenant']}\t{r['provider']}\t{r['last_run'] or '-'}\t{r['result']}\t{r['next_run'] or '-'}\t"
             f"{'; '.join(r['attention'])}"
         )
+
+
+def _abandoned(store: Store, tenant: str, run: dict[str, Any]) -> bool:
+    """A run recorded as running whose worker holds no lease on its tenant: killed (SIGKILL, OOM,
+    power loss) before it could record an outcome. It stays `running` until the tenant's next run
+    starts, which may be a schedule interval away, or never if no daemon runs."""
+    lease = store.lease(tenant)
+    if lease.holder is not None and lease.holder.startswith(f"{run['worker']}/"):
+        return False
+    again = store.runs(tenant, 1)  # it may have finished, or a new run begun, since it was read
+    return bool(again) and again[0]["id"] == run["id"] and again[0]["status"] == "running"
 
 
 # --- daemon ----------------------------------------------------------------------------------------

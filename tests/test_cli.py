@@ -255,6 +255,50 @@ def test_throttling_is_a_warning_in_the_log(tmp_path, provider):
     assert len(warnings) == 1 and any(code in warnings[0] for code in ("429", "503")), r.stderr
 
 
+def test_status_shows_a_run_whose_process_was_killed(env, store_url):
+    """SIGKILL (the OOM killer, `kill -9`) leaves the run recorded as `running`: once its lease has
+    lapsed, `dirpull status` says the run never finished, instead of showing a sync in progress
+    until the tenant's next run (a schedule interval away, or never without a daemon)."""
+    config = Path(env["config"])
+    config.write_text(config.read_text().replace("[defaults.guard]", '[defaults]\nlease_ttl = "1s"\n[defaults.guard]'))
+    assert run(env, "db", "upgrade").exit_code == 0
+    env["emulator"].faults.update({"delay": 5.0})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dirpull.cli", "--config", env["config"], "sync", "hr"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "DIRPULL_STORE_URL": ""},
+    )  # fmt: skip
+    store = Store(store_url)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+            store.runs("hr", 1) and store.runs("hr", 1)[0]["status"] == "running"
+        ):
+            time.sleep(0.05)
+        [running] = store.runs("hr", 1)
+        assert running["status"] == "running"
+        live = jsonl(run(env, "status", "--json").stdout)[0]
+        assert live["result"] == "running" and live["attention"] == []  # alive: nothing to flag
+        proc.kill()
+        proc.wait(10)
+        time.sleep(1.5)  # its lease lapses
+        row = jsonl(run(env, "status", "--json").stdout)[0]
+        assert row["result"] == "running"
+        assert row["attention"] == [
+            f"run {running['id']} never finished: its worker {running['worker']} no longer holds the lease "
+            "(killed, crashed or cut off from the store); nothing of it was applied"
+        ]
+        assert list(store.iter_users("hr")) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        store.close()
+        env["emulator"].faults.clear()
+    assert run(env, "sync", "hr").exit_code == 0
+    assert jsonl(run(env, "status", "--json").stdout)[0]["attention"] == []
+    assert store.runs("hr", 2)[1]["status"] == "failed"  # the next run marked it
+
+
 def test_unknown_tenant_and_bad_usage_exit_2(env):
     r = run(env, "users", "nope")
     assert r.exit_code == 2 and r.stderr.strip() == "dirpull: unknown tenant 'nope' (known: hr)"

@@ -22,7 +22,7 @@ from dirpull.emulators.bamboohr_api import BambooHREmulator
 from dirpull.emulators.cluster import Cluster
 from dirpull.emulators.org import Org
 from dirpull.storage import schema
-from dirpull.storage.store import Store
+from dirpull.storage.store import HEAD_REVISION, Store
 
 # Every test that uses a store runs on SQLite and on PostgreSQL.
 pytestmark = pytest.mark.stores
@@ -423,7 +423,7 @@ def test_a_config_file_not_in_utf8_is_named_and_a_bom_is_fine(tmp_path, monkeypa
 def test_db_commands(env):
     assert run(env, "db", "upgrade").exit_code == 0
     check = run(env, "db", "check")
-    assert check.exit_code == 0 and "schema 0002" in check.stdout
+    assert check.exit_code == 0 and f"schema {HEAD_REVISION}" in check.stdout
 
 
 def test_the_systemd_unit_starts_the_daemon(env, monkeypatch):

@@ -101,6 +101,30 @@ def test_nul_characters_in_values_are_dropped_on_both_stores(harness):
         assert h.sync("t").counts["rows_written"] == 0 and h.last_seq() == seq
 
 
+def test_long_vendor_values_sync_on_both_stores(harness):
+    """Vendors set their own limits: a 300-character job title or a 600-character name used to
+    fail every run of the tenant on PostgreSQL (varchar(255)), while SQLite stored it."""
+    long_id = "id-" + "9" * 297
+    odd = User(idp_id=long_id, username="u" * 600 + "@example.test", email="e" * 600 + "@example.test",
+               first_name="F" * 300, last_name="L" * 300, display_name="D" * 600, job_title="Senior " * 50,
+               department="Dept / " * 50, employee_number="7" * 300, manager_idp_id="m" * 300)  # fmt: skip
+    group = Group(idp_id="g" * 300, name="N" * 600, email="g" * 600 + "@example.test")
+    d = Directory(users=[odd, *people(2)], groups=[group], members=[(group.idp_id, long_id)])
+    h = make(harness, d)
+    r = h.sync("t")
+    assert r.status == "succeeded", r.error
+    stored = h.users("t")[long_id]
+    for field in ("username", "email", "first_name", "last_name", "display_name", "job_title", "department",
+                  "employee_number", "manager_idp_id"):  # fmt: skip
+        assert stored[field] == getattr(odd, field), field
+    assert h.groups("t")[group.idp_id]["name"] == "N" * 600
+    assert h.members("t") == {(group.idp_id, long_id)}
+    assert {e["data"]["idp_id"] for e in h.events("t") if e["type"] == "user.created"} == {long_id, "u0", "u1"}
+    d.users[0] = odd.model_copy(update={"job_title": "Principal " * 40})
+    assert h.sync("t").counts["users_updated"] == 1
+    assert h.users("t")[long_id]["job_title"] == "Principal " * 40
+
+
 def test_mass_deletion_is_held_and_force_applies_it(harness):
     d = Directory(users=people(100))
     h = make(harness, d, guard={"max_percent": 10, "min_count": 5})

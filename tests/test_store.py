@@ -23,6 +23,9 @@ from dirpull.storage.store import LeaseLost, Store, WriteSet
 
 pytestmark = pytest.mark.stores
 
+CURRENT = store_module.HEAD_REVISION
+NEXT = f"{int(CURRENT) + 1:04d}"  # the revision a newer dirpull would bring
+
 
 def writes(tenant: str, n: int, tag: str) -> WriteSet:
     users = [
@@ -425,15 +428,15 @@ def newer_dirpull(tmp_path: Path, monkeypatch):
     """This dirpull ships a migration the store has not had yet."""
     migrations = tmp_path / "migrations"
     shutil.copytree(store_module.MIGRATIONS, migrations, ignore=shutil.ignore_patterns("__pycache__"))
-    (migrations / "versions" / "0003_test_only.py").write_text(
+    (migrations / "versions" / f"{NEXT}_test_only.py").write_text(
         '"""test only: a later migration"""\n'
         "from alembic import op\n\n"
-        'revision = "0003"\ndown_revision = "0002"\nbranch_labels = None\ndepends_on = None\n\n\n'
+        f'revision = "{NEXT}"\ndown_revision = "{CURRENT}"\nbranch_labels = None\ndepends_on = None\n\n\n'
         "def upgrade() -> None:\n"
         '    op.create_index("ix_test_runs_status", "runs", ["status"])\n'
     )
     monkeypatch.setattr(store_module, "MIGRATIONS", migrations)
-    monkeypatch.setattr(store_module, "HEAD_REVISION", "0003")
+    monkeypatch.setattr(store_module, "HEAD_REVISION", NEXT)
 
 
 def test_the_head_revision_in_code_is_the_newest_migration() -> None:
@@ -449,19 +452,19 @@ def test_the_head_revision_in_code_is_the_newest_migration() -> None:
 
 def test_schema_behind_daemon_refuses_and_db_upgrade_fixes_it(store_url: str, tmp_path: Path, request):
     old = Store(store_url)
-    old.ensure_schema()  # a store made by the previous release (0002)
+    old.ensure_schema()  # a store made by the previous release
     old.close()
     request.getfixturevalue("newer_dirpull")
     config = _config(tmp_path, store_url)
     r = _cli(config, "run", "--max-seconds", "1")
     assert r.exit_code == 1
     assert r.stderr.strip().splitlines() == [
-        f"dirpull: store {Store(store_url).safe_url}: schema is at revision 0002, this dirpull needs 0003; "
+        f"dirpull: store {Store(store_url).safe_url}: schema is at revision {CURRENT}, this dirpull needs {NEXT}; "
         "run `dirpull db upgrade`"
     ]
     assert _cli(config, "db", "check").exit_code == 1
     up = _cli(config, "db", "upgrade")
-    assert up.exit_code == 0 and "schema at 0003 (was 0002)" in up.stdout
+    assert up.exit_code == 0 and f"schema at {NEXT} (was {CURRENT})" in up.stdout
     assert _cli(config, "db", "check").exit_code == 0
     assert "already current" in _cli(config, "db", "upgrade").stdout
     ran = _cli(config, "run", "--max-seconds", "0.5")
@@ -480,15 +483,33 @@ def test_a_store_migrated_by_a_newer_dirpull_says_to_upgrade_dirpull_not_the_sch
     monkeypatch.setattr(store_module, "MIGRATIONS", old_migrations)
     monkeypatch.setattr(store_module, "HEAD_REVISION", old_head)
     expected = (
-        f"dirpull: store {Store(store_url).safe_url}: schema is at revision 0003, newer than this dirpull "
-        "(which needs 0002): a newer dirpull migrated it; upgrade dirpull here"
+        f"dirpull: store {Store(store_url).safe_url}: schema is at revision {NEXT}, newer than this dirpull "
+        f"(which needs {CURRENT}): a newer dirpull migrated it; upgrade dirpull here"
     )
     for args in (["run", "--max-seconds", "0.5"], ["status"], ["db", "upgrade"]):
         r = _cli(config, *args)
         assert (r.exit_code, r.stderr.strip().splitlines()) == (1, [expected]), (args, r.output)
     check = _cli(config, "db", "check")
     assert check.exit_code == 1
-    assert check.stdout.strip() == "schema 0003, needed 0002 (newer than this dirpull: upgrade dirpull)"
+    assert check.stdout.strip() == f"schema {NEXT}, needed {CURRENT} (newer than this dirpull: upgrade dirpull)"
+
+
+def test_upgrading_a_0002_store_keeps_its_rows_and_takes_long_values(store_url: str):
+    from alembic import command
+
+    s = Store(store_url)
+    try:
+        with s.engine.begin() as conn:
+            command.upgrade(s._alembic(conn), "0002")
+        s.ensure_tenant("t", "bamboohr")
+        assert s.acquire_lease("t", "a", timedelta(seconds=30)) is None
+        commit_run(s, "t", "a", 2, "old")
+        assert s.upgrade() == ("0002", store_module.HEAD_REVISION)
+        commit_run(s, "t", "a", 1, "x" * 400)  # ids and usernames over the old 255/512 limits
+        assert sorted(u["idp_id"] for u in s.iter_users("t")) == ["old-0", "old-1", "x" * 400 + "-0"]
+        assert [e["data"]["idp_id"] for e in s.iter_events("t")][-1] == "x" * 400 + "-0"
+    finally:
+        s.close()
 
 
 @pytest.mark.postgres

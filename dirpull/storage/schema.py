@@ -1,6 +1,7 @@
 """The store's tables (SQLAlchemy Core). Migrations in `migrations/versions` create them; this module
 is what queries are written against. Nothing here is SQLite-only: JSON columns become `jsonb` on
-PostgreSQL, sequence numbers are BIGINT there."""
+PostgreSQL, sequence numbers are BIGINT there. What a vendor sends is text of any length (0003):
+PostgreSQL would refuse a value longer than a varchar's limit, and fail the whole run with it."""
 
 from __future__ import annotations
 
@@ -26,18 +27,18 @@ users = sa.Table(
     "users",
     metadata,
     sa.Column("tenant", sa.String(64), primary_key=True),
-    sa.Column("idp_id", sa.String(255), primary_key=True),
-    sa.Column("username", sa.String(512)),
-    sa.Column("email", sa.String(512)),
+    sa.Column("idp_id", sa.Text, primary_key=True),
+    sa.Column("username", sa.Text),
+    sa.Column("email", sa.Text),
     sa.Column("emails", JSONType, nullable=False),
-    sa.Column("first_name", sa.String(255)),
-    sa.Column("last_name", sa.String(255)),
-    sa.Column("display_name", sa.String(512)),
+    sa.Column("first_name", sa.Text),
+    sa.Column("last_name", sa.Text),
+    sa.Column("display_name", sa.Text),
     sa.Column("state", sa.String(16), nullable=False),
-    sa.Column("job_title", sa.String(255)),
-    sa.Column("department", sa.String(255)),
-    sa.Column("employee_number", sa.String(255)),
-    sa.Column("manager_idp_id", sa.String(255)),
+    sa.Column("job_title", sa.Text),
+    sa.Column("department", sa.Text),
+    sa.Column("employee_number", sa.Text),
+    sa.Column("manager_idp_id", sa.Text),
     sa.Column("custom_attributes", JSONType, nullable=False),
     sa.Column("raw_attributes", JSONType, nullable=False),
     sa.Column("fingerprint", sa.String(32), nullable=False),
@@ -53,10 +54,10 @@ groups = sa.Table(
     "groups",
     metadata,
     sa.Column("tenant", sa.String(64), primary_key=True),
-    sa.Column("idp_id", sa.String(255), primary_key=True),
-    sa.Column("name", sa.String(512)),
+    sa.Column("idp_id", sa.Text, primary_key=True),
+    sa.Column("name", sa.Text),
     sa.Column("description", sa.Text),
-    sa.Column("email", sa.String(512)),
+    sa.Column("email", sa.Text),
     sa.Column("raw_attributes", JSONType, nullable=False),
     sa.Column("fingerprint", sa.String(32), nullable=False),
     # The digest of the group's member ids (`sync.diff.members_digest`) as of the last full run;
@@ -70,8 +71,8 @@ memberships = sa.Table(
     "memberships",
     metadata,
     sa.Column("tenant", sa.String(64), primary_key=True),
-    sa.Column("group_idp_id", sa.String(255), primary_key=True),
-    sa.Column("user_idp_id", sa.String(255), primary_key=True),
+    sa.Column("group_idp_id", sa.Text, primary_key=True),
+    sa.Column("user_idp_id", sa.Text, primary_key=True),
     sa.Column("created_at", TS, nullable=False),
     sa.Index("ix_memberships_tenant_user", "tenant", "user_idp_id"),
 )
@@ -83,7 +84,7 @@ events = sa.Table(
     sa.Column("tenant", sa.String(64), nullable=False),
     sa.Column("run_id", sa.Integer, nullable=False),
     sa.Column("type", sa.String(32), nullable=False),
-    sa.Column("object_id", sa.String(255), nullable=False),
+    sa.Column("object_id", sa.Text, nullable=False),
     sa.Column("data", JSONType, nullable=False),
     sa.Column("previous_attributes", JSONType),
     sa.Column("created_at", TS, nullable=False),

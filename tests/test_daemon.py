@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 
@@ -72,6 +73,45 @@ def test_run_forever_returns_after_max_seconds(harness):
     daemon.run_forever(max_seconds=1.5)
     assert time.monotonic() - t0 < 10
     assert d.pulls >= 1 and not daemon.scheduler.running
+
+
+def test_a_cron_tenant_waits_for_its_time_on_restart_unless_it_missed_one(harness):
+    """A restart used to sync every cron tenant within 10 s, whatever its cron said ("0 2 * * *":
+    at 02:00, e.g. because the vendor allows its reports only at night). Now a cron tenant first
+    fires at its next cron time, unless it never ran or a cron time passed while no run started."""
+    from datetime import UTC, datetime, timedelta
+
+    import sqlalchemy as sa
+
+    from dirpull.storage import schema
+
+    yearly = "cron: 0 0 1 1 *"
+    tenants = {"nightly": {**TENANTS["good"], "schedule": yearly}, "often": TENANTS["good"]}
+    d = Directory(users=people(2))
+    h = harness(tenants, connector_factory=lambda t, s: ScriptedConnector(d))
+
+    def first_fires() -> dict[str, timedelta]:
+        """How long after the daemon's start each tenant first fires (the daemon is stopped at once)."""
+        daemon = Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(d))
+        daemon.scheduler.start = functools.partial(daemon.scheduler.start, paused=True)  # run none
+        started = datetime.now(UTC)
+        daemon.start()
+        try:
+            return {name: daemon.scheduler.get_job(name).next_run_time - started for name in tenants}
+        finally:
+            daemon.shutdown()
+
+    soon = timedelta(seconds=11)
+    assert all(wait <= soon for wait in first_fires().values())  # never synced: both at once
+
+    h.sync("nightly", trigger="schedule")  # it ran after its last cron time
+    fires = first_fires()
+    assert fires["nightly"] > timedelta(days=1) and fires["often"] <= soon
+    assert datetime.now(UTC) + fires["nightly"] - next_fire(yearly, None) < soon
+
+    with h.store.engine.begin() as conn:  # its last run was before the last cron time: missed
+        conn.execute(sa.update(schema.runs).values(started_at=datetime(2020, 5, 1, tzinfo=UTC)))
+    assert first_fires()["nightly"] <= soon
 
 
 def test_schedules():

@@ -133,19 +133,50 @@ class Daemon:
     def start(self) -> None:
         now = datetime.now(UTC)
         tenants = [name for name, t in self.config.tenants.items() if t.enabled]
+        missed = self._missed_cron_fires(tenants, now)
         for name in tenants:
             schedule = self.config.schedule_of(name)
+            # First fire soon, spread out so a restart is not a thundering herd. Except a cron
+            # tenant that has not missed a fire: it waits for its cron time ("0 2 * * *" means at
+            # 02:00, not whenever the daemon happens to restart; a vendor may allow its reports only
+            # at night).
+            first = (
+                {}
+                if schedule.startswith("cron:") and name not in missed
+                else {"next_run_time": now + timedelta(seconds=first_fire_delay(schedule))}
+            )
             self.scheduler.add_job(
                 self.fire,
                 trigger_for(schedule),
                 args=[name],
                 id=name,
                 name=f"sync {name}",
-                # First fire soon, spread out so a restart is not a thundering herd.
-                next_run_time=now + timedelta(seconds=first_fire_delay(schedule)),
+                **first,
             )
             log.info("scheduled tenant %s (%s) every %s", name, self.config.tenants[name].provider, schedule)
         self.scheduler.start()
+
+    def _missed_cron_fires(self, tenants: list[str], now: datetime) -> set[str]:
+        """The cron tenants due for a catch-up: never run, or a cron time has passed since their
+        last run started (the daemon was down then)."""
+        cron = [name for name in tenants if self.config.schedule_of(name).startswith("cron:")]
+        if not cron:
+            return set()
+        try:
+            last = self.store.last_runs()
+        except Exception as exc:  # the store blinked: fire them all soon, as if missed
+            log.warning("cannot read the last runs (%s): cron tenants sync now", exc)
+            return set(cron)
+        missed = set()
+        for name in cron:
+            started = last[name]["started_at"] if name in last else None
+            if started is None:
+                missed.add(name)
+                continue
+            since = datetime.fromisoformat(started.replace("Z", "+00:00")) + timedelta(seconds=1)
+            if next_fire(self.config.schedule_of(name), None, since) <= now:
+                missed.add(name)
+        return missed
 
     def shutdown(self, wait: bool = True) -> None:
         self.stop_event.set()

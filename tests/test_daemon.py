@@ -114,6 +114,31 @@ def test_a_cron_tenant_waits_for_its_time_on_restart_unless_it_missed_one(harnes
     assert first_fires()["nightly"] <= soon
 
 
+def test_a_fire_that_waited_behind_long_syncs_still_runs(harness, monkeypatch):
+    """With every pool thread busy on long syncs (a hundred tenants, four at a time), a tenant's
+    fire waits in the queue. One that waited more than five minutes used to be dropped as a
+    misfire, so the tenant was skipped that round while the threads went idle."""
+    from datetime import datetime, timedelta
+
+    import apscheduler.executors.base as aps_executor
+
+    class TenMinutesLater(datetime):  # what the clock says when the queued fire finally starts
+        @classmethod
+        def now(cls, tz=None):
+            return datetime.now(tz) + timedelta(minutes=10)
+
+    monkeypatch.setattr(aps_executor, "datetime", TenMinutesLater)
+    d = Directory(users=people(2))
+    h = harness({"good": TENANTS["good"]}, connector_factory=lambda t, s: ScriptedConnector(d))
+    daemon = Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(d))
+    daemon.start()
+    try:
+        assert wait_for(lambda: d.pulls >= 1, timeout=8)
+    finally:
+        daemon.shutdown()
+    assert h.store.runs("good")[-1]["status"] == "succeeded"
+
+
 def test_schedules():
     assert trigger_for("15m").interval.total_seconds() == 900
     from datetime import UTC, datetime

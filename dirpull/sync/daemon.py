@@ -91,7 +91,11 @@ class Daemon:
         self._lock = threading.Lock()
         self.scheduler = _QuietStopScheduler(
             executors={"default": ThreadPoolExecutor(config.defaults.max_concurrent_syncs)},
-            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": 300},
+            # No misfire grace limit: APScheduler checks it when a pool thread takes the fire, so
+            # with every thread busy on long syncs a tenant's fire that queued longer than the grace
+            # was dropped ("Run time of job … was missed") and the tenant skipped that round, the
+            # threads idle meanwhile. Late fires run; `coalesce` makes several one.
+            job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone="UTC",
         )
 

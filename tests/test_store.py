@@ -513,6 +513,36 @@ def test_upgrading_a_0002_store_keeps_its_rows_and_takes_long_values(store_url: 
 
 
 @pytest.mark.postgres
+def test_a_slow_event_consumer_is_not_cut_off(store):
+    """`dirpull events --json | slow-consumer`: the stream waits for its reader between batches of
+    1,000 events. The connection's two-minute idle-in-transaction limit (shortened here to 1 s)
+    ended such a stream after its first batch."""
+    store.acquire_lease("t", "a", timedelta(seconds=60))
+    commit_run(store, "t", "a", 2500, "u")
+    store.release_lease("t", "a")
+    store.close()
+
+    def short_limit(dbapi_conn: Any, _: Any) -> None:  # the server's two minutes, made 1 s
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SET idle_in_transaction_session_timeout = 1000")
+        dbapi_conn.commit()
+
+    sa.event.listen(store.engine, "connect", short_limit)
+    read = []
+    for e in store.iter_events("t"):
+        read.append(e["seq"])
+        if len(read) in (10, 1500):
+            time.sleep(2)  # the consumer is busy with an event
+    assert len(read) == 2500 and read == sorted(read)
+    users = 0
+    for _ in store.iter_users("t"):  # `dirpull users --json` the same
+        users += 1
+        if users == 1500:
+            time.sleep(2)
+    assert users == 2500
+
+
+@pytest.mark.postgres
 def test_store_recovers_when_the_server_drops_its_connections(store):
     assert store.last_seq() == 0
     admin = sa.create_engine(sa.engine.make_url(pg_url_or_skip()), poolclass=sa.pool.NullPool)

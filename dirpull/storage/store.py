@@ -778,14 +778,26 @@ class Store:
         m = t.memberships.c
         q = sa.select(m.group_idp_id, m.user_idp_id).where(m.tenant == tenant).order_by(m.group_idp_id, m.user_idp_id)
         with self.engine.connect() as conn:
+            self._unhurried(conn)
             yield from conn.execution_options(yield_per=2000).execute(q)
 
     def last_seq(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(sa.select(sa.func.coalesce(sa.func.max(t.events.c.seq), 0))).scalar_one())
 
+    def _unhurried(self, conn: Connection) -> None:
+        """A streamed read waits for its consumer between batches (`dirpull events --json` piped
+        into a program that handles each event slowly), inside the transaction that holds its
+        server-side cursor. The connection's idle-in-transaction limit is for a vanished writer
+        holding the lease row and the event lock: it ended a slow reader after two minutes, its
+        output cut short with a traceback. A read holds neither; a vanished reader is still found
+        by the TCP keepalives."""
+        if self.dialect == "postgresql":
+            conn.execute(sa.text("SET LOCAL idle_in_transaction_session_timeout = 0"))
+
     def _stream(self, q: sa.Select[Any]) -> Iterator[dict[str, Any]]:
         with self.engine.connect() as conn:
+            self._unhurried(conn)
             for row in conn.execution_options(yield_per=1000).execute(q).mappings():
                 out = dict(row)
                 for key in ("created_at", "updated_at"):

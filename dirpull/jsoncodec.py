@@ -13,12 +13,14 @@ record holding one may get a new fingerprint once, which rewrites its row withou
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
 
 _OPTS = orjson.OPT_NON_STR_KEYS | orjson.OPT_PASSTHROUGH_DATETIME
 _SORTED = _OPTS | orjson.OPT_SORT_KEYS
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def canonical(value: Any) -> bytes:
@@ -26,7 +28,7 @@ def canonical(value: Any) -> bytes:
     try:
         return orjson.dumps(value, option=_SORTED, default=str)
     except (TypeError, orjson.JSONEncodeError):
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+        return _utf8(json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str))
 
 
 def dumps(value: Any) -> str:
@@ -39,7 +41,17 @@ def compact(value: Any) -> bytes:
     try:
         return orjson.dumps(value, option=_OPTS, default=str)
     except (TypeError, orjson.JSONEncodeError):
-        return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+        return _utf8(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str))
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        # A lone UTF-16 surrogate (a vendor's "\ud83d": an emoji cut in half, which Python's JSON
+        # parser lets through) has no UTF-8 form, and one such value failed every run of its
+        # tenant. U+FFFD takes its place, as it does for bytes a UTF-8 decoder cannot read.
+        return _SURROGATE.sub("\ufffd", text).encode()
 
 
 def loads(text: str | bytes) -> Any:
@@ -48,8 +60,36 @@ def loads(text: str | bytes) -> Any:
 
 def loads_any(text: str | bytes) -> Any:
     """`loads` for vendor bodies: the standard library takes what orjson refuses (integers beyond
-    64 bits), so such a body still parses as it did before."""
+    64 bits, NaN, a lone surrogate), so such a body still parses; a lone surrogate becomes U+FFFD."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:
-        return json.loads(text)
+        return without_surrogates(json.loads(text))
+
+
+def loads_lenient(text: str | bytes) -> Any:
+    """`loads`, except that a lone surrogate escape ("\\ud83d", half an emoji from a vendor whose
+    strings are UTF-16), which orjson refuses, is read as U+FFFD. Anything else orjson refuses
+    raises its error, so a caller can still take it for a cut in the wrong place."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        if "surrogate" not in str(exc):
+            raise
+        try:
+            value = json.loads(text)
+        except ValueError:
+            raise exc from None
+        return without_surrogates(value)
+
+
+def without_surrogates(value: Any) -> Any:
+    """`value` with each lone surrogate in its strings (dict keys too) replaced by U+FFFD: a
+    surrogate in a Python string is always a lone one, and it has no UTF-8 form."""
+    if isinstance(value, str):
+        return value if value.isascii() else _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, dict):
+        return {without_surrogates(k): without_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_surrogates(v) for v in value]
+    return value

@@ -91,6 +91,22 @@ def test_first_sync_mirrors_the_organization_and_resync_is_silent(tenant, caplog
         assert all(secret not in str(run) for run in h.store.runs("t"))
 
 
+def test_a_lone_surrogate_in_a_vendor_value_is_stored_as_a_replacement_character(tenant):
+    """A vendor whose strings are UTF-16 can send half an emoji ("\\ud83d", a name cut at a length
+    limit). It has no UTF-8 form: it used to fail every run of the tenant (or, from Graph, be
+    retried as malformed JSON and then fail). It is stored as U+FFFD, and a resync is silent."""
+    _, org, h = tenant
+    person = next(p for p in org.people.values() if p.visible and p.state == "active")
+    org.update_person(person.n, given="Ana\ud83d")
+    first = h.sync("t")
+    assert first.status == "succeeded", first.error
+    [stored] = [u for u in h.users("t").values() if u["first_name"] and u["first_name"].startswith("Ana")]
+    assert stored["first_name"] == "Ana\ufffd"
+    again = h.sync("t", full=True)
+    assert again.status == "succeeded", again.error
+    assert again.events == 0 and again.counts["rows_written"] == 0
+
+
 def test_a_failing_vendor_fails_the_run_and_changes_nothing(tenant, caplog):
     caplog.set_level("DEBUG")
     _, org, h = tenant

@@ -125,6 +125,25 @@ def test_long_vendor_values_sync_on_both_stores(harness):
     assert h.users("t")[long_id]["job_title"] == "Principal " * 40
 
 
+def test_a_lone_surrogate_from_a_connector_is_stored_as_a_replacement_character(harness):
+    """A connector may hand over a string holding a lone surrogate (a vendor's half emoji): it
+    has no UTF-8 form, and one used to fail every run of the tenant, on both stores."""
+    odd = User(idp_id="odd", username="odd@example.test", display_name="Ana \ud83d", job_title="x\udc00y",
+               raw_attributes={"title\ud83d": ["x\ud83d"]})  # fmt: skip
+    group = Group(idp_id="g", name="Team \ud83d")
+    d = Directory(users=[odd, *people(2)], groups=[group], members=[("g", "odd")])
+    h = make(harness, d)
+    r = h.sync("t")
+    assert r.status == "succeeded", r.error
+    stored = h.users("t")["odd"]
+    assert (stored["display_name"], stored["job_title"]) == ("Ana \ufffd", "x\ufffdy")
+    assert stored["raw_attributes"] == {"title\ufffd": ["x\ufffd"]}
+    assert h.groups("t")["g"]["name"] == "Team \ufffd"
+    assert h.members("t") == {("g", "odd")}
+    again = h.sync("t")
+    assert again.status == "succeeded" and again.events == 0 and again.counts["rows_written"] == 0
+
+
 def test_mass_deletion_is_held_and_force_applies_it(harness):
     d = Directory(users=people(100))
     h = make(harness, d, guard={"max_percent": 10, "min_count": 5})

@@ -3,7 +3,8 @@
 Transport: a `GraphServiceClient` over `GraphRequestAdapter` with `GraphClientFactory`'s middleware
 (redirects, query-name decoding, user agent, telemetry), `base_url` = the tenant's Graph URL.
 Every response is read as raw bytes (`send_primitive_async(req, "bytes", …)`) and parsed with
-`orjson.loads`: the SDK's typed models cost ~4 ms per user to deserialize, raw JSON microseconds.
+orjson (`jsoncodec.loads_any`): the SDK's typed models cost ~4 ms per user to deserialize, raw JSON
+microseconds.
 kiota's own RetryHandler is switched off (it honours Retry-After with no cap); retries follow the
 shared `RetryPolicy` instead: 429/5xx and dropped connections, Retry-After honoured (fractional
 seconds too), capped in attempts and in total wait, then the run fails and nothing is applied.
@@ -52,7 +53,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-import orjson
 
 from dirpull.config import EntraTenant
 from dirpull.connectors.base import (
@@ -67,6 +67,7 @@ from dirpull.connectors.http import RETRIABLE_STATUSES, RetryPolicy, parse_retry
 from dirpull.connectors.mapping import map_attributes
 from dirpull.connectors.nesting import flatten
 from dirpull.connectors.source import Known, SourceDigests
+from dirpull.jsoncodec import loads_any
 from dirpull.model import Group, User
 
 log = logging.getLogger(__name__)
@@ -387,7 +388,7 @@ class _Session:
                 body = await self.client.request_adapter.send_primitive_async(
                     request_info, "bytes", {"XXX": ODataError}
                 )
-                page = orjson.loads(body or b"{}")
+                page = loads_any(body or b"{}")  # orjson; the standard library for what it refuses
                 if not isinstance(page, dict):
                     raise ValueError("not a JSON object")
                 return page

@@ -50,12 +50,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-import orjson
-
 from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page, Quarantined
 from dirpull.connectors.http import PagingGuard, interruptible_async_sleep, readable_body, redact_url
 from dirpull.connectors.mapping import map_attributes, mapping_root, without
 from dirpull.connectors.source import Known, SourceDigests
+from dirpull.jsoncodec import loads_any
 from dirpull.model import Group, User
 
 log = logging.getLogger(__name__)
@@ -1004,11 +1003,9 @@ class _NotFound(ConnectorError):
 
 def _loads(text: str) -> Any:
     """json.loads, through orjson when it can (about twice as fast on these pages); the standard
-    library decides whatever orjson refuses (integers beyond 64 bits, lone surrogates, NaN)."""
-    try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
+    library decides whatever orjson refuses (integers beyond 64 bits, NaN; a lone surrogate, which
+    the SDK's models would refuse, is read as U+FFFD)."""
+    return loads_any(text)
 
 
 def _validate_each(

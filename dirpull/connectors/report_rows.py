@@ -29,6 +29,8 @@ from typing import Any, Protocol
 import ijson
 import orjson
 
+from dirpull.jsoncodec import loads_lenient
+
 CHUNK = 1 << 20
 HEAD_LIMIT = 8 << 20  # the array must open within this many bytes, else ijson reads the body
 CUT_TRIES = 4  # candidate cuts tried per chunk, from the last one back
@@ -121,7 +123,7 @@ def _row_by_row(
             yield text, None, token
         else:
             try:
-                row = orjson.loads(text)
+                row = loads_lenient(text)
             except orjson.JSONDecodeError:
                 refused += 1  # a cut inside a string or a nested object: the row goes on
                 if refused > ROW_CUT_TRIES:
@@ -135,7 +137,7 @@ def _row_by_row(
 def _opens_top_level(head: bytes, key: str) -> bool:
     """Whether `head` is a document's opening up to the value of its top-level `key`."""
     try:
-        opened = orjson.loads(head + b"[]}")
+        opened = loads_lenient(head + b"[]}")
     except orjson.JSONDecodeError:
         return False
     return isinstance(opened, dict) and opened.get(key) == []
@@ -146,7 +148,7 @@ def _whole_rows(buf: bytes) -> tuple[list[Any], bytes]:
     ends = [m.start() + 1 for m in _ROW_BOUNDARY.finditer(buf)]
     for end in reversed(ends[-CUT_TRIES:]):
         try:
-            rows = orjson.loads(b"[" + buf[:end] + b"]")
+            rows = loads_lenient(b"[" + buf[:end] + b"]")
         except orjson.JSONDecodeError:
             continue  # this `}` was inside a string or a nested object: an earlier one, then
         return rows, buf[buf.index(b"{", end) :]
@@ -155,7 +157,7 @@ def _whole_rows(buf: bytes) -> tuple[list[Any], bytes]:
 
 def _loads(data: bytes) -> Any:
     try:
-        return orjson.loads(data)
+        return loads_lenient(data)
     except orjson.JSONDecodeError as exc:
         raise NotJSON(str(exc)) from None
 

@@ -115,7 +115,9 @@ class Response:
             return self.body
         if isinstance(self.body, str):
             return self.body.encode()
-        return json.dumps(self.body, ensure_ascii=False, separators=(",", ":")).encode()
+        # A lone surrogate in a value (Graph's and Google's strings are UTF-16) goes out as the
+        # "\\ud83d" escape their JSON writers use: backslashreplace writes exactly that.
+        return json.dumps(self.body, ensure_ascii=False, separators=(",", ":")).encode("utf-8", "backslashreplace")
 
 
 @dataclass

@@ -346,16 +346,17 @@ class WorkdayEmulator(Emulator):
         buf = io.BytesIO()
         buf.write(b'{"Report_Entry":[')
         enc = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+        # backslashreplace: a lone surrogate in a value goes out as its JSON escape (server.Response)
         first = True
         chunk: list[str] = []
         with self.org.lock:
             for row in rows:
                 chunk.append(enc(row))
                 if len(chunk) >= _CHUNK_ROWS:
-                    buf.write((("" if first else ",") + ",".join(chunk)).encode())
+                    buf.write((("" if first else ",") + ",".join(chunk)).encode("utf-8", "backslashreplace"))
                     first, chunk = False, []
             if chunk:
-                buf.write((("" if first else ",") + ",".join(chunk)).encode())
+                buf.write((("" if first else ",") + ",".join(chunk)).encode("utf-8", "backslashreplace"))
         buf.write(b"]}")
         return buf.getvalue()
 

@@ -144,6 +144,32 @@ def test_a_lone_surrogate_from_a_connector_is_stored_as_a_replacement_character(
     assert again.status == "succeeded" and again.events == 0 and again.counts["rows_written"] == 0
 
 
+def test_a_failed_statement_keeps_the_people_it_wrote_out_of_the_run_and_the_log(harness, monkeypatch, caplog):
+    """A database error while applying (an integrity error, say) used to record the whole SQL and
+    its parameters, the tenant's names and emails, as the run's error and in the log."""
+    from dirpull.storage import schema
+    from dirpull.storage.store import Store
+
+    secret = "@".join(["private.person", "example.test"])  # built here: a traceback quotes source lines
+
+    def failing_write(self, conn, tenant, *args, **kwargs):
+        conn.execute(schema.users.insert().values(tenant=tenant, idp_id="u0", username=secret))
+
+    d = Directory(users=people(3))
+    h = make(harness, d)
+    assert h.sync("t").status == "succeeded"
+    d.users[0] = d.users[0].model_copy(update={"job_title": "Changed"})
+    monkeypatch.setattr(Store, "_write_cursor", failing_write)
+    caplog.set_level("DEBUG")
+    r = h.sync("t")
+    assert r.status == "failed" and r.error.startswith("IntegrityError: "), r.error
+    assert "\n" not in r.error and "INSERT" not in r.error
+    for text in (r.error, str(h.store.runs("t", 1)[0]), caplog.text):
+        assert secret not in text
+    assert "INSERT INTO users" in caplog.text  # the statement is in the log's traceback, to debug it
+    assert h.users("t")["u0"]["job_title"] != "Changed"  # nothing of the run applied
+
+
 def test_mass_deletion_is_held_and_force_applies_it(harness):
     d = Directory(users=people(100))
     h = make(harness, d, guard={"max_percent": 10, "min_count": 5})

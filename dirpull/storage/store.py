@@ -1095,6 +1095,14 @@ def _first_line(exc: BaseException | None) -> str:
     return text.splitlines()[0].strip() if text else type(exc).__name__
 
 
+def failed_statement(exc: BaseException) -> tuple[str, str] | None:
+    """A failed statement as (its database's one-line message, its SQL without the parameters), or
+    None for any other error. The rest of the database's message may quote the row it refused."""
+    if not isinstance(exc, sa.exc.StatementError):
+        return None
+    return f"{type(exc).__name__}: {_first_line(exc)}", str(exc.statement or "")
+
+
 def _one_line_errors(engine: Engine, safe_url: str) -> None:
     """Connection and database failures become one StoreUnavailable line naming the store (host and
     port, password hidden), instead of a driver traceback with the SQL and its parameters."""
@@ -1169,7 +1177,9 @@ def _make_engine(url: str, *, pool_size: int, connect_timeout: float, migrating:
             # BEGIN IMMEDIATE, a migration is atomic and takes the write lock first, so a second
             # process waits and then sees it done.
             connect_args["isolation_level"] = None
-        engine = sa.create_engine(url, connect_args=connect_args, json_serializer=dumps, json_deserializer=loads)
+        # hide_parameters: as for PostgreSQL below.
+        engine = sa.create_engine(url, connect_args=connect_args, json_serializer=dumps, json_deserializer=loads,
+                                  hide_parameters=True)  # fmt: skip
         if migrating:
             event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
 
@@ -1217,5 +1227,8 @@ def _make_engine(url: str, *, pool_size: int, connect_timeout: float, migrating:
             connect_args=connect_args,
             json_serializer=dumps,
             json_deserializer=loads,
+            # A failed statement's parameters are the tenant's people (names, emails, attributes):
+            # never in an error, a run record or a log line.
+            hide_parameters=True,
         )
     raise StoreError(f"store url: unsupported database {backend!r} (use sqlite or postgresql+psycopg)")

@@ -24,7 +24,7 @@ from dirpull.config import Config, ConfigError, SecretRef, parse_duration
 from dirpull.connectors import make_connector
 from dirpull.connectors.base import Connector, ConnectorError, Done, Page
 from dirpull.prefetch import Prefetch
-from dirpull.storage.store import Store, StoreError, WriteSet, utcnow
+from dirpull.storage.store import Store, StoreError, WriteSet, failed_statement, utcnow
 from dirpull.sync import guard
 from dirpull.sync.collector import fewer_collections
 from dirpull.sync.diff import Diff, LoadedState, Plan, StoredState, build_writes, deactivations
@@ -265,12 +265,20 @@ class Runner:
             result.error = _without_secrets(str(exc), settings)
             return self._failed(result, notes)
         except Exception as exc:  # a bug or an SDK surprise: recorded, never half-applied
+            result.status = "failed"
+            if (statement := failed_statement(exc)) is not None:
+                # The database's full message quotes the row it refused (PostgreSQL's "Failing row
+                # contains …"), the tenant's people: the log gets where and which statement.
+                summary, sql = statement
+                where = "".join(traceback.format_tb(exc.__traceback__))
+                log.error("tenant %s: unexpected database error: %s\n%s%s", tenant, summary, where, sql)
+                result.error = _without_secrets(summary, settings)
+                return self._failed(result, notes)
             trace = traceback.format_exc()
             if (clean := _without_secrets(trace, settings)) == trace:
                 log.exception("tenant %s: unexpected error", tenant)
             else:
                 log.error("tenant %s: unexpected error\n%s", tenant, clean.rstrip())
-            result.status = "failed"
             result.error = _without_secrets(f"{type(exc).__name__}: {exc}", settings)
             return self._failed(result, notes)
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: recorded, then passed on

@@ -28,7 +28,8 @@ def wait_for(predicate, timeout=15.0):
     return False
 
 
-def test_failing_tenant_backs_off_while_the_other_keeps_syncing(harness):
+def test_failing_tenant_backs_off_while_the_other_keeps_syncing(harness, caplog):
+    caplog.set_level("WARNING")
     dirs = {"good": Directory(users=people(3)), "bad": Directory(users=people(3), fail_after_pages=0)}
     h = harness(TENANTS)
     daemon = Daemon(h.config, h.store, backoff_base=60.0, connector_factory=lambda t, s: ScriptedConnector(dirs[t]))
@@ -45,6 +46,9 @@ def test_failing_tenant_backs_off_while_the_other_keeps_syncing(harness):
     assert good.count("succeeded") >= 2 and bad == ["failed"]
     assert len(h.users("good")) == 3 and h.users("bad") == {}
     assert {r["trigger"] for r in h.store.runs("good")} == {"schedule"}
+    # An operator logging warnings only sees why, not just that it failed.
+    [warning] = [r.getMessage() for r in caplog.records if "in a row" in r.getMessage()]
+    assert warning.startswith("tenant bad: failed 1 time(s) in a row: HTTP 500 from the directory (scripted);")
 
 
 def test_shutdown_interrupts_a_running_sync_and_applies_nothing(harness):

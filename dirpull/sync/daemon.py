@@ -128,7 +128,10 @@ class Daemon:
                 delay = min(MAX_BACKOFF.total_seconds(), self.backoff_base * 2 ** (n - 1))
                 delay *= random.uniform(0.8, 1.2)
                 self.retry_at[tenant] = time.monotonic() + delay
-                log.warning("tenant %s: failed %d time(s) in a row; next attempt in at least %.0fs", tenant, n, delay)
+                log.warning(
+                    "tenant %s: failed %d time(s) in a row: %s; next attempt in at least %.0fs",
+                    tenant, n, result.error, delay,
+                )  # fmt: skip
             elif result.status in ("succeeded", "held"):
                 self.failures.pop(tenant, None)
                 self.retry_at.pop(tenant, None)

@@ -898,6 +898,9 @@ def test_sync_quarantines_malformed_record_and_applies_the_rest(
     assert r.status == "succeeded", r.error
     assert h.changes("t1", after=seq) == [("user.updated", user_id(7), ("job_title", "raw_attributes"))]
     assert h.users("t1")[user_id(6)] == stored  # left as stored, not deleted
+    # Listed once as a user and again in each of its groups' member lists: one record to look at.
+    assert r.counts["quarantined"] == 1
+    assert [q["idp_id"] for q in h.store.runs("t1", 1)[0]["quarantined"]] == [user_id(6)]
 
 
 # --- benchmark (opt-in: OKTA_BENCH=10000 pytest tests/test_okta_connector.py -k bench -s) ------------

@@ -168,6 +168,7 @@ class Diff:
     _removed_groups: set[str] = field(default_factory=set)
     _complete_groups: set[str] = field(default_factory=set)
     _quarantined: list[Quarantined] = field(default_factory=list)
+    _quarantined_ids: set[tuple[str, str]] = field(default_factory=set)
     _notes: list[str] = field(default_factory=list)
     _user_sources: dict[str, str] = field(default_factory=dict)
     _source_refreshes: dict[str, str] = field(default_factory=dict)
@@ -227,7 +228,14 @@ class Diff:
             # interning here cost more than the memory it saved.)
             self._member_lists.setdefault(g, []).extend(users)
         self._complete_groups.update(page.complete_groups)
-        self._quarantined.extend(page.quarantined)
+        for q in page.quarantined:
+            # A record the connector met more than once (Okta lists a user again in each of its
+            # groups) is one record to look at, counted once.
+            if q.idp_id and (q.kind, q.idp_id) in self._quarantined_ids:
+                continue
+            if q.idp_id:
+                self._quarantined_ids.add((q.kind, q.idp_id))
+            self._quarantined.append(q)
 
     def _add_pairs(self, pairs: list[tuple[str, str]]) -> None:
         paired, removed = self._paired, self._removed_members

@@ -374,6 +374,17 @@ def test_malformed_user_is_quarantined_alone(emu: OktaEmulator, tmp_path: Path) 
     assert any(m[1] == user_id(8) for p in pages for m in p.members)
 
 
+def test_a_page_cut_short_fails_without_quoting_the_people_on_it(emu: OktaEmulator, tmp_path: Path) -> None:
+    """The error names the step and how the answer began, not the users on the page: it lands
+    in the run record and the log."""
+    emu.faults.update({"malformed": 100, "path": "/api/v1/users"})
+    with pytest.raises(ConnectorError, match=r"not JSON") as info:
+        pull(connector(tenant(emu, tmp_path)))
+    first = min(p.n for p in emu.org.listed_people())
+    assert "is not JSON ([ … (values not shown))" in str(info.value)
+    assert user_id(first) not in str(info.value)
+
+
 def test_bad_token_is_an_auth_error(emu: OktaEmulator, tmp_path: Path) -> None:
     from dirpull.connectors.base import AuthError
 

@@ -332,8 +332,11 @@ def test_non_json_200_and_broken_json(emu: WorkdayEmulator, tmp_path: Path) -> N
         list(connector(tenant(emu, tmp_path)).pull(None, full=False))
     emu.login_page = False
     emu.faults.update({"malformed": 1})
-    with pytest.raises(ConnectorError, match=r"not valid JSON.*Report_Entry"):
+    with pytest.raises(ConnectorError, match=r"not valid JSON.*Report_Entry") as info:
         list(connector(tenant(emu, tmp_path)).pull(None, full=False))
+    # How the body began, but not its first rows: the message lands in the run record and the log.
+    first = emu.org.person(min(p.n for p in emu.org.listed_people()))
+    assert first.email and first.email not in str(info.value) and first.family not in str(info.value)
 
 
 def test_dropped_connection_fails_the_pull_without_done(emu: WorkdayEmulator, tmp_path: Path) -> None:

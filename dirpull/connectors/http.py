@@ -157,6 +157,21 @@ def readable_body(body: bytes | str, limit: int = 300) -> str:
     return text[:limit] + ("…" if len(text) > limit else "")
 
 
+def body_opening(body: bytes | str, limit: int = 200) -> str:
+    """How a body that should have held the directory began, for an error message: of a JSON
+    document only its opening (`{"Report_Entry":[`; the values are people, and the message lands
+    in the run record and the log), anything else (an HTML or text page) as `readable_body` has it."""
+    raw = body.encode() if isinstance(body, str) else body
+    text = raw.lstrip()
+    if text[:1] not in (b"{", b"["):
+        return readable_body(raw, limit)
+    opening = _ROWS_OPENING.match(text)  # `{"Report_Entry":[`: a key, no value yet
+    return readable_body(opening.group(0) if opening else text[:1], limit) + " … (values not shown)"
+
+
+_ROWS_OPENING = re.compile(rb'\{\s*"[^"\\]{0,100}"\s*:\s*\[')
+
+
 class HttpClient:
     """A `requests` session with the shared policy: timeouts, retries, classification, counting."""
 

@@ -51,7 +51,13 @@ from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page, Quarantined
-from dirpull.connectors.http import PagingGuard, interruptible_async_sleep, readable_body, redact_url
+from dirpull.connectors.http import (
+    PagingGuard,
+    body_opening,
+    interruptible_async_sleep,
+    readable_body,
+    redact_url,
+)
 from dirpull.connectors.mapping import map_attributes, mapping_root, without
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.jsoncodec import loads_any
@@ -972,7 +978,7 @@ class OktaConnector:
             raw = _loads(last.body) if last.body else []
         except ValueError:
             raise ConnectorError(
-                f"{step}: the response is not JSON ({readable_body(last.body, 120)})", step=step
+                f"{step}: the response is not JSON ({body_opening(last.body, 120)})", step=step
             ) from None
         if not isinstance(raw, list):
             raise ConnectorError(f"{step}: expected a JSON array, got {type(raw).__name__}", step=step)

@@ -41,6 +41,7 @@ from dirpull.connectors.http import (
     HttpClient,
     RetriesExhausted,
     RetryPolicy,
+    body_opening,
     readable_body,
 )
 from dirpull.connectors.nesting import flatten
@@ -345,7 +346,7 @@ class WorkdayConnector:
             raise ConnectorError(
                 f"{step}: the report is not valid JSON ({readable_body(str(exc), 120)}) "
                 f"after {head.bytes} bytes; "
-                f"it began: {readable_body(head.head, 200)}",
+                f"it began: {body_opening(head.head)}",
                 step=step,
             ) from None
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:

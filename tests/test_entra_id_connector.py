@@ -481,6 +481,28 @@ def test_a_later_round_keeps_managers_whichever_way_graph_names_them(
     assert stored[user_id(unmanaged)]["manager_idp_id"] is None
 
 
+def test_manager_reads_throttled_together_wait_once(
+    harness: Any, graph: GraphEmulator, org: Org, tmp_path: Path
+) -> None:
+    """The manager reads of a later round are in flight eight at a time, and Graph throttles them
+    together: the run waits out one Retry-After for all of them, not eight in turn, each charged
+    to max_retry_wait (a run that should have paused a second failed as having waited too long)."""
+    graph.manager_on_every_change = False
+    graph.retry_after = "1"
+    h = harness({"t1": tenant(graph, tmp_path, max_retry_wait=3)}, guard={"max_percent": 50, "min_count": 20})
+    assert h.sync("t1").status == "succeeded"
+    managed = [p.n for p in org.listed_people() if p.manager is not None and org.people[p.manager].visible]
+    for n in managed[:16]:
+        org.update_person(n, title=f"Retitled {n}")
+    graph.faults.update({"rate_limit": 8, "path": "/manager"})
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert graph.faults.rate_limit == 0  # all eight were throttled
+    stored = h.users("t1")
+    assert all(stored[user_id(n)]["manager_idp_id"] == user_id(org.people[n].manager) for n in managed[:16])
+    assert r.duration_s < 3
+
+
 def test_devices_service_principals_and_contacts_in_groups_are_not_memberships(
     synced: Any, graph: GraphEmulator, org: Org
 ) -> None:

@@ -63,7 +63,14 @@ from dirpull.connectors.base import (
     Page,
     Quarantined,
 )
-from dirpull.connectors.http import RETRIABLE_STATUSES, RetryPolicy, parse_retry_after, redact_url
+from dirpull.connectors.http import (
+    RETRIABLE_STATUSES,
+    RetryPolicy,
+    interruptible_async_sleep,
+    interruptible_sleep,
+    parse_retry_after,
+    redact_url,
+)
 from dirpull.connectors.mapping import map_attributes
 from dirpull.connectors.nesting import flatten
 from dirpull.connectors.source import Known, SourceDigests
@@ -325,6 +332,8 @@ class _Session:
         from msgraph_core.middleware.options import GraphTelemetryHandlerOption
 
         self.policy = policy
+        self._waiting = 0  # retry waits in progress
+        self._waits_end = 0.0  # when the latest of them ends (time.monotonic())
         self.graph_url = graph_url.rstrip("/")
         self.origin = _origin(self.graph_url)
         self.requests = 0
@@ -351,6 +360,24 @@ class _Session:
         await self._http.aclose()
         await self._plain.aclose()
 
+    async def _wait(self, attempt: int, hint: float | None, *, what: str, step: str) -> None:
+        """The retry policy's wait, without stopping the event loop: up to MANAGER_READS requests
+        (and a walk's next page) are in flight at once, and Graph throttles them together. A
+        blocking sleep made each throttled one wait in turn (eight 429s with Retry-After 10: 80 s,
+        charged to max_retry_wait), and held every other request meanwhile."""
+        now = time.monotonic()
+        overlap = max(0.0, self._waits_end - now) if self._waiting else 0.0
+        delay = self.policy.charge(attempt, hint, what=what, step=step, overlap=overlap)
+        self._waits_end = max(self._waits_end, now + delay)
+        self._waiting += 1
+        try:
+            if self.policy.sleep is interruptible_sleep:
+                await interruptible_async_sleep(delay)
+            else:  # a caller's own sleep (tests)
+                await asyncio.to_thread(self.policy.sleep, delay)
+        finally:
+            self._waiting -= 1
+
     async def send_raw(self, step: str, call: Any) -> httpx.Response:
         """A plain httpx call (the token endpoint) under the retry policy."""
         attempt = 0
@@ -360,11 +387,11 @@ class _Session:
             try:
                 resp = await call(self._plain)
             except httpx.TransportError as exc:
-                self.policy.wait(attempt, None, what=f"{step}: {type(exc).__name__}", step=step)
+                await self._wait(attempt, None, what=f"{step}: {type(exc).__name__}", step=step)
                 continue
             if resp.status_code in RETRIABLE_STATUSES:
                 hint = parse_retry_after(resp.headers.get("Retry-After"))
-                self.policy.wait(attempt, hint, what=f"{step}: HTTP {resp.status_code}", step=step)
+                await self._wait(attempt, hint, what=f"{step}: HTTP {resp.status_code}", step=step)
                 continue
             return resp
 
@@ -411,15 +438,15 @@ class _Session:
                     hint = parse_retry_after(_header(headers, "Retry-After"))
                     if status == 429:
                         log.warning("graph throttled (%s), retry after %s s", step, hint)
-                    self.policy.wait(attempt, hint, what=what, step=step)
+                    await self._wait(attempt, hint, what=what, step=step)
                     continue
                 raise ConnectorError(f"{what}: {code} {message}".strip(), retriable=status >= 500, status=status,
                                      step=step) from None  # fmt: skip
             except httpx.TransportError as exc:
-                self.policy.wait(attempt, None, what=f"{step}: {type(exc).__name__} on GET {redact_url(url)}",
+                await self._wait(attempt, None, what=f"{step}: {type(exc).__name__} on GET {redact_url(url)}",
                                  step=step)  # fmt: skip
             except ValueError:  # a truncated or malformed body
-                self.policy.wait(attempt, None, what=f"{step}: malformed JSON from {redact_url(url)}", step=step)
+                await self._wait(attempt, None, what=f"{step}: malformed JSON from {redact_url(url)}", step=step)
 
     # Request builders of the SDK: the first request of a walk and links the server sent.
     def users_delta(self, select: list[str]) -> Any:

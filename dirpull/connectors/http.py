@@ -112,19 +112,28 @@ class RetryPolicy:
         `what` describes the failed attempt (status, URL, an excerpt of the vendor's error body):
         it becomes the run's error message when the budget is spent.
         """
+        self.sleep(self.charge(attempt, hint, what=what, step=step))
+
+    def charge(
+        self, attempt: int, hint: float | None, *, what: str, step: str | None = None, overlap: float = 0.0
+    ) -> float:
+        """The wait before retry `attempt`, charged to the run's budget (or `RetriesExhausted`),
+        for a caller that sleeps by itself. `overlap`: seconds of it that another request of the
+        run is waiting out at the same time; the run waits them once, so they are charged once."""
         if attempt >= self.max_attempts:
             raise RetriesExhausted(f"{what}: gave up after {attempt} attempts", step=step)
         delay = self.backoff(attempt) if hint is None else hint
         delay = min(delay, self.max_delay)
+        charged = max(0.0, delay - overlap)
         with self._lock:
-            if self.waited + delay > self.max_total_wait:
+            if self.waited + charged > self.max_total_wait:
                 raise RetriesExhausted(
-                    f"{what}: gave up, waiting {delay:.1f}s more would pass the "
+                    f"{what}: gave up, waiting {charged:.1f}s more would pass the "
                     f"{self.max_total_wait:.0f}s cap on retry waits",
                     step=step,
                 )
-            self.waited += delay
-        self.sleep(delay)
+            self.waited += charged
+        return delay
 
 
 class PagingGuard:

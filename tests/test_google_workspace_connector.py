@@ -450,6 +450,30 @@ def test_sync_initial_round_of_changes_and_idempotence(
     assert h.sync("g1").events == 0
 
 
+def test_sync_a_nested_group_of_another_organization_does_not_fail_every_run(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any
+) -> None:
+    """A group may hold another organization's group; its members.list answers 403 to this admin.
+    That group is counted as empty and named on the run, instead of failing every run as an
+    authentication error. A 403 on a group of this directory still fails the run."""
+    org = emu.org
+    h = harness({"g1": tenant(emu, tmp_path)}, connector_factory=fast)
+    assert h.sync("g1").status == "succeeded"
+    holder = next(g.n for g in org.listed_groups() if g.members)
+    emu.foreign_subgroups[holder] = {"sales-team@partner.example"}
+    seq = h.last_seq()
+    org.rename(sorted(org.groups[holder].members)[0], "Still", "Synced")
+    r = h.sync("g1")
+    assert r.status == "succeeded", r.error
+    assert any("1 nested group(s)" in n and "403" in n for n in r.notes), r.notes
+    assert h.members("g1") == expected_members(emu)
+    assert [c[0] for c in h.changes("g1", after=seq)] == ["user.updated"]
+
+    emu.faults.update({"error": 1, "error_status": 403, "path": f"/groups/{group_id(holder)}/members"})
+    r = h.sync("g1")
+    assert r.status == "failed" and "403" in (r.error or "")
+
+
 def test_sync_persistent_failure_leaves_the_store_unchanged(
     emu: GoogleEmulator, tmp_path: Path, harness: Any
 ) -> None:

@@ -127,12 +127,21 @@ class _GroupGone(Exception):
     """members.list answered 404: the group was deleted while the run was reading."""
 
 
+class _GroupForbidden(Exception):
+    """members.list answered 403 (not a throttle): the admin may not read this group's members."""
+
+    def __init__(self, where: str, message: str) -> None:
+        super().__init__(where)
+        self.where, self.message = where, message
+
+
 @dataclass(slots=True)
 class _Direct:
     users: list[str] = field(default_factory=list)
     groups: list[str] = field(default_factory=list)
     customer: bool = False
     external: list[str] = field(default_factory=list)
+    unreadable: bool = False  # a nested group whose members the admin may not read (403)
 
 
 class _MemberReads:
@@ -181,6 +190,13 @@ class _MemberReads:
                 if sub not in self._submitted:
                     self._submit(sub)
         return out
+
+
+def _refused(where: str, message: str, step: str) -> AuthError:
+    return AuthError(
+        f"{where}: {message or 'not permitted'} (check the subject, domain-wide delegation and the read-only scopes)",
+        step=step,
+    )
 
 
 def _error_reason(exc: Any) -> tuple[str, str]:
@@ -291,7 +307,8 @@ class _Session:
 
     def execute(self, request: Any, step: str, *, may_vanish: bool = False) -> dict[str, Any]:
         """One API call under the retry policy. `may_vanish`: a 404 means the object listed (a
-        group) was deleted meanwhile (`_GroupGone`); otherwise a 404 is a configuration error."""
+        group) was deleted meanwhile (`_GroupGone`), and a 403 is the caller's to judge
+        (`_GroupForbidden`); otherwise a 404 is a configuration error and a 403 an AuthError."""
         from google.auth.exceptions import RefreshError, TransportError
         from googleapiclient.errors import HttpError
 
@@ -311,6 +328,8 @@ class _Session:
                     continue
                 if status == 404 and may_vanish:
                     raise _GroupGone(where) from None
+                if status == 403 and may_vanish:
+                    raise _GroupForbidden(where, message) from None
                 if status == 404:
                     # Nothing of this directory's is addressed here: the URL or the directory is wrong.
                     raise ConfigurationError(
@@ -319,11 +338,7 @@ class _Session:
                         step=step,
                     ) from None
                 if status in (401, 403):
-                    raise AuthError(
-                        f"{where}: {message or 'not permitted'} (check the subject, domain-wide delegation "
-                        "and the read-only scopes)",
-                        step=step,
-                    ) from None
+                    raise _refused(where, message, step) from None
                 if status == 400:
                     raise ConfigurationError(f"{where}: {message}", step=step) from None
                 raise ConnectorError(f"{where}: {message}", retriable=False, step=step) from None
@@ -492,13 +507,19 @@ class GoogleWorkspaceConnector:
                 notes.append(f"configured groups not found: {', '.join(missing)}")
 
         keep: set[str] = set()
-        with _MemberReads(lambda gid: self._members_of(session, gid, domain_ids), self.workers) as reads:
+        roots = {g["id"] for g in groups}
+        with _MemberReads(lambda gid: self._members_of(session, gid, domain_ids, roots), self.workers) as reads:
             reads.start([g["id"] for g in groups])
             if not self.group_filter:
                 # The scope is known already: hand the users on now, so the sync diffs them while
                 # the members are read (the longest part of a run: one request per group and page).
                 keep = yield from self._emit_users(spool, quarantined, email_to_id, domain_ids, in_ous, sources)
             direct = reads.result()
+        unreadable = sorted(gid for gid, d in direct.items() if d.unreadable)
+        if unreadable:
+            shown = ", ".join(unreadable[:10]) + (" …" if len(unreadable) > 10 else "")
+            notes.append(f"{len(unreadable)} nested group(s) whose members this admin may not read (HTTP 403, "
+                         f"e.g. another organization's group) counted as empty: {shown}")  # fmt: skip
         gone = [g["id"] for g in groups if g["id"] not in direct]
         if gone:
             notes.append(f"{len(gone)} group(s) disappeared while the run read them")
@@ -590,7 +611,7 @@ class GoogleWorkspaceConnector:
     def _group_selected(self, raw: dict[str, Any]) -> bool:
         return any(k in self.group_filter for k in _group_keys(raw))
 
-    def _members_of(self, session: _Session, gid: str, domain_ids: set[str]) -> _Direct | None:
+    def _members_of(self, session: _Session, gid: str, domain_ids: set[str], roots: set[str]) -> _Direct | None:
         result = _Direct()
         try:
             for body in session.pages("members", "members.list", may_vanish=True, groupKey=gid,
@@ -610,6 +631,13 @@ class GoogleWorkspaceConnector:
                         result.external.append(email.lower())
         except _GroupGone:
             return None
+        except _GroupForbidden as exc:
+            if gid in roots:  # a group this admin lists but may not read: delegation or scopes
+                raise _refused(exc.where, exc.message, "members.list") from None
+            # A group nested from outside this directory (another organization's, which Google lets
+            # a group hold): no one here can read it, and failing on it failed every run for good.
+            log.warning("%s: a nested group this admin may not read; counted as empty", exc.where)
+            return _Direct(unreadable=True)
         return result
 
     # --- normalization ---------------------------------------------------------------------------

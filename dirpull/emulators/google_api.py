@@ -73,6 +73,11 @@ def _parse_id(value: str, prefix: str, width: int) -> int | None:
     return None
 
 
+def _foreign_group_id(address: str) -> str:
+    """The id another organization's group has (not this customer's "03x8tuzt" form)."""
+    return "04f" + hashlib.sha1(address.lower().encode()).hexdigest()[:12]
+
+
 def _b64url_decode(part: str) -> bytes:
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
@@ -143,6 +148,10 @@ class GoogleEmulator(Emulator):
         self.external_members: dict[int, set[str]] = {}
         for i, g in enumerate(teams[1:3]):
             self.external_members[g] = {f"partner.{i + 1}@partner.example"}
+        # Groups of another organization nested in a group (Group.n → their addresses): listed as
+        # GROUP members; their own members.list answers 403, as it does for any group outside the
+        # admin's customer. Empty unless a test sets it.
+        self.foreign_subgroups: dict[int, set[str]] = {}
         # Service accounts whose keys this emulator trusts: client_email → (key id, public key).
         self._accounts: dict[str, tuple[str, Any]] = {}
         self._default_account: dict[str, Any] | None = None
@@ -621,6 +630,7 @@ class GoogleEmulator(Emulator):
             + len(subs)
             + (1 if g.n in self.customer_groups else 0)
             + len(self.external_members.get(g.n, ()))
+            + len(self.foreign_subgroups.get(g.n, ()))
         )
 
     def render_group(self, g: Group) -> dict[str, Any]:
@@ -649,6 +659,9 @@ class GoogleEmulator(Emulator):
             if self._email(p).lower() == key:
                 return p
         return None
+
+    def _foreign_addresses(self) -> set[str]:
+        return {a.lower() for addresses in self.foreign_subgroups.values() for a in addresses}
 
     def _find_group(self, key: str) -> Group | None:
         n = _parse_id(key, "03x8tuzt", 7)
@@ -718,7 +731,10 @@ class GoogleEmulator(Emulator):
         except _BadRequest as exc:
             return exc.response
         with self.org.lock:
-            g = self._find_group(unquote(req.params["key"]))
+            key = unquote(req.params["key"])
+            g = self._find_group(key)
+            if g is None and any(key.lower() in (a, _foreign_group_id(a)) for a in self._foreign_addresses()):
+                return Response(403, google_error(403, "Not Authorized to access this resource/api", "forbidden"))
             if g is None:
                 return Response(404, google_error(404, "Resource Not Found: groupKey", "notFound"))
             people, subs = self.org.direct_members(g.n)
@@ -747,6 +763,18 @@ class GoogleEmulator(Emulator):
                         "etag": f'"g{g.n}-{s}"',
                         "id": group_id(s),
                         "email": self.org.groups[s].email,
+                        "role": "MEMBER",
+                        "type": "GROUP",
+                        "status": "ACTIVE",
+                    }
+                )
+            for address in sorted(self.foreign_subgroups.get(g.n, ())):
+                members.append(
+                    {
+                        "kind": "admin#directory#member",
+                        "etag": f'"f{g.n}-{address}"',
+                        "id": _foreign_group_id(address),
+                        "email": address,
                         "role": "MEMBER",
                         "type": "GROUP",
                         "status": "ACTIVE",

@@ -3,6 +3,7 @@ connector-level pulls, and syncs through the real store (tests/harness.py)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import Iterator, Sequence
 from importlib.machinery import ModuleSpec
@@ -571,6 +572,28 @@ def test_an_expired_delta_token_is_recognized_whatever_its_status_and_code(
     r = h.sync("t1")
     assert r.status == "succeeded" and r.mode == "full", r.error
     assert EXPIRED_NOTE in r.notes
+    assert h.changes("t1", after=seq) == [("user.updated", user_id(30), ("job_title", "raw_attributes"))]
+    assert h.sync("t1").mode == "incremental"
+
+
+def test_a_delta_link_refused_for_another_reason_is_not_reported_as_expired(
+    synced: Any, graph: GraphEmulator, org: Org, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any 400 on a stored deltaLink starts a full walk, expired or not. One that does not speak of
+    expiry is named on the run and warned about: were it to refuse every deltaLink, every run would
+    be a full walk, and the run said "delta token expired" while the log said it only at INFO."""
+    h = synced
+    seq = h.last_seq()
+    org.update_person(30, title="Head of Resyncs")
+    graph.faults.update({"error": 1, "error_status": 400, "path": "/groups/delta"})
+    with caplog.at_level(logging.INFO, logger="dirpull.connectors.entra_id"):
+        r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "full", r.error
+    assert EXPIRED_NOTE not in r.notes
+    note = next(n for n in r.notes if n.startswith("deltaLink refused, not as an expired token"))
+    assert "HTTP 400" in note and "generalException" in note and note.endswith("full resync")
+    warned = [rec for rec in caplog.records if rec.levelno == logging.WARNING and "deltaLink" in rec.getMessage()]
+    assert len(warned) == 1 and "generalException" in warned[0].getMessage()
     assert h.changes("t1", after=seq) == [("user.updated", user_id(30), ("job_title", "raw_attributes"))]
     assert h.sync("t1").mode == "incremental"
 

@@ -26,7 +26,8 @@ Pull:
   nesting (it has child groups, or is an ancestor of a changed group) is re-read transitively with
   `/groups/{id}/members` and sent as a complete group.
 * `syncStateNotFound` (in any case, any status), any 400 or `410 Gone` on a deltaLink → a full
-  walk, noted on the run. Both deltaLinks
+  walk, noted on the run (a 400 that does not speak of expiry: with Graph's answer, and a
+  warning). Both deltaLinks
   are probed before anything is yielded, so a run never mixes delta pages with a snapshot.
 * The groups round always starts first: its first page is in before the users round's first
   request goes out. A round's cut-off is its first request, so every user a groups page names
@@ -110,7 +111,12 @@ def build(tenant: str, settings: EntraTenant, **kwargs: Any) -> EntraConnector:
 
 
 class _Resync(Exception):
-    """The server rejected a deltaLink (syncStateNotFound, 410 Gone): start over."""
+    """The server rejected a deltaLink (syncStateNotFound, 410 Gone, a 400): start over.
+    `expired`: Graph's answer says the token expired or asks for a resync."""
+
+    def __init__(self, message: str, *, expired: bool) -> None:
+        super().__init__(message)
+        self.expired = expired
 
 
 def _origin(url: str) -> tuple[str, str]:
@@ -427,7 +433,8 @@ class _Session:
                 message = getattr(err, "message", None) or ""
                 what = f"{step}: HTTP {status} on GET {redact_url(url)}"
                 if delta and _refused_delta_link(status, code):
-                    raise _Resync(f"{what}: {code or 'Gone'}") from None
+                    detail = f"{what}: {code or 'Gone'} {message[:200]}".strip()
+                    raise _Resync(detail, expired=_says_expired(status, code, message)) from None
                 if status == 401 and not refreshed:
                     self.auth.invalidate()  # expired or revoked early: one fresh token, then give up
                     refreshed = True
@@ -529,6 +536,14 @@ def _refused_delta_link(status: int, code: str) -> bool:
     return status in (400, 410) or code.lower() in ("syncstatenotfound", "resyncrequired")
 
 
+def _says_expired(status: int, code: str, message: str) -> bool:
+    """Whether a refused deltaLink's answer names expiry or a resync (syncStateNotFound, the dev
+    blog's "The sync state generation is not found. The delta token is expired…", 410 Gone)."""
+    text = message.lower()
+    return (status == 410 or code.lower() in ("syncstatenotfound", "resyncrequired")
+            or "sync state" in text or "expired" in text)  # fmt: skip
+
+
 def _header(headers: Any, name: str) -> str | None:
     if hasattr(headers, "get"):
         value = headers.get(name)
@@ -623,8 +638,16 @@ class EntraConnector:
                         first_users = await session.get(session.link(cursor["users"]), step="users delta",
                                                         delta=True)  # fmt: skip
                     except _Resync as exc:
-                        log.info("tenant %s: %s", self.tenant, exc)
-                        notes.append(EXPIRED_NOTE)
+                        if exc.expired:
+                            log.info("tenant %s: %s", self.tenant, exc)
+                            notes.append(EXPIRED_NOTE)
+                        else:
+                            # A 400 that does not speak of expiry is taken as one (Graph's wording
+                            # is not settled), but it may be something that refuses every deltaLink:
+                            # then every run is a full walk, and only this says so.
+                            log.warning("tenant %s: Graph refused the stored deltaLink, not as an expired "
+                                        "token (%s): full resync", self.tenant, exc)  # fmt: skip
+                            notes.append(f"deltaLink refused, not as an expired token ({exc}): full resync")
                     else:
                         async for item in self._incremental(session, cursor, first_users, first_groups):
                             yield item

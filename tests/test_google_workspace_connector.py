@@ -474,6 +474,26 @@ def test_sync_a_nested_group_of_another_organization_does_not_fail_every_run(
     assert r.status == "failed" and "403" in (r.error or "")
 
 
+def test_sync_member_workers_throttled_together_are_charged_one_wait(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any
+) -> None:
+    """Google's 429 rateLimitExceeded is its limit on concurrent requests: the member workers hit it
+    together and back off side by side. The run was held for one backoff, and that is what its
+    retry budget counts; it counted every worker's wait, so eight workers throttled for half a
+    second used up four seconds of it and many workers failed runs that should have waited."""
+    emu.rate_limit_kind = "concurrent"
+
+    def real_sleeps(tenant_name: str, settings: Any) -> GoogleWorkspaceConnector:
+        return build(tenant_name, settings, policy=RetryPolicy(max_attempts=4, max_total_wait=2))
+
+    h = harness({"g1": tenant(emu, tmp_path, member_workers=8)}, connector_factory=real_sleeps)
+    emu.faults.update({"rate_limit": 8, "path": "/members"})
+    r = h.sync("g1")
+    assert r.status == "succeeded", r.error
+    assert emu.faults.rate_limit == 0
+    assert h.members("g1") == expected_members(emu)
+
+
 def test_sync_persistent_failure_leaves_the_store_unchanged(
     emu: GoogleEmulator, tmp_path: Path, harness: Any
 ) -> None:

@@ -338,8 +338,6 @@ class _Session:
         from msgraph_core.middleware.options import GraphTelemetryHandlerOption
 
         self.policy = policy
-        self._waiting = 0  # retry waits in progress
-        self._waits_end = 0.0  # when the latest of them ends (time.monotonic())
         self.graph_url = graph_url.rstrip("/")
         self.origin = _origin(self.graph_url)
         self.requests = 0
@@ -369,20 +367,16 @@ class _Session:
     async def _wait(self, attempt: int, hint: float | None, *, what: str, step: str) -> None:
         """The retry policy's wait, without stopping the event loop: up to MANAGER_READS requests
         (and a walk's next page) are in flight at once, and Graph throttles them together. A
-        blocking sleep made each throttled one wait in turn (eight 429s with Retry-After 10: 80 s,
-        charged to max_retry_wait), and held every other request meanwhile."""
-        now = time.monotonic()
-        overlap = max(0.0, self._waits_end - now) if self._waiting else 0.0
-        delay = self.policy.charge(attempt, hint, what=what, step=step, overlap=overlap)
-        self._waits_end = max(self._waits_end, now + delay)
-        self._waiting += 1
+        blocking sleep made each throttled one wait in turn (eight 429s with Retry-After 10: 80 s),
+        and held every other request meanwhile."""
+        delay = self.policy.begin_wait(attempt, hint, what=what, step=step)
         try:
             if self.policy.sleep is interruptible_sleep:
                 await interruptible_async_sleep(delay)
             else:  # a caller's own sleep (tests)
                 await asyncio.to_thread(self.policy.sleep, delay)
         finally:
-            self._waiting -= 1
+            self.policy.end_wait()
 
     async def send_raw(self, step: str, call: Any) -> httpx.Response:
         """A plain httpx call (the token endpoint) under the retry policy."""

@@ -101,6 +101,8 @@ class RetryPolicy:
     sleep: Callable[[float], None] = interruptible_sleep
     waited: float = field(default=0.0, init=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _waiting: int = field(default=0, init=False, repr=False)  # waits in progress
+    _waits_end: float = field(default=0.0, init=False, repr=False)  # when the latest ends (monotonic)
 
     def backoff(self, attempt: int) -> float:
         delay = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
@@ -112,20 +114,26 @@ class RetryPolicy:
         `what` describes the failed attempt (status, URL, an excerpt of the vendor's error body):
         it becomes the run's error message when the budget is spent.
         """
-        self.sleep(self.charge(attempt, hint, what=what, step=step))
+        delay = self.begin_wait(attempt, hint, what=what, step=step)
+        try:
+            self.sleep(delay)
+        finally:
+            self.end_wait()
 
-    def charge(
-        self, attempt: int, hint: float | None, *, what: str, step: str | None = None, overlap: float = 0.0
-    ) -> float:
-        """The wait before retry `attempt`, charged to the run's budget (or `RetriesExhausted`),
-        for a caller that sleeps by itself. `overlap`: seconds of it that another request of the
-        run is waiting out at the same time; the run waits them once, so they are charged once."""
+    def begin_wait(self, attempt: int, hint: float | None, *, what: str, step: str | None = None) -> float:
+        """`wait` for a caller that sleeps by itself (an event loop): the delay, charged to the
+        budget; `end_wait()` once slept. Waits that overlap are charged once: requests in flight
+        together (Google's member workers, Entra's manager reads) are throttled together, and the
+        budget caps how long the run is held, not the sum of every request's wait (32 workers
+        throttled for 10 s used up the 300 s of a run)."""
         if attempt >= self.max_attempts:
             raise RetriesExhausted(f"{what}: gave up after {attempt} attempts", step=step)
         delay = self.backoff(attempt) if hint is None else hint
         delay = min(delay, self.max_delay)
-        charged = max(0.0, delay - overlap)
         with self._lock:
+            now = time.monotonic()
+            overlap = max(0.0, self._waits_end - now) if self._waiting else 0.0
+            charged = max(0.0, delay - overlap)
             if self.waited + charged > self.max_total_wait:
                 raise RetriesExhausted(
                     f"{what}: gave up, waiting {charged:.1f}s more would pass the "
@@ -133,7 +141,13 @@ class RetryPolicy:
                     step=step,
                 )
             self.waited += charged
+            self._waits_end = max(self._waits_end, now + delay)
+            self._waiting += 1
         return delay
+
+    def end_wait(self) -> None:
+        with self._lock:
+            self._waiting -= 1
 
 
 class PagingGuard:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -27,6 +28,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+from dirpull.connectors.mapping import check_path
 
 DEFAULT_CONFIG = "dirpull.toml"
 PROVIDERS = ("entra_id", "google_workspace", "okta", "workday", "bamboohr")
@@ -238,13 +241,16 @@ class Defaults(_Strict):
         return _check_duration(v)
 
 
+AttributePath = Annotated[str, AfterValidator(check_path)]
+
+
 class TenantBase(_Strict):
     schedule: str | None = None
     # How often a delta-capable provider does a full walk to catch what deltas miss.
     full_sync_every: str | None = None
     guard: GuardSettings | None = None
     # custom_attributes name → provider attribute path (dotted), e.g. cost_center = "organizations.costCenter"
-    attributes: dict[str, str] = Field(default_factory=dict)
+    attributes: dict[str, AttributePath] = Field(default_factory=dict)
     enabled: bool = True
 
     @field_validator("schedule")

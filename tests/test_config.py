@@ -97,6 +97,34 @@ def test_mistakes_name_the_key(tmp_path, monkeypatch, change, expected):
     assert "Traceback" not in msg
 
 
+@pytest.mark.parametrize(
+    ("path", "problem"),
+    [
+        ("organizations[Primary].costCenter", "bad list selector [Primary] in 'organizations[Primary].costCenter'"),
+        ("emails[type work]", "bad list selector [type work]"),
+        ("relations[type=manager.value", "bad attribute path 'relations[type=manager.value'"),
+        ("profile..costCenter", "bad attribute path 'profile..costCenter'"),
+        ("", "bad attribute path ''"),
+    ],
+)
+def test_a_bad_attribute_path_fails_the_load_naming_the_key(tmp_path, path, problem):
+    """A typo in a mapping path used to load fine, then quarantine every user whose record holds a
+    list at that step ("cannot normalize: bad list selector"), while the run succeeded (exit 0)."""
+    text = GOOD + f'[tenants.acme-hr.attributes]\ncost_center = "{path}"\n'
+    msg = error_of(tmp_path, text)
+    assert msg.startswith(f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.attributes.cost_center: {problem}"), msg
+
+
+def test_good_attribute_paths_load(tmp_path):
+    paths = {
+        "a": "organizations[primary].costCenter", "b": "relations[type=manager].value", "c": "x[0].y[-1]",
+        "d": "customSchemas.Employment.Type", "e": "extension_b7e1c0de_costCenter", "f": "4001", "g": "Cost Center",
+    }  # fmt: skip
+    lines = "".join(f'{k} = "{v}"\n' for k, v in paths.items())
+    cfg = load_config(write(tmp_path, GOOD + "[tenants.acme-hr.attributes]\n" + lines))
+    assert cfg.tenant("acme-hr").attributes == paths
+
+
 def test_okta_system_log_polling_needs_a_full_sync_within_its_retention(tmp_path):
     okta = '[tenants.o]\nprovider = "okta"\norg_url = "https://acme.okta.com"\napi_token = "t"\n'
     polling = okta + "poll_system_log = true\n"

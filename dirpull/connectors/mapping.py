@@ -34,6 +34,22 @@ def _select(items: list[Any], selector: str) -> Any:
     raise ValueError(f"bad list selector [{selector}]")
 
 
+_SELECTOR_FORMS = "[primary], [key=value] or [N]"
+_PATH = re.compile(r"[^.\[\]]+(?:\[[^\[\]]*\])*(?:\.[^.\[\]]+(?:\[[^\[\]]*\])*)*")
+
+
+def check_path(path: str) -> str:
+    """`path` if `extract` can follow it, else a ValueError saying why. Checked when the
+    configuration loads: a typo found only while normalizing quarantined every record whose
+    value is a list at that step, with a run that still succeeded."""
+    if not _PATH.fullmatch(path):
+        raise ValueError(f"bad attribute path {path!r}: dotted keys, each optionally followed by {_SELECTOR_FORMS}")
+    for selector in _SELECTOR.findall(path):
+        if selector != "primary" and "=" not in selector and not selector.lstrip("-").isdigit():
+            raise ValueError(f"bad list selector [{selector}] in {path!r}: use {_SELECTOR_FORMS}")
+    return path
+
+
 def extract(record: Mapping[str, Any], path: str) -> Any:
     """The value at `path`, or None when any step is missing."""
     cur: Any = record

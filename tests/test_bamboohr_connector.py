@@ -313,6 +313,37 @@ def test_an_unchanged_directory_emits_no_events_incremental_or_full(emu: BambooH
     assert h.changes("hr", after=seq) == [("user.deleted", "33")]
 
 
+def test_a_changed_attribute_mapping_reaches_every_user_at_the_next_sync(
+    emu: BambooHREmulator, synced: Any, harness: Any
+) -> None:
+    """An incremental run re-reads only the employees BambooHR reports as changed: after a new
+    `attributes` entry one user got the new custom attribute and the other 39 waited for the
+    periodic full sync (24 h by default). A settings change now makes the next run a full one."""
+    h, _ = synced
+    emu.org.update_person(5, title="Principal")
+    assert h.sync("hr").mode == "incremental"  # the cursor is now past everyone but person 5
+    seq = h.last_seq()
+
+    def factory(tenant: str, tenant_settings: Any) -> BambooHRConnector:
+        return build(tenant, tenant_settings, policy=RetryPolicy(max_attempts=4, sleep=Sleeps(), jitter=0))
+
+    config = {**emu.tenant_config("hr", Path(".")), "attributes": {"division": "division"}}
+    mapped = harness({"hr": config}, connector_factory=factory)
+    r = mapped.sync("hr")
+    assert r.status == "succeeded" and r.mode == "full", r.error
+    assert "the tenant's settings changed since the last sync: full sync" in r.notes
+    assert all(u["custom_attributes"]["division"] for u in mapped.users("hr").values())
+    changes = mapped.changes("hr", after=seq)
+    assert len(changes) == 40 and {c[0] for c in changes} == {"user.updated"}
+    assert {c[2] for c in changes} == {("custom_attributes",)}
+    assert mapped.events("hr", after=seq)[0]["previous_attributes"] == {"custom_attributes": {"division": None}}
+    again = mapped.sync("hr")
+    assert again.mode == "incremental" and again.events == 0
+    # A setting that only says when to sync changes nothing a sync makes: no full walk for it.
+    rescheduled = harness({"hr": {**config, "schedule": "1h", "full_sync_every": "48h"}}, connector_factory=factory)
+    assert rescheduled.sync("hr").mode == "incremental"
+
+
 def test_a_full_resync_recognizes_unchanged_rows_by_their_text_and_parses_only_the_rest(
     emu: BambooHREmulator, synced: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -345,7 +376,8 @@ def test_a_full_resync_recognizes_unchanged_rows_by_their_text_and_parses_only_t
     assert len(h.users("hr")) == 40  # recognized rows count as seen: nobody deleted
     # Its cursor is the newest change the report shows, read from a row that was not parsed.
     _, walked = pull(connector(emu), full=True)
-    assert h.store.get_cursor("hr").value == walked.cursor
+    stored_cursor = h.store.get_cursor("hr").value
+    assert {k: v for k, v in stored_cursor.items() if k != "dirpull_settings"} == walked.cursor
     # A changed row is parsed and normalized; the others still are not.
     parsed.clear()
     normalized.clear()

@@ -23,6 +23,8 @@ from typing import Any, NamedTuple
 from dirpull.config import Config, ConfigError, SecretRef, parse_duration
 from dirpull.connectors import make_connector
 from dirpull.connectors.base import Connector, ConnectorError, Done, Page
+from dirpull.jsoncodec import canonical
+from dirpull.model import digest
 from dirpull.prefetch import Prefetch
 from dirpull.storage.store import Store, StoreError, WriteSet, failed_statement, utcnow
 from dirpull.sync import guard
@@ -161,15 +163,23 @@ class Runner:
     ) -> RunResult:
         started = time.monotonic()
         cursor = self.store.get_cursor(tenant)
+        stored_cursor, stored_settings = _split_cursor(cursor.value)
+        now_settings = _settings_digest(settings)
         notes: list[str] = []
         if full:
             notes.append("full sync requested")
-        elif cursor.value is not None and cursor.last_full_at is not None:
+        elif stored_cursor is not None and stored_settings is not None and stored_settings != now_settings:
+            # An incremental run re-reads only what the vendor changed: under a new attribute
+            # mapping (or state mapping, manager field…) everyone else would keep the old
+            # normalization until the next periodic full sync.
+            full = True
+            notes.append("the tenant's settings changed since the last sync: full sync")
+        elif stored_cursor is not None and cursor.last_full_at is not None:
             due = cursor.last_full_at + self.config.full_sync_every_of(tenant)
             if utcnow() >= due:
                 full = True
                 notes.append("periodic full reconciliation")
-        planned_mode = "full" if full or cursor.value is None else "incremental"
+        planned_mode = "full" if full or stored_cursor is None else "incremental"
         run_id = (
             None if dry_run else self.store.start_run(tenant, trigger=trigger, mode=planned_mode, worker=self.worker)
         )
@@ -185,7 +195,7 @@ class Runner:
         plan: Plan | None = None
         recorded = False  # the run's outcome is committed
         try:
-            done, plan = self._pull_and_diff(tenant, settings, cursor.value, full, heartbeat, progress)
+            done, plan = self._pull_and_diff(tenant, settings, stored_cursor, full, heartbeat, progress)
             result.mode = done.mode
             result.requests = done.requests
             notes.extend(done.notes)
@@ -241,7 +251,7 @@ class Runner:
                 run_id,
                 writes,
                 holder=holder,
-                cursor=done.cursor,
+                cursor=_with_settings(done.cursor, now_settings),
                 full=done.mode == "full",
                 run_fields=dict(
                     status="succeeded",
@@ -559,6 +569,33 @@ def _without_secrets(text: str, settings: Any) -> str:
     for secret in _secret_values(settings):
         text = text.replace(secret, "***")
     return text
+
+
+# The stored cursor also remembers the settings it was made under (the connector never sees this).
+SETTINGS_KEY = "dirpull_settings"
+# Settings that only decide when and whether a tenant syncs, not what its records become.
+_SCHEDULING_KEYS = frozenset({"schedule", "full_sync_every", "guard", "enabled"})
+
+
+def _settings_digest(settings: Any) -> str:
+    """A digest of the tenant's settings that can change what a sync reads or how it normalizes
+    it (secrets as their references, never their values)."""
+    if not hasattr(settings, "model_dump"):
+        return digest(repr(settings).encode())
+    dumped = settings.model_dump(mode="json")
+    return digest(canonical({k: v for k, v in dumped.items() if k not in _SCHEDULING_KEYS}))
+
+
+def _split_cursor(value: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:
+    """The connector's cursor and the settings digest stored with it (None from before it was)."""
+    if not isinstance(value, dict) or SETTINGS_KEY not in value:
+        return value, None
+    rest = {k: v for k, v in value.items() if k != SETTINGS_KEY}
+    return rest, value[SETTINGS_KEY]
+
+
+def _with_settings(cursor: dict[str, Any] | None, settings_digest: str) -> dict[str, Any] | None:
+    return None if cursor is None else {**cursor, SETTINGS_KEY: settings_digest}
 
 
 def _quarantine_list(plan: Plan) -> list[dict[str, Any]]:

@@ -74,6 +74,24 @@ def test_changes_produce_exact_events_with_previous_attributes(harness):
     assert r.counts["users_deactivated"] == 1
 
 
+def test_a_key_that_comes_or_goes_with_a_null_value_is_named_in_previous_attributes(harness):
+    """A vendor attribute that appears as null (a new `$select`, a new profile property) changes the
+    record; its update event used to say `previous_attributes: {"raw_attributes": {}}`, naming nothing."""
+    d = Directory(users=people(2, raw_attributes={"a": 1, "gone": None}, custom_attributes={"cc": "7"}))
+    h = make(harness, d)
+    h.sync("t")
+    seq = h.last_seq()
+    d.users[0] = d.users[0].model_copy(update={"raw_attributes": {"a": 1, "gone": None, "new": None}})
+    d.users[1] = d.users[1].model_copy(
+        update={"raw_attributes": {"a": 1}, "custom_attributes": {"cc": "7", "site": None}}
+    )
+    assert h.sync("t").status == "succeeded"
+    assert [(e["data"]["idp_id"], e["previous_attributes"]) for e in h.events("t", seq)] == [
+        ("u0", {"raw_attributes": {"new": None}}),
+        ("u1", {"custom_attributes": {"site": None}, "raw_attributes": {"gone": None}}),
+    ]
+
+
 def test_nul_characters_in_values_are_dropped_on_both_stores(harness):
     """A vendor value holding a NUL (PostgreSQL's text and jsonb refuse one) is stored without
     it, identically on both stores, and an unchanged resync finds nothing to write."""

@@ -479,7 +479,13 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
         if before == value:
             continue
         if isinstance(before, Mapping) and isinstance(value, Mapping):
-            out[key] = {k: before.get(k) for k in sorted({*before, *value}) if before.get(k) != value.get(k)}
+            # A key that comes or goes with a null value changed too: compared by value alone it
+            # left `{}`, an update that named nothing.
+            out[key] = {
+                k: before.get(k)
+                for k in sorted({*before, *value})
+                if (k in before) != (k in value) or before.get(k) != value.get(k)
+            }
         else:
             out[key] = before
     return out

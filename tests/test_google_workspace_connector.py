@@ -158,6 +158,16 @@ def test_attribute_mapping_reads_custom_schemas_with_projection_full(
     assert user_calls and all("projection=basic" in p and "maxResults=500" in p for p in user_calls)
 
 
+def test_an_attribute_path_selects_list_items_by_a_json_boolean(emu: GoogleEmulator, tmp_path: Path) -> None:
+    """`[primary=true]` is how JSON spells the flag Google sets on an email or an organization; it
+    was compared with Python's `True` and never matched, so the attribute was silently absent."""
+    attrs = {"mail": "emails[primary=true].address", "cost_center": "organizations[primary=true].costCenter",
+             "not_primary": "organizations[primary=false].costCenter"}  # fmt: skip
+    pages, _ = pull(connector(emu, tmp_path, attributes=attrs))
+    p = emu.org.people[7]
+    assert users(pages)[user_id(7)].custom_attributes == {"mail": p.email, "cost_center": p.cost_center}
+
+
 def test_org_unit_scope_includes_sub_org_units(emu: GoogleEmulator, tmp_path: Path) -> None:
     pages, _ = pull(connector(emu, tmp_path, org_units=["/Engineering"]))
     us = users(pages)

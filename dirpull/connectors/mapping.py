@@ -16,6 +16,14 @@ _STEP = re.compile(r"([^.\[\]]+)((?:\[[^\]]*\])*)")
 _SELECTOR = re.compile(r"\[([^\]]*)\]")
 
 
+def _spelled(value: Any) -> str:
+    """A value as a `[key=value]` selector spells it: JSON's `true`/`false` (the records are JSON;
+    `str()` gave Python's `True`, so `[primary=true]` never matched)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
 def _select(items: list[Any], selector: str) -> Any:
     if selector == "primary":
         for item in items:
@@ -25,7 +33,7 @@ def _select(items: list[Any], selector: str) -> Any:
     if "=" in selector:
         key, _, value = selector.partition("=")
         for item in items:
-            if isinstance(item, Mapping) and str(item.get(key)) == value:
+            if isinstance(item, Mapping) and _spelled(item.get(key)) == value:
                 return item
         return None
     if selector.lstrip("-").isdigit():

@@ -235,6 +235,23 @@ def test_empty_directory_after_users_is_held_whatever_the_thresholds(harness):
     assert len(h.users("t")) == 3
 
 
+def test_a_listing_whose_users_are_all_quarantined_is_held_saying_so(harness):
+    """Every user unreadable (a BambooHR key that lost the status field) was held as "the
+    directory returned no users": the operator went looking for an empty listing that was not."""
+    from dirpull.connectors.base import Quarantined
+
+    d = Directory(users=people(3))
+    h = make(harness, d, guard={"max_percent": 100, "min_count": 1000})
+    h.sync("t")
+    d.users = []
+    d.quarantined = [Quarantined("user", f"u{i}", "no status") for i in range(3)]
+    r = h.sync("t")
+    assert r.status == "held" and r.exit_code == 3
+    assert "none of the 3 users the directory returned could be read (quarantined)" in r.error, r.error
+    assert "returned no users" not in r.error
+    assert len(h.users("t")) == 3
+
+
 def test_guard_is_skipped_on_the_first_sync(harness):
     h = make(harness, Directory(users=people(500)), guard={"max_percent": 1, "min_count": 1})
     assert h.sync("t").status == "succeeded"

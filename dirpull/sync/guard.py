@@ -35,12 +35,20 @@ def check(
     user_deletes: int,
     user_deactivations: int,
     group_deletes: int,
+    quarantined_users: int = 0,
 ) -> Verdict:
     if first_sync:
         return Verdict(False)
     if snapshot and seen_users == 0 and stored_users > 0:
         # An empty listing is far more often a failure (credentials, scope, a silent API fault)
         # than a company that let everyone go: never apply it without a human.
+        if quarantined_users:
+            # Not an empty listing: every user in it was unreadable (`dirpull runs` says why).
+            return Verdict(
+                True,
+                f"none of the {quarantined_users} users the directory returned could be read (quarantined) "
+                f"while the store holds {stored_users}",
+            )
         return Verdict(True, f"the directory returned no users while the store holds {stored_users}")
     lost = user_deletes + user_deactivations
     if _exceeds(lost, stored_users, settings):

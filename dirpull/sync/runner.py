@@ -216,6 +216,7 @@ class Runner:
                 user_deletes=len(plan.user_deletes),
                 user_deactivations=result.counts["users_deactivated"],
                 group_deletes=len(plan.group_deletes),
+                quarantined_users=sum(1 for q in plan.quarantined if q.kind == "user"),
             )
             if dry_run:
                 result.status = "planned"

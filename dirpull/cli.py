@@ -7,6 +7,7 @@ Exit codes: 0 ok · 1 failed · 2 bad usage, configuration or unknown tenant · 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import sys
@@ -185,11 +186,28 @@ def _progress() -> tuple[Any, Any]:
     return progress, update
 
 
+LOSSES = ("user.deleted", "group.deleted")
+
+
+def _deactivates(event: dict[str, Any]) -> bool:
+    previous = event.get("previous_attributes") or {}
+    return (
+        event["type"] == "user.updated"
+        and previous.get("state") == "active"
+        and event["data"].get("state") == "inactive"
+    )
+
+
 def _describe(writes: WriteSet, limit: int = 200) -> Iterator[str]:
     sign = {"created": "+", "updated": "~", "deleted": "-", "user_added": "+", "user_removed": "-"}
-    for i, e in enumerate(writes.all_events()):
+    # Deletions and deactivations first: they are what the guard holds a run for, and in the event
+    # order they come behind every create, update and membership change, so a held run's review
+    # showed 200 of those and not one of the people it would remove.
+    losses = [*writes.tail_events, *(e for e in writes.events if _deactivates(e))]
+    rest = (e for e in writes.all_events() if e["type"] not in LOSSES and not _deactivates(e))
+    for i, e in enumerate(itertools.chain(losses, rest)):
         if i == limit:
-            yield f"… and {writes.event_count - limit} more"
+            yield f"… and {writes.event_count - limit} more (--json lists every one)"
             return
         kind = e["type"].split(".", 1)[1]
         if e["type"].startswith("group.user_"):
@@ -197,7 +215,8 @@ def _describe(writes: WriteSet, limit: int = 200) -> Iterator[str]:
         else:
             name = e["data"].get("username") or e["data"].get("name") or e["data"].get("display_name") or ""
             changed = f" ({', '.join(sorted(e['previous_attributes']))})" if e.get("previous_attributes") else ""
-            yield f"{sign[kind]} {e['type']} {e['object_id']} {name}{changed}"
+            lost = " deactivated" if _deactivates(e) else ""
+            yield f"{sign[kind]} {e['type']} {e['object_id']} {name}{changed}{lost}"
 
 
 @app.command()

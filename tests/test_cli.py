@@ -171,6 +171,28 @@ def test_guard_hold_dry_run_and_force_exit_codes(env):
     assert st["result"] == "succeeded"
 
 
+def test_a_held_runs_dry_run_names_who_would_be_removed_first(env):
+    """The guard says "review with --dry-run": its bounded listing names the people the run would
+    delete or deactivate even when hundreds of other changes come before them in event order."""
+    run(env, "sync", "hr")
+    for _ in range(250):
+        env["org"].hire()
+    for n in range(2, 12):
+        env["org"].delete(n)
+    active = [p.n for p in env["org"].people.values() if p.n >= 12 and p.state == "active"][:10]
+    for n in active:
+        env["org"].deactivate(n)
+    assert run(env, "sync", "hr").exit_code == 3
+    dry = run(env, "sync", "hr", "--dry-run")
+    assert dry.exit_code == 0
+    lines = dry.stdout.splitlines()
+    assert sum(1 for line in lines if line[:1] in "+-~") == 200
+    assert {line.split()[2] for line in lines if line.startswith("- user.deleted")} == {str(n) for n in range(2, 12)}
+    deactivated = {line.split()[2] for line in lines if line.endswith(" deactivated")}
+    assert deactivated == {str(n) for n in active}
+    assert any(line.startswith("… and ") and "--json" in line for line in lines)
+
+
 def test_failed_sync_exits_1_without_leaking_the_key(env):
     env["emulator"].faults.update({"expire_auth": 5})
     r = run(env, "sync", "hr")

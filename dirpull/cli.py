@@ -175,7 +175,7 @@ def _progress() -> tuple[Any, Any]:
         SpinnerColumn(),
         TextColumn("{task.description}"),
         TimeElapsedColumn(),
-        console=Console(stderr=True),
+        console=Console(stderr=True, soft_wrap=True),  # log lines printed above it keep their length
         transient=True,
     )
     task = progress.add_task("connecting…")

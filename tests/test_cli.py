@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -275,6 +276,61 @@ def test_throttling_is_a_warning_in_the_log(tmp_path, provider):
     assert r.exit_code == 0, r.stderr
     warnings = [line for line in r.stderr.splitlines() if " WARNING " in line]
     assert len(warnings) == 1 and any(code in warnings[0] for code in ("429", "503")), r.stderr
+
+
+def _on_a_terminal(env: dict, *args: str) -> tuple[int, str, str]:
+    """`dirpull ARGS` with stderr on a pseudo-terminal (stdout a pipe): exit code, stdout, and
+    the raw bytes the terminal got, decoded."""
+    import pty
+
+    primary, secondary = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dirpull.cli", "--config", env["config"], *args],
+        stdout=subprocess.PIPE, stderr=secondary, stdin=subprocess.DEVNULL,
+        env={**os.environ, "DIRPULL_STORE_URL": "", "TERM": "xterm", "COLUMNS": "200"},
+    )  # fmt: skip
+    os.close(secondary)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(primary, 65536)
+            except OSError:  # EIO: the process closed its end
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        os.close(primary)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode, out.decode(), b"".join(chunks).decode(errors="replace")
+
+
+def _terminal_rows(raw: str) -> list[str]:
+    """What stays on each row of the terminal: a row's text after its last erase-line, without
+    escape sequences and carriage returns (enough for Rich's one-line progress display)."""
+    rows = []
+    for row in raw.replace("\r\n", "\n").split("\n"):
+        row = row.rsplit("\x1b[2K", 1)[-1]
+        rows.append(re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", row).replace("\r", ""))
+    return rows
+
+
+def test_log_lines_on_a_terminal_do_not_land_in_the_progress_line(env):
+    """A sync on a terminal shows a live progress line on stderr; its log lines (sync start, a
+    rate-limit wait, sync end) were written into that line, so the terminal kept rows like
+    "⠋ connecting… 0:00:00 2026-… INFO dirpull.sync: sync start …". Each is a row of its own."""
+    code, out, raw = _on_a_terminal(env, "sync", "hr")
+    assert code == 0, raw
+    assert "hr: succeeded (full)" in out
+    rows = _terminal_rows(raw)
+    logged = [row for row in rows if " INFO dirpull.sync: sync " in row]
+    assert len(logged) == 2, rows
+    own_row = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO dirpull.sync: sync (start|end) ")
+    assert all(own_row.match(row) for row in logged), logged
 
 
 def test_status_shows_a_run_whose_process_was_killed(env, store_url):

@@ -194,6 +194,22 @@ def test_a_held_runs_dry_run_names_who_would_be_removed_first(env):
     assert any(line.startswith("… and ") and "--json" in line for line in lines)
 
 
+def test_a_new_sqlite_store_is_readable_by_its_owner_only(env, store_url):
+    """The store holds the whole directory (names, emails, managers): created under the usual
+    umask 022 it was 0644, readable by every account on the machine; its WAL files follow."""
+    if not store_url.startswith("sqlite"):
+        pytest.skip("a file only on SQLite")
+    old = os.umask(0o022)
+    try:
+        assert run(env, "sync", "hr").exit_code == 0
+    finally:
+        os.umask(old)
+    path = Path(store_url.removeprefix("sqlite:///"))
+    made = [p for p in path.parent.iterdir() if p.name.startswith(path.name)]
+    assert path in made
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in made} == {p.name: "0o600" for p in made}
+
+
 def test_failed_sync_exits_1_without_leaking_the_key(env):
     env["emulator"].faults.update({"expire_auth": 5})
     r = run(env, "sync", "hr")

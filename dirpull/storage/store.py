@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import re
 import sqlite3
 import time
@@ -1164,12 +1165,26 @@ def parse_store_url(url: str) -> sa.URL:
     return parsed
 
 
+def _create_private(database: str | None) -> None:
+    """Create a new SQLite store's file readable by its owner only. It holds a whole company's
+    people (names, emails, managers, titles); made by SQLite, it got the umask's 0644, readable by
+    every local account. SQLite gives its -wal and -shm files the database file's mode. An
+    existing file keeps the mode its owner gave it."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    try:
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:  # it exists, or cannot be made: SQLite opens it or says why it cannot
+        pass
+
+
 def _make_engine(url: str, *, pool_size: int, connect_timeout: float, migrating: bool = False) -> Engine:
     parsed = parse_store_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
         from sqlalchemy import event
 
+        _create_private(parsed.database)
         busy = connect_timeout * 3
         connect_args: dict[str, Any] = {"timeout": busy}
         if migrating:

@@ -14,9 +14,28 @@ import tempfile
 import threading
 
 
+class SpoolError(Exception):
+    """The spool file cannot be made or written (a full disk, a TMPDIR that does not exist): the
+    run fails with one line saying where and what to do, instead of an OSError's traceback."""
+
+
+def _spool_error(exc: OSError, doing: str) -> SpoolError:
+    try:
+        where = tempfile.gettempdir()
+    except OSError:  # no usable temporary directory at all
+        where = os.environ.get("TMPDIR") or "the temporary directory"
+    return SpoolError(
+        f"cannot {doing} the temporary file of the run's pending records in {where} "
+        f"({exc.strerror or exc}): free space there or set TMPDIR to a directory with room; nothing applied"
+    )
+
+
 class RecordSpool:
     def __init__(self) -> None:
-        self._file = tempfile.TemporaryFile(prefix="dirpull-records-")  # noqa: SIM115 (closed by close())
+        try:
+            self._file = tempfile.TemporaryFile(prefix="dirpull-records-")  # noqa: SIM115 (closed by close())
+        except OSError as exc:
+            raise _spool_error(exc, "create") from None
         self._end = 0
         self._unflushed = False
         self._lock = threading.Lock()
@@ -24,7 +43,10 @@ class RecordSpool:
     def put(self, blob: bytes, key: str | None = None) -> SpooledJson:
         with self._lock:
             offset = self._end
-            self._file.write(blob)
+            try:
+                self._file.write(blob)
+            except OSError as exc:
+                raise _spool_error(exc, "write") from None
             self._end += len(blob)
             self._unflushed = True
         return SpooledJson(self, offset, len(blob), key)
@@ -32,7 +54,10 @@ class RecordSpool:
     def read(self, offset: int, length: int) -> bytes:
         if self._unflushed:
             with self._lock:
-                self._file.flush()
+                try:
+                    self._file.flush()
+                except OSError as exc:
+                    raise _spool_error(exc, "write") from None
                 self._unflushed = False
         return os.pread(self._file.fileno(), length, offset)
 
@@ -41,7 +66,10 @@ class RecordSpool:
         return self._end
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # its last buffer found the disk full: the file goes all the same
+            pass
 
 
 class SpooledJson:

@@ -210,6 +210,21 @@ def test_a_new_sqlite_store_is_readable_by_its_owner_only(env, store_url):
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in made} == {p.name: "0o600" for p in made}
 
 
+def test_a_full_disk_under_the_spool_is_one_clear_line(env, monkeypatch):
+    """The run's pending records wait in a temporary file: with no room left there, the run failed
+    with a traceback in the log and "OSError: [Errno 28] No space left on device" as its error,
+    naming neither the directory nor what to do."""
+    # /dev/full: every write the kernel gets fails with ENOSPC, as on a full TMPDIR.
+    monkeypatch.setattr("dirpull.spool.tempfile.TemporaryFile", lambda **_: open("/dev/full", "w+b"))  # noqa: SIM115
+    r = run(env, "sync", "hr")
+    assert r.exit_code == 1
+    assert "Traceback" not in r.stderr
+    [error] = [line.strip() for line in r.stderr.splitlines() if line.startswith("  ")]
+    assert "No space left on device" in error and "TMPDIR" in error and "nothing applied" in error
+    assert jsonl(run(env, "runs", "hr", "--json").stdout)[0]["error"] == error
+    assert jsonl(run(env, "users", "hr", "--json").stdout) == []
+
+
 def test_failed_sync_exits_1_without_leaking_the_key(env):
     env["emulator"].faults.update({"expire_auth": 5})
     r = run(env, "sync", "hr")

@@ -26,6 +26,7 @@ from dirpull.connectors.base import Connector, ConnectorError, Done, Page
 from dirpull.jsoncodec import canonical
 from dirpull.model import digest
 from dirpull.prefetch import Prefetch
+from dirpull.spool import SpoolError
 from dirpull.storage.store import Store, StoreError, WriteSet, failed_statement, utcnow
 from dirpull.sync import guard
 from dirpull.sync.collector import fewer_collections
@@ -269,7 +270,7 @@ class Runner:
                     "tenant %s: %d records quarantined (see `dirpull runs %s`)", tenant, len(plan.quarantined), tenant
                 )
             return result
-        except (ConnectorError, ConfigError, StoreError, Interrupted) as exc:
+        except (ConnectorError, ConfigError, StoreError, SpoolError, Interrupted) as exc:
             result.status = "failed"
             if isinstance(exc, ConnectorError) and exc.requests:
                 result.requests = exc.requests

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -406,6 +407,45 @@ def test_status_shows_a_run_whose_process_was_killed(env, store_url):
     assert run(env, "sync", "hr").exit_code == 0
     assert jsonl(run(env, "status", "--json").stdout)[0]["attention"] == []
     assert store.runs("hr", 2)[1]["status"] == "failed"  # the next run marked it
+
+
+def test_the_daemon_says_it_does_not_reload_on_sighup_and_goes_on(env, store_url):
+    """SIGHUP (the usual "reload") ended the daemon on the spot: no log line, its syncs cut off,
+    and under systemd not restarted (death by SIGHUP counts as a clean exit). It now says that it
+    does not reload its configuration, and goes on syncing until SIGTERM."""
+    config = Path(env["config"])
+    config.write_text(config.read_text() + 'schedule = "1s"\n')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dirpull.cli", "--config", env["config"], "run", "--max-seconds", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "DIRPULL_STORE_URL": ""},
+    )  # fmt: skip
+    store = Store(store_url)
+    try:
+
+        def succeeded() -> int:
+            with contextlib.suppress(Exception):  # the daemon may still be creating the schema
+                return sum(1 for r in store.runs("hr", 100) if r["status"] == "succeeded")
+            return 0
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and succeeded() < 1:
+            time.sleep(0.1)
+        assert succeeded() >= 1
+        proc.send_signal(signal.SIGHUP)
+        before = succeeded()
+        while time.monotonic() < deadline and succeeded() <= before:
+            time.sleep(0.1)
+        assert proc.poll() is None and succeeded() > before  # alive, and still syncing
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        store.close()
+    assert proc.returncode == 0, err
+    assert "SIGHUP ignored: dirpull does not reload its configuration" in err
+    assert "stopping: waiting for running syncs" in err
 
 
 def test_unknown_tenant_and_bad_usage_exit_2(env):

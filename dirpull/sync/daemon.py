@@ -9,10 +9,13 @@ boundary (an interrupted run applies nothing) and wait for them to finish.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import signal
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -196,13 +199,36 @@ class Daemon:
 
     def run_forever(self, until: threading.Event | None = None, max_seconds: float | None = None) -> None:
         """Run until SIGTERM/SIGINT (or `until` is set, or `max_seconds` pass)."""
-        with stop_on_signals(until or threading.Event()) as stop:
+        with stop_on_signals(until or threading.Event()) as stop, _hangups() as hangup:
             self.start()
             try:
                 deadline = None if max_seconds is None else time.monotonic() + max_seconds
                 while not stop.wait(0.5):
+                    if hangup.is_set():
+                        hangup.clear()
+                        log.warning(
+                            "SIGHUP ignored: dirpull does not reload its configuration; "
+                            "restart it to apply a change (the daemon goes on with the one it started with)"
+                        )
                     if deadline is not None and time.monotonic() >= deadline:
                         break
             finally:
                 log.info("stopping: waiting for running syncs to finish or abort")
                 self.shutdown(wait=True)
+
+
+@contextlib.contextmanager
+def _hangups() -> Iterator[threading.Event]:
+    """SIGHUP, the usual "reload" signal, set an event instead of killing the process: by default
+    it ended the daemon at once, its running syncs left `running` with their leases held, and under
+    systemd for good (Restart=on-failure counts death by SIGHUP as a clean exit)."""
+    hangup = threading.Event()
+    sighup = getattr(signal, "SIGHUP", None)
+    if sighup is None or threading.current_thread() is not threading.main_thread():
+        yield hangup
+        return
+    previous = signal.signal(sighup, lambda *_: hangup.set())
+    try:
+        yield hangup
+    finally:
+        signal.signal(sighup, previous)

@@ -177,3 +177,18 @@ def test_shutdown_cuts_a_vendor_retry_wait_short(harness):
     assert time.monotonic() - t0 < 5
     assert h.users("good") == {}
     assert "stopping" in h.store.runs("good")[0]["error"]
+
+
+def test_the_start_up_log_names_the_store_and_the_tenants_not_scheduled(harness, caplog):
+    """An operator reading the daemon's log learns which store it writes to ($DIRPULL_STORE_URL
+    may override the file's) and why a configured tenant never syncs."""
+    caplog.set_level("INFO", logger="dirpull.daemon")
+    h = harness({**TENANTS, "off": {**TENANTS["good"], "enabled": False}})
+    daemon = Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(Directory(users=people(1))))
+    daemon.start()
+    daemon.shutdown()
+    lines = [r.getMessage() for r in caplog.records]
+    [start] = [line for line in lines if " starting: " in line]
+    assert f"store {h.store.safe_url}" in start and "2 of 3 tenants enabled" in start
+    assert "tenant off (bamboohr) is disabled: not scheduled" in lines
+    assert not [line for line in lines if line.startswith("scheduled tenant off ")]

@@ -143,6 +143,15 @@ class Daemon:
     def start(self) -> None:
         now = datetime.now(UTC)
         tenants = [name for name, t in self.config.tenants.items() if t.enabled]
+        # Which store this worker writes to ($DIRPULL_STORE_URL may override the file's) and why a
+        # configured tenant never syncs: nothing in the log said either.
+        log.info(
+            "worker %s starting: config %s, store %s, %d of %d tenants enabled",
+            self.runner.worker, self.config.path, self.store.safe_url, len(tenants), len(self.config.tenants),
+        )  # fmt: skip
+        for name, t in self.config.tenants.items():
+            if not t.enabled:
+                log.info("tenant %s (%s) is disabled: not scheduled", name, t.provider)
         missed = self._missed_cron_fires(tenants, now)
         for name in tenants:
             schedule = self.config.schedule_of(name)

@@ -278,9 +278,11 @@ def sync(
             for line in _describe(result.writes):
                 typer.echo(line)
         counts = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v and not k.endswith("_seen"))
+        # A held or failed run's counts are what it would have written: said so, not read as done.
+        planned = "" if result.status in ("succeeded", "planned") or not counts else "nothing applied, planned: "
         typer.echo(
             f"{tenant}: {result.status} ({result.mode}) in {result.duration_s:.2f}s, {result.requests} requests"
-            + (f"; {counts}" if counts else "; no changes")
+            + (f"; {planned}{counts}" if counts else "; no changes")
         )
         for note in result.notes:
             typer.echo(f"  note: {note}")
@@ -365,7 +367,7 @@ def runs(
     for r in rows:
         typer.echo(
             f"{r['id']}\t{r['started_at']}\t{r['trigger']}\t{r['mode']}\t{r['status']}\t{r['duration_s']}\t"
-            f"{r['requests']}\t{r['counts'].get('events', 0)}\t{r['error'] or ''}"
+            f"{r['requests']}\t{r['counts'].get('events', 0) if r['status'] == 'succeeded' else 0}\t{r['error'] or ''}"
         )
 
 

@@ -173,6 +173,25 @@ def test_guard_hold_dry_run_and_force_exit_codes(env):
     assert st["result"] == "succeeded"
 
 
+def test_a_held_run_is_not_reported_as_having_written_events(env):
+    """A held run writes nothing, yet `dirpull sync` said "rows_written 59, events 59" after it
+    and `dirpull runs` showed 59 in its events column, as if a consumer had 59 new events."""
+    run(env, "sync", "hr")
+    for n in range(2, 32):
+        env["org"].delete(n)
+    held = run(env, "sync", "hr")
+    assert held.exit_code == 3
+    assert held.stdout.startswith("hr: held (")
+    assert "; nothing applied, planned: " in held.stdout and "users_deleted 30," in held.stdout
+    header, *rows = run(env, "runs", "hr").stdout.splitlines()
+    columns = header.split("\t")
+    latest = dict(zip(columns, rows[0].split("\t"), strict=True))
+    assert latest["status"] == "held" and latest["events"] == "0"
+    first = dict(zip(columns, rows[1].split("\t"), strict=True))
+    assert first["status"] == "succeeded" and first["events"] != "0"
+    assert jsonl(run(env, "runs", "hr", "--json").stdout)[0]["counts"]["users_deleted"] == 30  # what it would do
+
+
 def test_a_held_runs_dry_run_names_who_would_be_removed_first(env):
     """The guard says "review with --dry-run": its bounded listing names the people the run would
     delete or deactivate even when hundreds of other changes come before them in event order."""

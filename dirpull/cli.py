@@ -26,6 +26,7 @@ from typer.core import TyperGroup
 from dirpull import logs
 from dirpull.config import Config, ConfigError, load_config
 from dirpull.storage.store import Store, StoreError, WriteSet
+from dirpull.sync import guard
 
 # click's UsageError, found through Typer's public BadParameter: Typer ≥ 0.22 carries its own copy
 # of click (typer._click), older ones use the click package.
@@ -409,7 +410,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
         started = datetime.fromisoformat(run["started_at"].replace("Z", "+00:00")) if run else None
         attention = []
         if run and run["status"] == "held":
-            attention.append("held by the guard: review with --dry-run, apply with --force")
+            attention.append(f"held by the guard: {guard.next_steps(name, run['mode'])}")
         if run and run["status"] == "failed":
             attention.append(f"failing: {run['error']}")
         if run and run["status"] == "running" and _abandoned(store, name, run):

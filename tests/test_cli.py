@@ -173,6 +173,23 @@ def test_guard_hold_dry_run_and_force_exit_codes(env):
     assert st["result"] == "succeeded"
 
 
+def test_a_held_full_run_says_to_review_and_apply_it_as_a_full_one(env):
+    """After `sync --full` is held, `--force` alone would run incrementally: on a vendor whose
+    deletions only a full listing shows it would apply none of them. The hold says what to run."""
+    run(env, "sync", "hr")
+    for n in range(2, 32):
+        env["org"].delete(n)
+    held = run(env, "sync", "hr", "--full")
+    assert held.exit_code == 3
+    steps = "review with `dirpull sync hr --full --dry-run`, apply with `dirpull sync hr --full --force`"
+    assert held.stderr.rstrip().endswith(steps), held.stderr
+    assert jsonl(run(env, "status", "--json").stdout)[0]["attention"] == [f"held by the guard: {steps}"]
+    again = run(env, "sync", "hr")  # an incremental run held too: no --full in what it says
+    assert again.exit_code == 3 and "apply with `dirpull sync hr --force`" in again.stderr, again.stderr
+    assert run(env, "sync", "hr", "--full", "--force").exit_code == 0
+    assert len(jsonl(run(env, "users", "hr", "--json").stdout)) == 30
+
+
 def test_a_held_run_is_not_reported_as_having_written_events(env):
     """A held run writes nothing, yet `dirpull sync` said "rows_written 59, events 59" after it
     and `dirpull runs` showed 59 in its events column, as if a consumer had 59 new events."""

@@ -64,3 +64,11 @@ def check(
             f"(threshold {settings.max_percent:g}% and more than {settings.min_count})",
         )
     return Verdict(False)
+
+
+def next_steps(tenant: str, mode: str) -> str:
+    """What the operator runs after a hold. A held full run is reviewed and applied as a full one:
+    without --full the next manual run may be incremental, and on a vendor whose deletions only a
+    full listing shows (Okta) it would apply none of the deletions that were held."""
+    flags = " --full" if mode == "full" else ""
+    return f"review with `dirpull sync {tenant}{flags} --dry-run`, apply with `dirpull sync {tenant}{flags} --force`"

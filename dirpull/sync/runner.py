@@ -226,9 +226,8 @@ class Runner:
                 return result
             if verdict.held and not force:
                 result.status = "held"
-                result.error = (
-                    f"held by the mass-change guard: {verdict.reason}; review with --dry-run, apply with --force"
-                )
+                next_steps = guard.next_steps(tenant, result.mode)
+                result.error = f"held by the mass-change guard: {verdict.reason}; {next_steps}"
                 assert run_id is not None
                 self.store.finish_run(
                     run_id,

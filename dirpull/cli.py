@@ -353,7 +353,7 @@ def events(
 @app.command()
 def runs(
     tenant: str,
-    limit: Annotated[int, typer.Option("--limit", min=1, max=MAX_INT)] = 20,
+    limit: Annotated[int, typer.Option("--limit", help="The newest this many runs.", min=1, max=MAX_INT)] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] = False,
 ) -> None:
     """Sync runs, newest first."""
@@ -531,7 +531,9 @@ def emulate(
     changes_every: Annotated[
         float, typer.Option("--changes-every", help="Seconds between random changes (0: none).")
     ] = 0.0,
-    max_seconds: Annotated[float | None, typer.Option("--max-seconds")] = None,
+    max_seconds: Annotated[
+        float | None, typer.Option("--max-seconds", help="Stop after this long (default: at Ctrl-C).")
+    ] = None,
 ) -> None:
     """Serve local emulators of the vendors' APIs on 127.0.0.1 and print a config for them."""
     from dirpull.emulators.cluster import Cluster

@@ -153,11 +153,21 @@ def _jsonl(rows: Iterable[dict[str, Any]]) -> None:
     out.flush()
 
 
+# Tabs and line breaks inside a value (a vendor's job title, a multi-line error) would shift or
+# split a row of the tab-separated tables: shown as spaces there (--json keeps them).
+_CELL_BREAKS = str.maketrans({c: " " for c in "\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
+
+
+def _cells(*values: Any) -> str:
+    """One row of a tab-separated table."""
+    return "\t".join("" if v is None else str(v).translate(_CELL_BREAKS) for v in values)
+
+
 def _table(rows: Iterator[dict[str, Any]], columns: list[str]) -> int:
     typer.echo("\t".join(columns))
     n = 0
     for row in rows:
-        typer.echo("\t".join("" if row.get(c) is None else str(row.get(c)) for c in columns))
+        typer.echo(_cells(*(row.get(c) for c in columns)))
         n += 1
     return n
 
@@ -366,10 +376,9 @@ def runs(
         return
     typer.echo("id\tstarted_at\ttrigger\tmode\tstatus\tduration_s\trequests\tevents\terror")
     for r in rows:
-        typer.echo(
-            f"{r['id']}\t{r['started_at']}\t{r['trigger']}\t{r['mode']}\t{r['status']}\t{r['duration_s']}\t"
-            f"{r['requests']}\t{r['counts'].get('events', 0) if r['status'] == 'succeeded' else 0}\t{r['error'] or ''}"
-        )
+        events = r["counts"].get("events", 0) if r["status"] == "succeeded" else 0
+        typer.echo(_cells(r["id"], r["started_at"], r["trigger"], r["mode"], r["status"], r["duration_s"],
+                          r["requests"], events, r["error"] or ""))  # fmt: skip
 
 
 def _stale_at(schedule: str, last_success: datetime) -> datetime | None:
@@ -438,10 +447,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
         return
     typer.echo("tenant\tprovider\tlast_run\tresult\tnext_run\tattention")
     for r in rows:
-        typer.echo(
-            f"{r['tenant']}\t{r['provider']}\t{r['last_run'] or '-'}\t{r['result']}\t{r['next_run'] or '-'}\t"
-            f"{'; '.join(r['attention'])}"
-        )
+        typer.echo(_cells(r["tenant"], r["provider"], r["last_run"] or "-", r["result"], r["next_run"] or "-",
+                          "; ".join(r["attention"])))  # fmt: skip
 
 
 def _abandoned(store: Store, tenant: str, run: dict[str, Any]) -> bool:

@@ -190,6 +190,28 @@ def test_a_held_full_run_says_to_review_and_apply_it_as_a_full_one(env):
     assert len(jsonl(run(env, "users", "hr", "--json").stdout)) == 30
 
 
+def test_tabs_and_line_breaks_in_values_keep_the_tables_one_row_each(env, store_url):
+    """A tab or a line break in a vendor value or a run's error shifted the columns of the
+    tab-separated tables or split a row in two; --json keeps the value as it is."""
+    n = next(p.n for p in env["org"].people.values() if p.visible and p.state == "active")
+    env["org"].update_person(n, title="Head of\tPeople\nand Culture")
+    assert run(env, "sync", "hr").exit_code == 0
+    store = Store(store_url)
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(sa.update(schema.runs).values(status="failed", error="unexpected\nsecond line\tand a tab"))
+    finally:
+        store.close()
+    for args in (("users", "hr"), ("runs", "hr"), ("status",)):
+        header, *rows = run(env, *args).stdout.splitlines()
+        assert rows and all(row.count("\t") == header.count("\t") for row in rows), args
+    assert "Head of People and Culture" in run(env, "users", "hr").stdout
+    assert "unexpected second line and a tab" in run(env, "runs", "hr").stdout
+    assert "failing: unexpected second line and a tab" in run(env, "status").stdout
+    titles = {u["job_title"] for u in jsonl(run(env, "users", "hr", "--json").stdout)}
+    assert "Head of\tPeople\nand Culture" in titles
+
+
 def test_a_held_run_is_not_reported_as_having_written_events(env):
     """A held run writes nothing, yet `dirpull sync` said "rows_written 59, events 59" after it
     and `dirpull runs` showed 59 in its events column, as if a consumer had 59 new events."""

@@ -1,6 +1,8 @@
 """JSON encoding for fingerprints and stored JSON columns, through orjson (5–10× faster than the
 standard library on these records), with the standard library as the fallback for what orjson
-refuses (integers beyond 64 bits).
+refuses (writing: integers beyond 64 bits; reading: NaN, a lone surrogate). Reading, orjson takes an
+integer beyond 64 bits as a float, as JavaScript would; none of the five vendors sends one (Google
+writes int64 values as strings, the HR reports write every number as a string).
 
 The bytes match `json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)` (with
 `sort_keys=True` for `canonical`) for everything a connector produces — strings, integers,
@@ -59,8 +61,8 @@ def loads(text: str | bytes) -> Any:
 
 
 def loads_any(text: str | bytes) -> Any:
-    """`loads` for vendor bodies: the standard library takes what orjson refuses (integers beyond
-    64 bits, NaN, a lone surrogate), so such a body still parses; a lone surrogate becomes U+FFFD."""
+    """`loads` for vendor bodies: the standard library takes what orjson refuses (NaN, a lone
+    surrogate), so such a body still parses; a lone surrogate becomes U+FFFD."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:

@@ -404,6 +404,47 @@ def test_system_log_finds_deletions_between_full_syncs(emu: OktaEmulator, org: O
     assert delta.cursor and delta.cursor["log_next"] != done.cursor["log_next"]
 
 
+class MidRun(OktaConnector):
+    """Runs `during` once, after the pull has handed over its first page (the user listing's)."""
+
+    during: Any = None
+
+    def pull(self, cursor: Any, *, full: bool, known: Any = None) -> Iterator[Page | Done]:
+        for item in super().pull(cursor, full=full, known=known):
+            yield item
+            if self.during is not None:
+                during, self.during = self.during, None
+                during()
+
+
+def test_a_user_deleted_after_the_listing_returned_them_is_deleted_by_the_system_log(
+    harness: Any, emu: OktaEmulator, org: Org, tmp_path: Path
+) -> None:
+    """Okta never reuses a user id: a `user.lifecycle.delete.completed` in the System Log is final
+    even when this run's user listing still returned the user (deleted after it was read, or
+    listed by a lagging index). Keeping the user then lost the deletion until the next full sync:
+    the next run's log position is past the event, and no listing returns the user again."""
+    age(org)
+    during: list[Any] = []
+
+    def factory(name: str, settings: Any) -> MidRun:
+        c = MidRun(name, settings, sleep=Sleeps())
+        c.during = during.pop() if during else None
+        return c
+
+    h = harness({"t1": tenant(emu, tmp_path, poll_system_log=True)}, connector_factory=factory)
+    assert h.sync("t1").status == "succeeded"
+    victim = leaf(org, set())
+    org.deactivate(victim)  # Okta deletes only deactivated users: the deactivation is in the delta
+    during.append(lambda: org.delete(victim))  # ...and the deletion comes after the listing
+    seq = h.last_seq()
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert org.people[victim].deleted and not during
+    assert ("user.deleted", user_id(victim)) in h.changes("t1", after=seq)
+    assert user_id(victim) not in h.users("t1")
+
+
 def test_system_log_finds_group_deletions_between_full_syncs(emu: OktaEmulator, org: Org, tmp_path: Path) -> None:
     c = connector(tenant(emu, tmp_path, poll_system_log=True))
     _, done = pull(c)

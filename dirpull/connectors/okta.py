@@ -866,7 +866,9 @@ class OktaConnector:
                 users = [t.get("id") for t in targets if t.get("type") == "User" and t.get("id")]
                 grps = [t.get("id") for t in targets if t.get("type") == "UserGroup" and t.get("id")]
                 if kind.startswith("user.lifecycle.delete.completed"):
-                    removed_users += [u for u in users if u not in run.seen_users]
+                    # Final even for a user this run listed (read before the deletion, or from a
+                    # lagging index): Okta never reuses an id, and no later run lists them again.
+                    removed_users += users
                 elif kind == "group.lifecycle.delete":
                     removed_groups += grps
                 elif kind.startswith("group.user_membership"):

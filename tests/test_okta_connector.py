@@ -405,14 +405,16 @@ def test_system_log_finds_deletions_between_full_syncs(emu: OktaEmulator, org: O
 
 
 class MidRun(OktaConnector):
-    """Runs `during` once, after the pull has handed over its first page (the user listing's)."""
+    """Runs `during` once, after the pull has handed over the first page `when` accepts (by
+    default its first page: the user listing's)."""
 
     during: Any = None
+    when: Any = staticmethod(lambda item: True)
 
     def pull(self, cursor: Any, *, full: bool, known: Any = None) -> Iterator[Page | Done]:
         for item in super().pull(cursor, full=full, known=known):
             yield item
-            if self.during is not None:
+            if self.during is not None and self.when(item):
                 during, self.during = self.during, None
                 during()
 
@@ -443,6 +445,36 @@ def test_a_user_deleted_after_the_listing_returned_them_is_deleted_by_the_system
     assert org.people[victim].deleted and not during
     assert ("user.deleted", user_id(victim)) in h.changes("t1", after=seq)
     assert user_id(victim) not in h.users("t1")
+
+
+def test_a_group_deleted_during_a_full_walk_is_deleted_not_kept_empty(
+    harness: Any, emu: OktaEmulator, org: Org, tmp_path: Path
+) -> None:
+    """A group listed by a full sync and deleted before its members are read (404 E0000007) is
+    gone from Okta: the snapshot deletes it, as an incremental run does, rather than keeping it in
+    the store with every member removed until the next full sync."""
+    during: list[Any] = []
+
+    def factory(name: str, settings: Any) -> MidRun:
+        c = MidRun(name, settings, sleep=Sleeps())
+        if during:
+            c.during, c.when = during.pop(), lambda item: isinstance(item, Page) and bool(item.groups)
+        return c
+
+    h = harness({"t1": tenant(emu, tmp_path)}, connector_factory=factory)
+    assert h.sync("t1").status == "succeeded"
+    parents = {g for grp in org.listed_groups() for g in grp.subgroups}
+    gone = next(g.n for g in org.listed_groups() if g.members and g.n not in parents and not g.subgroups)
+    members = {user_id(n) for n in org.transitive_members(gone)}
+    assert members <= {u for g, u in h.members("t1") if g == group_id(gone)}
+    during.append(lambda: org.delete_group(gone))  # after the group listing, before its members
+    seq = h.last_seq()
+    r = h.sync("t1", full=True)
+    assert r.status == "succeeded" and r.mode == "full", r.error
+    assert org.groups[gone].deleted and not during
+    assert group_id(gone) not in h.groups("t1")
+    assert not {u for g, u in h.members("t1") if g == group_id(gone)}
+    assert ("group.deleted", group_id(gone)) in h.changes("t1", after=seq)
 
 
 def test_system_log_finds_group_deletions_between_full_syncs(emu: OktaEmulator, org: Org, tmp_path: Path) -> None:

@@ -803,8 +803,9 @@ class OktaConnector:
                 yield page
         except _NotFound:
             run.notes.append(f"group {gid} vanished while its members were read")
-            if complete:
-                yield Page(removed_groups=[gid])
+            # Gone from Okta, in a snapshot too: kept, it would stay stored with no members
+            # until the next full sync.
+            yield Page(removed_groups=[gid])
 
     # --- System Log -------------------------------------------------------------------------------
 

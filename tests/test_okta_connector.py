@@ -15,6 +15,7 @@ import typing
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -192,12 +193,17 @@ def test_incremental_uses_held_back_cursor(emu: OktaEmulator, org: Org, tmp_path
     assert len(users_of(pages2)) == PEOPLE
 
 
+@pytest.mark.parametrize("ahead", [0, 600], ids=["clocks-agree", "our-clock-10-min-ahead"])
 def test_a_change_on_a_page_already_read_is_not_skipped_by_the_cursor(
-    emu: OktaEmulator, org: Org, tmp_path: Path
+    emu: OktaEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ahead: int
 ) -> None:
     """The user listing is paged by id, not by time: a user on a page already read may change
     while the walk goes on, before a user on a later page changes more than `cursor_holdback` later
-    (a long walk: a large org, rate-limit pacing). The cursor must not pass the earlier change."""
+    (a long walk: a large org, rate-limit pacing). The cursor must not pass the earlier change,
+    however far the worker's clock runs ahead of Okta's."""
+    import dirpull.connectors.okta as okta_connector
+
+    monkeypatch.setattr(okta_connector, "_now", lambda: datetime.now(UTC) + timedelta(seconds=ahead))
     age(org)
     c = connector(tenant(emu, tmp_path, page_size=50))  # default cursor_holdback: 300 s
     stream = c.pull(None, full=True)
@@ -477,6 +483,27 @@ def test_a_group_deleted_during_a_full_walk_is_deleted_not_kept_empty(
     assert ("group.deleted", group_id(gone)) in h.changes("t1", after=seq)
 
 
+def test_system_log_position_is_taken_on_oktas_clock(
+    emu: OktaEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker whose clock runs ahead of Okta's by more than `cursor_holdback` took its System
+    Log position after events of the full walk itself: a user the walk had listed and who was
+    deleted during it stayed stored until the next full sync."""
+    import dirpull.connectors.okta as okta_connector
+
+    monkeypatch.setattr(okta_connector, "_now", lambda: datetime.now(UTC) + timedelta(seconds=600))
+    c = connector(tenant(emu, tmp_path, poll_system_log=True))  # default cursor_holdback: 300 s
+    stream = c.pull(None, full=True)
+    first = next(stream)
+    victim = leaf(org, set())
+    assert isinstance(first, Page) and user_id(victim) in users_of([first])
+    org.delete(victim)  # during the walk, after the user listing read them
+    done = [first, *stream][-1]
+    assert isinstance(done, Done) and done.cursor
+    pages, _ = pull(c, done.cursor)
+    assert [u for p in pages for u in p.removed_users] == [user_id(victim)]
+
+
 def test_system_log_finds_group_deletions_between_full_syncs(emu: OktaEmulator, org: Org, tmp_path: Path) -> None:
     c = connector(tenant(emu, tmp_path, poll_system_log=True))
     _, done = pull(c)
@@ -525,10 +552,17 @@ def test_system_log_position_keeps_its_since_through_a_long_pause(
 
     real_time = time.time
 
+    date_header = BaseHTTPRequestHandler.date_time_string
+
     def pause(days: int) -> None:
-        """The tenant is paused for `days`: Okta's clock and ours move on."""
+        """The tenant is paused for `days`: Okta's clock (its `Date` header too) and ours move on."""
         okta_time = SimpleNamespace(time=lambda: real_time() + days * 86400, sleep=time.sleep, monotonic=time.monotonic)
         monkeypatch.setattr(okta_api, "time", okta_time)
+        monkeypatch.setattr(
+            BaseHTTPRequestHandler,
+            "date_time_string",
+            lambda self, timestamp=None: date_header(self, okta_time.time() if timestamp is None else timestamp),
+        )
         monkeypatch.setattr(okta_connector, "_now", lambda: datetime.now(UTC) + timedelta(days=days))
 
     # 8 days: beyond Okta's default `since`, well within the 90 days the log keeps.

@@ -276,13 +276,19 @@ def _num(value: str | None) -> float | None:
 
 
 def _server_now(headers: Any) -> float:
+    server = _server_date(headers)
+    return time.time() if server is None else server
+
+
+def _server_date(headers: Any) -> float | None:
+    """The response's `Date` (Okta's clock, whole seconds), or None without a readable one."""
     date = _header(headers, "Date")
     if date:
         try:
             return email.utils.parsedate_to_datetime(date).timestamp()
         except (TypeError, ValueError, IndexError):
             pass
-    return time.time()
+    return None
 
 
 @dataclass
@@ -308,6 +314,7 @@ def _transport_class() -> type:
         throttle: Throttle
         requests: int
         last: LastResponse | None
+        first_date: float | None = None  # the `Date` of the run's first answer (`_Run.start`)
 
         async def send_request(self, request: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
             url = request["url"]
@@ -326,6 +333,8 @@ def _transport_class() -> type:
                     await self.throttle.wait(self.throttle.backoff(attempt), f"{what}: {reason}")
                     continue
                 self.throttle.observe(resp.headers)
+                if self.first_date is None:
+                    self.first_date = _server_date(resp.headers)
                 self.last = LastResponse(resp.status, resp.headers, body or "", url)
                 if resp.status == 429:
                     if attempt >= MAX_RATE_LIMITED_ATTEMPTS:
@@ -482,7 +491,7 @@ class _Run:
     def __init__(self, sdk: _Sdk, transport: Any) -> None:
         self.sdk = sdk
         self.transport = transport
-        self.started = _now()  # no cursor timestamp goes past it (`OktaConnector._cursor`)
+        self.started = _now()  # by the local clock; see `start()`
         self.seen_users: set[str] = set()
         self.notes: list[str] = []
         self.newest_user: datetime | None = None
@@ -491,6 +500,17 @@ class _Run:
         # Full pulls given `known=`: see `OktaConnector._add_user`.
         self.sources: SourceDigests | None = None
         self.digest_whole_record = False
+
+    def start(self) -> datetime:
+        """When this run started, for the cursor and the System Log position: the local clock at
+        the start, or Okta's clock at its first answer when that is earlier. The timestamps
+        compared with it are Okta's: a worker clock running ahead of Okta's must not move them
+        past changes made during the run. `Date` is whole seconds: Okta's clock was before
+        `Date` + 1 s when it answered (so clocks that agree keep the local start's precision)."""
+        first = self.transport.first_date
+        if first is None:
+            return self.started
+        return min(self.started, datetime.fromtimestamp(first + 1, UTC))
 
 
 class OktaConnector:
@@ -574,7 +594,7 @@ class OktaConnector:
 
         def make_transport(cfg: dict[str, Any]) -> Any:
             t = transport_cls({**cfg, "requestTimeout": timeout})
-            t.throttle, t.requests, t.last = throttle, 0, None
+            t.throttle, t.requests, t.last, t.first_date = throttle, 0, None, None
             holder.append(t)
             return t
 
@@ -629,7 +649,7 @@ class OktaConnector:
 
         def held(newest: datetime | None, key: str) -> str:
             before = _ts(prev.get(key)) if prev else None
-            value = min(newest, run.started) - self.holdback if newest is not None else None
+            value = min(newest, run.start()) - self.holdback if newest is not None else None
             candidates = [v for v in (before, value) if v is not None]
             return _iso(max(candidates)) if candidates else EPOCH
 
@@ -810,13 +830,19 @@ class OktaConnector:
     # --- System Log -------------------------------------------------------------------------------
 
     async def _log_start(self, run: _Run) -> str | None:
-        """A polling position from (now − holdback): events before it are covered by this snapshot."""
-        since = _iso(_now() - self.holdback)
+        """A polling position from (start of the run − holdback): events before it are covered by
+        this snapshot."""
+        since = _iso(run.start() - self.holdback)
         link: str | None = None
         after: str | None = None
         guard = PagingGuard("system log")
         while True:
             records, headers = await self._log_page(run, since=since, after=after)
+            if after is None and (earlier := _iso(run.start() - self.holdback)) < since:
+                # The first answer of a full run: Okta's clock is behind ours, and the `since`
+                # just sent would skip what happens at the start of the walk. Again from its time.
+                since = earlier
+                continue
             link = next_link(headers) or link
             nxt = next_after(headers)
             # A polling link that does not move is "nothing newer yet", not a paging loop.

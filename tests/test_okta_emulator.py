@@ -207,6 +207,22 @@ def test_system_log_polling_never_ends(emu: OktaEmulator, org: Org) -> None:
     assert bounded.status_code == 400  # since older than 180 days
 
 
+def test_system_log_polling_filters_by_persistence_time_bounded_by_published(emu: OktaEmulator, org: Org) -> None:
+    """A polling request (no `until`) filters by when Okta stored an event, so an event stored
+    late is still returned after a `since` later than its `published`; a bounded request filters
+    by `published` (directory-apis.md §3.1 System Log)."""
+    since = time.time() - 60
+    late = org.deactivate(20)
+    late.updated_at = since - 3600  # published an hour before `since`, stored only now
+    polled = get(emu, "/api/v1/logs", since=Org.iso(since)).json()
+    assert [(ev["eventType"], ev["published"]) for ev in polled] == [
+        ("user.lifecycle.deactivate", Org.iso(since - 3600))
+    ]
+    bounded = get(emu, "/api/v1/logs", since=Org.iso(since), until=Org.iso(time.time() + 60))
+    assert bounded.status_code == 200 and bounded.json() == []
+    assert get(emu, "/api/v1/logs", since=Org.iso(time.time() + 60)).json() == []  # stored before it
+
+
 def test_system_log_logs_group_deletions_after_the_membership_removals(org: Org) -> None:
     child, parent = next((c, g.n) for g in org.groups.values() for c in sorted(g.subgroups))
     assert org.transitive_members(child)

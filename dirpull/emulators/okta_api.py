@@ -14,7 +14,8 @@ Served over the shared `Org`:
                                      flattened (Okta groups do not nest)
   GET  /api/v1/logs                  System Log derived from Org changes (people, memberships, group
                                      deletions); a polling request (no `until`) always carries
-                                     rel="next", pages may be empty
+                                     rel="next", pages may be empty, and its `since` is compared
+                                     with when the event was stored (a bounded one: `published`)
   POST /oauth2/v1/token              client_credentials + private_key_jwt (OAuth service app)
 
 Every response carries `X-Rate-Limit-Limit/Remaining/Reset` from a real per-window counter and a
@@ -779,6 +780,7 @@ class OktaEmulator(Emulator):
                 "target": targets,
                 "transaction": {"type": "WEB", "id": f"tx{seq}", "detail": {}},
                 "_seq": seq,
+                "_persisted": time.time(),  # what a polling request's `since` is compared with
             }
         )
 
@@ -874,7 +876,10 @@ class OktaEmulator(Emulator):
             for ev in events[start_seq:]:
                 last_seq = ev["_seq"]
                 published = parse_time(ev["published"])
-                if published < since_ts or (until_ts is not None and published >= until_ts):
+                # A polling request (no `until`) filters by when the event was stored, not by
+                # `published`: an event stored late is not skipped (§3.1 System Log).
+                stamp = ev["_persisted"] if until_ts is None else published
+                if stamp < since_ts or (until_ts is not None and published >= until_ts):
                     continue
                 if predicate is not None and not predicate(lambda a, e=ev: _dig(e, a)):
                     continue
@@ -882,7 +887,7 @@ class OktaEmulator(Emulator):
                     more = True
                     last_seq -= 1
                     break
-                out.append({k: v for k, v in ev.items() if k != "_seq"})
+                out.append({k: v for k, v in ev.items() if not k.startswith("_")})
         params = {"since": since, "until": until, "filter": filt, "limit": req.arg("limit"), "after": after}
         if until is None:
             # Polling: always a next link, pages may be empty (§3.1 System Log).

@@ -109,6 +109,16 @@ def test_anything_but_the_document_is_not_json(body: bytes) -> None:
         rows_of(body, "employees", 8)
 
 
+def test_not_json_says_what_is_wrong_without_quoting_the_body() -> None:
+    # The array is not a top-level value, so ijson reads the body; its yajl backend appends the
+    # text around the fault to its message, and that text is people's data.
+    body = b'{"report": {"employees": [{"id": "1", "firstName": "Ada Lovelace" "lastName": "x"}]}}'
+    with pytest.raises(NotJSON) as info:
+        rows_of(body, "employees", 8)
+    assert "parse error" in str(info.value)
+    assert "Lovelace" not in str(info.value) and "\n" not in str(info.value)
+
+
 def test_a_key_whose_value_is_not_a_list_has_no_rows_as_with_ijson() -> None:
     body = b'{"employees": {"id": "1"}}'
     assert rows_of(body, "employees") == ijson_rows(body, "employees") == []

@@ -339,6 +339,20 @@ def test_non_json_200_and_broken_json(emu: WorkdayEmulator, tmp_path: Path) -> N
     assert first.email and first.email not in str(info.value) and first.family not in str(info.value)
 
 
+def test_a_broken_groups_report_is_reported_without_quoting_its_values(
+    emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    """The groups report is parsed by ijson, whose yajl backend appends the body text around the
+    fault to its message: that text (member ids, group names) must not reach the run's error."""
+    emu.faults.update({"malformed": 1, "path": emu.groups_report})
+    with pytest.raises(ConnectorError, match=r"groups report: the report is not valid JSON") as info:
+        list(connector(tenant(emu, tmp_path)).pull(None, full=False))
+    msg = str(info.value)
+    assert "right here" not in msg and '"Employee_ID"' not in msg and '"Group_' not in msg
+    assert not [g.name for g in org.listed_groups() if g.name in msg]
+    assert msg.endswith('it began: {"Report_Entry":[ … (values not shown)')
+
+
 def test_dropped_connection_fails_the_pull_without_done(emu: WorkdayEmulator, tmp_path: Path) -> None:
     emu.faults.update({"drop": 1, "path": "Worker_Directory"})
     items: list[Any] = []

@@ -48,6 +48,13 @@ class NotJSON(ValueError):
     """The report body is not valid JSON (or not the document asked for)."""
 
 
+def parse_error(exc: Exception) -> str:
+    """What a JSON parser found wrong, without the lines of body text ijson's yajl backends add
+    after it (`… "Legal_Name":"Ada Lovelace" … (right here) ------^`): the values are people, and
+    the message lands in the run record and the log."""
+    return str(exc).strip().split("\n", 1)[0]
+
+
 class Readable(Protocol):
     def read(self, size: int = ..., /) -> bytes: ...
 
@@ -180,4 +187,4 @@ def _ijson(prefix: bytes, stream: Readable, key: str) -> Iterator[Any]:
     try:
         yield from ijson.items(_Prefixed(prefix, stream), f"{key}.item", use_float=True)
     except ijson.JSONError as exc:
-        raise NotJSON(str(exc)) from None
+        raise NotJSON(parse_error(exc)) from None

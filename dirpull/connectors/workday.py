@@ -45,7 +45,7 @@ from dirpull.connectors.http import (
     readable_body,
 )
 from dirpull.connectors.nesting import flatten
-from dirpull.connectors.report_rows import Recognize
+from dirpull.connectors.report_rows import Recognize, parse_error
 from dirpull.connectors.report_rows import rows as report_rows
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import Group, User
@@ -344,7 +344,7 @@ class WorkdayConnector:
             yield
         except (ijson.JSONError, ValueError) as exc:  # also report_rows.NotJSON, a body not UTF-8
             raise ConnectorError(
-                f"{step}: the report is not valid JSON ({readable_body(str(exc), 120)}) "
+                f"{step}: the report is not valid JSON ({readable_body(parse_error(exc), 120)}) "
                 f"after {head.bytes} bytes; "
                 f"it began: {body_opening(head.head)}",
                 step=step,

@@ -550,6 +550,28 @@ def test_sync_round_of_changes_exact_events(
     assert h.sync("t1").events == 0
 
 
+def test_an_unreadable_row_keeps_its_worker_and_the_derived_group_only_they_are_in(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    """A quarantined worker is left as stored, memberships included: the department group whose
+    only member they are is not deleted from under the membership kept for them."""
+    solo = next(p for p in org.listed_people() if p.n > 20 and p.state == "active")
+    org.update_person(solo.n, department="Solo Studio")
+    cfg = tenant(emu, tmp_path, groups_report_url=None, group_column="Supervisory_Organization", prompts={})
+    h = sync_harness(harness, cfg, Clock())
+    assert h.sync("t1").status == "succeeded"
+    group = derived_group_id("Supervisory_Organization", "Solo Studio")
+    seq = h.last_seq()
+    org.update_person(solo.n, hire_date="31/12/2020")  # a date the connector cannot read
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.counts["quarantined"] == 1
+    assert h.changes("t1", after=seq) == []
+    assert group in h.groups("t1") and (group, employee_id(solo.n)) in h.members("t1")
+    org.update_person(solo.n, hire_date="2020-12-31")
+    r = h.sync("t1")
+    assert h.changes("t1", after=seq) == [("user.updated", employee_id(solo.n), ("raw_attributes",))]
+
+
 def test_sync_with_groups_report(harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
     h = sync_harness(harness, tenant(emu, tmp_path), Clock())
     assert h.sync("t1").status == "succeeded"

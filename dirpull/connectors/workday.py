@@ -468,17 +468,27 @@ class WorkdayConnector:
                 user = self._user(idp_id, row, today)
             except (ValueError, TypeError) as exc:
                 page.quarantined.append(Quarantined("user", idp_id, f"cannot read row: {exc}"))
+                # The worker is left as stored, memberships included: the groups its row names
+                # stay listed (with no member added), or a group whose only member this is
+                # would be deleted under the membership kept for it.
+                for gid, value in self._derived_groups(row):
+                    derived[gid] = value
                 return
             page.users.append(user)
             if digest is not None:
                 page.user_sources[idp_id] = digest
         user_ids.add(idp_id)
+        for gid, value in self._derived_groups(row):
+            derived[gid] = value
+            page.members.append((gid, idp_id))
+
+    def _derived_groups(self, row: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """(group id, value) of each group `group_column` derives from this row (none without it,
+        or with a groups report)."""
         column = self.settings.group_column
-        if column and not self.settings.groups_report_url:
-            for value in _values(row.get(column), column):
-                gid = derived_group_id(column, value)
-                derived[gid] = value
-                page.members.append((gid, idp_id))
+        if not column or self.settings.groups_report_url:
+            return []
+        return [(derived_group_id(column, value), value) for value in _values(row.get(column), column)]
 
     def _source_digest(
         self, sources: SourceDigests, row: dict[str, Any], today: date, text: bytes | None = None

@@ -134,6 +134,39 @@ def test_a_failed_run_records_the_requests_it_made(tenant):
     assert h.store.runs("t", 1)[0]["requests"] == r.requests
 
 
+@pytest.mark.parametrize("how", ["interrupted", "spool-full", "diff-bug"])
+def test_a_run_that_fails_outside_the_connector_records_the_requests_it_made(tenant, monkeypatch, how):
+    """A Ctrl-C or SIGTERM during the pull, a disk that fills under the run's pending records, or a
+    bug in the diff fails the run after the vendor was asked: `dirpull runs` counts those requests,
+    not 0."""
+    _, _, h = tenant
+    progress = None
+    if how == "interrupted":
+        stop = h.runner.stop
+        progress = lambda *_: stop.set()  # noqa: E731 - what the signal handler does, after a page
+    elif how == "spool-full":
+        from dirpull.spool import RecordSpool, SpoolError
+
+        def full_disk(self, blob, key=None):
+            raise SpoolError("cannot write the temporary file (No space left on device); nothing applied")
+
+        monkeypatch.setattr(RecordSpool, "put", full_disk)
+    else:
+        from dirpull.sync.diff import Diff
+
+        def bug(self, page):
+            raise KeyError("a bug in the diff")
+
+        monkeypatch.setattr(Diff, "add", bug)
+    before = h.emulator.requests
+    r = h.sync("t", full=True, progress=progress)
+    assert r.status == "failed"
+    assert {"interrupted": "interrupted", "spool-full": "No space left", "diff-bug": "a bug"}[how] in r.error
+    assert r.requests == h.emulator.requests - before > 0
+    assert h.store.runs("t", 1)[0]["requests"] == r.requests
+    assert h.users("t") == {}
+
+
 def test_incremental_after_changes_agrees_with_a_full_walk(tenant):
     provider, org, h = tenant
     assert h.sync("t").status == "succeeded"

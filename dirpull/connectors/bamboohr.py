@@ -32,6 +32,7 @@ from dirpull.connectors.base import (
     AuthError,
     ConfigurationError,
     ConnectorError,
+    CountsRequests,
     Done,
     Page,
     Quarantined,
@@ -111,7 +112,7 @@ def clean_row(row: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, str) and v.strip() in EMPTY_VALUES else v) for k, v in row.items()}
 
 
-class BambooHRConnector:
+class BambooHRConnector(CountsRequests):
     provider = "bamboohr"
     source_digests = True  # a full pull takes `known=` (connectors.source)
     source_texts = True  # … and asks it whose digest a row's text is (`SourceDigests.owner`)
@@ -134,6 +135,7 @@ class BambooHRConnector:
     def pull(
         self, cursor: dict[str, Any] | None, *, full: bool, known: Known | None = None
     ) -> Iterator[Page | Done]:
+        self._new_pull()
         try:
             api_key = self.settings.api_key.get()
         except ConfigError as exc:
@@ -144,6 +146,7 @@ class BambooHRConnector:
             headers={"Accept": "application/json"},
             auth=(api_key, "x"),
         )
+        self._counting(lambda: client.requests)
         notes: list[str] = []
         try:
             since = None if full or not cursor else cursor.get("since")

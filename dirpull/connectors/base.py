@@ -9,7 +9,7 @@ the runner applies nothing. Connectors never touch the store.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -83,8 +83,35 @@ class Connector(Protocol):
         bodies (one report, say), with no wait for the vendor between them: the runner then
         diffs each page in the thread that pulls (handing a page from one busy thread to another
         costs more than it overlaps). By default the pull runs a page ahead of the diff, in a
-        thread of its own."""
+        thread of its own.
+
+        A connector that counts its requests (`CountsRequests`) also says, by `requests_sent()`,
+        how many its latest pull has sent so far, however that pull ended."""
         ...
+
+
+class CountsRequests:
+    """`requests_sent()`: what the connector's latest pull has sent so far, read by the runner
+    whichever way the run ends. A `ConnectorError` carries its own count as it leaves the pull, but
+    a stop request (SIGINT, SIGTERM, a lost lease) closes the pull between pages, and the run can
+    fail after the pull (its pending records' disk full, the store): those runs recorded 0 requests.
+
+    A pull names its counters as it makes them (a session, a client in another thread); each
+    counter is read when asked, so the count is the live one while the pull still runs."""
+
+    _request_counters: tuple[Callable[[], int], ...] = ()
+
+    def requests_sent(self) -> int:
+        return sum(count() for count in self._request_counters)
+
+    def _new_pull(self, *counters: Callable[[], int]) -> None:
+        """A pull starts: it has sent what `counters` count (nothing, before it makes them)."""
+        self._request_counters = counters
+
+    def _counting(self, counter: Callable[[], int]) -> None:
+        """The pull made another counter (in any thread): its requests count too."""
+        # One assignment of a new tuple: a reader in another thread sees the old or the new one.
+        self._request_counters = (*self._request_counters, counter)
 
 
 class ConnectorError(Exception):

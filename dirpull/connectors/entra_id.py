@@ -60,6 +60,7 @@ from dirpull.connectors.base import (
     AuthError,
     ConfigurationError,
     ConnectorError,
+    CountsRequests,
     Done,
     Page,
     Quarantined,
@@ -550,7 +551,7 @@ def _header(headers: Any, name: str) -> str | None:
 # --- the connector --------------------------------------------------------------------------------
 
 
-class EntraConnector:
+class EntraConnector(CountsRequests):
     provider = "entra_id"
     source_digests = True  # a full pull takes `known=` (connectors.source)
 
@@ -615,7 +616,9 @@ class EntraConnector:
     async def _pull(
         self, cursor: dict[str, Any] | None, full: bool, known: Known | None = None
     ) -> AsyncIterator[Page | Done]:
+        self._new_pull()
         session = _Session(self.settings, self._new_policy(), self.login_url, self.graph_url, self.scope)
+        self._counting(lambda: session.requests)
         try:
             notes: list[str] = []
             select = self.user_select()

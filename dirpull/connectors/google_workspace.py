@@ -47,6 +47,7 @@ from dirpull.connectors.base import (
     AuthError,
     ConfigurationError,
     ConnectorError,
+    CountsRequests,
     Done,
     Page,
     Quarantined,
@@ -402,7 +403,7 @@ class _Session:
             request = collection.list_next(request, body)
 
 
-class GoogleWorkspaceConnector:
+class GoogleWorkspaceConnector(CountsRequests):
     provider = PROVIDER
     source_digests = True  # a pull takes `known=` (connectors.source)
 
@@ -427,7 +428,9 @@ class GoogleWorkspaceConnector:
         self, cursor: dict[str, Any] | None, *, full: bool, known: Known | None = None
     ) -> Iterator[Page | Done]:
         # No delta exists: `cursor` and `full` change nothing, every run is a full snapshot.
+        self._new_pull()
         session = _Session(self.settings, make_policy(self.policy))
+        self._counting(lambda: session.counter.value)
         sources = SourceDigests(known, self.settings, [__name__]) if known else None
         try:
             with tempfile.TemporaryFile() as file:

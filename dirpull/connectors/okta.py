@@ -50,7 +50,15 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page, Quarantined
+from dirpull.connectors.base import (
+    AuthError,
+    ConfigurationError,
+    ConnectorError,
+    CountsRequests,
+    Done,
+    Page,
+    Quarantined,
+)
 from dirpull.connectors.http import (
     PagingGuard,
     body_opening,
@@ -513,7 +521,7 @@ class _Run:
         return min(self.started, datetime.fromtimestamp(first + 1, UTC))
 
 
-class OktaConnector:
+class OktaConnector(CountsRequests):
     provider = "okta"
     source_digests = True  # a full pull takes `known=` (connectors.source)
 
@@ -581,6 +589,7 @@ class OktaConnector:
     async def _pull(
         self, cursor: dict[str, Any] | None, full: bool, known: Known | None = None
     ) -> AsyncIterator[Page | Done]:
+        self._new_pull()
         s = self.settings
         throttle = Throttle(
             reserve=float(getattr(s, "rate_limit_reserve", 0.30)),
@@ -596,6 +605,7 @@ class OktaConnector:
             t = transport_cls({**cfg, "requestTimeout": timeout})
             t.throttle, t.requests, t.last, t.first_date = throttle, 0, None, None
             holder.append(t)
+            self._counting(lambda: t.requests)
             return t
 
         holder: list[Any] = []

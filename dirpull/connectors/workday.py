@@ -35,7 +35,15 @@ import requests
 import urllib3
 
 from dirpull.connectors import mapping
-from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page, Quarantined
+from dirpull.connectors.base import (
+    AuthError,
+    ConfigurationError,
+    ConnectorError,
+    CountsRequests,
+    Done,
+    Page,
+    Quarantined,
+)
 from dirpull.connectors.http import (
     RETRIABLE_STATUSES,
     HttpClient,
@@ -148,7 +156,7 @@ class _Read:
         self.raw.close()
 
 
-class WorkdayConnector:
+class WorkdayConnector(CountsRequests):
     provider = "workday"
     source_digests = True  # a full pull takes `known=` (connectors.source)
     source_texts = True  # … and asks it whose digest a row's text is (`SourceDigests.owner`)
@@ -198,6 +206,7 @@ class WorkdayConnector:
             auth=auth,
             retry_statuses=RETRIABLE_STATUSES,
         )
+        self._counting(lambda: client.requests)  # the pull's own, or the groups report's read ahead
         # Keep the last retried error body: when retries run out, the operator must see Workday's
         # own words (a SOAP fault, an HTML page), not just "HTTP 500, gave up".
         client.last_error = ""  # type: ignore[attr-defined]
@@ -370,6 +379,7 @@ class WorkdayConnector:
         sources = SourceDigests(known, s, [__name__]) if known else None
         notes: list[str] = []
         state: dict[str, Any] = {}
+        self._new_pull()
         client = self._client()
         ahead = ThreadPoolExecutor(1, thread_name_prefix="workday-groups-report")
         stop = threading.Event()

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 
 from dirpull.config import Config, ConfigError, SecretRef, parse_duration
 from dirpull.connectors import make_connector
-from dirpull.connectors.base import Connector, ConnectorError, Done, Page
+from dirpull.connectors.base import Connector, ConnectorError, CountsRequests, Done, Page
 from dirpull.jsoncodec import canonical
 from dirpull.model import digest
 from dirpull.prefetch import Prefetch
@@ -194,9 +194,11 @@ class Runner:
         )
         result = RunResult(tenant, "failed", planned_mode, run_id=run_id, notes=notes)
         plan: Plan | None = None
+        connector: Connector | None = None
         recorded = False  # the run's outcome is committed
         try:
-            done, plan = self._pull_and_diff(tenant, settings, stored_cursor, full, heartbeat, progress)
+            connector = self.connector_factory(tenant, settings)
+            done, plan = self._pull_and_diff(connector, tenant, stored_cursor, full, heartbeat, progress)
             result.mode = done.mode
             result.requests = done.requests
             notes.extend(done.notes)
@@ -271,12 +273,12 @@ class Runner:
             return result
         except (ConnectorError, ConfigError, StoreError, SpoolError, Interrupted) as exc:
             result.status = "failed"
-            if isinstance(exc, ConnectorError) and exc.requests:
-                result.requests = exc.requests
+            result.requests = _requests_made(result.requests, connector, exc)
             result.error = _without_secrets(str(exc), settings)
             return self._failed(result, notes)
         except Exception as exc:  # a bug or an SDK surprise: recorded, never half-applied
             result.status = "failed"
+            result.requests = _requests_made(result.requests, connector, exc)
             if (statement := failed_statement(exc)) is not None:
                 # The database's full message quotes the row it refused (PostgreSQL's "Failing row
                 # contains …"), the tenant's people: the log gets where and which statement.
@@ -295,6 +297,7 @@ class Runner:
         except BaseException as exc:  # KeyboardInterrupt, SystemExit: recorded, then passed on
             if not recorded:
                 result.status = "failed"
+                result.requests = _requests_made(result.requests, connector, exc)
                 result.error = f"interrupted ({type(exc).__name__}); nothing applied"
                 self._failed(result, notes)
             raise
@@ -343,14 +346,13 @@ class Runner:
 
     def _pull_and_diff(
         self,
+        connector: Connector,
         tenant: str,
-        settings: Any,
         cursor: dict[str, Any] | None,
         full: bool,
         heartbeat: _Heartbeat,
         progress: Progress | None,
     ) -> tuple[Done, Plan]:
-        connector = self.connector_factory(tenant, settings)
         done: Done | None = None
         pages = users = groups = 0
         snapshot = full or cursor is None
@@ -597,6 +599,15 @@ def _split_cursor(value: dict[str, Any] | None) -> tuple[dict[str, Any] | None, 
 
 def _with_settings(cursor: dict[str, Any] | None, settings_digest: str) -> dict[str, Any] | None:
     return None if cursor is None else {**cursor, SETTINGS_KEY: settings_digest}
+
+
+def _requests_made(so_far: int, connector: Connector | None, exc: BaseException) -> int:
+    """The requests a failed run made. A ConnectorError carries the count as it leaves the pull; a
+    run stopped between pages (SIGINT, SIGTERM, a lost lease) or failed after the pull (the pending
+    records' disk, the diff, the store) has only the connector's own count to go by."""
+    counted = connector.requests_sent() if isinstance(connector, CountsRequests) else 0
+    carried = exc.requests if isinstance(exc, ConnectorError) else 0
+    return max(so_far, counted, carried)
 
 
 def _quarantine_list(plan: Plan) -> list[dict[str, Any]]:

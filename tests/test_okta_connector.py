@@ -652,6 +652,18 @@ def test_well_formed_users_never_reach_the_sdk_models(
     assert asked.count("group") == len({g.idp_id for p in pages for g in p.groups})
 
 
+def test_an_empty_inactive_statuses_leaves_only_suspended_and_deprovisioned_inactive(
+    emu: OktaEmulator, org: Org, tmp_path: Path
+) -> None:
+    """docs/providers/okta.md: remove STAGED from `inactive_statuses` to treat staged users as
+    active; SUSPENDED and DEPROVISIONED always are inactive. An empty list kept STAGED inactive."""
+    emu.status_overrides.update({2: "STAGED", 3: "SUSPENDED"})
+    users = users_of(pull(connector(tenant(emu, tmp_path, inactive_statuses=[])))[0])
+    assert users[user_id(2)].state == "active"
+    assert users[user_id(3)].state == "inactive"
+    assert {u.state for u in users.values() if u.raw_attributes["status"] == "DEPROVISIONED"} <= {"inactive"}
+
+
 def test_a_member_record_of_a_user_already_taken_is_not_judged_again(
     emu: OktaEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

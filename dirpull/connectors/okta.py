@@ -531,7 +531,11 @@ class OktaConnector(CountsRequests):
         self.org_url, self.allow_http = check_org_url(settings.org_url)
         self.page_size = int(getattr(settings, "page_size", 200))
         self.holdback = timedelta(seconds=float(getattr(settings, "cursor_holdback", 300.0)))
-        inactive = getattr(settings, "inactive_statuses", None) or DEFAULT_INACTIVE
+        # An empty list is a choice ("only the statuses that always are"), not "the default":
+        # with `or` it put STAGED back among the inactive ones.
+        inactive = getattr(settings, "inactive_statuses", None)
+        if inactive is None:
+            inactive = DEFAULT_INACTIVE
         self.inactive = frozenset(s.upper() for s in inactive) | ALWAYS_INACTIVE
         self.sleep = sleep or interruptible_async_sleep
         self.last_throttle: Throttle | None = None

@@ -389,6 +389,20 @@ class WorkdayTenant(TenantBase):
     group_column: str | None = None
     timeout: float = Field(300.0, gt=0)
 
+    @field_validator("fields")
+    @classmethod
+    def _fields(cls, v: dict[str, str]) -> dict[str, str]:
+        # A misspelled field name would otherwise load fine and fail every run of the tenant.
+        if not v:
+            return v
+        from dirpull.connectors.workday import _FIELD_SYNONYMS, DEFAULT_COLUMNS
+
+        unknown = sorted(k for k in v if _FIELD_SYNONYMS.get(k, k) not in DEFAULT_COLUMNS)
+        if unknown:
+            known = sorted({*DEFAULT_COLUMNS, *_FIELD_SYNONYMS})
+            raise ValueError(f"unknown field name(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return v
+
     @model_validator(mode="after")
     def _auth(self) -> WorkdayTenant:
         basic = self.username is not None and self.password is not None

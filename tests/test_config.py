@@ -97,6 +97,25 @@ def test_mistakes_name_the_key(tmp_path, monkeypatch, change, expected):
     assert "Traceback" not in msg
 
 
+def test_an_unknown_workday_field_name_fails_the_load_naming_the_key(tmp_path):
+    """Before, `fields.emial` loaded and every run of the tenant failed instead."""
+    table = """
+[tenants.wd]
+provider = "workday"
+users_report_url = "https://wd2-impl-services1.workday.com/ccx/service/customreport2/acme/ISU/Workers"
+username = "ISU"
+password = "x"
+[tenants.wd.fields]
+email = "Work_Email"
+state = "Active_Status"
+"""
+    cfg = load_config(write(tmp_path, table))  # known names and their synonyms load
+    assert cfg.tenant("wd").fields == {"email": "Work_Email", "state": "Active_Status"}
+    msg = error_of(tmp_path, table + 'emial = "Work_Email"\n')
+    assert f"{tmp_path / 'dirpull.toml'}: tenants.wd.fields: unknown field name(s) emial; known: " in msg
+    assert "job_title" in msg and "Traceback" not in msg
+
+
 @pytest.mark.parametrize(
     ("path", "problem"),
     [

@@ -354,6 +354,8 @@ class OktaTenant(TenantBase):
         host = (parts.hostname or "").lower()
         if parts.scheme not in ("http", "https") or not host:
             raise ValueError("must look like https://YOUR-ORG.okta.com")
+        if parts.path.strip("/") or parts.query:  # the connector refuses it: every run would fail
+            raise ValueError("must be the bare org URL, without a path (https://YOUR-ORG.okta.com)")
         if parts.scheme == "http":
             try:
                 loopback = host == "localhost" or ip_address(host).is_loopback

@@ -116,6 +116,18 @@ state = "Active_Status"
     assert "job_title" in msg and "Traceback" not in msg
 
 
+@pytest.mark.parametrize("org_url", ["https://acme.okta.com/api/v1", "https://acme-admin.okta.com/admin/dashboard"])
+def test_an_okta_org_url_with_a_path_fails_the_load_naming_the_key(tmp_path, org_url):
+    """Before, it loaded and every run of the tenant failed ("must be the bare org URL")."""
+    table = f'[tenants.ok]\nprovider = "okta"\norg_url = "{org_url}"\napi_token = "x"\n'
+    msg = error_of(tmp_path, table)
+    assert msg == f"{tmp_path / 'dirpull.toml'}: tenants.ok.org_url: must be the bare org URL, without a path " \
+        "(https://YOUR-ORG.okta.com)"
+    assert load_config(write(tmp_path, table.replace(org_url, "https://acme.okta.com/"))).tenant("ok").org_url == (
+        "https://acme.okta.com"
+    )
+
+
 @pytest.mark.parametrize(
     ("path", "problem"),
     [

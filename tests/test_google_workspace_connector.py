@@ -379,6 +379,16 @@ def test_a_key_file_rewritten_between_runs_takes_effect_in_the_next(emu: GoogleE
     assert isinstance(list(c.pull(None, full=False))[-1], Done)
 
 
+def test_a_key_file_with_a_byte_order_mark_is_read(emu: GoogleEmulator, tmp_path: Path) -> None:
+    """Every file: secret has its byte-order mark stripped (config/dirpull.example.toml); the
+    service-account key file failed instead ("not a readable service-account JSON key")."""
+    cfg = tenant(emu, tmp_path)
+    path = Path(cfg["credentials_file"][5:])
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    _, done = pull(build("g1", GoogleTenant.model_validate(cfg), policy=RetryPolicy(sleep=Sleeps())))
+    assert done.snapshot and done.requests > 0
+
+
 def test_a_user_record_that_cannot_be_normalized_is_quarantined(emu: GoogleEmulator, tmp_path: Path) -> None:
     emu.broken_users = {4}
     pages, _ = pull(connector(emu, tmp_path))

@@ -263,7 +263,9 @@ class _Session:
         try:
             path = getattr(ref, "path", None)
             if path is not None:
-                key = path.read_text(encoding="utf-8")
+                # utf-8-sig: a byte-order mark (a key saved by a Windows editor) is not part of the
+                # JSON, as for every other file: secret.
+                key = path.read_text(encoding="utf-8-sig")
             else:
                 key = ref.get() if hasattr(ref, "get") else str(ref)
             creds = _service_account(key)

@@ -244,6 +244,24 @@ class Defaults(_Strict):
 AttributePath = Annotated[str, AfterValidator(check_path)]
 
 
+def _check_http_url(v: str) -> str:
+    # Without a scheme or a host every run of the tenant would fail ("graph.microsoft.us/v1.0"):
+    # refused at load, naming the key. https-only rules stay with each connector.
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(v.strip())
+        ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    except ValueError:  # a malformed [IPv6] host, say
+        ok = False
+    if not ok:
+        raise ValueError("must be an http(s) URL, like https://host/path")
+    return v.strip()
+
+
+HttpUrl = Annotated[str, AfterValidator(_check_http_url)]
+
+
 class TenantBase(_Strict):
     schedule: str | None = None
     # How often a delta-capable provider does a full walk to catch what deltas miss.
@@ -268,7 +286,7 @@ class BambooHRTenant(TenantBase):
     provider: Literal["bamboohr"]
     company_domain: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*$")
     api_key: Secret
-    api_url: str = "https://api.bamboohr.com/api/gateway.php"
+    api_url: HttpUrl = "https://api.bamboohr.com/api/gateway.php"
     # Which report field names the manager, and what it holds. The reference is unsure whether
     # supervisorEId or supervisorId is the employee id (the other being the employeeNumber).
     manager_field: str = Field("supervisorEId", min_length=1)
@@ -288,8 +306,8 @@ class EntraTenant(TenantBase):
     client_id: str = Field(min_length=1)
     client_secret: Secret
     cloud: Literal["global", "usgov", "china"] = "global"
-    login_url: str | None = None
-    graph_url: str | None = None
+    login_url: HttpUrl | None = None
+    graph_url: HttpUrl | None = None
     # Extension attributes to $select, e.g. "extension_abc123_costCenter" or "onPremisesExtensionAttributes".
     extension_attributes: list[str] = Field(default_factory=list)
     # Throttling (429/503/504): give up after this many attempts per request or this many seconds
@@ -306,7 +324,7 @@ class GoogleTenant(TenantBase):
     subject: str = Field(min_length=3)
     customer: str | None = None
     domain: str | None = None
-    api_url: str | None = None
+    api_url: HttpUrl | None = None
     org_units: list[str] = Field(default_factory=list)
     groups: list[str] = Field(default_factory=list)
     member_workers: int = Field(4, ge=1, le=32)
@@ -378,12 +396,12 @@ class OktaTenant(TenantBase):
 
 class WorkdayTenant(TenantBase):
     provider: Literal["workday"]
-    users_report_url: str = Field(min_length=8)
-    groups_report_url: str | None = None
+    users_report_url: HttpUrl
+    groups_report_url: HttpUrl | None = None
     prompts: dict[str, str] = Field(default_factory=dict)
     username: str | None = None
     password: Secret | None = None
-    token_url: str | None = None
+    token_url: HttpUrl | None = None
     client_id: str | None = None
     client_secret: Secret | None = None
     refresh_token: Secret | None = None

@@ -270,3 +270,28 @@ def test_the_annotated_example_uses_only_known_keys(monkeypatch):
     assert problems
     for line in problems:
         assert line.endswith(("is not set", "does not exist")), line
+
+
+@pytest.mark.parametrize(
+    ("table", "key"),
+    [
+        ('provider = "entra_id"\ntenant_id = "t"\nclient_id = "c"\nclient_secret = "s"\n'
+         'graph_url = "graph.microsoft.us/v1.0"\n', "graph_url"),
+        ('provider = "entra_id"\ntenant_id = "t"\nclient_id = "c"\nclient_secret = "s"\n'
+         'login_url = "login.microsoftonline.us"\n', "login_url"),
+        ('provider = "bamboohr"\ncompany_domain = "acme"\napi_key = "k"\n'
+         'api_url = "api.bamboohr.com/api/gateway.php"\n', "api_url"),
+        ('provider = "google_workspace"\ncredentials_file = "file:k.json"\nsubject = "a@b.c"\n'
+         'api_url = "admin.googleapis.com"\n', "api_url"),
+        ('provider = "workday"\nusers_report_url = "https:/wd5.myworkday.com/ccx/x"\nusername = "u"\npassword = "p"\n',
+         "users_report_url"),
+        ('provider = "workday"\nusers_report_url = "https://wd5.myworkday.com/ccx/x"\nusername = "u"\npassword = "p"\n'
+         'groups_report_url = "wd5.myworkday.com/ccx/groups"\n', "groups_report_url"),
+    ],
+)  # fmt: skip
+def test_an_endpoint_url_without_scheme_or_host_fails_the_load_naming_the_key(tmp_path, table, key):
+    """Before, it loaded and every run of the tenant failed ("must be an http(s) URL", or the
+    HTTP library's own "No connection adapters were found")."""
+    msg = error_of(tmp_path, "[tenants.t1]\n" + table)
+    assert msg == f"{tmp_path / 'dirpull.toml'}: tenants.t1.{key}: must be an http(s) URL, like https://host/path"
+

@@ -336,13 +336,17 @@ class GoogleTenant(TenantBase):
         return self
 
 
+DEFAULT_SCOPES = ("okta.users.read", "okta.groups.read")
+LOGS_SCOPE = "okta.logs.read"
+
+
 class OktaTenant(TenantBase):
     provider: Literal["okta"]
     org_url: str = Field(min_length=8)
     api_token: Secret | None = None
     client_id: str | None = None
     private_key: Secret | None = None
-    scopes: list[str] = Field(default_factory=lambda: ["okta.users.read", "okta.groups.read"])
+    scopes: list[str] = Field(default_factory=lambda: list(DEFAULT_SCOPES))
     include_everyone: bool = False
     poll_system_log: bool = False
     rate_limit_reserve: float = Field(0.30, ge=0, lt=1)
@@ -385,12 +389,24 @@ class OktaTenant(TenantBase):
                 )
         return v.strip().rstrip("/")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _logs_scope(cls, data: Any) -> Any:
+        # System Log polling reads /api/v1/logs: the default scopes include what it needs.
+        oauth = isinstance(data, dict) and bool(data.get("client_id"))
+        if oauth and data.get("poll_system_log") is True and "scopes" not in data:
+            return {**data, "scopes": [*DEFAULT_SCOPES, LOGS_SCOPE]}
+        return data
+
     @model_validator(mode="after")
     def _auth(self) -> OktaTenant:
         if self.api_token is None and not (self.client_id and self.private_key is not None):
             raise ValueError("give api_token, or client_id and private_key (OAuth service app)")
         if self.api_token is not None and self.client_id:
             raise ValueError("give api_token or client_id/private_key, not both")
+        if self.client_id and self.poll_system_log and LOGS_SCOPE not in self.scopes:
+            # The token would lack it: every run would fail with a 403 on /api/v1/logs.
+            raise ValueError(f"poll_system_log needs the {LOGS_SCOPE} scope: add it to scopes")
         return self
 
 

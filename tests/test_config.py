@@ -295,3 +295,17 @@ def test_an_endpoint_url_without_scheme_or_host_fails_the_load_naming_the_key(tm
     msg = error_of(tmp_path, "[tenants.t1]\n" + table)
     assert msg == f"{tmp_path / 'dirpull.toml'}: tenants.t1.{key}: must be an http(s) URL, like https://host/path"
 
+
+def test_an_okta_oauth_app_polling_the_system_log_gets_or_is_told_the_logs_scope(tmp_path):
+    """Before, the default scopes lacked okta.logs.read and every run failed with a 403 on
+    /api/v1/logs; explicit scopes without it now fail the load instead."""
+    table = '[tenants.ok]\nprovider = "okta"\norg_url = "https://acme.okta.com"\nclient_id = "0oa1"\n' \
+        'private_key = "file:k.pem"\npoll_system_log = true\n'
+    assert load_config(write(tmp_path, table)).tenant("ok").scopes == [
+        "okta.users.read", "okta.groups.read", "okta.logs.read",
+    ]
+    msg = error_of(tmp_path, table + 'scopes = ["okta.users.read", "okta.groups.read"]\n')
+    assert msg == f"{tmp_path / 'dirpull.toml'}: tenants.ok: poll_system_log needs the okta.logs.read scope: " \
+        "add it to scopes"
+    without_polling = load_config(write(tmp_path, table.replace("true", "false"))).tenant("ok")
+    assert without_polling.scopes == ["okta.users.read", "okta.groups.read"]

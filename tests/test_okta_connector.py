@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 import pytest
+import requests
 
 from dirpull.config import ConfigError, OktaTenant, parse_config
 from dirpull.connectors.base import ConfigurationError, ConnectorError, Done, Page
@@ -1079,7 +1080,8 @@ def test_bench_full_pull() -> None:
         proc.join(30)
 
 
-def test_oauth_service_app_private_key_jwt(emu: OktaEmulator, tmp_path: Path) -> None:
+def oauth_app(emu: OktaEmulator, tmp_path: Path) -> dict[str, Any]:
+    """A service app registered with the emulator: its tenant settings (private_key_jwt)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import rsa
 
@@ -1094,15 +1096,47 @@ def test_oauth_service_app_private_key_jwt(emu: OktaEmulator, tmp_path: Path) ->
     )
     (tmp_path / "okta.pem").write_text(pem)
     emu.register_oauth_client("0oadirpull", public)
-    cfg = {
+    return {
         "provider": "okta",
         "org_url": emu.base_url,
         "client_id": "0oadirpull",
         "private_key": f"file:{tmp_path / 'okta.pem'}",
     }
-    pages, _ = pull(connector(cfg))
+
+
+def test_oauth_service_app_private_key_jwt(emu: OktaEmulator, tmp_path: Path) -> None:
+    pages, _ = pull(connector(oauth_app(emu, tmp_path)))
     assert len(users_of(pages)) == PEOPLE
     assert ("POST", "/oauth2/v1/token") in emu.request_log
+
+
+def test_an_oauth_app_polling_the_system_log_asks_for_its_scope(emu: OktaEmulator, tmp_path: Path) -> None:
+    """Before, the default scopes lacked okta.logs.read: with poll_system_log every run of an
+    OAuth tenant failed with a 403 on /api/v1/logs, full syncs included."""
+    cfg = {**oauth_app(emu, tmp_path), "poll_system_log": True, "backoff_base": 0.01}
+    pages, done = pull(connector(cfg))
+    assert len(users_of(pages)) == PEOPLE and "log_next" in done.cursor
+    assert any(path.startswith("/api/v1/logs") for _, path in emu.request_log)
+
+    # A token without it is refused as Okta refuses one: 403, the other APIs still answer.
+    import jwt
+
+    now = int(time.time())
+    assertion = jwt.encode(
+        {"iss": "0oadirpull", "sub": "0oadirpull", "aud": f"{emu.base_url}/oauth2/v1/token", "iat": now,
+         "exp": now + 60, "jti": "t"},
+        (tmp_path / "okta.pem").read_text(), algorithm="RS256",
+    )  # fmt: skip
+    token = requests.post(f"{emu.base_url}/oauth2/v1/token", timeout=10, data={
+        "grant_type": "client_credentials", "scope": "okta.users.read okta.groups.read",
+        "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+        "client_assertion": assertion,
+    }).json()["access_token"]  # fmt: skip
+    bearer = {"Authorization": f"Bearer {token}"}
+    assert requests.get(f"{emu.base_url}/api/v1/users", headers=bearer, timeout=10).status_code == 200
+    refused = requests.get(f"{emu.base_url}/api/v1/logs", headers=bearer, timeout=10)
+    assert refused.status_code == 403 and refused.json()["errorCode"] == "E0000006"
+    assert 'error="insufficient_scope"' in refused.headers["WWW-Authenticate"]
 
 
 def test_full_pull_skips_known_users_whatever_their_login_time_unless_the_mapping_reads_it(

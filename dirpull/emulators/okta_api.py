@@ -292,6 +292,14 @@ class RateWindow:
             self._buckets.clear()
 
 
+# The OAuth scope each API needs (an SSWS API token has its admin's rights instead).
+_SCOPES = {"/api/v1/users": "okta.users.read", "/api/v1/groups": "okta.groups.read", "/api/v1/logs": "okta.logs.read"}
+
+
+def _scope_needed(path: str) -> str | None:
+    return _SCOPES.get(_bucket(path))
+
+
 def _bucket(path: str) -> str:
     for prefix in ("/api/v1/users", "/api/v1/groups", "/api/v1/logs", "/oauth2/v1/token"):
         if path.startswith(prefix):
@@ -324,7 +332,7 @@ class OktaEmulator(Emulator):
         self.app_group_every = 5  # every 5th Org group is an APP_GROUP (imported from AD)
         # OAuth service app: client_id → public key (PEM) for private_key_jwt; issued tokens.
         self.oauth_clients: dict[str, Any] = {}
-        self._access_tokens: dict[str, float] = {}
+        self._access_tokens: dict[str, tuple[float, frozenset[str]]] = {}  # token → expiry, scopes
         # System Log, derived from Org changes: persisted in arrival order.
         self._events: list[dict[str, Any]] = []
         self._seen_people: dict[int, tuple[str | None, int]] = {}  # n → (status or None if gone, version)
@@ -367,10 +375,23 @@ class OktaEmulator(Emulator):
         elif auth.startswith("Bearer "):
             token = auth[7:].strip()
             with self._lock:
-                expires = self._access_tokens.get(token)
-            if expires is not None and expires > time.time():
-                return None
+                expires, granted = self._access_tokens.get(token, (0.0, frozenset()))
+            if expires > time.time():
+                needed = _scope_needed(req.path)
+                if needed is None or needed in granted:
+                    return None
+                return self.insufficient_scope(needed)
         return self.unauthorized(req)
+
+    def insufficient_scope(self, needed: str) -> Response:
+        # A valid OAuth token without the scope the endpoint needs: 403, not 401.
+        resp = _error(403, "E0000006", "You do not have permission to perform the requested action")
+        resp.headers.append((
+            "WWW-Authenticate",
+            f'Bearer realm="IdpMyAccountAPI", scope="{needed}", error="insufficient_scope", '
+            'error_description="The access token provided does not contain the required scopes."',
+        ))
+        return resp
 
     def unauthorized(self, req: Request) -> Response:
         return _error(401, "E0000011", "Invalid token provided")
@@ -940,7 +961,7 @@ class OktaEmulator(Emulator):
             return Response(400, {"error": "invalid_scope", "error_description": f"unknown scopes {unknown}"})
         token = "emu-at-" + secrets.token_urlsafe(24)
         with self._lock:
-            self._access_tokens[token] = time.time() + 3600
+            self._access_tokens[token] = (time.time() + 3600, frozenset(scopes))
         return Response(
             200,
             {"token_type": "Bearer", "expires_in": 3600, "access_token": token, "scope": " ".join(scopes)},

@@ -81,6 +81,8 @@ OPTS = _Opts()
 # The stores' BIGINT: a larger --after or --limit is a bad option (exit 2), not an OverflowError
 # from the database driver.
 MAX_INT = 2**63 - 1
+# Any longer and a wait or a deadline overflows what the clock and the thread waits take.
+MAX_SECONDS = 10 * 365 * 86400.0
 
 
 class StateFilter(StrEnum):
@@ -237,7 +239,10 @@ def sync(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planned changes; apply none.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Apply a run the mass-change guard would hold.")] = False,
     wait: Annotated[
-        float, typer.Option("--wait", help="Seconds to wait if another worker is syncing this tenant.")
+        float,
+        typer.Option(
+            "--wait", help="Seconds to wait if another worker is syncing this tenant.", min=0, max=MAX_SECONDS
+        ),
     ] = 0.0,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the run (and with --dry-run the planned events) as JSON Lines.")
@@ -468,7 +473,8 @@ def _abandoned(store: Store, tenant: str, run: dict[str, Any]) -> bool:
 @app.command()
 def run(
     max_seconds: Annotated[
-        float | None, typer.Option("--max-seconds", help="Stop after this long (tests, demos).")
+        float | None,
+        typer.Option("--max-seconds", help="Stop after this long (tests, demos).", min=0, max=MAX_SECONDS),
     ] = None,
 ) -> None:
     """The daemon: every tenant on its schedule until SIGTERM/SIGINT."""
@@ -536,10 +542,12 @@ def emulate(
     ] = None,
     store_url: Annotated[str, typer.Option("--store-url")] = "sqlite:///dirpull.db",
     changes_every: Annotated[
-        float, typer.Option("--changes-every", help="Seconds between random changes (0: none).")
+        float,
+        typer.Option("--changes-every", help="Seconds between random changes (0: none).", min=0, max=MAX_SECONDS),
     ] = 0.0,
     max_seconds: Annotated[
-        float | None, typer.Option("--max-seconds", help="Stop after this long (default: at Ctrl-C).")
+        float | None,
+        typer.Option("--max-seconds", help="Stop after this long (default: at Ctrl-C).", min=0, max=MAX_SECONDS),
     ] = None,
 ) -> None:
     """Serve local emulators of the vendors' APIs on 127.0.0.1 and print a config for them."""
@@ -602,7 +610,9 @@ def _schedule_option(value: str) -> str:
 @app.command()
 def demo(
     people: Annotated[int, typer.Option("--people", min=5, max=100_000)] = 60,
-    duration: Annotated[float, typer.Option("--duration", help="Seconds to run (0: until Ctrl-C).")] = 45.0,
+    duration: Annotated[
+        float, typer.Option("--duration", help="Seconds to run (0: until Ctrl-C).", min=0, max=MAX_SECONDS)
+    ] = 45.0,
     schedule: Annotated[
         str,
         typer.Option(

@@ -569,6 +569,10 @@ def test_config_mistake_exits_2_with_file_tenant_and_key(tmp_path):
         (["--bogus", "status"], "No such option: --bogus (see 'dirpull --help')"),
         (["db", "check", "--bogus"], "No such option: --bogus (see 'dirpull db check --help')"),
         (["demo", "--schedule", "5x"], "Invalid value for '--schedule': '5x' is not a duration like 30s"),
+        (["sync", "hr", "--wait", "-5"], "Invalid value for '--wait': Input should be greater than or equal to 0"),
+        (["run", "--max-seconds", "-1"], "Invalid value for '--max-seconds': Input should be greater than or equal"),
+        (["emulate", "--changes-every", "-1"], "Invalid value for '--changes-every': Input should be greater than"),
+        (["demo", "--duration", "1e300"], "Invalid value for '--duration': Input should be less than or equal to "),
     ],
 )
 def test_bad_usage_is_one_line_exit_2(args, expected):

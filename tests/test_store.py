@@ -3,6 +3,7 @@ schema checks and the operator-facing errors."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import threading
@@ -540,6 +541,38 @@ def test_a_slow_event_consumer_is_not_cut_off(store):
         if users == 1500:
             time.sleep(2)
     assert users == 2500
+
+
+@pytest.mark.postgres
+def test_timestamps_are_printed_in_utc_whatever_the_servers_time_zone(store_url: str, tmp_path: Path):
+    """A PostgreSQL server set up in local time (initdb takes the machine's zone) handed every
+    timestamp back in it: `events`, `users`, `runs` and `status` printed "…-05:00" there and "…Z"
+    on SQLite, and a consumer expecting UTC misread them."""
+    url = sa.engine.make_url(store_url)
+    local = url.update_query_dict({"options": f"{url.query['options']} -ctimezone=America/New_York"})
+    local_url = local.render_as_string(hide_password=False)
+    s = Store(local_url)
+    try:
+        s.ensure_schema()
+        s.ensure_tenant("hr", "bamboohr")
+        assert s.acquire_lease("hr", "a", timedelta(seconds=30)) is None
+        commit_run(s, "hr", "a", 1, "u")
+        last_success = s.last_success()["hr"]  # `status` says "no successful sync since" it
+    finally:
+        s.close()
+    config = _config(tmp_path, local_url)
+    stamps = []
+    for args, keys in (
+        (["events", "hr", "--json"], ["created_at"]),
+        (["users", "hr", "--json"], ["created_at", "updated_at"]),
+        (["runs", "hr", "--json"], ["started_at", "finished_at"]),
+        (["status", "--json"], ["last_run"]),
+    ):
+        r = _cli(config, *args)
+        assert r.exit_code == 0, (args, r.output)
+        stamps += [json.loads(line)[k] for line in r.stdout.splitlines() for k in keys]
+    assert len(stamps) == 6 and all(stamp.endswith("Z") for stamp in stamps), stamps
+    assert last_success.utcoffset() == timedelta(0) and last_success.tzname() == "UTC"
 
 
 @pytest.mark.postgres

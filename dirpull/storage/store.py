@@ -67,10 +67,14 @@ def utcnow() -> datetime:
 
 
 def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes even for timezone=True columns.
-    if value is not None and value.tzinfo is None:
+    """`value` in UTC. SQLite hands back naive datetimes (stored in UTC) even for timezone=True
+    columns; PostgreSQL hands them back in the session's TimeZone, the server's own unless set (often
+    local time): every timestamp dirpull prints is UTC, on either store."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
         return value.replace(tzinfo=UTC)
-    return value
+    return value.astimezone(UTC)
 
 
 def _iso(value: datetime | None) -> str | None:

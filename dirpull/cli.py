@@ -136,8 +136,8 @@ def _tenant(config: Config, tenant: str) -> None:
 
 def _json_default(value: Any) -> Any:
     if isinstance(value, datetime):
-        v = value if value.tzinfo else value.replace(tzinfo=UTC)
-        return v.isoformat().replace("+00:00", "Z")
+        v = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+        return v.isoformat(timespec="microseconds").replace("+00:00", "Z")  # as the store's (`store._iso`)
     return str(value)
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import threading
 import time
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -573,6 +574,33 @@ def test_timestamps_are_printed_in_utc_whatever_the_servers_time_zone(store_url:
         stamps += [json.loads(line)[k] for line in r.stdout.splitlines() for k in keys]
     assert len(stamps) == 6 and all(stamp.endswith("Z") for stamp in stamps), stamps
     assert last_success.utcoffset() == timedelta(0) and last_success.tzname() == "UTC"
+
+
+def test_timestamps_always_have_six_fraction_digits(store_url: str, tmp_path: Path, monkeypatch):
+    """A timestamp that fell on a whole second was printed without its fraction ("…:30:00Z" beside
+    "…:30:00.123456Z"): a consumer parsing one fixed format failed on it, once in a million."""
+    monkeypatch.setattr(store_module, "utcnow", lambda: datetime(2026, 3, 1, 9, 30, tzinfo=UTC))
+    s = Store(store_url)
+    try:
+        s.ensure_schema()
+        s.ensure_tenant("hr", "bamboohr")
+        assert s.acquire_lease("hr", "a", timedelta(seconds=30)) is None
+        commit_run(s, "hr", "a", 1, "u")
+    finally:
+        s.close()
+    config = _config(tmp_path, store_url)
+    stamps = []
+    for args, keys in (
+        (["events", "hr", "--json"], ["created_at"]),
+        (["users", "hr", "--json"], ["created_at", "updated_at"]),
+        (["runs", "hr", "--json"], ["started_at", "finished_at"]),
+        (["status", "--json"], ["last_run"]),
+    ):
+        r = _cli(config, *args)
+        assert r.exit_code == 0, (args, r.output)
+        stamps += [json.loads(line)[k] for line in r.stdout.splitlines() for k in keys]
+    shape = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+    assert len(stamps) == 6 and all(shape.fullmatch(stamp) for stamp in stamps), stamps
 
 
 @pytest.mark.postgres

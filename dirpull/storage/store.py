@@ -78,8 +78,10 @@ def _aware(value: datetime | None) -> datetime | None:
 
 
 def _iso(value: datetime | None) -> str | None:
+    # Always six fraction digits: isoformat() leaves them out when they are all zero (one timestamp
+    # in a million), and a consumer parsing one fixed format failed on that one.
     value = _aware(value)
-    return value.isoformat().replace("+00:00", "Z") if value else None
+    return value.isoformat(timespec="microseconds").replace("+00:00", "Z") if value else None
 
 
 @dataclass(slots=True)

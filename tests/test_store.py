@@ -514,6 +514,88 @@ def test_upgrading_a_0002_store_keeps_its_rows_and_takes_long_values(store_url: 
         s.close()
 
 
+def test_upgrading_a_0001_store_keeps_its_rows_cursor_and_event_sequence(store_url: str, tmp_path: Path):
+    """A store made by the first release, with a synced tenant in it, upgraded by `dirpull db upgrade`:
+    every row, the cursor and the run history stay; the next run goes on from the cursor and its
+    events come after the old ones."""
+    from alembic import command
+
+    s = Store(store_url)
+    try:
+        with s.engine.begin() as conn:
+            command.upgrade(s._alembic(conn), "0001")
+        then = datetime(2025, 6, 1, 8, 0, 0, 250000, tzinfo=UTC)
+        user = {
+            "idp_id": "u1", "username": "ada@example.test", "email": "ada@example.test",
+            "emails": ["ada@example.test"], "first_name": "Ada", "last_name": "L", "display_name": "Ada L",
+            "state": "active", "job_title": "Engineer", "department": "R&D", "employee_number": "7",
+            "manager_idp_id": None, "custom_attributes": {"cc": "42"}, "raw_attributes": {"id": "u1"},
+        }  # fmt: skip
+        group = {"idp_id": "g1", "name": "Eng", "description": None, "email": None, "raw_attributes": {}}
+        stamps = {"created_at": then, "updated_at": then}
+        run = {
+            "tenant": "hr", "trigger": "schedule", "mode": "full", "status": "succeeded", "worker": "old:1",
+            "started_at": then, "finished_at": then, "duration_s": 1.0, "requests": 2, "counts": {"events": 3},
+            "notes": [], "quarantined": [],
+        }  # fmt: skip
+        with s.engine.begin() as conn:  # only the columns 0001 has
+            conn.execute(t.tenants.insert().values(id="hr", provider="bamboohr", created_at=then))
+            conn.execute(t.users.insert().values(tenant="hr", fingerprint="f", **stamps, **user))
+            conn.execute(t.groups.insert().values(tenant="hr", fingerprint="f", **stamps, **group))
+            pair = {"group_idp_id": "g1", "user_idp_id": "u1"}
+            conn.execute(t.memberships.insert().values(tenant="hr", created_at=then, **pair))
+            run_id = conn.execute(t.runs.insert().values(**run)).inserted_primary_key[0]
+            for kind, key, data in (
+                ("user.created", "u1", user),
+                ("group.created", "g1", group),
+                ("group.user_added", "g1", {"group": "g1", "user": "u1"}),
+            ):
+                conn.execute(
+                    t.events.insert().values(
+                        tenant="hr", run_id=run_id, type=kind, object_id=key, data=data, created_at=then
+                    )
+                )
+            conn.execute(t.cursors.insert().values(tenant="hr", value={"since": "2025-06-01"}, last_full_at=then,
+                                                   updated_at=then))  # fmt: skip
+    finally:
+        s.close()
+
+    config = _config(tmp_path, store_url)
+    assert _cli(config, "db", "check").exit_code == 1
+    up = _cli(config, "db", "upgrade")
+    assert up.exit_code == 0 and up.stdout.strip() == f"schema at {CURRENT} (was 0001)", up.output
+    assert _cli(config, "db", "check").exit_code == 0
+
+    def out(*args: str) -> list[dict[str, Any]]:
+        r = _cli(config, *args, "--json")
+        assert r.exit_code == 0, r.output
+        return [json.loads(line) for line in r.stdout.splitlines()]
+
+    stamp = "2025-06-01T08:00:00.250000Z"
+    assert out("users", "hr") == [{**user, "created_at": stamp, "updated_at": stamp}]
+    assert out("groups", "hr", "--user", "u1") == [{**group, "created_at": stamp, "updated_at": stamp}]
+    old_events = out("events", "hr")
+    assert [(e["seq"], e["type"], e["run_id"], e["previous_attributes"]) for e in old_events] == [
+        (1, "user.created", run_id, None), (2, "group.created", run_id, None), (3, "group.user_added", run_id, None)
+    ]  # fmt: skip
+    assert old_events[0]["data"] == user and old_events[2]["data"] == {"group": "g1", "user": "u1"}
+    assert [(r["id"], r["status"], r["counts"], r["started_at"]) for r in out("runs", "hr")] == [
+        (run_id, "succeeded", {"events": 3}, stamp)
+    ]
+
+    s = Store(store_url)
+    try:
+        s.ensure_schema(create_if_empty=False)
+        assert s.get_cursor("hr") == store_module.CursorState({"since": "2025-06-01"}, then)
+        assert s.user_digests("hr") == ({"u1": "f"}, {}) and s.group_digests("hr") == ({"g1": "f"}, {})
+        assert s.acquire_lease("hr", "a", timedelta(seconds=30)) is None
+        commit_run(s, "hr", "a", 1, "new")
+        assert [e["seq"] for e in s.iter_events("hr", after=3)] == [4]
+        assert s.membership_pairs("hr") == {("g1", "u1")}
+    finally:
+        s.close()
+
+
 @pytest.mark.postgres
 def test_a_slow_event_consumer_is_not_cut_off(store):
     """`dirpull events --json | slow-consumer`: the stream waits for its reader between batches of

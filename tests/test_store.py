@@ -7,6 +7,8 @@ import json
 import random
 import re
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -360,6 +362,60 @@ def test_concurrent_commits_never_open_a_gap_behind_a_reader(store_url: str, sto
     assert len(table) >= writers * runs_each
     assert seen == sorted(set(seen)), "the consumer saw a seq lower than one it had already read"
     assert seen == table, "the consumer missed events that were committed behind its cursor"
+
+
+_KILLED_MID_COMMIT = """
+import sys, time
+from datetime import timedelta
+sys.path[:0] = [sys.argv[3], sys.argv[3] + "/.."]  # this checkout's tests and dirpull
+from test_store import commit_run
+from dirpull.storage.store import Store
+
+def stall(self, *args, **kwargs):  # rows and events are written, the cursor and the commit are next
+    open(sys.argv[2], "w").close()
+    time.sleep(120)
+
+Store._write_cursor = stall
+s = Store(sys.argv[1])
+assert s.acquire_lease("t", "dying", timedelta(seconds=1)) is None
+commit_run(s, "t", "dying", 3000, "lost")
+"""
+
+
+def test_a_worker_killed_in_the_middle_of_its_commit_applied_nothing(store_url: str, store, tmp_path: Path):
+    """SIGKILL while the applying transaction has written its rows and events but not committed: the
+    store is as before (rows, events, cursor), a consumer never sees those events, and the next
+    worker takes over once the lease expires, records the cut-off run as failed and commits after
+    the last seq anyone saw."""
+    store.acquire_lease("t", "a", timedelta(seconds=30))
+    commit_run(store, "t", "a", 2, "before")
+    store.release_lease("t", "a")
+    seen = [e["seq"] for e in store.iter_events("t")]
+    stalled = tmp_path / "stalled"
+    script = tmp_path / "dying.py"
+    script.write_text(_KILLED_MID_COMMIT)
+    worker = subprocess.Popen([sys.executable, str(script), store_url, str(stalled), str(Path(__file__).parent)])
+    try:
+        deadline = time.monotonic() + 60
+        while not stalled.exists():
+            assert worker.poll() is None and time.monotonic() < deadline, "the worker never got to its commit"
+            time.sleep(0.05)
+        assert [e["seq"] for e in store.iter_events("t")] == seen  # uncommitted: not visible meanwhile
+    finally:
+        worker.kill()
+        worker.wait(30)
+    assert store.get_cursor("t").value == {"tag": "before"}
+    assert sorted(u["idp_id"] for u in store.iter_users("t")) == ["before-0", "before-1"]
+    assert [e["seq"] for e in store.iter_events("t")] == seen
+    assert store.acquire_lease("t", "b", timedelta(seconds=30)) is not None  # the dead one's, until it expires
+    time.sleep(1.2)
+    assert store.acquire_lease("t", "b", timedelta(seconds=30)) is None
+    commit_run(store, "t", "b", 1, "after")
+    runs = store.runs("t")
+    assert [r["status"] for r in runs] == ["succeeded", "failed", "succeeded"]
+    assert runs[1]["worker"] == "dying" and runs[1]["error"].startswith("interrupted")
+    assert [e["data"]["idp_id"] for e in store.iter_events("t", after=seen[-1])] == ["after-0"]
+    assert store.get_cursor("t").value == {"tag": "after"}
 
 
 # --- schema and errors -----------------------------------------------------------------------------

@@ -767,3 +767,16 @@ def test_a_store_password_given_in_the_query_is_hidden_in_store_errors(tmp_path:
         assert r.exit_code == 1, (args, r.output)
         assert f"127.0.0.1:{port}" in r.stderr and "cannot connect" in r.stderr, r.stderr
         assert "hunter2-in-query" not in r.output and "password=***" in r.stderr, r.stderr
+
+
+def test_a_sqlite_commit_is_on_disk_when_it_returns(tmp_path):
+    """synchronous=FULL: with NORMAL, a power loss could take back committed runs whose events a
+    consumer had read, and hand their seqs out again to other events (which it would then skip)."""
+    st = Store(f"sqlite:///{tmp_path / 's.db'}")
+    try:
+        st.upgrade()
+        with st.engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
+    finally:
+        st.close()

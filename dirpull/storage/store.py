@@ -1221,7 +1221,11 @@ def _make_engine(url: str, *, pool_size: int, connect_timeout: float, migrating:
                     if time.monotonic() >= deadline:
                         raise
                     time.sleep(0.05)
-            cur.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a commit is on disk when it returns. With NORMAL a power loss can take back
+            # the last runs after a consumer has read their events, and the seqs would then be
+            # handed out again to the re-derived events, which that consumer skips. It costs an
+            # fsync per commit (~0.2 ms here), nothing per row.
+            cur.execute("PRAGMA synchronous=FULL")
             cur.close()
 
         return engine

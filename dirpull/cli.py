@@ -10,6 +10,7 @@ import contextlib
 import itertools
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import threading
@@ -578,6 +579,8 @@ def emulate(
         _serve(cluster, stop, changes_every, max_seconds)
     finally:
         cluster.stop()
+        if not write_config:  # its throw-away Google key: the printed config dies with the emulators
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _serve(cluster: Any, stop: threading.Event, changes_every: float, max_seconds: float | None) -> None:

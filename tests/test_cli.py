@@ -10,6 +10,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -671,6 +672,16 @@ def test_emulate_writes_a_config_that_loads(tmp_path):
     cfg = load_config(target)
     assert [t.provider for t in cfg.tenants.values()] == ["bamboohr"]
     assert cfg.tenants["demo-bamboohr"].api_url.startswith("http://127.0.0.1:")
+
+
+def test_emulate_printing_its_config_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """Before, every run left a /tmp/dirpull-emulate-* folder holding the Google emulator's key."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    r = CliRunner().invoke(app, ["emulate", "-p", "google_workspace", "--people", "5", "--max-seconds", "0.3"])
+    assert r.exit_code == 0, r.stderr
+    key = re.search(r'credentials_file = "file:([^"]+)"', r.stdout)
+    assert key and Path(key.group(1)).parent.parent == tmp_path
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_emulate_into_a_missing_folder_is_one_line_exit_2(tmp_path):

@@ -507,7 +507,13 @@ def db_upgrade() -> None:
 @db_app.command("check")
 def db_check() -> None:
     """Exit 0 when the schema is current, 1 otherwise."""
+    from dirpull.storage.store import HEAD_REVISION, missing_sqlite_file
+
     config = _config()
+    if (missing := missing_sqlite_file(config.store.url)) is not None:
+        # A check creates nothing: run from the wrong folder it would leave a stray empty store.
+        typer.echo(f"schema empty (no store at {missing}), needed {HEAD_REVISION}")
+        raise typer.Exit(1)
     try:
         store = Store(config.store.url, connect_timeout=config.store.connect_timeout)
         current, head = store.schema_state()

@@ -699,3 +699,19 @@ def test_cluster_config_toml_round_trips(tmp_path):
     finally:
         cluster.stop()
     assert "[tenants.demo-bamboohr]" in text and 'schedule = "10s"' in text
+
+
+def test_db_check_of_a_store_that_does_not_exist_creates_nothing(tmp_path, monkeypatch):
+    """Before, it created an empty database file there (run from the wrong folder: a stray store)
+    and said "schema empty" without saying where it had looked."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "dirpull.toml"
+    cfg.write_text('[store]\nurl = "sqlite:///dirpull.db"\n')
+    r = CliRunner().invoke(app, ["--config", str(cfg), "db", "check"])
+    assert r.exit_code == 1
+    assert r.stdout == f"schema empty (no store at {tmp_path / 'dirpull.db'}), needed {HEAD_REVISION}\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dirpull.toml"]
+
+    assert CliRunner().invoke(app, ["--config", str(cfg), "db", "upgrade"]).exit_code == 0
+    r = CliRunner().invoke(app, ["--config", str(cfg), "db", "check"])
+    assert (r.exit_code, r.stdout) == (0, f"schema {HEAD_REVISION}, needed {HEAD_REVISION}\n")

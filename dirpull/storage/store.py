@@ -1171,6 +1171,23 @@ def parse_store_url(url: str) -> sa.URL:
     return parsed
 
 
+def missing_sqlite_file(url: str) -> str | None:
+    """The absolute path of a SQLite store's file when it does not exist yet, else None."""
+    try:
+        parsed = parse_store_url(url)
+    except StoreError:
+        return None  # the store's own opening says what is wrong with it
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    if database.startswith("file:"):
+        return None
+    path = os.path.abspath(database)
+    if os.path.exists(path) or not os.path.isdir(os.path.dirname(path)):
+        return None  # there, or it could not be made at all: the store's opening says why
+    return path
+
+
 def _create_private(database: str | None) -> None:
     """Create a new SQLite store's file readable by its owner only. It holds a whole company's
     people (names, emails, managers, titles); made by SQLite, it got the umask's 0644, readable by

@@ -192,3 +192,44 @@ def test_the_start_up_log_names_the_store_and_the_tenants_not_scheduled(harness,
     assert f"store {h.store.safe_url}" in start and "2 of 3 tenants enabled" in start
     assert "tenant off (bamboohr) is disabled: not scheduled" in lines
     assert not [line for line in lines if line.startswith("scheduled tenant off ")]
+
+
+def test_workers_sharing_a_store_sync_a_tenant_once_per_interval_not_once_each(harness):
+    # Every worker schedules every tenant; with runs shorter than the interval the lease is free
+    # again when the next worker fires, so each worker synced the tenant every interval: three
+    # workers pulled the vendor three times as often as the schedule says (and its rate limits).
+    d = Directory(users=people(3))
+    h = harness({"good": {**TENANTS["good"], "schedule": "2s"}})
+    workers = [
+        Daemon(h.config, h.store, worker=f"host:{n}", connector_factory=lambda t, s: ScriptedConnector(d))
+        for n in range(3)
+    ]
+    for w in workers:
+        w.start()
+    try:
+        t0 = time.monotonic()
+        time.sleep(9.0)
+        elapsed = time.monotonic() - t0
+        runs = [r for r in h.store.runs("good", 100) if r["status"] == "succeeded"]
+        # One run per 2 s interval across the three workers (one per worker was 13 runs).
+        assert 3 <= len(runs) <= elapsed / 2 + 2, [(r["worker"], r["started_at"]) for r in runs]
+        skipped = [r for w in workers for r in w.results if r.status == "skipped"]
+        assert len(skipped) >= 6 and all(
+            " was synced by host:" in (r.error or "") or " is being synced by host:" in (r.error or "") for r in skipped
+        ), [r.error for r in skipped]
+        assert not [r for w in workers for r in w.results if r.status == "failed"]
+
+        # The worker that has been syncing it stops: another one takes the tenant over.
+        owner = next(w for w in workers if w.runner.worker == runs[0]["worker"])
+        owner.shutdown()
+        last_id = h.store.runs("good", 1)[0]["id"]
+        assert wait_for(
+            lambda: any(
+                r["id"] > last_id and r["status"] == "succeeded" and r["worker"] != owner.runner.worker
+                for r in h.store.runs("good", 10)
+            ),
+            timeout=8,
+        )
+    finally:
+        for w in workers:
+            w.shutdown()

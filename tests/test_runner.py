@@ -309,6 +309,44 @@ def test_concurrent_syncs_of_one_tenant_run_once(harness):
     assert len(h.store.runs("t")) == 1
 
 
+def test_a_scheduled_fire_skips_what_another_worker_synced_since_whatever_its_clock_says(harness):
+    """Several workers: a scheduled fire is skipped when another worker began and finished a
+    scheduled run after this worker's previous fire, told by run ids (the database's order), so a
+    worker whose clock is an hour off neither skips forever nor runs every fire."""
+    import sqlalchemy as sa
+
+    from dirpull.storage import schema
+    from dirpull.sync.runner import Runner
+
+    d = Directory(users=people(3))
+    h = make(harness, d)
+    other = Runner(h.config, h.store, worker="db7:4242", connector_factory=factory(d))
+    mine = Runner(h.config, h.store, worker="app1:1717", connector_factory=factory(d))
+    first = other.sync("t", trigger="schedule")
+    assert first.status == "succeeded"
+    # The other worker's clock is an hour behind: its run looks old, but began after our mark.
+    with h.store.engine.begin() as conn:
+        conn.execute(
+            sa.update(schema.runs)
+            .where(schema.runs.c.id == first.run_id)
+            .values(started_at=utcnow() - timedelta(hours=1), finished_at=utcnow() - timedelta(hours=1))
+        )
+    skipped = mine.sync("t", trigger="schedule", due_after=first.run_id - 1)
+    assert skipped.status == "skipped" and skipped.newest_run == first.run_id
+    assert skipped.error.startswith(f"tenant t was synced by db7:4242 (run {first.run_id}, ended ")
+    assert d.pulls == 1 and h.store.lease("t").holder is None  # nothing pulled, the lease given back
+    # Nothing newer than what this worker saw last time: its turn.
+    ran = mine.sync("t", trigger="schedule", due_after=skipped.newest_run)
+    assert ran.status == "succeeded" and d.pulls == 2
+    # Its own run, a manual run, a failed run do not make another worker's fire skip.
+    manual = other.sync("t")
+    d.fail_after_pages = 0
+    failed = other.sync("t", trigger="schedule")
+    d.fail_after_pages = None
+    assert manual.status == "succeeded" and failed.status == "failed"
+    assert mine.sync("t", trigger="schedule", due_after=ran.run_id).status == "succeeded"
+
+
 def test_second_sync_with_wait_runs_after_the_first(harness):
     gate = threading.Event()
     d = Directory(users=people(20), gate=gate)

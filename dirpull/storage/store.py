@@ -591,6 +591,28 @@ class Store:
         with self.engine.connect() as conn:
             return {r["tenant"]: _run_dict(r) for r in conn.execute(q).mappings()}
 
+    def scheduled_run_after(
+        self, tenant: str, after_id: int, *, other_than: str
+    ) -> tuple[dict[str, Any] | None, int]:
+        """The newest scheduled run of `tenant` with an id above `after_id` (begun after that run
+        was recorded: the database's order, not any machine's clock) that another worker than
+        `other_than` brought to an end (succeeded or held): that fire's work is done. And the
+        tenant's newest run id. Only its latest runs are looked at (a few per interval)."""
+        r = t.runs.c
+        q = (
+            sa.select(r.id, r.worker, r.trigger, r.status, r.finished_at)
+            .where(r.tenant == tenant, r.id > after_id)
+            .order_by(r.id.desc())
+            .limit(50)
+        )
+        with self.engine.connect() as conn:
+            rows = list(conn.execute(q).mappings())
+        newest = rows[0]["id"] if rows else after_id
+        for row in rows:
+            if row["trigger"] == "schedule" and row["status"] in ("succeeded", "held") and row["worker"] != other_than:
+                return {**row, "finished_at": _aware(row["finished_at"])}, newest
+        return None, newest
+
     def last_success(self) -> dict[str, datetime]:
         q = (
             sa.select(t.runs.c.tenant, sa.func.max(t.runs.c.finished_at))

@@ -2,9 +2,11 @@
 
 APScheduler 3 fires one job per tenant in a bounded thread pool. Overlapping fires of one tenant
 are skipped in-process (`max_instances=1`) and across processes by the tenant's lease in the store,
-so several workers can load the same configuration. A failing tenant backs off exponentially
-without slowing the others. SIGTERM/SIGINT stop new fires, interrupt running syncs at the next page
-boundary (an interrupted run applies nothing) and wait for them to finish.
+so several workers can load the same configuration; a fire also skips when another worker finished
+a scheduled run of the tenant since this worker's previous fire (once per interval, not per
+worker). A failing tenant backs off exponentially without slowing the others. SIGTERM/SIGINT stop
+new fires, interrupt running syncs at the next page boundary (an interrupted run applies nothing)
+and wait for them to finish.
 """
 
 from __future__ import annotations
@@ -92,6 +94,10 @@ class Daemon:
         self.retry_at: dict[str, float] = {}
         self.results: list[RunResult] = []
         self._lock = threading.Lock()
+        # Each tenant's newest run id at this worker's previous fire of it (at its start, before the
+        # first): a scheduled run another worker has begun and finished since was this interval's
+        # sync. Run ids, not times: the workers' clocks may disagree.
+        self._seen_run: dict[str, int] = {}
         self.scheduler = _QuietStopScheduler(
             executors={"default": ThreadPoolExecutor(config.defaults.max_concurrent_syncs)},
             # No misfire grace limit: APScheduler checks it when a pool thread takes the fire, so
@@ -115,14 +121,20 @@ class Daemon:
             )
             return None
         try:
-            result = self.runner.sync(tenant, trigger="schedule")
+            # Every worker fires every tenant once an interval; the first to take the lease syncs it
+            # and the others skip their fires until the next interval, instead of each running it.
+            result = self.runner.sync(tenant, trigger="schedule", due_after=self._seen_run.get(tenant))
         except Exception as exc:  # store unreachable, bad tenant config: keep the daemon alive
             log.error("tenant %s: sync could not run: %s", tenant, exc)
             result = RunResult(tenant, "failed", "-", error=str(exc))
         with self._lock:
+            if result.run_id is not None:  # our own run: whatever another worker begins after it counts
+                self._seen_run[tenant] = result.run_id
+            elif result.newest_run is not None:
+                self._seen_run[tenant] = result.newest_run
             self.results.append(result)
             del self.results[:-1000]
-            if result.status == "skipped":  # another worker holds the lease: its turn, not a failure
+            if result.status == "skipped":  # another worker holds the lease or synced it: not a failure
                 log.debug("tenant %s: %s", tenant, result.error)
             elif result.status == "failed" and self.stop_event.is_set():
                 pass  # interrupted by our own shutdown: not the tenant's failure, no back-off
@@ -152,6 +164,11 @@ class Daemon:
         for name, t in self.config.tenants.items():
             if not t.enabled:
                 log.info("tenant %s (%s) is disabled: not scheduled", name, t.provider)
+        try:
+            last = self.store.last_runs()
+            self._seen_run = {name: last[name]["id"] if name in last else 0 for name in tenants}
+        except Exception as exc:  # the store blinked: each tenant's first fire just takes the lease
+            log.warning("cannot read the last runs (%s): first fires do not check for other workers' runs", exc)
         missed = self._missed_cron_fires(tenants, now)
         for name in tenants:
             schedule = self.config.schedule_of(name)

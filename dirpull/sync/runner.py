@@ -6,6 +6,7 @@ leaves the store as it was, with the old cursor, and the run recorded as failed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -55,6 +56,7 @@ class RunResult:
     duration_s: float = 0.0
     writes: WriteSet | None = None
     holder: str | None = None
+    newest_run: int | None = None  # a `due_after` check: the tenant's newest run id it saw
 
     @property
     def exit_code(self) -> int:
@@ -116,7 +118,11 @@ class Runner:
         force: bool = False,
         wait: float = 0.0,
         progress: Progress | None = None,
+        due_after: int | None = None,
     ) -> RunResult:
+        """`due_after`: for a scheduled fire, the tenant's newest run id at this worker's previous
+        fire. If another worker has since begun a scheduled run of the tenant and brought it to an
+        end, this interval's sync is done: skipped."""
         settings = self.config.tenant(tenant)
         self.store.ensure_tenant(tenant, settings.provider)
         holder = f"{self.worker}/{uuid.uuid4().hex[:8]}"
@@ -135,6 +141,27 @@ class Runner:
                     error=f"tenant {tenant} is being synced by {current.holder} (lease until {until})",
                 )
             self.stop.wait(min(1.0, max(0.05, deadline - time.monotonic())))
+
+        if due_after is not None:
+            # Read under the lease: a run that ended before we took it is committed by now.
+            try:
+                done, newest = self.store.scheduled_run_after(tenant, due_after, other_than=self.worker)
+            except BaseException:
+                with contextlib.suppress(Exception):  # it expires by itself
+                    self.store.release_lease(tenant, holder)
+                raise
+            if done is not None:
+                self.store.release_lease(tenant, holder)
+                at = done["finished_at"].isoformat(timespec="seconds") if done["finished_at"] else "?"
+                return RunResult(
+                    tenant,
+                    "skipped",
+                    "-",
+                    holder=done["worker"],
+                    newest_run=newest,
+                    error=f"tenant {tenant} was synced by {done['worker']} (run {done['id']}, ended {at}) "
+                    "since this worker's last turn",
+                )
 
         heartbeat = _Heartbeat(self.store, tenant, holder, self.lease_ttl)
         heartbeat.start()

@@ -290,6 +290,10 @@ def sync(
         if dry_run and result.writes is not None:
             rows += [{"planned": True, **e} for e in result.writes.all_events()]
         _jsonl(rows)
+    elif result.status == "skipped":
+        # Nothing was read: not "no changes", which says the directory was found unchanged.
+        typer.echo(f"{tenant}: skipped: another worker is syncing it; nothing was read or applied")
+        typer.echo(f"  {result.error}; `dirpull sync {tenant} --wait SECONDS` waits for it", err=True)
     else:
         if dry_run and result.writes is not None:
             for line in _describe(result.writes):

@@ -330,6 +330,26 @@ def test_a_sync_stopped_by_a_signal_applies_nothing_and_says_so(env, store_url, 
     assert run(env, "sync", "hr").exit_code == 0  # not refused: the lease was given back
 
 
+def test_a_sync_refused_because_another_worker_holds_the_tenant_says_so(env, store_url):
+    """A manual sync while a worker is syncing the tenant: it said "skipped (-) in 0.00s, 0
+    requests; no changes", as if the directory had been read and found unchanged."""
+    store = Store(store_url)
+    try:
+        store.ensure_schema()
+        store.ensure_tenant("hr", "bamboohr")
+        assert store.acquire_lease("hr", "db7:4242/abcd1234", timedelta(seconds=60)) is None
+        r = run(env, "sync", "hr")
+        assert r.exit_code == 1
+        assert r.stdout == "hr: skipped: another worker is syncing it; nothing was read or applied\n"
+        assert "tenant hr is being synced by db7:4242/abcd1234 (lease until " in r.stderr
+        assert "--wait SECONDS" in r.stderr
+        summary = jsonl(run(env, "sync", "hr", "--json").stdout)[0]
+        assert summary["status"] == "skipped" and "being synced by db7:4242" in summary["error"]
+        assert store.runs("hr") == []
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("schedule", ["5m", "cron: */5 * * * *"])
 def test_status_shows_a_tenant_not_synced_for_too_long(env, store_url, schedule):
     """Whatever the schedule form: a tenant whose last success is three scheduled syncs old (the

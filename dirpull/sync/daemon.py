@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_STOPPED
@@ -46,6 +47,19 @@ class _QuietStopScheduler(BackgroundScheduler):
         if self.state == STATE_STOPPED:
             return None
         return super()._process_jobs()
+
+
+class _NoOverlapWarning(logging.Filter):
+    """Drops APScheduler's warning for a fire skipped because the tenant's previous sync is still
+    running ('Execution of job … skipped: maximum number of running instances reached'): that is
+    how a sync longer than its interval is meant to go, not a problem, and it came at every fire.
+    The daemon logs its own line (INFO) instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith('Execution of job "%s" skipped: maximum number of running')
+
+
+_NO_OVERLAP_WARNING = _NoOverlapWarning()
 
 
 def trigger_for(schedule: str) -> BaseTrigger:
@@ -107,6 +121,11 @@ class Daemon:
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None},
             timezone="UTC",
         )
+        logging.getLogger("apscheduler.scheduler").addFilter(_NO_OVERLAP_WARNING)  # once: same object
+        self.scheduler.add_listener(self._overlap, EVENT_JOB_MAX_INSTANCES)
+
+    def _overlap(self, event: JobSubmissionEvent) -> None:
+        log.info("tenant %s: its previous sync is still running; this fire is skipped", event.job_id)
 
     def fire(self, tenant: str) -> RunResult | None:
         if self.stop_event.is_set():

@@ -482,6 +482,41 @@ def test_a_later_round_keeps_managers_whichever_way_graph_names_them(
     assert stored[user_id(unmanaged)]["manager_idp_id"] is None
 
 
+@pytest.mark.parametrize("how", ["deleted", "soft-deleted"])
+@pytest.mark.parametrize("every_change", [True, False], ids=["manager-repeated", "manager-only-on-change"])
+def test_reports_of_a_deleted_manager_lose_that_manager_in_the_next_delta(
+    harness: Any, graph: GraphEmulator, org: Org, tmp_path: Path, how: str, every_change: bool
+) -> None:
+    """Deleting a manager takes the manager link off their reports (`GET /users/{id}/manager`
+    answers 404, a full walk names no manager), but Graph is not known to list those reports in
+    users/delta: the incremental run must still leave them as a full run would, not naming a
+    manager who no longer exists until the next full reconciliation."""
+    graph.manager_on_every_change = every_change
+    h = harness({"t1": tenant(graph, tmp_path)}, guard={"max_percent": 50, "min_count": 20})
+    assert h.sync("t1").status == "succeeded"
+    bosses = sorted({p.manager for p in org.listed_people() if p.manager not in (None, 1)})
+    boss = bosses[0]
+    reports = sorted(p.n for p in org.listed_people() if p.manager == boss)
+    assert len(reports) >= 2
+    retitled, untouched = reports[0], reports[1:]
+    org.update_person(retitled, title="Listed Anyway")  # listed in the round for another reason
+    (org.delete if how == "deleted" else org.soft_delete)(boss)
+    seq = h.last_seq()
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    stored = h.users("t1")
+    assert all(stored[user_id(n)]["manager_idp_id"] is None for n in reports)
+    updates = {c[1]: c[2] for c in h.changes("t1", after=seq) if c[0] == "user.updated"}
+    assert updates[user_id(retitled)] == ("job_title", "manager_idp_id", "raw_attributes")
+    assert all(updates[user_id(n)] == ("manager_idp_id",) for n in untouched)
+    assert ("user.deleted", user_id(boss)) in h.changes("t1", after=seq)
+    # The periodic full reconciliation finds nothing left to correct.
+    seq = h.last_seq()
+    r = h.sync("t1", full=True)
+    assert r.status == "succeeded" and r.mode == "full", r.error
+    assert h.changes("t1", after=seq) == []
+
+
 def test_manager_reads_throttled_together_wait_once(
     harness: Any, graph: GraphEmulator, org: Org, tmp_path: Path
 ) -> None:

@@ -8,6 +8,7 @@ from datetime import timedelta
 import pytest
 from scripted import Directory, factory, people
 
+from dirpull.connectors.base import Done, Page
 from dirpull.model import Group, User
 from dirpull.storage.store import utcnow
 
@@ -557,3 +558,56 @@ def test_a_connector_yielding_something_else_than_pages_applies_nothing(harness,
     r = h.sync("t")
     assert r.status == "failed" and "connector yielded dict, not a Page" in r.error
     assert h.users("t") == {}
+
+
+class _DeltaAfterSnapshot:
+    """A snapshot first, then deltas given by the test: `(listed users, removed user ids)`."""
+
+    provider = "scripted"
+
+    def __init__(self, users: list[User], deltas: list[tuple[list[User], list[str]]], leaves: bool) -> None:
+        self.users, self.deltas = users, deltas
+        self.deleted_manager_leaves_reports = leaves
+
+    def pull(self, cursor, *, full):
+        if cursor is None or full:
+            yield Page(users=list(self.users))
+            yield Done(snapshot=True, cursor={"n": 0}, mode="full")
+            return
+        listed, removed = self.deltas.pop(0)
+        yield Page(users=listed, removed_users=removed)
+        yield Done(snapshot=False, cursor={"n": cursor["n"] + 1}, mode="incremental")
+
+
+@pytest.mark.parametrize("leaves", [True, False], ids=["manager-leaves-reports", "manager-stays-named"])
+def test_a_delta_deleting_a_manager_clears_them_from_their_reports_where_the_vendor_does(harness, leaves):
+    """A vendor whose deleted users stop being anyone's manager, without listing the reports as
+    changed (Entra ID), has them cleared by the run that deletes them; a vendor that keeps naming
+    them (Okta's managerId) keeps its reports as they are."""
+    boss, other = User(idp_id="boss"), User(idp_id="other")
+    reports = [User(idp_id=f"r{i}", manager_idp_id="boss") for i in range(3)]
+    kept = User(idp_id="k", manager_idp_id="other")
+    # r0 comes again in the delta (still naming the deleted boss), r1 with a new manager.
+    delta = [
+        reports[0].model_copy(update={"job_title": "T"}),
+        reports[1].model_copy(update={"manager_idp_id": "other"}),
+    ]
+    conn = _DeltaAfterSnapshot([boss, other, *reports, kept, *people(20)], [(delta, ["boss"])], leaves)
+    h = harness(TENANT, connector_factory=lambda tenant, settings: conn)
+    assert h.sync("t").status == "succeeded"
+    seq = h.last_seq()
+    r = h.sync("t")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    stored = h.users("t")
+    if leaves:
+        assert [stored[f"r{i}"]["manager_idp_id"] for i in range(3)] == [None, "other", None]
+        assert sorted(h.changes("t", seq)) == [
+            ("user.deleted", "boss"),
+            ("user.updated", "r0", ("job_title", "manager_idp_id")),
+            ("user.updated", "r1", ("manager_idp_id",)),
+            ("user.updated", "r2", ("manager_idp_id",)),
+        ]
+        assert r.counts["users_updated"] == 3
+    else:
+        assert [stored[f"r{i}"]["manager_idp_id"] for i in range(3)] == ["boss", "other", "boss"]
+    assert stored["k"]["manager_idp_id"] == "other"

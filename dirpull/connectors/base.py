@@ -86,7 +86,12 @@ class Connector(Protocol):
         thread of its own.
 
         A connector that counts its requests (`CountsRequests`) also says, by `requests_sent()`,
-        how many its latest pull has sent so far, however that pull ended."""
+        how many its latest pull has sent so far, however that pull ended.
+
+        A connector with `deleted_manager_leaves_reports = True` speaks for a vendor where a deleted
+        user is nobody's manager any more, yet a delta does not list their reports as changed:
+        when a delta deletes users, the runner clears them as the manager of the stored users
+        they managed (a snapshot names every user's manager anyway)."""
         ...
 
 

@@ -420,16 +420,22 @@ class Store:
     def load_groups(self, tenant: str, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
         return self._load(t.groups, GROUP_FIELDS, tenant, ids)
 
+    def load_reports(self, tenant: str, managers: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The stored users whose `manager_idp_id` is one of `managers`, by idp_id."""
+        return self._load(t.users, USER_FIELDS, tenant, managers, key=t.users.c.manager_idp_id)
+
     def _load(
-        self, table: sa.Table, names: Sequence[str], tenant: str, ids: Iterable[str]
-    ) -> dict[str, dict[str, Any]]:
+        self, table: sa.Table, names: Sequence[str], tenant: str, ids: Iterable[str],
+        *, key: sa.Column[Any] | None = None,
+    ) -> dict[str, dict[str, Any]]:  # fmt: skip
         cols = [table.c[n] for n in names]
+        by = table.c.idp_id if key is None else key
         out: dict[str, dict[str, Any]] = {}
         id_list = list(ids)
         with self.engine.connect() as conn:
             for i in range(0, len(id_list), BATCH):
                 chunk = id_list[i : i + BATCH]
-                q = sa.select(*cols).where(table.c.tenant == tenant, table.c.idp_id.in_(chunk))
+                q = sa.select(*cols).where(table.c.tenant == tenant, by.in_(chunk))
                 for row in conn.execute(q).mappings():
                     out[row["idp_id"]] = dict(row)
         return out

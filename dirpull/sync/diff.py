@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 from dirpull.connectors.base import Done, Page, Quarantined
 from dirpull.jsoncodec import canonical, loads
-from dirpull.model import EventType, digest, without_nul
+from dirpull.model import EventType, User, digest, without_nul
 from dirpull.spool import RecordSpool, SpooledJson
 from dirpull.storage.store import WriteSet
 
@@ -531,6 +531,36 @@ def build_writes(
         for key in keys:
             ws.tail_events.append({"type": kind.value, "object_id": key, "data": old.get(key, {"idp_id": key})})
     return ws
+
+
+def clear_deleted_managers(plan: Plan, reports: Mapping[str, dict[str, Any]]) -> int:
+    """A delta that deletes users, from a vendor where a deleted manager is no one's manager any
+    more but their reports are not listed as changed (Entra ID): every report this plan keeps
+    loses that manager, as the next snapshot would say. `reports` are the stored rows whose
+    manager is among `plan.user_deletes` (`Store.load_reports`). A report listed in this pull
+    keeps the manager it came with, unless that is one of the deleted. Returns how many changed."""
+    gone = plan.user_deletes
+    spool = plan.spool
+    assert spool is not None
+    changed = 0
+    fresh = {key: loads(spooled.read()) for key, spooled in plan.users.items()}
+    targets: dict[str, dict[str, Any]] = {k: f for k, f in fresh.items() if f.get("manager_idp_id") in gone}
+    for key, row in reports.items():
+        if key in gone or key in plan.users or row.get("manager_idp_id") not in gone:
+            continue
+        targets[key] = row
+    for key, fields in sorted(targets.items()):
+        record = User.model_validate({**fields, "manager_idp_id": None})
+        blob = canonical(record.__dict__)
+        plan.users[key] = spool.put(blob, key)
+        plan.user_fingerprints[key] = digest(blob)
+        # The stored source digest described the vendor record with the old manager.
+        plan.user_sources.pop(key, None)
+        plan.source_refreshes.pop(key, None)
+        if key in reports:
+            plan.stored_users.add(key)
+        changed += 1
+    return changed
 
 
 def deactivations(plan: Plan, old_users: Mapping[str, dict[str, Any]]) -> int:

@@ -31,7 +31,15 @@ from dirpull.spool import SpoolError
 from dirpull.storage.store import Store, StoreError, WriteSet, failed_statement, utcnow
 from dirpull.sync import guard
 from dirpull.sync.collector import fewer_collections
-from dirpull.sync.diff import Diff, LoadedState, Plan, StoredState, build_writes, deactivations
+from dirpull.sync.diff import (
+    Diff,
+    LoadedState,
+    Plan,
+    StoredState,
+    build_writes,
+    clear_deleted_managers,
+    deactivations,
+)
 
 log = logging.getLogger("dirpull.sync")
 
@@ -230,6 +238,10 @@ class Runner:
             result.requests = done.requests
             notes.extend(done.notes)
             notes.extend(plan.notes)
+            if not plan.snapshot and plan.user_deletes and getattr(connector, "deleted_manager_leaves_reports", False):
+                # The vendor drops a deleted manager from their reports without listing them
+                # (connectors.base.Connector): the store knows who they are.
+                clear_deleted_managers(plan, self.store.load_reports(tenant, plan.user_deletes))
             old_users = self.store.load_users(tenant, [*plan.stored_users, *plan.user_deletes])
             old_groups = self.store.load_groups(tenant, [*plan.stored_groups, *plan.group_deletes])
             writes = build_writes(plan, old_users, old_groups)

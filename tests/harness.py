@@ -19,15 +19,17 @@ class SyncHarness:
         guard: dict[str, Any] | None = None,
         store_url: str | None = None,
         defaults: dict[str, Any] | None = None,
+        store: dict[str, Any] | None = None,
         **runner_kwargs: Any,
     ) -> None:
         raw: dict[str, Any] = {
-            "store": {"url": store_url or f"sqlite:///{tmp_path / 'store.db'}"},
+            "store": {"url": store_url or f"sqlite:///{tmp_path / 'store.db'}", **(store or {})},
             "defaults": {"guard": guard or {"max_percent": 10, "min_count": 20}, **(defaults or {})},
             "tenants": tenants,
         }
         self.config: Config = parse_config(raw, tmp_path / "dirpull.toml")
-        self.store = Store(self.config.store.url)
+        settings = self.config.store
+        self.store = Store(settings.url, pool_size=settings.pool_size, connect_timeout=settings.connect_timeout)
         self.store.ensure_schema()
         self.runner = Runner(self.config, self.store, **runner_kwargs)
 

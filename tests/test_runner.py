@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from datetime import timedelta
 
@@ -187,6 +188,45 @@ def test_a_failed_statement_keeps_the_people_it_wrote_out_of_the_run_and_the_log
         assert secret not in text
     assert "INSERT INTO users" in caplog.text  # the statement is in the log's traceback, to debug it
     assert h.users("t")["u0"]["job_title"] != "Changed"  # nothing of the run applied
+
+
+def test_a_run_finding_every_store_connection_busy_fails_with_one_store_line(harness, caplog):
+    """Every connection of the process busy for longer than the pool waits (other syncs holding
+    them) failed the run as an "unexpected error", SQLAlchemy's traceback in the log and its
+    "TimeoutError: QueuePool limit of size 5 overflow 5 reached, … (Background on this error at:
+    https://sqlalche.me/…)" as the run's error. It is a store error like any other now: one line
+    naming the store, in the run record and the log."""
+    d = Directory(users=people(30))
+    h = harness(TENANT, connector_factory=factory(d), store={"pool_size": 1, "connect_timeout": 0.2})
+    held: list = []
+
+    def take_every_connection(pages: int) -> None:  # as other syncs would, while this one pulls
+        if pages == 3:
+            while True:
+                try:
+                    held.append(h.store.engine.connect())
+                except Exception:
+                    return
+
+    record_failure = h.store.finish_run
+
+    def finish_run(*args, **kwargs):  # the other syncs are done by the time this one records its end
+        for conn in held:
+            conn.close()
+        return record_failure(*args, **kwargs)
+
+    d.on_page = take_every_connection
+    h.store.finish_run = finish_run
+    caplog.set_level("INFO", logger="dirpull.sync")  # (the demo, run in-process by its test, quiets it)
+    r = h.sync("t")
+    expected = f"store {h.store.safe_url}: no free connection after "
+    assert r.status == "failed" and r.error.startswith(expected) and "\n" not in r.error, r.error
+    assert "connections are in use" in r.error and "sqlalche.me" not in r.error
+    run = h.store.runs("t", 1)[0]
+    assert (run["status"], run["error"]) == ("failed", r.error)
+    assert not [rec for rec in caplog.records if rec.levelno >= logging.ERROR or rec.exc_info]
+    assert "Traceback" not in caplog.text and "status=failed events=0" in caplog.text
+    assert h.users("t") == {}
 
 
 def test_mass_deletion_is_held_and_force_applies_it(harness):

@@ -1229,6 +1229,32 @@ def _create_private(database: str | None) -> None:
         pass
 
 
+def _pool_class(parsed: sa.URL, *, hint: str | None) -> type[sa.pool.QueuePool]:
+    """A QueuePool whose timeout is one StoreUnavailable line naming the store. SQLAlchemy's own
+    TimeoutError is none of the errors a run reports as a store's: every syncing thread busy (more
+    syncs at once than the pool holds connections for) failed runs as an "unexpected error" with a
+    traceback, its message pointing at sqlalche.me instead of the setting to change."""
+    name = mask_password(parsed.render_as_string(hide_password=True))  # as `Store.safe_url`
+
+    class _Pool(sa.pool.QueuePool):
+        # SQLAlchemy names a pool's logger after its class: under "dirpull." its INFO lines ("Pool
+        # disposed", "Pool recreating") would reach dirpull's log. They stay SQLAlchemy's (warnings only).
+        _sqla_logger_namespace = "sqlalchemy.pool.impl.QueuePool"
+
+        def connect(self) -> Any:
+            try:
+                return super().connect()
+            except sa.exc.TimeoutError:
+                limit = self.size() + max(0, self._max_overflow)
+                advice = f"; raise {hint}" if hint else ""
+                raise StoreUnavailable(
+                    f"store {name}: no free connection after {self.timeout():g}s "
+                    f"(all {limit} of this process's connections are in use{advice})"
+                ) from None
+
+    return _Pool
+
+
 def _make_engine(url: str, *, pool_size: int, connect_timeout: float, migrating: bool = False) -> Engine:
     parsed = parse_store_url(url)
     backend = parsed.get_backend_name()
@@ -1243,9 +1269,15 @@ def _make_engine(url: str, *, pool_size: int, connect_timeout: float, migrating:
             # BEGIN IMMEDIATE, a migration is atomic and takes the write lock first, so a second
             # process waits and then sees it done.
             connect_args["isolation_level"] = None
+        pooled: dict[str, Any] = {}
+        if issubclass(parsed.get_dialect().get_pool_class(parsed), sa.pool.QueuePool):  # a file, not :memory:
+            # SQLAlchemy's own pool for a file (5 connections kept, 10 more at peak). It waits for
+            # a free one as long as a statement waits for the write lock: the connections in use
+            # may be waiting that long themselves.
+            pooled = {"poolclass": _pool_class(parsed, hint=None), "pool_timeout": busy}
         # hide_parameters: as for PostgreSQL below.
         engine = sa.create_engine(url, connect_args=connect_args, json_serializer=dumps, json_deserializer=loads,
-                                  hide_parameters=True)  # fmt: skip
+                                  hide_parameters=True, **pooled)  # fmt: skip
         if migrating:
             event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
 
@@ -1290,6 +1322,7 @@ def _make_engine(url: str, *, pool_size: int, connect_timeout: float, migrating:
             connect_args["application_name"] = "dirpull"
         return sa.create_engine(
             url,
+            poolclass=_pool_class(parsed, hint="[store] pool_size"),
             pool_size=pool_size,
             max_overflow=pool_size,
             pool_pre_ping=True,

@@ -120,9 +120,16 @@ def _config() -> Config:
         raise fail(str(exc)) from None
 
 
-def _store(config: Config, *, create: bool = True) -> Store:
+def _store(config: Config, *, create: bool = True, syncs: int = 1) -> Store:
+    """The configured store, its pool holding enough connections for `syncs` syncs at once."""
+    # A sync holds up to two connections for as long as it writes (its applying transaction and,
+    # on PostgreSQL, the lease heartbeat waiting for that transaction's lock on the lease row), and
+    # the pool opens up to twice pool_size. `dirpull run` with more syncs at once than pool_size
+    # (max_concurrent_syncs = 16, the default pool_size = 5) left the syncs beyond the first five
+    # applying waiting for a connection, and after connect_timeout they failed.
+    pool_size = max(config.store.pool_size, syncs)
     try:
-        store = Store(config.store.url, pool_size=config.store.pool_size, connect_timeout=config.store.connect_timeout)
+        store = Store(config.store.url, pool_size=pool_size, connect_timeout=config.store.connect_timeout)
         store.ensure_schema(create_if_empty=create)
         return store
     except StoreError as exc:
@@ -486,7 +493,7 @@ def run(
     from dirpull.sync.daemon import Daemon
 
     config = _config()
-    store = _store(config, create=True)
+    store = _store(config, create=True, syncs=config.defaults.max_concurrent_syncs)
     if not config.tenants:
         raise fail(f"{config.path}: no tenants configured")
     for tenant in config.tenants:

@@ -256,3 +256,70 @@ def test_a_sync_longer_than_its_interval_is_not_a_warning_every_interval(harness
     assert [r.getMessage() for r in caplog.records if r.levelname in ("WARNING", "ERROR")] == []
     overlaps = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
     assert overlaps and overlaps[0].startswith("tenant good: its previous sync is still running")
+
+
+@pytest.mark.postgres  # the pool is PostgreSQL's: a SQLite file's writes go one at a time anyway
+@pytest.mark.timeout(120)
+def test_more_syncs_at_once_than_pool_size_all_apply(store_url, tmp_path):
+    """`dirpull run` with max_concurrent_syncs = 16 and the default pool_size = 5: sixteen tenants
+    applying at once (here: waiting for a lock on the users table) hold two connections each, the
+    applying transaction and the lease heartbeat waiting for its lock on the lease row. The pool
+    opened at most ten: the other syncs waited for a connection and failed after connect_timeout."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import sqlalchemy as sa
+
+    from dirpull.emulators.bamboohr_api import BambooHREmulator
+    from dirpull.emulators.org import Org
+    from dirpull.storage.store import Store
+
+    tenants = [f"t{i:02d}" for i in range(16)]
+    emulator = BambooHREmulator(Org.generate(3, seed=5))
+    emulator.start()
+    store = Store(store_url)
+    store.ensure_schema()
+    blocker = sa.create_engine(store_url, poolclass=sa.pool.NullPool)
+    proc = None
+    try:
+        lines = ["[store]", f"url = {json.dumps(store_url)}", "connect_timeout = 1", "[defaults]",
+                 'schedule = "2s"', 'lease_ttl = "3s"', "max_concurrent_syncs = 16"]  # fmt: skip
+        for name in tenants:
+            lines.append(f"[tenants.{name}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in emulator.tenant_config(name, tmp_path).items()]
+        config = tmp_path / "dirpull.toml"
+        config.write_text("\n".join(lines) + "\n")
+        log = tmp_path / "run.log"
+        with blocker.connect() as conn:
+            conn.execute(sa.text("LOCK TABLE users IN SHARE MODE"))  # every first apply waits here
+            env = {k: v for k, v in os.environ.items() if k != "DIRPULL_STORE_URL"}
+            with open(log, "wb") as out:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "dirpull.cli", "--config", str(config), "run", "--max-seconds", "60"],
+                    stdout=out, stderr=subprocess.STDOUT, env=env,
+                )  # fmt: skip
+            waiting = sa.text(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'users'::regclass"
+            )
+            wait_for(lambda: conn.execute(waiting).scalar_one() == len(tenants), timeout=20)
+            time.sleep(2.5)  # the heartbeats (every second) wait on the lease rows; a wait for the pool times out
+            conn.rollback()
+        assert wait_for(lambda: all(store.has_succeeded(name) for name in tenants), timeout=30), log.read_text()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        text = log.read_text()
+        assert "no free connection" not in text and "Traceback" not in text, text
+        for name in tenants:  # (a later round's run may be one the SIGTERM interrupted)
+            failed = [run["error"] for run in store.runs(name) if run["status"] != "succeeded"]
+            assert all(error.startswith("interrupted: the worker is stopping") for error in failed), (name, failed)
+            assert store.runs(name)[-1]["status"] == "succeeded"  # the first
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        blocker.dispose()
+        store.close()
+        emulator.stop()

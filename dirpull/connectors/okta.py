@@ -12,7 +12,7 @@ named in `complete_groups`), plus, with `poll_system_log`, the System Log for de
 
 Every request goes through the SDK's own pipeline: its `ApiClient.param_serialize` builds the URL
 and headers exactly as its `list_users` / `list_groups` / `list_group_users` / `list_log_events`
-would, its `RequestExecutor` adds auth (SSWS, or OAuth private_key_jwt tokens and DPoP) and sends
+would, its `RequestExecutor` adds auth (SSWS, or OAuth private_key_jwt tokens; DPoP is not configured) and sends
 it through `_Transport`, our subclass of its `HTTPClient`. What is skipped is the SDK's
 `okta.client.Client` (importing it loads ~1,700 modules: two seconds) and its response
 deserialization (pydantic models for every record, ~100 µs per user, and the body parsed three
@@ -401,7 +401,7 @@ def _sdk_config(org_url: str, allow_http: bool, auth: dict[str, Any]) -> dict[st
 class _Sdk:
     """The part of the okta SDK a pull uses: its `ApiClient` (serializes a call's URL, query and
     headers, auth header included, as its generated `*Api` methods do) and its `RequestExecutor`
-    (default headers, OAuth access tokens and DPoP proofs, the send through our `_Transport`).
+    (default headers, OAuth access tokens, the send through our `_Transport`).
     `async with` opens the one aiohttp session of the run, as `okta.client.Client` does."""
 
     def __init__(self, config: dict[str, Any], transport: Callable[[dict[str, Any]], Any]) -> None:
@@ -1052,8 +1052,8 @@ class _NotFound(ConnectorError):
 
 def _loads(text: str) -> Any:
     """json.loads, through orjson when it can (about twice as fast on these pages); the standard
-    library decides whatever orjson refuses (integers beyond 64 bits, NaN; a lone surrogate, which
-    the SDK's models would refuse, is read as U+FFFD)."""
+    library decides whatever orjson refuses (NaN; a lone surrogate, which the SDK's models would
+    refuse, is read as U+FFFD)."""
     return loads_any(text)
 
 

@@ -323,3 +323,32 @@ def test_more_syncs_at_once_than_pool_size_all_apply(store_url, tmp_path):
         blocker.dispose()
         store.close()
         emulator.stop()
+
+
+def test_a_fire_that_found_the_lease_taken_does_not_skip_the_next_interval_for_that_run(harness):
+    # Worker B fires while worker A's run is in progress (lease taken: skipped). A's run began
+    # before B's fire: it was the interval B's fire belonged to. B's next fire, an interval later,
+    # skipped again "synced by A" for that same run: with A gone by then (stopped, crashed, a
+    # rolling restart) the tenant went an interval without a sync.
+    gate = threading.Event()
+    d = Directory(users=people(3), gate=gate)
+    h = harness({"good": {**TENANTS["good"], "schedule": "1h"}})
+    a = Daemon(h.config, h.store, worker="host:a", connector_factory=lambda t, s: ScriptedConnector(d))
+    b = Daemon(h.config, h.store, worker="host:b", connector_factory=lambda t, s: ScriptedConnector(d))
+    a._seen_run = {"good": 0}  # as `start()` leaves it on an empty store
+    b._seen_run = {"good": 0}
+    first = threading.Thread(target=a.fire, args=("good",))
+    first.start()
+    try:
+        assert d.entered.wait(10)
+        skipped = b.fire("good")
+        assert skipped is not None and skipped.status == "skipped"
+        assert " is being synced by host:a" in (skipped.error or "")
+    finally:
+        gate.set()
+        first.join(30)
+    assert [r.status for r in a.results] == ["succeeded"]
+
+    # An interval later A is gone; B's fire is this interval's sync.
+    later = b.fire("good")
+    assert later is not None and later.status == "succeeded", later.error

@@ -146,6 +146,7 @@ class Runner:
                     "skipped",
                     "-",
                     holder=current.holder,
+                    newest_run=self._newest_run(tenant, due_after),
                     error=f"tenant {tenant} is being synced by {current.holder} (lease until {until})",
                 )
             self.stop.wait(min(1.0, max(0.05, deadline - time.monotonic())))
@@ -184,6 +185,17 @@ class Runner:
                 self.store.release_lease(tenant, holder)
             except Exception as exc:  # it expires by itself
                 log.warning("tenant %s: could not release the lease: %s", tenant, exc)
+
+    def _newest_run(self, tenant: str, due_after: int | None) -> int | None:
+        """For a scheduled fire skipped because the lease is taken: the tenant's newest run id,
+        the holder's run among them (recorded as soon as it took the lease). That run was this
+        fire's interval: without it, the worker's next fire skipped too, "synced by" that run."""
+        if due_after is None:
+            return None
+        try:
+            return self.store.scheduled_run_after(tenant, due_after, other_than=self.worker)[1]
+        except Exception:  # the store blinked: the next fire just looks further back
+            return None
 
     def _locked_sync(
         self,

@@ -543,8 +543,11 @@ def clear_deleted_managers(plan: Plan, reports: Mapping[str, dict[str, Any]]) ->
     spool = plan.spool
     assert spool is not None
     changed = 0
-    fresh = {key: loads(spooled.read()) for key, spooled in plan.users.items()}
-    targets: dict[str, dict[str, Any]] = {k: f for k, f in fresh.items() if f.get("manager_idp_id") in gone}
+    targets: dict[str, dict[str, Any]] = {}
+    for key, spooled in plan.users.items():  # one at a time: a large delta stays in its spool
+        fields = loads(spooled.read())
+        if fields.get("manager_idp_id") in gone:
+            targets[key] = fields
     for key, row in reports.items():
         if key in gone or key in plan.users or row.get("manager_idp_id") not in gone:
             continue

@@ -352,3 +352,74 @@ def test_a_fire_that_found_the_lease_taken_does_not_skip_the_next_interval_for_t
     # An interval later A is gone; B's fire is this interval's sync.
     later = b.fire("good")
     assert later is not None and later.status == "succeeded", later.error
+
+
+def test_a_fire_that_finds_the_lease_held_tries_again_soon_not_next_interval(harness, caplog, monkeypatch):
+    """A fire that found the tenant's lease held was skipped (at debug level) and the tenant waited
+    for its next fire. The holder may be a `dirpull sync T --dry-run`, which applies nothing, or a
+    run that then fails: on an hourly schedule an hour without a sync, a day on a nightly cron."""
+    from datetime import UTC, datetime, timedelta
+
+    import dirpull.sync.daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "first_fire_delay", lambda schedule: 0.0)
+    caplog.set_level("DEBUG", logger="dirpull.daemon")
+    d = Directory(users=people(3))
+    h = harness({"good": {**TENANTS["good"], "schedule": "1h"}})
+    h.store.ensure_tenant("good", "bamboohr")
+    dry_run = "ops-laptop:4242/1a2b3c4d"  # what `dirpull sync good --dry-run` holds while it pulls
+    assert h.store.acquire_lease("good", dry_run, timedelta(minutes=5)) is None
+    daemon = Daemon(h.config, h.store, lease_retry_base=0.3, connector_factory=lambda t, s: ScriptedConnector(d))
+    daemon.start()
+    try:
+        assert wait_for(lambda: len(daemon.results) >= 2, timeout=10)  # its fire and a retry: both skipped
+        assert d.pulls == 0 and h.store.runs("good") == []
+        h.store.release_lease("good", dry_run)
+        released = time.monotonic()
+        assert wait_for(lambda: any(r["status"] == "succeeded" for r in h.store.runs("good")), timeout=10)
+        assert time.monotonic() - released < 5  # not an hour later
+        regular = daemon.scheduler.get_job("good").next_run_time  # its schedule is left as it was
+        assert regular - datetime.now(UTC) > timedelta(minutes=50)
+    finally:
+        daemon.shutdown()
+    assert len(h.users("good")) == 3 and d.pulls == 1
+    skipped = [r for r in daemon.results if r.status == "skipped"]
+    assert len(skipped) >= 2 and all(r.holder == dry_run for r in skipped)
+    # An operator sees who held it, once, not at every retry.
+    infos = [r.getMessage() for r in caplog.records if r.levelname == "INFO" and dry_run in r.getMessage()]
+    assert len(infos) == 1 and infos[0].startswith(f"tenant good: tenant good is being synced by {dry_run}"), infos
+    assert "trying again in" in infos[0]
+
+
+def test_a_retry_after_another_workers_scheduled_run_skips_instead_of_syncing_again(harness, monkeypatch):
+    """The retry of a fire that found another worker's scheduled run holding the lease applies the
+    once-per-interval rule like any fire: that run succeeded, so the retry skips. (Also when this
+    worker started while that run was going.)"""
+    import dirpull.sync.daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "first_fire_delay", lambda schedule: 0.0)
+    gate = threading.Event()
+    d = Directory(users=people(20), page_size=5, gate=gate)
+    h = harness({"good": {**TENANTS["good"], "schedule": "1h"}})
+    a, b = (
+        Daemon(h.config, h.store, worker=f"host:{n}", lease_retry_base=0.3,
+               connector_factory=lambda t, s: ScriptedConnector(d))
+        for n in (1, 2)
+    )  # fmt: skip
+    a.start()
+    try:
+        assert d.entered.wait(10)  # a's scheduled run is pulling, its lease held
+        b.start()
+        assert wait_for(lambda: len(b.results) >= 2, timeout=10)  # b's fire and a retry found it held
+        gate.set()
+        assert wait_for(lambda: any(" was synced by host:1 " in (r.error or "") for r in b.results), timeout=10)
+        time.sleep(1.0)  # no retry is left to sync it again
+        assert b.scheduler.get_job("good (retry)") is None
+    finally:
+        gate.set()
+        a.shutdown()
+        b.shutdown()
+    runs = h.store.runs("good")
+    assert [(r["worker"], r["status"]) for r in runs] == [("host:1", "succeeded")]
+    assert d.pulls == 1 and len(h.users("good")) == 20
+    assert [r.status for r in b.results] == ["skipped"] * len(b.results)

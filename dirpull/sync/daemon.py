@@ -4,9 +4,10 @@ APScheduler 3 fires one job per tenant in a bounded thread pool. Overlapping fir
 are skipped in-process (`max_instances=1`) and across processes by the tenant's lease in the store,
 so several workers can load the same configuration; a fire also skips when another worker finished
 a scheduled run of the tenant since this worker's previous fire (once per interval, not per
-worker). A failing tenant backs off exponentially without slowing the others. SIGTERM/SIGINT stop
-new fires, interrupt running syncs at the next page boundary (an interrupted run applies nothing)
-and wait for them to finish.
+worker). A fire that finds the lease held tries again a few times before the tenant's next fire
+(the holder may be a dry run, or a run that fails). A failing tenant backs off exponentially
+without slowing the others. SIGTERM/SIGINT stop new fires, interrupt running syncs at the next
+page boundary (an interrupted run applies nothing) and wait for them to finish.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from typing import Any
 
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
 from dirpull.config import Config, parse_duration
@@ -38,6 +41,9 @@ from dirpull.sync.runner import Runner, RunResult
 log = logging.getLogger("dirpull.daemon")
 
 MAX_BACKOFF = timedelta(hours=1)
+# A fire that finds the tenant's lease held tries again after `lease_retry_base` seconds, doubling,
+# at most this many times, and never at or after the tenant's next regular fire.
+MAX_LEASE_RETRIES = 5
 
 
 class _QuietStopScheduler(BackgroundScheduler):
@@ -97,6 +103,7 @@ class Daemon:
         *,
         worker: str | None = None,
         backoff_base: float = 30.0,
+        lease_retry_base: float = 20.0,
         **runner_kwargs: Any,
     ) -> None:
         self.config = config
@@ -104,6 +111,10 @@ class Daemon:
         self.stop_event = threading.Event()
         self.runner = Runner(config, store, worker=worker, stop=self.stop_event, **runner_kwargs)
         self.backoff_base = backoff_base
+        self.lease_retry_base = lease_retry_base
+        # Tenants with a fire running in this process: a retry of a skipped fire is a second job,
+        # not covered by the regular job's `max_instances`.
+        self._busy: set[str] = set()
         self.failures: dict[str, int] = {}
         self.retry_at: dict[str, float] = {}
         self.results: list[RunResult] = []
@@ -127,9 +138,28 @@ class Daemon:
     def _overlap(self, event: JobSubmissionEvent) -> None:
         log.info("tenant %s: its previous sync is still running; this fire is skipped", event.job_id)
 
-    def fire(self, tenant: str) -> RunResult | None:
+    def fire(self, tenant: str, attempt: int = 0, due_after: int | None = None) -> RunResult | None:
+        """One fire of the tenant: its regular one (`attempt` 0), or a retry of one that found the
+        tenant's lease held, with the `due_after` of that fire (the holder's run, once it ends, is
+        the sync of that fire's interval: the retry skips for it)."""
         if self.stop_event.is_set():
             return None
+        with self._lock:
+            if attempt == 0:  # the regular fire supersedes a retry still pending from the last one
+                with contextlib.suppress(JobLookupError):
+                    self.scheduler.remove_job(_retry_id(tenant))
+            if tenant in self._busy:  # the other job of this tenant is syncing it: that is this turn's
+                if attempt == 0:
+                    log.info("tenant %s: its previous sync is still running; this fire is skipped", tenant)
+                return None
+            self._busy.add(tenant)
+        try:
+            return self._fire(tenant, attempt, due_after)
+        finally:
+            with self._lock:
+                self._busy.discard(tenant)
+
+    def _fire(self, tenant: str, attempt: int, due_after: int | None) -> RunResult | None:
         wait_until = self.retry_at.get(tenant, 0.0)
         if time.monotonic() < wait_until:
             log.info(
@@ -142,10 +172,13 @@ class Daemon:
         try:
             # Every worker fires every tenant once an interval; the first to take the lease syncs it
             # and the others skip their fires until the next interval, instead of each running it.
-            result = self.runner.sync(tenant, trigger="schedule", due_after=self._seen_run.get(tenant))
+            if attempt == 0:
+                due_after = self._seen_run.get(tenant)
+            result = self.runner.sync(tenant, trigger="schedule", due_after=due_after)
         except Exception as exc:  # store unreachable, bad tenant config: keep the daemon alive
             log.error("tenant %s: sync could not run: %s", tenant, exc)
             result = RunResult(tenant, "failed", "-", error=str(exc))
+        held = False
         with self._lock:
             if result.run_id is not None:  # our own run: whatever another worker begins after it counts
                 self._seen_run[tenant] = result.run_id
@@ -153,7 +186,12 @@ class Daemon:
                 self._seen_run[tenant] = result.newest_run
             self.results.append(result)
             del self.results[:-1000]
-            if result.status == "skipped":  # another worker holds the lease or synced it: not a failure
+            if result.status == "skipped" and result.lease_held:
+                # The lease is held. The holder may be a `dirpull sync --dry-run`, which applies
+                # nothing, or a run that fails: waiting for the next fire could cost a whole
+                # interval (a day for a nightly cron), so try again (below, outside this lock).
+                held = True
+            elif result.status == "skipped":  # another worker synced it this interval: not a failure
                 log.debug("tenant %s: %s", tenant, result.error)
             elif result.status == "failed" and self.stop_event.is_set():
                 pass  # interrupted by our own shutdown: not the tenant's failure, no back-off
@@ -169,7 +207,44 @@ class Daemon:
             elif result.status in ("succeeded", "held"):
                 self.failures.pop(tenant, None)
                 self.retry_at.pop(tenant, None)
+        if held:
+            self._retry_held(tenant, attempt, result, due_after)
         return result
+
+    def _retry_held(self, tenant: str, attempt: int, result: RunResult, due_after: int | None) -> None:
+        """Schedule the next try of a fire that found the lease held: a one-off job after a doubling
+        delay, at most MAX_LEASE_RETRIES of them and none at or after the next regular fire (which
+        is the next try anyway). The retry applies `due_after` like any fire, so if the holder was
+        another worker's scheduled run that succeeded, it skips instead of syncing again."""
+        if self.stop_event.is_set():
+            return
+        job = self.scheduler.get_job(tenant)
+        next_regular = job.next_run_time if job is not None else None
+        delay = self.lease_retry_base * 2**attempt * random.uniform(0.9, 1.1)
+        run_at = datetime.now(UTC) + timedelta(seconds=delay)
+        if attempt >= MAX_LEASE_RETRIES or next_regular is None or run_at >= next_regular:
+            if attempt > 0:  # the first skip was logged at INFO: say how it ended
+                log.info(
+                    "tenant %s: %s; gave up after %d tries, next regular fire at %s",
+                    tenant, result.error, attempt,
+                    next_regular.isoformat(timespec="seconds") if next_regular else "-",
+                )  # fmt: skip
+            else:  # the next regular fire comes sooner than a retry would
+                log.debug("tenant %s: %s", tenant, result.error)
+            return
+        if attempt == 0:  # once per fire, not at every retry
+            log.info("tenant %s: %s; this fire is skipped, trying again in %.0fs", tenant, result.error, delay)
+        else:
+            log.debug("tenant %s: %s; trying again in %.0fs", tenant, result.error, delay)
+        self.scheduler.add_job(
+            self.fire,
+            DateTrigger(run_date=run_at, timezone="UTC"),
+            args=[tenant],
+            kwargs={"attempt": attempt + 1, "due_after": due_after},
+            id=_retry_id(tenant),
+            name=f"retry sync {tenant}",
+            replace_existing=True,
+        )
 
     def start(self) -> None:
         now = datetime.now(UTC)
@@ -185,7 +260,12 @@ class Daemon:
                 log.info("tenant %s (%s) is disabled: not scheduled", name, t.provider)
         try:
             last = self.store.last_runs()
-            self._seen_run = {name: last[name]["id"] if name in last else 0 for name in tenants}
+            # A run still going at our start is this interval's sync once it ends: counted, so a
+            # fire of ours that finds its lease held and retries does not sync the tenant again.
+            self._seen_run = {
+                name: last[name]["id"] - int(last[name]["status"] == "running") if name in last else 0
+                for name in tenants
+            }
         except Exception as exc:  # the store blinked: each tenant's first fire just takes the lease
             log.warning("cannot read the last runs (%s): first fires do not check for other workers' runs", exc)
         missed = self._missed_cron_fires(tenants, now)
@@ -260,6 +340,10 @@ class Daemon:
             finally:
                 log.info("stopping: waiting for running syncs to finish or abort")
                 self.shutdown(wait=True)
+
+
+def _retry_id(tenant: str) -> str:
+    return f"{tenant} (retry)"
 
 
 @contextlib.contextmanager

@@ -65,6 +65,7 @@ class RunResult:
     writes: WriteSet | None = None
     holder: str | None = None
     newest_run: int | None = None  # a `due_after` check: the tenant's newest run id it saw
+    lease_held: bool = False  # skipped because another holder had the tenant's lease
 
     @property
     def exit_code(self) -> int:
@@ -147,6 +148,7 @@ class Runner:
                     "-",
                     holder=current.holder,
                     newest_run=self._newest_run(tenant, due_after),
+                    lease_held=True,
                     error=f"tenant {tenant} is being synced by {current.holder} (lease until {until})",
                 )
             self.stop.wait(min(1.0, max(0.05, deadline - time.monotonic())))

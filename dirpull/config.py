@@ -223,6 +223,15 @@ class GuardSettings(_Strict):
     min_count: int = Field(20, ge=0)
 
 
+class TenantGuard(_Strict):
+    """A tenant's `[tenants.X.guard]`: each key it leaves out comes from `[defaults.guard]`
+    (`Config.guard_of`), so an operator who raised the floor there keeps it on a tenant that
+    only sets its own percentage."""
+
+    max_percent: float | None = Field(None, ge=0, le=100)
+    min_count: int | None = Field(None, ge=0)
+
+
 class Defaults(_Strict):
     schedule: str = "15m"
     full_sync_every: str = "24h"
@@ -266,7 +275,7 @@ class TenantBase(_Strict):
     schedule: str | None = None
     # How often a delta-capable provider does a full walk to catch what deltas miss.
     full_sync_every: str | None = None
-    guard: GuardSettings | None = None
+    guard: TenantGuard | None = None
     # custom_attributes name → provider attribute path (dotted), e.g. cost_center = "organizations.costCenter"
     attributes: dict[str, AttributePath] = Field(default_factory=dict)
     enabled: bool = True
@@ -497,7 +506,11 @@ class Config(_Strict):
         return self.tenants[name].schedule or self.defaults.schedule
 
     def guard_of(self, name: str) -> GuardSettings:
-        return self.tenants[name].guard or self.defaults.guard
+        """The tenant's thresholds, key by key: its own, else `[defaults.guard]`'s, else built in."""
+        own = self.tenants[name].guard
+        if own is None:
+            return self.defaults.guard
+        return self.defaults.guard.model_copy(update=own.model_dump(exclude_none=True))
 
     def full_sync_every_of(self, name: str) -> timedelta:
         return parse_duration(self.tenants[name].full_sync_every or self.defaults.full_sync_every)

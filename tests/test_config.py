@@ -58,6 +58,32 @@ def test_missing_env_secret_is_that_tenants_problem_naming_file_tenant_and_key(t
     assert cfg.secret_problems("acme-hr") == []
 
 
+def test_a_tenants_partial_guard_takes_its_other_keys_from_defaults_guard(tmp_path, monkeypatch):
+    """A tenant that sets only its percentage was guarded at the built-in floor of 20, not at the
+    operator's `[defaults.guard] min_count = 500`: its mass deletion of 400 was held."""
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    text = GOOD.replace("[tenants.acme-hr]", "[defaults.guard]\nmin_count = 500\nmax_percent = 5\n[tenants.acme-hr]")
+    text += "[tenants.acme-hr.guard]\nmax_percent = 25\n"
+    text += '[tenants.b]\nprovider = "bamboohr"\ncompany_domain = "b"\napi_key = "k"\n'
+    text += '[tenants.c]\nprovider = "bamboohr"\ncompany_domain = "c"\napi_key = "k"\n'
+    text += "[tenants.c.guard]\nmin_count = 7\n"
+    text += '[tenants.d]\nprovider = "bamboohr"\ncompany_domain = "d"\napi_key = "k"\n'
+    text += "[tenants.d.guard]\nmax_percent = 50\nmin_count = 0\n"
+    cfg = load_config(write(tmp_path, text))
+    thresholds = {n: (cfg.guard_of(n).max_percent, cfg.guard_of(n).min_count) for n in ("acme-hr", "b", "c", "d")}
+    assert thresholds == {"acme-hr": (25, 500), "b": (5, 500), "c": (5, 7), "d": (50, 0)}
+    # Without [defaults.guard], a key left out is the built-in one.
+    cfg = load_config(write(tmp_path, GOOD + "[tenants.acme-hr.guard]\nmin_count = 3\n"))
+    assert (cfg.guard_of("acme-hr").max_percent, cfg.guard_of("acme-hr").min_count) == (10, 3)
+    # A mistake still names the file, the tenant and the key.
+    msg = error_of(tmp_path, GOOD + "[tenants.acme-hr.guard]\nmax_percent = 150\nmin_count = 5\n")
+    assert msg == (
+        f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.guard.max_percent: Input should be less than or equal to 100"
+    )
+    msg = error_of(tmp_path, GOOD + "[tenants.acme-hr.guard]\nmin_cout = 5\n")
+    assert msg == f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.guard.min_cout: unknown key"
+
+
 def test_file_secret_relative_to_config(tmp_path):
     (tmp_path / "key.txt").write_text("from-file\n")
     cfg = load_config(write(tmp_path, GOOD.replace("env:ACME_BAMBOO_KEY", "file:key.txt")))

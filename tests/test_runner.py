@@ -258,6 +258,22 @@ def test_mass_deactivation_is_held(harness):
     assert all(u["state"] == "active" for u in h.users("t").values())
 
 
+@pytest.mark.parametrize(("deleted", "status"), [(30, "succeeded"), (60, "held")])
+def test_a_tenants_own_percentage_keeps_the_floor_of_defaults_guard(harness, deleted, status):
+    """`[tenants.t.guard] max_percent = 10` under `[defaults.guard] min_count = 50`: the floor is
+    50, not the built-in 20 (a deletion of 30 of 100 was held); past it the run is held."""
+    d = Directory(users=people(100))
+    tenants = {"t": {**TENANT["t"], "guard": {"max_percent": 10}}}
+    h = harness(tenants, connector_factory=factory(d), guard={"max_percent": 90, "min_count": 50})
+    h.sync("t")
+    d.users = d.users[deleted:]
+    r = h.sync("t")
+    assert r.status == status, r.error
+    assert len(h.users("t")) == (100 if status == "held" else 100 - deleted)
+    if status == "held":
+        assert "(threshold 10% and more than 50)" in r.error
+
+
 def test_small_changes_below_the_floor_apply(harness):
     d = Directory(users=people(10))
     h = make(harness, d, guard={"max_percent": 10, "min_count": 5})

@@ -1,6 +1,7 @@
 """The `dirpull` command. Thin: parse options, call the runner/store, print.
 
-Exit codes: 0 ok · 1 failed · 2 bad usage, configuration or unknown tenant · 3 held by the guard.
+Exit codes: 0 ok · 1 failed · 2 bad usage, configuration or unknown tenant · 3 held by the guard
+(`sync --dry-run`: would be held).
 `--json` prints JSON Lines on stdout and nothing else there; messages go to stderr.
 """
 
@@ -256,7 +257,8 @@ def sync(
         bool, typer.Option("--json", help="Print the run (and with --dry-run the planned events) as JSON Lines.")
     ] = False,
 ) -> None:
-    """Sync one tenant now (manual resync). Exit 0 applied or nothing to do, 1 failed, 3 held."""
+    """Sync one tenant now (manual resync). Exit 0 applied or nothing to do, 1 failed, 3 held
+    (with --dry-run: the run would be held)."""
     from dirpull.connectors.http import SHUTDOWN
     from dirpull.signals import stop_on_signals
     from dirpull.sync.runner import Runner

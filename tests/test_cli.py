@@ -165,13 +165,22 @@ def test_guard_hold_dry_run_and_force_exit_codes(env):
     held = run(env, "sync", "hr")
     assert held.exit_code == 3 and "held by the mass-change guard" in held.stderr
     dry = run(env, "sync", "hr", "--dry-run")
-    assert dry.exit_code == 0 and dry.stdout.count("- user.deleted") == 30
+    # Exit 3, not 0: a script's "dry-run, then apply" tells this run from one it may apply as is.
+    assert dry.exit_code == 3 and dry.stdout.count("- user.deleted") == 30
+    assert "note: the guard would hold this run: would deactivate 0 and delete 30 of 60 users" in dry.stdout
+    assert jsonl(run(env, "sync", "hr", "--dry-run", "--json").stdout)[0]["status"] == "planned"
+    assert run(env, "sync", "hr", "--dry-run", "--json").exit_code == 3
+    overridden = run(env, "sync", "hr", "--dry-run", "--force")  # what --force would apply: it is not held
+    assert overridden.exit_code == 0 and "--force overrides it: would deactivate 0 and delete 30" in overridden.stdout
     assert len(jsonl(run(env, "users", "hr", "--json").stdout)) == 60
     forced = run(env, "sync", "hr", "--force")
     assert forced.exit_code == 0
     assert len(jsonl(run(env, "users", "hr", "--json").stdout)) == 30
     st = jsonl(run(env, "status", "--json").stdout)[0]
     assert st["result"] == "succeeded"
+    env["org"].delete(32)  # one more: under the floor, a dry run that would apply exits 0
+    small = run(env, "sync", "hr", "--dry-run")
+    assert small.exit_code == 0 and "would hold" not in small.stdout and "- user.deleted 32" in small.stdout
 
 
 def test_a_held_full_run_says_to_review_and_apply_it_as_a_full_one(env):
@@ -245,7 +254,7 @@ def test_a_held_runs_dry_run_names_who_would_be_removed_first(env):
         env["org"].deactivate(n)
     assert run(env, "sync", "hr").exit_code == 3
     dry = run(env, "sync", "hr", "--dry-run")
-    assert dry.exit_code == 0
+    assert dry.exit_code == 3
     lines = dry.stdout.splitlines()
     assert sum(1 for line in lines if line[:1] in "+-~") == 200
     assert {line.split()[2] for line in lines if line.startswith("- user.deleted")} == {str(n) for n in range(2, 12)}

@@ -242,6 +242,7 @@ def test_mass_deletion_is_held_and_force_applies_it(harness):
     assert h.store.runs("t")[0]["status"] == "held"
     dry = h.sync("t", dry_run=True)
     assert dry.status == "planned" and dry.writes is not None and len(dry.writes.user_deletes) == 50
+    assert dry.exit_code == 3  # the run it previews would be held
     assert len(h.users("t")) == 100
     forced = h.sync("t", force=True)
     assert forced.status == "succeeded" and len(h.users("t")) == 50

@@ -66,9 +66,13 @@ class RunResult:
     holder: str | None = None
     newest_run: int | None = None  # a `due_after` check: the tenant's newest run id it saw
     lease_held: bool = False  # skipped because another holder had the tenant's lease
+    would_hold: bool = False  # a dry run the guard would hold if it were applied (without --force)
 
     @property
     def exit_code(self) -> int:
+        if self.status == "planned" and self.would_hold:
+            # A script's "dry-run, then apply" must tell a run it may apply from one that needs --force.
+            return 3
         return {"succeeded": 0, "planned": 0, "held": 3}.get(self.status, 1)
 
 
@@ -276,7 +280,10 @@ class Runner:
             )
             if dry_run:
                 result.status = "planned"
-                if verdict.held:
+                if verdict.held and force:
+                    notes.append(f"the guard would hold this run, --force overrides it: {verdict.reason}")
+                elif verdict.held:
+                    result.would_hold = True
                     notes.append(f"the guard would hold this run: {verdict.reason}")
                 return result
             if verdict.held and not force:

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -121,8 +122,13 @@ def _config() -> Config:
         raise fail(str(exc)) from None
 
 
-def _store(config: Config, *, create: bool = True, syncs: int = 1) -> Store:
-    """The configured store, its pool holding enough connections for `syncs` syncs at once."""
+def _store(config: Config, *, create: bool = True, syncs: int = 1, reading: bool = False) -> Store:
+    """The configured store, its pool holding enough connections for `syncs` syncs at once.
+    `reading`: a command that only reads refuses a SQLite file that is not there instead of
+    creating one (run from the wrong folder, a relative URL made a stray empty store there and
+    the command printed nothing, as if the real store were empty)."""
+    if reading:
+        _refuse_missing_sqlite(config.store.url)
     # A sync holds up to two connections for as long as it writes (its applying transaction and,
     # on PostgreSQL, the lease heartbeat waiting for that transaction's lock on the lease row), and
     # the pool opens up to twice pool_size. `dirpull run` with more syncs at once than pool_size
@@ -135,6 +141,19 @@ def _store(config: Config, *, create: bool = True, syncs: int = 1) -> Store:
         return store
     except StoreError as exc:
         raise fail(str(exc), 1) from None
+
+
+def _refuse_missing_sqlite(url: str) -> None:
+    from dirpull.storage.store import missing_sqlite_file, parse_store_url
+
+    if (missing := missing_sqlite_file(url)) is None:
+        return
+    database = parse_store_url(url).database or ""
+    where = ""
+    if not os.path.isabs(database):
+        where = f" (the store url's {database} is relative to the current folder, {os.getcwd()})"
+    # Exit 1, as for a store that cannot be opened: nothing was read.
+    raise fail(f"no store at {missing}{where}; nothing created (`dirpull sync` or `dirpull db upgrade` makes one)", 1)
 
 
 def _tenant(config: Config, tenant: str) -> None:
@@ -336,7 +355,7 @@ def users(
     """Users in the store."""
     config = _config()
     _tenant(config, tenant)
-    store = _store(config)
+    store = _store(config, reading=True)
     rows = store.iter_users(tenant, state=state.value if state else None, group=group)
     _jsonl(rows) if as_json else _table(rows, USER_COLUMNS)
 
@@ -350,7 +369,7 @@ def groups(
     """Groups in the store."""
     config = _config()
     _tenant(config, tenant)
-    store = _store(config)
+    store = _store(config, reading=True)
     rows = store.iter_groups(tenant, user=user)
     _jsonl(rows) if as_json else _table(rows, ["idp_id", "name", "email", "description"])
 
@@ -367,7 +386,7 @@ def events(
     """The event log, oldest first. Store the last seq you read and pass it as --after."""
     config = _config()
     _tenant(config, tenant)
-    store = _store(config)
+    store = _store(config, reading=True)
     rows = store.iter_events(tenant, after=after, limit=limit)
     if as_json:
         _jsonl(rows)
@@ -388,7 +407,7 @@ def runs(
     """Sync runs, newest first."""
     config = _config()
     _tenant(config, tenant)
-    store = _store(config)
+    store = _store(config, reading=True)
     rows = store.runs(tenant, limit)
     if as_json:
         _jsonl(rows)
@@ -427,7 +446,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
     from dirpull.sync.daemon import next_fire
 
     config = _config()
-    store = _store(config)
+    store = _store(config, reading=True)
     last = store.last_runs()
     ok = store.last_success()
     now = datetime.now(UTC)

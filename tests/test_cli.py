@@ -657,6 +657,7 @@ def test_a_config_file_not_in_utf8_is_named_and_a_bom_is_fine(tmp_path, monkeypa
     expected = f"dirpull: {cfg}: not UTF-8 text (byte 0xe9 on line 1); save it as UTF-8\n"
     assert (r.exit_code, r.stdout, r.stderr) == (2, "", expected)
     cfg.write_bytes(b"\xef\xbb\xbf" + BAMBOO.encode())
+    assert CliRunner().invoke(app, ["--config", str(cfg), "db", "upgrade"]).exit_code == 0  # status makes no store
     r = CliRunner().invoke(app, ["--config", str(cfg), "status"])
     assert r.exit_code == 0 and "hr\tbamboohr" in r.stdout, r.stderr
 
@@ -744,3 +745,47 @@ def test_db_check_of_a_store_that_does_not_exist_creates_nothing(tmp_path, monke
     assert CliRunner().invoke(app, ["--config", str(cfg), "db", "upgrade"]).exit_code == 0
     r = CliRunner().invoke(app, ["--config", str(cfg), "db", "check"])
     assert (r.exit_code, r.stdout) == (0, f"schema {HEAD_REVISION}, needed {HEAD_REVISION}\n")
+
+
+READ_ONLY = [["users", "hr", "--json"], ["groups", "hr"], ["events", "hr", "--json"], ["runs", "hr"], ["status"]]
+
+
+def test_read_only_commands_refuse_a_missing_sqlite_store_and_create_nothing(tmp_path, monkeypatch):
+    """Before, each of them run from the wrong folder created an empty store file there (the URL
+    is relative) and printed no rows, or "never synced": the store looked empty."""
+    emulator = BambooHREmulator(Org.generate(8, seed=5))
+    emulator.start()
+    try:
+        table = emulator.tenant_config("hr", tmp_path)
+        cfg = tmp_path / "dirpull.toml"
+        lines = ["[store]", 'url = "sqlite:///dirpull.db"', "[tenants.hr]"]
+        cfg.write_text("\n".join([*lines, *(f"{k} = {json.dumps(v)}" for k, v in table.items())]) + "\n")
+        elsewhere = tmp_path / "elsewhere"
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        for args in READ_ONLY:
+            r = CliRunner().invoke(app, ["--config", str(cfg), *args])
+            assert (r.exit_code, r.stdout) == (1, ""), (args, r.output)
+            assert r.stderr == (
+                f"dirpull: no store at {elsewhere / 'dirpull.db'} (the store url's dirpull.db is relative to the "
+                f"current folder, {elsewhere}); nothing created (`dirpull sync` or `dirpull db upgrade` makes one)\n"
+            ), args
+            assert list(elsewhere.iterdir()) == [], args
+
+        # An absolute path says only where it looked.
+        absolute = cfg.read_text().replace("sqlite:///dirpull.db", f"sqlite:///{tmp_path / 'gone.db'}")
+        (tmp_path / "absolute.toml").write_text(absolute)
+        r = CliRunner().invoke(app, ["--config", str(tmp_path / "absolute.toml"), "status", "--json"])
+        assert (r.exit_code, r.stdout) == (1, "")
+        assert r.stderr.startswith(f"dirpull: no store at {tmp_path / 'gone.db'}; nothing created"), r.stderr
+        assert not (tmp_path / "gone.db").exists()
+
+        # A sync still creates the store, and then the same commands read it.
+        monkeypatch.chdir(tmp_path)
+        assert CliRunner().invoke(app, ["--config", str(cfg), "sync", "hr"]).exit_code == 0
+        for args in READ_ONLY:
+            r = CliRunner().invoke(app, ["--config", str(cfg), *args])
+            assert r.exit_code == 0 and r.stdout, (args, r.output)
+        assert len(jsonl(CliRunner().invoke(app, ["--config", str(cfg), "events", "hr", "--json"]).stdout)) == 8
+    finally:
+        emulator.stop()

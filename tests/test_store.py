@@ -652,6 +652,48 @@ def test_upgrading_a_0001_store_keeps_its_rows_cursor_and_event_sequence(store_u
         s.close()
 
 
+def test_a_deleted_managers_reports_are_looked_up_by_index_after_upgrading_a_0003_store(store_url: str):
+    """An Entra ID delta deleting managers looks up their reports by manager (`load_reports`, up to
+    500 managers a query). Before 0004 nothing indexed users.manager_idp_id: every such query read
+    all of the tenant's users."""
+    from alembic import command
+
+    s = Store(store_url)
+    try:
+        with s.engine.begin() as conn:  # a store made by the previous release
+            command.upgrade(s._alembic(conn), "0003")
+        s.ensure_tenant("t", "bamboohr")
+        assert s.acquire_lease("t", "a", timedelta(seconds=30)) is None
+        ws = writes("t", 60, "u")
+        for i, user in enumerate(ws.user_creates):
+            user["manager_idp_id"] = f"u-{i % 3}" if i >= 3 else None
+        run_id = s.start_run("t", trigger="test", mode="full", worker="a")
+        s.apply("t", run_id, ws, holder="a", cursor=None, full=True,
+                run_fields={"status": "succeeded", "mode": "full", "counts": {}, "requests": 0})  # fmt: skip
+        assert s.upgrade() == ("0003", "0004")
+
+        indexes = {ix["name"]: ix["column_names"] for ix in sa.inspect(s.engine).get_indexes("users")}
+        assert indexes.get("ix_users_tenant_manager") == ["tenant", "manager_idp_id"]
+
+        queries: list[tuple[str, Any]] = []
+
+        def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+            queries.append((statement, parameters))
+
+        sa.event.listen(s.engine, "before_cursor_execute", seen)
+        reports = s.load_reports("t", ["u-1", "u-2"])
+        sa.event.remove(s.engine, "before_cursor_execute", seen)
+        assert sorted(reports) == sorted(f"u-{i}" for i in range(3, 60) if i % 3 in (1, 2))
+        assert len(queries) == 1
+        statement, parameters = queries[0]
+        if s.dialect == "sqlite":
+            with s.engine.connect() as conn:
+                plan = " ".join(row[-1] for row in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters))
+            assert "USING INDEX ix_users_tenant_manager (tenant=? AND manager_idp_id=?)" in plan, plan
+    finally:
+        s.close()
+
+
 @pytest.mark.postgres
 def test_a_slow_event_consumer_is_not_cut_off(store):
     """`dirpull events --json | slow-consumer`: the stream waits for its reader between batches of

@@ -48,6 +48,8 @@ users = sa.Table(
     sa.Column("created_at", TS, nullable=False),
     sa.Column("updated_at", TS, nullable=False),
     sa.Index("ix_users_tenant_state", "tenant", "state"),
+    # A deleted manager's reports (`Store.load_reports`, 0004).
+    sa.Index("ix_users_tenant_manager", "tenant", "manager_idp_id"),
 )
 
 groups = sa.Table(

@@ -572,6 +572,34 @@ def test_an_unreadable_row_keeps_its_worker_and_the_derived_group_only_they_are_
     assert h.changes("t1", after=seq) == [("user.updated", employee_id(solo.n), ("raw_attributes",))]
 
 
+def test_an_unreadable_row_naming_another_department_makes_no_group_and_keeps_the_old_one(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    """A quarantined worker is left as stored: the department group they alone are in is neither
+    deleted (under the membership kept for them) nor replaced by an empty group of the department
+    the unreadable row names."""
+    solo = next(p for p in org.listed_people() if p.n > 20 and p.state == "active")
+    org.update_person(solo.n, department="Solo Studio")
+    cfg = tenant(emu, tmp_path, groups_report_url=None, group_column="Supervisory_Organization", prompts={})
+    h = sync_harness(harness, cfg, Clock())
+    assert h.sync("t1").status == "succeeded"
+    old = derived_group_id("Supervisory_Organization", "Solo Studio")
+    new = derived_group_id("Supervisory_Organization", "New Studio")
+    seq = h.last_seq()
+    org.update_person(solo.n, hire_date="31/12/2020", department="New Studio")  # unreadable date
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.counts["quarantined"] == 1
+    assert h.changes("t1", after=seq) == []
+    assert old in h.groups("t1") and new not in h.groups("t1")
+    assert {g for g, u in h.members("t1") if u == employee_id(solo.n)} == {old}
+    org.update_person(solo.n, hire_date="2020-12-31")  # readable again: the move is applied
+    assert h.sync("t1").status == "succeeded"
+    assert sorted(c[0] for c in h.changes("t1", after=seq)) == [
+        "group.created", "group.deleted", "group.user_added", "group.user_removed", "user.updated",
+    ]  # fmt: skip
+    assert {g for g, u in h.members("t1") if u == employee_id(solo.n)} == {new} and old not in h.groups("t1")
+
+
 def test_sync_with_groups_report(harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
     h = sync_harness(harness, tenant(emu, tmp_path), Clock())
     assert h.sync("t1").status == "succeeded"

@@ -477,12 +477,10 @@ class WorkdayConnector(CountsRequests):
             try:
                 user = self._user(idp_id, row, today)
             except (ValueError, TypeError) as exc:
+                # The worker is left as stored, memberships included (the diff keeps the stored
+                # groups those are in). The groups this unreadable row names are not listed: a
+                # value it changed would make a group the worker is not in.
                 page.quarantined.append(Quarantined("user", idp_id, f"cannot read row: {exc}"))
-                # The worker is left as stored, memberships included: the groups its row names
-                # stay listed (with no member added), or a group whose only member this is
-                # would be deleted under the membership kept for it.
-                for gid, value in self._derived_groups(row):
-                    derived[gid] = value
                 return
             page.users.append(user)
             if digest is not None:

@@ -338,8 +338,18 @@ class Diff:
             self._notes.append(f"{len(group_deletes)} stored groups not listed were kept, not deleted: a quarantined "
                                "group record has no id, so which of them it is cannot be told")  # fmt: skip
             q_groups, group_deletes = q_groups | group_deletes, set()
+        held: set[str] = set()
+        if group_deletes and q_users:
+            # A quarantined user keeps its stored memberships: a group one is in is not deleted
+            # from under it (that left the pair naming a deleted group). E.g. a Workday group
+            # derived from a column whose only member's row is unreadable and names another value.
+            held = {g for g, _ in self.stored.member_pairs_of((), q_users)} & group_deletes
+            if held:
+                self._notes.append(f"{len(held)} stored groups not listed were kept, not deleted: they hold "
+                                   "the stored memberships of quarantined users")  # fmt: skip
+                group_deletes -= held
         known_users = self._seen_users | (q_users & stored_users)
-        known_groups = self._seen_groups | (q_groups & stored_groups)
+        known_groups = self._seen_groups | (q_groups & stored_groups) | held
         by_group, unknown = self._members_by_group(known_groups, known_users)
         stored_digests = self.stored.group_member_digests()
         fresh = {g: members_digest(users) for g, users in by_group.items()}

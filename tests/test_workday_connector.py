@@ -283,6 +283,31 @@ def test_numeric_worker_ids_are_read_as_their_digits(emu: WorkdayEmulator, org: 
     assert _text(True) is None and _text(21001.0) is None  # a flag or a float is no id
 
 
+def test_an_empty_cell_reads_as_an_omitted_one_and_does_not_hide_the_next_column(
+    emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    """RaaS usually omits a field with no value (directory-apis.md §5.1); a report that sends it as
+    "" (or blanks) must normalize the same: the next alias tried still counts."""
+    real_body = emu._users_body
+    leaver = next(p for p in org.listed_people() if p.n > 20 and p.state == "active" and p.email)
+    mover = next(p for p in org.listed_people() if p.n > leaver.n and p.state == "active" and p.email)
+
+    def blanks(*args: Any) -> bytes:
+        doc = json.loads(real_body(*args))
+        for row in doc["Report_Entry"]:
+            if row["Employee_ID"] == employee_id(leaver.n):  # a status text after an empty flag
+                row.update(Active_Status=" ", Worker_Status="Terminated")
+            if row["Employee_ID"] == employee_id(mover.n):  # the work email in the second alias
+                row.update(Email_Address="", Work_Email="mover@work.example", Job_Title="")
+        return json.dumps(doc).encode()
+
+    emu._users_body = blanks  # type: ignore[method-assign]
+    users = users_of(pull(connector(tenant(emu, tmp_path)))[0])
+    assert users[employee_id(leaver.n)].state == "inactive"
+    moved = users[employee_id(mover.n)]
+    assert (moved.email, moved.username, moved.job_title) == ("mover@work.example", mover.username, None)
+
+
 def test_empty_report_is_refused(emu: WorkdayEmulator, tmp_path: Path) -> None:
     from dirpull.emulators.workday_api import wid
 

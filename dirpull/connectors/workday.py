@@ -519,7 +519,9 @@ class WorkdayConnector(CountsRequests):
     def _pick(self, row: Mapping[str, Any], field: str) -> Any:
         for column in self.columns[field]:
             value = row.get(column)
-            if value is not None:
+            # An empty cell is no value, as an omitted one is (how RaaS usually sends it): it must
+            # not hide the next alias, e.g. `Email_Address: ""` before a filled `Work_Email`.
+            if value is not None and not (isinstance(value, str) and not value.strip()):
                 return value
         return None
 

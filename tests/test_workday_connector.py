@@ -642,6 +642,42 @@ def test_sync_with_groups_report(harness: Any, emu: WorkdayEmulator, org: Org, t
     assert all(c[0] == "group.user_added" for c in added)  # also added to the groups containing g
 
 
+def test_a_group_listed_twice_with_different_data_is_left_as_stored_with_the_groups_nesting_it(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    parent = org.create_group("Parent")
+    child = next(g for g in org.listed_groups() if g.name == "Finance")
+    org.add_subgroup(parent.n, child.n)
+    twin = next(g for g in org.listed_groups() if g.members and g.n not in (parent.n, child.n))
+    h = sync_harness(harness, tenant(emu, tmp_path), Clock())
+    assert h.sync("t1").status == "succeeded"
+    before = (h.groups("t1"), h.members("t1"))
+    seq = h.last_seq()
+    real_body = emu._groups_body
+
+    def twice() -> bytes:
+        doc = json.loads(real_body())
+        rows = doc["Report_Entry"]
+        for row in list(rows):
+            if row["Group_ID"] == group_id(child.n):  # a second row, renamed and one member short
+                rows.append({**row, "Group_Name": "Finance (old)", "Members_group": row["Members_group"][1:]})
+            if row["Group_ID"] == group_id(twin.n):  # the very same row again
+                rows.insert(0, row)
+        return json.dumps(doc).encode()
+
+    emu._groups_body = twice  # type: ignore[method-assign]
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.counts["quarantined"] == 2
+    assert sorted(q["idp_id"] for q in h.store.runs("t1", 1)[0]["quarantined"]) == sorted(
+        [group_id(child.n), group_id(parent.n)]
+    )
+    assert h.changes("t1", after=seq) == [] and (h.groups("t1"), h.members("t1")) == before
+    emu._groups_body = real_body  # type: ignore[method-assign]
+    org.add_member(child.n, next(p.n for p in org.listed_people() if p.n not in org.transitive_members(child.n)))
+    assert h.sync("t1").status == "succeeded"
+    assert {c[0] for c in h.changes("t1", after=seq)} == {"group.user_added"}  # both groups sync again
+
+
 def test_a_resync_recognizes_unchanged_rows_by_their_text_and_parses_only_the_rest(
     harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

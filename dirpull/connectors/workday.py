@@ -52,7 +52,7 @@ from dirpull.connectors.http import (
     body_opening,
     readable_body,
 )
-from dirpull.connectors.nesting import flatten
+from dirpull.connectors.nesting import flatten, nested_groups
 from dirpull.connectors.report_rows import Recognize, parse_error
 from dirpull.connectors.report_rows import rows as report_rows
 from dirpull.connectors.source import Known, SourceDigests
@@ -673,6 +673,7 @@ class WorkdayConnector(CountsRequests):
         seen: set[str] = set()
         stats: dict[str, Any] = {"rows": 0}
         quarantined: list[Quarantined] = []
+        conflicting: set[str] = set()  # group ids listed twice with different data
         member_col = self.columns["idp_id"]
         for row in self._rows(resp, "groups report", stats):
             if not isinstance(row, dict):
@@ -683,14 +684,21 @@ class WorkdayConnector(CountsRequests):
             if not gid:
                 quarantined.append(Quarantined("group", None, "row has no group id"))
                 continue
-            groups[gid] = Group(
+            group = Group(
                 idp_id=gid,
                 name=self._str(row, "group_name"),
                 description=self._str(row, "group_description"),
                 raw_attributes={k: v for k, v in row.items() if k not in self.columns["group_members"]},
             )
-            direct[gid] = set(_values(self._pick(row, "group_members"), *member_col))
-            subs[gid] = _values(self._pick(row, "group_subgroups"), *self.columns["group_id"])
+            members = set(_values(self._pick(row, "group_members"), *member_col))
+            nested = _values(self._pick(row, "group_subgroups"), *self.columns["group_id"])
+            if gid in groups:
+                # Listed again: the same row again is one group; different data cannot tell which
+                # is right, so the group is left as stored (below), as a worker listed twice is.
+                if (groups[gid], direct[gid], subs[gid]) != (group, members, nested):
+                    conflicting.add(gid)
+                continue
+            groups[gid], direct[gid], subs[gid] = group, members, nested
         missing = sorted(
             f"{f} → {c}" for f, c in self.explicit.items() if f in GROUP_FIELDS and c not in seen
         )
@@ -701,9 +709,13 @@ class WorkdayConnector(CountsRequests):
             )
         if stats["rows"]:
             self._check_groups_report(seen)
+        held = self._held_groups(conflicting, groups, subs)
+        quarantined += [Quarantined("group", gid, reason) for gid, reason in held.items()]
         unknown_members = listed = 0
         page = Page(quarantined=quarantined)
         for gid, group in groups.items():
+            if gid in held:
+                continue
             page.groups.append(group)
             flat = flatten(gid, direct, subs)
             members = list(flat.intersection(user_ids))
@@ -717,6 +729,25 @@ class WorkdayConnector(CountsRequests):
         if unknown_members:
             notes.append(f"groups report lists {unknown_members} member(s) not in the users report; ignored")
         yield page
+
+    @staticmethod
+    def _held_groups(
+        conflicting: set[str], groups: Mapping[str, Group], subs: Mapping[str, list[str]]
+    ) -> dict[str, str]:
+        """Groups left as stored (quarantined: not deleted, memberships kept) because of a group id
+        listed twice with different data: that group, and each group nesting it, whose flattened
+        members depend on which of its rows is right."""
+        if not conflicting:
+            return {}
+        held: dict[str, str] = {}
+        for gid in groups:
+            if gid in conflicting:
+                held[gid] = "group id appears twice in the report, with different data"
+                continue
+            clash = next((g for g in nested_groups(gid, lambda g: subs.get(g, ())) if g in conflicting), None)
+            if clash is not None:
+                held[gid] = f"nests group {clash}, whose id appears twice in the report with different data"
+        return held
 
 
 class _Columns:

@@ -420,6 +420,46 @@ def test_a_recognized_row_gives_its_last_change_however_it_is_written() -> None:
     assert latest.when is not None and latest.when.isoformat() == "2025-03-01T00:00:00+00:00"
 
 
+def test_an_employee_the_report_lists_twice_is_quarantined_and_left_as_stored(
+    emu: BambooHREmulator, synced: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Neither of two rows with one id wins (in a full walk the earlier one was already handed
+    over when the later came): the employee stays as stored, not deleted; a new one listed twice
+    is not created."""
+    h, _ = synced
+    seq = h.last_seq()
+    org = emu.org
+    hired = org.hire("Twin", "Row")
+    org.update_person(9, title="First Row Title")
+    title = h.users("hr")["9"]["job_title"]
+
+    def listing_twice(handler: Any) -> Any:
+        def handle(req: Any) -> Any:
+            resp = handler(req)
+            if isinstance(resp.body, dict):
+                for row in list(resp.body["employees"]):
+                    if row["id"] == "5":  # the very same row again
+                        resp.body["employees"].append(row)
+                    if row["id"] in ("9", str(hired.n)):  # another row, another title
+                        resp.body["employees"].append({**row, "jobTitle": "Second Row Title"})
+            return resp
+
+        return handle
+
+    routes = [(m, pattern, listing_twice(f) if "reports" in pattern.pattern else f) for m, pattern, f in emu._routes]
+    monkeypatch.setattr(emu, "_routes", routes)
+    for full in (True, False):  # a full walk, then the rows of 9 and the new hire read by id
+        r = h.sync("hr", full=full)
+        assert r.status == "succeeded" and r.mode == ("full" if full else "incremental"), r.error
+        quarantined = {q["idp_id"] for q in h.store.runs("hr", 1)[0]["quarantined"]}
+        assert quarantined == ({"5", "9", str(hired.n)} if full else {"9", str(hired.n)})
+        assert h.changes("hr", after=seq) == [] and str(hired.n) not in h.users("hr")
+        assert h.users("hr")["9"]["job_title"] == title != "First Row Title"
+    monkeypatch.undo()
+    assert h.sync("hr", full=True).status == "succeeded"
+    assert sorted(c[:2] for c in h.changes("hr", after=seq)) == [("user.created", str(hired.n)), ("user.updated", "9")]
+
+
 def test_a_run_failing_mid_fetch_leaves_the_store_unchanged(emu: BambooHREmulator, synced: Any) -> None:
     h, _ = synced
     before_users, seq = h.users("hr"), h.last_seq()

@@ -5,7 +5,8 @@ need. The report includes Active and Inactive employees and has no paging, so th
 (`report_rows`: a megabyte at a time, whole rows parsed by orjson) and yielded `page_size` users at
 a time (memory holds about one page, even at 100,000 people). On a resync a row whose exact text
 digests to a stored user's source digest is that user unchanged, and is not parsed at all.
-The result is a snapshot: an employee missing from it was deleted.
+The result is a snapshot: an employee missing from it was deleted. An employee it lists twice is
+quarantined, neither row applied (so is one the increment's report lists twice).
 
 Increment (the cursor has `since`): `GET employees/changed?since=` answers an object keyed by
 employee id with an action each. `Deleted` ids become removals; `Inserted`/`Updated` ids are read
@@ -186,13 +187,28 @@ class BambooHRConnector(CountsRequests):
         def recognizer() -> Recognize | None:  # once the rows arrive: by then the digests have loaded
             return _recognizer(sources, latest) if sources is not None and sources.owns_any() else None
 
+        listed: set[str] = set()  # employee ids met so far
+        twice: set[str] = set()  # … and those met again
         try:
             for text, row, unchanged in _stream_employees(resp, recognizer):
-                if unchanged is not None:  # a row's text exactly as last normalized: not even parsed
+                eid = unchanged if unchanged is not None else _id_of(row)
+                if unchanged is None and isinstance(row, dict):
+                    latest.add(row.get("lastChanged"))
+                if eid is not None and eid in listed:
+                    # An employee listed twice: which row is right cannot be told, so neither
+                    # is applied. The copy handed over earlier is withdrawn (in a snapshot a
+                    # removal only means "not listed"), and the quarantine keeps the stored
+                    # employee as it is, not deleted.
+                    if eid not in twice:
+                        twice.add(eid)
+                        page.removed_users.append(eid)
+                        page.quarantined.append(Quarantined("user", eid, "employee id appears twice in the report"))
+                elif unchanged is not None:  # a row's text exactly as last normalized: not even parsed
+                    listed.add(eid)
                     page.unchanged_users.append(unchanged)
                 else:
-                    if isinstance(row, dict):
-                        latest.add(row.get("lastChanged"))
+                    if eid is not None:
+                        listed.add(eid)
                     self._add(page, row, numbers, sources, text)  # one user, unchanged id or quarantined
                 rows += 1
                 if rows >= size:
@@ -279,12 +295,24 @@ class BambooHRConnector(CountsRequests):
             rows = _json(resp, "custom report").get("employees") or []
             page = Page()
             seen = set()
+            counts: dict[str, int] = {}
             for row in rows:
-                eid = str(row.get("id")) if isinstance(row, dict) and row.get("id") is not None else None
+                eid = _id_of(row)
+                if eid is not None:
+                    counts[eid] = counts.get(eid, 0) + 1
+            for row in rows:
+                eid = _id_of(row)
                 if eid is not None and eid not in asked:
                     extra = True  # the filter was not applied: keep only what was asked for
                     continue
                 if eid is not None:
+                    if counts[eid] > 1:  # listed twice: neither row is applied (as in a full walk)
+                        if eid not in seen:
+                            page.quarantined.append(
+                                Quarantined("user", eid, "employee id appears twice in the report")
+                            )
+                            seen.add(eid)
+                        continue
                     seen.add(eid)
                 self._add(page, row, numbers)
             missing += len(asked - seen)
@@ -421,6 +449,15 @@ class BambooHRConnector(CountsRequests):
 def _field_of(path: str) -> str:
     m = _FIELD_OF_PATH.match(path)
     return m.group(0) if m else path
+
+
+def _id_of(row: Any) -> str | None:
+    """A row's employee id as `normalize` reads it; None for a row without one (or not an object)."""
+    if not isinstance(row, dict):
+        return None
+    eid = row.get("id")
+    text = None if eid is None else str(eid).strip()
+    return text or None
 
 
 def _text(value: Any) -> str | None:

@@ -38,7 +38,8 @@ class Page:
     # digests each list as given instead of building a pair per member: a full resync of 100,000
     # users names ~0.5-0.8 M of them. Snapshots only; a delta gives pairs.
     member_lists: list[tuple[str, list[str]]] = field(default_factory=list)
-    # Explicit removals, for deltas.
+    # Explicit removals, for deltas. (In a snapshot a removal only withdraws a record handed over
+    # earlier in the pull: it is then not listed, deleted unless also quarantined.)
     removed_users: list[str] = field(default_factory=list)
     removed_groups: list[str] = field(default_factory=list)
     removed_members: list[tuple[str, str]] = field(default_factory=list)

@@ -411,6 +411,33 @@ def test_system_log_finds_deletions_between_full_syncs(emu: OktaEmulator, org: O
     assert delta.cursor and delta.cursor["log_next"] != done.cursor["log_next"]
 
 
+def test_a_deletion_the_system_log_says_failed_leaves_the_user_and_group_stored(
+    harness: Any, emu: OktaEmulator, org: Org, tmp_path: Path
+) -> None:
+    """A `user.lifecycle.delete.completed` or `group.lifecycle.delete` whose outcome is FAILURE
+    (DENY, SKIPPED…, or no outcome at all) did not delete anything in Okta. Acting on it deleted
+    a user or group that still exists: downstream apps deprovisioned them until the next full sync
+    created them again. A deletion that succeeded in the same log is still applied."""
+    age(org)
+    h = make_harness(harness, emu, tmp_path, poll_system_log=True)
+    assert h.sync("t1").status == "succeeded"
+    gone_user = leaf(org, set())
+    kept_user, kept_user2 = [n for n in sorted(org.people) if n != gone_user and org.people[n].state == "active"][:2]
+    kept_group = next(g.n for g in org.listed_groups() if g.members)
+    emu.failed_deletes = {user_id(kept_user): "FAILURE", group_id(kept_group): "DENY", user_id(kept_user2): None}
+    org.delete(gone_user)
+    seq = h.last_seq()
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert len(emu._logged_failed_deletes) == 3  # the System Log did carry the three failed attempts
+    deleted = [c for c in h.changes("t1", after=seq) if c[0] in ("user.deleted", "group.deleted")]
+    assert deleted == [("user.deleted", user_id(gone_user))]
+    assert {user_id(kept_user), user_id(kept_user2)} <= set(h.users("t1"))
+    assert group_id(kept_group) in h.groups("t1")
+    named = (f"{user_id(kept_user)} FAILURE", f"{group_id(kept_group)} DENY", f"{user_id(kept_user2)} without outcome")
+    assert any("3 deletion events not applied" in n and all(x in n for x in named) for n in r.notes), r.notes
+
+
 class MidRun(OktaConnector):
     """Runs `during` once, after the pull has handed over the first page `when` accepts (by
     default its first page: the user listing's)."""

@@ -889,6 +889,7 @@ class OktaConnector(CountsRequests):
         removed_users: list[str] = []
         removed_groups: list[str] = []
         groups: list[str] = []
+        not_done: list[str] = []  # deletion events whose outcome is not SUCCESS: "<target> <result>"
         guard = PagingGuard("system log")
         while True:
             try:
@@ -906,7 +907,16 @@ class OktaConnector(CountsRequests):
                 targets = ev.get("target") or []
                 users = [t.get("id") for t in targets if t.get("type") == "User" and t.get("id")]
                 grps = [t.get("id") for t in targets if t.get("type") == "UserGroup" and t.get("id")]
-                if kind.startswith("user.lifecycle.delete.completed"):
+                deletion = kind.startswith("user.lifecycle.delete.completed") or kind == "group.lifecycle.delete"
+                result = _outcome(ev)
+                if deletion and result != "SUCCESS":
+                    # A deletion that failed (was denied, skipped, deferred…) left the user or group
+                    # in Okta: deleting it here deprovisions it downstream until the next full sync
+                    # lists it again. An event without an outcome does not say it happened either:
+                    # it is left, like any deletion without System Log polling, to the next full sync.
+                    ids = users if kind.startswith("user.") else grps
+                    not_done += [f"{i} {result or 'without outcome'}" for i in ids]
+                elif kind.startswith("user.lifecycle.delete.completed"):
                     # Final even for a user this run listed (read before the deletion, or from a
                     # lagging index): Okta never reuses an id, and no later run lists them again.
                     removed_users += users
@@ -919,6 +929,12 @@ class OktaConnector(CountsRequests):
                 break
             guard.next(nxt)
             since, after = link_since or since, nxt
+        if not_done:
+            shown = ", ".join(not_done[:5]) + (f" and {len(not_done) - 5} more" if len(not_done) > 5 else "")
+            run.notes.append(
+                f"system log: {len(not_done)} deletion events not applied, their outcome is not SUCCESS "
+                f"(the next full sync decides): {shown}"
+            )
         if removed_users or removed_groups:
             yield Page(removed_users=sorted(set(removed_users)), removed_groups=sorted(set(removed_groups)))
         for gid in groups:
@@ -1095,6 +1111,13 @@ def _sdk_rejects(rec: Any, kind: str) -> str | None:
     except Exception as exc:
         return _first_line(exc, 200)
     return None
+
+
+def _outcome(event: dict[str, Any]) -> str | None:
+    """A System Log event's `outcome.result` (SUCCESS, FAILURE, DENY…), None when it has none."""
+    outcome = event.get("outcome")
+    result = outcome.get("result") if isinstance(outcome, dict) else None
+    return result if isinstance(result, str) else None
 
 
 def _sdk_reads_log(raw: list[Any]) -> bool:

@@ -24,7 +24,9 @@ Every response carries `X-Rate-Limit-Limit/Remaining/Reset` from a real per-wind
 (Person.n served with a record the SDK's models reject), `rate_limit_headers` (a faulted 429 with or
 without the X-Rate-Limit headers), `fault_reset_in` (a faulted 429's X-Rate-Limit-Reset, seconds from
 now; 0 or less: not ahead of the server's clock, as the concurrent limit's estimate can be),
-`app_group_every`.
+`app_group_every`, `failed_deletes` (an Okta user or group id → the `outcome.result` of a deletion
+attempt logged for it, FAILURE, DENY, …, or null for an event without `outcome`; the user or group
+stays: each is logged once, at the next System Log request).
 """
 
 from __future__ import annotations
@@ -56,6 +58,21 @@ STATUSES = (
 EVERYONE = 0  # pseudo Group.n of the BUILT_IN group
 API_TOKEN = "00emulator-okta-api-token"  # the token tenant_config hands out
 USER_TYPE = "oty1emulatorType"
+# LogOutcome.result values (okta SDK 3.4 `okta.models.log_outcome`).
+OUTCOMES = (
+    "SUCCESS",
+    "FAILURE",
+    "SKIPPED",
+    "ALLOW",
+    "DENY",
+    "CHALLENGE",
+    "UNKNOWN",
+    "RATE_LIMIT",
+    "DEFERRED",
+    "SCHEDULED",
+    "ABANDONED",
+    "UNANSWERED",
+)
 _ID_RE = re.compile(r"^00([ug])(\d{10})emu$")
 
 
@@ -330,6 +347,9 @@ class OktaEmulator(Emulator):
         self.rate_limit_headers = True  # faulted 429s carry X-Rate-Limit-* (False: bare 429)
         self.fault_reset_in = 1  # a faulted 429 says the window resets this many seconds from now
         self.app_group_every = 5  # every 5th Org group is an APP_GROUP (imported from AD)
+        # Okta id → outcome.result (None: no outcome) of a deletion attempt to log, the record kept.
+        self.failed_deletes: dict[str, str | None] = {}
+        self._logged_failed_deletes: set[str] = set()
         # OAuth service app: client_id → public key (PEM) for private_key_jwt; issued tokens.
         self.oauth_clients: dict[str, Any] = {}
         self._access_tokens: dict[str, tuple[float, frozenset[str]]] = {}  # token → expiry, scopes
@@ -359,6 +379,9 @@ class OktaEmulator(Emulator):
                 "status_overrides": lambda v: {int(n): one_of(*STATUSES)(s) for n, s in dict(v).items()},
                 "malformed_users": lambda v: {int(n) for n in v},
                 "app_group_every": int,
+                "failed_deletes": lambda v: {
+                    str(k): None if r is None else one_of(*OUTCOMES)(r) for k, r in dict(v).items()
+                },
             },
         )
 
@@ -781,7 +804,15 @@ class OktaEmulator(Emulator):
             "displayName": group.name,
         }
 
-    def _append_event(self, event_type: str, at: float, targets: list[dict[str, Any]], message: str) -> None:
+    def _append_event(
+        self,
+        event_type: str,
+        at: float,
+        targets: list[dict[str, Any]],
+        message: str,
+        result: str | None = "SUCCESS",
+    ) -> None:
+        """`result`: the event's `outcome.result`; None for an event without `outcome`."""
         seq = len(self._events) + 1
         self._events.append(
             {
@@ -797,13 +828,15 @@ class OktaEmulator(Emulator):
                     "alternateId": "admin@" + self.org.domain,
                     "displayName": "Admin",
                 },
-                "outcome": {"result": "SUCCESS", "reason": None},
+                "outcome": {"result": result, "reason": None if result == "SUCCESS" else "EMULATOR_SWITCH"},
                 "target": targets,
                 "transaction": {"type": "WEB", "id": f"tx{seq}", "detail": {}},
                 "_seq": seq,
                 "_persisted": time.time(),  # what a polling request's `since` is compared with
             }
         )
+        if result is None:
+            del self._events[-1]["outcome"]
 
     def sync_log(self) -> None:
         """Turn Org changes since the last call into System Log events (arrival order): people's
@@ -863,6 +896,19 @@ class OktaEmulator(Emulator):
                     "group.lifecycle.delete", group.updated_at, [self._group_target(group)], "Delete Okta group"
                 )
                 self._seen_deleted_groups.add(group.n)
+            # Deletion attempts that did not delete (the `failed_deletes` switch): the record stays.
+            for okta_id, result in self.failed_deletes.items():
+                if okta_id in self._logged_failed_deletes:
+                    continue
+                self._logged_failed_deletes.add(okta_id)
+                n = parse_id(okta_id, "u")
+                if n is not None and n in org.people:
+                    target = [self._user_target(org.people[n])]
+                    for kind in ("user.lifecycle.delete.initiated", "user.lifecycle.delete.completed"):
+                        self._append_event(kind, time.time(), target, "Delete Okta user", result)
+                elif (g := parse_id(okta_id, "g")) is not None and g in org.groups:
+                    target = [self._group_target(org.groups[g])]
+                    self._append_event("group.lifecycle.delete", time.time(), target, "Delete Okta group", result)
 
     def _list_logs(self, req: Request) -> Response:
         limit = self._limit(req, 100, 1000)

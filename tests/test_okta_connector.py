@@ -28,6 +28,7 @@ from dirpull.config import ConfigError, OktaTenant, parse_config
 from dirpull.connectors.base import ConfigurationError, ConnectorError, Done, Page
 from dirpull.connectors.okta import OktaConnector, check_org_url
 from dirpull.emulators.okta_api import OktaEmulator, group_id, user_id
+from dirpull.emulators.okta_api import _error as okta_error
 from dirpull.emulators.org import Org
 
 PEOPLE = 120
@@ -610,6 +611,53 @@ def test_system_log_position_keeps_its_since_through_a_long_pause(
     assert delta.cursor
     new_since, new_after = log_position(delta.cursor["log_next"])
     assert new_since and new_after and new_since > Org.iso(real_time() + 180 * 86400)
+
+
+class RefusesLogPosition(OktaEmulator):
+    """Answers a System Log request from one position (`after`) with a 400 that is not E0000053."""
+
+    refuse: str | None = None  # the `after` to refuse, None: serve the log
+
+    def _list_logs(self, req: Any) -> Any:
+        if self.refuse and req.arg("after") == self.refuse:
+            return okta_error(400, "E0000031", "Invalid search criteria.", ["after: not accepted"])
+        return super()._list_logs(req)
+
+
+def test_a_system_log_400_other_than_e0000053_fails_the_run_and_keeps_the_position(
+    harness: Any, org: Org, tmp_path: Path
+) -> None:
+    """Only 400 E0000053 says the stored position is too old. Any other 400 (E0000031 invalid
+    search criteria, E0000001 validation) also moved the position to "now" and the run succeeded:
+    every deletion logged since the stored position was skipped until the next full sync."""
+    age(org)
+    emu = RefusesLogPosition(org)
+    emu.start()
+    try:
+        h = make_harness(harness, emu, tmp_path, poll_system_log=True)
+        assert h.sync("t1").status == "succeeded"
+        stored = h.store.get_cursor("t1").value
+        victim = leaf(org, set())
+        org.delete(victim)
+        emu.refuse = parse_qs(urlsplit(stored["log_next"]).query)["after"][0]
+        r = h.sync("t1")
+        assert r.status == "failed" and "E0000031" in (r.error or "") and "position is kept" in (r.error or "")
+        assert h.store.get_cursor("t1").value == stored
+        assert user_id(victim) in h.users("t1")
+        emu.refuse = None  # whatever Okta refused is fixed: the next run finds the deletion
+        seq = h.last_seq()
+        r = h.sync("t1")
+        assert r.status == "succeeded" and r.mode == "incremental", r.error
+        assert ("user.deleted", user_id(victim)) in h.changes("t1", after=seq)
+
+        # A position Okta's validation refuses (an `after` it cannot read: 400 E0000001) fails alike.
+        parts = urlsplit(stored["log_next"])
+        query = [(k, "garbage" if k == "after" else v) for k, v in parse_qsl(parts.query)]
+        bad = {**stored, "log_next": parts._replace(query=urlencode(query)).geturl()}
+        with pytest.raises(ConnectorError, match=r"E0000001.*position is kept"):
+            pull(connector(tenant(emu, tmp_path, poll_system_log=True)), bad)
+    finally:
+        emu.stop()
 
 
 # --- records judged one by one, as the SDK's models would ---------------------------------------

@@ -894,9 +894,18 @@ class OktaConnector(CountsRequests):
         while True:
             try:
                 records, headers = await self._log_page(run, since=since, after=after)
-            except ConnectorError as exc:
-                if exc.status != 400:  # 400 E0000053: `since` older than 180 days
-                    raise
+            except _BadRequest as exc:
+                # Only E0000053 says the position is too old (`since` over 180 days). Another 400
+                # (E0000001 validation, E0000031 search criteria…) is no reason to skip every event
+                # since the stored position: the run fails and keeps it.
+                if exc.code != "E0000053":
+                    raise ConnectorError(
+                        f"{exc}; the stored System Log position is kept (a full sync, `dirpull sync "
+                        f"TENANT --full`, takes a new one)",
+                        retriable=False,
+                        step=exc.step,
+                        status=exc.status,
+                    ) from None
                 run.notes.append("system log position rejected: started polling from now")
                 state["log_next"] = await self._log_start(run)
                 break
@@ -1059,11 +1068,21 @@ class OktaConnector(CountsRequests):
             return AuthError(msg + " (check api_token / OAuth app scopes)", step=step, status=last.status)
         if last.status == 404 and code == "E0000007":
             return _NotFound(msg, step=step, status=404)
+        if last.status == 400:
+            return _BadRequest(msg, code=code, step=step)
         return ConnectorError(msg, retriable=last.status >= 500 or last.status == 429, step=step, status=last.status)
 
 
 class _NotFound(ConnectorError):
     pass
+
+
+class _BadRequest(ConnectorError):
+    """A 400 from Okta; `code` is its errorCode, the only part of the answer to branch on."""
+
+    def __init__(self, message: str, *, code: str | None, step: str) -> None:
+        super().__init__(message, retriable=False, step=step, status=400)
+        self.code = code
 
 
 def _loads(text: str) -> Any:

@@ -101,6 +101,28 @@ def test_okta_429_variants(serve: Any, switches: dict[str, Any]) -> None:
     assert len(sleeps) == 3 and sleeps[0] < sleeps[1] < sleeps[2]
 
 
+def test_okta_failed_deletes_are_logged_with_their_outcome_and_the_records_stay(serve: Any) -> None:
+    info = serve("okta")
+    t = info["tenant"]
+    auth = {"Authorization": f"SSWS {t['api_token']}"}
+    users = requests.get(f"{t['org_url']}/api/v1/users", headers=auth, timeout=10).json()
+    groups = requests.get(f"{t['org_url']}/api/v1/groups", headers=auth, timeout=10).json()
+    uid, gid = users[0]["id"], next(g["id"] for g in groups if g["type"] == "OKTA_GROUP")
+    assert control(info, "/_emulator/okta", {"failed_deletes": {uid: "FAILURE", gid: None}}).ok
+    events = requests.get(f"{t['org_url']}/api/v1/logs", headers=auth, timeout=10).json()
+    outcome = {(e["eventType"], e["target"][0]["id"]): e.get("outcome", {}).get("result", "none") for e in events}
+    assert outcome == {
+        ("user.lifecycle.delete.initiated", uid): "FAILURE",
+        ("user.lifecycle.delete.completed", uid): "FAILURE",
+        ("group.lifecycle.delete", gid): "none",
+    }
+    assert requests.get(f"{t['org_url']}/api/v1/users/{uid}", headers=auth, timeout=10).ok
+    assert requests.get(f"{t['org_url']}/api/v1/groups/{gid}", headers=auth, timeout=10).ok
+    again = requests.get(f"{t['org_url']}/api/v1/logs", headers=auth, timeout=10).json()
+    assert len(again) == len(events)  # each logged once
+    assert control(info, "/_emulator/okta", {"failed_deletes": {uid: "MAYBE"}}).status_code == 400
+
+
 def test_workday_forbidden_report_and_bad_switches(serve: Any) -> None:
     info = serve("workday")
     assert control(info, "/_emulator/workday", {"forbidden": ["Worker_Groups"], "error_format": "html"}).ok

@@ -603,14 +603,58 @@ def test_system_log_position_keeps_its_since_through_a_long_pause(
     assert len(asked) == 2  # the page with the deletion, then the (empty) next page
     assert all(q["since"] == [stored_since] for q in asked) and asked[0]["after"] == [stored_after]
 
-    # 181 days: Okta refuses the position (400 E0000053); polling starts again from now.
+    # 181 days: Okta refuses the position (400 E0000053); the next run is a full one, which takes
+    # a new position.
     pause(181)
     pages, delta = pull(c, done.cursor)
     assert not [u for p in pages for u in p.removed_users]
-    assert delta.notes == ["system log position rejected: started polling from now"]
-    assert delta.cursor
-    new_since, new_after = log_position(delta.cursor["log_next"])
+    assert delta.notes == ["system log position rejected as too old (400 E0000053): the next run is a full sync"]
+    assert delta.cursor and delta.cursor["log_next"] is None
+    pages, full = pull(c, delta.cursor)
+    assert full.snapshot and full.notes == ["system log position missing: full resync"]
+    assert user_id(victim) not in users_of(pages)
+    assert full.cursor
+    new_since, new_after = log_position(full.cursor["log_next"])
     assert new_since and new_after and new_since > Org.iso(real_time() + 180 * 86400)
+
+
+def test_a_system_log_position_okta_no_longer_accepts_makes_the_next_run_a_full_one(
+    harness: Any, emu: OktaEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored position Okta refuses as too old (400 E0000053, a tenant paused for half a year)
+    used to restart polling from "now": a user deleted in the gap stayed stored, and active
+    downstream, until the next periodic full sync. The next run is a full one now: it lists
+    everything, deletes what is gone, and takes a new position that later runs poll from."""
+    import dirpull.connectors.okta as okta_connector
+    import dirpull.emulators.okta_api as okta_api
+
+    age(org)
+    h = make_harness(harness, emu, tmp_path, poll_system_log=True)
+    assert h.sync("t1").status == "succeeded"
+    victim = leaf(org, set())
+    org.delete(victim)
+    days, real_time, date_header = 181, time.time, BaseHTTPRequestHandler.date_time_string
+    okta_time = SimpleNamespace(time=lambda: real_time() + days * 86400, sleep=time.sleep, monotonic=time.monotonic)
+    monkeypatch.setattr(okta_api, "time", okta_time)
+    monkeypatch.setattr(
+        BaseHTTPRequestHandler,
+        "date_time_string",
+        lambda self, timestamp=None: date_header(self, okta_time.time() if timestamp is None else timestamp),
+    )
+    monkeypatch.setattr(okta_connector, "_now", lambda: datetime.now(UTC) + timedelta(days=days))
+    seq = h.last_seq()
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert "system log position rejected as too old (400 E0000053): the next run is a full sync" in r.notes
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "full", r.error
+    assert "system log position missing: full resync" in r.notes
+    assert ("user.deleted", user_id(victim)) in h.changes("t1", after=seq)
+    assert user_id(victim) not in h.users("t1")
+    since = parse_qs(urlsplit(h.store.get_cursor("t1").value["log_next"]).query)["since"][0]
+    assert since > Org.iso(real_time() + 180 * 86400)  # a new position, taken at that run's start
+    r = h.sync("t1")  # and the next run polls from it again
+    assert r.status == "succeeded" and r.mode == "incremental" and not r.notes, (r.error, r.notes)
 
 
 class RefusesLogPosition(OktaEmulator):

@@ -624,6 +624,11 @@ class OktaConnector(CountsRequests):
         if not full and cursor and state is None:
             run.notes.append("stored cursor unreadable: full resync")
         mode = "incremental" if state is not None else "full"
+        if state is not None and s.poll_system_log and log_position(state.get("log_next"))[1] is None:
+            # The events since the last run are unknown (a position refused as too old last run, or
+            # a cursor written without one), deletions among them: this run lists everything.
+            run.notes.append("system log position missing: full resync")
+            mode = "full"
         if mode == "full" and known is not None:
             run.sources = SourceDigests(known, s, [__name__])
             # Last-login times and the like change all day without changing the user: they stay
@@ -882,10 +887,6 @@ class OktaConnector(CountsRequests):
         # The stored polling link's `since` is sent with its `after` (a link stored by an older
         # version may have none: followed with `after` only, until a full sync takes a new one).
         since, after = log_position(state.get("log_next"))
-        if after is None:
-            state["log_next"] = await self._log_start(run)
-            run.notes.append("system log position missing: started polling from now")
-            return
         removed_users: list[str] = []
         removed_groups: list[str] = []
         groups: list[str] = []
@@ -906,8 +907,11 @@ class OktaConnector(CountsRequests):
                         step=exc.step,
                         status=exc.status,
                     ) from None
-                run.notes.append("system log position rejected: started polling from now")
-                state["log_next"] = await self._log_start(run)
+                # Polling from "now" would skip the deletions in the gap until the next periodic
+                # full sync. This run has yielded its delta already, so the next one is a full
+                # sync (no stored position, above); checking first would cost every run a request.
+                run.notes.append("system log position rejected as too old (400 E0000053): the next run is a full sync")
+                state["log_next"] = None
                 break
             link = next_link(headers)
             state["log_next"] = link or state.get("log_next")

@@ -423,3 +423,27 @@ def test_a_retry_after_another_workers_scheduled_run_skips_instead_of_syncing_ag
     assert [(r["worker"], r["status"]) for r in runs] == [("host:1", "succeeded")]
     assert d.pulls == 1 and len(h.users("good")) == 20
     assert [r.status for r in b.results] == ["skipped"] * len(b.results)
+
+
+def test_replicas_with_the_same_host_and_pid_still_sync_a_tenant_once_per_interval(harness):
+    """Worker names were HOST:PID. Container replicas typically all run as PID 1, and with a fixed
+    hostname (docker --hostname, a StatefulSet pod recreated under its name) two live workers had
+    one name: each took the other's scheduled runs for its own, and every replica synced every
+    tenant every interval. Two daemons in one process have one host and PID, as those replicas do."""
+    import os
+    import socket
+
+    d = Directory(users=people(3))
+    h = harness({"good": {**TENANTS["good"], "schedule": "1h"}})
+    a, b = (Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(d)) for _ in range(2))
+    assert a.runner.worker != b.runner.worker
+    # Still says which machine and process ran a run (`dirpull runs`, the log).
+    assert a.runner.worker.startswith(f"{socket.gethostname()}:{os.getpid()}")
+    a._seen_run = {"good": 0}  # as `start()` leaves it on an empty store
+    b._seen_run = {"good": 0}
+    first = a.fire("good")
+    assert first is not None and first.status == "succeeded", first.error
+    second = b.fire("good")
+    assert second is not None and second.status == "skipped", second.error
+    assert f" was synced by {a.runner.worker} (run {first.run_id}," in (second.error or "")
+    assert d.pulls == 1 and len(h.store.runs("good")) == 1

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -77,7 +78,11 @@ class RunResult:
 
 
 def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """HOST:PID-TAG, a new TAG for each worker. HOST:PID alone is not unique: container replicas
+    typically all run as PID 1, and a fixed hostname (docker --hostname, a StatefulSet pod
+    recreated under its name) gave two live workers one name, each taking the other's scheduled
+    runs for its own (`Store.scheduled_run_after`), so every replica synced every interval."""
+    return f"{socket.gethostname()}:{os.getpid()}-{secrets.token_hex(3)}"
 
 
 class _Heartbeat(threading.Thread):

@@ -456,10 +456,17 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
         schedule = config.schedule_of(name)
         started = datetime.fromisoformat(run["started_at"].replace("Z", "+00:00")) if run else None
         attention = []
-        if run and run["status"] == "held":
-            attention.append(f"held by the guard: {guard.next_steps(name, run['mode'])}")
-        if run and run["status"] == "failed":
-            attention.append(f"failing: {run['error']}")
+        result = run["status"] if run else "never synced"
+        # A run cut off by a clean stop (a daemon restart, Ctrl-C) is no failure of the tenant: the
+        # run before it tells whether the tenant was failing or held.
+        outcome = run
+        if run and _stopped(run):
+            result = "interrupted"
+            outcome = next((r for r in store.runs(name, 20) if r["status"] != "running" and not _stopped(r)), None)
+        if outcome and outcome["status"] == "held":
+            attention.append(f"held by the guard: {guard.next_steps(name, outcome['mode'])}")
+        if outcome and outcome["status"] == "failed":
+            attention.append(f"failing: {outcome['error']}")
         if run and run["status"] == "running" and _abandoned(store, name, run):
             attention.append(
                 f"run {run['id']} never finished: its worker {run['worker']} no longer holds the lease "
@@ -475,7 +482,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
                 "provider": tenant.provider,
                 "schedule": schedule,
                 "last_run": run["finished_at"] or run["started_at"] if run else None,
-                "result": run["status"] if run else "never synced",
+                "result": result,
                 "next_run": _json_default(next_fire(schedule, started, now)) if tenant.enabled else None,
                 "attention": attention,
             }
@@ -487,6 +494,13 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
     for r in rows:
         typer.echo(_cells(r["tenant"], r["provider"], r["last_run"] or "-", r["result"], r["next_run"] or "-",
                           "; ".join(r["attention"])))  # fmt: skip
+
+
+def _stopped(run: dict[str, Any]) -> bool:
+    """A run that failed only because its worker was stopped (SIGTERM/SIGINT): it applied nothing."""
+    from dirpull.sync.runner import STOPPED
+
+    return run["status"] == "failed" and (run["error"] or "").startswith(STOPPED)
 
 
 def _abandoned(store: Store, tenant: str, run: dict[str, Any]) -> bool:

@@ -497,6 +497,58 @@ def test_status_shows_a_run_whose_process_was_killed(env, store_url):
     assert store.runs("hr", 2)[1]["status"] == "failed"  # the next run marked it
 
 
+def _stop_mid_run(env: dict, store_url: str, *args: str) -> None:
+    """Starts `dirpull ARGS`, sends SIGTERM while its run is pulling, waits for it to end."""
+    env["emulator"].faults.update({"delay": 2.0})  # the report takes a while to come
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dirpull.cli", "--config", env["config"], *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "DIRPULL_STORE_URL": ""},
+    )  # fmt: skip
+    store = Store(store_url)
+    try:
+        before = store.runs("hr", 1)[0]["id"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+            (last := store.runs("hr", 1)[0])["id"] > before and last["status"] == "running"
+        ):
+            time.sleep(0.05)
+        assert last["id"] > before and last["status"] == "running", last
+        time.sleep(0.3)  # into the report's request
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        last = store.runs("hr", 1)[0]
+        assert last["id"] > before and last["status"] == "failed", last  # `dirpull runs` as before
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        store.close()
+        env["emulator"].faults.clear()
+
+
+def test_status_after_a_clean_stop_says_interrupted_not_failing(env, store_url):
+    """Restarting the daemon (an upgrade, `systemctl restart`) cuts off the run in progress: it
+    applies nothing, and the next fire syncs the tenant. `dirpull status` showed the tenant as
+    failed ("failing: interrupted: the worker is stopping…") until then, an alarm about nothing.
+    A failure before the stop still shows: the stop does not hide it."""
+    config = Path(env["config"])
+    config.write_text(config.read_text() + 'schedule = "1m"\n')  # first fire within 10 s
+    assert run(env, "sync", "hr").exit_code == 0
+    _stop_mid_run(env, store_url, "run", "--max-seconds", "60")
+    row = jsonl(run(env, "status", "--json").stdout)[0]
+    assert row["result"] == "interrupted" and row["attention"] == [], row
+    assert "\tinterrupted\t" in run(env, "status").stdout
+
+    env["emulator"].faults.update({"expire_auth": 5})
+    failed = run(env, "sync", "hr")
+    assert failed.exit_code == 1
+    [error] = [line.strip() for line in failed.stderr.splitlines() if line.startswith("  ")]
+    env["emulator"].faults.clear()
+    _stop_mid_run(env, store_url, "sync", "hr")  # Ctrl-C of a manual retry
+    row = jsonl(run(env, "status", "--json").stdout)[0]
+    assert row["result"] == "interrupted" and row["attention"] == [f"failing: {error}"], row
+
+
 def test_the_daemon_says_it_does_not_reload_on_sighup_and_goes_on(env, store_url):
     """SIGHUP (the usual "reload") ended the daemon on the spot: no log line, its syncs cut off,
     and under systemd not restarted (death by SIGHUP counts as a clean exit). It now says that it

@@ -51,6 +51,11 @@ class Interrupted(Exception):
     """The worker is stopping (SIGTERM/SIGINT) or lost its lease: the run applies nothing."""
 
 
+# The error of a run cut off by SIGTERM/SIGINT (a daemon restart, Ctrl-C): `dirpull status` shows
+# such a run as interrupted, not as the tenant failing.
+STOPPED = "interrupted: the worker is stopping; nothing applied"
+
+
 @dataclass
 class RunResult:
     tenant: str
@@ -388,6 +393,11 @@ class Runner:
 
     def _failed(self, result: RunResult, notes: list[str]) -> RunResult:
         result.writes = None
+        if self.stop.is_set() and not (result.error or "").startswith(STOPPED):
+            # Cut off by the stop some other way (a vendor's retry wait cut short, a request
+            # aborted): the same words, so the run reads as interrupted, with what was cut off.
+            cut = result.error or ""
+            result.error = STOPPED if "the worker is stopping" in cut else f"{STOPPED} ({cut})"
         if result.run_id is not None:
             try:
                 self.store.finish_run(
@@ -405,7 +415,7 @@ class Runner:
 
     def _check_still_running(self, heartbeat: _Heartbeat) -> None:
         if self.stop.is_set():
-            raise Interrupted("interrupted: the worker is stopping; nothing applied")
+            raise Interrupted(STOPPED)
         if heartbeat.lost:
             raise Interrupted("lease lost during the run (another worker took over); nothing applied")
 

@@ -625,7 +625,10 @@ def test_a_tenant_whose_secret_is_missing_fails_alone(env, monkeypatch):
     r = run(env, "run", "--max-seconds", "4")
     assert r.exit_code == 0
     assert why in r.stderr
-    assert jsonl(run(env, "runs", "hr", "--json").stdout)[0]["status"] == "succeeded"
+    # The stop at 4 s may cut off hr's newest run (recorded as interrupted); the others succeeded.
+    hr_runs = jsonl(run(env, "runs", "hr", "--json").stdout)
+    assert any(r["status"] == "succeeded" for r in hr_runs)
+    assert all(r["status"] == "succeeded" or r["error"].startswith("interrupted") for r in hr_runs), hr_runs
     assert len(jsonl(run(env, "users", "hr", "--json").stdout)) == len(env["org"].people)
     broken = jsonl(run(env, "runs", "broken", "--json").stdout)
     assert broken and all(r["status"] == "failed" and "DIRPULL_TEST_UNSET_KEY" in r["error"] for r in broken)

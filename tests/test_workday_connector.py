@@ -678,6 +678,96 @@ def test_a_group_listed_twice_with_different_data_is_left_as_stored_with_the_gro
     assert {c[0] for c in h.changes("t1", after=seq)} == {"group.user_added"}  # both groups sync again
 
 
+def test_a_worker_the_report_lists_twice_is_quarantined_with_neither_row_applied(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    """Which of two rows with one worker id is right cannot be told, so neither is applied: the
+    first copy, handed over pages before the second arrives, is withdrawn with the department
+    memberships it named. A stored worker stays as stored, memberships included; a new worker is
+    not created; a department only the first copy names gets no group."""
+    cfg = tenant(emu, tmp_path, groups_report_url=None, group_column="Supervisory_Organization", prompts={})
+    h = harness(
+        {"t1": cfg},
+        connector_factory=lambda t, s: WorkdayConnector(t, s, policy_factory=fast_policy, page_size=10),
+    )
+    assert h.sync("t1").status == "succeeded"
+    stored, mover = [p for p in org.listed_people() if p.n > 20 and p.state == "active" and p.department][:2]
+    other = next(p.department for p in org.listed_people() if p.department not in (None, stored.department))
+    hired = org.hire("Twin", "Row", department="Research", manager=2)
+    ids = {"stored": employee_id(stored.n), "mover": employee_id(mover.n), "hired": employee_id(hired.n)}
+    before = snapshot(h)
+    real_body = emu._users_body
+
+    def twice(*args: Any) -> bytes:
+        doc = json.loads(real_body(*args))
+        rows, tail = [], []
+        for row in doc["Report_Entry"]:
+            eid = row["Employee_ID"]
+            if eid == ids["stored"]:  # another title in each row (and department), the second pages later
+                rows.append({**row, "Job_Title": "First Row Title", "Supervisory_Organization": other})
+                tail.append({**row, "Job_Title": "Second Row Title"})
+            elif eid == ids["hired"]:  # a new worker, the two rows next to each other
+                rows += [row, {**row, "Job_Title": "Second Row Title"}]
+            elif eid == ids["mover"]:  # the first row names a department nobody else is in
+                rows.append({**row, "Supervisory_Organization": "Twin Studio"})
+                tail.append(row)
+            else:
+                rows.append(row)
+        doc["Report_Entry"] = rows + tail
+        return json.dumps(doc).encode()
+
+    emu._users_body = twice  # type: ignore[method-assign]
+    r = h.sync("t1")
+    assert r.status == "succeeded", r.error
+    assert {q["idp_id"]: q["reason"] for q in h.store.runs("t1", 1)[0]["quarantined"]} == {
+        i: "worker id appears twice in the report" for i in ids.values()
+    }
+    assert h.changes("t1", after=before[-1]) == []
+    assert snapshot(h) == before  # users, groups and memberships as stored
+    assert derived_group_id("Supervisory_Organization", "Twin Studio") not in h.groups("t1")
+    emu._users_body = real_body  # type: ignore[method-assign]
+    assert h.sync("t1").status == "succeeded"
+    assert {c[1] for c in h.changes("t1", after=before[-1]) if c[0].startswith("user.")} == {ids["hired"]}
+
+
+def test_a_worker_listed_twice_keeps_their_stored_groups_and_an_unreadable_first_row_counts(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    """With a groups report, a worker listed twice is not added to a group the groups report now
+    puts them in: their stored memberships stand. A first row that cannot be read does not let the
+    second one through."""
+    h = sync_harness(harness, tenant(emu, tmp_path), Clock())
+    assert h.sync("t1").status == "succeeded"
+    twin, odd = [p for p in org.listed_people() if p.n > 20 and p.state == "active"][:2]
+    g = next(g for g in org.listed_groups() if g.members and twin.n not in org.transitive_members(g.n))
+    org.add_member(g.n, twin.n)
+    before = snapshot(h)
+    real_body = emu._users_body
+
+    def twice(*args: Any) -> bytes:
+        doc = json.loads(real_body(*args))
+        rows = doc["Report_Entry"]
+        for i, row in enumerate(list(rows)):
+            if row["Employee_ID"] == employee_id(twin.n):
+                rows.append(row)  # the very same row again
+            if row["Employee_ID"] == employee_id(odd.n):  # a date it cannot read, then another title
+                rows[i] = {**row, "Hire_Date": "31/12/2020"}
+                rows.append({**row, "Job_Title": "Second Row Title"})
+        return json.dumps(doc).encode()
+
+    emu._users_body = twice  # type: ignore[method-assign]
+    r = h.sync("t1")
+    assert r.status == "succeeded", r.error
+    quarantined = {q["idp_id"] for q in h.store.runs("t1", 1)[0]["quarantined"]}
+    assert quarantined == {employee_id(twin.n), employee_id(odd.n)}
+    assert h.changes("t1", after=before[-1]) == [] and snapshot(h) == before
+    emu._users_body = real_body  # type: ignore[method-assign]
+    assert h.sync("t1").status == "succeeded"
+    added = h.changes("t1", after=before[-1])
+    assert ("group.user_added", group_id(g.n), employee_id(twin.n)) in added
+    assert {c[0] for c in added} == {"group.user_added"}
+
+
 def test_a_resync_recognizes_unchanged_rows_by_their_text_and_parses_only_the_rest(
     harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

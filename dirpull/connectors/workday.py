@@ -6,7 +6,8 @@ A worker report (and optionally a groups report) is fetched as ONE unpaged JSON 
 of ~500 users, never the body and the parsed list at once. On a resync a row whose exact text
 digests to a stored user's source digest is that user unchanged, and is not parsed at all.
 Every pull is a complete snapshot: Workday has no deletions, a worker missing from the report is
-deleted; terminated workers stay in the report and become inactive.
+deleted; terminated workers stay in the report and become inactive. A worker it lists twice is
+quarantined, neither row applied (`_Workers.listed_again`).
 
 Reports have no fixed schema: `settings.fields` maps normalized field names to the report's column
 aliases; without it each field tries the usual aliases (see DEFAULT_COLUMNS). Because a report never
@@ -154,6 +155,54 @@ class _Read:
 
     def close(self) -> None:
         self.raw.close()
+
+
+class _Workers:
+    """The worker ids a users report listed, as far as the rest of its pull needs them."""
+
+    def __init__(self) -> None:
+        self.ids: set[str] = set()  # every worker id met
+        self.held: set[str] = set()  # … whose rows are not applied: unreadable, or the id listed twice
+        self.twice: set[str] = set()
+        self.derived: dict[str, str] = {}  # group id → value, of the groups applied rows derive
+        self._members: dict[str, int] = {}  # group id → how many applied rows derive it
+        # Worker → the derived groups its applied row named (with `group_column` only), to withdraw
+        # them if the id comes again; one tuple object per distinct set of groups.
+        self._groups_of: dict[str, tuple[str, ...]] = {}
+        self._shared: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+    def listed_again(self, page: Page, idp_id: str) -> bool:
+        """Whether this id was met before. Which of its rows is right cannot be told, so neither is
+        applied: the first time, the copy handed over earlier (maybe pages ago) is withdrawn, with
+        the derived memberships it named (in a snapshot a removal only means "not listed"), and the
+        quarantine keeps the stored worker as it is, memberships included. A derived group only
+        that copy named is not listed, so it is not made."""
+        if idp_id not in self.ids:
+            return False
+        if idp_id not in self.twice:
+            self.twice.add(idp_id)
+            self.held.add(idp_id)
+            page.removed_users.append(idp_id)
+            for gid in self._groups_of.pop(idp_id, ()):
+                page.removed_members.append((gid, idp_id))
+                left = self._members[gid] - 1
+                if left:
+                    self._members[gid] = left
+                else:
+                    del self._members[gid], self.derived[gid]
+            page.quarantined.append(Quarantined("user", idp_id, "worker id appears twice in the report"))
+        return True
+
+    def join(self, page: Page, idp_id: str, groups: list[tuple[str, str]]) -> None:
+        """An applied row's derived groups (group id, value): its memberships, handed over now."""
+        if not groups:
+            return
+        for gid, value in groups:
+            self.derived[gid] = value
+            self._members[gid] = self._members.get(gid, 0) + 1
+            page.members.append((gid, idp_id))
+        gids = tuple(gid for gid, _ in groups)
+        self._groups_of[idp_id] = self._shared.setdefault(gids, gids)
 
 
 class WorkdayConnector(CountsRequests):
@@ -385,8 +434,7 @@ class WorkdayConnector(CountsRequests):
         stop = threading.Event()
         groups_report: Future[tuple[_Read, int]] | None = None
         try:
-            user_ids: set[str] = set()
-            derived: dict[str, str] = {}  # derived group id → value
+            workers = _Workers()
             columns = _Columns(self._checked_columns())
             stats: dict[str, Any] = {"rows": 0}
             page = Page()
@@ -409,17 +457,13 @@ class WorkdayConnector(CountsRequests):
             for text, row, unchanged in self._user_rows(resp, stats, recognizer):
                 if unchanged is not None:  # a row's text exactly as last normalized: not even parsed
                     columns.add_text(text or b"")
-                    if unchanged in user_ids:
-                        page.quarantined.append(
-                            Quarantined("user", unchanged, "worker id appears twice in the report")
-                        )
-                    else:
-                        user_ids.add(unchanged)
+                    if not (unchanged in workers.ids and workers.listed_again(page, unchanged)):
+                        workers.ids.add(unchanged)
                         page.unchanged_users.append(unchanged)
                 else:
                     if isinstance(row, dict):
                         columns.add_row(row)
-                    self._user_row(row, today, page, user_ids, derived, sources, text)
+                    self._user_row(row, today, page, workers, sources, text)
                 if len(page.users) + len(page.quarantined) + len(page.unchanged_users) >= self.page_size:
                     yield page
                     page = Page()
@@ -432,9 +476,9 @@ class WorkdayConnector(CountsRequests):
                 body, requests_made_ahead = groups_report.result()
                 groups_report = None
                 requests_made += requests_made_ahead
-                yield from self._groups(body, user_ids, notes)
-            elif derived:
-                for gid, value in sorted(derived.items()):
+                yield from self._groups(body, workers.ids, notes, workers.held)
+            elif workers.derived:
+                for gid, value in sorted(workers.derived.items()):
                     page.groups.append(Group(idp_id=gid, name=value, raw_attributes={s.group_column: value}))
             if page.users or page.groups or page.members or page.quarantined or page.unchanged_users:
                 yield page
@@ -454,8 +498,7 @@ class WorkdayConnector(CountsRequests):
         row: Any,
         today: date,
         page: Page,
-        user_ids: set[str],
-        derived: dict[str, str],
+        workers: _Workers,
         sources: SourceDigests | None = None,
         text: bytes | None = None,
     ) -> None:
@@ -467,9 +510,9 @@ class WorkdayConnector(CountsRequests):
             cols = "/".join(self.columns["idp_id"])
             page.quarantined.append(Quarantined("user", None, f"row has no worker id ({cols})"))
             return
-        if idp_id in user_ids:
-            page.quarantined.append(Quarantined("user", idp_id, "worker id appears twice in the report"))
+        if idp_id in workers.ids and workers.listed_again(page, idp_id):
             return
+        workers.ids.add(idp_id)  # met, even if its row cannot be read: a second row is not applied either
         digest = self._source_digest(sources, row, today, text) if sources is not None else None
         if sources is not None and digest is not None and sources.unchanged(idp_id, digest):
             page.unchanged_users.append(idp_id)
@@ -481,14 +524,12 @@ class WorkdayConnector(CountsRequests):
                 # groups those are in). The groups this unreadable row names are not listed: a
                 # value it changed would make a group the worker is not in.
                 page.quarantined.append(Quarantined("user", idp_id, f"cannot read row: {exc}"))
+                workers.held.add(idp_id)
                 return
             page.users.append(user)
             if digest is not None:
                 page.user_sources[idp_id] = digest
-        user_ids.add(idp_id)
-        for gid, value in self._derived_groups(row):
-            derived[gid] = value
-            page.members.append((gid, idp_id))
+        workers.join(page, idp_id, self._derived_groups(row))
 
     def _derived_groups(self, row: Mapping[str, Any]) -> list[tuple[str, str]]:
         """(group id, value) of each group `group_column` derives from this row (none without it,
@@ -662,8 +703,9 @@ class WorkdayConnector(CountsRequests):
                     step="groups report",
                 )
 
-    def _groups(self, resp: _Read, user_ids: set[str], notes: list[str]) -> Iterator[Page]:
-        """The groups report: groups with direct members and subgroups, flattened here.
+    def _groups(self, resp: _Read, user_ids: set[str], notes: list[str], held_users: set[str]) -> Iterator[Page]:
+        """The groups report: groups with direct members and subgroups, flattened here. Members
+        among `held_users` (workers quarantined) are left out: their stored memberships stand.
 
         The whole groups report is held (groups are few next to workers) because a subgroup may be
         listed before or after its parent."""
@@ -718,8 +760,9 @@ class WorkdayConnector(CountsRequests):
                 continue
             page.groups.append(group)
             flat = flatten(gid, direct, subs)
-            members = list(flat.intersection(user_ids))
-            unknown_members += len(flat) - len(members)
+            found = flat.intersection(user_ids)
+            unknown_members += len(flat) - len(found)
+            members = list(found - held_users if held_users else found)
             page.member_lists.append((gid, members))
             listed += len(members)
             if len(page.groups) >= self.page_size or listed >= 20 * self.page_size:

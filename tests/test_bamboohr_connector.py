@@ -565,3 +565,40 @@ def test_pull_cost_per_user() -> None:
         child.join(30)
         if child.is_alive():
             child.kill()
+
+
+def test_a_report_deactivating_many_active_workers_among_many_terminated_ones_is_held(harness: Any) -> None:
+    """BambooHR keeps terminated employees: 240 of them next to about 60 active people. A run
+    marking 25 active people terminated (over 40% of the workforce) was 25 of some 300 stored users,
+    under the 10% threshold, and was applied: 25 people deprovisioned downstream. Purging 25 old
+    records of terminated employees deprovisions nobody and is still applied."""
+    org = Org.generate(300, seed=11)
+    for p in list(org.people.values()):
+        if p.n > 60 and p.state == "active":
+            org.deactivate(p.n, "terminated", "2025-06-30")
+    age(org)
+    active = [p.n for p in org.people.values() if p.state == "active"]
+    assert 50 <= len(active) <= 60
+
+    def factory(tenant: str, tenant_settings: Any) -> BambooHRConnector:
+        return build(tenant, tenant_settings, policy=RetryPolicy(max_attempts=4, sleep=Sleeps(), jitter=0))
+
+    with BambooHREmulator(org, api_key=SECRET) as emu:
+        h = harness({"hr": emu.tenant_config("hr", Path("."))}, connector_factory=factory)
+        assert h.sync("hr").status == "succeeded"
+        for n in range(276, 301):  # terminated long ago
+            org.delete(n)
+        purged = h.sync("hr")
+        assert purged.status == "succeeded" and purged.counts["users_deleted"] == 25, purged.error
+        seq = h.last_seq()
+        for n in active[1:26]:
+            org.deactivate(n, "terminated", "2026-05-31")
+        r = h.sync("hr")
+        assert r.status == "held" and r.exit_code == 3, r.error
+        assert (
+            f"would deactivate or delete 25 of {len(active)} active users (25 deactivated, 0 deleted) "
+            "(threshold 10% and more than 20)"
+        ) in r.error
+        assert h.last_seq() == seq
+        assert sum(u["state"] == "active" for u in h.users("hr").values()) == len(active)
+        assert h.store.runs("hr")[0]["status"] == "held"

@@ -255,8 +255,53 @@ def test_mass_deactivation_is_held(harness):
     h.sync("t")
     d.users = [u.model_copy(update={"state": "inactive"}) if i < 20 else u for i, u in enumerate(d.users)]
     r = h.sync("t")
-    assert r.status == "held" and "deactivate 20" in r.error
+    assert r.status == "held" and "deactivate or delete 20 of 40 active users (20 deactivated, 0 deleted)" in r.error
     assert all(u["state"] == "active" for u in h.users("t").values())
+
+
+def inactive(users: list[User]) -> list[User]:
+    return [u.model_copy(update={"state": "inactive"}) for u in users]
+
+
+def test_deactivations_are_measured_against_active_users_not_the_inactive_records_kept(harness):
+    """HR sources keep terminated workers as inactive records: 60 active people next to 240 of them.
+    A report marking 25 active people inactive (42% of the workforce) was 25 of 300 stored users,
+    under 10%, and was applied: 25 people deprovisioned."""
+    d = Directory(users=[*people(60), *inactive(people(240, start=60))])
+    h = make(harness, d, guard={"max_percent": 10, "min_count": 20})
+    assert h.sync("t").status == "succeeded"
+    seq = h.last_seq()
+    listed = d.users
+    d.users = [u.model_copy(update={"state": "inactive"}) if i < 25 else u for i, u in enumerate(listed)]
+    r = h.sync("t")
+    assert r.status == "held" and r.exit_code == 3, r.error
+    assert (
+        "would deactivate or delete 25 of 60 active users (25 deactivated, 0 deleted) (threshold 10% and more than 20)"
+    ) in r.error
+    assert h.last_seq() == seq and sum(u["state"] == "active" for u in h.users("t").values()) == 60
+    # Deleting active people counts the same as deactivating them: 3 + 20 is past the floor.
+    d.users = [u.model_copy(update={"state": "inactive"}) if i < 3 else u for i, u in enumerate(listed[:20])]
+    d.users += listed[40:]
+    r = h.sync("t")
+    assert r.status == "held"
+    assert "would deactivate or delete 23 of 60 active users (3 deactivated, 20 deleted) (threshold" in r.error
+
+
+def test_purging_inactive_records_is_not_deprovisioning_but_a_mass_purge_is_held(harness):
+    """Deleting terminated workers' records deprovisions nobody: 25 of 240 inactive records go
+    (more than 10% of the 60 active people, had they been counted against them) and the run is
+    applied. A report that drops every inactive record is held all the same."""
+    d = Directory(users=[*people(60), *inactive(people(240, start=60))])
+    h = make(harness, d, guard={"max_percent": 10, "min_count": 20})
+    assert h.sync("t").status == "succeeded"
+    d.users = d.users[:-25]
+    r = h.sync("t")
+    assert r.status == "succeeded" and r.counts["users_deleted"] == 25, r.error
+    d.users = d.users[:60]
+    r = h.sync("t")
+    assert r.status == "held", r.error
+    assert "would delete 215 of 275 stored users, active or inactive (threshold 10% and more than 20)" in r.error
+    assert len(h.users("t")) == 275
 
 
 @pytest.mark.parametrize(("deleted", "status"), [(30, "succeeded"), (60, "held")])

@@ -31,12 +31,17 @@ def check(
     snapshot: bool,
     seen_users: int,
     stored_users: int,
+    stored_active_users: int,
     stored_groups: int,
     user_deletes: int,
+    active_user_deletes: int,
     user_deactivations: int,
     group_deletes: int,
     quarantined_users: int = 0,
 ) -> Verdict:
+    """`stored_users` counts every stored user, `stored_active_users` the active ones;
+    `active_user_deletes` is how many of the `user_deletes` were active, `user_deactivations` how
+    many active users the run turns inactive."""
     if first_sync:
         return Verdict(False)
     if snapshot and seen_users == 0 and stored_users > 0:
@@ -50,19 +55,25 @@ def check(
                 f"while the store holds {stored_users}",
             )
         return Verdict(True, f"the directory returned no users while the store holds {stored_users}")
-    lost = user_deletes + user_deactivations
-    if _exceeds(lost, stored_users, settings):
+    threshold = f"threshold {settings.max_percent:g}% and more than {settings.min_count}"
+    # What deprovisions people downstream, measured against the people who have access: HR
+    # sources keep terminated workers as inactive records, often several times the workforce, and
+    # counted in they diluted a bad report deactivating 40% of the active staff to under 10%.
+    lost = user_deactivations + active_user_deletes
+    if _exceeds(lost, stored_active_users, settings):
         return Verdict(
             True,
-            f"would deactivate {user_deactivations} and delete {user_deletes} of {stored_users} users "
-            f"(threshold {settings.max_percent:g}% and more than {settings.min_count})",
+            f"would deactivate or delete {lost} of {stored_active_users} active users "
+            f"({user_deactivations} deactivated, {active_user_deletes} deleted) ({threshold})",
+        )
+    # Records going, active or not: a report that silently drops every terminated worker
+    # deprovisions nobody but still loses their history downstream.
+    if _exceeds(user_deletes, stored_users, settings):
+        return Verdict(
+            True, f"would delete {user_deletes} of {stored_users} stored users, active or inactive ({threshold})"
         )
     if _exceeds(group_deletes, stored_groups, settings):
-        return Verdict(
-            True,
-            f"would delete {group_deletes} of {stored_groups} groups "
-            f"(threshold {settings.max_percent:g}% and more than {settings.min_count})",
-        )
+        return Verdict(True, f"would delete {group_deletes} of {stored_groups} groups ({threshold})")
     return Verdict(False)
 
 

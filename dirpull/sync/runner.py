@@ -275,15 +275,20 @@ class Runner:
             writes = build_writes(plan, old_users, old_groups)
             result.counts = _counts(plan, writes, old_users)
             result.writes = writes
-            stored = self.store.count_users(tenant)
+            stored = self.store.count_users(tenant)  # by state: one COUNT query
             verdict = guard.check(
                 settings=self.config.guard_of(tenant),
                 first_sync=not self.store.has_succeeded(tenant) and not stored,
                 snapshot=plan.snapshot,
                 seen_users=plan.seen_users,
                 stored_users=sum(stored.values()),
+                stored_active_users=stored.get("active", 0),
                 stored_groups=self.store.count_groups(tenant),
                 user_deletes=len(plan.user_deletes),
+                # `old_users` holds the deleted users' stored rows (loaded above for the writes)
+                active_user_deletes=sum(
+                    1 for key in plan.user_deletes if old_users.get(key, {}).get("state") == "active"
+                ),
                 user_deactivations=result.counts["users_deactivated"],
                 group_deletes=len(plan.group_deletes),
                 quarantined_users=sum(1 for q in plan.quarantined if q.kind == "user"),

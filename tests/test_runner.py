@@ -355,6 +355,25 @@ def test_a_listing_whose_users_are_all_quarantined_is_held_saying_so(harness):
     assert len(h.users("t")) == 3
 
 
+def test_an_empty_group_listing_is_held_below_the_floor_but_a_tenant_without_groups_is_not(harness):
+    d = Directory(users=people(30), groups=[Group(idp_id=f"g{i}", name=f"G{i}") for i in range(3)])
+    d.members = [("g0", "u1"), ("g1", "u2")]
+    h = make(harness, d, guard={"max_percent": 10, "min_count": 20})
+    assert h.sync("t").status == "succeeded"
+    d.groups, d.members = [], []
+    r = h.sync("t")
+    assert r.status == "held", r.error
+    assert "the directory returned no groups while the store holds 3 (would delete 3 with their memberships)" in r.error
+    assert len(h.groups("t")) == 3 and len(h.members("t")) == 2
+    d.groups = [Group(idp_id="g0", name="G0")]  # groups listed: the percentage rule alone
+    assert h.sync("t").status == "succeeded" and set(h.groups("t")) == {"g0"}
+    # A provider without groups (BambooHR) stores none: never held for listing none.
+    users_only = harness({"u": TENANT["t"]}, connector_factory=factory(Directory(users=people(30))))
+    assert users_only.sync("u").status == "succeeded"
+    again = users_only.sync("u")
+    assert again.status == "succeeded" and again.mode == "full", again.error
+
+
 def test_guard_is_skipped_on_the_first_sync(harness):
     h = make(harness, Directory(users=people(500)), guard={"max_percent": 1, "min_count": 1})
     assert h.sync("t").status == "succeeded"

@@ -948,6 +948,28 @@ def test_a_renamed_members_column_fails_the_run_and_keeps_the_memberships(
     assert r.status == "failed" and "group id column" in r.error and snapshot(h) == before
 
 
+def test_an_emptied_groups_report_is_held_though_the_tenant_has_few_groups(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A groups report that comes back with no rows (a filter added to its definition, a security
+    change) is read as every group deleted. With 8 groups, under the guard's `min_count` of 20, the
+    run was applied: every group and membership gone downstream in one run."""
+    h = sync_harness(harness, tenant(emu, tmp_path), Clock())
+    assert h.sync("t1").status == "succeeded"
+    before = snapshot(h)
+    assert 0 < len(before[1]) <= 20 and before[2]
+    monkeypatch.setattr(emu, "_groups_body", lambda: emu._encode(iter(())))
+    r = h.sync("t1")
+    assert r.status == "held" and r.exit_code == 3, r.error
+    stored = len(before[1])
+    assert f"the directory returned no groups while the store holds {stored} (would delete {stored} with" in r.error
+    assert snapshot(h) == before
+    assert h.sync("t1", force=True).status == "succeeded" and h.groups("t1") == {} and h.members("t1") == set()
+    # A tenant with no groups stored (none configured, or none left) is not held for listing none.
+    again = h.sync("t1")
+    assert again.status == "succeeded" and again.events == 0, again.error
+
+
 def test_sync_with_oauth(harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
     h = sync_harness(harness, oauth_tenant(emu, tmp_path), Clock())
     r = h.sync("t1")

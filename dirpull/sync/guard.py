@@ -30,6 +30,7 @@ def check(
     first_sync: bool,
     snapshot: bool,
     seen_users: int,
+    seen_groups: int,
     stored_users: int,
     stored_active_users: int,
     stored_groups: int,
@@ -71,6 +72,16 @@ def check(
     if _exceeds(user_deletes, stored_users, settings):
         return Verdict(
             True, f"would delete {user_deletes} of {stored_users} stored users, active or inactive ({threshold})"
+        )
+    if snapshot and seen_groups == 0 and group_deletes:
+        # As for users: a listing with no groups at all (a Workday groups report emptied by a
+        # filter or a security change, a scope change) would delete every group and membership of
+        # a tenant with a handful of groups, under `min_count`, in one run. A tenant whose
+        # provider has no groups (BambooHR) stores none, so it is never held for this.
+        return Verdict(
+            True,
+            f"the directory returned no groups while the store holds {stored_groups} "
+            f"(would delete {group_deletes} with their memberships)",
         )
     if _exceeds(group_deletes, stored_groups, settings):
         return Verdict(True, f"would delete {group_deletes} of {stored_groups} groups ({threshold})")

@@ -281,6 +281,7 @@ class Runner:
                 first_sync=not self.store.has_succeeded(tenant) and not stored,
                 snapshot=plan.snapshot,
                 seen_users=plan.seen_users,
+                seen_groups=plan.seen_groups,
                 stored_users=sum(stored.values()),
                 stored_active_users=stored.get("active", 0),
                 stored_groups=self.store.count_groups(tenant),

@@ -227,6 +227,13 @@ def _progress() -> tuple[Any, Any]:
     return progress, update
 
 
+def _restore_terminal() -> None:
+    """Before a forced exit under the progress line: the cursor Rich hid shown again, and the
+    shell's prompt on a line of its own instead of after the progress line."""
+    if sys.__stderr__ is not None:
+        sys.__stderr__.write("\n\x1b[?25h")
+
+
 LOSSES = ("user.deleted", "group.deleted")
 
 
@@ -292,8 +299,14 @@ def sync(
         if progress:
             progress.start()
         # SIGTERM (cron's timeout, systemd) or Ctrl-C: the run stops at its next page (a retry's
-        # wait ends at once), applies nothing and is recorded as failed, its lease given back.
-        with stop_on_signals(SHUTDOWN) as stop:
+        # wait ends at once), applies nothing and is recorded as failed, its lease given back. A
+        # second one exits at once (signals.py), the terminal's cursor shown again.
+        with stop_on_signals(
+            SHUTDOWN,
+            force_exit=True,
+            before_exit=_restore_terminal if progress else None,
+            announce="stopping at the run's next page; nothing applied (a second SIGTERM or Ctrl-C exits at once)",
+        ) as stop:
             runner = Runner(config, store, stop=stop)
             result = runner.sync(tenant, full=full, dry_run=dry_run, force=force, wait=wait, progress=update)
     finally:

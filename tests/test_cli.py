@@ -499,6 +499,64 @@ def test_status_shows_a_run_whose_process_was_killed(env, store_url):
     assert store.runs("hr", 2)[1]["status"] == "failed"  # the next run marked it
 
 
+@pytest.mark.parametrize(
+    ("args", "how", "code"),
+    [(["run", "--max-seconds", "120"], signal.SIGTERM, 143), (["sync", "hr"], signal.SIGINT, 130)],
+    ids=["run-SIGTERM", "sync-Ctrl-C"],
+)
+def test_a_second_signal_while_stopping_exits_at_once_applying_nothing(env, store_url, args, how, code):
+    """A run stuck in a slow vendor request: the first SIGTERM/Ctrl-C waits for it to reach a safe
+    point, and a second one did nothing more, so the operator had to SIGKILL. It now exits at once
+    (128 + the signal's number), says so in one line, prints no traceback and applies nothing: the
+    run is left `running` and the tenant's next run, once the lease has lapsed, marks it failed."""
+    config = Path(env["config"])
+    text = config.read_text().replace("[defaults.guard]", '[defaults]\nlease_ttl = "2s"\n[defaults.guard]')
+    config.write_text(text + 'schedule = "1m"\n')  # the daemon's first fire within 10 s
+    assert run(env, "sync", "hr").exit_code == 0
+    env["org"].random_changes(5)  # something to apply, were the run to apply anything
+    env["emulator"].faults.update({"delay": 30.0})  # the report hangs
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dirpull.cli", "--config", env["config"], *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "DIRPULL_STORE_URL": ""},
+    )  # fmt: skip
+    store = Store(store_url)
+    try:
+        before = store.runs("hr", 1)[0]["id"]
+        events = len(list(store.iter_events("hr", after=0)))
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+            (last := store.runs("hr", 1)[0])["id"] > before and last["status"] == "running"
+        ):
+            time.sleep(0.05)
+        assert last["id"] > before and last["status"] == "running", last
+        time.sleep(0.3)  # into the report's request
+        proc.send_signal(how)
+        time.sleep(1.0)
+        assert proc.poll() is None  # the first signal waits for the run to reach a safe point
+        proc.send_signal(how)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=20)
+        assert time.monotonic() - started < 5, err  # not the 30 s the report would take
+        assert proc.returncode == code, err
+        assert "Traceback" not in err
+        assert "exits at once" in err, err  # said at the first signal
+        assert "again while stopping: exiting now" in err, err
+        assert store.runs("hr", 1)[0]["id"] == last["id"]
+        assert store.runs("hr", 1)[0]["status"] == "running"  # left for the next run to mark
+        assert len(list(store.iter_events("hr", after=0))) == events
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        env["emulator"].faults.clear()
+    try:
+        assert run(env, "sync", "hr", "--wait", "10").exit_code == 0  # once the lease lapses
+        [cut_off] = [r for r in store.runs("hr", 5) if r["id"] == last["id"]]
+        assert cut_off["status"] == "failed" and cut_off["error"].startswith("interrupted")
+    finally:
+        store.close()
+
+
 def _stop_mid_run(env: dict, store_url: str, *args: str) -> None:
     """Starts `dirpull ARGS`, sends SIGTERM while its run is pulling, waits for it to end."""
     env["emulator"].faults.update({"delay": 2.0})  # the report takes a while to come

@@ -7,7 +7,8 @@ a scheduled run of the tenant since this worker's previous fire (once per interv
 worker). A fire that finds the lease held tries again a few times before the tenant's next fire
 (the holder may be a dry run, or a run that fails). A failing tenant backs off exponentially
 without slowing the others. SIGTERM/SIGINT stop new fires, interrupt running syncs at the next
-page boundary (an interrupted run applies nothing) and wait for them to finish.
+page boundary (an interrupted run applies nothing) and wait for them to finish; a second one exits
+at once (`dirpull.signals`).
 """
 
 from __future__ import annotations
@@ -324,7 +325,8 @@ class Daemon:
 
     def run_forever(self, until: threading.Event | None = None, max_seconds: float | None = None) -> None:
         """Run until SIGTERM/SIGINT (or `until` is set, or `max_seconds` pass)."""
-        with stop_on_signals(until or threading.Event()) as stop, _hangups() as hangup:
+        # A second signal while the running syncs are awaited exits at once (signals.py).
+        with stop_on_signals(until or threading.Event(), force_exit=True) as stop, _hangups() as hangup:
             self.start()
             try:
                 deadline = None if max_seconds is None else time.monotonic() + max_seconds
@@ -338,7 +340,9 @@ class Daemon:
                     if deadline is not None and time.monotonic() >= deadline:
                         break
             finally:
-                log.info("stopping: waiting for running syncs to finish or abort")
+                log.info(
+                    "stopping: waiting for running syncs to finish or abort (a second SIGTERM or Ctrl-C exits at once)"
+                )
                 self.shutdown(wait=True)
 
 

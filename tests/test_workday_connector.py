@@ -730,6 +730,98 @@ def test_a_worker_the_report_lists_twice_is_quarantined_with_neither_row_applied
     assert {c[1] for c in h.changes("t1", after=before[-1]) if c[0].startswith("user.")} == {ids["hired"]}
 
 
+def test_identical_copies_of_a_worker_are_one_row_applied_once(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A report joined on a multi-valued field it does not show (positions, emails) repeats a
+    worker's row, byte for byte, once per value: that is one row, applied once — not the worker
+    held out of every run until the report is fixed. A stored worker with a change is updated once,
+    a new hire created once, an unchanged worker's copies recognized by their text (the report's
+    last row, always parsed, too) and left as stored; their groups report memberships stand. Only
+    another row with an id holds it."""
+    h = harness(
+        {"t1": tenant(emu, tmp_path, prompts={})},
+        connector_factory=lambda t, s: WorkdayConnector(t, s, policy_factory=fast_policy, page_size=10),
+    )
+    assert h.sync("t1").status == "succeeded"
+    plain = [p for p in org.listed_people() if p.n > 20 and p.state == "active" and not p.termination_date]
+    changed, same, clash = plain[:3]
+    assert any(same.n in org.transitive_members(g.n) for g in org.listed_groups())  # memberships to keep
+    org.update_person(changed.n, title="Principal Engineer")
+    hired = org.hire("Twin", "Row")
+    ids = {"changed": employee_id(changed.n), "same": employee_id(same.n), "hired": employee_id(hired.n)}
+    clash_id = employee_id(clash.n)
+    seq = h.last_seq()
+    real_body = emu._users_body
+
+    def copies(*args: Any) -> bytes:
+        doc = json.loads(real_body(*args))
+        rows, tail = [], []
+        for row in doc["Report_Entry"]:
+            rows.append(row)
+            if row["Employee_ID"] in ids.values():
+                rows.append(row)  # one copy next to it, one pages later
+                tail.append(row)
+            elif row["Employee_ID"] == clash_id:
+                tail.append({**row, "Job_Title": "Second Row Title"})
+        tail.sort(key=lambda r: r["Employee_ID"] == ids["same"])  # the unchanged one's copy last
+        doc["Report_Entry"] = rows + tail
+        return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+
+    emu._users_body = copies  # type: ignore[method-assign]
+    normalized: list[str] = []
+    real_user = WorkdayConnector._user
+
+    def user(self: WorkdayConnector, idp_id: str, *args: Any) -> Any:
+        normalized.append(idp_id)
+        return real_user(self, idp_id, *args)
+
+    monkeypatch.setattr(WorkdayConnector, "_user", user)
+    r = h.sync("t1")
+    assert r.status == "succeeded", r.error
+    assert {q["idp_id"]: q["reason"] for q in h.store.runs("t1", 1)[0]["quarantined"]} == {
+        clash_id: "worker id appears twice in the report"
+    }
+    assert sorted(c[:2] for c in h.changes("t1", after=seq)) == [
+        ("user.created", ids["hired"]), ("user.updated", ids["changed"]),
+    ]  # fmt: skip
+    assert h.users("t1")[ids["changed"]]["job_title"] == "Principal Engineer"
+    assert ids["same"] not in normalized and len(h.users("t1")) == len(list(org.listed_people()))
+
+
+def test_identical_copies_on_a_first_sync_make_one_worker_and_one_membership(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    """On a first sync (every row parsed, groups derived from a column) a worker whose row comes
+    twice is created once, and the department only that worker is in is made with them in it."""
+    loner = next(p for p in org.listed_people() if p.n > 20 and p.state == "active")
+    org.update_person(loner.n, department="Twin Studio")
+    twins = {employee_id(loner.n), employee_id(org.hire("Twin", "Row", department="Research").n)}
+    real_body = emu._users_body
+
+    def copies(*args: Any) -> bytes:
+        doc = json.loads(real_body(*args))
+        rows = doc["Report_Entry"]
+        doc["Report_Entry"] = [r for r in rows for _ in range(2 if r["Employee_ID"] in twins else 1)]
+        doc["Report_Entry"] += [r for r in rows if r["Employee_ID"] in twins]
+        return json.dumps(doc).encode()
+
+    emu._users_body = copies  # type: ignore[method-assign]
+    cfg = tenant(emu, tmp_path, groups_report_url=None, group_column="Supervisory_Organization", prompts={})
+    h = harness(
+        {"t1": cfg},
+        connector_factory=lambda t, s: WorkdayConnector(t, s, policy_factory=fast_policy, page_size=10),
+    )
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.counts["quarantined"] == 0, r.error
+    created = [c[1] for c in h.changes("t1") if c[0] == "user.created"]
+    assert sorted(created) == sorted(employee_id(p.n) for p in org.listed_people())
+    studio = derived_group_id("Supervisory_Organization", "Twin Studio")
+    assert [u for g, u in h.members("t1") if g == studio] == [employee_id(loner.n)]
+    seq = h.last_seq()
+    assert h.sync("t1").status == "succeeded" and h.changes("t1", after=seq) == []
+
+
 def test_a_worker_listed_twice_keeps_their_stored_groups_and_an_unreadable_first_row_counts(
     harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
 ) -> None:
@@ -749,7 +841,7 @@ def test_a_worker_listed_twice_keeps_their_stored_groups_and_an_unreadable_first
         rows = doc["Report_Entry"]
         for i, row in enumerate(list(rows)):
             if row["Employee_ID"] == employee_id(twin.n):
-                rows.append(row)  # the very same row again
+                rows.append({**row, "Job_Title": "Second Row Title"})
             if row["Employee_ID"] == employee_id(odd.n):  # a date it cannot read, then another title
                 rows[i] = {**row, "Hire_Date": "31/12/2020"}
                 rows.append({**row, "Job_Title": "Second Row Title"})
@@ -822,7 +914,7 @@ def test_a_resync_recognizes_unchanged_rows_by_their_text_and_parses_only_the_re
     assert h.changes("t1", after=seq) == [("user.updated", employee_id(leaving.n), ("state",))]
 
 
-def test_a_recognized_row_listed_twice_is_quarantined_and_checks_still_see_its_columns(
+def test_a_recognized_row_listed_again_is_one_row_or_quarantined_and_checks_still_see_its_columns(
     emu: WorkdayEmulator, org: Org, tmp_path: Path
 ) -> None:
     import json
@@ -849,8 +941,10 @@ def test_a_recognized_row_listed_twice_is_quarantined_and_checks_still_see_its_c
 
     def twice(*args: Any) -> bytes:
         doc = json.loads(real_body(*args))
-        doc["Report_Entry"].insert(5, doc["Report_Entry"][2])
-        twins.append(doc["Report_Entry"][2]["Employee_ID"])
+        rows = doc["Report_Entry"]
+        rows.insert(5, rows[2])  # the very same row: one row
+        rows.insert(6, {**rows[3], "Job_Title": "Second Row Title"})  # another row: neither applied
+        twins.extend((rows[2]["Employee_ID"], rows[3]["Employee_ID"]))
         return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
 
     emu._users_body = twice  # type: ignore[method-assign]
@@ -859,8 +953,9 @@ def test_a_recognized_row_listed_twice_is_quarantined_and_checks_still_see_its_c
     assert isinstance(done, Done)
     unchanged = [u for p in pages for u in p.unchanged_users]
     quarantined = [(q.idp_id, q.reason) for p in pages for q in p.quarantined]
-    assert twins[0] in unchanged and len(unchanged) > len(sources) // 2
-    assert quarantined == [(twins[0], "worker id appears twice in the report")]
+    assert unchanged.count(twins[0]) == 1 and len(unchanged) > len(sources) // 2
+    assert quarantined == [(twins[1], "worker id appears twice in the report")]
+    assert [u for p in pages for u in p.removed_users] == [twins[1]]  # its recognized copy withdrawn
     # Nothing parsed said which columns the report has; the rows' texts did.
     emu.columns = tuple(c for c in emu.columns if c != "Email_Address")
     emu._users_body = real_body  # type: ignore[method-assign]

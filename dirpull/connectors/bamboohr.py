@@ -6,7 +6,8 @@ need. The report includes Active and Inactive employees and has no paging, so th
 a time (memory holds about one page, even at 100,000 people). On a resync a row whose exact text
 digests to a stored user's source digest is that user unchanged, and is not parsed at all.
 The result is a snapshot: an employee missing from it was deleted. An employee it lists twice is
-quarantined, neither row applied (so is one the increment's report lists twice).
+quarantined, neither row applied (so is one the increment's report lists twice) — unless the rows
+are the very same, which is one row, applied once (`report_rows.fingerprint`).
 
 Increment (the cursor has `since`): `GET employees/changed?since=` answers an object keyed by
 employee id with an action each. `Deleted` ids become removals; `Inserted`/`Updated` ids are read
@@ -40,7 +41,7 @@ from dirpull.connectors.base import (
 )
 from dirpull.connectors.http import HttpClient, RetryPolicy
 from dirpull.connectors.mapping import map_attributes, without
-from dirpull.connectors.report_rows import Recognize
+from dirpull.connectors.report_rows import RECOGNIZED, Recognize, fingerprint
 from dirpull.connectors.report_rows import rows as report_rows
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import User
@@ -187,28 +188,32 @@ class BambooHRConnector(CountsRequests):
         def recognizer() -> Recognize | None:  # once the rows arrive: by then the digests have loaded
             return _recognizer(sources, latest) if sources is not None and sources.owns_any() else None
 
-        listed: set[str] = set()  # employee ids met so far
-        twice: set[str] = set()  # … and those met again
+        # Employee id → the fingerprint of the first row met with it (`report_rows.fingerprint`:
+        # a small int, not the row), so that a second row can be told from a copy of the first.
+        listed: dict[str, Any] = {}
+        twice: set[str] = set()  # … the ids met again with another row
         try:
             for text, row, unchanged in _stream_employees(resp, recognizer):
                 eid = unchanged if unchanged is not None else _id_of(row)
                 if unchanged is None and isinstance(row, dict):
                     latest.add(row.get("lastChanged"))
-                if eid is not None and eid in listed:
-                    # An employee listed twice: which row is right cannot be told, so neither
-                    # is applied. The copy handed over earlier is withdrawn (in a snapshot a
-                    # removal only means "not listed"), and the quarantine keeps the stored
-                    # employee as it is, not deleted.
-                    if eid not in twice:
+                first = listed.get(eid) if eid is not None else None
+                if first is not None:
+                    # The very same row again (a report joined on a field it does not show
+                    # repeats it) was applied once already. Another row with the id: which is
+                    # right cannot be told, so neither is applied. The copy handed over earlier
+                    # is withdrawn (in a snapshot a removal only means "not listed"), and the
+                    # quarantine keeps the stored employee as it is, not deleted.
+                    if eid not in twice and not _same_row(first, eid, text, row, unchanged is not None, sources):
                         twice.add(eid)
                         page.removed_users.append(eid)
                         page.quarantined.append(Quarantined("user", eid, "employee id appears twice in the report"))
                 elif unchanged is not None:  # a row's text exactly as last normalized: not even parsed
-                    listed.add(eid)
+                    listed[unchanged] = RECOGNIZED
                     page.unchanged_users.append(unchanged)
                 else:
                     if eid is not None:
-                        listed.add(eid)
+                        listed[eid] = fingerprint(row)
                     self._add(page, row, numbers, sources, text)  # one user, unchanged id or quarantined
                 rows += 1
                 if rows >= size:
@@ -295,25 +300,28 @@ class BambooHRConnector(CountsRequests):
             rows = _json(resp, "custom report").get("employees") or []
             page = Page()
             seen = set()
-            counts: dict[str, int] = {}
+            # As in a full walk: the very same row again is one row; another row with the id
+            # means neither is applied.
+            first: dict[str, Any] = {}
+            clashing: set[str] = set()
             for row in rows:
                 eid = _id_of(row)
                 if eid is not None:
-                    counts[eid] = counts.get(eid, 0) + 1
+                    fp = fingerprint(row)
+                    if first.setdefault(eid, fp) != fp:
+                        clashing.add(eid)
             for row in rows:
                 eid = _id_of(row)
                 if eid is not None and eid not in asked:
                     extra = True  # the filter was not applied: keep only what was asked for
                     continue
                 if eid is not None:
-                    if counts[eid] > 1:  # listed twice: neither row is applied (as in a full walk)
-                        if eid not in seen:
-                            page.quarantined.append(
-                                Quarantined("user", eid, "employee id appears twice in the report")
-                            )
-                            seen.add(eid)
+                    if eid in seen:  # a copy of a row applied (or an id quarantined) already
                         continue
                     seen.add(eid)
+                    if eid in clashing:
+                        page.quarantined.append(Quarantined("user", eid, "employee id appears twice in the report"))
+                        continue
                 self._add(page, row, numbers)
             missing += len(asked - seen)
             yield page
@@ -458,6 +466,24 @@ def _id_of(row: Any) -> str | None:
     eid = row.get("id")
     text = None if eid is None else str(eid).strip()
     return text or None
+
+
+def _same_row(
+    first: Any, eid: str, text: bytes | None, row: Any, recognized: bool, sources: SourceDigests | None
+) -> bool:
+    """Whether a row met again with id `eid` is the very same row as the first one with it, whose
+    fingerprint is `first` (`report_rows.fingerprint`)."""
+    if recognized:
+        return first is RECOGNIZED
+    if first is RECOGNIZED:
+        # The first was recognized by its text, the stored employee's; this copy was parsed (the
+        # report's last row always is): the same row if it digests as that employee's, as `_add`
+        # would digest it.
+        if sources is None:
+            return False
+        digest = sources.digest_text(text) if text is not None else sources.digest(row)
+        return digest is not None and sources.unchanged(eid, digest)
+    return bool(first == fingerprint(row))
 
 
 def _text(value: Any) -> str | None:

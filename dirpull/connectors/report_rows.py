@@ -43,6 +43,28 @@ _ROW_BOUNDARY = re.compile(rb"\}\s*,\s*\{")
 # that text) or None.
 Recognize = Callable[[bytes], Any]
 
+# The fingerprint of a row a `recognize` said yes to (see `fingerprint`): the text the stored user
+# was last normalized from, one text per user, so two rows recognized as one id are that text.
+# A plain object: no int equals it.
+RECOGNIZED: Any = object()
+
+
+def fingerprint(row: Any) -> Any:
+    """What tells apart two parsed rows of a report that carry one id (a report joined on a
+    multi-valued column it does not show repeats a row, identical, once per value): a 64-bit hash
+    of the row as orjson writes it. Equal, they are one row, whichever copy is normalized; two
+    copies spaced or escaped differently, or one parsed without its text (a report's last row is
+    parsed with the document's end), still agree; keys in another order count as another row. A
+    row orjson cannot write gets a fingerprint equal to nothing. Cheap next to normalizing the row
+    (a fifth of a microsecond), and small to keep for each id of a 100,000-row report. (`hash` of
+    bytes is SipHash, keyed at random per process unless PYTHONHASHSEED fixes it: a report cannot
+    aim at a clash.) A row recognized by its text is not parsed: it is `RECOGNIZED`, and a parsed
+    copy of it is the same row if it digests as the stored user's (`SourceDigests.unchanged`)."""
+    try:
+        return hash(orjson.dumps(row))
+    except (TypeError, orjson.JSONEncodeError):
+        return object()
+
 
 class NotJSON(ValueError):
     """The report body is not valid JSON (or not the document asked for)."""

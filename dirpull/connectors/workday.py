@@ -7,7 +7,8 @@ of ~500 users, never the body and the parsed list at once. On a resync a row who
 digests to a stored user's source digest is that user unchanged, and is not parsed at all.
 Every pull is a complete snapshot: Workday has no deletions, a worker missing from the report is
 deleted; terminated workers stay in the report and become inactive. A worker it lists twice is
-quarantined, neither row applied (`_Workers.listed_again`).
+quarantined, neither row applied (`_Workers.listed_again`) — unless the rows are the very same,
+which is one row, applied once (`report_rows.fingerprint`).
 
 Reports have no fixed schema: `settings.fields` maps normalized field names to the report's column
 aliases; without it each field tries the usual aliases (see DEFAULT_COLUMNS). Because a report never
@@ -54,7 +55,7 @@ from dirpull.connectors.http import (
     readable_body,
 )
 from dirpull.connectors.nesting import flatten, nested_groups
-from dirpull.connectors.report_rows import Recognize, parse_error
+from dirpull.connectors.report_rows import RECOGNIZED, Recognize, fingerprint, parse_error
 from dirpull.connectors.report_rows import rows as report_rows
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import Group, User
@@ -161,9 +162,11 @@ class _Workers:
     """The worker ids a users report listed, as far as the rest of its pull needs them."""
 
     def __init__(self) -> None:
-        self.ids: set[str] = set()  # every worker id met
+        # Every worker id met → the fingerprint of its first row (`report_rows.fingerprint`: a
+        # small int, not the row), so that a second row can be told from a copy of the first.
+        self.ids: dict[str, Any] = {}
         self.held: set[str] = set()  # … whose rows are not applied: unreadable, or the id listed twice
-        self.twice: set[str] = set()
+        self.twice: set[str] = set()  # … listed again with another row
         self.derived: dict[str, str] = {}  # group id → value, of the groups applied rows derive
         self._members: dict[str, int] = {}  # group id → how many applied rows derive it
         # Worker → the derived groups its applied row named (with `group_column` only), to withdraw
@@ -171,15 +174,15 @@ class _Workers:
         self._groups_of: dict[str, tuple[str, ...]] = {}
         self._shared: dict[tuple[str, ...], tuple[str, ...]] = {}
 
-    def listed_again(self, page: Page, idp_id: str) -> bool:
-        """Whether this id was met before. Which of its rows is right cannot be told, so neither is
-        applied: the first time, the copy handed over earlier (maybe pages ago) is withdrawn, with
-        the derived memberships it named (in a snapshot a removal only means "not listed"), and the
-        quarantine keeps the stored worker as it is, memberships included. A derived group only
-        that copy named is not listed, so it is not made."""
-        if idp_id not in self.ids:
-            return False
-        if idp_id not in self.twice:
+    def listed_again(self, page: Page, idp_id: str, same: bool) -> None:
+        """This id, met before, in another row: `same` if that row is the very same as the first
+        (a report joined on a column it does not show repeats a row, once per value), which was
+        applied once already and is left out. Otherwise which of them is right cannot be told, so
+        neither is applied: the first time, the copy handed over earlier (maybe pages ago) is
+        withdrawn, with the derived memberships it named (in a snapshot a removal only means "not
+        listed"), and the quarantine keeps the stored worker as it is, memberships included. A
+        derived group only that copy named is not listed, so it is not made."""
+        if not same and idp_id not in self.twice:
             self.twice.add(idp_id)
             self.held.add(idp_id)
             page.removed_users.append(idp_id)
@@ -191,7 +194,6 @@ class _Workers:
                 else:
                     del self._members[gid], self.derived[gid]
             page.quarantined.append(Quarantined("user", idp_id, "worker id appears twice in the report"))
-        return True
 
     def join(self, page: Page, idp_id: str, groups: list[tuple[str, str]]) -> None:
         """An applied row's derived groups (group id, value): its memberships, handed over now."""
@@ -457,9 +459,12 @@ class WorkdayConnector(CountsRequests):
             for text, row, unchanged in self._user_rows(resp, stats, recognizer):
                 if unchanged is not None:  # a row's text exactly as last normalized: not even parsed
                     columns.add_text(text or b"")
-                    if not (unchanged in workers.ids and workers.listed_again(page, unchanged)):
-                        workers.ids.add(unchanged)
+                    first = workers.ids.get(unchanged)
+                    if first is None:
+                        workers.ids[unchanged] = RECOGNIZED
                         page.unchanged_users.append(unchanged)
+                    else:
+                        workers.listed_again(page, unchanged, first is RECOGNIZED)
                 else:
                     if isinstance(row, dict):
                         columns.add_row(row)
@@ -476,7 +481,9 @@ class WorkdayConnector(CountsRequests):
                 body, requests_made_ahead = groups_report.result()
                 groups_report = None
                 requests_made += requests_made_ahead
-                yield from self._groups(body, workers.ids, notes, workers.held)
+                # As a set: a set's intersection with a set is twice as fast as with a dict's keys
+                # (0.1 s of a 2,000-group report over 100,000 workers); the copy takes 5 ms.
+                yield from self._groups(body, set(workers.ids), notes, workers.held)
             elif workers.derived:
                 for gid, value in sorted(workers.derived.items()):
                     page.groups.append(Group(idp_id=gid, name=value, raw_attributes={s.group_column: value}))
@@ -510,9 +517,12 @@ class WorkdayConnector(CountsRequests):
             cols = "/".join(self.columns["idp_id"])
             page.quarantined.append(Quarantined("user", None, f"row has no worker id ({cols})"))
             return
-        if idp_id in workers.ids and workers.listed_again(page, idp_id):
+        first = workers.ids.get(idp_id)
+        if first is not None:
+            workers.listed_again(page, idp_id, self._same_row(first, idp_id, row, today, sources, text))
             return
-        workers.ids.add(idp_id)  # met, even if its row cannot be read: a second row is not applied either
+        # Met, even if its row cannot be read: another row with the id is not applied either.
+        workers.ids[idp_id] = fingerprint(row)
         digest = self._source_digest(sources, row, today, text) if sources is not None else None
         if sources is not None and digest is not None and sources.unchanged(idp_id, digest):
             page.unchanged_users.append(idp_id)
@@ -530,6 +540,19 @@ class WorkdayConnector(CountsRequests):
             if digest is not None:
                 page.user_sources[idp_id] = digest
         workers.join(page, idp_id, self._derived_groups(row))
+
+    def _same_row(
+        self, first: Any, idp_id: str, row: dict[str, Any], today: date, sources: SourceDigests | None,
+        text: bytes | None,
+    ) -> bool:  # fmt: skip
+        """Whether a row met again with this worker id is the very same row as the first one with
+        it, whose fingerprint is `first` (`report_rows.fingerprint`)."""
+        if first is RECOGNIZED:
+            # The first was recognized by its text, the stored worker's; this copy was parsed (the
+            # report's last row always is): the same row if it digests as that worker's.
+            digest = self._source_digest(sources, row, today, text) if sources is not None else None
+            return sources is not None and digest is not None and sources.unchanged(idp_id, digest)
+        return bool(first == fingerprint(row))
 
     def _derived_groups(self, row: Mapping[str, Any]) -> list[tuple[str, str]]:
         """(group id, value) of each group `group_column` derives from this row (none without it,

@@ -374,6 +374,47 @@ def test_an_empty_group_listing_is_held_below_the_floor_but_a_tenant_without_gro
     assert again.status == "succeeded" and again.mode == "full", again.error
 
 
+def test_emptied_member_lists_are_held_and_force_applies_them(harness):
+    """Every user and group still listed, but the groups' members gone: downstream apps that grant
+    access by group would take it from everyone in one run."""
+    d = Directory(users=people(50), groups=[Group(idp_id=f"g{i}", name=f"G{i}") for i in range(10)])
+    d.members = [(f"g{i}", f"u{j}") for i in range(10) for j in range(50)]  # 500 memberships
+    h = make(harness, d, guard={"max_percent": 10, "min_count": 20})
+    assert h.sync("t").status == "succeeded" and len(h.members("t")) == 500
+    seq = h.last_seq()
+    d.members = d.members[:50]  # only g0 keeps its members
+    held = h.sync("t")
+    assert held.status == "held" and held.exit_code == 3, held.error
+    assert "would remove 450 of 500 group memberships (threshold 10% and more than 20)" in held.error
+    assert len(h.members("t")) == 500 and h.last_seq() == seq
+    dry = h.sync("t", dry_run=True)
+    assert dry.status == "planned" and dry.exit_code == 3
+    assert any("would remove 450 of 500 group memberships" in n for n in dry.notes)
+    forced = h.sync("t", force=True)
+    assert forced.status == "succeeded" and len(h.members("t")) == 50
+    assert any("guard overridden with --force: would remove 450" in n for n in forced.notes)
+
+
+def test_memberships_of_a_deleted_group_or_user_do_not_count_as_removals(harness):
+    """Deleting one large group (or a few people in many groups) is a deletion, measured as one:
+    the memberships that go with it do not also trip the membership rule."""
+    d = Directory(users=people(50), groups=[Group(idp_id=f"g{i}", name=f"G{i}") for i in range(20)])
+    d.members = [("g0", f"u{j}") for j in range(50)] + [(f"g{i}", "u0") for i in range(1, 20)]
+    d.members += [(f"g{i}", "u1") for i in range(1, 20)]
+    h = make(harness, d, guard={"max_percent": 10, "min_count": 20})
+    assert h.sync("t").status == "succeeded" and len(h.members("t")) == 88
+    d.groups = d.groups[1:]  # g0 and its 50 memberships go: 1 of 20 groups
+    d.members = [p for p in d.members if p[0] != "g0"]
+    r = h.sync("t")
+    assert r.status == "succeeded", r.error
+    assert r.counts["members_removed"] == 50
+    d.users = d.users[2:]  # u0 and u1 leave: 2 of 50 users, 38 of 38 memberships
+    d.members = []
+    r = h.sync("t")
+    assert r.status == "succeeded", r.error
+    assert r.counts["members_removed"] == 38 and not h.members("t")
+
+
 def test_guard_is_skipped_on_the_first_sync(harness):
     h = make(harness, Directory(users=people(500)), guard={"max_percent": 1, "min_count": 1})
     assert h.sync("t").status == "succeeded"

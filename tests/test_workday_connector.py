@@ -1065,6 +1065,35 @@ def test_an_emptied_groups_report_is_held_though_the_tenant_has_few_groups(
     assert again.status == "succeeded" and again.events == 0, again.error
 
 
+def test_a_groups_report_with_emptied_member_lists_is_held(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every group still listed, but only one with members (a calculated members field that a
+    security change blanked): every other membership would go in one run, and the access that
+    downstream apps grant by group with it."""
+    h = sync_harness(harness, tenant(emu, tmp_path), Clock())
+    assert h.sync("t1").status == "succeeded"
+    before = snapshot(h)
+    keep = next(iter(org.listed_groups()))
+    row = emu.group_row
+
+    def emptied(g: Any) -> dict[str, Any]:
+        out = row(g)
+        if g.n != keep.n:
+            out.pop("Members_group", None)
+            out.pop("Subgroups_group", None)
+        return out
+
+    monkeypatch.setattr(emu, "group_row", emptied)
+    r = h.sync("t1")
+    assert r.status == "held" and r.exit_code == 3, r.error
+    assert f"of {len(before[2])} group memberships (threshold 10% and more than 20)" in r.error
+    assert snapshot(h) == before
+    forced = h.sync("t1", force=True)
+    assert forced.status == "succeeded" and set(h.groups("t1")) == set(before[1])
+    assert 0 < len(h.members("t1")) < len(before[2]) // 10
+
+
 def test_sync_with_oauth(harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
     h = sync_harness(harness, oauth_tenant(emu, tmp_path), Clock())
     r = h.sync("t1")

@@ -450,6 +450,11 @@ class Store:
         with self.engine.connect() as conn:
             return int(conn.execute(q).scalar_one())
 
+    def count_memberships(self, tenant: str) -> int:
+        q = sa.select(sa.func.count()).select_from(t.memberships).where(t.memberships.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
     def get_cursor(self, tenant: str) -> CursorState:
         q = sa.select(t.cursors.c.value, t.cursors.c.last_full_at).where(t.cursors.c.tenant == tenant)
         with self.engine.connect() as conn:

@@ -1,4 +1,5 @@
-"""The mass-change guard: a run that would deactivate or delete too much is held, not applied.
+"""The mass-change guard: a run that would deactivate, delete or remove from their groups too much
+is held, not applied.
 
 Directories fail in ways that look like data: an expired credential that lists nothing, a scope
 change, a report missing a column. Applying such a run would deprovision real people downstream,
@@ -39,10 +40,14 @@ def check(
     user_deactivations: int,
     group_deletes: int,
     quarantined_users: int = 0,
+    member_removes: int = 0,
+    stored_memberships: int = 0,
 ) -> Verdict:
     """`stored_users` counts every stored user, `stored_active_users` the active ones;
     `active_user_deletes` is how many of the `user_deletes` were active, `user_deactivations` how
-    many active users the run turns inactive."""
+    many active users the run turns inactive. `member_removes` counts the memberships removed
+    between a user and a group that both stay (those of deleted ones are the deletions' share);
+    `stored_memberships` need only be counted when `member_removes` exceeds `min_count`."""
     if first_sync:
         return Verdict(False)
     if snapshot and seen_users == 0 and stored_users > 0:
@@ -85,6 +90,11 @@ def check(
         )
     if _exceeds(group_deletes, stored_groups, settings):
         return Verdict(True, f"would delete {group_deletes} of {stored_groups} groups ({threshold})")
+    # Downstream apps grant access by group: a listing that still names every group and person
+    # but with emptied member lists (a groups report whose members column a filter blanked, a
+    # scope that lost the members' permission) takes everyone's access away in one run.
+    if _exceeds(member_removes, stored_memberships, settings):
+        return Verdict(True, f"would remove {member_removes} of {stored_memberships} group memberships ({threshold})")
     return Verdict(False)
 
 

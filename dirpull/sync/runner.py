@@ -276,8 +276,17 @@ class Runner:
             result.counts = _counts(plan, writes, old_users)
             result.writes = writes
             stored = self.store.count_users(tenant)  # by state: one COUNT query
+            guard_settings = self.config.guard_of(tenant)
+            # Memberships removed between a user and a group that both stay. Those of a deleted
+            # user or group go with it and are held (or not) with the deletions: counted here, one
+            # ordinary deletion of a large group would read as a mass removal of access.
+            kept_removes = len(plan.member_removes)
+            if kept_removes > guard_settings.min_count and (plan.user_deletes or plan.group_deletes):
+                kept_removes = sum(
+                    1 for g, u in plan.member_removes if g not in plan.group_deletes and u not in plan.user_deletes
+                )
             verdict = guard.check(
-                settings=self.config.guard_of(tenant),
+                settings=guard_settings,
                 first_sync=not self.store.has_succeeded(tenant) and not stored,
                 snapshot=plan.snapshot,
                 seen_users=plan.seen_users,
@@ -293,6 +302,11 @@ class Runner:
                 user_deactivations=result.counts["users_deactivated"],
                 group_deletes=len(plan.group_deletes),
                 quarantined_users=sum(1 for q in plan.quarantined if q.kind == "user"),
+                member_removes=kept_removes,
+                # Counted only when the removals could trip the guard: an ordinary run pays nothing.
+                stored_memberships=(
+                    self.store.count_memberships(tenant) if kept_removes > guard_settings.min_count else 0
+                ),
             )
             if dry_run:
                 result.status = "planned"

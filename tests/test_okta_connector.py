@@ -545,14 +545,28 @@ def test_system_log_finds_group_deletions_between_full_syncs(emu: OktaEmulator, 
     assert group_id(parent) in complete and group_id(child) not in complete
 
 
+def pause_okta(monkeypatch: pytest.MonkeyPatch, days: int) -> None:
+    """The tenant is paused for `days`: Okta's clock (its `Date` header too) and ours move on."""
+    import dirpull.connectors.okta as okta_connector
+    import dirpull.emulators.okta_api as okta_api
+
+    real_time, date_header = time.time, BaseHTTPRequestHandler.date_time_string
+    okta_time = SimpleNamespace(time=lambda: real_time() + days * 86400, sleep=time.sleep, monotonic=time.monotonic)
+    monkeypatch.setattr(okta_api, "time", okta_time)
+    monkeypatch.setattr(
+        BaseHTTPRequestHandler,
+        "date_time_string",
+        lambda self, timestamp=None: date_header(self, okta_time.time() if timestamp is None else timestamp),
+    )
+    monkeypatch.setattr(okta_connector, "_now", lambda: datetime.now(UTC) + timedelta(days=days))
+
+
 def test_system_log_position_keeps_its_since_through_a_long_pause(
     emu: OktaEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The stored polling link's `since` is sent with its `after`: without it Okta takes 7 days
     before now, so a tenant paused for more than a week silently skipped older events, and a
     position older than 180 days (400 E0000053) was never noticed."""
-    import dirpull.connectors.okta as okta_connector
-    import dirpull.emulators.okta_api as okta_api
 
     def log_position(link: str) -> tuple[str | None, str | None]:
         query = parse_qs(urlsplit(link).query)
@@ -581,21 +595,8 @@ def test_system_log_position_keeps_its_since_through_a_long_pause(
 
     real_time = time.time
 
-    date_header = BaseHTTPRequestHandler.date_time_string
-
-    def pause(days: int) -> None:
-        """The tenant is paused for `days`: Okta's clock (its `Date` header too) and ours move on."""
-        okta_time = SimpleNamespace(time=lambda: real_time() + days * 86400, sleep=time.sleep, monotonic=time.monotonic)
-        monkeypatch.setattr(okta_api, "time", okta_time)
-        monkeypatch.setattr(
-            BaseHTTPRequestHandler,
-            "date_time_string",
-            lambda self, timestamp=None: date_header(self, okta_time.time() if timestamp is None else timestamp),
-        )
-        monkeypatch.setattr(okta_connector, "_now", lambda: datetime.now(UTC) + timedelta(days=days))
-
     # 8 days: beyond Okta's default `since`, well within the 90 days the log keeps.
-    pause(8)
+    pause_okta(monkeypatch, 8)
     n0 = len(emu.request_log)
     pages, delta = pull(c, done.cursor)
     assert [u for p in pages for u in p.removed_users] == [user_id(victim)] and not delta.notes
@@ -605,7 +606,7 @@ def test_system_log_position_keeps_its_since_through_a_long_pause(
 
     # 181 days: Okta refuses the position (400 E0000053); the next run is a full one, which takes
     # a new position.
-    pause(181)
+    pause_okta(monkeypatch, 181)
     pages, delta = pull(c, done.cursor)
     assert not [u for p in pages for u in p.removed_users]
     assert delta.notes == ["system log position rejected as too old (400 E0000053): the next run is a full sync"]
@@ -625,23 +626,14 @@ def test_a_system_log_position_okta_no_longer_accepts_makes_the_next_run_a_full_
     used to restart polling from "now": a user deleted in the gap stayed stored, and active
     downstream, until the next periodic full sync. The next run is a full one now: it lists
     everything, deletes what is gone, and takes a new position that later runs poll from."""
-    import dirpull.connectors.okta as okta_connector
-    import dirpull.emulators.okta_api as okta_api
 
     age(org)
     h = make_harness(harness, emu, tmp_path, poll_system_log=True)
     assert h.sync("t1").status == "succeeded"
     victim = leaf(org, set())
     org.delete(victim)
-    days, real_time, date_header = 181, time.time, BaseHTTPRequestHandler.date_time_string
-    okta_time = SimpleNamespace(time=lambda: real_time() + days * 86400, sleep=time.sleep, monotonic=time.monotonic)
-    monkeypatch.setattr(okta_api, "time", okta_time)
-    monkeypatch.setattr(
-        BaseHTTPRequestHandler,
-        "date_time_string",
-        lambda self, timestamp=None: date_header(self, okta_time.time() if timestamp is None else timestamp),
-    )
-    monkeypatch.setattr(okta_connector, "_now", lambda: datetime.now(UTC) + timedelta(days=days))
+    real_time = time.time
+    pause_okta(monkeypatch, 181)
     seq = h.last_seq()
     r = h.sync("t1")
     assert r.status == "succeeded" and r.mode == "incremental", r.error

@@ -499,6 +499,17 @@ def test_status_shows_a_run_whose_process_was_killed(env, store_url):
     assert store.runs("hr", 2)[1]["status"] == "failed"  # the next run marked it
 
 
+def wait_for_a_running_run(store: Store, tenant: str, *, after: int, timeout: float = 30) -> dict[str, object]:
+    """The tenant's run newer than `after`, once it is running (waits at most `timeout` seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not (
+        (last := store.runs(tenant, 1)[0])["id"] > after and last["status"] == "running"
+    ):
+        time.sleep(0.05)
+    assert last["id"] > after and last["status"] == "running", last
+    return last
+
+
 @pytest.mark.parametrize(
     ("args", "how", "code"),
     [(["run", "--max-seconds", "120"], signal.SIGTERM, 143), (["sync", "hr"], signal.SIGINT, 130)],
@@ -523,12 +534,7 @@ def test_a_second_signal_while_stopping_exits_at_once_applying_nothing(env, stor
     try:
         before = store.runs("hr", 1)[0]["id"]
         events = len(list(store.iter_events("hr", after=0)))
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (
-            (last := store.runs("hr", 1)[0])["id"] > before and last["status"] == "running"
-        ):
-            time.sleep(0.05)
-        assert last["id"] > before and last["status"] == "running", last
+        last = wait_for_a_running_run(store, "hr", after=before)
         time.sleep(0.3)  # into the report's request
         proc.send_signal(how)
         time.sleep(1.0)
@@ -567,12 +573,7 @@ def _stop_mid_run(env: dict, store_url: str, *args: str) -> None:
     store = Store(store_url)
     try:
         before = store.runs("hr", 1)[0]["id"]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and not (
-            (last := store.runs("hr", 1)[0])["id"] > before and last["status"] == "running"
-        ):
-            time.sleep(0.05)
-        assert last["id"] > before and last["status"] == "running", last
+        last = wait_for_a_running_run(store, "hr", after=before)
         time.sleep(0.3)  # into the report's request
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=30)

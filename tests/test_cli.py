@@ -750,6 +750,20 @@ BAMBOO = '[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\napi_key 
             "store.url (from $DIRPULL_STORE_URL): 'postgresql+psycopg//u:***@db/d' is not a database URL"
             " (e.g. sqlite:///dirpull.db or postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE)",
         ),
+        # Two slashes: a host, not a file. Before, every command ended in SQLAlchemy's traceback.
+        (
+            '[store]\nurl = "sqlite://dirpull.db"\n',
+            {},
+            "store.url: 'sqlite://dirpull.db': a SQLite URL has no host; the path follows three slashes"
+            " (sqlite:///dirpull.db, relative to the current folder, or sqlite:////var/lib/dirpull/dirpull.db)",
+        ),
+        (
+            "",
+            {"DIRPULL_STORE_URL": "sqlite://u:hunter2@db/dirpull.db"},
+            "store.url (from $DIRPULL_STORE_URL): 'sqlite://u:***@db/dirpull.db': a SQLite URL has no host; the path"
+            " follows three slashes (sqlite:///dirpull.db, relative to the current folder, or"
+            " sqlite:////var/lib/dirpull/dirpull.db)",
+        ),
     ],
 )
 def test_config_mistake_is_one_line_exit_2(tmp_path, monkeypatch, toml, env_vars, expected):

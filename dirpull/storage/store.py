@@ -1195,6 +1195,13 @@ def parse_store_url(url: str) -> sa.URL:
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise StoreError(f"store url: unsupported database {backend!r} (use sqlite or postgresql+psycopg)")
+    if backend == "sqlite" and (parsed.host or parsed.port or parsed.username or parsed.password):
+        # `sqlite://dirpull.db` (two slashes) names a host, not a file: SQLAlchemy refused it only
+        # when the store was opened, with a traceback from every command.
+        raise StoreError(
+            f"store url: {mask_password(url)!r}: a SQLite URL has no host; the path follows three slashes "
+            "(sqlite:///dirpull.db, relative to the current folder, or sqlite:////var/lib/dirpull/dirpull.db)"
+        )
     if parsed.host and "@" in parsed.host:
         # A raw "@" in the password ends it early: the rest would be taken for the host and shown,
         # with the driver's "cannot resolve host", in every store error.

@@ -69,18 +69,25 @@ class SecretRef:
         return None
 
     def check(self) -> str | None:
-        """Why the secret cannot be read right now (a mistake, an unset variable, a missing
-        file), or None."""
+        """Why the secret cannot be read right now (a mistake, an unset or empty variable, a
+        missing or empty file), or None."""
         if problem := self.mistake():
             return problem
         if self._value.startswith("env:"):
             name = self._value[4:]
             if name not in os.environ:
                 return f"environment variable {name} is not set"
+            if not os.environ[name]:
+                return f"environment variable {name} is empty"
         elif self._value.startswith("file:"):
             path = self.path
             if path is None or not path.is_file():
                 return f"secret file {self._value[5:]} does not exist"
+            try:
+                if not self._read_file(path):  # said now, naming the key, not by the vendor's 401
+                    return f"secret file {self._value[5:]} is empty"
+            except ConfigError:
+                pass  # unreadable or not UTF-8: the run fails saying so
         return None
 
     @property
@@ -95,17 +102,24 @@ class SecretRef:
             value = os.environ.get(self._value[4:])
             if value is None:
                 raise ConfigError(f"secret {self._value}: environment variable is not set")
+            if not value:  # `KEY=` in a unit or a template that left it blank: sent as is, the vendor says 401
+                raise ConfigError(f"secret {self._value}: environment variable is empty")
             return value
         if self._value.startswith("file:"):
             assert self.path is not None
-            try:
-                # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the secret.
-                return self.path.read_text(encoding="utf-8-sig").rstrip("\r\n")
-            except OSError as exc:
-                raise ConfigError(f"secret {self._value}: cannot read ({exc.strerror})") from None
-            except UnicodeDecodeError:  # e.g. PowerShell's UTF-16; the message would quote a byte of it
-                raise ConfigError(f"secret {self._value}: not UTF-8 text; save it as UTF-8") from None
+            if not (value := self._read_file(self.path)):  # a secret mounted before its content was written
+                raise ConfigError(f"secret {self._value}: the file is empty")
+            return value
         return self._value
+
+    def _read_file(self, path: Path) -> str:
+        try:
+            # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the secret.
+            return path.read_text(encoding="utf-8-sig").rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"secret {self._value}: cannot read ({exc.strerror})") from None
+        except UnicodeDecodeError:  # e.g. PowerShell's UTF-16; the message would quote a byte of it
+            raise ConfigError(f"secret {self._value}: not UTF-8 text; save it as UTF-8") from None
 
     def __repr__(self) -> str:
         return f"SecretRef({self.reference!r})"

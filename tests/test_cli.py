@@ -695,6 +695,32 @@ def test_a_tenant_whose_secret_is_missing_fails_alone(env, monkeypatch):
     assert broken and all(r["status"] == "failed" and "DIRPULL_TEST_UNSET_KEY" in r["error"] for r in broken)
 
 
+def test_an_empty_secret_is_named_not_sent_to_the_vendor(env, monkeypatch):
+    """A variable set to nothing (`KEY=` in a unit file) or a secret file mounted empty: `sync`
+    exits 2 naming the file, tenant and key, as for an unset one, and the daemon's runs of the
+    tenant fail saying so. Before, the empty key went to the vendor and the run failed with its 401."""
+    config = Path(env["config"])
+    text = config.read_text().replace("[defaults.guard]", '[defaults]\nschedule = "1s"\n[defaults.guard]')
+    monkeypatch.setenv("DIRPULL_TEST_EMPTY_KEY", "")
+    config.write_text(text.replace('api_key = "file:key"', 'api_key = "env:DIRPULL_TEST_EMPTY_KEY"'))
+    r = run(env, "sync", "hr")
+    assert (r.exit_code, r.stdout) == (2, "")
+    assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: environment variable DIRPULL_TEST_EMPTY_KEY is empty\n"
+
+    r = run(env, "run", "--max-seconds", "3")
+    assert r.exit_code == 0
+    runs = jsonl(run(env, "runs", "hr", "--json").stdout)
+    failed = [r for r in runs if not r["error"].startswith("interrupted")]
+    why = "bamboohr: api_key: secret env:DIRPULL_TEST_EMPTY_KEY: environment variable is empty"
+    assert failed and all(r["status"] == "failed" and r["error"] == why for r in failed), [r["error"] for r in runs]
+
+    (env["tmp"] / "key").write_text("\n")
+    config.write_text(text)
+    r = run(env, "sync", "hr")
+    assert (r.exit_code, r.stdout) == (2, "")
+    assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: secret file key is empty\n"
+
+
 def test_config_mistake_exits_2_with_file_tenant_and_key(tmp_path):
     cfg = tmp_path / "dirpull.toml"
     cfg.write_text('[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\n')

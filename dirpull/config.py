@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -192,9 +192,13 @@ def _check_schedule(value: str) -> str:
         from apscheduler.triggers.cron import CronTrigger
 
         try:
-            CronTrigger.from_crontab(expr, timezone="UTC")
+            trigger = CronTrigger.from_crontab(expr, timezone="UTC")
         except ValueError as exc:
             raise ValueError(f"bad cron expression {expr!r}: {exc}") from None
+        # "0 0 31 2 *" (February 31st) parses but never fires: the tenant would never sync, while
+        # `dirpull status` showed its next run as "now".
+        if trigger.get_next_fire_time(None, datetime.now(UTC)) is None:
+            raise ValueError(f"cron expression {expr!r} never fires (no such date)")
         return value
     parse_duration(value)
     return value

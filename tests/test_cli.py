@@ -764,6 +764,12 @@ BAMBOO = '[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\napi_key 
     [
         ('[defaults]\nschedule = "9999999999d"\n', {}, "defaults.schedule: '9999999999d' is too long; at most 36500d"),
         ('[defaults]\nlease_ttl = "99999999h"\n', {}, "defaults.lease_ttl: '99999999h' is too long; at most 36500d"),
+        # Parses, but there is no February 31st: the tenant never synced and status said its next run was now.
+        (
+            '[defaults]\nschedule = "cron: 0 0 31 2 *"\n',
+            {},
+            "defaults.schedule: cron expression '0 0 31 2 *' never fires (no such date)",
+        ),
         ('store = "x"\n', {"DIRPULL_STORE_URL": "sqlite:///s.db"}, "store: must be a table ([store])"),
         (
             '[store]\nurl = "postgresql+psycopg://u:hunter2@db:5432x/d"\n',

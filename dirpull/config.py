@@ -357,6 +357,17 @@ class GoogleTenant(TenantBase):
     groups: list[str] = Field(default_factory=list)
     member_workers: int = Field(4, ge=1, le=32)
 
+    @field_validator("credentials_file")
+    @classmethod
+    def _key_or_reference(cls, v: SecretRef) -> SecretRef:
+        # A bare path (the key's name says "file") was taken for the key itself: every run failed
+        # with "credentials_file ***: not a readable service-account JSON key".
+        if v.reference == "***" and not v.get().lstrip().startswith("{"):
+            raise ValueError(
+                "must be file:PATH (the key's file), env:NAME or the JSON key itself; a path is written file:PATH"
+            )
+        return v
+
     @model_validator(mode="after")
     def _customer_or_domain(self) -> GoogleTenant:
         if self.customer and self.domain:

@@ -782,6 +782,15 @@ BAMBOO = '[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\napi_key 
             "store.url (from $DIRPULL_STORE_URL): 'postgresql+psycopg//u:***@db/d' is not a database URL"
             " (e.g. sqlite:///dirpull.db or postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE)",
         ),
+        # A bare path: before, taken for the key itself, and every run failed with "credentials_file ***: not a
+        # readable service-account JSON key".
+        (
+            '[tenants.g]\nprovider = "google_workspace"\ncredentials_file = "/etc/dirpull/sa.json"\n'
+            'subject = "a@b.c"\n',
+            {},
+            "tenants.g.credentials_file: must be file:PATH (the key's file), env:NAME or the JSON key itself;"
+            " a path is written file:PATH",
+        ),
         # Two slashes: a host, not a file. Before, every command ended in SQLAlchemy's traceback.
         (
             '[store]\nurl = "sqlite://dirpull.db"\n',

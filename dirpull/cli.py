@@ -541,9 +541,9 @@ def run(
     from dirpull.sync.daemon import Daemon
 
     config = _config()
-    store = _store(config, create=True, syncs=config.defaults.max_concurrent_syncs)
-    if not config.tenants:
+    if not config.tenants:  # said before the store is opened, which would create an empty one
         raise fail(f"{config.path}: no tenants configured")
+    store = _store(config, create=True, syncs=config.defaults.max_concurrent_syncs)
     for tenant in config.tenants:
         for problem in config.secret_problems(tenant):
             log.error("%s (its runs fail until this is fixed; the other tenants sync)", problem)

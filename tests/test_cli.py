@@ -960,3 +960,15 @@ def test_read_only_commands_refuse_a_missing_sqlite_store_and_create_nothing(tmp
         assert len(jsonl(CliRunner().invoke(app, ["--config", str(cfg), "events", "hr", "--json"]).stdout)) == 8
     finally:
         emulator.stop()
+
+
+def test_the_daemon_without_tenants_says_so_and_creates_no_store(tmp_path, monkeypatch):
+    """It opened (and so created) the store before saying there was nothing to run, leaving an
+    empty dirpull.db behind, which the read commands then took for a store."""
+    cfg = tmp_path / "dirpull.toml"
+    cfg.write_text('[store]\nurl = "sqlite:///dirpull.db"\n')
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["--config", str(cfg), "run", "--max-seconds", "1"])
+    assert r.exit_code == 2, r.output
+    assert "no tenants configured" in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dirpull.toml"]

@@ -576,6 +576,37 @@ def test_sync_a_user_leaving_the_org_unit_scope_is_deleted(
     assert user_id(mover) not in h.users("g1")
 
 
+
+def test_sync_a_broken_record_outside_the_scope_is_not_this_tenants_quarantine(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any
+) -> None:
+    org = emu.org
+    h = harness({"g1": tenant(emu, tmp_path, org_units=["/Engineering"])}, connector_factory=fast)
+    assert h.sync("g1").status == "succeeded"
+    eng = sorted(p.n for p in org.listed_people() if p.department == "Engineering")
+    outside = next(p.n for p in org.listed_people() if p.department != "Engineering")
+    emu.broken_users = {outside, eng[-1]}  # served without primaryEmail
+    r = h.sync("g1")
+    assert r.status == "succeeded", r.error
+    assert r.counts["quarantined"] == 1  # the Engineering one only
+    assert user_id(eng[-1]) in h.users("g1")  # left as stored
+
+
+def test_sync_an_emptied_group_scope_is_held_as_empty_not_as_unreadable(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any
+) -> None:
+    org = emu.org
+    eng = next(g for g in org.groups.values() if g.name == "Engineering")
+    h = harness({"g1": tenant(emu, tmp_path, groups=[eng.email])}, connector_factory=fast)
+    assert h.sync("g1").status == "succeeded"
+    outside = next(p.n for p in org.listed_people() if p.n not in eng.members)
+    emu.broken_users = {outside}
+    org.delete_group(eng.n)  # the configured group is gone: no user is in scope
+    r = h.sync("g1")
+    assert r.status == "held"
+    assert "the directory returned no users" in (r.error or "") + " ".join(r.notes)
+    assert "quarantined" not in (r.error or "") + " ".join(r.notes)
+
 # --- cost (opt-in: DIRPULL_BENCH=10000 pytest tests/test_google_workspace_connector.py -k cost -s) -----
 
 

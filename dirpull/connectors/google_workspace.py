@@ -580,7 +580,11 @@ class GoogleWorkspaceConnector(CountsRequests):
         quarantined user is left as stored, memberships included)."""
         emitted: set[str] = set()
         spool.file.seek(0)
-        page = Page(quarantined=[q for q in quarantined if q.kind == "user"])
+        # A broken record outside the scope is none of this tenant's business: reported, it was
+        # counted on every run and named by the guard as the reason an empty scope was held.
+        page = Page(
+            quarantined=[q for q in quarantined if q.kind == "user" and (q.idp_id is None or in_scope(q.idp_id))]
+        )
         for line, uid, part, manager_value in zip(spool.file, spool.ids, spool.parts, spool.managers, strict=True):
             if not in_scope(uid):
                 continue

@@ -290,6 +290,23 @@ def test_a_404_from_users_or_groups_list_is_a_configuration_error(emu: GoogleEmu
         pull(connector(emu, tmp_path))
 
 
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        ({"customer": None, "domain": "acme.exmaple"}, "domain 'acme.exmaple'"),
+        ({"customer": "C0typo"}, "customer 'C0typo'"),
+    ],
+)
+def test_a_customer_or_domain_not_the_subjects_is_named_in_the_refusal(
+    emu: GoogleEmulator, tmp_path: Path, extra: dict[str, Any], named: str
+) -> None:
+    # Google answers it with the 403 "Not Authorized to access this resource/api" that a missing
+    # delegation gets: the message must not send the admin to check only the delegation.
+    refused = rf"^users\.list: HTTP 403 forbidden .*\(check {named}, the subject, domain-wide"
+    with pytest.raises(AuthError, match=refused):
+        pull(connector(emu, tmp_path, **extra))
+
 def test_a_404_from_members_list_leaves_the_group_out(emu: GoogleEmulator, tmp_path: Path) -> None:
     emu.faults.update({"error": 1, "error_status": 404, "path": "/members"})  # deleted while read
     pages, done = pull(connector(emu, tmp_path, member_workers=1))

@@ -193,11 +193,13 @@ class _MemberReads:
         return out
 
 
-def _refused(where: str, message: str, step: str) -> AuthError:
-    return AuthError(
-        f"{where}: {message or 'not permitted'} (check the subject, domain-wide delegation and the read-only scopes)",
-        step=step,
-    )
+def _refused(where: str, message: str, step: str, *, directory: str | None = None) -> AuthError:
+    checks = "the subject, domain-wide delegation and the read-only scopes"
+    if directory:
+        # Google answers a customer or domain that is not the subject's with the same 403
+        # "Not Authorized to access this resource/api" as a missing delegation.
+        checks = f"{directory}, {checks}"
+    return AuthError(f"{where}: {message or 'not permitted'} (check {checks})", step=step)
 
 
 def _error_reason(exc: Any) -> tuple[str, str]:
@@ -259,6 +261,10 @@ class _Session:
         self.policy = policy
         self.counter = _Counter()
         self.api_url = (settings.api_url or DEFAULT_API_URL).rstrip("/")
+        # What a refused listing names among the things to check.
+        self.directory = (
+            f"domain {settings.domain!r}" if settings.domain else f"customer {settings.customer or 'my_customer'!r}"
+        )
         ref = settings.credentials_file
         try:
             path = getattr(ref, "path", None)
@@ -341,7 +347,7 @@ class _Session:
                         step=step,
                     ) from None
                 if status in (401, 403):
-                    raise _refused(where, message, step) from None
+                    raise _refused(where, message, step, directory=self.directory if status == 403 else None) from None
                 if status == 400:
                     raise ConfigurationError(f"{where}: {message}", step=step) from None
                 raise ConnectorError(f"{where}: {message}", retriable=False, step=step) from None

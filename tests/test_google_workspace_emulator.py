@@ -358,3 +358,20 @@ def test_volatile_fields_change_between_reads_and_broken_users_lack_primary_emai
     emu.silent_empty = True
     body = svc.users().list(customer="my_customer").execute()
     assert "users" not in body and body["kind"] == "admin#directory#users"
+
+
+def test_switches_over_http_take_only_what_they_say(emu: GoogleEmulator) -> None:
+    # An emulator served in another process is driven only this way: a string "false", a misspelt
+    # switch or a bad value must be refused, not turn the listing empty or be dropped unseen.
+    url = f"{emu.base_url}/_emulator/google"
+    svc = service(emu)
+    for body in ({"silent_empty": "false"}, {"silent_emtpy": True}, {"broken_users": ["three"]}):
+        r = requests.post(url, json=body, timeout=5)
+        assert r.status_code == 400, body
+    body = svc.users().list(customer="my_customer", maxResults=5).execute()
+    assert len(body["users"]) == 5 and all("primaryEmail" in u for u in body["users"])
+    assert requests.post(url, json={"silent_empty": True, "broken_users": [2]}, timeout=5).ok
+    assert "users" not in svc.users().list(customer="my_customer").execute()
+    assert requests.post(url, json={"silent_empty": False}, timeout=5).ok
+    users = svc.users().list(customer="my_customer", maxResults=5).execute()["users"]
+    assert "primaryEmail" not in users[1] and users[1]["id"] == user_id(2)

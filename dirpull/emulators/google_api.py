@@ -37,7 +37,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qs, unquote
 
 from dirpull.emulators.org import Group, Org, Person
-from dirpull.emulators.server import Emulator, Request, Response, signed_token, token_claims
+from dirpull.emulators.server import Emulator, Request, Response, flag, one_of, signed_token, token_claims
 
 API = "/admin/directory/v1"
 GOOGLE_TOKEN_AUD = "https://oauth2.googleapis.com/token"
@@ -165,7 +165,14 @@ class GoogleEmulator(Emulator):
         self.route("GET", API + r"/users", self._users_list)
         self.route("GET", API + r"/groups", self._groups_list)
         self.route("GET", API + r"/groups/(?P<key>[^/]+)/members", self._members_list)
-        self.route("POST", r"/_emulator/google", self._switches)
+        self.switch_route(
+            "/_emulator/google",
+            {
+                "rate_limit_kind": one_of("user", "quota", "concurrent", "alternate"),
+                "silent_empty": flag,  # "false" is not true
+                "broken_users": lambda v: {int(n) for n in v},
+            },
+        )
 
     # --- service accounts and tokens -------------------------------------------------------------
 
@@ -380,18 +387,6 @@ class GoogleEmulator(Emulator):
         return Response(
             404, google_error(404, "Resource Not Found: " + req.path.rsplit("/", 1)[-1], "notFound")
         )
-
-    def _switches(self, req: Request) -> Response:
-        body = req.json() or {}
-        if "rate_limit_kind" in body:
-            if body["rate_limit_kind"] not in ("user", "quota", "concurrent", "alternate"):
-                return Response(400, {"error": "rate_limit_kind: user|quota|concurrent|alternate"})
-            self.rate_limit_kind = body["rate_limit_kind"]
-        if "silent_empty" in body:
-            self.silent_empty = bool(body["silent_empty"])
-        if "broken_users" in body:
-            self.broken_users = {int(n) for n in body["broken_users"]}
-        return Response(200, {"ok": True})
 
     # --- rendering -------------------------------------------------------------------------------
 

@@ -215,6 +215,11 @@ def test_members_capped_at_200_and_typed_user_group_customer_external(emu: Googl
     assert next(g for g in count if g["id"] == group_id(big.n))["directMembersCount"] == "223"
     # By email too, and 404 in Google's shape for an unknown group.
     assert svc.members().list(groupKey=big.email).execute()["members"]
+    # And by an alias the group is listed with (groupKey = email, alias or id).
+    listed = next(g for g in count if g["id"] == group_id(big.n))
+    (alias,) = listed["nonEditableAliases"]
+    by_alias = svc.members().list(groupKey=alias, maxResults=200).execute()["members"]
+    assert by_alias == members[:200]
     with pytest.raises(HttpError) as err:
         svc.members().list(groupKey="03x8tuzt9999999").execute()
     assert err.value.resp.status == 404 and reason(err.value) == "notFound"

@@ -78,6 +78,12 @@ def _foreign_group_id(address: str) -> str:
     return "04f" + hashlib.sha1(address.lower().encode()).hexdigest()[:12]
 
 
+def _non_editable_alias(email: str) -> str:
+    """The address Google gives every group of a domain on the domain's test-google-a.com twin."""
+    local, _, dom = email.partition("@")
+    return f"{local}@{dom}.test-google-a.com"
+
+
 def _b64url_decode(part: str) -> bytes:
     return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
 
@@ -640,8 +646,7 @@ class GoogleEmulator(Emulator):
             "adminCreated": True,
         }
         if g.email:
-            local, _, dom = g.email.partition("@")
-            out["nonEditableAliases"] = [f"{local}@{dom}.test-google-a.com"]
+            out["nonEditableAliases"] = [_non_editable_alias(g.email)]
         return out
 
     def _find_person(self, key: str) -> Person | None:
@@ -665,7 +670,8 @@ class GoogleEmulator(Emulator):
             return g if g and not g.deleted else None
         key = key.lower()
         for g in self.org.listed_groups():
-            if (g.email or "").lower() == key:
+            # groupKey is the group's email, an alias or its id (the aliases it is listed with).
+            if g.email and key in (g.email.lower(), _non_editable_alias(g.email).lower()):
                 return g
         return None
 

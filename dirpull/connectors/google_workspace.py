@@ -21,7 +21,8 @@ The Directory API has no delta, so every run is a full snapshot:
 Throttling (403 userRateLimitExceeded/rateLimitExceeded/quotaExceeded, 429) and 5xx are retried
 with exponential backoff and jitter from the shared RetryPolicy (Google sends no Retry-After),
 capped in attempts and total wait; then the run fails and nothing is applied. So is a token
-request that google-auth marks retryable (5xx, 429, 408); any other refusal is an AuthError.
+request that google-auth marks retryable (500, 503, 504, 429, 408; not 502); any other refusal is
+an AuthError.
 """
 
 from __future__ import annotations
@@ -354,7 +355,7 @@ class _Session:
             except RefreshError as exc:
                 detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else "refused"
                 if getattr(exc, "retryable", False):
-                    # A 5xx/429/408 or a server_error/temporarily_unavailable from the token endpoint
+                    # A 500/503/504/429/408 or a server_error/temporarily_unavailable from the token endpoint
                     # (google-auth has tried it 3 times by now): an outage, not a refusal.
                     what = f"{step}: the token endpoint failed: {detail[:200]}"
                     log.warning("%s; retrying (attempt %d)", what, attempt)

@@ -97,6 +97,14 @@ def log(msg: str) -> None:
 # --- processes -------------------------------------------------------------------------------------
 
 
+def compile_package() -> None:
+    """The code measured is the code an installed dirpull runs: byte-compiled, as `pip install .`
+    leaves it. Where PYTHONDONTWRITEBYTECODE is set, an editable checkout otherwise compiles its
+    modules from source in every `dirpull sync` process, the connector's inside the timed run."""
+    if not compileall.compile_dir(ROOT / "dirpull", quiet=1):
+        log("could not byte-compile dirpull/; its processes compile it from source")
+
+
 def child_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("DIRPULL_STORE_URL", None)
@@ -911,11 +919,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in providers:
         if p not in PROVIDERS:
             ap.error(f"unknown provider {p!r}")
-    # The code measured is the code an installed dirpull runs: byte-compiled, as `pip install .`
-    # leaves it. Where PYTHONDONTWRITEBYTECODE is set, an editable checkout otherwise compiles its
-    # modules from source in every `dirpull sync` process, the connector's inside the timed run.
-    if not compileall.compile_dir(ROOT / "dirpull", quiet=1):
-        log("could not byte-compile dirpull/; its processes compile it from source")
+    compile_package()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="dirpull-bench-")).resolve()
     results: list[dict[str, Any]] = []
     failed: dict[str, str] = {}

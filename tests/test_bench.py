@@ -143,3 +143,21 @@ def test_sqlite_threads_bench_runs_every_case() -> None:
         "store read of every fingerprint beside a busy thread",
     ]  # fmt: skip
     assert "300 rows in" in out.stdout and "20 rows in" in out.stdout
+
+
+def test_fresh_process_script_compares_a_first_run_with_preloaded_modules_and_warm_runs() -> None:
+    out = subprocess.run(
+        [sys.executable, "scripts/fresh_process.py", "--provider", "bamboohr", "--users", "60", "--groups", "4",
+         "--rounds", "1", "--timeout", "120"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("bamboohr, 60 users, 4 groups: wire floor"), out.stdout
+    for label, samples in (("fresh process, first run", 1), ("its modules imported before", 1),
+                           ("second and third runs", 4), ("importing those modules", 1)):  # fmt: skip
+        (line,) = [x for x in lines if label in x]
+        assert line.endswith(f"over {samples}"), line
+    # The connector's HTTP stack is imported by the first run, not by dirpull's start-up.
+    (modules,) = [x for x in lines if "packages among them" in x]
+    assert "requests" in modules.split(": ", 1)[1].split(", "), modules

@@ -972,3 +972,19 @@ def test_the_daemon_without_tenants_says_so_and_creates_no_store(tmp_path, monke
     assert r.exit_code == 2, r.output
     assert "no tenants configured" in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dirpull.toml"]
+
+
+def test_a_command_on_a_sqlite_store_does_not_load_postgresqls_dialect(tmp_path):
+    """Importing PostgreSQL's dialect took ~38 ms, a sixth of every command's start-up, for a store
+    that never uses it."""
+    cfg = tmp_path / "dirpull.toml"
+    cfg.write_text(f'[store]\nurl = "sqlite:///{tmp_path / "s.db"}"\n')
+    assert CliRunner().invoke(app, ["--config", str(cfg), "db", "upgrade"]).exit_code == 0
+    code = (
+        "import sys\nfrom dirpull.cli import main\nsys.argv = ['dirpull', '-c', sys.argv[1], 'status', '--json']\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "print(sorted(m for m in sys.modules if m.startswith('sqlalchemy.dialects.postgresql')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

@@ -1122,7 +1122,7 @@ def _bound(type_: sa.types.TypeEngine[Any], value: Any, conn: Connection) -> Any
 
 
 def _json_columns(table: sa.Table) -> frozenset[str]:
-    return frozenset(c.name for c in table.columns if isinstance(c.type, sa.JSON))
+    return frozenset(c.name for c in table.columns if isinstance(c.type, t.JSONType))
 
 
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:

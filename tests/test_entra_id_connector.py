@@ -452,6 +452,48 @@ def test_a_user_created_between_the_two_rounds_cut_offs_keeps_their_memberships(
         assert new_user_stored
 
 
+class _LeaveBetweenChunks(GraphEmulator):
+    """Runs `change` once, between two pages of a groups round that both carry a chunk of
+    `group`'s members@delta: right after the page with its first chunk is answered."""
+
+    group: str | None = None
+    change: Any = None
+    _pending: Any = None
+
+    def _delta_inner(self, req: Any, kind: str) -> Any:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending()
+        resp = super()._delta_inner(req, kind)
+        body = resp.body if isinstance(resp.body, dict) else {}
+        chunked = any(i.get("id") == self.group and "members@delta" in i for i in body.get("value", ()))
+        if self.change is not None and kind == "groups" and chunked and "@odata.nextLink" in body:
+            self._pending, self.change = self.change, None
+        return resp
+
+
+def test_a_member_leaving_while_a_walk_reads_a_large_group_hides_no_other_member(
+    harness: Any, org: Org, tmp_path: Path
+) -> None:
+    """A large group's members come in chunks over several pages of a round. A member who leaves
+    between two of those pages must not take another member's place: that member never changes,
+    so no later round would name them, and their membership was gone until a full walk that
+    happened not to race a change."""
+    big = next(g for g in sorted(org.groups.values(), key=lambda g: -len(g.members))
+               if not g.subgroups and not any(g.n in x.subgroups for x in org.groups.values()))  # fmt: skip
+    assert len(big.members) > 2 * 7  # three chunks at least
+    with _LeaveBetweenChunks(org, delta_page_size=30, member_chunk_size=7, retry_after="0.01") as graph:
+        graph.group = group_id(big.n)
+        graph.change = lambda: org.remove_member(big.n, min(big.members))
+        h = harness({"t1": tenant(graph, tmp_path)}, guard={"max_percent": 50, "min_count": 20})
+        r = h.sync("t1")
+        assert r.status == "succeeded" and r.mode == "full", r.error
+        assert graph.change is None  # the member left between two chunks
+        r = h.sync("t1")  # the leave itself comes in this round
+        assert r.status == "succeeded" and r.mode == "incremental", r.error
+        assert h.members("t1") == expected_members(org)
+
+
 @pytest.mark.parametrize("every_change", [True, False], ids=["manager-repeated", "manager-only-on-change"])
 def test_a_later_round_keeps_managers_whichever_way_graph_names_them(
     harness: Any, graph: GraphEmulator, org: Org, tmp_path: Path, every_change: bool

@@ -37,7 +37,9 @@ when it was taken away (False: what users report, microsoft-graph-explorer-v4 #4
 from __future__ import annotations
 
 import base64
+import bisect
 import json
+import operator
 import secrets
 import threading
 import time
@@ -250,7 +252,10 @@ class _Round:
     upto: int  # org version when the round started: the next round's `since`
     select: list[str] | None
     pos: int = 0  # last object n fully emitted
-    chunk: int = 0  # members@delta offset inside object pos + 1 (groups)
+    # The key (`_member_key`) of the last members@delta entry emitted of object pos + 1 (groups),
+    # None before its first chunk. A key, not an offset: members leaving between two pages would
+    # shift an offset past a member who never changed, named in no round at all.
+    chunk: list[int] | None = None
 
     def token(self, generation: int) -> str:
         return _encode(
@@ -847,7 +852,7 @@ class GraphEmulator(Emulator):
                 int(state["u"]),
                 state.get("f"),
                 int(state["p"]),
-                int(state["c"]),
+                state.get("c"),
             )
         else:
             # A new round. $top is not supported on delta and is silently ignored.
@@ -984,13 +989,14 @@ class GraphEmulator(Emulator):
         items: list[dict[str, Any]] = []
         hi = len(groups)
         n, scanned, chunk = rnd.pos, 0, rnd.chunk
+        key: Callable[[tuple[tuple[int, int], dict[str, Any]]], tuple[int, int]] = operator.itemgetter(0)
         more_members = False
         while n < hi and len(items) < self.delta_page_size and scanned < self.delta_scan_limit:
             cur = n + 1
             scanned += 1
             g = groups.get(cur)
             n = cur
-            offset, chunk = chunk, 0  # a chunk offset only applies to the group a page resumes
+            after, chunk = chunk, None  # a chunk key only applies to the group a page resumes
             if g is None:
                 continue
             if rnd.initial:
@@ -999,13 +1005,23 @@ class GraphEmulator(Emulator):
                     if self.initial_removed and self._recently(g.updated_at):
                         items.append(self._group_removed(g))
                     continue
-                member_list: list[dict[str, Any]] | None = None
+                # (key, entry) in key order: users, groups, then the vendor-only kinds.
+                member_list: list[tuple[tuple[int, int], dict[str, Any]]] | None = None
                 if with_members:
                     people, subs = self.org.direct_members(g.n)
-                    member_list = [{"@odata.type": "#microsoft.graph.user", "id": user_id(m)} for m in people]
-                    member_list += [{"@odata.type": "#microsoft.graph.group", "id": group_id(m)} for m in subs]
+                    member_list = [
+                        (_member_key("user", m), {"@odata.type": "#microsoft.graph.user", "id": user_id(m)})
+                        for m in people
+                    ]
                     member_list += [
-                        {"@odata.type": f"#microsoft.graph.{kind}", "id": foreign_id(kind, g.n)}
+                        (_member_key("group", m), {"@odata.type": "#microsoft.graph.group", "id": group_id(m)})
+                        for m in subs
+                    ]
+                    member_list += [
+                        (
+                            _member_key(kind, g.n),
+                            {"@odata.type": f"#microsoft.graph.{kind}", "id": foreign_id(kind, g.n)},
+                        )
                         for kind in self.foreign_members.get(g.n, ())
                     ]
             else:
@@ -1027,15 +1043,20 @@ class GraphEmulator(Emulator):
                         }
                         if not added:
                             entry["@removed"] = {"reason": "deleted"}
-                        member_list.append(entry)
+                        member_list.append((_member_key(kind, m), entry))
+                    member_list.sort(key=key)
             item = self._render(g, GROUP_PROPERTIES, names)
             self._stale_removal(item["id"], items)
             if member_list:
-                # A large group comes back on several pages, each with a chunk of its members.
-                item["members@delta"] = member_list[offset : offset + self.member_chunk_size]
-                if offset + self.member_chunk_size < len(member_list):
+                # A large group comes back on several pages, each with a chunk of its members: those
+                # after the last one the previous page named.
+                start = bisect.bisect_right(member_list, tuple(after), key=key) if after else 0
+                part = member_list[start : start + self.member_chunk_size]
+                if part:
+                    item["members@delta"] = [entry for _, entry in part]
+                if start + self.member_chunk_size < len(member_list):
                     items.append(item)
-                    chunk = offset + self.member_chunk_size
+                    chunk = list(part[-1][0])
                     n = cur - 1  # come back to this group on the next page
                     more_members = True
                     break
@@ -1050,3 +1071,9 @@ class GraphEmulator(Emulator):
 
 
 _DEFAULT_MARK: Any = object()
+
+
+def _member_key(kind: str, n: int) -> tuple[int, int]:
+    """Where a member stands in a group's member order: users, groups, then the vendor-only
+    kinds (`FOREIGN_KINDS`), each by number. Paging resumes after a key, whatever left since."""
+    return (0 if kind == "user" else 1 if kind == "group" else 2 + FOREIGN_KINDS.index(kind), n)

@@ -470,6 +470,33 @@ def test_msgraph_sdk_reads_users_delta(graph: GraphEmulator, org: Org) -> None:
     assert by_id[user_id(4)].additional_data == {"@removed": {"reason": "changed"}}
 
 
+def test_msgraph_sdk_pages_group_members_while_one_leaves(graph: GraphEmulator, org: Org) -> None:
+    """A member leaving between two pages of /groups/{id}/members must not take another member's
+    place: dirpull re-reads a nested group this way and stores what it reads as the complete
+    member set, so a member skipped here lost their membership until a full walk."""
+    from kiota_abstractions.base_request_configuration import RequestConfiguration
+    from msgraph.generated.groups.item.members.members_request_builder import MembersRequestBuilder
+
+    big = max(org.groups.values(), key=lambda g: len(g.members))
+    stayed = set(org.direct_members(big.n)[0][1:])
+    assert len(stayed) > 10
+
+    async def main() -> set[str]:
+        client = _sdk_client(graph)
+        builder = client.groups.by_group_id(group_id(big.n)).members
+        qp = MembersRequestBuilder.MembersRequestBuilderGetQueryParameters(select=["id"], top=5)
+        page = await builder.get(request_configuration=RequestConfiguration(query_parameters=qp))
+        seen = {m.id for m in page.value}
+        org.remove_member(big.n, min(big.members))  # named on the first page, gone before the second
+        while page.odata_next_link:
+            page = await builder.with_url(page.odata_next_link).get()
+            seen |= {m.id for m in page.value}
+        return seen
+
+    seen = asyncio.run(main())
+    assert {user_id(n) for n in stayed} <= seen
+
+
 def test_skiptoken_is_opaque_and_in_a_full_url(client: Client) -> None:
     body = client.get("/users/delta", **{"$select": "displayName"}).json()
     parts = urlsplit(body["@odata.nextLink"])

@@ -775,21 +775,26 @@ class GraphEmulator(Emulator):
         both: dict[str, Any],
     ) -> Response:
         skiptoken = req.arg("$skiptoken")
+        after: list[int] | None = None  # the `_member_key` of the last member the previous page named
         if skiptoken is not None:
             state = _decode(skiptoken)
-            select, top, pos = state.get("f"), int(state.get("n", 100)), int(state.get("p", 0))
+            select, top, after = state.get("f"), int(state.get("n", 100)), state.get("a")
         else:
             select = self._select(req, both, {}, (), "directoryObject")
-            top, pos = self._top(req), 0
+            top = self._top(req)
         names: Any = [s for s in select if s in both] if select is not None else _DEFAULT_MARK
+        # Resume after that member, not at an offset: a member leaving between two pages would
+        # shift an offset past one who stayed (`members` is in `_member_key` order).
+        pos = bisect.bisect_right(members, tuple(after), key=lambda m: _member_key(*m)) if after else 0
+        page = members[pos : pos + top]
         with self.org.lock:
-            items = [render(m, names) for m in members[pos : pos + top]]
+            items = [render(m, names) for m in page]
         end = pos + len(items)
         ctx = f"{self.base_url}/v1.0/$metadata#directoryObjects" + (f"({','.join(select)})" if select else "")
         body: dict[str, Any] = {"@odata.context": ctx}
         if end < len(members):
             params = [("$select", ",".join(select))] if select else []
-            params.append(("$skiptoken", _encode({"p": end, "n": top, "f": select})))
+            params.append(("$skiptoken", _encode({"a": list(_member_key(*page[-1])), "n": top, "f": select})))
             body["@odata.nextLink"] = self._url(f"groups/{gid}/members", params)
         body["value"] = items
         return self._json(body)

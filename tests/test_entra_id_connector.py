@@ -494,6 +494,51 @@ def test_a_member_leaving_while_a_walk_reads_a_large_group_hides_no_other_member
         assert h.members("t1") == expected_members(org)
 
 
+class _ChangeBeforeMembersRead(GraphEmulator):
+    """Runs `change` once, when `/groups/{group}/members` is asked for, before it is answered."""
+
+    group: str | None = None
+    change: Any = None
+
+    def _members(self, req: Any) -> Any:
+        if self.change is not None and req.params.get("gid") == self.group:
+            change, self.change = self.change, None
+            change()
+        return super()._members(req)
+
+
+def test_a_nested_group_changed_while_its_parent_is_reread_is_corrected_by_the_next_delta(
+    harness: Any, tmp_path: Path
+) -> None:
+    """A delta re-reads a changed parent group's tree with /groups/{id}/members. A subgroup read
+    there is not replaced in the store (only the parent is), so the nesting the cursor keeps for it
+    must stay what its stored members were flattened from. It took what was just read instead: a
+    child group taken out of it between the round's cut-off and that read made the next round's
+    "child removed" look like a change to a group without children, and the child's users stayed
+    members of it until the next full reconciliation."""
+    org = Org.generate(60, groups=8, seed=3)
+    for g in org.groups.values():  # no nesting but the one made here
+        for child in list(g.subgroups):
+            org.remove_subgroup(g.n, child)
+    top, middle, bottom = sorted(org.groups.values(), key=lambda g: -len(g.members))[:3]
+    org.add_subgroup(top.n, middle.n)
+    org.add_subgroup(middle.n, bottom.n)
+    assert bottom.members - middle.members - top.members  # users the nesting alone puts in top and middle
+    with _ChangeBeforeMembersRead(org, delta_page_size=30, member_chunk_size=7, retry_after="0.01") as graph:
+        h = harness({"t1": tenant(graph, tmp_path)}, guard={"max_percent": 100, "min_count": 1000})
+        assert h.sync("t1").status == "succeeded"
+        assert h.members("t1") == expected_members(org)
+        org.add_member(top.n, next(n for n in range(60, 0, -1) if n not in top.members))  # top is re-read
+        graph.group = group_id(middle.n)
+        graph.change = lambda: org.remove_subgroup(middle.n, bottom.n)
+        r = h.sync("t1")
+        assert r.status == "succeeded" and r.mode == "incremental", r.error
+        assert graph.change is None  # the subgroup left as the middle group was read
+        r = h.sync("t1")  # the round that lists that change
+        assert r.status == "succeeded" and r.mode == "incremental", r.error
+        assert h.members("t1") == expected_members(org)
+
+
 @pytest.mark.parametrize("every_change", [True, False], ids=["manager-repeated", "manager-only-on-change"])
 def test_a_later_round_keeps_managers_whichever_way_graph_names_them(
     harness: Any, graph: GraphEmulator, org: Org, tmp_path: Path, every_change: bool

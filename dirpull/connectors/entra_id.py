@@ -893,8 +893,12 @@ class EntraConnector(CountsRequests):
             for i in range(0, max(1, len(members)), PAGE_PAIRS):
                 chunk = [(gid, uid) for uid in members[i : i + PAGE_PAIRS]]
                 yield Page(members=chunk, complete_groups=[gid] if i == 0 else [])
-        for gid, kids in kids_read.items():  # what was just read is the truth
-            nesting[gid] = set(kids)
+        # The nesting kept is what each stored member set was flattened from. A re-read group was
+        # just replaced with what was read, so its children are what was read; a group read only
+        # as a subgroup of one keeps its stored members, so its nesting stays as the deltas have it
+        # (a child it lost since the cut-off comes in the next round, which re-reads it then).
+        for gid in reread:
+            nesting[gid] = set(kids_read.get(gid, ()))
 
         new_cursor = {
             "users": links["users delta"],

@@ -494,6 +494,32 @@ def test_a_member_leaving_while_a_walk_reads_a_large_group_hides_no_other_member
         assert h.members("t1") == expected_members(org)
 
 
+@pytest.mark.parametrize("first_sync", [True, False], ids=["full", "incremental"])
+def test_a_replayed_group_removal_between_two_member_chunks_keeps_the_earlier_chunks(
+    harness: Any, org: Org, tmp_path: Path, first_sync: bool
+) -> None:
+    """Graph may replay an object's @removed in a round, the live record following (§1.1 "Delta
+    caveats"); a large group comes back on several pages, a chunk of members@delta on each. A
+    replay that lands between two chunks must not drop the chunks before it: in a full walk that
+    deleted those memberships, in a delta it lost the member changes they named."""
+    big = next(g for g in sorted(org.groups.values(), key=lambda g: -len(g.members))
+               if not g.subgroups and not any(g.n in x.subgroups for x in org.groups.values()))  # fmt: skip
+    with _LeaveBetweenChunks(org, delta_page_size=30, member_chunk_size=7, retry_after="0.01") as graph:
+        graph.group = group_id(big.n)
+        h = harness({"t1": tenant(graph, tmp_path)}, guard={"max_percent": 100, "min_count": 1000})
+        if not first_sync:
+            assert h.sync("t1").status == "succeeded"
+            joiners = [n for n in range(80, 0, -1) if n not in big.members and org.people[n].visible][:10]
+            for n in joiners:  # more member changes than one chunk holds
+                org.add_member(big.n, n)
+        graph.change = lambda: graph.stale_removals.add(group_id(big.n))
+        r = h.sync("t1")
+        assert r.status == "succeeded" and r.mode == ("full" if first_sync else "incremental"), r.error
+        assert graph.change is None and not graph.stale_removals  # replayed before the second chunk
+        assert group_id(big.n) in h.groups("t1")
+        assert h.members("t1") == expected_members(org)
+
+
 class _ChangeBeforeMembersRead(GraphEmulator):
     """Runs `change` once, when `/groups/{group}/members` is asked for, before it is answered."""
 

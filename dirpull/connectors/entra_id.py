@@ -724,16 +724,22 @@ class EntraConnector(CountsRequests):
         return out
 
     @staticmethod
-    def _full_group_page(page: dict[str, Any], direct: dict[str, set[str]], children: dict[str, set[str]]) -> Page:
+    def _full_group_page(page: dict[str, Any], direct: dict[str, set[str]], children: dict[str, set[str]],
+                         gone: set[str]) -> Page:  # fmt: skip
         """A walk's page of groups: the groups, and their members gathered into `direct` and
-        `children` (handed over once the walk is done, a list per group: `_full`)."""
+        `children` (handed over once the walk is done, a list per group: `_full`); `gone`: the
+        groups whose latest record in the walk is a removal."""
         out = Page()
         records = page.get("value") or []
         for rec in records:
             gid, live = _group_record(rec, out)
             if gid is not None and "@removed" in rec:
-                direct.pop(gid, None)
-                children.pop(gid, None)
+                # Members gathered so far are kept: a replayed removal may come between two chunks
+                # of a group's members, its live record after it (a group gone for good is left
+                # out at the end).
+                gone.add(gid)
+            elif gid is not None:
+                gone.discard(gid)
             if gid is None or not live:
                 continue
             users = direct.setdefault(gid, set())
@@ -767,6 +773,7 @@ class EntraConnector(CountsRequests):
         links: dict[str, str] = {}
         direct: dict[str, set[str]] = {}
         children: dict[str, set[str]] = {}
+        gone: set[str] = set()  # groups whose latest record in the walk is a removal
 
         # The groups round's first page before the users round's first request: the groups
         # round's cut-off comes first (module doc). One page's wait; then the walks overlap.
@@ -778,7 +785,7 @@ class EntraConnector(CountsRequests):
 
         async def groups() -> AsyncIterator[Page]:
             async for page in self._walk(session, first_groups, "groups delta", links):
-                yield await asyncio.to_thread(self._full_group_page, page, direct, children)
+                yield await asyncio.to_thread(self._full_group_page, page, direct, children, gone)
 
         # Within a round Graph hands out one page at a time (each names the next), so a round is a
         # chain of round trips; the users and groups rounds walk side by side. (A snapshot's
@@ -788,6 +795,9 @@ class EntraConnector(CountsRequests):
 
         # Each group's members, once the walk has seen them all (a group's members may come over
         # several pages, a subgroup's before or after it): a user in a group below G is a member of G.
+        for gid in gone:
+            direct.pop(gid, None)
+            children.pop(gid, None)
         lists: list[tuple[str, list[str]]] = []
         listed = 0
         for gid, users in direct.items():
@@ -825,8 +835,10 @@ class EntraConnector(CountsRequests):
                 if gid is None:
                     continue
                 if "@removed" in rec:
+                    # The member changes gathered so far stay: a replayed removal may come between
+                    # two chunks of a group's members@delta, its live record after it. (Those of a
+                    # group gone for good name a deleted group: nothing is applied for them.)
                     removed_groups.add(gid)
-                    changes.pop(gid, None)
                     continue
                 removed_groups.discard(gid)
                 if not live:

@@ -293,7 +293,7 @@ class ClientCredentialsProvider:
             "client_secret": self._secret.get(),
             "scope": self._scope,
         }
-        resp = await self._session.send_raw("token", lambda c: c.post(self._token_url, data=form))
+        resp = await self._session.send_raw("token", self._token_url, lambda c: c.post(self._token_url, data=form))
         if resp.status_code in (400, 401, 403):
             try:
                 body = resp.json()
@@ -379,8 +379,8 @@ class _Session:
         finally:
             self.policy.end_wait()
 
-    async def send_raw(self, step: str, call: Any) -> httpx.Response:
-        """A plain httpx call (the token endpoint) under the retry policy."""
+    async def send_raw(self, step: str, url: str, call: Any) -> httpx.Response:
+        """A plain httpx POST to `url` (the token endpoint) under the retry policy."""
         attempt = 0
         while True:
             attempt += 1
@@ -388,11 +388,13 @@ class _Session:
             try:
                 resp = await call(self._plain)
             except httpx.TransportError as exc:
-                await self._wait(attempt, None, what=f"{step}: {type(exc).__name__}", step=step)
+                await self._wait(attempt, None, what=f"{step}: {type(exc).__name__} on POST {redact_url(url)}",
+                                 step=step)  # fmt: skip
                 continue
             if resp.status_code in RETRIABLE_STATUSES:
                 hint = parse_retry_after(resp.headers.get("Retry-After"))
-                await self._wait(attempt, hint, what=f"{step}: HTTP {resp.status_code}", step=step)
+                await self._wait(attempt, hint, what=f"{step}: HTTP {resp.status_code} on POST {redact_url(url)}",
+                                 step=step)  # fmt: skip
                 continue
             return resp
 
@@ -405,8 +407,11 @@ class _Session:
         from kiota_abstractions.api_error import APIError
         from msgraph.generated.models.o_data_errors.o_data_error import ODataError
 
-        # Links the server sent were checked by link(); builder requests get base_url at send time.
+        # Links the server sent were checked by link(); builder requests get base_url at send time
+        # (their URL is a path until then: messages name the host too).
         url = str(request_info.url)
+        if "://" not in url:
+            url = self.graph_url + url
         attempt = 0
         refreshed = False
         while True:

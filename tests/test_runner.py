@@ -94,6 +94,30 @@ def test_a_key_that_comes_or_goes_with_a_null_value_is_named_in_previous_attribu
     ]
 
 
+def test_a_value_that_changes_json_type_but_not_python_equality_is_an_update_event(harness):
+    """A vendor attribute going from true to 1, 0 to false or 1 to 1.0 is a different value in the
+    stored row and in `users --json`; Python's == calls them equal, so the row was rewritten and no
+    event said so: a consumer mirroring the log kept the old value for good."""
+    d = Directory(users=people(3, raw_attributes={"flag": True, "n": 1, "site": "a"}, custom_attributes={"c": 0}))
+    h = make(harness, d)
+    h.sync("t")
+    seq = h.last_seq()
+    d.users[0] = d.users[0].model_copy(update={"raw_attributes": {"flag": 1, "n": 1, "site": "b"}})
+    d.users[1] = d.users[1].model_copy(update={"custom_attributes": {"c": False}})
+    d.users[2] = d.users[2].model_copy(update={"raw_attributes": {"flag": True, "n": 1.0, "site": "a"}})
+    r = h.sync("t")
+    assert r.status == "succeeded" and r.counts["users_updated"] == 3
+    assert [(e["data"]["idp_id"], e["previous_attributes"]) for e in h.events("t", seq)] == [
+        ("u0", {"raw_attributes": {"flag": True, "site": "a"}}),
+        ("u1", {"custom_attributes": {"c": 0}}),
+        ("u2", {"raw_attributes": {"n": 1}}),
+    ]
+    assert h.events("t", seq)[0]["data"]["raw_attributes"]["flag"] == 1
+    assert h.users("t")["u1"]["custom_attributes"] == {"c": False}
+    seq = h.last_seq()
+    assert h.sync("t").events == 0 and h.last_seq() == seq
+
+
 def test_nul_characters_in_values_are_dropped_on_both_stores(harness):
     """A vendor value holding a NUL (PostgreSQL's text and jsonb refuse one) is stored without
     it, identically on both stores, and an unchanged resync finds nothing to write."""

@@ -486,7 +486,7 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
         if key in ("fingerprint", "idp_id"):
             continue
         before = old.get(key)
-        if before == value:
+        if _same(before, value):
             continue
         if isinstance(before, Mapping) and isinstance(value, Mapping):
             # A key that comes or goes with a null value changed too: compared by value alone it
@@ -494,11 +494,19 @@ def changed_fields(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
             out[key] = {
                 k: before.get(k)
                 for k in sorted({*before, *value})
-                if (k in before) != (k in value) or before.get(k) != value.get(k)
+                if (k in before) != (k in value) or not _same(before.get(k), value.get(k))
             }
         else:
             out[key] = before
     return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as the JSON a consumer reads. Python's == takes True for 1 and 1 for 1.0: a vendor
+    attribute going from true to 1 changed the fingerprint and the stored row, but no event."""
+    if a != b:
+        return False
+    return a is None or isinstance(a, str) or canonical(a) == canonical(b)
 
 
 def build_writes(

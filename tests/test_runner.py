@@ -76,6 +76,35 @@ def test_changes_produce_exact_events_with_previous_attributes(harness):
     assert r.counts["users_deactivated"] == 1
 
 
+def test_user_and_group_event_data_is_the_whole_object_with_its_timestamps(harness):
+    """The contract's event `data` is the object, `created_at` and `updated_at` included, as
+    `users --json` / `groups --json` show it (a deletion's: the last stored object). Without them a
+    consumer mirroring the log from events alone could not tell when an object was created."""
+    d = Directory(users=people(3), groups=[Group(idp_id="g1", name="Eng"), Group(idp_id="g2", name="Ops")])
+    h = make(harness, d)
+    h.sync("t")
+    created = {e["data"]["idp_id"]: e for e in h.events("t")}
+    first_users, first_groups = h.users("t"), h.groups("t")
+    for key, row in [*first_users.items(), *first_groups.items()]:
+        assert created[key]["data"] == row  # every field of the object, nothing more
+        assert row["created_at"] == row["updated_at"] == created[key]["created_at"]
+    seq = h.last_seq()
+    d.users[0] = d.users[0].model_copy(update={"job_title": "Boss"})
+    d.users.pop()  # u2
+    d.groups = [Group(idp_id="g1", name="Engineering")]  # g2 goes
+    assert h.sync("t").status == "succeeded"
+    events = {(e["type"], e["data"]["idp_id"]): e for e in h.events("t", seq)}
+    users, groups = h.users("t"), h.groups("t")
+    for kind, key, now in [("user", "u0", users["u0"]), ("group", "g1", groups["g1"])]:
+        updated = events[(f"{kind}.updated", key)]
+        assert updated["data"] == now
+        assert now["created_at"] == (first_users if kind == "user" else first_groups)[key]["created_at"]
+        assert now["updated_at"] == updated["created_at"] != now["created_at"]
+    assert events[("user.deleted", "u2")]["data"] == first_users["u2"]
+    assert events[("group.deleted", "g2")]["data"] == first_groups["g2"]
+    assert "fingerprint" not in events[("user.deleted", "u2")]["data"]
+
+
 def test_a_key_that_comes_or_goes_with_a_null_value_is_named_in_previous_attributes(harness):
     """A vendor attribute that appears as null (a new `$select`, a new profile property) changes the
     record; its update event used to say `previous_attributes: {"raw_attributes": {}}`, naming nothing."""

@@ -275,7 +275,12 @@ def test_created_rows_from_spooled_json_are_stored_exactly(store, monkeypatch):
     assert {i: {k: stored[i][k] for k in USER_FIELDS} for i in stored} == {u["idp_id"]: u for u in users}
     assert store.user_digests("t") == ({**ws.user_fingerprints, users[-1]["idp_id"]: "own-fp"}, ws.user_sources)
     assert [{k: g[k] for k in group} for g in store.iter_groups("t")] == [group]
-    assert [e["data"] for e in store.iter_events("t")] == [*users[:-1], {**users[-1], "fingerprint": "own-fp"}]
+    data = [e["data"] for e in store.iter_events("t")]
+    # Each object's data is completed with its row's timestamps.
+    assert [(d.pop("created_at"), d.pop("updated_at")) for d in data] == [
+        (stored[u["idp_id"]]["created_at"], stored[u["idp_id"]]["updated_at"]) for u in users
+    ]
+    assert data == [*users[:-1], {**users[-1], "fingerprint": "own-fp"}]
     if store.dialect == "sqlite":
         with store.engine.connect() as conn:
             texts = conn.exec_driver_sql("SELECT idp_id, emails, custom_attributes, raw_attributes FROM users")

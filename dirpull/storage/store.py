@@ -49,6 +49,7 @@ SQLITE_KEYED_ROWS = 400  # (key, value) rows per UPDATE … FROM (VALUES …) / 
 # A run writing at least this many rows and events gets a WRITE_CACHE_KIB page cache on SQLite.
 BIG_WRITE_ROWS = 50_000
 WRITE_CACHE_KIB = 32 * 1024
+TIMESTAMPS = ("created_at", "updated_at")  # a user's or group's, after its fields (contract: Objects)
 MEMBER_SEPARATOR = "\x1f"  # joins a group's member ids in `group_members` (ASCII unit separator)
 EVENT_LOCK_KEY = 0x64697270756C6C  # "dirpull": one advisory lock serializes event commits
 MIGRATION_LOCK_KEY = EVENT_LOCK_KEY + 1  # one migration at a time
@@ -158,12 +159,14 @@ class WriteSet:
                 yield {"type": kind, "object_id": g, "data": {"group": g, "user": u}}
         yield from self.tail_events
 
-    def event_rows(self) -> Iterator[tuple[str, str, str, str | None]]:
+    def event_rows(self, stamp: str | None = None) -> Iterator[tuple[str, str, str, str | None]]:
         """`all_events()` as the store writes them: (type, object_id, data as JSON, previous
         attributes as JSON or None). Membership events go straight to their JSON: a first sync of
-        100,000 users has half a million to a million of them."""
+        100,000 users has half a million to a million of them. `stamp` (the commit's time, as
+        `_iso` writes it) completes a created or updated object's `data` with the timestamps its
+        row gets: the contract's event data is the whole object."""
         for e in self.events:
-            yield _event_row(e)
+            yield _event_row(e, stamp)
         for kind, pairs in (("group.user_added", self.member_adds), ("group.user_removed", self.member_removes)):
             for g, u in pairs:
                 yield kind, g, dumps({"group": g, "user": u}), None
@@ -171,9 +174,21 @@ class WriteSet:
             yield _event_row(e)
 
 
-def _event_row(e: Mapping[str, Any]) -> tuple[str, str, str, str | None]:
+def _event_row(e: Mapping[str, Any], stamp: str | None = None) -> tuple[str, str, str, str | None]:
     previous = e.get("previous_attributes")
-    return e["type"], e["object_id"], _json_text(e["data"]), None if previous is None else dumps(previous)
+    kind, data = e["type"], e["data"]
+    if stamp is not None and kind.endswith((".created", ".updated")):
+        # An updated object's `created_at` comes with its data (`diff.build_writes`, from the row).
+        if isinstance(data, SpooledJson):  # a created record's canonical JSON object: `{…}`
+            stamps = f',"created_at":"{stamp}","updated_at":"{stamp}"}}'.encode()
+            text = (data.read()[:-1] + stamps).decode()
+            return kind, e["object_id"], text, None if previous is None else dumps(previous)
+        data = (
+            {**data, "updated_at": stamp}
+            if kind.endswith(".updated")
+            else {**data, "created_at": stamp, "updated_at": stamp}
+        )
+    return kind, e["object_id"], _json_text(data), None if previous is None else dumps(previous)
 
 
 class Store:
@@ -415,10 +430,12 @@ class Store:
         return wanted & self.membership_pairs(tenant, groups={g for g, _ in wanted})
 
     def load_users(self, tenant: str, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-        return self._load(t.users, USER_FIELDS, tenant, ids)
+        """The stored users, as `iter_users` gives them (the objects' timestamps included)."""
+        return self._load(t.users, [*USER_FIELDS, *TIMESTAMPS], tenant, ids)
 
     def load_groups(self, tenant: str, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
-        return self._load(t.groups, GROUP_FIELDS, tenant, ids)
+        """The stored groups, as `iter_groups` gives them (the objects' timestamps included)."""
+        return self._load(t.groups, [*GROUP_FIELDS, *TIMESTAMPS], tenant, ids)
 
     def load_reports(self, tenant: str, managers: Iterable[str]) -> dict[str, dict[str, Any]]:
         """The stored users whose `manager_idp_id` is one of `managers`, by idp_id."""
@@ -437,7 +454,10 @@ class Store:
                 chunk = id_list[i : i + BATCH]
                 q = sa.select(*cols).where(table.c.tenant == tenant, by.in_(chunk))
                 for row in conn.execute(q).mappings():
-                    out[row["idp_id"]] = dict(row)
+                    found = out[row["idp_id"]] = dict(row)
+                    for stamp in TIMESTAMPS:
+                        if stamp in found:
+                            found[stamp] = _iso(found[stamp])
         return out
 
     def count_users(self, tenant: str) -> dict[str, int]:
@@ -760,7 +780,10 @@ class Store:
             conn,
             t.events,
             ["tenant", "run_id", "type", "object_id", "data", "previous_attributes", "created_at"],
-            ((tenant, run_id, kind, key, data, previous, ts) for kind, key, data, previous in writes.event_rows()),
+            (
+                (tenant, run_id, kind, key, data, previous, ts)
+                for kind, key, data, previous in writes.event_rows(_iso(now))
+            ),
         )
 
     def _write_cursor(

@@ -539,8 +539,10 @@ def build_writes(
             # No previous values: same content under a new fingerprint (e.g. an upgrade changed
             # the digest). The row is refreshed; nobody is told.
             if previous:
+                # The object as stored: its created_at stays (the store adds updated_at).
+                data = {**fields, "created_at": before["created_at"]} if "created_at" in before else fields
                 ws.events.append(
-                    {"type": f"{kind}.updated", "object_id": key, "data": fields, "previous_attributes": previous}
+                    {"type": f"{kind}.updated", "object_id": key, "data": data, "previous_attributes": previous}
                 )
     for kind, keys, old in (
         (EventType.GROUP_DELETED, ws.group_deletes, old_groups),

@@ -147,6 +147,27 @@ def test_a_value_that_changes_json_type_but_not_python_equality_is_an_update_eve
     assert h.sync("t").events == 0 and h.last_seq() == seq
 
 
+def test_a_row_whose_fingerprint_changed_but_not_its_values_keeps_its_updated_at(harness):
+    """A stored fingerprint that no longer matches unchanged content (an earlier release's digest,
+    e.g. of a float written another way) is refreshed without an event, as before, and without
+    moving the object's `updated_at`: nothing a consumer sees changed."""
+    from dirpull.storage import schema
+
+    d = Directory(users=people(3, raw_attributes={"score": 0.1}), groups=[Group(idp_id="g1", name="Eng")])
+    h = make(harness, d)
+    h.sync("t")
+    before_users, before_groups, seq = h.users("t"), h.groups("t"), h.last_seq()
+    with h.store.engine.begin() as conn:
+        for table in (schema.users, schema.groups):
+            old = table.update().where(table.c.idp_id.in_(["u0", "g1"])).values(fingerprint="from-an-old-release")
+            conn.execute(old)
+    r = h.sync("t")
+    assert r.status == "succeeded" and r.events == 0 and r.counts["rows_written"] == 2
+    assert h.users("t") == before_users and h.groups("t") == before_groups and h.last_seq() == seq
+    again = h.sync("t")  # the fingerprints were refreshed
+    assert again.counts["rows_written"] == 0 and again.events == 0
+
+
 def test_nul_characters_in_values_are_dropped_on_both_stores(harness):
     """A vendor value holding a NUL (PostgreSQL's text and jsonb refuse one) is stored without
     it, identically on both stores, and an unchanged resync finds nothing to write."""

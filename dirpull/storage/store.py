@@ -130,6 +130,10 @@ class WriteSet:
     # A full run: each group's new `members_digest`, for the groups whose digest changed. An
     # incremental run (None): the groups whose members change forget theirs.
     member_digests: dict[str, str] | None = None
+    # Ids among the updated users (groups) whose values did not change, only their fingerprint
+    # (an earlier release's digest): rewritten without moving `updated_at`, as no event is written.
+    unchanged_users: set[str] = field(default_factory=set)
+    unchanged_groups: set[str] = field(default_factory=set)
 
     @property
     def rows(self) -> int:
@@ -710,11 +714,11 @@ class Store:
 
     def _write_rows(self, conn: Connection, tenant: str, w: WriteSet, now: datetime) -> None:
         ts = _bound(t.TS, now, conn)
-        for table, names, creates, updates, deletes, fps, sources in (
+        for table, names, creates, updates, deletes, fps, sources, quiet in (
             (t.users, USER_FIELDS, w.user_creates, w.user_updates, w.user_deletes, w.user_fingerprints,
-             w.user_sources),
+             w.user_sources, w.unchanged_users),
             (t.groups, GROUP_FIELDS, w.group_creates, w.group_updates, w.group_deletes, w.group_fingerprints,
-             None),
+             None, w.unchanged_groups),
         ):  # fmt: skip
             extra = ["source_digest"] if sources is not None else []
             if creates and _sqlite_json(conn):
@@ -743,7 +747,11 @@ class Store:
                     # A row rewritten without a digest of its vendor record must not keep an old one.
                     updates = [{**r, "source_digest": sources.get(r["idp_id"])} for r in updates]
                 names = [n for n in updates[0] if n != "idp_id"]
-                _update_rows(conn, table, tenant, names, updates, now)
+                changed = [r for r in updates if r["idp_id"] not in quiet] if quiet else updates
+                if changed:
+                    _update_rows(conn, table, tenant, names, changed, now)
+                if quiet:
+                    _update_rows(conn, table, tenant, names, [r for r in updates if r["idp_id"] in quiet], None)
             for chunk in _chunks(deletes, BATCH):
                 conn.execute(table.delete().where(table.c.tenant == tenant, table.c.idp_id.in_(chunk)))
         if w.source_refreshes:

@@ -522,9 +522,9 @@ def build_writes(
         user_sources=plan.user_sources, source_refreshes=plan.source_refreshes,
         member_digests=plan.member_digests,
     )  # fmt: skip
-    for kind, pending, old, creates, updates in (
-        ("user", plan.users, old_users, ws.user_creates, ws.user_updates),
-        ("group", plan.groups, old_groups, ws.group_creates, ws.group_updates),
+    for kind, pending, old, creates, updates, unchanged in (
+        ("user", plan.users, old_users, ws.user_creates, ws.user_updates, ws.unchanged_users),
+        ("group", plan.groups, old_groups, ws.group_creates, ws.group_updates, ws.unchanged_groups),
     ):
         for key in sorted(pending):
             spooled = pending[key]
@@ -537,8 +537,10 @@ def build_writes(
             updates.append(fields)
             previous = changed_fields(before, fields)
             # No previous values: same content under a new fingerprint (e.g. an upgrade changed
-            # the digest). The row is refreshed; nobody is told.
-            if previous:
+            # the digest). The row is refreshed, its updated_at left alone; nobody is told.
+            if not previous:
+                unchanged.add(key)
+            else:
                 # The object as stored: its created_at stays (the store adds updated_at).
                 data = {**fields, "created_at": before["created_at"]} if "created_at" in before else fields
                 ws.events.append(

@@ -683,6 +683,34 @@ def test_quarantined_record_is_kept_as_stored_not_deleted(harness):
     assert h.store.runs("t")[0]["quarantined"] == [{"kind": "user", "idp_id": "u2", "reason": "login too short"}]
 
 
+def test_a_deleted_user_leaves_a_quarantined_group_too(harness):
+    """A quarantined group keeps its stored members, but not one deleted by the same run: that
+    membership stayed, naming a user who no longer exists, and the consumer got `user.deleted`
+    without the `group.user_removed` before it."""
+    from dirpull.connectors.base import Quarantined
+
+    d = Directory(
+        users=people(30), groups=[Group(idp_id="g1", name="A"), Group(idp_id="g2", name="B")],
+        members=[("g1", "u1"), ("g1", "u2"), ("g2", "u1")],
+    )  # fmt: skip
+    h = make(harness, d)
+    h.sync("t")
+    seq = h.last_seq()
+    d.users = [u for u in d.users if u.idp_id != "u1"]  # u1 leaves
+    d.groups, d.members = [Group(idp_id="g2", name="B")], []
+    d.quarantined = [Quarantined("group", "g1", "unreadable")]
+    r = h.sync("t")
+    assert r.status == "succeeded", r.error
+    assert h.changes("t", seq) == [
+        ("group.user_removed", "g1", "u1"),
+        ("group.user_removed", "g2", "u1"),
+        ("user.deleted", "u1"),
+    ]
+    assert h.members("t") == {("g1", "u2")}
+    seq = h.last_seq()
+    assert h.sync("t").events == 0 and h.last_seq() == seq
+
+
 @pytest.mark.parametrize("kind", ["user", "group"])
 def test_a_record_quarantined_without_an_id_gets_no_one_unlisted_deleted(harness, kind):
     """An unreadable row without its id (a Workday row with no worker id) could be anyone the

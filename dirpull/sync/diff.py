@@ -382,6 +382,8 @@ class Diff:
                 if q_users or q_groups:
                     kept: dict[str, set[str]] = {}
                     for g, u in self.stored.member_pairs_of(q_groups, q_users):
+                        if u in user_deletes:
+                            continue  # a user deleted now leaves a quarantined group too
                         kept.setdefault(g, set()).add(u)
                         target.add((g, u))
                     # The digest describes the members stored, kept ones included: one of the

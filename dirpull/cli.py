@@ -440,9 +440,9 @@ def _stale_at(schedule: str, last_success: datetime) -> datetime | None:
         from dirpull.config import parse_duration
 
         return last_success + parse_duration(schedule) * 3
-    from apscheduler.triggers.cron import CronTrigger
+    from dirpull.config import cron_trigger
 
-    trigger = CronTrigger.from_crontab(schedule[5:].strip(), timezone="UTC")
+    trigger = cron_trigger(schedule[5:].strip())
     fire = last_success
     for _ in range(4):
         # get_next_fire_time returns `now` itself when it is a fire time: step past it.

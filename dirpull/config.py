@@ -186,13 +186,59 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+_CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+_CRON_DAY_TERM = re.compile(r"^(?:(\*)|([A-Za-z0-9]+)(?:-([A-Za-z0-9]+))?)(?:/([0-9]+))?$")
+
+
+def _crontab_day(text: str) -> int:
+    """A crontab weekday: 0 to 7 (both Sunday), or a name (sun … sat: 0 … 6)."""
+    if text.isdigit() and int(text) <= 7:
+        return int(text)
+    if text.lower() in _CRON_DAYS:
+        return _CRON_DAYS.index(text.lower())
+    raise ValueError(f"weekday {text!r}: use 0-7 (0 and 7 are Sunday) or sun, mon, … sat")
+
+
+def _crontab_weekdays(field: str) -> str:
+    """The crontab weekday field as APScheduler's, which names the days: APScheduler 3 counts
+    numbers from Monday = 0 (agronholm/apscheduler#286), so crontab's "0" (Sunday) meant Monday,
+    "1-5" Tuesday to Saturday, and "7" (Sunday) was refused."""
+    if field in ("*", "?"):
+        return field
+    days: set[int] = set()
+    for term in field.split(","):
+        m = _CRON_DAY_TERM.match(term)
+        if m is None:
+            raise ValueError(f"weekday field {field!r}: cannot read {term!r}")
+        every, first, last, step = m.groups()
+        lo = 0 if every else _crontab_day(first)
+        hi = 6 if every or (step and last is None) else _crontab_day(last or first)  # "1/2": 1 to the end
+        if hi == 0 and lo > 0:  # "sat-sun": Sunday at the end of the week, as 7
+            hi = 7
+        if hi < lo:
+            raise ValueError(f"weekday range {term!r} goes backwards")
+        if step is not None and int(step) == 0:
+            raise ValueError(f"weekday step in {term!r} must be positive")
+        days.update(d % 7 for d in range(lo, hi + 1, int(step or 1)))
+    return ",".join(_CRON_DAYS[d] for d in sorted(days))
+
+
+def cron_trigger(expr: str) -> Any:
+    """The APScheduler trigger (UTC) of a crontab expression "minute hour day month weekday", its
+    weekdays numbered as in crontab (0 or 7 is Sunday)."""
+    from apscheduler.triggers.cron import CronTrigger
+
+    fields = expr.split()
+    if len(fields) == 5:
+        fields[4] = _crontab_weekdays(fields[4])
+    return CronTrigger.from_crontab(" ".join(fields), timezone="UTC")
+
+
 def _check_schedule(value: str) -> str:
     if value.startswith("cron:"):
         expr = value[5:].strip()
-        from apscheduler.triggers.cron import CronTrigger
-
         try:
-            trigger = CronTrigger.from_crontab(expr, timezone="UTC")
+            trigger = cron_trigger(expr)
         except ValueError as exc:
             raise ValueError(f"bad cron expression {expr!r}: {exc}") from None
         # "0 0 31 2 *" (February 31st) parses but never fires: the tenant would never sync, while

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -380,6 +381,51 @@ def test_status_shows_a_tenant_not_synced_for_too_long(env, store_url, schedule)
     assert row["result"] == "succeeded"
     assert [a for a in row["attention"] if a.startswith("no successful sync since")], row
     assert "no successful sync since" in run(env, "status").stdout
+
+
+WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]
+
+
+@pytest.mark.parametrize(
+    ("cron", "days"),
+    [
+        ("0 2 * * 0", ["Sunday"]),
+        ("0 2 * * 7", ["Sunday"]),
+        ("0 2 * * 1-5", WEEKDAYS),
+        ("0 2 * * mon-fri", WEEKDAYS),
+        ("0 2 * * 0,6", ["Saturday", "Sunday"]),
+        ("0 2 * * */3", ["Sunday", "Wednesday", "Saturday"]),
+    ],
+)
+def test_a_cron_weekday_is_the_crontab_one(env, cron, days):
+    """In crontab 0 and 7 are Sunday and 1-5 Monday to Friday. APScheduler 3 counts weekdays from
+    Monday = 0 (agronholm/apscheduler#286): "0 2 * * 0" synced on Mondays, "1-5" Tuesday to
+    Saturday (and `dirpull status` said so), and "7" was refused as a bad cron expression."""
+    from dirpull.config import load_config
+    from dirpull.sync.daemon import Daemon
+
+    config = Path(env["config"])
+    config.write_text(config.read_text() + f"schedule = {json.dumps('cron: ' + cron)}\n")
+    assert run(env, "sync", "hr").exit_code == 0  # it ran now: the daemon waits for the cron time
+    [row] = jsonl(run(env, "status", "--json").stdout)
+    shown = datetime.fromisoformat(row["next_run"].replace("Z", "+00:00"))
+
+    daemon_config = load_config(env["config"])
+    store = Store(daemon_config.store.url)
+    daemon = Daemon(daemon_config, store)
+    daemon.scheduler.start = functools.partial(daemon.scheduler.start, paused=True)  # none run
+    try:
+        daemon.start()
+        job = daemon.scheduler.get_job("hr")
+        fires = [job.next_run_time]
+        while len(fires) < 10:  # ten fires in a row: every weekday of the schedule shows up
+            fires.append(job.trigger.get_next_fire_time(fires[-1], fires[-1] + timedelta(seconds=1)))
+    finally:
+        daemon.shutdown()
+        store.close()
+    assert shown == fires[0]  # `dirpull status` shows the daemon's next fire
+    assert {f.strftime("%A") for f in fires} == set(days)
+    assert all((f.hour, f.minute) == (2, 0) for f in fires)
 
 
 @pytest.mark.parametrize("provider", ["okta", "workday", "bamboohr"])

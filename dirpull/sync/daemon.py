@@ -29,11 +29,10 @@ from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.schedulers.base import STATE_STOPPED
 from apscheduler.triggers.base import BaseTrigger
-from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from dirpull.config import Config, parse_duration
+from dirpull.config import Config, cron_trigger, parse_duration
 from dirpull.connectors.http import SHUTDOWN
 from dirpull.signals import stop_on_signals
 from dirpull.storage.store import Store
@@ -71,7 +70,7 @@ _NO_OVERLAP_WARNING = _NoOverlapWarning()
 
 def trigger_for(schedule: str) -> BaseTrigger:
     if schedule.startswith("cron:"):
-        return CronTrigger.from_crontab(schedule[5:].strip(), timezone="UTC")
+        return cron_trigger(schedule[5:].strip())
     seconds = parse_duration(schedule).total_seconds()
     # A little jitter (10%, at most 30 s) keeps many tenants on the same interval from hitting the
     # store at once, and makes workers sharing a store race fairly for each fire.
@@ -89,7 +88,7 @@ def first_fire_delay(schedule: str) -> float:
 def next_fire(schedule: str, last_start: datetime | None, now: datetime | None = None) -> datetime:
     now = now or datetime.now(UTC)
     if schedule.startswith("cron:"):
-        fire = CronTrigger.from_crontab(schedule[5:].strip(), timezone="UTC").get_next_fire_time(None, now)
+        fire = cron_trigger(schedule[5:].strip()).get_next_fire_time(None, now)
         return fire or now
     if last_start is None:
         return now

@@ -461,13 +461,17 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
     config = _config()
     store = _store(config, reading=True)
     last = store.last_runs()
+    # The daemon fires an interval tenant an interval after its previous fire, whatever manual
+    # syncs came in between: the next run counts from the newest scheduled run.
+    fired = store.last_runs(trigger="schedule")
     ok = store.last_success()
     now = datetime.now(UTC)
     rows = []
     for name, tenant in sorted(config.tenants.items()):
         run = last.get(name)
         schedule = config.schedule_of(name)
-        started = datetime.fromisoformat(run["started_at"].replace("Z", "+00:00")) if run else None
+        scheduled = fired.get(name)
+        started = datetime.fromisoformat(scheduled["started_at"].replace("Z", "+00:00")) if scheduled else None
         attention = []
         result = run["status"] if run else "never synced"
         # A run cut off by a clean stop (a daemon restart, Ctrl-C) is no failure of the tenant: the

@@ -383,6 +383,27 @@ def test_status_shows_a_tenant_not_synced_for_too_long(env, store_url, schedule)
     assert "no successful sync since" in run(env, "status").stdout
 
 
+def test_status_next_run_follows_the_schedule_not_a_manual_sync(env, store_url):
+    """The daemon fires an interval tenant an interval after its previous fire: a manual `dirpull
+    sync` in between does not move that. `dirpull status` counted the interval from the newest run
+    of any kind, so after a manual sync of a daily tenant it showed the next run a day after that
+    sync, while the daemon would run it at its usual time, hours earlier."""
+    config = Path(env["config"])
+    config.write_text(config.read_text() + 'schedule = "1d"\n')
+    assert run(env, "sync", "hr").exit_code == 0
+    fired = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=6)
+    store = Store(store_url)
+    try:  # that run was the daemon's, six hours ago
+        with store.engine.begin() as conn:
+            conn.execute(sa.update(schema.runs).values(trigger="schedule", started_at=fired, finished_at=fired))
+    finally:
+        store.close()
+    assert run(env, "sync", "hr").exit_code == 0  # a manual resync now
+    [row] = jsonl(run(env, "status", "--json").stdout)
+    assert row["result"] == "succeeded" and row["attention"] == []
+    assert datetime.fromisoformat(row["next_run"].replace("Z", "+00:00")) == fired + timedelta(days=1)
+
+
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]
 
 

@@ -619,9 +619,12 @@ class Store:
         with self.engine.connect() as conn:
             return [_run_dict(r) for r in conn.execute(q).mappings()]
 
-    def last_runs(self) -> dict[str, dict[str, Any]]:
-        """The newest run of every tenant."""
-        newest = sa.select(sa.func.max(t.runs.c.id)).group_by(t.runs.c.tenant).scalar_subquery()
+    def last_runs(self, *, trigger: str | None = None) -> dict[str, dict[str, Any]]:
+        """The newest run of every tenant (`trigger`: the newest with that trigger, e.g. "schedule")."""
+        newest = sa.select(sa.func.max(t.runs.c.id)).group_by(t.runs.c.tenant)
+        if trigger is not None:
+            newest = newest.where(t.runs.c.trigger == trigger)
+        newest = newest.scalar_subquery()
         q = sa.select(t.runs).where(t.runs.c.id.in_(newest))
         with self.engine.connect() as conn:
             return {r["tenant"]: _run_dict(r) for r in conn.execute(q).mappings()}

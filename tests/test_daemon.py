@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
+from datetime import UTC, datetime
 
 import pytest
 from scripted import Directory, ScriptedConnector, people
@@ -116,6 +117,55 @@ def test_a_cron_tenant_waits_for_its_time_on_restart_unless_it_missed_one(harnes
     with h.store.engine.begin() as conn:  # its last run was before the last cron time: missed
         conn.execute(sa.update(schema.runs).values(started_at=datetime(2020, 5, 1, tzinfo=UTC)))
     assert first_fires()["nightly"] <= soon
+
+
+def test_a_cron_run_cut_off_by_a_restart_is_caught_up_when_the_worker_starts_again(harness, monkeypatch):
+    """`systemctl restart` during a nightly cron run: the run stops and applies nothing. The
+    restarted worker took it for that night's run (it began after the cron time) and waited for
+    the next cron time, so the tenant went a whole period without a sync, while `dirpull status`
+    showed only "interrupted" and flagged nothing. So did a run left `running` by a killed worker."""
+    import sqlalchemy as sa
+
+    import dirpull.sync.daemon as daemon_module
+    from dirpull.storage import schema
+
+    monkeypatch.setattr(daemon_module, "first_fire_delay", lambda schedule: 0.0)
+    yearly = "cron: 0 0 1 1 *"
+    gate = threading.Event()
+    d = Directory(users=people(30), gate=gate)
+    h = harness(
+        {"nightly": {**TENANTS["good"], "schedule": yearly}}, connector_factory=lambda t, s: ScriptedConnector(d)
+    )
+    daemon = Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(d))
+    daemon.start()  # never ran: its first fire is now
+    assert d.entered.wait(10)
+    stopper = threading.Thread(target=daemon.shutdown)
+    stopper.start()
+    time.sleep(0.2)
+    gate.set()
+    stopper.join(15)
+    [cut] = h.store.runs("nightly")
+    assert cut["status"] == "failed" and cut["error"].startswith("interrupted: the worker is stopping")
+
+    def first_fire() -> float:
+        """Seconds from a new worker's start to its first fire of the tenant (none is run)."""
+        again = Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(d))
+        again.scheduler.start = functools.partial(again.scheduler.start, paused=True)
+        started = datetime.now(UTC)
+        again.start()
+        try:
+            return (again.scheduler.get_job("nightly").next_run_time - started).total_seconds()
+        finally:
+            again.shutdown()
+
+    assert first_fire() < 5
+    with h.store.engine.begin() as conn:  # as left by a worker killed mid-run
+        conn.execute(sa.update(schema.runs).values(status="running", error=None, finished_at=None))
+    assert first_fire() < 5
+    d.gate = None
+    result = h.sync("nightly", trigger="schedule")
+    assert result.status == "succeeded", result.error  # a run that ended: no catch-up
+    assert first_fire() > 86400
 
 
 def test_a_fire_that_waited_behind_long_syncs_still_runs(harness, monkeypatch):

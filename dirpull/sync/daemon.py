@@ -36,7 +36,7 @@ from dirpull.config import Config, cron_trigger, parse_duration
 from dirpull.connectors.http import SHUTDOWN
 from dirpull.signals import stop_on_signals
 from dirpull.storage.store import Store
-from dirpull.sync.runner import Runner, RunResult
+from dirpull.sync.runner import Runner, RunResult, cut_off
 
 log = logging.getLogger("dirpull.daemon")
 
@@ -293,12 +293,20 @@ class Daemon:
 
     def _missed_cron_fires(self, tenants: list[str], now: datetime) -> set[str]:
         """The cron tenants due for a catch-up: never run, or a cron time has passed since their
-        last run started (the daemon was down then)."""
+        last run started (the daemon was down then). A run cut off before it could end (a restart
+        in the middle of it, a killed worker) applied nothing: the run before it counts."""
         cron = [name for name in tenants if self.config.schedule_of(name).startswith("cron:")]
         if not cron:
             return set()
         try:
             last = self.store.last_runs()
+            for name in cron:
+                if name in last and cut_off(last[name]):
+                    ended = next((r for r in self.store.runs(name, 20) if not cut_off(r)), None)
+                    if ended is None:
+                        del last[name]
+                    else:
+                        last[name] = ended
         except Exception as exc:  # the store blinked: fire them all soon, as if missed
             log.warning("cannot read the last runs (%s): cron tenants sync now", exc)
             return set(cron)

@@ -56,6 +56,13 @@ class Interrupted(Exception):
 STOPPED = "interrupted: the worker is stopping; nothing applied"
 
 
+def cut_off(run: Mapping[str, Any]) -> bool:
+    """A recorded run that never reached an end of its own and applied nothing: still `running`
+    (its worker killed, or running now), or failed as interrupted (SIGTERM/SIGINT; or its worker
+    died and the next run marked it, `Store.start_run`)."""
+    return run["status"] == "running" or (run["status"] == "failed" and (run["error"] or "").startswith("interrupted"))
+
+
 @dataclass
 class RunResult:
     tenant: str

@@ -229,9 +229,18 @@ def cron_trigger(expr: str) -> Any:
     from apscheduler.triggers.cron import CronTrigger
 
     fields = expr.split()
-    if len(fields) == 5:
-        fields[4] = _crontab_weekdays(fields[4])
-    return CronTrigger.from_crontab(" ".join(fields), timezone="UTC")
+    if len(fields) != 5:
+        return CronTrigger.from_crontab(expr, timezone="UTC")  # its own message for a wrong count
+    minute, hour, day, month, weekday = fields
+    days = _crontab_weekdays(weekday)
+    if day.startswith("*") or weekday.startswith("*"):
+        return CronTrigger.from_crontab(f"{minute} {hour} {day} {month} {days}", timezone="UTC")
+    # Both restricted ("0 2 1 * mon": the 1st and every Monday): crontab fires when either matches,
+    # APScheduler only when both do.
+    from apscheduler.triggers.combining import OrTrigger
+
+    return OrTrigger([CronTrigger.from_crontab(f"{minute} {hour} {day} {month} *", timezone="UTC"),
+                      CronTrigger.from_crontab(f"{minute} {hour} * {month} {days}", timezone="UTC")])  # fmt: skip
 
 
 def _check_schedule(value: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import threading
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from scripted import Directory, ScriptedConnector, people
@@ -200,6 +200,24 @@ def test_schedules():
     now = datetime(2026, 1, 1, 12, 7, tzinfo=UTC)
     assert next_fire("cron: */15 * * * *", None, now) == datetime(2026, 1, 1, 12, 15, tzinfo=UTC)
     assert next_fire("15m", datetime(2026, 1, 1, 12, 0, tzinfo=UTC), now) == datetime(2026, 1, 1, 12, 15, tzinfo=UTC)
+
+
+def test_a_cron_line_naming_a_day_and_a_weekday_fires_on_either_as_crontab_does():
+    """"0 2 1 * mon" in crontab: the 1st of each month and every Monday. APScheduler's own reading
+    (both must match) fired only on a 1st that is a Monday: once or twice a year."""
+    from datetime import UTC, datetime
+
+    trigger = trigger_for("cron: 0 2 1 * mon")
+    fire = trigger.get_next_fire_time(None, datetime(2026, 12, 1, 3, 0, tzinfo=UTC))
+    fires = []
+    while fire < datetime(2027, 2, 2, tzinfo=UTC):
+        fires.append(fire.date().isoformat())
+        fire = trigger.get_next_fire_time(fire, fire + timedelta(seconds=1))
+    assert fires == ["2026-12-07", "2026-12-14", "2026-12-21", "2026-12-28", "2027-01-01", "2027-01-04",
+                     "2027-01-11", "2027-01-18", "2027-01-25", "2027-02-01"]  # fmt: skip
+    # One field left open keeps the other's meaning alone.
+    assert next_fire("cron: 0 2 * * mon", None, datetime(2027, 1, 1, tzinfo=UTC)).date().isoformat() == "2027-01-04"
+    assert next_fire("cron: 0 2 1 * *", None, datetime(2027, 1, 2, tzinfo=UTC)).date().isoformat() == "2027-02-01"
 
 
 def test_shutdown_cuts_a_vendor_retry_wait_short(harness):

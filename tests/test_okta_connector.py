@@ -482,6 +482,32 @@ def test_a_user_deleted_after_the_listing_returned_them_is_deleted_by_the_system
     assert user_id(victim) not in h.users("t1")
 
 
+def test_a_user_hired_and_deleted_between_two_system_log_reads_is_deleted(
+    harness: Any, emu: OktaEmulator, org: Org, tmp_path: Path
+) -> None:
+    """Okta logs a deletion whenever it happens. The emulator logged only the hire of a user
+    created and deleted between two System Log reads: a run that listed the new hire and saw the
+    deletion only in the log kept them stored until the next full sync."""
+    age(org)
+    during: list[Any] = []
+
+    def factory(name: str, settings: Any) -> MidRun:
+        c = MidRun(name, settings, sleep=Sleeps())
+        c.during = during.pop() if during else None
+        return c
+
+    h = harness({"t1": tenant(emu, tmp_path, poll_system_log=True)}, connector_factory=factory)
+    assert h.sync("t1").status == "succeeded"
+    hire = org.hire("Short", "Stay").n
+    during.append(lambda: org.delete(hire))  # after the listing returned the hire, before the log is read
+    seq = h.last_seq()
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert org.people[hire].deleted and not during
+    assert user_id(hire) not in h.users("t1")
+    assert [c for c in h.changes("t1", after=seq) if user_id(hire) in c] == []  # created and gone in one run
+
+
 def test_a_group_deleted_during_a_full_walk_is_deleted_not_kept_empty(
     harness: Any, emu: OktaEmulator, org: Org, tmp_path: Path
 ) -> None:

@@ -855,10 +855,17 @@ class OktaEmulator(Emulator):
                 now_status = self.status_of(p) if p.visible else None
                 target = [self._user_target(p)]
                 if before is None:
+                    # Hired since the last call, and maybe changed or deleted since too: the
+                    # hire is logged, then whatever followed it (a deletion must not go unlogged).
+                    hired = self.status_overrides.get(p.n) or "ACTIVE"  # Org hires are active
                     self._append_event("user.lifecycle.create", p.created_at, target, "Create Okta user")
-                    if now_status == "ACTIVE":
+                    if hired == "ACTIVE":
                         self._append_event("user.lifecycle.activate", p.created_at, target, "Activate Okta user")
-                elif now_status is None and before[0] is not None:
+                    before = (hired, p.version)
+                    if p.updated_at == p.created_at:  # not changed since the hire
+                        self._seen_people[p.n] = (now_status, p.version)
+                        continue
+                if now_status is None and before[0] is not None:
                     self._append_event("user.lifecycle.delete.initiated", p.updated_at, target, "Delete Okta user")
                     self._append_event("user.lifecycle.delete.completed", p.updated_at, target, "Delete Okta user")
                 elif now_status != before[0]:

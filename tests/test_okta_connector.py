@@ -1134,6 +1134,27 @@ def test_sync_initial_then_exact_incremental_events(harness: Any, emu: OktaEmula
     assert h.sync("t1").status == "succeeded" and h.changes("t1", after=seq) == []
 
 
+def test_a_renamed_manager_reaches_the_reports_in_an_incremental_sync(
+    harness: Any, emu: OktaEmulator, org: Org, tmp_path: Path
+) -> None:
+    """`profile.manager` is the manager's display name. The emulator rendered it from the
+    manager's current name without moving the reports' `lastUpdated`: an incremental sync never
+    saw the new name, and every full sync then "corrected" each report."""
+    age(org)
+    h = make_harness(harness, emu, tmp_path)
+    assert h.sync("t1").status == "succeeded"
+    boss = next(n for n in sorted(org.people) if n != 1 and any(p.manager == n for p in org.people.values()))
+    reports = [user_id(p.n) for p in org.people.values() if p.manager == boss and p.visible]
+    org.rename(boss, "Renamed", "Boss")
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    users = h.users("t1")
+    assert reports and {users[u]["raw_attributes"]["profile"]["manager"] for u in reports} == {"Renamed Boss"}
+    seq = h.last_seq()
+    assert h.sync("t1", full=True).status == "succeeded"
+    assert h.changes("t1", after=seq) == []
+
+
 def test_sync_failures_leave_the_store_unchanged(harness: Any, emu: OktaEmulator, org: Org, tmp_path: Path) -> None:
     h = make_harness(harness, emu, tmp_path, max_rate_limit_wait=0.2)
     assert h.sync("t1").status == "succeeded"

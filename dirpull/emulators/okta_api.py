@@ -495,6 +495,15 @@ class OktaEmulator(Emulator):
             profile["manager"] = manager.display
         return profile
 
+    def _last_updated(self, p: Person) -> float:
+        """`lastUpdated`: the person's last change, or their manager's last rename when later.
+        `profile.manager` is the manager's display name, a plain attribute that Okta changes only
+        by a write (an HR import renaming the manager), which stamps the record. Rendered from the
+        manager's current name, it must move `lastUpdated` with it, or a `lastUpdated` filter
+        misses the change."""
+        boss = self.org.people.get(p.manager) if p.manager else None
+        return p.updated_at if boss is None else max(p.updated_at, boss.renamed_at)
+
     def user_json(self, p: Person) -> dict[str, Any]:
         iso = Org.iso
         status = self.status_of(p)
@@ -507,7 +516,7 @@ class OktaEmulator(Emulator):
             "statusChanged": iso(p.updated_at) if status != "ACTIVE" else iso(p.created_at),
             # Volatile: changes on every read, so a connector that keeps it sees phantom updates.
             "lastLogin": iso(time.time() - (p.n % 3600)) if status == "ACTIVE" else None,
-            "lastUpdated": iso(p.updated_at),
+            "lastUpdated": iso(self._last_updated(p)),
             "passwordChanged": iso(p.created_at) if status not in ("STAGED", "PROVISIONED") else None,
             "type": {"id": USER_TYPE},
             "profile": self._profile(p),
@@ -529,7 +538,7 @@ class OktaEmulator(Emulator):
             if attr == "status":
                 return self.status_of(p)
             if attr == "lastUpdated":
-                return p.updated_at
+                return self._last_updated(p)
             if attr == "created":
                 return p.created_at
             if attr == "statusChanged":

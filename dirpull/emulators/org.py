@@ -145,6 +145,7 @@ class Person:
     created_at: float = 0.0
     updated_at: float = 0.0
     version: int = 0
+    renamed_at: float = 0.0  # the last change of `given` or `family` (a vendor may copy the name)
 
     @property
     def display(self) -> str:
@@ -404,10 +405,12 @@ class Org:
         with self.lock:
             person = self.people[n]
             for key, value in changes.items():
-                if not hasattr(person, key) or key in ("n", "version", "created_at", "updated_at"):
+                if not hasattr(person, key) or key in ("n", "version", "created_at", "updated_at", "renamed_at"):
                     raise KeyError(f"cannot change {key!r}")
                 setattr(person, key, value)
             self._touch(person)
+            if "given" in changes or "family" in changes:
+                person.renamed_at = person.updated_at
             return person
 
     def rename(self, n: int, given: str, family: str) -> Person:

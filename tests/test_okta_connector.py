@@ -180,6 +180,8 @@ def test_everyone_only_when_asked(emu: OktaEmulator, tmp_path: Path) -> None:
 
 
 def test_incremental_uses_held_back_cursor(emu: OktaEmulator, org: Org, tmp_path: Path) -> None:
+    # Records older than the second of Okta's `Date`, which bounds the cursor even without holdback.
+    age(org)
     c = connector(tenant(emu, tmp_path, cursor_holdback=0))
     _, done = pull(c)
     org.update_person(9, title="Chief Tester")
@@ -192,7 +194,7 @@ def test_incremental_uses_held_back_cursor(emu: OktaEmulator, org: Org, tmp_path
     c2 = connector(tenant(emu, tmp_path))
     _, d2 = pull(c2)
     pages2, _ = pull(c2, d2.cursor)
-    assert len(users_of(pages2)) == PEOPLE
+    assert set(users_of(pages2)) == {user_id(9)}
 
 
 @pytest.mark.parametrize("ahead", [0, 600], ids=["clocks-agree", "our-clock-10-min-ahead"])
@@ -222,6 +224,38 @@ def test_a_change_on_a_page_already_read_is_not_skipped_by_the_cursor(
     users = users_of(pages)
     assert set(users) == {user_id(1), user_id(110)}
     assert users[user_id(1)].job_title == "Edited During The Walk"
+
+
+def test_a_change_in_the_second_of_oktas_date_is_not_skipped_by_a_cursor_without_holdback(
+    emu: OktaEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Okta's `Date` is whole seconds, rounded down: a change made after its first answer is
+    stamped `Date` or later. A worker whose clock ran ahead of Okta's took the run's start as
+    `Date` + 1 s, so with a `cursor_holdback` under a second the next run skipped a change made in
+    that second to a user on a page already read (and the System Log position, a deletion logged
+    in it), until the next full sync."""
+    import email.utils
+
+    import dirpull.connectors.okta as okta_connector
+
+    okta_date = int(time.time()) + 5  # every answer's `Date`; its record stamps are pinned below
+    monkeypatch.setattr(
+        BaseHTTPRequestHandler, "date_time_string", lambda self, ts=None: email.utils.formatdate(okta_date, usegmt=True)
+    )
+    monkeypatch.setattr(okta_connector, "_now", lambda: datetime.now(UTC) + timedelta(seconds=600))
+    age(org)
+    c = connector(tenant(emu, tmp_path, page_size=50, cursor_holdback=0))
+    stream = c.pull(None, full=True)
+    first = next(stream)
+    assert isinstance(first, Page) and user_id(1) in {u.idp_id for u in first.users}
+    with org.clock_at(okta_date + 0.5):  # page 1 is already read; in the second of the `Date`
+        org.update_person(1, title="Edited During The Walk")
+    with org.clock_at(okta_date + 400):  # the walk goes on, a page not read yet
+        org.update_person(110, title="Edited Later")
+    done = [first, *stream][-1]
+    assert isinstance(done, Done) and done.cursor
+    users = users_of(pull(c, done.cursor)[0])
+    assert user_id(1) in users and users[user_id(1)].job_title == "Edited During The Walk"
 
 
 def test_429_storm_with_reset_headers(emu: OktaEmulator, tmp_path: Path) -> None:

@@ -513,12 +513,15 @@ class _Run:
         """When this run started, for the cursor and the System Log position: the local clock at
         the start, or Okta's clock at its first answer when that is earlier. The timestamps
         compared with it are Okta's: a worker clock running ahead of Okta's must not move them
-        past changes made during the run. `Date` is whole seconds: Okta's clock was before
-        `Date` + 1 s when it answered (so clocks that agree keep the local start's precision)."""
+        past changes made during the run. `Date` is whole seconds, rounded down: Okta's clock
+        read `Date` or later when it answered, so a change made after that answer is stamped
+        `Date` or later. (`Date` + 1 s, an upper bound of Okta's clock, let the cursor and the
+        System Log position pass changes and deletions of the second after the first answer
+        when `cursor_holdback` is under a second.)"""
         first = self.transport.first_date
         if first is None:
             return self.started
-        return min(self.started, datetime.fromtimestamp(first + 1, UTC))
+        return min(self.started, datetime.fromtimestamp(first, UTC))
 
 
 class OktaConnector(CountsRequests):
@@ -851,7 +854,9 @@ class OktaConnector(CountsRequests):
     async def _log_start(self, run: _Run) -> str | None:
         """A polling position from (start of the run − holdback): events before it are covered by
         this snapshot."""
-        since = _iso(run.start() - self.holdback)
+        # A second early: Okta's `Date` (whole seconds, `_Run.start`) is then no reason to ask
+        # again when the clocks agree; only a worker clock ahead of Okta's costs a second request.
+        since = _iso(run.start() - self.holdback - timedelta(seconds=1))
         link: str | None = None
         after: str | None = None
         guard = PagingGuard("system log")

@@ -39,7 +39,6 @@ from __future__ import annotations
 import base64
 import bisect
 import json
-import operator
 import secrets
 import threading
 import time
@@ -994,7 +993,6 @@ class GraphEmulator(Emulator):
         items: list[dict[str, Any]] = []
         hi = len(groups)
         n, scanned, chunk = rnd.pos, 0, rnd.chunk
-        key: Callable[[tuple[tuple[int, int], dict[str, Any]]], tuple[int, int]] = operator.itemgetter(0)
         more_members = False
         while n < hi and len(items) < self.delta_page_size and scanned < self.delta_scan_limit:
             cur = n + 1
@@ -1010,25 +1008,14 @@ class GraphEmulator(Emulator):
                     if self.initial_removed and self._recently(g.updated_at):
                         items.append(self._group_removed(g))
                     continue
-                # (key, entry) in key order: users, groups, then the vendor-only kinds.
-                member_list: list[tuple[tuple[int, int], dict[str, Any]]] | None = None
+                # Member keys (`_member_key`) in order: users, groups, then the vendor-only kinds.
+                member_list: list[tuple[int, int]] | None = None
+                removed: set[tuple[int, int]] = set()
                 if with_members:
-                    people, subs = self.org.direct_members(g.n)
-                    member_list = [
-                        (_member_key("user", m), {"@odata.type": "#microsoft.graph.user", "id": user_id(m)})
-                        for m in people
-                    ]
-                    member_list += [
-                        (_member_key("group", m), {"@odata.type": "#microsoft.graph.group", "id": group_id(m)})
-                        for m in subs
-                    ]
-                    member_list += [
-                        (
-                            _member_key(kind, g.n),
-                            {"@odata.type": f"#microsoft.graph.{kind}", "id": foreign_id(kind, g.n)},
-                        )
-                        for kind in self.foreign_members.get(g.n, ())
-                    ]
+                    people, subs = self.org.direct_members(g.n)  # each sorted
+                    member_list = [(0, m) for m in people]
+                    member_list += [(1, m) for m in subs]
+                    member_list += sorted(_member_key(kind, g.n) for kind in self.foreign_members.get(g.n, ()))
             else:
                 prop_changed = g.version > rnd.since and self._groups.changed_after(g, tracked, rnd.since)
                 member_changes = changes.get(g.n)
@@ -1039,29 +1026,27 @@ class GraphEmulator(Emulator):
                         items.append(self._group_removed(g))
                     continue
                 member_list = None
+                removed = set()
                 if member_changes:
                     member_list = []
                     for kind, m, added in member_changes:
-                        entry: dict[str, Any] = {
-                            "@odata.type": f"#microsoft.graph.{kind}",
-                            "id": user_id(m) if kind == "user" else group_id(m),
-                        }
+                        member_list.append(_member_key(kind, m))
                         if not added:
-                            entry["@removed"] = {"reason": "deleted"}
-                        member_list.append((_member_key(kind, m), entry))
-                    member_list.sort(key=key)
+                            removed.add(member_list[-1])
+                    member_list.sort()
             item = self._render(g, GROUP_PROPERTIES, names)
             self._stale_removal(item["id"], items)
             if member_list:
                 # A large group comes back on several pages, each with a chunk of its members: those
                 # after the last one the previous page named.
-                start = bisect.bisect_right(member_list, tuple(after), key=key) if after else 0
+                # Only the chunk's entries are made: a large group is on many pages.
+                start = bisect.bisect_right(member_list, tuple(after)) if after else 0
                 part = member_list[start : start + self.member_chunk_size]
                 if part:
-                    item["members@delta"] = [entry for _, entry in part]
+                    item["members@delta"] = [_member_entry(k, g.n, k in removed) for k in part]
                 if start + self.member_chunk_size < len(member_list):
                     items.append(item)
-                    chunk = list(part[-1][0])
+                    chunk = list(part[-1])
                     n = cur - 1  # come back to this group on the next page
                     more_members = True
                     break
@@ -1076,6 +1061,19 @@ class GraphEmulator(Emulator):
 
 
 _DEFAULT_MARK: Any = object()
+
+
+_MEMBER_KINDS = ("user", "group", *FOREIGN_KINDS)
+
+
+def _member_entry(key: tuple[int, int], group: int, removed: bool) -> dict[str, Any]:
+    """The members@delta entry of a member key (`_member_key`) of `group`."""
+    kind, n = _MEMBER_KINDS[key[0]], key[1]
+    oid = user_id(n) if kind == "user" else group_id(n) if kind == "group" else foreign_id(kind, group)
+    entry: dict[str, Any] = {"@odata.type": f"#microsoft.graph.{kind}", "id": oid}
+    if removed:
+        entry["@removed"] = {"reason": "deleted"}
+    return entry
 
 
 def _member_key(kind: str, n: int) -> tuple[int, int]:

@@ -81,6 +81,11 @@ def spawn(config_path: Path, preload: list[str], timeout: float) -> dict[str, An
     return json.loads(out.stdout.splitlines()[-1])
 
 
+def requests(floor: dict[str, Any]) -> str:
+    n = floor["requests"]
+    return f"{n} request" if n == 1 else f"{n} requests"
+
+
 def row(name: str, samples: list[float], floor: float | None) -> str:
     best, median = min(samples), statistics.median(samples)
     ratio = f"{best / floor:5.2f}×" if floor else " " * 6
@@ -113,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             bench.write_config(config_path, f"sqlite:///{work / 'store.db'}", TENANT, em.info["tenant"])
             floor = bench.baseline_fetch(args.provider, em.info["tenant"], 3)
             initial = bench.sync_phase(config_path, TENANT, full=False, timeout=args.timeout, workdir=work)
-            bench.log(f"floor {floor['s']} s ({floor['requests']} requests); initial sync {initial['sync_s']} s")
+            bench.log(f"floor {floor['s']} s ({requests(floor)}); initial sync {initial['sync_s']} s")
             for i in range(max(1, args.rounds)):
                 fresh.append(spawn(config_path, [], args.timeout))
                 preloaded.append(spawn(config_path, fresh[-1]["imported"], args.timeout))
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     imported = fresh[-1]["imported"]
     failed = sorted({m for p in preloaded for m in p["preload_failed"]})
     print(f"{args.provider}, {args.users} users, {args.groups} groups: wire floor {f:.3f} s "
-          f"({floor['requests']} requests); runner durations, fastest ({'×'} the floor) and median")  # fmt: skip
+          f"({requests(floor)}); runner durations, fastest ({'×'} the floor) and median")  # fmt: skip
     print(row("fresh process, first run", [p["runs"][0] for p in fresh], f))
     print(row("fresh process, its modules imported before", [p["runs"][0] for p in preloaded], f))
     print(row("second and third runs (as a daemon runs)", [s for p in fresh + preloaded for s in p["runs"][1:]], f))

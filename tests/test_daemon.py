@@ -52,11 +52,9 @@ def test_failing_tenant_backs_off_while_the_other_keeps_syncing(harness, caplog)
     assert warning.startswith("tenant bad: failed 1 time(s) in a row: HTTP 500 from the directory (scripted);")
 
 
-def test_shutdown_interrupts_a_running_sync_and_applies_nothing(harness):
-    gate = threading.Event()
-    d = Directory(users=people(50), gate=gate)
-    h = harness({"good": TENANTS["good"]})
-    daemon = Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(d))
+def stop_mid_run(daemon: Daemon, d: Directory, gate: threading.Event) -> threading.Thread:
+    """Start the daemon, shut it down while its first sync is inside the pull (held at `gate`),
+    then let the pull go on; the thread that ran the shutdown, joined."""
     daemon.start()
     assert d.entered.wait(10)
     stopper = threading.Thread(target=daemon.shutdown)
@@ -64,6 +62,15 @@ def test_shutdown_interrupts_a_running_sync_and_applies_nothing(harness):
     time.sleep(0.2)
     gate.set()
     stopper.join(15)
+    return stopper
+
+
+def test_shutdown_interrupts_a_running_sync_and_applies_nothing(harness):
+    gate = threading.Event()
+    d = Directory(users=people(50), gate=gate)
+    h = harness({"good": TENANTS["good"]})
+    daemon = Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(d))
+    stopper = stop_mid_run(daemon, d, gate)
     assert not stopper.is_alive()
     assert h.users("good") == {}
     run = h.store.runs("good")[0]
@@ -137,13 +144,7 @@ def test_a_cron_run_cut_off_by_a_restart_is_caught_up_when_the_worker_starts_aga
         {"nightly": {**TENANTS["good"], "schedule": yearly}}, connector_factory=lambda t, s: ScriptedConnector(d)
     )
     daemon = Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(d))
-    daemon.start()  # never ran: its first fire is now
-    assert d.entered.wait(10)
-    stopper = threading.Thread(target=daemon.shutdown)
-    stopper.start()
-    time.sleep(0.2)
-    gate.set()
-    stopper.join(15)
+    stop_mid_run(daemon, d, gate)  # it never ran: its first fire is now
     [cut] = h.store.runs("nightly")
     assert cut["status"] == "failed" and cut["error"].startswith("interrupted: the worker is stopping")
 

@@ -488,6 +488,21 @@ class MidRun(OktaConnector):
                 during()
 
 
+def mid_run(during: list[Any], when: Any = None) -> Any:
+    """A connector factory whose next pull runs the last of `during` (if any) once, after the
+    first page `when` accepts (default: the first page)."""
+
+    def factory(name: str, settings: Any) -> MidRun:
+        c = MidRun(name, settings, sleep=Sleeps())
+        if during:
+            c.during = during.pop()
+            if when is not None:
+                c.when = when
+        return c
+
+    return factory
+
+
 def test_a_user_deleted_after_the_listing_returned_them_is_deleted_by_the_system_log(
     harness: Any, emu: OktaEmulator, org: Org, tmp_path: Path
 ) -> None:
@@ -497,13 +512,7 @@ def test_a_user_deleted_after_the_listing_returned_them_is_deleted_by_the_system
     the next run's log position is past the event, and no listing returns the user again."""
     age(org)
     during: list[Any] = []
-
-    def factory(name: str, settings: Any) -> MidRun:
-        c = MidRun(name, settings, sleep=Sleeps())
-        c.during = during.pop() if during else None
-        return c
-
-    h = harness({"t1": tenant(emu, tmp_path, poll_system_log=True)}, connector_factory=factory)
+    h = harness({"t1": tenant(emu, tmp_path, poll_system_log=True)}, connector_factory=mid_run(during))
     assert h.sync("t1").status == "succeeded"
     victim = leaf(org, set())
     org.deactivate(victim)  # Okta deletes only deactivated users: the deactivation is in the delta
@@ -524,13 +533,7 @@ def test_a_user_hired_and_deleted_between_two_system_log_reads_is_deleted(
     deletion only in the log kept them stored until the next full sync."""
     age(org)
     during: list[Any] = []
-
-    def factory(name: str, settings: Any) -> MidRun:
-        c = MidRun(name, settings, sleep=Sleeps())
-        c.during = during.pop() if during else None
-        return c
-
-    h = harness({"t1": tenant(emu, tmp_path, poll_system_log=True)}, connector_factory=factory)
+    h = harness({"t1": tenant(emu, tmp_path, poll_system_log=True)}, connector_factory=mid_run(during))
     assert h.sync("t1").status == "succeeded"
     hire = org.hire("Short", "Stay").n
     during.append(lambda: org.delete(hire))  # after the listing returned the hire, before the log is read
@@ -549,14 +552,8 @@ def test_a_group_deleted_during_a_full_walk_is_deleted_not_kept_empty(
     gone from Okta: the snapshot deletes it, as an incremental run does, rather than keeping it in
     the store with every member removed until the next full sync."""
     during: list[Any] = []
-
-    def factory(name: str, settings: Any) -> MidRun:
-        c = MidRun(name, settings, sleep=Sleeps())
-        if during:
-            c.during, c.when = during.pop(), lambda item: isinstance(item, Page) and bool(item.groups)
-        return c
-
-    h = harness({"t1": tenant(emu, tmp_path)}, connector_factory=factory)
+    after_groups = mid_run(during, when=lambda item: isinstance(item, Page) and bool(item.groups))
+    h = harness({"t1": tenant(emu, tmp_path)}, connector_factory=after_groups)
     assert h.sync("t1").status == "succeeded"
     parents = {g for grp in org.listed_groups() for g in grp.subgroups}
     gone = next(g.n for g in org.listed_groups() if g.members and g.n not in parents and not g.subgroups)

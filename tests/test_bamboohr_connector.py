@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -458,6 +459,40 @@ def test_an_employee_the_report_lists_twice_is_quarantined_and_left_as_stored(
     monkeypatch.undo()
     assert h.sync("hr", full=True).status == "succeeded"
     assert sorted(c[:2] for c in h.changes("hr", after=seq)) == [("user.created", str(hired.n)), ("user.updated", "9")]
+
+
+def test_a_php_escaped_report_whose_last_row_copies_a_recognized_one_is_not_quarantined(
+    emu: BambooHREmulator, harness: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A custom report written as PHP's json_encode writes it by default (`\\/` and `\\u00e9`
+    escapes, not orjson's text) that repeats an employee's row as its last row: on a resync the
+    first copy is recognized by its text, and the last one (parsed with the document's end) is
+    that very row, not another one. It was digested as a parsed row, which never matches such a
+    text: every unchanged resync quarantined the employee as listed twice."""
+    emu.org.update_person(5, title="R/D Lead", given="José")
+
+    def php_copies(handler: Any) -> Any:
+        def handle(req: Any) -> Any:
+            resp = handler(req)
+            if isinstance(resp.body, dict):
+                rows = resp.body["employees"]
+                rows += [dict(r) for r in rows if r["id"] == "5"]
+                resp.body = json.dumps(resp.body).replace("/", "\\/").encode()
+            return resp
+
+        return handle
+
+    routes = [(m, p, php_copies(f) if "reports" in p.pattern else f) for m, p, f in emu._routes]
+    monkeypatch.setattr(emu, "_routes", routes)
+    h = harness({"hr": emu.tenant_config("hr", Path("."))}, connector_factory=build)
+    seq = 0
+    for _ in range(4):  # first sync, digests of the texts, then resyncs that recognize them
+        r = h.sync("hr", full=True)
+        assert r.status == "succeeded" and r.counts["quarantined"] == 0, (r.error, r.counts)
+        if seq:
+            assert h.changes("hr", after=seq) == []
+        seq = h.last_seq()
+    assert h.users("hr")["5"]["first_name"] == "José" and h.users("hr")["5"]["job_title"] == "R/D Lead"
 
 
 def test_identical_copies_of_an_employee_are_one_row_applied_once(

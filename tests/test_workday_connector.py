@@ -789,6 +789,40 @@ def test_identical_copies_of_a_worker_are_one_row_applied_once(
     assert ids["same"] not in normalized and len(h.users("t1")) == len(list(org.listed_people()))
 
 
+def test_a_spaced_report_whose_last_row_copies_a_recognized_one_keeps_the_worker_unquarantined(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    """A report printed with spaces and line breaks (not as orjson writes JSON) that repeats a
+    worker's row as its last row: on a resync the first copy is recognized by its text, and the
+    last one (parsed with the document's end) must still count as that very row. It was digested
+    as a parsed row instead, which never matches a spaced text: every unchanged resync quarantined
+    the worker as listed twice with different rows."""
+    h = harness(
+        {"t1": tenant(emu, tmp_path, prompts={})},
+        connector_factory=lambda t, s: WorkdayConnector(t, s, policy_factory=fast_policy),
+    )
+    twin = next(p for p in org.listed_people() if p.n > 20 and p.state == "active" and not p.termination_date)
+    real_body = emu._users_body
+
+    def spaced(*args: Any) -> bytes:
+        doc = json.loads(real_body(*args))
+        doc["Report_Entry"] += [r for r in doc["Report_Entry"] if r["Employee_ID"] == employee_id(twin.n)]
+        return json.dumps(doc, indent=2, ensure_ascii=False).encode()
+
+    emu._users_body = spaced  # type: ignore[method-assign]
+    seq = 0
+    for _ in range(4):  # first sync, digests of the texts, then resyncs that recognize them
+        r = h.sync("t1")
+        assert r.status == "succeeded" and r.counts["quarantined"] == 0, (r.error, r.counts)
+        if seq:
+            assert h.changes("t1", after=seq) == []
+        seq = h.last_seq()
+    org.update_person(twin.n, title="Principal Engineer")
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.counts["quarantined"] == 0
+    assert h.changes("t1", after=seq) == [("user.updated", employee_id(twin.n), ("job_title", "raw_attributes"))]
+
+
 def test_identical_copies_on_a_first_sync_make_one_worker_and_one_membership(
     harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
 ) -> None:

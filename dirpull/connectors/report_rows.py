@@ -37,6 +37,7 @@ CUT_TRIES = 4  # candidate cuts tried per chunk, from the last one back
 ROW_CUT_TRIES = 16  # … or per row, when rows are taken one at a time
 STUCK_LIMIT = 8 << 20  # rows no cut could free: ijson reads the rest (rows with nested objects)
 _ROW_BOUNDARY = re.compile(rb"\}\s*,\s*\{")
+_ARRAY_END = re.compile(rb"\}\s*\]")
 
 
 # A row's exact JSON text → a token (say, the id of the stored user last normalized from exactly
@@ -120,8 +121,13 @@ def rows(
     rest = document.get(key) if isinstance(document, dict) else None
     if not isinstance(rest, list):
         raise NotJSON(f"the report's {key!r} is not a list")
+    # The last row comes with its text too, where it can be cut from the document's end: a
+    # connector digests a row by its text where it has one, and a report spaced or escaped
+    # otherwise than orjson writes digests differently as a parsed row — a copy of a row
+    # recognized earlier then looked like another row with its id (and was quarantined).
+    last = _last_text(buf, rest[0]) if recognize is not None and len(rest) == 1 else None
     for row in rest:
-        yield None, row, None
+        yield last, row, None
 
 
 def _open(stream: Readable, key: str, chunk_size: int) -> tuple[bytes, bytes, bool] | bytes:
@@ -161,6 +167,22 @@ def _row_by_row(
             yield text, row, None
         start, refused = boundary.end() - 1, 0
     return buf[start:], False
+
+
+def _last_text(buf: bytes, row: Any) -> bytes | None:
+    """The text of `row`, the one row at the start of `buf` (which goes on with the array's and the
+    document's end): up to the first `}` before a `]` that closes a whole object equal to `row`.
+    None where no such cut is found within ROW_CUT_TRIES (nested objects)."""
+    text = buf.lstrip()
+    for tries, end in enumerate(_ARRAY_END.finditer(text)):
+        if tries >= ROW_CUT_TRIES:
+            break
+        try:
+            parsed = loads_lenient(text[: end.start() + 1])
+        except orjson.JSONDecodeError:
+            continue  # a `}` inside a string or a nested object
+        return text[: end.start() + 1] if parsed == row else None
+    return None
 
 
 def _opens_top_level(head: bytes, key: str) -> bool:

@@ -244,9 +244,28 @@ def test_persistent_throttling_fails_cleanly_without_done(emu: GoogleEmulator, t
         for item in connector(emu, tmp_path, sleeps).pull(None, full=False):
             seen.append(item)
     assert not any(isinstance(x, Done) for x in seen)
-    assert len(sleeps) == 4  # max_attempts=5: four waits, then give up
+    # Throttled: eight waits, over a minute in all (Google's quota is per minute), then give up.
+    assert len(sleeps) == 8 and sum(sleeps) > 60
     # Exponential: each wait (before jitter) doubles.
-    assert sleeps[0] < sleeps[2] < sleeps[3]
+    assert sleeps[0] < sleeps[2] < sleeps[3] < sleeps[5] < sleeps[7]
+
+
+@pytest.mark.parametrize("kind", ["user", "concurrent"])
+def test_a_throttle_longer_than_an_outages_attempts_is_waited_out(
+    emu: GoogleEmulator, tmp_path: Path, kind: str
+) -> None:
+    """Google's per-user quota is per minute: a request throttled for a minute must not fail the
+    run after the 15 s of waits an outage (5xx) is given."""
+    clean, _ = pull(connector(emu, tmp_path))
+    emu.rate_limit_kind = kind  # type: ignore[assignment]
+    emu.faults.update({"rate_limit": 7, "path": "/admin/directory/v1/users"})
+    sleeps = Sleeps()
+    pages, _ = pull(connector(emu, tmp_path, sleeps))  # max_attempts=5
+    assert users(pages) == users(clean) and members(pages) == members(clean)
+    assert len(sleeps) == 7 and sum(sleeps) > 30
+    emu.faults.update({"error": 7, "error_status": 503, "path": "/admin/directory/v1/users"})
+    with pytest.raises(ConnectorError, match="gave up after 5 attempts"):
+        pull(connector(emu, tmp_path))
 
 
 def test_members_read_while_the_users_are_handed_over_fail_the_pull_after_them(

@@ -20,7 +20,8 @@ The Directory API has no delta, so every run is a full snapshot:
 
 Throttling (403 userRateLimitExceeded/rateLimitExceeded/quotaExceeded, 429) and 5xx are retried
 with exponential backoff and jitter from the shared RetryPolicy (Google sends no Retry-After),
-capped in attempts and total wait; then the run fails and nothing is applied. So is a token
+capped in attempts (a throttle gets more: Google's quota is per minute) and total wait; then the
+run fails and nothing is applied. So is a token
 request that google-auth marks retryable (500, 503, 504, 429, 408; not 502); any other refusal is
 an AuthError.
 """
@@ -76,6 +77,10 @@ YIELD_PAGE = 500
 HTTP_TIMEOUT = 60.0
 # 403 reasons that mean "slow down", not "forbidden".
 THROTTLE_REASONS = frozenset({"userRateLimitExceeded", "rateLimitExceeded", "quotaExceeded"})
+# Google's per-user quota is counted per minute and it sends no Retry-After: a throttled request
+# keeps backing off (0.5 s, 1 s, … 32 s: over a minute of waits by the 8th) until a new minute's
+# quota is certain to have come, where an outage (5xx) gives up after the policy's max_attempts.
+THROTTLE_ATTEMPTS = 9
 USER_VOLATILE = ("etag", "lastLoginTime", "thumbnailPhotoEtag")
 GROUP_VOLATILE = ("etag", "directMembersCount")
 
@@ -332,9 +337,11 @@ class _Session:
                 reason, message = _error_reason(exc)
                 label = f"HTTP {status} {reason}" if reason else f"HTTP {status}"
                 where = f"{step}: {label} from {redact_url(str(exc.uri))}"
-                if status == 429 or status >= 500 or (status == 403 and reason in THROTTLE_REASONS):
+                throttled = status == 429 or (status == 403 and reason in THROTTLE_REASONS)
+                if throttled or status >= 500:
                     log.warning("%s; backing off (attempt %d)", where, attempt)
-                    self.policy.wait(attempt, None, what=where, step=step)
+                    limit = max(self.policy.max_attempts, THROTTLE_ATTEMPTS) if throttled else None
+                    self.policy.wait(attempt, None, what=where, step=step, attempts=limit)
                     continue
                 if status == 404 and may_vanish:
                     raise _GroupGone(where) from None

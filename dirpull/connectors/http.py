@@ -108,25 +108,30 @@ class RetryPolicy:
         delay = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
         return delay + random.uniform(0, self.jitter * delay)
 
-    def wait(self, attempt: int, hint: float | None, *, what: str, step: str | None = None) -> None:
+    def wait(
+        self, attempt: int, hint: float | None, *, what: str, step: str | None = None, attempts: int | None = None
+    ) -> None:
         """Sleep before retry `attempt`, or raise `RetriesExhausted` if the budget is spent.
 
         `what` describes the failed attempt (status, URL, an excerpt of the vendor's error body):
-        it becomes the run's error message when the budget is spent.
+        it becomes the run's error message when the budget is spent. `attempts` overrides
+        `max_attempts` for this kind of failure (the run's total wait budget still applies).
         """
-        delay = self.begin_wait(attempt, hint, what=what, step=step)
+        delay = self.begin_wait(attempt, hint, what=what, step=step, attempts=attempts)
         try:
             self.sleep(delay)
         finally:
             self.end_wait()
 
-    def begin_wait(self, attempt: int, hint: float | None, *, what: str, step: str | None = None) -> float:
+    def begin_wait(
+        self, attempt: int, hint: float | None, *, what: str, step: str | None = None, attempts: int | None = None
+    ) -> float:
         """`wait` for a caller that sleeps by itself (an event loop): the delay, charged to the
         budget; `end_wait()` once slept. Waits that overlap are charged once: requests in flight
         together (Google's member workers, Entra's manager reads) are throttled together, and the
         budget caps how long the run is held, not the sum of every request's wait (32 workers
         throttled for 10 s used up the 300 s of a run)."""
-        if attempt >= self.max_attempts:
+        if attempt >= (self.max_attempts if attempts is None else attempts):
             raise RetriesExhausted(f"{what}: gave up after {attempt} attempts", step=step)
         delay = self.backoff(attempt) if hint is None else hint
         delay = min(delay, self.max_delay)

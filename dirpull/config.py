@@ -81,6 +81,9 @@ class SecretRef:
                 return f"environment variable {name} is empty"
         elif self._value.startswith("file:"):
             path = self.path
+            if path is not None and path.is_dir():
+                # A mounted secret's folder (/run/secrets/acme) instead of its key's file in it.
+                return f"secret file {self._value[5:]} is a directory; name the file that holds the secret"
             if path is None or not path.is_file():
                 return f"secret file {self._value[5:]} does not exist"
             try:

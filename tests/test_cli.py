@@ -788,6 +788,19 @@ def test_an_empty_secret_is_named_not_sent_to_the_vendor(env, monkeypatch):
     assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: secret file key is empty\n"
 
 
+def test_a_secret_file_that_is_a_directory_is_named_as_one(env):
+    """`file:` naming a mounted secret's folder instead of the file in it: `sync` exits 2 saying it
+    is a directory, naming the file, tenant and key. Before, it said the file "does not exist",
+    while `ls` showed it there."""
+    config = Path(env["config"])
+    (env["tmp"] / "secrets").mkdir()
+    config.write_text(config.read_text().replace('api_key = "file:key"', 'api_key = "file:secrets"'))
+    r = run(env, "sync", "hr")
+    assert (r.exit_code, r.stdout) == (2, "")
+    why = "secret file secrets is a directory; name the file that holds the secret"
+    assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: {why}\n"
+
+
 def test_config_mistake_exits_2_with_file_tenant_and_key(tmp_path):
     cfg = tmp_path / "dirpull.toml"
     cfg.write_text('[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\n')

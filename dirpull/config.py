@@ -539,10 +539,22 @@ class WorkdayTenant(TenantBase):
     @model_validator(mode="after")
     def _auth(self) -> WorkdayTenant:
         basic = self.username is not None and self.password is not None
-        oauth = all(
-            x is not None for x in (self.token_url, self.client_id, self.client_secret, self.refresh_token)
-        )
-        if not basic and not oauth:
+        oauth = {
+            "token_url": self.token_url,
+            "client_id": self.client_id,
+            "client_secret": self.client_secret,
+            "refresh_token": self.refresh_token,
+        }
+        missing = [key for key, value in oauth.items() if value is None]
+        if 0 < len(missing) < len(oauth):
+            # Beside username/password a partial set was ignored (Basic wins): an operator moving
+            # to OAuth who left a key out went on using the password without being told.
+            raise ValueError(
+                "OAuth needs token_url, client_id, client_secret and refresh_token together; "
+                f"missing: {', '.join(missing)}"
+                + ("; or leave them all out to use username and password" if basic else "")
+            )
+        if not basic and missing:
             raise ValueError(
                 "give username and password, or token_url, client_id, client_secret and refresh_token"
             )

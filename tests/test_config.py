@@ -142,6 +142,48 @@ state = "Active_Status"
     assert "job_title" in msg and "Traceback" not in msg
 
 
+WORKDAY_BASIC = """
+[tenants.wd]
+provider = "workday"
+users_report_url = "https://wd2-impl-services1.workday.com/ccx/service/customreport2/acme/ISU/Workers"
+username = "ISU"
+password = "env:WD_PASSWORD"
+"""
+WORKDAY_OAUTH = {
+    "token_url": '"https://wd2-impl-services1.workday.com/ccx/oauth2/acme/token"',
+    "client_id": '"client"',
+    "client_secret": '"env:WD_CLIENT_SECRET"',
+    "refresh_token": '"env:WD_REFRESH_TOKEN"',
+}
+
+
+@pytest.mark.parametrize(
+    ("given", "missing"),
+    [
+        (["client_id"], "token_url, client_secret, refresh_token"),
+        (["token_url", "client_id", "client_secret"], "refresh_token"),
+    ],
+)
+def test_a_partial_workday_oauth_set_fails_the_load_naming_the_missing_keys(tmp_path, given, missing):
+    """Beside username/password, an OAuth set missing a key was ignored: the operator who meant to
+    move to OAuth kept syncing with the password, until it was revoked and every run failed."""
+    oauth = "".join(f"{k} = {WORKDAY_OAUTH[k]}\n" for k in given)
+    msg = error_of(tmp_path, WORKDAY_BASIC + oauth)
+    assert msg == (
+        f"{tmp_path / 'dirpull.toml'}: tenants.wd: OAuth needs token_url, client_id, client_secret and "
+        f"refresh_token together; missing: {missing}; or leave them all out to use username and password"
+    )
+    without_basic = WORKDAY_BASIC.replace('username = "ISU"\npassword = "env:WD_PASSWORD"\n', "")
+    msg = error_of(tmp_path, without_basic + oauth)
+    assert msg.endswith(
+        f"tenants.wd: OAuth needs token_url, client_id, client_secret and refresh_token together; missing: {missing}"
+    )
+    # A complete set, with or without username/password beside it, and username/password alone load.
+    everything = "".join(f"{k} = {v}\n" for k, v in WORKDAY_OAUTH.items())
+    for text in (WORKDAY_BASIC, WORKDAY_BASIC + everything, without_basic + everything):
+        assert load_config(write(tmp_path, text)).tenant("wd").provider == "workday"
+
+
 @pytest.mark.parametrize("org_url", ["https://acme.okta.com/api/v1", "https://acme-admin.okta.com/admin/dashboard"])
 def test_an_okta_org_url_with_a_path_fails_the_load_naming_the_key(tmp_path, org_url):
     """Before, it loaded and every run of the tenant failed ("must be the bare org URL")."""

@@ -1,7 +1,7 @@
 """The `dirpull` command. Thin: parse options, call the runner/store, print.
 
 Exit codes: 0 ok · 1 failed · 2 bad usage, configuration or unknown tenant · 3 held by the guard
-(`sync --dry-run`: would be held).
+(`sync --dry-run`: would be held) · 141 stdout (or stderr) closed by its reader (`… | head -1`).
 `--json` prints JSON Lines on stdout and nothing else there; messages go to stderr.
 """
 
@@ -47,6 +47,30 @@ def _one_line_usage_errors() -> Iterator[None]:
         raise fail(f"{exc.format_message()} (see '{where} --help')", exc.exit_code) from None
 
 
+# 128 + SIGPIPE: what a shell shows for a command killed by SIGPIPE, as `cat` or `grep` are when
+# the reader of their output exits early.
+CLOSED_PIPE_EXIT = 141
+
+
+@contextlib.contextmanager
+def _quiet_exit_on_a_closed_pipe() -> Iterator[None]:
+    """The reader of the output went away (`dirpull users T --json | head -1`): exit 141, printing
+    nothing. Python ignores SIGPIPE, so the write raised BrokenPipeError instead of the process
+    ending as `cat` does, and click turned it into exit 1, the code of "no store"."""
+    try:
+        yield
+    except BrokenPipeError:
+        # What is still buffered would be flushed again at interpreter exit, failing with
+        # "Exception ignored … BrokenPipeError" on stderr and exit 120: both streams go to
+        # /dev/null instead, as the Python docs' "Note on SIGPIPE" does for stdout (stderr may be
+        # the same pipe, `2>&1 | head`). Nothing more is said: the process ends here.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(AttributeError, ValueError, OSError):  # replaced or closed
+                os.dup2(devnull, stream.fileno())
+        raise typer.Exit(CLOSED_PIPE_EXIT) from None
+
+
 class _Group(TyperGroup):
     """A bad option, argument or command: one line `dirpull: ...` on stderr and exit 2, instead of
     click's usage block or Typer's Rich box. Sub-commands' mistakes surface through invoke()."""
@@ -56,7 +80,7 @@ class _Group(TyperGroup):
             return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx: Any) -> Any:
-        with _one_line_usage_errors():
+        with _quiet_exit_on_a_closed_pipe(), _one_line_usage_errors():
             return super().invoke(ctx)
 
 

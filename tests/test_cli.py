@@ -801,6 +801,31 @@ def test_a_secret_file_that_is_a_directory_is_named_as_one(env):
     assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: {why}\n"
 
 
+@pytest.mark.parametrize("args", [("users", "hr", "--json"), ("events", "hr", "--json")], ids=["users", "events"])
+def test_a_reader_that_stops_early_ends_dirpull_quietly_with_141(env, args):
+    """`dirpull users T --json | head -1`: once the reader has gone, dirpull stops, prints nothing
+    and exits 141 (128 + SIGPIPE), as `cat` would. Before, it exited 1, README's code for "no
+    store", failing a `set -o pipefail` script as if the store were missing."""
+    for _ in range(400):  # ~350 kB of JSON Lines: far beyond what the pipe holds once the reader is gone
+        env["org"].hire()
+    assert run(env, "sync", "hr").exit_code == 0
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dirpull.cli", "--config", env["config"], *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "DIRPULL_STORE_URL": ""},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = json.loads(proc.stdout.readline())
+        proc.stdout.close()  # as `head -1` exits
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert first["idp_id"] if args[0] == "users" else first["seq"]
+    assert (proc.returncode, err) == (141, b"")
+
+
 def test_config_mistake_exits_2_with_file_tenant_and_key(tmp_path):
     cfg = tmp_path / "dirpull.toml"
     cfg.write_text('[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\n')

@@ -81,10 +81,14 @@ class SecretRef:
                 return f"environment variable {name} is empty"
         elif self._value.startswith("file:"):
             path = self.path
-            if path is not None and path.is_dir():
+            try:
+                is_dir, is_file = path is not None and path.is_dir(), path is not None and path.is_file()
+            except OSError as exc:  # a folder on the way this user may not enter, a name too long
+                return f"secret file {self._value[5:]} cannot be examined ({exc.strerror or exc})"
+            if is_dir:
                 # A mounted secret's folder (/run/secrets/acme) instead of its key's file in it.
                 return f"secret file {self._value[5:]} is a directory; name the file that holds the secret"
-            if path is None or not path.is_file():
+            if not is_file:
                 return f"secret file {self._value[5:]} does not exist"
             try:
                 if not self._read_file(path):  # said now, naming the key, not by the vendor's 401

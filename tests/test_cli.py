@@ -801,6 +801,19 @@ def test_a_secret_file_that_is_a_directory_is_named_as_one(env):
     assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: {why}\n"
 
 
+def test_a_secret_file_that_cannot_be_examined_is_named_without_a_traceback(env):
+    """A `file:` path that stat() refuses with an error other than "no such file" (a folder the
+    daemon's user may not enter: EACCES; here, as tests run as root, a name too long) is one line
+    naming the file, tenant and key, exit 2. Before, it was a PermissionError/OSError traceback."""
+    config = Path(env["config"])
+    long = "k" * 300
+    config.write_text(config.read_text().replace('api_key = "file:key"', f'api_key = "file:{long}"'))
+    r = run(env, "sync", "hr")
+    assert (r.exit_code, r.stdout) == (2, "")
+    why = f"secret file {long} cannot be examined (File name too long)"
+    assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: {why}\n"
+
+
 @pytest.mark.parametrize("args", [("users", "hr", "--json"), ("events", "hr", "--json")], ids=["users", "events"])
 def test_a_reader_that_stops_early_ends_dirpull_quietly_with_141(env, args):
     """`dirpull users T --json | head -1`: once the reader has gone, dirpull stops, prints nothing

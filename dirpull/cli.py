@@ -141,9 +141,19 @@ def main_options(
 
 def _config() -> Config:
     try:
-        return load_config(OPTS.config)
+        # A mistake in one tenant's table makes that tenant broken, not every command unusable:
+        # each command below says what it means for it (`Config.broken`).
+        return load_config(OPTS.config, isolate_tenants=True)
     except ConfigError as exc:
         raise fail(str(exc)) from None
+
+
+def _warn_broken(config: Config, names: Iterable[str]) -> None:
+    """One line on stderr per named tenant whose table has a mistake."""
+    for name in names:
+        if (broken := config.broken.get(name)) is not None:
+            typer.echo(f"dirpull: warning: tenant {name} is not synced until its configuration is fixed: "
+                       f"{broken.message}", err=True)  # fmt: skip
 
 
 def _store(config: Config, *, create: bool = True, syncs: int = 1, reading: bool = False) -> Store:
@@ -181,9 +191,12 @@ def _refuse_missing_sqlite(url: str) -> None:
 
 
 def _tenant(config: Config, tenant: str) -> None:
-    if tenant not in config.tenants:
-        known = ", ".join(sorted(config.tenants)) or "none configured"
+    """Refuse a tenant the configuration does not name. One whose table has a mistake is named:
+    its data is still in the store, so the query commands read it (saying why it is not synced)."""
+    if tenant not in config.tenants and tenant not in config.broken:
+        known = ", ".join(sorted([*config.tenants, *config.broken])) or "none configured"
         raise fail(f"unknown tenant {tenant!r} (known: {known})")
+    _warn_broken(config, [tenant])
 
 
 def _json_default(value: Any) -> Any:
@@ -314,7 +327,10 @@ def sync(
     from dirpull.sync.runner import Runner
 
     config = _config()
+    if tenant in config.broken:
+        raise fail("\n".join(config.broken[tenant].errors))
     _tenant(config, tenant)
+    _warn_broken(config, config.broken)  # this one syncs; the operator learns of the others
     if problems := config.secret_problems(tenant):
         raise fail("\n".join(problems))
     store = _store(config)
@@ -491,12 +507,15 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
     ok = store.last_success()
     now = datetime.now(UTC)
     rows = []
-    for name, tenant in sorted(config.tenants.items()):
+    for name in sorted([*config.tenants, *config.broken]):
+        tenant = config.tenants.get(name)
+        broken = config.broken.get(name)
         run = last.get(name)
-        schedule = config.schedule_of(name)
+        schedule = config.schedule_of(name) if tenant is not None else None
         scheduled = fired.get(name)
         started = datetime.fromisoformat(scheduled["started_at"].replace("Z", "+00:00")) if scheduled else None
-        attention = []
+        # A table with a mistake: the daemon does not schedule it (it logs why at start).
+        attention = [] if broken is None else [f"configuration error: {broken.message}"]
         result = run["status"] if run else "never synced"
         # A run cut off by a clean stop (a daemon restart, Ctrl-C) is no failure of the tenant: the
         # run before it tells whether the tenant was failing or held.
@@ -513,18 +532,19 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
                 f"run {run['id']} never finished: its worker {run['worker']} no longer holds the lease "
                 "(killed, crashed or cut off from the store); nothing of it was applied"
             )
-        if name in ok and (stale := _stale_at(schedule, ok[name])) is not None and now > stale:
+        if schedule and name in ok and (stale := _stale_at(schedule, ok[name])) is not None and now > stale:
             attention.append(f"no successful sync since {_json_default(ok[name])}")
-        if not tenant.enabled:
+        if tenant is not None and not tenant.enabled:
             attention.append("disabled")
+        scheduled_next = tenant is not None and tenant.enabled and schedule is not None
         rows.append(
             {
                 "tenant": name,
-                "provider": tenant.provider,
+                "provider": tenant.provider if tenant is not None else broken.provider if broken else None,
                 "schedule": schedule,
                 "last_run": run["finished_at"] or run["started_at"] if run else None,
                 "result": result,
-                "next_run": _json_default(next_fire(schedule, started, now)) if tenant.enabled else None,
+                "next_run": _json_default(next_fire(schedule, started, now)) if scheduled_next else None,
                 "attention": attention,
             }
         )
@@ -533,7 +553,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
         return
     typer.echo("tenant\tprovider\tlast_run\tresult\tnext_run\tattention")
     for r in rows:
-        typer.echo(_cells(r["tenant"], r["provider"], r["last_run"] or "-", r["result"], r["next_run"] or "-",
+        typer.echo(_cells(r["tenant"], r["provider"] or "-", r["last_run"] or "-", r["result"], r["next_run"] or "-",
                           "; ".join(r["attention"])))  # fmt: skip
 
 
@@ -569,6 +589,8 @@ def run(
     from dirpull.sync.daemon import Daemon
 
     config = _config()
+    if not config.tenants and config.broken:  # nothing to schedule: as a mistake in the file always was
+        raise fail("\n".join(line for broken in config.broken.values() for line in broken.errors))
     if not config.tenants:  # said before the store is opened, which would create an empty one
         raise fail(f"{config.path}: no tenants configured")
     store = _store(config, create=True, syncs=config.defaults.max_concurrent_syncs)

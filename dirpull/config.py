@@ -4,7 +4,8 @@ The file is TOML, found at `--config PATH`, else `$DIRPULL_CONFIG`, else `./dirp
 mistake is reported as `FILE: tenants.NAME.KEY: what is wrong`, never as a traceback. Secret values
 may be `env:NAME` or `file:PATH`; they are resolved only when a connector needs them and never
 appear in a repr, a log line or an error. One that cannot be read now is not a load error but that
-tenant's (`Config.secret_problems`).
+tenant's (`Config.secret_problems`). Loaded with `isolate_tenants` (the CLI does), a mistake inside
+one `[tenants.X]` table makes only that tenant broken (`Config.broken`), not the whole load.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +25,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -573,25 +576,53 @@ TenantSettings = Annotated[
 _TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
+def _tenant_id_problem(name: str) -> str | None:
+    return None if _TENANT_ID.match(name) else f"tenant id {name!r}: use letters, digits, '-', '_' or '.'"
+
+
+@dataclass(frozen=True)
+class BrokenTenant:
+    """A `[tenants.X]` table with a mistake, kept out of `Config.tenants` so the others still run.
+    `errors`: the lines a strict load reports for it (`FILE: tenants.X.KEY: what is wrong`, never a
+    secret value); `provider`: the table's, when it names a known one."""
+
+    errors: tuple[str, ...]
+    provider: str | None = None
+
+    @property
+    def message(self) -> str:
+        """The errors on one line (a log line, a cell of `dirpull status`)."""
+        return "; ".join(self.errors)
+
+
 class Config(_Strict):
     store: StoreSettings = StoreSettings()
     defaults: Defaults = Defaults()
     tenants: dict[str, TenantSettings] = Field(default_factory=dict)
     path: Path | None = Field(None, exclude=True)
+    # Not a field: no key of the file can set it (`parse_config(isolate_tenants=True)` fills it).
+    _broken: dict[str, BrokenTenant] = PrivateAttr(default_factory=dict)
+
+    @property
+    def broken(self) -> dict[str, BrokenTenant]:
+        """The tenants whose table has a mistake, by id: not in `tenants`, so not synced."""
+        return self._broken
 
     @field_validator("tenants", mode="before")
     @classmethod
     def _tenant_ids(cls, v: Any) -> Any:
         if isinstance(v, dict):
             for name in v:
-                if not _TENANT_ID.match(name):
-                    raise ValueError(f"tenant id {name!r}: use letters, digits, '-', '_' or '.'")
+                if problem := _tenant_id_problem(name):
+                    raise ValueError(problem)
         return v
 
     def tenant(self, name: str) -> TenantSettings:
         try:
             return self.tenants[name]
         except KeyError:
+            if name in self.broken:  # configured, but its table has a mistake: say which
+                raise ConfigError("\n".join(self.broken[name].errors)) from None
             known = ", ".join(sorted(self.tenants)) or "none configured"
             raise ConfigError(f"unknown tenant {name!r} (known: {known})") from None
 
@@ -621,8 +652,12 @@ class Config(_Strict):
 
 
 def _format_errors(path: Path, exc: ValidationError, *, url_from_env: bool = False) -> str:
+    return "\n".join(_error_lines(path, exc.errors(), url_from_env=url_from_env))
+
+
+def _error_lines(path: Path, errors: Any, *, url_from_env: bool = False) -> list[str]:
     lines = []
-    for err in exc.errors():
+    for err in errors:
         loc = [str(p) for p in err["loc"]]
         # The discriminated union puts the provider name in the location: drop it.
         if len(loc) >= 3 and loc[0] == "tenants" and loc[2] in PROVIDERS:
@@ -642,14 +677,14 @@ def _format_errors(path: Path, exc: ValidationError, *, url_from_env: bool = Fal
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         lines.append(f"{path}: {where}: {msg}")
-    return "\n".join(lines)
+    return lines
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(explicit or os.environ.get("DIRPULL_CONFIG") or DEFAULT_CONFIG)
 
 
-def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
+def load_config(explicit: str | os.PathLike[str] | None = None, *, isolate_tenants: bool = False) -> Config:
     path = config_path(explicit)
     try:
         # utf-8-sig: a byte-order mark (Windows editors write one) is not a TOML syntax error.
@@ -668,26 +703,75 @@ def load_config(explicit: str | os.PathLike[str] | None = None) -> Config:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    return parse_config(raw, path)
+    return parse_config(raw, path, isolate_tenants=isolate_tenants)
 
 
-def parse_config(raw: dict[str, Any], path: Path) -> Config:
+def parse_config(raw: dict[str, Any], path: Path, *, isolate_tenants: bool = False) -> Config:
+    """The validated configuration; a mistake raises ConfigError listing every one. With
+    `isolate_tenants`, a mistake inside one `[tenants.X]` table (a bad or unknown key, schedule or
+    secret reference) makes that tenant broken (`Config.broken`) instead: the daemon syncs the
+    others. Mistakes outside the tenant tables still fail the load."""
     store_url = os.environ.get("DIRPULL_STORE_URL")
     from_env = bool(store_url) and isinstance(raw.get("store", {}), dict)  # anything else is reported below
     if from_env:
         raw = {**raw, "store": {**raw.get("store", {}), "url": store_url}}
+    broken: dict[str, BrokenTenant] = {}
+    tables = raw.get("tenants")
+    order = list(tables) if isinstance(tables, dict) else []
+    if isolate_tenants and isinstance(tables, dict):
+        for name in tables:
+            if problem := _tenant_id_problem(name):
+                broken[name] = BrokenTenant((f"{path}: tenants: {problem}",), _provider_of(tables[name]))
+        raw = {**raw, "tenants": {k: v for k, v in tables.items() if k not in broken}}
     _CONFIG_DIR.value = path.resolve().parent
     try:
-        cfg = Config.model_validate({**raw, "path": path})
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(path, exc, url_from_env=from_env)) from None
+        try:
+            cfg = Config.model_validate({**raw, "path": path})
+        except ValidationError as exc:
+            mine = _tenant_errors(exc.errors()) if isolate_tenants else None
+            if mine is None:  # every mistake listed, the bad tenant ids set aside above too
+                lines = _error_lines(path, exc.errors(), url_from_env=from_env)
+                raise ConfigError("\n".join([*lines, *(line for b in broken.values() for line in b.errors)])) from None
+            tables = raw["tenants"]
+            for name, errs in mine.items():
+                broken[name] = BrokenTenant(tuple(_error_lines(path, errs)), _provider_of(tables[name]))
+            rest = {**raw, "tenants": {k: v for k, v in tables.items() if k not in broken}, "path": path}
+            try:
+                cfg = Config.model_validate(rest)
+            except ValidationError as again:  # not expected: a mistake that only showed without them
+                raise ConfigError(_format_errors(path, again, url_from_env=from_env)) from None
     finally:
         _CONFIG_DIR.value = None
-    for name, t in cfg.tenants.items():
+    for name, t in list(cfg.tenants.items()):
         # A System Log position keeps the `since` of the full sync that took it; Okta refuses one
         # older than 180 days and keeps 90 days of events: with rarer full syncs, incrementals
         # would restart polling from "now" and skip what happened in between.
         if isinstance(t, OktaTenant) and t.poll_system_log and cfg.full_sync_every_of(name) > timedelta(days=90):
-            raise ConfigError(f"{path}: tenants.{name}.full_sync_every: with poll_system_log at most 90d "
-                              "(the System Log keeps 90 days)")  # fmt: skip
+            problem = (f"{path}: tenants.{name}.full_sync_every: with poll_system_log at most 90d "
+                       "(the System Log keeps 90 days)")  # fmt: skip
+            if not isolate_tenants:
+                raise ConfigError(problem)
+            broken[name] = BrokenTenant((problem,), t.provider)
+    if broken:
+        cfg = cfg.model_copy(update={"tenants": {k: v for k, v in cfg.tenants.items() if k not in broken}})
+        # In the file's order, as the errors of a strict load.
+        cfg._broken.update({k: broken[k] for k in order if k in broken})
     return cfg
+
+
+def _tenant_errors(errors: Any) -> dict[str, list[Any]] | None:
+    """The validation errors by the tenant whose table holds them; None if any is outside the
+    tenant tables (in `[store]`, `[defaults]`, a top-level key, `tenants` itself), which fails
+    the whole load."""
+    by_tenant: dict[str, list[Any]] = {}
+    for err in errors:
+        loc = err["loc"]
+        if len(loc) < 2 or loc[0] != "tenants" or not isinstance(loc[1], str):
+            return None
+        by_tenant.setdefault(loc[1], []).append(err)
+    return by_tenant
+
+
+def _provider_of(table: Any) -> str | None:
+    provider = table.get("provider") if isinstance(table, dict) else None
+    return provider if provider in PROVIDERS else None

@@ -839,12 +839,136 @@ def test_a_reader_that_stops_early_ends_dirpull_quietly_with_141(env, args):
     assert (proc.returncode, err) == (141, b"")
 
 
+def _break_tenants(env: dict, *, schedule: str | None = None) -> tuple[Path, dict[str, list[str]]]:
+    """To the env's configuration (tenant hr, good): `other`, a copy of hr whose table has two
+    mistakes, `gone` with a provider nobody knows, `g` with a Google key given as a bare path,
+    `bad id` and `okt` polling Okta's System Log with full syncs rarer than it keeps events.
+    The configuration file, and each broken tenant's error lines as a strict load words them."""
+    config = Path(env["config"])
+    text = config.read_text()
+    if schedule:
+        text = text.replace("[defaults.guard]", f'[defaults]\nschedule = "{schedule}"\n[defaults.guard]')
+    hr = text[text.index("[tenants.hr]") :].replace("[tenants.hr]", "[tenants.other]")
+    config.write_text(
+        text + hr + 'schedule = "often"\ncolour = "blue"\n'
+        '[tenants.gone]\nprovider = "ldap"\n'
+        '[tenants.g]\nprovider = "google_workspace"\ncredentials_file = "/etc/dirpull/sa.json"\nsubject = "a@b.c"\n'
+        '[tenants."bad id"]\nprovider = "okta"\n'
+        '[tenants.okt]\nprovider = "okta"\norg_url = "https://acme.okta.com"\napi_token = "t"\n'
+        'poll_system_log = true\nfull_sync_every = "100d"\n'
+    )
+    return config, {
+        "other": [
+            f"{config}: tenants.other.schedule: 'often' is not a duration like 30s, 15m, 6h or 1d",
+            f"{config}: tenants.other.colour: unknown key",
+        ],
+        "gone": [
+            f"{config}: tenants.gone: unknown provider; use one of: entra_id, google_workspace, okta, workday, bamboohr"
+        ],
+        "g": [
+            f"{config}: tenants.g.credentials_file: must be file:PATH (the key's file), env:NAME or the JSON key "
+            "itself; a path is written file:PATH"
+        ],
+        "bad id": [f"{config}: tenants: tenant id 'bad id': use letters, digits, '-', '_' or '.'"],
+        "okt": [
+            f"{config}: tenants.okt.full_sync_every: with poll_system_log at most 90d (the System Log keeps 90 days)"
+        ],
+    }
+
+
+def test_a_mistake_in_one_tenants_table_leaves_the_other_tenants_usable(env):
+    """DESIGN, Operating it: a bad configuration of one tenant does not stop the rest. Before, one
+    unknown key or bad schedule in one `[tenants.X]` table failed every command, exit 2: no tenant
+    could be synced, queried or shown in `dirpull status`. Now that tenant alone is refused by
+    `sync` (exit 2, its lines as before), shown in `status` with the mistake, and still queried."""
+    config = Path(env["config"])
+    good = config.read_text()
+    config.write_text(good + good[good.index("[tenants.hr]") :].replace("[tenants.hr]", "[tenants.other]"))
+    assert run(env, "sync", "other").exit_code == 0  # its data is in the store before the mistake
+    config.write_text(good)
+    config, errors = _break_tenants(env)
+
+    r = run(env, "sync", "other")
+    assert (r.exit_code, r.stdout, r.stderr) == (2, "", "dirpull: " + "\n".join(errors["other"]) + "\n")
+    for name in ("g", "bad id", "okt"):
+        r = run(env, "sync", name)
+        assert (r.exit_code, r.stdout, r.stderr) == (2, "", f"dirpull: {errors[name][0]}\n")
+
+    r = run(env, "sync", "hr")
+    assert r.exit_code == 0 and r.stdout.startswith("hr: succeeded (full)"), r.output
+    assert [line for line in r.stderr.splitlines() if line.startswith("dirpull: ")] == [
+        f"dirpull: warning: tenant {name} is not synced until its configuration is fixed: {'; '.join(lines)}"
+        for name, lines in errors.items()
+    ]
+
+    r = run(env, "users", "other", "--json")  # read from the store, with why it is not synced
+    assert r.exit_code == 0 and len(jsonl(r.stdout)) == len(env["org"].people)
+    assert r.stderr == f"dirpull: warning: tenant other is not synced until its configuration is fixed: " \
+        f"{'; '.join(errors['other'])}\n"  # fmt: skip
+    assert [row["status"] for row in jsonl(run(env, "runs", "other", "--json").stdout)] == ["succeeded"]
+    r = run(env, "users", "hr", "--json")  # a good tenant's query: no warnings about the others
+    assert r.exit_code == 0 and r.stderr == "" and len(jsonl(r.stdout)) == len(env["org"].people)
+    r = run(env, "users", "nope")
+    assert r.exit_code == 2 and r.stderr == "dirpull: unknown tenant 'nope' (known: bad id, g, gone, hr, okt, other)\n"
+
+    r = run(env, "status", "--json")
+    assert r.exit_code == 0, r.output
+    rows = {row["tenant"]: row for row in jsonl(r.stdout)}
+    assert list(rows) == ["bad id", "g", "gone", "hr", "okt", "other"]
+    assert rows["hr"]["attention"] == [] and rows["hr"]["next_run"] is not None
+    for name, lines in errors.items():
+        assert rows[name]["attention"] == [f"configuration error: {'; '.join(lines)}"], rows[name]
+        assert (rows[name]["schedule"], rows[name]["next_run"]) == (None, None)  # not scheduled
+    assert [row["provider"] for row in rows.values()] == [
+        "okta", "google_workspace", None, "bamboohr", "okta", "bamboohr"
+    ]  # fmt: skip
+    assert (rows["other"]["result"], rows["g"]["result"]) == ("succeeded", "never synced")
+    plain = run(env, "status").stdout.splitlines()
+    assert plain[3] == f"gone\t-\t-\tnever synced\t-\tconfiguration error: {errors['gone'][0]}"
+    assert run(env, "db", "check").exit_code == 0
+
+    # A mistake outside the tenant tables still fails every command, listing every mistake (those of
+    # the tenants' own checks, made once the tables load, aside).
+    config.write_text(config.read_text().replace("[defaults.guard]", "[defaults]\nlease_ttl = 5\n[defaults.guard]"))
+    r = run(env, "status")
+    assert (r.exit_code, r.stdout) == (2, "")
+    assert r.stderr.startswith(f"dirpull: {config}: defaults.lease_ttl: Input should be a valid string\n")
+    assert all(line in r.stderr for name in ("other", "gone", "g", "bad id") for line in errors[name]), r.stderr
+
+
+def test_the_daemon_syncs_the_good_tenants_while_one_tenants_table_has_a_mistake(env, store_url):
+    """Before, `dirpull run` exited 2 on one tenant's mistake and no tenant synced (systemd
+    restarted it every 10 s, forever). Now it logs one ERROR line per broken tenant and syncs
+    the rest; only when no tenant is left does it exit 2 with the mistakes."""
+    config, errors = _break_tenants(env, schedule="1s")
+    r = run(env, "run", "--max-seconds", "4")
+    assert r.exit_code == 0, r.output
+    logged = [line for line in r.stderr.splitlines() if " ERROR " in line]
+    assert [line.split(" ERROR ", 1)[1].split(": ", 1)[1] for line in logged] == [
+        f"tenant {name} is not scheduled: {'; '.join(lines)}" for name, lines in errors.items()
+    ], r.stderr
+    runs = jsonl(run(env, "runs", "hr", "--json").stdout)
+    assert sum(1 for row in runs if row["status"] == "succeeded") >= 2, runs
+    assert len(jsonl(run(env, "users", "hr", "--json").stdout)) == len(env["org"].people)
+    assert all(run(env, "runs", name, "--json").stdout == "" for name in errors)
+
+    # Every tenant broken: nothing to run, exit 2 with the mistakes, as before.
+    text = config.read_text()
+    config.write_text(text.replace("[tenants.hr]", "[tenants.hr]\ncolour = 1", 1))
+    r = run(env, "run", "--max-seconds", "4")
+    assert (r.exit_code, r.stdout) == (2, "")
+    assert r.stderr.startswith(f"dirpull: {config}: tenants.hr.colour: unknown key\n"), r.stderr
+    assert all(line in r.stderr for lines in errors.values() for line in lines), r.stderr
+
+
 def test_config_mistake_exits_2_with_file_tenant_and_key(tmp_path):
     cfg = tmp_path / "dirpull.toml"
     cfg.write_text('[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\n')
-    r = CliRunner().invoke(app, ["--config", str(cfg), "status"])
-    assert r.exit_code == 2
-    assert r.stderr.strip() == f"dirpull: {cfg}: tenants.hr.api_key: Field required"
+    for command in ("sync hr", "run"):  # the daemon with no tenant it can schedule
+        r = CliRunner().invoke(app, ["--config", str(cfg), *command.split()])
+        assert (r.exit_code, r.stdout) == (2, ""), command
+        assert r.stderr == f"dirpull: {cfg}: tenants.hr.api_key: Field required\n", command
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dirpull.toml"]  # no store made
 
 
 @pytest.mark.parametrize(
@@ -899,15 +1023,6 @@ BAMBOO = '[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\napi_key 
             {"DIRPULL_STORE_URL": "postgresql+psycopg//u:hunter2@db/d"},
             "store.url (from $DIRPULL_STORE_URL): 'postgresql+psycopg//u:***@db/d' is not a database URL"
             " (e.g. sqlite:///dirpull.db or postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE)",
-        ),
-        # A bare path: before, taken for the key itself, and every run failed with "credentials_file ***: not a
-        # readable service-account JSON key".
-        (
-            '[tenants.g]\nprovider = "google_workspace"\ncredentials_file = "/etc/dirpull/sa.json"\n'
-            'subject = "a@b.c"\n',
-            {},
-            "tenants.g.credentials_file: must be file:PATH (the key's file), env:NAME or the JSON key itself;"
-            " a path is written file:PATH",
         ),
         # Two slashes: a host, not a file. Before, every command ended in SQLAlchemy's traceback.
         (

@@ -258,6 +258,8 @@ class Daemon:
         for name, t in self.config.tenants.items():
             if not t.enabled:
                 log.info("tenant %s (%s) is disabled: not scheduled", name, t.provider)
+        for name, broken in self.config.broken.items():  # a mistake in its table: the others run
+            log.error("tenant %s is not scheduled: %s", name, broken.message)
         try:
             last = self.store.last_runs()
             # A run still going at our start is this interval's sync once it ends: counted, so a

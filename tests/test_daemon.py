@@ -517,3 +517,136 @@ def test_replicas_with_the_same_host_and_pid_still_sync_a_tenant_once_per_interv
     assert second is not None and second.status == "skipped", second.error
     assert f" was synced by {a.runner.worker} (run {first.run_id}," in (second.error or "")
     assert d.pulls == 1 and len(h.store.runs("good")) == 1
+
+
+class FailingFirst:
+    """A connector factory whose first `failures` pulls fail (a vendor down for a few minutes),
+    then serves `directory`; `pulls` is when each pull began (time.monotonic())."""
+
+    def __init__(self, directory: Directory, failures: int) -> None:
+        self.directory, self.failures = directory, failures
+        self.pulls: list[float] = []
+
+    def __call__(self, tenant, settings) -> ScriptedConnector:
+        self.pulls.append(time.monotonic())
+        failing = len(self.pulls) <= self.failures
+        return ScriptedConnector(Directory(users=[], fail_after_pages=0) if failing else self.directory)
+
+
+YEARLY = {**TENANTS["good"], "schedule": "cron: 0 0 1 1 *"}  # its next regular fire is months away
+
+
+@pytest.fixture
+def no_jitter(monkeypatch):
+    """First fires at once, back-off delays exactly as computed (no ±20%; interval jitter halved)."""
+    import dirpull.sync.daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "first_fire_delay", lambda schedule: 0.0)
+    monkeypatch.setattr(daemon_module.random, "uniform", lambda a, b: (a + b) / 2)
+
+
+def test_a_failed_cron_run_is_retried_after_its_back_off_not_at_the_next_cron_time(harness, caplog, no_jitter):
+    """A nightly cron tenant whose 02:00 run met a vendor outage of a few minutes stayed unsynced
+    until 02:00 the next day: the back-off only made later regular fires skip. Now each failure is
+    retried at the end of its back-off, which doubles while the tenant keeps failing."""
+    caplog.set_level("WARNING", logger="dirpull.daemon")
+    d = Directory(users=people(3))
+    vendor = FailingFirst(d, failures=3)
+    h = harness({"nightly": YEARLY})
+    daemon = Daemon(h.config, h.store, backoff_base=0.2, connector_factory=vendor)
+    daemon.start()  # never ran: its catch-up fire is now
+    try:
+        assert wait_for(lambda: h.store.has_succeeded("nightly"), timeout=10)
+        assert daemon.scheduler.get_job("nightly").next_run_time - datetime.now(UTC) > timedelta(days=1)
+        time.sleep(0.5)
+        assert daemon.scheduler.get_job("nightly (retry)") is None  # the success ended the retries
+    finally:
+        daemon.shutdown()
+    assert len(h.users("nightly")) == 3 and daemon.failures == {}
+    runs = h.store.runs("nightly")
+    assert [(r["trigger"], r["status"]) for r in reversed(runs)] == [("schedule", "failed")] * 3 + [
+        ("schedule", "succeeded")
+    ]
+    gaps = [b - a for a, b in zip(vendor.pulls, vendor.pulls[1:], strict=False)]
+    assert len(gaps) == 3 and gaps[0] >= 0.2 and gaps[1] >= 0.4 and gaps[2] >= 0.8, gaps  # 0.2 s doubling
+    # The log says when the next attempt is, at each failure.
+    warnings = [r.getMessage() for r in caplog.records if "in a row" in r.getMessage()]
+    assert len(warnings) == 3 and all("; trying again at 20" in w for w in warnings), warnings
+    assert warnings[2].startswith("tenant nightly: failed 3 time(s) in a row: HTTP 500 from the directory")
+
+
+def test_the_retry_of_a_failed_run_skips_when_another_worker_synced_the_tenant_meanwhile(harness, no_jitter):
+    """Once per interval across workers holds for the retry of a failed run too: if another worker's
+    scheduled run succeeded since, the retry does not sync the tenant again."""
+    d = Directory(users=people(3))
+    vendor = FailingFirst(d, failures=1)
+    h = harness({"nightly": YEARLY})
+    a = Daemon(h.config, h.store, worker="host:a", backoff_base=1.0, connector_factory=vendor)
+    b = Daemon(h.config, h.store, worker="host:b", connector_factory=vendor)
+    b._seen_run = {"nightly": 0}  # as `start()` leaves it on an empty store
+    a.start()
+    try:
+        assert wait_for(lambda: [r.status for r in a.results] == ["failed"], timeout=10)
+        other = b.fire("nightly")  # b's fire comes before a's retry
+        assert other is not None and other.status == "succeeded", other.error
+        assert wait_for(lambda: len(a.results) >= 2, timeout=10)  # a's retry, a second later
+    finally:
+        a.shutdown()
+    retry = a.results[1]
+    assert retry.status == "skipped" and " was synced by host:b " in (retry.error or ""), retry.error
+    assert len(vendor.pulls) == 2 and len(h.store.runs("nightly")) == 2
+
+
+def test_a_retry_of_a_failed_run_that_finds_the_lease_held_tries_again_once_it_is_free(harness, no_jitter):
+    """The retry of a failed run and the retry of a fire that found the lease held are one job of
+    the tenant: one leads to the other, and neither is lost."""
+    d = Directory(users=people(3))
+    vendor = FailingFirst(d, failures=1)
+    h = harness({"nightly": YEARLY})
+    daemon = Daemon(h.config, h.store, backoff_base=0.5, lease_retry_base=0.3, connector_factory=vendor)
+    daemon.start()
+    dry_run = "ops-laptop:4242/1a2b3c4d"
+    try:
+        assert wait_for(lambda: [r.status for r in daemon.results] == ["failed"], timeout=10)
+        assert h.store.acquire_lease("nightly", dry_run, timedelta(minutes=5)) is None  # before the retry
+        assert wait_for(lambda: len(daemon.results) >= 2, timeout=10)
+        assert daemon.results[1].status == "skipped" and daemon.results[1].holder == dry_run
+        h.store.release_lease("nightly", dry_run)
+        assert wait_for(lambda: h.store.has_succeeded("nightly"), timeout=10)
+    finally:
+        daemon.shutdown()
+    assert len(h.users("nightly")) == 3 and len(vendor.pulls) == 2
+
+
+def test_regular_fires_during_a_back_off_still_skip_and_leave_the_retry_pending(harness, caplog, no_jitter):
+    """A tenant on a 1 s interval with a 2 s back-off: the fires in between skip, as before, and the
+    next attempt is at the end of the back-off."""
+    caplog.set_level("INFO", logger="dirpull.daemon")
+    d = Directory(users=people(3))
+    vendor = FailingFirst(d, failures=1)
+    h = harness({"good": TENANTS["good"]})
+    daemon = Daemon(h.config, h.store, backoff_base=2.0, connector_factory=vendor)
+    daemon.start()
+    try:
+        assert wait_for(lambda: h.store.has_succeeded("good"), timeout=10)
+    finally:
+        daemon.shutdown()
+    assert vendor.pulls[1] - vendor.pulls[0] >= 1.9, vendor.pulls
+    assert any(r.getMessage().startswith("tenant good: backing off after 1 failures") for r in caplog.records)
+
+
+def test_no_retry_of_a_failed_run_after_the_daemon_stops(harness, no_jitter):
+    d = Directory(users=people(3))
+    vendor = FailingFirst(d, failures=1)
+    h = harness({"nightly": YEARLY})
+    daemon = Daemon(h.config, h.store, backoff_base=0.5, connector_factory=vendor)
+    daemon.start()
+    try:
+        assert wait_for(lambda: [r.status for r in daemon.results] == ["failed"], timeout=10)
+        assert daemon.scheduler.get_job("nightly (retry)") is not None
+    finally:
+        t0 = time.monotonic()
+        daemon.shutdown()
+    assert time.monotonic() - t0 < 2  # a pending retry does not hold the stop
+    time.sleep(1.0)
+    assert len(vendor.pulls) == 1 and [r["status"] for r in h.store.runs("nightly")] == ["failed"]

@@ -6,9 +6,10 @@ so several workers can load the same configuration; a fire also skips when anoth
 a scheduled run of the tenant since this worker's previous fire (once per interval, not per
 worker). A fire that finds the lease held tries again a few times before the tenant's next fire
 (the holder may be a dry run, or a run that fails). A failing tenant backs off exponentially
-without slowing the others. SIGTERM/SIGINT stop new fires, interrupt running syncs at the next
-page boundary (an interrupted run applies nothing) and wait for them to finish; a second one exits
-at once (`dirpull.signals`).
+without slowing the others, and is tried again at the end of each back-off, not at the first
+regular fire after it (for a nightly cron, the next night). SIGTERM/SIGINT stop new fires,
+interrupt running syncs at the next page boundary (an interrupted run applies nothing) and wait
+for them to finish; a second one exits at once (`dirpull.signals`).
 """
 
 from __future__ import annotations
@@ -138,14 +139,19 @@ class Daemon:
     def _overlap(self, event: JobSubmissionEvent) -> None:
         log.info("tenant %s: its previous sync is still running; this fire is skipped", event.job_id)
 
-    def fire(self, tenant: str, attempt: int = 0, due_after: int | None = None) -> RunResult | None:
-        """One fire of the tenant: its regular one (`attempt` 0), or a retry of one that found the
+    def fire(
+        self, tenant: str, attempt: int = 0, due_after: int | None = None, after_failure: bool = False
+    ) -> RunResult | None:
+        """One fire of the tenant: its regular one (`attempt` 0), a retry of one that found the
         tenant's lease held, with the `due_after` of that fire (the holder's run, once it ends, is
-        the sync of that fire's interval: the retry skips for it)."""
+        the sync of that fire's interval: the retry skips for it), or the retry of a failed run at
+        the end of its back-off (`after_failure`)."""
         if self.stop_event.is_set():
             return None
         with self._lock:
-            if attempt == 0:  # the regular fire supersedes a retry still pending from the last one
+            # The regular fire supersedes a retry still pending from the last one; not one it skips
+            # for the back-off: the retry pending then is the attempt at the back-off's end.
+            if attempt == 0 and not after_failure and time.monotonic() >= self.retry_at.get(tenant, 0.0):
                 with contextlib.suppress(JobLookupError):
                     self.scheduler.remove_job(_retry_id(tenant))
             if tenant in self._busy:  # the other job of this tenant is syncing it: that is this turn's
@@ -154,14 +160,16 @@ class Daemon:
                 return None
             self._busy.add(tenant)
         try:
-            return self._fire(tenant, attempt, due_after)
+            return self._fire(tenant, attempt, due_after, after_failure)
         finally:
             with self._lock:
                 self._busy.discard(tenant)
 
-    def _fire(self, tenant: str, attempt: int, due_after: int | None) -> RunResult | None:
+    def _fire(self, tenant: str, attempt: int, due_after: int | None, after_failure: bool) -> RunResult | None:
         wait_until = self.retry_at.get(tenant, 0.0)
-        if time.monotonic() < wait_until:
+        # The retry of a failed run is the backed-off attempt (it may fire a moment before
+        # `retry_at`: the scheduler's clock is not the monotonic one).
+        if not after_failure and time.monotonic() < wait_until:
             log.info(
                 "tenant %s: backing off after %d failures, %.0fs left",
                 tenant,
@@ -172,6 +180,7 @@ class Daemon:
         try:
             # Every worker fires every tenant once an interval; the first to take the lease syncs it
             # and the others skip their fires until the next interval, instead of each running it.
+            # So does the retry of a failed run: if another worker synced the tenant since, it skips.
             if attempt == 0:
                 due_after = self._seen_run.get(tenant)
             result = self.runner.sync(tenant, trigger="schedule", due_after=due_after)
@@ -179,6 +188,7 @@ class Daemon:
             log.error("tenant %s: sync could not run: %s", tenant, exc)
             result = RunResult(tenant, "failed", "-", error=str(exc))
         held = False
+        backoff: tuple[int, float] | None = None  # failures in a row, delay before the retry
         with self._lock:
             if result.run_id is not None:  # our own run: whatever another worker begins after it counts
                 self._seen_run[tenant] = result.run_id
@@ -200,16 +210,41 @@ class Daemon:
                 delay = min(MAX_BACKOFF.total_seconds(), self.backoff_base * 2 ** (n - 1))
                 delay *= random.uniform(0.8, 1.2)
                 self.retry_at[tenant] = time.monotonic() + delay
-                log.warning(
-                    "tenant %s: failed %d time(s) in a row: %s; next attempt in at least %.0fs",
-                    tenant, n, result.error, delay,
-                )  # fmt: skip
+                backoff = n, delay
             elif result.status in ("succeeded", "held"):
                 self.failures.pop(tenant, None)
                 self.retry_at.pop(tenant, None)
         if held:
             self._retry_held(tenant, attempt, result, due_after)
+        elif backoff is not None:
+            self._retry_failed(tenant, result, *backoff)
         return result
+
+    def _retry_failed(self, tenant: str, result: RunResult, n: int, delay: float) -> None:
+        """Schedule the retry of a failed run at the end of its back-off. The back-off skips the
+        regular fires meanwhile, so without it a failed run waited for the first regular fire after
+        the back-off: a day on a nightly cron, after a five-minute vendor outage at its hour. Each
+        failure in a row doubles the delay (up to MAX_BACKOFF); a success ends the chain, and a
+        regular fire after the back-off supersedes a retry still pending (`fire`)."""
+        if self.stop_event.is_set():  # the worker is stopping: no fire starts any more
+            log.warning("tenant %s: failed %d time(s) in a row: %s", tenant, n, result.error)
+            return
+        run_at = datetime.now(UTC) + timedelta(seconds=delay)
+        log.warning(
+            "tenant %s: failed %d time(s) in a row: %s; trying again at %s (in %.0fs)",
+            tenant, n, result.error, run_at.isoformat(timespec="seconds"), delay,
+        )  # fmt: skip
+        # One retry job per tenant, shared with `_retry_held`: a tenant has at most one retry pending
+        # (each is scheduled by the fire before it, when that fire ends).
+        self.scheduler.add_job(
+            self.fire,
+            DateTrigger(run_date=run_at, timezone="UTC"),
+            args=[tenant],
+            kwargs={"after_failure": True},
+            id=_retry_id(tenant),
+            name=f"retry sync {tenant}",
+            replace_existing=True,
+        )
 
     def _retry_held(self, tenant: str, attempt: int, result: RunResult, due_after: int | None) -> None:
         """Schedule the next try of a fire that found the lease held: a one-off job after a doubling

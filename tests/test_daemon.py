@@ -8,7 +8,7 @@ import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from scripted import Directory, ScriptedConnector, people
+from scripted import Directory, ScriptedConnector, factory, people
 
 from dirpull.sync.daemon import Daemon, next_fire, trigger_for
 
@@ -124,6 +124,32 @@ def test_a_cron_tenant_waits_for_its_time_on_restart_unless_it_missed_one(harnes
     with h.store.engine.begin() as conn:  # its last run was before the last cron time: missed
         conn.execute(sa.update(schema.runs).values(started_at=datetime(2020, 5, 1, tzinfo=UTC)))
     assert first_fires()["nightly"] <= soon
+
+
+def test_a_worker_started_after_a_failed_cron_run_tries_it_again_soon(harness):
+    """A nightly run failed (a vendor outage at 02:00) and the worker was restarted before its
+    in-memory retry (an upgrade, a reboot): the new worker took the failed run for that night's
+    and waited for the next cron time, a day without a sync."""
+    yearly = "cron: 0 0 1 1 *"
+    d = Directory(users=people(2), fail_after_pages=0)
+    h = harness({"nightly": {**TENANTS["good"], "schedule": yearly}}, connector_factory=factory(d))
+
+    def first_fire() -> float:
+        """Seconds from a new worker's start to its first fire of the tenant (none is run)."""
+        daemon = Daemon(h.config, h.store, connector_factory=factory(d))
+        daemon.scheduler.start = functools.partial(daemon.scheduler.start, paused=True)
+        started = datetime.now(UTC)
+        daemon.start()
+        try:
+            return (daemon.scheduler.get_job("nightly").next_run_time - started).total_seconds()
+        finally:
+            daemon.shutdown()
+
+    assert h.sync("nightly", trigger="schedule").status == "failed"  # after the last cron time
+    assert first_fire() < 11
+    d.fail_after_pages = None
+    assert h.sync("nightly", trigger="schedule").status == "succeeded"
+    assert first_fire() > 86400
 
 
 def test_a_cron_run_cut_off_by_a_restart_is_caught_up_when_the_worker_starts_again(harness, monkeypatch):

@@ -329,9 +329,10 @@ class Daemon:
         self.scheduler.start()
 
     def _missed_cron_fires(self, tenants: list[str], now: datetime) -> set[str]:
-        """The cron tenants due for a catch-up: never run, or a cron time has passed since their
-        last run started (the daemon was down then). A run cut off before it could end (a restart
-        in the middle of it, a killed worker) applied nothing: the run before it counts."""
+        """The cron tenants due for a catch-up: never run, their last run failed, or a cron time
+        has passed since their last run started (the daemon was down then). A run cut off before it
+        could end (a restart in the middle of it, a killed worker) applied nothing: the run before
+        it counts."""
         cron = [name for name in tenants if self.config.schedule_of(name).startswith("cron:")]
         if not cron:
             return set()
@@ -350,7 +351,9 @@ class Daemon:
         missed = set()
         for name in cron:
             started = last[name]["started_at"] if name in last else None
-            if started is None:
+            # A failed run was to be retried after its back-off, by a worker that may have been
+            # restarted since and forgot the retry: without this, a day without a sync.
+            if started is None or last[name]["status"] == "failed":
                 missed.add(name)
                 continue
             since = datetime.fromisoformat(started.replace("Z", "+00:00")) + timedelta(seconds=1)

@@ -1245,7 +1245,8 @@ def test_a_token_answer_cut_short_is_retried_and_then_fails_naming_the_step(
     emu.faults.update({"drop": 100, "path": "/ccx/oauth2/"})
     with pytest.raises(ConnectorError) as info:  # not a bare ChunkedEncodingError with a traceback
         list(connector(oauth_tenant(emu, tmp_path)).pull(None, full=False))
-    assert info.value.retriable and str(info.value).startswith("token: ChunkedEncodingError on POST http://")
+    assert info.value.retriable and str(info.value).startswith("token: ChunkedEncodingError (IncompleteRead(")
+    assert " on POST http://" in str(info.value)
     assert "gave up after 3 attempts" in str(info.value)
 
 

@@ -39,7 +39,7 @@ from dirpull.connectors.base import (
     Page,
     Quarantined,
 )
-from dirpull.connectors.http import HttpClient, RetryPolicy
+from dirpull.connectors.http import HttpClient, RetryPolicy, transport_reason
 from dirpull.connectors.mapping import map_attributes, without
 from dirpull.connectors.report_rows import RECOGNIZED, Recognize, fingerprint
 from dirpull.connectors.report_rows import rows as report_rows
@@ -546,7 +546,7 @@ def _stream_employees(
         raise ConnectorError(f"{step}: the report body is not valid JSON ({exc})", step=step) from None
     except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
         raise ConnectorError(
-            f"{step}: the connection broke while reading the report ({type(exc).__name__})", step=step
+            f"{step}: the connection broke while reading the report ({transport_reason(exc)})", step=step
         ) from None
 
 

@@ -72,6 +72,7 @@ from dirpull.connectors.http import (
     interruptible_sleep,
     parse_retry_after,
     redact_url,
+    transport_reason,
 )
 from dirpull.connectors.mapping import map_attributes
 from dirpull.connectors.nesting import flatten
@@ -388,7 +389,7 @@ class _Session:
             try:
                 resp = await call(self._plain)
             except httpx.TransportError as exc:
-                await self._wait(attempt, None, what=f"{step}: {type(exc).__name__} on POST {redact_url(url)}",
+                await self._wait(attempt, None, what=f"{step}: {transport_reason(exc)} on POST {redact_url(url)}",
                                  step=step)  # fmt: skip
                 continue
             if resp.status_code in RETRIABLE_STATUSES:
@@ -450,7 +451,7 @@ class _Session:
                 raise ConnectorError(f"{what}: {code} {message}".strip(), retriable=status >= 500, status=status,
                                      step=step) from None  # fmt: skip
             except httpx.TransportError as exc:
-                await self._wait(attempt, None, what=f"{step}: {type(exc).__name__} on GET {redact_url(url)}",
+                await self._wait(attempt, None, what=f"{step}: {transport_reason(exc)} on GET {redact_url(url)}",
                                  step=step)  # fmt: skip
             except ValueError:  # a truncated or malformed body
                 await self._wait(attempt, None, what=f"{step}: malformed JSON from {redact_url(url)}", step=step)

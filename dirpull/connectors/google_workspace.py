@@ -54,7 +54,7 @@ from dirpull.connectors.base import (
     Page,
     Quarantined,
 )
-from dirpull.connectors.http import PagingGuard, RetryPolicy, redact_url
+from dirpull.connectors.http import PagingGuard, RetryPolicy, redact_url, transport_reason
 from dirpull.connectors.mapping import map_attributes, mapping_root, without
 from dirpull.connectors.nesting import nested_groups
 from dirpull.connectors.source import Known, SourceDigests
@@ -383,7 +383,7 @@ class _Session:
                 http.client.HTTPException,
                 UnicodeDecodeError,
             ) as exc:
-                what = f"{step}: {type(exc).__name__} talking to {redact_url(self.api_url)}"
+                what = f"{step}: {transport_reason(exc)} talking to {redact_url(self.api_url)}"
                 log.warning("%s; retrying (attempt %d)", what, attempt)
                 self.policy.wait(attempt, None, what=what, step=step)
                 continue

@@ -48,6 +48,108 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def transport_reason(exc: BaseException, limit: int = 200) -> str:
+    """`exc`'s type and, in brackets, why the connection failed, for a run's error and the log:
+    `ConnectError (Connection refused)`, `SSLError (certificate verify failed: self-signed
+    certificate in certificate chain)`. The type alone could not tell a refused connection from a
+    DNS failure, a timeout or a proxy's certificate that does not verify.
+
+    The reason is the innermost useful one the SDK's wrappers carry (through `__cause__`,
+    `__context__`, `args` and urllib3's `reason`), one line, at most `limit` characters, with
+    no pool description, no request path or query (requests' text holds both), a URL only as
+    `redact_url` renders it and no header value."""
+    # Innermost first: aiohttp's wrappers are also ssl/OS errors, with less to say.
+    chain = _exception_chain(exc)[::-1]
+    reason = ""
+    for kind in (_cert_reason, _ssl_reason, _dns_reason, _timeout_reason, _errno_reason, _text_reason):
+        reason = next((r for e in chain if (r := kind(e))), "")
+        if reason:
+            break
+    name = type(exc).__name__
+    if not reason or reason == name:
+        return name
+    if len(reason) > limit:
+        reason = reason[: limit - 1] + "…"
+    return f"{name} ({reason})"
+
+
+def _exception_chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and every exception it wraps, outermost first."""
+    out: list[BaseException] = []
+    todo = [exc]
+    while todo and len(out) < 20:
+        e = todo.pop(0)
+        if any(e is seen for seen in out):
+            continue
+        out.append(e)
+        inner = [e.__cause__, e.__context__, getattr(e, "reason", None), *e.args]
+        todo.extend(i for i in inner if isinstance(i, BaseException))
+    return out
+
+
+def _cert_reason(e: BaseException) -> str:
+    import ssl
+
+    if isinstance(e, ssl.SSLCertVerificationError):
+        detail = getattr(e, "verify_message", None) or ""
+        return f"certificate verify failed: {detail}" if detail else _clean_reason(str(e))
+    return ""
+
+
+def _ssl_reason(e: BaseException) -> str:
+    import ssl
+
+    return _clean_reason(str(e)) if isinstance(e, ssl.SSLError) else ""
+
+
+def _dns_reason(e: BaseException) -> str:
+    import socket
+
+    if isinstance(e, socket.gaierror):
+        return f"name lookup failed: {e.strerror}" if e.strerror else _clean_reason(str(e))
+    return ""
+
+
+def _timeout_reason(e: BaseException) -> str:
+    # socket.timeout and asyncio.TimeoutError are TimeoutError; urllib3's and httpx's own
+    # timeouts wrap one or are named so.
+    return "timed out" if isinstance(e, TimeoutError) or "Timeout" in type(e).__name__ else ""
+
+
+def _text_reason(e: BaseException) -> str:
+    return _clean_reason(str(e))
+
+
+def _errno_reason(e: BaseException) -> str:
+    import os
+
+    # os.strerror, not the text: asyncio's refused connection reads "Connect call failed (…)".
+    if isinstance(e, OSError) and isinstance(e.errno, int) and e.errno > 0:
+        return os.strerror(e.errno)
+    return ""
+
+
+_POOL = re.compile(r"\b\w*Connection(?:Pool)?\(host=[^)]*\):?\s*")  # urllib3's "HTTPSConnectionPool(host=…, port=…): "
+_RETRIES = re.compile(r"Max retries exceeded with url: \S+\s*(?:\(Caused by )?")  # the path and query
+_OBJECT = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>:?\s*")
+_SSL_SOURCE = re.compile(r"\s*\(_ssl\.c:\d+\)")
+_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>()\]]+", re.I)
+_HEADER_VALUE = re.compile(r"(header[^'\"]*?)[\s:]*b?['\"].*", re.I)
+_QUERY_SECRET = re.compile(r"([?&;][^=&\s'\"]*)=([^&\s'\"]*)")
+
+
+def _clean_reason(text: str) -> str:
+    text = " ".join(text.split())
+    # h11 and requests quote a header value they refuse: it may be the token.
+    text = _HEADER_VALUE.sub(r"\1 (value not shown)", text)
+    text = _OBJECT.sub("", _RETRIES.sub("", _POOL.sub("", text)))
+    text = _SSL_SOURCE.sub("", text)
+    text = _URL.sub(lambda m: redact_url(m.group(0)), text)
+    # A query outside a URL (a path with one): secret-looking values hidden as redact_url does.
+    text = _QUERY_SECRET.sub(lambda m: f"{m.group(1)}=***" if _SECRET_PARAM.search(m.group(1)) else m.group(0), text)
+    return text.strip(" :;,")
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds to wait from a Retry-After header: integer, fractional (Graph sends 2.128) or a date."""
     if value is None:
@@ -252,7 +354,7 @@ class HttpClient:
             try:
                 resp = self.session.request(method, url, stream=stream, **kwargs)
             except self._transient as exc:
-                what = f"{step}: {type(exc).__name__} on {method} {redact_url(url)}"
+                what = f"{step}: {transport_reason(exc)} on {method} {redact_url(url)}"
                 self._retrying(what, attempt)
                 self.policy.wait(attempt, None, what=what, step=step)
                 continue

@@ -65,6 +65,7 @@ from dirpull.connectors.http import (
     interruptible_async_sleep,
     readable_body,
     redact_url,
+    transport_reason,
 )
 from dirpull.connectors.mapping import map_attributes, mapping_root, without
 from dirpull.connectors.source import Known, SourceDigests
@@ -335,7 +336,7 @@ def _transport_class() -> type:
                 req_info, resp, body, error = await super().send_request(request)
                 if resp is None:
                     # Connection refused, reset, timeout: the SDK would crash on this later.
-                    reason = f"{type(error).__name__}: {error}" if error else "no response"
+                    reason = transport_reason(error) if error else "no response"
                     if attempt >= MAX_TRANSIENT_ATTEMPTS:
                         raise ConnectorError(f"{what}: {reason} (after {attempt} attempts)")
                     await self.throttle.wait(self.throttle.backoff(attempt), f"{what}: {reason}")

@@ -53,6 +53,7 @@ from dirpull.connectors.http import (
     RetryPolicy,
     body_opening,
     readable_body,
+    transport_reason,
 )
 from dirpull.connectors.nesting import flatten, nested_groups
 from dirpull.connectors.report_rows import RECOGNIZED, Recognize, fingerprint, parse_error
@@ -360,7 +361,7 @@ class WorkdayConnector(CountsRequests):
                 body.close()
                 raise ConnectorError(
                     f"{step}: the connection failed while reading the report after {read} bytes "
-                    f"({type(exc).__name__})",
+                    f"({transport_reason(exc)})",
                     step=step,
                 ) from None
             finally:
@@ -412,7 +413,7 @@ class WorkdayConnector(CountsRequests):
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             raise ConnectorError(
                 f"{step}: the connection failed while reading the report after {head.bytes} bytes "
-                f"({type(exc).__name__})",
+                f"({transport_reason(exc)})",
                 step=step,
             ) from None
         finally:

@@ -1,0 +1,261 @@
+"""A connection that fails below HTTP (refused, a certificate that does not verify, a proxy that
+refuses the tunnel) ends the run with an error that says why, not only the exception's type: each
+connector through its real SDK, over loopback only."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import http.server
+import ipaddress
+import json
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dirpull.config import BambooHRTenant, EntraTenant, GoogleTenant, OktaTenant, WorkdayTenant
+from dirpull.connectors.base import Connector, ConnectorError
+from dirpull.connectors.http import RetryPolicy
+
+SECRET = "s3cr3t-never-shown"
+
+
+class _OktaSleeps:
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    async def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+        await asyncio.sleep(0)
+
+
+def _policy(sleeps: list[float]) -> RetryPolicy:
+    return RetryPolicy(max_attempts=2, base_delay=0.0, jitter=0.0, sleep=sleeps.append)
+
+
+def _google_key(tmp_path: Path, token_uri: str) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    info = {
+        "type": "service_account",
+        "project_id": "p",
+        "private_key_id": "0" * 40,
+        "private_key": pem,
+        "client_email": "sync@p.iam.gserviceaccount.com",
+        "client_id": "1",
+        "token_uri": token_uri,
+    }
+    path = tmp_path / "key.json"
+    path.write_text(json.dumps(info))
+    return f"file:{path}"
+
+
+def connector(provider: str, base: str, tmp_path: Path, sleeps: list[float]) -> Connector:
+    """`provider`'s connector with every URL (API and token endpoint) at `base`, retrying once."""
+    if provider == "bamboohr":
+        from dirpull.connectors.bamboohr import build as bamboo
+
+        s = BambooHRTenant.model_validate(
+            {"provider": provider, "company_domain": "acme", "api_key": SECRET, "api_url": f"{base}/api/gateway.php"}
+        )
+        return bamboo("t1", s, policy=_policy(sleeps))
+    if provider == "workday":
+        from dirpull.connectors.workday import WorkdayConnector
+
+        s = WorkdayTenant.model_validate(
+            {
+                "provider": provider,
+                "users_report_url": f"{base}/ccx/service/customreport2/acme/ISU/Workers?format=json",
+                "username": "isu",
+                "password": SECRET,
+            }
+        )
+        return WorkdayConnector("t1", s, policy_factory=lambda: _policy(sleeps))
+    if provider == "entra_id":
+        from dirpull.connectors.entra_id import build as entra
+
+        s = EntraTenant.model_validate(
+            {
+                "provider": provider,
+                "tenant_id": "t",
+                "client_id": "c",
+                "client_secret": SECRET,
+                "login_url": base,
+                "graph_url": f"{base}/v1.0",
+            }
+        )
+        return entra("t1", s, policy=_policy(sleeps))
+    if provider == "google_workspace":
+        from dirpull.connectors.google_workspace import build as google
+
+        s = GoogleTenant.model_validate(
+            {
+                "provider": provider,
+                "credentials_file": _google_key(tmp_path, f"{base}/token"),
+                "subject": "admin@example.com",
+                "customer": "my_customer",
+                "api_url": base,
+            }
+        )
+        return google("t1", s, policy=_policy(sleeps))
+    assert provider == "okta"
+    from dirpull.connectors.okta import OktaConnector
+
+    s = OktaTenant.model_validate({"provider": provider, "org_url": base, "api_token": SECRET, "backoff_base": 0.01})
+    return OktaConnector("t1", s, sleep=_OktaSleeps())
+
+
+PROVIDERS = ["bamboohr", "workday", "entra_id", "google_workspace", "okta"]
+
+
+def run_error(provider: str, base: str, tmp_path: Path) -> str:
+    c = connector(provider, base, tmp_path, [])
+    with pytest.raises(ConnectorError) as info:
+        list(c.pull(None, full=False))
+    message = str(info.value)
+    assert SECRET not in message
+    assert "\n" not in message
+    return message
+
+
+@pytest.fixture
+def closed_url() -> str:
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_refused_connection_is_named_in_the_error(provider: str, closed_url: str, tmp_path: Path) -> None:
+    """The error named only the type ("ConnectError", "ConnectionError", "ClientConnectorError"):
+    a refused connection could not be told from a DNS failure, a timeout or a proxy's certificate."""
+    message = run_error(provider, closed_url, tmp_path)
+    assert "Connection refused" in message, message
+    assert closed_url.removeprefix("http://") in message  # where it tried to go, as before
+
+
+def _self_signed(tmp_path: Path) -> Path:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    pem = tmp_path / "server.pem"
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + private)
+    return pem
+
+
+class _Recorder(http.server.BaseHTTPRequestHandler):
+    served: list[str]
+
+    def _any(self) -> None:
+        self.served.append(self.path)
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_POST = _any
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Callable[[type[http.server.BaseHTTPRequestHandler], bool], str]]:
+    """Starts a loopback HTTP server (HTTPS with a self-signed certificate if asked): its URL."""
+    servers: list[tuple[http.server.ThreadingHTTPServer, threading.Thread]] = []
+
+    def start(handler: type[http.server.BaseHTTPRequestHandler], tls: bool) -> str:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        if tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(_self_signed(tmp_path))
+            server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        return f"{'https' if tls else 'http'}://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server, thread in servers:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_certificate_that_does_not_verify_is_named_in_the_error(
+    provider: str, serve: Callable[..., str], tmp_path: Path
+) -> None:
+    """Behind a proxy that re-signs TLS with its own (untrusted) root, every run failed with
+    "SSLError" or "ConnectError" alone; the certificate problem is what the operator must fix."""
+    served: list[str] = []
+    handler = type("Handler", (_Recorder,), {"served": served})
+    message = run_error(provider, serve(handler, True), tmp_path)
+    assert "certificate verify failed: self-signed certificate" in message, message
+    assert served == []  # nothing was sent over a connection that did not verify
+
+
+class _RefusingProxy(http.server.BaseHTTPRequestHandler):
+    """A corporate proxy that does not allow the tunnel."""
+
+    def do_CONNECT(self) -> None:
+        self.send_response(403)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_a_proxy_refusing_the_tunnel_is_named_and_no_query_secret_is_shown(
+    serve: Callable[..., str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """requests' own text of such a failure holds the pool, the request path and its query
+    (`... Max retries exceeded with url: /ccx/...?access_token=...`): the reason is taken from
+    it, the query secret is not. The host is never resolved here: the proxy (loopback) is asked."""
+    proxy = serve(_RefusingProxy, False)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", proxy)
+    monkeypatch.setenv("https_proxy", proxy)
+    s = WorkdayTenant.model_validate(
+        {
+            "provider": "workday",
+            "users_report_url": f"https://wd.example.test/ccx/service/customreport2/acme/ISU/Workers"
+            f"?format=json&access_token={SECRET}",
+            "username": "isu",
+            "password": "pw",
+        }
+    )
+    from dirpull.connectors.workday import WorkdayConnector
+
+    c = WorkdayConnector("t1", s, policy_factory=lambda: _policy([]))
+    with pytest.raises(ConnectorError) as info:
+        list(c.pull(None, full=False))
+    message = str(info.value)
+    assert "403 Forbidden" in message, message
+    assert SECRET not in message and "access_token=***" in message

@@ -708,3 +708,25 @@ def test_a_token_answer_that_is_not_json_is_retried_and_then_fails_naming_the_to
         "users.list: the token endpoint answered 200 with a body that is not a JSON object (application/json"
     )
     assert "gave up after 5 attempts" in str(err.value) and err.value.retriable
+
+
+def test_a_token_endpoint_that_cannot_be_reached_is_the_url_named(emu: GoogleEmulator, tmp_path: Path) -> None:
+    """The key file's token_uri is another host than api_url (oauth2.googleapis.com beside
+    admin.googleapis.com): a proxy or firewall blocking it was reported as a failure talking to
+    api_url, which answers fine."""
+    import json
+    import socket
+
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    cfg = tenant(emu, tmp_path)
+    path = Path(cfg["credentials_file"][5:])
+    path.write_text(json.dumps({**json.loads(path.read_text()), "token_uri": f"{closed}/token"}))
+    sleeps = Sleeps()
+    c = build("g1", GoogleTenant.model_validate(cfg), policy=RetryPolicy(max_attempts=2, sleep=sleeps))
+    with pytest.raises(ConnectorError) as err:
+        list(c.pull(None, full=False))
+    message = str(err.value)
+    assert f"talking to {closed}/token" in message and "Connection refused" in message, message
+    assert emu.base_url not in message and len(sleeps) == 1

@@ -97,9 +97,13 @@ class _CountingHttp(httplib2.Http):
     def __init__(self, counter: _Counter, timeout: float) -> None:
         super().__init__(timeout=timeout)
         self._counter = counter
+        # The URL of the request last sent (one instance per thread): a connection that fails may
+        # be the token endpoint's (the key file's token_uri, another host than api_url).
+        self.last_uri: str | None = None
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
         self._counter.add()
+        self.last_uri = str(kwargs.get("uri") or (args[0] if args else ""))
         resp, content = super().request(*args, **kwargs)
         # The only POST is google-auth's token request. Its 200 answer that is not a JSON object
         # (a proxy's page, a cut body) would surface as google-auth's bare TypeError.
@@ -312,6 +316,7 @@ class _Session:
                 client_options={"api_endpoint": self.api_url},
             )
             self._local.service = svc
+            self._local.http = raw
         return svc
 
     def close(self) -> None:
@@ -383,7 +388,9 @@ class _Session:
                 http.client.HTTPException,
                 UnicodeDecodeError,
             ) as exc:
-                what = f"{step}: {transport_reason(exc)} talking to {redact_url(self.api_url)}"
+                raw = getattr(self._local, "http", None)
+                url = getattr(raw, "last_uri", None) or self.api_url
+                what = f"{step}: {transport_reason(exc)} talking to {redact_url(url)}"
                 log.warning("%s; retrying (attempt %d)", what, attempt)
                 self.policy.wait(attempt, None, what=what, step=step)
                 continue

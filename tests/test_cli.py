@@ -723,6 +723,31 @@ def test_unknown_tenant_and_bad_usage_exit_2(env):
     assert r.exit_code == 2
 
 
+@pytest.fixture
+def okta(tmp_path: Path, store_url: str) -> Iterator[dict]:
+    """A tenant with groups (BambooHR has none): `demo-okta`, synced from the Okta emulator."""
+    org = Org.generate(30, seed=5)
+    cluster = Cluster(org)
+    cluster.start(["okta"])
+    try:
+        config = tmp_path / "dirpull.toml"
+        config.write_text(cluster.config_toml(tmp_path, store_url=store_url))
+        okta = {"config": str(config), "org": org, "secret": cluster.emulators["okta"].api_token}
+        assert run(okta, "sync", "demo-okta").exit_code == 0
+        yield okta
+    finally:
+        cluster.stop()
+
+
+def test_an_empty_group_or_user_id_lists_no_one(okta):
+    """`--group "$G"` with G unset or empty: no user is in a group without an id. It listed every
+    user of the tenant as a member (and `--user ""` every group as one the user is in)."""
+    assert jsonl(run(okta, "users", "demo-okta", "--json").stdout)
+    for args in (["users", "demo-okta", "--group", ""], ["groups", "demo-okta", "--user", ""]):
+        r = run(okta, *args, "--json")
+        assert (r.exit_code, r.stdout) == (0, ""), args
+
+
 def test_after_and_limit_beyond_any_seq(env):
     """`--after` past the end is nothing to read; a number no store can hold is a bad option
     (exit 2, one line), not a traceback."""

@@ -817,7 +817,7 @@ class Store:
         q = sa.select(*[u.c[n] for n in USER_FIELDS], u.c.created_at, u.c.updated_at).where(u.c.tenant == tenant)
         if state:
             q = q.where(u.c.state == state)
-        if group:
+        if group is not None:  # "" (an unset shell variable) is a group no one is in, not no filter
             m = t.memberships.c
             q = q.where(u.c.idp_id.in_(sa.select(m.user_idp_id).where(m.tenant == tenant, m.group_idp_id == group)))
         yield from self._stream(q.order_by(u.c.idp_id))
@@ -825,7 +825,7 @@ class Store:
     def iter_groups(self, tenant: str, *, user: str | None = None) -> Iterator[dict[str, Any]]:
         g = t.groups
         q = sa.select(*[g.c[n] for n in GROUP_FIELDS], g.c.created_at, g.c.updated_at).where(g.c.tenant == tenant)
-        if user:
+        if user is not None:  # as for `group` above
             m = t.memberships.c
             q = q.where(g.c.idp_id.in_(sa.select(m.group_idp_id).where(m.tenant == tenant, m.user_idp_id == user)))
         yield from self._stream(q.order_by(g.c.idp_id))

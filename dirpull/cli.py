@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -409,7 +410,9 @@ def users(
     config = _config()
     _tenant(config, tenant)
     store = _store(config, reading=True)
-    rows = store.iter_users(tenant, state=state.value if state else None, group=group)
+    rows: Iterator[dict[str, Any]] = iter(())
+    if group is None or _known(store, tenant, "group", group):
+        rows = store.iter_users(tenant, state=state.value if state else None, group=group)
     _jsonl(rows) if as_json else _table(rows, USER_COLUMNS)
 
 
@@ -423,8 +426,34 @@ def groups(
     config = _config()
     _tenant(config, tenant)
     store = _store(config, reading=True)
-    rows = store.iter_groups(tenant, user=user)
+    rows: Iterator[dict[str, Any]] = iter(())
+    if user is None or _known(store, tenant, "user", user):
+        rows = store.iter_groups(tenant, user=user)
     _jsonl(rows) if as_json else _table(rows, ["idp_id", "name", "email", "description"])
+
+
+def _known(store: Store, tenant: str, kind: str, key: str) -> bool:
+    """Whether the tenant has the group or user `key` (an idp_id); if not, one line on stderr
+    saying so, naming the idp_id to give when `key` is the name, username or email of exactly one.
+    Without it an unknown id (a typo, a group's name) printed nothing, as a group without members
+    does. The exit code stays 0, as the contract has it for the query commands: the group may
+    have been deleted by a sync since the caller listed it."""
+    found = store.find_group(tenant, key) if kind == "group" else store.find_user(tenant, key)
+    if found and found[0]["idp_id"] == key:
+        return True
+    listing = "groups" if kind == "group" else "users"
+    if len(found) == 1:
+        other = found[0]
+        label = (other.get("name") if kind == "group" else other.get("username")) or other.get("email")
+        named = f" ({_cells(label)})" if label and label != other["idp_id"] else ""
+        hint = f"; did you mean --{kind} {shlex.quote(other['idp_id'])}{named}?"
+    elif found:
+        fields = "name or email" if kind == "group" else "username or email"
+        hint = f" (the {fields} of more than one {kind}: give the idp_id, see dirpull {listing} {tenant})"
+    else:
+        hint = f" (give its idp_id: see dirpull {listing} {tenant})"
+    typer.echo(f"dirpull: no {kind} {key!r} in tenant {tenant}{hint}", err=True)
+    return False
 
 
 @app.command()

@@ -748,6 +748,58 @@ def test_an_empty_group_or_user_id_lists_no_one(okta):
         assert (r.exit_code, r.stdout) == (0, ""), args
 
 
+def test_a_group_or_user_not_in_the_store_is_said_apart_from_one_without_members(okta):
+    """`--group`/`--user` naming no group or user of the tenant (a typo, a group's name, a user's
+    email) printed nothing and exited 0, as a group without members does: one line on stderr says
+    so now, naming the idp_id to give when the name, username or email is of exactly one. Exit 0
+    and stdout are as before; a real group, empty or not, says nothing on stderr."""
+    groups = {g["idp_id"]: g for g in jsonl(run(okta, "groups", "demo-okta", "--json").stdout)}
+    users = {u["idp_id"]: u for u in jsonl(run(okta, "users", "demo-okta", "--json").stdout)}
+    members = {g: jsonl(run(okta, "users", "demo-okta", "--group", g, "--json").stdout) for g in groups}
+    full = next(g for g in groups if members[g])
+    empty = next(g for g in groups if not members[g])
+    for g in (full, empty):
+        r = run(okta, "users", "demo-okta", "--group", g, "--json")
+        assert (r.exit_code, r.stderr, len(jsonl(r.stdout))) == (0, "", len(members[g]))
+
+    def said(*args: str) -> str:
+        """stderr of the query, which lists no one and exits 0, with --json or not."""
+        r = run(okta, *args, "--json")
+        assert (r.exit_code, r.stdout) == (0, "")
+        plain = run(okta, *args)
+        assert (plain.exit_code, plain.stderr) == (0, r.stderr)
+        assert len(plain.stdout.splitlines()) == 1  # the table's header, as before
+        return r.stderr
+
+    name = groups[full]["name"]
+    assert said("users", "demo-okta", "--group", "no-such-group") == (
+        "dirpull: no group 'no-such-group' in tenant demo-okta (give its idp_id: see dirpull groups demo-okta)\n"
+    )
+    assert said("users", "demo-okta", "--state", "active", "--group", name.upper()) == (
+        f"dirpull: no group {name.upper()!r} in tenant demo-okta; did you mean --group {full} ({name})?\n"
+    )
+    user = next(u for u in users.values() if u["email"])
+    assert said("groups", "demo-okta", "--user", user["email"]) == (
+        f"dirpull: no user {user['email']!r} in tenant demo-okta; did you mean --user {user['idp_id']} "
+        f"({user['username']})?\n"
+    )
+    assert said("groups", "demo-okta", "--user", "nobody") == (
+        "dirpull: no user 'nobody' in tenant demo-okta (give its idp_id: see dirpull users demo-okta)\n"
+    )
+    assert said("groups", "demo-okta", "--user", "") == (
+        "dirpull: no user '' in tenant demo-okta (give its idp_id: see dirpull users demo-okta)\n"
+    )
+
+    # Two groups of one name: no guess, the idp_id it takes.
+    other = next(g for g in okta["org"].groups.values() if g.name != name)
+    okta["org"].update_group(other.n, name=name)
+    assert run(okta, "sync", "demo-okta").exit_code == 0
+    assert said("users", "demo-okta", "--group", name) == (
+        f"dirpull: no group {name!r} in tenant demo-okta (the name or email of more than one group: give the "
+        "idp_id, see dirpull groups demo-okta)\n"
+    )
+
+
 def test_after_and_limit_beyond_any_seq(env):
     """`--after` past the end is nothing to read; a number no store can hold is a bad option
     (exit 2, one line), not a traceback."""

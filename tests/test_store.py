@@ -166,6 +166,43 @@ def test_a_large_run_is_written_with_a_large_sqlite_cache_given_back_after(store
 ODD_IDS = ["plain", "O'Brien", 'quo"te', "back\\slash", "tab\there", "new\nline", "zürich", "東京", "😀", "a,b", "[1]"]
 
 
+def test_finding_a_user_or_group_by_what_an_operator_typed(store):
+    """`dirpull users --group X` / `groups --user X`: X as an idp_id exactly; else, ignoring case,
+    the idp_id, a group's name or email, a user's username or email; of this tenant only, and
+    never as a pattern."""
+    ws = writes("t", 3, "u")
+    ws.user_creates[0].update(username="Ann", email="ann@example.test")
+    ws.user_creates[1].update(username="bob", email="ANN@example.test")
+    groups = [("g%1", "Sales", "sales@example.test"), ("g_2", "Ops", None), ("G3", "ops", None)]
+    ws.group_creates = [
+        {"idp_id": i, "name": n, "description": None, "email": e, "raw_attributes": {}, "fingerprint": "f"}
+        for i, n, e in groups
+    ]
+    store.ensure_tenant("other", "okta")
+    for tenant, w in (("t", ws), ("other", writes("other", 1, "o"))):
+        assert store.acquire_lease(tenant, "a", timedelta(seconds=30)) is None
+        run_id = store.start_run(tenant, trigger="test", mode="full", worker="a")
+        store.apply(tenant, run_id, w, holder="a", cursor=None, full=True,
+                    run_fields={"status": "succeeded", "mode": "full", "counts": {}, "requests": 0})  # fmt: skip
+
+    def ids(found: list[dict[str, Any]]) -> list[str]:
+        return [f["idp_id"] for f in found]
+
+    assert store.find_group("t", "g%1") == [{"idp_id": "g%1", "name": "Sales", "email": "sales@example.test"}]
+    assert ids(store.find_group("t", "G3")) == ["G3"]
+    assert ids(store.find_group("t", "SALES@example.test")) == ids(store.find_group("t", "sales")) == ["g%1"]
+    assert ids(store.find_group("t", "g3")) == ["G3"]  # the idp_id in another case
+    assert ids(store.find_group("t", "OPS")) == ["G3", "g_2"]  # two: no guess to make
+    assert store.find_group("t", "g%") == store.find_group("t", "g_1") == store.find_group("t", "") == []
+    assert store.find_group("other", "g%1") == []
+    assert store.find_user("t", "u-2") == [
+        {"idp_id": "u-2", "username": "u-2@example.test", "email": None, "display_name": None}
+    ]
+    assert ids(store.find_user("t", "bob")) == ["u-1"]
+    assert ids(store.find_user("t", "ann@example.test")) == ["u-0", "u-1"]
+    assert store.find_user("t", "o-0") == [] and ids(store.find_user("other", "O-0")) == ["o-0"]
+
+
 def test_whole_tenant_reads_and_large_inserts_keep_every_row_exactly(store, monkeypatch):
     """Multi-row INSERTs split across statements and the whole-tenant reads (packed a page at a
     time on SQLite) give back exactly what was written: odd ids, NULL digests, composite keys."""

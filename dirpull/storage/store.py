@@ -830,6 +830,32 @@ class Store:
             q = q.where(g.c.idp_id.in_(sa.select(m.group_idp_id).where(m.tenant == tenant, m.user_idp_id == user)))
         yield from self._stream(q.order_by(g.c.idp_id))
 
+    def find_user(self, tenant: str, key: str) -> list[dict[str, Any]]:
+        """The user whose idp_id is `key`; if there is none, the users (at most two) whose idp_id,
+        username or email is `key` ignoring case: what an operator typed for an idp_id."""
+        return self._find(t.users, ["idp_id", "username", "email", "display_name"], ["username", "email"], tenant, key)
+
+    def find_group(self, tenant: str, key: str) -> list[dict[str, Any]]:
+        """The group whose idp_id is `key`; if there is none, the groups (at most two) whose idp_id,
+        name or email is `key` ignoring case."""
+        return self._find(t.groups, ["idp_id", "name", "email"], ["name", "email"], tenant, key)
+
+    def _find(
+        self, table: sa.Table, names: Sequence[str], others: Sequence[str], tenant: str, key: str
+    ) -> list[dict[str, Any]]:
+        q = sa.select(*[table.c[n] for n in names]).where(table.c.tenant == tenant)
+        with self.engine.connect() as conn:
+            # The primary key: a query given a right id costs one index lookup.
+            if (row := conn.execute(q.where(table.c.idp_id == key)).mappings().first()) is not None:
+                return [dict(row)]
+            if not key:  # no record has an empty id, and an empty name or email is no hint
+                return []
+            # Only for a wrong id: the tenant's rows are scanned (no index on these columns). The
+            # database lowers both sides: SQLite only ASCII letters, so a hint may be missed there.
+            lowered = sa.func.lower(key)
+            alike = sa.or_(*[sa.func.lower(table.c[n]) == lowered for n in ("idp_id", *others)])
+            return [dict(r) for r in conn.execute(q.where(alike).order_by(table.c.idp_id).limit(2)).mappings()]
+
     def iter_events(self, tenant: str | None, *, after: int = 0, limit: int | None = None) -> Iterator[dict[str, Any]]:
         e = t.events
         q = sa.select(e).where(e.c.seq > after).order_by(e.c.seq)

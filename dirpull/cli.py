@@ -614,7 +614,7 @@ def run(
         typer.Option("--max-seconds", help="Stop after this long (tests, demos).", min=0, max=MAX_SECONDS),
     ] = None,
 ) -> None:
-    """The daemon: every tenant on its schedule until SIGTERM/SIGINT."""
+    """The daemon: every tenant on its schedule until SIGTERM/SIGINT; SIGHUP reloads the configuration."""
     from dirpull.sync.daemon import Daemon
 
     config = _config()

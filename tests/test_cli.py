@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -677,43 +677,136 @@ def test_status_after_a_clean_stop_says_interrupted_not_failing(env, store_url):
     assert row["result"] == "interrupted" and row["attention"] == [f"failing: {error}"], row
 
 
-def test_the_daemon_says_it_does_not_reload_on_sighup_and_goes_on(env, store_url):
-    """SIGHUP (the usual "reload") ended the daemon on the spot: no log line, its syncs cut off,
-    and under systemd not restarted (death by SIGHUP counts as a clean exit). It now says that it
-    does not reload its configuration, and goes on syncing until SIGTERM."""
+class _Daemon:
+    """`dirpull run` as a subprocess on the env's configuration, its log in a file read as it goes."""
+
+    def __init__(self, env: dict, store_url: str) -> None:
+        self.log = Path(env["tmp"]) / "daemon.log"
+        self._err = self.log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dirpull.cli", "--config", env["config"], "run", "--max-seconds", "60"],
+            stdout=subprocess.DEVNULL, stderr=self._err, env={**os.environ, "DIRPULL_STORE_URL": ""},
+        )  # fmt: skip
+        self.store = Store(store_url)
+
+    def succeeded(self, tenant: str) -> int:
+        with contextlib.suppress(Exception):  # the daemon may still be creating the schema
+            return sum(1 for r in self.store.runs(tenant, 1000) if r["status"] == "succeeded")
+        return 0
+
+    def runs(self, tenant: str) -> int:
+        with contextlib.suppress(Exception):
+            return len(self.store.runs(tenant, 1000))
+        return 0
+
+    def wait(self, predicate: Callable[[], bool], timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+    def reload(self, expected: str) -> list[str]:
+        """SIGHUP, and the log lines it brought once one of them holds `expected`."""
+        seen = len(self.log.read_text())
+        self.proc.send_signal(signal.SIGHUP)
+        self.wait(lambda: expected in self.log.read_text()[seen:])
+        time.sleep(0.1)  # the lines logged with it
+        return self.log.read_text()[seen:].splitlines()
+
+    def synced_again(self, tenant: str) -> None:
+        before = self.succeeded(tenant)
+        self.wait(lambda: self.succeeded(tenant) > before)
+
+    def stop(self) -> str:
+        try:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                self.proc.wait(30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(10)
+            self._err.close()
+            self.store.close()
+        return self.log.read_text()
+
+
+def test_sighup_applies_an_added_a_fixed_and_a_removed_tenant_without_a_restart(env, store_url):
+    """SIGHUP was logged and ignored: adding a customer, fixing one tenant's table or removing one
+    needed a restart, which cut off every running sync (they applied nothing and started over).
+    It now reloads the file (`systemctl reload dirpull`): the new tenant and the fixed one sync,
+    the removed one stops, and the tenant that stayed syncs on without a pause."""
     config = Path(env["config"])
-    config.write_text(config.read_text() + 'schedule = "1s"\n')
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dirpull.cli", "--config", env["config"], "run", "--max-seconds", "60"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "DIRPULL_STORE_URL": ""},
-    )  # fmt: skip
-    store = Store(store_url)
+    hr = config.read_text() + 'schedule = "1s"\n'
+    table = hr[hr.index("[tenants.hr]") :]
+    broken = table.replace("[tenants.hr]", "[tenants.fixme]") + 'colour = "blue"\n'
+    config.write_text(hr + broken)
+    daemon = _Daemon(env, store_url)
     try:
+        daemon.wait(lambda: daemon.succeeded("hr") >= 1)
+        assert daemon.runs("fixme") == 0
 
-        def succeeded() -> int:
-            with contextlib.suppress(Exception):  # the daemon may still be creating the schema
-                return sum(1 for r in store.runs("hr", 100) if r["status"] == "succeeded")
-            return 0
+        config.write_text(hr + broken.replace('colour = "blue"\n', "") + table.replace("[tenants.hr]", "[tenants.new]"))
+        logged = daemon.reload("configuration reloaded")
+        assert any(line.endswith(" INFO dirpull.daemon: configuration reloaded: 3 tenants scheduled "
+                                 "(added: fixme, new)") for line in logged), logged  # fmt: skip
+        daemon.wait(lambda: daemon.succeeded("fixme") >= 1 and daemon.succeeded("new") >= 1)
+        daemon.synced_again("hr")
 
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and succeeded() < 1:
-            time.sleep(0.1)
-        assert succeeded() >= 1
-        proc.send_signal(signal.SIGHUP)
-        before = succeeded()
-        while time.monotonic() < deadline and succeeded() <= before:
-            time.sleep(0.1)
-        assert proc.poll() is None and succeeded() > before  # alive, and still syncing
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
+        config.write_text(hr + broken.replace('colour = "blue"\n', ""))  # `new` removed
+        logged = daemon.reload("configuration reloaded")
+        assert any(line.endswith("configuration reloaded: 2 tenants scheduled (removed: new)") for line in logged)
+        daemon.wait(lambda: all(r["status"] != "running" for r in daemon.store.runs("new", 5)))
+        runs = daemon.runs("new")
+        daemon.synced_again("hr")
+        daemon.synced_again("fixme")
+        daemon.synced_again("hr")
+        assert daemon.runs("new") == runs  # not synced any more
+        assert daemon.proc.poll() is None
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        store.close()
-    assert proc.returncode == 0, err
-    assert "SIGHUP ignored: dirpull does not reload its configuration" in err
-    assert "stopping: waiting for running syncs" in err
+        err = daemon.stop()
+    assert daemon.proc.returncode == 0, err
+    assert "Traceback" not in err and "interrupted" not in err, err
+    assert env["secret"] not in err
+
+
+def test_sighup_with_a_mistake_in_the_file_keeps_the_daemon_syncing(env, store_url):
+    """A reload that cannot apply must not stop the daemon: a TOML syntax error is one ERROR line
+    and the running configuration stays; a new store URL is refused with a warning naming it (the
+    daemon keeps the store it opened), the rest of that file applied."""
+    config = Path(env["config"])
+    good = config.read_text() + 'schedule = "1s"\n'
+    config.write_text(good)
+    daemon = _Daemon(env, store_url)
+    other = Path(env["tmp"]) / "other.db"
+    try:
+        daemon.wait(lambda: daemon.succeeded("hr") >= 1)
+
+        config.write_text(good + "[tenants.hr\n")
+        logged = daemon.reload("configuration not reloaded")
+        [error] = [line for line in logged if " ERROR " in line]
+        assert error.split(" ERROR ", 1)[1].startswith(
+            f"dirpull.daemon: configuration not reloaded, the daemon goes on with the one it has: {config}: "
+            "not valid TOML: "
+        ), error
+        daemon.synced_again("hr")
+
+        text = good.replace(f'url = "{store_url}"', f'url = "sqlite:///{other}"')
+        assert text != good
+        config.write_text(text.replace('schedule = "1s"', 'schedule = "2s"'))
+        logged = daemon.reload("configuration reloaded")
+        assert [line.split(" WARNING ", 1)[1] for line in logged if " WARNING " in line] == [
+            "dirpull.daemon: configuration reload: store.url cannot change while the daemon runs; "
+            "kept as at start (restart to apply)"
+        ], logged
+        assert any(line.endswith("configuration reloaded: 1 tenants scheduled (rescheduled: hr)") for line in logged)
+        daemon.synced_again("hr")  # in the store it started with
+        assert daemon.proc.poll() is None
+    finally:
+        err = daemon.stop()
+    assert daemon.proc.returncode == 0, err
+    assert not other.exists()
 
 
 def test_unknown_tenant_and_bad_usage_exit_2(env):

@@ -676,3 +676,104 @@ def test_no_retry_of_a_failed_run_after_the_daemon_stops(harness, no_jitter):
     assert time.monotonic() - t0 < 2  # a pending retry does not hold the stop
     time.sleep(1.0)
     assert len(vendor.pulls) == 1 and [r["status"] for r in h.store.runs("nightly")] == ["failed"]
+
+
+def _write_config(path, store_url: str, tenants: dict[str, dict]) -> None:
+    """`tenants` as a configuration file's `[tenants.X]` tables (values as TOML literals)."""
+    import json
+
+    lines = ["[store]", f"url = {json.dumps(store_url)}"]
+    for name, table in tenants.items():
+        lines += [f"[tenants.{name}]", *(f"{k} = {json.dumps(v)}" for k, v in table.items())]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_a_reload_gives_a_tenant_its_new_settings_at_its_next_sync_and_ends_its_back_off(
+    harness, caplog, tmp_path, no_jitter
+):
+    """SIGHUP (`Daemon.reload`): a tenant's changed settings are used from its next sync on, while
+    its sync under way goes on with those it started with; a tenant backing off after failures is
+    tried again at its next fire once its settings changed (the change may be the fix), not after
+    the back-off (an hour, after a few failures)."""
+    from dirpull.config import load_config
+
+    caplog.set_level("INFO", logger="dirpull.daemon")
+    gate = threading.Event()
+    dirs = {"good": Directory(users=people(20), gate=gate), "bad": Directory(users=people(3))}
+    used: list[tuple[str, str]] = []
+
+    def connector(tenant: str, settings) -> ScriptedConnector:
+        used.append((tenant, settings.company_domain))
+        dirs[tenant].fail_after_pages = 0 if settings.company_domain == "wrong" else None
+        return ScriptedConnector(dirs[tenant])
+
+    tenants = {"good": TENANTS["good"], "bad": {**TENANTS["bad"], "company_domain": "wrong"}}
+    h = harness(tenants)
+    path = tmp_path / "dirpull.toml"
+    _write_config(path, h.config.store.url, tenants)
+    daemon = Daemon(load_config(path, isolate_tenants=True), h.store, backoff_base=600.0, connector_factory=connector)
+    daemon.start()
+    try:
+        assert dirs["good"].entered.wait(10)  # good's first sync, held inside its pull
+        assert wait_for(lambda: daemon.failures == {"bad": 1})
+        _write_config(path, h.config.store.url, {"good": {**TENANTS["good"], "company_domain": "acme2"},
+                                                 "bad": TENANTS["bad"]})  # fmt: skip
+        daemon.reload()
+        gate.set()
+        assert wait_for(lambda: h.store.has_succeeded("bad"), timeout=10)  # at its next 1 s fire
+        assert wait_for(lambda: ("good", "acme2") in used)
+    finally:
+        daemon.shutdown()
+    assert [d for t, d in used if t == "bad"][:2] == ["wrong", "acme"], used
+    assert [d for t, d in used if t == "good"][:2] == ["acme", "acme2"], used
+    first_good = next(r for r in daemon.results if r.tenant == "good")
+    assert first_good.status == "succeeded"  # the reload did not cut it off
+    assert "bad" not in daemon.failures
+    lines = [r.getMessage() for r in caplog.records]
+    assert "configuration reloaded: 2 tenants scheduled (changed: good, bad)" in lines, lines
+
+
+def test_a_tenant_removed_by_a_reload_while_it_syncs_ends_that_sync_and_is_not_tried_again(
+    harness, caplog, tmp_path, no_jitter
+):
+    """A removed tenant's sync under way is not cut off: one that succeeds applies (it failed, its
+    guard looked up in the new configuration), one that fails is not retried after a back-off as
+    it was when the tenant was still configured; no fire of either follows."""
+    from dirpull.config import load_config
+
+    caplog.set_level("INFO", logger="dirpull.daemon")
+    gate = threading.Event()
+    dirs = {
+        "good": Directory(users=people(3)),
+        "bad": Directory(users=people(20), gate=gate, fail_after_pages=1),
+        "gone": Directory(users=people(20), gate=gate),
+    }
+    tenants = {**TENANTS, "gone": TENANTS["good"]}
+    h = harness(tenants)
+    path = tmp_path / "dirpull.toml"
+    _write_config(path, h.config.store.url, tenants)
+    daemon = Daemon(
+        load_config(path, isolate_tenants=True), h.store, backoff_base=0.2,
+        connector_factory=lambda t, s: ScriptedConnector(dirs[t]),
+    )  # fmt: skip
+    daemon.start()
+    try:
+        assert dirs["bad"].entered.wait(10) and dirs["gone"].entered.wait(10)  # their syncs are under way
+        _write_config(path, h.config.store.url, {"good": TENANTS["good"]})
+        daemon.reload()
+        assert daemon.scheduler.get_job("bad") is None and daemon.scheduler.get_job("gone") is None
+        gate.set()
+        assert wait_for(lambda: {r.tenant for r in daemon.results} >= {"bad", "gone"})
+        pulls = dirs["good"].pulls
+        assert wait_for(lambda: dirs["good"].pulls >= pulls + 2)  # the other one syncs on
+    finally:
+        daemon.shutdown()
+    assert [r.status for r in daemon.results if r.tenant == "gone"] == ["succeeded"]
+    assert len(h.users("gone")) == 20
+    assert [r.status for r in daemon.results if r.tenant == "bad"] == ["failed"]
+    assert dirs["bad"].pulls == 1 and "bad" not in daemon.failures
+    assert daemon.scheduler.get_job("bad (retry)") is None
+    lines = [r.getMessage() for r in caplog.records]
+    assert "configuration reloaded: 1 tenants scheduled (removed: bad, gone)" in lines, lines
+    assert "tenant bad: failed: HTTP 500 from the directory (scripted); no longer scheduled (configuration " \
+        "reloaded): not tried again" in lines, lines  # fmt: skip

@@ -9,7 +9,8 @@ worker). A fire that finds the lease held tries again a few times before the ten
 without slowing the others, and is tried again at the end of each back-off, not at the first
 regular fire after it (for a nightly cron, the next night). SIGTERM/SIGINT stop new fires,
 interrupt running syncs at the next page boundary (an interrupted run applies nothing) and wait
-for them to finish; a second one exits at once (`dirpull.signals`).
+for them to finish; a second one exits at once (`dirpull.signals`). SIGHUP reloads the configuration
+file (`Daemon.reload`) without interrupting the running syncs.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from dirpull.config import Config, cron_trigger, parse_duration
+from dirpull.config import Config, ConfigError, cron_trigger, load_config, parse_duration
 from dirpull.connectors.http import SHUTDOWN
 from dirpull.signals import stop_on_signals
 from dirpull.storage.store import Store
@@ -124,6 +125,9 @@ class Daemon:
         # first): a scheduled run another worker has begun and finished since was this interval's
         # sync. Run ids, not times: the workers' clocks may disagree.
         self._seen_run: dict[str, int] = {}
+        # Bumped by a reload that changes or unschedules the tenant: a run that started before it
+        # used the settings replaced since, and its failure does not back off the new ones.
+        self._generation: dict[str, int] = {}
         self.scheduler = _QuietStopScheduler(
             executors={"default": ThreadPoolExecutor(config.defaults.max_concurrent_syncs)},
             # No misfire grace limit: APScheduler checks it when a pool thread takes the fire, so
@@ -154,18 +158,27 @@ class Daemon:
             if attempt == 0 and not after_failure and time.monotonic() >= self.retry_at.get(tenant, 0.0):
                 with contextlib.suppress(JobLookupError):
                     self.scheduler.remove_job(_retry_id(tenant))
+            if not self._scheduled(tenant):  # a reload unscheduled it after this fire was due
+                return None
             if tenant in self._busy:  # the other job of this tenant is syncing it: that is this turn's
                 if attempt == 0:
                     log.info("tenant %s: its previous sync is still running; this fire is skipped", tenant)
                 return None
             self._busy.add(tenant)
+            generation = self._generation.get(tenant, 0)
         try:
-            return self._fire(tenant, attempt, due_after, after_failure)
+            return self._fire(tenant, attempt, due_after, after_failure, generation)
         finally:
             with self._lock:
                 self._busy.discard(tenant)
 
-    def _fire(self, tenant: str, attempt: int, due_after: int | None, after_failure: bool) -> RunResult | None:
+    def _scheduled(self, tenant: str) -> bool:
+        settings = self.config.tenants.get(tenant)
+        return settings is not None and settings.enabled
+
+    def _fire(
+        self, tenant: str, attempt: int, due_after: int | None, after_failure: bool, generation: int = 0
+    ) -> RunResult | None:
         wait_until = self.retry_at.get(tenant, 0.0)
         # The retry of a failed run is the backed-off attempt (it may fire a moment before
         # `retry_at`: the scheduler's clock is not the monotonic one).
@@ -190,6 +203,9 @@ class Daemon:
         held = False
         backoff: tuple[int, float] | None = None  # failures in a row, delay before the retry
         with self._lock:
+            # A reload since this run started removed the tenant, or changed its settings (the
+            # change may be the fix): no retry of this run, no back-off of the new settings.
+            outdated = not self._scheduled(tenant) or self._generation.get(tenant, 0) != generation
             if result.run_id is not None:  # our own run: whatever another worker begins after it counts
                 self._seen_run[tenant] = result.run_id
             elif result.newest_run is not None:
@@ -205,6 +221,13 @@ class Daemon:
                 log.debug("tenant %s: %s", tenant, result.error)
             elif result.status == "failed" and self.stop_event.is_set():
                 pass  # interrupted by our own shutdown: not the tenant's failure, no back-off
+            elif result.status == "failed" and outdated:
+                scheduled = self._scheduled(tenant)
+                log.warning(
+                    "tenant %s: failed: %s; %s", tenant, result.error,
+                    "its settings were reloaded meanwhile: its next fire uses them" if scheduled
+                    else "no longer scheduled (configuration reloaded): not tried again",
+                )  # fmt: skip
             elif result.status == "failed":
                 n = self.failures[tenant] = self.failures.get(tenant, 0) + 1
                 delay = min(MAX_BACKOFF.total_seconds(), self.backoff_base * 2 ** (n - 1))
@@ -214,7 +237,7 @@ class Daemon:
             elif result.status in ("succeeded", "held"):
                 self.failures.pop(tenant, None)
                 self.retry_at.pop(tenant, None)
-        if held:
+        if held and self._scheduled(tenant):
             self._retry_held(tenant, attempt, result, due_after)
         elif backoff is not None:
             self._retry_failed(tenant, result, *backoff)
@@ -295,38 +318,138 @@ class Daemon:
                 log.info("tenant %s (%s) is disabled: not scheduled", name, t.provider)
         for name, broken in self.config.broken.items():  # a mistake in its table: the others run
             log.error("tenant %s is not scheduled: %s", name, broken.message)
+        self._seen_run = self._last_seen(tenants)
+        missed = self._missed_cron_fires(tenants, now)
+        for name in tenants:
+            self._add_job(name, now, missed)
+        self.scheduler.start()
+
+    def _last_seen(self, tenants: list[str]) -> dict[str, int]:
+        """Each tenant's newest run id in the store, as `_seen_run` starts (empty if unreadable)."""
         try:
             last = self.store.last_runs()
             # A run still going at our start is this interval's sync once it ends: counted, so a
             # fire of ours that finds its lease held and retries does not sync the tenant again.
-            self._seen_run = {
+            return {
                 name: last[name]["id"] - int(last[name]["status"] == "running") if name in last else 0
                 for name in tenants
             }
         except Exception as exc:  # the store blinked: each tenant's first fire just takes the lease
             log.warning("cannot read the last runs (%s): first fires do not check for other workers' runs", exc)
-        missed = self._missed_cron_fires(tenants, now)
-        for name in tenants:
-            schedule = self.config.schedule_of(name)
-            # First fire soon, spread out so a restart is not a thundering herd. Except a cron
-            # tenant that has not missed a fire: it waits for its cron time ("0 2 * * *" means at
-            # 02:00, not whenever the daemon happens to restart; a vendor may allow its reports only
-            # at night).
-            first = (
-                {}
-                if schedule.startswith("cron:") and name not in missed
-                else {"next_run_time": now + timedelta(seconds=first_fire_delay(schedule))}
+            return {}
+
+    def _add_job(self, name: str, now: datetime, missed: set[str]) -> None:
+        schedule = self.config.schedule_of(name)
+        # First fire soon, spread out so a restart is not a thundering herd. Except a cron
+        # tenant that has not missed a fire: it waits for its cron time ("0 2 * * *" means at
+        # 02:00, not whenever the daemon happens to restart; a vendor may allow its reports only
+        # at night).
+        first = (
+            {}
+            if schedule.startswith("cron:") and name not in missed
+            else {"next_run_time": now + timedelta(seconds=first_fire_delay(schedule))}
+        )
+        self.scheduler.add_job(
+            self.fire,
+            trigger_for(schedule),
+            args=[name],
+            id=name,
+            name=f"sync {name}",
+            replace_existing=True,
+            **first,
+        )
+        log.info("scheduled tenant %s (%s) every %s", name, self.config.tenants[name].provider, schedule)
+
+    def reload(self) -> None:
+        """SIGHUP: read the configuration file again, as `dirpull run` did at start, and apply it
+        without interrupting the running syncs. A file that does not load (or leaves no tenant to
+        schedule) changes nothing: one ERROR line. What only a restart can change (the store, the
+        size of the thread pool) is kept as it is, with a warning naming it. Tenants added (and
+        enabled) are scheduled as at start; removed, disabled or now broken ones unscheduled (a
+        sync of one already running ends normally, not retried); a new schedule replaces the
+        tenant's trigger; other settings apply from the tenant's next sync, its back-off reset."""
+        old = self.config
+        try:
+            new = load_config(old.path, isolate_tenants=True)
+            if not new.tenants:  # as `dirpull run` refuses to start with none
+                raise ConfigError(
+                    "\n".join(line for b in new.broken.values() for line in b.errors)
+                    or f"{new.path}: no tenants configured"
+                )
+        except ConfigError as exc:
+            log.error(
+                "configuration not reloaded, the daemon goes on with the one it has: %s",
+                "; ".join(str(exc).splitlines()),
             )
-            self.scheduler.add_job(
-                self.fire,
-                trigger_for(schedule),
-                args=[name],
-                id=name,
-                name=f"sync {name}",
-                **first,
+            return
+        # Read once at start: the store is open (its URL, pool and timeout) and the pool's threads
+        # run. Named, never shown: the store URL may hold a password.
+        refused = [
+            f"store.{key}" for key in type(old.store).model_fields if getattr(old.store, key) != getattr(new.store, key)
+        ]
+        if new.defaults.max_concurrent_syncs != old.defaults.max_concurrent_syncs:
+            refused.append("defaults.max_concurrent_syncs")
+        if refused:
+            log.warning(
+                "configuration reload: %s cannot change while the daemon runs; kept as at start (restart to apply)",
+                ", ".join(refused),
             )
-            log.info("scheduled tenant %s (%s) every %s", name, self.config.tenants[name].provider, schedule)
-        self.scheduler.start()
+            defaults = new.defaults.model_copy(update={"max_concurrent_syncs": old.defaults.max_concurrent_syncs})
+            new = new.model_copy(update={"store": old.store, "defaults": defaults})
+
+        before = [name for name, t in old.tenants.items() if t.enabled]
+        after = [name for name, t in new.tenants.items() if t.enabled]
+        added = [name for name in after if name not in before]
+        removed = [name for name in before if name not in after]
+        rescheduled = [name for name in after if name in before and old.schedule_of(name) != new.schedule_of(name)]
+        changed = [name for name in after if name in before and _settings(old, name) != _settings(new, name)]
+        for name, broken in new.broken.items():  # as at start
+            log.error("tenant %s is not scheduled: %s", name, broken.message)
+        for name in new.tenants:  # as `dirpull run` at start
+            for problem in new.secret_problems(name):
+                log.error("%s (its runs fail until this is fixed; the other tenants sync)", problem)
+
+        with self._lock:
+            # At once for every sync that starts from now on; one under way keeps its settings.
+            self.config = self.runner.config = new
+            for name in removed:
+                for job in (name, _retry_id(name)):
+                    with contextlib.suppress(JobLookupError):
+                        self.scheduler.remove_job(job)
+                self._seen_run.pop(name, None)
+            for name in [*removed, *changed]:
+                # The change may be the fix: the back-off of the old settings does not hold it back.
+                self.failures.pop(name, None)
+                self.retry_at.pop(name, None)
+                self._generation[name] = self._generation.get(name, 0) + 1
+            for name in rescheduled:
+                self.scheduler.reschedule_job(name, trigger=trigger_for(new.schedule_of(name)))
+                log.info("rescheduled tenant %s (%s) every %s", name, new.tenants[name].provider, new.schedule_of(name))
+        if added:
+            now = datetime.now(UTC)
+            seen = self._last_seen(added)
+            missed = self._missed_cron_fires(added, now)
+            with self._lock:
+                self._seen_run.update(seen)
+                for name in added:
+                    self._add_job(name, now, missed)
+
+        def why(name: str) -> str:
+            if name in new.broken:
+                return f"{name} (configuration error)"
+            return f"{name} (disabled)" if name in new.tenants else name
+
+        parts = [
+            f"{label}: {', '.join(names)}"
+            for label, names in (
+                ("added", added),
+                ("removed", [why(name) for name in removed]),
+                ("rescheduled", rescheduled),
+                ("changed", changed),
+            )
+            if names
+        ]
+        log.info("configuration reloaded: %d tenants scheduled (%s)", len(after), "; ".join(parts) or "no change")
 
     def _missed_cron_fires(self, tenants: list[str], now: datetime) -> set[str]:
         """The cron tenants due for a catch-up: never run, their last run failed, or a cron time
@@ -380,10 +503,11 @@ class Daemon:
                 while not stop.wait(0.5):
                     if hangup.is_set():
                         hangup.clear()
-                        log.warning(
-                            "SIGHUP ignored: dirpull does not reload its configuration; "
-                            "restart it to apply a change (the daemon goes on with the one it started with)"
-                        )
+                        log.info("SIGHUP: reloading the configuration from %s", self.config.path)
+                        try:
+                            self.reload()
+                        except Exception as exc:  # a reload never stops the daemon and its syncs
+                            log.error("configuration reload failed, the daemon goes on: %s", exc)
                     if deadline is not None and time.monotonic() >= deadline:
                         break
             finally:
@@ -397,11 +521,22 @@ def _retry_id(tenant: str) -> str:
     return f"{tenant} (retry)"
 
 
+def _settings(config: Config, name: str) -> tuple[Any, ...]:
+    """What a tenant's runs use, its schedule aside (a reload compares them): its own settings
+    (secrets by their reference or literal value) and what it takes from `[defaults]`."""
+    return (
+        config.tenants[name].model_copy(update={"schedule": None}),
+        config.guard_of(name),
+        config.full_sync_every_of(name),
+    )
+
+
 @contextlib.contextmanager
 def _hangups() -> Iterator[threading.Event]:
-    """SIGHUP, the usual "reload" signal, set an event instead of killing the process: by default
-    it ended the daemon at once, its running syncs left `running` with their leases held, and under
-    systemd for good (Restart=on-failure counts death by SIGHUP as a clean exit)."""
+    """SIGHUP, the usual "reload" signal, sets an event the main loop reloads the configuration on
+    (`Daemon.reload`), instead of killing the process: by default it ended the daemon at once, its
+    running syncs left `running` with their leases held, and under systemd for good
+    (Restart=on-failure counts death by SIGHUP as a clean exit)."""
     hangup = threading.Event()
     sighup = getattr(signal, "SIGHUP", None)
     if sighup is None or threading.current_thread() is not threading.main_thread():

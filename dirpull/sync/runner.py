@@ -136,7 +136,6 @@ class Runner:
         self.worker = worker or worker_name()
         self.stop = stop or threading.Event()
         self.connector_factory = connector_factory
-        self.lease_ttl = parse_duration(config.defaults.lease_ttl)
 
     def sync(
         self,
@@ -153,12 +152,16 @@ class Runner:
         """`due_after`: for a scheduled fire, the tenant's newest run id at this worker's previous
         fire. If another worker has since begun a scheduled run of the tenant and brought it to an
         end, this interval's sync is done: skipped."""
-        settings = self.config.tenant(tenant)
+        # The configuration as this sync starts: the daemon's reload (SIGHUP) replaces
+        # `self.config`, and a sync under way goes on with the settings it started with.
+        config = self.config
+        settings = config.tenant(tenant)
+        lease_ttl = parse_duration(config.defaults.lease_ttl)
         self.store.ensure_tenant(tenant, settings.provider)
         holder = f"{self.worker}/{uuid.uuid4().hex[:8]}"
         deadline = time.monotonic() + wait
         while True:
-            current = self.store.acquire_lease(tenant, holder, self.lease_ttl)
+            current = self.store.acquire_lease(tenant, holder, lease_ttl)
             if current is None:
                 break
             if time.monotonic() >= deadline or self.stop.is_set():
@@ -195,12 +198,12 @@ class Runner:
                     "since this worker's last turn",
                 )
 
-        heartbeat = _Heartbeat(self.store, tenant, holder, self.lease_ttl)
+        heartbeat = _Heartbeat(self.store, tenant, holder, lease_ttl)
         heartbeat.start()
         try:
             with fewer_collections():
                 return self._locked_sync(
-                    tenant, settings, holder, heartbeat, trigger, full, dry_run, force, progress
+                    config, tenant, settings, holder, heartbeat, trigger, full, dry_run, force, progress
                 )
         finally:
             heartbeat.stop()
@@ -222,6 +225,7 @@ class Runner:
 
     def _locked_sync(
         self,
+        config: Config,
         tenant: str,
         settings: Any,
         holder: str,
@@ -246,7 +250,7 @@ class Runner:
             full = True
             notes.append("the tenant's settings changed since the last sync: full sync")
         elif stored_cursor is not None and cursor.last_full_at is not None:
-            due = cursor.last_full_at + self.config.full_sync_every_of(tenant)
+            due = cursor.last_full_at + config.full_sync_every_of(tenant)
             if utcnow() >= due:
                 full = True
                 notes.append("periodic full reconciliation")
@@ -283,7 +287,7 @@ class Runner:
             result.counts = _counts(plan, writes, old_users)
             result.writes = writes
             stored = self.store.count_users(tenant)  # by state: one COUNT query
-            guard_settings = self.config.guard_of(tenant)
+            guard_settings = config.guard_of(tenant)
             # Memberships removed between a user and a group that both stay. Those of a deleted
             # user or group go with it and are held (or not) with the deletions: counted here, one
             # ordinary deletion of a large group would read as a mass removal of access.

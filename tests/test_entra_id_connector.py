@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import requests
+from loopback_tls import self_signed_pem
 
 from dirpull.config import parse_config
 from dirpull.connectors.base import AuthError, ConnectorError, Done, Page
@@ -122,32 +123,11 @@ def test_cloud_picks_hosts_and_tokens_stay_on_the_graph_host(tmp_path: Path) -> 
 @pytest.fixture
 def untrusted_tls(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
     """An HTTPS server on loopback with a self-signed certificate: its URL and the paths it served."""
-    import datetime
     import http.server
-    import ipaddress
     import ssl
     import threading
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    pem = tmp_path / "server.pem"
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + private)
+    pem = self_signed_pem(tmp_path)
     served: list[str] = []
 
     class Handler(http.server.BaseHTTPRequestHandler):

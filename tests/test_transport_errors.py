@@ -5,9 +5,7 @@ connector through its real SDK, over loopback only."""
 from __future__ import annotations
 
 import asyncio
-import datetime
 import http.server
-import ipaddress
 import json
 import socket
 import ssl
@@ -17,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from loopback_tls import self_signed_pem
 
 from dirpull.config import BambooHRTenant, EntraTenant, GoogleTenant, OktaTenant, WorkdayTenant
 from dirpull.connectors.base import Connector, ConnectorError
@@ -144,30 +143,6 @@ def test_a_refused_connection_is_named_in_the_error(provider: str, closed_url: s
     assert closed_url.removeprefix("http://") in message  # where it tried to go, as before
 
 
-def _self_signed(tmp_path: Path) -> Path:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    pem = tmp_path / "server.pem"
-    private = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    pem.write_bytes(cert.public_bytes(serialization.Encoding.PEM) + private)
-    return pem
-
-
 class _Recorder(http.server.BaseHTTPRequestHandler):
     served: list[str]
 
@@ -192,7 +167,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[[type[http.server.BaseHTTPRequest
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         if tls:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(_self_signed(tmp_path))
+            ctx.load_cert_chain(self_signed_pem(tmp_path))
             server.socket = ctx.wrap_socket(server.socket, server_side=True)
         thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()

@@ -234,3 +234,17 @@ def test_a_proxy_refusing_the_tunnel_is_named_and_no_query_secret_is_shown(
     message = str(info.value)
     assert "403 Forbidden" in message, message
     assert SECRET not in message and "access_token=***" in message
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_refused_connection_is_logged_while_it_is_retried(
+    provider: str, closed_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A vendor that is down shows in the daemon's log as each attempt fails, not only in the error
+    of the run that finally gives up: Entra's connector retried its token and Graph requests in
+    silence (17 s at the default policy, minutes with Retry-After hints on 5xx)."""
+    caplog.set_level("WARNING", logger="dirpull")
+    message = run_error(provider, closed_url, tmp_path)
+    retries = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("Connection refused" in line for line in retries), (message, retries)
+    assert all(SECRET not in line for line in retries)

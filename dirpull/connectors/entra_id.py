@@ -372,6 +372,9 @@ class _Session:
         blocking sleep made each throttled one wait in turn (eight 429s with Retry-After 10: 80 s),
         and held every other request meanwhile."""
         delay = self.policy.begin_wait(attempt, hint, what=what, step=step)
+        # An outage or throttling shows in the daemon's log as it happens, as with the other
+        # connectors (http.py), not only in the error of a run that finally gives up.
+        log.warning("%s; retrying in %.1fs (attempt %d of %d)", what, delay, attempt + 1, self.policy.max_attempts)
         try:
             if self.policy.sleep is interruptible_sleep:
                 await interruptible_async_sleep(delay)
@@ -444,8 +447,6 @@ class _Session:
                     raise AuthError(f"{what}: {code} {message}".strip(), step=step) from None
                 if status in RETRIABLE_STATUSES:
                     hint = parse_retry_after(_header(headers, "Retry-After"))
-                    if status == 429:
-                        log.warning("graph throttled (%s), retry after %s s", step, hint)
                     await self._wait(attempt, hint, what=what, step=step)
                     continue
                 raise ConnectorError(f"{what}: {code} {message}".strip(), retriable=status >= 500, status=status,

@@ -1365,6 +1365,37 @@ def test_read_only_commands_refuse_a_missing_sqlite_store_and_create_nothing(tmp
         emulator.stop()
 
 
+def test_a_sqlite_store_whose_folder_is_missing_is_named_not_cannot_connect(tmp_path, monkeypatch):
+    """`sqlite:///data/dirpull.db` run from a folder without data/ (or a /var/lib/dirpull not made
+    yet): every command said "cannot connect (unable to open database file)", as for a lock or a
+    permission; the query commands did not say "no store at" as for a missing file."""
+    cfg = tmp_path / "dirpull.toml"
+    cfg.write_text(
+        '[store]\nurl = "sqlite:///data/dirpull.db"\n[tenants.hr]\nprovider = "bamboohr"\n'
+        'company_domain = "acme"\napi_key = "k"\napi_url = "http://127.0.0.1:9/api/gateway.php"\n'
+    )
+    monkeypatch.chdir(tmp_path)
+    missing = tmp_path / "data" / "dirpull.db"
+    for args in READ_ONLY:
+        r = CliRunner().invoke(app, ["--config", str(cfg), *args])
+        assert (r.exit_code, r.stdout) == (1, ""), (args, r.output)
+        relative = "(the store url's data/dirpull.db is relative"
+        assert r.stderr.startswith(f"dirpull: no store at {missing} {relative}"), r.stderr
+    r = CliRunner().invoke(app, ["--config", str(cfg), "db", "check"])
+    assert (r.exit_code, r.stdout) == (1, f"schema empty (no store at {missing}), needed {HEAD_REVISION}\n")
+    for args in (["db", "upgrade"], ["sync", "hr"], ["run", "--max-seconds", "1"]):
+        r = CliRunner().invoke(app, ["--config", str(cfg), *args])
+        assert (r.exit_code, r.stdout) == (1, ""), (args, r.output)
+        assert r.stderr == (
+            f"dirpull: store sqlite:///data/dirpull.db: cannot create {missing}: its folder {missing.parent} does "
+            f"not exist (create it, or fix the store url, taken from the current folder, {tmp_path})\n"
+        ), (args, r.stderr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dirpull.toml"]
+    (tmp_path / "data").mkdir()
+    assert CliRunner().invoke(app, ["--config", str(cfg), "db", "upgrade"]).exit_code == 0
+    assert missing.exists()
+
+
 def test_the_daemon_without_tenants_says_so_and_creates_no_store(tmp_path, monkeypatch):
     """It opened (and so created) the store before saying there was nothing to run, leaving an
     empty dirpull.db behind, which the read commands then took for a store."""

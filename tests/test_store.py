@@ -509,8 +509,11 @@ def test_unreachable_store_is_one_line_naming_the_host_without_the_password(stor
         url = real.set(port=port).render_as_string(hide_password=False)
         where, secret = f"127.0.0.1:{port}", real.password
     else:
-        url = f"sqlite:///{tmp_path / 'no-such-dir' / 'x.db'}"
-        where, secret = "no-such-dir", None
+        # A folder where the file should be: SQLite cannot open it. (A missing folder is named as
+        # such: test_cli.py::test_a_sqlite_store_whose_folder_is_missing_is_named_not_cannot_connect.)
+        (tmp_path / "a-folder").mkdir()
+        url = f"sqlite:///{tmp_path / 'a-folder'}"
+        where, secret = "a-folder", None
     config = _config(tmp_path, url)
     for args in (["run", "--max-seconds", "1"], ["status"], ["users", "hr"], ["db", "upgrade"], ["db", "check"]):
         r = _cli(config, *args)

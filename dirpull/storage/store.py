@@ -1283,9 +1283,25 @@ def missing_sqlite_file(url: str) -> str | None:
     if database.startswith("file:"):
         return None
     path = os.path.abspath(database)
-    if os.path.exists(path) or not os.path.isdir(os.path.dirname(path)):
-        return None  # there, or it could not be made at all: the store's opening says why
-    return path
+    # A folder that is not there either (a relative `sqlite:///data/dirpull.db` from the wrong
+    # folder) is no store too, not the driver's "unable to open database file".
+    return None if os.path.exists(path) else path
+
+
+def _refuse_missing_folder(url: str, database: str | None) -> None:
+    """A new SQLite store's folder must exist: SQLite creates the file, not the folders, and said
+    only "cannot connect (unable to open database file)", which reads like a permissions or
+    locking problem."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return
+    folder = os.path.dirname(os.path.abspath(database))
+    if os.path.isdir(folder):
+        return
+    where = "" if os.path.isabs(database) else f", taken from the current folder, {os.getcwd()}"
+    raise StoreUnavailable(
+        f"store {mask_password(url)}: cannot create {os.path.abspath(database)}: its folder {folder} does not "
+        f"exist (create it, or fix the store url{where})"
+    )
 
 
 def _create_private(database: str | None) -> None:
@@ -1333,6 +1349,7 @@ def _make_engine(url: str, *, pool_size: int, connect_timeout: float, migrating:
     if backend == "sqlite":
         from sqlalchemy import event
 
+        _refuse_missing_folder(url, parsed.database)
         _create_private(parsed.database)
         busy = connect_timeout * 3
         connect_args: dict[str, Any] = {"timeout": busy}

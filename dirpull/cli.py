@@ -382,10 +382,13 @@ def sync(
                 typer.echo(line)
         counts = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v and not k.endswith("_seen"))
         # A held or failed run's counts are what it would have written: said so, not read as done.
-        planned = "" if result.status in ("succeeded", "planned") or not counts else "nothing applied, planned: "
+        done = result.status in ("succeeded", "planned")
+        planned = "" if done or not counts else "nothing applied, planned: "
+        # "no changes" says the directory was read and found unchanged: a failed run read nothing,
+        # or not all of it.
         typer.echo(
             f"{tenant}: {result.status} ({result.mode}) in {result.duration_s:.2f}s, {result.requests} requests"
-            + (f"; {planned}{counts}" if counts else "; no changes")
+            + (f"; {planned}{counts}" if counts else "; no changes" if done else "; nothing applied")
         )
         for note in result.notes:
             typer.echo(f"  note: {note}")

@@ -301,6 +301,8 @@ def test_failed_sync_exits_1_without_leaking_the_key(env):
     env["emulator"].faults.update({"expire_auth": 5})
     r = run(env, "sync", "hr")
     assert r.exit_code == 1 and "401" in r.stderr
+    # Not "; no changes", which says the directory was read and found unchanged.
+    assert r.stdout.startswith("hr: failed (full) in ") and r.stdout.endswith(" requests; nothing applied\n"), r.stdout
     assert jsonl(run(env, "users", "hr", "--json").stdout) == []
     status = jsonl(run(env, "status", "--json").stdout)[0]
     assert status["result"] == "failed" and status["attention"]

@@ -777,3 +777,43 @@ def test_a_tenant_removed_by_a_reload_while_it_syncs_ends_that_sync_and_is_not_t
     assert "configuration reloaded: 1 tenants scheduled (removed: bad, gone)" in lines, lines
     assert "tenant bad: failed: HTTP 500 from the directory (scripted); no longer scheduled (configuration " \
         "reloaded): not tried again" in lines, lines  # fmt: skip
+
+
+def test_a_cron_run_that_fails_after_a_reload_changed_its_tenant_is_still_retried(harness, caplog, tmp_path, no_jitter):
+    """A nightly run failed while a SIGHUP changed the tenant's settings (here the fix of its
+    wrong company_domain; it could be any key): the failure was put down to the old settings and
+    not retried, "its next fire uses them", and for a cron tenant that fire is the next night's."""
+    from dirpull.config import load_config
+
+    caplog.set_level("WARNING", logger="dirpull.daemon")
+    gate = threading.Event()
+    used: list[str] = []
+
+    def connector(tenant: str, settings) -> ScriptedConnector:
+        used.append(settings.company_domain)
+        wrong = settings.company_domain == "wrong"  # fails once the reload has happened
+        return ScriptedConnector(Directory(users=people(20), gate=gate if wrong else None,
+                                           fail_after_pages=1 if wrong else None))  # fmt: skip
+
+    h = harness({"nightly": YEARLY})
+    path = tmp_path / "dirpull.toml"
+    _write_config(path, h.config.store.url, {"nightly": {**YEARLY, "company_domain": "wrong"}})
+    daemon = Daemon(load_config(path, isolate_tenants=True), h.store, backoff_base=0.2, connector_factory=connector)
+    daemon.start()  # never ran: its catch-up fire is now
+    try:
+        assert wait_for(lambda: used == ["wrong"])
+        time.sleep(0.2)  # inside its pull
+        _write_config(path, h.config.store.url, {"nightly": YEARLY})
+        daemon.reload()
+        gate.set()
+        assert wait_for(lambda: h.store.has_succeeded("nightly"), timeout=10)
+    finally:
+        gate.set()
+        daemon.shutdown()
+    assert used == ["wrong", "acme"] and len(h.users("nightly")) == 20
+    assert daemon.failures == {}
+    lines = [r.getMessage() for r in caplog.records]
+    assert any(
+        line.startswith("tenant nightly: failed with the settings it started with (reloaded since): HTTP 500")
+        for line in lines
+    ), lines

@@ -202,9 +202,10 @@ class Daemon:
             result = RunResult(tenant, "failed", "-", error=str(exc))
         held = False
         backoff: tuple[int, float] | None = None  # failures in a row, delay before the retry
+        retry_soon: float | None = None  # the delay before retrying a run of settings since reloaded
         with self._lock:
             # A reload since this run started removed the tenant, or changed its settings (the
-            # change may be the fix): no retry of this run, no back-off of the new settings.
+            # change may be the fix): no back-off of the new settings; a retry only if still scheduled.
             outdated = not self._scheduled(tenant) or self._generation.get(tenant, 0) != generation
             if result.run_id is not None:  # our own run: whatever another worker begins after it counts
                 self._seen_run[tenant] = result.run_id
@@ -221,12 +222,15 @@ class Daemon:
                 log.debug("tenant %s: %s", tenant, result.error)
             elif result.status == "failed" and self.stop_event.is_set():
                 pass  # interrupted by our own shutdown: not the tenant's failure, no back-off
+            elif result.status == "failed" and outdated and self._scheduled(tenant):
+                # Not a failure of the new settings (nothing counted), but still one to retry: the
+                # next regular fire may be a day away (a nightly cron), and the reload that landed
+                # during the run (perhaps only to fix another key) did not make the sync needless.
+                retry_soon = self.backoff_base * random.uniform(0.8, 1.2)
             elif result.status == "failed" and outdated:
-                scheduled = self._scheduled(tenant)
                 log.warning(
-                    "tenant %s: failed: %s; %s", tenant, result.error,
-                    "its settings were reloaded meanwhile: its next fire uses them" if scheduled
-                    else "no longer scheduled (configuration reloaded): not tried again",
+                    "tenant %s: failed: %s; no longer scheduled (configuration reloaded): not tried again",
+                    tenant, result.error,
                 )  # fmt: skip
             elif result.status == "failed":
                 n = self.failures[tenant] = self.failures.get(tenant, 0) + 1
@@ -241,6 +245,8 @@ class Daemon:
             self._retry_held(tenant, attempt, result, due_after)
         elif backoff is not None:
             self._retry_failed(tenant, result, *backoff)
+        elif retry_soon is not None:
+            self._retry_failed(tenant, result, 0, retry_soon)
         return result
 
     def _retry_failed(self, tenant: str, result: RunResult, n: int, delay: float) -> None:
@@ -248,14 +254,16 @@ class Daemon:
         regular fires meanwhile, so without it a failed run waited for the first regular fire after
         the back-off: a day on a nightly cron, after a five-minute vendor outage at its hour. Each
         failure in a row doubles the delay (up to MAX_BACKOFF); a success ends the chain, and a
-        regular fire after the back-off supersedes a retry still pending (`fire`)."""
+        regular fire after the back-off supersedes a retry still pending (`fire`). `n` 0: the run
+        used settings a reload has replaced since; its failure does not count against the new ones."""
+        failed = f"failed {n} time(s) in a row" if n else "failed with the settings it started with (reloaded since)"
         if self.stop_event.is_set():  # the worker is stopping: no fire starts any more
-            log.warning("tenant %s: failed %d time(s) in a row: %s", tenant, n, result.error)
+            log.warning("tenant %s: %s: %s", tenant, failed, result.error)
             return
         run_at = datetime.now(UTC) + timedelta(seconds=delay)
         log.warning(
-            "tenant %s: failed %d time(s) in a row: %s; trying again at %s (in %.0fs)",
-            tenant, n, result.error, run_at.isoformat(timespec="seconds"), delay,
+            "tenant %s: %s: %s; trying again at %s (in %.0fs)",
+            tenant, failed, result.error, run_at.isoformat(timespec="seconds"), delay,
         )  # fmt: skip
         # One retry job per tenant, shared with `_retry_held`: a tenant has at most one retry pending
         # (each is scheduled by the fire before it, when that fire ends).

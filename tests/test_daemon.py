@@ -817,3 +817,34 @@ def test_a_cron_run_that_fails_after_a_reload_changed_its_tenant_is_still_retrie
         line.startswith("tenant nightly: failed with the settings it started with (reloaded since): HTTP 500")
         for line in lines
     ), lines
+
+
+def test_a_reload_that_fixes_a_backing_off_cron_tenant_tries_it_soon_not_after_the_back_off(
+    harness, caplog, tmp_path, no_jitter
+):
+    """A nightly tenant failing on a mistake in its settings backs off (up to an hour between
+    tries). The operator fixes the table and reloads: the back-off was reset, but the retry stayed
+    where the back-off had put it, so the fixed tenant waited up to an hour; a restart syncs it at once."""
+    from dirpull.config import load_config
+
+    used: list[str] = []
+
+    def connector(tenant: str, settings) -> ScriptedConnector:
+        used.append(settings.company_domain)
+        wrong = settings.company_domain == "wrong"
+        return ScriptedConnector(Directory(users=people(3), fail_after_pages=0 if wrong else None))
+
+    h = harness({"nightly": YEARLY})
+    path = tmp_path / "dirpull.toml"
+    _write_config(path, h.config.store.url, {"nightly": {**YEARLY, "company_domain": "wrong"}})
+    daemon = Daemon(load_config(path, isolate_tenants=True), h.store, backoff_base=600.0, connector_factory=connector)
+    daemon.start()  # never ran: its catch-up fire is now
+    try:
+        assert wait_for(lambda: daemon.failures == {"nightly": 1})
+        _write_config(path, h.config.store.url, {"nightly": YEARLY})
+        daemon.reload()
+        assert wait_for(lambda: h.store.has_succeeded("nightly"), timeout=10)
+    finally:
+        daemon.shutdown()
+    assert used == ["wrong", "acme"] and len(h.users("nightly")) == 3
+    assert daemon.scheduler.get_job("nightly (retry)") is None

@@ -430,6 +430,14 @@ class Daemon:
                 self.failures.pop(name, None)
                 self.retry_at.pop(name, None)
                 self._generation[name] = self._generation.get(name, 0) + 1
+            for name in changed:
+                # Nor does the retry of its failed run, pending at the end of that back-off (up to an
+                # hour): for a cron tenant it is the next fire, the regular one a day away. Soon, as
+                # a restarted worker fires a cron tenant whose last run failed.
+                job = self.scheduler.get_job(_retry_id(name))
+                soon = datetime.now(UTC) + timedelta(seconds=first_fire_delay(new.schedule_of(name)))
+                if job is not None and job.kwargs.get("after_failure") and (job.next_run_time or soon) > soon:
+                    job.modify(next_run_time=soon)
             for name in rescheduled:
                 self.scheduler.reschedule_job(name, trigger=trigger_for(new.schedule_of(name)))
                 log.info("rescheduled tenant %s (%s) every %s", name, new.tenants[name].provider, new.schedule_of(name))

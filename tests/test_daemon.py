@@ -848,3 +848,42 @@ def test_a_reload_that_fixes_a_backing_off_cron_tenant_tries_it_soon_not_after_t
         daemon.shutdown()
     assert used == ["wrong", "acme"] and len(h.users("nightly")) == 3
     assert daemon.scheduler.get_job("nightly (retry)") is None
+
+
+def test_a_tenant_removed_by_a_reload_as_its_run_fails_keeps_no_retry(harness, tmp_path, no_jitter):
+    """The retry of a failed run was added after the fire let go of the daemon's lock: a reload
+    (SIGHUP) that removed the tenant in between found no retry to remove, and one was left pending
+    for a tenant no longer configured (fired later, or synced it again if the name came back)."""
+    from dirpull.config import load_config
+
+    tenants = {"good": {**TENANTS["good"], "schedule": "1h"}, "gone": YEARLY}
+    dirs = {"good": Directory(users=people(3)), "gone": Directory(users=people(3), fail_after_pages=0)}
+    h = harness(tenants)
+    path = tmp_path / "dirpull.toml"
+    _write_config(path, h.config.store.url, tenants)
+    daemon = Daemon(
+        load_config(path, isolate_tenants=True), h.store, backoff_base=600.0,
+        connector_factory=lambda t, s: ScriptedConnector(dirs[t]),
+    )  # fmt: skip
+    failing, reloaded = threading.Event(), threading.Event()
+    retry_failed = daemon._retry_failed
+
+    def late(*args, **kwargs) -> None:  # the SIGHUP lands just as the failed run is being retried
+        failing.set()
+        reloaded.wait(1.0)
+        retry_failed(*args, **kwargs)
+
+    daemon._retry_failed = late
+    daemon.start()
+    try:
+        assert failing.wait(10)
+        _write_config(path, h.config.store.url, {"good": tenants["good"]})
+        daemon.reload()
+        reloaded.set()
+        assert wait_for(lambda: any(r.tenant == "gone" for r in daemon.results))
+        time.sleep(0.2)
+        assert daemon.scheduler.get_job("gone (retry)") is None
+        assert "gone" not in daemon.failures and "gone" not in daemon.retry_at
+    finally:
+        reloaded.set()
+        daemon.shutdown()

@@ -216,7 +216,7 @@ class Daemon:
             if result.status == "skipped" and result.lease_held:
                 # The lease is held. The holder may be a `dirpull sync --dry-run`, which applies
                 # nothing, or a run that fails: waiting for the next fire could cost a whole
-                # interval (a day for a nightly cron), so try again (below, outside this lock).
+                # interval (a day for a nightly cron), so try again (below).
                 held = True
             elif result.status == "skipped":  # another worker synced it this interval: not a failure
                 log.debug("tenant %s: %s", tenant, result.error)
@@ -241,12 +241,14 @@ class Daemon:
             elif result.status in ("succeeded", "held"):
                 self.failures.pop(tenant, None)
                 self.retry_at.pop(tenant, None)
-        if held and self._scheduled(tenant):
-            self._retry_held(tenant, attempt, result, due_after)
-        elif backoff is not None:
-            self._retry_failed(tenant, result, *backoff)
-        elif retry_soon is not None:
-            self._retry_failed(tenant, result, 0, retry_soon)
+            # Under the lock: a reload that unschedules the tenant (removes its jobs) comes before
+            # the retry is added, and so sees it, or after, and this fire sees it unscheduled.
+            if held and self._scheduled(tenant):
+                self._retry_held(tenant, attempt, result, due_after)
+            elif backoff is not None:
+                self._retry_failed(tenant, result, *backoff)
+            elif retry_soon is not None:
+                self._retry_failed(tenant, result, 0, retry_soon)
         return result
 
     def _retry_failed(self, tenant: str, result: RunResult, n: int, delay: float) -> None:

@@ -887,3 +887,29 @@ def test_a_tenant_removed_by_a_reload_as_its_run_fails_keeps_no_retry(harness, t
     finally:
         reloaded.set()
         daemon.shutdown()
+
+
+def test_a_tenant_put_on_a_cron_schedule_by_a_reload_before_it_ever_synced_still_syncs_soon(
+    harness, tmp_path, monkeypatch
+):
+    """A tenant added on "1h", its first fire still a few seconds away, is moved to a nightly
+    cron by a reload: it waited for the cron time, where a restart (or adding it on the cron
+    schedule) syncs a cron tenant that never synced at once."""
+    import dirpull.sync.daemon as daemon_module
+    from dirpull.config import load_config
+
+    monkeypatch.setattr(daemon_module, "first_fire_delay", lambda schedule: 5.0)
+    h = harness({"x": {**TENANTS["good"], "schedule": "1h"}})
+    path = tmp_path / "dirpull.toml"
+    _write_config(path, h.config.store.url, {"x": {**TENANTS["good"], "schedule": "1h"}})
+    daemon = Daemon(load_config(path, isolate_tenants=True), h.store,
+                    connector_factory=lambda t, s: ScriptedConnector(Directory(users=people(1))))  # fmt: skip
+    daemon.scheduler.start = functools.partial(daemon.scheduler.start, paused=True)  # run none
+    daemon.start()
+    try:
+        _write_config(path, h.config.store.url, {"x": YEARLY})
+        daemon.reload()
+        first = daemon.scheduler.get_job("x").next_run_time - datetime.now(UTC)
+    finally:
+        daemon.shutdown()
+    assert first < timedelta(seconds=6), first

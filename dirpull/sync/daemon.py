@@ -443,14 +443,22 @@ class Daemon:
             for name in rescheduled:
                 self.scheduler.reschedule_job(name, trigger=trigger_for(new.schedule_of(name)))
                 log.info("rescheduled tenant %s (%s) every %s", name, new.tenants[name].provider, new.schedule_of(name))
-        if added:
+        if added or rescheduled:
             now = datetime.now(UTC)
-            seen = self._last_seen(added)
-            missed = self._missed_cron_fires(added, now)
+            seen = self._last_seen(added) if added else {}
+            # A tenant put on a cron schedule catches up as at start too: one that never synced (its
+            # first fire on the old schedule had not come yet) or whose last run failed waited for
+            # the new cron time (02:00), where a restart syncs it at once.
+            missed = self._missed_cron_fires([*added, *rescheduled], now)
             with self._lock:
                 self._seen_run.update(seen)
                 for name in added:
                     self._add_job(name, now, missed)
+                for name in rescheduled:
+                    job = self.scheduler.get_job(name)
+                    soon = now + timedelta(seconds=first_fire_delay(new.schedule_of(name)))
+                    if name in missed and job is not None and (job.next_run_time or soon) > soon:
+                        job.modify(next_run_time=soon)
 
         def why(name: str) -> str:
             if name in new.broken:

@@ -913,3 +913,41 @@ def test_a_tenant_put_on_a_cron_schedule_by_a_reload_before_it_ever_synced_still
     finally:
         daemon.shutdown()
     assert first < timedelta(seconds=6), first
+
+
+def test_a_reload_landing_as_a_fire_starts_its_sync_neither_fails_it_nor_swaps_its_settings(
+    harness, caplog, tmp_path, no_jitter
+):
+    """The fire checked the tenant against the configuration, then the runner read it again: a
+    SIGHUP in between that removed the tenant made the run an ERROR ("sync could not run: unknown
+    tenant"), and one that changed it ran the new settings as if they were the old ones (a failure
+    of the fix then counted against nothing and was put down to the replaced settings)."""
+    from dirpull.config import load_config
+
+    caplog.set_level("WARNING", logger="dirpull.daemon")
+    tenants = {"good": {**TENANTS["good"], "schedule": "1h"}, "gone": {**TENANTS["good"], "schedule": "1h"}}
+    used: list[tuple[str, str]] = []
+
+    def connector(tenant: str, settings) -> ScriptedConnector:
+        used.append((tenant, settings.company_domain))
+        return ScriptedConnector(Directory(users=people(3)))
+
+    h = harness(tenants)
+    path = tmp_path / "dirpull.toml"
+    _write_config(path, h.config.store.url, {"gone": tenants["gone"]})
+    daemon = Daemon(load_config(path, isolate_tenants=True), h.store, connector_factory=connector)
+    sync = daemon.runner.sync
+
+    def racing(tenant: str, **kwargs):  # the SIGHUP lands as the fire hands the tenant to the runner
+        _write_config(path, h.config.store.url, {"good": tenants["good"]})
+        daemon.reload()
+        return sync(tenant, **kwargs)
+
+    daemon.runner.sync = racing
+    try:
+        result = daemon.fire("gone")
+    finally:
+        daemon.shutdown()
+    assert result is not None and result.status == "succeeded", result.error  # a run already under way
+    assert used == [("gone", "acme")] and len(h.users("gone")) == 3
+    assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []

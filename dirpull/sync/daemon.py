@@ -166,8 +166,11 @@ class Daemon:
                 return None
             self._busy.add(tenant)
             generation = self._generation.get(tenant, 0)
+            # The configuration this fire was checked against: a reload right after this lock is
+            # let go must not hand the run settings its generation does not know, or none at all.
+            config = self.config
         try:
-            return self._fire(tenant, attempt, due_after, after_failure, generation)
+            return self._fire(tenant, attempt, due_after, after_failure, generation, config)
         finally:
             with self._lock:
                 self._busy.discard(tenant)
@@ -177,7 +180,13 @@ class Daemon:
         return settings is not None and settings.enabled
 
     def _fire(
-        self, tenant: str, attempt: int, due_after: int | None, after_failure: bool, generation: int = 0
+        self,
+        tenant: str,
+        attempt: int,
+        due_after: int | None,
+        after_failure: bool,
+        generation: int = 0,
+        config: Config | None = None,
     ) -> RunResult | None:
         wait_until = self.retry_at.get(tenant, 0.0)
         # The retry of a failed run is the backed-off attempt (it may fire a moment before
@@ -196,7 +205,7 @@ class Daemon:
             # So does the retry of a failed run: if another worker synced the tenant since, it skips.
             if attempt == 0:
                 due_after = self._seen_run.get(tenant)
-            result = self.runner.sync(tenant, trigger="schedule", due_after=due_after)
+            result = self.runner.sync(tenant, trigger="schedule", due_after=due_after, config=config)
         except Exception as exc:  # store unreachable, bad tenant config: keep the daemon alive
             log.error("tenant %s: sync could not run: %s", tenant, exc)
             result = RunResult(tenant, "failed", "-", error=str(exc))

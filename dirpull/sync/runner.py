@@ -148,13 +148,15 @@ class Runner:
         wait: float = 0.0,
         progress: Progress | None = None,
         due_after: int | None = None,
+        config: Config | None = None,
     ) -> RunResult:
         """`due_after`: for a scheduled fire, the tenant's newest run id at this worker's previous
         fire. If another worker has since begun a scheduled run of the tenant and brought it to an
-        end, this interval's sync is done: skipped."""
+        end, this interval's sync is done: skipped. `config`: the configuration to use instead of
+        `self.config` (the daemon's fire passes the one it checked the tenant against)."""
         # The configuration as this sync starts: the daemon's reload (SIGHUP) replaces
         # `self.config`, and a sync under way goes on with the settings it started with.
-        config = self.config
+        config = config or self.config
         settings = config.tenant(tenant)
         lease_ttl = parse_duration(config.defaults.lease_ttl)
         self.store.ensure_tenant(tenant, settings.provider)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -77,14 +78,20 @@ def test_shutdown_interrupts_a_running_sync_and_applies_nothing(harness):
     assert run["status"] == "failed" and "interrupted" in run["error"]
 
 
-def test_run_forever_returns_after_max_seconds(harness):
+def test_run_forever_returns_after_max_seconds(harness, caplog):
+    """And says why it stops and, last, that it has stopped: a log that ended at "stopping" could
+    be a process killed while it waited for its syncs."""
     d = Directory(users=people(2))
     h = harness({"good": TENANTS["good"]})
     daemon = Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(d))
     t0 = time.monotonic()
-    daemon.run_forever(max_seconds=1.5)
+    with caplog.at_level(logging.INFO, logger="dirpull.daemon"):
+        daemon.run_forever(max_seconds=1.5)
     assert time.monotonic() - t0 < 10
     assert d.pulls >= 1 and not daemon.scheduler.running
+    mine = [r.getMessage() for r in caplog.records if r.name == "dirpull.daemon"]
+    assert mine[-1] == "stopped"
+    assert any(m.startswith("stopping (--max-seconds 1.5 reached): waiting") for m in mine)
 
 
 def test_a_cron_tenant_waits_for_its_time_on_restart_unless_it_missed_one(harness):

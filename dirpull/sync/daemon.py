@@ -533,6 +533,7 @@ class Daemon:
         # A second signal while the running syncs are awaited exits at once (signals.py).
         with stop_on_signals(until or threading.Event(), force_exit=True) as stop, _hangups() as hangup:
             self.start()
+            why = "asked to stop"
             try:
                 deadline = None if max_seconds is None else time.monotonic() + max_seconds
                 while not stop.wait(0.5):
@@ -544,12 +545,17 @@ class Daemon:
                         except Exception as exc:  # a reload never stops the daemon and its syncs
                             log.error("configuration reload failed, the daemon goes on: %s", exc)
                     if deadline is not None and time.monotonic() >= deadline:
+                        why = f"--max-seconds {max_seconds:g} reached"
                         break
             finally:
                 log.info(
-                    "stopping: waiting for running syncs to finish or abort (a second SIGTERM or Ctrl-C exits at once)"
-                )
+                    "stopping (%s): waiting for running syncs to finish or abort (a second SIGTERM or "
+                    "Ctrl-C exits at once)", why,
+                )  # fmt: skip
                 self.shutdown(wait=True)
+            # The last line of a daemon's log says it ended cleanly: without it, a log that stops
+            # after "stopping" could be a process killed while it waited for its syncs.
+            log.info("stopped")
 
 
 def _retry_id(tenant: str) -> str:

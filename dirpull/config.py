@@ -10,13 +10,14 @@ one `[tenants.X]` table makes only that tenant broken (`Config.broken`), not the
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import tomllib
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     AfterValidator,
@@ -573,6 +574,14 @@ TenantSettings = Annotated[
     Field(discriminator="provider"),
 ]
 
+_TENANT_MODELS: dict[str, type[TenantBase]] = {
+    "bamboohr": BambooHRTenant,
+    "entra_id": EntraTenant,
+    "google_workspace": GoogleTenant,
+    "okta": OktaTenant,
+    "workday": WorkdayTenant,
+}
+
 _TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
@@ -672,12 +681,41 @@ def _error_lines(path: Path, errors: Any, *, url_from_env: bool = False) -> list
             msg = f"provider is missing; use one of: {', '.join(PROVIDERS)}"
         elif err["type"] == "extra_forbidden":
             msg = "unknown key"
+            if match := _closest(str(err["loc"][-1]), _known_keys(err["loc"])):
+                msg += f"; did you mean {match}?"
         elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
             msg = f"must be a table ([{where}])"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         lines.append(f"{path}: {where}: {msg}")
     return lines
+
+
+def _closest(key: str, known: list[str]) -> str | None:
+    """The known key `key` is most likely a misspelling of, or None (only keys are ever shown)."""
+    return next(iter(difflib.get_close_matches(key, known, n=1, cutoff=0.8)), None)
+
+
+def _known_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the table holding `loc`'s last key may have: its model's fields (a tenant's are its
+    provider's, the discriminated union's tag being `loc[2]`). Empty when that is not known."""
+    model: Any = Config
+    parts = list(loc[:-1])
+    if parts[:1] == ["tenants"]:
+        if len(parts) < 3 or parts[2] not in _TENANT_MODELS:
+            return []
+        model, parts = _TENANT_MODELS[parts[2]], parts[3:]
+    for part in parts:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        # `TenantGuard | None` → TenantGuard; a dict or a list has no known keys.
+        model = next((a for a in get_args(field.annotation) or (field.annotation,)
+                      if isinstance(a, type) and issubclass(a, BaseModel)), None)  # fmt: skip
+        if model is None:
+            return []
+    # `path` is not a key of the file: parse_config sets it.
+    return [name for name, f in model.model_fields.items() if not f.exclude]
 
 
 def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:

@@ -81,7 +81,7 @@ def test_a_tenants_partial_guard_takes_its_other_keys_from_defaults_guard(tmp_pa
         f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.guard.max_percent: Input should be less than or equal to 100"
     )
     msg = error_of(tmp_path, GOOD + "[tenants.acme-hr.guard]\nmin_cout = 5\n")
-    assert msg == f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.guard.min_cout: unknown key"
+    assert msg == f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.guard.min_cout: unknown key; did you mean min_count?"
 
 
 def test_file_secret_relative_to_config(tmp_path):
@@ -121,6 +121,30 @@ def test_mistakes_name_the_key(tmp_path, monkeypatch, change, expected):
     msg = error_of(tmp_path, GOOD.replace(*change))
     assert expected in msg
     assert "Traceback" not in msg
+
+
+def test_a_misspelt_key_is_reported_with_the_key_it_is_close_to(tmp_path, monkeypatch):
+    """Before, `shedule` or `api_tokn` was only "unknown key": the operator had to find which of
+    the documented keys was meant. Only keys are shown, never a value."""
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    text = GOOD.replace("[store]", 'stor = 1\n[store]').replace('url = "sqlite', 'pool_sise = 2\nurl = "sqlite')
+    text = text.replace("[defaults]", '[defaults]\nlease_tl = "30s"')
+    text = text.replace("[tenants.acme-hr]", "[defaults.guard]\nmax_percnt = 5\n[tenants.acme-hr]")
+    text = text.replace('schedule = "cron', 'shedule = "cron')
+    text = text.replace("company_domain", 'colour = "blue"\ncompany_domain')
+    text += '[tenants.ok]\nprovider = "okta"\norg_url = "https://acme.okta.com"\napi_tokn = "s3cret-token"\n'
+    f = tmp_path / "dirpull.toml"
+    msg = error_of(tmp_path, text)
+    assert "s3cret" not in msg
+    assert msg.splitlines() == [
+        f"{f}: store.pool_sise: unknown key; did you mean pool_size?",
+        f"{f}: defaults.guard.max_percnt: unknown key; did you mean max_percent?",
+        f"{f}: defaults.lease_tl: unknown key; did you mean lease_ttl?",
+        f"{f}: tenants.acme-hr.colour: unknown key",  # nothing close: as before
+        f"{f}: tenants.acme-hr.shedule: unknown key; did you mean schedule?",
+        f"{f}: tenants.ok.api_tokn: unknown key; did you mean api_token?",
+        f"{f}: stor: unknown key; did you mean store?",
+    ]
 
 
 def test_an_unknown_workday_field_name_fails_the_load_naming_the_key(tmp_path):

@@ -679,6 +679,10 @@ def _error_lines(path: Path, errors: Any, *, url_from_env: bool = False) -> list
             msg = f"unknown provider; use one of: {', '.join(PROVIDERS)}"
         elif err["type"] == "union_tag_not_found":
             msg = f"provider is missing; use one of: {', '.join(PROVIDERS)}"
+            # The union fails before the table's keys are checked: `providr` is reported nowhere else.
+            keys = [k for k in err["input"] if isinstance(k, str)] if isinstance(err["input"], dict) else []
+            if typo := _closest("provider", keys):
+                msg = f"provider is missing (is {typo!r} a misspelling of it?); use one of: {', '.join(PROVIDERS)}"
         elif err["type"] == "extra_forbidden":
             msg = "unknown key"
             if match := _closest(str(err["loc"][-1]), _known_keys(err["loc"])):

@@ -147,6 +147,23 @@ def test_a_misspelt_key_is_reported_with_the_key_it_is_close_to(tmp_path, monkey
     ]
 
 
+def test_a_misspelt_provider_key_is_named_beside_provider_is_missing(tmp_path):
+    """Before, `providr = "okta"` gave only "provider is missing": the line with the typo is
+    not reported otherwise, as the table's keys are not checked without a provider."""
+    table = '[tenants.ok]\nprovidr = "okta"\norg_url = "https://acme.okta.com"\napi_token = "s3cret-token"\n'
+    msg = error_of(tmp_path, table)
+    assert msg == (
+        f"{tmp_path / 'dirpull.toml'}: tenants.ok: provider is missing (is 'providr' a misspelling of it?); "
+        "use one of: entra_id, google_workspace, okta, workday, bamboohr"
+    )
+    # No key close to it: as before.
+    msg = error_of(tmp_path, table.replace("providr", "vendor"))
+    assert msg == (
+        f"{tmp_path / 'dirpull.toml'}: tenants.ok: provider is missing; "
+        "use one of: entra_id, google_workspace, okta, workday, bamboohr"
+    )
+
+
 def test_an_unknown_workday_field_name_fails_the_load_naming_the_key(tmp_path):
     """Before, `fields.emial` loaded and every run of the tenant failed instead."""
     table = """

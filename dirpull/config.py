@@ -676,7 +676,9 @@ def _error_lines(path: Path, errors: Any, *, url_from_env: bool = False) -> list
             where = "store.url (from $DIRPULL_STORE_URL)"
         msg = err["msg"]
         if err["type"] == "union_tag_invalid":
-            msg = f"unknown provider; use one of: {', '.join(PROVIDERS)}"
+            # The value given (never a secret), as the TOML has it: "okta " or "Okta" is then seen.
+            given = err["input"].get("provider") if isinstance(err["input"], dict) else None
+            msg = f"unknown provider {given!r}; use one of: {', '.join(PROVIDERS)}"
         elif err["type"] == "union_tag_not_found":
             msg = f"provider is missing; use one of: {', '.join(PROVIDERS)}"
             # The union fails before the table's keys are checked: `providr` is reported nowhere else.

@@ -1035,7 +1035,8 @@ def _break_tenants(env: dict, *, schedule: str | None = None) -> tuple[Path, dic
             f"{config}: tenants.other.colour: unknown key",
         ],
         "gone": [
-            f"{config}: tenants.gone: unknown provider; use one of: entra_id, google_workspace, okta, workday, bamboohr"
+            f"{config}: tenants.gone: unknown provider 'ldap'; "
+            "use one of: entra_id, google_workspace, okta, workday, bamboohr"
         ],
         "g": [
             f"{config}: tenants.g.credentials_file: must be file:PATH (the key's file), env:NAME or the JSON key "

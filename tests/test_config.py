@@ -105,7 +105,7 @@ def test_a_malformed_secret_reference_fails_the_load(tmp_path, value, problem):
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
-        (('provider = "bamboohr"', 'provider = "ldap"'), "tenants.acme-hr: unknown provider"),
+        (('provider = "bamboohr"', 'provider = "ldap"'), "tenants.acme-hr: unknown provider 'ldap'; use"),
         (('company_domain = "acme"', ""), "tenants.acme-hr.company_domain: Field required"),
         (('schedule = "15m"', 'schedule = "often"'), "defaults.schedule: 'often' is not a duration"),
         (('schedule = "cron: */5 * * * *"', 'schedule = "cron: 99 * * * *"'), "tenants.acme-hr.schedule: bad cron"),
@@ -160,6 +160,16 @@ def test_a_misspelt_provider_key_is_named_beside_provider_is_missing(tmp_path):
     msg = error_of(tmp_path, table.replace("providr", "vendor"))
     assert msg == (
         f"{tmp_path / 'dirpull.toml'}: tenants.ok: provider is missing; "
+        "use one of: entra_id, google_workspace, okta, workday, bamboohr"
+    )
+
+
+@pytest.mark.parametrize(("value", "shown"), [('"okta "', "'okta '"), ('"Okta"', "'Okta'"), ("5", "5")])
+def test_an_unknown_provider_is_quoted_as_given(tmp_path, value, shown):
+    """Before, "unknown provider" did not say which: a trailing space or a capital was not seen."""
+    msg = error_of(tmp_path, f'[tenants.ok]\nprovider = {value}\norg_url = "https://acme.okta.com"\n')
+    assert msg == (
+        f"{tmp_path / 'dirpull.toml'}: tenants.ok: unknown provider {shown}; "
         "use one of: entra_id, google_workspace, okta, workday, bamboohr"
     )
 

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from scripted import Directory, ScriptedConnector, factory, people
@@ -66,6 +67,19 @@ def stop_mid_run(daemon: Daemon, d: Directory, gate: threading.Event) -> threadi
     return stopper
 
 
+def first_fires(h: Any, d: Directory) -> dict[str, timedelta]:
+    """How long after a new worker's start it first fires each tenant (it is stopped at once,
+    having run none)."""
+    daemon = Daemon(h.config, h.store, connector_factory=factory(d))
+    daemon.scheduler.start = functools.partial(daemon.scheduler.start, paused=True)
+    started = datetime.now(UTC)
+    daemon.start()
+    try:
+        return {job.id: job.next_run_time - started for job in daemon.scheduler.get_jobs()}
+    finally:
+        daemon.shutdown()
+
+
 def test_shutdown_interrupts_a_running_sync_and_applies_nothing(harness):
     gate = threading.Event()
     d = Directory(users=people(50), gate=gate)
@@ -109,28 +123,17 @@ def test_a_cron_tenant_waits_for_its_time_on_restart_unless_it_missed_one(harnes
     d = Directory(users=people(2))
     h = harness(tenants, connector_factory=lambda t, s: ScriptedConnector(d))
 
-    def first_fires() -> dict[str, timedelta]:
-        """How long after the daemon's start each tenant first fires (the daemon is stopped at once)."""
-        daemon = Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(d))
-        daemon.scheduler.start = functools.partial(daemon.scheduler.start, paused=True)  # run none
-        started = datetime.now(UTC)
-        daemon.start()
-        try:
-            return {name: daemon.scheduler.get_job(name).next_run_time - started for name in tenants}
-        finally:
-            daemon.shutdown()
-
     soon = timedelta(seconds=11)
-    assert all(wait <= soon for wait in first_fires().values())  # never synced: both at once
+    assert all(wait <= soon for wait in first_fires(h, d).values())  # never synced: both at once
 
     h.sync("nightly", trigger="schedule")  # it ran after its last cron time
-    fires = first_fires()
+    fires = first_fires(h, d)
     assert fires["nightly"] > timedelta(days=1) and fires["often"] <= soon
     assert datetime.now(UTC) + fires["nightly"] - next_fire(yearly, None) < soon
 
     with h.store.engine.begin() as conn:  # its last run was before the last cron time: missed
         conn.execute(sa.update(schema.runs).values(started_at=datetime(2020, 5, 1, tzinfo=UTC)))
-    assert first_fires()["nightly"] <= soon
+    assert first_fires(h, d)["nightly"] <= soon
 
 
 def test_a_worker_started_after_a_failed_cron_run_tries_it_again_soon(harness):
@@ -141,22 +144,11 @@ def test_a_worker_started_after_a_failed_cron_run_tries_it_again_soon(harness):
     d = Directory(users=people(2), fail_after_pages=0)
     h = harness({"nightly": {**TENANTS["good"], "schedule": yearly}}, connector_factory=factory(d))
 
-    def first_fire() -> float:
-        """Seconds from a new worker's start to its first fire of the tenant (none is run)."""
-        daemon = Daemon(h.config, h.store, connector_factory=factory(d))
-        daemon.scheduler.start = functools.partial(daemon.scheduler.start, paused=True)
-        started = datetime.now(UTC)
-        daemon.start()
-        try:
-            return (daemon.scheduler.get_job("nightly").next_run_time - started).total_seconds()
-        finally:
-            daemon.shutdown()
-
     assert h.sync("nightly", trigger="schedule").status == "failed"  # after the last cron time
-    assert first_fire() < 11
+    assert first_fires(h, d)["nightly"].total_seconds() < 11
     d.fail_after_pages = None
     assert h.sync("nightly", trigger="schedule").status == "succeeded"
-    assert first_fire() > 86400
+    assert first_fires(h, d)["nightly"].total_seconds() > 86400
 
 
 def test_a_cron_run_cut_off_by_a_restart_is_caught_up_when_the_worker_starts_again(harness, monkeypatch):
@@ -181,25 +173,14 @@ def test_a_cron_run_cut_off_by_a_restart_is_caught_up_when_the_worker_starts_aga
     [cut] = h.store.runs("nightly")
     assert cut["status"] == "failed" and cut["error"].startswith("interrupted: the worker is stopping")
 
-    def first_fire() -> float:
-        """Seconds from a new worker's start to its first fire of the tenant (none is run)."""
-        again = Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(d))
-        again.scheduler.start = functools.partial(again.scheduler.start, paused=True)
-        started = datetime.now(UTC)
-        again.start()
-        try:
-            return (again.scheduler.get_job("nightly").next_run_time - started).total_seconds()
-        finally:
-            again.shutdown()
-
-    assert first_fire() < 5
+    assert first_fires(h, d)["nightly"].total_seconds() < 5
     with h.store.engine.begin() as conn:  # as left by a worker killed mid-run
         conn.execute(sa.update(schema.runs).values(status="running", error=None, finished_at=None))
-    assert first_fire() < 5
+    assert first_fires(h, d)["nightly"].total_seconds() < 5
     d.gate = None
     result = h.sync("nightly", trigger="schedule")
     assert result.status == "succeeded", result.error  # a run that ended: no catch-up
-    assert first_fire() > 86400
+    assert first_fires(h, d)["nightly"].total_seconds() > 86400
 
 
 def test_a_fire_that_waited_behind_long_syncs_still_runs(harness, monkeypatch):

@@ -7,6 +7,7 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -676,6 +677,20 @@ def _write_config(path, store_url: str, tenants: dict[str, dict]) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def _daemon_on_file(h: Any, tmp_path: Path, tenants: dict[str, dict], **kwargs: Any) -> tuple[Daemon, Any]:
+    """A daemon on a configuration file holding `tenants`, as `dirpull run` loads it, and the
+    function that rewrites that file (before a `reload()`, as an operator before SIGHUP)."""
+    from dirpull.config import load_config
+
+    path = tmp_path / "dirpull.toml"
+
+    def rewrite(tables: dict[str, dict]) -> None:
+        _write_config(path, h.config.store.url, tables)
+
+    rewrite(tenants)
+    return Daemon(load_config(path, isolate_tenants=True), h.store, **kwargs), rewrite
+
+
 def test_a_reload_gives_a_tenant_its_new_settings_at_its_next_sync_and_ends_its_back_off(
     harness, caplog, tmp_path, no_jitter
 ):
@@ -683,8 +698,6 @@ def test_a_reload_gives_a_tenant_its_new_settings_at_its_next_sync_and_ends_its_
     its sync under way goes on with those it started with; a tenant backing off after failures is
     tried again at its next fire once its settings changed (the change may be the fix), not after
     the back-off (an hour, after a few failures)."""
-    from dirpull.config import load_config
-
     caplog.set_level("INFO", logger="dirpull.daemon")
     gate = threading.Event()
     dirs = {"good": Directory(users=people(20), gate=gate), "bad": Directory(users=people(3))}
@@ -697,15 +710,12 @@ def test_a_reload_gives_a_tenant_its_new_settings_at_its_next_sync_and_ends_its_
 
     tenants = {"good": TENANTS["good"], "bad": {**TENANTS["bad"], "company_domain": "wrong"}}
     h = harness(tenants)
-    path = tmp_path / "dirpull.toml"
-    _write_config(path, h.config.store.url, tenants)
-    daemon = Daemon(load_config(path, isolate_tenants=True), h.store, backoff_base=600.0, connector_factory=connector)
+    daemon, rewrite = _daemon_on_file(h, tmp_path, tenants, backoff_base=600.0, connector_factory=connector)
     daemon.start()
     try:
         assert dirs["good"].entered.wait(10)  # good's first sync, held inside its pull
         assert wait_for(lambda: daemon.failures == {"bad": 1})
-        _write_config(path, h.config.store.url, {"good": {**TENANTS["good"], "company_domain": "acme2"},
-                                                 "bad": TENANTS["bad"]})  # fmt: skip
+        rewrite({"good": {**TENANTS["good"], "company_domain": "acme2"}, "bad": TENANTS["bad"]})
         daemon.reload()
         gate.set()
         assert wait_for(lambda: h.store.has_succeeded("bad"), timeout=10)  # at its next 1 s fire
@@ -727,8 +737,6 @@ def test_a_tenant_removed_by_a_reload_while_it_syncs_ends_that_sync_and_is_not_t
     """A removed tenant's sync under way is not cut off: one that succeeds applies (it failed, its
     guard looked up in the new configuration), one that fails is not retried after a back-off as
     it was when the tenant was still configured; no fire of either follows."""
-    from dirpull.config import load_config
-
     caplog.set_level("INFO", logger="dirpull.daemon")
     gate = threading.Event()
     dirs = {
@@ -738,16 +746,14 @@ def test_a_tenant_removed_by_a_reload_while_it_syncs_ends_that_sync_and_is_not_t
     }
     tenants = {**TENANTS, "gone": TENANTS["good"]}
     h = harness(tenants)
-    path = tmp_path / "dirpull.toml"
-    _write_config(path, h.config.store.url, tenants)
-    daemon = Daemon(
-        load_config(path, isolate_tenants=True), h.store, backoff_base=0.2,
-        connector_factory=lambda t, s: ScriptedConnector(dirs[t]),
-    )  # fmt: skip
+    daemon, rewrite = _daemon_on_file(
+        h, tmp_path, tenants,
+        backoff_base=0.2, connector_factory=lambda t, s: ScriptedConnector(dirs[t]),
+    )
     daemon.start()
     try:
         assert dirs["bad"].entered.wait(10) and dirs["gone"].entered.wait(10)  # their syncs are under way
-        _write_config(path, h.config.store.url, {"good": TENANTS["good"]})
+        rewrite({"good": TENANTS["good"]})
         daemon.reload()
         assert daemon.scheduler.get_job("bad") is None and daemon.scheduler.get_job("gone") is None
         gate.set()
@@ -771,8 +777,6 @@ def test_a_cron_run_that_fails_after_a_reload_changed_its_tenant_is_still_retrie
     """A nightly run failed while a SIGHUP changed the tenant's settings (here the fix of its
     wrong company_domain; it could be any key): the failure was put down to the old settings and
     not retried, "its next fire uses them", and for a cron tenant that fire is the next night's."""
-    from dirpull.config import load_config
-
     caplog.set_level("WARNING", logger="dirpull.daemon")
     gate = threading.Event()
     used: list[str] = []
@@ -784,14 +788,15 @@ def test_a_cron_run_that_fails_after_a_reload_changed_its_tenant_is_still_retrie
                                            fail_after_pages=1 if wrong else None))  # fmt: skip
 
     h = harness({"nightly": YEARLY})
-    path = tmp_path / "dirpull.toml"
-    _write_config(path, h.config.store.url, {"nightly": {**YEARLY, "company_domain": "wrong"}})
-    daemon = Daemon(load_config(path, isolate_tenants=True), h.store, backoff_base=0.2, connector_factory=connector)
+    daemon, rewrite = _daemon_on_file(
+        h, tmp_path, {"nightly": {**YEARLY, "company_domain": "wrong"}},
+        backoff_base=0.2, connector_factory=connector,
+    )
     daemon.start()  # never ran: its catch-up fire is now
     try:
         assert wait_for(lambda: used == ["wrong"])
         time.sleep(0.2)  # inside its pull
-        _write_config(path, h.config.store.url, {"nightly": YEARLY})
+        rewrite({"nightly": YEARLY})
         daemon.reload()
         gate.set()
         assert wait_for(lambda: h.store.has_succeeded("nightly"), timeout=10)
@@ -813,7 +818,6 @@ def test_a_reload_that_fixes_a_backing_off_cron_tenant_tries_it_soon_not_after_t
     """A nightly tenant failing on a mistake in its settings backs off (up to an hour between
     tries). The operator fixes the table and reloads: the back-off was reset, but the retry stayed
     where the back-off had put it, so the fixed tenant waited up to an hour; a restart syncs it at once."""
-    from dirpull.config import load_config
 
     used: list[str] = []
 
@@ -823,13 +827,14 @@ def test_a_reload_that_fixes_a_backing_off_cron_tenant_tries_it_soon_not_after_t
         return ScriptedConnector(Directory(users=people(3), fail_after_pages=0 if wrong else None))
 
     h = harness({"nightly": YEARLY})
-    path = tmp_path / "dirpull.toml"
-    _write_config(path, h.config.store.url, {"nightly": {**YEARLY, "company_domain": "wrong"}})
-    daemon = Daemon(load_config(path, isolate_tenants=True), h.store, backoff_base=600.0, connector_factory=connector)
+    daemon, rewrite = _daemon_on_file(
+        h, tmp_path, {"nightly": {**YEARLY, "company_domain": "wrong"}},
+        backoff_base=600.0, connector_factory=connector,
+    )
     daemon.start()  # never ran: its catch-up fire is now
     try:
         assert wait_for(lambda: daemon.failures == {"nightly": 1})
-        _write_config(path, h.config.store.url, {"nightly": YEARLY})
+        rewrite({"nightly": YEARLY})
         daemon.reload()
         assert wait_for(lambda: h.store.has_succeeded("nightly"), timeout=10)
     finally:
@@ -842,17 +847,13 @@ def test_a_tenant_removed_by_a_reload_as_its_run_fails_keeps_no_retry(harness, t
     """The retry of a failed run was added after the fire let go of the daemon's lock: a reload
     (SIGHUP) that removed the tenant in between found no retry to remove, and one was left pending
     for a tenant no longer configured (fired later, or synced it again if the name came back)."""
-    from dirpull.config import load_config
-
     tenants = {"good": {**TENANTS["good"], "schedule": "1h"}, "gone": YEARLY}
     dirs = {"good": Directory(users=people(3)), "gone": Directory(users=people(3), fail_after_pages=0)}
     h = harness(tenants)
-    path = tmp_path / "dirpull.toml"
-    _write_config(path, h.config.store.url, tenants)
-    daemon = Daemon(
-        load_config(path, isolate_tenants=True), h.store, backoff_base=600.0,
-        connector_factory=lambda t, s: ScriptedConnector(dirs[t]),
-    )  # fmt: skip
+    daemon, rewrite = _daemon_on_file(
+        h, tmp_path, tenants,
+        backoff_base=600.0, connector_factory=lambda t, s: ScriptedConnector(dirs[t]),
+    )
     failing, reloaded = threading.Event(), threading.Event()
     retry_failed = daemon._retry_failed
 
@@ -865,7 +866,7 @@ def test_a_tenant_removed_by_a_reload_as_its_run_fails_keeps_no_retry(harness, t
     daemon.start()
     try:
         assert failing.wait(10)
-        _write_config(path, h.config.store.url, {"good": tenants["good"]})
+        rewrite({"good": tenants["good"]})
         daemon.reload()
         reloaded.set()
         assert wait_for(lambda: any(r.tenant == "gone" for r in daemon.results))
@@ -884,18 +885,17 @@ def test_a_tenant_put_on_a_cron_schedule_by_a_reload_before_it_ever_synced_still
     cron by a reload: it waited for the cron time, where a restart (or adding it on the cron
     schedule) syncs a cron tenant that never synced at once."""
     import dirpull.sync.daemon as daemon_module
-    from dirpull.config import load_config
 
     monkeypatch.setattr(daemon_module, "first_fire_delay", lambda schedule: 5.0)
     h = harness({"x": {**TENANTS["good"], "schedule": "1h"}})
-    path = tmp_path / "dirpull.toml"
-    _write_config(path, h.config.store.url, {"x": {**TENANTS["good"], "schedule": "1h"}})
-    daemon = Daemon(load_config(path, isolate_tenants=True), h.store,
-                    connector_factory=lambda t, s: ScriptedConnector(Directory(users=people(1))))  # fmt: skip
+    daemon, rewrite = _daemon_on_file(
+        h, tmp_path, {"x": {**TENANTS["good"], "schedule": "1h"}},
+        connector_factory=lambda t, s: ScriptedConnector(Directory(users=people(1))),
+    )
     daemon.scheduler.start = functools.partial(daemon.scheduler.start, paused=True)  # run none
     daemon.start()
     try:
-        _write_config(path, h.config.store.url, {"x": YEARLY})
+        rewrite({"x": YEARLY})
         daemon.reload()
         first = daemon.scheduler.get_job("x").next_run_time - datetime.now(UTC)
     finally:
@@ -910,8 +910,6 @@ def test_a_reload_landing_as_a_fire_starts_its_sync_neither_fails_it_nor_swaps_i
     SIGHUP in between that removed the tenant made the run an ERROR ("sync could not run: unknown
     tenant"), and one that changed it ran the new settings as if they were the old ones (a failure
     of the fix then counted against nothing and was put down to the replaced settings)."""
-    from dirpull.config import load_config
-
     caplog.set_level("WARNING", logger="dirpull.daemon")
     tenants = {"good": {**TENANTS["good"], "schedule": "1h"}, "gone": {**TENANTS["good"], "schedule": "1h"}}
     used: list[tuple[str, str]] = []
@@ -921,13 +919,11 @@ def test_a_reload_landing_as_a_fire_starts_its_sync_neither_fails_it_nor_swaps_i
         return ScriptedConnector(Directory(users=people(3)))
 
     h = harness(tenants)
-    path = tmp_path / "dirpull.toml"
-    _write_config(path, h.config.store.url, {"gone": tenants["gone"]})
-    daemon = Daemon(load_config(path, isolate_tenants=True), h.store, connector_factory=connector)
+    daemon, rewrite = _daemon_on_file(h, tmp_path, {"gone": tenants["gone"]}, connector_factory=connector)
     sync = daemon.runner.sync
 
     def racing(tenant: str, **kwargs):  # the SIGHUP lands as the fire hands the tenant to the runner
-        _write_config(path, h.config.store.url, {"good": tenants["good"]})
+        rewrite({"good": tenants["good"]})
         daemon.reload()
         return sync(tenant, **kwargs)
 

@@ -120,6 +120,56 @@ def test_cloud_picks_hosts_and_tokens_stay_on_the_graph_host(tmp_path: Path) -> 
         assert asyncio.run(provider.get_authorization_token(elsewhere)) == ""
 
 
+def test_graph_hosts_get_the_sdks_telemetry_headers_and_other_hosts_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK's telemetry headers (client-request-id for support cases, sdkVersion) go to Graph's
+    hosts only, as the SDK decides, though dirpull answers the host check itself (it is cheaper)."""
+    import asyncio
+    import functools
+    import time
+
+    import httpx
+    from msgraph_core.middleware import GraphTelemetryHandler
+
+    from dirpull.connectors.entra_id import _Session, _telemetry_handler_class
+
+    long_link = "https://graph.microsoft.com/v1.0/users/delta?$skiptoken=" + "aB3-_" * 200
+    urls = [long_link, "https://graph.microsoft.us/v1.0/groups", "https://dod-graph.microsoft.us/v1.0/users",
+            "https://microsoftgraph.chinacloudapi.cn/v1.0/users", "https://GRAPH.microsoft.com/beta/users",
+            "http://graph.microsoft.com/v1.0/users", "https://graph.microsoft.com:8443/v1.0/users",
+            "https://graph.microsoft.com.evil.example/v1.0/users", "http://127.0.0.1:8080/v1.0/users",
+            "http://[::1]:8080/v1.0/users"]  # fmt: skip
+    ours, sdks = _telemetry_handler_class()(), GraphTelemetryHandler()
+    assert [ours.is_graph_url(httpx.URL(u)) for u in urls] == [sdks.is_graph_url(httpx.URL(u)) for u in urls]
+
+    seen: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"value": []})
+
+    mocked = functools.partial(httpx.AsyncClient, transport=httpx.MockTransport(answer))
+    monkeypatch.setattr(httpx, "AsyncClient", mocked)
+    cfg = parse_config({"tenants": {"x": {"provider": "entra_id", "tenant_id": "t", "client_id": "c",
+                                          "client_secret": "s"}}}, tmp_path / "d.toml")  # fmt: skip
+
+    async def one_request(graph_url: str) -> httpx.Request:
+        session = _Session(cfg.tenants["x"], RetryPolicy(), "http://127.0.0.1:9", graph_url, "scope")  # type: ignore[arg-type]
+        session.auth._token, session.auth._expires = "token", time.time() + 3600
+        try:
+            await session.get(session.users_delta(["id"]), step="users delta")
+        finally:
+            await session.close()
+        return seen[-1]
+
+    to_graph = asyncio.run(one_request("https://graph.microsoft.com/v1.0"))
+    assert to_graph.headers["client-request-id"]
+    assert to_graph.headers["sdkVersion"].startswith("graph-python/")
+    to_loopback = asyncio.run(one_request("http://127.0.0.1:9/v1.0"))
+    assert "sdkVersion" not in to_loopback.headers and "client-request-id" not in to_loopback.headers
+
+
 @pytest.fixture
 def untrusted_tls(tmp_path: Path) -> Iterator[tuple[str, list[str]]]:
     """An HTTPS server on loopback with a self-signed certificate: its URL and the paths it served."""

@@ -326,6 +326,25 @@ def _tls_context() -> ssl.SSLContext:
     return httpx.create_ssl_context()
 
 
+@functools.cache
+def _telemetry_handler_class() -> type:
+    """The SDK's Graph telemetry handler with its Graph-host check answered from a set made once.
+    The SDK's own check builds that set and re-parses the request's URL with urllib3 — a Python
+    loop over every character — for each request, on the event-loop thread every page waits for:
+    ~0.2 ms a request on delta links of a few hundred characters (Graph's real ones are longer).
+    The headers it adds, and to which hosts, are the SDK's (tests/test_entra_id_connector.py checks both)."""
+    from msgraph_core import NationalClouds
+    from msgraph_core.middleware import GraphTelemetryHandler
+
+    endpoints = frozenset(cloud.value for cloud in NationalClouds)
+
+    class GraphOnlyTelemetryHandler(GraphTelemetryHandler):  # type: ignore[misc]
+        def is_graph_url(self, url: httpx.URL) -> bool:
+            return f"{url.scheme}://{url.netloc.decode('ascii')}" in endpoints
+
+    return GraphOnlyTelemetryHandler
+
+
 class _Session:
     """The SDK client, the token provider and the request counter of one pull (one event loop)."""
 
@@ -336,7 +355,6 @@ class _Session:
         from msgraph import GraphRequestAdapter, GraphServiceClient
         from msgraph.graph_request_adapter import options as graph_default_options
         from msgraph_core import GraphClientFactory
-        from msgraph_core.middleware import GraphTelemetryHandler
         from msgraph_core.middleware.options import GraphTelemetryHandlerOption
 
         self.policy = policy
@@ -350,7 +368,7 @@ class _Session:
         # sleeps for any Retry-After, uncapped: retries are ours), UrlReplaceHandler (/me paths)
         # and the two inspection handlers (hooks for callers that read raw headers and bodies).
         # They cost ~0.25 ms per request on the event-loop thread, which every page waits for.
-        telemetry = GraphTelemetryHandler(options=graph_default_options[GraphTelemetryHandlerOption.get_key()])
+        telemetry = _telemetry_handler_class()(options=graph_default_options[GraphTelemetryHandlerOption.get_key()])
         middleware = [RedirectHandler(), ParametersNameDecodingHandler(), UserAgentHandler(), telemetry]
         self._http = GraphClientFactory.create_with_custom_middleware(
             middleware, client=httpx.AsyncClient(timeout=timeout, verify=tls)

@@ -7,6 +7,7 @@ phase (all threads). The numbers in docs/benchmarks.md
 
     .venv/bin/python scripts/profile_sync.py --provider entra_id --users 100000 --groups 2000
     .venv/bin/python scripts/profile_sync.py --provider bamboohr --phase initial --py-spy prof.txt
+    .venv/bin/python scripts/profile_sync.py --provider entra_id --phase pull   # the connector alone
 
 `--py-spy FILE` needs py-spy (`.venv/bin/pip install py-spy`; not a test dependency): FILE gets the
 raw folded stacks, and the script prints the functions with the most samples.
@@ -25,6 +26,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,7 +36,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import bench  # noqa: E402
 
 from dirpull.config import load_config  # noqa: E402
+from dirpull.connectors import make_connector  # noqa: E402
+from dirpull.connectors.base import Done  # noqa: E402
 from dirpull.storage.store import Store  # noqa: E402
+from dirpull.sync.collector import fewer_collections  # noqa: E402
 from dirpull.sync.runner import Runner  # noqa: E402
 
 
@@ -85,15 +91,33 @@ def top_frames(raw: Path, n: int = 25) -> str:
     return "\n".join(lines)
 
 
+def pull_alone(config: Any) -> Any:
+    """The connector's pull, each page counted and dropped (`scripts/bench.py`'s "connector alone",
+    in this process): a sync's work without the diff and the store, under a sync's collector setting."""
+    connector = make_connector("t", config.tenant("t"))
+    users = groups = members = 0
+    status, requests = "no Done", 0
+    with fewer_collections():
+        for item in connector.pull(None, full=True):
+            if isinstance(item, Done):
+                status, requests = "succeeded", item.requests
+                break
+            users, groups = users + len(item.users), groups + len(item.groups)
+            members += sum(1 for _ in item.pairs())
+    counts = {"users": users, "groups": groups, "members": members, "rows_written": 0}
+    return SimpleNamespace(status=status, duration_s=0.0, requests=requests, counts=counts)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--provider", required=True, choices=bench.PROVIDERS)
     ap.add_argument("--users", type=int, default=100_000)
     ap.add_argument("--groups", type=int, default=2_000)
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--phase", choices=("initial", "full", "full_1pct", "incremental"), default="full",
+    ap.add_argument("--phase", choices=("initial", "full", "full_1pct", "incremental", "pull"), default="full",
                     help="what to measure (default: full; full_1pct: a full resync after changes to 1%% of the "
-                         "users; incremental: a run from the stored cursor, nothing changed)")
+                         "users; incremental: a run from the stored cursor, nothing changed; pull: the "
+                         "connector alone, every page read and dropped, no store)")
     ap.add_argument("--emulator-workers", type=int, default=None, metavar="N",
                     help="processes serving the emulator, where it can run several (default: the benchmark's)")
     ap.add_argument("--py-spy", type=Path, metavar="FILE", help="profile the phase with py-spy into FILE")
@@ -113,13 +137,17 @@ def main() -> int:
         ) as em:
             config_path = work / "dirpull.toml"
             bench.write_config(config_path, f"sqlite:///{work / 'store.db'}", "t", em.info["tenant"])
+            emulator_pids = [em.info["pid"], *em.info.get("worker_pids", [])]  # every worker's CPU counts
+            emu0, cpu0 = sum(map(cpu_seconds, emulator_pids)), time.process_time()
             fetch = bench.baseline_fetch(args.provider, em.info["tenant"], 1)
-            print(f"baseline fetch: {fetch['s']:.2f} s, {fetch['requests']} requests")
+            cpu, emu = time.process_time() - cpu0, sum(map(cpu_seconds, emulator_pids)) - emu0
+            print(f"baseline fetch: {fetch['s']:.2f} s, {fetch['requests']} requests; "
+                  f"CPU: this process {cpu:.2f} s, emulator {emu:.2f} s")
             config = load_config(str(config_path))
             store = Store(config.store.url)
             store.upgrade()
             runner = Runner(config, store)
-            if args.phase != "initial":
+            if args.phase not in ("initial", "pull"):
                 first = runner.sync("t")
                 print(f"initial (not measured): {first.status} in {first.duration_s:.2f} s")
             if args.phase == "full_1pct":
@@ -131,16 +159,23 @@ def main() -> int:
                        "-p", str(os.getpid()), *(["--gil"] if args.gil else [])]  # fmt: skip
                 profiler = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(1.5)  # py-spy attaches
-            emulator_pids = [em.info["pid"], *em.info.get("worker_pids", [])]  # every worker's CPU counts
-            emu0, cpu0 = sum(map(cpu_seconds, emulator_pids)), time.process_time()
+            emu0, cpu0, wall0 = sum(map(cpu_seconds, emulator_pids)), time.process_time(), time.monotonic()
             collector.reset()
-            result = runner.sync("t", full=args.phase in ("full", "full_1pct"))
+            if args.phase == "pull":
+                result = pull_alone(config)
+            else:
+                result = runner.sync("t", full=args.phase in ("full", "full_1pct"))
+            wall = time.monotonic() - wall0
             cpu, emu = time.process_time() - cpu0, sum(map(cpu_seconds, emulator_pids)) - emu0
             if profiler is not None:
                 time.sleep(0.5)
                 profiler.send_signal(2)  # SIGINT: py-spy writes its file and exits
                 profiler.wait(60)
             store.close()
+    if args.phase == "pull":
+        result.duration_s = wall
+        print(f"pulled: {result.counts['users']} users, {result.counts['groups']} groups, "
+              f"{result.counts['members']} memberships")
     print(
         f"{args.phase}: {result.status} in {result.duration_s:.2f} s "
         f"({result.duration_s / fetch['s']:.2f}× the fetch); "

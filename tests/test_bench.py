@@ -116,6 +116,20 @@ def test_profile_sync_runs_a_full_resync_and_reports_both_processes_cpu() -> Non
     assert "garbage collection" in out.stdout and "full:" in out.stdout
 
 
+def test_profile_sync_pull_phase_runs_the_connector_alone_against_the_fetch() -> None:
+    out = subprocess.run(
+        [sys.executable, "scripts/profile_sync.py", "--provider", "okta", "--users", "150", "--groups", "6",
+         "--phase", "pull"],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    fetch = next(line for line in out.stdout.splitlines() if line.startswith("baseline fetch:"))
+    assert "CPU: this process" in fetch and "emulator" in fetch
+    assert "initial (not measured)" not in out.stdout  # nothing synced: no store work at all
+    assert "pulled: 150 users, " in out.stdout
+    assert "pull: succeeded in " in out.stdout and "× the fetch" in out.stdout
+
+
 def test_sqlite_cache_bench_runs_each_cache_size() -> None:
     out = subprocess.run(
         [sys.executable, "scripts/bench_sqlite_cache.py", "--pairs", "500", "--users", "50", "--groups", "20",

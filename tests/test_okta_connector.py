@@ -1223,6 +1223,28 @@ def test_sync_quarantines_malformed_record_and_applies_the_rest(
     assert [q["idp_id"] for q in h.store.runs("t1", 1)[0]["quarantined"]] == [user_id(6)]
 
 
+def test_sync_a_group_deleted_upstream_goes_though_a_quarantined_user_is_in_it(
+    harness: Any, emu: OktaEmulator, org: Org, tmp_path: Path
+) -> None:
+    """The quarantined user's membership was kept, and held the deleted group in the store."""
+    h = make_harness(harness, emu, tmp_path)
+    assert h.sync("t1").status == "succeeded"
+    g = next(g.n for g in org.listed_groups() if 6 in org.direct_members(g.n)[0])
+    gone = group_id(g)
+    members = {u for grp, u in h.members("t1") if grp == gone}
+    assert user_id(6) in members
+    seq = h.last_seq()
+    emu.malformed_users.add(6)
+    org.delete_group(g)
+    r = h.sync("t1", full=True)
+    assert r.status == "succeeded" and r.counts["quarantined"] == 1, r.error
+    assert gone not in h.groups("t1") and not any(grp == gone for grp, _ in h.members("t1"))
+    changes = h.changes("t1", after=seq)
+    assert ("group.deleted", gone) in changes
+    assert {c[2] for c in changes if c[:2] == ("group.user_removed", gone)} == members
+    assert user_id(6) in h.users("t1")  # the quarantined user itself stays as stored
+
+
 # --- benchmark (opt-in: OKTA_BENCH=10000 pytest tests/test_okta_connector.py -k bench -s) ------------
 
 

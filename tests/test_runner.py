@@ -748,6 +748,35 @@ def test_a_record_quarantined_without_an_id_gets_no_one_unlisted_deleted(harness
     assert h.changes("t", seq) == expected
 
 
+def test_a_group_deleted_upstream_goes_with_a_quarantined_users_membership(harness):
+    """A quarantined user keeps its stored memberships, but not in a group the vendor no longer
+    lists: the group and every membership of it go, the quarantined user's included (the
+    `group.user_removed` a deletion always brings). It stayed, with that one member, for good."""
+    from dirpull.connectors.base import Quarantined
+
+    d = Directory(
+        users=people(30), groups=[Group(idp_id="g1", name="A"), Group(idp_id="g2", name="B")],
+        members=[("g1", "u1"), ("g1", "u2"), ("g2", "u2")],
+    )  # fmt: skip
+    h = make(harness, d)
+    h.sync("t")
+    seq = h.last_seq()
+    d.users = [u for u in d.users if u.idp_id != "u2"]  # u2 cannot be read ...
+    d.quarantined = [Quarantined("user", "u2", "login too short")]
+    d.groups, d.members = [Group(idp_id="g2", name="B")], [("g2", "u2")]  # ... and g1 is deleted
+    r = h.sync("t")
+    assert r.status == "succeeded", r.error
+    assert h.changes("t", seq) == [
+        ("group.user_removed", "g1", "u1"),
+        ("group.user_removed", "g1", "u2"),
+        ("group.deleted", "g1"),
+    ]
+    assert set(h.groups("t")) == {"g2"} and h.members("t") == {("g2", "u2")} and "u2" in h.users("t")
+    assert not any("were kept" in n for n in r.notes)
+    seq = h.last_seq()
+    assert h.sync("t").events == 0 and h.last_seq() == seq
+
+
 def test_a_membership_kept_for_a_quarantined_user_goes_once_the_vendor_drops_it(harness):
     from dirpull.connectors.base import Quarantined
 

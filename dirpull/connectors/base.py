@@ -69,6 +69,10 @@ class Done:
     requests: int = 0
     # Things an operator should see on the run record, e.g. "delta token expired: full resync".
     notes: list[str] = field(default_factory=list)
+    # The snapshot's groups are made from the users' own records (a Workday column), not listed by
+    # the vendor: a stored group not listed may be one only a quarantined user is in, and stays
+    # while they do. Otherwise a group the vendor no longer lists is deleted, whoever is in it.
+    groups_from_users: bool = False
 
 
 class Connector(Protocol):

@@ -490,7 +490,14 @@ class WorkdayConnector(CountsRequests):
                     page.groups.append(Group(idp_id=gid, name=value, raw_attributes={s.group_column: value}))
             if page.users or page.groups or page.members or page.quarantined or page.unchanged_users:
                 yield page
-            yield Done(snapshot=True, cursor=None, mode="full", requests=requests_made, notes=notes)
+            yield Done(
+                snapshot=True,
+                cursor=None,
+                mode="full",
+                requests=requests_made,
+                notes=notes,
+                groups_from_users=derives_groups,
+            )
         except ConnectorError as exc:
             exc.requests += client.requests  # on top of the groups report's, if it is what failed
             raise

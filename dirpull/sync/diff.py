@@ -296,7 +296,7 @@ class Diff:
         member_digests = None
         if done.snapshot:
             adds, removes, user_deletes, group_deletes, skipped, member_digests = self._finish_snapshot(
-                quarantined_users, quarantined_groups
+                quarantined_users, quarantined_groups, groups_from_users=done.groups_from_users
             )
         else:
             adds, removes, user_deletes, group_deletes, skipped = self._finish_delta()
@@ -323,7 +323,7 @@ class Diff:
             notes=self._notes,
         )
 
-    def _finish_snapshot(self, q_users: set[str], q_groups: set[str]) -> tuple[Any, ...]:
+    def _finish_snapshot(self, q_users: set[str], q_groups: set[str], *, groups_from_users: bool) -> tuple[Any, ...]:
         stored_users, stored_groups = self.stored.user_ids(), self.stored.group_ids()
         # A quarantined record is left as stored: never counted as deleted, memberships kept. One
         # without an id could be any stored record this snapshot did not list, so all of those are.
@@ -339,10 +339,11 @@ class Diff:
                                "group record has no id, so which of them it is cannot be told")  # fmt: skip
             q_groups, group_deletes = q_groups | group_deletes, set()
         held: set[str] = set()
-        if group_deletes and q_users:
-            # A quarantined user keeps its stored memberships: a group one is in is not deleted
-            # from under it (that left the pair naming a deleted group). E.g. a Workday group
-            # derived from a column whose only member's row is unreadable and names another value.
+        if group_deletes and q_users and groups_from_users:
+            # Groups made from the users' records: one only a quarantined user is in is not listed,
+            # yet may well exist (a Workday group derived from a column whose only member's row is
+            # unreadable): it is not deleted from under that user's kept membership. A group the
+            # vendor lists itself and no longer does is gone, with every membership of it.
             held = {g for g, _ in self.stored.member_pairs_of((), q_users)} & group_deletes
             if held:
                 self._notes.append(f"{len(held)} stored groups not listed were kept, not deleted: they hold "
@@ -382,8 +383,8 @@ class Diff:
                 if q_users or q_groups:
                     kept: dict[str, set[str]] = {}
                     for g, u in self.stored.member_pairs_of(q_groups, q_users):
-                        if u in user_deletes:
-                            continue  # a user deleted now leaves a quarantined group too
+                        if u in user_deletes or g in group_deletes:
+                            continue  # a user (group) deleted now leaves (loses) quarantined ones too
                         kept.setdefault(g, set()).add(u)
                         target.add((g, u))
                     # The digest describes the members stored, kept ones included: one of the

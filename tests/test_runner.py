@@ -777,6 +777,25 @@ def test_a_group_deleted_upstream_goes_with_a_quarantined_users_membership(harne
     assert h.sync("t").events == 0 and h.last_seq() == seq
 
 
+def test_a_large_float_read_back_from_the_store_is_not_named_as_changed(harness):
+    """PostgreSQL's jsonb keeps a number, not how it was written: 1e16 comes back as
+    10000000000000000. When another field of the user changed, the attribute holding it was named
+    in `previous_attributes` as changed too. A real change between 1 and 1.0 still is."""
+    attrs = {"big": 1e16, "huge": [1.5e22, {"n": -2e300}], "one": 1}
+    d = Directory(users=people(3, raw_attributes=attrs))
+    h = make(harness, d)
+    h.sync("t")
+    seq = h.last_seq()
+    d.users[1] = d.users[1].model_copy(update={"job_title": "Lead"})
+    d.users[2] = d.users[2].model_copy(update={"raw_attributes": {**attrs, "one": 1.0}})
+    assert h.sync("t").status == "succeeded"
+    assert [(e["data"]["idp_id"], e["previous_attributes"]) for e in h.events("t", seq)] == [
+        ("u1", {"job_title": None}),
+        ("u2", {"raw_attributes": {"one": 1}}),
+    ]
+    assert h.users("t")["u0"]["raw_attributes"]["big"] == 1e16
+
+
 def test_a_membership_kept_for_a_quarantined_user_goes_once_the_vendor_drops_it(harness):
     from dirpull.connectors.base import Quarantined
 

@@ -509,7 +509,22 @@ def _same(a: Any, b: Any) -> bool:
     attribute going from true to 1 changed the fingerprint and the stored row, but no event."""
     if a != b:
         return False
-    return a is None or isinstance(a, str) or canonical(a) == canonical(b)
+    return a is None or isinstance(a, str) or canonical(a) == canonical(b) or _same_as_stored(a, b)
+
+
+def _same_as_stored(old: Any, new: Any) -> bool:
+    """`old`, read back from the store, is `new` as written there. PostgreSQL's jsonb keeps a
+    number, not its spelling: a float written with an exponent (orjson writes 1e16 and up so) comes
+    back as an integer, 10000000000000000, and named an unchanged attribute in the event of another
+    change. Anything else of another type is a change (1 → 1.0 included, as on SQLite). Only
+    reached for values that are == yet written differently: what an update changes, nothing more."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return old.keys() == new.keys() and all(_same_as_stored(v, new[k]) for k, v in old.items())
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(map(_same_as_stored, old, new))
+    if type(old) is int and type(new) is float:
+        return old == new and b"e" in canonical(new)
+    return type(old) is type(new) and old == new
 
 
 def build_writes(

@@ -305,6 +305,17 @@ def _describe(writes: WriteSet, limit: int = 200) -> Iterator[str]:
             yield f"{sign[kind]} {e['type']} {e['object_id']} {name}{changed}{lost}"
 
 
+def _planned(event: dict[str, Any]) -> dict[str, Any]:
+    """A dry run's event, its object with every field the applied event's has. The timestamps a
+    commit sets have no value yet: `updated_at` (and a created object's `created_at`) are null,
+    not a guessed time a consumer could take for the one the store will show; an updated
+    object's `created_at` is the stored one, as applied."""
+    if event["type"].endswith((".created", ".updated")):
+        data = event["data"]
+        event = {**event, "data": {**data, "created_at": data.get("created_at"), "updated_at": None}}
+    return {"planned": True, **event}
+
+
 @app.command()
 def sync(
     tenant: Annotated[str, typer.Argument(help="Tenant id from the configuration.")],
@@ -370,7 +381,7 @@ def sync(
     if as_json:
         rows: list[dict[str, Any]] = [summary]
         if dry_run and result.writes is not None:
-            rows += [{"planned": True, **e} for e in result.writes.all_events()]
+            rows += [_planned(e) for e in result.writes.all_events()]
         _jsonl(rows)
     elif result.status == "skipped":
         # Nothing was read: not "no changes", which says the directory was found unchanged.

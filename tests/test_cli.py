@@ -186,6 +186,26 @@ def test_guard_hold_dry_run_and_force_exit_codes(env):
     assert small.exit_code == 0 and "would hold" not in small.stdout and "- user.deleted 32" in small.stdout
 
 
+def test_dry_run_json_objects_have_the_applied_shape_with_the_commit_times_null(env):
+    """A planned update showed `created_at` but no `updated_at`, a planned create neither: the
+    planned object now has every field the applied event's has, the times the commit sets null."""
+    run(env, "sync", "hr")
+    n = next(p.n for p in env["org"].people.values() if p.visible and p.state == "active")
+    env["org"].update_person(n, title="Principal")
+    env["org"].hire()
+    seq = max(e["seq"] for e in jsonl(run(env, "events", "hr", "--json").stdout))
+    dry = jsonl(run(env, "sync", "hr", "--dry-run", "--json").stdout)[1:]
+    planned = {e["type"]: e["data"] for e in dry}
+    assert set(planned) == {"user.created", "user.updated"}
+    assert planned["user.created"]["created_at"] is None and planned["user.created"]["updated_at"] is None
+    assert planned["user.updated"]["created_at"] is not None and planned["user.updated"]["updated_at"] is None
+    assert run(env, "sync", "hr").exit_code == 0
+    applied = {e["type"]: e["data"] for e in jsonl(run(env, "events", "hr", "--after", str(seq), "--json").stdout)}
+    assert {k: set(v) for k, v in applied.items()} == {k: set(v) for k, v in planned.items()}
+    assert set(planned["user.updated"]) == USER_KEYS
+    assert planned["user.updated"]["created_at"] == applied["user.updated"]["created_at"]
+
+
 def test_a_held_full_run_says_to_review_and_apply_it_as_a_full_one(env):
     """After `sync --full` is held, `--force` alone would run incrementally: on a vendor whose
     deletions only a full listing shows it would apply none of them. The hold says what to run."""

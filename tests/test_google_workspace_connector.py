@@ -366,6 +366,32 @@ def test_a_token_endpoint_outage_is_retried_under_the_retry_policy(
     assert len(sleeps) == 4
 
 
+@pytest.mark.parametrize("status", [502, 501])
+def test_a_5xx_google_auth_does_not_retry_from_the_token_endpoint_is_an_outage_not_a_refusal(
+    emu: GoogleEmulator, tmp_path: Path, quick_token_retries: None, status: int
+) -> None:
+    """google-auth marks no 502 (nor 501) retryable: it raised them as a refusal, the run failed at
+    once as an AuthError saying the grant was "refused", as if the delegation were wrong."""
+    clean, _ = pull(connector(emu, tmp_path))
+    emu.request_log.clear()
+    emu.faults.update({"error": 2, "error_status": status, "path": "/token"})
+    sleeps = Sleeps()
+    pages, _ = pull(connector(emu, tmp_path, sleeps))
+    assert users(pages) == users(clean) and members(pages) == members(clean)
+    assert len(sleeps) == 2  # each 502 is one attempt of the policy
+    assert [m for m, p in emu.request_log if p.startswith("/token")] == ["POST"] * 3
+
+    emu.faults.update({"error": 1000, "error_status": status, "path": "/token"})  # it stays down
+    sleeps = Sleeps()
+    with pytest.raises(ConnectorError) as err:
+        pull(connector(emu, tmp_path, sleeps))
+    assert not isinstance(err.value, AuthError) and err.value.retriable
+    message = str(err.value)
+    assert f"token endpoint failed with HTTP {status} (an outage at Google" in message
+    assert "refused" not in message and "gave up after 5 attempts" in message
+    assert len(sleeps) == 4
+
+
 def test_a_refused_service_account_is_an_auth_error_without_secrets(
     emu: GoogleEmulator, tmp_path: Path
 ) -> None:

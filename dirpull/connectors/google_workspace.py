@@ -22,7 +22,7 @@ Throttling (403 userRateLimitExceeded/rateLimitExceeded/quotaExceeded, 429) and 
 with exponential backoff and jitter from the shared RetryPolicy (Google sends no Retry-After),
 capped in attempts (a throttle gets more: Google's quota is per minute) and total wait; then the
 run fails and nothing is applied. So is a token
-request that google-auth marks retryable (500, 503, 504, 429, 408; not 502); any other refusal is
+request answered with a 5xx or what google-auth marks retryable (429, 408); any other refusal is
 an AuthError.
 """
 
@@ -100,14 +100,21 @@ class _CountingHttp(httplib2.Http):
         # The URL of the request last sent (one instance per thread): a connection that fails may
         # be the token endpoint's (the key file's token_uri, another host than api_url).
         self.last_uri: str | None = None
+        # The status of the last token request (the only POST): google-auth's RefreshError does not
+        # carry it, and tells no 502 from a refusal of the grant.
+        self.token_status: int | None = None
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
         self._counter.add()
         self.last_uri = str(kwargs.get("uri") or (args[0] if args else ""))
+        method = kwargs.get("method") or (args[1] if len(args) > 1 else "GET")
+        if method == "POST":
+            self.token_status = None  # unknown until answered (a connection that fails)
         resp, content = super().request(*args, **kwargs)
         # The only POST is google-auth's token request. Its 200 answer that is not a JSON object
         # (a proxy's page, a cut body) would surface as google-auth's bare TypeError.
-        method = kwargs.get("method") or (args[1] if len(args) > 1 else "GET")
+        if method == "POST":
+            self.token_status = resp.status
         if method == "POST" and resp.status == 200:
             try:
                 ok = isinstance(json.loads(content), dict)
@@ -366,8 +373,18 @@ class _Session:
                 raise ConnectorError(f"{where}: {message}", retriable=False, step=step) from None
             except RefreshError as exc:
                 detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else "refused"
+                token_status = getattr(getattr(self._local, "http", None), "token_status", None)
+                if token_status is not None and token_status >= 500:
+                    # Any 5xx is Google's outage, not a refusal of the grant: google-auth retries
+                    # 500, 503 and 504 itself (3 tries by now) but not 502, which failed runs as an
+                    # AuthError that said "refused" and sent the admin to check the delegation.
+                    what = (f"{step}: the token endpoint failed with HTTP {token_status} (an outage at Google, "
+                            f"not a refusal of the service account): {detail[:200]}")  # fmt: skip
+                    log.warning("%s; retrying (attempt %d)", what, attempt)
+                    self.policy.wait(attempt, None, what=what, step=step)
+                    continue
                 if getattr(exc, "retryable", False):
-                    # A 500/503/504/429/408 or a server_error/temporarily_unavailable from the token endpoint
+                    # A 429/408 or a server_error/temporarily_unavailable from the token endpoint
                     # (google-auth has tried it 3 times by now): an outage, not a refusal.
                     what = f"{step}: the token endpoint failed: {detail[:200]}"
                     log.warning("%s; retrying (attempt %d)", what, attempt)

@@ -310,6 +310,24 @@ def test_a_404_from_users_or_groups_list_is_a_configuration_error(emu: GoogleEmu
 
 
 
+@pytest.mark.parametrize("suffix", ["", "/"])
+def test_an_api_url_with_a_proxys_path_prefix_is_kept(tmp_path: Path, suffix: str) -> None:
+    """A proxy that serves the Directory API under a path (https://proxy.example.com/google/): every
+    request, paging and members included, goes under that path, not to the host root."""
+    with GoogleEmulator(Org.generate(60, seed=7), prefix="/google") as prefixed:
+        api_url = tenant(prefixed, tmp_path)["api_url"]
+        assert api_url == prefixed.base_url + "/google"
+        pages, _ = pull(connector(prefixed, tmp_path, api_url=api_url + suffix))
+        assert set(users(pages)) == {user_id(p.n) for p in prefixed.org.listed_people()}
+        assert members(pages) == expected_members(prefixed)
+        paths = [p for _, p in prefixed.request_log]
+        assert any("/members?" in p for p in paths)
+        assert all(p.startswith("/google/") for p in paths), paths
+        # The host root is not the API there: the same pull without the prefix is refused.
+        with pytest.raises(ConfigurationError, match=r"^users\.list: HTTP 404 .*check api_url"):
+            pull(connector(prefixed, tmp_path, api_url=prefixed.base_url))
+
+
 @pytest.mark.parametrize(
     ("extra", "named"),
     [

@@ -12,6 +12,8 @@ What it serves (../shared/directory-apis.md §2, §6 rule 2):
   POST /_emulator/google                        switches: {"rate_limit_kind": "user"|"quota"|
                                                 "concurrent"|"alternate", "silent_empty": bool,
                                                 "broken_users": [n, …]}
+With `prefix="/google"` the API and /token answer only under that path (as behind a proxy); the
+control endpoints stay at the root.
 
 Vendor-only state lives here, keyed by Person.n / Group.n: which group holds the CUSTOMER member
 (the whole domain), which groups have EXTERNAL members, which users are served broken. Inactive
@@ -140,9 +142,12 @@ class GoogleEmulator(Emulator):
     # made before the workers fork (`before_fork`): forked workers answer alike.
     parallel = True
 
-    def __init__(self, org: Org, *, rate_limit_kind: RateLimitKind = "alternate") -> None:
+    def __init__(self, org: Org, *, rate_limit_kind: RateLimitKind = "alternate", prefix: str = "") -> None:
         super().__init__(org)
         self.rate_limit_kind: RateLimitKind = rate_limit_kind
+        # Served under a path prefix ("/google"), as behind a reverse proxy: the API and the token
+        # endpoint answer only under it (the control endpoints stay at the root).
+        self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
         self._rate_limit_count = 0
         # A listing outage that looks like an empty domain (first page without `users`).
         self.silent_empty = False
@@ -211,8 +216,19 @@ class GoogleEmulator(Emulator):
                     "universe_domain": "googleapis.com",
                 }
             info = dict(self._default_account)
-        info["token_uri"] = f"{self.base_url}/token"
+        info["token_uri"] = self.token_url
         return info
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.base_url}{self.prefix}/token"
+
+    def handle(self, req: Request) -> tuple[Response, str | None]:
+        if self.prefix and not self.is_control(req):
+            if not req.path.startswith(self.prefix + "/"):
+                return self.not_found(req), None  # what the proxy's host serves outside the prefix
+            req.path = req.path[len(self.prefix) :]
+        return super().handle(req)
 
     def trust_service_account(self, client_email: str, key_id: str, public_key: Any) -> None:
         """Trust another service account's key (a test that brings its own throw-away key)."""
@@ -250,7 +266,7 @@ class GoogleEmulator(Emulator):
             "credentials_file": f"file:{path}",
             "subject": self.admin_email(),
             "customer": "my_customer",
-            "api_url": self.base_url,
+            "api_url": self.base_url + self.prefix,
         }
 
     def _oauth_error(self, status: int, error: str, description: str) -> Response:
@@ -306,7 +322,7 @@ class GoogleEmulator(Emulator):
                 "Invalid JWT: Token must be a short-lived token (60 minutes) and in a reasonable timeframe. "
                 "Check your iat and exp values in the JWT claim.",
             )
-        if claims.get("aud") not in (GOOGLE_TOKEN_AUD, f"{self.base_url}/token"):
+        if claims.get("aud") not in (GOOGLE_TOKEN_AUD, self.token_url):
             return self._oauth_error(400, "invalid_grant", "Invalid JWT: audience is not the token endpoint.")
         scopes = frozenset(str(claims.get("scope", "")).split())
         if not scopes:

@@ -574,6 +574,30 @@ def test_sync_a_nested_group_of_another_organization_does_not_fail_every_run(
     assert r.status == "failed" and "403" in (r.error or "")
 
 
+def test_sync_a_403_on_a_group_of_this_directory_outside_the_group_scope_fails_the_run(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any
+) -> None:
+    """With a `groups` scope, a group of this directory nested in a scoped group but not itself in
+    the scope answered 403 and was counted as empty: the run succeeded, removed its people from the
+    scoped group and deleted them from the tenant. groups.list returned it, so the admin's access is
+    what is wrong (as without a scope, where the same group fails the run): nothing is applied."""
+    org = emu.org
+    sales = next(g for g in org.groups.values() if g.name == "Sales")
+    marketing = next(g for g in org.groups.values() if g.name == "Marketing")
+    org.add_subgroup(sales.n, marketing.n)
+    only_nested = marketing.members - sales.members
+    assert only_nested
+    h = harness({"g1": tenant(emu, tmp_path, groups=[sales.email])}, connector_factory=fast)
+    assert h.sync("g1").status == "succeeded"
+    stored, stored_members, seq = h.users("g1"), h.members("g1"), h.last_seq()
+    assert {user_id(n) for n in only_nested} <= set(stored)
+    emu.faults.update({"error": 1, "error_status": 403, "path": f"/groups/{group_id(marketing.n)}/members"})
+    r = h.sync("g1")
+    assert r.status == "failed", (r.status, r.notes)
+    assert "members.list: HTTP 403" in (r.error or "") and "domain-wide delegation" in (r.error or "")
+    assert h.users("g1") == stored and h.members("g1") == stored_members and h.last_seq() == seq
+
+
 def test_sync_member_workers_throttled_together_are_charged_one_wait(
     emu: GoogleEmulator, tmp_path: Path, harness: Any
 ) -> None:

@@ -534,12 +534,16 @@ class GoogleWorkspaceConnector(CountsRequests):
 
         # 2. Groups (scoped by settings.groups), then their members, flattened.
         groups: list[dict[str, Any]] = []
+        # Every group of this directory, in the scope or not: a 403 on one of them is the admin's
+        # access, not another organization's group (see `_members_of`).
+        listed: set[str] = set()
         for body in session.pages("groups", "groups.list", maxResults=GROUP_PAGE, **self._scope_args()):
             for raw in body.get("groups") or []:
                 gid = raw.get("id")
                 if not isinstance(gid, str) or not gid:
                     quarantined.append(Quarantined("group", None, "group record without id"))
                     continue
+                listed.add(gid)
                 if self.group_filter and not self._group_selected(raw):
                     continue
                 groups.append(raw)
@@ -550,8 +554,7 @@ class GoogleWorkspaceConnector(CountsRequests):
                 notes.append(f"configured groups not found: {', '.join(missing)}")
 
         keep: set[str] = set()
-        roots = {g["id"] for g in groups}
-        with _MemberReads(lambda gid: self._members_of(session, gid, domain_ids, roots), self.workers) as reads:
+        with _MemberReads(lambda gid: self._members_of(session, gid, domain_ids, listed), self.workers) as reads:
             reads.start([g["id"] for g in groups])
             if not self.group_filter:
                 # The scope is known already: hand the users on now, so the sync diffs them while
@@ -658,7 +661,7 @@ class GoogleWorkspaceConnector(CountsRequests):
     def _group_selected(self, raw: dict[str, Any]) -> bool:
         return any(k in self.group_filter for k in _group_keys(raw))
 
-    def _members_of(self, session: _Session, gid: str, domain_ids: set[str], roots: set[str]) -> _Direct | None:
+    def _members_of(self, session: _Session, gid: str, domain_ids: set[str], listed: set[str]) -> _Direct | None:
         result = _Direct()
         try:
             for body in session.pages("members", "members.list", may_vanish=True, groupKey=gid,
@@ -679,7 +682,10 @@ class GoogleWorkspaceConnector(CountsRequests):
         except _GroupGone:
             return None
         except _GroupForbidden as exc:
-            if gid in roots:  # a group this admin lists but may not read: delegation or scopes
+            if gid in listed:
+                # A group this admin lists but may not read: delegation or scopes. Also one outside
+                # a `groups` scope, nested in a scoped group: counted as empty, its people would be
+                # removed from the scoped group and from the tenant.
                 raise _refused(exc.where, exc.message, "members.list") from None
             # A group nested from outside this directory (another organization's, which Google lets
             # a group hold): no one here can read it, and failing on it failed every run for good.

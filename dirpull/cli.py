@@ -567,7 +567,8 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
             result = "interrupted"
             outcome = next((r for r in store.runs(name, 20) if r["status"] != "running" and not _stopped(r)), None)
         if outcome and outcome["status"] == "held":
-            attention.append(f"held by the guard: {guard.next_steps(name, outcome['mode'])}")
+            provider = tenant.provider if tenant is not None else None
+            attention.append(f"held by the guard: {guard.next_steps(name, outcome['mode'], provider)}")
         if outcome and outcome["status"] == "failed":
             attention.append(f"failing: {outcome['error']}")
         if run and run["status"] == "running" and _abandoned(store, name, run):

@@ -660,6 +660,41 @@ def test_sync_a_silent_empty_listing_is_held_not_applied(
     assert h.users("g1") == stored and h.last_seq() == seq
 
 
+def test_a_held_run_says_what_helps_for_google_not_a_full_sync(
+    emu: GoogleEmulator, tmp_path: Path, store_url: str
+) -> None:
+    """The guard's hold said to review and apply with `dirpull sync T --full`: every Google run is
+    a full snapshot already, so that resync read the same listing and was held again. The hold (in
+    the run's error and in `dirpull status`) says what does help."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from dirpull.cli import app
+
+    config = tmp_path / "dirpull.toml"
+    table = tenant(emu, tmp_path)
+    lines = ["[store]", f'url = "{store_url}"', "[defaults.guard]", "max_percent = 10", "min_count = 5", "[tenants.g1]"]
+    config.write_text("\n".join([*lines, *(f"{k} = {json.dumps(v)}" for k, v in table.items())]) + "\n")
+
+    def cli(*args: str) -> Any:
+        return CliRunner().invoke(app, ["--config", str(config), *args], catch_exceptions=False)
+
+    assert cli("sync", "g1").exit_code == 0
+    for n in range(20, 40):
+        emu.org.delete(n)
+    steps = ("every Google Workspace run reads the whole directory (--full changes nothing): if the tenant's "
+             "org_units / groups or the admin's access are wrong, fix them and sync again; otherwise review with "
+             "`dirpull sync g1 --dry-run`, apply with `dirpull sync g1 --force`")  # fmt: skip
+    for args in (("sync", "g1"), ("sync", "g1", "--full")):
+        held = cli(*args)
+        assert held.exit_code == 3 and held.stderr.rstrip().endswith(steps), held.stderr
+        assert "sync g1 --full" not in held.stderr
+    status = [json.loads(line) for line in cli("status", "--json").stdout.splitlines() if line.strip()]
+    assert status[0]["attention"] == [f"held by the guard: {steps}"]
+    assert cli("sync", "g1", "--force").exit_code == 0
+
+
 def test_sync_a_user_leaving_the_org_unit_scope_is_deleted(
     emu: GoogleEmulator, tmp_path: Path, harness: Any
 ) -> None:

@@ -98,9 +98,18 @@ def check(
     return Verdict(False)
 
 
-def next_steps(tenant: str, mode: str) -> str:
+def next_steps(tenant: str, mode: str, provider: str | None = None) -> str:
     """What the operator runs after a hold. A held full run is reviewed and applied as a full one:
     without --full the next manual run may be incremental, and on a vendor whose deletions only a
     full listing shows (Okta) it would apply none of the deletions that were held."""
+    if provider == "google_workspace":
+        # Every Google run is a full snapshot already: "--full" sent the operator to a resync
+        # that reads the same listing and is held again. What changes the outcome is the scope
+        # (a typo in org_units / groups) or the admin's access, or applying it.
+        return (
+            f"every Google Workspace run reads the whole directory (--full changes nothing): if the tenant's "
+            f"org_units / groups or the admin's access are wrong, fix them and sync again; otherwise review with "
+            f"`dirpull sync {tenant} --dry-run`, apply with `dirpull sync {tenant} --force`"
+        )
     flags = " --full" if mode == "full" else ""
     return f"review with `dirpull sync {tenant}{flags} --dry-run`, apply with `dirpull sync {tenant}{flags} --force`"

@@ -331,7 +331,7 @@ class Runner:
                 return result
             if verdict.held and not force:
                 result.status = "held"
-                next_steps = guard.next_steps(tenant, result.mode)
+                next_steps = guard.next_steps(tenant, result.mode, settings.provider)
                 result.error = f"held by the mass-change guard: {verdict.reason}; {next_steps}"
                 assert run_id is not None
                 self.store.finish_run(

@@ -295,6 +295,10 @@ def test_expired_and_reset_delta_tokens(graph: GraphEmulator, client: Client) ->
     assert gone.status_code == 410
     assert gone.headers["Location"] == f"{graph.base_url}/v1.0/users/delta?$deltaToken="
     assert client.get(link).status_code == 200  # once only
+    # The Location restarts with a full round: every user, then a deltaLink that works.
+    everyone, restarted, _ = client.round(gone.headers["Location"])
+    assert {u["id"] for u in everyone} == {user_id(p.n) for p in graph.org.listed_people()}
+    assert client.get(restarted).status_code == 200
 
     graph.delta_token_ttl = 0.05
     _, link, _ = client.round("/users/delta", **{"$select": "displayName"})

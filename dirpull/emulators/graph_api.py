@@ -807,6 +807,8 @@ class GraphEmulator(Emulator):
         deltatoken = req.arg("$deltatoken")
         if deltatoken is None:
             deltatoken = req.arg("$deltaToken")
+        if deltatoken == "":
+            deltatoken = None  # a 410's Location (`$deltaToken=`): start over with a full round
         skiptoken = req.arg("$skiptoken")
         table, navigation = (
             (USER_PROPERTIES, USER_NAVIGATION) if kind == "users" else (GROUP_PROPERTIES, GROUP_NAVIGATION)

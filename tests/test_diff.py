@@ -46,14 +46,24 @@ def test_snapshot_create_update_delete_and_membership():
     ws = build_writes(plan, old, {})
     events = list(ws.all_events())
     types = [e["type"] for e in events]
-    assert types == ["user.updated", "user.created", "group.user_added", "group.user_removed", "user.deleted"]
+    assert types == ["user.created", "user.updated", "group.user_added", "group.user_removed", "user.deleted"]
     assert ws.event_count == 5
-    assert events[0]["previous_attributes"] == {"state": "active"}
-    assert events[1]["data"] == record_fields(carol) and "fingerprint" not in events[1]["data"]
+    assert events[1]["previous_attributes"] == {"state": "active"}
+    assert events[0]["data"] == record_fields(carol) and "fingerprint" not in events[0]["data"]
     # Held (and written) as the record's canonical JSON on the diff's spool, shared with its row.
-    held = list(ws.all_events(as_written=True))[1]["data"]
+    held = next(ws.all_events(as_written=True))["data"]
     assert held is ws.user_creates[0] and loads(held.read()) == record_fields(carol)
     assert ws.user_fingerprints["3"] == fp(carol) and plan.stored_users == {"1"}
+
+
+def test_an_update_naming_a_new_manager_comes_after_that_managers_creation():
+    """Events are applied in order by consumers: a report's user.updated must not name a manager
+    whose user.created comes later in the log (ids sort the other way here: "1" < "9")."""
+    d = stored()
+    boss = User(idp_id="9", username="boss")
+    d.add(Page(users=[ADA.model_copy(update={"manager_idp_id": "9"}), BOB, boss], groups=[ENG], members=[("g", "1")]))
+    ws = build_writes(d.finish(SNAPSHOT), {"1": record_fields(ADA), "2": record_fields(BOB)}, {})
+    assert [(e["type"], e["object_id"]) for e in ws.all_events()] == [("user.created", "9"), ("user.updated", "1")]
 
 
 def test_delta_only_explicit_removals_delete():

@@ -60,8 +60,8 @@ def test_changes_produce_exact_events_with_previous_attributes(harness):
     r = h.sync("t")
     assert r.status == "succeeded"
     assert h.changes("t", seq) == [
-        ("user.updated", "u1", ("job_title", "state")),
         ("user.created", "u9"),
+        ("user.updated", "u1", ("job_title", "state")),
         ("group.updated", "g1", ("name",)),
         ("group.user_added", "g1", "u2"),
         ("group.user_added", "g1", "u9"),

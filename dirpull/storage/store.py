@@ -103,8 +103,8 @@ class WriteSet:
 
     Membership events are not materialized: a first sync of a large tenant has hundreds of
     thousands of them, so `all_events()` makes them from `member_adds`/`member_removes` while they
-    are written, in the event order consumers see: object creates and updates (`events`), members
-    added, members removed, then deletions (`tail_events`).
+    are written, in the event order consumers see: user creates, user updates, group creates,
+    group updates (`events`), members added, members removed, then deletions (`tail_events`).
     """
 
     # Created rows: field dicts, or their canonical JSON in the diff's spool (read on write).

@@ -544,6 +544,9 @@ def build_writes(
         ("user", plan.users, old_users, ws.user_creates, ws.user_updates, ws.unchanged_users),
         ("group", plan.groups, old_groups, ws.group_creates, ws.group_updates, ws.unchanged_groups),
     ):
+        # A kind's creations before its updates: an update naming a new manager comes after
+        # that manager's user.created, whatever their ids' order.
+        updated: list[dict[str, Any]] = []
         for key in sorted(pending):
             spooled = pending[key]
             before = old.get(key)
@@ -561,9 +564,10 @@ def build_writes(
             else:
                 # The object as stored: its created_at stays (the store adds updated_at).
                 data = {**fields, "created_at": before["created_at"]} if "created_at" in before else fields
-                ws.events.append(
+                updated.append(
                     {"type": f"{kind}.updated", "object_id": key, "data": data, "previous_attributes": previous}
                 )
+        ws.events += updated
     for kind, keys, old in (
         (EventType.GROUP_DELETED, ws.group_deletes, old_groups),
         (EventType.USER_DELETED, ws.user_deletes, old_users),

@@ -442,6 +442,7 @@ class GoogleTenant(TenantBase):
 
 
 DEFAULT_SCOPES = ("okta.users.read", "okta.groups.read")
+MIN_CURSOR_HOLDBACK = 0.001  # seconds: Okta's timestamps are to the millisecond
 LOGS_SCOPE = "okta.logs.read"
 
 
@@ -458,7 +459,7 @@ class OktaTenant(TenantBase):
     max_rate_limit_wait: float = Field(300.0, gt=0)
     # Incremental cursors stay this many seconds behind the newest lastUpdated seen (Okta's lists
     # are eventually consistent); records in that window are re-read and de-duplicated by the diff.
-    cursor_holdback: float = Field(300.0, ge=0)
+    cursor_holdback: float = 300.0
     # Okta statuses mapped to inactive; SUSPENDED and DEPROVISIONED always are.
     inactive_statuses: list[
         Literal[
@@ -493,6 +494,19 @@ class OktaTenant(TenantBase):
                     "must use https:// (http:// is allowed only for a local emulator on 127.0.0.1)"
                 )
         return v.strip().rstrip("/")
+
+    @field_validator("cursor_holdback")
+    @classmethod
+    def _holdback(cls, v: float) -> float:
+        # The next run asks `lastUpdated gt CURSOR`, to the millisecond: a cursor less than one
+        # behind the run's start (or the newest change seen) skips, for good, a change made in that
+        # very millisecond to a record on a page already read. `not >=` also refuses NaN.
+        if not v >= MIN_CURSOR_HOLDBACK:
+            raise ValueError(
+                f"must be at least {MIN_CURSOR_HOLDBACK} (seconds: one millisecond, the precision of Okta's "
+                "lastUpdated); with less, a change made in the cursor's millisecond is skipped by every later run"
+            )
+        return v
 
     @model_validator(mode="before")
     @classmethod

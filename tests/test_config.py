@@ -428,3 +428,24 @@ def test_an_okta_oauth_app_polling_the_system_log_gets_or_is_told_the_logs_scope
         "add it to scopes"
     without_polling = load_config(write(tmp_path, table.replace("true", "false"))).tenant("ok")
     assert without_polling.scopes == ["okta.users.read", "okta.groups.read"]
+
+
+def test_an_okta_cursor_holdback_under_a_millisecond_fails_the_load_naming_the_key_and_the_minimum(tmp_path):
+    """`cursor_holdback = 0` loaded, and the next run asked `lastUpdated gt` the very millisecond
+    of the cursor: a change made in it, to a user on a page already read, was skipped by every
+    incremental run until the next full sync."""
+    okta = '[tenants.o]\nprovider = "okta"\norg_url = "https://acme.okta.com"\napi_token = "t"\n'
+    for value in ("0", "0.0005", "-1", "nan"):
+        assert error_of(tmp_path, okta + f"cursor_holdback = {value}\n") == (
+            f"{tmp_path / 'dirpull.toml'}: tenants.o.cursor_holdback: must be at least 0.001 (seconds: one "
+            "millisecond, the precision of Okta's lastUpdated); with less, a change made in the cursor's "
+            "millisecond is skipped by every later run"
+        )
+    cfg = load_config(write(tmp_path, okta + "cursor_holdback = 0.001\n"), isolate_tenants=True)
+    assert cfg.tenant("o").cursor_holdback == 0.001
+    # Loaded by the daemon, the mistake makes only that tenant broken, saying why.
+    cfg = load_config(write(tmp_path, GOOD + okta + "cursor_holdback = 0\n"), isolate_tenants=True)
+    assert set(cfg.tenants) == {"acme-hr"}
+    assert cfg.broken["o"].message.endswith("tenants.o.cursor_holdback: must be at least 0.001 (seconds: one "
+        "millisecond, the precision of Okta's lastUpdated); with less, a change made in the cursor's "
+        "millisecond is skipped by every later run")  # fmt: skip

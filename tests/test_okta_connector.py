@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 import pytest
 import requests
 
-from dirpull.config import ConfigError, OktaTenant, parse_config
+from dirpull.config import MIN_CURSOR_HOLDBACK, ConfigError, OktaTenant, parse_config
 from dirpull.connectors.base import ConfigurationError, ConnectorError, Done, Page
 from dirpull.connectors.okta import OktaConnector, check_org_url
 from dirpull.emulators.okta_api import OktaEmulator, group_id, user_id
@@ -182,12 +182,13 @@ def test_everyone_only_when_asked(emu: OktaEmulator, tmp_path: Path) -> None:
 def test_incremental_uses_held_back_cursor(emu: OktaEmulator, org: Org, tmp_path: Path) -> None:
     # Records older than the second of Okta's `Date`, which bounds the cursor even without holdback.
     age(org)
-    c = connector(tenant(emu, tmp_path, cursor_holdback=0))
+    c = connector(tenant(emu, tmp_path, cursor_holdback=MIN_CURSOR_HOLDBACK))
     _, done = pull(c)
     org.update_person(9, title="Chief Tester")
     pages, delta = pull(c, done.cursor)
     assert not delta.snapshot and delta.mode == "incremental"
-    assert set(users_of(pages)) == {user_id(9)}
+    # The smallest holdback re-reads the cursor's own millisecond: the newest user of the first run.
+    assert set(users_of(pages)) == {user_id(9), user_id(PEOPLE)}
     assert delta.cursor["users_since"] > done.cursor["users_since"]  # type: ignore[index]
     # The default holdback keeps the cursor 5 minutes behind: the same change is re-read (duplicates
     # are harmless: the diff sees nothing new).
@@ -226,14 +227,17 @@ def test_a_change_on_a_page_already_read_is_not_skipped_by_the_cursor(
     assert users[user_id(1)].job_title == "Edited During The Walk"
 
 
-def test_a_change_in_the_second_of_oktas_date_is_not_skipped_by_a_cursor_without_holdback(
-    emu: OktaEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("into_the_second", [0.5, 0.0], ids=["later-in-the-second", "its-first-millisecond"])
+def test_a_change_in_the_second_of_oktas_date_is_not_skipped_by_the_smallest_holdback(
+    emu: OktaEmulator, org: Org, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, into_the_second: float
 ) -> None:
     """Okta's `Date` is whole seconds, rounded down: a change made after its first answer is
     stamped `Date` or later. A worker whose clock ran ahead of Okta's took the run's start as
     `Date` + 1 s, so with a `cursor_holdback` under a second the next run skipped a change made in
     that second to a user on a page already read (and the System Log position, a deletion logged
-    in it), until the next full sync."""
+    in it), until the next full sync. The smallest holdback accepted (a millisecond) also re-reads
+    a change stamped `Date` itself, the run's start to the millisecond: with none the next run asked
+    `lastUpdated gt` that very millisecond."""
     import email.utils
 
     import dirpull.connectors.okta as okta_connector
@@ -244,11 +248,11 @@ def test_a_change_in_the_second_of_oktas_date_is_not_skipped_by_a_cursor_without
     )
     monkeypatch.setattr(okta_connector, "_now", lambda: datetime.now(UTC) + timedelta(seconds=600))
     age(org)
-    c = connector(tenant(emu, tmp_path, page_size=50, cursor_holdback=0))
+    c = connector(tenant(emu, tmp_path, page_size=50, cursor_holdback=MIN_CURSOR_HOLDBACK))
     stream = c.pull(None, full=True)
     first = next(stream)
     assert isinstance(first, Page) and user_id(1) in {u.idp_id for u in first.users}
-    with org.clock_at(okta_date + 0.5):  # page 1 is already read; in the second of the `Date`
+    with org.clock_at(okta_date + into_the_second):  # page 1 is already read; in the second of the `Date`
         org.update_person(1, title="Edited During The Walk")
     with org.clock_at(okta_date + 400):  # the walk goes on, a page not read yet
         org.update_person(110, title="Edited Later")

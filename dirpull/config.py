@@ -376,6 +376,9 @@ class TenantBase(_Strict):
         return None if v is None else _check_duration(v)
 
 
+MIN_CHANGED_OVERLAP = 1.0  # seconds: BambooHR's timestamps are to the second
+
+
 class BambooHRTenant(TenantBase):
     provider: Literal["bamboohr"]
     company_domain: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*$")
@@ -390,8 +393,21 @@ class BambooHRTenant(TenantBase):
     # Users per yielded page when streaming the full report.
     page_size: int = Field(1000, ge=1, le=100_000)
     # Seconds subtracted from the stored `since` (BambooHR timestamps have second precision).
-    changed_overlap: float = Field(1.0, ge=0, le=86_400)
+    changed_overlap: float = Field(1.0, le=86_400)
     timeout: float = Field(120.0, gt=0)
+
+    @field_validator("changed_overlap")
+    @classmethod
+    def _overlap(cls, v: float) -> float:
+        # `employees/changed?since=` compares whole seconds, strictly: with less than a second of
+        # overlap the next run asks `since` = the cursor's own second and never hears of a change
+        # made in it after this run's answer.
+        if not v >= MIN_CHANGED_OVERLAP:
+            raise ValueError(
+                f"must be at least {MIN_CHANGED_OVERLAP:g} (seconds: BambooHR's `since` has one-second precision); "
+                "with less, a change made in the cursor's second is missed by every later run"
+            )
+        return v
 
 
 class EntraTenant(TenantBase):

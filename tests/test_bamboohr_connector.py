@@ -9,7 +9,7 @@ import os
 import time
 import tracemalloc
 from collections.abc import Iterator
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -100,20 +100,32 @@ def test_full_pull_is_a_snapshot_of_active_and_inactive_employees(emu: BambooHRE
     assert done.cursor == {"since": max(_iso(p.updated_at) for p in org.people.values() if p.visible)}
 
 
+def one_second_each(org: Org) -> str:
+    """Each employee's last change in a second of their own, ten seconds apart, an hour ago: the
+    overlap of an incremental run then re-reads one of them, the newest, whose id is returned."""
+    base = int(time.time()) - 3600
+    with org.lock:
+        for p in org.people.values():
+            p.created_at = p.updated_at = base - 10 * p.n
+    return str(min(org.people))
+
+
 def test_incremental_pull_reads_only_what_changed_and_moves_the_cursor_forward(emu: BambooHREmulator) -> None:
     org = emu.org
-    # No overlap window, so exactly the changed employees are read (the default re-reads the
-    # cursor's last second; the sync-level test shows that costs no events).
-    c = connector(emu, changed_overlap=0)
+    newest = one_second_each(org)
+    c = connector(emu)  # changed_overlap: 1 s, the default and the least accepted
     _, first = pull(c)
-    org.update_person(5, title="Principal")
-    org.deactivate(6)  # terminated → inactive
-    org.delete(30)
-    hired = org.hire("Ngozi", "Adeyemi", manager=5)
+    with org.clock_at(int(time.time()) + 2):  # every change in one second (after every stamp the org has made)
+        org.update_person(5, title="Principal")
+        org.deactivate(6)  # terminated → inactive
+        org.delete(30)
+        hired = org.hire("Ngozi", "Adeyemi", manager=5)
     pages, done = pull(c, first.cursor)
     assert not done.snapshot and done.mode == "incremental"
     got = users(pages)
-    assert set(got) == {"5", "6", str(hired.n)}
+    # What changed, and the first run's newest employee: the cursor's own second is read again
+    # (a change made in it after that run is not missed; the sync-level test shows that costs no events).
+    assert set(got) == {"5", "6", str(hired.n), newest}
     assert got["5"].job_title == "Principal"
     assert got["6"].state == "inactive" and got["6"].raw_attributes["terminationDate"] == date.today().isoformat()
     assert got[str(hired.n)].manager_idp_id == "5"
@@ -123,21 +135,41 @@ def test_incremental_pull_reads_only_what_changed_and_moves_the_cursor_forward(e
     changed_call = [path for _, path in emu.request_log if "employees/changed" in path][-1]
     assert "%2B00%3A00" in changed_call or "%2B00:00" in changed_call
 
-    # Nothing changed since: nothing is read and the cursor stays.
+    # Nothing changed since: only the cursor's own second is read again, and the cursor stays.
     pages, again = pull(c, done.cursor)
     assert again.cursor == done.cursor
-    assert pages == [] and again.requests == 1
+    assert set(users(pages)) == {"5", "6", str(hired.n)} and again.requests == 2
 
 
 def test_incremental_reads_changed_employees_in_batches(emu: BambooHREmulator) -> None:
-    c = connector(emu, batch_size=4, changed_overlap=0)
+    newest = one_second_each(emu.org)
+    c = connector(emu, batch_size=4)
     _, first = pull(c)
     for n in range(10, 20):
         emu.org.update_person(n, department="Legal")
     pages, done = pull(c, first.cursor)
-    assert [len(p.users) for p in pages] == [4, 4, 2]
+    assert [len(p.users) for p in pages] == [4, 4, 3]  # ten changed, and the newest of the overlap
     assert done.requests == 1 + 3
-    assert all(u.department == "Legal" for u in users(pages).values())
+    got = users(pages)
+    assert set(got) == {str(n) for n in range(10, 20)} | {newest}
+    assert all(u.department == "Legal" for eid, u in got.items() if eid != newest)
+
+
+def test_a_change_made_in_the_cursors_second_is_read_by_the_next_run(emu: BambooHREmulator) -> None:
+    """BambooHR's `since` is compared with `lastChanged` in whole seconds, strictly: the overlap
+    (at least a second; less is refused at load) asks from the second before the cursor's, so a
+    change made in the cursor's own second after the run that took it is still reported."""
+    org = emu.org
+    second = int(time.time()) + 2  # after every stamp the org has made (its clock never goes back)
+    with org.clock_at(second):
+        org.update_person(3, title="The Newest Change")
+    c = connector(emu, changed_overlap=1)
+    _, first = pull(c)
+    assert datetime.fromisoformat(first.cursor["since"]).timestamp() == second
+    with org.clock_at(second + 0.5):  # after that run, in the cursor's second
+        org.update_person(7, title="Edited In The Cursor's Second")
+    pages, _ = pull(c, first.cursor)
+    assert users(pages)["7"].job_title == "Edited In The Cursor's Second"
 
 
 def test_the_cursor_after_a_full_walk_is_the_newest_change_whatever_form_it_is_printed_in() -> None:

@@ -449,3 +449,16 @@ def test_an_okta_cursor_holdback_under_a_millisecond_fails_the_load_naming_the_k
     assert cfg.broken["o"].message.endswith("tenants.o.cursor_holdback: must be at least 0.001 (seconds: one "
         "millisecond, the precision of Okta's lastUpdated); with less, a change made in the cursor's "
         "millisecond is skipped by every later run")  # fmt: skip
+
+
+def test_a_bamboohr_changed_overlap_under_a_second_fails_the_load_naming_the_key_and_the_minimum(tmp_path):
+    """`changed_overlap = 0` loaded, and the next run asked `employees/changed?since=` the cursor's
+    own second, which BambooHR compares strictly and to the second: a change made in that second
+    after the run was never reported (until a full sync)."""
+    for value in ("0", "0.5", "-1"):
+        assert error_of(tmp_path, GOOD + f"changed_overlap = {value}\n") == (
+            f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.changed_overlap: must be at least 1 (seconds: "
+            "BambooHR's `since` has one-second precision); with less, a change made in the cursor's second "
+            "is missed by every later run"
+        )
+    assert load_config(write(tmp_path, GOOD + "changed_overlap = 1\n")).tenant("acme-hr").changed_overlap == 1

@@ -26,7 +26,7 @@ import requests
 
 from dirpull.config import MIN_CURSOR_HOLDBACK, ConfigError, OktaTenant, parse_config
 from dirpull.connectors.base import ConfigurationError, ConnectorError, Done, Page
-from dirpull.connectors.okta import OktaConnector, check_org_url
+from dirpull.connectors.okta import MAX_TRANSIENT_ATTEMPTS, OktaConnector, check_org_url
 from dirpull.emulators.okta_api import OktaEmulator, group_id, user_id
 from dirpull.emulators.okta_api import _error as okta_error
 from dirpull.emulators.org import Org
@@ -315,15 +315,61 @@ def test_slows_down_before_the_reserve_is_spent(org: Org, tmp_path: Path) -> Non
         e.stop()
 
 
-def test_connection_refused_fails(org: Org, tmp_path: Path) -> None:
+def test_connection_refused_fails_naming_the_listing_after_the_attempts_of_an_http_error(
+    org: Org, tmp_path: Path
+) -> None:
+    """The final error of a request that kept failing below HTTP said only `GET URL: reason`: the
+    run's error (and `ConnectorError.step`) did not say which listing failed, as HTTP errors do."""
     e = OktaEmulator(org)
     e.start()
-    cfg = tenant(e, tmp_path)
-    e.stop()
+    try:
+        cfg = tenant(e, tmp_path)
+        # An outage answered 503 by Okta: the attempts one request gets.
+        e.faults.update({"error": 10_000, "error_status": 503})
+        with pytest.raises(ConnectorError) as http_error:
+            pull(connector(cfg))
+    finally:
+        e.stop()
+    attempts = http_error.value.requests
+    assert http_error.value.step == "list users" and attempts == MAX_TRANSIENT_ATTEMPTS
     sleeps = Sleeps()
-    with pytest.raises(ConnectorError, match="attempts"):
-        pull(connector(cfg, sleeps))
-    assert len(sleeps.calls) == 5
+    with pytest.raises(ConnectorError) as info:
+        pull(connector(cfg, sleeps))  # the same port, closed now
+    err, port = info.value, urlsplit(cfg["org_url"]).port
+    assert str(err).startswith(f"list users: GET http://127.0.0.1:{port}/api/v1/users?"), str(err)
+    assert "Connection refused" in str(err) and str(err).endswith(f"(after {attempts} attempts)")
+    assert err.step == "list users" and err.retriable
+    assert err.requests == attempts and len(sleeps.calls) == attempts - 1
+    # The run's cap on waiting (max_rate_limit_wait) ends the retries sooner, naming the listing too.
+    with pytest.raises(ConnectorError) as capped:
+        pull(connector({**cfg, "backoff_base": 1.0, "max_rate_limit_wait": 2.0}))
+    assert str(capped.value).startswith("list users: GET ") and "would pass max_rate_limit_wait" in str(capped.value)
+    assert capped.value.step == "list users" and capped.value.requests < attempts
+
+
+@pytest.mark.parametrize(
+    ("path", "poll", "step"),
+    [
+        ("/api/v1/groups/", False, r"list members of group (00g\w+)"),
+        ("/api/v1/logs", True, r"read system log"),
+    ],
+    ids=["members", "system-log"],
+)
+def test_an_answer_cut_short_every_time_names_the_step_that_failed(
+    emu: OktaEmulator, tmp_path: Path, path: str, poll: bool, step: str
+) -> None:
+    """The connection dropped mid-answer on every attempt: the run's error named only the URL,
+    not the step (a group's member listing, the System Log), unlike an HTTP error there."""
+    import re
+
+    emu.faults.update({"drop": 10_000, "path": path})
+    with pytest.raises(ConnectorError) as info:
+        pull(connector(tenant(emu, tmp_path, poll_system_log=poll)), full=True)
+    err = info.value
+    m = re.match(rf"({step}): GET http://127\.0\.0\.1:\d+{re.escape(path)}", str(err))
+    assert m is not None, str(err)
+    assert err.step == m.group(1) and "ClientPayloadError" in str(err)
+    assert str(err).endswith(f"(after {MAX_TRANSIENT_ATTEMPTS} attempts)")
 
 
 def test_the_next_page_is_asked_for_while_this_one_is_handed_over(

@@ -1032,6 +1032,12 @@ class OktaConnector(CountsRequests):
         transport.last = None
         try:
             err = await run.sdk.get(path, query, path_params)
+        except ConnectorError as exc:
+            if exc.step is not None:
+                raise
+            # From `_Transport`, which knows the request, not the step: a connection that kept
+            # failing, the wait cap reached. Named like the HTTP errors, which listing failed.
+            raise ConnectorError(f"{step}: {exc}", retriable=exc.retriable, step=step, status=exc.status) from None
         except AttributeError as exc:
             raise self._failure(step, transport, f"the okta SDK failed ({_first_line(exc)})") from None
         except ValueError as exc:

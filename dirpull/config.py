@@ -459,6 +459,7 @@ class GoogleTenant(TenantBase):
 
 DEFAULT_SCOPES = ("okta.users.read", "okta.groups.read")
 MIN_CURSOR_HOLDBACK = 0.001  # seconds: Okta's timestamps are to the millisecond
+MAX_CURSOR_HOLDBACK = 86_400.0
 LOGS_SCOPE = "okta.logs.read"
 
 
@@ -521,6 +522,10 @@ class OktaTenant(TenantBase):
             raise ValueError(
                 f"must be at least {MIN_CURSOR_HOLDBACK} (seconds: one millisecond, the precision of Okta's "
                 "lastUpdated); with less, a change made in the cursor's millisecond is skipped by every later run"
+            )
+        if v > MAX_CURSOR_HOLDBACK:  # inf loaded, then failed every run with an OverflowError
+            raise ValueError(
+                f"must be at most {MAX_CURSOR_HOLDBACK:g} (seconds: a day, re-read by every incremental run)"
             )
         return v
 

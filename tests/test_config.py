@@ -443,6 +443,12 @@ def test_an_okta_cursor_holdback_under_a_millisecond_fails_the_load_naming_the_k
         )
     cfg = load_config(write(tmp_path, okta + "cursor_holdback = 0.001\n"), isolate_tenants=True)
     assert cfg.tenant("o").cursor_holdback == 0.001
+    for value in ("inf", "1e12", "86401"):  # inf loaded, then every run failed with an OverflowError
+        assert error_of(tmp_path, okta + f"cursor_holdback = {value}\n") == (
+            f"{tmp_path / 'dirpull.toml'}: tenants.o.cursor_holdback: must be at most 86400 (seconds: a day, "
+            "re-read by every incremental run)"
+        )
+    assert load_config(write(tmp_path, okta + "cursor_holdback = 86400\n")).tenant("o").cursor_holdback == 86400
     # Loaded by the daemon, the mistake makes only that tenant broken, saying why.
     cfg = load_config(write(tmp_path, GOOD + okta + "cursor_holdback = 0\n"), isolate_tenants=True)
     assert set(cfg.tenants) == {"acme-hr"}

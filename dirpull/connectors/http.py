@@ -61,7 +61,8 @@ def transport_reason(exc: BaseException, limit: int = 200) -> str:
     # Innermost first: aiohttp's wrappers are also ssl/OS errors, with less to say.
     chain = _exception_chain(exc)[::-1]
     reason = ""
-    for kind in (_cert_reason, _ssl_reason, _dns_reason, _timeout_reason, _errno_reason, _text_reason):
+    for kind in (_cert_reason, _ssl_reason, _dns_reason, _timeout_reason, _errno_reason, _aiohttp_reason,
+                 _text_reason):  # fmt: skip
         reason = next((r for e in chain if (r := kind(e))), "")
         if reason:
             break
@@ -114,6 +115,15 @@ def _timeout_reason(e: BaseException) -> str:
     # socket.timeout and asyncio.TimeoutError are TimeoutError; urllib3's and httpx's own
     # timeouts wrap one or are named so.
     return "timed out" if isinstance(e, TimeoutError) or "Timeout" in type(e).__name__ else ""
+
+
+def _aiohttp_reason(e: BaseException) -> str:
+    # aiohttp's parser errors print as "400, message: …": an internal code, which read as the
+    # server's HTTP status in a run's error (an answer cut short is no 400).
+    message = getattr(e, "message", None)
+    if type(e).__module__.startswith("aiohttp.") and isinstance(message, str) and message.strip():
+        return _clean_reason(message)
+    return ""
 
 
 def _text_reason(e: BaseException) -> str:

@@ -7,6 +7,7 @@ import asyncio
 import copy
 import inspect
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -316,7 +317,7 @@ def test_slows_down_before_the_reserve_is_spent(org: Org, tmp_path: Path) -> Non
 
 
 def test_connection_refused_fails_naming_the_listing_after_the_attempts_of_an_http_error(
-    org: Org, tmp_path: Path
+    org: Org, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The final error of a request that kept failing below HTTP said only `GET URL: reason`: the
     run's error (and `ConnectorError.step`) did not say which listing failed, as HTTP errors do."""
@@ -333,9 +334,13 @@ def test_connection_refused_fails_naming_the_listing_after_the_attempts_of_an_ht
     attempts = http_error.value.requests
     assert http_error.value.step == "list users" and attempts == MAX_TRANSIENT_ATTEMPTS
     sleeps = Sleeps()
-    with pytest.raises(ConnectorError) as info:
+    with caplog.at_level(logging.WARNING, logger="dirpull"), pytest.raises(ConnectorError) as info:
         pull(connector(cfg, sleeps))  # the same port, closed now
     err, port = info.value, urlsplit(cfg["org_url"]).port
+    # The daemon's log says which listing is being retried as it happens, not only the URL.
+    retries = [m for r in caplog.records if "Connection refused" in (m := r.getMessage()) and "; waiting " in m]
+    assert len(retries) == attempts - 1
+    assert all(m.startswith(f"list users: GET http://127.0.0.1:{port}/api/v1/users?") for m in retries), retries
     assert str(err).startswith(f"list users: GET http://127.0.0.1:{port}/api/v1/users?"), str(err)
     assert "Connection refused" in str(err) and str(err).endswith(f"(after {attempts} attempts)")
     assert err.step == "list users" and err.retriable

@@ -37,6 +37,7 @@ The SDK's sharp edges (../shared/sdk-notes.md §2) and what this module does abo
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import email.utils
 import ipaddress
 import json
@@ -309,6 +310,9 @@ class LastResponse:
 
 
 _TRANSPORT_CLASS: type | None = None
+# The step (`list users`, `read system log`…) of the request a task is making: the transport, below
+# the SDK, names it in its retry warnings and errors. A context variable: each task has its own.
+_STEP: contextvars.ContextVar[str | None] = contextvars.ContextVar("okta_step", default=None)
 
 
 def _transport_class() -> type:
@@ -327,7 +331,8 @@ def _transport_class() -> type:
 
         async def send_request(self, request: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
             url = request["url"]
-            what = f"{request['method']} {redact_url(url)}"
+            step = _STEP.get()
+            what = f"{step + ': ' if step else ''}{request['method']} {redact_url(url)}"
             attempt = 0
             while True:
                 attempt += 1
@@ -338,8 +343,8 @@ def _transport_class() -> type:
                     # Connection refused, reset, timeout: the SDK would crash on this later.
                     reason = transport_reason(error) if error else "no response"
                     if attempt >= MAX_TRANSIENT_ATTEMPTS:
-                        raise ConnectorError(f"{what}: {reason} (after {attempt} attempts)")
-                    await self.throttle.wait(self.throttle.backoff(attempt), f"{what}: {reason}")
+                        raise ConnectorError(f"{what}: {reason} (after {attempt} attempts)", step=step)
+                    await self._wait(self.throttle.backoff(attempt), f"{what}: {reason}", step)
                     continue
                 self.throttle.observe(resp.headers)
                 if self.first_date is None:
@@ -350,14 +355,22 @@ def _transport_class() -> type:
                         return req_info, resp, body, error  # classified by the caller
                     hint = self.throttle.reset_wait(resp.headers)
                     delay = hint if hint is not None else self.throttle.backoff(attempt)
-                    await self.throttle.wait(delay, f"{what}: HTTP 429 {_error_code(body) or ''}".strip())
+                    await self._wait(delay, f"{what}: HTTP 429 {_error_code(body) or ''}".strip(), step)
                     continue
                 if resp.status in (500, 502, 503, 504):
                     if attempt >= MAX_TRANSIENT_ATTEMPTS:
                         return req_info, resp, body, error  # classified by the caller
-                    await self.throttle.wait(self.throttle.backoff(attempt), f"{what}: HTTP {resp.status}")
+                    await self._wait(self.throttle.backoff(attempt), f"{what}: HTTP {resp.status}", step)
                     continue
                 return req_info, resp, body, error
+
+        async def _wait(self, seconds: float, why: str, step: str | None) -> None:
+            try:
+                await self.throttle.wait(seconds, why)
+            except ConnectorError as exc:  # the wait cap: `why` names the step already
+                if exc.step is None and step:
+                    exc.step = step
+                raise
 
     _TRANSPORT_CLASS = _Transport
     return _Transport
@@ -1030,6 +1043,7 @@ class OktaConnector(CountsRequests):
         """
         transport = run.transport
         transport.last = None
+        named = _STEP.set(step)
         try:
             err = await run.sdk.get(path, query, path_params)
         except ConnectorError as exc:
@@ -1055,6 +1069,8 @@ class OktaConnector(CountsRequests):
                 f"characters) is not JSON ({_first_line(exc)})",
                 step=step,
             ) from None
+        finally:
+            _STEP.reset(named)
         last = transport.last
         if err is not None or last is None or not 200 <= last.status <= 299:
             raise self._failure(step, transport, _first_line(err) if err is not None else "no response")

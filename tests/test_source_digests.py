@@ -55,7 +55,7 @@ def test_a_changed_user_carries_its_source_digest_to_the_row():
     plan = d.finish(SNAPSHOT)
     ws = build_writes(plan, {"1": record_fields(ADA)}, {})
     assert ws.user_sources == {"1": "s1b", "2": "s2"} and ws.source_refreshes == {}
-    assert [e["type"] for e in ws.all_events()] == ["user.updated", "user.created"]
+    assert [e["type"] for e in ws.all_events()] == ["user.created", "user.updated"]
 
 
 def test_same_row_from_a_different_vendor_record_only_refreshes_the_digest():

@@ -113,6 +113,23 @@ def test_prompts_placeholders_and_format_json_added() -> None:
     assert report_url("https://h/x?format=json&A=1", {}, day) == "https://h/x?format=json&A=1"
 
 
+@pytest.mark.parametrize("fmt", ["csv", "simplexml"])
+def test_a_report_url_copied_in_another_format_is_read_as_json(
+    emu: WorkdayEmulator, org: Org, tmp_path: Path, fmt: str
+) -> None:
+    """Actions › Web Service › View URLs offers the report as JSON, CSV, XML…: a URL copied with
+    another format than json is still read as JSON, not failed with its rows (people's names and
+    emails) quoted into the run's error."""
+    cfg = tenant(emu, tmp_path)
+    for key in ("users_report_url", "groups_report_url"):
+        cfg[key] = cfg[key].replace("format=json", f"format={fmt}")
+    pages, _ = pull(connector(cfg))
+    assert set(users_of(pages)) == {employee_id(p.n) for p in org.listed_people()}
+    assert {g.idp_id for p in pages for g in p.groups} == {group_id(g.n) for g in org.listed_groups()}
+    assert [path.count("format=") for _, path in emu.request_log] == [1, 1]
+    assert all("format=json" in path for _, path in emu.request_log)
+
+
 def test_groups_derived_from_a_column(emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
     cfg = tenant(emu, tmp_path, groups_report_url=None, group_column="Supervisory_Organization")
     pages, done = pull(connector(cfg))

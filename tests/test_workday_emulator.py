@@ -63,6 +63,26 @@ def test_worker_report_is_one_unpaged_list_of_string_rows(emu: WorkdayEmulator, 
         assert row["Active_Status"] in ("1", "0")
 
 
+def test_the_report_comes_in_the_format_its_url_names_and_xml_without_one(emu: WorkdayEmulator, org: Org) -> None:
+    import csv
+    import xml.etree.ElementTree as ET
+
+    base = emu.report_url("Worker_Directory").split("?")[0]
+    auth = (emu.username, emu.password)
+    listed = sorted(employee_id(p.n) for p in org.listed_people())
+    r = requests.get(base, params={"format": "csv"}, auth=auth, timeout=T)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/csv")
+    table = list(csv.DictReader(r.text.splitlines()))
+    assert sorted(row["Employee_ID"] for row in table) == listed
+    for fmt in (None, "simplexml"):
+        r = requests.get(base, params={"format": fmt} if fmt else {}, auth=auth, timeout=T)
+        assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/xml")
+        root = ET.fromstring(r.content)
+        wd = "{urn:com.workday.report/Worker_Directory}"
+        assert root.tag == f"{wd}Report_Data"
+        assert sorted(e.findtext(f"{wd}Employee_ID") for e in root.findall(f"{wd}Report_Entry")) == listed
+
+
 def test_empty_fields_are_omitted_not_null(org: Org) -> None:
     ceo = org.person(1)
     no_mail = org.hire("No", "Mail", with_email=False, department=None, title=None)

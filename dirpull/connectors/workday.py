@@ -108,11 +108,12 @@ def fill_prompt(value: str, today: date) -> str:
 
 
 def report_url(url: str, prompts: Mapping[str, str], today: date) -> str:
-    """The report URL with `format=json` (added when missing) and the prompts as query parameters."""
+    """The report URL with `format=json` and the prompts as query parameters. A URL copied from
+    View URLs with another format (csv, simplexml, …) asks for JSON instead: JSON is all this reads,
+    and the report in another format would fail every run with its first rows quoted."""
     parts = urlsplit(url)
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    if not any(k == "format" for k, _ in query):
-        query.append(("format", "json"))
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "format"]
+    query.insert(0, ("format", "json"))
     given = {k for k, _ in query}
     query += [(k, fill_prompt(v, today)) for k, v in prompts.items() if k not in given]
     # Workday wants `!` literally in reference prompts (`Worker_Type!WID=a!b`).

@@ -6,7 +6,9 @@ returns ONE unpaged `{"Report_Entry": [...]}`. Keys are the columns' aliases, ev
 arrays of objects whose alias ends in `_group`. Prompts are query parameters (`Effective_as_of_Date=…`,
 reference prompts `X!WID=wid1!wid2`). Auth is HTTP Basic for an integration system user, or a Bearer
 token from `POST /ccx/oauth2/{tenant}/token` (grant_type=refresh_token). Errors come back as XML or HTML
-even when `format=json` was asked for.
+even when `format=json` was asked for. A report comes in the format its URL names, as the URLs under
+Actions › Web Service › View URLs do: `format=json`, `format=csv` (nested `_group` values joined with
+"; "), or XML (`wd:Report_Data`) without a format (RaaS's default) or with `format=xml`/`simplexml`.
 
 Two reports are served:
   * the worker report (default name `Worker_Directory`), one row per listed person; terminated
@@ -41,11 +43,13 @@ Faults (server.Faults) apply as everywhere: `error` → 5xx with the XML/HTML bo
 from __future__ import annotations
 
 import base64
+import csv
 import hashlib
 import io
 import json
 import secrets
 import threading
+import xml.etree.ElementTree as ET
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -284,22 +288,29 @@ class WorkdayEmulator(Emulator):
         prompts = {k: v[0] for k, v in req.query.items() if k != "format"}
         with self._lock:
             self.prompts_log.append(prompts)
-        fmt = req.arg("format")
-        if fmt not in (None, "json"):
+        # The report in the format its URL names (Actions › Web Service › View URLs lists JSON,
+        # CSV, XML, …); without one, RaaS answers XML.
+        fmt = (req.arg("format") or "xml").lower()
+        if fmt not in ("json", "csv", "xml", "simplexml"):
             return self.error(400, f"format {fmt} is not served by this emulator", fault="Invalid request")
-        if fmt is None:
-            # RaaS defaults to XML; the emulator only speaks JSON, so it says so in XML.
-            return self.error(400, "Add format=json to the URL", fault="Invalid request")
         as_of = _as_of(prompts.get("Effective_as_of_Date"))
         if as_of is None:
             return self.error(
                 400, "Invalid value for prompt Effective_as_of_Date", fault="Validation error occurred"
             )
         if p["report"] == self.users_report:
-            return Response(200, self._users_body(prompts, as_of))
-        if p["report"] == self.groups_report:
-            return Response(200, self._groups_body())
-        return self.error(500, f"Invalid request: report {p['owner']}/{p['report']} not found in tenant")
+            if fmt == "json":
+                return Response(200, self._users_body(prompts, as_of))
+            rows = self._users_rows(prompts, as_of)
+        elif p["report"] == self.groups_report:
+            if fmt == "json":
+                return Response(200, self._groups_body())
+            rows = self._groups_rows()
+        else:
+            return self.error(500, f"Invalid request: report {p['owner']}/{p['report']} not found in tenant")
+        if fmt == "csv":
+            return Response(200, self._csv(rows), content_type="text/csv; charset=utf-8")
+        return Response(200, self._xml(rows, p["report"]), content_type="text/xml; charset=utf-8")
 
     def error_page_forbidden(self, report: str) -> Response:
         page = (
@@ -309,6 +320,12 @@ class WorkdayEmulator(Emulator):
         return Response(403, page, content_type="text/html")
 
     def _users_body(self, prompts: dict[str, str], as_of: date) -> bytes:
+        return self._encode(self._users_rows(prompts, as_of))
+
+    def _groups_body(self) -> bytes:
+        return self._encode(self._groups_rows())
+
+    def _users_rows(self, prompts: dict[str, str], as_of: date) -> Any:
         filters = {
             k[: -len("!WID")]: set(v.split("!")) for k, v in prompts.items() if k.endswith("!WID") and v
         }
@@ -323,14 +340,14 @@ class WorkdayEmulator(Emulator):
                 row = self._shaped(row)
                 yield {names[c]: row[c] for c in columns if c in row}
 
-        return self._encode(rows())
+        return rows()
 
-    def _groups_body(self) -> bytes:
+    def _groups_rows(self) -> Any:
         def rows() -> Any:
             for group in self.org.listed_groups():
                 yield {self.aliases.get(k, k): v for k, v in self._shaped(self.group_row(group)).items()}
 
-        return self._encode(rows())
+        return rows()
 
     def _shaped(self, row: dict[str, Any]) -> dict[str, Any]:
         """A row (standard column names) as sent: with `numeric_ids`, worker ids are numbers; with
@@ -359,6 +376,43 @@ class WorkdayEmulator(Emulator):
                 buf.write((("" if first else ",") + ",".join(chunk)).encode("utf-8", "backslashreplace"))
         buf.write(b"]}")
         return buf.getvalue()
+
+    def _csv(self, rows: Any) -> bytes:
+        """The report as CSV: a header of every column any row has, one line per row; a nested
+        `_group` column's values joined with "; " (its entries' first values)."""
+        with self.org.lock:
+            listed = list(rows)
+        header = list(dict.fromkeys(k for row in listed for k in row))
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\r\n")
+        writer.writerow(header)
+        for row in listed:
+            writer.writerow([_flat(row.get(k)) for k in header])
+        return out.getvalue().encode("utf-8", "backslashreplace")
+
+    def _xml(self, rows: Any, report: str) -> bytes:
+        """The report as RaaS's XML: `wd:Report_Data` of `wd:Report_Entry` elements, a nested
+        `_group` column as one element per entry."""
+        ns = f"urn:com.workday.report/{report}"
+        root = ET.Element("wd:Report_Data", {"xmlns:wd": ns})
+
+        def put(parent: ET.Element, key: str, value: Any) -> None:
+            if isinstance(value, list):
+                for item in value:
+                    put(parent, key, item)
+            elif isinstance(value, dict):
+                el = ET.SubElement(parent, f"wd:{key}")
+                for k, v in value.items():
+                    put(el, k, v)
+            else:
+                ET.SubElement(parent, f"wd:{key}").text = str(value)
+
+        with self.org.lock:
+            for row in rows:
+                entry = ET.SubElement(root, "wd:Report_Entry")
+                for key, value in row.items():
+                    put(entry, key, value)
+        return b"<?xml version='1.0' encoding='UTF-8'?>\n" + ET.tostring(root, encoding="utf-8", xml_declaration=False)
 
     def worker_row(self, p: Person, as_of: date) -> dict[str, Any]:
         """Every standard column of one worker; empty values are left out, as Workday does."""
@@ -447,6 +501,16 @@ def _as_of(value: str | None) -> date | None:
         return date.fromisoformat(value[:10])
     except ValueError:
         return None
+
+
+def _flat(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, list):
+        return "; ".join(_flat(next(iter(v.values()), None) if isinstance(v, dict) else v) for v in value)
+    return str(value)
 
 
 def _numeric_ids(row: dict[str, Any]) -> dict[str, Any]:

@@ -134,3 +134,31 @@ def test_workday_forbidden_report_and_bad_switches(serve: Any) -> None:
         resp = control(info, "/_emulator/workday", body)
         assert resp.status_code == 400, body
     assert control(info, "/_emulator/okta", {}).status_code == 404  # another vendor's switches
+
+
+def test_workday_token_endpoint_quoting_the_grant_sent_can_be_switched_on_over_http(serve: Any) -> None:
+    """`echo_grant`, documented among the switches served over HTTP: the token endpoint quotes
+    the refresh token it refused, and the connector fails the pull as a refused grant (the runner
+    takes the tenant's secrets out of the run's error: test_workday_connector)."""
+    info = serve("workday")
+    assert control(info, "/_emulator/workday", {"echo_grant": True}).ok
+    from dirpull.emulators.workday_api import WorkdayEmulator
+
+    defaults = WorkdayEmulator.__init__.__kwdefaults__
+    tenant = {k: v for k, v in info["tenant"].items() if k not in ("username", "password")}
+    tenant |= {
+        "token_url": f"{info['base_url']}/ccx/oauth2/{defaults['tenant']}/token",
+        "client_id": defaults["client_id"],
+        "client_secret": defaults["client_secret"],
+        "refresh_token": "revoked-refresh-token-do-not-log",
+    }
+    said = requests.post(
+        tenant["token_url"],
+        data={"grant_type": "refresh_token", "refresh_token": tenant["refresh_token"]},
+        auth=(tenant["client_id"], tenant["client_secret"]),
+        timeout=10,
+    ).json()
+    assert said["error"] == "invalid_grant" and tenant["refresh_token"] in said["error_description"]
+    connector = WorkdayConnector("t1", WorkdayTenant.model_validate(tenant))
+    with pytest.raises(AuthError, match="invalid_grant"):
+        list(connector.pull(None, full=True))

@@ -170,6 +170,7 @@ class WorkdayEmulator(Emulator):
                 "lone_objects": flag,
                 "numeric_ids": flag,
                 "token_response": lambda v: None if v is None else dict(v),
+                "echo_grant": flag,
             },
         )
 

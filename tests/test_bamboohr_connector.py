@@ -192,6 +192,21 @@ def test_the_cursor_after_a_full_walk_is_the_newest_change_whatever_form_it_is_p
     assert newest(None, "", "0000-00-00", 20250101) is None
 
 
+def test_the_current_host_style_base_url_is_used_as_given(emu: BambooHREmulator) -> None:
+    """BambooHR's current spec serves `https://{companyDomain}.bamboohr.com/api/v1/...` (the host
+    names the company); the reference is unsure the legacy gateway stays: an api_url ending in
+    /v1 is that base, not a gateway to put the company after."""
+    emu.org.update_person(5, title="Principal")
+    c = connector(emu, api_url=f"{emu.base_url}/api/v1")
+    pages, first = pull(c)
+    assert first.snapshot and len(users(pages)) == 40 and users(pages)["5"].job_title == "Principal"
+    emu.org.update_person(6, title="Host Style")
+    pages, done = pull(c, first.cursor)
+    assert not done.snapshot and users(pages)["6"].job_title == "Host Style"
+    paths = [path for _, path in emu.request_log]
+    assert paths and all(path.startswith("/api/v1/") and "gateway.php" not in path for path in paths)
+
+
 def test_full_flag_ignores_the_cursor(emu: BambooHREmulator) -> None:
     c = connector(emu)
     _, first = pull(c)

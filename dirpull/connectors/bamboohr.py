@@ -124,7 +124,11 @@ class BambooHRConnector(CountsRequests):
         self.tenant = tenant
         self.settings = settings
         self._policy = policy
-        self.base = f"{settings.api_url.rstrip('/')}/{settings.company_domain}/v1"
+        api = settings.api_url.rstrip("/")
+        # The current spec's base, https://{companyDomain}.bamboohr.com/api/v1, names the company
+        # in its host and is used as given; any other api_url is the legacy gateway, which takes
+        # the company in its path (directory-apis.md §4.1: whether both stay accepted is unsure).
+        self.base = api if api.endswith("/v1") else f"{api}/{settings.company_domain}/v1"
         custom = [_field_of(path) for path in settings.attributes.values()]
         extra = [settings.manager_field, *custom]
         self.fields = list(dict.fromkeys([*REPORT_FIELDS, *(f for f in extra if f)]))

@@ -368,6 +368,18 @@ def test_forbidden_html_page_is_an_auth_error(emu: WorkdayEmulator, tmp_path: Pa
         list(connector(tenant(emu, tmp_path)).pull(None, full=False))
 
 
+def test_a_json_report_labelled_otherwise_fails_without_quoting_its_rows(emu: WorkdayEmulator, tmp_path: Path) -> None:
+    """A proxy relabelling the report (text/plain): the run fails on the content type, and the error,
+    which lands in the run record and the log, quoted the report's first rows (names, emails)."""
+    emu.json_content_type = "text/plain; charset=utf-8"
+    with pytest.raises(ConnectorError, match=r"expected JSON from the report but got text/plain") as info:
+        list(connector(tenant(emu, tmp_path)).pull(None, full=True))
+    first = emu.org.person(min(p.n for p in emu.org.listed_people()))
+    msg = str(info.value)
+    assert "Report_Entry" in msg and "(values not shown)" in msg, msg
+    assert first.email not in msg and first.family not in msg, msg
+
+
 def test_non_json_200_and_broken_json(emu: WorkdayEmulator, tmp_path: Path) -> None:
     emu.login_page = True
     with pytest.raises(ConnectorError, match=r"expected JSON.*text/html.*Sign In"):

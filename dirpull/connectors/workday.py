@@ -325,7 +325,9 @@ class WorkdayConnector(CountsRequests):
             resp = self._get(client, url, step, headers)
         ctype = resp.headers.get("Content-Type", "").lower()
         if "json" not in ctype:
-            excerpt = readable_body(resp.raw.read(4096, decode_content=True))
+            # Only how it began if it is JSON (a report a proxy relabelled: its values are people,
+            # and the message lands in the run record and the log); a sign-in page as its text.
+            excerpt = body_opening(resp.raw.read(4096, decode_content=True), 300)
             resp.close()
             raise ConnectorError(
                 f"{step}: expected JSON from the report but got {ctype or 'no content type'}: {excerpt}",

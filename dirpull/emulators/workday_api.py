@@ -34,6 +34,8 @@ at `POST /_emulator/workday`):
                  token, e.g. one without `access_token`; None = a token
   echo_grant     the token endpoint's invalid_client/invalid_grant errors quote the client secret
                  or refresh token sent, as some OAuth servers do ("Invalid refresh token: …")
+  json_content_type  the Content-Type a JSON report is labelled with (a proxy may relabel it,
+                 e.g. text/plain); default application/json
 
 Faults (server.Faults) apply as everywhere: `error` → 5xx with the XML/HTML body above, `rate_limit`
 → 503 + Retry-After (Workday documents no 429), `expire_auth` → 401 (a bearer token is forgotten),
@@ -141,6 +143,8 @@ class WorkdayEmulator(Emulator):
         self.forbidden: set[str] = set()
         # Answer report requests with 200 and an HTML sign-in page (an SSO redirect gone wrong).
         self.login_page = False
+        # The Content-Type of a JSON report (a proxy in between may relabel it).
+        self.json_content_type = "application/json"
         # A `_group` column with one entry as that object, not an array of one.
         self.lone_objects = False
         # Worker ids as JSON numbers (a calculated field), not strings.
@@ -171,6 +175,7 @@ class WorkdayEmulator(Emulator):
                 "numeric_ids": flag,
                 "token_response": lambda v: None if v is None else dict(v),
                 "echo_grant": flag,
+                "json_content_type": str,
             },
         )
 
@@ -301,11 +306,11 @@ class WorkdayEmulator(Emulator):
             )
         if p["report"] == self.users_report:
             if fmt == "json":
-                return Response(200, self._users_body(prompts, as_of))
+                return Response(200, self._users_body(prompts, as_of), content_type=self.json_content_type)
             rows = self._users_rows(prompts, as_of)
         elif p["report"] == self.groups_report:
             if fmt == "json":
-                return Response(200, self._groups_body())
+                return Response(200, self._groups_body(), content_type=self.json_content_type)
             rows = self._groups_rows()
         else:
             return self.error(500, f"Invalid request: report {p['owner']}/{p['report']} not found in tenant")

@@ -706,6 +706,26 @@ def test_pull_cost_per_user() -> None:
             child.kill()
 
 
+def test_a_field_the_key_may_no_longer_read_is_held_not_emptied_for_everyone(
+    emu: BambooHREmulator, synced: Any
+) -> None:
+    """BambooHR silently leaves out the fields an API key may not read (still 200): a key that lost
+    access to work emails made the next full sync empty every user's email, and it was applied."""
+    h, _ = synced
+    seq = h.last_seq()
+    with_email = sum(1 for u in h.users("hr").values() if u["email"])
+    assert with_email > 20
+    emu.forbidden_fields = {"workEmail"}
+    r = h.sync("hr", full=True)
+    assert r.status == "held" and r.exit_code == 3, r.error
+    assert f"would empty email for {with_email} of 40 stored users" in r.error
+    assert "stopped returning it (a permission or scope lost)" in r.error
+    assert h.last_seq() == seq and sum(1 for u in h.users("hr").values() if u["email"]) == with_email
+    emu.forbidden_fields = set()  # access given back: nothing to apply, nothing held
+    again = h.sync("hr", full=True)
+    assert again.status == "succeeded" and again.events == 0, again.error
+
+
 def test_a_report_deactivating_many_active_workers_among_many_terminated_ones_is_held(harness: Any) -> None:
     """BambooHR keeps terminated employees: 240 of them next to about 60 active people. A run
     marking 25 active people terminated (over 40% of the workforce) was 25 of some 300 stored users,

@@ -469,6 +469,32 @@ def test_emptied_member_lists_are_held_and_force_applies_them(harness):
     assert any("guard overridden with --force: would remove 450" in n for n in forced.notes)
 
 
+def test_a_field_emptied_for_most_users_is_held_and_force_applies_it(harness):
+    """A directory that stops returning a field (an API key that lost a permission) looked like
+    everyone's email removed, and was applied: every consumer keyed on email lost it at once."""
+    d = Directory(users=[u.model_copy(update={"custom_attributes": {"cost_center": f"C{i % 3}"}})
+                         for i, u in enumerate(people(40))])  # fmt: skip
+    h = make(harness, d, guard={"max_percent": 20, "min_count": 5})
+    assert h.sync("t").status == "succeeded"
+    seq = h.last_seq()
+    d.users = [u.model_copy(update={"email": None}) for u in d.users]
+    held = h.sync("t")
+    assert held.status == "held" and held.exit_code == 3, held.error
+    assert "would empty email for 40 of 40 stored users (threshold 20% and more than 5)" in held.error
+    assert h.last_seq() == seq and all(u["email"] for u in h.users("t").values())
+    forced = h.sync("t", force=True)
+    assert forced.status == "succeeded" and not any(u["email"] for u in h.users("t").values())
+    # A mapped attribute too; a few people losing a value (under the floor) is ordinary.
+    d.users = [u.model_copy(update={"custom_attributes": {}}) for u in d.users]
+    held = h.sync("t")
+    assert held.status == "held" and "would empty custom_attributes.cost_center for 40 of 40" in held.error
+    d.users = [u.model_copy(update={"custom_attributes": {"cost_center": "C0"}}) for u in d.users]
+    assert h.sync("t", force=True).status == "succeeded"
+    d.users = [u.model_copy(update={"job_title": None, "custom_attributes": {}}) if i < 5 else u
+               for i, u in enumerate(d.users)]  # fmt: skip
+    assert h.sync("t").status == "succeeded"
+
+
 def test_memberships_of_a_deleted_group_or_user_do_not_count_as_removals(harness):
     """Deleting one large group (or a few people in many groups) is a deletion, measured as one:
     the memberships that go with it do not also trip the membership rule."""

@@ -577,6 +577,34 @@ def build_writes(
     return ws
 
 
+def cleared_fields(events: Iterable[dict[str, Any]]) -> dict[str, int]:
+    """For each user field, how many of the run's updates empty it (a value stored, none now);
+    a mapped attribute as `custom_attributes.KEY`. The vendor's own `raw_attributes` are left out.
+    For the guard: a directory that stops returning a field (an API key that lost a permission:
+    BambooHR silently leaves out what the key may not read) reads as that value removed from
+    everyone."""
+    counts: dict[str, int] = {}
+    for e in events:
+        if e["type"] != "user.updated":
+            continue
+        now = e["data"]
+        for name, old in (e.get("previous_attributes") or {}).items():
+            if name == "raw_attributes":
+                continue
+            if name == "custom_attributes" and isinstance(old, Mapping):
+                mapped = now.get(name) or {}
+                for key, was in old.items():
+                    if _filled(was) and not _filled(mapped.get(key)):
+                        counts[f"{name}.{key}"] = counts.get(f"{name}.{key}", 0) + 1
+            elif _filled(old) and not _filled(now.get(name)):
+                counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _filled(value: Any) -> bool:
+    return value is not None and value != "" and value != [] and value != {}
+
+
 def clear_deleted_managers(plan: Plan, reports: Mapping[str, dict[str, Any]]) -> int:
     """A delta that deletes users, from a vendor where a deleted manager is no one's manager any
     more but their reports are not listed as changed (Entra ID): every report this plan keeps

@@ -8,6 +8,7 @@ so past a threshold a human decides (`dirpull sync T --dry-run`, then `--force`)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from dirpull.config import GuardSettings
@@ -42,12 +43,14 @@ def check(
     quarantined_users: int = 0,
     member_removes: int = 0,
     stored_memberships: int = 0,
+    cleared: Mapping[str, int] | None = None,
 ) -> Verdict:
     """`stored_users` counts every stored user, `stored_active_users` the active ones;
     `active_user_deletes` is how many of the `user_deletes` were active, `user_deactivations` how
     many active users the run turns inactive. `member_removes` counts the memberships removed
     between a user and a group that both stay (those of deleted ones are the deletions' share);
-    `stored_memberships` need only be counted when `member_removes` exceeds `min_count`."""
+    `stored_memberships` need only be counted when `member_removes` exceeds `min_count`.
+    `cleared`: for each user field, how many stored users the run empties it for."""
     if first_sync:
         return Verdict(False)
     if snapshot and seen_users == 0 and stored_users > 0:
@@ -95,6 +98,17 @@ def check(
     # scope that lost the members' permission) takes everyone's access away in one run.
     if _exceeds(member_removes, stored_memberships, settings):
         return Verdict(True, f"would remove {member_removes} of {stored_memberships} group memberships ({threshold})")
+    # A field emptied for everyone at once is far more often the directory no longer returning it
+    # (an API key that lost a permission, a scope change) than a company that dropped its emails:
+    # applied, every consumer keyed on it loses it together.
+    for name, count in sorted((cleared or {}).items(), key=lambda item: (-item[1], item[0])):
+        if _exceeds(count, stored_users, settings):
+            return Verdict(
+                True,
+                f"would empty {name} for {count} of {stored_users} stored users ({threshold}); "
+                f"has the directory stopped returning it (a permission or scope lost)?",
+            )
+        break  # the most emptied field is under the threshold: so is every other
     return Verdict(False)
 
 

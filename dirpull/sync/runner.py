@@ -39,6 +39,7 @@ from dirpull.sync.diff import (
     StoredState,
     build_writes,
     clear_deleted_managers,
+    cleared_fields,
     deactivations,
 )
 
@@ -320,6 +321,7 @@ class Runner:
                 stored_memberships=(
                     self.store.count_memberships(tenant) if kept_removes > guard_settings.min_count else 0
                 ),
+                cleared=cleared_fields(writes.events),
             )
             if dry_run:
                 result.status = "planned"

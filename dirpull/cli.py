@@ -161,7 +161,8 @@ def _store(config: Config, *, create: bool = True, syncs: int = 1, reading: bool
     """The configured store, its pool holding enough connections for `syncs` syncs at once.
     `reading`: a command that only reads refuses a SQLite file that is not there instead of
     creating one (run from the wrong folder, a relative URL made a stray empty store there and
-    the command printed nothing, as if the real store were empty)."""
+    the command printed nothing, as if the real store were empty), and a database without
+    dirpull's schema instead of migrating it (a PostgreSQL URL naming the wrong database)."""
     if reading:
         _refuse_missing_sqlite(config.store.url)
     # A sync holds up to two connections for as long as it writes (its applying transaction and,
@@ -172,6 +173,15 @@ def _store(config: Config, *, create: bool = True, syncs: int = 1, reading: bool
     pool_size = max(config.store.pool_size, syncs)
     try:
         store = Store(config.store.url, pool_size=pool_size, connect_timeout=config.store.connect_timeout)
+        if reading and store.schema_state()[0] is None:
+            # Migrated here, an empty database (the wrong one named, or a SQLite file left empty)
+            # got every table and the command printed nothing, as if the real store were empty.
+            store.close()
+            raise fail(
+                f"no store at {store.safe_url}: the database has no dirpull schema; nothing created "
+                "(`dirpull sync` or `dirpull db upgrade` makes one)",
+                1,
+            )
         store.ensure_schema(create_if_empty=create)
         return store
     except StoreError as exc:

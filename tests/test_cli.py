@@ -1390,6 +1390,33 @@ def test_read_only_commands_refuse_a_missing_sqlite_store_and_create_nothing(tmp
         emulator.stop()
 
 
+def test_read_only_commands_refuse_an_empty_database_and_create_no_schema_in_it(tmp_path, store_url):
+    """A store URL naming an empty database (the wrong PostgreSQL database, a SQLite file left
+    empty): each query command migrated it, making every table there, and printed no rows or
+    "never synced", as if the real store were empty."""
+    if store_url.startswith("sqlite:"):
+        (tmp_path / "store.db").touch()
+    cfg = tmp_path / "dirpull.toml"
+    cfg.write_text(
+        f'[store]\nurl = "{store_url}"\n[tenants.hr]\nprovider = "bamboohr"\n'
+        'company_domain = "acme"\napi_key = "k"\napi_url = "http://127.0.0.1:9/api/gateway.php"\n'
+    )
+    for args in READ_ONLY:
+        r = CliRunner().invoke(app, ["--config", str(cfg), *args])
+        assert (r.exit_code, r.stdout) == (1, ""), (args, r.output)
+        assert r.stderr.startswith("dirpull: no store at ") and r.stderr.count("\n") == 1, r.stderr
+        assert "the database has no dirpull schema; nothing created" in r.stderr, r.stderr
+    engine = sa.create_engine(store_url)
+    try:
+        assert sa.inspect(engine).get_table_names() == []
+    finally:
+        engine.dispose()
+    # `dirpull db upgrade` makes the store, and then they read it.
+    assert CliRunner().invoke(app, ["--config", str(cfg), "db", "upgrade"]).exit_code == 0
+    for args in READ_ONLY:
+        assert CliRunner().invoke(app, ["--config", str(cfg), *args]).exit_code == 0, args
+
+
 def test_a_sqlite_store_whose_folder_is_missing_is_named_not_cannot_connect(tmp_path, monkeypatch):
     """`sqlite:///data/dirpull.db` run from a folder without data/ (or a /var/lib/dirpull not made
     yet): every command said "cannot connect (unable to open database file)", as for a lock or a

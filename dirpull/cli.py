@@ -315,15 +315,27 @@ def _describe(writes: WriteSet, limit: int = 200) -> Iterator[str]:
             yield f"{sign[kind]} {e['type']} {e['object_id']} {name}{changed}{lost}"
 
 
-def _planned(event: dict[str, Any]) -> dict[str, Any]:
-    """A dry run's event, its object with every field the applied event's has. The timestamps a
-    commit sets have no value yet: `updated_at` (and a created object's `created_at`) are null,
-    not a guessed time a consumer could take for the one the store will show; an updated
-    object's `created_at` is the stored one, as applied."""
+def _planned(tenant: str, event: dict[str, Any]) -> dict[str, Any]:
+    """A dry run's event with every field the applied event has, its object too. What only the
+    commit sets has no value yet: the event's `seq`, `run_id` and `created_at`, the object's
+    `updated_at` (and a created object's `created_at`) are null, not a guessed value a consumer
+    could take for the one the store will show; an updated object's `created_at` is the stored
+    one, as applied. Without them a consumer's code for applied events failed on a planned one
+    (no `tenant`, and no `previous_attributes` but on updates)."""
     if event["type"].endswith((".created", ".updated")):
         data = event["data"]
         event = {**event, "data": {**data, "created_at": data.get("created_at"), "updated_at": None}}
-    return {"planned": True, **event}
+    return {
+        "planned": True,
+        "seq": None,
+        "type": event["type"],
+        "tenant": tenant,
+        "run_id": None,
+        "data": event["data"],
+        "previous_attributes": event.get("previous_attributes"),
+        "created_at": None,
+        "object_id": event["object_id"],
+    }
 
 
 @app.command()
@@ -391,7 +403,7 @@ def sync(
     if as_json:
         rows: list[dict[str, Any]] = [summary]
         if dry_run and result.writes is not None:
-            rows += [_planned(e) for e in result.writes.all_events()]
+            rows += [_planned(tenant, e) for e in result.writes.all_events()]
         _jsonl(rows)
     elif result.status == "skipped":
         # Nothing was read: not "no changes", which says the directory was found unchanged.

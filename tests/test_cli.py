@@ -856,6 +856,36 @@ def okta(tmp_path: Path, store_url: str) -> Iterator[dict]:
         cluster.stop()
 
 
+def test_dry_run_json_events_have_every_field_of_the_applied_ones(okta):
+    """A planned event had no `tenant`, and no `previous_attributes` but on updates: a consumer
+    reading it with its code for applied events failed on a KeyError. Each now has every field of
+    the event the sync then writes; what only the commit sets (seq, run_id, created_at) is null."""
+    org = okta["org"]
+    person = next(p for p in org.people.values() if p.visible and p.state == "active" and p.n > 1)
+    org.update_person(person.n, title="Principal")
+    org.hire()
+    group = next(iter(org.groups))
+    outside = next(p.n for p in org.people.values() if p.visible and p.n not in org.groups[group].members)
+    org.add_member(group, outside)
+    org.delete(next(p.n for p in org.people.values() if p.visible and p.n not in (1, person.n, outside)))
+    seq = max(e["seq"] for e in jsonl(run(okta, "events", "demo-okta", "--json").stdout))
+    r = run(okta, "sync", "demo-okta", "--full", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    planned = jsonl(r.stdout)[1:]
+    assert {"user.created", "user.updated", "user.deleted", "group.user_added"} <= {e["type"] for e in planned}
+    for e in planned:
+        assert set(e) >= EVENT_KEYS | {"planned"}, e
+        assert (e["planned"], e["tenant"], e["seq"], e["run_id"], e["created_at"]) == (
+            True, "demo-okta", None, None, None
+        ), e  # fmt: skip
+        assert (e["previous_attributes"] is None) == (not e["type"].endswith(".updated")), e
+    assert run(okta, "sync", "demo-okta", "--full").exit_code == 0
+    applied = jsonl(run(okta, "events", "demo-okta", "--after", str(seq), "--json").stdout)
+    assert [(e["type"], e["tenant"], e["previous_attributes"]) for e in applied] == [
+        (e["type"], e["tenant"], e["previous_attributes"]) for e in planned
+    ]
+
+
 def test_an_empty_group_or_user_id_lists_no_one(okta):
     """`--group "$G"` with G unset or empty: no user is in a group without an id. It listed every
     user of the tenant as a member (and `--user ""` every group as one the user is in)."""

@@ -217,10 +217,17 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+def _utf8(stream: Any) -> bool:
+    return str(getattr(stream, "encoding", "") or "").lower().replace("-", "").replace("_", "") == "utf8"
+
+
 def _jsonl(rows: Iterable[dict[str, Any]]) -> None:
     out = sys.stdout
+    # Where stdout is not UTF-8 (PYTHONIOENCODING=latin-1, a Latin-1 locale), a name in another
+    # script raised UnicodeEncodeError halfway through the output: escaped, it is the same JSON.
+    ascii_only = not _utf8(out)
     for row in rows:
-        line = json.dumps(row, ensure_ascii=False, default=_json_default, separators=(",", ":"))
+        line = json.dumps(row, ensure_ascii=ascii_only, default=_json_default, separators=(",", ":"))
         if not line.isascii():  # O(1) for str: ASCII lines skip the scans below
             # JSON leaves these raw in strings, and str.splitlines() (like other readers) takes
             # them for line ends: a vendor value holding one (U+2028 comes with text pasted from
@@ -812,6 +819,11 @@ def demo(
 
 
 def main() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if not _utf8(stream) and hasattr(stream, "reconfigure"):
+            # The tables and messages on a stdout that is not UTF-8: a character it cannot hold
+            # shows as "?" instead of a traceback halfway through (--json escapes it instead).
+            stream.reconfigure(errors="replace")
     try:
         app()
     except KeyboardInterrupt:

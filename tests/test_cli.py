@@ -245,6 +245,23 @@ def test_tabs_and_line_breaks_in_values_keep_the_tables_one_row_each(env, store_
     assert "Head of\tPeople\nand Culture" in titles
 
 
+def test_a_stdout_that_is_not_utf8_gets_escaped_json_and_tables_without_a_traceback(env):
+    """With PYTHONIOENCODING=latin-1 (or a Latin-1 locale), a name in another script raised
+    UnicodeEncodeError halfway through `users --json`, and the tables likewise."""
+    n = next(p.n for p in env["org"].people.values() if p.visible and p.state == "active")
+    env["org"].update_person(n, title="山田 Łukasz 😀 Zoë")
+    assert run(env, "sync", "hr").exit_code == 0
+    latin1 = {**os.environ, "PYTHONIOENCODING": "latin-1", "DIRPULL_STORE_URL": ""}
+    cmd = [sys.executable, "-m", "dirpull.cli", "--config", env["config"]]
+    out = subprocess.run([*cmd, "users", "hr", "--json"], env=latin1, capture_output=True, timeout=60)
+    assert out.returncode == 0 and b"Traceback" not in out.stderr, out.stderr.decode("latin-1")
+    users = [json.loads(line) for line in out.stdout.decode("latin-1").splitlines()]
+    assert "山田 Łukasz 😀 Zoë" in {u["job_title"] for u in users}
+    table = subprocess.run([*cmd, "users", "hr"], env=latin1, capture_output=True, timeout=60)
+    assert table.returncode == 0 and b"Traceback" not in table.stderr, table.stderr.decode("latin-1")
+    assert "?? ?ukasz ? Zoë" in table.stdout.decode("latin-1")
+
+
 def test_a_held_run_is_not_reported_as_having_written_events(env):
     """A held run writes nothing, yet `dirpull sync` said "rows_written 59, events 59" after it
     and `dirpull runs` showed 59 in its events column, as if a consumer had 59 new events."""

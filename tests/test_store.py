@@ -597,6 +597,31 @@ def test_a_store_migrated_by_a_newer_dirpull_says_to_upgrade_dirpull_not_the_sch
     assert check.stdout.strip() == f"schema {NEXT}, needed {CURRENT} (newer than this dirpull: upgrade dirpull)"
 
 
+def test_a_migration_the_database_refuses_is_one_line_and_changes_nothing(store_url: str, tmp_path: Path):
+    """A database already holding another application's `users` table (or, on PostgreSQL 15, a role
+    that may not create tables in `public`): `dirpull db upgrade` was alembic's traceback with
+    the SQL on PostgreSQL. Now one line naming the store and the database's reason, exit 1."""
+    engine = sa.create_engine(store_url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text("CREATE TABLE users (id INTEGER PRIMARY KEY, login TEXT)"))
+            conn.execute(sa.text("INSERT INTO users VALUES (1, 'theirs')"))
+        config = _config(tmp_path, store_url)
+        for args in (["db", "upgrade"], ["db", "upgrade"]):  # failed once, it fails the same way again
+            r = _cli(config, *args)
+            assert (r.exit_code, r.stdout) == (1, ""), r.output
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1 and "Traceback" not in r.output, r.output
+            assert lines[0].startswith(f"dirpull: store {Store(store_url).safe_url}: "), lines[0]
+            assert '"users" already exists' in lines[0] or "table users already exists" in lines[0], lines[0]
+            assert "CREATE TABLE" not in lines[0]
+        assert sa.inspect(engine).get_table_names() == ["users"]  # nothing else was made
+        with engine.connect() as conn:
+            assert conn.execute(sa.text("SELECT id, login FROM users")).all() == [(1, "theirs")]
+    finally:
+        engine.dispose()
+
+
 def test_upgrading_a_0002_store_keeps_its_rows_and_takes_long_values(store_url: str):
     from alembic import command
 

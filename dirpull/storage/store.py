@@ -264,6 +264,14 @@ class Store:
                 if only_if_empty and (current is not None or sa.inspect(conn).get_table_names()):
                     raise self._behind(current, head)
                 command.upgrade(self._alembic(conn), "head")
+        except sa.exc.DBAPIError as exc:
+            # A migration the database refuses (PostgreSQL 15's "permission denied for schema
+            # public", a table of that name from another application) was alembic's traceback with
+            # the SQL. The migrations run in one transaction: it is rolled back, nothing changed.
+            raise StoreError(
+                f"store {self.safe_url}: schema upgrade from {before or 'empty'} to {head} failed, "
+                f"nothing changed ({_first_line(exc)})"
+            ) from None
         finally:
             if engine is not self.engine:
                 engine.dispose()

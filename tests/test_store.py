@@ -622,6 +622,47 @@ def test_a_migration_the_database_refuses_is_one_line_and_changes_nothing(store_
         engine.dispose()
 
 
+@pytest.mark.postgres
+def test_a_role_without_a_grant_is_one_line_naming_the_store(store_url: str, tmp_path: Path):
+    """A read-only role for the event consumers, its GRANT on `events` forgotten: `dirpull events`
+    was a traceback with the SQL. Now one line naming the store (no password) and the refusal."""
+    import uuid
+
+    s = Store(store_url)
+    s.ensure_schema()
+    s.close()
+    role, password = f"dirpull_ro_{uuid.uuid4().hex[:8]}", "ro-secret-pw"
+    url = sa.engine.make_url(store_url)
+    schema_name = url.query["options"].split("=", 1)[1]  # the test's own schema (search_path)
+    admin = sa.create_engine(url, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'"))
+        conn.execute(sa.text(f'GRANT USAGE ON SCHEMA "{schema_name}" TO {role}'))
+        for table in t.metadata.tables:
+            if table != "events":
+                conn.execute(sa.text(f'GRANT SELECT ON "{schema_name}".{table} TO {role}'))
+        conn.execute(sa.text(f'GRANT SELECT ON "{schema_name}".alembic_version TO {role}'))
+    try:
+        reader = url.set(username=role, password=password).render_as_string(hide_password=False)
+        config = _config(tmp_path, reader)
+        assert _cli(config, "users", "hr").exit_code == 0  # what it may read, it reads
+        # The real command line: the one-line error is printed by `main()`, which CliRunner skips.
+        r = subprocess.run(
+            [sys.executable, "-m", "dirpull.cli", "--config", config, "events", "hr", "--json"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert (r.returncode, r.stdout) == (1, ""), r.stderr
+        assert r.stderr.splitlines() == [
+            f"dirpull: store {Store(reader).safe_url}: database error (permission denied for table events)"
+        ], r.stderr
+        assert password not in r.stderr
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f"DROP OWNED BY {role}"))
+            conn.execute(sa.text(f"DROP ROLE {role}"))
+        admin.dispose()
+
+
 def test_upgrading_a_0002_store_keeps_its_rows_and_takes_long_values(store_url: str):
     from alembic import command
 

@@ -1219,7 +1219,10 @@ def _one_line_errors(engine: Engine, safe_url: str) -> None:
     def _handle(ctx: sa.engine.ExceptionContext) -> BaseException | None:
         if ctx.is_pre_ping:  # the pool reconnects by itself
             return None
-        if not isinstance(ctx.sqlalchemy_exception, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+        # A role without a grant (a read-only role for `dirpull events`, say) is the operator's to
+        # fix, as an unreachable server: one line, not a traceback with the SQL.
+        refused = getattr(ctx.original_exception, "sqlstate", None) == "42501"  # insufficient_privilege
+        if not refused and not isinstance(ctx.sqlalchemy_exception, (sa.exc.OperationalError, sa.exc.InterfaceError)):
             return None  # integrity errors and the like are handled by the caller
         if ctx.connection is None:
             what = "cannot connect"

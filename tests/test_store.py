@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -892,18 +893,28 @@ def test_timestamps_always_have_six_fraction_digits(store_url: str, tmp_path: Pa
 
 
 @pytest.mark.postgres
-def test_store_recovers_when_the_server_drops_its_connections(store):
-    assert store.last_seq() == 0
-    admin = sa.create_engine(sa.engine.make_url(pg_url_or_skip()), poolclass=sa.pool.NullPool)
-    with admin.connect() as conn:  # e.g. a PostgreSQL restart or failover
-        conn.execute(
-            sa.text(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE application_name = 'dirpull' AND pid <> pg_backend_pid()"
-            )
-        )
-    admin.dispose()
-    assert store.last_seq() == 0  # the pool pings, drops the dead connections and reconnects
+def test_store_recovers_when_the_server_drops_its_connections(store_url):
+    # Its own application_name: only this store's connections are cut, not those of other test
+    # runs (or a developer's daemon) sharing the server.
+    name = f"dirpull-test-{uuid.uuid4().hex[:12]}"
+    store = Store(sa.engine.make_url(store_url).update_query_dict({"application_name": name}).render_as_string(False))
+    try:
+        store.ensure_schema()
+        assert store.last_seq() == 0
+        admin = sa.create_engine(sa.engine.make_url(pg_url_or_skip()), poolclass=sa.pool.NullPool)
+        with admin.connect() as conn:  # e.g. a PostgreSQL restart or failover
+            cut = conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE application_name = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": name},
+            ).all()
+        admin.dispose()
+        assert cut  # the store's pooled connection was there to cut
+        assert store.last_seq() == 0  # the pool pings, drops the dead connections and reconnects
+    finally:
+        store.close()
 
 
 def test_a_store_password_given_in_the_query_is_hidden_in_store_errors(tmp_path: Path):

@@ -520,7 +520,7 @@ def events(
         d = e["data"]
         what = f"group={d['group']} user={d['user']}" if "group" in d and "user" in d else d.get("idp_id", "")
         changed = f" changed={','.join(sorted(e['previous_attributes']))}" if e["previous_attributes"] else ""
-        typer.echo(f"{e['seq']}\t{_json_default(e['created_at'])}\t{e['type']}\t{what}{changed}")
+        typer.echo(_cells(e["seq"], _json_default(e["created_at"]), e["type"], f"{what}{changed}"))
 
 
 @app.command()

@@ -238,6 +238,17 @@ def test_tabs_and_line_breaks_in_values_keep_the_tables_one_row_each(env, store_
     for args in (("users", "hr"), ("runs", "hr"), ("status",)):
         header, *rows = run(env, *args).stdout.splitlines()
         assert rows and all(row.count("\t") == header.count("\t") for row in rows), args
+    # The event log's rows (no header): four columns each, an id holding a tab or a line break too.
+    store = Store(store_url)
+    try:
+        with store.engine.begin() as conn:  # an id as odd as a vendor may send
+            conn.execute(sa.update(schema.events).where(schema.events.c.seq == 1).values(
+                data={"idp_id": "odd\tid\nhere"}))  # fmt: skip
+    finally:
+        store.close()
+    rows = run(env, "events", "hr").stdout.splitlines()
+    assert rows and all(row.count("\t") == 3 for row in rows), [r for r in rows if r.count("\t") != 3][:3]
+    assert "odd id here" in rows[0]
     assert "Head of People and Culture" in run(env, "users", "hr").stdout
     assert "unexpected second line and a tab" in run(env, "runs", "hr").stdout
     assert "failing: unexpected second line and a tab" in run(env, "status").stdout

@@ -542,7 +542,9 @@ class OktaTenant(TenantBase):
     def _auth(self) -> OktaTenant:
         if self.api_token is None and not (self.client_id and self.private_key is not None):
             raise ValueError("give api_token, or client_id and private_key (OAuth service app)")
-        if self.api_token is not None and self.client_id:
+        if self.api_token is not None and (self.client_id or self.private_key is not None):
+            # A private_key beside api_token (client_id forgotten) was silently unused: the
+            # operator meant OAuth, and the run used the token.
             raise ValueError("give api_token or client_id/private_key, not both")
         if self.client_id and self.poll_system_log and LOGS_SCOPE not in self.scopes:
             # The token would lack it: every run would fail with a 403 on /api/v1/logs.

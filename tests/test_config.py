@@ -430,6 +430,18 @@ def test_an_okta_oauth_app_polling_the_system_log_gets_or_is_told_the_logs_scope
     assert without_polling.scopes == ["okta.users.read", "okta.groups.read"]
 
 
+def test_okta_credentials_of_both_kinds_are_a_mistake_even_without_client_id(tmp_path):
+    """A private_key next to api_token, client_id forgotten: the key was silently unused and the
+    run went on with the token, though the operator had set up OAuth."""
+    okta = '[tenants.o]\nprovider = "okta"\norg_url = "https://acme.okta.com"\napi_token = "t"\n'
+    for extra in ('private_key = "file:key.pem"\n', 'client_id = "0oa1"\nprivate_key = "file:key.pem"\n',
+                  'client_id = "0oa1"\n'):  # fmt: skip
+        assert error_of(tmp_path, okta + extra) == (
+            f"{tmp_path / 'dirpull.toml'}: tenants.o: give api_token or client_id/private_key, not both"
+        )
+    assert load_config(write(tmp_path, okta)).tenant("o").private_key is None
+
+
 def test_an_okta_cursor_holdback_under_a_millisecond_fails_the_load_naming_the_key_and_the_minimum(tmp_path):
     """`cursor_holdback = 0` loaded, and the next run asked `lastUpdated gt` the very millisecond
     of the cursor: a change made in it, to a user on a page already read, was skipped by every

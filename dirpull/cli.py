@@ -132,6 +132,7 @@ def main_options(
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning or error.")] = "info",
     log_format: Annotated[str, typer.Option("--log-format", help="text or json.")] = "text",
 ) -> None:
+    log_format = log_format.lower()  # as --log-level: JSON in a unit file is what the operator meant
     if log_format not in ("text", "json"):
         raise fail("--log-format must be text or json")
     if log_level.lower() not in ("debug", "info", "warning", "error"):

@@ -1347,6 +1347,16 @@ def test_the_systemd_unit_starts_the_daemon(env, monkeypatch):
     assert any(line["msg"].startswith("sync end tenant=hr") for line in logged)
 
 
+def test_log_format_like_log_level_takes_any_case(env):
+    args = ["--config", env["config"], "--log-format", "JSON", "--log-level", "INFO", "sync", "hr"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.stderr
+    logged = jsonl(r.stderr)
+    assert logged and any(line["msg"].startswith("sync end tenant=hr") for line in logged)
+    bad = CliRunner().invoke(app, ["--config", env["config"], "--log-format", "xml", "status"])
+    assert bad.exit_code == 2 and "--log-format must be text or json" in bad.stderr
+
+
 def test_emulate_writes_a_config_that_loads(tmp_path):
     target = tmp_path / "emu.toml"
     r = CliRunner().invoke(

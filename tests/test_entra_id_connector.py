@@ -376,6 +376,37 @@ def test_initial_sync_then_unchanged_sync_emits_nothing(synced: Any, org: Org) -
     assert h.changes("t1", after=seq) == []
 
 
+def test_a_property_graph_clears_or_leaves_out_is_none_whichever_round_reads_it(
+    synced: Any, graph: GraphEmulator, org: Org
+) -> None:
+    """Graph's delta sends a cleared property as null and leaves out one never set (the emulator
+    does both): either way it is None in the store, and a delta and a full walk agree on it."""
+    h = synced
+    seq = h.last_seq()
+    org.update_person(40, title=None, department=None)  # cleared: sent as null
+    org.update_group(3, description=None)
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert h.changes("t1", after=seq) == [
+        ("user.updated", user_id(40), ("department", "job_title", "raw_attributes")),
+        ("group.updated", group_id(3), ("description", "raw_attributes")),
+    ]
+    seq = h.last_seq()
+    org.rename(40, "Still", "Untitled")  # now never set as far as Graph says: left out of the record
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert h.changes("t1", after=seq) == [
+        ("user.updated", user_id(40), ("display_name", "first_name", "last_name", "raw_attributes")),
+    ]
+    user = h.users("t1")[user_id(40)]
+    assert user["job_title"] is None and user["department"] is None
+    assert "jobTitle" not in user["raw_attributes"] and "department" not in user["raw_attributes"]
+    assert h.groups("t1")[group_id(3)]["description"] is None
+    seq = h.last_seq()
+    assert h.sync("t1", full=True).mode == "full"
+    assert h.changes("t1", after=seq) == []
+
+
 def test_a_round_of_changes_gives_exactly_the_expected_events(synced: Any, org: Org) -> None:
     h = synced
     before_members = expected_members(org)

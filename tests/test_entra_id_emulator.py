@@ -239,6 +239,35 @@ def test_users_delta_rounds(client: Client, org: Org) -> None:
     assert delta_link3 != delta_link2
 
 
+def test_delta_omits_never_set_properties_and_sends_a_cleared_one_as_null(client: Client, org: Org) -> None:
+    """§1.1 "Delta property semantics": never-set properties are omitted from delta answers (a plain
+    list sends them as null); a property changed to null comes as null; unchanged ones repeat."""
+    org.update_person(20, title=None)
+    org.update_group(3, description=None)
+    listed = client.get("/users", **{"$select": "id,jobTitle,mobilePhone", "$top": "999"}).json()["value"]
+    assert next(u for u in listed if u["id"] == user_id(20)) == {"id": user_id(20), "jobTitle": None,
+                                                                "mobilePhone": None}  # fmt: skip
+    sel = "displayName,jobTitle,department,mobilePhone,employeeLeaveDateTime"
+    items, link, _ = client.round("/users/delta", **{"$select": sel})
+    assert all(None not in u.values() for u in items)
+    twenty = next(u for u in items if u["id"] == user_id(20))
+    assert "jobTitle" not in twenty and "mobilePhone" not in twenty and twenty["department"]
+    groups, glink, _ = client.round("/groups/delta", **{"$select": "displayName,description,mail"})
+    assert all(None not in g.values() for g in groups)
+    assert "description" not in next(g for g in groups if g["id"] == group_id(3))
+
+    org.update_person(21, department=None)  # cleared: a change, sent as null
+    org.rename(20, "Still", "Untitled")  # jobTitle unchanged and never set: still omitted
+    by_id = {u["id"]: u for u in client.round(link)[0]}
+    assert by_id[user_id(21)]["department"] is None and "jobTitle" in by_id[user_id(21)]
+    assert by_id[user_id(20)]["displayName"] == "Still Untitled" and "jobTitle" not in by_id[user_id(20)]
+    assert "mobilePhone" not in by_id[user_id(21)] and "employeeLeaveDateTime" not in by_id[user_id(21)]
+    org.update_group(5, description=None)
+    (five,) = client.round(glink)[0]
+    assert five == {"id": group_id(5), "displayName": org.group(5).name, "description": None,
+                    "mail": org.group(5).email}  # fmt: skip
+
+
 def test_manager_endpoint_and_a_manager_named_only_when_it_changed(
     graph: GraphEmulator, client: Client, org: Org
 ) -> None:

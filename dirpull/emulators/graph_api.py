@@ -9,6 +9,7 @@ Served on one port:
   GET  /v1.0/users/delta[()], /v1.0/groups/delta[()]
                                                  delta rounds: nextLink XOR deltaLink, @removed,
                                                  members@delta chunks, manager@delta, $deltatoken=latest
+                                                 never-set properties left out (lists send null)
   POST /_emulator/graph                          Graph-only switches (expire delta tokens, force 410, …)
 
 How deltas are answered without copying the organization: a delta token carries the org version the
@@ -921,6 +922,7 @@ class GraphEmulator(Emulator):
                     items.append(self._removed(user_id(n), p))
                     continue
             item = self._render(p, USER_PROPERTIES, names)
+            self._omit_never_set(item, p, self._users, USER_PROPERTIES, rnd)
             self._stale_removal(item["id"], items)
             if with_manager and (
                 rnd.initial
@@ -935,6 +937,26 @@ class GraphEmulator(Emulator):
             items.append(item)
         rnd.pos = n
         return items, n < hi
+
+    @staticmethod
+    def _omit_never_set(
+        item: dict[str, Any],
+        obj: Person | Group,
+        tracker: _Tracker,
+        table: dict[str, tuple[Render, tuple[str, ...]]],
+        rnd: _Round,
+    ) -> None:
+        """Delta leaves out never-set properties (§1.1 "Delta property semantics"), where a plain
+        list sends them as null. A property that changed to null since the round's `since` is a
+        change and is sent as null; one that is null and unchanged counts as never set."""
+        for name in [k for k, v in item.items() if v is None]:
+            fields = table[name][1]
+            if (
+                rnd.initial
+                or not fields
+                or not tracker.changed_after(obj, [tracker.index[f] for f in fields], rnd.since)
+            ):
+                del item[name]
 
     def _stale_removal(self, oid: str, items: list[dict[str, Any]]) -> None:
         """A replayed `@removed` of an object about to be listed live, when the test asked for one."""
@@ -1037,6 +1059,7 @@ class GraphEmulator(Emulator):
                             removed.add(member_list[-1])
                     member_list.sort()
             item = self._render(g, GROUP_PROPERTIES, names)
+            self._omit_never_set(item, g, self._groups, GROUP_PROPERTIES, rnd)
             self._stale_removal(item["id"], items)
             if member_list:
                 # A large group comes back on several pages, each with a chunk of its members: those

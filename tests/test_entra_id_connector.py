@@ -407,6 +407,40 @@ def test_a_property_graph_clears_or_leaves_out_is_none_whichever_round_reads_it(
     assert h.changes("t1", after=seq) == []
 
 
+def test_guest_users_are_synced_with_their_user_type_and_turn_into_members(
+    synced: Any, graph: GraphEmulator, org: Org
+) -> None:
+    """Graph lists invited external users (userType Guest, an #EXT# userPrincipalName) with the
+    members; dirpull syncs them as users, and consumers tell them apart by raw_attributes.userType.
+    Turning a guest into a member (or back) changes userType and the UPN: an update."""
+    h = synced
+    seq = h.last_seq()
+    guest = org.hire("Gina", "Partner", manager=None)
+    org.update_person(guest.n, guest=True)
+    org.update_person(44, guest=True)
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    local, domain = guest.username.split("@")
+    ext = f"{local}_{domain}#EXT#@{domain.split('.')[0]}.onmicrosoft.com"
+    assert sorted(c[:2] for c in h.changes("t1", after=seq)) == [
+        ("user.created", user_id(guest.n)), ("user.updated", user_id(44))]  # fmt: skip
+    stored = h.users("t1")[user_id(guest.n)]
+    assert (stored["username"], stored["email"], stored["state"]) == (ext, guest.email, "active")
+    assert stored["raw_attributes"]["userType"] == "Guest"
+    assert h.users("t1")[user_id(44)]["raw_attributes"]["userType"] == "Guest"
+
+    seq = h.last_seq()
+    org.update_person(guest.n, guest=False)  # converted to an internal member
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert h.changes("t1", after=seq) == [("user.updated", user_id(guest.n), ("raw_attributes", "username"))]
+    stored = h.users("t1")[user_id(guest.n)]
+    assert stored["username"] == guest.username and stored["raw_attributes"]["userType"] == "Member"
+    seq = h.last_seq()
+    assert h.sync("t1", full=True).mode == "full"
+    assert h.changes("t1", after=seq) == []
+
+
 def test_a_round_of_changes_gives_exactly_the_expected_events(synced: Any, org: Org) -> None:
     h = synced
     before_members = expected_members(org)

@@ -100,6 +100,13 @@ def _is_unified(g: Group) -> bool:
     return g.n % 4 == 0
 
 
+def _guest_upn(p: Person) -> str:
+    """A guest's userPrincipalName: their own address, `@` made `_`, then `#EXT#@` and the
+    tenant's initial domain (jane@fabrikam.com → jane_fabrikam.com#EXT#@contoso.onmicrosoft.com)."""
+    local, _, domain = p.username.partition("@")
+    return f"{local}_{domain}#EXT#@{domain.split('.')[0]}.onmicrosoft.com"
+
+
 # --- properties: how each Graph property renders, and which org fields it depends on -----------
 
 Render = Callable[[Any], Any]
@@ -115,7 +122,7 @@ USER_PROPERTIES: dict[str, tuple[Render, tuple[str, ...]]] = {
         lambda p: [p.email.replace("@", "@alias.", 1)] if p.email and p.n % 5 == 0 else [],
         ("email",),
     ),
-    "userPrincipalName": (lambda p: p.username, ("username",)),
+    "userPrincipalName": (lambda p: _guest_upn(p) if p.guest else p.username, ("username", "guest")),
     "accountEnabled": (lambda p: p.state == "active", ("state",)),
     "jobTitle": (lambda p: p.title, ("title",)),
     "department": (lambda p: p.department, ("department",)),
@@ -123,7 +130,7 @@ USER_PROPERTIES: dict[str, tuple[Render, tuple[str, ...]]] = {
     "employeeId": (lambda p: p.employee_number, ("employee_number",)),
     "employeeType": (lambda p: "Employee", ()),
     "officeLocation": (lambda p: p.location, ("location",)),
-    "userType": (lambda p: "Member", ()),
+    "userType": (lambda p: "Guest" if p.guest else "Member", ("guest",)),
     "createdDateTime": (lambda p: _iso(p.created_at), ()),
     "employeeHireDate": (lambda p: f"{p.hire_date}T00:00:00Z", ("hire_date",)),
     "employeeLeaveDateTime": (
@@ -179,7 +186,7 @@ GROUP_NAVIGATION = {"members": ()}
 
 USER_FIELDS = (
     "given", "family", "email", "username", "state", "title", "department", "employee_number",
-    "location", "hire_date", "termination_date", "cost_center", "manager", "soft_deleted", "deleted",
+    "location", "hire_date", "termination_date", "cost_center", "manager", "soft_deleted", "deleted", "guest",
 )  # fmt: skip
 GROUP_FIELDS = ("name", "description", "email", "deleted")
 

@@ -146,6 +146,9 @@ class Person:
     updated_at: float = 0.0
     version: int = 0
     renamed_at: float = 0.0  # the last change of `given` or `family` (a vendor may copy the name)
+    # An invited external user (Graph's userType Guest, with an #EXT# userPrincipalName); the other
+    # vendors have no such thing and ignore it.
+    guest: bool = False
 
     @property
     def display(self) -> str:

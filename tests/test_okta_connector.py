@@ -316,6 +316,31 @@ def test_slows_down_before_the_reserve_is_spent(org: Org, tmp_path: Path) -> Non
         e.stop()
 
 
+def test_a_low_system_log_quota_paces_the_log_reads_not_the_user_listing(org: Org, tmp_path: Path) -> None:
+    """Okta's limits are per endpoint (§3.1: 500 vs 1000 in recorded headers). A SIEM polling the
+    System Log keeps /api/v1/logs near its limit; before, the run took that bucket's `Remaining`
+    for the whole org and slept until the log's window reset before listing a single user."""
+    e = OktaEmulator(org, rate_limits={"/api/v1/logs": 10})
+    e.start()
+    try:
+        org.add_member(1, outsider(org, 1))  # an event: the run's log position is two pages away
+        auth = {"Authorization": f"SSWS {e.api_token}"}
+        for _ in range(8):  # the SIEM's reads of this minute
+            assert requests.get(f"{e.base_url}/api/v1/logs", headers=auth, timeout=10).status_code == 200
+        sleeps = Sleeps()
+        c = connector(tenant(e, tmp_path, poll_system_log=True), sleeps)
+        pages, done = pull(c)
+        assert len(users_of(pages)) == PEOPLE and done.cursor["log_next"]
+        assert c.last_throttle is not None
+        # The log's second page waits for the log's window (1 of its 10 left); nothing else waits.
+        assert [why for why, _ in c.last_throttle.waits] == ["rate limit reserve reached (1/10 left)"]
+        assert len(sleeps.calls) == 1
+        listing = requests.get(f"{e.base_url}/api/v1/users", headers=auth, timeout=10)
+        assert listing.headers["X-Rate-Limit-Limit"] == "600"  # the users' own window
+    finally:
+        e.stop()
+
+
 def test_connection_refused_fails_naming_the_listing_after_the_attempts_of_an_http_error(
     org: Org, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

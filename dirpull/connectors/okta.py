@@ -43,6 +43,7 @@ import ipaddress
 import json
 import logging
 import random
+import re
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Container, Iterator
@@ -205,11 +206,14 @@ Sleep = Callable[[float], Awaitable[Any]]
 
 @dataclass
 class Throttle:
-    """The run's rate-limit budget: what the last response said, and how long we have waited.
+    """The run's rate-limit budget: what the last response of each endpoint said, and how long we
+    have waited.
 
     Okta's per-minute quota is shared with every other integration of the customer's org, so we
     stop while `reserve` of the window is still left, and wait for `X-Rate-Limit-Reset` (measured
-    against the response's own `Date`, not our clock) rather than hammering it.
+    against the response's own `Date`, not our clock) rather than hammering it. The quotas are per
+    endpoint (directory-apis §3.1: 500 vs 1000 in recorded headers): a System Log that a SIEM keeps
+    near its limit says nothing about the user listing's window, so each endpoint's is kept apart.
     """
 
     reserve: float = 0.30
@@ -218,12 +222,11 @@ class Throttle:
     sleep: Sleep = interruptible_async_sleep
     waited: float = 0.0
     waits: list[tuple[str, float]] = field(default_factory=list)
-    limit: float | None = None
-    remaining: float | None = None
-    reset_in: float | None = None  # seconds from `observed_at` until the window resets
-    observed_at: float = 0.0
+    # endpoint (`rate_endpoint`) → (limit, remaining, seconds from `observed_at` until the window
+    # resets, observed_at), from its last response that carried the three headers.
+    windows: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
 
-    def observe(self, headers: Any) -> None:
+    def observe(self, headers: Any, endpoint: str = "") -> None:
         limit, remaining, reset = (
             _num(_header(headers, "X-Rate-Limit-Limit")),
             _num(_header(headers, "X-Rate-Limit-Remaining")),
@@ -231,9 +234,7 @@ class Throttle:
         )
         if limit is None or remaining is None or reset is None:
             return
-        self.limit, self.remaining = limit, remaining
-        self.reset_in = reset - _server_now(headers)
-        self.observed_at = time.monotonic()
+        self.windows[endpoint] = (limit, remaining, reset - _server_now(headers), time.monotonic())
 
     def reset_wait(self, headers: Any) -> float | None:
         """Seconds until the window resets, on the response's own clock; None when the reset is not
@@ -261,19 +262,28 @@ class Throttle:
         log.log(level, "%s; waiting %.1fs", why, seconds)
         await self.sleep(seconds)
 
-    async def pace(self) -> None:
-        """Before a request: if the window is down to the reserve, sleep until it resets."""
-        if self.limit is None or self.remaining is None or self.reset_in is None:
+    async def pace(self, endpoint: str = "") -> None:
+        """Before a request: if its endpoint's window is down to the reserve, sleep until it resets."""
+        window = self.windows.get(endpoint)
+        if window is None:
             return
-        if self.remaining > self.reserve * self.limit:
+        limit, remaining, reset_in, observed_at = window
+        if remaining > self.reserve * limit:
             return
-        left = self.reset_in - (time.monotonic() - self.observed_at)
+        left = reset_in - (time.monotonic() - observed_at)
         if left > 0:
             # Our own pacing, before Okta refuses anything: not worth a warning.
-            await self.wait(
-                left, f"rate limit reserve reached ({self.remaining:.0f}/{self.limit:.0f} left)", level=logging.INFO
-            )
-        self.remaining = None  # unknown until the next response
+            await self.wait(left, f"rate limit reserve reached ({remaining:.0f}/{limit:.0f} left)", level=logging.INFO)
+        del self.windows[endpoint]  # unknown until its next response
+
+
+_ID_SEGMENT = re.compile(r"^(/api/v1/(?:users|groups))/[^/]+")
+
+
+def rate_endpoint(url: str) -> str:
+    """The endpoint a request counts against, for `Throttle`: its path with the user or group id
+    replaced (`/api/v1/groups/{id}/users`), so every group's member listing shares one window."""
+    return _ID_SEGMENT.sub(r"\1/{id}", urlsplit(url).path)
 
 
 def _num(value: str | None) -> float | None:
@@ -333,10 +343,11 @@ def _transport_class() -> type:
             url = request["url"]
             step = _STEP.get()
             what = f"{step + ': ' if step else ''}{request['method']} {redact_url(url)}"
+            endpoint = rate_endpoint(url)
             attempt = 0
             while True:
                 attempt += 1
-                await self.throttle.pace()
+                await self.throttle.pace(endpoint)
                 self.requests += 1
                 req_info, resp, body, error = await super().send_request(request)
                 if resp is None:
@@ -346,7 +357,7 @@ def _transport_class() -> type:
                         raise ConnectorError(f"{what}: {reason} (after {attempt} attempts)", step=step)
                     await self._wait(self.throttle.backoff(attempt), f"{what}: {reason}", step)
                     continue
-                self.throttle.observe(resp.headers)
+                self.throttle.observe(resp.headers, endpoint)
                 if self.first_date is None:
                     self.first_date = _server_date(resp.headers)
                 self.last = LastResponse(resp.status, resp.headers, body or "", url)

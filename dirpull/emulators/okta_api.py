@@ -18,8 +18,9 @@ Served over the shared `Org`:
                                      with when the event was stored (a bounded one: `published`)
   POST /oauth2/v1/token              client_credentials + private_key_jwt (OAuth service app)
 
-Every response carries `X-Rate-Limit-Limit/Remaining/Reset` from a real per-window counter and a
-`Date`; exhausting the window gives 429 E0000047. Switches (attributes, or over HTTP at
+Every response carries `X-Rate-Limit-Limit/Remaining/Reset` from a real per-window counter of its
+endpoint family (users, groups, logs, token: each its own window, and its own limit with
+`rate_limits`) and a `Date`; exhausting the window gives 429 E0000047. Switches (attributes, or over HTTP at
 `POST /_emulator/okta`): `status_overrides` (Person.n → STAGED, PROVISIONED, …), `malformed_users`
 (Person.n served with a record the SDK's models reject), `rate_limit_headers` (a faulted 429 with or
 without the X-Rate-Limit headers), `fault_reset_in` (a faulted 429's X-Rate-Limit-Reset, seconds from
@@ -278,16 +279,23 @@ def _dig(record: dict[str, Any], path: str) -> Any:
 
 
 class RateWindow:
-    """A fixed-window counter per endpoint family, like Okta's per-minute org limits."""
+    """A fixed-window counter per endpoint family, like Okta's per-minute org limits. The limit
+    differs per endpoint in Okta (500 vs 1000 in recorded headers, §3.1): `limits` gives a bucket
+    its own, the others have `limit`."""
 
-    def __init__(self, limit: int, window: float) -> None:
+    def __init__(self, limit: int, window: float, limits: dict[str, int] | None = None) -> None:
         self.limit = limit
+        self.limits: dict[str, int] = dict(limits or {})
         self.window = window
         self._buckets: dict[str, tuple[float, int]] = {}
         self._lock = threading.Lock()
 
-    def hit(self, bucket: str, now: float) -> tuple[bool, int, int]:
-        """Count one request: (allowed, remaining, reset epoch seconds)."""
+    def limit_of(self, bucket: str) -> int:
+        return self.limits.get(bucket, self.limit)
+
+    def hit(self, bucket: str, now: float) -> tuple[bool, int, int, int]:
+        """Count one request: (allowed, limit, remaining, reset epoch seconds)."""
+        limit = self.limit_of(bucket)
         with self._lock:
             start, count = self._buckets.get(bucket, (now, 0))
             if now >= start + self.window:
@@ -295,14 +303,15 @@ class RateWindow:
             count += 1
             self._buckets[bucket] = (start, count)
             reset = math.ceil(start + self.window)
-            return count <= self.limit, max(0, self.limit - count), reset
+            return count <= limit, limit, max(0, limit - count), reset
 
     def peek(self, bucket: str, now: float) -> tuple[int, int]:
+        limit = self.limit_of(bucket)
         with self._lock:
             start, count = self._buckets.get(bucket, (now, 0))
             if now >= start + self.window:
                 start, count = now, 0
-            return max(0, self.limit - count), math.ceil(start + self.window)
+            return max(0, limit - count), math.ceil(start + self.window)
 
     def reset(self) -> None:
         with self._lock:
@@ -337,10 +346,13 @@ class OktaEmulator(Emulator):
         api_token: str = API_TOKEN,
         rate_limit: int = 600,
         rate_window: float = 60.0,
+        rate_limits: dict[str, int] | None = None,
     ) -> None:
         super().__init__(org)
         self.api_token = api_token
-        self.rates = RateWindow(rate_limit, rate_window)
+        # `rate_limits`: a bucket ("/api/v1/users", "/api/v1/groups", "/api/v1/logs",
+        # "/oauth2/v1/token") → its own per-window limit; the others have `rate_limit`.
+        self.rates = RateWindow(rate_limit, rate_window, rate_limits)
         # Switches for tests.
         self.status_overrides: dict[int, str] = {}  # Person.n → STAGED, PROVISIONED, RECOVERY, …
         self.malformed_users: set[int] = set()  # Person.n served with a record the SDK rejects
@@ -429,7 +441,7 @@ class OktaEmulator(Emulator):
         resp = _error(429, "E0000047", "API call exceeded rate limit due to too many requests.")
         if self.rate_limit_headers:
             resp.headers += [
-                ("X-Rate-Limit-Limit", str(self.rates.limit)),
+                ("X-Rate-Limit-Limit", str(self.rates.limit_of(_bucket(req.path)))),
                 ("X-Rate-Limit-Remaining", "0"),
                 ("X-Rate-Limit-Reset", str(int(time.time()) + self.fault_reset_in)),
             ]
@@ -440,7 +452,7 @@ class OktaEmulator(Emulator):
         if self.is_control(req):
             return super().handle(req)
         bucket = _bucket(req.path)
-        allowed, remaining, reset = self.rates.hit(bucket, time.time())
+        allowed, limit, remaining, reset = self.rates.hit(bucket, time.time())
         if not allowed:
             with self._lock:
                 self.requests += 1
@@ -451,7 +463,7 @@ class OktaEmulator(Emulator):
             resp, wire = super().handle(req)
         if not getattr(resp, "no_rate_headers", False):
             resp.headers += [
-                ("X-Rate-Limit-Limit", str(self.rates.limit)),
+                ("X-Rate-Limit-Limit", str(limit)),
                 ("X-Rate-Limit-Remaining", str(remaining)),
                 ("X-Rate-Limit-Reset", str(reset)),
             ]

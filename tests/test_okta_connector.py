@@ -144,6 +144,14 @@ def test_settings_never_show_the_token(emu: OktaEmulator, tmp_path: Path) -> Non
 # --- connector-level ----------------------------------------------------------------------------
 
 
+def test_the_api_token_is_sent_as_okta_documents_it_with_the_space(emu: OktaEmulator, tmp_path: Path) -> None:
+    """The SDK writes `Authorization: SSWS<token>` (sdk-notes §2 pitfall 3); Okta documents `SSWS
+    {token}`. Against an Okta that holds to its documentation every API-token run would fail 401."""
+    emu.ssws_space_required = True
+    pages, done = pull(connector(tenant(emu, tmp_path)), full=True)
+    assert done.snapshot and len(users_of(pages)) == sum(1 for _ in emu.org.listed_people())
+
+
 def test_full_pull_users_groups_members(emu: OktaEmulator, org: Org, tmp_path: Path) -> None:
     emu.status_overrides.update({2: "STAGED", 3: "LOCKED_OUT", 4: "PASSWORD_EXPIRED", 5: "PROVISIONED"})
     pages, done = pull(connector(tenant(emu, tmp_path)))

@@ -341,6 +341,12 @@ def _transport_class() -> type:
 
         async def send_request(self, request: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
             url = request["url"]
+            headers = request.get("headers")
+            auth = headers.get("Authorization") if isinstance(headers, dict) else None
+            if isinstance(auth, str) and auth.startswith("SSWS") and not auth.startswith("SSWS "):
+                # The SDK writes `SSWS<token>` (sdk-notes §2 pitfall 3); Okta documents, and every
+                # other client sends, `SSWS {token}`: sent as documented, not as nobody checked.
+                headers["Authorization"] = "SSWS " + auth[4:]
             step = _STEP.get()
             what = f"{step + ': ' if step else ''}{request['method']} {redact_url(url)}"
             endpoint = rate_endpoint(url)

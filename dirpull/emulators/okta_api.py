@@ -27,7 +27,9 @@ without the X-Rate-Limit headers), `fault_reset_in` (a faulted 429's X-Rate-Limi
 now; 0 or less: not ahead of the server's clock, as the concurrent limit's estimate can be),
 `app_group_every`, `failed_deletes` (an Okta user or group id → the `outcome.result` of a deletion
 attempt logged for it, FAILURE, DENY, …, or null for an event without `outcome`; the user or group
-stays: each is logged once, at the next System Log request).
+stays: each is logged once, at the next System Log request), `ssws_space_required` (refuse
+`SSWS<token>` without the space the reference documents, `SSWS {token}`, with 401; default: accept
+both, as sdk-notes advises for fakes, since the SDK itself sends it without).
 """
 
 from __future__ import annotations
@@ -359,6 +361,7 @@ class OktaEmulator(Emulator):
         self.rate_limit_headers = True  # faulted 429s carry X-Rate-Limit-* (False: bare 429)
         self.fault_reset_in = 1  # a faulted 429 says the window resets this many seconds from now
         self.app_group_every = 5  # every 5th Org group is an APP_GROUP (imported from AD)
+        self.ssws_space_required = False  # True: only the documented `SSWS {token}` form is accepted
         # Okta id → outcome.result (None: no outcome) of a deletion attempt to log, the record kept.
         self.failed_deletes: dict[str, str | None] = {}
         self._logged_failed_deletes: set[str] = set()
@@ -391,6 +394,7 @@ class OktaEmulator(Emulator):
                 "status_overrides": lambda v: {int(n): one_of(*STATUSES)(s) for n, s in dict(v).items()},
                 "malformed_users": lambda v: {int(n) for n in v},
                 "app_group_every": int,
+                "ssws_space_required": flag,
                 "failed_deletes": lambda v: {
                     str(k): None if r is None else one_of(*OUTCOMES)(r) for k, r in dict(v).items()
                 },
@@ -403,8 +407,9 @@ class OktaEmulator(Emulator):
         if req.path == "/oauth2/v1/token":
             return None
         auth = req.headers.get("Authorization") or ""
-        # The SDK sends `SSWS<token>` without the space (sdk-notes §2 pitfall 3): accept both.
-        if auth.startswith("SSWS"):
+        # The SDK sends `SSWS<token>` without the space (sdk-notes §2 pitfall 3): accepted unless
+        # `ssws_space_required`, since nothing says real Okta takes that form.
+        if auth.startswith("SSWS") and (auth.startswith("SSWS ") or not self.ssws_space_required):
             if secrets.compare_digest(auth[4:].strip(), self.api_token):
                 return None
         elif auth.startswith("Bearer "):

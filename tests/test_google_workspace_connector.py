@@ -191,6 +191,27 @@ def test_group_scope_keeps_only_those_groups_and_their_flattened_members(
     assert any("nope@example.test" in n for n in done.notes)
 
 
+def test_group_scope_names_a_group_by_either_kind_of_alias_google_lists(
+    emu: GoogleEmulator, tmp_path: Path
+) -> None:
+    """groups.list gives a group's `aliases` (the admin's) and `nonEditableAliases` (Google's own:
+    the address in a domain alias or on test-google-a.com); both reach the group and are groupKeys.
+    A scope naming the group by its non-editable alias matched nothing: "configured groups not
+    found", no group and no user (an emptied tenant, held only once it had been synced)."""
+    org = emu.org
+    eng = next(g for g in org.groups.values() if g.name == "Engineering")
+    listed = emu.render_group(eng)
+    (alias,) = listed["aliases"]
+    (google_alias,) = listed["nonEditableAliases"]
+    want = {user_id(n) for n in org.transitive_members(eng.n)}
+    for key in (alias.upper(), google_alias):
+        pages, done = pull(connector(emu, tmp_path, groups=[key]))
+        assert set(groups(pages)) == {group_id(eng.n)}, key
+        assert set(users(pages)) == want and want
+        assert groups(pages)[group_id(eng.n)].raw_attributes["aliases"] == [alias]
+        assert not any("not found" in n for n in done.notes), done.notes
+
+
 @pytest.mark.parametrize(
     ("faults", "kind"),
     [

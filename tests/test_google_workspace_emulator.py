@@ -220,6 +220,12 @@ def test_members_capped_at_200_and_typed_user_group_customer_external(emu: Googl
     (alias,) = listed["nonEditableAliases"]
     by_alias = svc.members().list(groupKey=alias, maxResults=200).execute()["members"]
     assert by_alias == members[:200]
+    # A department's group also has an editable alias (`aliases`), which answers as well.
+    eng = next(g for g in svc.groups().list(customer="my_customer").execute()["groups"] if g["name"] == "Engineering")
+    (short,) = eng["aliases"]
+    assert short == "engineering@" + org.domain and "aliases" not in listed
+    by_short = svc.members().list(groupKey=short.upper()).execute()["members"]
+    assert by_short == svc.members().list(groupKey=eng["id"]).execute()["members"]
     with pytest.raises(HttpError) as err:
         svc.members().list(groupKey="03x8tuzt9999999").execute()
     assert err.value.resp.status == 404 and reason(err.value) == "notFound"

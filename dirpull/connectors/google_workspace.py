@@ -779,7 +779,13 @@ def _in_ous(path: Any, ous: list[str]) -> bool:
 
 def _group_keys(raw: dict[str, Any]) -> set[str]:
     keys = {str(raw.get("id", "")).lower(), str(raw.get("email", "")).lower()}
-    keys.update(str(a).lower() for a in raw.get("aliases") or [])
+    # Both kinds of alias Google lists a group with: the admin's (`aliases`) and those it makes
+    # itself (`nonEditableAliases`: the group's address in a domain alias, or on test-google-a.com).
+    # Each is a groupKey of members.list and an address mail reaches the group by.
+    for name in ("aliases", "nonEditableAliases"):
+        aliases = raw.get(name)
+        if isinstance(aliases, list):
+            keys.update(str(a).lower() for a in aliases)
     keys.discard("")
     return keys
 

@@ -16,8 +16,9 @@ With `prefix="/google"` the API and /token answer only under that path (as behin
 control endpoints stay at the root.
 
 Vendor-only state lives here, keyed by Person.n / Group.n: which group holds the CUSTOMER member
-(the whole domain), which groups have EXTERNAL members, which users are served broken. Inactive
-people map through `Person.inactive_reason`: `archived` → `archived: true`, anything else
+(the whole domain), which groups have EXTERNAL members, the groups' editable aliases (each
+department's group answers to the department's short address too), which users are served broken.
+Inactive people map through `Person.inactive_reason`: `archived` → `archived: true`, anything else
 (`suspended`, `terminated`) → `suspended: true`. Deleted (`Person.deleted`/`soft_deleted`) people
 are hidden from the list and shown, with `deletionTime`, only by `showDeleted=true`.
 
@@ -159,6 +160,13 @@ class GoogleEmulator(Emulator):
         self.external_members: dict[int, set[str]] = {}
         for i, g in enumerate(teams[1:3]):
             self.external_members[g] = {f"partner.{i + 1}@partner.example"}
+        # Editable aliases (Group.n → addresses), listed as the group's `aliases`: each department's
+        # group also answers to the department's short address, as admins commonly set up.
+        self.group_aliases: dict[int, list[str]] = {
+            g.n: [g.email.split("@")[0].rsplit("-", 1)[0] + "@" + org.domain]
+            for g in org.groups.values()
+            if g.email and not g.name.startswith("Team ")
+        }
         # Groups of another organization nested in a group (Group.n → their addresses): listed as
         # GROUP members; their own members.list answers 403, as it does for any group outside the
         # admin's customer. Empty unless a test sets it.
@@ -661,6 +669,8 @@ class GoogleEmulator(Emulator):
             "description": g.description or "",
             "adminCreated": True,
         }
+        if self.group_aliases.get(g.n):
+            out["aliases"] = list(self.group_aliases[g.n])
         if g.email:
             out["nonEditableAliases"] = [_non_editable_alias(g.email)]
         return out
@@ -688,6 +698,8 @@ class GoogleEmulator(Emulator):
         for g in self.org.listed_groups():
             # groupKey is the group's email, an alias or its id (the aliases it is listed with).
             if g.email and key in (g.email.lower(), _non_editable_alias(g.email).lower()):
+                return g
+            if key in (a.lower() for a in self.group_aliases.get(g.n, ())):
                 return g
         return None
 

@@ -456,6 +456,41 @@ def test_a_refused_service_account_is_an_auth_error_without_secrets(
     assert "PRIVATE KEY" not in str(err.value) and info["private_key_id"] not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "delegated",
+    [
+        [],  # domain-wide delegation never set up for the client id
+        # group.member.readonly instead of group.readonly: members readable, groups.list not
+        ["https://www.googleapis.com/auth/admin.directory.user.readonly",
+         "https://www.googleapis.com/auth/admin.directory.group.member.readonly"],
+    ],
+)  # fmt: skip
+def test_a_delegation_missing_a_scope_says_which_client_id_and_scopes_to_authorize(
+    emu: GoogleEmulator, tmp_path: Path, delegated: list[str]
+) -> None:
+    """Google refuses the token with `unauthorized_client: Client is unauthorized to retrieve
+    access tokens using this method, or client not authorized for any of the scopes requested.`:
+    it names neither the domain-wide delegation nor what to enter there. The run said only that."""
+    import json
+
+    import requests
+
+    assert requests.post(f"{emu.base_url}/_emulator/google", json={"delegated_scopes": delegated}, timeout=5).ok
+    cfg = tenant(emu, tmp_path)
+    client_id = json.loads(Path(cfg["credentials_file"][5:]).read_text())["client_id"]
+    sleeps = Sleeps()
+    c = build("g1", GoogleTenant.model_validate(cfg), policy=RetryPolicy(sleep=sleeps))
+    with pytest.raises(AuthError) as err:
+        list(c.pull(None, full=False))
+    message = str(err.value)
+    assert message.startswith("users.list: the token endpoint refused the service-account grant: unauthorized_client")
+    assert f"authorize client id {client_id} for the scopes " in message and "Domain-wide delegation" in message
+    assert ("https://www.googleapis.com/auth/admin.directory.user.readonly,"
+            "https://www.googleapis.com/auth/admin.directory.group.readonly") in message  # fmt: skip
+    assert sleeps == []  # a refusal is not retried
+    assert "PRIVATE KEY" not in message
+
+
 def test_a_key_file_rewritten_between_runs_takes_effect_in_the_next(emu: GoogleEmulator, tmp_path: Path) -> None:
     import json
 

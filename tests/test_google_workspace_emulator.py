@@ -376,7 +376,8 @@ def test_switches_over_http_take_only_what_they_say(emu: GoogleEmulator) -> None
     # switch or a bad value must be refused, not turn the listing empty or be dropped unseen.
     url = f"{emu.base_url}/_emulator/google"
     svc = service(emu)
-    for body in ({"silent_empty": "false"}, {"silent_emtpy": True}, {"broken_users": ["three"]}):
+    for body in ({"silent_empty": "false"}, {"silent_emtpy": True}, {"broken_users": ["three"]},
+                 {"delegated_scopes": "none"}):  # fmt: skip
         r = requests.post(url, json=body, timeout=5)
         assert r.status_code == 400, body
     body = svc.users().list(customer="my_customer", maxResults=5).execute()

@@ -292,6 +292,8 @@ class _Session:
             else:
                 key = ref.get() if hasattr(ref, "get") else str(ref)
             creds = _service_account(key)
+            # Public (the Admin console lists it): what a delegation that is missing must name.
+            self.client_id = str(json.loads(key).get("client_id") or "") or None
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # Never echo the file: it holds a private key.
             raise ConfigurationError(
@@ -390,8 +392,15 @@ class _Session:
                     log.warning("%s; retrying (attempt %d)", what, attempt)
                     self.policy.wait(attempt, None, what=what, step=step)
                     continue
+                hint = ""
+                if detail.startswith("unauthorized_client"):
+                    # Google's wording names neither the delegation nor what to enter in it.
+                    client = f"client id {self.client_id}" if self.client_id else "the service account's client id"
+                    hint = (f" (domain-wide delegation: a super admin must authorize {client} for the scopes "
+                            f"{','.join(SCOPES)} in the Admin console: Security > API controls > Domain-wide "
+                            f"delegation)")  # fmt: skip
                 raise AuthError(
-                    f"{step}: the token endpoint refused the service-account grant: {detail[:200]}", step=step
+                    f"{step}: the token endpoint refused the service-account grant: {detail[:200]}{hint}", step=step
                 ) from None
             except _BadTokenAnswer as exc:
                 what = f"{step}: {exc}"

@@ -11,7 +11,9 @@ What it serves (../shared/directory-apis.md §2, §6 rule 2):
   GET  /admin/directory/v1/groups/{key}/members members.list: ≤200, USER/GROUP/CUSTOMER/EXTERNAL
   POST /_emulator/google                        switches: {"rate_limit_kind": "user"|"quota"|
                                                 "concurrent"|"alternate", "silent_empty": bool,
-                                                "broken_users": [n, …]}
+                                                "broken_users": [n, …], "delegated_scopes":
+                                                [scope, …] (what domain-wide delegation grants;
+                                                [] = none set up: 401 unauthorized_client)}
 With `prefix="/google"` the API and /token answer only under that path (as behind a proxy); the
 control endpoints stay at the root.
 
@@ -128,6 +130,12 @@ def google_error(status: int, message: str, reason: str, domain: str = "global",
     }
 
 
+def _scope_list(value: Any) -> frozenset[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{value!r} is not a list of scopes")
+    return frozenset(value)
+
+
 class _BadRequest(Exception):
     def __init__(self, response: Response) -> None:
         self.response = response
@@ -154,6 +162,9 @@ class GoogleEmulator(Emulator):
         self.silent_empty = False
         # People served without primaryEmail (a record a connector cannot normalize).
         self.broken_users: set[int] = set()
+        # The scopes the customer's admin delegated to the service account's client id (Security →
+        # API controls → Domain-wide delegation); none at all is a delegation never set up.
+        self.delegated_scopes: frozenset[str] = DELEGATED_SCOPES
         # Vendor-only membership kinds, keyed by Group.n.
         teams = sorted(g.n for g in org.groups.values() if g.name.startswith("Team "))
         self.customer_groups: set[int] = set(teams[:1])
@@ -190,6 +201,7 @@ class GoogleEmulator(Emulator):
                 "rate_limit_kind": one_of("user", "quota", "concurrent", "alternate"),
                 "silent_empty": flag,  # "false" is not true
                 "broken_users": lambda v: {int(n) for n in v},
+                "delegated_scopes": _scope_list,
             },
         )
 
@@ -340,8 +352,8 @@ class GoogleEmulator(Emulator):
         sub = claims.get("sub")
         if sub is not None and not str(sub).lower().endswith("@" + self.org.domain):
             return self._oauth_error(400, "invalid_grant", "Invalid email or User ID")
-        if sub is not None and not scopes <= DELEGATED_SCOPES:
-            # Domain-wide delegation was granted for read-only directory scopes only.
+        if sub is not None and not scopes <= self.delegated_scopes:
+            # Impersonation needs every requested scope delegated to this client id.
             return self._oauth_error(
                 401,
                 "unauthorized_client",

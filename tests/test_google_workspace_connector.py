@@ -178,6 +178,19 @@ def test_org_unit_scope_includes_sub_org_units(emu: GoogleEmulator, tmp_path: Pa
     assert members(pages) == {(g, u) for g, u in expected_members(emu) if u in want}
 
 
+def test_an_org_unit_no_user_is_in_is_named_in_the_notes(emu: GoogleEmulator, tmp_path: Path) -> None:
+    """A misspelt org unit ("/engineering" for "/Engineering") made an empty tenant on its first
+    run without a word, where a group that matches nothing is named ("configured groups not found")."""
+    pages, done = pull(connector(emu, tmp_path, org_units=["/Engineering", "/engineering", "Nowhere/"]))
+    want = {user_id(p.n) for p in emu.org.listed_people() if p.department == "Engineering"}
+    assert set(users(pages)) == want and want
+    assert "configured org units with no user in or under them: /engineering, /Nowhere" in done.notes
+    _, done = pull(connector(emu, tmp_path, org_units=["/engineering"]))
+    assert done.notes == ["configured org units with no user in or under them: /engineering"]
+    _, done = pull(connector(emu, tmp_path, org_units=["/Engineering", "/"]))
+    assert not done.notes
+
+
 def test_group_scope_keeps_only_those_groups_and_their_flattened_members(
     emu: GoogleEmulator, tmp_path: Path
 ) -> None:

@@ -500,6 +500,7 @@ class GoogleWorkspaceConnector(CountsRequests):
         email_to_id: dict[str, str] = {}
         domain_ids: set[str] = set()
         ou_scope: set[str] | None = set() if self.org_units else None
+        paths: set[str | None] = set()  # the org units users were listed in (only with an org-unit scope)
         # Login times and etags change without changing the user: left out of the digest, unless
         # the attribute mapping reads them.
         whole = bool({mapping_root(p) for p in self.mapping.values()} & set(USER_VOLATILE))
@@ -524,8 +525,11 @@ class GoogleWorkspaceConnector(CountsRequests):
                     # Known to the domain even when unreadable, so its memberships are not mistaken
                     # for external ones.
                     domain_ids.add(intern(uid))
-                    if ou_scope is not None and _in_ous(raw.get("orgUnitPath"), self.org_units):
-                        ou_scope.add(uid)
+                    if ou_scope is not None:
+                        path = raw.get("orgUnitPath")
+                        paths.add(path if isinstance(path, str) else None)
+                        if _in_ous(path, self.org_units):
+                            ou_scope.add(uid)
                     if not isinstance(email, str) or not email:
                         quarantined.append(Quarantined("user", uid, "user record without primaryEmail"))
                         continue
@@ -537,6 +541,12 @@ class GoogleWorkspaceConnector(CountsRequests):
                     spool.add(raw, uid, part, _manager_value(raw))
         if not spool.ids:
             notes.append("users.list returned no users")
+        elif self.org_units:
+            # As for `groups`: a misspelt org unit is named, not only an emptied (or, on a first
+            # run, silently empty) tenant.
+            empty = [ou for ou in self.org_units if not any(_in_ous(p, [ou]) for p in paths)]
+            if empty:
+                notes.append(f"configured org units with no user in or under them: {', '.join(empty)}")
 
         def in_ous(uid: str) -> bool:
             return ou_scope is None or uid in ou_scope

@@ -178,6 +178,40 @@ def test_org_unit_scope_includes_sub_org_units(emu: GoogleEmulator, tmp_path: Pa
     assert members(pages) == {(g, u) for g, u in expected_members(emu) if u in want}
 
 
+def test_a_domain_tenant_of_a_multi_domain_customer_reads_that_domain_only(
+    emu: GoogleEmulator, tmp_path: Path
+) -> None:
+    """`domain` lists one domain's users and groups, `customer` every domain's (a multi-domain
+    account). A member whose address is in the other domain is no user of a `domain` tenant: kept
+    on the group by address, as documented, and no membership pair."""
+    org = emu.org
+    eng = next(g for g in org.groups.values() if g.name == "Engineering")
+    moved = max(eng.members)  # an engineer whose account is in the other domain
+    team = next(g for g in org.groups.values() if g.name.startswith("Team ") and not g.subgroups
+                and moved not in g.members and eng.n not in g.subgroups)  # fmt: skip
+    emu.secondary_domain = "eu-" + org.domain
+    emu.secondary_people = {moved}
+    emu.secondary_groups = {team.n}
+    everyone = {user_id(p.n) for p in org.listed_people()}
+    all_groups = {group_id(g.n) for g in org.listed_groups()}
+    moved_address = org.people[moved].email.rpartition("@")[0] + "@eu-" + org.domain
+
+    pages, _ = pull(connector(emu, tmp_path, customer=None, domain=org.domain))
+    assert set(users(pages)) == everyone - {user_id(moved)}
+    assert set(groups(pages)) == all_groups - {group_id(team.n)}
+    assert (group_id(eng.n), user_id(moved)) not in members(pages)
+    assert moved_address in groups(pages)[group_id(eng.n)].raw_attributes["externalMembers"]
+
+    pages, _ = pull(connector(emu, tmp_path, customer=None, domain=emu.secondary_domain))
+    assert set(users(pages)) == {user_id(moved)} and users(pages)[user_id(moved)].email == moved_address
+    assert set(groups(pages)) == {group_id(team.n)}
+
+    pages, _ = pull(connector(emu, tmp_path))  # customer=my_customer: both domains
+    assert set(users(pages)) == everyone and set(groups(pages)) == all_groups
+    assert (group_id(eng.n), user_id(moved)) in members(pages)
+    assert "externalMembers" not in groups(pages)[group_id(eng.n)].raw_attributes
+
+
 def test_an_org_unit_no_user_is_in_is_named_in_the_notes(emu: GoogleEmulator, tmp_path: Path) -> None:
     """A misspelt org unit ("/engineering" for "/Engineering") made an empty tenant on its first
     run without a word, where a group that matches nothing is named ("configured groups not found")."""

@@ -104,6 +104,30 @@ def test_users_list_needs_customer_or_domain(emu: GoogleEmulator) -> None:
     assert svc.users().list(customer=emu.org.customer_id, maxResults=1).execute()["users"]
 
 
+def test_domain_lists_one_domain_of_a_multi_domain_customer_customer_all(emu: GoogleEmulator) -> None:
+    org = emu.org
+    emu.secondary_domain = "eu-" + org.domain
+    emu.secondary_people = {5, 6}
+    emu.secondary_groups = {3}
+    svc = service(emu)
+    users, _ = all_pages(svc.users(), svc.users().list(customer="my_customer", maxResults=500), "users")
+    eu, _ = all_pages(svc.users(), svc.users().list(domain=emu.secondary_domain, maxResults=500), "users")
+    home, _ = all_pages(svc.users(), svc.users().list(domain=org.domain, maxResults=500), "users")
+    assert [u["id"] for u in eu] == [user_id(5), user_id(6)]
+    assert all(u["primaryEmail"].endswith("@eu-" + org.domain) for u in eu)
+    assert sorted(u["id"] for u in home + eu) == sorted(u["id"] for u in users)
+    groups = svc.groups().list(domain=emu.secondary_domain).execute()["groups"]
+    assert [g["id"] for g in groups] == [group_id(3)] and groups[0]["email"].endswith("@eu-" + org.domain)
+    assert group_id(3) not in {g["id"] for g in svc.groups().list(domain=org.domain).execute()["groups"]}
+    assert group_id(3) in {g["id"] for g in svc.groups().list(customer="my_customer").execute()["groups"]}
+    assert svc.members().list(groupKey=groups[0]["email"]).execute()["members"]
+    # A subject in the other domain is the customer's too; a domain the customer lacks is refused.
+    assert service(emu, subject=eu[0]["primaryEmail"]).users().list(customer="my_customer").execute()["users"]
+    with pytest.raises(HttpError) as err:
+        svc.users().list(domain="elsewhere.example").execute()
+    assert err.value.resp.status == 403
+
+
 def test_suspended_and_archived_are_listed_deleted_only_with_show_deleted(emu: GoogleEmulator) -> None:
     org = emu.org
     org.deactivate(5, "suspended")

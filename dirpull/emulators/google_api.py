@@ -8,6 +8,8 @@ What it serves (../shared/directory-apis.md §2, §6 rule 2):
                                                 1..500 (default 100), pageToken, projection,
                                                 customFieldMask, showDeleted, query
   GET  /admin/directory/v1/groups               groups.list: customer|domain|userKey, ≤200
+                                                (`domain`: one domain's users or groups,
+                                                `customer`: every domain's; see secondary_domain)
   GET  /admin/directory/v1/groups/{key}/members members.list: ≤200, USER/GROUP/CUSTOMER/EXTERNAL
   POST /_emulator/google                        switches: {"rate_limit_kind": "user"|"quota"|
                                                 "concurrent"|"alternate", "silent_empty": bool,
@@ -178,6 +180,12 @@ class GoogleEmulator(Emulator):
             for g in org.groups.values()
             if g.email and not g.name.startswith("Team ")
         }
+        # A second domain of the customer (a multi-domain account): the people (Person.n) and groups
+        # (Group.n) set here have their addresses in it. `customer` lists every domain's, `domain`
+        # one domain's. None (the default): the organization has one domain.
+        self.secondary_domain: str | None = None
+        self.secondary_people: set[int] = set()
+        self.secondary_groups: set[int] = set()
         # Groups of another organization nested in a group (Group.n → their addresses): listed as
         # GROUP members; their own members.list answers 403, as it does for any group outside the
         # admin's customer. Empty unless a test sets it.
@@ -350,7 +358,7 @@ class GoogleEmulator(Emulator):
                 400, "invalid_scope", "Invalid OAuth scope or ID token audience provided."
             )
         sub = claims.get("sub")
-        if sub is not None and not str(sub).lower().endswith("@" + self.org.domain):
+        if sub is not None and str(sub).lower().rpartition("@")[2] not in self._domains():
             return self._oauth_error(400, "invalid_grant", "Invalid email or User ID")
         if sub is not None and not scopes <= self.delegated_scopes:
             # Impersonation needs every requested scope delegated to this client id.
@@ -434,7 +442,19 @@ class GoogleEmulator(Emulator):
 
     def _email(self, p: Person) -> str:
         # Every Google account has a primary address; people without a mailbox keep their login.
-        return p.email or p.username
+        address = p.email or p.username
+        if self.secondary_domain and p.n in self.secondary_people:
+            return address.rpartition("@")[0] + "@" + self.secondary_domain
+        return address
+
+    def _group_email(self, g: Group) -> str | None:
+        if g.email and self.secondary_domain and g.n in self.secondary_groups:
+            return g.email.rpartition("@")[0] + "@" + self.secondary_domain
+        return g.email
+
+    def _domains(self) -> tuple[str, ...]:
+        """The customer's domains, primary first."""
+        return (self.org.domain, self.secondary_domain) if self.secondary_domain else (self.org.domain,)
 
     @staticmethod
     def org_unit(p: Person) -> str:
@@ -454,7 +474,7 @@ class GoogleEmulator(Emulator):
             raise _BadRequest(
                 Response(403, google_error(403, "Not Authorized to access this resource/api", "forbidden"))
             )
-        if domain and domain.lower() != self.org.domain:
+        if domain and domain.lower() not in self._domains():
             raise _BadRequest(
                 Response(403, google_error(403, "Not Authorized to access this resource/api", "forbidden"))
             )
@@ -675,7 +695,7 @@ class GoogleEmulator(Emulator):
             "kind": "admin#directory#group",
             "id": group_id(g.n),
             "etag": '"' + hashlib.sha1(f"{g.version}:{g.members_version}".encode()).hexdigest()[:27] + '"',
-            "email": g.email,
+            "email": self._group_email(g),
             "name": g.name,
             "directMembersCount": str(self._direct_count(g)),
             "description": g.description or "",
@@ -683,8 +703,8 @@ class GoogleEmulator(Emulator):
         }
         if self.group_aliases.get(g.n):
             out["aliases"] = list(self.group_aliases[g.n])
-        if g.email:
-            out["nonEditableAliases"] = [_non_editable_alias(g.email)]
+        if out["email"]:
+            out["nonEditableAliases"] = [_non_editable_alias(out["email"])]
         return out
 
     def _find_person(self, key: str) -> Person | None:
@@ -709,7 +729,8 @@ class GoogleEmulator(Emulator):
         key = key.lower()
         for g in self.org.listed_groups():
             # groupKey is the group's email, an alias or its id (the aliases it is listed with).
-            if g.email and key in (g.email.lower(), _non_editable_alias(g.email).lower()):
+            email = self._group_email(g)
+            if email and key in (email.lower(), _non_editable_alias(email).lower()):
                 return g
             if key in (a.lower() for a in self.group_aliases.get(g.n, ())):
                 return g
@@ -729,6 +750,7 @@ class GoogleEmulator(Emulator):
         except _BadRequest as exc:
             return exc.response
         user_key = req.arg("userKey")
+        domain = (req.arg("domain") or "").lower()
         groups: list[dict[str, Any]] = []
         more = False
         last = None
@@ -743,6 +765,8 @@ class GoogleEmulator(Emulator):
                     continue
                 if person is not None and person.n not in g.members:
                     continue
+                if domain and not (self._group_email(g) or "").lower().endswith("@" + domain):
+                    continue  # `domain`: that domain's groups only
                 if len(groups) == limit:
                     more = True
                     break
@@ -803,7 +827,7 @@ class GoogleEmulator(Emulator):
                         "kind": "admin#directory#member",
                         "etag": f'"g{g.n}-{s}"',
                         "id": group_id(s),
-                        "email": self.org.groups[s].email,
+                        "email": self._group_email(self.org.groups[s]),
                         "role": "MEMBER",
                         "type": "GROUP",
                         "status": "ACTIVE",

@@ -129,6 +129,22 @@ def test_full_pull_normalizes_users_groups_and_flattened_members(emu: GoogleEmul
     assert any(org.groups[g].subgroups for g in org.groups)
 
 
+def test_owners_and_managers_are_members_like_everyone_else(emu: GoogleEmulator, tmp_path: Path) -> None:
+    """members.list gives each member a role (OWNER, MANAGER, MEMBER); every role is a membership."""
+    import requests
+
+    scope = "https://www.googleapis.com/auth/admin.directory.group.readonly"
+    headers = {"Authorization": "Bearer " + emu.issue_token(emu.admin_email(), {scope})}
+    by_role: dict[str, set[tuple[str, str]]] = {}
+    for g in emu.org.listed_groups():
+        url = f"{emu.base_url}/admin/directory/v1/groups/{group_id(g.n)}/members?roles=OWNER,MANAGER"
+        for m in requests.get(url, headers=headers, timeout=5).json().get("members", []):
+            by_role.setdefault(m["role"], set()).add((group_id(g.n), m["id"]))
+    assert by_role.get("OWNER") and by_role.get("MANAGER")
+    pages, _ = pull(connector(emu, tmp_path))
+    assert by_role["OWNER"] | by_role["MANAGER"] <= members(pages)
+
+
 def test_a_second_pull_of_an_unchanged_directory_is_identical(emu: GoogleEmulator, tmp_path: Path) -> None:
     c = connector(emu, tmp_path)
     a, _ = pull(c)

@@ -255,6 +255,20 @@ def test_members_capped_at_200_and_typed_user_group_customer_external(emu: Googl
     assert err.value.resp.status == 404 and reason(err.value) == "notFound"
 
 
+def test_members_have_owner_manager_and_member_roles_and_roles_filters_them(emu: GoogleEmulator) -> None:
+    org = emu.org
+    eng = next(g for g in org.groups.values() if g.name == "Engineering")
+    svc = service(emu)
+    listed = svc.members().list(groupKey=group_id(eng.n)).execute()["members"]
+    people = sorted(eng.members)
+    roles = {m["id"]: m["role"] for m in listed if m["type"] == "USER"}
+    assert roles[user_id(people[0])] == "OWNER" and roles[user_id(people[1])] == "MANAGER"
+    assert {roles[user_id(n)] for n in people[2:]} == {"MEMBER"}
+    for asked, want in (("OWNER", {"OWNER"}), ("manager,OWNER", {"OWNER", "MANAGER"}), ("MEMBER", {"MEMBER"})):
+        got = svc.members().list(groupKey=group_id(eng.n), roles=asked).execute()["members"]
+        assert {m["role"] for m in got} == want and len(got) == sum(r in want for r in roles.values())
+
+
 # --- auth ----------------------------------------------------------------------------------------
 
 

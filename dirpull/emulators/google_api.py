@@ -803,11 +803,12 @@ class GoogleEmulator(Emulator):
             if g is None:
                 return Response(404, google_error(404, "Resource Not Found: groupKey", "notFound"))
             people, subs = self.org.direct_members(g.n)
+            # The first direct member owns the group and the second manages it (of three or more).
+            roles_of = dict(zip(people, ("OWNER", "MANAGER") if len(people) > 2 else ("OWNER",), strict=False))
             if derived:
                 direct = set(people)
                 people = people + sorted(self.org.transitive_members(g.n) - direct)
             members: list[dict[str, Any]] = []
-            owner = people[0] if people else None
             for n in people:
                 p = self.org.people[n]
                 members.append(
@@ -816,7 +817,7 @@ class GoogleEmulator(Emulator):
                         "etag": f'"m{g.n}-{n}"',
                         "id": user_id(n),
                         "email": self._email(p),
-                        "role": "OWNER" if n == owner else "MEMBER",
+                        "role": roles_of.get(n, "MEMBER"),
                         "type": "USER",
                         "status": "ACTIVE" if p.state == "active" else "SUSPENDED",
                     }

@@ -248,3 +248,28 @@ def test_a_refused_connection_is_logged_while_it_is_retried(
     retries = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("Connection refused" in line for line in retries), (message, retries)
     assert all(SECRET not in line for line in retries)
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_credentials_bound_for_another_host_over_plain_http_are_warned_of(
+    provider: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An http:// URL to another machine sends the token, API key or password in clear. Entra
+    warned of it; Google, BambooHR and Workday said nothing (Okta's SDK refuses it outright)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="dirpull"):
+        connector(provider, "http://127.0.0.1:9", tmp_path, [])  # a local emulator: nothing to say
+        assert not [r for r in caplog.records if "plain http" in r.getMessage()]
+        if provider == "okta":  # refused when the configuration loads
+            with pytest.raises(ValueError, match="http:// is allowed only for a local emulator"):
+                connector(provider, "http://sso.example.test", tmp_path, [])
+            return
+        connector(provider, "http://sso.example.test", tmp_path, [])
+    warned = [r.getMessage() for r in caplog.records if "plain http" in r.getMessage()]
+    keys = {"bamboohr": ["api_url"], "workday": ["users_report_url"], "google_workspace": ["api_url"],
+            "entra_id": ["login_url", "graph_url"]}[provider]  # fmt: skip
+    assert len(warned) == len(keys), warned
+    for key, message in zip(keys, warned, strict=True):
+        assert message.startswith(f"tenant t1: {key} http://sso.example.test"), message
+        assert message.endswith("is plain http: credentials travel unencrypted") and SECRET not in message

@@ -39,7 +39,7 @@ from dirpull.connectors.base import (
     Page,
     Quarantined,
 )
-from dirpull.connectors.http import HttpClient, RetryPolicy, transport_reason
+from dirpull.connectors.http import HttpClient, RetryPolicy, transport_reason, warn_plain_http
 from dirpull.connectors.mapping import map_attributes, without
 from dirpull.connectors.report_rows import RECOGNIZED, Recognize, fingerprint
 from dirpull.connectors.report_rows import rows as report_rows
@@ -124,6 +124,7 @@ class BambooHRConnector(CountsRequests):
         self.tenant = tenant
         self.settings = settings
         self._policy = policy
+        warn_plain_http(tenant, "api_url", settings.api_url)  # the API key goes in every request
         api = settings.api_url.rstrip("/")
         # The current spec's base, https://{companyDomain}.bamboohr.com/api/v1, names the company
         # in its host and is used as given; any other api_url is the legacy gateway, which takes

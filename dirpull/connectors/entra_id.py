@@ -44,7 +44,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import ipaddress
 import logging
 import ssl
 import time
@@ -73,6 +72,7 @@ from dirpull.connectors.http import (
     parse_retry_after,
     redact_url,
     transport_reason,
+    warn_plain_http,
 )
 from dirpull.connectors.mapping import map_attributes
 from dirpull.connectors.nesting import flatten
@@ -124,17 +124,6 @@ class _Resync(Exception):
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme.lower(), parts.netloc.lower()
-
-
-def _is_loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 # --- normalization ------------------------------------------------------------------------------
@@ -599,8 +588,7 @@ class EntraConnector(CountsRequests):
                 raise ConfigurationError(f"{name} must be an http(s) URL, got {redact_url(url)}")
             if parts.scheme == "http" and not explicit:
                 raise ConfigurationError(f"{name} must use https")
-            if parts.scheme == "http" and not _is_loopback(parts.hostname):
-                log.warning("%s %s is plain http: tokens travel unencrypted", name, redact_url(url))
+            warn_plain_http(tenant, name, url)
 
     def __repr__(self) -> str:
         return f"EntraConnector(tenant={self.tenant!r}, graph_url={self.graph_url!r})"

@@ -54,7 +54,7 @@ from dirpull.connectors.base import (
     Page,
     Quarantined,
 )
-from dirpull.connectors.http import PagingGuard, RetryPolicy, redact_url, transport_reason
+from dirpull.connectors.http import PagingGuard, RetryPolicy, redact_url, transport_reason, warn_plain_http
 from dirpull.connectors.mapping import map_attributes, mapping_root, without
 from dirpull.connectors.nesting import nested_groups
 from dirpull.connectors.source import Known, SourceDigests
@@ -460,6 +460,7 @@ class GoogleWorkspaceConnector(CountsRequests):
         self.tenant = tenant
         self.settings = settings
         self.policy = policy
+        warn_plain_http(tenant, "api_url", settings.api_url)  # the bearer token goes in every request
         self.customer = None if settings.domain else (settings.customer or "my_customer")
         self.domain = settings.domain
         self.mapping: dict[str, str] = dict(settings.attributes or {})

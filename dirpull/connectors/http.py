@@ -48,6 +48,30 @@ def redact_url(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def is_loopback_host(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_plain_http(tenant: str, name: str, url: str | None) -> None:
+    """A WARNING when `url` is http:// to another host than this machine: the credentials sent to
+    it (a token, an API key, a password) cross the network unencrypted. Not refused: a local
+    emulator, or a TLS-terminating sidecar, is a deliberate choice; unnoticed, it is not."""
+    if not url:
+        return
+    parts = urlsplit(url)
+    if parts.scheme.lower() == "http" and not is_loopback_host(parts.hostname):
+        log.warning("tenant %s: %s %s is plain http: credentials travel unencrypted", tenant, name, redact_url(url))
+
+
 def transport_reason(exc: BaseException, limit: int = 200) -> str:
     """`exc`'s type and, in brackets, why the connection failed, for a run's error and the log:
     `ConnectError (Connection refused)`, `SSLError (certificate verify failed: self-signed

@@ -54,6 +54,7 @@ from dirpull.connectors.http import (
     body_opening,
     readable_body,
     transport_reason,
+    warn_plain_http,
 )
 from dirpull.connectors.nesting import flatten, nested_groups
 from dirpull.connectors.report_rows import RECOGNIZED, Recognize, fingerprint, parse_error
@@ -226,6 +227,8 @@ class WorkdayConnector(CountsRequests):
     ) -> None:
         self.tenant = tenant
         self.settings = settings
+        for name in ("users_report_url", "groups_report_url", "token_url"):  # a password or a token each
+            warn_plain_http(tenant, name, getattr(settings, name, None))
         self.policy_factory = policy_factory or RetryPolicy
         self.today = today or date.today
         self.page_size = page_size

@@ -761,3 +761,36 @@ def test_a_report_deactivating_many_active_workers_among_many_terminated_ones_is
         assert h.last_seq() == seq
         assert sum(u["state"] == "active" for u in h.users("hr").values()) == len(active)
         assert h.store.runs("hr")[0]["status"] == "held"
+
+
+def test_an_attribute_removed_from_the_mapping_is_dropped_from_everyone_not_held(
+    emu: BambooHREmulator, harness: Any
+) -> None:
+    """An operator who removed an `attributes` entry had the next (full) run held by the guard as
+    "would empty custom_attributes.division for 40 of 40 stored users … has the directory stopped
+    returning it?": the daemon then held every run of the tenant (new hires, terminations) until
+    someone ran --force. The edit is the human's decision. A mapped key that the directory stops
+    filling is still held."""
+
+    def factory(tenant: str, tenant_settings: Any) -> BambooHRConnector:
+        return build(tenant, tenant_settings, policy=RetryPolicy(max_attempts=4, sleep=Sleeps(), jitter=0))
+
+    base = emu.tenant_config("hr", Path("."))
+    guard = {"max_percent": 10, "min_count": 5}
+    mapped = harness({"hr": {**base, "attributes": {"division": "division", "site": "location"}}},
+                     connector_factory=factory, guard=guard)  # fmt: skip
+    assert mapped.sync("hr").status == "succeeded"
+    assert all(u["custom_attributes"].keys() == {"division", "site"} for u in mapped.users("hr").values())
+    seq = mapped.last_seq()
+
+    unmapped = harness({"hr": {**base, "attributes": {"site": "location"}}}, connector_factory=factory, guard=guard)
+    r = unmapped.sync("hr")
+    assert r.status == "succeeded" and r.mode == "full", r.error
+    assert all(u["custom_attributes"].keys() == {"site"} for u in unmapped.users("hr").values())
+    assert unmapped.events("hr", after=seq)[0]["previous_attributes"]["custom_attributes"].keys() == {"division"}
+
+    # A key still mapped, to a field nothing fills any more (a typo, or a permission lost): held.
+    typo = harness({"hr": {**base, "attributes": {"site": "locaton"}}}, connector_factory=factory, guard=guard)
+    held = typo.sync("hr")
+    assert held.status == "held", held.error
+    assert "would empty custom_attributes.site for 40 of 40 stored users" in (held.error or "")

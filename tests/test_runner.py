@@ -474,7 +474,9 @@ def test_a_field_emptied_for_most_users_is_held_and_force_applies_it(harness):
     everyone's email removed, and was applied: every consumer keyed on email lost it at once."""
     d = Directory(users=[u.model_copy(update={"custom_attributes": {"cost_center": f"C{i % 3}"}})
                          for i, u in enumerate(people(40))])  # fmt: skip
-    h = make(harness, d, guard={"max_percent": 20, "min_count": 5})
+    # (The scripted vendor ignores the mapping; a real one fills cost_center from it.)
+    tenants = {"t": {**TENANT["t"], "attributes": {"cost_center": "costCenter"}}}
+    h = harness(tenants, connector_factory=factory(d), guard={"max_percent": 20, "min_count": 5})
     assert h.sync("t").status == "succeeded"
     seq = h.last_seq()
     d.users = [u.model_copy(update={"email": None}) for u in d.users]

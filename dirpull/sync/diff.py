@@ -577,12 +577,14 @@ def build_writes(
     return ws
 
 
-def cleared_fields(events: Iterable[dict[str, Any]]) -> dict[str, int]:
+def cleared_fields(events: Iterable[dict[str, Any]], mapped: Collection[str] | None = None) -> dict[str, int]:
     """For each user field, how many of the run's updates empty it (a value stored, none now);
     a mapped attribute as `custom_attributes.KEY`. The vendor's own `raw_attributes` are left out.
     For the guard: a directory that stops returning a field (an API key that lost a permission:
     BambooHR silently leaves out what the key may not read) reads as that value removed from
-    everyone."""
+    everyone. `mapped`: the keys of the tenant's `attributes` table now; a key no longer in it
+    is emptied by the operator's own edit, not by the directory, and is not counted."""
+    mapped_keys = None if mapped is None else set(mapped)
     counts: dict[str, int] = {}
     for e in events:
         if e["type"] != "user.updated":
@@ -592,9 +594,11 @@ def cleared_fields(events: Iterable[dict[str, Any]]) -> dict[str, int]:
             if name == "raw_attributes":
                 continue
             if name == "custom_attributes" and isinstance(old, Mapping):
-                mapped = now.get(name) or {}
+                now_mapped = now.get(name) or {}
                 for key, was in old.items():
-                    if _filled(was) and not _filled(mapped.get(key)):
+                    if mapped_keys is not None and key not in mapped_keys:
+                        continue
+                    if _filled(was) and not _filled(now_mapped.get(key)):
                         counts[f"{name}.{key}"] = counts.get(f"{name}.{key}", 0) + 1
             elif _filled(old) and not _filled(now.get(name)):
                 counts[name] = counts.get(name, 0) + 1

@@ -321,7 +321,8 @@ class Runner:
                 stored_memberships=(
                     self.store.count_memberships(tenant) if kept_removes > guard_settings.min_count else 0
                 ),
-                cleared=cleared_fields(writes.events),
+                # A key the operator removed from `attributes` goes from everyone by their edit.
+                cleared=cleared_fields(writes.events, mapped=getattr(settings, "attributes", None)),
             )
             if dry_run:
                 result.status = "planned"

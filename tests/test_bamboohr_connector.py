@@ -794,3 +794,31 @@ def test_an_attribute_removed_from_the_mapping_is_dropped_from_everyone_not_held
     held = typo.sync("hr")
     assert held.status == "held", held.error
     assert "would empty custom_attributes.site for 40 of 40 stored users" in (held.error or "")
+
+
+def test_a_run_held_after_a_settings_change_says_the_change_may_be_the_cause(
+    emu: BambooHREmulator, harness: Any
+) -> None:
+    """A mapped attribute whose path the operator mistyped empties it for everyone: the hold asked
+    only whether the directory had stopped returning it (a lost permission), sending the operator
+    to the vendor's admin console instead of their own edit."""
+
+    def factory(tenant: str, tenant_settings: Any) -> BambooHRConnector:
+        return build(tenant, tenant_settings, policy=RetryPolicy(max_attempts=4, sleep=Sleeps(), jitter=0))
+
+    base = emu.tenant_config("hr", Path("."))
+    guard = {"max_percent": 10, "min_count": 5}
+    h = harness({"hr": {**base, "attributes": {"site": "location"}}}, connector_factory=factory, guard=guard)
+    assert h.sync("hr").status == "succeeded"
+    typo = harness({"hr": {**base, "attributes": {"site": "locaton"}}}, connector_factory=factory, guard=guard)
+    held = typo.sync("hr")
+    assert held.status == "held", held.error
+    assert held.error == (
+        "held by the mass-change guard: would empty custom_attributes.site for 40 of 40 stored users (threshold 10% "
+        "and more than 5); has the directory stopped returning it (a permission or scope lost)?; the tenant's "
+        "settings changed since its last applied sync: if this is what the change does, review with "
+        "`dirpull sync hr --full --dry-run`, apply with `dirpull sync hr --full --force`; if not, correct the settings"
+    )
+    # The settings put back, nothing is held: the next run applies what the directory says.
+    again = h.sync("hr")
+    assert again.status == "succeeded" and again.events == 0, again.error

@@ -244,9 +244,10 @@ class Runner:
         stored_cursor, stored_settings = _split_cursor(cursor.value)
         now_settings = _settings_digest(settings)
         notes: list[str] = []
+        settings_changed = stored_settings is not None and stored_settings != now_settings
         if full:
             notes.append("full sync requested")
-        elif stored_cursor is not None and stored_settings is not None and stored_settings != now_settings:
+        elif stored_cursor is not None and settings_changed:
             # An incremental run re-reads only what the vendor changed: under a new attribute
             # mapping (or state mapping, manager field…) everyone else would keep the old
             # normalization until the next periodic full sync.
@@ -335,6 +336,13 @@ class Runner:
             if verdict.held and not force:
                 result.status = "held"
                 next_steps = guard.next_steps(tenant, result.mode, settings.provider)
+                if settings_changed:
+                    # The likelier cause then is the operator's own edit (an `attributes` path with a
+                    # typo, a narrower filter), not the directory the reason asks about.
+                    next_steps = (
+                        "the tenant's settings changed since its last applied sync: if this is what the change "
+                        f"does, {next_steps}; if not, correct the settings"
+                    )
                 result.error = f"held by the mass-change guard: {verdict.reason}; {next_steps}"
                 assert run_id is not None
                 self.store.finish_run(

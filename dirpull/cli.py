@@ -597,8 +597,11 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
             result = "interrupted"
             outcome = next((r for r in store.runs(name, 20) if r["status"] != "running" and not _stopped(r)), None)
         if outcome and outcome["status"] == "held":
+            # Why, as the run recorded it (what tripped the guard, then what to run), as a failing
+            # tenant shows its error; the steps alone for a run recorded without one.
             provider = tenant.provider if tenant is not None else None
-            attention.append(f"held by the guard: {guard.next_steps(name, outcome['mode'], provider)}")
+            recorded = str(outcome.get("error") or "").removeprefix("held by the mass-change guard: ")
+            attention.append(f"held by the guard: {recorded or guard.next_steps(name, outcome['mode'], provider)}")
         if outcome and outcome["status"] == "failed":
             attention.append(f"failing: {outcome['error']}")
         if run and run["status"] == "running" and _abandoned(store, name, run):

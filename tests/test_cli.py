@@ -216,7 +216,10 @@ def test_a_held_full_run_says_to_review_and_apply_it_as_a_full_one(env):
     assert held.exit_code == 3
     steps = "review with `dirpull sync hr --full --dry-run`, apply with `dirpull sync hr --full --force`"
     assert held.stderr.rstrip().endswith(steps), held.stderr
-    assert jsonl(run(env, "status", "--json").stdout)[0]["attention"] == [f"held by the guard: {steps}"]
+    # Why it is held (as `runs` records it), then what to run.
+    attention = jsonl(run(env, "status", "--json").stdout)[0]["attention"]
+    assert len(attention) == 1 and attention[0].endswith(steps), attention
+    assert attention[0].startswith("held by the guard: would deactivate or delete 28 of "), attention
     again = run(env, "sync", "hr")  # an incremental run held too: no --full in what it says
     assert again.exit_code == 3 and "apply with `dirpull sync hr --force`" in again.stderr, again.stderr
     assert run(env, "sync", "hr", "--full", "--force").exit_code == 0

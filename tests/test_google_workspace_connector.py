@@ -811,7 +811,8 @@ def test_a_held_run_says_what_helps_for_google_not_a_full_sync(
         assert "sync g1 --full" not in held.stderr
     status = [json.loads(line) for line in cli("status", "--json").stdout.splitlines() if line.strip()]
     (attention,) = status[0]["attention"]
-    assert attention.startswith("held by the guard: would deactivate or delete ") and attention.endswith(steps), attention
+    assert attention.startswith("held by the guard: would deactivate or delete "), attention
+    assert attention.endswith(steps), attention
     assert cli("sync", "g1", "--force").exit_code == 0
 
 

@@ -303,13 +303,17 @@ def test_a_run_finding_every_store_connection_busy_fails_with_one_store_line(har
     assert h.users("t") == {}
 
 
-def test_mass_deletion_is_held_and_force_applies_it(harness):
+def test_mass_deletion_is_held_and_force_applies_it(harness, caplog):
     d = Directory(users=people(100))
     h = make(harness, d, guard={"max_percent": 10, "min_count": 5})
     assert h.sync("t").status == "succeeded"
     seq = h.last_seq()
     d.users = d.users[:50]
-    held = h.sync("t")
+    with caplog.at_level(logging.WARNING, logger="dirpull"):
+        held = h.sync("t")
+    # The WARNING an operator watching the log sees says what to do, not only what tripped.
+    (warned,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sync held tenant=t:")]
+    assert "delete 50 of 100" in warned and warned.endswith("apply with `dirpull sync t --full --force`"), warned
     assert held.status == "held" and held.exit_code == 3
     assert "delete 50 of 100" in held.error
     assert len(h.users("t")) == 100 and h.last_seq() == seq

@@ -356,7 +356,8 @@ class Runner:
                     quarantined=_quarantine_list(plan),
                 )
                 recorded = True
-                log.warning("sync held tenant=%s: %s", tenant, verdict.reason)
+                # What to do, on the line an operator watching WARNINGs sees: not only on "sync end".
+                log.warning("sync held tenant=%s: %s; %s", tenant, verdict.reason, next_steps)
                 return result
             if verdict.held:
                 notes.append(f"guard overridden with --force: {verdict.reason}")

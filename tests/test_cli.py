@@ -683,6 +683,49 @@ def test_a_second_signal_while_stopping_exits_at_once_applying_nothing(env, stor
         store.close()
 
 
+@pytest.mark.parametrize(
+    ("args", "code"), [(["run", "--max-seconds", "300"], 0), (["sync", "hr"], 1)], ids=["run", "sync"]
+)
+def test_one_sigterm_stops_a_run_stuck_in_a_vendor_request_without_waiting_for_its_timeout(env, store_url, args, code):
+    """README ("A second signal while stopping exits at once"): a run waiting for a vendor's answer
+    reaches its safe point within about 10 s, as its pull is then left behind, so a request hanging
+    until its timeout (Workday's 300 s, past the systemd unit's TimeoutStopSec of 120 s) does not
+    hold the clean stop. The run is recorded as interrupted, nothing applied, its lease given back."""
+    config = Path(env["config"])
+    config.write_text(config.read_text() + 'schedule = "1m"\n')  # the daemon's first fire within 10 s
+    assert run(env, "sync", "hr").exit_code == 0
+    env["org"].random_changes(5)  # something to apply, were the run to apply anything
+    env["emulator"].faults.update({"delay": 60.0})  # the report hangs, well within the 120 s read timeout
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dirpull.cli", "--config", env["config"], *args],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "DIRPULL_STORE_URL": ""},
+    )  # fmt: skip
+    store = Store(store_url)
+    try:
+        before = store.runs("hr", 1)[0]["id"]
+        events = len(list(store.iter_events("hr", after=0)))
+        last = wait_for_a_running_run(store, "hr", after=before)
+        time.sleep(0.3)  # into the report's request
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=40)
+        assert time.monotonic() - started < 20, err  # not the 60 s the report would take
+        assert proc.returncode == code, err
+        assert "Traceback" not in err
+        stopped = store.runs("hr", 1)[0]
+        assert stopped["id"] == last["id"] and stopped["status"] == "failed", stopped
+        assert stopped["error"].startswith("interrupted: the worker is stopping"), stopped
+        assert len(list(store.iter_events("hr", after=0))) == events
+        env["emulator"].faults.clear()
+        assert run(env, "sync", "hr").exit_code == 0  # the lease was given back: no --wait needed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        env["emulator"].faults.clear()
+        store.close()
+
+
 def _stop_mid_run(env: dict, store_url: str, *args: str) -> None:
     """Starts `dirpull ARGS`, sends SIGTERM while its run is pulling, waits for it to end."""
     env["emulator"].faults.update({"delay": 2.0})  # the report takes a while to come

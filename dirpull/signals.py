@@ -29,8 +29,9 @@ def stop_on_signals(
 
     `force_exit`: a second signal ends the process at once, exit 128 + its number (130 for
     Ctrl-C, 143 for SIGTERM), after `before_exit`. The first stop waits for a run to reach a safe
-    point, which a request hanging until its timeout or a long commit can hold for minutes: the
-    operator's second Ctrl-C did nothing more, and only SIGKILL ended it, without a word.
+    point, which a long commit can hold for a while (a request hanging in the vendor's answer is
+    given up after ~10 s, `prefetch.JOIN_S`): the operator's second Ctrl-C did nothing more, and
+    only SIGKILL ended it, without a word.
     `announce`: logged at the first signal, so that the wait that follows is not taken for a hang."""
     previous: dict[int, Any] = {}
     received: list[int] = []

@@ -534,3 +534,13 @@ def test_skiptoken_is_opaque_and_in_a_full_url(client: Client) -> None:
     body = client.get("/users/delta", **{"$select": "displayName"}).json()
     parts = urlsplit(body["@odata.nextLink"])
     assert parts.path == "/v1.0/users/delta" and list(parse_qs(parts.query)) == ["$skiptoken"]
+
+
+def test_graph_switches_over_http_refuse_a_name_they_do_not_know(graph: GraphEmulator) -> None:
+    """A misspelt switch was answered {"ok": true} while the test it set up ran without it."""
+    url = f"{graph.base_url}/_emulator/graph"
+    bad = requests.post(url, json={"delta_page_sise": 5}, timeout=5)
+    assert bad.status_code == 400 and "unknown switch 'delta_page_sise'" in bad.json()["error"]
+    assert "delta_page_size" in bad.json()["switches"] and graph.delta_page_size == 25
+    assert requests.post(url, json={"delta_page_size": 5, "resync": 1}, timeout=5).json() == {"ok": True}
+    assert graph.delta_page_size == 5 and graph.resync_required == 1

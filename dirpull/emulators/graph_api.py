@@ -378,8 +378,32 @@ class GraphEmulator(Emulator):
         body = token_claims(self._token_key, rest) if header == JWT_HEADER else None
         return float(body["exp"]) if body is not None and body.get("epoch") == self._token_epoch else None
 
+    _SETTINGS = (
+        "token_lifetime",
+        "delta_page_size",
+        "delta_scan_limit",
+        "member_chunk_size",
+        "delta_token_ttl",
+        "retry_after",
+        "sync_state_status",
+        "sync_state_code",
+        "gone_body",
+        "initial_removed",
+        "user_delete_removes_members",
+        "manager_on_every_change",
+    )
+    _ACTIONS = ("expire_delta_tokens", "expire_access_tokens", "resync", "stale_removals")
+
     def _control(self, req: Request) -> Response:
         body = req.json() or {}
+        if not isinstance(body, dict):
+            return Response(400, {"error": "expected a JSON object"})
+        # As the other emulators' switch routes: a misspelt switch is refused, naming the valid
+        # ones, not answered ok while the test it sets up runs without it.
+        known = (*self._ACTIONS, *self._SETTINGS)
+        unknown = sorted(set(body) - set(known))
+        if unknown:
+            return Response(400, {"error": f"unknown switch {unknown[0]!r}", "switches": sorted(known)})
         if body.get("expire_delta_tokens"):
             self.expire_delta_tokens()
         if body.get("expire_access_tokens"):
@@ -389,20 +413,7 @@ class GraphEmulator(Emulator):
         if "stale_removals" in body:
             with self.org.lock:
                 self.stale_removals.update(str(i) for i in body["stale_removals"])
-        for key in (
-            "token_lifetime",
-            "delta_page_size",
-            "delta_scan_limit",
-            "member_chunk_size",
-            "delta_token_ttl",
-            "retry_after",
-            "sync_state_status",
-            "sync_state_code",
-            "gone_body",
-            "initial_removed",
-            "user_delete_removes_members",
-            "manager_on_every_change",
-        ):
+        for key in self._SETTINGS:
             if key in body:
                 setattr(self, key, body[key])
         return Response(200, {"ok": True})

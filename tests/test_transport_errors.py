@@ -266,8 +266,16 @@ def test_credentials_bound_for_another_host_over_plain_http_are_warned_of(
                 connector(provider, "http://sso.example.test", tmp_path, [])
             return
         connector(provider, "http://sso.example.test", tmp_path, [])
+    if provider == "google_workspace":  # the key file's token_uri, read as a pull's session opens
+        from dirpull.connectors.google_workspace import _Session
+
+        with caplog.at_level(logging.WARNING, logger="dirpull"):  # no request made: loopback only
+            for base in ("http://127.0.0.1:9", "http://sso.example.test"):
+                google = connector(provider, base, tmp_path, [])
+                _Session(google.settings, RetryPolicy(), "t1")  # type: ignore[attr-defined]
     warned = [r.getMessage() for r in caplog.records if "plain http" in r.getMessage()]
-    keys = {"bamboohr": ["api_url"], "workday": ["users_report_url"], "google_workspace": ["api_url"],
+    keys = {"bamboohr": ["api_url"], "workday": ["users_report_url"],
+            "google_workspace": ["api_url", "api_url", "the credentials file's token_uri"],
             "entra_id": ["login_url", "graph_url"]}[provider]  # fmt: skip
     assert len(warned) == len(keys), warned
     for key, message in zip(keys, warned, strict=True):

@@ -274,7 +274,7 @@ def _service_account(key: str) -> Any:
 class _Session:
     """Credentials and one service object per thread, all counting into one counter."""
 
-    def __init__(self, settings: Any, policy: RetryPolicy) -> None:
+    def __init__(self, settings: Any, policy: RetryPolicy, tenant: str = "") -> None:
         self.policy = policy
         self.counter = _Counter()
         self.api_url = (settings.api_url or DEFAULT_API_URL).rstrip("/")
@@ -293,7 +293,10 @@ class _Session:
                 key = ref.get() if hasattr(ref, "get") else str(ref)
             creds = _service_account(key)
             # Public (the Admin console lists it): what a delegation that is missing must name.
-            self.client_id = str(json.loads(key).get("client_id") or "") or None
+            info = json.loads(key)
+            self.client_id = str(info.get("client_id") or "") or None
+            # The access token comes back from it (and the signed grant goes to it) in every run.
+            warn_plain_http(tenant, "the credentials file's token_uri", str(info.get("token_uri") or ""))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             # Never echo the file: it holds a private key.
             raise ConfigurationError(
@@ -479,7 +482,7 @@ class GoogleWorkspaceConnector(CountsRequests):
     ) -> Iterator[Page | Done]:
         # No delta exists: `cursor` and `full` change nothing, every run is a full snapshot.
         self._new_pull()
-        session = _Session(self.settings, make_policy(self.policy))
+        session = _Session(self.settings, make_policy(self.policy), self.tenant)
         self._counting(lambda: session.counter.value)
         sources = SourceDigests(known, self.settings, [__name__]) if known else None
         try:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import email.utils
-import ipaddress
 import json
 import logging
 import random
@@ -65,6 +64,7 @@ from dirpull.connectors.http import (
     PagingGuard,
     body_opening,
     interruptible_async_sleep,
+    is_loopback_host,
     readable_body,
     redact_url,
     transport_reason,
@@ -114,11 +114,7 @@ def check_org_url(url: str) -> tuple[str, bool]:
     normalized = f"{parts.scheme}://{parts.netloc}"
     if parts.scheme == "https":
         return normalized, False
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback_host(host):
         raise ConfigurationError(
             f"org_url {redact_url(url)!r}: http:// is allowed only for a local emulator on a loopback "
             "address (127.0.0.1, ::1, localhost); use https:// for a real Okta org"

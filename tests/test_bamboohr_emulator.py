@@ -7,6 +7,7 @@ not a client on PyPI), so these tests speak plain HTTP the way the documentation
 from __future__ import annotations
 
 import json
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from datetime import date
@@ -145,6 +146,40 @@ def test_directory_lists_active_only_but_the_report_includes_inactive(emu: Bambo
     # Any inactive employee carries a termination date; active ones print the empty date.
     assert rows["8"]["status"] == "Inactive" and rows["8"]["terminationDate"] != "0000-00-00"
     assert rows["1"] == {"id": "1", "status": "Active", "terminationDate": "0000-00-00"}
+
+
+@pytest.mark.parametrize("flip_changes", [False, True])
+def test_a_future_hire_is_inactive_until_their_hire_date(emu: BambooHREmulator, flip_changes: bool) -> None:
+    # directory-apis.md §4.1: "Future hires have a status of Inactive". Not terminated: no
+    # terminationDate (an empty date, as BambooHR prints one). Whether the day they start moves
+    # lastChanged is not known [U]: the switch covers both readings.
+    emu.hire_flip_changes = flip_changes
+    emu.today = date(2026, 3, 1)
+    n = emu.org.hire("Future", "Hire").n
+    emu.org.update_person(n, hire_date="2026-03-02")
+    fields = ["status", "hireDate", "terminationDate", "lastChanged"]
+
+    def row() -> dict:
+        return next(r for r in report(emu, fields, headers=JSON).json()["employees"] if r["id"] == str(n))
+
+    def in_directory() -> bool:
+        body = requests.get(gw(emu, "employees/directory"), auth=AUTH, headers=JSON, timeout=TIMEOUT).json()
+        return str(n) in {e["id"] for e in body["employees"]}
+
+    before = row()
+    assert before["status"] == "Inactive" and before["terminationDate"] == "0000-00-00"
+    assert before["hireDate"] == "2026-03-02" and not in_directory()
+    since = before["lastChanged"]
+
+    time.sleep(1.1)  # lastChanged has second precision
+    emu.today = date(2026, 3, 2)
+    after = row()
+    assert after["status"] == "Active" and after["terminationDate"] == "0000-00-00" and in_directory()
+    changed = requests.get(
+        gw(emu, "employees/changed"), params={"since": since}, auth=AUTH, headers=JSON, timeout=TIMEOUT
+    ).json()["employees"]
+    assert (str(n) in changed) is flip_changes
+    assert (after["lastChanged"] > since) is flip_changes
 
 
 def test_directory_sharing_off_is_403(emu: BambooHREmulator) -> None:

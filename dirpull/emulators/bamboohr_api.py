@@ -15,8 +15,10 @@ JSON or XML; CSV/PDF/XLS are not served, and `onlyCurrent` is accepted and ignor
 Basic with the API key as the user name and any password. Vendor semantics over the Org: employee
 id = str(Person.n); hard- and soft-deleted people are both "Deleted" (BambooHR has no soft delete);
 any inactive person is status "Inactive" with a terminationDate (their termination date, else the
-day of their last change). `lastChanged` has second precision and `changed?since=` compares
-against it strictly.
+day of their last change). A future hire (hireDate after `today`) is status "Inactive" too, with an
+empty terminationDate ("Future hires have a status of Inactive"), left out of the directory, and
+turns "Active" on their hire date. `lastChanged` has second precision and `changed?since=`
+compares against it strictly.
 
 Switches (attributes, set them before or while serving; over HTTP at `POST /_emulator/bamboohr`,
 dates as "YYYY-MM-DD"):
@@ -24,7 +26,12 @@ dates as "YYYY-MM-DD"):
   permitted             False → a valid key is answered 403 everywhere (the key's user lacks access)
   throttle_429_from     the date BambooHR moves throttling from 503 to 429 (2026-09-16); `today`
                         before it → 503 + Retry-After, on/after it → 429 + Retry-After
-  today                 the emulator's idea of today's date (default: 2026-09-16, the new behaviour)
+  today                 the emulator's idea of today's date (default None: the wall clock's date):
+                        throttling, and which hires are future hires
+  hire_flip_changes     whether the day a future hire starts (status Inactive → Active) moves their
+                        lastChanged, so that `employees/changed` lists them [U; default False: it
+                        does not]. The moment is the hire date's midnight (UTC) under the wall
+                        clock, or when `today` was set past the hire date
   retry_after           the Retry-After value sent when throttling
   error_header          "X-BambooHR-Error-Message" or the misspelled "X-BambooHR-Error-Messsage" [U]
   supervisor_ids_swapped  False: supervisorEId = supervisor's employee id, supervisorId = the
@@ -38,6 +45,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import time
 import xml.etree.ElementTree as ET
 from datetime import UTC, date, datetime
 from pathlib import Path
@@ -139,7 +147,9 @@ class BambooHREmulator(Emulator):
         self.directory_sharing = True
         self.permitted = True
         self.throttle_429_from = NEW_THROTTLE_DATE
-        self.today = NEW_THROTTLE_DATE
+        self._today: date | None = None
+        self._started: dict[int, float] = {}  # person → when `today` was set past their hire date
+        self.hire_flip_changes = False
         self.retry_after = "1"
         self.error_header = "X-BambooHR-Error-Message"
         self.supervisor_ids_swapped = False
@@ -157,7 +167,8 @@ class BambooHREmulator(Emulator):
                 "directory_sharing": flag,
                 "permitted": flag,
                 "throttle_429_from": date.fromisoformat,
-                "today": date.fromisoformat,
+                "today": lambda v: None if v is None else date.fromisoformat(v),
+                "hire_flip_changes": flag,
                 "retry_after": str,
                 "error_header": one_of("X-BambooHR-Error-Message", "X-BambooHR-Error-Messsage"),
                 "supervisor_ids_swapped": flag,
@@ -165,6 +176,45 @@ class BambooHREmulator(Emulator):
                 "forbidden_fields": lambda v: {str(f) for f in v},
             },
         )
+
+    # --- today ------------------------------------------------------------------------------------
+
+    @property
+    def today(self) -> date | None:
+        return self._today
+
+    @today.setter
+    def today(self, value: date | None) -> None:
+        before = self.current_date()
+        self._today = value
+        after = self.current_date()
+        if after > before:
+            # The hires whose first day arrives now start now: with `hire_flip_changes`, that is
+            # their lastChanged (a clock of its own would put it in the past or the future).
+            at = time.time()
+            with self.org.lock:
+                for p in self.org.people.values():
+                    if before.isoformat() < p.hire_date <= after.isoformat():
+                        self._started[p.n] = at
+
+    def current_date(self) -> date:
+        return self._today if self._today is not None else date.today()
+
+    def _future_hire(self, p: Person) -> bool:
+        return p.state == "active" and p.hire_date > self.current_date().isoformat()
+
+    def _started_at(self, p: Person) -> float | None:
+        """When a hire's first day made them Active, if that counts as a change (`hire_flip_changes`)."""
+        if not self.hire_flip_changes or p.state != "active" or self._future_hire(p):
+            return None
+        if p.n in self._started:
+            return self._started[p.n]
+        if self._today is None:  # the wall clock: the hire date's midnight, which has passed
+            try:
+                return datetime.combine(date.fromisoformat(p.hire_date), datetime.min.time(), UTC).timestamp()
+            except ValueError:
+                return None
+        return None
 
     # --- vendor wording ----------------------------------------------------------------------------
 
@@ -197,7 +247,7 @@ class BambooHREmulator(Emulator):
         return self._error(401, "Invalid API key", [("WWW-Authenticate", 'Basic realm="api"')])
 
     def rate_limited(self, req: Request) -> Response:
-        status = 429 if self.today >= self.throttle_429_from else 503
+        status = 429 if self.current_date() >= self.throttle_429_from else 503
         return self._error(status, None, [("Retry-After", self.retry_after)])
 
     def server_error(self, req: Request, status: int) -> Response:
@@ -238,7 +288,7 @@ class BambooHREmulator(Emulator):
             case "bestEmail":
                 return p.email
             case "status":
-                return "Active" if p.state == "active" else "Inactive"
+                return "Active" if p.state == "active" and not self._future_hire(p) else "Inactive"
             case "employmentHistoryStatus":
                 return "Terminated" if p.state == "inactive" else "Full-Time"
             case "department":
@@ -261,6 +311,8 @@ class BambooHREmulator(Emulator):
             case "hireDate" | "originalHireDate":
                 return p.hire_date
             case "terminationDate":
+                if self._future_hire(p):  # not terminated: not started yet
+                    return p.termination_date or self.empty_date
                 return p.termination_date or self._inactive_date(p) or self.empty_date
             case "lastChanged":
                 return iso_seconds(self._changed_at(p))
@@ -275,6 +327,9 @@ class BambooHREmulator(Emulator):
         boss = self.org.people.get(p.manager) if p.manager is not None else None
         if boss is not None and not boss.visible and boss.updated_at > ts:
             ts = boss.updated_at
+        started = self._started_at(p)
+        if started is not None and started > ts:
+            ts = started
         return ts
 
     @staticmethod
@@ -314,7 +369,7 @@ class BambooHREmulator(Emulator):
         with self.org.lock:
             rows = []
             for p in self.org.listed_people():
-                if p.state != "active":
+                if p.state != "active" or self._future_hire(p):
                     continue
                 row = self._row(p, wanted)
                 row["photoUploaded"] = False

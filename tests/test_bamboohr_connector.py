@@ -9,7 +9,7 @@ import os
 import time
 import tracemalloc
 from collections.abc import Iterator
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -345,6 +345,70 @@ def test_sync_a_round_of_changes_emits_exactly_these_events(emu: BambooHREmulato
     assert stored["6"]["raw_attributes"]["terminationDate"] == "2026-06-30"
     assert "30" not in stored and stored["8"]["manager_idp_id"] == "5"
     assert h.groups("hr") == {} and h.members("hr") == set()  # BambooHR has no groups
+
+
+@pytest.mark.parametrize("flip_changes", [False, True])
+def test_a_future_hire_is_stored_inactive_and_turns_active_at_the_first_run_of_their_first_day(
+    emu: BambooHREmulator, synced: Any, flip_changes: bool
+) -> None:
+    h, _ = synced
+    # Whether the day a future hire starts moves their lastChanged is not known [U]: if it does
+    # not, employees/changed never lists them, and they stayed inactive until the next periodic
+    # full run (24 h by default) — through their first day.
+    emu.hire_flip_changes = flip_changes
+    today = datetime.now(UTC).date()
+    emu.today = today
+    n = str(emu.org.hire("Future", "Hire", manager=5).n)
+    emu.org.update_person(int(n), hire_date=(today + timedelta(days=1)).isoformat())
+    emu.org.hire("Already", "Started", manager=5)  # the report's last row, which is always parsed
+    assert h.sync("hr").status == "succeeded"
+    stored = h.users("hr")[n]
+    assert stored["state"] == "inactive"  # BambooHR: "Future hires have a status of Inactive"
+    assert stored["raw_attributes"]["terminationDate"] is None
+
+    time.sleep(2.1)  # lastChanged has second precision, and the next run re-reads the cursor's second
+    emu.org.update_person(6, title="Principal")
+    assert h.sync("hr").status == "succeeded"  # the cursor moves past the hire's last change
+    assert h.users("hr")[n]["state"] == "inactive"
+    # A periodic full run recognizes the unchanged row by its text without parsing it, and still
+    # keeps the hire to read back.
+    for _ in range(2):  # the first stores the row's digest, the second recognizes the row by it
+        full = h.sync("hr", full=True)
+        assert full.status == "succeeded" and full.events == 0
+    seq = h.last_seq()
+
+    emu.today = today + timedelta(days=1)  # their first day: BambooHR shows them Active
+    r = h.sync("hr")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert h.users("hr")[n]["state"] == "active"
+    assert h.changes("hr", after=seq) == [("user.updated", n, ("raw_attributes", "state"))]
+
+
+def test_the_cursor_keeps_future_hires_until_they_start_or_their_day_is_long_past(emu: BambooHREmulator) -> None:
+    today = datetime.now(UTC).date()
+    emu.today = today
+    org = emu.org
+    org.update_person(10, hire_date=(today + timedelta(days=30)).isoformat())  # a future hire
+    org.update_person(11, hire_date=(today + timedelta(days=1)).isoformat())  # starts tomorrow
+    org.deactivate(12, "terminated", "2026-01-01")  # terminated: not a future hire
+    newest = one_second_each(org)  # re-read by every increment (the cursor's own second)
+    c = connector(emu)
+    _, first = pull(c)
+    assert first.cursor["starts"] == {"10": org.people[10].hire_date, "11": org.people[11].hire_date}
+    # An increment reads back only the one whose day may have come (the company's date may be a
+    # day ahead of UTC's), though nothing changed.
+    before = len(emu.request_log)
+    pages, done = pull(c, first.cursor)
+    assert set(users(pages)) == {"11", newest} and users(pages)["11"].state == "inactive"
+    assert done.cursor["starts"] == first.cursor["starts"] and len(emu.request_log) - before == 2
+    emu.today = today + timedelta(days=1)
+    pages, done = pull(c, done.cursor)
+    assert users(pages)["11"].state == "active" and done.cursor["starts"] == {"10": org.people[10].hire_date}
+    # One whose day is long past (the sync was stopped for days) is read back once more, then not
+    # again: a hire that never started (cancelled, still Inactive) is not read back for ever.
+    stale = {**done.cursor, "starts": {"10": org.people[10].hire_date, "13": "2026-01-01"}}
+    pages, done = pull(c, stale)
+    assert set(users(pages)) == {newest, "13"} and done.cursor["starts"] == {"10": org.people[10].hire_date}
 
 
 def test_an_unchanged_directory_emits_no_events_incremental_or_full(emu: BambooHREmulator, synced: Any) -> None:

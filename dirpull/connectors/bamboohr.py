@@ -14,6 +14,12 @@ employee id with an action each. `Deleted` ids become removals; `Inserted`/`Upda
 back with the custom report filtered by `employeeIds`, `batch_size` at a time. The next cursor is
 the response's `latest` (else the newest `lastChanged` seen), and never moves backwards.
 
+Future hires: BambooHR shows an employee whose hire date has not come as Inactive, and whether
+their first day (Inactive → Active) moves `lastChanged` is not known. So the cursor also keeps
+`starts`, employee id → hire date of every one seen Inactive, not terminated, with a hire date
+still to come, and an increment reads back those whose day has come (as the changed ones are)
+until they show Active: a new hire is not left inactive until the next full run.
+
 BambooHR has no groups: the connector yields none.
 """
 
@@ -21,7 +27,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Generator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -59,6 +65,47 @@ EMPTY_VALUES = frozenset({"", "0000-00-00", "0000-00-00 00:00:00"})
 REPORT_TITLE = "dirpull"
 _FIELD_OF_PATH = re.compile(r"^[^.\[]+")
 _LAST_CHANGED = re.compile(rb'"lastChanged"\s*:\s*"([^"\\]*)"')
+
+
+def _pending_start(row: Any, today: date) -> str | None:
+    """The hire date of an employee BambooHR shows as a future hire — Inactive, no termination
+    date, hired on or after the day before `today` (UTC; the company's own date may be a day
+    either side) — else None."""
+    if not isinstance(row, dict):
+        return None
+    status, ended = row.get("status"), row.get("terminationDate")
+    if not isinstance(status, str) or status.strip().lower() != "inactive":
+        return None
+    if isinstance(ended, str) and ended.strip() not in EMPTY_VALUES:
+        return None
+    hired = row.get("hireDate")
+    try:
+        day = date.fromisoformat(hired.strip()) if isinstance(hired, str) else None
+    except ValueError:
+        return None
+    return day.isoformat() if day is not None and day >= today - timedelta(days=1) else None
+
+
+def _recognized_start(text: bytes | None, today: date) -> str | None:
+    """`_pending_start` of a row recognized by its text (not parsed): only a row that says
+    Inactive somewhere (a few in a hundred) is parsed to tell."""
+    if text is None or b"nactive" not in text:
+        return None
+    try:
+        return _pending_start(orjson.loads(text), today)
+    except orjson.JSONDecodeError:
+        return None
+
+
+def _stored_starts(cursor: dict[str, Any] | None) -> dict[str, str]:
+    starts = cursor.get("starts") if cursor else None
+    if not isinstance(starts, dict):
+        return {}
+    return {str(k): v for k, v in starts.items() if isinstance(v, str)}
+
+
+def _utc_today() -> date:
+    return datetime.now(UTC).date()
 
 
 def build(tenant: str, settings: BambooHRTenant, **kwargs: Any) -> BambooHRConnector:
@@ -163,7 +210,7 @@ class BambooHRConnector(CountsRequests):
             if since is None:
                 done = yield from self._full(client, notes, known)
             else:
-                done = yield from self._incremental(client, since, notes)
+                done = yield from self._incremental(client, since, notes, _stored_starts(cursor))
             done.requests = client.requests
             yield done
         except AuthError as exc:
@@ -197,11 +244,17 @@ class BambooHRConnector(CountsRequests):
         # a small int, not the row), so that a second row can be told from a copy of the first.
         listed: dict[str, Any] = {}
         twice: set[str] = set()  # … the ids met again with another row
+        today = _utc_today()
+        pending: dict[str, str] = {}  # future hires: employee id → hire date (the cursor's `starts`)
         try:
             for text, row, unchanged in _stream_employees(resp, recognizer):
                 eid = unchanged if unchanged is not None else _id_of(row)
                 if unchanged is None and isinstance(row, dict):
                     latest.add(row.get("lastChanged"))
+                    if eid is not None and (hired := _pending_start(row, today)) is not None:
+                        pending[eid] = hired
+                elif unchanged is not None and (hired := _recognized_start(text, today)) is not None:
+                    pending[unchanged] = hired  # unchanged, and still to start (a full run has no old cursor)
                 first = listed.get(eid) if eid is not None else None
                 if first is not None:
                     # The very same row again (a report joined on a field it does not show
@@ -233,12 +286,16 @@ class BambooHRConnector(CountsRequests):
         newest = latest.when
         if newest is None:
             newest = _date_header(resp)
-        cursor = {"since": format_timestamp(newest)} if newest is not None else None
+        cursor: dict[str, Any] | None = {"since": format_timestamp(newest)} if newest is not None else None
+        if cursor is not None and pending:
+            cursor["starts"] = pending
         return Done(snapshot=True, cursor=cursor, mode="full", notes=notes)
 
     # --- increment ---------------------------------------------------------------------------------
 
-    def _incremental(self, client: HttpClient, since: str, notes: list[str]) -> Generator[Page, None, Done]:
+    def _incremental(
+        self, client: HttpClient, since: str, notes: list[str], starts: dict[str, str]
+    ) -> Generator[Page, None, Done]:
         since_at = parse_timestamp(since)
         assert since_at is not None
         ask = format_timestamp(since_at - timedelta(seconds=self.settings.changed_overlap))
@@ -293,6 +350,16 @@ class BambooHRConnector(CountsRequests):
 
         if removed or quarantined:
             yield Page(removed_users=removed, quarantined=quarantined)
+        # Future hires whose day has come (by the company's date, which may be a day ahead of
+        # UTC) are read back with the changed ones until they show Active.
+        today = _utc_today()
+        changed_ids = set(wanted)
+        gone = set(removed) | {q.idp_id for q in quarantined if q.idp_id}
+        pending = {e: d for e, d in starts.items() if e not in gone}
+        due = [e for e, d in pending.items() if d <= (today + timedelta(days=1)).isoformat() and e not in changed_ids]
+        for eid in due:
+            del pending[eid]  # kept again below if still a future hire
+        wanted = wanted + due
         numbers = self._employee_numbers(client) if (wanted and self._manager_by_number) else None
         missing = 0
         extra = False
@@ -324,11 +391,15 @@ class BambooHRConnector(CountsRequests):
                     if eid in seen:  # a copy of a row applied (or an id quarantined) already
                         continue
                     seen.add(eid)
+                    if (hired := _pending_start(row, today)) is not None:
+                        pending[eid] = hired
+                    else:
+                        pending.pop(eid, None)
                     if eid in clashing:
                         page.quarantined.append(Quarantined("user", eid, "employee id appears twice in the report"))
                         continue
                 self._add(page, row, numbers)
-            missing += len(asked - seen)
+            missing += len((asked - seen) & changed_ids)
             yield page
         if missing:
             notes.append(
@@ -337,7 +408,10 @@ class BambooHRConnector(CountsRequests):
             )
         if extra:
             notes.append("the custom report ignored the employeeIds filter: extra rows were skipped")
-        return Done(snapshot=False, cursor={"since": format_timestamp(newest)}, mode="incremental", notes=notes)
+        cursor: dict[str, Any] = {"since": format_timestamp(newest)}
+        if pending:
+            cursor["starts"] = pending
+        return Done(snapshot=False, cursor=cursor, mode="incremental", notes=notes)
 
     # --- requests ----------------------------------------------------------------------------------
 

@@ -362,6 +362,25 @@ def test_xml_error_body_is_reported_readably(emu: WorkdayEmulator, tmp_path: Pat
     assert emu.requests == 3  # retried up to the policy's cap
 
 
+@pytest.mark.parametrize("wrong", ["report", "owner", "tenant"])
+def test_a_report_url_naming_no_report_fails_at_once_saying_what_to_check(
+    emu: WorkdayEmulator, tmp_path: Path, wrong: str
+) -> None:
+    """Workday answers a report it will not run for this user (a wrong name, owner or tenant in the
+    URL) with a 500 carrying a SOAP Client fault: retried, the run failed ~15 s later all the same,
+    as if Workday were down."""
+    url = emu.report_url(emu.users_report)
+    bad = {"report": "Worker_Directry", "owner": "ISU_Synk", "tenant": "dirpull_dem0"}[wrong]
+    good = {"report": emu.users_report, "owner": emu.owner, "tenant": emu.tenant}[wrong]
+    cfg = tenant(emu, tmp_path, users_report_url=url.replace(f"/{good}", f"/{bad}", 1))
+    with pytest.raises(ConnectorError) as info:
+        list(connector(cfg).pull(None, full=True))
+    msg = str(info.value)
+    assert emu.requests == 1 and not info.value.retriable, msg
+    assert "HTTP 500" in msg and "not found in tenant" in msg and "check the report URL" in msg, msg
+    assert "shared with the integration user" in msg and emu.password not in msg and "<" not in msg
+
+
 def test_forbidden_html_page_is_an_auth_error(emu: WorkdayEmulator, tmp_path: Path) -> None:
     emu.forbidden.add("Worker_Groups")
     with pytest.raises(AuthError, match=r"403.*not authorized: Worker_Groups"):

@@ -205,6 +205,19 @@ def test_oauth_refresh_token_gives_a_bearer_token(emu: WorkdayEmulator) -> None:
     assert requests.get(emu.report_url("Worker_Directory"), headers=bearer, timeout=T).status_code == 401
 
 
+def test_a_soap_fault_says_whether_the_request_or_the_server_is_at_fault(emu: WorkdayEmulator) -> None:
+    # SOAP 1.1 §4.4.1: a Client fault is a request wrong as sent (here a report this user cannot
+    # run: it does not exist), a Server fault an outage the same request may get past later.
+    r = get(emu, "No_Such_Report")
+    assert r.status_code == 500 and "<faultcode>SOAP-ENV:Client.validationError</faultcode>" in r.text
+    emu.faults.update({"error": 1})
+    r = get(emu)
+    assert r.status_code == 500 and "<faultcode>SOAP-ENV:Server</faultcode>" in r.text
+    emu.faults.update({"rate_limit": 1})
+    r = get(emu)
+    assert r.status_code == 503 and "<faultcode>SOAP-ENV:Server</faultcode>" in r.text
+
+
 def test_errors_are_xml_or_html_even_with_format_json(emu: WorkdayEmulator) -> None:
     emu.faults.update({"error": 1})
     r = get(emu)

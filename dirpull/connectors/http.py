@@ -347,7 +347,10 @@ class HttpClient:
         headers: Mapping[str, str] | None = None,
         auth: Any = None,
         retry_statuses: frozenset[int] = RETRIABLE_STATUSES,
+        permanent: Callable[[requests.Response], str | None] | None = None,
     ) -> None:
+        """`permanent`: for a response whose status is retried, why this one is not worth retrying
+        (the vendor says the request itself is wrong), or None; a reason fails the request at once."""
         # Imported here: the SDK-based connectors share this module but not `requests` (~30 ms of
         # every `dirpull sync` that starts a process).
         import requests
@@ -362,6 +365,7 @@ class HttpClient:
         self.policy = policy or RetryPolicy()
         self.timeout = timeout
         self.retry_statuses = retry_statuses
+        self.permanent = permanent
         self.requests = 0
 
     def close(self) -> None:
@@ -392,6 +396,16 @@ class HttpClient:
                 self._retrying(what, attempt)
                 self.policy.wait(attempt, None, what=what, step=step)
                 continue
+            if resp.status_code in self.retry_statuses and self.permanent is not None:
+                why = self.permanent(resp)
+                if why is not None:
+                    resp.close()
+                    raise ConnectorError(
+                        f"{step}: HTTP {resp.status_code} from {redact_url(url)}: {why}",
+                        retriable=False,
+                        step=step,
+                        status=resp.status_code,
+                    )
             if resp.status_code in self.retry_statuses:
                 hint = parse_retry_after(resp.headers.get("Retry-After"))
                 detail = readable_body(resp.content, limit=200) if not stream else ""

@@ -261,6 +261,7 @@ class WorkdayConnector(CountsRequests):
             headers={"Accept": "application/json", "User-Agent": "dirpull-workday"},
             auth=auth,
             retry_statuses=RETRIABLE_STATUSES,
+            permanent=_client_fault,
         )
         self._counting(lambda: client.requests)  # the pull's own, or the groups report's read ahead
         # Keep the last retried error body: when retries run out, the operator must see Workday's
@@ -861,6 +862,24 @@ class _Columns:
             else:
                 pending.append((names, pattern, keys))
         self._pending = pending
+
+
+_CLIENT_FAULT = re.compile(rb"<faultcode>\s*(?:[\w.-]+:)?Client\b", re.I)
+
+
+def _client_fault(resp: requests.Response) -> str | None:
+    """Why a 500 is not worth retrying: a SOAP fault of the Client class ("the message should not be
+    resent without change", SOAP 1.1 §4.4.1), which is how Workday answers a report URL that names
+    no report it will run for this user (a wrong tenant, owner or report name; a report not enabled
+    as a web service or not shared). Retrying it only held the run ~15 s before the same error."""
+    if resp.status_code != 500 or not _CLIENT_FAULT.search(resp.content[:65536]):
+        return None
+    return (
+        f"Workday refused the report request ({readable_body(resp.content)}): check the report URL "
+        "(tenant, report owner and report name, as under the report's Actions › Web Service › View "
+        "URLs), that the report is enabled as a web service and shared with the integration user "
+        "or API client, and that user's credentials"
+    )
 
 
 def _text(value: Any) -> str | None:

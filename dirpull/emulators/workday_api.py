@@ -37,6 +37,9 @@ at `POST /_emulator/workday`):
   json_content_type  the Content-Type a JSON report is labelled with (a proxy may relabel it,
                  e.g. text/plain); default application/json
 
+A report this user cannot run (an unknown tenant, owner or report name in the URL) is a 500 with a
+SOAP `Client.validationError` fault; an outage's 5xx carries a `Server` fault.
+
 Faults (server.Faults) apply as everywhere: `error` → 5xx with the XML/HTML body above, `rate_limit`
 → 503 + Retry-After (Workday documents no 429), `expire_auth` → 401 (a bearer token is forgotten),
 `delay` → a slow report, `drop`/`malformed` → a cut or broken body.
@@ -181,8 +184,13 @@ class WorkdayEmulator(Emulator):
 
     # --- vendor wording of errors ------------------------------------------------------------------
 
-    def error(self, status: int, message: str, *, fault: str = "Processing error occurred") -> Response:
-        """An error in the configured body style; Workday ignores `format=json` for errors."""
+    def error(
+        self, status: int, message: str, *, fault: str = "Processing error occurred",
+        faultcode: str = "SOAP-ENV:Client.validationError",
+    ) -> Response:  # fmt: skip
+        """An error in the configured body style; Workday ignores `format=json` for errors. A SOAP
+        fault's code says whose fault it is: `Client…` for a request that is wrong as sent (a report
+        that does not exist for this user), `Server` for an outage (SOAP 1.1 §4.4.1)."""
         if self.error_format == "json":
             return Response(status, {"error": fault, "errors": [{"error": message}]})
         if self.error_format == "html":
@@ -197,7 +205,7 @@ class WorkdayEmulator(Emulator):
         xml = (
             '<?xml version="1.0" encoding="UTF-8"?>'
             '<SOAP-ENV:Envelope xmlns:SOAP-ENV="http://schemas.xmlsoap.org/soap/envelope/">'
-            "<SOAP-ENV:Body><SOAP-ENV:Fault><faultcode>SOAP-ENV:Client.validationError</faultcode>"
+            f"<SOAP-ENV:Body><SOAP-ENV:Fault><faultcode>{_esc(faultcode)}</faultcode>"
             f"<faultstring>{_esc(fault)}</faultstring><detail>"
             '<wd:Error xmlns:wd="urn:com.workday/bsvc">'
             f"<wd:Message>{_esc(message)}</wd:Message></wd:Error>"
@@ -234,13 +242,17 @@ class WorkdayEmulator(Emulator):
         return resp
 
     def rate_limited(self, req: Request) -> Response:
-        resp = self.error(503, "The server is temporarily unable to service your request", fault="Busy")
+        resp = self.error(
+            503, "The server is temporarily unable to service your request", fault="Busy", faultcode="SOAP-ENV:Server"
+        )
         resp.headers.append(("Retry-After", "1"))
         return resp
 
     def server_error(self, req: Request, status: int) -> Response:
         return self.error(
-            status, "An unexpected error occurred while running the report. Please contact Workday support."
+            status,
+            "An unexpected error occurred while running the report. Please contact Workday support.",
+            faultcode="SOAP-ENV:Server",
         )
 
     def not_found(self, req: Request) -> Response:

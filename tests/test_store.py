@@ -682,6 +682,54 @@ def test_upgrading_a_0002_store_keeps_its_rows_and_takes_long_values(store_url: 
         s.close()
 
 
+@pytest.mark.postgres
+def test_a_migration_blocked_by_an_open_transaction_gives_up_in_one_line_and_changes_nothing(
+    store_url: str, tmp_path: Path, monkeypatch
+):
+    """`dirpull db upgrade` while an analyst's transaction has read `groups` (or a long `dirpull
+    events` is streaming): the ALTER TABLE waited for it with no bound, and every later query on
+    the table queued behind it, consumers included. Now it gives up after a bounded wait, exit 1
+    with one line saying to retry, the tables it had already altered left as they were."""
+    from alembic import command
+
+    monkeypatch.setattr(store_module, "MIGRATION_LOCK_TIMEOUT_S", 1, raising=False)
+    s = Store(store_url)
+    with s.engine.begin() as conn:
+        command.upgrade(s._alembic(conn), "0002")
+    s.close()
+    reader = sa.create_engine(store_url, poolclass=sa.pool.NullPool)
+    conn = reader.connect()
+    try:
+        conn.execute(sa.text("SELECT count(*) FROM groups"))  # holds its lock until the transaction ends
+        release = threading.Timer(8, conn.rollback)  # without a bound, the upgrade waits for this
+        release.start()
+        began = time.monotonic()
+        r = _cli(_config(tmp_path, store_url), "db", "upgrade")
+        waited = time.monotonic() - began
+        assert (r.exit_code, r.stdout) == (1, ""), r.output
+        assert r.stderr.strip().splitlines() == [
+            f"dirpull: store {Store(store_url).safe_url}: schema upgrade from 0002 to {CURRENT} gave up after "
+            "waiting 1s for a table another session is using (a long query or a transaction left open); "
+            "nothing changed; retry when it has finished"
+        ], r.output
+        assert waited < 6, waited
+    finally:
+        release.cancel()
+        release.join()
+        conn.close()
+        reader.dispose()
+    s = Store(store_url)
+    try:
+        assert s.schema_state() == ("0002", CURRENT)
+        # `users` comes before `groups` in the migration: its change was rolled back too.
+        with s.engine.connect() as c:
+            length = {col["name"]: getattr(col["type"], "length", None) for col in sa.inspect(c).get_columns("users")}
+        assert length["idp_id"] == 255
+        assert s.upgrade() == ("0002", CURRENT)  # retried once the reader is gone, it goes through
+    finally:
+        s.close()
+
+
 def test_upgrading_a_0001_store_keeps_its_rows_cursor_and_event_sequence(store_url: str, tmp_path: Path):
     """A store made by the first release, with a synced tenant in it, upgraded by `dirpull db upgrade`:
     every row, the cursor and the run history stay; the next run goes on from the cursor and its

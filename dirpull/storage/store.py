@@ -53,6 +53,13 @@ TIMESTAMPS = ("created_at", "updated_at")  # a user's or group's, after its fiel
 MEMBER_SEPARATOR = "\x1f"  # joins a group's member ids in `group_members` (ASCII unit separator)
 EVENT_LOCK_KEY = 0x64697270756C6C  # "dirpull": one advisory lock serializes event commits
 MIGRATION_LOCK_KEY = EVENT_LOCK_KEY + 1  # one migration at a time
+# How long a migration's statement waits for a table another session is using (PostgreSQL). While
+# an ALTER TABLE waits, every later query on that table queues behind its lock request: unbounded,
+# a long `dirpull events` or an analyst's open transaction stalled every consumer of the store.
+# 10 s outlasts the store's ordinary short queries (a page of events, `dirpull status`), so a busy
+# but healthy store still migrates, and keeps the stall it causes under consumers' usual 30 s
+# timeouts; a session holding a table longer is not going to let go within any wait worth making.
+MIGRATION_LOCK_TIMEOUT_S = 10
 
 
 class StoreError(Exception):
@@ -258,12 +265,24 @@ class Store:
             with engine.begin() as conn:
                 if self.dialect == "postgresql":  # DDL is transactional there
                     conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+                    # Set after the advisory lock: a second `dirpull db upgrade` (or a worker
+                    # starting on an empty store) waits for the first to finish, however long.
+                    ms = int(MIGRATION_LOCK_TIMEOUT_S * 1000)
+                    conn.execute(sa.text(f"SET LOCAL lock_timeout = {ms}"))
                 current = MigrationContext.configure(conn).get_current_revision()
                 if current == head:
                     return before, head
                 if only_if_empty and (current is not None or sa.inspect(conn).get_table_names()):
                     raise self._behind(current, head)
                 command.upgrade(self._alembic(conn), "head")
+        except StoreUnavailable as exc:
+            if getattr(exc.__cause__, "sqlstate", None) != "55P03":  # lock_not_available
+                raise
+            raise StoreError(
+                f"store {self.safe_url}: schema upgrade from {before or 'empty'} to {head} gave up after waiting "
+                f"{MIGRATION_LOCK_TIMEOUT_S:g}s for a table another session is using (a long query or a transaction "
+                "left open); nothing changed; retry when it has finished"
+            ) from None
         except sa.exc.DBAPIError as exc:
             # A migration the database refuses (PostgreSQL 15's "permission denied for schema
             # public", a table of that name from another application) was alembic's traceback with

@@ -327,6 +327,35 @@ def test_mass_deletion_is_held_and_force_applies_it(harness, caplog):
     assert any("guard overridden" in n for n in forced.notes)
 
 
+def test_a_worker_that_lost_its_lease_does_not_record_its_run_as_held(harness):
+    """The guard holds a run whose lease another worker took meanwhile (this one was paused, or
+    cut off from the store past `lease_ttl`). The run was recorded `held`, over the "interrupted"
+    the other worker's start had marked it, asking the operator to review and --force a run that
+    is no longer in charge of the tenant. Now it fails as a lost lease does at the commit."""
+    from dirpull.storage import schema
+
+    d = Directory(users=people(100))
+    h = make(harness, d, guard={"max_percent": 10, "min_count": 5})
+    assert h.sync("t").status == "succeeded"
+    d.users = d.users[:50]  # a run the guard holds
+    taken: list[int] = []
+
+    def take_over(n: int) -> None:
+        if n == 5:  # the last page: this worker has no chance to notice before the guard
+            with h.store.engine.begin() as conn:
+                conn.execute(schema.leases.update().values(holder="other", expires_at=utcnow() + timedelta(minutes=5)))
+            taken.append(h.store.start_run("t", trigger="schedule", mode="full", worker="other-host:1-abc"))
+
+    d.on_page = take_over
+    r = h.sync("t")
+    assert taken
+    assert r.status == "failed" and r.exit_code == 1 and "lease lost" in r.error, r.error
+    runs = {run["id"]: run for run in h.store.runs("t")}
+    assert (runs[r.run_id]["status"], runs[r.run_id]["error"]) == ("failed", r.error)
+    assert runs[taken[0]]["status"] == "running"  # the other worker's run is the one in charge
+    assert len(h.users("t")) == 100
+
+
 def test_mass_deactivation_is_held(harness):
     d = Directory(users=people(40))
     h = make(harness, d, guard={"max_percent": 20, "min_count": 5})

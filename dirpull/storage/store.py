@@ -618,7 +618,12 @@ class Store:
         quarantined: Sequence[Mapping[str, Any]] = (),
         error: str | None = None,
         conn: Connection | None = None,
+        holder: str | None = None,
     ) -> None:
+        """Record a run's outcome. With `holder`, only while it still holds the run's tenant's
+        lease (LeaseLost otherwise, nothing written): a held run's record is its commit, and a
+        worker that lost its lease must not turn a run already marked cut off (by the worker that
+        took over, `start_run`) into an outcome asking the operator to act on it."""
         values = dict(
             status=status,
             mode=mode,
@@ -631,7 +636,11 @@ class Store:
         )
 
         def _write(c: Connection) -> None:
-            started = c.execute(sa.select(t.runs.c.started_at).where(t.runs.c.id == run_id)).scalar_one()
+            tenant, started = c.execute(
+                sa.select(t.runs.c.tenant, t.runs.c.started_at).where(t.runs.c.id == run_id)
+            ).one()
+            if holder is not None:
+                self._fence(c, tenant, holder, self._now(c))
             values["duration_s"] = round((utcnow() - _aware(started)).total_seconds(), 3)
             c.execute(t.runs.update().where(t.runs.c.id == run_id).values(**values))
 
@@ -706,21 +715,24 @@ class Store:
         """
         with self.engine.connect() as conn, self._write_cache(conn, writes), conn.begin():
             now = self._now(conn)
-            L = t.leases.c
-            # The fencing check, and on PostgreSQL a row lock on the lease until this commits: no
-            # other worker can take the lease between this check and the commit.
-            fenced = conn.execute(
-                t.leases.update()
-                .where(L.tenant == tenant, L.holder == holder, L.expires_at >= now)
-                .values(expires_at=L.expires_at)
-            ).rowcount
-            if not fenced:
-                raise LeaseLost(f"tenant {tenant}: lease lost before commit; nothing applied")
+            self._fence(conn, tenant, holder, now)
             self._write_rows(conn, tenant, writes, now)
             written = self._write_events(conn, tenant, run_id, writes, now)
             self._write_cursor(conn, tenant, cursor, full, now)
             self.finish_run(run_id, conn=conn, **run_fields)
         return written
+
+    def _fence(self, conn: Connection, tenant: str, holder: str, now: datetime) -> None:
+        """The fencing check, and on PostgreSQL a row lock on the lease until the transaction
+        commits: no other worker can take the lease between this check and the commit."""
+        L = t.leases.c
+        fenced = conn.execute(
+            t.leases.update()
+            .where(L.tenant == tenant, L.holder == holder, L.expires_at >= now)
+            .values(expires_at=L.expires_at)
+        ).rowcount
+        if not fenced:
+            raise LeaseLost(f"tenant {tenant}: lease lost before commit; nothing applied")
 
     @contextlib.contextmanager
     def _write_cache(self, conn: Connection, writes: WriteSet) -> Iterator[None]:

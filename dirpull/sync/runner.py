@@ -354,6 +354,7 @@ class Runner:
                     notes=notes,
                     error=result.error,
                     quarantined=_quarantine_list(plan),
+                    holder=holder,  # a worker that lost its lease records its run failed, as `apply`
                 )
                 recorded = True
                 # What to do, on the line an operator watching WARNINGs sees: not only on "sync end".

@@ -645,6 +645,34 @@ def test_a_scheduled_fire_skips_what_another_worker_synced_since_whatever_its_cl
     assert mine.sync("t", trigger="schedule", due_after=ran.run_id).status == "succeeded"
 
 
+def test_a_worker_takes_back_its_own_lease_left_by_a_release_the_store_missed(harness, monkeypatch):
+    """The store was out as a run ended: its lease could not be given back. This worker's next
+    syncs of the tenant were skipped as "being synced by" itself until `lease_ttl` passed. Now it
+    takes back a lease its own ended run left; another worker still waits for it to expire."""
+    from dirpull.storage.store import StoreUnavailable
+    from dirpull.sync.runner import Runner
+
+    d = Directory(users=people(3))
+    h = make(harness, d)
+
+    def outage(tenant: str, holder: str) -> None:
+        raise StoreUnavailable("store db: lost the connection (server closed the connection unexpectedly)")
+
+    monkeypatch.setattr(h.store, "release_lease", outage)
+    assert h.sync("t").status == "succeeded"
+    monkeypatch.undo()
+    left = h.store.lease("t").holder
+    assert left is not None and left.startswith(f"{h.runner.worker}/")  # held until lease_ttl
+    other = Runner(h.config, h.store, worker=f"{h.runner.worker}x", connector_factory=factory(d))
+    skipped = other.sync("t")
+    assert skipped.status == "skipped" and skipped.holder == left
+    d.users.append(User(idp_id="u9", username="new@example.test"))
+    again = h.sync("t")
+    assert again.status == "succeeded", again.error
+    assert again.counts["users_created"] == 1 and d.pulls == 2
+    assert h.store.lease("t").holder is None  # given back this time
+
+
 def test_second_sync_with_wait_runs_after_the_first(harness):
     gate = threading.Event()
     d = Directory(users=people(20), gate=gate)

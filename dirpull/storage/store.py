@@ -521,17 +521,29 @@ class Store:
 
     # --- leases ----------------------------------------------------------------------------------
 
-    def acquire_lease(self, tenant: str, holder: str, ttl: timedelta) -> Lease | None:
+    def acquire_lease(
+        self, tenant: str, holder: str, ttl: timedelta, *, reclaim: tuple[str, int] | None = None
+    ) -> Lease | None:
         """Take the tenant's lease. Returns None when taken, else the current holder's lease.
+
+        `reclaim` (prefix, length): a holder of that prefix and length is the caller's own, from a
+        run of it that has ended (its release failed, the store out at that moment): taken back
+        before it expires. The caller guarantees no holder of that form is in use.
 
         One conditional UPDATE: of two workers racing for an expired lease, PostgreSQL makes the
         second wait for the first's row lock and then re-checks the WHERE against the new holder."""
         L = t.leases.c
         with self.engine.begin() as conn:
             now = self._now(conn)
+            free = [L.holder.is_(None), L.expires_at < now]
+            if reclaim is not None:
+                prefix, length = reclaim
+                # substr, not LIKE: exact on both databases (SQLite's LIKE ignores ASCII case).
+                mine = sa.and_(sa.func.substr(L.holder, 1, len(prefix)) == prefix, sa.func.length(L.holder) == length)
+                free.append(mine)
             taken = conn.execute(
                 t.leases.update()
-                .where(L.tenant == tenant, sa.or_(L.holder.is_(None), L.expires_at < now))
+                .where(L.tenant == tenant, sa.or_(*free))
                 .values(holder=holder, acquired_at=now, expires_at=now + ttl)
             ).rowcount
             if taken:

@@ -134,9 +134,13 @@ class Runner:
     ) -> None:
         self.config = config
         self.store = store
+        # Unique to this Runner (`worker_name`): a lease whose holder it prefixes is this Runner's own.
         self.worker = worker or worker_name()
         self.stop = stop or threading.Event()
         self.connector_factory = connector_factory
+        # Syncs under way in this Runner, by tenant (a lease attempt counts as one).
+        self._syncing: dict[str, int] = {}
+        self._syncing_lock = threading.Lock()
 
     def sync(
         self,
@@ -161,10 +165,41 @@ class Runner:
         settings = config.tenant(tenant)
         lease_ttl = parse_duration(config.defaults.lease_ttl)
         self.store.ensure_tenant(tenant, settings.provider)
-        holder = f"{self.worker}/{uuid.uuid4().hex[:8]}"
+        with self._syncing_lock:
+            self._syncing[tenant] = self._syncing.get(tenant, 0) + 1
+        try:
+            return self._sync(tenant, config, settings, lease_ttl, trigger, full, dry_run, force, wait, progress,
+                              due_after)  # fmt: skip
+        finally:
+            with self._syncing_lock:
+                self._syncing[tenant] -= 1
+                if not self._syncing[tenant]:
+                    del self._syncing[tenant]
+
+    def _sync(
+        self,
+        tenant: str,
+        config: Config,
+        settings: Any,
+        lease_ttl: timedelta,
+        trigger: str,
+        full: bool,
+        dry_run: bool,
+        force: bool,
+        wait: float,
+        progress: Progress | None,
+        due_after: int | None,
+    ) -> RunResult:
+        own = f"{self.worker}/"
+        holder = f"{own}{uuid.uuid4().hex[:8]}"
         deadline = time.monotonic() + wait
         while True:
-            current = self.store.acquire_lease(tenant, holder, lease_ttl)
+            with self._syncing_lock:
+                alone = self._syncing[tenant] == 1
+            # A lease held under this Runner's name while no other sync of the tenant is under way
+            # in it is left by one that has ended, its release failed (the store out at that
+            # moment): taken back, instead of skipping this worker's own runs until it expires.
+            current = self.store.acquire_lease(tenant, holder, lease_ttl, reclaim=(own, len(holder)) if alone else None)
             if current is None:
                 break
             if time.monotonic() >= deadline or self.stop.is_set():

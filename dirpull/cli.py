@@ -302,13 +302,23 @@ def _deactivates(event: dict[str, Any]) -> bool:
     )
 
 
+def _reactivates(event: dict[str, Any]) -> bool:
+    previous = event.get("previous_attributes") or {}
+    return (
+        event["type"] == "user.updated"
+        and previous.get("state") == "inactive"
+        and event["data"].get("state") == "active"
+    )
+
+
 def _describe(writes: WriteSet, limit: int = 200) -> Iterator[str]:
     sign = {"created": "+", "updated": "~", "deleted": "-", "user_added": "+", "user_removed": "-"}
-    # Deletions and deactivations first: they are what the guard holds a run for, and in the event
-    # order they come behind every create, update and membership change, so a held run's review
-    # showed 200 of those and not one of the people it would remove.
-    losses = [*writes.tail_events, *(e for e in writes.events if _deactivates(e))]
-    rest = (e for e in writes.all_events() if e["type"] not in LOSSES and not _deactivates(e))
+    # Deletions, deactivations and reactivations first: they are what the guard holds a run for,
+    # and in the event order they come behind every create, update and membership change, so a
+    # held run's review showed 200 of those and not one of the people it would remove (or give
+    # their access back).
+    losses = [*writes.tail_events, *(e for e in writes.events if _deactivates(e) or _reactivates(e))]
+    rest = (e for e in writes.all_events() if e["type"] not in LOSSES and not _deactivates(e) and not _reactivates(e))
     for i, e in enumerate(itertools.chain(losses, rest)):
         if i == limit:
             yield f"… and {writes.event_count - limit} more (--json lists every one)"
@@ -319,7 +329,7 @@ def _describe(writes: WriteSet, limit: int = 200) -> Iterator[str]:
         else:
             name = e["data"].get("username") or e["data"].get("name") or e["data"].get("display_name") or ""
             changed = f" ({', '.join(sorted(e['previous_attributes']))})" if e.get("previous_attributes") else ""
-            lost = " deactivated" if _deactivates(e) else ""
+            lost = " deactivated" if _deactivates(e) else " reactivated" if _reactivates(e) else ""
             yield f"{sign[kind]} {e['type']} {e['object_id']} {name}{changed}{lost}"
 
 

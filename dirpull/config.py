@@ -301,8 +301,9 @@ class StoreSettings(_Strict):
 
 class GuardSettings(_Strict):
     """Hold a run that would deactivate or delete more than `max_percent` of the tenant's active
-    users, delete that share of all its stored users or of its groups, or remove that share of its
-    group memberships, and more than `min_count` objects: both must be exceeded (`sync.guard.check`)."""
+    users, reactivate inactive users as many as that share of its active ones, delete that share of
+    all its stored users or of its groups, or remove that share of its group memberships, and more
+    than `min_count` objects: both must be exceeded (`sync.guard.check`)."""
 
     max_percent: float = Field(10.0, ge=0, le=100)
     min_count: int = Field(20, ge=0)

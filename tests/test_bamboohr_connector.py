@@ -827,6 +827,56 @@ def test_a_report_deactivating_many_active_workers_among_many_terminated_ones_is
         assert h.store.runs("hr")[0]["status"] == "held"
 
 
+def test_a_report_reactivating_many_terminated_workers_is_held_and_force_applies_it(harness: Any) -> None:
+    """A report that turns terminated employees active (its status field or filter changed) gave
+    ex-employees their access back downstream, and no number of them was held: 22 of 239 terminated
+    workers reactivated next to some 85 active people were applied. Measured against the active
+    people, as deactivations are (22 of 325 stored, or of 239 inactive, is under 10%). A handful of
+    rehires is applied, and new hires, created active, are not counted."""
+    org = Org.generate(300, seed=11)
+    for p in list(org.people.values()):
+        if p.n > 60 and p.state == "active":
+            org.deactivate(p.n, "terminated", "2025-06-30")
+    age(org)
+    inactive = [p.n for p in org.people.values() if p.state == "inactive"]
+    assert len(inactive) > 200
+
+    def factory(tenant: str, tenant_settings: Any) -> BambooHRConnector:
+        return build(tenant, tenant_settings, policy=RetryPolicy(max_attempts=4, sleep=Sleeps(), jitter=0))
+
+    def active_count() -> int:
+        return sum(u["state"] == "active" for u in h.users("hr").values())
+
+    with BambooHREmulator(org, api_key=SECRET) as emu:
+        h = harness({"hr": emu.tenant_config("hr", Path("."))}, connector_factory=factory)
+        assert h.sync("hr").status == "succeeded"
+        for n in inactive[:5]:  # rehired
+            org.reactivate(n)
+        for _ in range(25):
+            org.hire()
+        applied = h.sync("hr")
+        assert applied.status == "succeeded", applied.error
+        assert applied.counts["users_reactivated"] == 5 and applied.counts["users_created"] == 25
+        active, stored = active_count(), len(h.users("hr"))
+        assert 80 <= active <= 90
+        seq = h.last_seq()
+        for n in inactive[5:27]:
+            org.reactivate(n)
+        r = h.sync("hr")
+        assert r.status == "held" and r.exit_code == 3, r.error
+        share = round(22 * 100 / active, 1)
+        assert (
+            f"would reactivate 22 of {stored - active} inactive users, as many as {share:g}% of the {active} "
+            "active ones (threshold 10% and more than 20); is the directory's status of those users right"
+        ) in r.error
+        assert h.last_seq() == seq and active_count() == active
+        run = h.store.runs("hr")[0]
+        assert run["status"] == "held" and run["counts"]["users_reactivated"] == 22
+        forced = h.sync("hr", force=True)
+        assert forced.status == "succeeded" and forced.counts["users_reactivated"] == 22, forced.error
+        assert active_count() == active + 22
+
+
 def test_an_attribute_removed_from_the_mapping_is_dropped_from_everyone_not_held(
     emu: BambooHREmulator, harness: Any
 ) -> None:

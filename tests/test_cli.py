@@ -317,6 +317,39 @@ def test_a_held_runs_dry_run_names_who_would_be_removed_first(env):
     assert any(line.startswith("… and ") and "--json" in line for line in lines)
 
 
+def test_a_run_reactivating_many_is_held_its_dry_run_names_them_first_and_status_says_why(env):
+    """Terminated people turned active again (a report whose status field changed) were applied
+    as ordinary updates: their access given back downstream, and the review listed them behind
+    every other change. Now the run is held, `status` says why and the dry run names them first."""
+    org = env["org"]
+    terminated = [p.n for p in org.people.values() if p.visible and p.state == "active"][-20:]
+    for n in terminated:
+        org.deactivate(n, "terminated", "2025-06-30")
+    assert run(env, "sync", "hr").exit_code == 0
+    active = len(jsonl(run(env, "users", "hr", "--state", "active", "--json").stdout))
+    inactive = len(jsonl(run(env, "users", "hr", "--state", "inactive", "--json").stdout))
+    for _ in range(250):  # created active: not counted, and listed before the updates in event order
+        org.hire()
+    for n in terminated[:10]:
+        org.reactivate(n)
+    held = run(env, "sync", "hr")
+    assert held.exit_code == 3, held.stdout + held.stderr
+    reason = f"would reactivate 10 of {inactive} inactive users, as many as {round(1000 / active, 1):g}% of the "
+    assert reason in held.stderr
+    attention = jsonl(run(env, "status", "--json").stdout)[0]["attention"]
+    assert len(attention) == 1 and attention[0].startswith(f"held by the guard: {reason}"), attention
+    assert "users_reactivated 10" in held.stdout
+    dry = run(env, "sync", "hr", "--dry-run")
+    assert dry.exit_code == 3
+    lines = dry.stdout.splitlines()
+    assert sum(1 for line in lines if line[:1] in "+-~") == 200
+    reactivated = [line.split()[2] for line in lines if line.endswith(" reactivated")]
+    assert reactivated and set(reactivated) == {str(n) for n in terminated[:10]}
+    forced = run(env, "sync", "hr", "--force")
+    assert forced.exit_code == 0, forced.stdout + forced.stderr
+    assert len(jsonl(run(env, "users", "hr", "--state", "active", "--json").stdout)) == active + 250 + 10
+
+
 def test_a_new_sqlite_store_is_readable_by_its_owner_only(env, store_url):
     """The store holds the whole directory (names, emails, managers): created under the usual
     umask 022 it was 0644, readable by every account on the machine; its WAL files follow."""

@@ -394,6 +394,23 @@ def test_deactivations_are_measured_against_active_users_not_the_inactive_record
     assert "would deactivate or delete 23 of 60 active users (3 deactivated, 20 deleted) (threshold" in r.error
 
 
+def test_reactivating_many_when_no_one_is_active_is_held_past_the_floor(harness):
+    """With no active user stored there is no share of them to compute: a run turning 6 inactive
+    records active, past the floor of 5, is past every percentage and held; 5 are applied."""
+    d = Directory(users=inactive(people(30)))
+    h = make(harness, d, guard={"max_percent": 10, "min_count": 5})
+    assert h.sync("t").status == "succeeded"
+    listed = d.users
+    d.users = [*people(6), *listed[6:]]
+    r = h.sync("t")
+    assert r.status == "held" and r.counts["users_reactivated"] == 6, r.error
+    assert "would reactivate 6 of 30 inactive users, while none is active (threshold 10% and more than 5)" in r.error
+    assert all(u["state"] == "inactive" for u in h.users("t").values())
+    d.users = [*people(5), *listed[5:]]
+    r = h.sync("t")
+    assert r.status == "succeeded" and r.counts["users_reactivated"] == 5, r.error
+
+
 def test_purging_inactive_records_is_not_deprovisioning_but_a_mass_purge_is_held(harness):
     """Deleting terminated workers' records deprovisions nobody: 25 of 240 inactive records go
     (more than 10% of the 60 active people, had they been counted against them) and the run is

@@ -642,12 +642,18 @@ def clear_deleted_managers(plan: Plan, reports: Mapping[str, dict[str, Any]]) ->
     return changed
 
 
-def deactivations(plan: Plan, old_users: Mapping[str, dict[str, Any]]) -> int:
-    """Users this plan turns from active to inactive."""
-    return sum(
-        1
-        for key, before in old_users.items()
-        if key in plan.users
-        and before.get("state") == "active"
-        and loads(plan.users[key].read()).get("state") == "inactive"
-    )
+def state_changes(plan: Plan, old_users: Mapping[str, dict[str, Any]]) -> tuple[int, int]:
+    """(deactivated, reactivated): the stored users this plan turns from active to inactive, and
+    from inactive to active. A user created active is neither: only a stored inactive record
+    turned active gives someone their access back."""
+    deactivated = reactivated = 0
+    for key, before in old_users.items():
+        if key not in plan.users:
+            continue
+        was = before.get("state")
+        now = loads(plan.users[key].read()).get("state")
+        if was == "active" and now == "inactive":
+            deactivated += 1
+        elif was == "inactive" and now == "active":
+            reactivated += 1
+    return deactivated, reactivated

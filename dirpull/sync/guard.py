@@ -1,9 +1,10 @@
-"""The mass-change guard: a run that would deactivate, delete or remove from their groups too much
-is held, not applied.
+"""The mass-change guard: a run that would deactivate, reactivate, delete or remove from their
+groups too much is held, not applied.
 
 Directories fail in ways that look like data: an expired credential that lists nothing, a scope
-change, a report missing a column. Applying such a run would deprovision real people downstream,
-so past a threshold a human decides (`dirpull sync T --dry-run`, then `--force`).
+change, a report missing a column or with its status column changed. Applying such a run would
+deprovision real people downstream, or give terminated ones their access back, so past a
+threshold a human decides (`dirpull sync T --dry-run`, then `--force`).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def check(
     active_user_deletes: int,
     user_deactivations: int,
     group_deletes: int,
+    user_reactivations: int = 0,
     quarantined_users: int = 0,
     member_removes: int = 0,
     stored_memberships: int = 0,
@@ -47,7 +49,8 @@ def check(
 ) -> Verdict:
     """`stored_users` counts every stored user, `stored_active_users` the active ones;
     `active_user_deletes` is how many of the `user_deletes` were active, `user_deactivations` how
-    many active users the run turns inactive. `member_removes` counts the memberships removed
+    many active users the run turns inactive, `user_reactivations` how many stored inactive users it
+    turns active (users it creates are not counted). `member_removes` counts the memberships removed
     between a user and a group that both stay (those of deleted ones are the deletions' share);
     `stored_memberships` need only be counted when `member_removes` exceeds `min_count`.
     `cleared`: for each user field, how many stored users the run empties it for."""
@@ -74,6 +77,28 @@ def check(
             True,
             f"would deactivate or delete {lost} of {stored_active_users} active users "
             f"({user_deactivations} deactivated, {active_user_deletes} deleted) ({threshold})",
+        )
+    # What gives access back to people who should have none: a report whose status column or
+    # filter changed, or a status mapping edited, can turn many terminated workers active in one
+    # run. Measured, as the deactivations, against the people who have access now: against all
+    # stored users, the terminated records an HR source keeps (often several times the workforce)
+    # would dilute a run giving access back to ex-employees half as many as the workforce to under
+    # 10%; against the inactive ones, likewise.
+    # With no one active, any number past the floor is a share past every threshold.
+    stored_inactive = stored_users - stored_active_users
+    if _exceeds(user_reactivations, stored_active_users, settings) or (
+        stored_active_users == 0 and user_reactivations > settings.min_count
+    ):
+        share = (
+            f"as many as {round(user_reactivations * 100.0 / stored_active_users, 1):g}% of the "
+            f"{stored_active_users} active ones"
+            if stored_active_users
+            else "while none is active"
+        )
+        return Verdict(
+            True,
+            f"would reactivate {user_reactivations} of {stored_inactive} inactive users, {share} ({threshold}); "
+            f"is the directory's status of those users right (a report, filter or status column changed)?",
         )
     # Records going, active or not: a report that silently drops every terminated worker
     # deprovisions nobody but still loses their history downstream.

@@ -40,7 +40,7 @@ from dirpull.sync.diff import (
     build_writes,
     clear_deleted_managers,
     cleared_fields,
-    deactivations,
+    state_changes,
 )
 
 log = logging.getLogger("dirpull.sync")
@@ -350,6 +350,7 @@ class Runner:
                     1 for key in plan.user_deletes if old_users.get(key, {}).get("state") == "active"
                 ),
                 user_deactivations=result.counts["users_deactivated"],
+                user_reactivations=result.counts["users_reactivated"],
                 group_deletes=len(plan.group_deletes),
                 quarantined_users=sum(1 for q in plan.quarantined if q.kind == "user"),
                 member_removes=kept_removes,
@@ -771,12 +772,14 @@ def _quarantine_list(plan: Plan) -> list[dict[str, Any]]:
 
 
 def _counts(plan: Plan, writes: WriteSet, old_users: dict[str, dict[str, Any]]) -> dict[str, int]:
+    deactivated, reactivated = state_changes(plan, old_users)
     return {
         "users_seen": plan.seen_users,
         "groups_seen": plan.seen_groups,
         "users_created": len(writes.user_creates),
         "users_updated": sum(1 for e in writes.events if e["type"] == "user.updated"),
-        "users_deactivated": deactivations(plan, old_users),
+        "users_deactivated": deactivated,
+        "users_reactivated": reactivated,
         "users_deleted": len(writes.user_deletes),
         "groups_created": len(writes.group_creates),
         "groups_updated": sum(1 for e in writes.events if e["type"] == "group.updated"),

@@ -13,9 +13,11 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from typing import Generic, TypeVar
+from concurrent.futures import Future
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 POLL_S = 0.25  # how often a waiting side looks at the other one (stop requested, thread gone)
 JOIN_S = 10.0  # how long close() waits for the pull thread to notice it should stop
@@ -123,3 +125,74 @@ class Prefetch(Generic[T]):
             self._put(_End())
         except BaseException as exc:  # handed to the consumer, which re-raises it
             self._put(_Failed(exc))
+
+
+class DaemonPool:
+    """A thread pool, as `concurrent.futures.ThreadPoolExecutor` (`submit`, `shutdown`), whose
+    threads are daemon threads, for a connector's vendor requests made beside its pull thread.
+
+    The interpreter's exit joins every ThreadPoolExecutor thread (an atexit hook of
+    concurrent.futures): after a clean stop had left a run's pull behind (`Prefetch.close`), a
+    process whose Workday groups report or Google member read was still waiting for the vendor
+    lived on until that request's timeout (up to 300 s; systemd's TimeoutStopSec is 120 s), its
+    run long recorded as interrupted. A request left here ends with the process."""
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._workers = max(1, workers)
+        self._name = name
+        self._work: queue.SimpleQueue[tuple[Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def __enter__(self) -> DaemonPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown(wait=True)
+
+    def submit(self, fn: Callable[..., R], *args: Any) -> Future[R]:
+        future: Future[R] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot submit after shutdown")
+            self._work.put((future, fn, args))
+            # One thread more per request until `workers`, as ThreadPoolExecutor starts them.
+            if len(self._threads) < self._workers:
+                thread = threading.Thread(target=self._run, name=f"{self._name}_{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._lock:
+            self._closed = True
+            if cancel_futures:
+                while True:
+                    try:
+                        item = self._work.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is not None:
+                        item[0].cancel()
+            for _ in self._threads:
+                self._work.put(None)
+            threads = list(self._threads)
+        if wait:
+            for thread in threads:
+                thread.join()
+
+    def _run(self) -> None:
+        while (item := self._work.get()) is not None:
+            future, fn, args = item
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                result = fn(*args)
+            except BaseException as exc:  # handed to whoever waits on the future
+                future.set_exception(exc)
+            else:
+                future.set_result(result)
+            del item, future, fn, args  # not kept alive until the next request

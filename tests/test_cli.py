@@ -759,6 +759,58 @@ def test_one_sigterm_stops_a_run_stuck_in_a_vendor_request_without_waiting_for_i
         store.close()
 
 
+@pytest.mark.parametrize(
+    ("provider", "tenant", "hung"),
+    [("workday", "demo-workday", "Worker_Groups"), ("google_workspace", "demo-google", "/members")],
+    ids=["workday-groups-report", "google-member-reads"],
+)
+def test_one_sigterm_ends_the_process_while_a_side_request_of_the_pull_still_hangs(
+    tmp_path, store_url, provider, tenant, hung
+):
+    """README ("A second signal while stopping exits at once"): the clean stop does not wait for a
+    vendor request hanging until its timeout. Workday's groups report and Google's member reads
+    are made beside the pull, on thread pools the interpreter's exit joined: the run was recorded
+    as interrupted after ~10 s, but the process lived on until the request ended (Workday's
+    timeout is 300 s, systemd's TimeoutStopSec 120 s, after which the unit is SIGKILLed)."""
+    cluster = Cluster(Org.generate(20, seed=7))
+    cluster.start([provider])
+    config = tmp_path / "dirpull.toml"
+    config.write_text(cluster.config_toml(tmp_path, store_url=store_url))
+    emulator = cluster.emulators[provider]
+    proc: subprocess.Popen[str] | None = None
+    store = Store(store_url)
+    try:
+        first = CliRunner().invoke(app, ["--config", str(config), "sync", tenant], catch_exceptions=False)
+        assert first.exit_code == 0, first.output
+        before = store.runs(tenant, 1)[0]["id"]
+        emulator.request_log.clear()
+        emulator.faults.update({"delay": 60.0, "path": hung})  # within the connectors' read timeouts
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dirpull.cli", "--config", str(config), "sync", tenant],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "DIRPULL_STORE_URL": ""},
+        )  # fmt: skip
+        run_ = wait_for_a_running_run(store, tenant, after=before)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not any(hung in path for _, path in emulator.request_log):
+            time.sleep(0.05)
+        assert any(hung in path for _, path in emulator.request_log), emulator.request_log
+        proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        _, err = proc.communicate(timeout=90)
+        assert time.monotonic() - started < 25, err  # not the 60 s the hanging request takes
+        assert proc.returncode == 1, err
+        assert "Traceback" not in err
+        stopped = store.runs(tenant, 1)[0]
+        assert stopped["id"] == run_["id"] and stopped["error"].startswith("interrupted: the worker is stopping")
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        emulator.faults.clear()
+        cluster.stop()
+        store.close()
+
+
 def _stop_mid_run(env: dict, store_url: str, *args: str) -> None:
     """Starts `dirpull ARGS`, sends SIGTERM while its run is pulling, waits for it to end."""
     env["emulator"].faults.update({"delay": 2.0})  # the report takes a while to come

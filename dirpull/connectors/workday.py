@@ -27,7 +27,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from datetime import date
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -61,6 +61,7 @@ from dirpull.connectors.report_rows import RECOGNIZED, Recognize, fingerprint, p
 from dirpull.connectors.report_rows import rows as report_rows
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import Group, User
+from dirpull.prefetch import DaemonPool
 
 PAGE_SIZE = 500
 # A groups report read ahead stays in memory up to this size, then spills to a temporary file.
@@ -440,7 +441,7 @@ class WorkdayConnector(CountsRequests):
         state: dict[str, Any] = {}
         self._new_pull()
         client = self._client()
-        ahead = ThreadPoolExecutor(1, thread_name_prefix="workday-groups-report")
+        ahead = DaemonPool(1, "workday-groups-report")  # left behind by a stop, not waited for at exit
         stop = threading.Event()
         groups_report: Future[tuple[_Read, int]] | None = None
         try:

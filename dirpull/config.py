@@ -88,18 +88,26 @@ class SecretRef:
             try:
                 is_dir, is_file = path is not None and path.is_dir(), path is not None and path.is_file()
             except OSError as exc:  # a folder on the way this user may not enter, a name too long
-                return f"secret file {self._value[5:]} cannot be examined ({exc.strerror or exc})"
+                return f"secret file {self._where()} cannot be examined ({exc.strerror or exc})"
             if is_dir:
                 # A mounted secret's folder (/run/secrets/acme) instead of its key's file in it.
-                return f"secret file {self._value[5:]} is a directory; name the file that holds the secret"
+                return f"secret file {self._where()} is a directory; name the file that holds the secret"
             if not is_file:
-                return f"secret file {self._value[5:]} does not exist"
+                return f"secret file {self._where()} does not exist"
             try:
                 if not self._read_file(path):  # said now, naming the key, not by the vendor's 401
-                    return f"secret file {self._value[5:]} is empty"
+                    return f"secret file {self._where()} is empty"
             except ConfigError:
                 pass  # unreadable or not UTF-8: the run fails saying so
         return None
+
+    def _where(self) -> str:
+        """The `file:` path as written, and where it was looked for when that is not the same: a
+        relative one is taken from the configuration file's folder, not the current one (the
+        systemd unit runs in /var/lib/dirpull, its configuration in /etc/dirpull), so "secret file
+        okta.token does not exist" sent the operator to look in the wrong folder."""
+        written, path = self._value[5:], self.path
+        return written if path is None or str(path) == written else f"{written} ({path})"
 
     @property
     def path(self) -> Path | None:

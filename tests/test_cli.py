@@ -1168,7 +1168,25 @@ def test_an_empty_secret_is_named_not_sent_to_the_vendor(env, monkeypatch):
     config.write_text(text)
     r = run(env, "sync", "hr")
     assert (r.exit_code, r.stdout) == (2, "")
-    assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: secret file key is empty\n"
+    assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: secret file key ({env['tmp'] / 'key'}) is empty\n"
+
+
+def test_a_relative_secret_file_that_is_missing_is_named_where_it_was_looked_for(env):
+    """`file:acme.key` is taken from the configuration file's folder, not the current one (the
+    systemd unit runs in /var/lib/dirpull with its configuration in /etc/dirpull). `sync` said
+    "secret file acme.key does not exist", and the operator looked for it in the wrong folder; it
+    now names the path it looked at too. An absolute path is shown once, as written."""
+    config = Path(env["config"])
+    assert Path.cwd() != env["tmp"]
+    config.write_text(config.read_text().replace('api_key = "file:key"', 'api_key = "file:acme.key"'))
+    r = run(env, "sync", "hr")
+    assert (r.exit_code, r.stdout) == (2, "")
+    why = f"secret file acme.key ({env['tmp'] / 'acme.key'}) does not exist"
+    assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: {why}\n"
+    absolute = env["tmp"] / "elsewhere.key"
+    config.write_text(config.read_text().replace('"file:acme.key"', f'"file:{absolute}"'))
+    r = run(env, "sync", "hr")
+    assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: secret file {absolute} does not exist\n"
 
 
 def test_a_secret_file_that_is_a_directory_is_named_as_one(env):
@@ -1180,7 +1198,7 @@ def test_a_secret_file_that_is_a_directory_is_named_as_one(env):
     config.write_text(config.read_text().replace('api_key = "file:key"', 'api_key = "file:secrets"'))
     r = run(env, "sync", "hr")
     assert (r.exit_code, r.stdout) == (2, "")
-    why = "secret file secrets is a directory; name the file that holds the secret"
+    why = f"secret file secrets ({env['tmp'] / 'secrets'}) is a directory; name the file that holds the secret"
     assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: {why}\n"
 
 
@@ -1193,7 +1211,7 @@ def test_a_secret_file_that_cannot_be_examined_is_named_without_a_traceback(env)
     config.write_text(config.read_text().replace('api_key = "file:key"', f'api_key = "file:{long}"'))
     r = run(env, "sync", "hr")
     assert (r.exit_code, r.stdout) == (2, "")
-    why = f"secret file {long} cannot be examined (File name too long)"
+    why = f"secret file {long} ({env['tmp'] / long}) cannot be examined (File name too long)"
     assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: {why}\n"
 
 

@@ -90,7 +90,8 @@ def test_file_secret_relative_to_config(tmp_path):
     assert cfg.tenant("acme-hr").api_key.get() == "from-file"
     cfg = load_config(write(tmp_path, GOOD.replace("env:ACME_BAMBOO_KEY", "file:missing.txt")))
     assert cfg.secret_problems("acme-hr") == [
-        f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.api_key: secret file missing.txt does not exist"
+        f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.api_key: secret file missing.txt ({tmp_path / 'missing.txt'}) "
+        "does not exist"
     ]
     (tmp_path / "missing.txt").write_text("mounted later\n")  # read at the next run, no restart
     assert cfg.secret_problems("acme-hr") == [] and cfg.tenant("acme-hr").api_key.get() == "mounted later"

@@ -734,10 +734,33 @@ def _error_lines(path: Path, errors: Any, *, url_from_env: bool = False) -> list
                 msg += f"; did you mean {match}?"
         elif err["type"] in ("model_type", "model_attributes_type", "dict_type"):
             msg = f"must be a table ([{where}])"
+        elif err["type"] == "string_type" and _is_duration_key(err["loc"]):
+            # `lease_ttl = 60`, as `timeout` and `cursor_holdback` take seconds as a number: the
+            # unit is what is missing, which "Input should be a valid string" did not say.
+            given = err["input"]
+            msg = 'must be a duration in quotes: "30s", "15m", "6h" or "1d"'
+            if loc[-1] == "schedule":
+                msg += ', or "cron: …"'
+            if isinstance(given, int | float) and not isinstance(given, bool):
+                units = ", ".join(f'"{given}{u}"' for u in "smh")
+                msg = f'{given} has no unit: write it in quotes with one, {units} or "{given}d"'
+                if loc[-1] == "schedule":
+                    msg += ', or "cron: …"'
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         lines.append(f"{path}: {where}: {msg}")
     return lines
+
+
+# Keys whose value is a duration string ("60s"): a bare number there is a common mistake.
+_DURATION_KEYS = ("schedule", "full_sync_every", "lease_ttl")
+
+
+def _is_duration_key(loc: tuple[Any, ...]) -> bool:
+    """`[defaults]`'s or a tenant's own key (not one in a table of it, such as Workday's prompts)."""
+    # A tenant's: ("tenants", its id, its provider, the key).
+    own = (len(loc) == 2 and loc[0] == "defaults") or (len(loc) == 4 and loc[0] == "tenants")
+    return own and loc[-1] in _DURATION_KEYS
 
 
 def _closest(key: str, known: list[str]) -> str | None:

@@ -1189,6 +1189,28 @@ def test_a_relative_secret_file_that_is_missing_is_named_where_it_was_looked_for
     assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: secret file {absolute} does not exist\n"
 
 
+def test_a_duration_given_as_a_bare_number_is_told_to_take_a_unit(env):
+    """`lease_ttl = 60` or a tenant's `schedule = 5`, written as `timeout` and `cursor_holdback`
+    take seconds: the message was "Input should be a valid string", which did not say that the
+    unit (and the quotes) were missing. It now shows the value with the units to choose from."""
+    config = Path(env["config"])
+    text = config.read_text()
+    config.write_text(text.replace("[defaults.guard]", "[defaults]\nlease_ttl = 60\n[defaults.guard]"))
+    r = run(env, "status")
+    assert (r.exit_code, r.stdout) == (2, "")
+    assert r.stderr == (
+        f'dirpull: {config}: defaults.lease_ttl: 60 has no unit: write it in quotes with one, "60s", "60m", '
+        '"60h" or "60d"\n'
+    )
+    config.write_text(text + "schedule = 5\n")  # [tenants.hr] is the last table
+    r = run(env, "sync", "hr")
+    assert r.exit_code == 2
+    assert r.stderr == (
+        f'dirpull: {config}: tenants.hr.schedule: 5 has no unit: write it in quotes with one, "5s", "5m", "5h" '
+        'or "5d", or "cron: …"\n'
+    )
+
+
 def test_a_secret_file_that_is_a_directory_is_named_as_one(env):
     """`file:` naming a mounted secret's folder instead of the file in it: `sync` exits 2 saying it
     is a directory, naming the file, tenant and key. Before, it said the file "does not exist",
@@ -1334,7 +1356,7 @@ def test_a_mistake_in_one_tenants_table_leaves_the_other_tenants_usable(env):
     config.write_text(config.read_text().replace("[defaults.guard]", "[defaults]\nlease_ttl = 5\n[defaults.guard]"))
     r = run(env, "status")
     assert (r.exit_code, r.stdout) == (2, "")
-    assert r.stderr.startswith(f"dirpull: {config}: defaults.lease_ttl: Input should be a valid string\n")
+    assert r.stderr.startswith(f"dirpull: {config}: defaults.lease_ttl: 5 has no unit: write it in quotes with one, ")
     assert all(line in r.stderr for name in ("other", "gone", "g", "bad id") for line in errors[name]), r.stderr
 
 

@@ -1462,6 +1462,19 @@ BAMBOO = '[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\napi_key 
             " follows three slashes (sqlite:///dirpull.db, relative to the current folder, or"
             " sqlite:////var/lib/dirpull/dirpull.db)",
         ),
+        # A driver dirpull does not install: before, every command ended in a ModuleNotFoundError
+        # traceback (psycopg2 is also plain postgresql://'s driver on SQLAlchemy 2.0).
+        (
+            "",
+            {"DIRPULL_STORE_URL": "postgresql+psycopg2://u:hunter2@db/d"},
+            "store.url (from $DIRPULL_STORE_URL): unsupported driver 'psycopg2' for postgresql (dirpull uses"
+            " psycopg: write postgresql+psycopg://…)",
+        ),
+        (
+            '[store]\nurl = "sqlite+aiosqlite:///dirpull.db"\n',
+            {},
+            "store.url: unsupported driver 'aiosqlite' for sqlite (dirpull uses pysqlite: write sqlite:///…)",
+        ),
     ],
 )
 def test_config_mistake_is_one_line_exit_2(tmp_path, monkeypatch, toml, env_vars, expected):

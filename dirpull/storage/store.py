@@ -1309,6 +1309,15 @@ def parse_store_url(url: str) -> sa.URL:
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise StoreError(f"store url: unsupported database {backend!r} (use sqlite or postgresql+psycopg)")
+    driver, wanted = parsed.get_driver_name(), {"sqlite": "pysqlite", "postgresql": "psycopg"}[backend]
+    if driver != wanted:
+        # `postgresql+psycopg2://` (and plain `postgresql://` on SQLAlchemy 2.0, whose default that
+        # is) named a driver dirpull does not install: a ModuleNotFoundError traceback from every
+        # command. Refused at load, naming the one to write.
+        scheme = "postgresql+psycopg://…" if backend == "postgresql" else "sqlite:///…"
+        raise StoreError(
+            f"store url: unsupported driver {driver!r} for {backend} (dirpull uses {wanted}: write {scheme})"
+        )
     if backend == "sqlite" and (parsed.host or parsed.port or parsed.username or parsed.password):
         # `sqlite://dirpull.db` (two slashes) names a host, not a file: SQLAlchemy refused it only
         # when the store was opened, with a traceback from every command.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from datetime import timedelta
@@ -1029,3 +1030,87 @@ def test_a_delta_deleting_a_manager_clears_them_from_their_reports_where_the_ven
     else:
         assert [stored[f"r{i}"]["manager_idp_id"] for i in range(3)] == ["boss", "other", "boss"]
     assert stored["k"]["manager_idp_id"] == "other"
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("landed", [True, False], ids=["committed", "not-committed"])
+def test_a_commit_whose_confirmation_is_lost_is_reported_as_the_store_has_it(harness, pg_schema_url, landed, caplog):
+    """The connection lost during COMMIT: the server may have committed the run (only its answer
+    lost: a network cut, a failover) or not. A committed run was recorded failed afterwards, in a
+    new transaction, though its rows, events and cursor were in the store and consumers had read
+    its events: the tenant showed as failing, for a failure that did not happen. The store is
+    asked now, and the run reported and recorded as it is there."""
+    d = Directory(users=people(3))
+    with _cut_at_commit(harness, pg_schema_url, d, landed=landed) as (h, relay, before):
+        caplog.set_level("INFO")
+        r = h.sync("t")
+        assert relay.cut == ["after commit" if landed else "before commit"]
+        run = h.store.runs("t", 1)[0]
+        assert (r.run_id, r.status, r.error) == (run["id"], run["status"], run["error"])
+        warned = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+        if landed:
+            assert (r.status, r.exit_code, r.events) == ("succeeded", 0, 1), r.error
+            assert run["counts"]["users_updated"] == 1
+            assert h.users("t")["u0"]["job_title"] == "Changed" and h.last_seq() == before + 1
+            assert [m for m in warned if "confirmation of the commit was lost" in m and "was committed" in m], warned
+        else:
+            assert (r.status, r.exit_code, r.events) == ("failed", 1, 0)
+            assert "lost the connection" in r.error and r.error.endswith("not committed: nothing applied"), r.error
+            assert h.users("t")["u0"]["job_title"] != "Changed" and h.last_seq() == before
+            assert [m for m in warned if "confirmation of the commit was lost" in m and "not committed" in m], warned
+        # The next run goes on from what is in the store.
+        d.users[1] = d.users[1].model_copy(update={"job_title": "Later"})
+        del h.store._write_cursor  # no more cuts
+        again = h.sync("t")
+        assert again.status == "succeeded" and again.events == (1 if landed else 2)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("landed", [True, False], ids=["committed", "not-committed"])
+def test_a_commit_whose_outcome_cannot_be_checked_is_not_recorded_failed_over_its_commit(
+    harness, pg_schema_url, landed
+):
+    """The store out of reach just after the commit's confirmation was lost: the run fails saying
+    its outcome is not known, and is recorded failed only if it did not commit. A committed run was
+    re-marked failed once the store was back."""
+    d = Directory(users=people(3))
+    with _cut_at_commit(harness, pg_schema_url, d, landed=landed, refuse=1) as (h, relay, before):
+        r = h.sync("t")
+        assert relay.cut == ["after commit" if landed else "before commit"]
+        assert (r.status, r.exit_code) == ("failed", 1)
+        assert "whether the run was applied is not known" in r.error and "`dirpull runs t`" in r.error, r.error
+        run = h.store.runs("t", 1)[0]
+        assert run["id"] == r.run_id
+        if landed:
+            assert run["status"] == "succeeded" and run["error"] is None
+            assert h.users("t")["u0"]["job_title"] == "Changed" and h.last_seq() == before + 1
+        else:
+            assert (run["status"], run["error"]) == ("failed", r.error)
+            assert h.users("t")["u0"]["job_title"] != "Changed" and h.last_seq() == before
+
+
+@contextlib.contextmanager
+def _cut_at_commit(harness, pg_schema_url, d: Directory, *, landed: bool, refuse: int = 0):
+    """A harness whose store goes through a relay that cuts the applying transaction's connection
+    at its COMMIT (`landed`: after the server committed it), once a first sync succeeded and a user
+    changed (u0's job title). Yields (harness, relay, last seq before)."""
+    from pg_relay import CommitCutter
+
+    from dirpull.storage.store import Store
+
+    schema_url = pg_schema_url()
+    relay = CommitCutter(schema_url)
+    try:
+        h = harness(TENANT, connector_factory=factory(d), store_url=relay.url_for(schema_url))
+        assert h.sync("t").status == "succeeded"
+        d.users[0] = d.users[0].model_copy(update={"job_title": "Changed"})
+        write_cursor = Store._write_cursor
+
+        def cut_at_commit(self, conn, *args, **kwargs):  # on the applying transaction's connection
+            relay.arm(conn, after_commit=landed, refuse=refuse)
+            return write_cursor(self, conn, *args, **kwargs)
+
+        h.store._write_cursor = cut_at_commit.__get__(h.store)
+        yield h, relay, h.last_seq()
+    finally:
+        relay.close()

@@ -69,6 +69,11 @@ class StoreError(Exception):
 class StoreUnavailable(StoreError):
     """The database could not be reached or failed a statement (one line, no password, no SQL)."""
 
+    def __init__(self, message: str, *, lost_connection: bool = False) -> None:
+        super().__init__(message)
+        # An open connection dropped: a statement (a COMMIT) sent on it may have been carried out.
+        self.lost_connection = lost_connection
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -631,11 +636,14 @@ class Store:
         error: str | None = None,
         conn: Connection | None = None,
         holder: str | None = None,
-    ) -> None:
+        only_running: bool = False,
+    ) -> bool:
         """Record a run's outcome. With `holder`, only while it still holds the run's tenant's
         lease (LeaseLost otherwise, nothing written): a held run's record is its commit, and a
         worker that lost its lease must not turn a run already marked cut off (by the worker that
-        took over, `start_run`) into an outcome asking the operator to act on it."""
+        took over, `start_run`) into an outcome asking the operator to act on it. With
+        `only_running`, only if the run is still recorded running (a commit that may have landed
+        must not be re-marked failed). Returns whether the run's record was written."""
         values = dict(
             status=status,
             mode=mode,
@@ -647,20 +655,22 @@ class Store:
             finished_at=utcnow(),
         )
 
-        def _write(c: Connection) -> None:
+        def _write(c: Connection) -> bool:
             tenant, started = c.execute(
                 sa.select(t.runs.c.tenant, t.runs.c.started_at).where(t.runs.c.id == run_id)
             ).one()
             if holder is not None:
                 self._fence(c, tenant, holder, self._now(c))
             values["duration_s"] = round((utcnow() - _aware(started)).total_seconds(), 3)
-            c.execute(t.runs.update().where(t.runs.c.id == run_id).values(**values))
+            update = t.runs.update().where(t.runs.c.id == run_id)
+            if only_running:
+                update = update.where(t.runs.c.status == "running")
+            return bool(c.execute(update.values(**values)).rowcount)
 
         if conn is not None:
-            _write(conn)
-        else:
-            with self.engine.begin() as c:
-                _write(c)
+            return _write(conn)
+        with self.engine.begin() as c:
+            return _write(c)
 
     def runs(self, tenant: str, limit: int = 20) -> list[dict[str, Any]]:
         q = sa.select(t.runs).where(t.runs.c.tenant == tenant).order_by(t.runs.c.id.desc()).limit(limit)
@@ -724,15 +734,61 @@ class Store:
         """Write one run in one transaction; returns the number of events written.
 
         Raises LeaseLost (and writes nothing) if `holder` no longer holds the tenant's lease.
+        The connection lost during the COMMIT: returns if the store has the run committed after all
+        (its answer lost), raises StoreUnavailable if not, CommitUnconfirmed if it cannot be asked.
         """
-        with self.engine.connect() as conn, self._write_cache(conn, writes), conn.begin():
-            now = self._now(conn)
-            self._fence(conn, tenant, holder, now)
-            self._write_rows(conn, tenant, writes, now)
-            written = self._write_events(conn, tenant, run_id, writes, now)
-            self._write_cursor(conn, tenant, cursor, full, now)
-            self.finish_run(run_id, conn=conn, **run_fields)
+        committing = False
+        try:
+            with self.engine.connect() as conn, self._write_cache(conn, writes), conn.begin():
+                now = self._now(conn)
+                self._fence(conn, tenant, holder, now)
+                self._write_rows(conn, tenant, writes, now)
+                written = self._write_events(conn, tenant, run_id, writes, now)
+                self._write_cursor(conn, tenant, cursor, full, now)
+                self.finish_run(run_id, conn=conn, **run_fields)
+                committing = True  # leaving the block commits
+        except StoreUnavailable as exc:
+            if not committing or not exc.lost_connection:
+                raise  # any answer from the server to the COMMIT says it did not commit
+            self._settle_lost_commit(tenant, run_id, run_fields["status"], exc)
         return written
+
+    def _settle_lost_commit(self, tenant: str, run_id: int, status: str, lost: StoreUnavailable) -> None:
+        """The connection was lost during the run's COMMIT: the server may have committed it, only
+        its answer lost (a network cut, a failover). Recorded failed on that error, a committed run
+        (its events already read by consumers) showed as failing. The run's row, written in that
+        transaction, tells: returns if it is committed, raises if not.
+
+        FOR UPDATE waits for that transaction to end if the server has not yet seen the connection
+        go (its row lock on the run): then committed or rolled back, never both. The server ends
+        it within its keepalives or idle_in_transaction_session_timeout (`_make_engine`)."""
+        try:
+            with self.engine.begin() as conn:
+                found = conn.execute(
+                    sa.select(t.runs.c.status).where(t.runs.c.id == run_id).with_for_update()
+                ).scalar_one()
+        except (StoreError, sa.exc.SQLAlchemyError) as exc:
+            log.warning(
+                "tenant %s: run %d: the store's confirmation of the commit was lost (%s), and the store could "
+                "not be asked whether it was committed (%s)", tenant, run_id, lost, _first_line(exc),
+            )  # fmt: skip
+            raise CommitUnconfirmed(
+                f"{lost} at the commit; whether the run was applied is not known: the store could not be asked "
+                f"({_first_line(exc)}); `dirpull runs {tenant}` shows it once the store is back"
+            ) from None
+        if found == status:
+            log.warning(
+                "tenant %s: run %d: the store's confirmation of the commit was lost (%s); the store shows the run "
+                "was committed: it %s", tenant, run_id, lost, status,
+            )  # fmt: skip
+            return
+        log.warning(
+            "tenant %s: run %d: the store's confirmation of the commit was lost (%s); the store shows the run "
+            "was not committed: nothing applied", tenant, run_id, lost,
+        )  # fmt: skip
+        raise StoreUnavailable(
+            f"{lost} at the commit; the store shows the run was not committed: nothing applied"
+        ) from None
 
     def _fence(self, conn: Connection, tenant: str, holder: str, now: datetime) -> None:
         """The fencing check, and on PostgreSQL a row lock on the lease until the transaction
@@ -959,6 +1015,11 @@ class Store:
 
 class LeaseLost(StoreError):
     pass
+
+
+class CommitUnconfirmed(StoreError):
+    """The connection was lost during a run's commit and the store could not be asked whether it
+    was committed: the run may be applied."""
 
 
 def _run_dict(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -1273,7 +1334,10 @@ def _one_line_errors(engine: Engine, safe_url: str) -> None:
             what = "lost the connection"
         else:
             what = "database error"
-        return StoreUnavailable(f"store {safe_url}: {what} ({_first_line(ctx.original_exception)})")
+        return StoreUnavailable(
+            f"store {safe_url}: {what} ({_first_line(ctx.original_exception)})",
+            lost_connection=ctx.connection is not None and ctx.is_disconnect,
+        )
 
 
 _AUTHORITY = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:?//")

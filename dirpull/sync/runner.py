@@ -29,7 +29,7 @@ from dirpull.jsoncodec import canonical
 from dirpull.model import digest
 from dirpull.prefetch import Prefetch
 from dirpull.spool import SpoolError
-from dirpull.storage.store import Store, StoreError, WriteSet, failed_statement, utcnow
+from dirpull.storage.store import CommitUnconfirmed, Store, StoreError, WriteSet, failed_statement, utcnow
 from dirpull.sync import guard
 from dirpull.sync.collector import fewer_collections
 from dirpull.sync.diff import (
@@ -427,7 +427,7 @@ class Runner:
             result.status = "failed"
             result.requests = _requests_made(result.requests, connector, exc)
             result.error = _without_secrets(str(exc), settings)
-            return self._failed(result, notes)
+            return self._failed(result, notes, maybe_committed=isinstance(exc, CommitUnconfirmed))
         except Exception as exc:  # a bug or an SDK surprise: recorded, never half-applied
             result.status = "failed"
             result.requests = _requests_made(result.requests, connector, exc)
@@ -473,7 +473,9 @@ class Runner:
                 f" error={result.error}" if result.error else "",
             )
 
-    def _failed(self, result: RunResult, notes: list[str]) -> RunResult:
+    def _failed(self, result: RunResult, notes: list[str], *, maybe_committed: bool = False) -> RunResult:
+        """Record the run failed. `maybe_committed`: its commit's outcome is not known
+        (`CommitUnconfirmed`): recorded only if the store still has it running, not committed."""
         result.writes = None
         if self.stop.is_set() and not (result.error or "").startswith(STOPPED):
             # Cut off by the stop some other way (a vendor's retry wait cut short, a request
@@ -482,7 +484,7 @@ class Runner:
             result.error = STOPPED if "the worker is stopping" in cut else f"{STOPPED} ({cut})"
         if result.run_id is not None:
             try:
-                self.store.finish_run(
+                recorded = self.store.finish_run(
                     result.run_id,
                     status="failed",
                     mode=result.mode,
@@ -490,7 +492,14 @@ class Runner:
                     requests=result.requests,
                     notes=notes,
                     error=result.error,
+                    only_running=maybe_committed,
                 )
+                if not recorded:
+                    log.warning(
+                        "tenant %s: run %d is not recorded failed: the store no longer has it running (committed "
+                        "after all, or ended by a worker that took the tenant over); see `dirpull runs %s`",
+                        result.tenant, result.run_id, result.tenant,
+                    )  # fmt: skip
             except Exception as exc:
                 log.error("tenant %s: could not record the failed run: %s", result.tenant, exc)
         return result

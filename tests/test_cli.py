@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -856,6 +857,47 @@ def test_status_after_a_clean_stop_says_interrupted_not_failing(env, store_url):
     _stop_mid_run(env, store_url, "sync", "hr")  # Ctrl-C of a manual retry
     row = jsonl(run(env, "status", "--json").stdout)[0]
     assert row["result"] == "interrupted" and row["attention"] == [f"failing: {error}"], row
+
+
+def test_a_refused_key_as_a_stop_comes_is_the_failure_status_flags(env, store_url):
+    """The vendor refuses the key (HTTP 401) just as SIGTERM arrives (a deploy restarting the
+    daemon): the run was recorded "interrupted: … (… HTTP 401 …)", which `dirpull status` does not
+    flag, so the refused key went unseen until the next run. It is the vendor's failure, flagged."""
+    from dirpull.config import load_config
+    from dirpull.connectors import make_connector
+    from dirpull.sync.runner import Runner
+
+    stop = threading.Event()
+
+    class StoppedAsItFails:
+        """The real connector; the stop arrives as its pull fails."""
+
+        def __init__(self, tenant: str, settings: object) -> None:
+            self.real = make_connector(tenant, settings)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+        def pull(self, *args: object, **kwargs: object) -> Iterator[object]:
+            try:
+                yield from self.real.pull(*args, **kwargs)
+            except BaseException:
+                stop.set()
+                raise
+
+    env["emulator"].faults.update({"expire_auth": 1})
+    store = Store(store_url)
+    try:
+        store.ensure_schema()
+        runner = Runner(load_config(env["config"]), store, stop=stop, connector_factory=StoppedAsItFails)
+        result = runner.sync("hr")
+    finally:
+        store.close()
+        env["emulator"].faults.clear()
+    assert stop.is_set() and result.status == "failed" and "HTTP 401" in (result.error or ""), result.error
+    assert not result.error.startswith("interrupted"), result.error
+    row = jsonl(run(env, "status", "--json").stdout)[0]
+    assert row["result"] == "failed" and row["attention"] == [f"failing: {result.error}"], row
 
 
 class _Daemon:

@@ -427,7 +427,7 @@ class Runner:
             result.status = "failed"
             result.requests = _requests_made(result.requests, connector, exc)
             result.error = _without_secrets(str(exc), settings)
-            return self._failed(result, notes, maybe_committed=isinstance(exc, CommitUnconfirmed))
+            return self._failed(result, notes, exc, maybe_committed=isinstance(exc, CommitUnconfirmed))
         except Exception as exc:  # a bug or an SDK surprise: recorded, never half-applied
             result.status = "failed"
             result.requests = _requests_made(result.requests, connector, exc)
@@ -473,15 +473,19 @@ class Runner:
                 f" error={result.error}" if result.error else "",
             )
 
-    def _failed(self, result: RunResult, notes: list[str], *, maybe_committed: bool = False) -> RunResult:
+    def _failed(
+        self, result: RunResult, notes: list[str], cause: BaseException | None = None, *, maybe_committed: bool = False
+    ) -> RunResult:
         """Record the run failed. `maybe_committed`: its commit's outcome is not known
         (`CommitUnconfirmed`): recorded only if the store still has it running, not committed."""
         result.writes = None
-        if self.stop.is_set() and not (result.error or "").startswith(STOPPED):
+        cut = result.error or ""
+        stopped = "the worker is stopping" in cut
+        if self.stop.is_set() and not cut.startswith(STOPPED) and (stopped or not _vendor_refused(cause)):
             # Cut off by the stop some other way (a vendor's retry wait cut short, a request
             # aborted): the same words, so the run reads as interrupted, with what was cut off.
-            cut = result.error or ""
-            result.error = STOPPED if "the worker is stopping" in cut else f"{STOPPED} ({cut})"
+            # Not a failure the vendor had already answered with, which the stop did not cause.
+            result.error = STOPPED if stopped else f"{STOPPED} ({cut})"
         if result.run_id is not None:
             try:
                 recorded = self.store.finish_run(
@@ -765,6 +769,14 @@ def _split_cursor(value: dict[str, Any] | None) -> tuple[dict[str, Any] | None, 
 
 def _with_settings(cursor: dict[str, Any] | None, settings_digest: str) -> dict[str, Any] | None:
     return None if cursor is None else {**cursor, SETTINGS_KEY: settings_digest}
+
+
+def _vendor_refused(exc: BaseException | None) -> bool:
+    """A failure the vendor answered with (a refused credential, an HTTP error status, a report
+    without a configured column): the run failed on its own, whether or not a stop came meanwhile.
+    A SIGTERM arriving just as a 401 failed the run recorded it as interrupted, and `dirpull
+    status` does not flag an interrupted run: the refused key went unseen until the next run."""
+    return isinstance(exc, ConnectorError) and (exc.status is not None or not exc.retriable)
 
 
 def _requests_made(so_far: int, connector: Connector | None, exc: BaseException) -> int:

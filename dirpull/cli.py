@@ -624,6 +624,12 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
         if tenant is not None and not tenant.enabled:
             attention.append("disabled")
         scheduled_next = tenant is not None and tenant.enabled and schedule is not None
+        next_run = next_fire(schedule, started, now) if scheduled_next and schedule is not None else None
+        if next_run is not None and schedule is not None and schedule.startswith("cron:") and _never_ended(store, run):
+            # A starting daemon (or one reloaded with the tenant new) syncs a cron tenant that
+            # never synced within seconds, not at its cron time (`Daemon._missed_cron_fires`);
+            # a running one has done so already: it is due now, as an interval tenant would be.
+            next_run = now
         rows.append(
             {
                 "tenant": name,
@@ -631,7 +637,7 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
                 "schedule": schedule,
                 "last_run": run["finished_at"] or run["started_at"] if run else None,
                 "result": result,
-                "next_run": _json_default(next_fire(schedule, started, now)) if scheduled_next else None,
+                "next_run": _json_default(next_run) if next_run is not None else None,
                 "attention": attention,
             }
         )
@@ -649,6 +655,18 @@ def _stopped(run: dict[str, Any]) -> bool:
     from dirpull.sync.runner import STOPPED
 
     return run["status"] == "failed" and (run["error"] or "").startswith(STOPPED)
+
+
+def _never_ended(store: Store, run: dict[str, Any] | None) -> bool:
+    """The tenant has no run that reached an end of its own (none at all, or only runs cut off by a
+    stop or a dead worker), and none is under way: the daemon's "never synced"."""
+    from dirpull.sync.runner import cut_off
+
+    if run is None:
+        return True
+    if run["status"] == "running" or not cut_off(run):
+        return False
+    return all(cut_off(r) for r in store.runs(run["tenant"], 20))
 
 
 def _abandoned(store: Store, tenant: str, run: dict[str, Any]) -> bool:

@@ -491,6 +491,41 @@ def test_status_next_run_follows_the_schedule_not_a_manual_sync(env, store_url):
     assert datetime.fromisoformat(row["next_run"].replace("Z", "+00:00")) == fired + timedelta(days=1)
 
 
+def test_status_next_run_of_a_cron_tenant_never_synced_is_when_the_daemon_syncs_it(env, store_url):
+    """A starting daemon syncs a cron tenant that never synced within seconds, not at its cron
+    time. `dirpull status` showed the next cron time (here, next New Year's Day) for it, so an
+    operator who had just added the tenant expected nothing before then. Once synced, the cron
+    time it is."""
+    from dirpull.config import load_config
+    from dirpull.sync.daemon import Daemon
+
+    config = Path(env["config"])
+    config.write_text(config.read_text() + 'schedule = "cron: 0 3 1 1 *"\n')
+    assert run(env, "db", "upgrade").exit_code == 0
+    before = datetime.now(UTC)
+    [row] = jsonl(run(env, "status", "--json").stdout)
+    assert row["result"] == "never synced"
+    shown = datetime.fromisoformat(row["next_run"].replace("Z", "+00:00"))
+
+    daemon_config = load_config(env["config"])
+    store = Store(daemon_config.store.url)
+    daemon = Daemon(daemon_config, store)
+    daemon.scheduler.start = functools.partial(daemon.scheduler.start, paused=True)  # none run
+    try:
+        daemon.start()
+        fires_at = daemon.scheduler.get_job("hr").next_run_time
+    finally:
+        daemon.shutdown()
+        store.close()
+    assert fires_at - before < timedelta(seconds=15)  # the daemon's first fire: within seconds
+    assert abs(shown - fires_at) < timedelta(seconds=15), (shown, fires_at)
+
+    assert run(env, "sync", "hr").exit_code == 0
+    [row] = jsonl(run(env, "status", "--json").stdout)
+    shown = datetime.fromisoformat(row["next_run"].replace("Z", "+00:00"))
+    assert (shown.month, shown.day, shown.hour, shown.minute) == (1, 1, 3, 0) and shown > before, row
+
+
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]
 
 

@@ -822,6 +822,14 @@ def parse_config(raw: dict[str, Any], path: Path, *, isolate_tenants: bool = Fal
     secret reference) makes that tenant broken (`Config.broken`) instead: the daemon syncs the
     others. Mistakes outside the tenant tables still fail the load."""
     store_url = os.environ.get("DIRPULL_STORE_URL")
+    if store_url is not None and not store_url.strip():
+        # Most likely a deployment mistake (a templated unit or secrets file whose value came out
+        # empty): ignored, the file's URL (or the default ./dirpull.db) was used without a word,
+        # a new empty store where the real one was meant.
+        raise ConfigError(
+            f"{path}: store.url (from $DIRPULL_STORE_URL): the variable is set but empty; give it the "
+            "store's URL, or unset it to use the file's store.url"
+        )
     from_env = bool(store_url) and isinstance(raw.get("store", {}), dict)  # anything else is reported below
     if from_env:
         raw = {**raw, "store": {**raw.get("store", {}), "url": store_url}}

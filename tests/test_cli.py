@@ -266,7 +266,7 @@ def test_a_stdout_that_is_not_utf8_gets_escaped_json_and_tables_without_a_traceb
     n = next(p.n for p in env["org"].people.values() if p.visible and p.state == "active")
     env["org"].update_person(n, title="山田 Łukasz 😀 Zoë")
     assert run(env, "sync", "hr").exit_code == 0
-    latin1 = {**os.environ, "PYTHONIOENCODING": "latin-1", "DIRPULL_STORE_URL": ""}
+    latin1 = {**os.environ, "PYTHONIOENCODING": "latin-1"}
     cmd = [sys.executable, "-m", "dirpull.cli", "--config", env["config"]]
     out = subprocess.run([*cmd, "users", "hr", "--json"], env=latin1, capture_output=True, timeout=60)
     assert out.returncode == 0 and b"Traceback" not in out.stderr, out.stderr.decode("latin-1")
@@ -402,7 +402,7 @@ def test_a_sync_stopped_by_a_signal_applies_nothing_and_says_so(env, store_url, 
     env["emulator"].faults.update({"delay": 2.0})  # the report takes a while to come
     proc = subprocess.Popen(
         [sys.executable, "-m", "dirpull.cli", "--config", env["config"], "sync", "hr", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "DIRPULL_STORE_URL": ""},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     store = Store(store_url)
     events = len(list(store.iter_events("hr", after=0)))
@@ -598,7 +598,7 @@ def _on_a_terminal(env: dict, *args: str) -> tuple[int, str, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "dirpull.cli", "--config", env["config"], *args],
         stdout=subprocess.PIPE, stderr=secondary, stdin=subprocess.DEVNULL,
-        env={**os.environ, "DIRPULL_STORE_URL": "", "TERM": "xterm", "COLUMNS": "200"},
+        env={**os.environ, "TERM": "xterm", "COLUMNS": "200"},
     )  # fmt: skip
     os.close(secondary)
     chunks = []
@@ -654,7 +654,7 @@ def test_status_shows_a_run_whose_process_was_killed(env, store_url):
     env["emulator"].faults.update({"delay": 5.0})
     proc = subprocess.Popen(
         [sys.executable, "-m", "dirpull.cli", "--config", env["config"], "sync", "hr"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "DIRPULL_STORE_URL": ""},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     store = Store(store_url)
     try:
@@ -717,7 +717,7 @@ def test_a_second_signal_while_stopping_exits_at_once_applying_nothing(env, stor
     env["emulator"].faults.update({"delay": 30.0})  # the report hangs
     proc = subprocess.Popen(
         [sys.executable, "-m", "dirpull.cli", "--config", env["config"], *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "DIRPULL_STORE_URL": ""},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     store = Store(store_url)
     try:
@@ -767,7 +767,7 @@ def test_one_sigterm_stops_a_run_stuck_in_a_vendor_request_without_waiting_for_i
     env["emulator"].faults.update({"delay": 60.0})  # the report hangs, well within the 120 s read timeout
     proc = subprocess.Popen(
         [sys.executable, "-m", "dirpull.cli", "--config", env["config"], *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "DIRPULL_STORE_URL": ""},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     store = Store(store_url)
     try:
@@ -823,7 +823,7 @@ def test_one_sigterm_ends_the_process_while_a_side_request_of_the_pull_still_han
         emulator.faults.update({"delay": 60.0, "path": hung})  # within the connectors' read timeouts
         proc = subprocess.Popen(
             [sys.executable, "-m", "dirpull.cli", "--config", str(config), "sync", tenant],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "DIRPULL_STORE_URL": ""},
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         run_ = wait_for_a_running_run(store, tenant, after=before)
         deadline = time.monotonic() + 20
@@ -852,7 +852,7 @@ def _stop_mid_run(env: dict, store_url: str, *args: str) -> None:
     env["emulator"].faults.update({"delay": 2.0})  # the report takes a while to come
     proc = subprocess.Popen(
         [sys.executable, "-m", "dirpull.cli", "--config", env["config"], *args],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "DIRPULL_STORE_URL": ""},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     store = Store(store_url)
     try:
@@ -943,7 +943,7 @@ class _Daemon:
         self._err = self.log.open("w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dirpull.cli", "--config", env["config"], "run", "--max-seconds", "180"],
-            stdout=subprocess.DEVNULL, stderr=self._err, env={**os.environ, "DIRPULL_STORE_URL": ""},
+            stdout=subprocess.DEVNULL, stderr=self._err,
         )  # fmt: skip
         self.store = Store(store_url)
 
@@ -1327,7 +1327,7 @@ def test_a_reader_that_stops_early_ends_dirpull_quietly_with_141(env, args):
     assert run(env, "sync", "hr").exit_code == 0
     proc = subprocess.Popen(
         [sys.executable, "-m", "dirpull.cli", "--config", env["config"], *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "DIRPULL_STORE_URL": ""},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
@@ -1517,6 +1517,20 @@ BAMBOO = '[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\napi_key 
             "defaults.schedule: cron expression '0 0 31 2 *' never fires (no such date)",
         ),
         ('store = "x"\n', {"DIRPULL_STORE_URL": "sqlite:///s.db"}, "store: must be a table ([store])"),
+        # Set but empty (a templated unit whose variable came out empty): the file's URL, or the
+        # default ./dirpull.db, was used without a word.
+        (
+            '[store]\nurl = "sqlite:///s.db"\n',
+            {"DIRPULL_STORE_URL": ""},
+            "store.url (from $DIRPULL_STORE_URL): the variable is set but empty; give it the store's URL, or unset"
+            " it to use the file's store.url",
+        ),
+        (
+            "",
+            {"DIRPULL_STORE_URL": " "},
+            "store.url (from $DIRPULL_STORE_URL): the variable is set but empty; give it the store's URL, or unset"
+            " it to use the file's store.url",
+        ),
         (
             '[store]\nurl = "postgresql+psycopg://u:hunter2@db:5432x/d"\n',
             {},

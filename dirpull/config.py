@@ -765,7 +765,28 @@ def _is_duration_key(loc: tuple[Any, ...]) -> bool:
 
 def _closest(key: str, known: list[str]) -> str | None:
     """The known key `key` is most likely a misspelling of, or None (only keys are ever shown)."""
-    return next(iter(difflib.get_close_matches(key, known, n=1, cutoff=0.8)), None)
+    if match := next(iter(difflib.get_close_matches(key, known, n=1, cutoff=0.8)), None):
+        return match
+    # difflib's ratio is too strict for a short key: `ulr` (two letters swapped) or `urk` (one
+    # off) scores 0.67 against `url`. One slip of the kind a typist makes is a match there; a
+    # key of one or two letters is too short to tell a slip from another word.
+    if len(key) < 3:
+        return None
+    return next((k for k in known if _one_slip(key, k)), None)
+
+
+def _one_slip(a: str, b: str) -> bool:
+    """`a` and `b` differ by one letter added, dropped or changed, or two neighbours swapped."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (
+            len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
+        )
+    short, long = (a, b) if len(a) < len(b) else (b, a)
+    i = next((i for i in range(len(short)) if short[i] != long[i]), len(short))
+    return short[i:] == long[i + 1 :]
 
 
 def _known_keys(loc: tuple[Any, ...]) -> list[str]:

@@ -1517,6 +1517,11 @@ BAMBOO = '[tenants.hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\napi_key 
             "defaults.schedule: cron expression '0 0 31 2 *' never fires (no such date)",
         ),
         ('store = "x"\n', {"DIRPULL_STORE_URL": "sqlite:///s.db"}, "store: must be a table ([store])"),
+        # A short key's slip (two letters swapped, one off) gets the hint too; an unrelated key none.
+        ('[store]\nulr = "sqlite:///s.db"\n', {}, "store.ulr: unknown key; did you mean url?"),
+        ('[store]\nurk = "sqlite:///s.db"\n', {}, "store.urk: unknown key; did you mean url?"),
+        ('[store]\nuid = "dirpull"\n', {}, "store.uid: unknown key"),
+        ('[store]\nuser = "dirpull"\n', {}, "store.user: unknown key"),
         # Set but empty (a templated unit whose variable came out empty): the file's URL, or the
         # default ./dirpull.db, was used without a word.
         (

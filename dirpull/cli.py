@@ -189,17 +189,24 @@ def _store(config: Config, *, create: bool = True, syncs: int = 1, reading: bool
         raise fail(str(exc), 1) from None
 
 
-def _refuse_missing_sqlite(url: str) -> None:
+def _missing_sqlite(url: str) -> str | None:
+    """A SQLite store's file that is not there: its path, and for a relative URL which folder it
+    was looked for in. None for a store that exists (or is not a SQLite file)."""
     from dirpull.storage.store import missing_sqlite_file, parse_store_url
 
     if (missing := missing_sqlite_file(url)) is None:
-        return
+        return None
     database = parse_store_url(url).database or ""
-    where = ""
     if not os.path.isabs(database):
-        where = f" (the store url's {database} is relative to the current folder, {os.getcwd()})"
+        return f"{missing} (the store url's {database} is relative to the current folder, {os.getcwd()})"
+    return missing
+
+
+def _refuse_missing_sqlite(url: str) -> None:
+    if (missing := _missing_sqlite(url)) is None:
+        return
     # Exit 1, as for a store that cannot be opened: nothing was read.
-    raise fail(f"no store at {missing}{where}; nothing created (`dirpull sync` or `dirpull db upgrade` makes one)", 1)
+    raise fail(f"no store at {missing}; nothing created (`dirpull sync` or `dirpull db upgrade` makes one)", 1)
 
 
 def _tenant(config: Config, tenant: str) -> None:
@@ -385,7 +392,21 @@ def sync(
     _warn_broken(config, config.broken)  # this one syncs; the operator learns of the others
     if problems := config.secret_problems(tenant):
         raise fail("\n".join(problems))
-    store = _store(config)
+    scratch: str | None = None
+    if dry_run and (missing := _missing_sqlite(config.store.url)) is not None:
+        # A dry run changes nothing: it made the store file (run from the wrong folder with a
+        # relative URL, a stray one there). It plans against an empty store, as the first sync
+        # would find, made in a temporary folder that goes when it ends.
+        scratch = tempfile.mkdtemp(prefix="dirpull-dry-run-")
+        url = f"sqlite:///{os.path.join(scratch, 'dirpull.db')}"
+        config = config.model_copy(update={"store": config.store.model_copy(update={"url": url})})
+        typer.echo(f"dirpull: no store at {missing} yet: planned against an empty one; nothing created", err=True)
+    try:
+        store = _store(config)
+    except BaseException:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        raise
     progress, update = (None, None) if as_json else _progress()
     try:
         if progress:
@@ -406,6 +427,8 @@ def sync(
         if progress:
             progress.stop()
         store.close()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     summary = {
         "tenant": tenant,
         "status": result.status,

@@ -118,6 +118,32 @@ def test_sync_then_query_everything_as_json(env):
     assert plain.exit_code == 0 and "hr\tbamboohr" in plain.stdout
 
 
+def test_a_dry_run_without_a_store_creates_none(env, store_url, tmp_path, monkeypatch):
+    """`dirpull sync T --dry-run` promises to apply nothing, but on a store that did not exist it
+    created the SQLite file: run from the wrong folder with a relative URL, a stray store was left
+    there. It plans against an empty store instead (every user a creation, as the first sync
+    would find), says there is none, and creates nothing; the real sync then makes the store."""
+    if not store_url.startswith("sqlite"):
+        pytest.skip("a SQLite file")
+    monkeypatch.chdir(tmp_path)
+    config = Path(env["config"])
+    config.write_text(config.read_text().replace(store_url, "sqlite:///data.db"))
+    r = run(env, "sync", "hr", "--dry-run")
+    assert r.exit_code == 0, r.stderr
+    assert not (tmp_path / "data.db").exists()
+    assert r.stderr.startswith(
+        f"dirpull: no store at {tmp_path / 'data.db'} (the store url's data.db is relative to the current folder, "
+        f"{tmp_path}) yet: planned against an empty one; nothing created\n"
+    ), r.stderr
+    visible = sum(1 for p in env["org"].people.values() if not p.deleted)
+    assert "hr: planned (full)" in r.stdout and f"users_created {visible}" in r.stdout, r.stdout
+    planned = jsonl(run(env, "sync", "hr", "--dry-run", "--json").stdout)
+    assert planned[0]["status"] == "planned" and len(planned) == 1 + visible
+    assert not (tmp_path / "data.db").exists()
+    assert run(env, "sync", "hr").exit_code == 0
+    assert len(jsonl(run(env, "users", "hr", "--json").stdout)) == visible
+
+
 def test_unchanged_resync_and_a_change(env):
     run(env, "sync", "hr")
     last = jsonl(run(env, "events", "hr", "--json").stdout)[-1]["seq"]

@@ -300,22 +300,17 @@ def _restore_terminal() -> None:
 LOSSES = ("user.deleted", "group.deleted")
 
 
-def _deactivates(event: dict[str, Any]) -> bool:
-    previous = event.get("previous_attributes") or {}
-    return (
-        event["type"] == "user.updated"
-        and previous.get("state") == "active"
-        and event["data"].get("state") == "inactive"
-    )
-
-
-def _reactivates(event: dict[str, Any]) -> bool:
-    previous = event.get("previous_attributes") or {}
-    return (
-        event["type"] == "user.updated"
-        and previous.get("state") == "inactive"
-        and event["data"].get("state") == "active"
-    )
+def _state_flip(event: dict[str, Any]) -> str | None:
+    """The dry run's mark of an update that turns a user inactive (" deactivated") or active
+    (" reactivated"); None for any other event."""
+    if event["type"] != "user.updated":
+        return None
+    was, now = (event.get("previous_attributes") or {}).get("state"), event["data"].get("state")
+    if was == "active" and now == "inactive":
+        return " deactivated"
+    if was == "inactive" and now == "active":
+        return " reactivated"
+    return None
 
 
 def _describe(writes: WriteSet, limit: int = 200) -> Iterator[str]:
@@ -324,8 +319,8 @@ def _describe(writes: WriteSet, limit: int = 200) -> Iterator[str]:
     # and in the event order they come behind every create, update and membership change, so a
     # held run's review showed 200 of those and not one of the people it would remove (or give
     # their access back).
-    losses = [*writes.tail_events, *(e for e in writes.events if _deactivates(e) or _reactivates(e))]
-    rest = (e for e in writes.all_events() if e["type"] not in LOSSES and not _deactivates(e) and not _reactivates(e))
+    losses = [*writes.tail_events, *(e for e in writes.events if _state_flip(e))]
+    rest = (e for e in writes.all_events() if e["type"] not in LOSSES and not _state_flip(e))
     for i, e in enumerate(itertools.chain(losses, rest)):
         if i == limit:
             yield f"… and {writes.event_count - limit} more (--json lists every one)"
@@ -336,7 +331,7 @@ def _describe(writes: WriteSet, limit: int = 200) -> Iterator[str]:
         else:
             name = e["data"].get("username") or e["data"].get("name") or e["data"].get("display_name") or ""
             changed = f" ({', '.join(sorted(e['previous_attributes']))})" if e.get("previous_attributes") else ""
-            lost = " deactivated" if _deactivates(e) else " reactivated" if _reactivates(e) else ""
+            lost = _state_flip(e) or ""
             yield f"{sign[kind]} {e['type']} {e['object_id']} {name}{changed}{lost}"
 
 

@@ -83,6 +83,34 @@ def test_bench_smoke(provider: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.stores
+def test_a_ratio_just_over_its_target_fails_though_its_two_decimals_meet_it() -> None:
+    """A no-change resync of 4.213 s against a 3.231 s floor (1.304×) showed as "1.3×" and PASSED
+    the 1.3× target: the check compared the table's rounded ratio."""
+    bench = _bench()
+
+    def phase(sync_s: float, floor: float) -> dict:
+        return {"sync_s": sync_s, "ratio": bench.ratio(sync_s, floor), "rows_written": 0, "events": 0,
+                "requests": 1, "wall_s": sync_s, "peak_rss_mb": 100.0}  # fmt: skip
+
+    def result(nochange_s: float) -> dict:
+        fetch, insert = 3.231, 7.525
+        return {
+            "users": 10_000,
+            "baseline_fetch": {"s": fetch},
+            "baseline_insert": {"s": insert, "rows": 1000},
+            "phases": {
+                "initial": phase(10.537, fetch + insert),
+                "full_nochange": phase(nochange_s, fetch),
+                "full_1pct": {**phase(4.09, fetch), "rows_written": 10, "events": 10},
+            },
+        }
+
+    over = bench.check_targets(result(4.213))["no-change full ≤ 1.3×fetch, 0 rows, 0 events"]
+    assert over == {"pass": False, "detail": "1.304×, 0 rows, 0 events"}
+    at = bench.check_targets(result(4.200))["no-change full ≤ 1.3×fetch, 0 rows, 0 events"]
+    assert at["pass"] and at["detail"].startswith("1.3×")
+
+
 def test_empty_store_takes_the_store_back_to_before_the_tenants_first_sync(
     harness, store_url: str, store_kind: str
 ) -> None:

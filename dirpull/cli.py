@@ -209,13 +209,53 @@ def _refuse_missing_sqlite(url: str) -> None:
     raise fail(f"no store at {missing}; nothing created (`dirpull sync` or `dirpull db upgrade` makes one)", 1)
 
 
+def _configured(config: Config, tenant: str) -> bool:
+    return tenant in config.tenants or tenant in config.broken
+
+
+def _unknown_tenant(config: Config, tenant: str) -> typer.Exit:
+    known = ", ".join(sorted([*config.tenants, *config.broken])) or "none configured"
+    return fail(f"unknown tenant {tenant!r} (known: {known})")
+
+
 def _tenant(config: Config, tenant: str) -> None:
     """Refuse a tenant the configuration does not name. One whose table has a mistake is named:
     its data is still in the store, so the query commands read it (saying why it is not synced)."""
-    if tenant not in config.tenants and tenant not in config.broken:
-        known = ", ".join(sorted([*config.tenants, *config.broken])) or "none configured"
-        raise fail(f"unknown tenant {tenant!r} (known: {known})")
+    if not _configured(config, tenant):
+        raise _unknown_tenant(config, tenant)
     _warn_broken(config, [tenant])
+
+
+def _has_store(config: Config) -> bool:
+    """Whether there is a store with dirpull's schema: not a SQLite file missing, nor an empty
+    database. A store that cannot be opened is one line and exit 1, as for every command."""
+    if _missing_sqlite(config.store.url) is not None:
+        return False
+    try:
+        with contextlib.closing(Store(config.store.url, connect_timeout=config.store.connect_timeout)) as probe:
+            return probe.schema_state()[0] is not None
+    except StoreError as exc:
+        raise fail(str(exc), 1) from None
+
+
+def _query_store(config: Config, tenant: str) -> Store:
+    """The store, for a query command about `tenant`. A tenant removed from the configuration (a
+    customer offboarded) is still served while the store holds it: before, it was an unknown tenant,
+    exit 2, and a consumer could not drain its last events nor an operator look at its runs. Only
+    a tenant neither configured nor in the store is refused, as before."""
+    if _configured(config, tenant):
+        _tenant(config, tenant)
+        return _store(config, reading=True)
+    if not _has_store(config):  # nothing is known of it anywhere: a typo, as before
+        raise _unknown_tenant(config, tenant)
+    store = _store(config, reading=True)
+    if not store.tenant_exists(tenant):
+        store.close()
+        raise _unknown_tenant(config, tenant)
+    where = f" {config.path}" if config.path else ""
+    typer.echo(f"dirpull: note: tenant {tenant} is not in the configuration{where}; showing what the store holds of it",
+               err=True)  # fmt: skip
+    return store
 
 
 def _json_default(value: Any) -> Any:
@@ -480,8 +520,7 @@ def users(
 ) -> None:
     """Users in the store."""
     config = _config()
-    _tenant(config, tenant)
-    store = _store(config, reading=True)
+    store = _query_store(config, tenant)
     rows: Iterator[dict[str, Any]] = iter(())
     if group is None or _known(store, tenant, "group", group):
         rows = store.iter_users(tenant, state=state.value if state else None, group=group)
@@ -496,8 +535,7 @@ def groups(
 ) -> None:
     """Groups in the store."""
     config = _config()
-    _tenant(config, tenant)
-    store = _store(config, reading=True)
+    store = _query_store(config, tenant)
     rows: Iterator[dict[str, Any]] = iter(())
     if user is None or _known(store, tenant, "user", user):
         rows = store.iter_groups(tenant, user=user)
@@ -539,8 +577,7 @@ def events(
 ) -> None:
     """The event log, oldest first. Store the last seq you read and pass it as --after."""
     config = _config()
-    _tenant(config, tenant)
-    store = _store(config, reading=True)
+    store = _query_store(config, tenant)
     rows = store.iter_events(tenant, after=after, limit=limit)
     if as_json:
         _jsonl(rows)
@@ -560,8 +597,7 @@ def runs(
 ) -> None:
     """Sync runs, newest first."""
     config = _config()
-    _tenant(config, tenant)
-    store = _store(config, reading=True)
+    store = _query_store(config, tenant)
     rows = store.runs(tenant, limit)
     if as_json:
         _jsonl(rows)

@@ -1105,6 +1105,34 @@ def test_unknown_tenant_and_bad_usage_exit_2(env):
     assert r.exit_code == 2
 
 
+def test_a_tenant_removed_from_the_configuration_is_still_queried_from_the_store(env):
+    """A tenant taken out of the configuration (a customer offboarded) was an unknown tenant to
+    every query, exit 2, though the store holds its data: a consumer could not drain its last
+    events, nor an operator look at its runs. The queries read it now, with a note; `sync`
+    still refuses it, and a tenant the store does not know either is still unknown."""
+    assert run(env, "sync", "hr").exit_code == 0
+    users = jsonl(run(env, "users", "hr", "--json").stdout)
+    events = jsonl(run(env, "events", "hr", "--json").stdout)
+    config = Path(env["config"])
+    config.write_text(config.read_text().replace("[tenants.hr]", "[tenants.next]"))  # hr removed
+    note = f"dirpull: note: tenant hr is not in the configuration {config}; showing what the store holds of it\n"
+
+    r = run(env, "events", "hr", "--after", str(events[-4]["seq"]), "--json")
+    assert (r.exit_code, r.stderr) == (0, note) and jsonl(r.stdout) == events[-3:]
+    r = run(env, "users", "hr", "--json")
+    assert (r.exit_code, r.stderr) == (0, note) and jsonl(r.stdout) == users
+    r = run(env, "runs", "hr", "--json")
+    assert (r.exit_code, r.stderr) == (0, note) and [row["status"] for row in jsonl(r.stdout)] == ["succeeded"]
+    r = run(env, "groups", "hr")
+    assert (r.exit_code, r.stdout, r.stderr) == (0, "idp_id\tname\temail\tdescription\n", note)
+
+    r = run(env, "sync", "hr")
+    assert (r.exit_code, r.stdout, r.stderr) == (2, "", "dirpull: unknown tenant 'hr' (known: next)\n")
+    for command in ("users", "groups", "events", "runs"):
+        r = run(env, command, "nope")
+        assert (r.exit_code, r.stdout, r.stderr) == (2, "", "dirpull: unknown tenant 'nope' (known: next)\n")
+
+
 @pytest.fixture
 def okta(tmp_path: Path, store_url: str) -> Iterator[dict]:
     """A tenant with groups (BambooHR has none): `demo-okta`, synced from the Okta emulator."""

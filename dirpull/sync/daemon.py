@@ -381,12 +381,14 @@ class Daemon:
 
     def reload(self) -> None:
         """SIGHUP: read the configuration file again, as `dirpull run` did at start, and apply it
-        without interrupting the running syncs. A file that does not load (or leaves no tenant to
-        schedule) changes nothing: one ERROR line. What only a restart can change (the store, the
-        size of the thread pool) is kept as it is, with a warning naming it. Tenants added (and
-        enabled) are scheduled as at start; removed, disabled or now broken ones unscheduled (a
-        sync of one already running ends normally, not retried); a new schedule replaces the
-        tenant's trigger; other settings apply from the tenant's next sync, its back-off reset."""
+        without interrupting the running syncs. A file that does not load (or has no tenant table
+        without a mistake, as `dirpull run` refuses at start) changes nothing: one ERROR line; one
+        whose tenants are all disabled is applied, as at start, scheduling none. What only a
+        restart can change (the store, the size of the thread pool) is kept as it is, with a
+        warning naming it. Tenants added (and enabled) are scheduled as at start; removed,
+        disabled or now broken ones unscheduled (a sync of one already running ends normally, not
+        retried); a new schedule replaces the tenant's trigger; other settings apply from the
+        tenant's next sync, its back-off reset."""
         old = self.config
         try:
             new = load_config(old.path, isolate_tenants=True)

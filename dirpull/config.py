@@ -479,6 +479,8 @@ class OktaTenant(TenantBase):
     client_id: str | None = None
     private_key: Secret | None = None
     scopes: list[str] = Field(default_factory=lambda: list(DEFAULT_SCOPES))
+    # The OAuth app "Requires Demonstrating Proof of Possession (DPoP)": DPoP-bound tokens (RFC 9449).
+    dpop: bool = False
     include_everyone: bool = False
     poll_system_log: bool = False
     rate_limit_reserve: float = Field(0.30, ge=0, lt=1)
@@ -555,6 +557,9 @@ class OktaTenant(TenantBase):
             # A private_key beside api_token (client_id forgotten) was silently unused: the
             # operator meant OAuth, and the run used the token.
             raise ValueError("give api_token or client_id/private_key, not both")
+        if self.dpop and self.api_token is not None:
+            # DPoP binds OAuth access tokens; an API token has none: the setting would do nothing.
+            raise ValueError("dpop applies to OAuth service apps (client_id and private_key), not to api_token")
         if self.client_id and self.poll_system_log and LOGS_SCOPE not in self.scopes:
             # The token would lack it: every run would fail with a 403 on /api/v1/logs.
             raise ValueError(f"poll_system_log needs the {LOGS_SCOPE} scope: add it to scopes")

@@ -481,3 +481,13 @@ def test_a_bamboohr_changed_overlap_under_a_second_fails_the_load_naming_the_key
             "is missed by every later run"
         )
     assert load_config(write(tmp_path, GOOD + "changed_overlap = 1\n")).tenant("acme-hr").changed_overlap == 1
+
+
+def test_okta_dpop_is_for_an_oauth_app_and_refused_with_an_api_token(tmp_path):
+    """`dpop = true` binds OAuth tokens (RFC 9449); with api_token it would silently do nothing."""
+    base = '[tenants.o]\nprovider = "okta"\norg_url = "https://acme.okta.com"\ndpop = true\n'
+    assert load_config(write(tmp_path, base + 'client_id = "0oa1"\nprivate_key = "file:k.pem"\n')).tenant("o").dpop
+    assert error_of(tmp_path, base + 'api_token = "t"\n') == (
+        f"{tmp_path / 'dirpull.toml'}: tenants.o: dpop applies to OAuth service apps (client_id and private_key), "
+        "not to api_token"
+    )

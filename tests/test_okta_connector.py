@@ -26,7 +26,7 @@ import pytest
 import requests
 
 from dirpull.config import MIN_CURSOR_HOLDBACK, ConfigError, OktaTenant, parse_config
-from dirpull.connectors.base import ConfigurationError, ConnectorError, Done, Page
+from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page
 from dirpull.connectors.okta import MAX_TRANSIENT_ATTEMPTS, OktaConnector, check_org_url
 from dirpull.emulators.okta_api import OktaEmulator, group_id, user_id
 from dirpull.emulators.okta_api import _error as okta_error
@@ -1438,6 +1438,39 @@ def test_an_oauth_app_polling_the_system_log_asks_for_its_scope(emu: OktaEmulato
     refused = requests.get(f"{emu.base_url}/api/v1/logs", headers=bearer, timeout=10)
     assert refused.status_code == 403 and refused.json()["errorCode"] == "E0000006"
     assert 'error="insufficient_scope"' in refused.headers["WWW-Authenticate"]
+
+
+def test_an_app_that_requires_dpop_fails_saying_so_until_dpop_is_set_then_syncs(
+    emu: OktaEmulator, tmp_path: Path
+) -> None:
+    """An Okta service app with "Require DPoP" answers a plain private_key_jwt token request with
+    400 invalid_dpop_proof. Before, that read as a generic token error naming neither cause nor fix,
+    and no setting could satisfy it; `dpop = true` now makes the SDK send proofs (RFC 9449)."""
+    cfg = {**oauth_app(emu, tmp_path), "backoff_base": 0.01}
+    emu.dpop_required = True
+    with pytest.raises(AuthError) as err:
+        pull(connector(cfg))
+    assert str(err.value) == (
+        "list users: Okta refused the OAuth token request with a DPoP error (invalid_dpop_proof: The DPoP "
+        "proof JWT header is missing.); the Okta app requires DPoP-bound tokens: set dpop = true for this "
+        'tenant, or turn off "Require Demonstrating Proof of Possession (DPoP) header in token requests" on '
+        "the app in Okta"
+    )
+    assert not err.value.retriable
+
+    emu.request_log.clear()
+    pages, done = pull(connector({**cfg, "dpop": True, "poll_system_log": True}))
+    assert len(users_of(pages)) == PEOPLE and "log_next" in done.cursor
+    tokens = [p for _, p in emu.request_log if p == "/oauth2/v1/token"]
+    assert len(tokens) == 2  # the nonce challenge (use_dpop_nonce), then the token
+    assert len(emu._dpop_tokens) == 1  # the APIs took the DPoP-bound token, each call with its own proof
+
+    # The token is bound: as a Bearer token, or with a proof that is not for it, it is refused.
+    token = next(iter(emu._dpop_tokens))
+    bearer = requests.get(f"{emu.base_url}/api/v1/users", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert bearer.status_code == 401
+    no_proof = requests.get(f"{emu.base_url}/api/v1/users", headers={"Authorization": f"DPoP {token}"}, timeout=10)
+    assert no_proof.status_code == 401 and 'error="invalid_dpop_proof"' in no_proof.headers["WWW-Authenticate"]
 
 
 def test_full_pull_skips_known_users_whatever_their_login_time_unless_the_mapping_reads_it(

@@ -328,3 +328,53 @@ def test_sdk_rejects_malformed_user_page(emu: OktaEmulator) -> None:
 
     with pytest.raises(ValidationError):
         asyncio.run(main())
+
+
+def test_dpop_required_refuses_what_rfc_9449_refuses(emu: OktaEmulator) -> None:
+    """`dpop_required`: the token endpoint wants a proof with its nonce; the token it then issues is
+    good only as `DPoP <token>` with a fresh proof of the same key, bound to that token."""
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from okta.dpop import DPoPProofGenerator
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    emu.register_oauth_client("0oadpop", key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode())  # fmt: skip
+    emu.dpop_required = True
+    url = f"{emu.base_url}/oauth2/v1/token"
+
+    def form() -> dict[str, str]:
+        now = int(time.time())
+        claims = {"iss": "0oadpop", "sub": "0oadpop", "aud": url, "iat": now, "exp": now + 60, "jti": str(now)}
+        return {"grant_type": "client_credentials", "scope": "okta.users.read",
+                "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+                "client_assertion": jwt.encode(claims, pem, algorithm="RS256")}  # fmt: skip
+
+    missing = requests.post(url, data=form(), timeout=10)
+    assert missing.status_code == 400 and missing.json() == {
+        "error": "invalid_dpop_proof", "error_description": "The DPoP proof JWT header is missing."}  # fmt: skip
+    dpop = DPoPProofGenerator({})
+    challenge = requests.post(url, data=form(), headers={"DPoP": dpop.generate_proof_jwt("POST", url)}, timeout=10)
+    assert challenge.status_code == 400 and challenge.json()["error"] == "use_dpop_nonce"
+    nonce = challenge.headers["DPoP-Nonce"]
+    answer = requests.post(url, data=form(), headers={"DPoP": dpop.generate_proof_jwt("POST", url, nonce=nonce)},
+                           timeout=10).json()  # fmt: skip
+    assert answer["token_type"] == "DPoP"
+    token, users = answer["access_token"], f"{emu.base_url}/api/v1/users"
+
+    def call(proof: str, scheme: str = "DPoP") -> int:
+        headers = {"Authorization": f"{scheme} {token}", "DPoP": proof}
+        return requests.get(users, headers=headers, timeout=10).status_code
+
+    good = dpop.generate_proof_jwt("GET", users, access_token=token)
+    assert call(good) == 200
+    assert call(good) == 401  # a proof used twice
+    assert call(dpop.generate_proof_jwt("GET", users, access_token=token), scheme="Bearer") == 401
+    assert call(dpop.generate_proof_jwt("GET", users, access_token="another-token")) == 401  # ath
+    assert call(dpop.generate_proof_jwt("GET", f"{emu.base_url}/api/v1/groups", access_token=token)) == 401  # htu
+    assert call(DPoPProofGenerator({}).generate_proof_jwt("GET", users, access_token=token)) == 401  # other key
+    assert call(dpop.generate_proof_jwt("GET", users, access_token=token)) == 200

@@ -12,7 +12,7 @@ named in `complete_groups`), plus, with `poll_system_log`, the System Log for de
 
 Every request goes through the SDK's own pipeline: its `ApiClient.param_serialize` builds the URL
 and headers exactly as its `list_users` / `list_groups` / `list_group_users` / `list_log_events`
-would, its `RequestExecutor` adds auth (SSWS, or OAuth private_key_jwt tokens; DPoP is not configured) and sends
+would, its `RequestExecutor` adds auth (SSWS, or OAuth private_key_jwt tokens, DPoP-bound with `dpop`) and sends
 it through `_Transport`, our subclass of its `HTTPClient`. What is skipped is the SDK's
 `okta.client.Client` (importing it loads ~1,700 modules: two seconds) and its response
 deserialization (pydantic models for every record, ~100 µs per user, and the body parsed three
@@ -614,6 +614,8 @@ class OktaConnector(CountsRequests):
                 "clientId": s.client_id,
                 "scopes": list(s.scopes),
                 "privateKey": s.private_key.get(),
+                # The SDK then sends a DPoP proof (RFC 9449) with the token request and every call.
+                "dpopEnabled": bool(getattr(s, "dpop", False)),
             }
         except Exception as exc:  # ConfigError from a secret reference; its message has no secret
             raise ConfigurationError(f"okta credentials: {exc}") from None
@@ -1109,6 +1111,22 @@ class OktaConnector(CountsRequests):
         code = _error_code(last.body)
         summary = readable_body(last.body, 200)
         msg = f"{step}: HTTP {last.status} from {redact_url(last.url)}: {summary}"
+        dpop = _dpop_error(last)
+        if dpop is not None:
+            # An app that requires DPoP answers a plain private_key_jwt token request with 400
+            # invalid_dpop_proof: without this, a "token error" that names neither cause nor fix.
+            if getattr(self.settings, "dpop", False):
+                fix = "check that the worker's clock is right; Okta refused the proofs dirpull sent"
+            else:
+                fix = (
+                    "the Okta app requires DPoP-bound tokens: set dpop = true for this tenant, or turn "
+                    'off "Require Demonstrating Proof of Possession (DPoP) header in token requests" on the app in Okta'
+                )
+            return AuthError(
+                f"{step}: Okta refused the OAuth token request with a DPoP error ({dpop}); {fix}",
+                step=step,
+                status=last.status,
+            )
         if last.status in (401, 403):
             return AuthError(msg + " (check api_token / OAuth app scopes)", step=step, status=last.status)
         if last.status == 404 and code == "E0000007":
@@ -1128,6 +1146,24 @@ class _BadRequest(ConnectorError):
     def __init__(self, message: str, *, code: str | None, step: str) -> None:
         super().__init__(message, retriable=False, step=step, status=400)
         self.code = code
+
+
+def _dpop_error(last: LastResponse) -> str | None:
+    """`error: description` of a DPoP error (RFC 9449 §7: invalid_dpop_proof, use_dpop_nonce, …)
+    in an answer of the OAuth token endpoint, else None."""
+    if not last.url.split("?", 1)[0].endswith("/oauth2/v1/token") or last.status not in (400, 401):
+        return None
+    try:
+        data = json.loads(last.body or "")
+    except ValueError:
+        return None
+    error = data.get("error") if isinstance(data, dict) else None
+    from okta.errors.dpop_errors import is_dpop_error
+
+    if not isinstance(error, str) or not is_dpop_error(error):
+        return None
+    description = data.get("error_description")
+    return f"{error}: {description}" if isinstance(description, str) and description else error
 
 
 def _loads(text: str) -> Any:

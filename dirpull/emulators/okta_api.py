@@ -29,7 +29,12 @@ now; 0 or less: not ahead of the server's clock, as the concurrent limit's estim
 attempt logged for it, FAILURE, DENY, …, or null for an event without `outcome`; the user or group
 stays: each is logged once, at the next System Log request), `ssws_space_required` (refuse
 `SSWS<token>` without the space the reference documents, `SSWS {token}`, with 401; default: accept
-both, as sdk-notes advises for fakes, since the SDK itself sends it without).
+both, as sdk-notes advises for fakes, since the SDK itself sends it without), `dpop_required` (the
+OAuth app "Requires Demonstrating Proof of Possession", RFC 9449 as Okta does it: a token request
+without a `DPoP` proof → 400 `invalid_dpop_proof`; a proof without the server's nonce → 400
+`use_dpop_nonce` with a `DPoP-Nonce` header; a verified proof → a `token_type: "DPoP"` token that the
+APIs take only as `Authorization: DPoP <token>` with a proof of the same key, its `ath` the token's
+hash, else 401).
 """
 
 from __future__ import annotations
@@ -328,6 +333,18 @@ def _scope_needed(path: str) -> str | None:
     return _SCOPES.get(_bucket(path))
 
 
+class _NonceNeeded(ValueError):
+    """A DPoP proof at the token endpoint without the server's current nonce."""
+
+
+def _dpop_refused(status: int, error: str, description: str) -> Response:
+    # An OAuth error body, as the token endpoint writes it (RFC 6749 §5.2, RFC 9449 §7).
+    resp = Response(status, {"error": error, "error_description": description})
+    if status == 401:
+        resp.headers.append(("WWW-Authenticate", f'DPoP error="{error}", error_description="{description}"'))
+    return resp
+
+
 def _bucket(path: str) -> str:
     for prefix in ("/api/v1/users", "/api/v1/groups", "/api/v1/logs", "/oauth2/v1/token"):
         if path.startswith(prefix):
@@ -362,6 +379,10 @@ class OktaEmulator(Emulator):
         self.fault_reset_in = 1  # a faulted 429 says the window resets this many seconds from now
         self.app_group_every = 5  # every 5th Org group is an APP_GROUP (imported from AD)
         self.ssws_space_required = False  # True: only the documented `SSWS {token}` form is accepted
+        self.dpop_required = False  # True: the OAuth app requires DPoP-bound tokens (RFC 9449)
+        self.dpop_nonce = "emu-nonce-" + secrets.token_urlsafe(16)  # what `use_dpop_nonce` hands out
+        self._dpop_jtis: set[str] = set()  # proofs already used (a replay is refused)
+        self._dpop_tokens: dict[str, str] = {}  # DPoP-bound access token → its key's JWK thumbprint
         # Okta id → outcome.result (None: no outcome) of a deletion attempt to log, the record kept.
         self.failed_deletes: dict[str, str | None] = {}
         self._logged_failed_deletes: set[str] = set()
@@ -395,6 +416,7 @@ class OktaEmulator(Emulator):
                 "malformed_users": lambda v: {int(n) for n in v},
                 "app_group_every": int,
                 "ssws_space_required": flag,
+                "dpop_required": flag,
                 "failed_deletes": lambda v: {
                     str(k): None if r is None else one_of(*OUTCOMES)(r) for k, r in dict(v).items()
                 },
@@ -412,10 +434,23 @@ class OktaEmulator(Emulator):
         if auth.startswith("SSWS") and (auth.startswith("SSWS ") or not self.ssws_space_required):
             if secrets.compare_digest(auth[4:].strip(), self.api_token):
                 return None
-        elif auth.startswith("Bearer "):
-            token = auth[7:].strip()
+        elif auth.startswith(("Bearer ", "DPoP ")):
+            scheme, _, token = auth.partition(" ")
+            token = token.strip()
             with self._lock:
                 expires, granted = self._access_tokens.get(token, (0.0, frozenset()))
+                bound = self._dpop_tokens.get(token)
+            # A DPoP-bound token is good only as `DPoP <token>` with a proof of its key (RFC 9449
+            # §7.1); a Bearer token never as `DPoP`.
+            if bound is not None or scheme == "DPoP":
+                if bound is None or scheme != "DPoP":
+                    return self.unauthorized(req)
+                try:
+                    jkt = self._dpop_proof(req, token)
+                except ValueError as exc:
+                    return _dpop_refused(401, "invalid_dpop_proof", str(exc))
+                if jkt != bound:
+                    return _dpop_refused(401, "invalid_dpop_proof", "The DPoP proof key does not match the token.")
             if expires > time.time():
                 needed = _scope_needed(req.path)
                 if needed is None or needed in granted:
@@ -1038,13 +1073,73 @@ class OktaEmulator(Emulator):
         unknown = [s for s in scopes if s not in ("okta.users.read", "okta.groups.read", "okta.logs.read")]
         if unknown:
             return Response(400, {"error": "invalid_scope", "error_description": f"unknown scopes {unknown}"})
+        jkt = None
+        if self.dpop_required:
+            if not req.headers.get("DPoP"):
+                return _dpop_refused(400, "invalid_dpop_proof", "The DPoP proof JWT header is missing.")
+            try:
+                jkt = self._dpop_proof(req, None)
+            except _NonceNeeded:
+                resp = _dpop_refused(400, "use_dpop_nonce", "Authorization server requires nonce in DPoP proof.")
+                resp.headers.append(("DPoP-Nonce", self.dpop_nonce))
+                return resp
+            except ValueError as exc:
+                return _dpop_refused(400, "invalid_dpop_proof", str(exc))
         token = "emu-at-" + secrets.token_urlsafe(24)
         with self._lock:
             self._access_tokens[token] = (time.time() + 3600, frozenset(scopes))
+            if jkt is not None:
+                self._dpop_tokens[token] = jkt
         return Response(
             200,
-            {"token_type": "Bearer", "expires_in": 3600, "access_token": token, "scope": " ".join(scopes)},
+            {"token_type": "DPoP" if jkt else "Bearer", "expires_in": 3600, "access_token": token,
+             "scope": " ".join(scopes)},
         )
+
+    def _dpop_proof(self, req: Request, access_token: str | None) -> str:
+        """The JWK thumbprint of the key that signed the request's valid DPoP proof (RFC 9449 §4.3):
+        `typ` dpop+jwt, an asymmetric `alg`, a public `jwk` that verifies the signature; `htm` and
+        `htu` this request's; `iat` within a minute; a `jti` never seen; at the token endpoint the
+        current nonce (else `_NonceNeeded`), at the APIs `ath` = base64url(sha256(token)).
+        ValueError says what is wrong."""
+        import base64
+        import hashlib
+
+        import jwt
+        from jwcrypto.jwk import JWK
+
+        proof = req.headers.get("DPoP") or ""
+        if not proof:
+            raise ValueError("The DPoP proof JWT header is missing.")
+        try:
+            header = jwt.get_unverified_header(proof)
+            if header.get("typ") != "dpop+jwt" or header.get("alg") not in ("RS256", "ES256", "PS256"):
+                raise ValueError("The DPoP proof JWT has an invalid typ or alg.")
+            jwk = header.get("jwk")
+            if not isinstance(jwk, dict) or any(k in jwk for k in ("d", "p", "q", "dp", "dq", "qi")):
+                raise ValueError("The DPoP proof JWT has no public jwk.")
+            key = jwt.PyJWK(jwk, header["alg"]).key
+            claims = jwt.decode(proof, key, algorithms=[header["alg"]], options={"require": ["iat", "jti"]})
+        except ValueError:
+            raise
+        except Exception as exc:  # a bad signature, a malformed JWT or jwk
+            raise ValueError(f"The DPoP proof JWT is invalid: {type(exc).__name__}.") from None
+        if claims.get("htm") != req.method or claims.get("htu") != self.base_url + req.path:
+            raise ValueError("The DPoP proof htm or htu does not match the request.")
+        if not isinstance(claims.get("iat"), (int, float)) or abs(time.time() - claims["iat"]) > 60:
+            raise ValueError("The DPoP proof iat is out of range.")
+        if access_token is None:
+            if claims.get("nonce") != self.dpop_nonce:
+                raise _NonceNeeded
+        else:
+            digest = hashlib.sha256(access_token.encode("ascii")).digest()
+            if claims.get("ath") != base64.urlsafe_b64encode(digest).rstrip(b"=").decode():
+                raise ValueError("The DPoP proof ath does not match the access token.")
+        with self._lock:
+            if claims["jti"] in self._dpop_jtis:
+                raise ValueError("The DPoP proof jti has already been used.")
+            self._dpop_jtis.add(claims["jti"])
+        return str(JWK(**jwk).thumbprint())
 
     def register_oauth_client(self, client_id: str, public_key_pem: str) -> None:
         self.oauth_clients[client_id] = public_key_pem

@@ -1473,6 +1473,20 @@ def test_an_app_that_requires_dpop_fails_saying_so_until_dpop_is_set_then_syncs(
     assert no_proof.status_code == 401 and 'error="invalid_dpop_proof"' in no_proof.headers["WWW-Authenticate"]
 
 
+def test_a_dpop_request_retried_after_a_dropped_answer_carries_a_fresh_proof(
+    emu: OktaEmulator, tmp_path: Path
+) -> None:
+    """A DPoP proof is for one request (RFC 9449 §11.1): Okta refuses a replayed `jti`, and a proof's
+    `iat` grows stale over a rate-limit wait. Before, a call retried after a connection dropped
+    once Okta had read it was resent with its first proof and failed with a 401."""
+    cfg = {**oauth_app(emu, tmp_path), "backoff_base": 0.01, "dpop": True}
+    emu.dpop_required = True
+    emu.faults.update({"drop": 1, "path": "/api/v1/groups"})
+    pages, _ = pull(connector(cfg))
+    assert len(users_of(pages)) == PEOPLE
+    assert sum(1 for _, p in emu.request_log if p.startswith("/api/v1/groups?")) >= 2  # the retry happened
+
+
 def test_full_pull_skips_known_users_whatever_their_login_time_unless_the_mapping_reads_it(
     emu: OktaEmulator, org: Org, tmp_path: Path
 ) -> None:

@@ -334,6 +334,7 @@ def _transport_class() -> type:
         requests: int
         last: LastResponse | None
         first_date: float | None = None  # the `Date` of the run's first answer (`_Run.start`)
+        dpop: Any = None  # the SDK's DPoPProofGenerator, with `dpop` (`_fresh_proof`)
 
         async def send_request(self, request: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
             url = request["url"]
@@ -350,6 +351,8 @@ def _transport_class() -> type:
             while True:
                 attempt += 1
                 await self.throttle.pace(endpoint)
+                if attempt > 1:
+                    self._fresh_proof(request)
                 self.requests += 1
                 req_info, resp, body, error = await super().send_request(request)
                 if resp is None:
@@ -376,6 +379,21 @@ def _transport_class() -> type:
                     await self._wait(self.throttle.backoff(attempt), f"{what}: HTTP {resp.status}", step)
                     continue
                 return req_info, resp, body, error
+
+        def _fresh_proof(self, request: dict[str, Any]) -> None:
+            """A new DPoP proof for a resend: a proof is for one request (RFC 9449 §11.1), its `jti`
+            refused once Okta has read it, its `iat` stale after a rate-limit wait."""
+            headers = request.get("headers")
+            if self.dpop is None or not isinstance(headers, dict) or not headers.get("DPoP"):
+                return
+            import jwt
+
+            first = jwt.decode(headers["DPoP"], options={"verify_signature": False})  # our own proof
+            auth = headers.get("Authorization")
+            token = auth[5:] if isinstance(auth, str) and auth.startswith("DPoP ") else None
+            headers["DPoP"] = self.dpop.generate_proof_jwt(
+                http_method=request["method"], http_url=request["url"], access_token=token, nonce=first.get("nonce")
+            )
 
         async def _wait(self, seconds: float, why: str, step: str | None) -> None:
             try:
@@ -650,6 +668,8 @@ class OktaConnector(CountsRequests):
         except ValueError as exc:
             raise ConfigurationError(f"okta SDK refused the configuration: {_first_line(exc)}") from None
         transport = holder[0]
+        oauth = sdk.executor._oauth  # the SDK's OAuth (None with api_token): its DPoP key signs resends
+        transport.dpop = oauth.get_dpop_generator() if oauth is not None else None
         run = _Run(sdk, transport)
 
         state = _parse_cursor(cursor) if not full else None

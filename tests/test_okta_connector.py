@@ -1487,6 +1487,25 @@ def test_a_dpop_request_retried_after_a_dropped_answer_carries_a_fresh_proof(
     assert sum(1 for _, p in emu.request_log if p.startswith("/api/v1/groups?")) >= 2  # the retry happened
 
 
+@pytest.mark.parametrize("dpop", [False, True])
+def test_a_token_request_resent_after_a_dropped_answer_carries_a_fresh_client_assertion(
+    emu: OktaEmulator, tmp_path: Path, dpop: bool
+) -> None:
+    """Okta refuses a `client_assertion` whose `jti` it has read once, whatever it answered. Before,
+    a token request resent after its answer was cut short carried the same assertion, and the run
+    failed with 401 invalid_client "The client_assertion token has already been used." where a
+    fresh one succeeds. With DPoP the resend gets a fresh proof as well."""
+    cfg = {**oauth_app(emu, tmp_path), "backoff_base": 0.01, "dpop": dpop}
+    emu.dpop_required = dpop
+    emu.faults.update({"drop": 1, "path": "/oauth2/v1/token"})
+    pages, _ = pull(connector(cfg))
+    assert len(users_of(pages)) == PEOPLE
+    tokens = [p for _, p in emu.request_log if p == "/oauth2/v1/token"]
+    assert len(tokens) == (3 if dpop else 2)  # the dropped answer, its resend (then the nonce retry)
+    jtis = [jti for client, jti in emu._assertion_jtis if client == "0oadirpull"]
+    assert len(jtis) == len(tokens)  # every request a new assertion
+
+
 def test_full_pull_skips_known_users_whatever_their_login_time_unless_the_mapping_reads_it(
     emu: OktaEmulator, org: Org, tmp_path: Path
 ) -> None:

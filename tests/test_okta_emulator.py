@@ -4,6 +4,7 @@ okta SDK (proves the wire format is readable by Okta's own client)."""
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -349,7 +350,8 @@ def test_dpop_required_refuses_what_rfc_9449_refuses(emu: OktaEmulator) -> None:
 
     def form() -> dict[str, str]:
         now = int(time.time())
-        claims = {"iss": "0oadpop", "sub": "0oadpop", "aud": url, "iat": now, "exp": now + 60, "jti": str(now)}
+        claims = {"iss": "0oadpop", "sub": "0oadpop", "aud": url, "iat": now, "exp": now + 60,
+                  "jti": secrets.token_hex(8)}  # fmt: skip
         return {"grant_type": "client_credentials", "scope": "okta.users.read",
                 "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
                 "client_assertion": jwt.encode(claims, pem, algorithm="RS256")}  # fmt: skip
@@ -378,3 +380,35 @@ def test_dpop_required_refuses_what_rfc_9449_refuses(emu: OktaEmulator) -> None:
     assert call(dpop.generate_proof_jwt("GET", f"{emu.base_url}/api/v1/groups", access_token=token)) == 401  # htu
     assert call(DPoPProofGenerator({}).generate_proof_jwt("GET", users, access_token=token)) == 401  # other key
     assert call(dpop.generate_proof_jwt("GET", users, access_token=token)) == 200
+
+
+def test_a_client_assertion_is_refused_once_read_whatever_the_first_answer(emu: OktaEmulator) -> None:
+    """Okta keeps the `jti` of each `client_assertion` it reads and refuses it again, also after an
+    error answer (the SDK signs a new one for its `use_dpop_nonce` retry for that reason)."""
+    import jwt
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    emu.register_oauth_client("0oajti", key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode())  # fmt: skip
+    url = f"{emu.base_url}/oauth2/v1/token"
+    now = int(time.time())
+
+    def post(jti: str, scope: str = "okta.users.read") -> requests.Response:
+        claims = {"iss": "0oajti", "sub": "0oajti", "aud": url, "iat": now, "exp": now + 60, "jti": jti}
+        return requests.post(url, timeout=10, data={
+            "grant_type": "client_credentials", "scope": scope,
+            "client_assertion_type": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            "client_assertion": jwt.encode(claims, pem, algorithm="RS256")})  # fmt: skip
+
+    used = {"error": "invalid_client", "error_description": "The client_assertion token has already been used."}
+    assert post("a").status_code == 200
+    again = post("a")
+    assert again.status_code == 401 and again.json() == used
+    assert post("b", scope="okta.apps.read").json()["error"] == "invalid_scope"  # read, then refused
+    assert post("b").json() == used
+    assert post("c").status_code == 200

@@ -335,6 +335,7 @@ def _transport_class() -> type:
         last: LastResponse | None
         first_date: float | None = None  # the `Date` of the run's first answer (`_Run.start`)
         dpop: Any = None  # the SDK's DPoPProofGenerator, with `dpop` (`_fresh_proof`)
+        assertion: Callable[[], str] | None = None  # the SDK's `OAuth.get_JWT`, with OAuth (`_fresh_assertion`)
 
         async def send_request(self, request: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
             url = request["url"]
@@ -352,6 +353,7 @@ def _transport_class() -> type:
                 attempt += 1
                 await self.throttle.pace(endpoint)
                 if attempt > 1:
+                    self._fresh_assertion(request)
                     self._fresh_proof(request)
                 self.requests += 1
                 req_info, resp, body, error = await super().send_request(request)
@@ -379,6 +381,16 @@ def _transport_class() -> type:
                     await self._wait(self.throttle.backoff(attempt), f"{what}: HTTP {resp.status}", step)
                     continue
                 return req_info, resp, body, error
+
+        def _fresh_assertion(self, request: dict[str, Any]) -> None:
+            """A new `client_assertion` for a resent token request: Okta keeps the `jti` of every
+            assertion it has read, and refuses it again even when its answer was an error or never
+            arrived (a dropped connection), as the SDK's own nonce retry notes."""
+            form = request.get("form")
+            if self.assertion is None or not isinstance(form, dict) or "client_assertion" not in form:
+                return
+            if urlsplit(request["url"]).path.endswith("/oauth2/v1/token"):
+                form["client_assertion"] = self.assertion()
 
         def _fresh_proof(self, request: dict[str, Any]) -> None:
             """A new DPoP proof for a resend: a proof is for one request (RFC 9449 §11.1), its `jti`
@@ -670,6 +682,7 @@ class OktaConnector(CountsRequests):
         transport = holder[0]
         oauth = sdk.executor._oauth  # the SDK's OAuth (None with api_token): its DPoP key signs resends
         transport.dpop = oauth.get_dpop_generator() if oauth is not None else None
+        transport.assertion = oauth.get_JWT if oauth is not None else None  # its signer, for resends
         run = _Run(sdk, transport)
 
         state = _parse_cursor(cursor) if not full else None

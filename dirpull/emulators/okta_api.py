@@ -16,7 +16,10 @@ Served over the shared `Org`:
                                      deletions); a polling request (no `until`) always carries
                                      rel="next", pages may be empty, and its `since` is compared
                                      with when the event was stored (a bounded one: `published`)
-  POST /oauth2/v1/token              client_credentials + private_key_jwt (OAuth service app)
+  POST /oauth2/v1/token              client_credentials + private_key_jwt (OAuth service app); an
+                                     assertion whose `jti` it has read before, whatever it answered
+                                     then, is refused: 401 invalid_client "The client_assertion token
+                                     has already been used."
 
 Every response carries `X-Rate-Limit-Limit/Remaining/Reset` from a real per-window counter of its
 endpoint family (users, groups, logs, token: each its own window, and its own limit with
@@ -382,6 +385,7 @@ class OktaEmulator(Emulator):
         self.dpop_required = False  # True: the OAuth app requires DPoP-bound tokens (RFC 9449)
         self.dpop_nonce = "emu-nonce-" + secrets.token_urlsafe(16)  # what `use_dpop_nonce` hands out
         self._dpop_jtis: set[str] = set()  # proofs already used (a replay is refused)
+        self._assertion_jtis: set[tuple[str, str]] = set()  # (client_id, jti) of assertions read
         self._dpop_tokens: dict[str, str] = {}  # DPoP-bound access token → its key's JWK thumbprint
         # Okta id → outcome.result (None: no outcome) of a deletion attempt to log, the record kept.
         self.failed_deletes: dict[str, str | None] = {}
@@ -1068,6 +1072,19 @@ class OktaEmulator(Emulator):
                     "error": "invalid_client",
                     "error_description": f"The client_assertion is invalid: {type(exc).__name__}",
                 },
+            )
+        # Okta keeps the `jti` of every assertion it has read (RFC 7523 §3 allows it) and refuses it
+        # again, even when its first answer was an error (`use_dpop_nonce`…) or never arrived: a
+        # client resending a token request must sign a new assertion (the SDK's own comments).
+        used = (client_id, str(claims["jti"])) if "jti" in claims else None
+        with self._lock:
+            replayed = used is not None and used in self._assertion_jtis
+            if used is not None:
+                self._assertion_jtis.add(used)
+        if replayed:
+            return Response(
+                401,
+                {"error": "invalid_client", "error_description": "The client_assertion token has already been used."},
             )
         scopes = (form.get("scope") or "").split()
         unknown = [s for s in scopes if s not in ("okta.users.read", "okta.groups.read", "okta.logs.read")]

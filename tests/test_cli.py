@@ -1042,7 +1042,9 @@ def test_sighup_applies_an_added_a_fixed_and_a_removed_tenant_without_a_restart(
         logged = daemon.reload("configuration reloaded")
         assert any(line.endswith("configuration reloaded: 2 tenants scheduled (removed: new)") for line in logged)
         # A fire of `new` that passed its check just before the reload runs to its end (with the
-        # settings it started with): its run row is there once a second has gone by.
+        # settings it started with): its run row is there once a second has gone by. Two syncs of
+        # hr, not one: the first may be a run already under way at the reload, which ends at once.
+        daemon.synced_again("hr")
         daemon.synced_again("hr")
         daemon.wait(lambda: all(r["status"] != "running" for r in daemon.store.runs("new", 5)))
         runs = daemon.runs("new")

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import sqlalchemy as sa
@@ -28,6 +29,9 @@ from dirpull.emulators.cluster import Cluster
 from dirpull.emulators.org import Org
 from dirpull.storage import schema
 from dirpull.storage.store import HEAD_REVISION, Store
+
+if TYPE_CHECKING:
+    from dirpull.sync.daemon import Daemon
 
 # Every test that uses a store runs on SQLite and on PostgreSQL.
 pytestmark = pytest.mark.stores
@@ -517,14 +521,30 @@ def test_status_next_run_follows_the_schedule_not_a_manual_sync(env, store_url):
     assert datetime.fromisoformat(row["next_run"].replace("Z", "+00:00")) == fired + timedelta(days=1)
 
 
+@contextlib.contextmanager
+def _paused_daemon(env: dict) -> Iterator[Daemon]:
+    """A started Daemon on the env's configuration whose scheduler runs nothing: its jobs' fire
+    times, as `dirpull run` would schedule them."""
+    from dirpull.config import load_config
+    from dirpull.sync.daemon import Daemon
+
+    config = load_config(env["config"])
+    store = Store(config.store.url)
+    daemon = Daemon(config, store)
+    daemon.scheduler.start = functools.partial(daemon.scheduler.start, paused=True)  # none run
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.shutdown()
+        store.close()
+
+
 def test_status_next_run_of_a_cron_tenant_never_synced_is_when_the_daemon_syncs_it(env, store_url):
     """A starting daemon syncs a cron tenant that never synced within seconds, not at its cron
     time. `dirpull status` showed the next cron time (here, next New Year's Day) for it, so an
     operator who had just added the tenant expected nothing before then. Once synced, the cron
     time it is."""
-    from dirpull.config import load_config
-    from dirpull.sync.daemon import Daemon
-
     config = Path(env["config"])
     config.write_text(config.read_text() + 'schedule = "cron: 0 3 1 1 *"\n')
     assert run(env, "db", "upgrade").exit_code == 0
@@ -533,16 +553,8 @@ def test_status_next_run_of_a_cron_tenant_never_synced_is_when_the_daemon_syncs_
     assert row["result"] == "never synced"
     shown = datetime.fromisoformat(row["next_run"].replace("Z", "+00:00"))
 
-    daemon_config = load_config(env["config"])
-    store = Store(daemon_config.store.url)
-    daemon = Daemon(daemon_config, store)
-    daemon.scheduler.start = functools.partial(daemon.scheduler.start, paused=True)  # none run
-    try:
-        daemon.start()
+    with _paused_daemon(env) as daemon:
         fires_at = daemon.scheduler.get_job("hr").next_run_time
-    finally:
-        daemon.shutdown()
-        store.close()
     assert fires_at - before < timedelta(seconds=15)  # the daemon's first fire: within seconds
     assert abs(shown - fires_at) < timedelta(seconds=15), (shown, fires_at)
 
@@ -570,28 +582,17 @@ def test_a_cron_weekday_is_the_crontab_one(env, cron, days):
     """In crontab 0 and 7 are Sunday and 1-5 Monday to Friday. APScheduler 3 counts weekdays from
     Monday = 0 (agronholm/apscheduler#286): "0 2 * * 0" synced on Mondays, "1-5" Tuesday to
     Saturday (and `dirpull status` said so), and "7" was refused as a bad cron expression."""
-    from dirpull.config import load_config
-    from dirpull.sync.daemon import Daemon
-
     config = Path(env["config"])
     config.write_text(config.read_text() + f"schedule = {json.dumps('cron: ' + cron)}\n")
     assert run(env, "sync", "hr").exit_code == 0  # it ran now: the daemon waits for the cron time
     [row] = jsonl(run(env, "status", "--json").stdout)
     shown = datetime.fromisoformat(row["next_run"].replace("Z", "+00:00"))
 
-    daemon_config = load_config(env["config"])
-    store = Store(daemon_config.store.url)
-    daemon = Daemon(daemon_config, store)
-    daemon.scheduler.start = functools.partial(daemon.scheduler.start, paused=True)  # none run
-    try:
-        daemon.start()
+    with _paused_daemon(env) as daemon:
         job = daemon.scheduler.get_job("hr")
         fires = [job.next_run_time]
         while len(fires) < 10:  # ten fires in a row: every weekday of the schedule shows up
             fires.append(job.trigger.get_next_fire_time(fires[-1], fires[-1] + timedelta(seconds=1)))
-    finally:
-        daemon.shutdown()
-        store.close()
     assert shown == fires[0]  # `dirpull status` shows the daemon's next fire
     assert {f.strftime("%A") for f in fires} == set(days)
     assert all((f.hour, f.minute) == (2, 0) for f in fires)

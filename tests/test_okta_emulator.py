@@ -331,20 +331,26 @@ def test_sdk_rejects_malformed_user_page(emu: OktaEmulator) -> None:
         asyncio.run(main())
 
 
+def oauth_client(e: OktaEmulator, client_id: str) -> str:
+    """Register a service app with a new RSA key on the emulator; its private key, PEM."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    e.register_oauth_client(client_id, public.decode())
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
 def test_dpop_required_refuses_what_rfc_9449_refuses(emu: OktaEmulator) -> None:
     """`dpop_required`: the token endpoint wants a proof with its nonce; the token it then issues is
     good only as `DPoP <token>` with a fresh proof of the same key, bound to that token."""
     import jwt
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
     from okta.dpop import DPoPProofGenerator
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    emu.register_oauth_client("0oadpop", key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode())  # fmt: skip
+    pem = oauth_client(emu, "0oadpop")
     emu.dpop_required = True
     url = f"{emu.base_url}/oauth2/v1/token"
 
@@ -386,15 +392,8 @@ def test_a_client_assertion_is_refused_once_read_whatever_the_first_answer(emu: 
     """Okta keeps the `jti` of each `client_assertion` it reads and refuses it again, also after an
     error answer (the SDK signs a new one for its `use_dpop_nonce` retry for that reason)."""
     import jwt
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode()
-    emu.register_oauth_client("0oajti", key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode())  # fmt: skip
+    pem = oauth_client(emu, "0oajti")
     url = f"{emu.base_url}/oauth2/v1/token"
     now = int(time.time())
 

@@ -302,6 +302,32 @@ def test_users_delta_latest_and_default_properties(client: Client, org: Org) -> 
     assert resp.status_code == 501 and resp.json()["error"]["code"] == "NotImplemented"
 
 
+def test_delta_filter_by_id_tracks_only_those_objects(graph: GraphEmulator, client: Client, org: Org) -> None:
+    # §1.1: users/groups delta take $filter only as id eq '…' (≤50), kept in the tokens: a round
+    # and every later one list only those objects, not the whole directory.
+    wanted = f"id eq '{user_id(3)}' or id eq '{user_id(40)}'"
+    items, link, _ = client.round("/users/delta", **{"$select": "displayName", "$filter": wanted})
+    assert sorted(i["id"] for i in items) == [user_id(3), user_id(40)]
+    org.rename(3, "Filtered", "In")
+    org.rename(4, "Filtered", "Out")
+    changes, link, _ = client.round(link)
+    assert [c["id"] for c in changes] == [user_id(3)]
+    org.rename(40, "Later", "Change")
+    assert [c["id"] for c in client.round(link)[0]] == [user_id(40)]
+
+    latest = client.get("/users/delta", **{"$deltatoken": "latest", "$filter": f"id eq '{user_id(5)}'"})
+    org.rename(5, "After", "Latest")
+    org.rename(6, "Not", "Filtered")
+    assert [c["id"] for c in client.round(latest.json()["@odata.deltaLink"])[0]] == [user_id(5)]
+
+    groups, _, _ = client.round("/groups/delta", **{"$select": "displayName", "$filter": f"id eq '{group_id(2)}'"})
+    assert [g["id"] for g in groups] == [group_id(2)]
+
+    for bad in ("displayName eq 'Ada'", " or ".join(f"id eq '{user_id(n)}'" for n in range(1, 52))):
+        resp = client.get("/users/delta", **{"$filter": bad})
+        assert resp.status_code == 400 and resp.json()["error"]["code"], bad
+
+
 def test_delta_allows_empty_pages_with_a_next_link(graph: GraphEmulator, client: Client, org: Org) -> None:
     _, link, _ = client.round("/users/delta", **{"$select": "displayName"})
     graph.delta_scan_limit = 10

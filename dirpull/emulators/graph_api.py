@@ -8,7 +8,8 @@ Served on one port:
                                                  device, a service principal, an org contact), @odata.type
   GET  /v1.0/users/delta[()], /v1.0/groups/delta[()]
                                                  delta rounds: nextLink XOR deltaLink, @removed,
-                                                 members@delta chunks, manager@delta, $deltatoken=latest
+                                                 members@delta chunks, manager@delta, $deltatoken=latest,
+                                                 $filter only as id eq '…' (≤50, joined by or)
                                                  never-set properties left out (lists send null)
   POST /_emulator/graph                          Graph-only switches (expire delta tokens, force 410, …)
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 import base64
 import bisect
 import json
+import re
 import secrets
 import threading
 import time
@@ -263,6 +265,8 @@ class _Round:
     # None before its first chunk. A key, not an offset: members leaving between two pages would
     # shift an offset past a member who never changed, named in no round at all.
     chunk: list[int] | None = None
+    # The objects (n) a `$filter=id eq '…'` round tracks; None: all of them.
+    ids: list[int] | None = None
 
     def token(self, generation: int) -> str:
         return _encode(
@@ -274,6 +278,7 @@ class _Round:
                 "f": self.select,
                 "p": self.pos,
                 "c": self.chunk,
+                "x": self.ids,
                 "g": generation,
                 "t": round(time.time(), 3),
                 "r": secrets.token_hex(4),
@@ -834,8 +839,9 @@ class GraphEmulator(Emulator):
         )
         if deltatoken == "latest":
             select = self._select(req, table, navigation, (), kind[:-1])
+            ids = self._delta_filter(req, kind)
             with self.org.lock:
-                rnd = _Round(kind, False, self.org.version, self.org.version, select)
+                rnd = _Round(kind, False, self.org.version, self.org.version, select, ids=ids)
             return self._delta_body(kind, [], None, rnd, select)
         if deltatoken is not None:
             # The query parameters of a deltaLink are all in the token: any others are ignored.
@@ -865,7 +871,7 @@ class GraphEmulator(Emulator):
                     "must be synchronized again.",
                 )
             with self.org.lock:
-                rnd = _Round(kind, False, int(state["u"]), self.org.version, state.get("f"))
+                rnd = _Round(kind, False, int(state["u"]), self.org.version, state.get("f"), ids=state.get("x"))
         elif skiptoken is not None:
             state = _decode(skiptoken)
             if state.get("k") != kind:
@@ -878,18 +884,49 @@ class GraphEmulator(Emulator):
                 state.get("f"),
                 int(state["p"]),
                 state.get("c"),
+                state.get("x"),
             )
         else:
             # A new round. $top is not supported on delta and is silently ignored.
             select = self._select(req, table, navigation, (), kind[:-1])
+            ids = self._delta_filter(req, kind)
             with self.org.lock:
-                rnd = _Round(kind, True, 0, self.org.version, select)
+                rnd = _Round(kind, True, 0, self.org.version, select, ids=ids)
         with self.org.lock:
             if kind == "users":
                 items, more = self._users_page(rnd)
             else:
                 items, more = self._groups_page(rnd)
         return self._delta_body(kind, items, more, rnd, rnd.select)
+
+    def _delta_filter(self, req: Request, kind: str) -> list[int] | None:
+        """The objects a first delta request's `$filter` names. users/groups delta take `$filter`
+        only as `id eq '…'` (several joined by `or`, at most 50 ids: §1.1 "Delta query params"); it
+        is not ignored, which would answer every object. The wording of the refusals is not
+        documented."""
+        raw = req.arg("$filter")
+        if raw is None:
+            return None
+        terms = re.split(r"\s+or\s+", raw.strip(), flags=re.IGNORECASE)
+        values: list[str] = []
+        for term in terms:
+            m = re.fullmatch(r"\s*\(?\s*id\s+eq\s+'([^']*)'\s*\)?\s*", term, flags=re.IGNORECASE)
+            if m is None:
+                raise GraphError(
+                    400,
+                    "Request_UnsupportedQuery",
+                    f"Unsupported query: delta on {kind} takes $filter only as id eq '…' (joined by 'or').",
+                )
+            values.append(m.group(1))
+        if len(values) > 50:
+            raise GraphError(
+                400,
+                "Request_UnsupportedQuery",
+                f"Unsupported query: $filter names {len(values)} ids; delta takes at most 50.",
+            )
+        prefix = USER_PREFIX if kind == "users" else GROUP_PREFIX
+        # An id of no object of this kind matches nothing (as an id that never existed).
+        return sorted({n for v in values if (n := _parse_id(v.lower(), prefix)) is not None})
 
     def _delta_body(
         self, kind: str, items: list[dict[str, Any]], more: bool | None, rnd: _Round, select: list[str] | None
@@ -899,7 +936,7 @@ class GraphEmulator(Emulator):
         if more:
             body["@odata.nextLink"] = self._url(f"{kind}/delta", [("$skiptoken", rnd.token(self._generation))])
         else:
-            done = _Round(kind, False, rnd.upto, rnd.upto, select)
+            done = _Round(kind, False, rnd.upto, rnd.upto, select, ids=rnd.ids)
             body["@odata.deltaLink"] = self._url(f"{kind}/delta", [("$deltatoken", done.token(self._generation))])
         body["value"] = items
         return self._json(body)
@@ -920,12 +957,13 @@ class GraphEmulator(Emulator):
         tracked |= {self._users.index["soft_deleted"], self._users.index["deleted"]}
         items: list[dict[str, Any]] = []
         hi = len(people)
+        only = frozenset(rnd.ids) if rnd.ids is not None else None
         n, scanned = rnd.pos, 0
         while n < hi and len(items) < self.delta_page_size and scanned < self.delta_scan_limit:
             n += 1
             scanned += 1
             p = people.get(n)
-            if p is None:
+            if p is None or (only is not None and n not in only):
                 continue
             if rnd.initial:
                 self._users.observe(p)
@@ -1035,6 +1073,7 @@ class GraphEmulator(Emulator):
         items: list[dict[str, Any]] = []
         hi = len(groups)
         n, scanned, chunk = rnd.pos, 0, rnd.chunk
+        only = frozenset(rnd.ids) if rnd.ids is not None else None
         more_members = False
         while n < hi and len(items) < self.delta_page_size and scanned < self.delta_scan_limit:
             cur = n + 1
@@ -1042,7 +1081,7 @@ class GraphEmulator(Emulator):
             g = groups.get(cur)
             n = cur
             after, chunk = chunk, None  # a chunk key only applies to the group a page resumes
-            if g is None:
+            if g is None or (only is not None and cur not in only):
                 continue
             if rnd.initial:
                 self._groups.observe(g)

@@ -328,6 +328,30 @@ def test_delta_filter_by_id_tracks_only_those_objects(graph: GraphEmulator, clie
         assert resp.status_code == 400 and resp.json()["error"]["code"], bad
 
 
+def test_prefer_return_minimal_sends_only_changed_properties_in_a_later_round(
+    graph: GraphEmulator, client: Client, org: Org
+) -> None:
+    # §1.1 "Delta property semantics": by default a changed user repeats every selected property;
+    # with Prefer: return=minimal on a deltaLink request only the changed ones come (and the id).
+    select = {"$select": "displayName,jobTitle,department,accountEnabled,manager"}
+    _, link, _ = client.round("/users/delta", **select)
+    org.update_person(4, title="Chief Tester")
+    full = client.get(link).json()["value"]
+    assert {"displayName", "department", "accountEnabled", "manager@delta"} <= set(full[0])
+    minimal = client.session.get(link, headers={"Prefer": "return=minimal"}, timeout=5).json()["value"]
+    assert minimal == [{"id": user_id(4), "jobTitle": "Chief Tester"}]
+    org.soft_delete(6)
+    _, link, _ = client.round(link)
+    org.restore(6)
+    restored = client.session.get(link, headers={"Prefer": "return=minimal"}, timeout=5).json()["value"]
+    assert [r["id"] for r in restored] == [user_id(6)] and "displayName" in restored[0]  # comes back whole
+
+    _, link, _ = client.round("/groups/delta", **{"$select": "displayName,description,mail"})
+    org.update_group(2, description="Changed")
+    minimal = client.session.get(link, headers={"Prefer": "return=minimal"}, timeout=5).json()["value"]
+    assert minimal == [{"id": group_id(2), "description": "Changed"}]
+
+
 def test_delta_allows_empty_pages_with_a_next_link(graph: GraphEmulator, client: Client, org: Org) -> None:
     _, link, _ = client.round("/users/delta", **{"$select": "displayName"})
     graph.delta_scan_limit = 10

@@ -9,7 +9,8 @@ Served on one port:
   GET  /v1.0/users/delta[()], /v1.0/groups/delta[()]
                                                  delta rounds: nextLink XOR deltaLink, @removed,
                                                  members@delta chunks, manager@delta, $deltatoken=latest,
-                                                 $filter only as id eq '…' (≤50, joined by or)
+                                                 $filter only as id eq '…' (≤50, joined by or),
+                                                 Prefer: return=minimal (later rounds: changed props only)
                                                  never-set properties left out (lists send null)
   POST /_emulator/graph                          Graph-only switches (expire delta tokens, force 410, …)
 
@@ -267,6 +268,9 @@ class _Round:
     chunk: list[int] | None = None
     # The objects (n) a `$filter=id eq '…'` round tracks; None: all of them.
     ids: list[int] | None = None
+    # `Prefer: return=minimal` on this request of a later round: only changed properties (not in
+    # the token: a request header, sent with each request).
+    minimal: bool = False
 
     def token(self, generation: int) -> str:
         return _encode(
@@ -892,6 +896,12 @@ class GraphEmulator(Emulator):
             ids = self._delta_filter(req, kind)
             with self.org.lock:
                 rnd = _Round(kind, True, 0, self.org.version, select, ids=ids)
+        # §1.1 "Delta property semantics": with `Prefer: return=minimal` a later round's records
+        # carry only the properties that changed (an initial round has nothing to compare with).
+        prefer = req.headers.get("Prefer") or ""
+        rnd.minimal = not rnd.initial and any(
+            p.strip().lower().replace(" ", "") == "return=minimal" for p in prefer.split(",")
+        )
         with self.org.lock:
             if kind == "users":
                 items, more = self._users_page(rnd)
@@ -954,7 +964,8 @@ class GraphEmulator(Emulator):
             for name in (select or USER_DEFAULT)
             for f in (USER_PROPERTIES.get(name) or (None, USER_NAVIGATION.get(name, ())))[1]
         }
-        tracked |= {self._users.index["soft_deleted"], self._users.index["deleted"]}
+        gone = (self._users.index["soft_deleted"], self._users.index["deleted"])
+        tracked |= set(gone)
         items: list[dict[str, Any]] = []
         hi = len(people)
         only = frozenset(rnd.ids) if rnd.ids is not None else None
@@ -979,16 +990,20 @@ class GraphEmulator(Emulator):
                     continue
             item = self._render(p, USER_PROPERTIES, names)
             self._omit_never_set(item, p, self._users, USER_PROPERTIES, rnd)
+            if rnd.minimal and not self._users.changed_after(p, gone, rnd.since):
+                # (A user restored since comes whole: the client has nothing to apply changes to.)
+                self._keep_changed(item, p, self._users, USER_PROPERTIES, rnd)
             self._stale_removal(item["id"], items)
+            # Named in every record, or (`manager_on_every_change` off, or return=minimal) only when
+            # it changed, then as an empty list when it was taken away.
+            every = self.manager_on_every_change and not rnd.minimal
             if with_manager and (
-                rnd.initial
-                or self.manager_on_every_change
-                or self._users.changed_after(p, (self._users.index["manager"],), rnd.since)
+                rnd.initial or every or self._users.changed_after(p, (self._users.index["manager"],), rnd.since)
             ):
                 mgr = people.get(p.manager) if p.manager is not None else None
                 if mgr is not None and mgr.visible:
                     item["manager@delta"] = [{"@odata.type": "#microsoft.graph.user", "id": user_id(mgr.n)}]
-                elif not rnd.initial and not self.manager_on_every_change:
+                elif not rnd.initial and not every:
                     item["manager@delta"] = []  # the manager was taken away
             items.append(item)
         rnd.pos = n
@@ -1012,6 +1027,20 @@ class GraphEmulator(Emulator):
                 or not fields
                 or not tracker.changed_after(obj, [tracker.index[f] for f in fields], rnd.since)
             ):
+                del item[name]
+
+    @staticmethod
+    def _keep_changed(
+        item: dict[str, Any],
+        obj: Person | Group,
+        tracker: _Tracker,
+        table: dict[str, tuple[Render, tuple[str, ...]]],
+        rnd: _Round,
+    ) -> None:
+        """`Prefer: return=minimal`: only the id and the properties changed since the round's `since`."""
+        for name in [k for k in item if k != "id"]:
+            fields = table[name][1]
+            if not fields or not tracker.changed_after(obj, [tracker.index[f] for f in fields], rnd.since):
                 del item[name]
 
     def _stale_removal(self, oid: str, items: list[dict[str, Any]]) -> None:
@@ -1117,6 +1146,8 @@ class GraphEmulator(Emulator):
                     member_list.sort()
             item = self._render(g, GROUP_PROPERTIES, names)
             self._omit_never_set(item, g, self._groups, GROUP_PROPERTIES, rnd)
+            if rnd.minimal and not self._groups.changed_after(g, (self._groups.index["deleted"],), rnd.since):
+                self._keep_changed(item, g, self._groups, GROUP_PROPERTIES, rnd)
             self._stale_removal(item["id"], items)
             if member_list:
                 # A large group comes back on several pages, each with a chunk of its members: those

@@ -411,3 +411,20 @@ def test_a_client_assertion_is_refused_once_read_whatever_the_first_answer(emu: 
     assert post("b", scope="okta.apps.read").json()["error"] == "invalid_scope"  # read, then refused
     assert post("b").json() == used
     assert post("c").status_code == 200
+
+
+def test_system_log_since_defaults_to_seven_days_before_until(emu: OktaEmulator, org: Org) -> None:
+    """Without `since`, a bounded request starts 7 days before its `until`, not before now
+    (directory-apis.md §3.1 System Log): a window that ended more than a week ago still has its
+    events. Taking 7 days before now answered such a window empty."""
+    now = time.time()
+    old = org.deactivate(20)
+    old.updated_at = now - 10 * 86400  # published 10 days ago
+    window = get(emu, "/api/v1/logs", until=Org.iso(now - 9 * 86400))
+    assert window.status_code == 200
+    assert [(ev["eventType"], ev["target"][0]["id"]) for ev in window.json()] == [
+        ("user.lifecycle.deactivate", user_id(20))
+    ]
+    assert "next" not in window.links  # bounded: finite pages
+    # 7 days before `until` and no further back.
+    assert get(emu, "/api/v1/logs", until=Org.iso(now - 2 * 86400)).json() == []

@@ -988,8 +988,9 @@ class OktaEmulator(Emulator):
             return limit
         since, until, after, filt = req.arg("since"), req.arg("until"), req.arg("after"), req.arg("filter")
         try:
-            since_ts = parse_time(since) if since else time.time() - 7 * 86400
             until_ts = parse_time(until) if until else None
+            # Without `since`: 7 days before `until`, or before now for a polling request (§3.1).
+            since_ts = parse_time(since) if since else (until_ts or time.time()) - 7 * 86400
         except ValueError:
             return _error(400, "E0000001", "Api validation failed: since/until", ["not an ISO-8601 timestamp"])
         if since_ts < time.time() - 180 * 86400:

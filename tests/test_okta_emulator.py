@@ -428,3 +428,17 @@ def test_system_log_since_defaults_to_seven_days_before_until(emu: OktaEmulator,
     assert "next" not in window.links  # bounded: finite pages
     # 7 days before `until` and no further back.
     assert get(emu, "/api/v1/logs", until=Org.iso(now - 2 * 86400)).json() == []
+
+
+def test_groups_expand_stats_counts_the_members_on_every_page(emu: OktaEmulator, org: Org) -> None:
+    """`expand=stats` puts each group's member count in `_embedded.stats.usersCount` (directory-apis.md
+    §3.1 Groups list), on the pages its next links lead to as well; without it there is no
+    `_embedded`. The emulator used to ignore `expand`."""
+    groups, pages = walk(emu, "/api/v1/groups", limit=4, expand="stats")
+    assert pages > 1
+    for g in groups:
+        members, _ = walk(emu, f"/api/v1/groups/{g['id']}/users", limit=200)
+        assert g["_embedded"] == {"stats": {"usersCount": len(members)}}, g["profile"]["name"]
+    one = get(emu, f"/api/v1/groups/{groups[1]['id']}", expand="stats").json()
+    assert one["_embedded"] == groups[1]["_embedded"]
+    assert all("_embedded" not in g for g in get(emu, "/api/v1/groups").json())

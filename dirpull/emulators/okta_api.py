@@ -9,7 +9,8 @@ Served over the shared `Org`:
   GET  /api/v1/users/{id}            404 E0000007 for a deleted user (no tombstones anywhere)
   GET  /api/v1/groups                OKTA_GROUP / APP_GROUP from the Org plus a BUILT_IN `Everyone`;
                                      `filter` on id, type, lastUpdated, lastMembershipUpdated; `q` (a
-                                     name prefix): 300 by default, never a next page
+                                     name prefix): 300 by default, never a next page; `expand=stats`
+                                     (also on /groups/{id}): `_embedded.stats.usersCount`
   GET  /api/v1/groups/{id}/users     full User objects, default limit 1000; Org subgroups are served
                                      flattened (Okta groups do not nest)
   GET  /api/v1/logs                  System Log derived from Org changes (people, memberships, group
@@ -800,9 +801,12 @@ class OktaEmulator(Emulator):
                 if len(out) == limit:
                     more = True
                     break
-                out.append(record)
+                out.append(self._expanded(record, n, req.arg("expand")))
                 last_n = n
-        params = {"limit": req.arg("limit"), "filter": filt, "search": search, "q": q, "after": after}
+        params = {
+            "limit": req.arg("limit"), "filter": filt, "search": search, "q": q, "expand": req.arg("expand"),
+            "after": after,
+        }  # fmt: skip
         next_after = group_id(last_n) if more and last_n is not None and not q else None
         return Response(200, out, self._links(req, "/api/v1/groups", params, next_after))
 
@@ -821,7 +825,18 @@ class OktaEmulator(Emulator):
             if n is None:
                 return _error(404, "E0000007", f"Not found: Resource not found: {req.params['id']} (UserGroup)")
             gtype = dict(self._groups_view())[n]
-            return Response(200, self.group_json(n, gtype))
+            return Response(200, self._expanded(self.group_json(n, gtype), n, req.arg("expand")))
+
+    def _expanded(self, record: dict[str, Any], n: int, expand: str | None) -> dict[str, Any]:
+        """`expand=stats`: the group's member count in `_embedded.stats.usersCount` (§3.1 Groups
+        list; `expand=app`, whose `_embedded.app` shape the reference does not give, is ignored)."""
+        if "stats" not in (expand or "").split(","):
+            return record
+        if n == EVERYONE:
+            count = sum(1 for p in self.org.people.values() if p.visible)
+        else:
+            count = len(self.org.transitive_members(n))  # flattened, as the member listing serves them
+        return {**record, "_embedded": {"stats": {"usersCount": count}}}
 
     def _list_group_users(self, req: Request) -> Response:
         limit = self._limit(req, 1000, 10000)

@@ -442,3 +442,21 @@ def test_groups_expand_stats_counts_the_members_on_every_page(emu: OktaEmulator,
     one = get(emu, f"/api/v1/groups/{groups[1]['id']}", expand="stats").json()
     assert one["_embedded"] == groups[1]["_embedded"]
     assert all("_embedded" not in g for g in get(emu, "/api/v1/groups").json())
+
+
+def test_search_takes_only_the_attributes_okta_searches(emu: OktaEmulator, org: Org) -> None:
+    """User search takes any profile attribute plus id, status, created, activated, statusChanged,
+    lastUpdated and type.id; group search every property but `_embedded`, `_links` and `objectClass`
+    (directory-apis.md §3.1). Anything else is a 400, not an empty (or full) answer that reads as
+    "no match"."""
+    city = org.people[1].location
+    in_city = walk(emu, "/api/v1/users", search=f'profile.city eq "{city}" and type.id pr')[0]
+    assert in_city and {u["profile"]["city"] for u in in_city} == {city}
+    for bad in ('foo eq "x"', 'lastLogin gt "2020-01-01T00:00:00.000Z"', 'credentials.provider.type eq "OKTA"'):
+        r = get(emu, "/api/v1/users", search=bad)
+        assert r.status_code == 400 and r.json()["errorCode"] == "E0000053", bad
+    assert len(get(emu, "/api/v1/groups", search='type eq "BUILT_IN"').json()) == 1
+    assert get(emu, "/api/v1/groups", search='profile.name sw "E"').status_code == 200
+    for bad in ('objectClass eq "okta:user_group"', '_links.users.href sw "http"', "_embedded.stats.usersCount pr"):
+        r = get(emu, "/api/v1/groups", search=bad)
+        assert r.status_code == 400 and r.json()["errorCode"] == "E0000053", bad

@@ -146,7 +146,8 @@ DATE_ATTRS = frozenset(
 class Expr:
     """A parsed SCIM-style filter: `attr op "value"` joined by and/or, with parentheses.
 
-    `allowed` maps an attribute to the operators it accepts (`*` as key: any attribute).
+    `allowed` maps an attribute to the operators it accepts (`prefix.*` as key: any attribute under
+    `prefix`; `*`: any other attribute; an empty set: the attribute is refused).
     """
 
     def __init__(self, text: str, allowed: dict[str, set[str]]) -> None:
@@ -208,8 +209,11 @@ class Expr:
             raise FilterError(f"expected an attribute, got {value!r}")
         attr = value
         op = self._take()[1].lower()
-        ops = self.allowed.get(attr, self.allowed.get("*"))
-        if ops is None:
+        ops = self.allowed.get(attr)
+        if ops is None:  # a `prefix.*` key covers every attribute under it, `*` any other
+            prefix = next((k for k in self.allowed if k.endswith(".*") and attr.startswith(k[:-1])), "*")
+            ops = self.allowed.get(prefix)
+        if not ops:
             raise FilterError(f"attribute {attr!r} is not supported")
         if op not in ops:
             raise FilterError(f"operator {op!r} is not supported for {attr!r}")
@@ -271,9 +275,18 @@ USER_FILTER = {
     "profile.firstName": EQ,
     "profile.lastName": EQ,
 }
-USER_SEARCH = {"*": {"eq", "sw", "co", "gt", "ge", "lt", "le", "pr"}}
+SEARCH_OPS = {"eq", "sw", "co", "gt", "ge", "lt", "le", "pr"}
+# Users: any profile attribute and these (§3.1 Users list); anything else is refused.
+USER_SEARCH = {
+    **{a: SEARCH_OPS for a in ("id", "status", "created", "activated", "statusChanged", "lastUpdated", "type.id")},
+    "profile.*": SEARCH_OPS,
+}
 GROUP_FILTER = {"id": EQ, "type": EQ, "lastUpdated": RANGE, "lastMembershipUpdated": RANGE}
-GROUP_SEARCH = {"*": {"eq", "sw", "co", "gt", "ge", "lt", "le", "pr"}}
+# Groups: every property except `_embedded`, `_links` and `objectClass` (§3.1 Groups list).
+GROUP_SEARCH: dict[str, set[str]] = {
+    "*": SEARCH_OPS, "objectClass": set(), "_links": set(), "_links.*": set(), "_embedded": set(),
+    "_embedded.*": set(),
+}  # fmt: skip
 LOG_FILTER = {"eventType": {"eq", "sw", "co"}, "target.id": EQ, "actor.id": EQ, "outcome.result": EQ}
 
 

@@ -231,3 +231,18 @@ def test_full_resync_skips_unchanged_records_and_never_misses_a_change(tenant, m
     seen.update(normalized=0, unchanged=0)
     check = h.sync("t", full=True)
     assert check.status == "succeeded" and check.events == 0 and seen["unchanged"] == 0
+
+
+def test_a_retry_in_the_log_names_its_tenant(tenant, caplog):
+    """The daemon logs every tenant's runs into one stream, and a retry's step and URL do not tell
+    two tenants of a provider apart (every Entra tenant calls graph.microsoft.com, every Google one
+    googleapis.com as `my_customer`): a throttled or failing vendor's lines named no tenant."""
+    provider, _org, h = tenant
+    caplog.set_level("INFO")
+    # Google's token endpoint is retried by google-auth itself: the fault goes to the API.
+    path = "/users" if provider == "google_workspace" else ""
+    h.emulator.faults.update({"error": 1, "error_status": 503, "path": path})
+    assert h.sync("t").status == "succeeded"
+    retries = [m for r in caplog.records if r.name.startswith("dirpull.connectors") and "503" in (m := r.getMessage())]
+    assert retries, caplog.text
+    assert all(line.startswith("tenant t: ") for line in retries), retries

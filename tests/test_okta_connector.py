@@ -373,7 +373,8 @@ def test_connection_refused_fails_naming_the_listing_after_the_attempts_of_an_ht
     # The daemon's log says which listing is being retried as it happens, not only the URL.
     retries = [m for r in caplog.records if "Connection refused" in (m := r.getMessage()) and "; waiting " in m]
     assert len(retries) == attempts - 1
-    assert all(m.startswith(f"list users: GET http://127.0.0.1:{port}/api/v1/users?") for m in retries), retries
+    listing = f"tenant t1: list users: GET http://127.0.0.1:{port}/api/v1/users?"
+    assert all(m.startswith(listing) for m in retries), retries
     assert str(err).startswith(f"list users: GET http://127.0.0.1:{port}/api/v1/users?"), str(err)
     assert "Connection refused" in str(err) and str(err).endswith(f"(after {attempts} attempts)")
     assert err.step == "list users" and err.retriable

@@ -199,6 +199,7 @@ class BambooHRConnector(CountsRequests):
             timeout=(10.0, self.settings.timeout),
             headers={"Accept": "application/json"},
             auth=(api_key, "x"),
+            tenant=self.tenant,
         )
         self._counting(lambda: client.requests)
         notes: list[str] = []

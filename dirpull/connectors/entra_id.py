@@ -71,6 +71,7 @@ from dirpull.connectors.http import (
     interruptible_sleep,
     parse_retry_after,
     redact_url,
+    tenant_prefix,
     transport_reason,
     warn_plain_http,
 )
@@ -338,7 +339,7 @@ class _Session:
     """The SDK client, the token provider and the request counter of one pull (one event loop)."""
 
     def __init__(self, settings: EntraTenant, policy: RetryPolicy, login_url: str, graph_url: str,
-                 scope: str) -> None:  # fmt: skip
+                 scope: str, tenant: str = "") -> None:  # fmt: skip
         from kiota_abstractions.authentication import BaseBearerTokenAuthenticationProvider
         from kiota_http.middleware import ParametersNameDecodingHandler, RedirectHandler, UserAgentHandler
         from msgraph import GraphRequestAdapter, GraphServiceClient
@@ -347,6 +348,7 @@ class _Session:
         from msgraph_core.middleware.options import GraphTelemetryHandlerOption
 
         self.policy = policy
+        self.tenant = tenant
         self.graph_url = graph_url.rstrip("/")
         self.origin = _origin(self.graph_url)
         self.requests = 0
@@ -381,7 +383,8 @@ class _Session:
         delay = self.policy.begin_wait(attempt, hint, what=what, step=step)
         # An outage or throttling shows in the daemon's log as it happens, as with the other
         # connectors (http.py), not only in the error of a run that finally gives up.
-        log.warning("%s; retrying in %.1fs (attempt %d of %d)", what, delay, attempt + 1, self.policy.max_attempts)
+        log.warning("%s%s; retrying in %.1fs (attempt %d of %d)", tenant_prefix(self.tenant), what, delay, attempt + 1,
+                    self.policy.max_attempts)  # fmt: skip
         try:
             if self.policy.sleep is interruptible_sleep:
                 await interruptible_async_sleep(delay)
@@ -634,7 +637,7 @@ class EntraConnector(CountsRequests):
         self, cursor: dict[str, Any] | None, full: bool, known: Known | None = None
     ) -> AsyncIterator[Page | Done]:
         self._new_pull()
-        session = _Session(self.settings, self._new_policy(), self.login_url, self.graph_url, self.scope)
+        session = _Session(self.settings, self._new_policy(), self.login_url, self.graph_url, self.scope, self.tenant)
         self._counting(lambda: session.requests)
         try:
             notes: list[str] = []

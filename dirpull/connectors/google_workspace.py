@@ -54,7 +54,14 @@ from dirpull.connectors.base import (
     Page,
     Quarantined,
 )
-from dirpull.connectors.http import PagingGuard, RetryPolicy, redact_url, transport_reason, warn_plain_http
+from dirpull.connectors.http import (
+    PagingGuard,
+    RetryPolicy,
+    redact_url,
+    tenant_prefix,
+    transport_reason,
+    warn_plain_http,
+)
 from dirpull.connectors.mapping import map_attributes, mapping_root, without
 from dirpull.connectors.nesting import nested_groups
 from dirpull.connectors.source import Known, SourceDigests
@@ -276,6 +283,7 @@ class _Session:
 
     def __init__(self, settings: Any, policy: RetryPolicy, tenant: str = "") -> None:
         self.policy = policy
+        self.tenant = tenant
         self.counter = _Counter()
         self.api_url = (settings.api_url or DEFAULT_API_URL).rstrip("/")
         # What a refused listing names among the things to check.
@@ -356,7 +364,7 @@ class _Session:
                 where = f"{step}: {label} from {redact_url(str(exc.uri))}"
                 throttled = status == 429 or (status == 403 and reason in THROTTLE_REASONS)
                 if throttled or status >= 500:
-                    log.warning("%s; backing off (attempt %d)", where, attempt)
+                    log.warning("%s%s; backing off (attempt %d)", tenant_prefix(self.tenant), where, attempt)
                     limit = max(self.policy.max_attempts, THROTTLE_ATTEMPTS) if throttled else None
                     self.policy.wait(attempt, None, what=where, step=step, attempts=limit)
                     continue
@@ -385,14 +393,14 @@ class _Session:
                     # AuthError that said "refused" and sent the admin to check the delegation.
                     what = (f"{step}: the token endpoint failed with HTTP {token_status} (an outage at Google, "
                             f"not a refusal of the service account): {detail[:200]}")  # fmt: skip
-                    log.warning("%s; retrying (attempt %d)", what, attempt)
+                    log.warning("%s%s; retrying (attempt %d)", tenant_prefix(self.tenant), what, attempt)
                     self.policy.wait(attempt, None, what=what, step=step)
                     continue
                 if getattr(exc, "retryable", False):
                     # A 429/408 or a server_error/temporarily_unavailable from the token endpoint
                     # (google-auth has tried it 3 times by now): an outage, not a refusal.
                     what = f"{step}: the token endpoint failed: {detail[:200]}"
-                    log.warning("%s; retrying (attempt %d)", what, attempt)
+                    log.warning("%s%s; retrying (attempt %d)", tenant_prefix(self.tenant), what, attempt)
                     self.policy.wait(attempt, None, what=what, step=step)
                     continue
                 hint = ""
@@ -407,7 +415,7 @@ class _Session:
                 ) from None
             except _BadTokenAnswer as exc:
                 what = f"{step}: {exc}"
-                log.warning("%s; retrying (attempt %d)", what, attempt)
+                log.warning("%s%s; retrying (attempt %d)", tenant_prefix(self.tenant), what, attempt)
                 self.policy.wait(attempt, None, what=what, step=step)
                 continue
             except (
@@ -420,13 +428,13 @@ class _Session:
                 raw = getattr(self._local, "http", None)
                 url = getattr(raw, "last_uri", None) or self.api_url
                 what = f"{step}: {transport_reason(exc)} talking to {redact_url(url)}"
-                log.warning("%s; retrying (attempt %d)", what, attempt)
+                log.warning("%s%s; retrying (attempt %d)", tenant_prefix(self.tenant), what, attempt)
                 self.policy.wait(attempt, None, what=what, step=step)
                 continue
             if not isinstance(body, dict):
                 # googleapiclient hands back the raw text when a 2xx body is not JSON.
                 what = f"{step}: the response body was not JSON"
-                log.warning("%s; retrying (attempt %d)", what, attempt)
+                log.warning("%s%s; retrying (attempt %d)", tenant_prefix(self.tenant), what, attempt)
                 self.policy.wait(attempt, None, what=what, step=step)
                 continue
             return body
@@ -712,7 +720,9 @@ class GoogleWorkspaceConnector(CountsRequests):
                 raise _refused(exc.where, exc.message, "members.list") from None
             # A group nested from outside this directory (another organization's, which Google lets
             # a group hold): no one here can read it, and failing on it failed every run for good.
-            log.warning("%s: a nested group this admin may not read; counted as empty", exc.where)
+            log.warning(
+                "%s%s: a nested group this admin may not read; counted as empty", tenant_prefix(self.tenant), exc.where
+            )
             return _Direct(unreadable=True)
         return result
 

@@ -220,6 +220,13 @@ class RetriesExhausted(ConnectorError):
         super().__init__(message, retriable=True, step=step)
 
 
+def tenant_prefix(tenant: str) -> str:
+    """`tenant T: ` before a connector's own log line. The daemon logs every tenant's runs into one
+    stream, and a retry's step and URL do not tell two tenants of a provider apart: every Entra
+    tenant calls graph.microsoft.com, every Google one googleapis.com, most as `my_customer`."""
+    return f"tenant {tenant}: " if tenant else ""
+
+
 @dataclass
 class RetryPolicy:
     """How long to wait before retry number `attempt` (1-based), and when to give up.
@@ -348,9 +355,11 @@ class HttpClient:
         auth: Any = None,
         retry_statuses: frozenset[int] = RETRIABLE_STATUSES,
         permanent: Callable[[requests.Response], str | None] | None = None,
+        tenant: str = "",
     ) -> None:
         """`permanent`: for a response whose status is retried, why this one is not worth retrying
-        (the vendor says the request itself is wrong), or None; a reason fails the request at once."""
+        (the vendor says the request itself is wrong), or None; a reason fails the request at once.
+        `tenant`: named in the retry lines of the log, which the daemon writes for every tenant."""
         # Imported here: the SDK-based connectors share this module but not `requests` (~30 ms of
         # every `dirpull sync` that starts a process).
         import requests
@@ -367,6 +376,7 @@ class HttpClient:
         self.retry_statuses = retry_statuses
         self.permanent = permanent
         self.requests = 0
+        self.tenant = tenant
 
     def close(self) -> None:
         self.session.close()
@@ -381,7 +391,10 @@ class HttpClient:
         # Throttling and outages show in the daemon's log as they happen, not only in the error of
         # a run that finally gives up (the last attempt fails the run instead).
         if attempt < self.policy.max_attempts:
-            log.warning("%s; retrying (attempt %d of %d)", what, attempt + 1, self.policy.max_attempts)
+            log.warning(
+                "%s%s; retrying (attempt %d of %d)", tenant_prefix(self.tenant), what, attempt + 1,
+                self.policy.max_attempts,
+            )
 
     def request(self, method: str, url: str, *, step: str, stream: bool = False, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)

@@ -67,6 +67,7 @@ from dirpull.connectors.http import (
     is_loopback_host,
     readable_body,
     redact_url,
+    tenant_prefix,
     transport_reason,
 )
 from dirpull.connectors.mapping import map_attributes, mapping_root, without
@@ -216,6 +217,7 @@ class Throttle:
     max_wait: float = 300.0
     backoff_base: float = 1.0
     sleep: Sleep = interruptible_async_sleep
+    tenant: str = ""  # named in the log's wait lines
     waited: float = 0.0
     waits: list[tuple[str, float]] = field(default_factory=list)
     # endpoint (`rate_endpoint`) → (limit, remaining, seconds from `observed_at` until the window
@@ -255,7 +257,7 @@ class Throttle:
         self.waited += seconds
         self.waits.append((why, seconds))
         # The operator watching the daemon sees throttling as it happens, not only in the run's notes.
-        log.log(level, "%s; waiting %.1fs", why, seconds)
+        log.log(level, "%s%s; waiting %.1fs", tenant_prefix(self.tenant), why, seconds)
         await self.sleep(seconds)
 
     async def pace(self, endpoint: str = "") -> None:
@@ -662,6 +664,7 @@ class OktaConnector(CountsRequests):
             max_wait=float(getattr(s, "max_rate_limit_wait", 300.0)),
             backoff_base=float(getattr(s, "backoff_base", 1.0)),
             sleep=self.sleep,
+            tenant=self.tenant,
         )
         self.last_throttle = throttle
         transport_cls = _transport_class()

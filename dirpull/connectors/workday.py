@@ -263,6 +263,7 @@ class WorkdayConnector(CountsRequests):
             auth=auth,
             retry_statuses=RETRIABLE_STATUSES,
             permanent=_client_fault,
+            tenant=self.tenant,
         )
         self._counting(lambda: client.requests)  # the pull's own, or the groups report's read ahead
         # Keep the last retried error body: when retries run out, the operator must see Workday's

@@ -954,3 +954,23 @@ def test_a_token_endpoint_that_cannot_be_reached_is_the_url_named(emu: GoogleEmu
     message = str(err.value)
     assert f"talking to {closed}/token" in message and "Connection refused" in message, message
     assert emu.base_url not in message and len(sleeps) == 1
+
+
+def test_a_run_held_after_an_attributes_change_says_the_change_may_be_the_cause(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any
+) -> None:
+    """Google keeps no cursor (every run is a full snapshot), and the settings a run was made under
+    were stored only beside a connector's cursor: a hold after an `attributes` path was mistyped
+    asked only about the scope and the admin's access, never about the operator's own edit."""
+    guard = {"max_percent": 10, "min_count": 5}
+    mapped = tenant(emu, tmp_path, attributes={"cost_center": "organizations[primary].costCenter"})
+    assert harness({"g1": mapped}, guard=guard).sync("g1").status == "succeeded"
+    typo = {**mapped, "attributes": {"cost_center": "organizations[primary].costCentre"}}
+    held = harness({"g1": typo}, guard=guard).sync("g1")
+    assert held.status == "held", held.error
+    assert (held.error or "").endswith(
+        "; the tenant's settings changed since its last applied sync: if this is what the change does, review with "
+        "`dirpull sync g1 --dry-run`, apply with `dirpull sync g1 --force`; if not, correct the settings"
+    ), held.error
+    again = harness({"g1": mapped}, guard=guard).sync("g1")
+    assert again.status == "succeeded" and again.events == 0, again.error

@@ -1306,3 +1306,24 @@ def test_a_password_in_the_report_url_query_is_not_shown_in_errors(emu: WorkdayE
     msg = str(info.value)
     assert msg.startswith("users report: HTTP 401 from http://") and "pwd=***&pass=***&sessionid=***" in msg, msg
     assert "hunter2" not in msg
+
+
+def test_a_run_held_after_a_fields_change_says_the_change_may_be_the_cause(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    """Workday keeps no cursor (every run reads the whole report), and the settings a run was made
+    under were stored only beside a connector's cursor: a hold after `fields` was pointed at another
+    column never said that the operator's own edit may be its cause (Okta's and BambooHR's did)."""
+    for n in sorted(org.people)[-10:]:  # a Termination_Date column filled for ten workers only
+        org.deactivate(n, termination_date="2020-01-31")
+    cfg = tenant(emu, tmp_path)
+    guard = {"max_percent": 10, "min_count": 5}
+    assert harness({"t1": cfg}, guard=guard).sync("t1").status == "succeeded"
+    remapped = {**cfg, "fields": {**(cfg.get("fields") or {}), "department": "Termination_Date"}}
+    held = harness({"t1": remapped}, guard=guard).sync("t1")
+    assert held.status == "held", held.error
+    assert "would empty department" in (held.error or "")
+    assert "the tenant's settings changed since its last applied sync" in (held.error or ""), held.error
+    # The settings put back: the next run is as before, nothing to apply, no hold.
+    again = harness({"t1": cfg}, guard=guard).sync("t1")
+    assert again.status == "succeeded" and again.events == 0, again.error

@@ -375,9 +375,12 @@ class Runner:
                 if settings_changed:
                     # The likelier cause then is the operator's own edit (an `attributes` path with a
                     # typo, a narrower filter), not the directory the reason asks about.
+                    # Google's own advice (the scope, the admin's access) is for a directory that
+                    # changed; every Google run is a full one already: no --full.
+                    mode = "incremental" if settings.provider == "google_workspace" else result.mode
                     next_steps = (
                         "the tenant's settings changed since its last applied sync: if this is what the change "
-                        f"does, {next_steps}; if not, correct the settings"
+                        f"does, {guard.next_steps(tenant, mode)}; if not, correct the settings"
                     )
                 result.error = f"held by the mass-change guard: {verdict.reason}; {next_steps}"
                 assert run_id is not None
@@ -764,11 +767,14 @@ def _split_cursor(value: dict[str, Any] | None) -> tuple[dict[str, Any] | None, 
     if not isinstance(value, dict) or SETTINGS_KEY not in value:
         return value, None
     rest = {k: v for k, v in value.items() if k != SETTINGS_KEY}
-    return rest, value[SETTINGS_KEY]
+    return rest or None, value[SETTINGS_KEY]  # only the digest: a connector without a cursor
 
 
-def _with_settings(cursor: dict[str, Any] | None, settings_digest: str) -> dict[str, Any] | None:
-    return None if cursor is None else {**cursor, SETTINGS_KEY: settings_digest}
+def _with_settings(cursor: dict[str, Any] | None, settings_digest: str) -> dict[str, Any]:
+    # Kept for a connector without a cursor too (Google, Workday: every run a full snapshot).
+    # Without it a hold after a settings change there (Workday's `fields.active` pointed at
+    # another column) never said that the change may be its cause.
+    return {**(cursor or {}), SETTINGS_KEY: settings_digest}
 
 
 def _vendor_refused(exc: BaseException | None) -> bool:

@@ -989,3 +989,25 @@ def test_a_sqlite_commit_is_on_disk_when_it_returns(tmp_path):
             assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
     finally:
         st.close()
+
+
+def test_a_sqlite_write_lock_held_past_the_wait_is_named_in_the_error(tmp_path):
+    """SQLite's own "database is locked" does not say that dirpull waited, how long, or for what:
+    an operator seeing it after a 30 s stall could take the store for broken."""
+    import sqlite3
+
+    path = tmp_path / "s.db"
+    st = Store(f"sqlite:///{path}", connect_timeout=0.1)
+    other = sqlite3.connect(path, timeout=1, isolation_level=None)
+    try:
+        st.upgrade()
+        other.execute("BEGIN IMMEDIATE")  # another process's sync holding the write lock
+        with pytest.raises(store_module.StoreUnavailable) as err:
+            st.ensure_tenant("acme", "okta")
+        message = str(err.value)
+        assert "database is locked" in message
+        assert "another process" in message and "write lock for over 0.3s" in message, message
+        assert "connect_timeout" in message
+    finally:
+        other.close()
+        st.close()

@@ -213,7 +213,12 @@ class Store:
         self.connect_timeout = connect_timeout
         self.engine = _make_engine(url, pool_size=pool_size, connect_timeout=connect_timeout)
         self.dialect = self.engine.dialect.name
-        _one_line_errors(self.engine, self.safe_url)
+        _one_line_errors(self.engine, self.safe_url, lock_wait=self._lock_wait)
+
+    @property
+    def _lock_wait(self) -> float | None:
+        """How long a SQLite statement waits for another process's write lock (`_make_engine`)."""
+        return self.connect_timeout * 3 if self.dialect == "sqlite" else None
 
     def _now(self, conn: Connection) -> datetime:
         """Lease times come from the database's clock on PostgreSQL, so the workers' machines may
@@ -305,7 +310,7 @@ class Store:
         if self.dialect != "sqlite":
             return self.engine
         engine = _make_engine(self.url, pool_size=1, connect_timeout=self.connect_timeout, migrating=True)
-        _one_line_errors(engine, self.safe_url)
+        _one_line_errors(engine, self.safe_url, lock_wait=self._lock_wait)
         return engine
 
     def ensure_schema(self, *, create_if_empty: bool = True) -> None:
@@ -1315,9 +1320,10 @@ def failed_statement(exc: BaseException) -> tuple[str, str] | None:
     return f"{type(exc).__name__}: {_first_line(exc)}", str(exc.statement or "")
 
 
-def _one_line_errors(engine: Engine, safe_url: str) -> None:
+def _one_line_errors(engine: Engine, safe_url: str, *, lock_wait: float | None = None) -> None:
     """Connection and database failures become one StoreUnavailable line naming the store (host and
-    port, password hidden), instead of a driver traceback with the SQL and its parameters."""
+    port, password hidden), instead of a driver traceback with the SQL and its parameters.
+    `lock_wait`: a SQLite store's wait for the write lock, named when it ran out."""
 
     @sa.event.listens_for(engine, "handle_error")
     def _handle(ctx: sa.engine.ExceptionContext) -> BaseException | None:
@@ -1334,8 +1340,13 @@ def _one_line_errors(engine: Engine, safe_url: str) -> None:
             what = "lost the connection"
         else:
             what = "database error"
+        detail = _first_line(ctx.original_exception)
+        if lock_wait is not None and detail == "database is locked":
+            # SQLite's words alone do not say that it waited, how long, or for whom.
+            detail += (f": another process (a sync, `dirpull db upgrade`, a tool with the file open) held"
+                       f" the store's write lock for over {lock_wait:g}s, 3 × [store] connect_timeout")  # fmt: skip
         return StoreUnavailable(
-            f"store {safe_url}: {what} ({_first_line(ctx.original_exception)})",
+            f"store {safe_url}: {what} ({detail})",
             lost_connection=ctx.connection is not None and ctx.is_disconnect,
         )
 

@@ -1882,3 +1882,16 @@ def test_a_command_on_a_sqlite_store_does_not_load_postgresqls_dialect(tmp_path)
     out = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_python_dash_m_dirpull_is_the_dirpull_command(tmp_path):
+    """Where the `dirpull` script is not on PATH (a container's system Python, a venv not
+    activated), `python -m dirpull` runs the same CLI, exit codes included."""
+    env = {**os.environ, "DIRPULL_CONFIG": str(tmp_path / "missing.toml")}
+    shown = subprocess.run([sys.executable, "-m", "dirpull", "--help"], capture_output=True, text=True,
+                           timeout=60, env=env)  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "python -m dirpull" in shown.stdout and "sync" in shown.stdout
+    wrong = subprocess.run([sys.executable, "-m", "dirpull", "sink"], capture_output=True, text=True,
+                           timeout=60, env=env)  # fmt: skip
+    assert wrong.returncode == 2 and "No such command 'sink'" in wrong.stderr, wrong.stderr

@@ -290,6 +290,22 @@ def test_tabs_and_line_breaks_in_values_keep_the_tables_one_row_each(env, store_
     assert "Head of\tPeople\nand Culture" in titles
 
 
+def test_an_argument_that_is_not_utf8_is_an_unknown_tenant_user_or_group_not_a_traceback(env):
+    """A tenant, --group or --user typed in a Latin-1 terminal ("\xc9quipe") reaches dirpull
+    holding a lone surrogate, which neither store's driver can send: every query command ended
+    in a UnicodeEncodeError traceback instead of saying there is no such tenant, group or user."""
+    assert run(env, "sync", "hr").exit_code == 0
+    latin1 = "\udcc9quipe"  # b"\xc9quipe" as Python decodes a command line that is not UTF-8
+    for command in ("users", "groups", "events", "runs"):
+        r = run(env, command, latin1)
+        assert r.exit_code == 2, (command, r.stdout + r.stderr)
+        assert r.stderr.startswith("dirpull: unknown tenant") and len(r.stderr.splitlines()) == 1
+    for command, option in (("users", "--group"), ("groups", "--user")):
+        r = run(env, command, "hr", option, latin1, "--json")
+        assert r.exit_code == 0 and r.stdout == "", (command, r.stdout + r.stderr)
+        assert r.stderr.startswith(f"dirpull: no {option[2:]} ") and len(r.stderr.splitlines()) == 1
+
+
 def test_a_stdout_that_is_not_utf8_gets_escaped_json_and_tables_without_a_traceback(env):
     """With PYTHONIOENCODING=latin-1 (or a Latin-1 locale), a name in another script raised
     UnicodeEncodeError halfway through `users --json`, and the tables likewise."""

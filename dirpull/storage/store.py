@@ -367,6 +367,8 @@ class Store:
                 conn.execute(t.tenants.update().where(t.tenants.c.id == tenant).values(provider=provider))
 
     def tenant_exists(self, tenant: str) -> bool:
+        if not self._could_be_stored(tenant):
+            return False
         with self.engine.connect() as conn:
             return conn.execute(sa.select(t.tenants.c.id).where(t.tenants.c.id == tenant)).first() is not None
 
@@ -955,6 +957,8 @@ class Store:
     def _find(
         self, table: sa.Table, names: Sequence[str], others: Sequence[str], tenant: str, key: str
     ) -> list[dict[str, Any]]:
+        if not (self._could_be_stored(tenant) and self._could_be_stored(key)):
+            return []
         q = sa.select(*[table.c[n] for n in names]).where(table.c.tenant == tenant)
         with self.engine.connect() as conn:
             # The primary key: a query given a right id costs one index lookup.
@@ -967,6 +971,18 @@ class Store:
             lowered = sa.func.lower(key)
             alike = sa.or_(*[sa.func.lower(table.c[n]) == lowered for n in ("idp_id", *others)])
             return [dict(r) for r in conn.execute(q.where(alike).order_by(table.c.idp_id).limit(2)).mappings()]
+
+    def _could_be_stored(self, key: str) -> bool:
+        """Whether `key` (an id an operator typed) can name anything in the store. A command-line
+        argument that is not UTF-8 (typed in a Latin-1 terminal) reaches Python holding lone
+        surrogates, which neither driver can send: the query commands ended in a traceback instead
+        of saying there is no such tenant, user or group. Stored text never holds one (replaced on
+        the way in), nor, on PostgreSQL, a NUL."""
+        try:
+            key.encode()
+        except UnicodeEncodeError:
+            return False
+        return self.dialect != "postgresql" or "\x00" not in key
 
     def iter_events(self, tenant: str | None, *, after: int = 0, limit: int | None = None) -> Iterator[dict[str, Any]]:
         e = t.events

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import requests
+from redirects import redirecting
 
 from dirpull.config import BambooHRTenant
 from dirpull.connectors.bamboohr import BambooHRConnector, build
@@ -250,6 +251,15 @@ def test_refused_key_fails_with_a_clear_message_without_the_key(emu: BambooHREmu
     assert ("HTTP 403" in msg and "not permitted" in msg) if not permitted else ("HTTP 401" in msg)
     assert "acme" in msg
     assert SECRET not in msg and "wrong-key-also-secret" not in msg and SECRET not in repr(info.value)
+
+
+def test_an_api_url_redirecting_to_another_host_is_not_followed(emu: BambooHREmulator) -> None:
+    # requests drops the key there, and the other host's 401 read as "the API key was refused".
+    with redirecting(308) as servers, pytest.raises(ConnectorError) as info:
+        pull(connector(emu, api_url=f"{servers.redirector}/api/gateway.php"))
+    assert servers.seen == [] and not isinstance(info.value, AuthError)
+    assert f"HTTP 308 from {servers.redirector}/api/gateway.php/acme/v1/" in str(info.value)
+    assert f"redirects to another host ({servers.foreign}/api/gateway.php/acme/v1/" in str(info.value)
 
 
 def test_rows_without_an_id_or_status_are_quarantined(emu: BambooHREmulator) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redirects import redirecting
 
 from dirpull.config import WorkdayTenant
 from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page
@@ -540,6 +541,33 @@ def test_a_token_answer_without_access_token_quotes_only_the_oauth_error(
         list(connector(oauth_tenant(emu, tmp_path)).pull(None, full=False))
     assert str(info.value).endswith("invalid_request – bad token …")
     assert emu.requests == 3  # no report was asked for without a token
+
+
+@pytest.mark.parametrize("status", [307, 308, 302])
+def test_a_token_endpoint_redirecting_to_another_host_gets_no_refresh_token_there(
+    emu: WorkdayEmulator, tmp_path: Path, status: int
+) -> None:
+    # A 307/308 makes requests send the form again: the refresh token went to the other host, and
+    # its 401 was reported as Workday refusing the credentials at the configured token_url.
+    with redirecting(status) as servers:
+        cfg = oauth_tenant(emu, tmp_path)
+        cfg["token_url"] = f"{servers.redirector}/ccx/oauth2/acme/token"
+        with pytest.raises(ConnectorError) as info:
+            list(connector(cfg).pull(None, full=False))
+    assert servers.seen == []
+    msg = str(info.value)
+    assert f"HTTP {status} from {servers.redirector}/ccx/oauth2/acme/token redirects to another host" in msg
+    assert f"({servers.foreign}/ccx/oauth2/acme/token)" in msg and "not following it" in msg
+    assert emu.refresh_token not in msg
+
+
+def test_a_report_redirecting_to_another_host_is_not_followed(emu: WorkdayEmulator, tmp_path: Path) -> None:
+    with redirecting(302) as servers:
+        cfg = tenant(emu, tmp_path, users_report_url=f"{servers.redirector}/ccx/service/customreport2/acme/R")
+        with pytest.raises(ConnectorError, match=r"^users report: HTTP 302 from .* redirects to another host") as info:
+            list(connector(cfg).pull(None, full=False))
+    assert servers.seen == [] and not info.value.retriable
+    assert "credentials refused" not in str(info.value)
 
 
 # --- sync level ------------------------------------------------------------------------------------

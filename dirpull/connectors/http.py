@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 from dirpull.connectors.base import AuthError, ConnectorError
 
@@ -343,6 +343,43 @@ def body_opening(body: bytes | str, limit: int = 200) -> str:
 _ROWS_OPENING = re.compile(rb'\{\s*"[^"\\]{0,100}"\s*:\s*\[')
 
 
+class ForeignRedirect(ConnectorError):
+    """A vendor answered with a redirect to another host, scheme or port than the one configured."""
+
+
+def _same_origin_session() -> requests.Session:
+    """A `requests` session that follows a redirect only within the URL's own origin.
+
+    Left to itself, requests follows a 307/308 to any host and sends the request body again: a
+    token endpoint's redirect carried the refresh token (and a report's, its prompts) to a host
+    nobody configured. It drops the Authorization header there, so the other host's 401 was then
+    reported as "credentials refused" at the configured URL, which sent the operator to check a
+    password that was right. Refused instead, naming where the vendor pointed: an operator who
+    trusts the new location sets it in the configuration."""
+    import requests
+
+    class _Session(requests.Session):
+        def get_redirect_target(self, resp: requests.Response) -> str | None:
+            target = super().get_redirect_target(resp)
+            if target is None:
+                return None
+            # As resolve_redirects reads it: scheme-relative (`//host/…`) or relative to the answer.
+            absolute = urljoin(resp.url, f"{urlsplit(resp.url).scheme}:{target}" if target.startswith("//") else target)
+            # requests' own test of "credentials do not go there" (another host or port, https→http).
+            if self.should_strip_auth(resp.url, absolute):
+                resp.close()
+                raise ForeignRedirect(
+                    f"HTTP {resp.status_code} from {redact_url(resp.url)} redirects to another host "
+                    f"({redact_url(absolute)}); not following it with the tenant's credentials (if that "
+                    f"is the vendor's new address, put it in the configuration)",
+                    retriable=False,
+                    status=resp.status_code,
+                )
+            return target
+
+    return _Session()
+
+
 class HttpClient:
     """A `requests` session with the shared policy: timeouts, retries, classification, counting."""
 
@@ -367,7 +404,7 @@ class HttpClient:
         # A connection cut while the body is read (a non-streamed response) is as transient as one
         # cut before the status line: retried, and reported with the step and URL if it persists.
         self._transient = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
-        self.session = requests.Session()
+        self.session = _same_origin_session()
         if headers:
             self.session.headers.update(headers)
         self.session.auth = auth
@@ -404,6 +441,8 @@ class HttpClient:
             self.requests += 1
             try:
                 resp = self.session.request(method, url, stream=stream, **kwargs)
+            except ForeignRedirect as exc:
+                raise ConnectorError(f"{step}: {exc}", retriable=False, step=step, status=exc.status) from None
             except self._transient as exc:
                 what = f"{step}: {transport_reason(exc)} on {method} {redact_url(url)}"
                 self._retrying(what, attempt)

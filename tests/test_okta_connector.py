@@ -24,6 +24,7 @@ from urllib.parse import parse_qs, parse_qsl, urlencode, urlsplit
 
 import pytest
 import requests
+from redirects import redirecting
 
 from dirpull.config import MIN_CURSOR_HOLDBACK, ConfigError, OktaTenant, parse_config
 from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page
@@ -1404,6 +1405,27 @@ def oauth_app(emu: OktaEmulator, tmp_path: Path) -> dict[str, Any]:
         "client_id": "0oadirpull",
         "private_key": f"file:{tmp_path / 'okta.pem'}",
     }
+
+
+@pytest.mark.parametrize("status", [307, 302])
+@pytest.mark.parametrize("auth", ["api_token", "oauth"])
+def test_an_org_url_redirecting_to_another_host_gets_no_credentials_there(
+    emu: OktaEmulator, tmp_path: Path, auth: str, status: int
+) -> None:
+    # aiohttp drops the Authorization header there, but a 307 sent the token request's form again
+    # (a client_assertion the other host could trade for a token), and the other host's 401 read
+    # as Okta refusing the api_token at the org URL.
+    with redirecting(status) as servers:
+        cfg = tenant(emu, tmp_path) if auth == "api_token" else oauth_app(emu, tmp_path)
+        cfg["org_url"] = servers.redirector
+        with pytest.raises(ConnectorError) as info:
+            pull(connector(cfg))
+    assert servers.seen == []
+    msg = str(info.value)
+    path = "/api/v1/users?" if auth == "api_token" else "/oauth2/v1/token"
+    assert msg.startswith(f"list users: HTTP {status} from {servers.redirector}{path}")
+    assert f"redirects to another host ({servers.foreign}{path}" in msg and "set org_url" in msg
+    assert not isinstance(info.value, AuthError) and "check api_token" not in msg
 
 
 def test_oauth_service_app_private_key_jwt(emu: OktaEmulator, tmp_path: Path) -> None:

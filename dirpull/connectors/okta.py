@@ -475,7 +475,9 @@ class _Sdk:
     async def __aenter__(self) -> _Sdk:
         import aiohttp
 
-        self._session = aiohttp.ClientSession()
+        trace = aiohttp.TraceConfig()
+        trace.on_request_redirect.append(_refuse_foreign_redirect)
+        self._session = aiohttp.ClientSession(trace_configs=[trace])
         self.executor.set_session(self._session)
         return self
 
@@ -515,6 +517,34 @@ class _Sdk:
             return error
         _, _resp, _body, error = await executor.fire_request_helper(request, 0, time.time())
         return error
+
+
+async def _refuse_foreign_redirect(_session: Any, _context: Any, params: Any) -> None:
+    """aiohttp's `on_request_redirect`, before it follows one: a redirect to another origin than
+    the request's is refused. aiohttp drops the Authorization header there but sends a POST's form
+    again on 307/308: the token request's signed client_assertion, which the other host could
+    trade for an access token. Followed, a GET met the other host's 401, reported as Okta refusing
+    the api_token at the org URL."""
+    from yarl import URL
+
+    resp = params.response
+    location = resp.headers.get("Location") or resp.headers.get("URI")
+    if location is None:
+        return  # aiohttp hands the 3xx back as it is
+    try:
+        target = params.url.join(URL(location))
+        foreign = target.origin() != params.url.origin()
+    except ValueError:
+        return  # aiohttp refuses it with its own error
+    if foreign:
+        resp.close()
+        raise ConnectorError(
+            f"HTTP {resp.status} from {redact_url(str(params.url))} redirects to another host "
+            f"({redact_url(str(target))}); not following it with the tenant's credentials (if that is "
+            f"the org's new address, set org_url to it)",
+            retriable=False,
+            status=resp.status,
+        )
 
 
 def _sdk(org_url: str, allow_http: bool, auth: dict[str, Any], transport: Callable[[dict[str, Any]], Any]) -> _Sdk:

@@ -4,6 +4,7 @@ Done) and sync-level runs through the real store (tests/harness.py)."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from redirects import redirecting
 
 from dirpull.config import GoogleTenant
 from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page
@@ -974,3 +976,36 @@ def test_a_run_held_after_an_attributes_change_says_the_change_may_be_the_cause(
     ), held.error
     again = harness({"g1": mapped}, guard=guard).sync("g1")
     assert again.status == "succeeded" and again.events == 0, again.error
+
+
+def test_a_token_endpoint_redirecting_to_another_host_gets_no_signed_grant_there(
+    emu: GoogleEmulator, tmp_path: Path
+) -> None:
+    # httplib2 sends a POST's body again on 308: the signed grant, which the other host could
+    # trade for an access token to the whole directory.
+    with redirecting(308) as servers:
+        cfg = tenant(emu, tmp_path)
+        path = Path(cfg["credentials_file"][5:])
+        path.write_text(json.dumps({**json.loads(path.read_text()), "token_uri": f"{servers.redirector}/token"}))
+        c = build("g1", GoogleTenant.model_validate(cfg), policy=RetryPolicy(max_attempts=2, sleep=Sleeps()))
+        with pytest.raises(ConnectorError) as err:
+            list(c.pull(None, full=False))
+    assert servers.seen == []
+    assert str(err.value).startswith(
+        f"users.list: the answer from {servers.redirector}/token redirects to another host ({servers.foreign}/token)"
+    )
+    assert not err.value.retriable
+
+
+@pytest.mark.parametrize("status", [302, 307])
+def test_an_api_url_redirecting_to_another_host_is_not_followed(
+    emu: GoogleEmulator, tmp_path: Path, status: int
+) -> None:
+    # httplib2 drops the bearer token there: the other host's 401 read as a refused delegation.
+    with redirecting(status) as servers:
+        sleeps = Sleeps()
+        with pytest.raises(ConnectorError) as err:
+            pull(connector(emu, tmp_path, sleeps, api_url=servers.redirector))
+    assert servers.seen == [] and sleeps == [] and not isinstance(err.value, AuthError)
+    assert f"from {servers.redirector}/admin/directory/v1/users?" in str(err.value)
+    assert f"redirects to another host ({servers.foreign}/admin/directory/v1/users?" in str(err.value)

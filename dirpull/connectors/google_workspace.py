@@ -41,6 +41,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from sys import intern
 from typing import Any
+from urllib.parse import urlsplit
 
 import httplib2
 from googleapiclient.model import JsonModel
@@ -110,14 +111,32 @@ class _CountingHttp(httplib2.Http):
         # The status of the last token request (the only POST): google-auth's RefreshError does not
         # carry it, and tells no 502 from a refusal of the grant.
         self.token_status: int | None = None
+        # The URL whose answer is being handled: httplib2 follows a redirect by calling `request`
+        # again from inside it, so a request made while this is set is a redirect of it.
+        self._redirected_from: str | None = None
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
+        uri = str(kwargs.get("uri") or (args[0] if args else ""))
+        origin = self._redirected_from
+        if origin is not None and _origin(uri) != _origin(origin):
+            # httplib2 drops the Authorization header there, but sends a POST's body again on 308:
+            # the token request's signed grant, which the other host could trade for a token. A
+            # GET's 401 there read as a refused delegation at api_url.
+            raise _ForeignRedirect(
+                f"the answer from {redact_url(origin)} redirects to another host ({redact_url(uri)}); not "
+                f"following it with the service account's credentials (if that is the right address, "
+                f"put it in the configuration: api_url, or the key file's token_uri)"
+            )
         self._counter.add()
-        self.last_uri = str(kwargs.get("uri") or (args[0] if args else ""))
+        self.last_uri = uri
         method = kwargs.get("method") or (args[1] if len(args) > 1 else "GET")
         if method == "POST":
             self.token_status = None  # unknown until answered (a connection that fails)
-        resp, content = super().request(*args, **kwargs)
+        self._redirected_from = uri
+        try:
+            resp, content = super().request(*args, **kwargs)
+        finally:
+            self._redirected_from = origin
         # The only POST is google-auth's token request. Its 200 answer that is not a JSON object
         # (a proxy's page, a cut body) would surface as google-auth's bare TypeError.
         if method == "POST":
@@ -132,6 +151,15 @@ class _CountingHttp(httplib2.Http):
                 raise _BadTokenAnswer(f"the token endpoint answered 200 with a body that is not a JSON object "
                                       f"({ctype}, {len(content or b'')} bytes)")  # fmt: skip
         return resp, content
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), (parts.hostname or "").lower(), parts.port
+
+
+class _ForeignRedirect(Exception):
+    pass
 
 
 class _BadTokenAnswer(Exception):
@@ -413,6 +441,8 @@ class _Session:
                 raise AuthError(
                     f"{step}: the token endpoint refused the service-account grant: {detail[:200]}{hint}", step=step
                 ) from None
+            except _ForeignRedirect as exc:
+                raise ConnectorError(f"{step}: {exc}", retriable=False, step=step) from None
             except _BadTokenAnswer as exc:
                 what = f"{step}: {exc}"
                 log.warning("%s%s; retrying (attempt %d)", tenant_prefix(self.tenant), what, attempt)

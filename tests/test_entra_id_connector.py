@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import requests
 from loopback_tls import self_signed_pem
+from redirects import redirecting
 
 from dirpull.config import parse_config
 from dirpull.connectors.base import AuthError, ConnectorError, Done, Page
@@ -239,6 +240,28 @@ def test_a_request_runs_no_import_that_fails(
     pull(c, full=True)
     assert graph.requests - before >= 10
     assert failed.names == []
+
+
+@pytest.mark.parametrize("status", [307, 302])
+def test_a_graph_or_login_url_redirecting_to_another_host_is_not_followed(
+    graph: GraphEmulator, tmp_path: Path, status: int
+) -> None:
+    # kiota drops the bearer token there: the other host's 401 cost a second token and read as
+    # Graph refusing the app at graph_url; the token endpoint's redirect read as an answer
+    # "without an access_token".
+    with redirecting(status) as servers:
+        with pytest.raises(ConnectorError) as err:
+            pull(connector(graph, tmp_path, graph_url=f"{servers.redirector}/v1.0"))
+        api = str(err.value)
+        with pytest.raises(ConnectorError) as err:
+            pull(connector(graph, tmp_path, login_url=servers.redirector))
+        token = str(err.value)
+    assert servers.seen == []
+    assert f"delta: the answer from {servers.redirector}/v1.0/" in api and not isinstance(err.value, AuthError)
+    assert f"redirects to another host ({servers.foreign}/v1.0/" in api and graph.tokens_issued == 1
+    path = f"/{graph.tenant_id}/oauth2/v2.0/token"
+    assert token.startswith(f"HTTP {status} from {servers.redirector}{path} redirects to another host")
+    assert f"({servers.foreign}{path})" in token and "login_url" in token
 
 
 def test_token_refresh_after_expiry(graph: GraphEmulator, org: Org, tmp_path: Path) -> None:

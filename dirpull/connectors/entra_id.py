@@ -50,7 +50,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from sys import intern
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import httpx
 
@@ -125,6 +125,31 @@ class _Resync(Exception):
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme.lower(), parts.netloc.lower()
+
+
+class _ForeignRedirect(Exception):
+    pass
+
+
+def _redirect_refusal(url: str, status: int | None, location: str | None) -> str:
+    answer = f"HTTP {status}" if status else "the answer"
+    target = urljoin(url, location or "")
+    where = "another host" if _origin(target) != _origin(url) else "another URL"
+    return (
+        f"{answer} from {redact_url(url)} redirects to {where} ({redact_url(target)}); not following it with "
+        f"the tenant's credentials (if that is the right address, set login_url / graph_url to it)"
+    )
+
+
+def _refuse_foreign_redirect(request: httpx.Request, original: httpx.URL) -> None:
+    """kiota's RedirectHandler hook, before it follows a redirect: one to another origin is refused.
+    kiota drops the bearer token there, so the other host's 401 cost a new token and then read as
+    Graph refusing the app's permissions at graph_url."""
+    from kiota_http.middleware.options.redirect_handler_option import default_scrub_sensitive_headers
+
+    if _origin(str(request.url)) != _origin(str(original)):
+        raise _ForeignRedirect(_redirect_refusal(str(original), None, str(request.url)))
+    default_scrub_sensitive_headers(request, original)
 
 
 # --- normalization ------------------------------------------------------------------------------
@@ -295,6 +320,11 @@ class ClientCredentialsProvider:
         if resp.status_code >= 400:
             raise ConnectorError(f"token request to {redact_url(self._token_url)}: HTTP {resp.status_code}",
                                  retriable=resp.status_code >= 500, step="token")  # fmt: skip
+        if resp.is_redirect:
+            # Not followed (httpx's default): the form holds the client secret. Said as such, not
+            # as "answered without an access_token".
+            raise ConnectorError(_redirect_refusal(self._token_url, resp.status_code, resp.headers.get("Location")),
+                                 retriable=False, step="token")  # fmt: skip
         try:
             body = resp.json()
             token, lifetime = body["access_token"], float(body.get("expires_in", 3599))
@@ -342,6 +372,7 @@ class _Session:
                  scope: str, tenant: str = "") -> None:  # fmt: skip
         from kiota_abstractions.authentication import BaseBearerTokenAuthenticationProvider
         from kiota_http.middleware import ParametersNameDecodingHandler, RedirectHandler, UserAgentHandler
+        from kiota_http.middleware.options import RedirectHandlerOption
         from msgraph import GraphRequestAdapter, GraphServiceClient
         from msgraph.graph_request_adapter import options as graph_default_options
         from msgraph_core import GraphClientFactory
@@ -360,7 +391,8 @@ class _Session:
         # and the two inspection handlers (hooks for callers that read raw headers and bodies).
         # They cost ~0.25 ms per request on the event-loop thread, which every page waits for.
         telemetry = _telemetry_handler_class()(options=graph_default_options[GraphTelemetryHandlerOption.get_key()])
-        middleware = [RedirectHandler(), ParametersNameDecodingHandler(), UserAgentHandler(), telemetry]
+        redirects = RedirectHandlerOption(scrub_sensitive_headers=_refuse_foreign_redirect)
+        middleware = [RedirectHandler(redirects), ParametersNameDecodingHandler(), UserAgentHandler(), telemetry]
         self._http = GraphClientFactory.create_with_custom_middleware(
             middleware, client=httpx.AsyncClient(timeout=timeout, verify=tls)
         )
@@ -461,6 +493,8 @@ class _Session:
                     continue
                 raise ConnectorError(f"{what}: {code} {message}".strip(), retriable=status >= 500, status=status,
                                      step=step) from None  # fmt: skip
+            except _ForeignRedirect as exc:
+                raise ConnectorError(f"{step}: {exc}", retriable=False, step=step) from None
             except httpx.TransportError as exc:
                 await self._wait(attempt, None, what=f"{step}: {transport_reason(exc)} on GET {redact_url(url)}",
                                  step=step)  # fmt: skip

@@ -194,6 +194,25 @@ def test_a_certificate_that_does_not_verify_is_named_in_the_error(
     assert served == []  # nothing was sent over a connection that did not verify
 
 
+@pytest.mark.parametrize("provider", ["bamboohr", "workday", "google_workspace"])
+def test_the_ca_bundle_named_by_ssl_cert_file_is_trusted(
+    provider: str, serve: Callable[..., str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SSL_CERT_FILE, the CA setting docs/providers/entra_id.md gives and the Entra and Okta
+    connectors honour (their HTTP libraries read it), was ignored by requests and httplib2: behind
+    a TLS-inspecting proxy with its root in that file, Workday, BambooHR and Google kept failing
+    with "certificate verify failed". (Their own variables, set, still win.)"""
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTPLIB2_CA_CERTS", "SSL_CERT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    served: list[str] = []
+    handler = type("Handler", (_Recorder,), {"served": served})
+    base = serve(handler, True)
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "server.pem"))  # the server's own certificate
+    message = run_error(provider, base, tmp_path)
+    assert "certificate" not in message and "HTTP 500" in message, message
+    assert served
+
+
 class _RefusingProxy(http.server.BaseHTTPRequestHandler):
     """A corporate proxy that does not allow the tunnel."""
 

@@ -33,6 +33,7 @@ import functools
 import http.client
 import json
 import logging
+import os
 import queue
 import tempfile
 import threading
@@ -58,6 +59,7 @@ from dirpull.connectors.base import (
 from dirpull.connectors.http import (
     PagingGuard,
     RetryPolicy,
+    env_ca_file,
     redact_url,
     tenant_prefix,
     transport_reason,
@@ -103,7 +105,10 @@ class _CountingHttp(httplib2.Http):
     """httplib2 with a shared request counter (API calls, retries and token requests)."""
 
     def __init__(self, counter: _Counter, timeout: float) -> None:
-        super().__init__(timeout=timeout)
+        # httplib2 reads certifi's bundle, or HTTPLIB2_CA_CERTS; SSL_CERT_FILE as the other
+        # connectors do when only that is set (connectors.http.env_ca_file).
+        ca = None if os.environ.get("HTTPLIB2_CA_CERTS") else env_ca_file()
+        super().__init__(timeout=timeout, ca_certs=ca)
         self._counter = counter
         # The URL of the request last sent (one instance per thread): a connection that fails may
         # be the token endpoint's (the key file's token_uri, another host than api_url).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import email.utils
 import logging
+import os
 import random
 import re
 import threading
@@ -46,6 +47,16 @@ def redact_url(url: str) -> str:
         safe="*$:,",
     )
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def env_ca_file() -> str | None:
+    """The CA bundle named by `SSL_CERT_FILE` (OpenSSL's variable), if set.
+
+    httpx (Entra) and aiohttp (Okta) verify against it by themselves; requests (Workday, BambooHR)
+    and httplib2 (Google) read only certifi's bundle (or their own variables), so an operator
+    behind a TLS-inspecting proxy who set it, as docs/providers/entra_id.md says, saw those three
+    fail with "certificate verify failed" while the other two worked."""
+    return os.environ.get("SSL_CERT_FILE") or None
 
 
 def is_loopback_host(host: str | None) -> bool:
@@ -405,6 +416,8 @@ class HttpClient:
         # cut before the status line: retried, and reported with the step and URL if it persists.
         self._transient = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
         self.session = _same_origin_session()
+        # REQUESTS_CA_BUNDLE, if set, still wins (requests reads it at each request).
+        self.session.verify = env_ca_file() or os.environ.get("SSL_CERT_DIR") or True
         if headers:
             self.session.headers.update(headers)
         self.session.auth = auth

@@ -300,3 +300,49 @@ def test_credentials_bound_for_another_host_over_plain_http_are_warned_of(
     for key, message in zip(keys, warned, strict=True):
         assert message.startswith(f"tenant t1: {key} http://sso.example.test"), message
         assert message.endswith("is plain http: credentials travel unencrypted") and SECRET not in message
+
+
+class _EchoingGateway(http.server.BaseHTTPRequestHandler):
+    """A gateway whose error page shows the request it refused, headers included (a debugging
+    page, some WAFs): the Authorization header holds the credentials."""
+
+    def _any(self) -> None:
+        shown = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in self.headers.items())
+        body = f"<html><body><h1>400 Bad Request</h1><table>{shown}</table></body></html>".encode()
+        self.send_response(400)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _any
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("provider", ["workday", "bamboohr"])
+def test_a_page_echoing_the_authorization_header_is_quoted_without_the_credentials(
+    provider: str, serve: Callable[..., str], harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Basic auth is the password (BambooHR: the API key) in base64: masking the configured secret
+    left its base64 in the run's error and `dirpull runs` (and in retry warnings quoting a page)."""
+    import base64
+
+    base = serve(_EchoingGateway, False)
+    if provider == "workday":
+        tenant = {"provider": provider, "username": "isu", "password": SECRET,
+                  "users_report_url": f"{base}/ccx/service/customreport2/acme/ISU/Workers?format=json"}  # fmt: skip
+        encoded = base64.b64encode(f"isu:{SECRET}".encode()).decode()
+    else:
+        tenant = {"provider": provider, "company_domain": "acme", "api_key": SECRET,
+                  "api_url": f"{base}/api/gateway.php"}  # fmt: skip
+        encoded = base64.b64encode(f"{SECRET}:x".encode()).decode()
+    # The same settings, built by this module's `connector` (one retry, no waiting).
+    h = harness({"t1": tenant}, connector_factory=lambda name, settings: connector(provider, base, Path("."), []))
+    with caplog.at_level("WARNING"):
+        result = h.sync("t1")
+    stored = h.store.runs("t1")[0]["error"]
+    assert result.status == "failed" and "Authorization Basic ***" in stored, stored
+    for text in (result.error, stored, caplog.text):
+        assert encoded not in text and SECRET not in text

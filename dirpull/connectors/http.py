@@ -329,13 +329,37 @@ class PagingGuard:
         self._seen.add(cursor)
 
 
+# Credentials in the forms a page that echoes the request shows them, whatever their value: an
+# Authorization header's (Basic is the username and password in base64: Workday's, BambooHR's API
+# key; Bearer an access token got during the run), a JWT (a signed grant or assertion, an access
+# token), a token or password field of a form or JSON body. The value must look like one (12+
+# characters, a digit or base64's +/=) so "Basic authentication failed" stays as the vendor said it.
+_AUTH_VALUE = re.compile(r"\b(Basic|Bearer|SSWS|DPoP)(\s+)(?=[\w+/=.~-]*[0-9+/=])[\w+/=.~-]{12,}", re.I)
+_JWT = re.compile(r"\beyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]*")
+_TOKEN_FIELD = re.compile(
+    r"""((?:access_token|refresh_token|id_token|client_secret|client_assertion|assertion|password)["']?\s*[=:]\s*["']?)"""
+    r"""[^"'&\s,;}]{8,}""",
+    re.I,
+)
+
+
+def mask_credentials(text: str) -> str:
+    """`text` (a vendor's error page, an exception's message) with credentials it quotes as `***`:
+    a proxy's or a gateway's error page may echo the request it refused, headers and form included.
+    The tenant's configured secrets are masked besides (sync.runner); these are the ones no
+    setting holds: tokens got during the run, and the base64 of a basic-auth password."""
+    text = _AUTH_VALUE.sub(r"\1\2***", text)
+    text = _JWT.sub("***", text)
+    return _TOKEN_FIELD.sub(r"\1***", text)
+
+
 def readable_body(body: bytes | str, limit: int = 300) -> str:
-    """A short, single-line rendering of an error body (JSON, XML or HTML)."""
+    """A short, single-line rendering of an error body (JSON, XML or HTML), without credentials."""
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     if "<" in text and ">" in text:
         text = re.sub(r"<(script|style)\b.*?</\1>", " ", text, flags=re.S | re.I)
         text = re.sub(r"<[^>]+>", " ", text)
-    text = re.sub(r"\s+", " ", text).strip()
+    text = mask_credentials(re.sub(r"\s+", " ", text).strip())
     return text[:limit] + ("…" if len(text) > limit else "")
 
 

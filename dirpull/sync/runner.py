@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 from dirpull.config import Config, ConfigError, SecretRef, parse_duration
 from dirpull.connectors import make_connector
 from dirpull.connectors.base import Connector, ConnectorError, CountsRequests, Done, Page
+from dirpull.connectors.http import mask_credentials
 from dirpull.jsoncodec import canonical
 from dirpull.model import digest
 from dirpull.prefetch import Prefetch
@@ -744,7 +745,7 @@ def _without_secrets(text: str, settings: Any) -> str:
     page echoing the request): the run record and the log must not carry it on."""
     for secret in _secret_values(settings):
         text = text.replace(secret, "***")
-    return text
+    return mask_credentials(text)  # and those no setting holds (an echoed Authorization header…)
 
 
 # The stored cursor also remembers the settings it was made under (the connector never sees this).

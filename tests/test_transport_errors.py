@@ -346,3 +346,54 @@ def test_a_page_echoing_the_authorization_header_is_quoted_without_the_credentia
     assert result.status == "failed" and "Authorization Basic ***" in stored, stored
     for text in (result.error, stored, caplog.text):
         assert encoded not in text and SECRET not in text
+
+
+_CA_NAMES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTPLIB2_CA_CERTS")
+
+
+@pytest.mark.parametrize(
+    ("provider", "name", "folder"),
+    [
+        ("bamboohr", "REQUESTS_CA_BUNDLE", False),
+        ("bamboohr", "SSL_CERT_DIR", False),
+        ("workday", "SSL_CERT_FILE", False),
+        ("entra_id", "SSL_CERT_FILE", False),
+        ("entra_id", "SSL_CERT_FILE", True),  # a folder where a file belongs: cannot be read either
+        ("google_workspace", "SSL_CERT_FILE", False),
+        ("google_workspace", "HTTPLIB2_CA_CERTS", False),
+    ],
+)
+def test_a_ca_variable_naming_a_file_that_cannot_be_read_fails_the_run_in_one_line(
+    provider: str, name: str, folder: bool, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CA variable naming a missing or unreadable file failed `dirpull sync` as an "unexpected
+    error" with a traceback in the log (httpx's bare "FileNotFoundError: [Errno 2] No such file or
+    directory", requests' OSError, httplib2's RuntimeError as it was imported) or, for Google, as a
+    connection retried for minutes. Now the run fails (exit 1, recorded) saying which variable
+    names which path."""
+    from typer.testing import CliRunner
+
+    from dirpull.cli import app
+    from dirpull.emulators import Org
+    from dirpull.emulators.cluster import TENANT_NAMES, Cluster
+
+    for other in _CA_NAMES:
+        monkeypatch.delenv(other, raising=False)
+    path = str(tmp_path) if folder else str(tmp_path / "no-such" / "proxy-ca.pem")
+    cluster = Cluster(Org.generate(5))
+    cluster.start([provider])
+    try:
+        config = tmp_path / "dirpull.toml"
+        config.write_text(cluster.config_toml(tmp_path, store_url=f"sqlite:///{tmp_path / 'store.db'}"))
+        monkeypatch.setenv(name, path)
+        r = CliRunner().invoke(app, ["--config", str(config), "sync", TENANT_NAMES[provider]])
+        status = CliRunner().invoke(app, ["--config", str(config), "runs", TENANT_NAMES[provider], "--json"])
+    finally:
+        cluster.stop()
+    assert r.exit_code == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr and "unexpected error" not in r.stderr, r.stderr
+    why = "Is a directory" if folder else "No such file or directory"
+    line = f"{name} in dirpull's environment names {path!r}, which cannot be read ({why})"
+    assert f"  {line}" in r.stderr.splitlines()[-1], r.stderr
+    [run] = [json.loads(row) for row in status.stdout.splitlines()]
+    assert run["status"] == "failed" and line in run["error"]

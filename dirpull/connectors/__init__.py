@@ -6,7 +6,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from dirpull.connectors.base import Connector
+from dirpull.connectors.base import Connector, ConnectorError
+from dirpull.connectors.http import ca_variable_problem
 
 CONNECTOR_MODULES = {
     "bamboohr": "dirpull.connectors.bamboohr",
@@ -19,6 +20,9 @@ CONNECTOR_MODULES = {
 
 def make_connector(tenant: str, settings: Any) -> Connector:
     """The connector for one tenant. Each module exposes `build(tenant, settings) -> Connector`."""
+    # Before the import: httplib2 checks its CA variable as it is imported.
+    if (problem := ca_variable_problem(settings.provider)) is not None:
+        raise ConnectorError(problem, retriable=False)
     module = importlib.import_module(CONNECTOR_MODULES[settings.provider])
     return module.build(tenant, settings)
 

@@ -59,6 +59,55 @@ def env_ca_file() -> str | None:
     return os.environ.get("SSL_CERT_FILE") or None
 
 
+# The variables naming trusted CAs that each connector's HTTP library reads and fails on, with a
+# traceback, when the path they name cannot be read: the first set one is used (requests: its own
+# two, then what HttpClient passes it; httplib2: its own, which it checks as it is imported, then
+# what google_workspace passes it; httpx: SSL_CERT_FILE). Okta's aiohttp loads OpenSSL's default
+# paths, which skip a missing one: not listed. A variable set but empty counts as unset, as for
+# the libraries, but for httplib2's (it refuses "").
+_CA_VARIABLES: dict[str, tuple[str, ...]] = {
+    "bamboohr": ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"),
+    "workday": ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"),
+    "google_workspace": ("HTTPLIB2_CA_CERTS", "SSL_CERT_FILE"),
+    "entra_id": ("SSL_CERT_FILE",),
+}
+
+
+def ca_variable_problem(provider: str) -> str | None:
+    """Why the CA bundle the environment names for `provider`'s HTTP library cannot be used, in one
+    line naming the variable and the path; None if it can (or none is named).
+
+    Left to the library, a missing or unreadable file failed the run as an "unexpected error"
+    with a traceback (httpx's bare FileNotFoundError, requests' OSError, httplib2's RuntimeError on
+    import) or, for Google, as a connection retried for minutes."""
+    for name in _CA_VARIABLES.get(provider, ()):
+        path = os.environ.get(name)
+        if path is None or (not path and name != "HTTPLIB2_CA_CERTS"):
+            continue
+        # requests takes a folder as well as a file (SSL_CERT_DIR is one); the others a file.
+        folder_ok = provider in ("bamboohr", "workday")
+        why = _unreadable(path, folder_ok=folder_ok)
+        if why is None:
+            return None
+        kind = "a PEM file (or a folder) of the CAs to trust" if folder_ok else "a PEM file of the CAs to trust"
+        return (f"{name} in dirpull's environment names {path!r}, which cannot be read ({why}): set it to "
+                f"{kind}, or unset it; nothing was requested")  # fmt: skip
+    return None
+
+
+def _unreadable(path: str, *, folder_ok: bool) -> str | None:
+    if not path:
+        return "it is empty"
+    if folder_ok and os.path.isdir(path):
+        return None if os.access(path, os.R_OK | os.X_OK) else os.strerror(13)
+    try:
+        with open(path, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    return None
+
+
 def is_loopback_host(host: str | None) -> bool:
     if not host:
         return False

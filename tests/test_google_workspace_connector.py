@@ -998,6 +998,29 @@ def test_a_token_endpoint_redirecting_to_another_host_gets_no_signed_grant_there
 
 
 @pytest.mark.parametrize("status", [302, 307])
+def test_a_token_endpoint_answering_a_redirect_says_where_it_pointed(
+    emu: GoogleEmulator, tmp_path: Path, status: int
+) -> None:
+    """httplib2 does not follow a POST's 302 or 307 (good: no grant goes elsewhere), and google-auth
+    read the empty answer as a refusal: "the token endpoint refused the service-account grant: "
+    with nothing after it, an AuthError that sent the admin to check the delegation."""
+    with redirecting(status) as servers:
+        cfg = tenant(emu, tmp_path)
+        path = Path(cfg["credentials_file"][5:])
+        path.write_text(json.dumps({**json.loads(path.read_text()), "token_uri": f"{servers.redirector}/token"}))
+        sleeps = Sleeps()
+        c = build("g1", GoogleTenant.model_validate(cfg), policy=RetryPolicy(max_attempts=2, sleep=sleeps))
+        with pytest.raises(ConnectorError) as err:
+            list(c.pull(None, full=False))
+    assert servers.seen == [] and sleeps == []
+    assert str(err.value).startswith(
+        f"users.list: the token endpoint {servers.redirector}/token answered HTTP {status}, a redirect to "
+        f"{servers.foreign}/token; not followed with the service account's signed grant"
+    ), str(err.value)
+    assert not isinstance(err.value, AuthError) and not err.value.retriable
+
+
+@pytest.mark.parametrize("status", [302, 307])
 def test_an_api_url_redirecting_to_another_host_is_not_followed(
     emu: GoogleEmulator, tmp_path: Path, status: int
 ) -> None:

@@ -42,7 +42,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from sys import intern
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 import httplib2
 from googleapiclient.model import JsonModel
@@ -116,6 +116,9 @@ class _CountingHttp(httplib2.Http):
         # The status of the last token request (the only POST): google-auth's RefreshError does not
         # carry it, and tells no 502 from a refusal of the grant.
         self.token_status: int | None = None
+        # Where a redirect answering the token request pointed (httplib2 follows a POST's 308
+        # only, refused above when it leaves the origin; a 302 or 307 comes back as the answer).
+        self.token_location: str | None = None
         # The URL whose answer is being handled: httplib2 follows a redirect by calling `request`
         # again from inside it, so a request made while this is set is a redirect of it.
         self._redirected_from: str | None = None
@@ -137,6 +140,7 @@ class _CountingHttp(httplib2.Http):
         method = kwargs.get("method") or (args[1] if len(args) > 1 else "GET")
         if method == "POST":
             self.token_status = None  # unknown until answered (a connection that fails)
+            self.token_location = None
         self._redirected_from = uri
         try:
             resp, content = super().request(*args, **kwargs)
@@ -146,6 +150,7 @@ class _CountingHttp(httplib2.Http):
         # (a proxy's page, a cut body) would surface as google-auth's bare TypeError.
         if method == "POST":
             self.token_status = resp.status
+            self.token_location = resp.get("location") if 300 <= resp.status < 400 else None
         if method == "POST" and resp.status == 200:
             try:
                 ok = isinstance(json.loads(content), dict)
@@ -419,7 +424,22 @@ class _Session:
                 raise ConnectorError(f"{where}: {message}", retriable=False, step=step) from None
             except RefreshError as exc:
                 detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else "refused"
-                token_status = getattr(getattr(self._local, "http", None), "token_status", None)
+                raw = getattr(self._local, "http", None)
+                token_status = getattr(raw, "token_status", None)
+                if token_status is not None and 300 <= token_status < 400:
+                    # google-auth reads the redirect's empty answer as a refusal with nothing to
+                    # quote: "refused the service-account grant: ", which sent the admin to the
+                    # delegation. The key file's token_uri is what to check.
+                    where = getattr(raw, "token_location", None)
+                    to = f", a redirect to {redact_url(urljoin(raw.last_uri or '', where))}" if where else ""
+                    raise ConnectorError(
+                        f"{step}: the token endpoint {redact_url(raw.last_uri or '')} answered HTTP {token_status}"
+                        f"{to}; not followed with the service account's signed grant (if that is the right "
+                        f"address, put it in the key file's token_uri)",
+                        retriable=False,
+                        step=step,
+                        status=token_status,
+                    ) from None
                 if token_status is not None and token_status >= 500:
                     # Any 5xx is Google's outage, not a refusal of the grant: google-auth retries
                     # 500, 503 and 504 itself (3 tries by now) but not 502, which failed runs as an

@@ -397,3 +397,101 @@ def test_a_ca_variable_naming_a_file_that_cannot_be_read_fails_the_run_in_one_li
     assert f"  {line}" in r.stderr.splitlines()[-1], r.stderr
     [run] = [json.loads(row) for row in status.stdout.splitlines()]
     assert run["status"] == "failed" and line in run["error"]
+
+
+def _quoting_gateway(upstream: str, path: str, status: int) -> type[http.server.BaseHTTPRequestHandler]:
+    """A gateway in front of `upstream` (an emulator) whose first answer to a request for `path` is
+    a `status` page quoting the credentials the request carried (the basic-auth user and password,
+    decoded; the form's fields): a vendor's or a proxy's 5xx saying which key it could not check, or
+    a debugging page showing the request. Every other request goes through to the emulator."""
+    import base64
+    import http.client
+    from urllib.parse import parse_qsl, urlsplit
+
+    target = urlsplit(upstream)
+    left = [1]
+    lock = threading.Lock()
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def _any(self) -> None:
+            n = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(n) if n else b""
+            with lock:
+                fail = left[0] > 0 and path in self.path
+                left[0] -= fail
+            if fail:
+                said = []
+                auth = self.headers.get("Authorization") or ""
+                if auth.lower().startswith("basic "):
+                    user, _, password = base64.b64decode(auth[6:]).decode().partition(":")
+                    said.append(f"<p>could not check the credentials of {user} (password {password}, key {user})</p>")
+                said += [f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in parse_qsl(body.decode(errors="replace"))]
+                page = f"<html><body><h1>{status} upstream unavailable</h1>{''.join(said)}</body></html>".encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+                return
+            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+            try:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            finally:
+                conn.close()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _any
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Gateway
+
+
+@pytest.mark.parametrize("provider", ["workday", "bamboohr"])
+def test_a_retried_answer_quoting_a_configured_secret_does_not_put_it_in_the_log(
+    provider: str, serve: Callable[..., str], harness: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Retry warnings quote the vendor's 5xx page as it happens (the answers not streamed: Workday's
+    token endpoint, BambooHR's employees/changed). They were masked only for credential-shaped text,
+    not for the tenant's configured secrets as the run's error is: a page saying which client
+    secret, refresh token or API key it could not check put it in the daemon's log and in
+    `dirpull sync`'s. The runs succeed after the retry."""
+    from dirpull.emulators import Org, emulator_class
+
+    emu: Any = emulator_class(provider)(Org.generate(5, seed=2))
+    emu.start()
+    try:
+        tenant = emu.tenant_config("t1", tmp_path)
+        if provider == "workday":  # OAuth: the client secret in basic auth, the refresh token in the form
+            base = serve(_quoting_gateway(emu.base_url, "/token", 503), False)
+            tenant = {k: v.replace(emu.base_url, base) if isinstance(v, str) else v for k, v in tenant.items()
+                      if k not in ("username", "password")}  # fmt: skip
+            tenant |= {"token_url": emu.token_url.replace(emu.base_url, base), "client_id": emu.client_id,
+                       "client_secret": emu.client_secret, "refresh_token": emu.refresh_token}  # fmt: skip
+            secrets = [emu.client_secret, emu.refresh_token]
+        else:  # the second, incremental run asks employees/changed
+            base = serve(_quoting_gateway(emu.base_url, "/employees/changed", 503), False)
+            tenant["api_url"] = tenant["api_url"].replace(emu.base_url, base)
+            secrets = [tenant["api_key"]]
+        h = harness({"t1": tenant})
+        with caplog.at_level("INFO"):
+            results = [h.sync("t1") for _ in range(1 if provider == "workday" else 2)]
+    finally:
+        emu.stop()
+    assert [r.status for r in results] == ["succeeded"] * len(results), [r.error for r in results]
+    lines = [r.getMessage() for r in caplog.records]
+    retries = [line for line in lines if "upstream unavailable" in line]
+    assert len(retries) == 1, "\n".join(lines)  # the page was quoted as it happened, the secrets masked
+    for secret in secrets:
+        assert not [line for line in lines if secret in line], "\n".join(lines)
+    assert ("(password ***," if provider == "workday" else "key ***)") in retries[0], retries

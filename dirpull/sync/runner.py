@@ -23,7 +23,7 @@ from datetime import timedelta
 from typing import Any, NamedTuple
 
 from dirpull.config import Config, ConfigError, SecretRef, parse_duration
-from dirpull.connectors import make_connector
+from dirpull.connectors import CONNECTOR_MODULES, make_connector
 from dirpull.connectors.base import Connector, ConnectorError, CountsRequests, Done, Page
 from dirpull.connectors.http import mask_credentials
 from dirpull.jsoncodec import canonical
@@ -47,6 +47,53 @@ from dirpull.sync.diff import (
 log = logging.getLogger("dirpull.sync")
 
 Progress = Callable[[str, int, int, int], None]  # (tenant, pages, users seen, groups seen)
+
+
+class _LogMask(logging.Filter):
+    """Masks, in the connectors' log lines, the configured secrets of every tenant this process is
+    syncing, and the credentials no setting holds (`mask_credentials`), as `_without_secrets` does
+    for run records. A retry warning quotes the vendor's 5xx or 429 answer as it happens: a page
+    echoing the request it refused (or a vendor quoting the key it could not check) put the
+    password or API key in the daemon's log, and Google's token endpoint's answer went there
+    unmasked, while the run's error hid them. Logger filters do not apply to records passed up
+    from child loggers: installed on each connector module's logger."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._uses: dict[str, int] = {}
+        self._secrets: tuple[str, ...] = ()  # longest first, as _without_secrets masks them
+
+    def add(self, values: list[str]) -> list[str]:
+        with self._lock:
+            for v in values:
+                self._uses[v] = self._uses.get(v, 0) + 1
+            self._secrets = tuple(sorted(self._uses, key=len, reverse=True))
+        return values
+
+    def remove(self, values: list[str]) -> None:
+        with self._lock:
+            for v in values:
+                if (left := self._uses.get(v, 0) - 1) > 0:
+                    self._uses[v] = left
+                else:
+                    self._uses.pop(v, None)
+            self._secrets = tuple(sorted(self._uses, key=len, reverse=True))
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        clean = text
+        for secret in self._secrets:
+            clean = clean.replace(secret, "***")
+        clean = mask_credentials(clean)
+        if clean != text:
+            record.msg, record.args = clean, None
+        return True
+
+
+_LOG_MASK = _LogMask()
+for _name in ("dirpull.connectors.http", *CONNECTOR_MODULES.values()):
+    logging.getLogger(_name).addFilter(_LOG_MASK)
 
 
 class Interrupted(Exception):
@@ -310,6 +357,7 @@ class Runner:
         plan: Plan | None = None
         connector: Connector | None = None
         recorded = False  # the run's outcome is committed
+        masked = _LOG_MASK.add(_secret_values(settings))
         try:
             connector = self.connector_factory(tenant, settings)
             done, plan = self._pull_and_diff(connector, tenant, stored_cursor, full, heartbeat, progress)
@@ -463,6 +511,7 @@ class Runner:
             if plan is not None and plan.spool is not None and result.status != "planned":
                 result.writes = None
                 plan.spool.close()
+            _LOG_MASK.remove(masked)
             result.duration_s = round(time.monotonic() - started, 3)
             log.info(
                 "sync end tenant=%s provider=%s mode=%s status=%s events=%d requests=%d duration=%.2fs counts=%s%s",

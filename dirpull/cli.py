@@ -753,7 +753,7 @@ def run(
     if not config.tenants:  # said before the store is opened, which would create an empty one
         raise fail(f"{config.path}: no tenants configured")
     store = _store(config, create=True, syncs=config.defaults.max_concurrent_syncs)
-    for tenant in config.tenants:
+    for tenant in (name for name, t in config.tenants.items() if t.enabled):  # a disabled one never runs
         for problem in config.secret_problems(tenant):
             log.error("%s (its runs fail until this is fixed; the other tenants sync)", problem)
     Daemon(config, store).run_forever(max_seconds=max_seconds)

@@ -1298,6 +1298,22 @@ def test_a_tenant_whose_secret_is_missing_fails_alone(env, monkeypatch):
     assert broken and all(r["status"] == "failed" and "DIRPULL_TEST_UNSET_KEY" in r["error"] for r in broken)
 
 
+def test_a_disabled_tenants_missing_secret_is_not_logged_as_failing_runs(env, monkeypatch):
+    """A tenant set aside with `enabled = false` (its secret already removed) never runs: the
+    daemon's start must not say "its runs fail until this is fixed" about it, an ERROR an operator
+    would chase, nor record runs for it."""
+    monkeypatch.delenv("DIRPULL_TEST_UNSET_KEY", raising=False)
+    config = Path(env["config"])
+    config.write_text(config.read_text() + '[tenants.parked]\nprovider = "bamboohr"\ncompany_domain = "x"\n'
+                      'api_key = "env:DIRPULL_TEST_UNSET_KEY"\nenabled = false\n')  # fmt: skip
+    r = run(env, "run", "--max-seconds", "1")
+    assert r.exit_code == 0, r.stderr
+    assert "DIRPULL_TEST_UNSET_KEY" not in r.stderr, r.stderr
+    assert [line for line in r.stderr.splitlines() if "parked" in line and " ERROR " in line] == [], r.stderr
+    assert "tenant parked (bamboohr) is disabled: not scheduled" in r.stderr
+    assert jsonl(run(env, "runs", "parked", "--json").stdout) == []
+
+
 def test_an_empty_secret_is_named_not_sent_to_the_vendor(env, monkeypatch):
     """A variable set to nothing (`KEY=` in a unit file) or a secret file mounted empty: `sync`
     exits 2 naming the file, tenant and key, as for an unset one, and the daemon's runs of the

@@ -426,7 +426,7 @@ class Daemon:
         changed = [name for name in after if name in before and _settings(old, name) != _settings(new, name)]
         for name, broken in new.broken.items():  # as at start
             log.error("tenant %s is not scheduled: %s", name, broken.message)
-        for name in new.tenants:  # as `dirpull run` at start
+        for name in after:  # as `dirpull run` at start: the enabled ones, the others never run
             for problem in new.secret_problems(name):
                 log.error("%s (its runs fail until this is fixed; the other tenants sync)", problem)
 

@@ -821,6 +821,14 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def load_config(explicit: str | os.PathLike[str] | None = None, *, isolate_tenants: bool = False) -> Config:
+    named = os.environ.get("DIRPULL_CONFIG")
+    if not explicit and named is not None and not named.strip():
+        # As $DIRPULL_STORE_URL: a templated unit whose value came out empty read ./dirpull.toml
+        # from wherever the process started, another deployment's tenants and store, without a word.
+        raise ConfigError(
+            f"$DIRPULL_CONFIG is set but empty; give it the configuration file's path, or unset it to use "
+            f"./{DEFAULT_CONFIG}"
+        )
     path = config_path(explicit)
     try:
         # utf-8-sig: a byte-order mark (Windows editors write one) is not a TOML syntax error.

@@ -89,6 +89,24 @@ def run(env: dict, *args: str) -> object:
     return result
 
 
+def test_an_empty_dirpull_config_variable_is_refused_not_taken_for_the_default_file(env, tmp_path, monkeypatch):
+    """A unit whose DIRPULL_CONFIG came out empty read ./dirpull.toml from the working folder, another
+    configuration (other tenants, another store) than the one meant, without a word."""
+    monkeypatch.chdir(tmp_path)
+    fallback = tmp_path / "dirpull.toml"  # the file the fallback would read
+    if not fallback.exists():
+        fallback.write_text(Path(env["config"]).read_text())
+    assert run(env, "sync", "hr").exit_code == 0
+    monkeypatch.setenv("DIRPULL_CONFIG", "")
+    r = CliRunner().invoke(app, ["users", "hr"], catch_exceptions=False)
+    assert (r.exit_code, r.stdout) == (2, ""), r.output
+    assert r.stderr == "dirpull: $DIRPULL_CONFIG is set but empty; give it the configuration file's path, or unset " \
+        "it to use ./dirpull.toml\n"
+    assert CliRunner().invoke(app, ["--config", "dirpull.toml", "users", "hr"]).exit_code == 0  # --config wins
+    monkeypatch.delenv("DIRPULL_CONFIG")
+    assert CliRunner().invoke(app, ["users", "hr"]).exit_code == 0
+
+
 def jsonl(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 

@@ -127,7 +127,6 @@ def test_graph_hosts_get_the_sdks_telemetry_headers_and_other_hosts_none(
     """The SDK's telemetry headers (client-request-id for support cases, sdkVersion) go to Graph's
     hosts only, as the SDK decides, though dirpull answers the host check itself (it is cheaper)."""
     import asyncio
-    import functools
     import time
 
     import httpx
@@ -150,8 +149,8 @@ def test_graph_hosts_get_the_sdks_telemetry_headers_and_other_hosts_none(
         seen.append(request)
         return httpx.Response(200, json={"value": []})
 
-    mocked = functools.partial(httpx.AsyncClient, transport=httpx.MockTransport(answer))
-    monkeypatch.setattr(httpx, "AsyncClient", mocked)
+    # The Graph client's transport (the session makes its own, to close it)
+    monkeypatch.setattr(httpx, "AsyncHTTPTransport", lambda **_: httpx.MockTransport(answer))
     cfg = parse_config({"tenants": {"x": {"provider": "entra_id", "tenant_id": "t", "client_id": "c",
                                           "client_secret": "s"}}}, tmp_path / "d.toml")  # fmt: skip
 

@@ -393,8 +393,12 @@ class _Session:
         telemetry = _telemetry_handler_class()(options=graph_default_options[GraphTelemetryHandlerOption.get_key()])
         redirects = RedirectHandlerOption(scrub_sensitive_headers=_refuse_foreign_redirect)
         middleware = [RedirectHandler(redirects), ParametersNameDecodingHandler(), UserAgentHandler(), telemetry]
+        # Our own transport, closed by `close()`: the factory wraps the client's in msgraph's
+        # AsyncGraphTransport, whose aclose() does nothing, so closing the client left the Graph
+        # connection open after every run, given back only by a cyclic garbage collection.
+        self._transport = httpx.AsyncHTTPTransport(verify=tls)
         self._http = GraphClientFactory.create_with_custom_middleware(
-            middleware, client=httpx.AsyncClient(timeout=timeout, verify=tls)
+            middleware, client=httpx.AsyncClient(timeout=timeout, verify=tls, transport=self._transport)
         )
         token_url = f"{login_url.rstrip('/')}/{settings.tenant_id}/oauth2/v2.0/token"
         self.auth = ClientCredentialsProvider(self, token_url, settings.client_id, settings.client_secret,
@@ -405,6 +409,7 @@ class _Session:
 
     async def close(self) -> None:
         await self._http.aclose()
+        await self._transport.aclose()
         await self._plain.aclose()
 
     async def _wait(self, attempt: int, hint: float | None, *, what: str, step: str) -> None:

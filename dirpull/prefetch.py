@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import traceback
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, Generic, TypeVar
@@ -87,7 +88,15 @@ class Prefetch(Generic[T]):
             if isinstance(item, _End):
                 return
             if isinstance(item, _Failed):
-                raise item.exc
+                exc, item = item.exc, None
+                try:
+                    raise exc
+                finally:
+                    # The exception's traceback holds this frame: a local naming the exception
+                    # would be a reference cycle, keeping everything the failed run's frames held
+                    # (its diff, the records' spool file, the stored fingerprints) until a full
+                    # garbage collection, which may be long in coming.
+                    del exc
             yield item
 
     def close(self) -> None:
@@ -124,6 +133,12 @@ class Prefetch(Generic[T]):
                     close()
             self._put(_End())
         except BaseException as exc:  # handed to the consumer, which re-raises it
+            # The ended pull's frames, in the traceback, keep their variables: an event loop's
+            # (Okta's, Entra's) among them, whose task holds this very exception, a reference cycle
+            # that kept everything the failed run held (its diff, the records' spool file: an open
+            # descriptor and its disk space; the stored fingerprints) until a full garbage
+            # collection, which may be long in coming. The traceback still prints as it was.
+            traceback.clear_frames(exc.__traceback__)
             self._put(_Failed(exc))
 
 

@@ -107,3 +107,13 @@ def test_syncs_leave_no_vendor_connection_open(emu: Any, tmp_path: Path, monkeyp
     # close the one it wraps), until the garbage collector came by.
     run_rounds(emu, tmp_path, monkeypatch, failing=False)
 
+
+@pytest.mark.parametrize("emu", PROVIDERS, indirect=True)
+def test_failed_syncs_give_back_their_temporary_file_at_once(
+    emu: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failed run kept its pending records' spool file open (a descriptor and its disk space), its
+    # diff and the stored fingerprints in memory, until a full garbage collection: a reference
+    # cycle through the failure's traceback (the pull thread's hand-over; Okta's and Entra's
+    # event loop, whose task holds the exception).
+    run_rounds(emu, tmp_path, monkeypatch, failing=True)

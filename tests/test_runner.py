@@ -1114,3 +1114,42 @@ def _cut_at_commit(harness, pg_schema_url, d: Directory, *, landed: bool, refuse
         yield h, relay, h.last_seq()
     finally:
         relay.close()
+
+
+@pytest.mark.postgres
+def test_a_held_run_whose_commit_confirmation_is_lost_stays_held(harness, pg_schema_url, caplog):
+    """The guard holds a run, and the connection is lost at the COMMIT of its record after the
+    server committed it (a network cut, a failover). The record was then rewritten in a new
+    transaction as failed with the connection error: `dirpull status` said the tenant was failing
+    on the store instead of held for review, and `dirpull sync` exited 1, not 3. The store is asked
+    now, as for an applied run's lost commit."""
+    from pg_relay import CommitCutter
+
+    from dirpull.storage.store import Store
+
+    schema_url = pg_schema_url()
+    relay = CommitCutter(schema_url)
+    try:
+        d = Directory(users=people(100))
+        h = make(harness, d, guard={"max_percent": 10, "min_count": 5}, store_url=relay.url_for(schema_url))
+        assert h.sync("t").status == "succeeded"
+        d.users = d.users[:50]  # a run the guard holds
+        fence = Store._fence
+
+        def cut_at_commit(self, conn, *args, **kwargs):  # on the held record's transaction
+            relay.arm(conn, after_commit=True)
+            return fence(self, conn, *args, **kwargs)
+
+        h.store._fence = cut_at_commit.__get__(h.store)
+        caplog.set_level("INFO")
+        r = h.sync("t")
+        assert relay.cut == ["after commit"]
+        run = h.store.runs("t", 1)[0]
+        assert (r.status, r.exit_code) == ("held", 3), r.error
+        assert (run["id"], run["status"]) == (r.run_id, "held")
+        assert run["error"].startswith("held by the mass-change guard"), run["error"]
+        assert len(h.users("t")) == 100
+        warned = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
+        assert [m for m in warned if "confirmation of the commit was lost" in m and "was committed" in m], warned
+    finally:
+        relay.close()

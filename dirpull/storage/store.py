@@ -662,10 +662,13 @@ class Store:
             finished_at=utcnow(),
         )
 
+        tenants: list[str] = []
+
         def _write(c: Connection) -> bool:
             tenant, started = c.execute(
                 sa.select(t.runs.c.tenant, t.runs.c.started_at).where(t.runs.c.id == run_id)
             ).one()
+            tenants.append(tenant)
             if holder is not None:
                 self._fence(c, tenant, holder, self._now(c))
             values["duration_s"] = round((utcnow() - _aware(started)).total_seconds(), 3)
@@ -676,8 +679,19 @@ class Store:
 
         if conn is not None:
             return _write(conn)
-        with self.engine.begin() as c:
-            return _write(c)
+        committing = False
+        try:
+            with self.engine.begin() as c:
+                written = _write(c)
+                committing = True  # leaving the block commits
+        except StoreUnavailable as exc:
+            if holder is None or not committing or not exc.lost_connection:
+                raise
+            # A held run's record is its commit, as `apply`'s is a succeeded run's: its answer lost,
+            # the store tells whether it landed (then it stays held, not re-marked failed).
+            self._settle_lost_commit(tenants[0], run_id, status, exc)
+            return True
+        return written
 
     def runs(self, tenant: str, limit: int = 20) -> list[dict[str, Any]]:
         q = sa.select(t.runs).where(t.runs.c.tenant == tenant).order_by(t.runs.c.id.desc()).limit(limit)

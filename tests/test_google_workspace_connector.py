@@ -48,6 +48,14 @@ def connector(
     return build("g1", settings, policy=policy)
 
 
+def with_token_uri(emu: GoogleEmulator, tmp_path: Path, token_uri: str, sleeps: Sleeps) -> GoogleWorkspaceConnector:
+    """A connector whose key file names `token_uri` (another host than api_url, as Google's is)."""
+    cfg = tenant(emu, tmp_path)
+    path = Path(cfg["credentials_file"][5:])
+    path.write_text(json.dumps({**json.loads(path.read_text()), "token_uri": token_uri}))
+    return build("g1", GoogleTenant.model_validate(cfg), policy=RetryPolicy(max_attempts=2, sleep=sleeps))
+
+
 def pull(c: GoogleWorkspaceConnector) -> tuple[list[Page], Done]:
     out = list(c.pull(None, full=False))
     done = out[-1]
@@ -940,17 +948,13 @@ def test_a_token_endpoint_that_cannot_be_reached_is_the_url_named(emu: GoogleEmu
     """The key file's token_uri is another host than api_url (oauth2.googleapis.com beside
     admin.googleapis.com): a proxy or firewall blocking it was reported as a failure talking to
     api_url, which answers fine."""
-    import json
     import socket
 
     with socket.socket() as probe:  # a loopback port nothing listens on
         probe.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    cfg = tenant(emu, tmp_path)
-    path = Path(cfg["credentials_file"][5:])
-    path.write_text(json.dumps({**json.loads(path.read_text()), "token_uri": f"{closed}/token"}))
     sleeps = Sleeps()
-    c = build("g1", GoogleTenant.model_validate(cfg), policy=RetryPolicy(max_attempts=2, sleep=sleeps))
+    c = with_token_uri(emu, tmp_path, f"{closed}/token", sleeps)
     with pytest.raises(ConnectorError) as err:
         list(c.pull(None, full=False))
     message = str(err.value)
@@ -984,10 +988,7 @@ def test_a_token_endpoint_redirecting_to_another_host_gets_no_signed_grant_there
     # httplib2 sends a POST's body again on 308: the signed grant, which the other host could
     # trade for an access token to the whole directory.
     with redirecting(308) as servers:
-        cfg = tenant(emu, tmp_path)
-        path = Path(cfg["credentials_file"][5:])
-        path.write_text(json.dumps({**json.loads(path.read_text()), "token_uri": f"{servers.redirector}/token"}))
-        c = build("g1", GoogleTenant.model_validate(cfg), policy=RetryPolicy(max_attempts=2, sleep=Sleeps()))
+        c = with_token_uri(emu, tmp_path, f"{servers.redirector}/token", Sleeps())
         with pytest.raises(ConnectorError) as err:
             list(c.pull(None, full=False))
     assert servers.seen == []
@@ -1005,11 +1006,8 @@ def test_a_token_endpoint_answering_a_redirect_says_where_it_pointed(
     read the empty answer as a refusal: "the token endpoint refused the service-account grant: "
     with nothing after it, an AuthError that sent the admin to check the delegation."""
     with redirecting(status) as servers:
-        cfg = tenant(emu, tmp_path)
-        path = Path(cfg["credentials_file"][5:])
-        path.write_text(json.dumps({**json.loads(path.read_text()), "token_uri": f"{servers.redirector}/token"}))
         sleeps = Sleeps()
-        c = build("g1", GoogleTenant.model_validate(cfg), policy=RetryPolicy(max_attempts=2, sleep=sleeps))
+        c = with_token_uri(emu, tmp_path, f"{servers.redirector}/token", sleeps)
         with pytest.raises(ConnectorError) as err:
             list(c.pull(None, full=False))
     assert servers.seen == [] and sleeps == []

@@ -759,6 +759,25 @@ def test_periodic_full_reconciliation_ignores_the_cursor(harness):
     assert d.cursors_seen[-1] is None and "periodic full reconciliation" in r.notes
 
 
+def test_a_run_one_full_sync_period_after_the_last_full_ones_start_is_full(harness):
+    """A tenant synced once a period (a daily cron with the default full_sync_every of 24h): its
+    next run starts one period after the last full run started, a little early or late. It is a
+    full one, not an incremental one because the last full run took a while to commit (the full
+    walk came every other day)."""
+    import time
+    from datetime import datetime
+
+    d = Directory(users=people(3), on_page=lambda _: time.sleep(1.0))  # a full walk that takes 1 s
+    h = make(harness, d, defaults={"full_sync_every": "3s"})
+    assert h.sync("t").status == "succeeded"
+    d.on_page = None
+    started = datetime.fromisoformat(h.store.runs("t", 1)[0]["started_at"].replace("Z", "+00:00"))
+    time.sleep(max(0.0, (started + timedelta(seconds=2.99) - utcnow()).total_seconds()))  # its fire, 10 ms early
+    r = h.sync("t")
+    assert r.mode == "full" and "periodic full reconciliation" in r.notes, (r.mode, r.notes)
+    assert d.cursors_seen[-1] is None
+
+
 def test_quarantined_record_is_kept_as_stored_not_deleted(harness):
     from dirpull.connectors.base import Done, Page, Quarantined
 

@@ -765,7 +765,7 @@ class Store:
                 self._fence(conn, tenant, holder, now)
                 self._write_rows(conn, tenant, writes, now)
                 written = self._write_events(conn, tenant, run_id, writes, now)
-                self._write_cursor(conn, tenant, cursor, full, now)
+                self._write_cursor(conn, tenant, cursor, full, now, run_id)
                 self.finish_run(run_id, conn=conn, **run_fields)
                 committing = True  # leaving the block commits
         except StoreUnavailable as exc:
@@ -926,12 +926,16 @@ class Store:
         )
 
     def _write_cursor(
-        self, conn: Connection, tenant: str, cursor: dict[str, Any] | None, full: bool, now: datetime
+        self, conn: Connection, tenant: str, cursor: dict[str, Any] | None, full: bool, now: datetime, run_id: int
     ) -> None:
         c = t.cursors.c
         values: dict[str, Any] = {"value": cursor, "updated_at": now}
         if full:
-            values["last_full_at"] = now
+            # When the full walk started, not when it committed: `full_sync_every` counts from
+            # there as the schedule does. From the commit, a tenant on a daily cron (or any
+            # schedule that divides `full_sync_every`) found the next full sync due a few minutes
+            # after its next fire, and walked in full every other day.
+            values["last_full_at"] = sa.select(t.runs.c.started_at).where(t.runs.c.id == run_id).scalar_subquery()
         updated = conn.execute(t.cursors.update().where(c.tenant == tenant).values(**values)).rowcount
         if not updated:
             conn.execute(t.cursors.insert().values(tenant=tenant, **values))

@@ -337,8 +337,12 @@ class Runner:
             full = True
             notes.append("the tenant's settings changed since the last sync: full sync")
         elif stored_cursor is not None and cursor.last_full_at is not None:
-            due = cursor.last_full_at + config.full_sync_every_of(tenant)
-            if utcnow() >= due:
+            every = config.full_sync_every_of(tenant)
+            # A fire is never exactly one period after the last full run's: interval jitter (up to
+            # 30 s), a busy thread pool, the scheduler's own latency. One a little early (1% of
+            # the period) still counts, or the full walk waited for the next fire, a day later
+            # on a daily schedule.
+            if utcnow() >= cursor.last_full_at + every - every / 100:
                 full = True
                 notes.append("periodic full reconciliation")
         planned_mode = "full" if full or stored_cursor is None else "incremental"

@@ -137,6 +137,40 @@ def test_a_cron_tenant_waits_for_its_time_on_restart_unless_it_missed_one(harnes
     assert first_fires(h, d)["nightly"] <= soon
 
 
+def test_a_worker_whose_machine_slept_through_a_cron_time_fires_soon_after_it_wakes(harness, monkeypatch):
+    """The scheduler slept until the next fire on the monotonic clock, which stands still while
+    the machine is suspended: a host asleep through 02:00 fired its nightly tenant hours late,
+    as long as it had slept. The wall clock is looked at every `max_sleep` now."""
+    import apscheduler.schedulers.base as aps_base
+
+    from dirpull.sync.daemon import _QuietStopScheduler
+
+    nightly = "cron: 0 2 * * *"
+    d = Directory(users=people(2))
+    h = harness({"nightly": {**TENANTS["good"], "schedule": nightly}}, connector_factory=factory(d))
+    h.sync("nightly", trigger="schedule")  # it ran after its last cron time: waits for the next
+    slept = [timedelta()]
+
+    class WallClock(datetime):  # the wall clock the scheduler reads; the monotonic one goes on
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[override]
+            return datetime.now(tz) + slept[0]
+
+    monkeypatch.setattr(aps_base, "datetime", WallClock)
+    monkeypatch.setattr(_QuietStopScheduler, "max_sleep", 0.2, raising=False)  # a minute in production
+    daemon = Daemon(h.config, h.store, connector_factory=factory(d))
+    daemon.start()
+    try:
+        time.sleep(0.5)
+        assert d.pulls == 1  # waiting for 02:00
+        # The machine wakes up a second after 02:00, having slept through it.
+        slept[0] = next_fire(nightly, None) - datetime.now(UTC) + timedelta(seconds=1)
+        assert wait_for(lambda: d.pulls == 2, timeout=5)
+    finally:
+        daemon.shutdown()
+    assert [r.status for r in daemon.results] == ["succeeded"]
+
+
 def test_a_worker_started_after_a_failed_cron_run_tries_it_again_soon(harness):
     """A nightly run failed (a vendor outage at 02:00) and the worker was restarted before its
     in-memory retry (an upgrade, a reboot): the new worker took the failed run for that night's

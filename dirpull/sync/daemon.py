@@ -49,12 +49,21 @@ MAX_LEASE_RETRIES = 5
 
 
 class _QuietStopScheduler(BackgroundScheduler):
+    # Longest the scheduler sleeps between looks at the wall clock (seconds).
+    max_sleep = 60.0
+
     # APScheduler 3.x runs one more pass over due jobs after shutdown() and loses those fires
     # (agronholm/apscheduler#285, #985; see shared/sdk-notes.md). Pinned to 3.11.
     def _process_jobs(self) -> float | None:
         if self.state == STATE_STOPPED:
             return None
-        return super()._process_jobs()
+        # It sleeps until the next fire on the monotonic clock, which stands still while the
+        # machine is suspended and ignores a step of the wall clock: a worker whose host slept
+        # through 02:00 fired its nightly tenant as many hours late as it slept (or, with no
+        # fire due, waited up to 49 days). Waking every minute fires it within a minute of the
+        # wall clock's time (agronholm/apscheduler#794).
+        wait = super()._process_jobs()
+        return self.max_sleep if wait is None else min(wait, self.max_sleep)
 
 
 class _NoOverlapWarning(logging.Filter):

@@ -667,6 +667,25 @@ def test_a_retry_of_a_failed_run_that_finds_the_lease_held_tries_again_once_it_i
     assert len(h.users("nightly")) == 3 and len(vendor.pulls) == 2
 
 
+def test_a_tenant_failing_for_weeks_still_backs_off_an_hour_and_is_retried(harness, caplog, no_jitter):
+    """A tenant left broken fails every hour, the longest back-off: after 1,025 failures in a row
+    (six weeks) working out the next back-off raised OverflowError, so each fire ended in a
+    traceback and no retry was scheduled."""
+    caplog.set_level("WARNING")
+    d = Directory(users=people(3), fail_after_pages=0)
+    h = harness({"bad": TENANTS["bad"]})
+    daemon = Daemon(h.config, h.store, connector_factory=factory(d))
+    daemon.failures["bad"] = 1100  # six and a half weeks of hourly failures
+    try:
+        assert daemon.fire("bad", after_failure=True).status == "failed"
+        assert daemon.failures == {"bad": 1101}
+        assert 3500 < daemon.retry_at["bad"] - time.monotonic() <= 3600
+        assert daemon.scheduler.get_job("bad (retry)") is not None
+        assert any("failed 1101 time(s) in a row" in r.getMessage() for r in caplog.records)
+    finally:
+        daemon.shutdown()
+
+
 def test_regular_fires_during_a_back_off_still_skip_and_leave_the_retry_pending(harness, caplog, no_jitter):
     """A tenant on a 1 s interval with a 2 s back-off: the fires in between skip, as before, and the
     next attempt is at the end of the back-off."""

@@ -252,7 +252,10 @@ class Daemon:
                 )  # fmt: skip
             elif result.status == "failed":
                 n = self.failures[tenant] = self.failures.get(tenant, 0) + 1
-                delay = min(MAX_BACKOFF.total_seconds(), self.backoff_base * 2 ** (n - 1))
+                # The exponent capped: after 1,025 failures in a row (six weeks of hourly retries
+                # of a tenant left broken) 2 ** (n - 1) no longer converts to a float
+                # (OverflowError), and every fire after that ended in a traceback, not a back-off.
+                delay = min(MAX_BACKOFF.total_seconds(), self.backoff_base * 2 ** min(n - 1, 64))
                 delay *= random.uniform(0.8, 1.2)
                 self.retry_at[tenant] = time.monotonic() + delay
                 backoff = n, delay

@@ -418,12 +418,19 @@ def body_opening(body: bytes | str, limit: int = 200) -> str:
     in the run record and the log), anything else (an HTML or text page) as `readable_body` has it."""
     raw = body.encode() if isinstance(body, str) else body
     text = raw.lstrip()
+    # A JSON document behind a UTF-8 byte order mark (which the report parsers refuse) is still
+    # people's records: shown as the BOM and the opening, not as text with the first people in it.
+    bom = text.startswith(_BOM)
+    if bom:
+        text = text[len(_BOM) :].lstrip()
     if text[:1] not in (b"{", b"["):
         return readable_body(raw, limit)
     opening = _ROWS_OPENING.match(text)  # `{"Report_Entry":[`: a key, no value yet
-    return readable_body(opening.group(0) if opening else text[:1], limit) + " … (values not shown)"
+    shown = readable_body(opening.group(0) if opening else text[:1], limit) + " … (values not shown)"
+    return f"a UTF-8 byte order mark, then {shown}" if bom else shown
 
 
+_BOM = b"\xef\xbb\xbf"
 _ROWS_OPENING = re.compile(rb'\{\s*"[^"\\]{0,100}"\s*:\s*\[')
 
 

@@ -1,0 +1,165 @@
+"""Answers that are well-formed HTTP but not what the vendor documents (a body of the wrong shape,
+a record without its id, a byte order mark), put between each connector's real SDK and its
+emulator by a loopback proxy (tests/hostile.py): the pull fails in one line saying what was wrong,
+or reads the records it can and quarantines the others, and never takes a garbled page for an
+empty one (a full snapshot that silently lost a page deletes its people)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hostile import Answer, Rewrite, proxying
+
+from dirpull.connectors.base import Connector, ConnectorError, Done, Page
+from dirpull.connectors.http import RetryPolicy
+from dirpull.emulators.org import Org
+
+
+def _policy() -> RetryPolicy:
+    return RetryPolicy(max_attempts=2, base_delay=0.0, jitter=0.0, sleep=lambda s: None)
+
+
+class _OktaSleeps:
+    async def __call__(self, seconds: float) -> None:
+        await asyncio.sleep(0)
+
+
+def _emulator(provider: str, org: Org) -> Any:
+    if provider == "entra_id":
+        from dirpull.emulators.graph_api import GraphEmulator
+
+        return GraphEmulator(org, delta_page_size=15, member_chunk_size=7, retry_after="0.01")
+    if provider == "okta":
+        from dirpull.emulators.okta_api import OktaEmulator
+
+        emu = OktaEmulator(org)
+        emu.fault_reset_in = 0
+        return emu
+    if provider == "bamboohr":
+        from dirpull.emulators.bamboohr_api import BambooHREmulator
+
+        return BambooHREmulator(org)
+    if provider == "google_workspace":
+        from dirpull.emulators.google_api import GoogleEmulator
+
+        return GoogleEmulator(org)
+    assert provider == "workday"
+    from dirpull.emulators.workday_api import WorkdayEmulator
+
+    return WorkdayEmulator(org)
+
+
+def _connector(provider: str, settings: dict[str, Any]) -> Connector:
+    if provider == "entra_id":
+        from dirpull.config import EntraTenant
+        from dirpull.connectors.entra_id import build as entra
+
+        return entra("t1", EntraTenant.model_validate(settings), policy=_policy())
+    if provider == "okta":
+        from dirpull.config import OktaTenant
+        from dirpull.connectors.okta import OktaConnector
+
+        return OktaConnector("t1", OktaTenant.model_validate({**settings, "backoff_base": 0.01}), sleep=_OktaSleeps())
+    if provider == "bamboohr":
+        from dirpull.config import BambooHRTenant
+        from dirpull.connectors.bamboohr import build as bamboo
+
+        return bamboo("t1", BambooHRTenant.model_validate(settings), policy=_policy())
+    if provider == "google_workspace":
+        from dirpull.config import GoogleTenant
+        from dirpull.connectors.google_workspace import build as google
+
+        return google("t1", GoogleTenant.model_validate(settings), policy=_policy())
+    from dirpull.config import WorkdayTenant
+    from dirpull.connectors.workday import WorkdayConnector
+
+    return WorkdayConnector("t1", WorkdayTenant.model_validate(settings), policy_factory=_policy)
+
+
+class Vendor:
+    """A provider's emulator behind a rewriting proxy, and the tenant settings pointing at the proxy."""
+
+    def __init__(self, provider: str, org: Org, tmp_path: Path) -> None:
+        self.provider = provider
+        self.org = org
+        self.emu = _emulator(provider, org)
+        self.tmp_path = tmp_path
+        self.rewrite: Rewrite | None = None
+
+    def settings(self, base: str) -> dict[str, Any]:
+        upstream = self.emu.base_url
+        configured = json.dumps(self.emu.tenant_config("t1", self.tmp_path))
+        settings: dict[str, Any] = json.loads(configured.replace(upstream, base))
+        if self.provider == "google_workspace":  # the key file names the token endpoint
+            key = Path(settings["credentials_file"][len("file:") :])
+            key.write_text(key.read_text().replace(upstream, base))
+        return settings
+
+    def pull(self, rewrite: Rewrite) -> tuple[list[Page], Done]:
+        with proxying(self.emu.base_url, rewrite) as proxy:
+            items = list(_connector(self.provider, self.settings(proxy.base_url)).pull(None, full=True))
+        done = items[-1]
+        assert isinstance(done, Done) and all(isinstance(p, Page) for p in items[:-1])
+        return items[:-1], done  # type: ignore[return-value]
+
+    def error(self, rewrite: Rewrite) -> str:
+        with pytest.raises(ConnectorError) as info:
+            self.pull(rewrite)
+        message = str(info.value)
+        assert "\n" not in message and "Traceback" not in message
+        return message
+
+
+@pytest.fixture
+def vendor(tmp_path: Path) -> Iterator[Any]:
+    started: list[Vendor] = []
+
+    def make(provider: str, people: int = 40) -> Vendor:
+        v = Vendor(provider, Org.generate(people, groups=6, seed=11), tmp_path)
+        v.emu.start()
+        started.append(v)
+        return v
+
+    yield make
+    for v in started:
+        v.emu.stop()
+
+
+def answers(path_part: str, change: Rewrite, *, nth: int | None = None) -> Rewrite:
+    """`change` applied to the 200 answers to requests whose path holds `path_part` (only the
+    `nth` of them, 1-based, if given)."""
+    seen = [0]
+
+    def rewrite(a: Answer) -> Answer | None:
+        if path_part not in a.path or a.status != 200:
+            return None
+        seen[0] += 1
+        return change(a) if nth is None or seen[0] == nth else None
+
+    return rewrite
+
+
+def person_values(org: Org) -> list[str]:
+    """What a message must not quote: people's names and email addresses."""
+    out: list[str] = []
+    for p in org.listed_people():
+        out += [v for v in (p.email, p.given, p.family, p.username) if v]
+    return out
+
+
+# --- a UTF-8 byte order mark before a JSON body ---------------------------------------------------
+
+
+@pytest.mark.parametrize(("provider", "listing"), [("workday", "Worker_Directory"), ("okta", "/api/v1/users?")])
+def test_a_body_behind_a_byte_order_mark_is_refused_without_quoting_people(
+    vendor: Any, provider: str, listing: str
+) -> None:
+    v = vendor(provider)
+    message = v.error(answers(listing, lambda a: Answer(a.path, a.status, a.headers, b"\xef\xbb\xbf" + a.body)))
+    assert "byte order mark" in message and "values not shown" in message
+    assert not [x for x in person_values(v.org) if x in message], message

@@ -163,3 +163,50 @@ def test_a_body_behind_a_byte_order_mark_is_refused_without_quoting_people(
     message = v.error(answers(listing, lambda a: Answer(a.path, a.status, a.headers, b"\xef\xbb\xbf" + a.body)))
     assert "byte order mark" in message and "values not shown" in message
     assert not [x for x in person_values(v.org) if x in message], message
+
+
+# --- a page of the wrong shape --------------------------------------------------------------------
+
+
+def _json(change: Any) -> Rewrite:
+    def rewrite(a: Answer) -> Answer:
+        return Answer(a.path, a.status, a.headers, json.dumps(change(json.loads(a.body))).encode())
+
+    return rewrite
+
+
+def _without(key: str) -> Any:
+    return lambda doc: {k: v for k, v in doc.items() if k != key}
+
+
+def _set(key: str, value: Any) -> Any:
+    return lambda doc: {**doc, key: value}
+
+
+@pytest.mark.parametrize(
+    "change", [_without("value"), _set("value", None), _set("value", {})], ids=["missing", "null", "object"]
+)
+def test_an_entra_delta_page_without_its_value_list_fails_the_pull_instead_of_losing_its_users(
+    vendor: Any, change: Any
+) -> None:
+    v = vendor("entra_id")
+    # The second of three pages of the users walk (15 a page): read as empty, 15 people were left
+    # out of a full snapshot, to be deleted.
+    message = v.error(answers("/users/delta", _json(change), nth=2))
+    assert message.startswith("users delta: Graph sent a page with ") and "not a list of records" in message
+
+
+def test_an_entra_group_members_page_without_its_value_list_fails_the_pull(vendor: Any) -> None:
+    v = vendor("entra_id")
+    parent, child = [g.n for g in v.org.listed_groups()][:2]
+    v.org.add_subgroup(parent, child)
+    with proxying(v.emu.base_url) as proxy:
+        c = _connector("entra_id", v.settings(proxy.base_url))
+        done = list(c.pull(None, full=True))[-1]
+        assert isinstance(done, Done)
+        # A change below a nested group: the next round re-reads the parent's tree through
+        # /groups/{id}/members, whose pages are garbled.
+        v.org.add_member(child, next(n for n in v.org.people if n not in v.org.transitive_members(parent)))
+        proxy.rewrite = answers("/members", _json(_without("value")))
+        with pytest.raises(ConnectorError, match=r"^group members: Graph sent a page with no `value`"):
+            list(c.pull(done.cursor, full=False))

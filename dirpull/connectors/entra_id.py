@@ -545,6 +545,23 @@ class _Session:
 _WALK_DONE = object()
 
 
+def _check_records(page: dict[str, Any], step: str) -> None:
+    """Fails the step on a page whose `value` is not a list: Graph always sends one, `[]` when the
+    page has no records. Read as `[]`, a page the proxy or gateway in between garbled (an empty
+    body, another document) went unnoticed, and a full walk missing its records deleted them."""
+    if not isinstance(page.get("value"), list):
+        if not page:
+            what = "an empty answer"
+        else:
+            value = page.get("value")
+            kind = "no `value`" if value is None else f"a `value` that is a {type(value).__name__}"
+            what = f"a page with {kind} (keys: {', '.join(sorted(page)[:5])})"
+        raise ConnectorError(
+            f"{step}: Graph sent {what}, not a list of records; is a proxy or gateway answering in Graph's place?",
+            step=step,
+        )
+
+
 async def _side_by_side(*walks: AsyncIterator[Page]) -> AsyncIterator[Page]:
     """The pages of several walks as they come, each walk in its own task, a few pages buffered.
     The first error of any walk is raised here; the others are cancelled."""
@@ -731,6 +748,7 @@ class EntraConnector(CountsRequests):
         page = first if isinstance(first, dict) else await session.get(first, step=step)
         seen: set[str] = set()
         while True:
+            _check_records(page, step)
             next_link = page.get("@odata.nextLink")
             delta_link = page.get("@odata.deltaLink")
             if delta_link and not next_link:
@@ -1026,6 +1044,7 @@ class EntraConnector(CountsRequests):
                 raise
             seen: set[str] = set()
             while True:
+                _check_records(page, "group members")
                 for ref in page.get("value") or []:
                     kind, mid = ref.get("@odata.type"), ref.get("id")
                     if kind == USER_TYPE and mid:

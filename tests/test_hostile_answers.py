@@ -210,3 +210,14 @@ def test_an_entra_group_members_page_without_its_value_list_fails_the_pull(vendo
         proxy.rewrite = answers("/members", _json(_without("value")))
         with pytest.raises(ConnectorError, match=r"^group members: Graph sent a page with no `value`"):
             list(c.pull(done.cursor, full=False))
+
+
+# --- Okta -----------------------------------------------------------------------------------------
+
+
+def test_an_okta_listing_answered_with_an_empty_body_fails_the_pull_instead_of_losing_a_page(vendor: Any) -> None:
+    v = vendor("okta")
+    message = v.error(answers("/api/v1/users?", lambda a: Answer(a.path, a.status, a.headers, b""), nth=1))
+    assert message.startswith("list users: HTTP 200 from http://127.0.0.1:") and "/api/v1/users" in message
+    assert "with an empty body" in message
+

@@ -1155,8 +1155,15 @@ class OktaConnector(CountsRequests):
         last = transport.last
         if err is not None or last is None or not 200 <= last.status <= 299:
             raise self._failure(step, transport, _first_line(err) if err is not None else "no response")
+        if not last.body:
+            # Okta lists nothing as `[]`. An empty body taken for that (as it was) lost a page of
+            # a full listing, and the users on it were deleted.
+            raise ConnectorError(
+                f"{step}: HTTP {last.status} from {redact_url(last.url)} with an empty body, not a JSON array",
+                step=step,
+            )
         try:
-            raw = _loads(last.body) if last.body else []
+            raw = _loads(last.body)
         except ValueError:
             raise ConnectorError(
                 f"{step}: the response is not JSON ({body_opening(last.body, 120)})", step=step

@@ -221,3 +221,48 @@ def test_an_okta_listing_answered_with_an_empty_body_fails_the_pull_instead_of_l
     assert message.startswith("list users: HTTP 200 from http://127.0.0.1:") and "/api/v1/users" in message
     assert "with an empty body" in message
 
+
+def _okta_user_ids(change: Any) -> Rewrite:
+    """`change` applied to each user record of the users listing."""
+
+    def rewrite(a: Answer) -> Answer:
+        return Answer(a.path, a.status, a.headers, json.dumps([change(r) for r in json.loads(a.body)]).encode())
+
+    return answers("/api/v1/users?", rewrite)
+
+
+@pytest.mark.parametrize("id_value", [None, ""], ids=["missing", "empty"])
+def test_an_okta_user_record_without_an_id_is_quarantined_and_deletes_no_one(
+    vendor: Any, harness: Any, id_value: str | None
+) -> None:
+    from dirpull.connectors.okta import OktaConnector
+    from dirpull.emulators.okta_api import user_id
+
+    v = vendor("okta")
+    n = 5
+    for g in v.org.listed_groups():  # in no group: the members listings do not name them either
+        if n in g.members:
+            v.org.remove_member(g.n, n)
+    unreadable = user_id(n)
+
+    def strip(rec: dict[str, Any]) -> dict[str, Any]:
+        if rec.get("id") != unreadable:
+            return rec
+        return {k: val for k, val in rec.items() if k != "id"} | ({} if id_value is None else {"id": id_value})
+
+    with proxying(v.emu.base_url) as proxy:
+        h = harness(
+            {"t1": v.settings(proxy.base_url)},
+            connector_factory=lambda name, settings: OktaConnector(name, settings, sleep=_OktaSleeps()),
+        )
+        assert h.sync("t1").status == "succeeded"
+        before, seq = h.users("t1"), h.last_seq()
+        assert unreadable in before
+        proxy.rewrite = _okta_user_ids(strip)
+        r = h.sync("t1", full=True)
+    assert r.status == "succeeded", r.error
+    assert h.users("t1") == before and h.changes("t1", after=seq) == []  # nobody deleted, no user ""
+    assert r.counts["quarantined"] == 1
+    assert [(q["idp_id"], q["reason"]) for q in h.store.runs("t1", 1)[0]["quarantined"]] == [
+        (None, "user record without an id")
+    ]

@@ -819,7 +819,12 @@ class OktaConnector(CountsRequests):
 
     def _add_user(self, run: _Run, page: Page, rec: dict[str, Any]) -> None:
         uid = rec.get("id")
-        if not isinstance(uid, str) or uid in run.seen_users:
+        if not isinstance(uid, str) or not uid:
+            # Dropped (or stored under ""), the user went unseen and a full sync deleted them;
+            # quarantined without an id, no stored user is deleted on this run's word.
+            page.quarantined.append(Quarantined("user", None, "user record without an id"))
+            return
+        if uid in run.seen_users:
             return
         digest = None
         if run.sources is not None:
@@ -886,6 +891,9 @@ class OktaConnector(CountsRequests):
                     continue
                 run.newest_group = _newest(run.newest_group, rec.get("lastUpdated"))
                 run.newest_members = _newest(run.newest_members, rec.get("lastMembershipUpdated"))
+                if not isinstance(rec.get("id"), str) or not rec["id"]:
+                    page.quarantined.append(Quarantined("group", None, "group record without an id"))
+                    continue
                 try:
                     page.groups.append(self.normalize_group(rec))
                 except Exception as exc:
@@ -930,7 +938,7 @@ class OktaConnector(CountsRequests):
                 first = False
                 for rec in records:
                     uid = rec.get("id")
-                    if not isinstance(uid, str):
+                    if not isinstance(uid, str) or not uid:
                         continue
                     page.members.append((gid, uid))
                     # A member the user listing did not return (created since, or index lag).

@@ -266,3 +266,36 @@ def test_an_okta_user_record_without_an_id_is_quarantined_and_deletes_no_one(
     assert [(q["idp_id"], q["reason"]) for q in h.store.runs("t1", 1)[0]["quarantined"]] == [
         (None, "user record without an id")
     ]
+
+
+# --- BambooHR -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (_without("employees"), "no 'employees' in it (its keys: 'title', 'fields')"),
+        (_set("employees", None), "its 'employees' is NoneType, not a list"),
+        (_set("employees", {}), "its 'employees' is dict, not a list"),
+        (lambda doc: [doc], "a JSON list, not an object"),
+    ],
+    ids=["missing", "null", "object", "list"],
+)
+def test_a_bamboohr_report_without_its_employees_list_fails_the_pull_instead_of_listing_nobody(
+    vendor: Any, harness: Any, change: Any, why: str
+) -> None:
+    from dirpull.connectors.bamboohr import build
+
+    v = vendor("bamboohr")
+    with proxying(v.emu.base_url) as proxy:
+        h = harness(
+            {"hr": v.settings(proxy.base_url)},
+            connector_factory=lambda name, settings: build(name, settings, policy=_policy()),
+        )
+        proxy.rewrite = answers("reports/custom", _json(change))
+        r = h.sync("hr")
+    # Not a first sync that succeeds with nobody, nor a later one held as "the directory
+    # returned no users" (sending the operator to check credentials that are fine).
+    assert r.status == "failed" and h.users("hr") == {}
+    assert r.error is not None and r.error.startswith("custom report: the answer from http://127.0.0.1:")
+    assert f"is JSON but not a report of employees ({why})" in r.error

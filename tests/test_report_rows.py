@@ -12,7 +12,7 @@ import ijson
 import pytest
 
 from dirpull.connectors import report_rows
-from dirpull.connectors.report_rows import NotJSON
+from dirpull.connectors.report_rows import NoRowsList, NotJSON
 
 
 def rows_of(body: bytes, key: str, chunk_size: int = 7) -> list[Any]:
@@ -63,7 +63,10 @@ def test_an_integer_beyond_64_bits_comes_out_as_a_float() -> None:
 
 def test_an_empty_array_a_missing_key_and_a_nested_key() -> None:
     assert rows_of(b'{"employees": []}', "employees") == []
-    assert rows_of(b'{"title": "x"}', "employees") == []  # as ijson: no such array, no rows
+    # ijson finds no rows in these; they are not the report (a gateway's JSON): refused.
+    for body in (b'{"title": "x"}', b'{"employees": null}', b'{"employees": {}}', b"[]"):
+        with pytest.raises(NoRowsList):
+            rows_of(body, "employees")
     nested_first = b'{"meta": {"employees": [{"id": "no"}]}, "employees": [{"id": "yes"}]}'
     assert rows_of(nested_first, "employees") == ijson_rows(nested_first, "employees") == [{"id": "yes"}]
 
@@ -119,9 +122,11 @@ def test_not_json_says_what_is_wrong_without_quoting_the_body() -> None:
     assert "Lovelace" not in str(info.value) and "\n" not in str(info.value)
 
 
-def test_a_key_whose_value_is_not_a_list_has_no_rows_as_with_ijson() -> None:
+def test_a_key_whose_value_is_not_a_list_is_refused_where_ijson_finds_no_rows() -> None:
     body = b'{"employees": {"id": "1"}}'
-    assert rows_of(body, "employees") == ijson_rows(body, "employees") == []
+    assert ijson_rows(body, "employees") == []
+    with pytest.raises(NoRowsList, match="its 'employees' is dict, not a list"):
+        rows_of(body, "employees")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 64, 1 << 20])

@@ -45,9 +45,9 @@ from dirpull.connectors.base import (
     Page,
     Quarantined,
 )
-from dirpull.connectors.http import HttpClient, RetryPolicy, transport_reason, warn_plain_http
+from dirpull.connectors.http import HttpClient, RetryPolicy, redact_url, transport_reason, warn_plain_http
 from dirpull.connectors.mapping import map_attributes, without
-from dirpull.connectors.report_rows import RECOGNIZED, Recognize, fingerprint
+from dirpull.connectors.report_rows import RECOGNIZED, NoRowsList, Recognize, fingerprint
 from dirpull.connectors.report_rows import rows as report_rows
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import User
@@ -622,6 +622,13 @@ def _stream_employees(
     resp.raw.decode_content = True
     try:
         yield from report_rows(resp.raw, "employees", recognizer)
+    except NoRowsList as exc:
+        # Read as a report with no rows, it was a snapshot with nobody in it.
+        raise ConnectorError(
+            f"{step}: the answer from {redact_url(resp.url)} is JSON but not a report of employees ({exc}); "
+            "is something other than BambooHR answering (a proxy, a gateway)?",
+            step=step,
+        ) from None
     except ValueError as exc:  # report_rows.NotJSON, and a body that is not UTF-8
         raise ConnectorError(f"{step}: the report body is not valid JSON ({exc})", step=step) from None
     except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:

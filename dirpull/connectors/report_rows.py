@@ -15,8 +15,10 @@ the end together with the document's opening, which checks the document as a who
 keys, its closing brackets). Rows are expected flat, as these reports' are: where the last few
 candidate cuts of a chunk (or 16 of one row) fall inside nested objects, or 8 MB are held that way,
 ijson reads the rest. A document laid out otherwise (the array not a top-level value, no
-such key in the first 8 MB) goes to ijson unchanged. One difference from ijson, which refuses
-them: an integer beyond 64 bits comes out as a float (these reports print numbers as strings).
+such key in the first 8 MB) goes to ijson unchanged. Differences from ijson: an integer beyond
+64 bits, which it refuses, comes out as a float (these reports print numbers as strings); a whole
+body under 8 MB with no list at `key` (none, null, an object: a gateway's JSON, not the report),
+in which it finds no rows, raises `NoRowsList`.
 """
 
 from __future__ import annotations
@@ -71,6 +73,22 @@ class NotJSON(ValueError):
     """The report body is not valid JSON (or not the document asked for)."""
 
 
+class NoRowsList(NotJSON):
+    """The report body is JSON, but has no list of rows under its key: what it has instead, by
+    the document's type or top-level keys only (the values may be people)."""
+
+    def __init__(self, key: str, document: Any) -> None:
+        if not isinstance(document, dict):
+            what = f"a JSON {type(document).__name__}, not an object"
+        elif key not in document:
+            keys = ", ".join(repr(k) for k in list(document)[:5])
+            what = f"no {key!r} in it (its keys: {keys})" if keys else "an empty object"
+        else:
+            what = f"its {key!r} is {type(document[key]).__name__}, not a list"
+        super().__init__(what)
+        self.key = key
+
+
 def parse_error(exc: Exception) -> str:
     """What a JSON parser found wrong, without the lines of body text ijson's yajl backends add
     after it (`… "Legal_Name":"Ada Lovelace" … (right here) ------^`): the values are people, and
@@ -95,6 +113,20 @@ def rows(
     it recognizes needs no parsing to be trusted. Without one, rows are parsed in batches."""
     opened = _open(stream, key, chunk_size)
     if isinstance(opened, bytes):
+        if len(opened) <= HEAD_LIMIT:  # the whole body, and no array opens at `key` in it
+            try:
+                document = _loads(opened)
+            except NotJSON:
+                document = None  # ijson says what is wrong, as for a longer body
+            else:
+                listed = document.get(key) if isinstance(document, dict) else None
+                if not isinstance(listed, list):
+                    # ijson found no rows in it and said nothing: a JSON document that is not the
+                    # report (a gateway's, a proxy's) read as a report with no rows.
+                    raise NoRowsList(key, document)
+                for row in listed:
+                    yield None, row, None
+                return
         for row in _ijson(opened, stream, key):
             yield None, row, None
         return

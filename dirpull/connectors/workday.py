@@ -57,7 +57,7 @@ from dirpull.connectors.http import (
     warn_plain_http,
 )
 from dirpull.connectors.nesting import flatten, nested_groups
-from dirpull.connectors.report_rows import RECOGNIZED, Recognize, fingerprint, parse_error
+from dirpull.connectors.report_rows import RECOGNIZED, NoRowsList, Recognize, fingerprint, parse_error
 from dirpull.connectors.report_rows import rows as report_rows
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import Group, User
@@ -400,9 +400,12 @@ class WorkdayConnector(CountsRequests):
         head = _Head(resp.raw)
         resp.raw.decode_content = True
         with self._reading(resp, head, "users report", counter):
-            for item in report_rows(head, "Report_Entry", recognizer):
-                counter["rows"] += 1
-                yield item
+            try:
+                for item in report_rows(head, "Report_Entry", recognizer):
+                    counter["rows"] += 1
+                    yield item
+            except NoRowsList:
+                pass  # no rows: `_check_users_report` refuses it, saying how the body began
 
     @contextlib.contextmanager
     def _reading(

@@ -299,3 +299,40 @@ def test_a_bamboohr_report_without_its_employees_list_fails_the_pull_instead_of_
     assert r.status == "failed" and h.users("hr") == {}
     assert r.error is not None and r.error.startswith("custom report: the answer from http://127.0.0.1:")
     assert f"is JSON but not a report of employees ({why})" in r.error
+
+
+# --- Google Workspace -----------------------------------------------------------------------------
+
+
+def _first_record(key: str, value: Any) -> Any:
+    return lambda doc: {**doc, key: [value, *doc[key][1:]]}
+
+
+@pytest.mark.parametrize(("listing", "key", "kind"), [("/users?", "users", "user"), ("/groups?", "groups", "group")])
+@pytest.mark.parametrize("record", [None, "x"], ids=["null", "string"])
+def test_a_google_record_that_is_not_an_object_is_quarantined_not_an_attribute_error(
+    vendor: Any, listing: str, key: str, kind: str, record: Any
+) -> None:
+    v = vendor("google_workspace")
+    pages, done = v.pull(answers(listing, _json(_first_record(key, record))))
+    assert [(q.kind, q.idp_id, q.reason) for p in pages for q in p.quarantined] == [
+        (kind, None, f"{kind} record is not an object")
+    ]
+    assert done.snapshot
+
+
+@pytest.mark.parametrize(("listing", "key"), [("/users?", "users"), ("/groups?", "groups"), ("/members?", "members")])
+@pytest.mark.parametrize(("value", "kind"), [({"0": {"id": "1"}}, "an object"), (None, "null")], ids=["object", "null"])
+def test_a_google_page_whose_records_are_not_a_list_fails_the_pull_in_one_line(
+    vendor: Any, listing: str, key: str, value: Any, kind: str
+) -> None:
+    v = vendor("google_workspace")
+    message = v.error(answers(listing, _json(_set(key, value)), nth=1))
+    assert f"the page's {key!r} is {kind}, not a list of records" in message
+    assert message.startswith(f"{key}.list")
+
+
+def test_a_google_member_record_that_is_not_an_object_fails_the_pull_naming_the_group(vendor: Any) -> None:
+    v = vendor("google_workspace")
+    message = v.error(answers("/members?", _json(_first_record("members", None)), nth=1))
+    assert message.startswith("members.list of group ") and message.endswith(": a member record is not an object")

@@ -518,6 +518,20 @@ class _Session:
             request = collection.list_next(request, body)
 
 
+def _records(body: dict[str, Any], key: str, step: str) -> list[Any]:
+    """The records of a listing page. Google leaves `key` out of a page with none; anything but a
+    list there is no Directory API answer, and read as no records (as it was) a page of users or
+    members was lost without a word, or a record that is not an object failed the run with an
+    AttributeError naming neither the listing nor the problem."""
+    if key not in body:
+        return []
+    records = body[key]
+    if not isinstance(records, list):
+        kind = {dict: "an object", type(None): "null", str: "a string"}.get(type(records), "a number")
+        raise ConnectorError(f"{step}: the page's {key!r} is {kind}, not a list of records", step=step)
+    return records
+
+
 class GoogleWorkspaceConnector(CountsRequests):
     provider = PROVIDER
     source_digests = True  # a pull takes `known=` (connectors.source)
@@ -584,7 +598,10 @@ class GoogleWorkspaceConnector(CountsRequests):
         )
         with listing:
             for body in listing:
-                for raw in body.get("users") or []:
+                for raw in _records(body, "users", "users.list"):
+                    if not isinstance(raw, dict):
+                        quarantined.append(Quarantined("user", None, "user record is not an object"))
+                        continue
                     uid, email = raw.get("id"), raw.get("primaryEmail")
                     if not isinstance(uid, str) or not uid:
                         quarantined.append(Quarantined("user", None, "user record without id"))
@@ -624,7 +641,10 @@ class GoogleWorkspaceConnector(CountsRequests):
         # access, not another organization's group (see `_members_of`).
         listed: set[str] = set()
         for body in session.pages("groups", "groups.list", maxResults=GROUP_PAGE, **self._scope_args()):
-            for raw in body.get("groups") or []:
+            for raw in _records(body, "groups", "groups.list"):
+                if not isinstance(raw, dict):
+                    quarantined.append(Quarantined("group", None, "group record is not an object"))
+                    continue
                 gid = raw.get("id")
                 if not isinstance(gid, str) or not gid:
                     quarantined.append(Quarantined("group", None, "group record without id"))
@@ -752,7 +772,11 @@ class GoogleWorkspaceConnector(CountsRequests):
         try:
             for body in session.pages("members", "members.list", may_vanish=True, groupKey=gid,
                                       maxResults=MEMBER_PAGE):  # fmt: skip
-                for m in body.get("members") or []:
+                for m in _records(body, "members", f"members.list of group {gid}"):
+                    if not isinstance(m, dict):
+                        # Whose membership it is cannot be told: skipped, a member would be removed.
+                        step = f"members.list of group {gid}"
+                        raise ConnectorError(f"{step}: a member record is not an object", step=step)
                     kind, mid, email = m.get("type"), m.get("id"), m.get("email")
                     if kind == "GROUP" and isinstance(mid, str):
                         result.groups.append(mid)

@@ -336,3 +336,24 @@ def test_a_google_member_record_that_is_not_an_object_fails_the_pull_naming_the_
     v = vendor("google_workspace")
     message = v.error(answers("/members?", _json(_first_record("members", None)), nth=1))
     assert message.startswith("members.list of group ") and message.endswith(": a member record is not an object")
+
+
+# --- Workday --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("change", "shape"),
+    [
+        (lambda doc: {"Report_Entry": dict(enumerate(doc["Report_Entry"]))}, "its 'Report_Entry' is dict, not a list"),
+        (lambda doc: {"data": doc}, "no 'Report_Entry' in it (its keys: 'data')"),
+    ],
+    ids=["object-of-rows", "wrapped"],
+)
+def test_a_workday_report_with_its_rows_not_where_expected_is_refused_without_quoting_them(
+    vendor: Any, change: Any, shape: str
+) -> None:
+    v = vendor("workday")
+    message = v.error(answers("Worker_Directory", _json(change)))
+    assert message.startswith("users report: the report has no rows; refusing to treat every worker as deleted")
+    assert f"the body began: JSON with {shape}" in message
+    assert not [x for x in person_values(v.org) if x in message], message

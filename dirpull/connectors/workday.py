@@ -404,8 +404,11 @@ class WorkdayConnector(CountsRequests):
                 for item in report_rows(head, "Report_Entry", recognizer):
                     counter["rows"] += 1
                     yield item
-            except NoRowsList:
-                pass  # no rows: `_check_users_report` refuses it, saying how the body began
+            except NoRowsList as exc:
+                # No rows: `_check_users_report` refuses it, saying what the JSON holds instead by
+                # its keys and types only. Quoted, its values were people (an object of rows, a
+                # gateway's wrapper around the report) in the run's error and the log.
+                counter["head"] = f"JSON with {exc}"
 
     @contextlib.contextmanager
     def _reading(
@@ -430,7 +433,7 @@ class WorkdayConnector(CountsRequests):
             ) from None
         finally:
             resp.close()
-        if counter["rows"] == 0:
+        if counter["rows"] == 0 and "head" not in counter:
             counter["head"] = readable_body(head.head, 200)
 
     # --- pull ----------------------------------------------------------------------------------------

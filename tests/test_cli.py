@@ -701,7 +701,7 @@ def test_log_lines_on_a_terminal_do_not_land_in_the_progress_line(env):
     rows = _terminal_rows(raw)
     logged = [row for row in rows if " INFO dirpull.sync: sync " in row]
     assert len(logged) == 2, rows
-    own_row = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO dirpull.sync: sync (start|end) ")
+    own_row = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z INFO dirpull.sync: sync (start|end) ")
     assert all(own_row.match(row) for row in logged), logged
 
 

@@ -290,10 +290,16 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
 
+MAX_STORE_TIMEOUT = 86_400.0  # seconds
+
+
 class StoreSettings(_Strict):
     url: str = "sqlite:///dirpull.db"
     pool_size: int = Field(5, ge=1, le=100)
-    connect_timeout: float = Field(10.0, gt=0)
+    # At most a day: SQLite waits 3 × this for the write lock, in milliseconds held in a 32-bit
+    # busy_timeout, so past ~8 days the wait wrapped round to none at all, and `inf` failed every
+    # command with an OverflowError traceback.
+    connect_timeout: float = Field(10.0, gt=0, le=MAX_STORE_TIMEOUT)
 
     @field_validator("url")
     @classmethod

@@ -339,6 +339,26 @@ def test_bad_store_url_names_the_key_and_hides_the_password(tmp_path, monkeypatc
     assert "hunter2" not in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("value", ["inf", "1e7"])
+def test_a_store_connect_timeout_too_long_is_a_mistake_naming_the_key(tmp_path, monkeypatch, value):
+    """`inf` loaded, then every command failed with an OverflowError traceback (SQLite's busy
+    timeout is 3 × connect_timeout in milliseconds, a 32-bit number); `1e7` wrapped round to no
+    wait at all for another process's write lock."""
+    from typer.testing import CliRunner
+
+    from dirpull.cli import app
+
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    monkeypatch.chdir(tmp_path)
+    with_timeout = GOOD.replace('url = "sqlite:///x.db"', 'url = "sqlite:///x.db"\nconnect_timeout = {}')
+    path = write(tmp_path, with_timeout.format(value))
+    r = CliRunner().invoke(app, ["--config", str(path), "status"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr == f"dirpull: {path}: store.connect_timeout: Input should be less than or equal to 86400\n"
+    assert not (tmp_path / "x.db").exists()
+    assert load_config(write(tmp_path, with_timeout.format(86400))).store.connect_timeout == 86400
+
+
 def test_store_refuses_a_bad_url_without_showing_the_password():
     for url in ("postgresql+psycopg://u:hunter2@db:5432x/d", "postgresql+psycopg//u:hunter2@db/d"):
         with pytest.raises(StoreError) as exc:

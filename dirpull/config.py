@@ -391,6 +391,9 @@ class TenantBase(_Strict):
         return None if v is None else _check_duration(v)
 
 
+# A response timeout of `inf` (or ~1e10 s and more) loaded, then every run of the tenant failed
+# with an OverflowError from the socket or aiohttp's timer: at most a day, far beyond any report.
+MAX_HTTP_TIMEOUT = 86_400.0  # seconds
 MIN_CHANGED_OVERLAP = 1.0  # seconds: BambooHR's timestamps are to the second
 
 
@@ -409,7 +412,7 @@ class BambooHRTenant(TenantBase):
     page_size: int = Field(1000, ge=1, le=100_000)
     # Seconds subtracted from the stored `since` (BambooHR timestamps have second precision).
     changed_overlap: float = Field(1.0, le=86_400)
-    timeout: float = Field(120.0, gt=0)
+    timeout: float = Field(120.0, gt=0, le=MAX_HTTP_TIMEOUT)
 
     @field_validator("changed_overlap")
     @classmethod
@@ -502,7 +505,7 @@ class OktaTenant(TenantBase):
         ]
     ] = Field(default_factory=lambda: ["STAGED", "SUSPENDED", "DEPROVISIONED"])
     page_size: int = Field(200, ge=1, le=200)
-    request_timeout: float = Field(60.0, gt=0)
+    request_timeout: float = Field(60.0, gt=0, le=MAX_HTTP_TIMEOUT)
     # First wait of the exponential backoff used when Okta gives no X-Rate-Limit-Reset (and for 5xx).
     backoff_base: float = Field(1.0, gt=0)
 
@@ -585,7 +588,7 @@ class WorkdayTenant(TenantBase):
     refresh_token: Secret | None = None
     fields: dict[str, str] = Field(default_factory=dict)
     group_column: str | None = None
-    timeout: float = Field(300.0, gt=0)
+    timeout: float = Field(300.0, gt=0, le=MAX_HTTP_TIMEOUT)
 
     @field_validator("fields")
     @classmethod

@@ -503,6 +503,34 @@ def test_a_bamboohr_changed_overlap_under_a_second_fails_the_load_naming_the_key
     assert load_config(write(tmp_path, GOOD + "changed_overlap = 1\n")).tenant("acme-hr").changed_overlap == 1
 
 
+OKTA = GOOD.replace(GOOD[GOOD.index("[tenants.acme-hr]") :], '''[tenants.acme-hr]
+provider = "okta"
+org_url = "https://acme.okta.com"
+api_token = "t"
+''')
+WORKDAY = GOOD.replace(GOOD[GOOD.index("[tenants.acme-hr]") :], '''[tenants.acme-hr]
+provider = "workday"
+users_report_url = "https://wd2.example/ccx/service/customreport2/acme/ISU/Workers"
+username = "ISU"
+password = "p"
+''')
+
+
+@pytest.mark.parametrize(
+    ("table", "key"), [(GOOD, "timeout"), (OKTA, "request_timeout"), (WORKDAY, "timeout")],
+    ids=["bamboohr", "okta", "workday"],
+)
+@pytest.mark.parametrize("value", ["inf", "1e10"])
+def test_an_http_timeout_too_long_fails_the_load_naming_the_key(tmp_path, table, key, value):
+    """BambooHR's and Workday's `timeout` and Okta's `request_timeout` of `inf` (or 1e10 s) loaded,
+    then every run of the tenant failed with "OverflowError: timestamp out of range for platform
+    time_t" (the socket's timeout) or "cannot convert float infinity to integer" (aiohttp's)."""
+    assert error_of(tmp_path, table + f"{key} = {value}\n") == (
+        f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.{key}: Input should be less than or equal to 86400"
+    )
+    assert getattr(load_config(write(tmp_path, table + f"{key} = 86400\n")).tenant("acme-hr"), key) == 86400
+
+
 def test_okta_dpop_is_for_an_oauth_app_and_refused_with_an_api_token(tmp_path):
     """`dpop = true` binds OAuth tokens (RFC 9449); with api_token it would silently do nothing."""
     base = '[tenants.o]\nprovider = "okta"\norg_url = "https://acme.okta.com"\ndpop = true\n'

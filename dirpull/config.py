@@ -643,7 +643,9 @@ _TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 def _tenant_id_problem(name: str) -> str | None:
-    return None if _TENANT_ID.match(name) else f"tenant id {name!r}: use letters, digits, '-', '_' or '.'"
+    # fullmatch: `$` also matches before a final line break, and `[tenants."acme\n"]` was a tenant
+    # whose id broke every line naming it (`unknown tenant 'acme' (known: acme⏎, b)`).
+    return None if _TENANT_ID.fullmatch(name) else f"tenant id {name!r}: use letters, digits, '-', '_' or '.'"
 
 
 @dataclass(frozen=True)

@@ -531,6 +531,19 @@ def test_an_http_timeout_too_long_fails_the_load_naming_the_key(tmp_path, table,
     assert getattr(load_config(write(tmp_path, table + f"{key} = 86400\n")).tenant("acme-hr"), key) == 86400
 
 
+def test_a_tenant_id_ending_in_a_line_break_is_a_mistake(tmp_path, monkeypatch):
+    """`[tenants."acme\\n"]` loaded as tenant "acme⏎": `dirpull sync acme` was an unknown tenant
+    listing "known: acme" over two lines, and every log line and status row naming it broke."""
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    table = GOOD[GOOD.index("[tenants.acme-hr]") :]
+    text = GOOD + table.replace("[tenants.acme-hr]", '[tenants."acme\\n"]')
+    path = write(tmp_path, text)
+    expected = f"{path}: tenants: tenant id 'acme\\n': use letters, digits, '-', '_' or '.'"
+    assert error_of(tmp_path, text) == expected
+    cfg = load_config(path, isolate_tenants=True)
+    assert list(cfg.tenants) == ["acme-hr"] and cfg.broken["acme\n"].errors == (expected,)
+
+
 def test_okta_dpop_is_for_an_oauth_app_and_refused_with_an_api_token(tmp_path):
     """`dpop = true` binds OAuth tokens (RFC 9449); with api_token it would silently do nothing."""
     base = '[tenants.o]\nprovider = "okta"\norg_url = "https://acme.okta.com"\ndpop = true\n'

@@ -645,7 +645,15 @@ _TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 def _tenant_id_problem(name: str) -> str | None:
     # fullmatch: `$` also matches before a final line break, and `[tenants."acme\n"]` was a tenant
     # whose id broke every line naming it (`unknown tenant 'acme' (known: acme⏎, b)`).
-    return None if _TENANT_ID.fullmatch(name) else f"tenant id {name!r}: use letters, digits, '-', '_' or '.'"
+    if _TENANT_ID.fullmatch(name):
+        return None
+    # Said as it is: an id of the right characters that is too long, or starts with '-', '_' or
+    # '.', was told to "use letters, digits, '-', '_' or '.'", which it did.
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+        return f"tenant id {name!r}: use letters, digits, '-', '_' or '.'"
+    if name[0] in "-_.":
+        return f"tenant id {name!r}: must start with a letter or a digit"
+    return f"tenant id {name!r}: too long ({len(name)} characters; at most 63)"
 
 
 @dataclass(frozen=True)

@@ -544,6 +544,25 @@ def test_a_tenant_id_ending_in_a_line_break_is_a_mistake(tmp_path, monkeypatch):
     assert list(cfg.tenants) == ["acme-hr"] and cfg.broken["acme\n"].errors == (expected,)
 
 
+@pytest.mark.parametrize(
+    ("tenant", "problem"),
+    [
+        ("a" * 64, "too long (64 characters; at most 63)"),
+        ("_staging", "must start with a letter or a digit"),
+        ("-acme", "must start with a letter or a digit"),
+        ("acme corp", "use letters, digits, '-', '_' or '.'"),
+        ("é", "use letters, digits, '-', '_' or '.'"),
+    ],
+)
+def test_a_bad_tenant_id_is_told_what_is_wrong_with_it(tmp_path, monkeypatch, tenant, problem):
+    """An id of letters and digits that was too long, or one starting with '_', was told to "use
+    letters, digits, '-', '_' or '.'", which it did."""
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    text = GOOD.replace("[tenants.acme-hr]", f'[tenants."{tenant}"]')
+    assert error_of(tmp_path, text) == f"{tmp_path / 'dirpull.toml'}: tenants: tenant id {tenant!r}: {problem}"
+    assert list(load_config(write(tmp_path, text.replace(tenant, "a" * 63))).tenants) == ["a" * 63]
+
+
 def test_okta_dpop_is_for_an_oauth_app_and_refused_with_an_api_token(tmp_path):
     """`dpop = true` binds OAuth tokens (RFC 9449); with api_token it would silently do nothing."""
     base = '[tenants.o]\nprovider = "okta"\norg_url = "https://acme.okta.com"\ndpop = true\n'

@@ -137,6 +137,11 @@ def main_options(
         raise fail("--log-format must be text or json")
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise fail("--log-level must be debug, info, warning or error")
+    if config is not None and not config.strip():
+        # As an empty $DIRPULL_CONFIG: `--config "$CFG"` in a unit or script whose variable came
+        # out empty read $DIRPULL_CONFIG or ./dirpull.toml, another deployment's, without a word.
+        raise fail("--config is empty; give the configuration file's path, or leave the option out to use "
+                   "$DIRPULL_CONFIG or ./dirpull.toml")  # fmt: skip
     OPTS.config = config
     logs.setup(log_level, log_format)
 

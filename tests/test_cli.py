@@ -107,6 +107,22 @@ def test_an_empty_dirpull_config_variable_is_refused_not_taken_for_the_default_f
     assert CliRunner().invoke(app, ["users", "hr"]).exit_code == 0
 
 
+def test_an_empty_config_option_is_refused_not_taken_for_the_default_file(env, tmp_path, monkeypatch):
+    """`dirpull --config "$CFG"` with $CFG empty read $DIRPULL_CONFIG, else ./dirpull.toml from the
+    working folder: another configuration than the one meant, without a word."""
+    monkeypatch.chdir(tmp_path)
+    fallback = tmp_path / "dirpull.toml"  # the file the fallback would read
+    if not fallback.exists():
+        fallback.write_text(Path(env["config"]).read_text())
+    assert run(env, "sync", "hr").exit_code == 0
+    for value in ("", " "):
+        r = CliRunner().invoke(app, ["--config", value, "users", "hr"], catch_exceptions=False)
+        assert (r.exit_code, r.stdout) == (2, ""), r.output
+        assert r.stderr == "dirpull: --config is empty; give the configuration file's path, or leave the option " \
+            "out to use $DIRPULL_CONFIG or ./dirpull.toml\n"
+    assert CliRunner().invoke(app, ["users", "hr"]).exit_code == 0
+
+
 def jsonl(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 

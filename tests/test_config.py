@@ -375,6 +375,7 @@ def test_store_refuses_a_bad_url_without_showing_the_password():
         ("pg:u:hun//ter2@db/d", "pg:***@db/d"),
         ("u:hunter2@db", "u:***@db"),
         ("postgresql://db/d?sslmode=require&password=hunter2", "postgresql://db/d?sslmode=require&password=***"),
+        ("postgresql://u@db/d?sslcert=c.pem&sslpassword=hunter2", "postgresql://u@db/d?sslcert=c.pem&sslpassword=***"),
         ("postgresql://u@db/d", "postgresql://u@db/d"),
         ("sqlite:////srv/a@b/dirpull.db", "sqlite:////srv/a@b/dirpull.db"),
     ],

@@ -1386,7 +1386,9 @@ def _one_line_errors(engine: Engine, safe_url: str, *, lock_wait: float | None =
 
 
 _AUTHORITY = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:?//")
-_PASSWORD_PARAM = re.compile(r"(?i)\b(password=)[^&#\s]*")
+# No \b before it: libpq's `sslpassword=` (the client key's passphrase) is a password too, and
+# was shown in every store error.
+_PASSWORD_PARAM = re.compile(r"(?i)(password=)[^&#\s]*")
 
 
 def mask_password(url: str) -> str:

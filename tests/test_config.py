@@ -321,6 +321,10 @@ def test_a_section_that_is_not_a_table(tmp_path, monkeypatch, store_url):
         ("postgresql+psycopg//u:hunter2@db/d", "'postgresql+psycopg//u:***@db/d' is not a database URL (e.g. sqlite:"),
         ("postgresql+psycopg:u:hunter2@db/d", "'postgresql+psycopg:***@db/d' is not a database URL"),
         ("mysql://u:hunter2@db/d", "unsupported database 'mysql' (use sqlite or postgresql+psycopg)"),
+        # Query parameters the driver cannot take: a traceback from every command, not a mistake.
+        ("postgresql+psycopg://u:hunter2@db/d?port=x", "'postgresql+psycopg://u:***@db/d?port=x': Received non-"),
+        ("postgresql+psycopg://u:hunter2@a,b/d?port=1,2,3", "'postgresql+psycopg://u:***@a,b/d?port=1,2,3': number of"),
+        ("sqlite:///x.db?timeout=soon", "'sqlite:///x.db?timeout=soon': could not convert string to float: 'soon'"),
         # A raw "@" in the password: the part after it was taken for the host and shown as such.
         (
             "postgresql+psycopg://u:p@hunter2@127.0.0.1:5432/d",

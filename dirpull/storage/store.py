@@ -1442,6 +1442,12 @@ def parse_store_url(url: str) -> sa.URL:
         raise StoreError(
             f"store url: {mask_password(url)!r}: an '@' in the password or user name must be written %40"
         )
+    try:
+        # What the driver is given: a query parameter it cannot take (`?port=x`, more ports than
+        # hosts, SQLite's `?timeout=abc`) was a traceback from every command, not a config mistake.
+        parsed.get_dialect()().create_connect_args(parsed)
+    except (sa.exc.ArgumentError, ValueError, TypeError) as exc:
+        raise StoreError(f"store url: {mask_password(url)!r}: {mask_password(str(exc))}") from None
     return parsed
 
 

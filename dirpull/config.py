@@ -332,6 +332,9 @@ class TenantGuard(_Strict):
     min_count: int | None = Field(None, ge=0)
 
 
+MIN_LEASE_TTL = timedelta(seconds=1)
+
+
 class Defaults(_Strict):
     schedule: str = "15m"
     full_sync_every: str = "24h"
@@ -344,10 +347,21 @@ class Defaults(_Strict):
     def _schedule(cls, v: str) -> str:
         return _check_schedule(v)
 
-    @field_validator("full_sync_every", "lease_ttl")
+    @field_validator("full_sync_every")
     @classmethod
     def _duration(cls, v: str) -> str:
         return _check_duration(v)
+
+    @field_validator("lease_ttl")
+    @classmethod
+    def _lease_ttl(cls, v: str) -> str:
+        # The heartbeat renews the lease every lease_ttl / 3 but no more often than every 0.2 s
+        # (sync/runner.py): a shorter lease ("0.1s", or "0.0000001s", zero once rounded) expired
+        # between renewals, and every run longer than it failed with "lease lost before commit;
+        # nothing applied". A second leaves three renewals per lease.
+        if parse_duration(v) < MIN_LEASE_TTL:
+            raise ValueError(f"{v!r} is too short; at least {MIN_LEASE_TTL.total_seconds():g}s")
+        return v
 
 
 AttributePath = Annotated[str, AfterValidator(check_path)]

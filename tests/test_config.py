@@ -568,6 +568,19 @@ def test_a_bad_tenant_id_is_told_what_is_wrong_with_it(tmp_path, monkeypatch, te
     assert list(load_config(write(tmp_path, text.replace(tenant, "a" * 63))).tenants) == ["a" * 63]
 
 
+@pytest.mark.parametrize("value", ["0.1s", "0.0000001s"])
+def test_a_lease_ttl_shorter_than_its_heartbeat_can_renew_fails_the_load(tmp_path, monkeypatch, value):
+    """The lease is renewed every lease_ttl / 3, at most every 0.2 s: a shorter one loaded and every
+    run that lasted longer (with "0.0000001s", zero once rounded: every run) failed with "lease lost
+    before commit; nothing applied"."""
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    text = GOOD.replace("[defaults]", "[defaults]\nlease_ttl = \"{}\"")
+    assert error_of(tmp_path, text.format(value)) == (
+        f"{tmp_path / 'dirpull.toml'}: defaults.lease_ttl: {value!r} is too short; at least 1s"
+    )
+    assert load_config(write(tmp_path, text.format("1s"))).defaults.lease_ttl == "1s"
+
+
 def test_okta_dpop_is_for_an_oauth_app_and_refused_with_an_api_token(tmp_path):
     """`dpop = true` binds OAuth tokens (RFC 9449); with api_token it would silently do nothing."""
     base = '[tenants.o]\nprovider = "okta"\norg_url = "https://acme.okta.com"\ndpop = true\n'

@@ -779,7 +779,9 @@ def _error_lines(path: Path, errors: Any, *, url_from_env: bool = False) -> list
             msg = 'must be a duration in quotes: "30s", "15m", "6h" or "1d"'
             if loc[-1] == "schedule":
                 msg += ', or "cron: …"'
-            if isinstance(given, int | float) and not isinstance(given, bool):
+            # Only for a number that is a duration once given a unit: `-5`, `0` or `inf` was told to
+            # write "-5s", "0s" or "infs", each refused in turn.
+            if isinstance(given, int | float) and not isinstance(given, bool) and 0 < given < float("inf"):
                 units = ", ".join(f'"{given}{u}"' for u in "smh")
                 msg = f'{given} has no unit: write it in quotes with one, {units} or "{given}d"'
                 if loc[-1] == "schedule":

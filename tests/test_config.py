@@ -581,6 +581,17 @@ def test_a_lease_ttl_shorter_than_its_heartbeat_can_renew_fails_the_load(tmp_pat
     assert load_config(write(tmp_path, text.format("1s"))).defaults.lease_ttl == "1s"
 
 
+@pytest.mark.parametrize("value", ["-5", "0", "inf", "nan"])
+def test_a_bare_number_that_is_no_duration_with_a_unit_either_is_not_told_to_take_one(tmp_path, monkeypatch, value):
+    """`lease_ttl = -5` was told to write "-5s", "-5m", … and `inf` "infs": each refused in turn."""
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    text = GOOD.replace("[defaults]", f"[defaults]\nlease_ttl = {value}")
+    assert error_of(tmp_path, text) == (
+        f'{tmp_path / "dirpull.toml"}: defaults.lease_ttl: must be a duration in quotes: "30s", "15m", "6h" or "1d"'
+    )
+    assert "60 has no unit" in error_of(tmp_path, GOOD.replace("[defaults]", "[defaults]\nlease_ttl = 60"))
+
+
 def test_okta_dpop_is_for_an_oauth_app_and_refused_with_an_api_token(tmp_path):
     """`dpop = true` binds OAuth tokens (RFC 9449); with api_token it would silently do nothing."""
     base = '[tenants.o]\nprovider = "okta"\norg_url = "https://acme.okta.com"\ndpop = true\n'

@@ -95,10 +95,17 @@ class SecretRef:
             if not is_file:
                 return f"secret file {self._where()} does not exist"
             try:
-                if not self._read_file(path):  # said now, naming the key, not by the vendor's 401
-                    return f"secret file {self._where()} is empty"
-            except ConfigError:
-                pass  # unreadable or not UTF-8: the run fails saying so
+                # utf-8-sig and the trailing line breaks as `_read_file`, which the run uses.
+                text = path.read_text(encoding="utf-8-sig").rstrip("\r\n")
+            except OSError as exc:  # a key mode 0600 owned by another user than the daemon's
+                return f"secret file {self._where()} cannot be read ({exc.strerror or exc})"
+            except UnicodeDecodeError:  # e.g. PowerShell's UTF-16; the message would quote a byte of it
+                return f"secret file {self._where()} is not UTF-8 text; save it as UTF-8"
+            # Said now, naming the file, tenant and key, as the README promises for a secret that
+            # cannot be read: `dirpull sync` exits 2 and the daemon logs it at start. Unreadable
+            # or not UTF-8 was passed over, and the run failed (exit 1) instead.
+            if not text:  # said now, naming the key, not by the vendor's 401
+                return f"secret file {self._where()} is empty"
         return None
 
     def _where(self) -> str:

@@ -212,16 +212,21 @@ def test_json_lines_stay_one_object_per_line_whatever_the_vendor_sends(env):
 
 def test_a_secret_file_written_by_a_windows_editor(env):
     """A key file with a byte-order mark is read without it; one in UTF-16 (PowerShell's
-    Out-File) fails the run naming the reference, not with a decoding traceback."""
+    Out-File) is a secret that cannot be read, as the README has it: `dirpull sync` exits 2 naming
+    the file, tenant and key, before any run (it ran, failed and exited 1), not with a decoding
+    traceback."""
     key = env["tmp"] / "key"
     key.write_bytes(b"\xef\xbb\xbf" + env["secret"].encode() + b"\r\n")
     r = run(env, "sync", "hr")
     assert r.exit_code == 0, r.stderr
+    runs = len(jsonl(run(env, "runs", "hr", "--json").stdout))
     key.write_bytes(env["secret"].encode("utf-16"))
     r = run(env, "sync", "hr", "--json")
-    assert r.exit_code == 1
-    assert jsonl(r.stdout)[0]["error"].endswith("api_key: secret file:key: not UTF-8 text; save it as UTF-8")
-    assert "Traceback" not in r.stderr
+    assert (r.exit_code, r.stdout) == (2, ""), r.output
+    assert r.stderr == (
+        f"dirpull: {env['config']}: tenants.hr.api_key: secret file key ({key}) is not UTF-8 text; save it as UTF-8\n"
+    )
+    assert len(jsonl(run(env, "runs", "hr", "--json").stdout)) == runs  # no failed run recorded
 
 
 def test_guard_hold_dry_run_and_force_exit_codes(env):

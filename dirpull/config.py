@@ -46,6 +46,28 @@ class ConfigError(Exception):
 # --- secrets -----------------------------------------------------------------------------------
 
 
+class _Unreadable(Exception):
+    """Why a secret file's text cannot be had, phrased to follow its name."""
+
+
+_NOT_REGULAR = "is not a regular file (a pipe, a socket, a device); name the file that holds it"
+
+
+def _secret_file_text(path: Path) -> str:
+    """A secret file's text without a byte-order mark (Windows editors write one) or trailing line
+    breaks."""
+    try:
+        if not path.is_file():  # a named pipe with no writer blocked the run (and a daemon worker) on open
+            raise _Unreadable(_NOT_REGULAR)
+        raw = path.read_bytes()
+    except OSError as exc:  # a key mode 0600 owned by another user than the daemon's
+        raise _Unreadable(f"cannot be read ({exc.strerror or exc})") from None
+    try:
+        return raw.decode("utf-8-sig").rstrip("\r\n")
+    except UnicodeDecodeError:  # e.g. PowerShell's UTF-16; the message would quote a byte of it
+        raise _Unreadable("is not UTF-8 text; save it as UTF-8") from None
+
+
 class SecretRef:
     """A secret given literally, as `env:NAME` or as `file:PATH`. Resolved on each `get()`."""
 
@@ -93,17 +115,16 @@ class SecretRef:
                 # A mounted secret's folder (/run/secrets/acme) instead of its key's file in it.
                 return f"secret file {self._where()} is a directory; name the file that holds the secret"
             if not is_file:
+                if path is not None and path.exists():
+                    return f"secret file {self._where()} {_NOT_REGULAR}"
                 return f"secret file {self._where()} does not exist"
-            try:
-                # utf-8-sig and the trailing line breaks as `_read_file`, which the run uses.
-                text = path.read_text(encoding="utf-8-sig").rstrip("\r\n")
-            except OSError as exc:  # a key mode 0600 owned by another user than the daemon's
-                return f"secret file {self._where()} cannot be read ({exc.strerror or exc})"
-            except UnicodeDecodeError:  # e.g. PowerShell's UTF-16; the message would quote a byte of it
-                return f"secret file {self._where()} is not UTF-8 text; save it as UTF-8"
             # Said now, naming the file, tenant and key, as the README promises for a secret that
             # cannot be read: `dirpull sync` exits 2 and the daemon logs it at start. Unreadable
             # or not UTF-8 was passed over, and the run failed (exit 1) instead.
+            try:
+                text = _secret_file_text(path)
+            except _Unreadable as exc:
+                return f"secret file {self._where()} {exc}"
             if not text:  # said now, naming the key, not by the vendor's 401
                 return f"secret file {self._where()} is empty"
         return None
@@ -140,12 +161,9 @@ class SecretRef:
 
     def _read_file(self, path: Path) -> str:
         try:
-            # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the secret.
-            return path.read_text(encoding="utf-8-sig").rstrip("\r\n")
-        except OSError as exc:
-            raise ConfigError(f"secret {self._value}: cannot read ({exc.strerror})") from None
-        except UnicodeDecodeError:  # e.g. PowerShell's UTF-16; the message would quote a byte of it
-            raise ConfigError(f"secret {self._value}: not UTF-8 text; save it as UTF-8") from None
+            return _secret_file_text(path)
+        except _Unreadable as exc:
+            raise ConfigError(f"secret {self._value}: {exc}") from None
 
     def __repr__(self) -> str:
         return f"SecretRef({self.reference!r})"

@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from dirpull.cli import app
+from dirpull.config import ConfigError, load_config
 from dirpull.emulators.bamboohr_api import BambooHREmulator
 from dirpull.emulators.cluster import Cluster
 from dirpull.emulators.org import Org
@@ -1430,6 +1431,34 @@ def test_a_secret_file_that_is_a_directory_is_named_as_one(env):
     assert (r.exit_code, r.stdout) == (2, "")
     why = f"secret file secrets ({env['tmp'] / 'secrets'}) is a directory; name the file that holds the secret"
     assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: {why}\n"
+
+
+def test_a_secret_file_that_is_a_named_pipe_is_named_as_one_and_never_waited_on(env):
+    """`file:` naming a FIFO (a secrets agent's pipe, a mistake): `sync` exits 2 saying it is not a
+    regular file. Before, it said the file "does not exist" while `ls` showed it, and a run that
+    read it anyway (the daemon's) blocked on the open forever, no writer coming."""
+    config = Path(env["config"])
+    pipe = env["tmp"] / "pipe"
+    os.mkfifo(pipe)
+    config.write_text(config.read_text().replace('api_key = "file:key"', 'api_key = "file:pipe"'))
+    r = run(env, "sync", "hr")
+    assert (r.exit_code, r.stdout) == (2, "")
+    why = f"secret file pipe ({pipe}) is not a regular file (a pipe, a socket, a device); name the file that holds it"
+    assert r.stderr == f"dirpull: {config}: tenants.hr.api_key: {why}\n"
+    secret = load_config(str(config)).tenants["hr"].api_key
+    said: list[str] = []
+
+    def read() -> None:
+        try:
+            secret.get()
+        except ConfigError as exc:
+            said.append(str(exc))
+
+    reader = threading.Thread(target=read, daemon=True)  # daemon: a reader left waiting ends with the tests
+    reader.start()
+    reader.join(timeout=5)
+    assert not reader.is_alive(), "reading the secret waited for a writer to open the pipe"
+    assert said and "is not a regular file" in said[0], said
 
 
 def test_a_secret_file_that_cannot_be_examined_is_named_without_a_traceback(env):

@@ -332,9 +332,16 @@ class StoreSettings(_Strict):
         from dirpull.storage.store import StoreError, parse_store_url
 
         try:
-            parse_store_url(v)
+            parsed = parse_store_url(v)
         except StoreError as exc:  # phrased without the password
             raise ValueError(str(exc).removeprefix("store url: ")) from None
+        if parsed.get_backend_name() == "sqlite" and parsed.database in (None, "", ":memory:"):
+            # Each command (and each run of `dirpull sync`) opened an empty store of its own:
+            # syncs succeeded, and every query found nothing.
+            raise ValueError(
+                f"{v!r} is an in-memory SQLite database, gone when the command ends; name a file "
+                "(sqlite:///dirpull.db, sqlite:////var/lib/dirpull/dirpull.db)"
+            )
         return v
 
 

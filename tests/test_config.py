@@ -325,6 +325,10 @@ def test_a_section_that_is_not_a_table(tmp_path, monkeypatch, store_url):
         ("postgresql+psycopg://u:hunter2@db/d?port=x", "'postgresql+psycopg://u:***@db/d?port=x': Received non-"),
         ("postgresql+psycopg://u:hunter2@a,b/d?port=1,2,3", "'postgresql+psycopg://u:***@a,b/d?port=1,2,3': number of"),
         ("sqlite:///x.db?timeout=soon", "'sqlite:///x.db?timeout=soon': could not convert string to float: 'soon'"),
+        # In memory: every command (every `dirpull sync`) opened an empty store of its own, so
+        # syncs succeeded and every query found nothing.
+        ("sqlite://", "'sqlite://' is an in-memory SQLite database, gone when the command ends; name a file"),
+        ("sqlite:///:memory:", "'sqlite:///:memory:' is an in-memory SQLite database, gone when the command"),
         # A raw "@" in the password: the part after it was taken for the host and shown as such.
         (
             "postgresql+psycopg://u:p@hunter2@127.0.0.1:5432/d",

@@ -182,6 +182,48 @@ def test_a_future_hire_is_inactive_until_their_hire_date(emu: BambooHREmulator, 
     assert (after["lastChanged"] > since) is flip_changes
 
 
+@pytest.mark.parametrize("flip_changes", [False, True])
+def test_a_scheduled_termination_is_active_until_its_date_then_inactive(
+    emu: BambooHREmulator, flip_changes: bool
+) -> None:
+    # directory-apis.md §4.1: termination sets status Inactive and terminationDate. Entered ahead
+    # of time, the employee stays Active (with the date) until it comes; whether that day moves
+    # lastChanged is not known [U]: the switch covers both readings.
+    emu.termination_flip_changes = flip_changes
+    emu.today = date(2026, 3, 1)
+    n = next(p.n for p in visible(emu.org) if p.n > 1 and p.state == "active")
+    emu.org.schedule_termination(n, "2026-03-02")
+    fields = ["status", "employmentHistoryStatus", "terminationDate", "lastChanged"]
+
+    def row() -> dict:
+        return next(r for r in report(emu, fields, headers=JSON).json()["employees"] if r["id"] == str(n))
+
+    def in_directory() -> bool:
+        body = requests.get(gw(emu, "employees/directory"), auth=AUTH, headers=JSON, timeout=TIMEOUT).json()
+        return str(n) in {e["id"] for e in body["employees"]}
+
+    before = row()
+    assert before["status"] == "Active" and before["terminationDate"] == "2026-03-02" and in_directory()
+    assert before["employmentHistoryStatus"] == "Full-Time"
+    since = before["lastChanged"]
+
+    time.sleep(1.1)  # lastChanged has second precision
+    emu.today = date(2026, 3, 2)
+    after = row()
+    assert after["status"] == "Inactive" and after["terminationDate"] == "2026-03-02" and not in_directory()
+    assert after["employmentHistoryStatus"] == "Terminated"
+    changed = requests.get(
+        gw(emu, "employees/changed"), params={"since": since}, auth=AUTH, headers=JSON, timeout=TIMEOUT
+    ).json()["employees"]
+    assert (str(n) in changed) is flip_changes
+    assert (after["lastChanged"] > since) is flip_changes
+    # Over HTTP too: the switch is set on an emulator served in its own process.
+    resp = requests.post(
+        f"{emu.base_url}/_emulator/bamboohr", json={"termination_flip_changes": not flip_changes}, timeout=TIMEOUT
+    )
+    assert resp.status_code < 300 and emu.termination_flip_changes is not flip_changes
+
+
 def test_directory_sharing_off_is_403(emu: BambooHREmulator) -> None:
     emu.directory_sharing = False
     resp = requests.get(gw(emu, "employees/directory"), auth=AUTH, headers=JSON, timeout=TIMEOUT)

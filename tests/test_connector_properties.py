@@ -191,6 +191,8 @@ def expected_state(provider: str, p: Person) -> str:
         return "inactive"  # docs/providers/workday.md: a past Termination_Date makes the worker inactive
     if provider == "bamboohr" and p.hire_date > date.today().isoformat():
         return "inactive"  # docs/providers/bamboohr.md: a future hire is Inactive until their hire date
+    if provider == "bamboohr" and p.termination_date and p.hire_date <= p.termination_date <= date.today().isoformat():
+        return "inactive"  # docs/providers/bamboohr.md: a scheduled termination is Inactive from its date on
     return "active"
 
 

@@ -17,8 +17,10 @@ id = str(Person.n); hard- and soft-deleted people are both "Deleted" (BambooHR h
 any inactive person is status "Inactive" with a terminationDate (their termination date, else the
 day of their last change). A future hire (hireDate after `today`) is status "Inactive" too, with an
 empty terminationDate ("Future hires have a status of Inactive"), left out of the directory, and
-turns "Active" on their hire date. `lastChanged` has second precision and `changed?since=`
-compares against it strictly.
+turns "Active" on their hire date. A termination entered ahead of time (an active person with a
+termination date, `Org.schedule_termination`) is status "Active" with that terminationDate until
+the date, and "Inactive" (left out of the directory) from the date on. `lastChanged` has second
+precision and `changed?since=` compares against it strictly.
 
 Switches (attributes, set them before or while serving; over HTTP at `POST /_emulator/bamboohr`,
 dates as "YYYY-MM-DD"):
@@ -27,11 +29,15 @@ dates as "YYYY-MM-DD"):
   throttle_429_from     the date BambooHR moves throttling from 503 to 429 (2026-09-16); `today`
                         before it → 503 + Retry-After, on/after it → 429 + Retry-After
   today                 the emulator's idea of today's date (default None: the wall clock's date):
-                        throttling, and which hires are future hires
+                        throttling, which hires are future hires and which scheduled
+                        terminations have taken effect
   hire_flip_changes     whether the day a future hire starts (status Inactive → Active) moves their
                         lastChanged, so that `employees/changed` lists them [U; default False: it
                         does not]. The moment is the hire date's midnight (UTC) under the wall
                         clock, or when `today` was set past the hire date
+  termination_flip_changes  the same for the day a scheduled termination takes effect (status
+                        Active → Inactive) [U; default False: it does not]. The moment is the
+                        termination date's midnight (UTC), or when `today` was set past it
   retry_after           the Retry-After value sent when throttling
   error_header          "X-BambooHR-Error-Message" or the misspelled "X-BambooHR-Error-Messsage" [U]
   supervisor_ids_swapped  False: supervisorEId = supervisor's employee id, supervisorId = the
@@ -148,8 +154,10 @@ class BambooHREmulator(Emulator):
         self.permitted = True
         self.throttle_429_from = NEW_THROTTLE_DATE
         self._today: date | None = None
-        self._started: dict[int, float] = {}  # person → when `today` was set past their hire date
+        # "hire" / "termination" → person → when `today` was set past their hire / termination date
+        self._flipped: dict[str, dict[int, float]] = {"hire": {}, "termination": {}}
         self.hire_flip_changes = False
+        self.termination_flip_changes = False
         self.retry_after = "1"
         self.error_header = "X-BambooHR-Error-Message"
         self.supervisor_ids_swapped = False
@@ -169,6 +177,7 @@ class BambooHREmulator(Emulator):
                 "throttle_429_from": date.fromisoformat,
                 "today": lambda v: None if v is None else date.fromisoformat(v),
                 "hire_flip_changes": flag,
+                "termination_flip_changes": flag,
                 "retry_after": str,
                 "error_header": one_of("X-BambooHR-Error-Message", "X-BambooHR-Error-Messsage"),
                 "supervisor_ids_swapped": flag,
@@ -189,13 +198,15 @@ class BambooHREmulator(Emulator):
         self._today = value
         after = self.current_date()
         if after > before:
-            # The hires whose first day arrives now start now: with `hire_flip_changes`, that is
-            # their lastChanged (a clock of its own would put it in the past or the future).
+            # The hires whose first day arrives now start now, and the scheduled terminations
+            # whose day arrives take effect now: with `hire_flip_changes` / `termination_flip_changes`,
+            # that is their lastChanged (a clock of its own would put it in the past or the future).
             at = time.time()
             with self.org.lock:
                 for p in self.org.people.values():
-                    if before.isoformat() < p.hire_date <= after.isoformat():
-                        self._started[p.n] = at
+                    for kind, day in (("hire", p.hire_date), ("termination", p.termination_date)):
+                        if day and before.isoformat() < day <= after.isoformat():
+                            self._flipped[kind][p.n] = at
 
     def current_date(self) -> date:
         return self._today if self._today is not None else date.today()
@@ -203,15 +214,28 @@ class BambooHREmulator(Emulator):
     def _future_hire(self, p: Person) -> bool:
         return p.state == "active" and p.hire_date > self.current_date().isoformat()
 
-    def _started_at(self, p: Person) -> float | None:
-        """When a hire's first day made them Active, if that counts as a change (`hire_flip_changes`)."""
-        if not self.hire_flip_changes or p.state != "active" or self._future_hire(p):
+    def _ended(self, p: Person) -> bool:
+        """An active person whose scheduled termination has taken effect: BambooHR shows them
+        Inactive from the termination date on. A termination date before the hire date is an
+        earlier employment's (a rehire), as in the Workday emulator."""
+        ended = p.termination_date
+        return p.state == "active" and ended is not None and p.hire_date <= ended <= self.current_date().isoformat()
+
+    def _flipped_at(self, p: Person, kind: str) -> float | None:
+        """When a hire's first day made them Active (`kind` "hire") or a scheduled termination's
+        day made them Inactive ("termination"), if that counts as a change (`hire_flip_changes`,
+        `termination_flip_changes`)."""
+        if kind == "hire":
+            on, day = self.hire_flip_changes and p.state == "active" and not self._future_hire(p), p.hire_date
+        else:
+            on, day = self.termination_flip_changes and self._ended(p), p.termination_date
+        if not on or not day:
             return None
-        if p.n in self._started:
-            return self._started[p.n]
-        if self._today is None:  # the wall clock: the hire date's midnight, which has passed
+        if p.n in self._flipped[kind]:
+            return self._flipped[kind][p.n]
+        if self._today is None:  # the wall clock: the date's midnight, which has passed
             try:
-                return datetime.combine(date.fromisoformat(p.hire_date), datetime.min.time(), UTC).timestamp()
+                return datetime.combine(date.fromisoformat(day), datetime.min.time(), UTC).timestamp()
             except ValueError:
                 return None
         return None
@@ -288,9 +312,10 @@ class BambooHREmulator(Emulator):
             case "bestEmail":
                 return p.email
             case "status":
-                return "Active" if p.state == "active" and not self._future_hire(p) else "Inactive"
+                active = p.state == "active" and not self._future_hire(p) and not self._ended(p)
+                return "Active" if active else "Inactive"
             case "employmentHistoryStatus":
-                return "Terminated" if p.state == "inactive" else "Full-Time"
+                return "Terminated" if p.state == "inactive" or self._ended(p) else "Full-Time"
             case "department":
                 return p.department
             case "division":
@@ -327,9 +352,10 @@ class BambooHREmulator(Emulator):
         boss = self.org.people.get(p.manager) if p.manager is not None else None
         if boss is not None and not boss.visible and boss.updated_at > ts:
             ts = boss.updated_at
-        started = self._started_at(p)
-        if started is not None and started > ts:
-            ts = started
+        for kind in ("hire", "termination"):
+            flipped = self._flipped_at(p, kind)
+            if flipped is not None and flipped > ts:
+                ts = flipped
         return ts
 
     @staticmethod
@@ -369,7 +395,7 @@ class BambooHREmulator(Emulator):
         with self.org.lock:
             rows = []
             for p in self.org.listed_people():
-                if p.state != "active" or self._future_hire(p):
+                if p.state != "active" or self._future_hire(p) or self._ended(p):
                     continue
                 row = self._row(p, wanted)
                 row["photoUploaded"] = False

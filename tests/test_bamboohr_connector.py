@@ -421,6 +421,76 @@ def test_the_cursor_keeps_future_hires_until_they_start_or_their_day_is_long_pas
     assert set(users(pages)) == {newest, "13"} and done.cursor["starts"] == {"10": org.people[10].hire_date}
 
 
+def test_a_scheduled_termination_turns_the_user_inactive_at_the_first_run_of_its_day(
+    emu: BambooHREmulator, synced: Any
+) -> None:
+    h, _ = synced
+    # HR enters terminations ahead of time: BambooHR shows the leaver Active, with the date, until
+    # it comes. Whether that day (Active → Inactive) moves lastChanged is not known [U]; if it does
+    # not, employees/changed never lists them, and the ex-employee stayed active until the next
+    # periodic full run (24 h by default).
+    assert emu.termination_flip_changes is False
+    today = datetime.now(UTC).date()
+    emu.today = today
+    leaving = "10"
+    emu.org.schedule_termination(int(leaving), (today + timedelta(days=1)).isoformat())
+    emu.org.hire("Already", "Started", manager=5)  # the report's last row, which is always parsed
+    assert h.sync("hr").status == "succeeded"
+    stored = h.users("hr")[leaving]
+    assert (
+        stored["state"] == "active"
+        and stored["raw_attributes"]["terminationDate"] == (today + timedelta(days=1)).isoformat()
+    )
+
+    time.sleep(2.1)  # lastChanged has second precision, and the next run re-reads the cursor's second
+    emu.org.update_person(6, title="Principal")
+    assert h.sync("hr").status == "succeeded"  # the cursor moves past the leaver's last change
+    assert h.users("hr")[leaving]["state"] == "active"
+    # A periodic full run recognizes the unchanged row by its text without parsing every row, and
+    # still keeps the leaver to read back.
+    for _ in range(2):  # the first stores the row's digest, the second recognizes the row by it
+        full = h.sync("hr", full=True)
+        assert full.status == "succeeded" and full.events == 0
+    seq = h.last_seq()
+
+    emu.today = today + timedelta(days=1)  # the termination takes effect: BambooHR shows Inactive
+    r = h.sync("hr")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert h.users("hr")[leaving]["state"] == "inactive"
+    assert h.changes("hr", after=seq) == [("user.updated", leaving, ("raw_attributes", "state"))]
+
+
+def test_the_cursor_keeps_scheduled_terminations_until_they_take_effect(emu: BambooHREmulator) -> None:
+    today = datetime.now(UTC).date()
+    emu.today = today
+    org = emu.org
+    org.schedule_termination(10, (today + timedelta(days=30)).isoformat())  # leaves next month
+    org.schedule_termination(11, (today + timedelta(days=1)).isoformat())  # leaves tomorrow
+    org.update_person(12, termination_date="2021-03-31", hire_date="2022-01-10")  # a rehire: active
+    org.deactivate(13, "terminated", "2026-01-01")  # already gone: Inactive
+    newest = one_second_each(org)  # re-read by every increment (the cursor's own second)
+    c = connector(emu)
+    _, first = pull(c)
+    assert first.cursor["ends"] == {"10": org.people[10].termination_date, "11": org.people[11].termination_date}
+    # Before the day it stays active, and an increment reads back only the one whose day may have
+    # come (the company's date may be a day ahead of UTC's), though nothing changed.
+    before = len(emu.request_log)
+    pages, done = pull(c, first.cursor)
+    assert set(users(pages)) == {"11", newest} and users(pages)["11"].state == "active"
+    assert done.cursor["ends"] == first.cursor["ends"] and len(emu.request_log) - before == 2
+    emu.today = today + timedelta(days=1)
+    pages, done = pull(c, done.cursor)
+    assert users(pages)["11"].state == "inactive" and done.cursor["ends"] == {"10": org.people[10].termination_date}
+    # Stale and garbled entries are harmless: one whose day is long past is read back once (it is
+    # Inactive: dropped), the ones that are not dates are dropped unread, and the run succeeds.
+    garbled = {"10": org.people[10].termination_date, "13": "2026-01-01", "14": "soon", "15": 7, "16": None}
+    pages, done = pull(c, {**done.cursor, "ends": garbled})
+    assert set(users(pages)) == {newest, "13"} and users(pages)["13"].state == "inactive"
+    assert done.cursor["ends"] == {"10": org.people[10].termination_date}
+    _, done = pull(c, {**done.cursor, "ends": ["10"]})  # not even an object
+    assert "ends" not in done.cursor
+
+
 def test_an_unchanged_directory_emits_no_events_incremental_or_full(emu: BambooHREmulator, synced: Any) -> None:
     h, _ = synced
     seq = h.last_seq()

@@ -20,6 +20,12 @@ their first day (Inactive → Active) moves `lastChanged` is not known. So the c
 still to come, and an increment reads back those whose day has come (as the changed ones are)
 until they show Active: a new hire is not left inactive until the next full run.
 
+Scheduled terminations, the mirror: HR enters a termination ahead of time, and BambooHR shows the
+employee Active, with that terminationDate, until the day it takes effect (then Inactive); whether
+that flip moves `lastChanged` is not known either. So the cursor also keeps `ends`, employee id →
+termination date of every one seen Active with a termination date still to come, read back the
+same way until they show Inactive: a leaver is not left active until the next full run.
+
 BambooHR has no groups: the connector yields none.
 """
 
@@ -65,43 +71,82 @@ EMPTY_VALUES = frozenset({"", "0000-00-00", "0000-00-00 00:00:00"})
 REPORT_TITLE = "dirpull"
 _FIELD_OF_PATH = re.compile(r"^[^.\[]+")
 _LAST_CHANGED = re.compile(rb'"lastChanged"\s*:\s*"([^"\\]*)"')
+# A row's text with a termination date that is not the empty date: the few that may be leavers.
+_DATED_END = re.compile(rb'"terminationDate"\s*:\s*"(?!0000-00-00")[^"]')
 
 
-def _pending_start(row: Any, today: date) -> str | None:
-    """The hire date of an employee BambooHR shows as a future hire — Inactive, no termination
-    date, hired on or after the day before `today` (UTC; the company's own date may be a day
-    either side) — else None."""
-    if not isinstance(row, dict):
-        return None
-    status, ended = row.get("status"), row.get("terminationDate")
-    if not isinstance(status, str) or status.strip().lower() != "inactive":
-        return None
-    if isinstance(ended, str) and ended.strip() not in EMPTY_VALUES:
-        return None
-    hired = row.get("hireDate")
+def _day_to_come(value: Any, today: date) -> str | None:
+    """A date on or after the day before `today` (UTC; the company's own date may be a day
+    either side), else None."""
     try:
-        day = date.fromisoformat(hired.strip()) if isinstance(hired, str) else None
+        day = date.fromisoformat(value.strip()) if isinstance(value, str) else None
     except ValueError:
         return None
     return day.isoformat() if day is not None and day >= today - timedelta(days=1) else None
 
 
-def _recognized_start(text: bytes | None, today: date) -> str | None:
-    """`_pending_start` of a row recognized by its text (not parsed): only a row that says
-    Inactive somewhere (a few in a hundred) is parsed to tell."""
-    if text is None or b"nactive" not in text:
+def _shows(row: dict[str, Any], status: str) -> bool:
+    value = row.get("status")
+    return isinstance(value, str) and value.strip().lower() == status
+
+
+def _pending_start(row: Any, today: date) -> str | None:
+    """The hire date of an employee BambooHR shows as a future hire — Inactive, no termination
+    date, a hire date still to come (`_day_to_come`) — else None."""
+    if not isinstance(row, dict) or not _shows(row, "inactive"):
+        return None
+    ended = row.get("terminationDate")
+    if isinstance(ended, str) and ended.strip() not in EMPTY_VALUES:
+        return None
+    return _day_to_come(row.get("hireDate"), today)
+
+
+def _pending_end(row: Any, today: date) -> str | None:
+    """The termination date of an employee BambooHR shows as leaving — Active, with a termination
+    date still to come (`_day_to_come`; an older one is a rehire's) — else None."""
+    if not isinstance(row, dict) or not _shows(row, "active"):
+        return None
+    return _day_to_come(row.get("terminationDate"), today)
+
+
+# The cursor's status flips still to come (module docstring): its key → the date a row shows.
+_PENDING: dict[str, Callable[[Any, date], str | None]] = {"starts": _pending_start, "ends": _pending_end}
+
+
+def _note_pending(pending: dict[str, dict[str, str]], eid: str, row: Any, today: date) -> None:
+    """Keep `eid` under each of the cursor's `_PENDING` keys whose flip `row` shows still to come,
+    and drop it from the others."""
+    for key, still in _PENDING.items():
+        if (day := still(row, today)) is not None:
+            pending[key][eid] = day
+        else:
+            pending[key].pop(eid, None)
+
+
+def _recognized_row(text: bytes | None) -> Any:
+    """A row recognized by its text (not parsed), parsed if it may show a flip still to come:
+    only one that says Inactive somewhere (a few in a hundred) or has a termination date (the
+    terminated, and the leavers) is parsed; None for the others."""
+    if text is None or (b"nactive" not in text and _DATED_END.search(text) is None):
         return None
     try:
-        return _pending_start(orjson.loads(text), today)
+        return orjson.loads(text)
     except orjson.JSONDecodeError:
         return None
 
 
-def _stored_starts(cursor: dict[str, Any] | None) -> dict[str, str]:
-    starts = cursor.get("starts") if cursor else None
-    if not isinstance(starts, dict):
+def _stored_days(cursor: dict[str, Any] | None, key: str) -> dict[str, str]:
+    """The cursor's `key` (`_PENDING`): employee id → date; anything else in it is dropped."""
+    days = cursor.get(key) if cursor else None
+    if not isinstance(days, dict):
         return {}
-    return {str(k): v for k, v in starts.items() if isinstance(v, str)}
+    out: dict[str, str] = {}
+    for eid, day in days.items():
+        try:
+            out[str(eid)] = date.fromisoformat(day).isoformat()
+        except (TypeError, ValueError):
+            continue
+    return out
 
 
 def _utc_today() -> date:
@@ -211,7 +256,8 @@ class BambooHRConnector(CountsRequests):
             if since is None:
                 done = yield from self._full(client, notes, known)
             else:
-                done = yield from self._incremental(client, since, notes, _stored_starts(cursor))
+                stored = {key: _stored_days(cursor, key) for key in _PENDING}
+                done = yield from self._incremental(client, since, notes, stored)
             done.requests = client.requests
             yield done
         except AuthError as exc:
@@ -246,16 +292,17 @@ class BambooHRConnector(CountsRequests):
         listed: dict[str, Any] = {}
         twice: set[str] = set()  # … the ids met again with another row
         today = _utc_today()
-        pending: dict[str, str] = {}  # future hires: employee id → hire date (the cursor's `starts`)
+        # Future hires and leavers: the cursor's `starts` and `ends` (employee id → date).
+        pending: dict[str, dict[str, str]] = {key: {} for key in _PENDING}
         try:
             for text, row, unchanged in _stream_employees(resp, recognizer):
                 eid = unchanged if unchanged is not None else _id_of(row)
                 if unchanged is None and isinstance(row, dict):
                     latest.add(row.get("lastChanged"))
-                    if eid is not None and (hired := _pending_start(row, today)) is not None:
-                        pending[eid] = hired
-                elif unchanged is not None and (hired := _recognized_start(text, today)) is not None:
-                    pending[unchanged] = hired  # unchanged, and still to start (a full run has no old cursor)
+                    if eid is not None:
+                        _note_pending(pending, eid, row, today)
+                elif unchanged is not None and (parsed := _recognized_row(text)) is not None:
+                    _note_pending(pending, unchanged, parsed, today)  # unchanged (a full run has no old cursor)
                 first = listed.get(eid) if eid is not None else None
                 if first is not None:
                     # The very same row again (a report joined on a field it does not show
@@ -288,14 +335,14 @@ class BambooHRConnector(CountsRequests):
         if newest is None:
             newest = _date_header(resp)
         cursor: dict[str, Any] | None = {"since": format_timestamp(newest)} if newest is not None else None
-        if cursor is not None and pending:
-            cursor["starts"] = pending
+        if cursor is not None:
+            cursor.update({key: days for key, days in pending.items() if days})
         return Done(snapshot=True, cursor=cursor, mode="full", notes=notes)
 
     # --- increment ---------------------------------------------------------------------------------
 
     def _incremental(
-        self, client: HttpClient, since: str, notes: list[str], starts: dict[str, str]
+        self, client: HttpClient, since: str, notes: list[str], stored: dict[str, dict[str, str]]
     ) -> Generator[Page, None, Done]:
         since_at = parse_timestamp(since)
         assert since_at is not None
@@ -351,15 +398,21 @@ class BambooHRConnector(CountsRequests):
 
         if removed or quarantined:
             yield Page(removed_users=removed, quarantined=quarantined)
-        # Future hires whose day has come (by the company's date, which may be a day ahead of
-        # UTC) are read back with the changed ones until they show Active.
+        # Future hires and leavers whose day has come (by the company's date, which may be a day
+        # ahead of UTC) are read back with the changed ones until they show Active / Inactive.
         today = _utc_today()
+        horizon = (today + timedelta(days=1)).isoformat()
         changed_ids = set(wanted)
         gone = set(removed) | {q.idp_id for q in quarantined if q.idp_id}
-        pending = {e: d for e, d in starts.items() if e not in gone}
-        due = [e for e, d in pending.items() if d <= (today + timedelta(days=1)).isoformat() and e not in changed_ids]
-        for eid in due:
-            del pending[eid]  # kept again below if still a future hire
+        pending = {key: {e: d for e, d in days.items() if e not in gone} for key, days in stored.items()}
+        due = list(
+            dict.fromkeys(
+                e for days in pending.values() for e, d in days.items() if d <= horizon and e not in changed_ids
+            )
+        )
+        for days in pending.values():
+            for eid in due:
+                days.pop(eid, None)  # kept again below if still to come
         wanted = wanted + due
         numbers = self._employee_numbers(client) if (wanted and self._manager_by_number) else None
         missing = 0
@@ -392,10 +445,7 @@ class BambooHRConnector(CountsRequests):
                     if eid in seen:  # a copy of a row applied (or an id quarantined) already
                         continue
                     seen.add(eid)
-                    if (hired := _pending_start(row, today)) is not None:
-                        pending[eid] = hired
-                    else:
-                        pending.pop(eid, None)
+                    _note_pending(pending, eid, row, today)
                     if eid in clashing:
                         page.quarantined.append(Quarantined("user", eid, "employee id appears twice in the report"))
                         continue
@@ -410,8 +460,7 @@ class BambooHRConnector(CountsRequests):
         if extra:
             notes.append("the custom report ignored the employeeIds filter: extra rows were skipped")
         cursor: dict[str, Any] = {"since": format_timestamp(newest)}
-        if pending:
-            cursor["starts"] = pending
+        cursor.update({key: days for key, days in pending.items() if days})
         return Done(snapshot=False, cursor=cursor, mode="incremental", notes=notes)
 
     # --- requests ----------------------------------------------------------------------------------

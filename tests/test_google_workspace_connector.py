@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hostile import Answer, proxying
 from redirects import redirecting
 
 from dirpull.config import GoogleTenant
@@ -960,6 +961,23 @@ def test_a_token_endpoint_that_cannot_be_reached_is_the_url_named(emu: GoogleEmu
     message = str(err.value)
     assert f"talking to {closed}/token" in message and "Connection refused" in message, message
     assert emu.base_url not in message and len(sleeps) == 1
+
+
+def test_a_token_refusal_with_an_empty_body_says_so_instead_of_ending_on_a_colon(
+    emu: GoogleEmulator, tmp_path: Path
+) -> None:
+    """A gateway in front of the token endpoint answering a bare 403: google-auth quotes the empty
+    body, and the run's error read "refused the service-account grant: " with nothing after it."""
+
+    def bare_403(answer: Answer) -> Answer | None:
+        return Answer(answer.path, 403, [], b"") if answer.path.startswith("/token") else None
+
+    with proxying(emu.base_url, bare_403) as proxy:
+        c = with_token_uri(emu, tmp_path, f"{proxy.base_url}/token", Sleeps())
+        with pytest.raises(AuthError) as err:
+            list(c.pull(None, full=False))
+    refused = "users.list: the token endpoint refused the service-account grant"
+    assert str(err.value) == f"{refused}: HTTP 403, no reason given"
 
 
 def test_a_run_held_after_an_attributes_change_says_the_change_may_be_the_cause(

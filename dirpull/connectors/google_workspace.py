@@ -463,8 +463,10 @@ class _Session:
                     hint = (f" (domain-wide delegation: a super admin must authorize {client} for the scopes "
                             f"{','.join(SCOPES)} in the Admin console: Security > API controls > Domain-wide "
                             f"delegation)")  # fmt: skip
+                # An answer with no body (a gateway's bare 403) left nothing to quote after the colon.
+                said = detail[:200] or (f"HTTP {token_status}, no reason given" if token_status else "no reason given")
                 raise AuthError(
-                    f"{step}: the token endpoint refused the service-account grant: {detail[:200]}{hint}", step=step
+                    f"{step}: the token endpoint refused the service-account grant: {said}{hint}", step=step
                 ) from None
             except _ForeignRedirect as exc:
                 raise ConnectorError(f"{step}: {exc}", retriable=False, step=step) from None

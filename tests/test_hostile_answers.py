@@ -7,7 +7,11 @@ empty one (a full snapshot that silently lost a page deletes its people)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -210,6 +214,80 @@ def test_an_entra_group_members_page_without_its_value_list_fails_the_pull(vendo
         proxy.rewrite = answers("/members", _json(_without("value")))
         with pytest.raises(ConnectorError, match=r"^group members: Graph sent a page with no `value`"):
             list(c.pull(done.cursor, full=False))
+
+
+@pytest.mark.parametrize("moment", ["next page just asked for", "page being normalized"])
+def test_an_entra_walk_failing_at_once_leaves_no_request_of_the_other_walk_to_retry_and_log_a_traceback(
+    vendor: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, moment: str
+) -> None:
+    from dirpull.connectors import entra_id
+
+    v = vendor("entra_id")  # 4 pages of groups, 3 of users
+    # The users walk fails on its first page while the groups walk, side by side, has its next
+    # page asked for (answered slowly: still in flight when the run fails). Each wait below ends
+    # on an event, not a guess of the machine's speed.
+    closing = threading.Event()
+    pending_at_close: list[str] = []
+    session_close, session_get = entra_id._Session.close, entra_id._Session.get
+    group_page = entra_id.EntraConnector._full_group_page
+
+    async def close(self: Any) -> None:
+        # What the connector started and left running when the session's transport closes.
+        pending_at_close.extend(repr(t) for t in asyncio.all_tasks() if t is not asyncio.current_task())
+        closing.set()
+        await session_close(self)
+
+    groups_read = [0]
+    second_groups_page = asyncio.Event()
+    users_waiting = threading.Event()
+
+    async def get(self: Any, request_info: Any, *, step: str, delta: bool = False) -> dict[str, Any]:
+        page = await session_get(self, request_info, step=step, delta=delta)
+        if step == "groups delta":
+            groups_read[0] += 1
+            if groups_read[0] == 2:
+                second_groups_page.set()
+        elif moment == "next page just asked for":
+            # The users walk's failure reaches the run as the groups walk has just asked for
+            # its third page (the event loop wakes the waiters in order).
+            users_waiting.set()
+            await second_groups_page.wait()
+        return page
+
+    def busy_group_page(*args: Any) -> Page:
+        if moment == "page being normalized":
+            closing.wait(10)  # the groups walk is busy with its first page when the run fails
+        return group_page(*args)
+
+    monkeypatch.setattr(entra_id._Session, "close", close)
+    monkeypatch.setattr(entra_id._Session, "get", get)
+    monkeypatch.setattr(entra_id.EntraConnector, "_full_group_page", staticmethod(busy_group_page))
+    slow = 3 if moment == "next page just asked for" else 2  # the groups page in flight
+    skips = [0]
+
+    def rewrite(a: Answer) -> Answer | None:
+        if "/users/delta" in a.path:
+            return Answer(a.path, 200, a.headers, b'{"x": 1}')
+        if "/groups/delta" in a.path and "skiptoken=" in a.path:
+            skips[0] += 1
+            if skips[0] == 1 and moment == "next page just asked for":
+                users_waiting.wait(10)  # the second page comes after the users walk's failed first
+            if skips[0] == slow - 1:
+                closing.wait(10)
+                time.sleep(0.3)
+        return None
+
+    caplog.set_level(logging.WARNING)
+    with proxying(v.emu.base_url, rewrite) as proxy:
+        c = _connector("entra_id", v.settings(proxy.base_url))
+        with pytest.raises(ConnectorError, match=r"^users delta: Graph sent a page with no `value`"):
+            list(c.pull(None, full=True))
+        assert skips[0] <= slow - 1  # no page asked for again, none after the slow one
+    gc.collect()  # an unretrieved task's exception is logged when the task is collected
+    # The operator's log holds the run's error only: no retry of a walk the failure cancelled
+    # (its connection closed under it), no "Task exception was never retrieved" traceback.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert pending_at_close == []
 
 
 # --- Okta -----------------------------------------------------------------------------------------

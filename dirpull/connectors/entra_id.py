@@ -722,12 +722,16 @@ class EntraConnector(CountsRequests):
                                         "token (%s): full resync", self.tenant, exc)  # fmt: skip
                             notes.append(f"deltaLink refused, not as an expired token ({exc}): full resync")
                     else:
-                        async for item in self._incremental(session, cursor, first_users, first_groups):
-                            yield item
+                        # Closed here, not by the garbage collector: before the session closes.
+                        incremental = self._incremental(session, cursor, first_users, first_groups)
+                        async with contextlib.aclosing(incremental) as items:
+                            async for item in items:
+                                yield item
                         return
             sources = SourceDigests(known, self.settings, [__name__]) if known else None
-            async for item in self._full(session, select, notes, sources):
-                yield item
+            async with contextlib.aclosing(self._full(session, select, notes, sources)) as items:
+                async for item in items:
+                    yield item
         except ConnectorError as exc:
             exc.requests = session.requests
             raise
@@ -764,13 +768,19 @@ class EntraConnector(CountsRequests):
             # normalized (in a worker thread, so this loop goes on sending the request meanwhile)
             # and diffed. Without both, the pull waited for every page: +50% on a 100k-user walk.
             ahead = asyncio.ensure_future(session.get(session.link(next_link), step=step))
-            await asyncio.sleep(0)
             try:
+                await asyncio.sleep(0)  # in the try: the run may be cancelled here too
                 yield page
                 page = await ahead
             finally:
+                # A walk left early (the other walk failed, the run stopped): its request is
+                # cancelled and waited for while the session is open. Left running, it met the
+                # transport closed under it, logged a retry and died as an unretrieved task.
                 if not ahead.done():
                     ahead.cancel()
+                    await asyncio.wait([ahead])
+                if not ahead.cancelled():
+                    ahead.exception()  # retrieved; when it matters it was raised by `await ahead`
 
     def _user_page(self, page: dict[str, Any], sources: SourceDigests | None = None) -> Page:
         out = Page()
@@ -852,19 +862,25 @@ class EntraConnector(CountsRequests):
         # round's cut-off comes first (module doc). One page's wait; then the walks overlap.
         first_groups = await session.get(session.groups_delta(list(GROUP_SELECT)), step="groups delta")
 
+        # Each async generator below is closed by its reader (aclosing), not whenever the garbage
+        # collector gets to it: its finally (a walk's request in flight) runs before the session closes.
         async def users() -> AsyncIterator[Page]:
-            async for page in self._walk(session, session.users_delta(select), "users delta", links):
-                yield await asyncio.to_thread(self._user_page, page, sources)
+            walk = self._walk(session, session.users_delta(select), "users delta", links)
+            async with contextlib.aclosing(walk) as pages:
+                async for page in pages:
+                    yield await asyncio.to_thread(self._user_page, page, sources)
 
         async def groups() -> AsyncIterator[Page]:
-            async for page in self._walk(session, first_groups, "groups delta", links):
-                yield await asyncio.to_thread(self._full_group_page, page, direct, children, gone)
+            async with contextlib.aclosing(self._walk(session, first_groups, "groups delta", links)) as pages:
+                async for page in pages:
+                    yield await asyncio.to_thread(self._full_group_page, page, direct, children, gone)
 
         # Within a round Graph hands out one page at a time (each names the next), so a round is a
         # chain of round trips; the users and groups rounds walk side by side. (A snapshot's
         # memberships are matched to users only at the end, so the order of pages is free.)
-        async for item in _side_by_side(groups(), users()):
-            yield item
+        async with contextlib.aclosing(_side_by_side(groups(), users())) as items:
+            async for item in items:
+                yield item
 
         # Each group's members, once the walk has seen them all (a group's members may come over
         # several pages, a subgroup's before or after it): a user in a group below G is a member of G.
@@ -890,39 +906,41 @@ class EntraConnector(CountsRequests):
     async def _incremental(self, session: _Session, cursor: dict[str, Any], first_users: dict[str, Any],
                            first_groups: dict[str, Any]) -> AsyncIterator[Page | Done]:  # fmt: skip
         links: dict[str, str] = {}
-        async for page in self._walk(session, first_users, "users delta", links):
-            out = await asyncio.to_thread(self._user_page, page)
-            await self._read_managers(session, page, out)
-            yield out
+        async with contextlib.aclosing(self._walk(session, first_users, "users delta", links)) as pages:
+            async for page in pages:
+                out = await asyncio.to_thread(self._user_page, page)
+                await self._read_managers(session, page, out)
+                yield out
 
         old_nesting = {g: set(k) for g, k in (cursor.get("nesting") or {}).items()}
         nesting = {g: set(k) for g, k in old_nesting.items()}
         # group → member id → (kind, added); later entries win (chunks and replays merge here).
         changes: dict[str, dict[str, tuple[str, bool]]] = {}
         removed_groups: set[str] = set()
-        async for page in self._walk(session, first_groups, "groups delta", links):
-            out = Page()
-            records = page.get("value") or []
-            for rec in records:
-                gid, live = _group_record(rec, out)
-                if gid is None:
-                    continue
-                if "@removed" in rec:
-                    # The member changes gathered so far stay: a replayed removal may come between
-                    # two chunks of a group's members@delta, its live record after it. (Those of a
-                    # group gone for good name a deleted group: nothing is applied for them.)
-                    removed_groups.add(gid)
-                    continue
-                removed_groups.discard(gid)
-                if not live:
-                    continue
-                for ref in rec.get("members@delta") or []:
-                    kind, mid = ref.get("@odata.type"), ref.get("id")
-                    if mid and kind in (USER_TYPE, GROUP_TYPE):
-                        changes.setdefault(gid, {})[mid] = (kind, "@removed" not in ref)
-            _last_group_record_wins(records, out)
-            if out.groups or out.removed_groups or out.quarantined:
-                yield out
+        async with contextlib.aclosing(self._walk(session, first_groups, "groups delta", links)) as pages:
+            async for page in pages:
+                out = Page()
+                records = page.get("value") or []
+                for rec in records:
+                    gid, live = _group_record(rec, out)
+                    if gid is None:
+                        continue
+                    if "@removed" in rec:
+                        # The member changes gathered so far stay: a replayed removal may come between
+                        # two chunks of a group's members@delta, its live record after it. (Those of a
+                        # group gone for good name a deleted group: nothing is applied for them.)
+                        removed_groups.add(gid)
+                        continue
+                    removed_groups.discard(gid)
+                    if not live:
+                        continue
+                    for ref in rec.get("members@delta") or []:
+                        kind, mid = ref.get("@odata.type"), ref.get("id")
+                        if mid and kind in (USER_TYPE, GROUP_TYPE):
+                            changes.setdefault(gid, {})[mid] = (kind, "@removed" not in ref)
+                _last_group_record_wins(records, out)
+                if out.groups or out.removed_groups or out.quarantined:
+                    yield out
 
         for gid, delta in changes.items():
             for mid, (kind, added) in delta.items():

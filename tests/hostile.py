@@ -5,6 +5,7 @@ Content-Type). Absolute URLs of the emulator in bodies and headers are rewritten
 from __future__ import annotations
 
 import http.client
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,14 @@ class Proxy:
     base_url: str
     rewrite: Rewrite | None = None
     paths: list[str] = field(default_factory=list)  # every request's path, in order
+
+
+class _QuietServer(ThreadingHTTPServer):
+    def handle_error(self, request: object, client_address: object) -> None:
+        # A client that gave up on an answer (a test's pull that failed first) is expected here;
+        # socketserver printed a traceback to stderr for each.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
 @contextmanager
@@ -69,7 +78,7 @@ def proxying(upstream: str, rewrite: Rewrite | None = None) -> Iterator[Proxy]:
 
         do_GET = do_POST = _any
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = _QuietServer(("127.0.0.1", 0), Handler)
     proxy.base_url = f"http://127.0.0.1:{server.server_port}"
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -495,3 +495,103 @@ def test_a_retried_answer_quoting_a_configured_secret_does_not_put_it_in_the_log
     for secret in secrets:
         assert not [line for line in lines if secret in line], "\n".join(lines)
     assert ("(password ***," if provider == "workday" else "key ***)") in retries[0], retries
+
+
+def _cutting_gateway(upstream: str, path: str, status: int, at: int) -> type[http.server.BaseHTTPRequestHandler]:
+    """A gateway in front of `upstream` whose first answer to a request for `path` is a long
+    `status` page quoting the credential the request carried (the basic-auth password, or the user
+    where the password is a placeholder: BambooHR's API key) from character `at` of its text on."""
+    import base64
+    import http.client
+    from urllib.parse import urlsplit
+
+    target = urlsplit(upstream)
+    left = [1]
+    lock = threading.Lock()
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def _any(self) -> None:
+            n = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(n) if n else b""
+            with lock:
+                fail = left[0] > 0 and path in self.path
+                left[0] -= fail
+            if fail:
+                auth = self.headers.get("Authorization") or ""
+                user, _, password = base64.b64decode(auth[6:]).decode().partition(":")
+                head = f"{status} upstream unavailable: the gateway could not check the credential "
+                page = (head + "." * (at - len(head)) + (password if len(password) > 1 else user) + " (sorry)").encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "text/plain")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+                return
+            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
+            try:
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+                conn.request(self.command, self.path, body=body or None, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read()
+            finally:
+                conn.close()
+            self.send_response(resp.status)
+            for k, v in resp.getheaders():
+                if k.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
+                    self.send_header(k, v)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _any
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    return Gateway
+
+
+@pytest.mark.parametrize(
+    ("provider", "status", "at"),
+    [
+        ("workday", 503, 190),  # the token endpoint's retried answer, quoting the client secret
+        ("workday", 401, 290),  # the report's refusal, quoting the password
+        ("bamboohr", 503, 190),  # employees/changed's retried answer, quoting the API key
+    ],
+)
+def test_a_vendor_page_cut_short_in_the_middle_of_a_secret_shows_none_of_it(
+    provider: str, status: int, at: int, serve: Callable[..., str], harness: Any, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    """A vendor's page is quoted up to 200 characters (a retry warning) or 300 (the run's error),
+    cut with `…`. The tenant's secrets were masked after the cut, whole: one the cut went through
+    (a long page quoting the API key or password near its end) was not found, and its first part
+    stayed in the daemon's log and in the run record: `…credential ....wd-isu-pas…`."""
+    from dirpull.emulators import Org, emulator_class
+
+    emu: Any = emulator_class(provider)(Org.generate(5, seed=2))
+    emu.start()
+    try:
+        tenant = emu.tenant_config("t1", tmp_path)
+        path = {503: "/token", 401: "/customreport2/"}[status] if provider == "workday" else "/employees/changed"
+        base = serve(_cutting_gateway(emu.base_url, path, status, at), False)
+        tenant = {k: v.replace(emu.base_url, base) if isinstance(v, str) else v for k, v in tenant.items()}
+        secret = tenant.get("password") or tenant["api_key"]
+        if provider == "workday" and status == 503:  # OAuth: the client secret in basic auth
+            del tenant["username"], tenant["password"]
+            tenant |= {"token_url": emu.token_url.replace(emu.base_url, base), "client_id": emu.client_id,
+                       "client_secret": emu.client_secret, "refresh_token": emu.refresh_token}  # fmt: skip
+            secret = emu.client_secret
+        h = harness({"t1": tenant})
+        with caplog.at_level("INFO"):
+            results = [h.sync("t1") for _ in range(2 if provider == "bamboohr" else 1)]
+    finally:
+        emu.stop()
+    assert [r.status for r in results][-1] == ("succeeded" if status == 503 else "failed"), results[-1].error
+    lines = [r.getMessage() for r in caplog.records]
+    # The retry warnings, or the run's error (in `dirpull runs`, and in the log's "sync end" line).
+    quoted = [line for line in [*lines, *[r.error for r in results if r.error]] if "upstream unavailable" in line]
+    assert quoted and all("…" in line for line in quoted), "\n".join(lines)
+    for text in quoted:
+        assert ".***…" in text, text  # masked up to the cut
+        assert secret[:3] not in text.split("credential ")[1], text

@@ -16,7 +16,7 @@ import threading
 import time
 import traceback
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -82,10 +82,7 @@ class _LogMask(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        clean = text
-        for secret in self._secrets:
-            clean = clean.replace(secret, "***")
-        clean = mask_credentials(clean)
+        clean = mask_credentials(_mask_secrets(text, self._secrets))
         if clean != text:
             record.msg, record.args = clean, None
         return True
@@ -796,9 +793,37 @@ def _without_secrets(text: str, settings: Any) -> str:
     """`text` with the tenant's secrets masked. Errors quote the vendor's own words, and a vendor may
     quote a credential it was sent (an OAuth server's "Invalid refresh token: …", a proxy's error
     page echoing the request): the run record and the log must not carry it on."""
-    for secret in _secret_values(settings):
-        text = text.replace(secret, "***")
+    text = _mask_secrets(text, _secret_values(settings))
     return mask_credentials(text)  # and those no setting holds (an echoed Authorization header…)
+
+
+CUT = "…"  # where a connector cut a quoted vendor page short (`readable_body`, `transport_reason`)
+MIN_CUT_PREFIX = 3  # characters of a secret before a cut that are masked as its start
+
+
+def _mask_secrets(text: str, secrets: Sequence[str]) -> str:
+    """`text` with each of `secrets` (longest first) as `***`, and with the start of one that a cut
+    went through: a vendor's page is quoted to 200 or 300 characters and ends in `…`, and a secret
+    it quoted near its end (a gateway's page naming the key it could not check) left its first part
+    in the log and the run record, the whole secret being nowhere to find."""
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    if CUT not in text:
+        return text
+    out: list[str] = []
+    start = 0
+    while (cut := text.find(CUT, start)) >= 0:
+        before = text[start:cut]
+        for secret in secrets:
+            # The longest start of the secret that the text before the cut ends with.
+            k = next((k for k in range(len(secret) - 1, MIN_CUT_PREFIX - 1, -1) if before.endswith(secret[:k])), 0)
+            if k:
+                before = before[:-k] + "***"
+                break
+        out.append(before + CUT)
+        start = cut + len(CUT)
+    out.append(text[start:])
+    return "".join(out)
 
 
 # The stored cursor also remembers the settings it was made under (the connector never sees this).

@@ -62,6 +62,9 @@ class Prefetch(Generic[T]):
         self._check = check
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._started = False
+        self._ended = False
+        self._on_end: list[Callable[[], None]] = []
+        self._end_lock = threading.Lock()
 
     def __enter__(self) -> Prefetch[T]:
         return self
@@ -111,6 +114,16 @@ class Prefetch(Generic[T]):
                 break
         self._thread.join(JOIN_S)
 
+    def when_ended(self, fn: Callable[[], None]) -> None:
+        """Call `fn` once the pull thread has ended: now if it has (or never started), else in that
+        thread as it ends. `close()` waits for it only so long: a pull in a vendor's retry wait
+        goes on behind its run, retrying and logging, until that request ends."""
+        with self._end_lock:
+            if self._started and not self._ended:
+                self._on_end.append(fn)
+                return
+        fn()
+
     def _put(self, item: T | _End | _Failed) -> bool:
         while not self._cancel.is_set():
             try:
@@ -121,6 +134,16 @@ class Prefetch(Generic[T]):
         return False
 
     def _run(self) -> None:
+        try:
+            self._pull()
+        finally:
+            with self._end_lock:
+                self._ended = True
+                callbacks, self._on_end = self._on_end, []
+            for fn in callbacks:
+                fn()
+
+    def _pull(self) -> None:
         try:
             stream = self._open()
             try:

@@ -10,6 +10,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -497,7 +498,9 @@ def test_a_retried_answer_quoting_a_configured_secret_does_not_put_it_in_the_log
     assert ("(password ***," if provider == "workday" else "key ***)") in retries[0], retries
 
 
-def _cutting_gateway(upstream: str, path: str, status: int, at: int) -> type[http.server.BaseHTTPRequestHandler]:
+def _cutting_gateway(
+    upstream: str, path: str, status: int, at: int, times: int = 1
+) -> type[http.server.BaseHTTPRequestHandler]:
     """A gateway in front of `upstream` whose first answer to a request for `path` is a long
     `status` page quoting the credential the request carried (the basic-auth password, or the user
     where the password is a placeholder: BambooHR's API key) from character `at` of its text on."""
@@ -506,7 +509,7 @@ def _cutting_gateway(upstream: str, path: str, status: int, at: int) -> type[htt
     from urllib.parse import urlsplit
 
     target = urlsplit(upstream)
-    left = [1]
+    left = [times]
     lock = threading.Lock()
 
     class Gateway(http.server.BaseHTTPRequestHandler):
@@ -595,3 +598,58 @@ def test_a_vendor_page_cut_short_in_the_middle_of_a_secret_shows_none_of_it(
     for text in quoted:
         assert ".***…" in text, text  # masked up to the cut
         assert secret[:3] not in text.split("credential ")[1], text
+
+
+def test_a_pull_left_behind_by_a_lost_lease_keeps_the_tenants_secrets_masked(
+    serve: Callable[..., str], harness: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch
+) -> None:
+    """A run that loses its lease ends without waiting for its pull, which finishes the request it
+    is retrying (up to the retry budget) and logs each retry, quoting the vendor's page. The
+    tenant's secrets were unmasked as the run ended: the page quoting the password put it in the
+    log, the other runs of the process syncing meanwhile."""
+    from datetime import timedelta
+
+    from dirpull import prefetch
+    from dirpull.connectors import workday
+    from dirpull.emulators import Org, emulator_class
+    from dirpull.storage import schema
+    from dirpull.storage.store import utcnow
+
+    monkeypatch.setattr(prefetch, "JOIN_S", 0.1)  # the run waits this long for its pull to stop
+    monkeypatch.setattr(workday, "POLICY_FACTORY", lambda: RetryPolicy(max_attempts=4, base_delay=0.4, jitter=0))
+    emu: Any = emulator_class("workday")(Org.generate(5, seed=2))
+    emu.start()
+    stolen = threading.Event()
+    h: Any = None
+
+    class Failing(_cutting_gateway(emu.base_url, "/token", 503, 90, times=100)):  # type: ignore[misc]
+        def _any(self) -> None:
+            if not stolen.is_set() and h is not None:  # another worker takes the tenant over
+                with h.store.engine.begin() as conn:
+                    conn.execute(
+                        schema.leases.update().values(holder="other", expires_at=utcnow() + timedelta(minutes=5))
+                    )
+                stolen.set()
+            super()._any()
+
+        do_GET = do_POST = _any
+
+    try:
+        tenant = emu.tenant_config("t1", tmp_path)
+        base = serve(Failing, False)
+        tenant = {k: v.replace(emu.base_url, base) if isinstance(v, str) else v for k, v in tenant.items()}
+        del tenant["username"], tenant["password"]  # OAuth: the client secret in basic auth
+        tenant |= {"token_url": emu.token_url.replace(emu.base_url, base), "client_id": emu.client_id,
+                   "client_secret": emu.client_secret, "refresh_token": emu.refresh_token}  # fmt: skip
+        h = harness({"t1": tenant}, defaults={"lease_ttl": "1s"})
+        with caplog.at_level("INFO"):
+            result = h.sync("t1")
+            ended = time.time()
+            assert result.status == "failed" and "lease lost" in result.error, result.error
+            time.sleep(3)  # the pull left behind retries, and gives up
+    finally:
+        emu.stop()
+    lines = [r.getMessage() for r in caplog.records]
+    behind = [r.getMessage() for r in caplog.records if r.created > ended]
+    assert [line for line in behind if "upstream unavailable" in line], "\n".join(lines)  # logged after the run
+    assert not [line for line in lines if emu.client_secret in line], "\n".join(lines)

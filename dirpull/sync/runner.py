@@ -93,6 +93,29 @@ for _name in ("dirpull.connectors.http", *CONNECTOR_MODULES.values()):
     logging.getLogger(_name).addFilter(_LOG_MASK)
 
 
+class _Masked:
+    """A run's secrets in `_LOG_MASK`, taken out once the run and every pull thread it started
+    have let go: a run that ends early (a lost lease) waits for its pull only so long
+    (`Prefetch.close`), and the pull goes on behind it, retrying and quoting the vendor's pages in
+    its log lines, until the request it retries ends."""
+
+    def __init__(self, values: list[str]) -> None:
+        self._values = _LOG_MASK.add(values)
+        self._lock = threading.Lock()
+        self._holders = 1  # the run
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holders += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last:
+            _LOG_MASK.remove(self._values)
+
+
 class Interrupted(Exception):
     """The worker is stopping (SIGTERM/SIGINT) or lost its lease: the run applies nothing."""
 
@@ -358,10 +381,10 @@ class Runner:
         plan: Plan | None = None
         connector: Connector | None = None
         recorded = False  # the run's outcome is committed
-        masked = _LOG_MASK.add(_secret_values(settings))
+        masked = _Masked(_secret_values(settings))
         try:
             connector = self.connector_factory(tenant, settings)
-            done, plan = self._pull_and_diff(connector, tenant, stored_cursor, full, heartbeat, progress)
+            done, plan = self._pull_and_diff(connector, tenant, stored_cursor, full, heartbeat, progress, masked)
             result.mode = done.mode
             result.requests = done.requests
             notes.extend(done.notes)
@@ -512,7 +535,7 @@ class Runner:
             if plan is not None and plan.spool is not None and result.status != "planned":
                 result.writes = None
                 plan.spool.close()
-            _LOG_MASK.remove(masked)
+            masked.release()
             result.duration_s = round(time.monotonic() - started, 3)
             log.info(
                 "sync end tenant=%s provider=%s mode=%s status=%s events=%d requests=%d duration=%.2fs counts=%s%s",
@@ -576,6 +599,7 @@ class Runner:
         full: bool,
         heartbeat: _Heartbeat,
         progress: Progress | None,
+        masked: _Masked | None = None,
     ) -> tuple[Done, Plan]:
         done: Done | None = None
         pages = users = groups = 0
@@ -653,6 +677,9 @@ class Runner:
             opened = pull_and_diff if same_thread else pull
             with Prefetch(opened, name=f"pull-{tenant}", check=lambda: self._check_still_running(heartbeat)) as stream:
                 stream.start()
+                if masked is not None:  # the tenant's secrets stay masked while the pull goes on
+                    masked.hold()
+                    stream.when_ended(masked.release)
                 if not same_thread:
                     diffs.append(new_diff())
                 for item in stream:

@@ -400,17 +400,18 @@ def test_a_ca_variable_naming_a_file_that_cannot_be_read_fails_the_run_in_one_li
     assert run["status"] == "failed" and line in run["error"]
 
 
-def _quoting_gateway(upstream: str, path: str, status: int) -> type[http.server.BaseHTTPRequestHandler]:
-    """A gateway in front of `upstream` (an emulator) whose first answer to a request for `path` is
-    a `status` page quoting the credentials the request carried (the basic-auth user and password,
-    decoded; the form's fields): a vendor's or a proxy's 5xx saying which key it could not check, or
-    a debugging page showing the request. Every other request goes through to the emulator."""
+def _failing_gateway(
+    upstream: str, path: str, status: int, page: Callable[[str, str, bytes], tuple[bytes, str]], times: int = 1
+) -> type[http.server.BaseHTTPRequestHandler]:
+    """A gateway in front of `upstream` (an emulator) whose first `times` answers to a request for
+    `path` are a `status` page made by `page(user, password, body)` from the request's basic-auth
+    credentials (decoded) and body: (the page, its Content-Type). Every other request goes through."""
     import base64
     import http.client
-    from urllib.parse import parse_qsl, urlsplit
+    from urllib.parse import urlsplit
 
     target = urlsplit(upstream)
-    left = [1]
+    left = [times]
     lock = threading.Lock()
 
     class Gateway(http.server.BaseHTTPRequestHandler):
@@ -421,18 +422,15 @@ def _quoting_gateway(upstream: str, path: str, status: int) -> type[http.server.
                 fail = left[0] > 0 and path in self.path
                 left[0] -= fail
             if fail:
-                said = []
                 auth = self.headers.get("Authorization") or ""
-                if auth.lower().startswith("basic "):
-                    user, _, password = base64.b64decode(auth[6:]).decode().partition(":")
-                    said.append(f"<p>could not check the credentials of {user} (password {password}, key {user})</p>")
-                said += [f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in parse_qsl(body.decode(errors="replace"))]
-                page = f"<html><body><h1>{status} upstream unavailable</h1>{''.join(said)}</body></html>".encode()
+                basic = base64.b64decode(auth[6:]).decode() if auth.lower().startswith("basic ") else ""
+                user, _, password = basic.partition(":")
+                text, kind = page(user, password, body)
                 self.send_response(status)
-                self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(page)))
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(text)))
                 self.end_headers()
-                self.wfile.write(page)
+                self.wfile.write(text)
                 return
             conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
             try:
@@ -456,6 +454,20 @@ def _quoting_gateway(upstream: str, path: str, status: int) -> type[http.server.
             pass
 
     return Gateway
+
+
+def _quoting_gateway(upstream: str, path: str, status: int) -> type[http.server.BaseHTTPRequestHandler]:
+    """`_failing_gateway` whose page quotes the credentials the request carried (the basic-auth user
+    and password; the form's fields): a vendor's or a proxy's 5xx saying which key it could not
+    check, or a debugging page showing the request."""
+    from urllib.parse import parse_qsl
+
+    def page(user: str, password: str, body: bytes) -> tuple[bytes, str]:
+        said = [f"<p>could not check the credentials of {user} (password {password}, key {user})</p>"] if user else []
+        said += [f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in parse_qsl(body.decode(errors="replace"))]
+        return f"<html><body><h1>{status} upstream unavailable</h1>{''.join(said)}</body></html>".encode(), "text/html"
+
+    return _failing_gateway(upstream, path, status, page)
 
 
 @pytest.mark.parametrize("provider", ["workday", "bamboohr"])
@@ -501,57 +513,16 @@ def test_a_retried_answer_quoting_a_configured_secret_does_not_put_it_in_the_log
 def _cutting_gateway(
     upstream: str, path: str, status: int, at: int, times: int = 1
 ) -> type[http.server.BaseHTTPRequestHandler]:
-    """A gateway in front of `upstream` whose first answer to a request for `path` is a long
-    `status` page quoting the credential the request carried (the basic-auth password, or the user
-    where the password is a placeholder: BambooHR's API key) from character `at` of its text on."""
-    import base64
-    import http.client
-    from urllib.parse import urlsplit
+    """`_failing_gateway` whose page is long, quoting the credential the request carried (the
+    basic-auth password, or the user where the password is a placeholder: BambooHR's API key) from
+    character `at` of its text on."""
 
-    target = urlsplit(upstream)
-    left = [times]
-    lock = threading.Lock()
+    def page(user: str, password: str, body: bytes) -> tuple[bytes, str]:
+        head = f"{status} upstream unavailable: the gateway could not check the credential "
+        quoted = password if len(password) > 1 else user
+        return (head + "." * (at - len(head)) + quoted + " (sorry)").encode(), "text/plain"
 
-    class Gateway(http.server.BaseHTTPRequestHandler):
-        def _any(self) -> None:
-            n = int(self.headers.get("Content-Length") or 0)
-            body = self.rfile.read(n) if n else b""
-            with lock:
-                fail = left[0] > 0 and path in self.path
-                left[0] -= fail
-            if fail:
-                auth = self.headers.get("Authorization") or ""
-                user, _, password = base64.b64decode(auth[6:]).decode().partition(":")
-                head = f"{status} upstream unavailable: the gateway could not check the credential "
-                page = (head + "." * (at - len(head)) + (password if len(password) > 1 else user) + " (sorry)").encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(page)))
-                self.end_headers()
-                self.wfile.write(page)
-                return
-            conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
-            try:
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                conn.request(self.command, self.path, body=body or None, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-            finally:
-                conn.close()
-            self.send_response(resp.status)
-            for k, v in resp.getheaders():
-                if k.lower() not in ("transfer-encoding", "connection", "content-length", "date", "server"):
-                    self.send_header(k, v)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        do_GET = do_POST = _any
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    return Gateway
+    return _failing_gateway(upstream, path, status, page, times)
 
 
 @pytest.mark.parametrize(

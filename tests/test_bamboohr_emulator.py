@@ -148,6 +148,16 @@ def test_directory_lists_active_only_but_the_report_includes_inactive(emu: Bambo
     assert rows["1"] == {"id": "1", "status": "Active", "terminationDate": "0000-00-00"}
 
 
+def _row(emu: BambooHREmulator, n: int, fields: list[str]) -> dict:
+    """Employee `n`'s row of a custom report of `fields`."""
+    return next(r for r in report(emu, fields, headers=JSON).json()["employees"] if r["id"] == str(n))
+
+
+def _in_directory(emu: BambooHREmulator, n: int) -> bool:
+    body = requests.get(gw(emu, "employees/directory"), auth=AUTH, headers=JSON, timeout=TIMEOUT).json()
+    return str(n) in {e["id"] for e in body["employees"]}
+
+
 @pytest.mark.parametrize("flip_changes", [False, True])
 def test_a_future_hire_is_inactive_until_their_hire_date(emu: BambooHREmulator, flip_changes: bool) -> None:
     # directory-apis.md §4.1: "Future hires have a status of Inactive". Not terminated: no
@@ -160,11 +170,10 @@ def test_a_future_hire_is_inactive_until_their_hire_date(emu: BambooHREmulator, 
     fields = ["status", "hireDate", "terminationDate", "lastChanged"]
 
     def row() -> dict:
-        return next(r for r in report(emu, fields, headers=JSON).json()["employees"] if r["id"] == str(n))
+        return _row(emu, n, fields)
 
     def in_directory() -> bool:
-        body = requests.get(gw(emu, "employees/directory"), auth=AUTH, headers=JSON, timeout=TIMEOUT).json()
-        return str(n) in {e["id"] for e in body["employees"]}
+        return _in_directory(emu, n)
 
     before = row()
     assert before["status"] == "Inactive" and before["terminationDate"] == "0000-00-00"
@@ -196,11 +205,10 @@ def test_a_scheduled_termination_is_active_until_its_date_then_inactive(
     fields = ["status", "employmentHistoryStatus", "terminationDate", "lastChanged"]
 
     def row() -> dict:
-        return next(r for r in report(emu, fields, headers=JSON).json()["employees"] if r["id"] == str(n))
+        return _row(emu, n, fields)
 
     def in_directory() -> bool:
-        body = requests.get(gw(emu, "employees/directory"), auth=AUTH, headers=JSON, timeout=TIMEOUT).json()
-        return str(n) in {e["id"] for e in body["employees"]}
+        return _in_directory(emu, n)
 
     before = row()
     assert before["status"] == "Active" and before["terminationDate"] == "2026-03-02" and in_directory()

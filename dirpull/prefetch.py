@@ -10,6 +10,7 @@ its next INSERT this way while SQLite writes the last one. The queue is bounded,
 
 from __future__ import annotations
 
+import contextvars
 import queue
 import threading
 import traceback
@@ -45,7 +46,8 @@ class Prefetch(Generic[T]):
     in the pull is re-raised here, with its traceback, when its turn comes. `check` is called
     while this side waits, so a stop request is noticed during a slow page, not after it.
     `close()` (also on leaving a `with` block) stops the pull at its next page and closes the
-    stream in the pull thread.
+    stream in the pull thread, and sets `stop` (an event of the caller's, for waits in the pull
+    to watch). The pull thread runs in a copy of the context this object was made in.
     """
 
     def __init__(
@@ -55,12 +57,14 @@ class Prefetch(Generic[T]):
         depth: int = 3,
         name: str = "pull",
         check: Callable[[], None] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self._open = open_stream
         self._queue: queue.Queue[T | _End | _Failed] = queue.Queue(maxsize=max(1, depth))
-        self._cancel = threading.Event()
+        self._cancel = stop or threading.Event()
         self._check = check
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(target=context.run, args=(self._run,), name=name, daemon=True)
         self._started = False
         self._ended = False
         self._on_end: list[Callable[[], None]] = []
@@ -116,8 +120,8 @@ class Prefetch(Generic[T]):
 
     def when_ended(self, fn: Callable[[], None]) -> None:
         """Call `fn` once the pull thread has ended: now if it has (or never started), else in that
-        thread as it ends. `close()` waits for it only so long: a pull in a vendor's retry wait
-        goes on behind its run, retrying and logging, until that request ends."""
+        thread as it ends. `close()` waits for it only so long: a pull waiting for a vendor's
+        answer goes on behind its run, and may log, until that request ends."""
         with self._end_lock:
             if self._started and not self._ended:
                 self._on_end.append(fn)
@@ -196,7 +200,9 @@ class DaemonPool:
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot submit after shutdown")
-            self._work.put((future, fn, args))
+            # In the submitter's context, as asyncio.to_thread runs a function: what it set for
+            # its work (a run's end, connectors.http.RUN_ENDED) holds in the worker too.
+            self._work.put((future, contextvars.copy_context().run, (fn, *args)))
             # One thread more per request until `workers`, as ThreadPoolExecutor starts them.
             if len(self._threads) < self._workers:
                 thread = threading.Thread(target=self._run, name=f"{self._name}_{len(self._threads)}", daemon=True)

@@ -87,3 +87,51 @@ def test_a_stop_is_noticed_while_waiting_for_a_slow_page() -> None:
     assert time.monotonic() - started < 5  # not after the slow page
     release.set()
     p.close()
+
+
+def test_a_retry_wait_in_a_pull_or_in_the_threads_it_starts_ends_when_its_consumer_stops() -> None:
+    """A run that ends without its pull (a lost lease) closes the stream; a retry wait in the pull
+    thread, in a nested stream's thread or in a worker of the pull's pool (Google's member reads)
+    used to sleep on, then call the vendor again."""
+    from dirpull.connectors.base import ConnectorError
+    from dirpull.connectors.http import RUN_ENDED, interruptible_sleep
+    from dirpull.prefetch import DaemonPool
+
+    ended = threading.Event()
+    waits: dict[str, tuple[float, str]] = {}
+    pool = DaemonPool(1, "test-pool")
+
+    def wait(where: str) -> None:
+        started = time.monotonic()
+        try:
+            interruptible_sleep(30)
+            waits[where] = (time.monotonic() - started, "slept")
+        except ConnectorError as exc:
+            waits[where] = (time.monotonic() - started, str(exc))
+
+    def inner() -> Iterator[int]:
+        wait("nested stream")
+        yield 1
+
+    def stream() -> Iterator[int]:
+        RUN_ENDED.set(ended)
+        in_pool = pool.submit(wait, "pool")
+        nested = Prefetch(inner, name="nested")
+        nested.start()
+        yield 0
+        wait("pull")
+        in_pool.result(10)
+        nested.close()
+        yield 1
+
+    p = Prefetch(stream, stop=ended)
+    with p:
+        assert next(iter(p)) == 0
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while len(waits) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    pool.shutdown(wait=False)
+    assert sorted(waits) == ["nested stream", "pool", "pull"]
+    for where, (took, how) in waits.items():
+        assert took < 2 and "the run has ended" in how, (where, took, how)

@@ -571,13 +571,14 @@ def test_a_vendor_page_cut_short_in_the_middle_of_a_secret_shows_none_of_it(
         assert secret[:3] not in text.split("credential ")[1], text
 
 
-def test_a_pull_left_behind_by_a_lost_lease_keeps_the_tenants_secrets_masked(
-    serve: Callable[..., str], harness: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch
-) -> None:
-    """A run that loses its lease ends without waiting for its pull, which finishes the request it
-    is retrying (up to the retry budget) and logs each retry, quoting the vendor's page. The
-    tenant's secrets were unmasked as the run ended: the page quoting the password put it in the
-    log, the other runs of the process syncing meanwhile."""
+def _lease_lost_in_a_retry(
+    serve: Callable[..., str], harness: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, hold: float,
+    policy: RetryPolicy, watch: float,
+) -> tuple[Any, Any, float, list[float]]:  # fmt: skip
+    """A Workday OAuth run whose token endpoint keeps answering 503 through a gateway, quoting the
+    client secret, and whose lease another worker takes at the first request, whose answer the
+    gateway holds `hold` seconds. Returns the emulator, the run's result, when the run ended and
+    when each request reached the gateway, `watch` seconds after the run ended."""
     from datetime import timedelta
 
     from dirpull import prefetch
@@ -587,20 +588,23 @@ def test_a_pull_left_behind_by_a_lost_lease_keeps_the_tenants_secrets_masked(
     from dirpull.storage.store import utcnow
 
     monkeypatch.setattr(prefetch, "JOIN_S", 0.1)  # the run waits this long for its pull to stop
-    monkeypatch.setattr(workday, "POLICY_FACTORY", lambda: RetryPolicy(max_attempts=4, base_delay=0.4, jitter=0))
+    monkeypatch.setattr(workday, "POLICY_FACTORY", lambda: policy)
     emu: Any = emulator_class("workday")(Org.generate(5, seed=2))
     emu.start()
     stolen = threading.Event()
     h: Any = None
+    arrived: list[float] = []
 
     class Failing(_cutting_gateway(emu.base_url, "/token", 503, 90, times=100)):  # type: ignore[misc]
         def _any(self) -> None:
+            arrived.append(time.time())
             if not stolen.is_set() and h is not None:  # another worker takes the tenant over
                 with h.store.engine.begin() as conn:
                     conn.execute(
                         schema.leases.update().values(holder="other", expires_at=utcnow() + timedelta(minutes=5))
                     )
                 stolen.set()
+                time.sleep(hold)
             super()._any()
 
         do_GET = do_POST = _any
@@ -613,14 +617,41 @@ def test_a_pull_left_behind_by_a_lost_lease_keeps_the_tenants_secrets_masked(
         tenant |= {"token_url": emu.token_url.replace(emu.base_url, base), "client_id": emu.client_id,
                    "client_secret": emu.client_secret, "refresh_token": emu.refresh_token}  # fmt: skip
         h = harness({"t1": tenant}, defaults={"lease_ttl": "1s"})
-        with caplog.at_level("INFO"):
-            result = h.sync("t1")
-            ended = time.time()
-            assert result.status == "failed" and "lease lost" in result.error, result.error
-            time.sleep(3)  # the pull left behind retries, and gives up
+        result = h.sync("t1")
+        ended = time.time()
+        assert result.status == "failed" and "lease lost" in result.error, result.error
+        time.sleep(watch)
     finally:
         emu.stop()
+    return emu, result, ended, arrived
+
+
+def test_a_pull_left_behind_by_a_lost_lease_keeps_the_tenants_secrets_masked(
+    serve: Callable[..., str], harness: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch
+) -> None:
+    """A run that loses its lease ends without waiting for its pull, whose request in flight ends
+    later and is logged as a retry, quoting the vendor's page. The tenant's secrets were unmasked
+    as the run ended: the page quoting the password put it in the log, the other runs of the
+    process syncing meanwhile."""
+    with caplog.at_level("INFO"):
+        emu, _, ended, _ = _lease_lost_in_a_retry(
+            serve, harness, tmp_path, monkeypatch, hold=2.0, policy=RetryPolicy(max_attempts=4, jitter=0), watch=2.5
+        )
     lines = [r.getMessage() for r in caplog.records]
     behind = [r.getMessage() for r in caplog.records if r.created > ended]
     assert [line for line in behind if "upstream unavailable" in line], "\n".join(lines)  # logged after the run
     assert not [line for line in lines if emu.client_secret in line], "\n".join(lines)
+
+
+def test_a_pull_left_behind_by_a_lost_lease_stops_calling_the_vendor(
+    serve: Callable[..., str], harness: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that lost its lease ended, and its pull, in a retry wait, went on retrying the vendor
+    for up to the run's retry budget (300 s), while the worker's next run of the tenant could be
+    pulling beside it. Its wait now ends with its run, and it makes no request more."""
+    policy = RetryPolicy(max_attempts=20, base_delay=0.3, max_delay=0.6, jitter=0)
+    _, _, ended, arrived = _lease_lost_in_a_retry(
+        serve, harness, tmp_path, monkeypatch, hold=0.0, policy=policy, watch=3.0
+    )
+    assert len([t for t in arrived if t <= ended]) >= 1
+    assert [round(t - ended, 2) for t in arrived if t > ended] == []

@@ -7,6 +7,7 @@ SDK-based connectors (msgraph, okta, google) keep their SDK's transport but use 
 
 from __future__ import annotations
 
+import contextvars
 import email.utils
 import logging
 import os
@@ -30,6 +31,11 @@ RETRIABLE_STATUSES = frozenset({429, 500, 502, 503, 504})
 # Set while the daemon stops (SIGTERM): retry waits end at once instead of holding the shutdown
 # for as long as a vendor asked us to wait.
 SHUTDOWN = threading.Event()
+# Set once the run a pull works for has ended without it (its lease lost, its store failed): the
+# pull's retry and rate-limit waits end then too, instead of calling the vendor again for up to the
+# run's retry budget while the tenant's next run may already be pulling. Set in the pull's thread by
+# the runner; a Prefetch's and a DaemonPool's threads and an event loop's tasks inherit it.
+RUN_ENDED: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("run_ended", default=None)
 _SECRET_PARAM = re.compile(r"(token|key|secret|pass|pwd|assertion|code|sig|auth|jwt|session|credential)", re.I)
 
 
@@ -260,9 +266,25 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, when - (time.time() if now is None else now))
 
 
-def interruptible_sleep(seconds: float) -> None:
-    if SHUTDOWN.wait(seconds):
+def _cut_short() -> None:
+    if SHUTDOWN.is_set():
         raise ConnectorError("the worker is stopping: retry wait cut short")
+    ended = RUN_ENDED.get()
+    if ended is not None and ended.is_set():
+        raise ConnectorError("the run has ended: retry wait cut short")
+
+
+def interruptible_sleep(seconds: float) -> None:
+    ended = RUN_ENDED.get()
+    if ended is None:
+        if SHUTDOWN.wait(seconds):
+            _cut_short()
+        return
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        _cut_short()
+        ended.wait(min(0.2, left))
+    _cut_short()
 
 
 async def interruptible_async_sleep(seconds: float) -> None:
@@ -270,8 +292,7 @@ async def interruptible_async_sleep(seconds: float) -> None:
 
     deadline = time.monotonic() + seconds
     while (left := deadline - time.monotonic()) > 0:
-        if SHUTDOWN.is_set():
-            raise ConnectorError("the worker is stopping: retry wait cut short")
+        _cut_short()
         await asyncio.sleep(min(0.2, left))
 
 

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 from dirpull.config import Config, ConfigError, SecretRef, parse_duration
 from dirpull.connectors import CONNECTOR_MODULES, make_connector
 from dirpull.connectors.base import Connector, ConnectorError, CountsRequests, Done, Page
-from dirpull.connectors.http import mask_credentials
+from dirpull.connectors.http import RUN_ENDED, mask_credentials
 from dirpull.jsoncodec import canonical
 from dirpull.model import digest
 from dirpull.prefetch import Prefetch
@@ -96,8 +96,8 @@ for _name in ("dirpull.connectors.http", *CONNECTOR_MODULES.values()):
 class _Masked:
     """A run's secrets in `_LOG_MASK`, taken out once the run and every pull thread it started
     have let go: a run that ends early (a lost lease) waits for its pull only so long
-    (`Prefetch.close`), and the pull goes on behind it, retrying and quoting the vendor's pages in
-    its log lines, until the request it retries ends."""
+    (`Prefetch.close`), and the pull goes on behind it until the request it has in flight ends,
+    quoting the vendor's answer in its log lines (its retry waits end with the run)."""
 
     def __init__(self, values: list[str]) -> None:
         self._values = _LOG_MASK.add(values)
@@ -674,8 +674,16 @@ class Runner:
                         close()
 
             same_thread = not getattr(connector, "hands_over_pages", True)
-            opened = pull_and_diff if same_thread else pull
-            with Prefetch(opened, name=f"pull-{tenant}", check=lambda: self._check_still_running(heartbeat)) as stream:
+            run_ended = threading.Event()  # set as the run leaves the pull, done or not
+
+            def opened() -> Any:
+                RUN_ENDED.set(run_ended)  # in the pull thread: its waits end with the run
+                return pull_and_diff() if same_thread else pull()
+
+            def check() -> None:
+                self._check_still_running(heartbeat)
+
+            with Prefetch(opened, name=f"pull-{tenant}", check=check, stop=run_ended) as stream:
                 stream.start()
                 if masked is not None:  # the tenant's secrets stay masked while the pull goes on
                     masked.hold()

@@ -20,6 +20,17 @@ PG_ENV = "DIRPULL_TEST_PG_URL"
 STORES = ["sqlite", "postgresql"]
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dpop_keys() -> Iterator[None]:
+    """Each test as a process of its own: an Okta DPoP tenant's key (and the nonce Okta gave it)
+    is kept from run to run of a process, and would save a later test's run its nonce challenge."""
+    from dirpull.connectors import okta
+
+    okta._DPOP_GENERATORS.clear()
+    yield
+    okta._DPOP_GENERATORS.clear()
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "stores: run the test once on SQLite and once on PostgreSQL")
 

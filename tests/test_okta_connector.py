@@ -1617,3 +1617,30 @@ def test_an_api_token_no_header_can_hold_fails_as_a_configuration_error(
     msg = str(err.value)
     assert msg.startswith("list users: the okta SDK cannot use the credentials (") and msg.endswith("check api_token")
     assert "00first-line" not in msg and "00second-line" not in msg
+
+
+def test_a_dpop_tenant_keeps_its_proof_key_from_run_to_run_of_a_process(
+    emu: OktaEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each run made the SDK a new client, which generated a new RSA-3072 key pair: 0.2-3 s of CPU
+    a run, more than an incremental run's whole work (the daemon's runs every few minutes). A
+    tenant's runs now share one key, as one long-lived SDK client would, and every proof signed
+    with it is accepted; another tenant has its own."""
+    import okta.dpop
+
+    real = okta.dpop.RSA.generate
+    generated: list[Any] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        generated.append(real(*args, **kwargs))
+        return generated[-1]
+
+    monkeypatch.setattr(okta.dpop.RSA, "generate", counted)
+    emu.dpop_required = True
+    cfg = {**oauth_app(emu, tmp_path), "backoff_base": 0.01, "dpop": True}
+    runs = [pull(connector(cfg)) for _ in range(3)]
+    assert [len(users_of(pages)) for pages, _ in runs] == [PEOPLE] * 3  # every proof accepted
+    assert len(generated) == 1
+    assert len(emu._dpop_tokens) == 3  # a new token each run, bound to the one key
+    pages, _ = pull(OktaConnector("t2", OktaTenant.model_validate(cfg), sleep=Sleeps()))
+    assert len(users_of(pages)) == PEOPLE and len(generated) == 2

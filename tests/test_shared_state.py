@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from harness import SyncHarness
 
-from dirpull.connectors import make_connector
+from dirpull.connectors import make_connector, okta
 from dirpull.emulators.bamboohr_api import BambooHREmulator
 from dirpull.emulators.google_api import GoogleEmulator
 from dirpull.emulators.graph_api import GraphEmulator
@@ -174,6 +174,7 @@ def test_two_customers_of_one_vendor_synced_at_once_each_get_their_own_data(cust
                 for i, e in enumerate(emus):  # both directories change between the runs
                     with e.org.lock:
                         e.org.random_changes(6, random.Random(i))
+            okta._DPOP_GENERATORS.clear()  # each harness a worker process of its own (its DPoP keys)
             seq = alone.last_seq()
             expected, alone_requests = {}, {}
             for t in names:
@@ -189,6 +190,7 @@ def test_two_customers_of_one_vendor_synced_at_once_each_get_their_own_data(cust
             path = "/admin/directory/v1/users" if provider == "google_workspace" else None
             emus[0].faults.update({"error": 2, "error_status": 503, "path": path})
             caplog.clear()
+            okta._DPOP_GENERATORS.clear()
             seq = together.last_seq()
             results = _sync_at_once(together, names)
             for t in names:

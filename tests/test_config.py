@@ -604,3 +604,39 @@ def test_okta_dpop_is_for_an_oauth_app_and_refused_with_an_api_token(tmp_path):
         f"{tmp_path / 'dirpull.toml'}: tenants.o: dpop applies to OAuth service apps (client_id and private_key), "
         "not to api_token"
     )
+
+
+
+ENTRA = GOOD.replace(GOOD[GOOD.index("[tenants.acme-hr]") :], '''[tenants.acme-hr]
+provider = "entra_id"
+tenant_id = "t"
+client_id = "c"
+client_secret = "s"
+''')
+
+
+@pytest.mark.parametrize(
+    ("text", "where", "last_good", "first_bad", "problem"),
+    [
+        (GOOD.replace("[store]\n", "[store]\npool_size = {}\n"), "store.pool_size", "100", "101", "<= 100"),
+        (GOOD.replace("[defaults]\n", "[defaults]\nmax_concurrent_syncs = {}\n"), "defaults.max_concurrent_syncs",
+         "64", "65", "<= 64"),
+        (GOOD + "batch_size = {}\n", "tenants.acme-hr.batch_size", "5000", "5001", "<= 5000"),
+        (GOOD + "page_size = {}\n", "tenants.acme-hr.page_size", "100000", "100001", "<= 100000"),
+        (GOOD + "changed_overlap = {}\n", "tenants.acme-hr.changed_overlap", "86400", "86401", "<= 86400"),
+        (ENTRA + "max_retry_attempts = {}\n", "tenants.acme-hr.max_retry_attempts", "20", "21", "<= 20"),
+        (OKTA + "rate_limit_reserve = {}\n", "tenants.acme-hr.rate_limit_reserve", "0.99", "1", "< 1"),
+    ],
+    ids=["pool_size", "max_concurrent_syncs", "batch_size", "page_size", "changed_overlap", "max_retry_attempts",
+         "rate_limit_reserve"],
+)
+def test_the_documented_upper_limits_of_numeric_keys_hold(tmp_path, monkeypatch, text, where, last_good, first_bad,
+                                                            problem):  # fmt: skip
+    """The limits README.md, config/dirpull.example.toml and the provider pages give for these keys
+    (they gave only the defaults: an operator raising one learnt its limit from a refused load)."""
+    monkeypatch.delenv("DIRPULL_STORE_URL", raising=False)
+    load_config(write(tmp_path, text.format(last_good)))
+    words = {"<=": "less than or equal to", "<": "less than"}[problem.split()[0]]
+    assert error_of(tmp_path, text.format(first_bad)) == (
+        f"{tmp_path / 'dirpull.toml'}: {where}: Input should be {words} {problem.split()[1]}"
+    )

@@ -686,6 +686,27 @@ def test_a_tenant_failing_for_weeks_still_backs_off_an_hour_and_is_retried(harne
         daemon.shutdown()
 
 
+def test_a_failing_tenant_is_retried_at_most_an_hour_apart_with_the_jitter_too(harness, caplog, monkeypatch):
+    """The README says a failed run is tried again "±20%, at most an hour apart": the ±20% was
+    applied after the hour's cap, so a tenant left broken was tried up to 72 minutes apart."""
+    import dirpull.sync.daemon as daemon_module
+
+    monkeypatch.setattr(daemon_module, "first_fire_delay", lambda schedule: 0.0)
+    monkeypatch.setattr(daemon_module.random, "uniform", lambda a, b: b)  # the jitter's longest
+    caplog.set_level("WARNING")
+    d = Directory(users=people(3), fail_after_pages=0)
+    h = harness({"bad": TENANTS["bad"]})
+    daemon = Daemon(h.config, h.store, connector_factory=factory(d))
+    daemon.failures["bad"] = 20
+    try:
+        assert daemon.fire("bad", after_failure=True).status == "failed"
+        assert 3500 < daemon.retry_at["bad"] - time.monotonic() <= 3600
+        retry = daemon.scheduler.get_job("bad (retry)")
+        assert retry is not None and (retry.trigger.run_date - datetime.now(UTC)).total_seconds() <= 3600
+    finally:
+        daemon.shutdown()
+
+
 def test_regular_fires_during_a_back_off_still_skip_and_leave_the_retry_pending(harness, caplog, no_jitter):
     """A tenant on a 1 s interval with a 2 s back-off: the fires in between skip, as before, and the
     next attempt is at the end of the back-off."""

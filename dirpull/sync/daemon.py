@@ -255,8 +255,10 @@ class Daemon:
                 # The exponent capped: after 1,025 failures in a row (six weeks of hourly retries
                 # of a tenant left broken) 2 ** (n - 1) no longer converts to a float
                 # (OverflowError), and every fire after that ended in a traceback, not a back-off.
-                delay = min(MAX_BACKOFF.total_seconds(), self.backoff_base * 2 ** min(n - 1, 64))
-                delay *= random.uniform(0.8, 1.2)
+                delay = self.backoff_base * 2 ** min(n - 1, 64) * random.uniform(0.8, 1.2)
+                # Capped after the jitter: capped before it, a tenant left broken was tried up to
+                # 72 minutes apart, where the README says at most an hour.
+                delay = min(MAX_BACKOFF.total_seconds(), delay)
                 self.retry_at[tenant] = time.monotonic() + delay
                 backoff = n, delay
             elif result.status in ("succeeded", "held"):

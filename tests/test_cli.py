@@ -577,6 +577,20 @@ def test_status_next_run_follows_the_schedule_not_a_manual_sync(env, store_url):
     assert datetime.fromisoformat(row["next_run"].replace("Z", "+00:00")) == fired + timedelta(days=1)
 
 
+def test_status_of_a_disabled_tenant_says_disabled_with_no_next_run(env):
+    """As the README's `status` row says: `enabled = false` is shown in the attention column, and the
+    tenant, which the daemon does not schedule, has no next run (`null` in `--json`), its schedule
+    still shown; `dirpull sync` of it still works."""
+    config = Path(env["config"])
+    config.write_text(config.read_text() + "enabled = false\n")
+    assert run(env, "sync", "hr").exit_code == 0
+    [row] = jsonl(run(env, "status", "--json").stdout)
+    assert row["result"] == "succeeded" and row["attention"] == ["disabled"]
+    assert row["next_run"] is None and row["schedule"] == "15m"
+    [line] = run(env, "status").stdout.splitlines()[1:]
+    assert line.split("\t")[4:] == ["-", "disabled"]
+
+
 @contextlib.contextmanager
 def _paused_daemon(env: dict) -> Iterator[Daemon]:
     """A started Daemon on the env's configuration whose scheduler runs nothing: its jobs' fire

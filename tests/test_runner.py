@@ -747,6 +747,24 @@ def test_cursor_is_handed_back_and_advances_only_on_commit(harness):
     assert d.cursors_seen[-1] is None
 
 
+@pytest.mark.parametrize("value", [["pull", 1], "pull-1", True])
+def test_a_stored_cursor_that_is_not_an_object_gives_a_full_sync_saying_so(harness, value):
+    """A cursor edited by hand into JSON that is no object was handed to the connector, whose
+    reading of its keys failed every run with an AttributeError and its traceback."""
+    d = Directory(users=people(3))
+    h = make(harness, d)
+    h.sync("t")
+    with h.store.engine.begin() as conn:
+        from dirpull.storage import schema
+
+        conn.execute(schema.cursors.update().values(value=value))
+    r = h.sync("t")
+    assert r.status == "succeeded", r.error
+    assert d.cursors_seen[-1] is None and "stored cursor unreadable: full resync" in r.notes
+    h.sync("t")
+    assert d.cursors_seen[-1] is not None  # the full run stored a cursor of its own
+
+
 def test_periodic_full_reconciliation_ignores_the_cursor(harness):
     d = Directory(users=people(3))
     h = make(harness, d, defaults={"full_sync_every": "1s"})

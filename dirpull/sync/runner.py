@@ -347,6 +347,11 @@ class Runner:
         stored_cursor, stored_settings = _split_cursor(cursor.value)
         now_settings = _settings_digest(settings)
         notes: list[str] = []
+        if stored_cursor is not None and not isinstance(stored_cursor, dict):
+            # Valid JSON but no object (a hand-edited store): the connectors read a cursor's keys,
+            # and the run failed on an AttributeError, traceback and all, every run.
+            stored_cursor = None
+            notes.append("stored cursor unreadable: full resync")
         settings_changed = stored_settings is not None and stored_settings != now_settings
         if full:
             notes.append("full sync requested")

@@ -473,7 +473,7 @@ def sync(
         "tenant": tenant,
         "status": result.status,
         "run_id": result.run_id,
-        "mode": result.mode,
+        "mode": None if result.status == "skipped" else result.mode,  # no run was made
         "counts": result.counts,
         "requests": result.requests,
         "events": result.events,

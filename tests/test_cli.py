@@ -530,6 +530,7 @@ def test_a_sync_refused_because_another_worker_holds_the_tenant_says_so(env, sto
         assert "--wait SECONDS" in r.stderr
         summary = jsonl(run(env, "sync", "hr", "--json").stdout)[0]
         assert summary["status"] == "skipped" and "being synced by db7:4242" in summary["error"]
+        assert summary["mode"] is None and summary["run_id"] is None  # no run: not a mode named "-"
         assert store.runs("hr") == []
     finally:
         store.close()

@@ -394,6 +394,45 @@ def test_a_future_hire_is_stored_inactive_and_turns_active_at_the_first_run_of_t
     assert h.changes("hr", after=seq) == [("user.updated", n, ("raw_attributes", "state"))]
 
 
+def test_a_rehire_entered_ahead_turns_active_at_the_first_run_of_their_first_day(
+    emu: BambooHREmulator, synced: Any
+) -> None:
+    h, _ = synced
+    # A former employee rehired with a start date to come: BambooHR shows them Inactive, as any
+    # future hire, but their terminationDate is the earlier employment's, not empty. Whether their
+    # first day moves lastChanged is not known [U] (off here): if it does not, only the cursor's
+    # `starts` brings them back, and they stayed inactive until the next periodic full run.
+    assert emu.hire_flip_changes is False
+    today = datetime.now(UTC).date()
+    emu.today = today
+    rehired = 10
+    emu.org.deactivate(rehired, "terminated", "2024-01-31")
+    assert h.sync("hr").status == "succeeded"
+    emu.org.update_person(
+        rehired, state="active", inactive_reason=None, hire_date=(today + timedelta(days=1)).isoformat()
+    )
+    emu.org.hire("Already", "Started", manager=5)  # the report's last row, which is always parsed
+    assert h.sync("hr").status == "succeeded"
+    stored = h.users("hr")[str(rehired)]
+    assert stored["state"] == "inactive" and stored["raw_attributes"]["terminationDate"] == "2024-01-31"
+
+    time.sleep(2.1)  # lastChanged has second precision, and the next run re-reads the cursor's second
+    emu.org.update_person(6, title="Principal")
+    assert h.sync("hr").status == "succeeded"  # the cursor moves past the rehire's last change
+    assert h.users("hr")[str(rehired)]["state"] == "inactive"
+    # A periodic full run recognizes the unchanged row by its text and still keeps the rehire.
+    for _ in range(2):  # the first stores the row's digest, the second recognizes the row by it
+        full = h.sync("hr", full=True)
+        assert full.status == "succeeded" and full.events == 0
+    seq = h.last_seq()
+
+    emu.today = today + timedelta(days=1)  # their first day back: BambooHR shows them Active
+    r = h.sync("hr")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    assert h.users("hr")[str(rehired)]["state"] == "active"
+    assert h.changes("hr", after=seq) == [("user.updated", str(rehired), ("raw_attributes", "state"))]
+
+
 def test_the_cursor_keeps_future_hires_until_they_start_or_their_day_is_long_past(emu: BambooHREmulator) -> None:
     today = datetime.now(UTC).date()
     emu.today = today

@@ -91,14 +91,22 @@ def _shows(row: dict[str, Any], status: str) -> bool:
 
 
 def _pending_start(row: Any, today: date) -> str | None:
-    """The hire date of an employee BambooHR shows as a future hire — Inactive, no termination
-    date, a hire date still to come (`_day_to_come`) — else None."""
+    """The hire date of an employee BambooHR shows as a future hire — Inactive, a hire date still
+    to come (`_day_to_come`), and no termination date or one before that hire date (a rehire's,
+    from the earlier employment) — else None."""
     if not isinstance(row, dict) or not _shows(row, "inactive"):
         return None
+    start = _day_to_come(row.get("hireDate"), today)
     ended = row.get("terminationDate")
-    if isinstance(ended, str) and ended.strip() not in EMPTY_VALUES:
-        return None
-    return _day_to_come(row.get("hireDate"), today)
+    if start is not None and isinstance(ended, str) and ended.strip() not in EMPTY_VALUES:
+        # A termination on or after the hire date ends this employment (a hire cancelled before
+        # the start): not one to read back. One before it is the last employment's.
+        try:
+            if date.fromisoformat(ended.strip()[:10]).isoformat() >= start:
+                return None
+        except ValueError:
+            return None
+    return start
 
 
 def _pending_end(row: Any, today: date) -> str | None:

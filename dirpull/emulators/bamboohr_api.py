@@ -16,7 +16,8 @@ Basic with the API key as the user name and any password. Vendor semantics over 
 id = str(Person.n); hard- and soft-deleted people are both "Deleted" (BambooHR has no soft delete);
 any inactive person is status "Inactive" with a terminationDate (their termination date, else the
 day of their last change). A future hire (hireDate after `today`) is status "Inactive" too, with an
-empty terminationDate ("Future hires have a status of Inactive"), left out of the directory, and
+empty terminationDate ("Future hires have a status of Inactive"; a rehire keeps the earlier
+employment's, [U] whether BambooHR clears it), left out of the directory, and
 turns "Active" on their hire date. A termination entered ahead of time (an active person with a
 termination date, `Org.schedule_termination`) is status "Active" with that terminationDate until
 the date, and "Inactive" (left out of the directory) from the date on. `lastChanged` has second

@@ -53,6 +53,13 @@ class _Unreadable(Exception):
 _NOT_REGULAR = "is not a regular file (a pipe, a socket, a device); name the file that holds it"
 
 
+def _env_secret(value: str) -> str:
+    """An `env:` secret's value without the line break an env file written on Windows leaves at
+    its end (`KEY=value\r`: docker's --env-file and systemd's EnvironmentFile keep the `\r`), as a
+    `file:` secret's is read: sent with it, the key was refused by the vendor, as though wrong."""
+    return value.rstrip("\r\n")
+
+
 def _secret_file_text(path: Path) -> str:
     """A secret file's text without a byte-order mark (Windows editors write one) or trailing line
     breaks."""
@@ -103,7 +110,7 @@ class SecretRef:
             name = self._value[4:]
             if name not in os.environ:
                 return f"environment variable {name} is not set"
-            if not os.environ[name]:
+            if not _env_secret(os.environ[name]):
                 return f"environment variable {name} is empty"
         elif self._value.startswith("file:"):
             path = self.path
@@ -149,6 +156,7 @@ class SecretRef:
             value = os.environ.get(self._value[4:])
             if value is None:
                 raise ConfigError(f"secret {self._value}: environment variable is not set")
+            value = _env_secret(value)
             if not value:  # `KEY=` in a unit or a template that left it blank: sent as is, the vendor says 401
                 raise ConfigError(f"secret {self._value}: environment variable is empty")
             return value

@@ -58,6 +58,20 @@ def test_missing_env_secret_is_that_tenants_problem_naming_file_tenant_and_key(t
     assert cfg.secret_problems("acme-hr") == []
 
 
+def test_an_env_secret_from_a_windows_env_file_is_read_without_its_line_break(tmp_path, monkeypatch):
+    """`KEY=value` lines of an env file written on Windows end in `\r`, which docker's --env-file
+    and systemd's EnvironmentFile keep: the key went to the vendor with it and was refused, where
+    the same key in a `file:` secret worked."""
+    cfg = load_config(write(tmp_path, GOOD))
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "s3cret-value\r")
+    assert cfg.tenant("acme-hr").api_key.get() == "s3cret-value"
+    assert cfg.secret_problems("acme-hr") == []
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "\r\n")  # nothing but the line break: empty, said now
+    assert cfg.secret_problems("acme-hr") == [
+        f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.api_key: environment variable ACME_BAMBOO_KEY is empty"
+    ]
+
+
 def test_a_tenants_partial_guard_takes_its_other_keys_from_defaults_guard(tmp_path, monkeypatch):
     """A tenant that sets only its percentage was guarded at the built-in floor of 20, not at the
     operator's `[defaults.guard] min_count = 500`: its mass deletion of 400 was held."""

@@ -526,12 +526,17 @@ def test_a_bamboohr_changed_overlap_under_a_second_fails_the_load_naming_the_key
     assert load_config(write(tmp_path, GOOD + "changed_overlap = 1\n")).tenant("acme-hr").changed_overlap == 1
 
 
-OKTA = GOOD.replace(GOOD[GOOD.index("[tenants.acme-hr]") :], '''[tenants.acme-hr]
+def _as_acme_hr(table: str) -> str:
+    """GOOD with its acme-hr tenant's table replaced by `table` (a `[tenants.acme-hr]` table)."""
+    return GOOD[: GOOD.index("[tenants.acme-hr]")] + table
+
+
+OKTA = _as_acme_hr('''[tenants.acme-hr]
 provider = "okta"
 org_url = "https://acme.okta.com"
 api_token = "t"
 ''')
-WORKDAY = GOOD.replace(GOOD[GOOD.index("[tenants.acme-hr]") :], '''[tenants.acme-hr]
+WORKDAY = _as_acme_hr('''[tenants.acme-hr]
 provider = "workday"
 users_report_url = "https://wd2.example/ccx/service/customreport2/acme/ISU/Workers"
 username = "ISU"
@@ -620,8 +625,7 @@ def test_okta_dpop_is_for_an_oauth_app_and_refused_with_an_api_token(tmp_path):
     )
 
 
-
-ENTRA = GOOD.replace(GOOD[GOOD.index("[tenants.acme-hr]") :], '''[tenants.acme-hr]
+ENTRA = _as_acme_hr('''[tenants.acme-hr]
 provider = "entra_id"
 tenant_id = "t"
 client_id = "c"

@@ -10,6 +10,7 @@ import asyncio
 import gc
 import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -123,8 +124,8 @@ class Vendor:
 def vendor(tmp_path: Path) -> Iterator[Any]:
     started: list[Vendor] = []
 
-    def make(provider: str, people: int = 40) -> Vendor:
-        v = Vendor(provider, Org.generate(people, groups=6, seed=11), tmp_path)
+    def make(provider: str, people: int = 40, groups: int = 6) -> Vendor:
+        v = Vendor(provider, Org.generate(people, groups=groups, seed=11), tmp_path)
         v.emu.start()
         started.append(v)
         return v
@@ -298,6 +299,41 @@ def test_an_okta_listing_answered_with_an_empty_body_fails_the_pull_instead_of_l
     message = v.error(answers("/api/v1/users?", lambda a: Answer(a.path, a.status, a.headers, b""), nth=1))
     assert message.startswith("list users: HTTP 200 from http://127.0.0.1:") and "/api/v1/users" in message
     assert "with an empty body" in message
+
+
+def _without_after(a: Answer) -> Answer:
+    """The answer with its Link rel="next" pointing at the same listing but without `after`."""
+    headers = [(k, re.sub(r"([?&])after=[^&>]*&?", r"\1", v) if k.lower() == "link" else v) for k, v in a.headers]
+    return Answer(a.path, a.status, headers, a.body)
+
+
+@pytest.mark.parametrize(
+    ("path_part", "groups"),
+    [("/api/v1/users?", 6), ("/api/v1/groups?", 210), ("/users?", 6)],
+    ids=["users", "groups", "members"],
+)
+def test_an_okta_next_page_link_without_its_cursor_fails_the_pull_instead_of_ending_the_listing(
+    vendor: Any, path_part: str, groups: int
+) -> None:
+    # More than a page (200) of users; of groups with 210; of a group's members with 6 (450, 376…).
+    v = vendor("okta", people=450, groups=groups)
+    seen: list[str] = []
+
+    def rewrite(a: Answer) -> Answer | None:
+        if path_part not in a.path or a.status != 200 or seen:
+            return None
+        if path_part == "/users?" and "/groups/" not in a.path:
+            return None
+        links = " ".join(val for k, val in a.headers if k.lower() == "link")
+        if 'rel="next"' not in links:
+            return None  # a one-page listing (a small group): nothing to take the cursor from
+        seen.append(a.path)
+        return _without_after(a)
+
+    message = v.error(rewrite)
+    assert seen, "no listing of more than one page was answered"
+    assert "next-page link has no `after` cursor" in message
+    assert "not taken as complete" in message
 
 
 def _okta_user_ids(change: Any) -> Rewrite:

@@ -1102,6 +1102,14 @@ class OktaConnector(CountsRequests):
             while True:
                 records, bad, headers = await ahead
                 after = next_after(headers)
+                if after is None and next_link(headers) is not None:
+                    # Taken for the last page, the listing would end early, and a full snapshot
+                    # that lost its tail deletes those people.
+                    raise ConnectorError(
+                        f"{step}: Okta's next-page link has no `after` cursor; "
+                        "the listing cannot go on and is not taken as complete",
+                        step=step,
+                    )
                 guard.next(after)
                 if after is None:
                     yield records, bad

@@ -678,11 +678,12 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
                 f"run {run['id']} never finished: its worker {run['worker']} no longer holds the lease "
                 "(killed, crashed or cut off from the store); nothing of it was applied"
             )
-        if schedule and name in ok and (stale := _stale_at(schedule, ok[name])) is not None and now > stale:
+        scheduled_next = tenant is not None and tenant.enabled and schedule is not None
+        # A disabled tenant is not synced on purpose: its age is no sign of trouble.
+        if scheduled_next and schedule and name in ok and (stale := _stale_at(schedule, ok[name])) and now > stale:
             attention.append(f"no successful sync since {_json_default(ok[name])}")
         if tenant is not None and not tenant.enabled:
             attention.append("disabled")
-        scheduled_next = tenant is not None and tenant.enabled and schedule is not None
         next_run = next_fire(schedule, started, now) if scheduled_next and schedule is not None else None
         if next_run is not None and schedule is not None and schedule.startswith("cron:") and _never_ended(store, run):
             # A starting daemon (or one reloaded with the tenant new) syncs a cron tenant that

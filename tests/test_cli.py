@@ -578,13 +578,21 @@ def test_status_next_run_follows_the_schedule_not_a_manual_sync(env, store_url):
     assert datetime.fromisoformat(row["next_run"].replace("Z", "+00:00")) == fired + timedelta(days=1)
 
 
-def test_status_of_a_disabled_tenant_says_disabled_with_no_next_run(env):
+def test_status_of_a_disabled_tenant_says_disabled_with_no_next_run(env, store_url):
     """As the README's `status` row says: `enabled = false` is shown in the attention column, and the
     tenant, which the daemon does not schedule, has no next run (`null` in `--json`), its schedule
-    still shown; `dirpull sync` of it still works."""
+    still shown; `dirpull sync` of it still works. Parked for weeks, it is not also flagged as not
+    synced for too long: nothing is supposed to sync it."""
     config = Path(env["config"])
     config.write_text(config.read_text() + "enabled = false\n")
     assert run(env, "sync", "hr").exit_code == 0
+    store = Store(store_url)
+    try:
+        with store.engine.begin() as conn:
+            old = datetime.now(UTC) - timedelta(days=30)
+            conn.execute(sa.update(schema.runs).values(started_at=old, finished_at=old))
+    finally:
+        store.close()
     [row] = jsonl(run(env, "status", "--json").stdout)
     assert row["result"] == "succeeded" and row["attention"] == ["disabled"]
     assert row["next_run"] is None and row["schedule"] == "15m"

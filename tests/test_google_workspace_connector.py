@@ -980,6 +980,25 @@ def test_a_token_refusal_with_an_empty_body_says_so_instead_of_ending_on_a_colon
     assert str(err.value) == f"{refused}: HTTP 403, no reason given"
 
 
+def test_a_long_token_refusal_is_cut_with_an_ellipsis_on_one_line(emu: GoogleEmulator, tmp_path: Path) -> None:
+    """A gateway's page or a long error_description: the run's error shows its first 200 characters
+    on one line and says it was cut, instead of ending mid-word as though that were all of it."""
+    page = ("Access denied by policy.\n" + "Contact your administrator about this request. " * 20).encode()
+
+    def long_403(answer: Answer) -> Answer | None:
+        token = answer.path.startswith("/token")
+        return Answer(answer.path, 403, [("Content-Type", "text/plain")], page) if token else None
+
+    with proxying(emu.base_url, long_403) as proxy:
+        c = with_token_uri(emu, tmp_path, f"{proxy.base_url}/token", Sleeps())
+        with pytest.raises(AuthError) as err:
+            list(c.pull(None, full=False))
+    message = str(err.value)
+    assert message.startswith("users.list: the token endpoint refused the service-account grant: "), message
+    assert message.endswith("…") and "\n" not in message, message
+    assert len(message) < 400
+
+
 def test_a_run_held_after_an_attributes_change_says_the_change_may_be_the_cause(
     emu: GoogleEmulator, tmp_path: Path, harness: Any
 ) -> None:

@@ -60,6 +60,7 @@ from dirpull.connectors.http import (
     PagingGuard,
     RetryPolicy,
     env_ca_file,
+    readable_body,
     redact_url,
     tenant_prefix,
     transport_reason,
@@ -445,14 +446,14 @@ class _Session:
                     # 500, 503 and 504 itself (3 tries by now) but not 502, which failed runs as an
                     # AuthError that said "refused" and sent the admin to check the delegation.
                     what = (f"{step}: the token endpoint failed with HTTP {token_status} (an outage at Google, "
-                            f"not a refusal of the service account): {detail[:200]}")  # fmt: skip
+                            f"not a refusal of the service account): {readable_body(detail, 200)}")  # fmt: skip
                     log.warning("%s%s; retrying (attempt %d)", tenant_prefix(self.tenant), what, attempt)
                     self.policy.wait(attempt, None, what=what, step=step)
                     continue
                 if getattr(exc, "retryable", False):
                     # A 429/408 or a server_error/temporarily_unavailable from the token endpoint
                     # (google-auth has tried it 3 times by now): an outage, not a refusal.
-                    what = f"{step}: the token endpoint failed: {detail[:200]}"
+                    what = f"{step}: the token endpoint failed: {readable_body(detail, 200)}"
                     log.warning("%s%s; retrying (attempt %d)", tenant_prefix(self.tenant), what, attempt)
                     self.policy.wait(attempt, None, what=what, step=step)
                     continue
@@ -464,7 +465,8 @@ class _Session:
                             f"{','.join(SCOPES)} in the Admin console: Security > API controls > Domain-wide "
                             f"delegation)")  # fmt: skip
                 # An answer with no body (a gateway's bare 403) left nothing to quote after the colon.
-                said = detail[:200] or (f"HTTP {token_status}, no reason given" if token_status else "no reason given")
+                said = readable_body(detail, 200)
+                said = said or (f"HTTP {token_status}, no reason given" if token_status else "no reason given")
                 raise AuthError(
                     f"{step}: the token endpoint refused the service-account grant: {said}{hint}", step=step
                 ) from None

@@ -1009,3 +1009,30 @@ def test_a_reload_landing_as_a_fire_starts_its_sync_neither_fails_it_nor_swaps_i
     assert result is not None and result.status == "succeeded", result.error  # a run already under way
     assert used == [("gone", "acme")] and len(h.users("gone")) == 3
     assert [r.getMessage() for r in caplog.records if r.levelname == "ERROR"] == []
+
+
+def test_the_daemon_syncs_an_interval_tenant_on_a_machine_whose_tz_is_a_posix_rule(harness, monkeypatch):
+    """TZ="JST-9" or "UTC0" is a valid POSIX zone that every C program honours, but no zoneinfo
+    name: APScheduler's interval trigger took the machine's zone by default (tzlocal), which refuses
+    such a TZ, so `dirpull run` failed at start on it though schedules are in UTC and intervals are
+    elapsed seconds whatever the zone."""
+    import tzlocal.unix
+
+    monkeypatch.setenv("TZ", "JST-9")
+    time.tzset()
+    monkeypatch.setattr(tzlocal.unix, "_cache_tz", None)  # tzlocal reads TZ once per process
+    monkeypatch.setattr(tzlocal.unix, "_cache_tz_name", None)
+    try:
+        d = Directory(users=people(2))
+        h = harness({"good": TENANTS["good"]})
+        daemon = Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(d))
+        daemon.start()
+        try:
+            assert wait_for(lambda: any(r["status"] == "succeeded" for r in h.store.runs("good")), timeout=8)
+        finally:
+            daemon.shutdown()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+        tzlocal.unix._cache_tz = None
+        tzlocal.unix._cache_tz_name = None

@@ -85,7 +85,10 @@ def trigger_for(schedule: str) -> BaseTrigger:
     seconds = parse_duration(schedule).total_seconds()
     # A little jitter (10%, at most 30 s) keeps many tenants on the same interval from hitting the
     # store at once, and makes workers sharing a store race fairly for each fire.
-    return IntervalTrigger(seconds=seconds, jitter=min(30.0, seconds * 0.1) or None)
+    # In UTC, as every other trigger here: by default it takes the machine's zone (tzlocal), which
+    # raises for a POSIX TZ such as "UTC0" or "JST-9", and `dirpull run` failed at start. The zone
+    # changes nothing else: intervals are counted in elapsed seconds.
+    return IntervalTrigger(seconds=seconds, jitter=min(30.0, seconds * 0.1) or None, timezone=UTC)
 
 
 def first_fire_delay(schedule: str) -> float:

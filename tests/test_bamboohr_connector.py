@@ -128,7 +128,8 @@ def test_incremental_pull_reads_only_what_changed_and_moves_the_cursor_forward(e
     # (a change made in it after that run is not missed; the sync-level test shows that costs no events).
     assert set(got) == {"5", "6", str(hired.n), newest}
     assert got["5"].job_title == "Principal"
-    assert got["6"].state == "inactive" and got["6"].raw_attributes["terminationDate"] == date.today().isoformat()
+    ended = datetime.now(UTC).date().isoformat()  # the org dates a termination by UTC, as the emulator
+    assert got["6"].state == "inactive" and got["6"].raw_attributes["terminationDate"] == ended
     assert got[str(hired.n)].manager_idp_id == "5"
     assert [r for p in pages for r in p.removed_users] == ["30"]
     assert done.cursor["since"] > first.cursor["since"]
@@ -1055,3 +1056,31 @@ def test_a_run_held_after_a_settings_change_says_the_change_may_be_the_cause(
     # The settings put back, nothing is held: the next run applies what the directory says.
     again = h.sync("hr")
     assert again.status == "succeeded" and again.events == 0, again.error
+
+
+def test_a_first_day_on_a_machine_ahead_of_utc_does_not_stamp_a_change_in_the_future(
+    emu: BambooHREmulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The emulator's wall-clock date was the machine's local one, and a first day's flip is
+    # stamped at that date's midnight UTC: on a machine a day ahead of UTC (Kiritimati, UTC+14)
+    # that midnight had not come, the connector's cursor moved to it, and the increments until
+    # then never heard of the changes made meanwhile.
+    if datetime.now(UTC).hour < 10:
+        pytest.skip("no time zone's date is ahead of UTC's before 10:00 UTC")
+    monkeypatch.setenv("TZ", "Pacific/Kiritimati")
+    time.tzset()
+    try:
+        assert date.today() > datetime.now(UTC).date()
+        emu.hire_flip_changes = True
+        one_second_each(emu.org)
+        first = emu.org.hire("First", "Day", manager=5).n
+        emu.org.update_person(first, hire_date=date.today().isoformat())  # the day it is in Kiritimati
+        c = connector(emu)
+        _, done = pull(c)
+        assert datetime.fromisoformat(done.cursor["since"]) <= datetime.now(UTC)
+        emu.org.update_person(6, title="Principal")
+        pages, _ = pull(c, done.cursor)
+        assert users(pages)["6"].raw_attributes["jobTitle"] == "Principal"
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -22,7 +22,7 @@ import os
 import random
 import tempfile
 from collections.abc import Callable
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -185,13 +185,14 @@ def _trim(provider: str, text: str | None) -> str | None:
 
 
 def expected_state(provider: str, p: Person) -> str:
+    utc_today = datetime.now(UTC).date().isoformat()  # the BambooHR emulator's date
     if p.state == "inactive":
         return "inactive"
     if provider == "workday" and p.termination_date and p.hire_date <= p.termination_date < date.today().isoformat():
         return "inactive"  # docs/providers/workday.md: a past Termination_Date makes the worker inactive
-    if provider == "bamboohr" and p.hire_date > date.today().isoformat():
+    if provider == "bamboohr" and p.hire_date > utc_today:
         return "inactive"  # docs/providers/bamboohr.md: a future hire is Inactive until their hire date
-    if provider == "bamboohr" and p.termination_date and p.hire_date <= p.termination_date <= date.today().isoformat():
+    if provider == "bamboohr" and p.termination_date and p.hire_date <= p.termination_date <= utc_today:
         return "inactive"  # docs/providers/bamboohr.md: a scheduled termination is Inactive from its date on
     return "active"
 

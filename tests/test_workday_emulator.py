@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import ijson
@@ -113,7 +113,7 @@ def test_terminated_stay_in_report_deleted_disappear(emu: WorkdayEmulator, org: 
     by_id = {r["Employee_ID"]: r for r in rows(emu)}
     assert by_id[employee_id(10)]["Active_Status"] == "0"
     assert by_id[employee_id(10)]["Worker_Status"] == "Terminated"
-    assert by_id[employee_id(10)]["Termination_Date"] == date.today().isoformat()
+    assert by_id[employee_id(10)]["Termination_Date"] == datetime.now(UTC).date().isoformat()  # the org dates by UTC
     assert employee_id(11) not in by_id
 
 

@@ -29,7 +29,7 @@ dates as "YYYY-MM-DD"):
   permitted             False → a valid key is answered 403 everywhere (the key's user lacks access)
   throttle_429_from     the date BambooHR moves throttling from 503 to 429 (2026-09-16); `today`
                         before it → 503 + Retry-After, on/after it → 429 + Retry-After
-  today                 the emulator's idea of today's date (default None: the wall clock's date):
+  today                 the emulator's idea of today's date (default None: the wall clock's date by UTC):
                         throttling, which hires are future hires and which scheduled
                         terminations have taken effect
   hire_flip_changes     whether the day a future hire starts (status Inactive → Active) moves their
@@ -210,7 +210,10 @@ class BambooHREmulator(Emulator):
                             self._flipped[kind][p.n] = at
 
     def current_date(self) -> date:
-        return self._today if self._today is not None else date.today()
+        # The wall clock's date by UTC, not the machine's zone: a first day's flip is stamped at that
+        # date's midnight UTC (`_flipped_at`), which on a machine ahead of UTC had not come yet, and
+        # a lastChanged in the future carried the connector's cursor past the changes made until then.
+        return self._today if self._today is not None else datetime.now(UTC).date()
 
     def _future_hire(self, p: Person) -> bool:
         return p.state == "active" and p.hire_date > self.current_date().isoformat()

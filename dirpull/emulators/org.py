@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 GIVEN = [
@@ -317,7 +317,7 @@ class Org:
             manager=manager,
             location=LOCATIONS[n % len(LOCATIONS)],
             cost_center=f"CC-{(n % 40) + 10}",
-            hire_date=hire_date or date.today().isoformat(),
+            hire_date=hire_date or datetime.now(UTC).date().isoformat(),
         )
         self._touch(person)
         person.created_at = person.updated_at
@@ -422,7 +422,7 @@ class Org:
     def deactivate(self, n: int, reason: InactiveReason = "terminated", termination_date: str | None = None) -> Person:
         changes: dict[str, object] = {"state": "inactive", "inactive_reason": reason}
         if reason == "terminated":
-            changes["termination_date"] = termination_date or date.today().isoformat()
+            changes["termination_date"] = termination_date or datetime.now(UTC).date().isoformat()
         return self.update_person(n, **changes)
 
     def schedule_termination(self, n: int, termination_date: str) -> Person:

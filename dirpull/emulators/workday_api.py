@@ -55,7 +55,7 @@ import json
 import secrets
 import threading
 import xml.etree.ElementTree as ET
-from datetime import date
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -514,7 +514,7 @@ class WorkdayEmulator(Emulator):
 def _as_of(value: str | None) -> date | None:
     """`Effective_as_of_Date` as Workday takes it: `2018-10-01` or `2018-10-01-07:00`."""
     if not value:
-        return date.today()
+        return datetime.now(UTC).date()  # as the org dates hires and terminations
     try:
         return date.fromisoformat(value[:10])
     except ValueError:

@@ -1190,3 +1190,30 @@ def test_a_held_run_whose_commit_confirmation_is_lost_stays_held(harness, pg_sch
         assert [m for m in warned if "confirmation of the commit was lost" in m and "was committed" in m], warned
     finally:
         relay.close()
+
+
+def test_a_wall_clock_step_back_during_a_run_does_not_record_a_negative_duration(harness, monkeypatch):
+    """An NTP correction that steps the clock back minutes while a run goes (a VM resumed, a
+    clock that had drifted): `dirpull runs` showed that run's duration as minus ten minutes, its
+    end minus its start on the wall clock. The duration is the run's own, on the monotonic clock."""
+    import dirpull.storage.store as store_module
+
+    real = store_module.utcnow
+    step = timedelta(0)
+    monkeypatch.setattr(store_module, "utcnow", lambda: real() - step)
+    d = Directory(users=people(3))
+    h = make(harness, d)
+    start_run = h.store.start_run
+
+    def start_then_step_back(*args, **kwargs):
+        nonlocal step
+        run_id = start_run(*args, **kwargs)
+        step = timedelta(minutes=10)  # the clock steps back as the run begins
+        return run_id
+
+    monkeypatch.setattr(h.store, "start_run", start_then_step_back)
+    assert h.sync("t").status == "succeeded"
+    d.fail_after_pages = 0
+    assert h.sync("t").status == "failed"
+    durations = [r["duration_s"] for r in h.store.runs("t")]
+    assert len(durations) == 2 and all(0 <= s < 60 for s in durations), durations

@@ -644,13 +644,16 @@ class Store:
         conn: Connection | None = None,
         holder: str | None = None,
         only_running: bool = False,
+        duration_s: float | None = None,
     ) -> bool:
         """Record a run's outcome. With `holder`, only while it still holds the run's tenant's
         lease (LeaseLost otherwise, nothing written): a held run's record is its commit, and a
         worker that lost its lease must not turn a run already marked cut off (by the worker that
         took over, `start_run`) into an outcome asking the operator to act on it. With
         `only_running`, only if the run is still recorded running (a commit that may have landed
-        must not be re-marked failed). Returns whether the run's record was written."""
+        must not be re-marked failed). `duration_s`: the run's, as the runner timed it on the
+        monotonic clock; else the wall clock's finish minus its start. Returns whether the run's
+        record was written."""
         values = dict(
             status=status,
             mode=mode,
@@ -671,7 +674,9 @@ class Store:
             tenants.append(tenant)
             if holder is not None:
                 self._fence(c, tenant, holder, self._now(c))
-            values["duration_s"] = round((utcnow() - _aware(started)).total_seconds(), 3)
+            values["duration_s"] = (
+                duration_s if duration_s is not None else round((utcnow() - _aware(started)).total_seconds(), 3)
+            )
             update = t.runs.update().where(t.runs.c.id == run_id)
             if only_running:
                 update = update.where(t.runs.c.status == "running")

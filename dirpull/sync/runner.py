@@ -144,6 +144,7 @@ class RunResult:
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+    started: float = field(default=0.0, repr=False)  # time.monotonic() at the run's start
     writes: WriteSet | None = None
     holder: str | None = None
     newest_run: int | None = None  # a `due_after` check: the tenant's newest run id it saw
@@ -188,6 +189,13 @@ class _Heartbeat(threading.Thread):
     def stop(self) -> None:
         self.stopped.set()
         self.join(timeout=5)
+
+
+def _elapsed(result: RunResult) -> float:
+    """Seconds since the run started, on the monotonic clock: the run record's start and end
+    times are the wall clock's, whose step (an NTP correction) during a run recorded a negative
+    or minutes-long duration."""
+    return round(time.monotonic() - result.started, 3)
 
 
 class Runner:
@@ -382,7 +390,7 @@ class Runner:
             planned_mode,
             " dry-run" if dry_run else "",
         )
-        result = RunResult(tenant, "failed", planned_mode, run_id=run_id, notes=notes)
+        result = RunResult(tenant, "failed", planned_mode, run_id=run_id, notes=notes, started=started)
         plan: Plan | None = None
         connector: Connector | None = None
         recorded = False  # the run's outcome is committed
@@ -472,6 +480,7 @@ class Runner:
                     error=result.error,
                     quarantined=_quarantine_list(plan),
                     holder=holder,  # a worker that lost its lease records its run failed, as `apply`
+                    duration_s=_elapsed(result),
                 )
                 recorded = True
                 # What to do, on the line an operator watching WARNINGs sees: not only on "sync end".
@@ -496,6 +505,7 @@ class Runner:
                     requests=result.requests,
                     notes=notes,
                     quarantined=_quarantine_list(plan),
+                    duration_s=_elapsed(result),
                 ),
             )
             recorded = True
@@ -579,6 +589,7 @@ class Runner:
                     notes=notes,
                     error=result.error,
                     only_running=maybe_committed,
+                    duration_s=_elapsed(result),
                 )
                 if not recorded:
                     log.warning(

@@ -1084,3 +1084,24 @@ def test_a_first_day_on_a_machine_ahead_of_utc_does_not_stamp_a_change_in_the_fu
     finally:
         monkeypatch.undo()
         time.tzset()
+
+
+@pytest.mark.parametrize("zone", ["Pacific/Kiritimati", "Pacific/Pago_Pago"])
+def test_a_retry_after_date_without_a_zone_is_read_as_gmt_whatever_the_machines_zone(
+    emu: BambooHREmulator, monkeypatch: pytest.MonkeyPatch, zone: str
+) -> None:
+    # HTTP-date has three forms, all GMT, and a client must take each (RFC 9110 5.6.7); the
+    # asctime one names no zone. Read as the machine's local time, a 30 s wait became none at all
+    # ahead of UTC (the retries burnt in a moment, the run failed) and the longest wait behind it.
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+    try:
+        emu.retry_after = time.asctime(time.gmtime(time.time() + 30))  # "Mon Nov 30 22:49:37 2026"
+        emu.faults.rate_limit = 1
+        sleeps = Sleeps()
+        pages, _ = pull(connector(emu, sleeps))
+        assert len(sleeps) == 1 and 25 <= sleeps[0] <= 31, sleeps
+        assert len(users(pages)) == 40
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -34,7 +34,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, date, datetime, timedelta
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import orjson
@@ -51,7 +50,14 @@ from dirpull.connectors.base import (
     Page,
     Quarantined,
 )
-from dirpull.connectors.http import HttpClient, RetryPolicy, redact_url, transport_reason, warn_plain_http
+from dirpull.connectors.http import (
+    HttpClient,
+    RetryPolicy,
+    parse_http_date,
+    redact_url,
+    transport_reason,
+    warn_plain_http,
+)
 from dirpull.connectors.mapping import map_attributes, without
 from dirpull.connectors.report_rows import RECOGNIZED, NoRowsList, Recognize, fingerprint
 from dirpull.connectors.report_rows import rows as report_rows
@@ -695,7 +701,4 @@ def _stream_employees(
 
 
 def _date_header(resp: requests.Response) -> datetime | None:
-    try:
-        return parsedate_to_datetime(resp.headers["Date"])
-    except (KeyError, TypeError, ValueError):
-        return None
+    return parse_http_date(resp.headers.get("Date"))

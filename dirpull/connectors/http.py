@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
@@ -250,6 +251,20 @@ def _clean_reason(text: str) -> str:
     return text.strip(" :;,")
 
 
+def parse_http_date(value: str | None) -> datetime | None:
+    """An HTTP-date (`Date`, `Retry-After`) in any of its three forms, in UTC; None if unreadable.
+    All three are GMT (RFC 9110 5.6.7), but the asctime one names no zone, and the email parser
+    hands it (and a "-0000") back naive: read as the machine's local time, it was hours off on a
+    machine outside UTC."""
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(value.strip())
+    except (TypeError, ValueError, IndexError):
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
     """Seconds to wait from a Retry-After header: integer, fractional (Graph sends 2.128) or a date."""
     if value is None:
@@ -259,11 +274,10 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
         return max(0.0, float(value))
     except ValueError:
         pass
-    try:
-        when = email.utils.parsedate_to_datetime(value).timestamp()
-    except (TypeError, ValueError, IndexError):
+    when = parse_http_date(value)
+    if when is None:
         return None
-    return max(0.0, when - (time.time() if now is None else now))
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
 def _cut_short() -> None:

@@ -39,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import email.utils
 import json
 import logging
 import random
@@ -67,6 +66,7 @@ from dirpull.connectors.http import (
     body_opening,
     interruptible_async_sleep,
     is_loopback_host,
+    parse_http_date,
     readable_body,
     redact_url,
     tenant_prefix,
@@ -302,13 +302,8 @@ def _server_now(headers: Any) -> float:
 
 def _server_date(headers: Any) -> float | None:
     """The response's `Date` (Okta's clock, whole seconds), or None without a readable one."""
-    date = _header(headers, "Date")
-    if date:
-        try:
-            return email.utils.parsedate_to_datetime(date).timestamp()
-        except (TypeError, ValueError, IndexError):
-            pass
-    return None
+    when = parse_http_date(_header(headers, "Date"))
+    return None if when is None else when.timestamp()
 
 
 @dataclass

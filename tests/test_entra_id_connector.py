@@ -271,6 +271,24 @@ def test_token_refresh_after_expiry(graph: GraphEmulator, org: Org, tmp_path: Pa
     assert not done.snapshot and graph.tokens_issued == 3  # one per pull, plus one refresh
 
 
+def test_a_token_answer_cut_off_on_the_way_is_tried_again_and_said_as_such(
+    graph: GraphEmulator, org: Org, tmp_path: Path
+) -> None:
+    # A 200 whose body breaks off (a proxy, a connection cut mid-answer) failed the run at once as
+    # "token endpoint answered without an access_token", as if Microsoft had sent no token, while
+    # the same garbled body on a Graph page is an outage that is tried again.
+    sleeps: list[float] = []
+    graph.faults.update({"malformed": 1, "path": "/oauth2/v2.0/token"})
+    pages, _ = pull(connector(graph, tmp_path, sleeps=sleeps), full=True)
+    assert sum(len(p.users) for p in pages) == len(list(org.listed_people())) and len(sleeps) == 1
+    graph.faults.update({"malformed": 10})
+    with pytest.raises(ConnectorError) as err:
+        pull(connector(graph, tmp_path), full=True)
+    msg = str(err.value)
+    assert msg.startswith(f"token: malformed JSON from POST {graph.base_url}/{graph.tenant_id}/oauth2/v2.0/token")
+    assert "gave up after 5 attempts" in msg and "without an access_token" not in msg
+
+
 def test_wrong_secret_is_an_auth_error_without_the_secret(graph: GraphEmulator, tmp_path: Path) -> None:
     c = connector(graph, tmp_path, client_secret="not-the-secret-xyz")
     with pytest.raises(AuthError) as exc:

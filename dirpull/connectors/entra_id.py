@@ -309,7 +309,21 @@ class ClientCredentialsProvider:
             "client_secret": self._secret.get(),
             "scope": self._scope,
         }
-        resp = await self._session.send_raw("token", self._token_url, lambda c: c.post(self._token_url, data=form))
+        attempt = 0
+        while True:
+            attempt += 1
+            resp = await self._session.send_raw("token", self._token_url, lambda c: c.post(self._token_url, data=form))
+            if resp.status_code < 300:
+                try:
+                    resp.json()
+                except ValueError:
+                    # A 200 whose body broke off or was garbled on the way is an outage, as the
+                    # same body on a Graph page is (`_Session.get`): tried again, and said as such.
+                    # It failed the run at once as an answer "without an access_token".
+                    what = f"token: malformed JSON from POST {redact_url(self._token_url)}"
+                    await self._session._wait(attempt, None, what=what, step="token")
+                    continue
+            break
         if resp.status_code in (400, 401, 403):
             try:
                 body = resp.json()

@@ -1011,3 +1011,20 @@ def test_a_sqlite_write_lock_held_past_the_wait_is_named_in_the_error(tmp_path):
     finally:
         other.close()
         st.close()
+
+
+def test_a_sqlite_store_url_naming_a_file_that_is_no_database_is_one_line_and_changes_nothing(tmp_path):
+    """The store url naming some other file (a backup archive, a key file, an encrypted database):
+    SQLite's "file is not a database" was a SQLAlchemy traceback from every command."""
+    path = tmp_path / "dirpull.db"
+    garbage = random.Random(1).randbytes(64 * 1024)
+    path.write_bytes(garbage)
+    config = _config(tmp_path, f"sqlite:///{path}")
+    expected = f"dirpull: store sqlite:///{path}: cannot connect (file is not a database)"
+    for args in (["users", "hr"], ["groups", "hr"], ["events", "hr"], ["runs", "hr"], ["status"],
+                 ["sync", "hr"], ["run", "--max-seconds", "0.5"], ["db", "upgrade"], ["db", "check"]):  # fmt: skip
+        r = _cli(config, *args)
+        assert (r.exit_code, r.stderr.strip().splitlines()) == (1, [expected]), (args, r.output)
+        assert isinstance(r.exception, SystemExit), (args, r.exception)
+    assert path.read_bytes() == garbage
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dirpull.db", "dirpull.toml"]

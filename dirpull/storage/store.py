@@ -1371,7 +1371,13 @@ def _one_line_errors(engine: Engine, safe_url: str, *, lock_wait: float | None =
         # A role without a grant (a read-only role for `dirpull events`, say) is the operator's to
         # fix, as an unreachable server: one line, not a traceback with the SQL.
         refused = getattr(ctx.original_exception, "sqlstate", None) == "42501"  # insufficient_privilege
-        if not refused and not isinstance(ctx.sqlalchemy_exception, (sa.exc.OperationalError, sa.exc.InterfaceError)):
+        # SQLite's plain DatabaseError (not a subclass such as IntegrityError) is the file itself:
+        # "file is not a database" (the store url naming some other file), "database disk image is
+        # malformed". It was a traceback from every command, the pragma it failed on and all.
+        unusable_file = type(ctx.original_exception) is sqlite3.DatabaseError
+        if not (refused or unusable_file) and not isinstance(
+            ctx.sqlalchemy_exception, (sa.exc.OperationalError, sa.exc.InterfaceError)
+        ):
             return None  # integrity errors and the like are handled by the caller
         if ctx.connection is None:
             what = "cannot connect"

@@ -3,6 +3,7 @@ schema checks and the operator-facing errors."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -1028,3 +1029,23 @@ def test_a_sqlite_store_url_naming_a_file_that_is_no_database_is_one_line_and_ch
         assert isinstance(r.exception, SystemExit), (args, r.exception)
     assert path.read_bytes() == garbage
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dirpull.db", "dirpull.toml"]
+
+
+def test_a_sqlite_store_url_naming_another_applications_database_leaves_it_as_it_was(tmp_path):
+    """dirpull switched any SQLite file it opened to WAL, a setting kept in the file's header:
+    the store url naming another application's database changed that database for good (its
+    readers then need write access to its folder, and WAL does not work on a network share), even
+    from `dirpull users`, which then refused it for having no dirpull schema."""
+    import sqlite3
+
+    path = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        other.executescript("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT); INSERT INTO users VALUES (1, 'x')")
+    before = path.read_bytes()
+    config = _config(tmp_path, f"sqlite:///{path}")
+    for args in (["users", "hr"], ["events", "hr"], ["status"], ["sync", "hr"], ["db", "check"]):
+        r = _cli(config, *args)
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (args, r.output)
+    assert path.read_bytes() == before
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "delete"

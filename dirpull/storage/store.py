@@ -1508,6 +1508,17 @@ def _create_private(database: str | None) -> None:
         pass
 
 
+def _wal_is_ours_to_set(cur: sqlite3.Cursor) -> bool:
+    """Whether a SQLite file is to be switched to WAL: not already, and new (no tables) or
+    dirpull's. The journal mode is written in the file's header and stays: a store url naming
+    another application's database switched it for good, even from a command that only reads and
+    then refused it for having no dirpull schema."""
+    if str(cur.execute("PRAGMA journal_mode").fetchone()[0]).lower() == "wal":
+        return False
+    tables = {name for (name,) in cur.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    return not tables or "alembic_version" in tables
+
+
 def _pool_class(parsed: sa.URL, *, hint: str | None) -> type[sa.pool.QueuePool]:
     """A QueuePool whose timeout is one StoreUnavailable line naming the store. SQLAlchemy's own
     TimeoutError is none of the errors a run reports as a store's: every syncing thread busy (more
@@ -1570,7 +1581,7 @@ def _make_engine(url: str, *, pool_size: int, connect_timeout: float, migrating:
             # Switching a new file to WAL needs an exclusive lock and does not wait for it: retry
             # while another process is creating the store at the same moment.
             deadline = time.monotonic() + busy
-            while True:
+            while _wal_is_ours_to_set(cur):
                 try:
                     cur.execute("PRAGMA journal_mode=WAL")
                     break

@@ -1049,3 +1049,23 @@ def test_a_sqlite_store_url_naming_another_applications_database_leaves_it_as_it
     assert path.read_bytes() == before
     with contextlib.closing(sqlite3.connect(path)) as other:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_syncing_into_another_applications_database_says_so_not_that_the_schema_is_old(tmp_path):
+    """`dirpull sync` with the store url naming another application's database said "schema is at
+    revision none, this dirpull needs …; run `dirpull db upgrade`", as for an old dirpull store."""
+    import sqlite3
+
+    path = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        other.executescript("CREATE TABLE users (id INTEGER PRIMARY KEY, name TEXT)")
+    config = _config(tmp_path, f"sqlite:///{path}")
+    for args in (["sync", "hr"], ["run", "--max-seconds", "0.5"]):
+        r = _cli(config, *args)
+        assert (r.exit_code, r.stderr.strip().splitlines()) == (1, [
+            f"dirpull: store sqlite:///{path}: the database has tables but no dirpull schema (another "
+            "application's database, or the wrong one named?); nothing changed: point the store url at dirpull's "
+            "database, or run `dirpull db upgrade` to add dirpull's tables beside them"
+        ]), (args, r.output)  # fmt: skip
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        assert [n for (n,) in other.execute("SELECT name FROM sqlite_master")] == ["users"]

@@ -338,9 +338,17 @@ class Store:
                 f"store {self.safe_url}: schema is at revision {current}, newer than this dirpull "
                 f"(which needs {head}): a newer dirpull migrated it; upgrade dirpull here"
             )
+        if current is None:
+            # Tables, but none of them dirpull's (`upgrade(only_if_empty=True)`): "schema is at
+            # revision none" read as an old dirpull store, when it is most likely the wrong database.
+            return StoreError(
+                f"store {self.safe_url}: the database has tables but no dirpull schema (another application's "
+                "database, or the wrong one named?); nothing changed: point the store url at dirpull's database, "
+                "or run `dirpull db upgrade` to add dirpull's tables beside them"
+            )
         return StoreError(
-            f"store {self.safe_url}: schema is at revision {current or 'none'}, this dirpull needs "
-            f"{head}; run `dirpull db upgrade`"
+            f"store {self.safe_url}: schema is at revision {current}, this dirpull needs {head}; "
+            "run `dirpull db upgrade`"
         )
 
     def _has_tables(self) -> bool:

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -1069,3 +1071,43 @@ def test_syncing_into_another_applications_database_says_so_not_that_the_schema_
         ]), (args, r.output)  # fmt: skip
     with contextlib.closing(sqlite3.connect(path)) as other:
         assert [n for (n,) in other.execute("SELECT name FROM sqlite_master")] == ["users"]
+
+
+def test_a_sqlite_store_in_a_folder_this_user_cannot_write_is_named_not_the_file(tmp_path):
+    """The store file handed to the service's user, its folder still someone else's: SQLite cannot
+    make the -wal and -shm files it needs even to read, and says "attempt to write a readonly
+    database" of a file this user can write. The operator checked the file and found nothing."""
+    if os.geteuid() == 0:  # root writes anything: the commands run as nobody
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv to run as another user than root")
+        folder = Path(tempfile.mkdtemp(prefix="dirpull-ro-"))  # pytest's tmp_path is root's alone
+        os.chmod(folder, 0o755)
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    else:
+        folder, prefix = tmp_path / "store", []
+        folder.mkdir()
+    try:
+        path = folder / "dirpull.db"
+        st = Store(f"sqlite:///{path}")
+        st.upgrade()
+        st.close()
+        config = Path(_config(folder, f"sqlite:///{path}"))
+        config.chmod(0o644)
+        if prefix:
+            os.chown(path, 65534, 65534)
+        for extra in ("dirpull.db-wal", "dirpull.db-shm"):
+            (folder / extra).unlink(missing_ok=True)
+        folder.chmod(0o555)
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+        for args in (["status"], ["sync", "hr"]):
+            r = subprocess.run([*prefix, sys.executable, "-m", "dirpull", "--config", str(config), *args],
+                               capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+            assert r.returncode == 1, (args, r.stdout, r.stderr)
+            assert r.stderr.splitlines() == [
+                f"dirpull: store sqlite:///{path}: cannot connect (attempt to write a readonly database: this user "
+                f"cannot write its folder {folder}, where SQLite makes the store's -wal and -shm files)"
+            ], args
+    finally:
+        folder.chmod(0o755)
+        if prefix:
+            shutil.rmtree(folder)

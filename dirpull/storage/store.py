@@ -1398,10 +1398,31 @@ def _one_line_errors(engine: Engine, safe_url: str, *, lock_wait: float | None =
             # SQLite's words alone do not say that it waited, how long, or for whom.
             detail += (f": another process (a sync, `dirpull db upgrade`, a tool with the file open) held"
                        f" the store's write lock for over {lock_wait:g}s, 3 × [store] connect_timeout")  # fmt: skip
+        if lock_wait is not None and detail.startswith("attempt to write a readonly database"):
+            detail += _unwritable(engine.url.database)
         return StoreUnavailable(
             f"store {safe_url}: {what} ({detail})",
             lost_connection=ctx.connection is not None and ctx.is_disconnect,
         )
+
+
+def _unwritable(database: str | None) -> str:
+    """What this user cannot write of a SQLite store, for SQLite's "attempt to write a readonly
+    database". It says that also when the file is writable and its folder is not (a store file
+    handed to the service's user in a folder still owned by root): SQLite could not make the -wal
+    and -shm files it needs beside the file even to read, and the operator looked at the file."""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return ""
+    path = os.path.abspath(database)
+    folder = os.path.dirname(path)
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        return f": this user cannot write {path}"
+    for extra in (f"{path}-wal", f"{path}-shm"):
+        if os.path.exists(extra) and not os.access(extra, os.W_OK):
+            return f": this user cannot write {extra}"
+    if not os.access(folder, os.W_OK):
+        return f": this user cannot write its folder {folder}, where SQLite makes the store's -wal and -shm files"
+    return ""
 
 
 _AUTHORITY = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:?//")

@@ -792,9 +792,13 @@ def db_check() -> None:
         store = Store(config.store.url, connect_timeout=config.store.connect_timeout)
         current, head = store.schema_state()
         newer = current != head and store.schema_is_newer(current)
+        foreign = store.holds_other_tables()
     except StoreError as exc:
         raise fail(str(exc), 1) from None
     hint = " (newer than this dirpull: upgrade dirpull)" if newer else ""
+    if foreign:
+        hint = (" (the database has tables, none of them dirpull's: another application's database, "
+                "or the wrong one named?)")  # fmt: skip
     typer.echo(f"schema {current or 'empty'}, needed {head}{hint}")
     raise typer.Exit(0 if current == head else 1)
 

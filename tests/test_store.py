@@ -1069,6 +1069,11 @@ def test_syncing_into_another_applications_database_says_so_not_that_the_schema_
             "application's database, or the wrong one named?); nothing changed: point the store url at dirpull's "
             "database, or run `dirpull db upgrade` to add dirpull's tables beside them"
         ]), (args, r.output)  # fmt: skip
+    check = _cli(config, "db", "check")  # not "schema empty" alone, as though no table were there
+    assert (check.exit_code, check.stdout.strip()) == (1, (
+        "schema empty, needed 0004 (the database has tables, none of them dirpull's: another application's "
+        "database, or the wrong one named?)"
+    )), check.output  # fmt: skip
     with contextlib.closing(sqlite3.connect(path)) as other:
         assert [n for (n,) in other.execute("SELECT name FROM sqlite_master")] == ["users"]
 

@@ -354,6 +354,11 @@ class Store:
     def _has_tables(self) -> bool:
         return bool(sa.inspect(self.engine).get_table_names())
 
+    def holds_other_tables(self) -> bool:
+        """Whether a database without dirpull's schema has tables of its own (another
+        application's database, most likely: not an empty store waiting for `dirpull db upgrade`)."""
+        return self.schema_state()[0] is None and self._has_tables()
+
     @property
     def safe_url(self) -> str:
         # hide_password covers only user:password@; libpq also takes ?password=… in the query.

@@ -292,13 +292,60 @@ def test_custom_attributes_come_from_report_fields(emu: BambooHREmulator) -> Non
     assert u.custom_attributes["division"]  # requested by the core field list anyway
 
 
-def test_a_connection_dropped_mid_report_fails_the_pull(emu: BambooHREmulator) -> None:
-    emu.faults.drop = 1
-    with pytest.raises(ConnectorError):
-        pull(connector(emu))
-    emu.faults.malformed = 1
-    with pytest.raises(ConnectorError, match="not valid JSON"):
-        pull(connector(emu))
+def test_a_report_cut_off_or_garbled_before_a_page_was_handed_on_is_asked_for_again(
+    emu: BambooHREmulator,
+) -> None:
+    """A connection dropped mid-report, or a body garbled on the way, failed the run at once,
+    although nothing of the report had been handed on: asked for again (as Entra's pages are),
+    and the run fails only once the attempts are spent, saying how many."""
+    for fault in ("drop", "malformed"):
+        emu.faults.clear()
+        emu.faults.update({fault: 1, "path": "reports/custom"})
+        sleeps = Sleeps()
+        before = emu.requests
+        pages, done = pull(connector(emu, sleeps), full=True)
+        assert len(users(pages)) == 40 and done.snapshot, fault
+        assert sleeps == [0.5] and emu.requests - before == 2, fault
+        emu.faults.update({fault: 10})
+        with pytest.raises(ConnectorError) as err:
+            pull(connector(emu), full=True)
+        msg = str(err.value)
+        assert msg.startswith("custom report: the ") and msg.endswith("gave up after 4 attempts"), msg
+        assert err.value.retriable and SECRET not in msg
+
+
+def test_a_report_that_breaks_after_a_page_was_handed_on_fails_without_asking_again(
+    emu: BambooHREmulator,
+) -> None:
+    # Rows handed on are in the diff already: the report is not streamed into it a second time.
+    emu.faults.update({"malformed": 1, "path": "reports/custom"})
+    sleeps = Sleeps()
+    items: list[Any] = []
+    with pytest.raises(ConnectorError, match=r"custom report: the report body is not valid JSON .*not asked again"):
+        for item in connector(emu, sleeps, page_size=5).pull(None, full=True):
+            items.append(item)
+    assert items and not any(isinstance(i, Done) for i in items)
+    assert sleeps == [] and emu.requests == 1
+
+
+def test_a_changed_list_or_report_garbled_on_the_way_is_asked_for_again(emu: BambooHREmulator) -> None:
+    """`employees/changed` (and the report read by ids) that came garbled failed the run at once as
+    "not valid JSON", while the same answer cut off was retried."""
+    _, done = pull(connector(emu))
+    emu.org.update_person(5, title="Principal")
+    for path in ("employees/changed", "reports/custom"):
+        emu.faults.clear()
+        emu.faults.update({"malformed": 1, "path": path})
+        sleeps = Sleeps()
+        pages, _ = pull(connector(emu, sleeps), done.cursor)
+        assert users(pages)["5"].job_title == "Principal" and sleeps == [0.5], path
+    emu.faults.update({"malformed": 10, "path": "employees/changed"})
+    with pytest.raises(ConnectorError) as err:
+        pull(connector(emu), done.cursor)
+    msg = str(err.value)
+    url = f"{emu.base_url}/api/gateway.php/acme/v1/employees/changed"
+    assert msg.startswith(f"changed employees: the answer from GET {url}?since="), msg
+    assert "is not valid JSON" in msg and msg.endswith("gave up after 4 attempts"), msg
 
 
 def _iso(ts: float) -> str:
@@ -788,7 +835,8 @@ def test_a_run_failing_mid_fetch_leaves_the_store_unchanged(emu: BambooHREmulato
     before_users, seq = h.users("hr"), h.last_seq()
     emu.org.update_person(5, title="Principal")
     emu.org.delete(31)
-    for fault in ({"drop": 1, "path": "reports/custom"}, {"malformed": 1, "path": "reports/custom"}):
+    # Each broken as often as the run asks (4 attempts), so that the run fails.
+    for fault in ({"drop": 4, "path": "reports/custom"}, {"malformed": 4, "path": "reports/custom"}):
         emu.faults.update(fault)
         r = h.sync("hr", full=True)
         assert r.status == "failed" and r.error

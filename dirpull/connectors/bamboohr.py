@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from typing import Any
 
 import orjson
@@ -53,6 +54,7 @@ from dirpull.connectors.base import (
 from dirpull.connectors.http import (
     HttpClient,
     RetryPolicy,
+    UnreadableBody,
     parse_http_date,
     redact_url,
     transport_reason,
@@ -293,7 +295,18 @@ class BambooHRConnector(CountsRequests):
         # Managers given by employee number are resolved through another report: a row alone
         # does not decide its normalization then, so every row is normalized.
         sources = SourceDigests(known, self.settings, [__name__]) if known and numbers is None else None
+        done = yield from self._full_report(client, notes, numbers, sources)
+        return done
+
+    def _full_report(
+        self, client: HttpClient, notes: list[str], numbers: dict[str, str] | None, sources: SourceDigests | None,
+        attempt: int = 1,
+    ) -> Generator[Page, None, Done]:  # fmt: skip
+        """The full walk's streamed custom report, asked for the `attempt`th time. A body that
+        breaks off or is not valid JSON before a page of it was handed on is asked for again, what
+        was read of it dropped; once one was, the run fails: rows handed on are never sent again."""
         resp = self._report(client, {}, step="custom report", stream=True)
+        handed = False
         latest = _Newest()
         page = Page()
         size, rows = self.settings.page_size, 0
@@ -337,8 +350,16 @@ class BambooHRConnector(CountsRequests):
                     self._add(page, row, numbers, sources, text)  # one user, unchanged id or quarantined
                 rows += 1
                 if rows >= size:
+                    handed = True
                     yield page
                     page, rows = Page(), 0
+        except UnreadableBody as exc:
+            if handed:
+                raise ConnectorError(f"{exc} (rows of it were handed on: not asked again)", step=exc.step) from None
+            resp.close()
+            client.retry_body(attempt, str(exc), step="custom report")
+            done = yield from self._full_report(client, notes, numbers, sources, attempt + 1)
+            return done
         finally:
             resp.close()
         if rows:
@@ -361,11 +382,15 @@ class BambooHRConnector(CountsRequests):
         since_at = parse_timestamp(since)
         assert since_at is not None
         ask = format_timestamp(since_at - timedelta(seconds=self.settings.changed_overlap))
-        try:
+
+        def changed() -> requests.Response:
             # requests encodes the '+' of the offset as %2B, as BambooHR requires.
-            resp = client.request(
+            return client.request(
                 "GET", f"{self.base}/employees/changed", params={"since": ask}, step="changed employees"
             )
+
+        try:
+            body = _json_answer(client, "changed employees", changed)
         except AuthError:
             raise
         except ConnectorError as exc:
@@ -374,7 +399,6 @@ class BambooHRConnector(CountsRequests):
             notes.append(f"employees/changed refused since={ask} ({exc}): full sync instead")
             done = yield from self._full(client, notes)
             return done
-        body = _json(resp, "changed employees")
         entries = body.get("employees") if isinstance(body, dict) else None
         if isinstance(entries, dict):
             items = [(str(k), v) for k, v in entries.items()]
@@ -436,8 +460,10 @@ class BambooHRConnector(CountsRequests):
             batch = wanted[start : start + size]
             asked = set(batch)
             ids = [int(e) if e.isdigit() else e for e in batch]
-            resp = self._report(client, {"employeeIds": ids}, step="custom report (changed employees)")
-            rows = _json(resp, "custom report").get("employees") or []
+            rows = _json_answer(
+                client, "custom report",
+                partial(self._report, client, {"employeeIds": ids}, step="custom report (changed employees)"),
+            ).get("employees") or []  # fmt: skip
             page = Page()
             seen = set()
             # As in a full walk: the very same row again is one row; another row with the id
@@ -502,9 +528,12 @@ class BambooHRConnector(CountsRequests):
 
     def _employee_numbers(self, client: HttpClient) -> dict[str, str]:
         """employeeNumber → id for every employee, when the manager field holds employee numbers."""
-        resp = self._report(client, {}, step="custom report (employee numbers)", fields=["id", "employeeNumber"])
+        body = _json_answer(
+            client, "custom report",
+            lambda: self._report(client, {}, step="custom report (employee numbers)", fields=["id", "employeeNumber"]),
+        )  # fmt: skip
         out: dict[str, str] = {}
-        for row in _json(resp, "custom report").get("employees") or []:
+        for row in body.get("employees") or []:
             if isinstance(row, dict) and row.get("id") is not None and row.get("employeeNumber"):
                 out[str(row["employeeNumber"])] = str(row["id"])
         return out
@@ -652,7 +681,21 @@ def _json(resp: requests.Response, step: str) -> Any:
     try:
         return resp.json()
     except ValueError as exc:
-        raise ConnectorError(f"{step}: the response is not valid JSON ({exc})", step=step) from None
+        raise UnreadableBody(
+            f"{step}: the answer from {resp.request.method} {redact_url(resp.url)} is not valid JSON ({exc})", step=step
+        ) from None
+
+
+def _json_answer(client: HttpClient, step: str, send: Callable[[], requests.Response]) -> Any:
+    """The JSON of the answer `send()` gets, asked for again while it is not valid JSON (garbled or
+    cut off on the way, as Entra's pages are retried): nothing of it was used yet."""
+    attempt = 1
+    while True:
+        try:
+            return _json(send(), step)
+        except UnreadableBody as exc:
+            client.retry_body(attempt, str(exc), step=step)
+            attempt += 1
 
 
 def _recognizer(sources: SourceDigests, latest: _Newest) -> Recognize:
@@ -693,9 +736,9 @@ def _stream_employees(
             step=step,
         ) from None
     except ValueError as exc:  # report_rows.NotJSON, and a body that is not UTF-8
-        raise ConnectorError(f"{step}: the report body is not valid JSON ({exc})", step=step) from None
+        raise UnreadableBody(f"{step}: the report body is not valid JSON ({exc})", step=step) from None
     except (urllib3.exceptions.HTTPError, requests.RequestException, OSError) as exc:
-        raise ConnectorError(
+        raise UnreadableBody(
             f"{step}: the connection broke while reading the report ({transport_reason(exc)})", step=step
         ) from None
 

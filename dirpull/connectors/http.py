@@ -310,6 +310,13 @@ async def interruptible_async_sleep(seconds: float) -> None:
         await asyncio.sleep(min(0.2, left))
 
 
+class UnreadableBody(ConnectorError):
+    """An answer whose body could not be read whole (the connection dropped, timed out or was reset
+    while it came) or is not valid JSON, none of it handed on yet: asking again is safe, and a
+    proxy's hiccup or a connection cut mid-answer (one whose end only the closing marks reads as
+    complete) cannot be told from it. `HttpClient.retry_body` waits before asking again."""
+
+
 class RetriesExhausted(ConnectorError):
     def __init__(self, message: str, *, step: str | None = None) -> None:
         super().__init__(message, retriable=True, step=step)
@@ -560,6 +567,13 @@ class HttpClient:
                 "%s%s; retrying (attempt %d of %d)", tenant_prefix(self.tenant), what, attempt + 1,
                 self.policy.max_attempts,
             )
+
+    def retry_body(self, attempt: int, what: str, *, step: str) -> None:
+        """Wait before asking again for an answer whose body was unreadable (`UnreadableBody`; `what`
+        says how), as for any transient failure: logged, backed off, cut short by SHUTDOWN or
+        RUN_ENDED; `RetriesExhausted` naming `what` and the attempts once they are spent."""
+        self._retrying(what, attempt)
+        self.policy.wait(attempt, None, what=what, step=step)
 
     def request(self, method: str, url: str, *, step: str, stream: bool = False, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -405,8 +406,8 @@ def test_non_json_200_and_broken_json(emu: WorkdayEmulator, tmp_path: Path) -> N
     with pytest.raises(ConnectorError, match=r"expected JSON.*text/html.*Sign In"):
         list(connector(tenant(emu, tmp_path)).pull(None, full=False))
     emu.login_page = False
-    emu.faults.update({"malformed": 1})
-    with pytest.raises(ConnectorError, match=r"not valid JSON.*Report_Entry") as info:
+    emu.faults.update({"malformed": 3, "path": "Worker_Directory"})  # as often as it is asked for
+    with pytest.raises(ConnectorError, match=r"not valid JSON.*Report_Entry.*gave up after 3 attempts") as info:
         list(connector(tenant(emu, tmp_path)).pull(None, full=False))
     # How the body began, but not its first rows: the message lands in the run record and the log.
     first = emu.org.person(min(p.n for p in emu.org.listed_people()))
@@ -418,22 +419,59 @@ def test_a_broken_groups_report_is_reported_without_quoting_its_values(
 ) -> None:
     """The groups report is parsed by ijson, whose yajl backend appends the body text around the
     fault to its message: that text (member ids, group names) must not reach the run's error."""
-    emu.faults.update({"malformed": 1, "path": emu.groups_report})
+    emu.faults.update({"malformed": 3, "path": emu.groups_report})  # as often as it is asked for
     with pytest.raises(ConnectorError, match=r"groups report: the report is not valid JSON") as info:
         list(connector(tenant(emu, tmp_path)).pull(None, full=False))
     msg = str(info.value)
     assert "right here" not in msg and '"Employee_ID"' not in msg and '"Group_' not in msg
     assert not [g.name for g in org.listed_groups() if g.name in msg]
-    assert msg.endswith('it began: {"Report_Entry":[ … (values not shown)')
+    assert msg.endswith('it began: {"Report_Entry":[ … (values not shown): gave up after 3 attempts')
 
 
-def test_dropped_connection_fails_the_pull_without_done(emu: WorkdayEmulator, tmp_path: Path) -> None:
-    emu.faults.update({"drop": 1, "path": "Worker_Directory"})
+def test_a_report_cut_off_before_a_row_was_handed_on_is_asked_for_again(
+    emu: WorkdayEmulator, org: Org, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A connection dropped mid-report failed the run at once, "after 0 bytes (ProtocolError
+    (IncompleteRead(1953 bytes read, …)))", although no row of it had been handed on: asked for
+    again (the users report streamed into the diff, the groups report read ahead), and the run
+    fails only once the attempts are spent, saying how many and, once, how much had arrived."""
+    listed = {employee_id(p.n) for p in org.listed_people()}
+    for report in ("Worker_Directory", "Worker_Groups"):
+        emu.faults.clear()
+        emu.faults.update({"drop": 1, "path": report})
+        before = emu.requests
+        pages, done = pull(connector(tenant(emu, tmp_path), page_size=10))
+        assert set(users_of(pages)) == listed and any(p.groups for p in pages), report
+        assert emu.requests - before == done.requests == 3, report
+        assert "the connection failed while the report was read after" in caplog.text
+        emu.faults.update({"drop": 3})
+        items: list[Any] = []
+        with pytest.raises(ConnectorError) as info:
+            for item in connector(tenant(emu, tmp_path), page_size=10).pull(None, full=False):
+                items.append(item)
+        assert not any(isinstance(i, Done) for i in items), report
+        msg = str(info.value)
+        step = "users report" if report == "Worker_Directory" else "groups report"
+        found = re.fullmatch(
+            step + r": the connection failed while the report was read after (\d+) bytes of it had arrived "
+            r"\(ProtocolError \(IncompleteRead\((\d+) bytes read, \d+ more expected\)\)\): gave up after 3 attempts",
+            msg,
+        )
+        assert found and found.group(1) == found.group(2) != "0", msg
+        assert info.value.retriable and emu.password not in msg
+
+
+def test_a_users_report_that_breaks_after_rows_were_handed_on_fails_without_asking_again(
+    emu: WorkdayEmulator, tmp_path: Path
+) -> None:
+    # Rows handed on are in the diff already: the report is not streamed into it a second time.
+    emu.faults.update({"malformed": 1, "path": "Worker_Directory"})
     items: list[Any] = []
-    with pytest.raises(ConnectorError):
+    with pytest.raises(ConnectorError, match=r"users report: the report is not valid JSON .*not asked again"):
         for item in connector(tenant(emu, tmp_path), page_size=10).pull(None, full=False):
             items.append(item)
-    assert not any(isinstance(i, Done) for i in items)
+    assert items and not any(isinstance(i, Done) for i in items)
+    assert [p for _, p in emu.request_log].count(next(p for _, p in emu.request_log if "Worker_Directory" in p)) == 1
 
 
 def test_groups_report_is_requested_while_the_users_report_is_still_being_read(
@@ -455,7 +493,7 @@ def test_groups_report_is_requested_while_the_users_report_is_still_being_read(
 def test_a_groups_report_that_breaks_fails_the_pull_and_an_abandoned_pull_stops_reading(
     emu: WorkdayEmulator, tmp_path: Path
 ) -> None:
-    emu.faults.update({"drop": 1, "path": "Worker_Groups"})
+    emu.faults.update({"drop": 3, "path": "Worker_Groups"})  # as often as it is asked for
     items: list[Any] = []
     with pytest.raises(ConnectorError, match="groups report"):
         for item in connector(tenant(emu, tmp_path), page_size=10).pull(None, full=False):

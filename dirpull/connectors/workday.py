@@ -51,6 +51,7 @@ from dirpull.connectors.http import (
     HttpClient,
     RetriesExhausted,
     RetryPolicy,
+    UnreadableBody,
     body_opening,
     readable_body,
     transport_reason,
@@ -355,28 +356,29 @@ class WorkdayConnector(CountsRequests):
         and the requests it took; on its own client, as it runs in another thread."""
         client = self._client()
         try:
-            resp = self._open(client, url, step, state)
-            body = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - handed on, closed by _rows
-            read = 0
-            try:
-                resp.raw.decode_content = True
-                while not stop.is_set():
-                    chunk = resp.raw.read(1 << 20)
-                    if not chunk:
-                        break
-                    body.write(chunk)
-                    read += len(chunk)
-            except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-                body.close()
-                raise ConnectorError(
-                    f"{step}: the connection failed while reading the report after {read} bytes "
-                    f"({transport_reason(exc)})",
-                    step=step,
-                ) from None
-            finally:
-                resp.close()
-            body.seek(0)
-            return _Read(body), client.requests
+            attempt = 1
+            while True:
+                resp = self._open(client, url, step, state)
+                body = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - handed on, closed by _rows
+                try:
+                    resp.raw.decode_content = True
+                    while not stop.is_set():
+                        chunk = resp.raw.read(1 << 20)
+                        if not chunk:
+                            break
+                        body.write(chunk)
+                except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                    body.close()
+                    if stop.is_set():  # the pull is over: not asked again
+                        raise ConnectorError(f"{step}: stopped", step=step) from None
+                    # Nothing of it was handed on (it is read whole first): asked for again.
+                    client.retry_body(attempt, _cut_off(step, resp, exc), step=step)
+                    attempt += 1
+                    continue
+                finally:
+                    resp.close()
+                body.seek(0)
+                return _Read(body), client.requests
         except ConnectorError as exc:
             exc.requests = client.requests
             raise
@@ -419,18 +421,14 @@ class WorkdayConnector(CountsRequests):
         try:
             yield
         except (ijson.JSONError, ValueError) as exc:  # also report_rows.NotJSON, a body not UTF-8
-            raise ConnectorError(
+            raise UnreadableBody(
                 f"{step}: the report is not valid JSON ({readable_body(parse_error(exc), 120)}) "
                 f"after {head.bytes} bytes; "
                 f"it began: {body_opening(head.head)}",
                 step=step,
             ) from None
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise ConnectorError(
-                f"{step}: the connection failed while reading the report after {head.bytes} bytes "
-                f"({transport_reason(exc)})",
-                step=step,
-            ) from None
+            raise UnreadableBody(_cut_off(step, resp, exc), step=step) from None
         finally:
             resp.close()
         if counter["rows"] == 0 and "head" not in counter:
@@ -472,22 +470,38 @@ class WorkdayConnector(CountsRequests):
                 digest_text, owner = sources.digest_text, sources.owner
                 return lambda text: owner(digest_text(text))
 
-            for text, row, unchanged in self._user_rows(resp, stats, recognizer):
-                if unchanged is not None:  # a row's text exactly as last normalized: not even parsed
-                    columns.add_text(text or b"")
-                    first = workers.ids.get(unchanged)
-                    if first is None:
-                        workers.ids[unchanged] = RECOGNIZED
-                        page.unchanged_users.append(unchanged)
-                    else:
-                        workers.listed_again(page, unchanged, first is RECOGNIZED)
-                else:
-                    if isinstance(row, dict):
-                        columns.add_row(row)
-                    self._user_row(row, today, page, workers, sources, text)
-                if len(page.users) + len(page.quarantined) + len(page.unchanged_users) >= self.page_size:
-                    yield page
-                    page = Page()
+            attempt, handed = 1, False
+            while True:
+                try:
+                    for text, row, unchanged in self._user_rows(resp, stats, recognizer):
+                        if unchanged is not None:  # a row's text exactly as last normalized: not even parsed
+                            columns.add_text(text or b"")
+                            first = workers.ids.get(unchanged)
+                            if first is None:
+                                workers.ids[unchanged] = RECOGNIZED
+                                page.unchanged_users.append(unchanged)
+                            else:
+                                workers.listed_again(page, unchanged, first is RECOGNIZED)
+                        else:
+                            if isinstance(row, dict):
+                                columns.add_row(row)
+                            self._user_row(row, today, page, workers, sources, text)
+                        if len(page.users) + len(page.quarantined) + len(page.unchanged_users) >= self.page_size:
+                            handed = True
+                            yield page
+                            page = Page()
+                    break
+                except UnreadableBody as exc:
+                    # Its rows go into the diff as they come: asked for again only while none was
+                    # handed on, with what was read of it dropped.
+                    if handed:
+                        raise ConnectorError(
+                            f"{exc} (rows of it were handed on: not asked again)", step=exc.step
+                        ) from None
+                    client.retry_body(attempt, str(exc), step="users report")
+                    attempt += 1
+                    workers, columns, stats, page = _Workers(), _Columns(self._checked_columns()), {"rows": 0}, Page()
+                    resp = self._open(client, url, "users report", state)
             self._check_users_report(stats, columns.seen, notes)
             requests_made = client.requests
             if groups_report is not None:
@@ -499,7 +513,19 @@ class WorkdayConnector(CountsRequests):
                 requests_made += requests_made_ahead
                 # As a set: a set's intersection with a set is twice as fast as with a dict's keys
                 # (0.1 s of a 2,000-group report over 100,000 workers); the copy takes 5 ms.
-                yield from self._groups(body, set(workers.ids), notes, workers.held)
+                user_ids = set(workers.ids)
+                attempt = 1
+                while True:
+                    try:
+                        # Parsed whole before its first page is handed on: a body that is not valid
+                        # JSON is asked for again, as one cut off while it was read ahead is.
+                        yield from self._groups(body, user_ids, notes, workers.held)
+                        break
+                    except UnreadableBody as exc:
+                        client.retry_body(attempt, str(exc), step="groups report")
+                        attempt += 1
+                        body, requests_made_ahead = self._fetch(groups_url, "groups report", state, stop)
+                        requests_made += requests_made_ahead
             elif workers.derived:
                 for gid, value in sorted(workers.derived.items()):
                     page.groups.append(Group(idp_id=gid, name=value, raw_attributes={s.group_column: value}))
@@ -870,6 +896,17 @@ class _Columns:
             else:
                 pending.append((names, pattern, keys))
         self._pending = pending
+
+
+def _cut_off(step: str, resp: requests.Response | _Read, exc: BaseException) -> str:
+    """Why a report's body could not be read whole, with how much of it had come over the wire
+    (urllib3's count, the one its IncompleteRead quotes): the bytes handed to the parser read as
+    "after 0 bytes" next to "IncompleteRead(150320 bytes read …)" where the cut came in the first
+    megabyte asked for."""
+    raw = getattr(resp, "raw", None)
+    arrived = raw.tell() if isinstance(raw, urllib3.response.HTTPResponse) else None
+    so_far = f" after {arrived} bytes of it had arrived" if arrived is not None else ""
+    return f"{step}: the connection failed while the report was read{so_far} ({transport_reason(exc)})"
 
 
 _CLIENT_FAULT = re.compile(rb"<faultcode>\s*(?:[\w.-]+:)?Client\b", re.I)

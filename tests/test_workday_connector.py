@@ -1393,3 +1393,26 @@ def test_a_run_held_after_a_fields_change_says_the_change_may_be_the_cause(
     # The settings put back: the next run is as before, nothing to apply, no hold.
     again = harness({"t1": cfg}, guard=guard).sync("t1")
     assert again.status == "succeeded" and again.events == 0, again.error
+
+
+def test_a_failed_pull_does_not_wait_out_the_groups_reports_back_off(emu: WorkdayEmulator, tmp_path: Path) -> None:
+    """The users report fails (here: not a report) while the groups report, asked for beside it,
+    is in a back-off after a 503: the pull ends at once, instead of waiting that back-off out (up to
+    a minute) before the run could say it failed."""
+    from hostile import Answer, proxying
+
+    emu.faults.update({"error": 100, "error_status": 503, "path": "Worker_Groups"})
+
+    def not_a_report(a: Answer) -> Answer | None:
+        return Answer(a.path, 200, a.headers, b'{"Report": []}') if "Worker_Directory" in a.path else None
+
+    slow = RetryPolicy(max_attempts=6, base_delay=20.0, jitter=0.0)  # real, interruptible waits
+    with proxying(emu.base_url, not_a_report) as proxy:
+        cfg = json.loads(json.dumps(tenant(emu, tmp_path)).replace(emu.base_url, proxy.base_url))
+        c = WorkdayConnector("t1", WorkdayTenant.model_validate(cfg), policy_factory=lambda: slow, today=lambda: TODAY)
+        started = time.monotonic()
+        with pytest.raises(ConnectorError, match="users report"):
+            list(c.pull(None, full=False))
+        took = time.monotonic() - started
+    assert emu.faults.error < 100  # the groups report was asked for, and refused
+    assert took < 5, f"the pull waited {took:.1f}s for the groups report's back-off"

@@ -7,6 +7,7 @@ SDK-based connectors (msgraph, okta, google) keep their SDK's transport but use 
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import email.utils
 import logging
@@ -15,10 +16,10 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 
 from dirpull.connectors.base import AuthError, ConnectorError
@@ -36,7 +37,15 @@ SHUTDOWN = threading.Event()
 # pull's retry and rate-limit waits end then too, instead of calling the vendor again for up to the
 # run's retry budget while the tenant's next run may already be pulling. Set in the pull's thread by
 # the runner; a Prefetch's and a DaemonPool's threads and an event loop's tasks inherit it.
-RUN_ENDED: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar("run_ended", default=None)
+class Ended(Protocol):
+    """What RUN_ENDED holds: a threading.Event, or `EitherEnded` of several."""
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+RUN_ENDED: contextvars.ContextVar[Ended | None] = contextvars.ContextVar("run_ended", default=None)
 _SECRET_PARAM = re.compile(r"(token|key|secret|pass|pwd|assertion|code|sig|auth|jwt|session|credential)", re.I)
 
 
@@ -299,6 +308,40 @@ def interruptible_sleep(seconds: float) -> None:
         _cut_short()
         ended.wait(min(0.2, left))
     _cut_short()
+
+
+class EitherEnded:
+    """Ended once any of its events is set."""
+
+    def __init__(self, *events: Ended) -> None:
+        self._events = events
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self._events)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        # No event wakes a wait on another: one is waited on in short slices, the rest looked at.
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            self._events[0].wait(0.05 if left is None else min(0.05, left))
+        return True
+
+
+@contextlib.contextmanager
+def ending_also_with(stop: threading.Event) -> Iterator[None]:
+    """Retry and rate-limit waits in this context end once `stop` is set too, as they do when the
+    run ends: for work a pull hands to a thread of its own, which the pull waits for when it stops
+    (a failed pull otherwise waited out that thread's back-off, minutes at worst, before the run
+    could say it failed)."""
+    outer = RUN_ENDED.get()
+    token = RUN_ENDED.set(stop if outer is None else EitherEnded(outer, stop))
+    try:
+        yield
+    finally:
+        RUN_ENDED.reset(token)
 
 
 async def interruptible_async_sleep(seconds: float) -> None:

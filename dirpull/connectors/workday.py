@@ -53,6 +53,7 @@ from dirpull.connectors.http import (
     RetryPolicy,
     UnreadableBody,
     body_opening,
+    ending_also_with,
     readable_body,
     transport_reason,
     warn_plain_http,
@@ -353,7 +354,12 @@ class WorkdayConnector(CountsRequests):
 
     def _fetch(self, url: str, step: str, state: dict[str, Any], stop: threading.Event) -> tuple[_Read, int]:
         """A whole report read into a spooled temporary file (memory up to SPOOL_BYTES, then disk),
-        and the requests it took; on its own client, as it runs in another thread."""
+        and the requests it took; on its own client, as it runs in another thread. Its retry waits
+        end once `stop` is set: the pull, failing, waits for this thread before it can end."""
+        with ending_also_with(stop):
+            return self._fetch_whole(url, step, state, stop)
+
+    def _fetch_whole(self, url: str, step: str, state: dict[str, Any], stop: threading.Event) -> tuple[_Read, int]:
         client = self._client()
         try:
             attempt = 1

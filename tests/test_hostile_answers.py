@@ -452,6 +452,37 @@ def test_a_google_member_record_that_is_not_an_object_fails_the_pull_naming_the_
     assert message.startswith("members.list of group ") and message.endswith(": a member record is not an object")
 
 
+def test_a_google_pull_failing_on_one_group_does_not_wait_out_another_groups_back_off(vendor: Any) -> None:
+    """One group's members answer is unreadable while another group's members read, beside it, is
+    in a back-off after a 503: the pull fails at once, instead of waiting that back-off out (up to a
+    minute a wait) before the run could say it failed."""
+    from dirpull.config import GoogleTenant
+    from dirpull.connectors.google_workspace import build as google
+
+    v = vendor("google_workspace")
+    seen: list[str] = []
+    outage = b'{"error": {"code": 503, "message": "Backend Error", "errors": [{"reason": "backendError"}]}}'
+    unreadable = _json(_first_record("members", None))
+
+    def rewrite(a: Answer) -> Answer | None:
+        if "/members?" not in a.path or a.status != 200:
+            return None
+        seen.append(a.path)
+        if len(seen) == 1:
+            return Answer(a.path, 503, [("Content-Type", "application/json")], outage)
+        return unreadable(a) if len(seen) == 2 else None
+
+    slow = RetryPolicy(max_attempts=3, base_delay=20.0, jitter=0.0)  # real, interruptible waits
+    with proxying(v.emu.base_url, rewrite) as proxy:
+        c = google("t1", GoogleTenant.model_validate(v.settings(proxy.base_url)), policy=slow)
+        started = time.monotonic()
+        with pytest.raises(ConnectorError, match="a member record is not an object"):
+            list(c.pull(None, full=True))
+        took = time.monotonic() - started
+    assert len(seen) >= 2
+    assert took < 5, f"the pull waited {took:.1f}s for another group's back-off"
+
+
 # --- Workday --------------------------------------------------------------------------------------
 
 

@@ -1416,3 +1416,42 @@ def test_a_failed_pull_does_not_wait_out_the_groups_reports_back_off(emu: Workda
         took = time.monotonic() - started
     assert emu.faults.error < 100  # the groups report was asked for, and refused
     assert took < 5, f"the pull waited {took:.1f}s for the groups report's back-off"
+
+
+def _flatten_org(org: Org) -> None:
+    for g in org.listed_groups():
+        g.subgroups.clear()
+
+
+def test_a_configured_subgroups_column_that_no_group_has_yet_is_no_reason_to_fail(
+    emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    """`fields.group_subgroups` set, and no group nests another (yet): Workday leaves an empty list
+    out of a row, so the column is in no row. Every run failed with "no row has the configured
+    column(s) group_subgroups → …", for an organization with nothing wrong in it."""
+    _flatten_org(org)
+    cfg = tenant(emu, tmp_path, fields={"group_subgroups": "Subgroups_group"})
+    pages, done = pull(connector(cfg))
+    assert {g.idp_id for p in pages for g in p.groups} == {group_id(g.n) for g in org.listed_groups()}
+    assert any("group_subgroups" in n and "no group nests another" in n for n in done.notes), done.notes
+
+
+def test_every_group_empty_is_refused_by_default_and_read_once_the_members_column_is_configured(
+    emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    """Workday leaves an empty member list out: with every group empty no row has a members
+    column, which by default reads as a renamed alias (refused, lest every membership be deleted).
+    The refusal says how to confirm it: name the column in fields.group_members; then it is read."""
+    _flatten_org(org)
+    for g in org.listed_groups():
+        for n in list(org.direct_members(g.n)[0]):
+            org.remove_member(g.n, n)
+    with pytest.raises(ConfigurationError) as err:
+        pull(connector(tenant(emu, tmp_path)))
+    assert "no row has a members column" in str(err.value)
+    assert "if every group is empty" in str(err.value) and "fields.group_members" in str(err.value)
+
+    pages, done = pull(connector(tenant(emu, tmp_path, fields={"group_members": "Members_group"})))
+    assert {g.idp_id for p in pages for g in p.groups} == {group_id(g.n) for g in org.listed_groups()}
+    assert [pair for p in pages for pair in p.pairs()] == []
+    assert any("group_members" in n and "every group read as empty" in n for n in done.notes), done.notes

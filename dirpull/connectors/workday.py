@@ -96,6 +96,9 @@ DEFAULT_COLUMNS: dict[str, tuple[str, ...]] = {
 # `fields.state` is accepted as another name for `active` (the issue text uses both).
 _FIELD_SYNONYMS = {"state": "active", "manager_idp_id": "manager"}
 GROUP_FIELDS = ("group_id", "group_name", "group_description", "group_members", "group_subgroups")
+# Columns holding a list, which Workday leaves out of a row when it is empty: what their absence
+# from every row means.
+_LIST_FIELDS = {"group_members": "every group read as empty", "group_subgroups": "no group nests another"}
 USER_FIELDS = tuple(k for k in DEFAULT_COLUMNS if k not in GROUP_FIELDS)
 
 _TRUE = {"1", "true", "yes", "y", "active"}
@@ -774,10 +777,19 @@ class WorkdayConnector(CountsRequests):
         """Refuse a groups report none of whose rows has an id or a members column: an alias renamed
         in Workday would otherwise read as every group (or every membership) deleted."""
         for field, what in (("group_id", "group id"), ("group_members", "members")):
+            if field in self.explicit:
+                continue  # checked by its configured name (`_groups`)
             if not any(c in seen for c in self.columns[field]):
+                # Workday leaves an empty member list out: naming the column confirms it.
+                empty = (
+                    "; if every group is empty (Workday leaves an empty list out of a row), setting "
+                    "fields.group_members to the members column's alias confirms it"
+                    if field == "group_members"
+                    else ""
+                )
                 raise ConfigurationError(
                     f"groups report: no row has a {what} column (tried {', '.join(self.columns[field])}); "
-                    f"set fields.{field} (the report has: {', '.join(sorted(seen))})",
+                    f"set fields.{field} (the report has: {', '.join(sorted(seen))}){empty}",
                     step="groups report",
                 )
 
@@ -820,7 +832,9 @@ class WorkdayConnector(CountsRequests):
                 continue
             groups[gid], direct[gid], subs[gid] = group, members, nested
         missing = sorted(
-            f"{f} → {c}" for f, c in self.explicit.items() if f in GROUP_FIELDS and c not in seen
+            f"{f} → {c}"
+            for f, c in self.explicit.items()
+            if f in GROUP_FIELDS and f not in _LIST_FIELDS and c not in seen
         )
         if missing and stats["rows"]:
             raise ConfigurationError(
@@ -828,6 +842,11 @@ class WorkdayConnector(CountsRequests):
                 step="groups report",
             )
         if stats["rows"]:
+            # Workday leaves an empty list out of a row: a configured list column in no row is
+            # every list empty (no group nests another, yet), not a misspelt alias.
+            for f, empty in _LIST_FIELDS.items():
+                if (c := self.explicit.get(f)) is not None and c not in seen:
+                    notes.append(f"groups report: no row has {c} (fields.{f}): {empty}")
             self._check_groups_report(seen)
         held = self._held_groups(conflicting, groups, subs)
         quarantined += [Quarantined("group", gid, reason) for gid, reason in held.items()]

@@ -483,6 +483,39 @@ def test_a_google_pull_failing_on_one_group_does_not_wait_out_another_groups_bac
     assert took < 5, f"the pull waited {took:.1f}s for another group's back-off"
 
 
+def test_a_google_users_page_that_fails_the_pull_stops_the_listing_read_ahead_of_it(vendor: Any) -> None:
+    """The first users page is unreadable while the next one, read ahead in its own thread, is in a
+    back-off after a 503: the pull fails at once, and Google is not asked for that page again,
+    instead of the pull waiting 10 s for the listing thread and leaving it behind still calling."""
+    from dirpull.config import GoogleTenant
+    from dirpull.connectors.google_workspace import build as google
+
+    v = vendor("google_workspace", people=600)  # two pages of users (500 a page)
+    seen: list[str] = []
+    outage = b'{"error": {"code": 503, "message": "Backend Error", "errors": [{"reason": "backendError"}]}}'
+
+    def rewrite(a: Answer) -> Answer | None:
+        if "/users?" not in a.path or a.status != 200:
+            return None
+        seen.append(a.path)
+        if len(seen) == 1:
+            return _json(_set("users", "x"))(a)
+        return Answer(a.path, 503, [("Content-Type", "application/json")], outage)
+
+    slow = RetryPolicy(max_attempts=4, base_delay=2.0, jitter=0.0)  # real, interruptible waits
+    with proxying(v.emu.base_url, rewrite) as proxy:
+        c = google("t1", GoogleTenant.model_validate(v.settings(proxy.base_url)), policy=slow)
+        started = time.monotonic()
+        with pytest.raises(ConnectorError, match="the page's 'users' is a string"):
+            list(c.pull(None, full=True))
+        took = time.monotonic() - started
+        asked = len(seen)
+        time.sleep(2.5)  # one back-off: a listing left behind asks again
+        after = len(seen) - asked
+    assert took < 5, f"the pull waited {took:.1f}s for the listing's back-off"
+    assert after == 0, f"Google was asked {after} more time(s) after the pull had failed"
+
+
 # --- Workday --------------------------------------------------------------------------------------
 
 

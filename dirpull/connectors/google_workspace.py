@@ -601,13 +601,18 @@ class GoogleWorkspaceConnector(CountsRequests):
         # 1. Users: spool raw records, build the small maps. The listing runs a page ahead in its
         # own thread: the server renders the next page while this one is spooled, instead of
         # each side waiting for the other (1.4 of the 4.7 s the listing took at 100,000 users).
-        listing = Prefetch(
-            lambda: session.pages(
-                "users", "users.list", maxResults=USER_PAGE, projection=self.projection, **self._scope_args()
-            ),
-            depth=2,
-            name="google-users",
-        )
+        # Its retry waits end once the listing is closed: a page this side could not read (or a
+        # failure of its own) otherwise waited out the next page's back-off, JOIN_S and then behind
+        # the failed run, still calling Google.
+        stop = threading.Event()
+
+        def list_users() -> Iterator[dict[str, Any]]:
+            with ending_also_with(stop):
+                yield from session.pages(
+                    "users", "users.list", maxResults=USER_PAGE, projection=self.projection, **self._scope_args()
+                )
+
+        listing = Prefetch(list_users, depth=2, name="google-users", stop=stop)
         with listing:
             for body in listing:
                 for raw in _records(body, "users", "users.list"):

@@ -804,6 +804,26 @@ def test_manager_reads_throttled_together_wait_once(
     assert r.duration_s < 3
 
 
+def test_a_manager_read_that_fails_the_run_does_not_wait_out_another_reads_back_off(
+    harness: Any, graph: GraphEmulator, org: Org, tmp_path: Path
+) -> None:
+    """One manager read of a later round is refused (403) while another, beside it, waits out a
+    Retry-After: the run fails at once, instead of waiting that back-off out (up to max_retry_wait)
+    before it could say it failed."""
+    graph.manager_on_every_change = False
+    h = harness({"t1": tenant(graph, tmp_path, max_retry_wait=120)}, guard={"max_percent": 50, "min_count": 20})
+    assert h.sync("t1").status == "succeeded"
+    managed = [p.n for p in org.listed_people() if p.manager is not None and org.people[p.manager].visible]
+    for n in managed[:16]:
+        org.update_person(n, title=f"Retitled {n}")
+    graph.retry_after = "20"
+    graph.faults.update({"rate_limit": 1, "error": 1, "error_status": 403, "path": "/manager"})
+    r = h.sync("t1")
+    assert r.status == "failed" and "user manager" in (r.error or ""), r.error
+    assert graph.faults.rate_limit == 0 and graph.faults.error == 0
+    assert r.duration_s < 10, f"the run waited {r.duration_s:.1f}s for another manager read's back-off"
+
+
 def test_devices_service_principals_and_contacts_in_groups_are_not_memberships(
     synced: Any, graph: GraphEmulator, org: Org
 ) -> None:

@@ -1052,10 +1052,17 @@ class EntraConnector(CountsRequests):
             manager = found.get("id")
             user.manager_idp_id = manager if isinstance(manager, str) and manager else None
 
-        # Every read runs to its end (each under the retry policy); then the first failure fails the run.
-        for result in await asyncio.gather(*(read(u) for u in users), return_exceptions=True):
-            if isinstance(result, BaseException):
-                raise result
+        # The first failure fails the run at once: the other reads are cancelled (their retry waits
+        # with them) and waited for. Run to their ends, the run waited out another read's back-off
+        # (a Retry-After, up to max_retry_wait) before it could say it failed, still calling Graph.
+        tasks = [asyncio.ensure_future(read(u)) for u in users]
+        try:
+            for finished in asyncio.as_completed(tasks):
+                await finished
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _read_tree(self, session: _Session, root: str, direct: dict[str, set[str]],
                          kids: dict[str, set[str]]) -> None:  # fmt: skip

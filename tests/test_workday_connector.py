@@ -502,8 +502,11 @@ def test_a_groups_report_that_breaks_fails_the_pull_and_an_abandoned_pull_stops_
 
     gen = connector(tenant(emu, tmp_path), page_size=10).pull(None, full=False)
     next(gen)
-    gen.close()  # e.g. the run was stopped: the read-ahead thread is gone with the pull
-    assert not [t for t in threading.enumerate() if t.name.startswith("workday-groups-report")]
+    gen.close()  # e.g. the run was stopped: the read-ahead thread ends with the pull (not waited for)
+    deadline = time.monotonic() + 2
+    while [t for t in threading.enumerate() if t.name.startswith("workday-groups-report")]:
+        assert time.monotonic() < deadline, "the groups report is still being read"
+        time.sleep(0.05)
 
 
 def test_busy_and_5xx_responses_are_retried(emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
@@ -1455,3 +1458,31 @@ def test_every_group_empty_is_refused_by_default_and_read_once_the_members_colum
     assert {g.idp_id for p in pages for g in p.groups} == {group_id(g.n) for g in org.listed_groups()}
     assert [pair for p in pages for pair in p.pairs()] == []
     assert any("group_members" in n and "every group read as empty" in n for n in done.notes), done.notes
+
+
+def test_a_failed_pull_does_not_wait_for_the_groups_report_still_being_built(
+    emu: WorkdayEmulator, tmp_path: Path
+) -> None:
+    """The users report fails (here: not a report) while Workday is still building the groups
+    report asked for beside it (nothing is sent until it is): the pull ends at once, instead of
+    waiting for that report (up to the request timeout, 300 s) before the run could say it failed."""
+    from hostile import Answer, proxying
+
+    emu.faults.update({"delay": 6.0, "path": "Worker_Groups"})
+
+    def not_a_report(a: Answer) -> Answer | None:
+        return Answer(a.path, 200, a.headers, b'{"Report": []}') if "Worker_Directory" in a.path else None
+
+    with proxying(emu.base_url, not_a_report) as proxy:
+        cfg = json.loads(json.dumps(tenant(emu, tmp_path)).replace(emu.base_url, proxy.base_url))
+        c = WorkdayConnector("t1", WorkdayTenant.model_validate(cfg), today=lambda: TODAY)
+        started = time.monotonic()
+        with pytest.raises(ConnectorError, match="users report"):
+            list(c.pull(None, full=False))
+        took = time.monotonic() - started
+        # The request left behind ends when its answer comes: not left to later tests.
+        deadline = time.monotonic() + 15
+        while [t for t in threading.enumerate() if t.name.startswith("workday-groups-report")]:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    assert took < 4.5, f"the pull waited {took:.1f}s for the groups report"

@@ -27,6 +27,7 @@ import re
 import tempfile
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from concurrent import futures
 from concurrent.futures import Future
 from datetime import date
 from typing import Any
@@ -214,6 +215,17 @@ class _Workers:
             page.members.append((gid, idp_id))
         gids = tuple(gid for gid, _ in groups)
         self._groups_of[idp_id] = self._shared.setdefault(gids, gids)
+
+
+# How long a failed pull waits for its groups report read ahead before leaving it behind: an
+# answer about to come is given back at once, a report Workday is still building is not awaited.
+LEAVE_READ_AHEAD_S = 2.0
+
+
+def _close_unread(read_ahead: Future[tuple[_Read, int]]) -> None:
+    """The groups report read ahead for a pull that failed, never parsed: its body given back."""
+    if not read_ahead.cancelled() and read_ahead.exception() is None:
+        read_ahead.result()[0].close()
 
 
 class WorkdayConnector(CountsRequests):
@@ -553,9 +565,15 @@ class WorkdayConnector(CountsRequests):
             raise
         finally:
             stop.set()
-            ahead.shutdown(wait=True)
-            if groups_report is not None and not groups_report.cancelled() and groups_report.exception() is None:
-                groups_report.result()[0].close()  # read ahead, never parsed: this pull failed
+            # Waited for only briefly: a groups report still being built (Workday sends nothing
+            # until it is, up to `timeout`) held a pull that had failed until it came, minutes at
+            # worst, before the run could say it failed. Its retry waits end now (`stop`); a
+            # request still in flight then is left behind, as the run's pull is (Prefetch.close),
+            # its body given back once it ends.
+            ahead.shutdown(wait=False)
+            if groups_report is not None:
+                futures.wait([groups_report], timeout=LEAVE_READ_AHEAD_S)
+                groups_report.add_done_callback(_close_unread)
             client.close()
 
     def _user_row(

@@ -508,6 +508,21 @@ def test_malformed_user_is_quarantined_alone(emu: OktaEmulator, tmp_path: Path) 
     assert any(m[1] == user_id(8) for p in pages for m in p.members)
 
 
+def test_a_quarantined_user_names_the_field_the_sdk_refused_without_its_value(
+    emu: OktaEmulator, org: Org, tmp_path: Path
+) -> None:
+    """`dirpull runs` said only "1 validation error for UserProfile" for every record the SDK
+    rejects: which field, and why, was cut off. The reason names both, and never quotes the value
+    (a person's name)."""
+    org.update_person(9, given="Maximiliana" * 6)  # Okta's SDK takes a firstName of 50 at most
+    pages, _ = pull(connector(tenant(emu, tmp_path)))
+    [bad] = [q for p in pages for q in p.quarantined]
+    assert bad.idp_id == user_id(9)
+    assert bad.reason == (
+        "the okta SDK rejects this record: UserProfile.firstName: String should have at most 50 characters"
+    )
+
+
 def test_a_page_cut_short_fails_without_quoting_the_people_on_it(emu: OktaEmulator, tmp_path: Path) -> None:
     """The error names the step and how the answer began, not the users on the page: it lands
     in the run record and the log."""

@@ -1354,8 +1354,31 @@ def _sdk_rejects(rec: Any, kind: str) -> str | None:
             raise ValueError("not an object")
         (OktaUser if kind == "user" else OktaGroup).from_dict(rec)
     except Exception as exc:
-        return _first_line(exc, 200)
+        return _validation_reason(exc) or _first_line(exc, 200)
     return None
+
+
+def _validation_reason(exc: Exception) -> str | None:
+    """A pydantic ValidationError as one line naming each field and what is wrong with it
+    ("UserProfile.firstName: String should have at most 50 characters"), or None for another error.
+    Its first line alone ("1 validation error for UserProfile") never said which field, and the
+    lines after it quote the value: a name or an address has no place in a run record."""
+    errors = getattr(exc, "errors", None)
+    title = getattr(exc, "title", None)
+    if not callable(errors) or not isinstance(title, str):
+        return None
+    try:
+        found = errors(include_url=False, include_input=False)
+    except Exception:
+        return None
+    if not isinstance(found, list) or not found:
+        return None
+    parts = []
+    for err in found[:3]:
+        where = ".".join(str(x) for x in (title, *err.get("loc", ())))
+        parts.append(f"{where}: {err.get('msg', 'invalid')}")
+    more = f" (and {len(found) - 3} more)" if len(found) > 3 else ""
+    return ("; ".join(parts) + more)[:300]
 
 
 def _outcome(event: dict[str, Any]) -> str | None:

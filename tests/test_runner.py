@@ -187,13 +187,31 @@ def test_nul_characters_in_values_are_dropped_on_both_stores(harness):
     seq = h.last_seq()
     again = h.sync("t")
     assert again.status == "succeeded" and again.counts["rows_written"] == 0 and h.last_seq() == seq
-    if h.store.dialect == "sqlite":  # an id keeps its NUL (PostgreSQL cannot store one at all)
-        d.users.append(User(idp_id="u\x00x", username="n\x00ul"))
-        d.members.append(("g1", "u\x00x"))
-        assert h.sync("t").counts["users_created"] == 1
-        assert h.users("t")["u\x00x"]["username"] == "nul" and ("g1", "u\x00x") in h.members("t")
-        seq = h.last_seq()
-        assert h.sync("t").counts["rows_written"] == 0 and h.last_seq() == seq
+
+
+def test_a_record_whose_id_holds_a_nul_is_quarantined_on_both_stores(harness):
+    """An id keeps what the vendor sent (it names the record in memberships and removals), and
+    PostgreSQL cannot store a NUL at all: one such user or group failed every run of the tenant
+    there, with a database traceback. It is quarantined instead, on both stores alike (reported
+    with U+FFFD for the NUL), its memberships skipped, and the rest of the run applied."""
+    d = Directory(
+        users=[*people(3), User(idp_id="u\x00x", username="n\x00ul")],
+        groups=[Group(idp_id="g1", name="Eng"), Group(idp_id="g\x002", name="Ops")],
+        members=[("g1", "u0"), ("g1", "u\x00x"), ("g\x002", "u1")],
+    )
+    h = make(harness, d)
+    r = h.sync("t")
+    assert r.status == "succeeded", r.error
+    assert set(h.users("t")) == {"u0", "u1", "u2"} and set(h.groups("t")) == {"g1"}
+    assert h.members("t") == {("g1", "u0")}
+    [run] = h.store.runs("t", 1)
+    assert sorted((q["kind"], q["idp_id"], q["reason"]) for q in run["quarantined"]) == [
+        ("group", "g\ufffd2", "its id holds a NUL character, which the store cannot keep"),
+        ("user", "u\ufffdx", "its id holds a NUL character, which the store cannot keep"),
+    ]
+    seq = h.last_seq()
+    again = h.sync("t", full=True)
+    assert again.status == "succeeded" and again.counts["rows_written"] == 0 and h.last_seq() == seq
 
 
 def test_long_vendor_values_sync_on_both_stores(harness):

@@ -426,7 +426,7 @@ class Store:
                 # Interned: the diff holds these ids in several sets at once.
                 return {intern(k): v for k, v in _tenant_rows(conn, table, ["idp_id", column], tenant)}
             out: dict[str, str] = {}
-            id_list = list(ids)
+            id_list = [k for k in ids if self._could_be_stored(k)]  # as in membership_pairs
             for i in range(0, len(id_list), BATCH):
                 out.update((k, v) for k, v in conn.execute(q.where(table.c.idp_id.in_(id_list[i : i + BATCH]))))
             return out
@@ -443,7 +443,9 @@ class Store:
                 return {(intern(g), intern(u)) for g, u in pairs}
             out: set[tuple[str, str]] = set()
             for column, keys in ((m.group_idp_id, groups), (m.user_idp_id, users)):
-                key_list = list(keys or ())
+                # An id no row can hold (a NUL on PostgreSQL: a quarantined record's) names no
+                # pair, and PostgreSQL would refuse the whole query over it.
+                key_list = [k for k in keys or () if self._could_be_stored(k)]
                 for i in range(0, len(key_list), BATCH):
                     out.update(_driver_rows(conn, q.where(column.in_(key_list[i : i + BATCH]))))
             return out

@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from sys import intern
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from dirpull.connectors.base import Done, Page, Quarantined
 from dirpull.jsoncodec import canonical, loads
@@ -169,6 +169,7 @@ class Diff:
     _complete_groups: set[str] = field(default_factory=set)
     _quarantined: list[Quarantined] = field(default_factory=list)
     _quarantined_ids: set[tuple[str, str]] = field(default_factory=set)
+    _nul_ids: set[tuple[str, str]] = field(default_factory=set)  # (kind, id as given): see _quarantine_nul_id
     _notes: list[str] = field(default_factory=list)
     _user_sources: dict[str, str] = field(default_factory=dict)
     _source_refreshes: dict[str, str] = field(default_factory=dict)
@@ -189,6 +190,11 @@ class Diff:
                 # (every field is a JSON type) without model_dump's deep copy, 3 µs per record.
                 blob = canonical(record.__dict__)
                 if b"\\u0000" in blob:  # a NUL in a value (rare: checked on the JSON, not field by field)
+                    if "\x00" in record.idp_id:
+                        # PostgreSQL cannot hold such an id (every run of the tenant failed there,
+                        # with a traceback), and dropping the NUL could name another record.
+                        self._quarantine_nul_id("user" if isinstance(record, User) else "group", record.idp_id)
+                        continue
                     # The id stays as the vendor gave it: it names the record in pairs and removals.
                     blob = canonical({**without_nul(record.__dict__), "idp_id": record.idp_id})
                 fp = digest(blob)
@@ -237,6 +243,17 @@ class Diff:
                 self._quarantined_ids.add((q.kind, q.idp_id))
             self._quarantined.append(q)
 
+    def _quarantine_nul_id(self, kind: Literal["user", "group"], idp_id: str) -> None:
+        """Quarantine a record whose id holds a NUL character. The run reports it with U+FFFD in
+        place of each NUL (a run record cannot hold one on PostgreSQL either); the id itself is
+        kept as given, so a record SQLite stored under it is left as stored, like any quarantined
+        one. Memberships naming it name no record the run knows, and are skipped."""
+        if (kind, idp_id) in self._nul_ids:
+            return
+        self._nul_ids.add((kind, idp_id))
+        reason = "its id holds a NUL character, which the store cannot keep"
+        self._quarantined.append(Quarantined(kind, idp_id.replace("\x00", "\ufffd"), reason))
+
     def _add_pairs(self, pairs: list[tuple[str, str]]) -> None:
         paired, removed = self._paired, self._removed_members
         users: list[str] = []
@@ -274,8 +291,11 @@ class Diff:
         unchanged — as a refresh of the stored digest if that differs."""
         given = page.user_sources
         stored = self.stored.user_sources(list(given)) if given else {}
+        nul_ids = self._nul_ids
         for record in page.users:
             key = record.idp_id
+            if nul_ids and ("user", key) in nul_ids:
+                continue  # quarantined: nothing of it is stored
             source = given.get(key)
             if key in self._users:
                 self._source_refreshes.pop(key, None)
@@ -293,6 +313,8 @@ class Diff:
     def finish(self, done: Done) -> Plan:
         quarantined_users = {q.idp_id for q in self._quarantined if q.kind == "user" and q.idp_id}
         quarantined_groups = {q.idp_id for q in self._quarantined if q.kind == "group" and q.idp_id}
+        quarantined_users |= {i for k, i in self._nul_ids if k == "user"}
+        quarantined_groups |= {i for k, i in self._nul_ids if k == "group"}
         member_digests = None
         if done.snapshot:
             adds, removes, user_deletes, group_deletes, skipped, member_digests = self._finish_snapshot(

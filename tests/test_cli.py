@@ -536,6 +536,17 @@ def test_a_sync_refused_because_another_worker_holds_the_tenant_says_so(env, sto
         store.close()
 
 
+def _age_runs(store_url: str, age: timedelta) -> None:
+    """Every recorded run as though it had started and ended `age` ago."""
+    store = Store(store_url)
+    try:
+        with store.engine.begin() as conn:
+            old = datetime.now(UTC) - age
+            conn.execute(sa.update(schema.runs).values(started_at=old, finished_at=old))
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("schedule", ["5m", "cron: */5 * * * *"])
 def test_status_shows_a_tenant_not_synced_for_too_long(env, store_url, schedule):
     """Whatever the schedule form: a tenant whose last success is three scheduled syncs old (the
@@ -544,13 +555,7 @@ def test_status_shows_a_tenant_not_synced_for_too_long(env, store_url, schedule)
     config.write_text(config.read_text() + f"schedule = {json.dumps(schedule)}\n")
     assert run(env, "sync", "hr").exit_code == 0
     assert jsonl(run(env, "status", "--json").stdout)[0]["attention"] == []
-    store = Store(store_url)
-    try:
-        with store.engine.begin() as conn:
-            old = datetime.now(UTC) - timedelta(hours=2)
-            conn.execute(sa.update(schema.runs).values(started_at=old, finished_at=old))
-    finally:
-        store.close()
+    _age_runs(store_url, timedelta(hours=2))
     row = jsonl(run(env, "status", "--json").stdout)[0]
     assert row["result"] == "succeeded"
     assert [a for a in row["attention"] if a.startswith("no successful sync since")], row
@@ -586,13 +591,7 @@ def test_status_of_a_disabled_tenant_says_disabled_with_no_next_run(env, store_u
     config = Path(env["config"])
     config.write_text(config.read_text() + "enabled = false\n")
     assert run(env, "sync", "hr").exit_code == 0
-    store = Store(store_url)
-    try:
-        with store.engine.begin() as conn:
-            old = datetime.now(UTC) - timedelta(days=30)
-            conn.execute(sa.update(schema.runs).values(started_at=old, finished_at=old))
-    finally:
-        store.close()
+    _age_runs(store_url, timedelta(days=30))
     [row] = jsonl(run(env, "status", "--json").stdout)
     assert row["result"] == "succeeded" and row["attention"] == ["disabled"]
     assert row["next_run"] is None and row["schedule"] == "15m"

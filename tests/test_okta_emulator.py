@@ -460,3 +460,20 @@ def test_search_takes_only_the_attributes_okta_searches(emu: OktaEmulator, org: 
     for bad in ('objectClass eq "okta:user_group"', '_links.users.href sw "http"', "_embedded.stats.usersCount pr"):
         r = get(emu, "/api/v1/groups", search=bad)
         assert r.status_code == 400 and r.json()["errorCode"] == "E0000053", bad
+
+
+def test_system_log_keeps_ninety_days_of_events(emu: OktaEmulator, org: Org) -> None:
+    """The System Log keeps 90 days of events (directory-apis.md §3.1): a `since` between 90 and
+    180 days back is accepted, but what happened more than 90 days ago is gone, from a polling
+    request and a bounded one alike. The emulator used to serve events of any age."""
+    now = time.time()
+    purged, kept = org.deactivate(20), org.deactivate(21)
+    purged.updated_at = now - 95 * 86400
+    kept.updated_at = now - 85 * 86400
+    since = Org.iso(now - 100 * 86400)
+    bounded = get(emu, "/api/v1/logs", since=since, until=Org.iso(now + 60))
+    assert bounded.status_code == 200
+    assert [ev["target"][0]["id"] for ev in bounded.json()] == [user_id(21)]
+    polled = get(emu, "/api/v1/logs", since=since)
+    assert polled.status_code == 200
+    assert [ev["target"][0]["id"] for ev in polled.json()] == [user_id(21)]

@@ -16,7 +16,8 @@ Served over the shared `Org`:
   GET  /api/v1/logs                  System Log derived from Org changes (people, memberships, group
                                      deletions); a polling request (no `until`) always carries
                                      rel="next", pages may be empty, and its `since` is compared
-                                     with when the event was stored (a bounded one: `published`)
+                                     with when the event was stored (a bounded one: `published`);
+                                     events published over 90 days ago are gone
   POST /oauth2/v1/token              client_credentials + private_key_jwt (OAuth service app); an
                                      assertion whose `jti` it has read before, whatever it answered
                                      then, is refused: 401 invalid_client "The client_assertion token
@@ -1036,6 +1037,7 @@ class OktaEmulator(Emulator):
             except (IndexError, ValueError):
                 return _error(400, "E0000001", "Api validation failed: after", ["after: invalid cursor"])
         self.sync_log()
+        retained_from = time.time() - 90 * 86400
         out: list[dict[str, Any]] = []
         more = False
         last_seq = start_seq
@@ -1048,6 +1050,8 @@ class OktaEmulator(Emulator):
                 # `published`: an event stored late is not skipped (§3.1 System Log).
                 stamp = ev["_persisted"] if until_ts is None else published
                 if stamp < since_ts or (until_ts is not None and published >= until_ts):
+                    continue
+                if published < retained_from:  # the log keeps 90 days (§3.1 System Log)
                     continue
                 if predicate is not None and not predicate(lambda a, e=ev: _dig(e, a)):
                     continue

@@ -477,3 +477,24 @@ def test_system_log_keeps_ninety_days_of_events(emu: OktaEmulator, org: Org) -> 
     polled = get(emu, "/api/v1/logs", since=since)
     assert polled.status_code == 200
     assert [ev["target"][0]["id"] for ev in polled.json()] == [user_id(21)]
+
+
+def test_a_bounded_system_log_request_comes_ordered_by_published(emu: OktaEmulator, org: Org) -> None:
+    """A bounded request (`since` and `until`) is ordered by `published`, ascending unless
+    `sortOrder=DESCENDING`, over its pages too; only a polling request may return events out of
+    `published` order (directory-apis.md §3.1 System Log). The emulator served bounded requests in
+    the order events were stored."""
+    now = time.time()
+    for n, hours_ago in ((20, 1), (21, 3), (22, 2)):  # stored 20, 21, 22
+        org.deactivate(n).updated_at = now - hours_ago * 3600
+    deactivations = 'eventType eq "user.lifecycle.deactivate"'
+    window = {"since": Org.iso(now - 86400), "until": Org.iso(now + 60), "filter": deactivations}
+
+    def targets(**params: Any) -> tuple[list[str], int]:
+        events, pages = walk(emu, "/api/v1/logs", **window, **params)
+        return [ev["target"][0]["id"] for ev in events], pages
+
+    assert targets(limit=2) == ([user_id(21), user_id(22), user_id(20)], 2)
+    assert targets(limit=2, sortOrder="DESCENDING") == ([user_id(20), user_id(22), user_id(21)], 2)
+    polled = get(emu, "/api/v1/logs", since=window["since"], filter=window["filter"]).json()
+    assert [ev["target"][0]["id"] for ev in polled] == [user_id(20), user_id(21), user_id(22)]  # as stored

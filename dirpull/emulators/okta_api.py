@@ -16,8 +16,9 @@ Served over the shared `Org`:
   GET  /api/v1/logs                  System Log derived from Org changes (people, memberships, group
                                      deletions); a polling request (no `until`) always carries
                                      rel="next", pages may be empty, and its `since` is compared
-                                     with when the event was stored (a bounded one: `published`);
-                                     events published over 90 days ago are gone
+                                     with when the event was stored; a bounded one (`since` and
+                                     `until`) compares `published`, is ordered by it (`sortOrder`)
+                                     and ends; events published over 90 days ago are gone
   POST /oauth2/v1/token              client_credentials + private_key_jwt (OAuth service app); an
                                      assertion whose `jti` it has read before, whatever it answered
                                      then, is refused: 401 invalid_client "The client_assertion token
@@ -1038,34 +1039,69 @@ class OktaEmulator(Emulator):
                 return _error(400, "E0000001", "Api validation failed: after", ["after: invalid cursor"])
         self.sync_log()
         retained_from = time.time() - 90 * 86400
+        params = {
+            "since": since, "until": until, "filter": filt, "limit": req.arg("limit"),
+            "sortOrder": req.arg("sortOrder"), "after": after,
+        }  # fmt: skip
+        if until_ts is not None:
+            return self._bounded_logs(req, params, since_ts, until_ts, retained_from, predicate, limit)
         out: list[dict[str, Any]] = []
-        more = False
         last_seq = start_seq
         with self._log_lock:
             events = self._events
             for ev in events[start_seq:]:
                 last_seq = ev["_seq"]
-                published = parse_time(ev["published"])
                 # A polling request (no `until`) filters by when the event was stored, not by
                 # `published`: an event stored late is not skipped (§3.1 System Log).
-                stamp = ev["_persisted"] if until_ts is None else published
-                if stamp < since_ts or (until_ts is not None and published >= until_ts):
+                if ev["_persisted"] < since_ts:
                     continue
-                if published < retained_from:  # the log keeps 90 days (§3.1 System Log)
+                if parse_time(ev["published"]) < retained_from:  # the log keeps 90 days (§3.1 System Log)
                     continue
                 if predicate is not None and not predicate(lambda a, e=ev: _dig(e, a)):
                     continue
                 if len(out) == limit:
-                    more = True
                     last_seq -= 1
                     break
                 out.append({k: v for k, v in ev.items() if not k.startswith("_")})
-        params = {"since": since, "until": until, "filter": filt, "limit": req.arg("limit"), "after": after}
-        if until is None:
-            # Polling: always a next link, pages may be empty (§3.1 System Log).
-            next_after: str | None = f"{int(time.time() * 1000)}_{last_seq}"
-        else:
-            next_after = f"{int(time.time() * 1000)}_{last_seq}" if more else None
+        # Polling: always a next link, pages may be empty (§3.1 System Log).
+        return Response(200, out, self._links(req, "/api/v1/logs", params, f"{int(time.time() * 1000)}_{last_seq}"))
+
+    def _bounded_logs(
+        self,
+        req: Request,
+        params: dict[str, str | None],
+        since_ts: float,
+        until_ts: float,
+        retained_from: float,
+        predicate: Predicate | None,
+        limit: int,
+    ) -> Response:
+        """A bounded request (`since` and `until`): the events published in [since, until), ordered
+        by `published` (`sortOrder` ASCENDING or DESCENDING), in finite pages. Its `after` is
+        `<published ms>_<seq>` of the last event served: the next page starts past it in that order."""
+        descending = (req.arg("sortOrder") or "ASCENDING").upper() == "DESCENDING"
+        position: tuple[int, int] | None = None
+        if params["after"]:
+            try:
+                ms, seq = params["after"].split("_")
+                position = (int(ms), int(seq))
+            except ValueError:
+                return _error(400, "E0000001", "Api validation failed: after", ["after: invalid cursor"])
+        with self._log_lock:
+            window = []
+            for ev in self._events:
+                published = parse_time(ev["published"])
+                if not since_ts <= published < until_ts or published < retained_from:
+                    continue
+                if predicate is not None and not predicate(lambda a, e=ev: _dig(e, a)):
+                    continue
+                window.append(((round(published * 1000), ev["_seq"]), ev))
+        window.sort(key=lambda item: item[0], reverse=descending)
+        if position is not None:
+            window = [item for item in window if (item[0] < position if descending else item[0] > position)]
+        page = window[:limit]
+        out = [{k: v for k, v in ev.items() if not k.startswith("_")} for _, ev in page]
+        next_after = "{}_{}".format(*page[-1][0]) if len(window) > limit else None
         return Response(200, out, self._links(req, "/api/v1/logs", params, next_after))
 
     # --- OAuth service app ------------------------------------------------------------------------

@@ -148,6 +148,23 @@ def test_suspended_and_archived_are_listed_deleted_only_with_show_deleted(emu: G
     assert all(u["deletionTime"].endswith("Z") for u in deleted)
 
 
+def test_suspended_users_carry_suspension_time_and_archived_ones_archival_time(emu: GoogleEmulator) -> None:
+    org = emu.org
+    suspended, archived = org.deactivate(5, "suspended"), org.deactivate(6, "archived")
+    when = {5: suspended.updated_at, 6: archived.updated_at}
+    org.rename(5, "Renamed", "Later")  # a later change is not a new suspension
+    svc = service(emu)
+    users, _ = all_pages(svc.users(), svc.users().list(customer="my_customer", maxResults=500), "users")
+    by_id = {u["id"]: u for u in users}
+    assert by_id[user_id(5)]["suspensionTime"] == Org.iso(when[5])
+    assert "archivalTime" not in by_id[user_id(5)]
+    assert by_id[user_id(6)]["archivalTime"] == Org.iso(when[6])
+    assert "suspensionTime" not in by_id[user_id(6)]
+    active = [u for u in users if not u["suspended"] and not u["archived"]]
+    assert active and not any("suspensionTime" in u or "archivalTime" in u for u in active)
+    assert all("suspensionTime" in u for u in users if u["suspended"])
+
+
 def test_projection_controls_custom_schemas_and_records_carry_the_documented_fields(
     emu: GoogleEmulator,
 ) -> None:

@@ -22,8 +22,9 @@ control endpoints stay at the root.
 Vendor-only state lives here, keyed by Person.n / Group.n: which group holds the CUSTOMER member
 (the whole domain), which groups have EXTERNAL members, the groups' editable aliases (each
 department's group answers to the department's short address too), which users are served broken.
-Inactive people map through `Person.inactive_reason`: `archived` → `archived: true`, anything else
-(`suspended`, `terminated`) → `suspended: true`. Deleted (`Person.deleted`/`soft_deleted`) people
+Inactive people map through `Person.inactive_reason`: `archived` → `archived: true` with
+`archivalTime`, anything else (`suspended`, `terminated`) → `suspended: true` with `suspensionReason`
+and `suspensionTime` (`Person.inactive_at`). Deleted (`Person.deleted`/`soft_deleted`) people
 are hidden from the list and shown, with `deletionTime`, only by `showDeleted=true`.
 
 Ids: users "1077" + 17-digit n (a 21-digit numeric string, like Google's), groups "03x8tuzt" +
@@ -524,8 +525,12 @@ class GoogleEmulator(Emulator):
             "isEnforcedIn2Sv": False,
             "includeInGlobalAddressList": True,
         }
+        # Read-only companions of the two flags (directory-apis.md §2.1 "Suspended / archived").
         if suspended:
             user["suspensionReason"] = "ADMIN"
+            user["suspensionTime"] = Org.iso(p.inactive_at)
+        if archived:
+            user["archivalTime"] = Org.iso(p.inactive_at)
         if p.email and p.n % 4 == 0:
             # An alias made when the account was created: renames do not touch it.
             given, family = [*p.username.split("@")[0].split("."), "x", "x"][:2]

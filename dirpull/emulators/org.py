@@ -146,6 +146,8 @@ class Person:
     updated_at: float = 0.0
     version: int = 0
     renamed_at: float = 0.0  # the last change of `given` or `family` (a vendor may copy the name)
+    # When the person became inactive for `inactive_reason` (Google's suspensionTime/archivalTime).
+    inactive_at: float = 0.0
     # An invited external user (Graph's userType Guest, with an #EXT# userPrincipalName); the other
     # vendors have no such thing and ignore it.
     guest: bool = False
@@ -267,6 +269,7 @@ class Org:
             if person.n != 1 and rng.random() < 0.06:
                 person.state = "inactive"
                 person.inactive_reason = rng.choice(["terminated", "suspended", "archived"])
+                person.inactive_at = person.created_at
                 if person.inactive_reason == "terminated":
                     person.termination_date = "2025-06-30"
         ids = list(org.people)
@@ -407,11 +410,16 @@ class Org:
         """Change any Person field (rename, title/department move, manager change, …)."""
         with self.lock:
             person = self.people[n]
+            was = (person.state, person.inactive_reason)
             for key, value in changes.items():
-                if not hasattr(person, key) or key in ("n", "version", "created_at", "updated_at", "renamed_at"):
+                if not hasattr(person, key) or key in (
+                    "n", "version", "created_at", "updated_at", "renamed_at", "inactive_at",
+                ):  # fmt: skip
                     raise KeyError(f"cannot change {key!r}")
                 setattr(person, key, value)
             self._touch(person)
+            if person.state == "inactive" and (person.state, person.inactive_reason) != was:
+                person.inactive_at = person.updated_at
             if "given" in changes or "family" in changes:
                 person.renamed_at = person.updated_at
             return person

@@ -186,6 +186,29 @@ def test_skip_is_refused_on_directory_collections(client: Client, org: Org) -> N
         assert resp.json()["error"]["message"] == "'$skip' is not supported by the service."
 
 
+
+def test_deleted_items_list_soft_deleted_users_until_restored_or_deleted_for_good(client: Client, org: Org) -> None:
+    for n in (5, 6, 7):
+        org.soft_delete(n)
+    org.delete(6)  # gone for good: restorable no more
+    org.restore(7)
+    path = "/directory/deletedItems/microsoft.graph.user"
+    first = client.get(path, **{"$top": "1"})
+    assert first.status_code == 200, first.text
+    items, body, pages = [], first.json(), 1
+    while True:
+        items += body["value"]
+        if "@odata.nextLink" not in body or pages > 100:
+            break
+        body, pages = client.get(body["@odata.nextLink"]).json(), pages + 1
+    assert [u["id"] for u in items] == [user_id(5)]
+    assert items[0]["deletedDateTime"].endswith("Z") and items[0]["userPrincipalName"] == org.people[5].username
+    picked = client.get(path, **{"$select": "id,deletedDateTime"}).json()["value"]
+    assert picked == [{"id": user_id(5), "deletedDateTime": items[0]["deletedDateTime"]}]
+    live = client.get("/users", **{"$select": "id,deletedDateTime", "$top": "999"}).json()["value"]
+    assert user_id(5) not in {u["id"] for u in live}
+    assert {u["deletedDateTime"] for u in live} == {None}
+
 def test_groups_and_direct_members(client: Client, org: Org) -> None:
     groups = client.get("/groups").json()["value"]
     assert len(groups) == 8 and {"displayName", "mail", "groupTypes", "securityEnabled"} <= set(groups[0])

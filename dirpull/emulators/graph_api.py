@@ -4,6 +4,9 @@ Served on one port:
   POST /{tenant}/oauth2/v2.0/token              client credentials → bearer token (login host)
   GET  /v1.0/users, /v1.0/groups                 plain lists, $select/$top, @odata.nextLink ($skiptoken; $skip: 400)
   GET  /v1.0/users/{id}/manager                  the user's manager (404 when there is none)
+  GET  /v1.0/directory/deletedItems/microsoft.graph.user
+                                                 soft-deleted users (restorable), with deletedDateTime;
+                                                 paged as the plain lists
   GET  /v1.0/groups/{id}/members                 direct members (users, groups, and in some groups a
                                                  device, a service principal, an org contact), @odata.type
   GET  /v1.0/users/delta[()], /v1.0/groups/delta[()]
@@ -135,6 +138,8 @@ USER_PROPERTIES: dict[str, tuple[Render, tuple[str, ...]]] = {
     "officeLocation": (lambda p: p.location, ("location",)),
     "userType": (lambda p: "Guest" if p.guest else "Member", ("guest",)),
     "createdDateTime": (lambda p: _iso(p.created_at), ()),
+    # Set only while the user is soft-deleted (in deletedItems); null on a live user.
+    "deletedDateTime": (lambda p: _iso(p.updated_at) if p.soft_deleted and not p.deleted else None, ("soft_deleted",)),
     "employeeHireDate": (lambda p: f"{p.hire_date}T00:00:00Z", ("hire_date",)),
     "employeeLeaveDateTime": (
         lambda p: f"{p.termination_date}T00:00:00Z" if p.termination_date else None,
@@ -153,6 +158,8 @@ USER_DEFAULT = (
     "businessPhones", "displayName", "givenName", "id", "jobTitle", "mail", "mobilePhone",
     "officeLocation", "preferredLanguage", "surname", "userPrincipalName",
 )  # fmt: skip
+# deletedItems lists users with the default properties and when each was deleted.
+DELETED_USER_DEFAULT = (*USER_DEFAULT, "deletedDateTime")
 # Navigation properties: selectable in delta only (manager@delta).
 USER_NAVIGATION = {"manager": ("manager",)}
 # Properties kept outside the directory store: selecting them gives 501 NotImplemented.
@@ -359,6 +366,7 @@ class GraphEmulator(Emulator):
         self.route("GET", r"/v1\.0/groups/delta(?:\(\))?", lambda r: self._delta(r, "groups"))
         self.route("GET", r"/v1\.0/groups/(?P<gid>[^/]+)/members", self._members)
         self.route("GET", r"/v1\.0/users/(?P<uid>[^/]+)/manager", self._manager)
+        self.route("GET", r"/v1\.0/directory/deletedItems/microsoft\.graph\.user", self._deleted_users)
         self.route("POST", r"/_emulator/graph", self._control)
 
     # --- switches ----------------------------------------------------------------------------------
@@ -734,6 +742,29 @@ class GraphEmulator(Emulator):
                 GROUP_PROPERTIES,
                 {},
                 "groups",
+            ),
+            req,
+        )
+
+    def _soft_deleted_person(self, n: int) -> Person | None:
+        p = self.org.people.get(n)
+        return p if p is not None and p.soft_deleted and not p.deleted else None
+
+    def _deleted_users(self, req: Request) -> Response:
+        """Soft-deleted users, restorable until deleted for good (§1.1 "Endpoints", "Deleted user in
+        users/delta": `reason` `changed`); a user deleted for good is in neither list."""
+        return self._guarded(
+            lambda: self._page_list(
+                req,
+                "directory/deletedItems/microsoft.graph.user",
+                "user",
+                self._soft_deleted_person,
+                lambda: len(self.org.people),
+                lambda p, names: self._render(p, USER_PROPERTIES, names),
+                DELETED_USER_DEFAULT,
+                USER_PROPERTIES,
+                {},
+                "directory/deletedItems/microsoft.graph.user",
             ),
             req,
         )

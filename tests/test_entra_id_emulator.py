@@ -492,6 +492,29 @@ def test_throttling_and_server_errors_in_graph_shape(graph: GraphEmulator, clien
     assert client.get("/users").status_code == 200
 
 
+def test_every_answer_says_what_it_cost_in_resource_units(client: Client, org: Org) -> None:
+    group = group_id(next(g for g in org.groups.values() if g.members).n)
+    costs = {
+        ("/users", ()): 2,
+        ("/users", (("$select", "id"),)): 1,
+        ("/users", (("$top", "5"),)): 1,
+        ("/users", (("$top", "50"),)): 2,
+        ("/users", (("$select", "id"), ("$top", "5"))): 1,  # never below 1
+        (f"/groups/{group}/members", ()): 3,
+        (f"/groups/{group}/members", (("$select", "id"),)): 2,
+        ("/groups", ()): 1,
+        ("/users/delta", (("$select", "displayName"),)): 1,
+        (f"/users/{user_id(2)}/manager", ()): 1,
+    }
+    for (path, params), units in costs.items():
+        resp = client.get(path, **dict(params))
+        assert resp.status_code == 200, (path, resp.text)
+        assert resp.headers["x-ms-resource-unit"] == str(units), (path, params)
+    # A page reached by its nextLink costs as the request it continues.
+    nxt = client.get("/users", **{"$select": "id", "$top": "50"}).json()["@odata.nextLink"]
+    assert client.get(nxt).headers["x-ms-resource-unit"] == "1"
+
+
 # --- through msgraph-sdk's typed client ----------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ Served on one port:
                                                  $filter only as id eq '…' (≤50, joined by or),
                                                  Prefer: return=minimal (later rounds: changed props only)
                                                  never-set properties left out (lists send null)
+Every GET under /v1.0 answers with `x-ms-resource-unit`, what it cost (`resource_units`).
   POST /_emulator/graph                          Graph-only switches (expire delta tokens, force 410, …)
 
 How deltas are answered without copying the organization: a delta token carries the org version the
@@ -199,6 +200,26 @@ USER_FIELDS = (
     "location", "hire_date", "termination_date", "cost_center", "manager", "soft_deleted", "deleted", "guest",
 )  # fmt: skip
 GROUP_FIELDS = ("name", "description", "email", "deleted")
+
+
+def resource_units(req: Request) -> int:
+    """What a GET costs in the identity service's token bucket (§1.1 "Identity limits"): listing
+    users 2, a group's members 3, any other GET 1; `$select` takes one off, `$expand` adds one,
+    `$top` under 20 takes one off, never below 1."""
+    if req.path == "/v1.0/users":
+        cost = 2
+    elif re.fullmatch(r"/v1\.0/groups/[^/]+/members", req.path):
+        cost = 3
+    else:
+        cost = 1
+    if req.arg("$select") is not None:
+        cost -= 1
+    if req.arg("$expand") is not None:
+        cost += 1
+    top = req.arg("$top")
+    if top is not None and top.isdigit() and int(top) < 20:
+        cost -= 1
+    return max(1, cost)
 
 
 class GraphError(Exception):
@@ -524,6 +545,8 @@ class GraphEmulator(Emulator):
         resp, fault = super().handle(req)
         if req.path.startswith("/v1.0/") and not any(k.lower() == "request-id" for k, _ in resp.headers):
             resp.headers.append(("request-id", str(uuid.uuid4())))
+        if req.method == "GET" and req.path.startswith("/v1.0/"):
+            resp.headers.append(("x-ms-resource-unit", str(resource_units(req))))
         return resp, fault
 
     # --- token endpoint ----------------------------------------------------------------------------

@@ -205,6 +205,45 @@ def test_query_org_unit_path_includes_sub_org_units(emu: GoogleEmulator) -> None
 # --- groups and members --------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("order_by", "value"),
+    [
+        ("email", lambda u: u["primaryEmail"]),
+        ("familyName", lambda u: u["name"]["familyName"]),
+        ("givenName", lambda u: u["name"]["givenName"]),
+    ],
+)
+def test_users_order_by_and_sort_order_hold_across_pages(emu: GoogleEmulator, order_by: str, value: Any) -> None:
+    svc = service(emu)
+    for sort in ("ASCENDING", "DESCENDING"):
+        users, pages = all_pages(
+            svc.users(),
+            svc.users().list(customer="my_customer", maxResults=7, orderBy=order_by, sortOrder=sort),
+            "users",
+        )
+        assert pages > 1 and len({u["id"] for u in users}) == len(users) == 120
+        keys = [value(u).casefold() for u in users]  # "ascending or descending order, ignoring case"
+        assert keys == sorted(keys, reverse=sort == "DESCENDING"), (order_by, sort)
+
+
+def test_groups_order_by_email_holds_across_pages(emu: GoogleEmulator) -> None:
+    for i in range(6):
+        emu.org.create_group(f"{'zyxwvu'[i]}-late team")  # created last, sorted among the first
+    svc = service(emu)
+    for sort in ("ASCENDING", "DESCENDING"):
+        groups, pages = all_pages(
+            svc.groups(),
+            svc.groups().list(customer="my_customer", maxResults=3, orderBy="email", sortOrder=sort),
+            "groups",
+        )
+        assert pages > 1 and len(groups) == len(emu.org.groups)
+        emails = [g["email"].casefold() for g in groups]
+        assert emails == sorted(emails, reverse=sort == "DESCENDING")
+    # sortOrder alone orders nothing: "Only of use when orderBy is also used".
+    plain, _ = all_pages(svc.groups(), svc.groups().list(customer="my_customer", sortOrder="DESCENDING"), "groups")
+    assert [g["id"] for g in plain] == [group_id(n) for n in sorted(emu.org.groups)]
+
+
 def test_groups_capped_at_200_with_string_member_counts(emu: GoogleEmulator) -> None:
     for i in range(210):
         emu.org.create_group(f"Project {i}")

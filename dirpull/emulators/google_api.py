@@ -6,8 +6,10 @@ What it serves (../shared/directory-apis.md §2, §6 rule 2):
                                                 emulator made; `sub` = the impersonated admin)
   GET  /admin/directory/v1/users                users.list: customer|domain required, maxResults
                                                 1..500 (default 100), pageToken, projection,
-                                                customFieldMask, showDeleted, query
-  GET  /admin/directory/v1/groups               groups.list: customer|domain|userKey, ≤200
+                                                customFieldMask, showDeleted, query, orderBy
+                                                (email|familyName|givenName) + sortOrder
+  GET  /admin/directory/v1/groups               groups.list: customer|domain|userKey, ≤200,
+                                                orderBy=email + sortOrder
                                                 (`domain`: one domain's users or groups,
                                                 `customer`: every domain's; see secondary_domain)
   GET  /admin/directory/v1/groups/{key}/members members.list: ≤200, USER/GROUP/CUSTOMER/EXTERNAL
@@ -137,6 +139,44 @@ def _scope_list(value: Any) -> frozenset[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{value!r} is not a list of scopes")
     return frozenset(value)
+
+
+def _order(req: Request, fields: tuple[str, ...]) -> tuple[str, bool] | None:
+    """(orderBy, descending) of a listing, None without `orderBy`: `sortOrder` alone orders
+    nothing (directory-apis.md §2.1: users by email, familyName or givenName, groups by email)."""
+    by = req.arg("orderBy")
+    if not by:
+        return None
+    if by not in fields:
+        raise _bad(f"Invalid value for orderBy: {by}", "invalidParameter")
+    direction = (req.arg("sortOrder") or "ASCENDING").upper()
+    if direction not in ("ASCENDING", "DESCENDING"):
+        raise _bad(f"Invalid value for sortOrder: {direction}", "invalidParameter")
+    return by, direction == "DESCENDING"
+
+
+def _ordered_page(
+    objects: list[Any], value: Any, descending: bool, kind: str, token: str | None, limit: int
+) -> tuple[list[Any], str | None]:
+    """One page of `objects` (Person or Group) sorted by `value` ignoring case (then by number),
+    and the token of the next. The token names the last object's place in that order, not an
+    offset: an object added or removed between two pages moves no other across the boundary."""
+    keyed = sorted(((str(value(o)).casefold(), o.n, o) for o in objects), key=lambda t: t[:2], reverse=descending)
+    start = 0
+    if token:
+        raw = _untoken(kind, token)
+        try:
+            last = json.loads(raw) if raw is not None else None
+            mark = (str(last[0]), int(last[1]))
+        except (ValueError, TypeError, IndexError, KeyError):
+            raise _bad("Invalid pageToken", "invalid") from None
+        start = next(
+            (i for i, t in enumerate(keyed) if (t[:2] < mark if descending else t[:2] > mark)), len(keyed)
+        )
+    page = keyed[start : start + limit]
+    more = start + limit < len(keyed)
+    next_token = _token(kind, json.dumps([page[-1][0], page[-1][1]])) if more and page else None
+    return [t[2] for t in page], next_token
 
 
 class _BadRequest(Exception):
@@ -646,9 +686,10 @@ class GoogleEmulator(Emulator):
             deleted_only = (req.arg("showDeleted") or "").lower() == "true"
             match = self._matcher(req.arg("query"))
             domain = (req.arg("domain") or "").lower()
+            order = _order(req, ("email", "familyName", "givenName"))
             after = 0
             token = req.arg("pageToken")
-            if token:
+            if token and order is None:
                 value = _untoken("u", token)
                 if value is None or not value.isdigit():
                     raise _bad("Invalid pageToken", "invalid")
@@ -660,6 +701,29 @@ class GoogleEmulator(Emulator):
             return Response(200, body)
         now = time.time()
         users: list[dict[str, Any]] = []
+        if order is not None:
+
+            def wanted(p: Person) -> bool:
+                gone = p.deleted or p.soft_deleted
+                if gone != deleted_only or not match(p):
+                    return False
+                return not domain or self._email(p).lower().endswith("@" + domain)
+
+            sort_value = {"email": self._email, "familyName": lambda p: p.family, "givenName": lambda p: p.given}
+            try:
+                with self.org.lock:
+                    found, next_token = _ordered_page(
+                        [p for p in self.org.people.values() if wanted(p)],
+                        sort_value[order[0]], order[1], "uo", token, limit,
+                    )  # fmt: skip
+                    users = [self.render_user(p, projection, mask, now) for p in found]
+            except _BadRequest as exc:
+                return exc.response
+            if users:
+                body["users"] = users
+            if next_token:
+                body["nextPageToken"] = next_token
+            return Response(200, body)
         with self.org.lock:
             keys = self._person_keys()
             people = self.org.people
@@ -745,9 +809,10 @@ class GoogleEmulator(Emulator):
         try:
             self._check_customer(req, allow_user_key=True)
             limit = self._max_results(req, 200, 200)
+            order = _order(req, ("email",))
             after = 0
             token = req.arg("pageToken")
-            if token:
+            if token and order is None:
                 value = _untoken("g", token)
                 if value is None or not value.isdigit():
                     raise _bad("Invalid pageToken", "invalid")
@@ -765,13 +830,29 @@ class GoogleEmulator(Emulator):
                 person = self._find_person(user_key)
                 if person is None:
                     return Response(404, google_error(404, "Resource Not Found: userKey", "notFound"))
-            for g in sorted(self.org.listed_groups(), key=lambda g: g.n):
+            listed = [
+                g
+                for g in sorted(self.org.listed_groups(), key=lambda g: g.n)
+                if (person is None or person.n in g.members)
+                # `domain`: that domain's groups only
+                and (not domain or (self._group_email(g) or "").lower().endswith("@" + domain))
+            ]
+            if order is not None:
+                try:
+                    found, next_token = _ordered_page(
+                        listed, lambda g: self._group_email(g) or "", order[1], "go", token, limit
+                    )
+                except _BadRequest as exc:
+                    return exc.response
+                ordered: dict[str, Any] = {"kind": "admin#directory#groups", "etag": '"' + secrets.token_hex(8) + '"'}
+                if found:
+                    ordered["groups"] = [self.render_group(g) for g in found]
+                if next_token:
+                    ordered["nextPageToken"] = next_token
+                return Response(200, ordered)
+            for g in listed:
                 if g.n <= after:
                     continue
-                if person is not None and person.n not in g.members:
-                    continue
-                if domain and not (self._group_email(g) or "").lower().endswith("@" + domain):
-                    continue  # `domain`: that domain's groups only
                 if len(groups) == limit:
                     more = True
                     break

@@ -10,7 +10,7 @@ Builds `Org.generate(people, groups=groups, seed=seed)`, starts the provider's e
      "provider": "okta", "people": N, "groups": G, "memberships": M, "startup_s": 1.2,
      "workers": ["http://127.0.0.1:PORT2", …], "worker_pids": [PID2, …]}
 
-With --workers N (emulators that allow it: Graph) N processes serve the port (workers.py); each
+With --workers N (emulators that allow it: Graph, Google) N processes serve the port (workers.py); each
 also answers on its own URL in "workers", where control requests must go — to each of them.
 
 Credential files a tenant needs (Google's service-account key) are written into --workdir.

@@ -419,8 +419,12 @@ def sync(
         bool, typer.Option("--json", help="Print the run (and with --dry-run the planned events) as JSON Lines.")
     ] = False,
 ) -> None:
-    """Sync one tenant now (manual resync). Exit 0 applied or nothing to do, 1 failed, 3 held
-    (with --dry-run: the run would be held)."""
+    """Sync one tenant now (manual resync).
+
+    Exit 0: applied, or nothing to do.
+    Exit 1: failed, or skipped because another worker is syncing it (see --wait).
+    Exit 2: a mistake in the configuration, or an unreadable secret.
+    Exit 3: held by the guard (--dry-run: would be held; with --force: 0)."""
     from dirpull.connectors.http import SHUTDOWN
     from dirpull.signals import stop_on_signals
     from dirpull.sync.runner import Runner

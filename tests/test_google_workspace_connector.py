@@ -1067,3 +1067,59 @@ def test_an_api_url_redirecting_to_another_host_is_not_followed(
     assert servers.seen == [] and sleeps == [] and not isinstance(err.value, AuthError)
     assert f"from {servers.redirector}/admin/directory/v1/users?" in str(err.value)
     assert f"redirects to another host ({servers.foreign}/admin/directory/v1/users?" in str(err.value)
+
+
+def test_a_resync_getting_a_users_emails_and_a_groups_aliases_in_another_order_is_silent(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any
+) -> None:
+    """Google promises no order for a user's `emails`, `aliases` or `organizations`, nor a group's
+    aliases: the same directory listed with them in another order is no change (no event, no row),
+    and the user's `emails` come in one order, the primary first. Dropping an alias still is one."""
+    person = next(p for p in emu.org.listed_people() if p.n != 1)
+    uid, gid = user_id(person.n), group_id(next(iter(emu.org.listed_groups())).n)
+    order = {"reversed": False, "drop": False}
+
+    def present(answer: Answer) -> Answer | None:
+        if answer.status != 200 or "/admin/directory/v1/" not in answer.path:
+            return None
+        body = json.loads(answer.body)
+        for user in body.get("users") or []:
+            if user["id"] == uid:
+                primary = user["primaryEmail"]
+                extra = [f"x{i}.{person.n}@{emu.org.domain}" for i in range(1, 4)]
+                if order["drop"]:
+                    extra.pop()
+                user["aliases"] = extra
+                user["emails"] = [{"address": primary, "primary": True}] + [{"address": a} for a in extra]
+                user["organizations"] = [{"title": "Lead", "department": "Ops"}, {"title": "Adviser"}]
+        for group in body.get("groups") or []:
+            if group["id"] == gid:
+                group["aliases"] = [f"g{i}@{emu.org.domain}" for i in range(1, 4)]
+        if order["reversed"]:
+            for user in body.get("users") or []:
+                for key in ("emails", "aliases", "organizations"):
+                    if isinstance(user.get(key), list):
+                        user[key].reverse()
+            for group in body.get("groups") or []:
+                if isinstance(group.get("aliases"), list):
+                    group["aliases"].reverse()
+        return Answer(answer.path, answer.status, answer.headers, json.dumps(body).encode())
+
+    with proxying(emu.base_url, present) as proxy:
+        h = harness({"g1": tenant(emu, tmp_path, api_url=proxy.base_url)}, connector_factory=fast)
+        assert h.sync("g1").status == "succeeded"
+        stored = h.users("g1")[uid]
+        assert stored["emails"][0] == stored["email"] and len(stored["emails"]) == 4
+        assert stored["job_title"] == "Lead"
+        order["reversed"] = True
+        again = h.sync("g1")
+        assert again.status == "succeeded", again.error
+        assert (again.events, again.counts["rows_written"]) == (0, 0), h.changes("g1")
+        assert h.users("g1")[uid]["emails"] == stored["emails"]
+        assert h.users("g1")[uid]["job_title"] == "Lead"
+
+        seq = h.last_seq()
+        order["drop"] = True
+        assert h.sync("g1").status == "succeeded"
+        assert h.changes("g1", after=seq) == [("user.updated", uid, ("emails", "raw_attributes"))]
+        assert f"x3.{person.n}@{emu.org.domain}" not in h.users("g1")[uid]["emails"]

@@ -67,7 +67,7 @@ from dirpull.connectors.http import (
     transport_reason,
     warn_plain_http,
 )
-from dirpull.connectors.mapping import map_attributes, mapping_root, without
+from dirpull.connectors.mapping import map_attributes, mapping_root, unordered_lists, without
 from dirpull.connectors.nesting import nested_groups
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.jsoncodec import compact, loads_any
@@ -623,6 +623,9 @@ class GoogleWorkspaceConnector(CountsRequests):
                     if not isinstance(uid, str) or not uid:
                         quarantined.append(Quarantined("user", None, "user record without id"))
                         continue
+                    # Google promises no order for a user's emails, aliases, organizations…: one
+                    # listing may send them in another order than the last, the same user.
+                    raw = unordered_lists(raw, _primary)
                     # Known to the domain even when unreadable, so its memberships are not mistaken
                     # for external ones.
                     domain_ids.add(intern(uid))
@@ -669,7 +672,7 @@ class GoogleWorkspaceConnector(CountsRequests):
                 listed.add(gid)
                 if self.group_filter and not self._group_selected(raw):
                     continue
-                groups.append(raw)
+                groups.append(unordered_lists(raw))  # aliases, nonEditableAliases: no promised order
         if self.group_filter:
             found = {k for raw in groups for k in _group_keys(raw)}
             missing = sorted(self.group_filter - found)
@@ -863,6 +866,10 @@ class GoogleWorkspaceConnector(CountsRequests):
             email=raw.get("email") or None,
             raw_attributes=attrs,
         )
+
+
+def _primary(item: Any) -> bool:
+    return isinstance(item, dict) and item.get("primary") is True
 
 
 def _pick(

@@ -9,8 +9,10 @@ A path is dotted keys; a list step may pick an element by `[primary]` (the eleme
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
+
+from dirpull.jsoncodec import canonical
 
 _STEP = re.compile(r"([^.\[\]]+)((?:\[[^\]]*\])*)")
 _SELECTOR = re.compile(r"\[([^\]]*)\]")
@@ -98,3 +100,19 @@ def without(record: Mapping[str, Any], volatile: Iterable[str]) -> dict[str, Any
     for key in volatile:
         out.pop(key, None)
     return out
+
+
+def unordered_lists(record: dict[str, Any], first: Callable[[Any], bool] = lambda item: False) -> dict[str, Any]:
+    """The record with each top-level list in one order: the items `first` picks (a primary
+    entry), then the rest by their canonical JSON. For vendors whose multi-valued fields (Google's
+    emails and aliases, Workday's `_group` columns) come in no promised order: the order they
+    happen to be sent in must not read as a change. The record itself when no list moves."""
+    out: dict[str, Any] | None = None
+    for key, value in record.items():
+        if isinstance(value, list) and len(value) > 1:
+            ordered = sorted(value, key=lambda item: (not first(item), canonical(item)))
+            if ordered != value:
+                if out is None:
+                    out = dict(record)
+                out[key] = ordered
+    return record if out is None else out

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hostile import Answer, proxying
 from redirects import redirecting
 
 from dirpull.config import WorkdayTenant
@@ -1486,3 +1487,53 @@ def test_a_failed_pull_does_not_wait_for_the_groups_report_still_being_built(
             assert time.monotonic() < deadline
             time.sleep(0.1)
     assert took < 4.5, f"the pull waited {took:.1f}s for the groups report"
+
+
+def test_a_resync_getting_multi_instance_columns_in_another_order_is_silent(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    """Workday promises no order for a multi-instance column's entries (a worker's emails, a
+    group's subgroups): the same report with them in another order is no change (no event, no
+    row), and the worker's `emails` keep one order. Dropping one of the addresses still is one."""
+    worker = employee_id(next(p for p in org.listed_people() if p.n != 1).n)
+    state = {"reversed": False, "drop": False}
+
+    def present(answer: Answer) -> Answer | None:
+        if answer.status != 200 or "customreport2" not in answer.path:
+            return None
+        body = json.loads(answer.body)
+        for row in body["Report_Entry"]:
+            if row.get("Employee_ID") == worker:
+                extra = [f"w{i}.{worker}@example.test" for i in range(1, 4 - state["drop"])]
+                row["Email_Address_group"] = [
+                    {"Email_Address": row["Email_Address"], "Usage_Type": "WORK", "Primary": "1"},
+                    *({"Email_Address": e, "Usage_Type": "WORK", "Primary": "0"} for e in extra),
+                ]
+            if row.get("Subgroups_group") and len(row["Subgroups_group"]) == 1:
+                row["Subgroups_group"].append({"Group_ID": group_id(1)})  # a group nesting nothing
+            if state["reversed"]:
+                for value in row.values():
+                    if isinstance(value, list):
+                        value.reverse()
+        return Answer(answer.path, answer.status, answer.headers, json.dumps(body).encode())
+
+    with proxying(emu.base_url, present) as proxy:
+        cfg = tenant(emu, tmp_path)
+        cfg = {k: v.replace(emu.base_url, proxy.base_url) if k.endswith("_url") else v for k, v in cfg.items()}
+        h = sync_harness(harness, cfg, Clock())
+        assert h.sync("t1").status == "succeeded"
+        assert any(len(g["raw_attributes"].get("Subgroups_group") or []) > 1 for g in h.groups("t1").values())
+        emails = h.users("t1")[worker]["emails"]
+        assert len(emails) == 4
+        state["reversed"] = True
+        for full in (True, False):
+            again = h.sync("t1", full=full)
+            assert again.status == "succeeded", again.error
+            assert (again.events, again.counts["rows_written"]) == (0, 0), h.changes("t1")
+        assert h.users("t1")[worker]["emails"] == emails
+
+        seq = h.last_seq()
+        state["drop"] = True
+        assert h.sync("t1").status == "succeeded"
+        assert h.changes("t1", after=seq) == [("user.updated", worker, ("emails", "raw_attributes"))]
+        assert f"w3.{worker}@example.test" not in h.users("t1")[worker]["emails"]

@@ -694,7 +694,9 @@ class WorkdayConnector(CountsRequests):
             employee_number=self._str(row, "employee_number"),
             manager_idp_id=self._str(row, "manager"),
             custom_attributes=mapping.map_attributes(row, self.settings.attributes),
-            raw_attributes=row,
+            # Workday promises no order for a multi-instance column's entries: a report run again
+            # may list a worker's emails (positions…) otherwise, the same worker.
+            raw_attributes=mapping.unordered_lists(row, _primary_entry),
         )
 
     def _emails(self, row: Mapping[str, Any], email: str | None) -> list[str]:
@@ -713,7 +715,8 @@ class WorkdayConnector(CountsRequests):
                 )
                 if value and usage == "WORK" and value not in out:
                     out.append(value)
-        return out
+        # The primary column's address first, the others in one order: the group's come in none.
+        return out[:1] + sorted(out[1:]) if email else sorted(out)
 
     def _state(self, row: Mapping[str, Any], today: date) -> str:
         """inactive when Workday says so, or when the termination date has passed (a future
@@ -838,7 +841,9 @@ class WorkdayConnector(CountsRequests):
                 idp_id=gid,
                 name=self._str(row, "group_name"),
                 description=self._str(row, "group_description"),
-                raw_attributes={k: v for k, v in row.items() if k not in self.columns["group_members"]},
+                raw_attributes=mapping.unordered_lists(
+                    {k: v for k, v in row.items() if k not in self.columns["group_members"]}
+                ),
             )
             members = set(_values(self._pick(row, "group_members"), *member_col))
             nested = _values(self._pick(row, "group_subgroups"), *self.columns["group_id"])
@@ -979,6 +984,11 @@ def _text(value: Any) -> str | None:
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     return None
+
+
+def _primary_entry(item: Any) -> bool:
+    """A multi-instance column's entry flagged primary (`"Primary": "1"`)."""
+    return isinstance(item, dict) and str(item.get("Primary", "")).strip().lower() in _TRUE
 
 
 def _values(value: Any, *keys: str) -> list[str]:

@@ -4,9 +4,11 @@ random changes the incremental result equals what a full walk finds."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from hostile import Answer, proxying
 
 from dirpull.connectors import is_available as connector_available
 from dirpull.emulators import EMULATOR_CLASSES, emulator_class
@@ -246,3 +248,45 @@ def test_a_retry_in_the_log_names_its_tenant(tenant, caplog):
     retries = [m for r in caplog.records if r.name.startswith("dirpull.connectors") and "503" in (m := r.getMessage())]
     assert retries, caplog.text
     assert all(line.startswith("tenant t: ") for line in retries), retries
+
+
+def _reversed(value: object) -> object:
+    """The same JSON with every array and every object's keys in reverse order."""
+    if isinstance(value, dict):
+        return {k: _reversed(v) for k, v in reversed(value.items())}
+    if isinstance(value, list):
+        return [_reversed(v) for v in reversed(value)]
+    return value
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_a_resync_of_the_same_directory_sent_in_another_order_is_silent(provider, tmp_path: Path, harness):
+    """Vendors send the same data in another order from one call to the next: records within a
+    page, keys within an object, entries of a multi-valued field (emails, aliases, members) whose
+    order they never promised. None of that is a change: no event, no row, full or incremental."""
+    org = Org.generate(60, groups=8, seed=11)
+    flipped = {"on": False}
+
+    def present(answer: Answer) -> Answer | None:
+        if not flipped["on"] or answer.status != 200 or "token" in answer.path:
+            return None
+        try:
+            body = json.loads(answer.body)
+        except ValueError:
+            return None  # not JSON (an XML answer, an empty one): as sent
+        return Answer(answer.path, answer.status, answer.headers, json.dumps(_reversed(body)).encode())
+
+    with emulator_class(provider)(org) as emulator, proxying(emulator.base_url, present) as proxy:
+        table = {
+            k: v.replace(emulator.base_url, proxy.base_url) if isinstance(v, str) else v
+            for k, v in emulator.tenant_config("t", tmp_path).items()
+        }
+        h = harness({"t": table}, guard={"max_percent": 50, "min_count": 50})
+        assert h.sync("t").status == "succeeded"
+        assert proxy.paths  # the vendor was read through the proxy
+        seq = h.last_seq()
+        flipped["on"] = True
+        for full in (True, False):
+            again = h.sync("t", full=full)
+            assert again.status == "succeeded", again.error
+            assert (again.events, again.counts["rows_written"]) == (0, 0), h.changes("t", after=seq)

@@ -1537,3 +1537,37 @@ def test_a_resync_getting_multi_instance_columns_in_another_order_is_silent(
         assert h.sync("t1").status == "succeeded"
         assert h.changes("t1", after=seq) == [("user.updated", worker, ("emails", "raw_attributes"))]
         assert f"w3.{worker}@example.test" not in h.users("t1")[worker]["emails"]
+
+
+def test_a_field_read_from_a_multi_instance_column_is_its_primary_entry_whatever_the_order(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    """`fields.email` naming the worker's email group: the entry flagged Primary is the email,
+    however the report orders the entries. Taking the first one, a report listing the home address
+    first changed every such worker's email to it (and back on the next run)."""
+    state = {"reversed": False}
+
+    def present(answer: Answer) -> Answer | None:
+        if answer.status != 200 or "customreport2" not in answer.path or not state["reversed"]:
+            return None
+        body = json.loads(answer.body)
+        for row in body["Report_Entry"]:
+            if isinstance(row.get("Email_Address_group"), list):
+                row["Email_Address_group"].reverse()
+        return Answer(answer.path, answer.status, answer.headers, json.dumps(body).encode())
+
+    with proxying(emu.base_url, present) as proxy:
+        cfg = tenant(emu, tmp_path, fields={"email": "Email_Address_group"})
+        cfg = {k: v.replace(emu.base_url, proxy.base_url) if k.endswith("_url") else v for k, v in cfg.items()}
+        h = sync_harness(harness, cfg, Clock())
+        assert h.sync("t1").status == "succeeded"
+        stored = h.users("t1")
+        with_home = [p for p in org.listed_people() if len(stored[employee_id(p.n)]["raw_attributes"].get(
+            "Email_Address_group") or []) > 1]  # fmt: skip
+        assert with_home
+        for p in with_home:
+            assert h.users("t1")[employee_id(p.n)]["email"] == p.email
+        state["reversed"] = True
+        again = h.sync("t1", full=True)
+        assert (again.events, again.counts["rows_written"]) == (0, 0), h.changes("t1")
+        assert all(h.users("t1")[employee_id(p.n)]["email"] == p.email for p in with_home)

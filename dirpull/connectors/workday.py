@@ -670,6 +670,10 @@ class WorkdayConnector(CountsRequests):
         if value is None:
             return None
         if isinstance(value, (list, dict)):  # a multi-valued column: its first value
+            if isinstance(value, list):
+                # Workday promises no order for the entries: the one flagged Primary, where one is,
+                # not whichever the report happened to list first (a work email, not the home one).
+                value = sorted(value, key=lambda item: not _primary_entry(item))
             values = _values(value, self.columns[field][0])
             return values[0] if values else None
         text = str(value).strip()

@@ -116,3 +116,14 @@ def unordered_lists(record: dict[str, Any], first: Callable[[Any], bool] = lambd
                     out = dict(record)
                 out[key] = ordered
     return record if out is None else out
+
+
+def without_nulls(value: Any) -> Any:
+    """`value` with every null-valued object key left out, at any depth. For vendors that may send
+    a property as null in one answer and leave it out of the next (Okta's compatibility rules):
+    the same record either way."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_nulls(v) for v in value]
+    return value

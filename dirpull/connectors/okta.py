@@ -72,7 +72,7 @@ from dirpull.connectors.http import (
     tenant_prefix,
     transport_reason,
 )
-from dirpull.connectors.mapping import map_attributes, mapping_root, without
+from dirpull.connectors.mapping import map_attributes, mapping_root, without, without_nulls
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.jsoncodec import loads_any
 from dirpull.model import Group, User
@@ -869,7 +869,8 @@ class OktaConnector(CountsRequests):
             employee_number=_str(profile.get("employeeNumber")),
             manager_idp_id=profile.get("managerId") or None,
             custom_attributes=map_attributes(rec, self.settings.attributes),
-            raw_attributes=without(rec, VOLATILE_USER),
+            # Okta may leave a null-valued property out of one answer and send it in the next.
+            raw_attributes=without_nulls(without(rec, VOLATILE_USER)),
         )
 
     # --- groups -----------------------------------------------------------------------------------
@@ -918,7 +919,7 @@ class OktaConnector(CountsRequests):
             name=profile.get("name"),
             description=profile.get("description") or None,
             email=profile.get("email") or None,
-            raw_attributes=without(rec, VOLATILE_GROUP),
+            raw_attributes=without_nulls(without(rec, VOLATILE_GROUP)),
         )
 
     async def _members(self, run: _Run, gid: str, *, complete: bool = False) -> AsyncIterator[Page]:

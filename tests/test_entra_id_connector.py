@@ -943,3 +943,18 @@ def test_persistent_5xx_fails_the_run_and_leaves_the_store(harness: Any, graph: 
     r = h.sync("t1")  # the old cursor is still there: the same changes arrive now
     assert r.status == "succeeded" and r.mode == "incremental"
     assert {c[:2] for c in h.changes("t1", after=seq)} >= {("user.updated", user_id(34)), ("user.deleted", user_id(35))}
+
+
+def test_a_changed_timeout_or_retry_setting_keeps_the_next_run_incremental(
+    synced: Any, graph: GraphEmulator, harness: Any, tmp_path: Path
+) -> None:
+    """How requests are made (a timeout raised after a slow day, fewer retries) changes nothing a
+    sync reads: the next run stays incremental. What it reads (an attribute mapping) still makes
+    the next run a full one."""
+    guard = {"max_percent": 50, "min_count": 20}
+    tuned = tenant(graph, tmp_path, timeout=30.0, max_retry_attempts=3, max_retry_wait=20.0, schedule="5m")
+    r = harness({"t1": tuned}, guard=guard).sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", (r.error, r.notes)
+    mapped = harness({"t1": {**tuned, "attributes": {"office": "officeLocation"}}}, guard=guard).sync("t1")
+    assert mapped.status == "succeeded" and mapped.mode == "full", mapped.error
+    assert "the tenant's settings changed since the last sync: full sync" in mapped.notes

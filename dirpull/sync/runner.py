@@ -881,6 +881,14 @@ def _mask_secrets(text: str, secrets: Sequence[str]) -> str:
 SETTINGS_KEY = "dirpull_settings"
 # Settings that only decide when and whether a tenant syncs, not what its records become.
 _SCHEDULING_KEYS = frozenset({"schedule", "full_sync_every", "guard", "enabled"})
+# Settings that only decide how requests are made (waits, retries, page and batch sizes, threads):
+# the same directory comes back whatever they are. In the digest, a raised timeout after a slow
+# day made the next run a full one, at 100,000 users a walk of minutes, and a run held then said
+# the operator's edit may be its cause.
+_TRANSPORT_KEYS = frozenset({
+    "timeout", "request_timeout", "max_retry_attempts", "max_retry_wait", "max_rate_limit_wait",
+    "rate_limit_reserve", "backoff_base", "page_size", "batch_size", "member_workers",
+})  # fmt: skip
 
 
 def _settings_digest(settings: Any) -> str:
@@ -889,6 +897,11 @@ def _settings_digest(settings: Any) -> str:
     if not hasattr(settings, "model_dump"):
         return digest(repr(settings).encode())
     dumped = settings.model_dump(mode="json")
+    fields = getattr(type(settings), "model_fields", {})
+    for key in _TRANSPORT_KEYS & dumped.keys() & fields.keys():
+        # Pinned to the default, not left out: a tenant that never set them keeps the digest its
+        # cursor was stored with, and its next run stays incremental.
+        dumped[key] = fields[key].default
     return digest(canonical({k: v for k, v in dumped.items() if k not in _SCHEDULING_KEYS}))
 
 

@@ -1311,6 +1311,33 @@ def test_sync_failures_leave_the_store_unchanged(harness: Any, emu: OktaEmulator
     assert (h.users("t1"), h.groups("t1"), h.members("t1"), h.last_seq()) == before
 
 
+def test_a_small_tenant_pointed_at_another_org_is_held_not_replaced(harness: Any, tmp_path: Path) -> None:
+    """A tenant of 15 people whose org_url (and token) were edited to another org's: the next run
+    deleted all 15 and created the other org's people, applied because 15 is under the guard's
+    floor (`min_count`, 20): everyone deprovisioned downstream. Now it is held, as an empty
+    listing is, and `--force` applies it."""
+    ours = Org.generate(people=15, seed=1)
+    theirs = Org.generate(people=15, seed=2)
+    for n in list(theirs.people):  # other people under other ids
+        theirs.delete(n)
+    for _ in range(15):
+        theirs.hire(manager=None)
+    with OktaEmulator(ours) as here, OktaEmulator(theirs) as there:
+        h = make_harness(harness, here, tmp_path)
+        assert h.sync("t1").status == "succeeded"
+        before = (h.users("t1"), h.members("t1"), h.last_seq())
+        other = tenant(there, tmp_path)
+        moved = make_harness(harness, here, tmp_path, org_url=other["org_url"], api_token=other["api_token"])
+        held = moved.sync("t1")
+        assert held.status == "held" and held.exit_code == 3, held.error
+        assert "would deactivate or delete every one of the 15 active users (0 deactivated, 15 deleted" in held.error
+        assert "the tenant's settings changed since its last applied sync" in held.error
+        assert (moved.users("t1"), moved.members("t1"), moved.last_seq()) == before
+        forced = moved.sync("t1", force=True)
+        assert forced.status == "succeeded" and forced.counts["users_deleted"] == 15, forced.error
+        assert set(moved.users("t1")) == {user_id(n) for n in theirs.people if theirs.people[n].visible}
+
+
 def test_sync_quarantines_malformed_record_and_applies_the_rest(
     harness: Any, emu: OktaEmulator, org: Org, tmp_path: Path
 ) -> None:

@@ -78,6 +78,17 @@ def check(
             f"would deactivate or delete {lost} of {stored_active_users} active users "
             f"({user_deactivations} deactivated, {active_user_deletes} deleted) ({threshold})",
         )
+    if snapshot and 1 < stored_active_users == lost <= settings.min_count:
+        # Everyone's access at once, in a tenant at or under the floor: a listing that keeps none
+        # of the people with access is far more often another directory (an org URL, tenant id or
+        # domain edited to another one's, a status column misread) than everyone leaving, as an
+        # empty listing is. Under `min_count` it was applied: every person deprovisioned.
+        return Verdict(
+            True,
+            f"would deactivate or delete every one of the {stored_active_users} active users "
+            f"({user_deactivations} deactivated, {active_user_deletes} deleted; under the threshold's floor of "
+            f"{settings.min_count}, but all of them); is it still the tenant's directory?",
+        )
     # What gives access back to people who should have none: a report whose status column or
     # filter changed, or a status mapping edited, can turn many terminated workers active in one
     # run. Measured, as the deactivations, against the people who have access now: against all

@@ -1686,3 +1686,37 @@ def test_a_dpop_tenant_keeps_its_proof_key_from_run_to_run_of_a_process(
     assert len(emu._dpop_tokens) == 3  # a new token each run, bound to the one key
     pages, _ = pull(OktaConnector("t2", OktaTenant.model_validate(cfg), sleep=Sleeps()))
     assert len(users_of(pages)) == PEOPLE and len(generated) == 2
+
+
+def test_a_cursor_stored_before_a_setting_was_added_keeps_its_next_run_incremental(
+    harness: Any, emu: OktaEmulator, org: Org, tmp_path: Path
+) -> None:
+    """An Okta tenant last synced by a dirpull from before `dpop` existed, then upgraded: that
+    dirpull digested every setting it had into the cursor. The upgraded one digested `dpop = false`
+    too, so the operator's untouched settings read as changed: the next run was a full walk of the
+    org (Okta's rate limits) noted "the tenant's settings changed since the last sync", and a held
+    run blamed the operator's edit."""
+    from dirpull.jsoncodec import canonical
+    from dirpull.model import digest
+    from dirpull.storage import schema
+
+    h = make_harness(harness, emu, tmp_path)
+    assert h.sync("t1").mode == "full"
+    settings = h.config.tenants["t1"]
+    every = settings.model_dump(mode="json")
+    scheduling = {"schedule", "full_sync_every", "guard", "enabled"}
+    older = {k: v for k, v in every.items() if k not in scheduling and k != "dpop"}
+    for stored in (older, {**older, "dpop": False}):  # the older dirpull's, the previous release's
+        cursor = {**h.store.get_cursor("t1").value, "dirpull_settings": digest(canonical(stored))}
+        with h.store.engine.begin() as conn:
+            conn.execute(schema.cursors.update().values(value=cursor))
+        seq = h.last_seq()
+        title_p = next(n for n in sorted(org.people) if org.people[n].state == "active")
+        org.update_person(title_p, title=f"Title {len(stored)}")
+        r = h.sync("t1")
+        assert r.status == "succeeded" and r.mode == "incremental", (r.error, r.notes)
+        assert not any("settings changed" in n for n in r.notes), r.notes
+        assert h.changes("t1", after=seq) == [("user.updated", user_id(title_p), ("job_title", "raw_attributes"))]
+    # A setting the operator does change still makes the next run a full one.
+    r = make_harness(harness, emu, tmp_path, include_everyone=True).sync("t1")
+    assert r.mode == "full" and "the tenant's settings changed since the last sync: full sync" in r.notes

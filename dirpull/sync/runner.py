@@ -360,7 +360,7 @@ class Runner:
             # and the run failed on an AttributeError, traceback and all, every run.
             stored_cursor = None
             notes.append("stored cursor unreadable: full resync")
-        settings_changed = stored_settings is not None and stored_settings != now_settings
+        settings_changed = stored_settings is not None and not _settings_unchanged(stored_settings, settings)
         if full:
             notes.append("full sync requested")
         elif stored_cursor is not None and settings_changed:
@@ -891,18 +891,35 @@ _TRANSPORT_KEYS = frozenset({
 })  # fmt: skip
 
 
+# Settings a dirpull added after cursors began to carry SETTINGS_KEY, with their defaults. Such a
+# cursor digested every setting of its dirpull, defaults included, and knew none of these.
+_ADDED_SINCE_FIRST_DIGEST: dict[str, Any] = {"dpop": False}
+
+
 def _settings_digest(settings: Any) -> str:
     """A digest of the tenant's settings that can change what a sync reads or how it normalizes
-    it (secrets as their references, never their values)."""
+    it (secrets as their references, never their values). Only settings away from their defaults:
+    a setting a newer dirpull adds, left at its default, changes nothing a sync makes. With every
+    setting digested, upgrading dirpull made each such tenant's next run a full walk, noted as
+    "the tenant's settings changed" when nobody had edited them."""
     if not hasattr(settings, "model_dump"):
         return digest(repr(settings).encode())
-    dumped = settings.model_dump(mode="json")
-    fields = getattr(type(settings), "model_fields", {})
-    for key in _TRANSPORT_KEYS & dumped.keys() & fields.keys():
-        # Pinned to the default, not left out: a tenant that never set them keeps the digest its
-        # cursor was stored with, and its next run stays incremental.
-        dumped[key] = fields[key].default
-    return digest(canonical({k: v for k, v in dumped.items() if k not in _SCHEDULING_KEYS}))
+    dumped = settings.model_dump(mode="json", exclude_defaults=True)
+    ignored = _SCHEDULING_KEYS | _TRANSPORT_KEYS
+    return digest(canonical({k: v for k, v in dumped.items() if k not in ignored}))
+
+
+def _settings_unchanged(stored: str, settings: Any) -> bool:
+    """Whether a cursor's settings digest was made under these settings, by this dirpull or by an
+    older one that digested every setting (with or without those added since)."""
+    if stored == _settings_digest(settings):
+        return True
+    if not hasattr(settings, "model_dump"):
+        return False
+    dumped = {k: v for k, v in settings.model_dump(mode="json").items() if k not in _SCHEDULING_KEYS}
+    added = _ADDED_SINCE_FIRST_DIGEST
+    before_added = {k: v for k, v in dumped.items() if k not in added or v != added[k]}
+    return stored in (digest(canonical(dumped)), digest(canonical(before_added)))
 
 
 def _split_cursor(value: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:

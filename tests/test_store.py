@@ -9,6 +9,7 @@ import os
 import random
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -813,6 +814,62 @@ def test_upgrading_a_0001_store_keeps_its_rows_cursor_and_event_sequence(store_u
         assert s.membership_pairs("hr") == {("g1", "u1")}
     finally:
         s.close()
+
+
+def test_two_db_upgrades_at_once_one_migrates_and_the_other_says_it_was_already_current(
+    store_url: str, tmp_path: Path
+):
+    """`dirpull db upgrade` started on two machines at once (an init step of every replica): one
+    migrates, the other waits for it. The one that waited said `schema at 0004 (was 0001)` too, so
+    both logs claimed the migration."""
+    from alembic import command
+
+    s = Store(store_url)
+    try:
+        with s.engine.begin() as conn:
+            command.upgrade(s._alembic(conn), "0001")
+    finally:
+        s.close()
+    config = _config(tmp_path, store_url)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    holder = sa.create_engine(store_url, poolclass=sa.pool.NullPool)
+    conn = holder.connect()
+    pg = conn.dialect.name == "postgresql"
+    # Hold the migration's own lock, so both read the schema as 0001 and then wait for it.
+    if pg:
+        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": store_module.MIGRATION_LOCK_KEY})
+    else:
+        conn.close()
+        conn = sqlite3.connect(sa.engine.make_url(store_url).database, isolation_level=None)
+        conn.execute("BEGIN IMMEDIATE")
+    upgrades: list[subprocess.Popen[str]] = []
+    try:
+        cmd = [sys.executable, "-m", "dirpull", "--config", config, "db", "upgrade"]
+        upgrades = [
+            subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)
+        ]
+        deadline = time.monotonic() + 20
+        if pg:
+            waiting = sa.text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+                "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            )
+            with holder.connect() as watch:
+                while watch.execute(waiting).scalar_one() < 2 and time.monotonic() < deadline:
+                    time.sleep(0.1)
+        else:
+            time.sleep(3)  # both started and past reading the schema (a busy SQLite waits 6 s)
+    finally:
+        conn.rollback()
+        conn.close()
+        holder.dispose()
+    outs = []
+    for p in upgrades:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        outs.append(out.strip())
+    assert sorted(outs) == [f"schema at {CURRENT} (already current)", f"schema at {CURRENT} (was 0001)"], outs
+    assert _cli(config, "db", "check").exit_code == 0
 
 
 def test_a_deleted_managers_reports_are_looked_up_by_index_after_upgrading_a_0003_store(store_url: str):

@@ -281,7 +281,9 @@ class Store:
                     conn.execute(sa.text(f"SET LOCAL lock_timeout = {ms}"))
                 current = MigrationContext.configure(conn).get_current_revision()
                 if current == head:
-                    return before, head
+                    # Another process migrated it while this one waited for the lock: this one
+                    # changed nothing, and says so (it said "was 0001" as the one that did).
+                    return current, head
                 if only_if_empty and (current is not None or sa.inspect(conn).get_table_names()):
                     raise self._behind(current, head)
                 command.upgrade(self._alembic(conn), "head")

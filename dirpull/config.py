@@ -582,7 +582,8 @@ class OktaTenant(TenantBase):
                 loopback = False
             if not loopback:
                 raise ValueError(
-                    "must use https:// (http:// is allowed only for a local emulator on 127.0.0.1)"
+                    "must use https:// (http:// is allowed only for a local emulator on a loopback address: "
+                    "127.0.0.1, ::1, localhost)"
                 )
         return v.strip().rstrip("/")
 

@@ -250,6 +250,16 @@ def test_a_partial_workday_oauth_set_fails_the_load_naming_the_missing_keys(tmp_
         assert load_config(write(tmp_path, text)).tenant("wd").provider == "workday"
 
 
+def test_a_plain_http_okta_org_url_is_refused_naming_every_address_it_is_allowed_on(tmp_path):
+    """The message named 127.0.0.1 only, while ::1 and localhost load as well."""
+    table = '[tenants.ok]\nprovider = "okta"\norg_url = "{}"\napi_token = "x"\n'
+    msg = error_of(tmp_path, table.format("http://acme.okta.com"))
+    assert msg == f"{tmp_path / 'dirpull.toml'}: tenants.ok.org_url: must use https:// (http:// is allowed only " \
+        "for a local emulator on a loopback address: 127.0.0.1, ::1, localhost)"
+    for url in ("http://127.0.0.1:8080", "http://[::1]:8080", "http://localhost:8080"):
+        assert load_config(write(tmp_path, table.format(url))).tenant("ok").org_url == url
+
+
 @pytest.mark.parametrize("org_url", ["https://acme.okta.com/api/v1", "https://acme-admin.okta.com/admin/dashboard"])
 def test_an_okta_org_url_with_a_path_fails_the_load_naming_the_key(tmp_path, org_url):
     """Before, it loaded and every run of the tenant failed ("must be the bare org URL")."""

@@ -776,10 +776,12 @@ def db_upgrade() -> None:
     config = _config()
     try:
         store = Store(config.store.url, connect_timeout=config.store.connect_timeout)
+        foreign = store.holds_other_tables()  # asked first: the upgrade adds tables
         before, head = store.upgrade()
     except StoreError as exc:
         raise fail(str(exc), 1) from None
-    typer.echo(f"schema at {head}" + (f" (was {before or 'empty'})" if before != head else " (already current)"))
+    was = "none: dirpull's tables added beside the database's own" if foreign else (before or "empty")
+    typer.echo(f"schema at {head}" + (f" (was {was})" if before != head else " (already current)"))
 
 
 @db_app.command("check")

@@ -1135,6 +1135,25 @@ def test_syncing_into_another_applications_database_says_so_not_that_the_schema_
         assert [n for (n,) in other.execute("SELECT name FROM sqlite_master")] == ["users"]
 
 
+def test_db_upgrade_of_another_applications_database_says_it_added_dirpulls_tables_beside_its_own(tmp_path):
+    """It said "schema at 0004 (was empty)" of a database that held another application's tables."""
+    import sqlite3
+
+    path = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        other.executescript("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+    config = _config(tmp_path, f"sqlite:///{path}")
+    r = _cli(config, "db", "upgrade")
+    assert (r.exit_code, r.stdout.strip()) == (0, (
+        f"schema at {CURRENT} (was none: dirpull's tables added beside the database's own)"
+    )), r.output  # fmt: skip
+    with contextlib.closing(sqlite3.connect(path)) as other:
+        assert "invoices" in {n for (n,) in other.execute("SELECT name FROM sqlite_master")}
+    (tmp_path / "new").mkdir()
+    empty = _config(tmp_path / "new", "sqlite:///" + str(tmp_path / "new" / "dirpull.db"))
+    assert _cli(empty, "db", "upgrade").stdout.strip() == f"schema at {CURRENT} (was empty)"
+
+
 def test_a_sqlite_store_in_a_folder_this_user_cannot_write_is_named_not_the_file(tmp_path):
     """The store file handed to the service's user, its folder still someone else's: SQLite cannot
     make the -wal and -shm files it needs even to read, and says "attempt to write a readonly

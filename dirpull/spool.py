@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 
 class SpoolError(Exception):
@@ -19,15 +21,26 @@ class SpoolError(Exception):
     run fails with one line saying where and what to do, instead of an OSError's traceback."""
 
 
-def _spool_error(exc: OSError, doing: str) -> SpoolError:
+def _spool_error(exc: OSError, doing: str, of: str = "the run's pending records") -> SpoolError:
     try:
         where = tempfile.gettempdir()
     except OSError:  # no usable temporary directory at all
         where = os.environ.get("TMPDIR") or "the temporary directory"
     return SpoolError(
-        f"cannot {doing} the temporary file of the run's pending records in {where} "
+        f"cannot {doing} the temporary file of {of} in {where} "
         f"({exc.strerror or exc}): free space there or set TMPDIR to a directory with room; nothing applied"
     )
+
+
+@contextmanager
+def spool_errors(doing: str, of: str) -> Iterator[None]:
+    """A connector's own temporary file (Google's users, a Workday report beyond its memory share)
+    failing as the run's spool does: with the directory and what to do, not an OSError's traceback,
+    and not taken for the vendor's connection failing (which would ask the vendor again)."""
+    try:
+        yield
+    except OSError as exc:
+        raise _spool_error(exc, doing, of) from None
 
 
 class RecordSpool:

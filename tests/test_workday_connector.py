@@ -23,6 +23,7 @@ from dirpull.connectors.http import RetryPolicy
 from dirpull.connectors.workday import WorkdayConnector, derived_group_id, fill_prompt, report_url
 from dirpull.emulators.org import Org
 from dirpull.emulators.workday_api import WorkdayEmulator, employee_id, group_id
+from dirpull.spool import SpoolError
 
 TODAY = date.today()  # the emulator, without a date prompt, reports as of the real today
 
@@ -460,6 +461,25 @@ def test_a_report_cut_off_before_a_row_was_handed_on_is_asked_for_again(
         )
         assert found and found.group(1) == found.group(2) != "0", msg
         assert info.value.retriable and emu.password not in msg
+
+
+@pytest.mark.parametrize("buffering", [0, -1])  # failing at a write, or at the last buffer's flush
+def test_a_full_tmpdir_under_the_groups_report_fails_once_naming_it_not_the_connection(
+    emu: WorkdayEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, buffering: int
+) -> None:
+    """A groups report beyond its memory share goes to a temporary file: with no room left in
+    TMPDIR, the run blamed the connection ("the connection failed while the report was read …
+    (OSError (No space left on device))"), downloaded the whole report again five times, and gave
+    up saying nothing of the directory or what to do."""
+    monkeypatch.setattr("dirpull.connectors.workday.SPOOL_BYTES", 1)
+    # /dev/full: every write the kernel gets fails with ENOSPC, as on a full TMPDIR.
+    monkeypatch.setattr("tempfile.TemporaryFile", lambda **_: open("/dev/full", "w+b", buffering=buffering))  # noqa: SIM115
+    with pytest.raises(SpoolError) as info:
+        pull(connector(tenant(emu, tmp_path)))
+    msg = str(info.value)
+    assert msg.startswith("cannot write the temporary file of the groups report in ")
+    assert "No space left on device" in msg and "TMPDIR" in msg and "nothing applied" in msg
+    assert sum("Worker_Groups" in path for _, path in emu.request_log) == 1
 
 
 def test_a_users_report_that_breaks_after_rows_were_handed_on_fails_without_asking_again(

@@ -65,6 +65,7 @@ from dirpull.connectors.report_rows import rows as report_rows
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import Group, User
 from dirpull.prefetch import DaemonPool
+from dirpull.spool import SpoolError, spool_errors
 
 PAGE_SIZE = 500
 # A groups report read ahead stays in memory up to this size, then spills to a temporary file.
@@ -387,7 +388,12 @@ class WorkdayConnector(CountsRequests):
                         chunk = resp.raw.read(1 << 20)
                         if not chunk:
                             break
-                        body.write(chunk)
+                        # A full TMPDIR is no connection cut off: asking for the report again
+                        # would fill it again, and the error would blame the network.
+                        with spool_errors("write", f"the {step}"):
+                            body.write(chunk)
+                    with spool_errors("write", f"the {step}"):
+                        body.seek(0)  # the last buffer goes to disk here
                 except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
                     body.close()
                     if stop.is_set():  # the pull is over: not asked again
@@ -396,9 +402,12 @@ class WorkdayConnector(CountsRequests):
                     client.retry_body(attempt, _cut_off(step, resp, exc), step=step)
                     attempt += 1
                     continue
+                except SpoolError:
+                    with contextlib.suppress(OSError):  # its last buffer cannot go to disk either
+                        body.close()
+                    raise
                 finally:
                     resp.close()
-                body.seek(0)
                 return _Read(body), client.requests
         except ConnectorError as exc:
             exc.requests = client.requests

@@ -21,6 +21,7 @@ from dirpull.connectors.google_workspace import GoogleWorkspaceConnector, build
 from dirpull.connectors.http import RetryPolicy
 from dirpull.emulators.google_api import GoogleEmulator, group_id, user_id
 from dirpull.emulators.org import Org
+from dirpull.spool import SpoolError
 
 
 class Sleeps(list):
@@ -392,6 +393,22 @@ def test_a_pull_closed_while_the_users_are_handed_over_stops_its_reads(
     assert sum("/members" in path for _, path in emu.request_log) <= 4 < len(list(emu.org.listed_groups()))
     time.sleep(0.5)
     assert len(emu.request_log) == asked
+
+
+@pytest.mark.parametrize("buffering", [0, -1])  # failing at a write, or at the last buffer's flush
+def test_a_full_tmpdir_under_the_spooled_users_is_one_line_naming_it(
+    emu: GoogleEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, buffering: int
+) -> None:
+    """The users read wait in a temporary file until every manager's email is known: with no room
+    left in TMPDIR the run failed with an OSError traceback in the log and "OSError: [Errno 28] No
+    space left on device" as its error, naming neither the directory nor what to do."""
+    # /dev/full: every write the kernel gets fails with ENOSPC, as on a full TMPDIR.
+    monkeypatch.setattr("tempfile.TemporaryFile", lambda **_: open("/dev/full", "w+b", buffering=buffering))  # noqa: SIM115
+    with pytest.raises(SpoolError) as info:
+        pull(connector(emu, tmp_path))
+    msg = str(info.value)
+    assert msg.startswith("cannot write the temporary file of the users read so far in ")
+    assert "No space left on device" in msg and "TMPDIR" in msg and "nothing applied" in msg
 
 
 def test_a_404_from_users_or_groups_list_is_a_configuration_error(emu: GoogleEmulator, tmp_path: Path) -> None:

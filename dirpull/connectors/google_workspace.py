@@ -28,6 +28,7 @@ an AuthError.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import http.client
@@ -73,6 +74,7 @@ from dirpull.connectors.source import Known, SourceDigests
 from dirpull.jsoncodec import compact, loads_any
 from dirpull.model import Group, User
 from dirpull.prefetch import DaemonPool, Prefetch
+from dirpull.spool import spool_errors
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +299,9 @@ class _FastJsonModel(JsonModel):
         return body
 
 
+SPOOLED_USERS = "the users read so far"  # what the temporary file holds, as its errors name it
+
+
 @dataclass
 class _UserSpool:
     """The users read so far, one JSON line each on disk, and per line what telling "unchanged"
@@ -308,8 +313,9 @@ class _UserSpool:
     managers: list[str | None] = field(default_factory=list)
 
     def add(self, raw: dict[str, Any], uid: str, part: bytes | None, manager_value: str | None) -> None:
-        self.file.write(compact(raw))  # one line: JSON escapes every newline in a string
-        self.file.write(b"\n")
+        with spool_errors("write", SPOOLED_USERS):
+            self.file.write(compact(raw))  # one line: JSON escapes every newline in a string
+            self.file.write(b"\n")
         self.ids.append(uid)
         self.parts.append(part)
         self.managers.append(manager_value)
@@ -575,8 +581,13 @@ class GoogleWorkspaceConnector(CountsRequests):
         self._counting(lambda: session.counter.value)
         sources = SourceDigests(known, self.settings, [__name__]) if known else None
         try:
-            with tempfile.TemporaryFile() as file:
+            with spool_errors("create", SPOOLED_USERS):
+                file = tempfile.TemporaryFile(prefix="dirpull-users-")  # noqa: SIM115 - closed below
+            try:
                 yield from self._pull(session, _UserSpool(file), sources)
+            finally:
+                with contextlib.suppress(OSError):  # its last buffer found the disk full: the file goes all the same
+                    file.close()
         except ConnectorError as exc:
             exc.requests = session.counter.value
             raise
@@ -746,7 +757,8 @@ class GoogleWorkspaceConnector(CountsRequests):
         Returns the ids whose memberships stand: those emitted, and those quarantined (a
         quarantined user is left as stored, memberships included)."""
         emitted: set[str] = set()
-        spool.file.seek(0)
+        with spool_errors("write", SPOOLED_USERS):
+            spool.file.seek(0)  # the last buffer goes to disk here
         # A broken record outside the scope is none of this tenant's business: reported, it was
         # counted on every run and named by the guard as the reason an empty scope was held.
         page = Page(

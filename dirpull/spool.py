@@ -21,7 +21,7 @@ class SpoolError(Exception):
     run fails with one line saying where and what to do, instead of an OSError's traceback."""
 
 
-def _spool_error(exc: OSError, doing: str, of: str = "the run's pending records") -> SpoolError:
+def spool_error(exc: OSError, doing: str, of: str = "the run's pending records") -> SpoolError:
     try:
         where = tempfile.gettempdir()
     except OSError:  # no usable temporary directory at all
@@ -40,7 +40,7 @@ def spool_errors(doing: str, of: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        raise _spool_error(exc, doing, of) from None
+        raise spool_error(exc, doing, of) from None
 
 
 class RecordSpool:
@@ -48,7 +48,7 @@ class RecordSpool:
         try:
             self._file = tempfile.TemporaryFile(prefix="dirpull-records-")  # noqa: SIM115 (closed by close())
         except OSError as exc:
-            raise _spool_error(exc, "create") from None
+            raise spool_error(exc, "create") from None
         self._end = 0
         self._unflushed = False
         self._lock = threading.Lock()
@@ -59,7 +59,7 @@ class RecordSpool:
             try:
                 self._file.write(blob)
             except OSError as exc:
-                raise _spool_error(exc, "write") from None
+                raise spool_error(exc, "write") from None
             self._end += len(blob)
             self._unflushed = True
         return SpooledJson(self, offset, len(blob), key)
@@ -70,7 +70,7 @@ class RecordSpool:
                 try:
                     self._file.flush()
                 except OSError as exc:
-                    raise _spool_error(exc, "write") from None
+                    raise spool_error(exc, "write") from None
                 self._unflushed = False
         return os.pread(self._file.fileno(), length, offset)
 

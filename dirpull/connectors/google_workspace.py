@@ -74,7 +74,7 @@ from dirpull.connectors.source import Known, SourceDigests
 from dirpull.jsoncodec import compact, loads_any
 from dirpull.model import Group, User
 from dirpull.prefetch import DaemonPool, Prefetch
-from dirpull.spool import spool_errors
+from dirpull.spool import spool_error, spool_errors
 
 log = logging.getLogger(__name__)
 
@@ -313,9 +313,11 @@ class _UserSpool:
     managers: list[str | None] = field(default_factory=list)
 
     def add(self, raw: dict[str, Any], uid: str, part: bytes | None, manager_value: str | None) -> None:
-        with spool_errors("write", SPOOLED_USERS):
+        try:  # not `with spool_errors(…)`: a context manager's cost for every user of the listing
             self.file.write(compact(raw))  # one line: JSON escapes every newline in a string
             self.file.write(b"\n")
+        except OSError as exc:
+            raise spool_error(exc, "write", SPOOLED_USERS) from None
         self.ids.append(uid)
         self.parts.append(part)
         self.managers.append(manager_value)

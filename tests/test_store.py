@@ -991,6 +991,46 @@ def test_a_users_groups_are_read_by_index_not_from_all_of_the_tenants_membership
 
 
 @pytest.mark.postgres
+def test_polling_a_quiet_tenant_reads_its_own_events_not_every_later_one(store: Store):
+    """`dirpull events quiet --after <its last seq> --limit 20`, a consumer polling a tenant with
+    nothing new while another writes many events: PostgreSQL (statistics up to date) walked the
+    primary key from that seq through all the other tenant's later events, filtering them out one
+    by one (a million: 0.2 s a poll), instead of the (tenant, seq) index."""
+    store.ensure_tenant("quiet", "bamboohr")
+    with store.engine.begin() as conn:
+        # Both tenants' runs take turns (every third event is quiet's, up to 30,000), then "t" alone.
+        conn.execute(
+            sa.text(
+                "INSERT INTO events (tenant, run_id, type, object_id, data, created_at) "
+                "SELECT CASE WHEN i % 3 = 0 AND i <= 30000 THEN 'quiet' ELSE 't' END, 1, 'user.updated', 'u' || i, "
+                "'{}', now() FROM generate_series(1, 60000) AS i"
+            )
+        )
+    with store.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("ANALYZE events"))
+
+    queries: list[tuple[str, Any]] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        if "FROM events" in statement:
+            queries.append((statement, parameters))
+
+    sa.event.listen(store.engine, "before_cursor_execute", seen)
+    try:
+        assert [e["seq"] for e in store.iter_events("quiet", after=29990, limit=20)] == [29991, 29994, 29997, 30000]
+        assert list(store.iter_events("quiet", after=30000, limit=20)) == []
+        assert list(store.iter_events("quiet", after=2**40, limit=20)) == []  # a seq past 32 bits is no error
+        assert [e["seq"] for e in store.iter_events("t", after=0, limit=3)] == [1, 2, 4]
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", seen)
+    assert len(queries) == 4
+    with store.engine.connect() as conn:
+        for statement, parameters in queries:
+            plan = "\n".join(row[0] for row in conn.exec_driver_sql(f"EXPLAIN {statement}", parameters))
+            assert "Index Scan using ix_events_tenant_seq" in plan and "events_pkey" not in plan, plan
+
+
+@pytest.mark.postgres
 def test_a_slow_event_consumer_is_not_cut_off(store):
     """`dirpull events --json | slow-consumer`: the stream waits for its reader between batches of
     1,000 events. The connection's two-minute idle-in-transaction limit (shortened here to 1 s)

@@ -131,6 +131,9 @@ runs = sa.Table(
     sa.Column("quarantined", JSONType, nullable=False),
     sa.Column("error", sa.Text),
     sa.Index("ix_runs_tenant_id", "tenant", "id"),
+    # A tenant's runs by outcome (0006): the run still marked running that a new one marks cut
+    # off, whether it ever succeeded, when it last did (`dirpull status`).
+    sa.Index("ix_runs_tenant_status", "tenant", "status", "finished_at"),
 )
 
 cursors = sa.Table(

@@ -40,7 +40,7 @@ from dirpull.storage import schema as t
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0005"  # the newest migration's revision
+HEAD_REVISION = "0006"  # the newest migration's revision
 BATCH = 500
 BULK = 2000  # rows per driver executemany call
 SQLITE_ROWS_PER_INSERT = 1000  # rows per multi-row INSERT on SQLite (fewer when columns × rows > its limit)
@@ -722,12 +722,27 @@ class Store:
 
     def last_runs(self, *, trigger: str | None = None) -> dict[str, dict[str, Any]]:
         """The newest run of every tenant (`trigger`: the newest with that trigger, e.g. "schedule")."""
-        newest = sa.select(sa.func.max(t.runs.c.id)).group_by(t.runs.c.tenant)
+        # Tenant by tenant (every run's tenant has its row, `ensure_tenant`), each read from the
+        # end of its part of the (tenant, id) index. Grouped over the runs table, every run ever
+        # recorded was read (three tenants' 105,000 runs each: 0.16 s of each `dirpull status`).
+        # The tenant is a range, in the index's order, not `= tenant` and max(id): for that
+        # PostgreSQL walked the primary key back from the newest run of all, which read every run
+        # for a tenant with none (a tenant configured but never synced) or only old ones.
+        r = t.runs.alias("r")
+        newest = (
+            sa.select(r.c.id)
+            .where(r.c.tenant >= t.tenants.c.id, r.c.tenant <= t.tenants.c.id)
+            .order_by(r.c.tenant.desc(), r.c.id.desc())
+            .limit(1)
+        )
         if trigger is not None:
-            newest = newest.where(t.runs.c.trigger == trigger)
-        newest = newest.scalar_subquery()
-        q = sa.select(t.runs).where(t.runs.c.id.in_(newest))
+            newest = newest.where(r.c.trigger == trigger)
+        ids = sa.select(newest.correlate(t.tenants).scalar_subquery()).select_from(t.tenants)
         with self.engine.connect() as conn:
+            # Two queries: joined to the runs by id, PostgreSQL (taking the small tenants table,
+            # which autovacuum never analyzes, for hundreds of rows) hashed all runs for it.
+            found = [run_id for run_id in conn.execute(ids).scalars() if run_id is not None]
+            q = sa.select(t.runs).where(t.runs.c.id.in_(found))
             return {r["tenant"]: _run_dict(r) for r in conn.execute(q).mappings()}
 
     def scheduled_run_after(
@@ -753,13 +768,14 @@ class Store:
         return None, newest
 
     def last_success(self) -> dict[str, datetime]:
-        q = (
-            sa.select(t.runs.c.tenant, sa.func.max(t.runs.c.finished_at))
-            .where(t.runs.c.status == "succeeded")
-            .group_by(t.runs.c.tenant)
-        )
+        """When each tenant's last successful run finished (a tenant without one is left out)."""
+        # Tenant by tenant, each one look-up of the (tenant, status, finished_at) index (0006), as
+        # in `last_runs`.
+        r = t.runs.alias("r")
+        latest = sa.select(sa.func.max(r.c.finished_at)).where(r.c.tenant == t.tenants.c.id, r.c.status == "succeeded")
+        q = sa.select(t.tenants.c.id, latest.correlate(t.tenants).scalar_subquery())
         with self.engine.connect() as conn:
-            return {tenant: _aware(ts) for tenant, ts in conn.execute(q)}
+            return {tenant: _aware(ts) for tenant, ts in conn.execute(q) if ts is not None}
 
     # --- apply ---------------------------------------------------------------------------------------
 

@@ -270,6 +270,20 @@ def test_a_refused_connection_is_logged_while_it_is_retried(
     assert all(SECRET not in line for line in retries)
 
 
+@pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "okta"])  # Okta's SDK transport: its own tries
+def test_no_retry_is_announced_after_the_last_attempt(
+    provider: str, closed_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two attempts, one retry: one "retrying" line, saying which attempt of how many comes next.
+    Google's connector logged "retrying (attempt 2)" for the last attempt too, an instant before
+    the run gave up after 2 attempts, and numbered the attempt that failed, not the next one."""
+    caplog.set_level("WARNING", logger="dirpull")
+    message = run_error(provider, closed_url, tmp_path)
+    assert "gave up after 2 attempts" in message, message
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 1 and retries[0].endswith("(attempt 2 of 2)"), retries
+
+
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_credentials_bound_for_another_host_over_plain_http_are_warned_of(
     provider: str, tmp_path: Path, caplog: pytest.LogCaptureFixture

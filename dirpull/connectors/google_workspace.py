@@ -400,6 +400,20 @@ class _Session:
                 h.close()
             self._https.clear()
 
+    def _retry(self, what: str, attempt: int, step: str, *, attempts: int | None = None) -> None:
+        """Wait before trying again after failed `attempt`, saying so in the log, as the other
+        connectors do: the log line comes once the policy has granted the wait. Logged first, the
+        last attempt's failure read "retrying (attempt 6)" just before the run gave up after 6."""
+        delay = self.policy.begin_wait(attempt, None, what=what, step=step, attempts=attempts)
+        log.warning(
+            "%s%s; retrying in %.1fs (attempt %d of %d)", tenant_prefix(self.tenant), what, delay, attempt + 1,
+            attempts or self.policy.max_attempts,
+        )  # fmt: skip
+        try:
+            self.policy.sleep(delay)
+        finally:
+            self.policy.end_wait()
+
     def execute(self, request: Any, step: str, *, may_vanish: bool = False) -> dict[str, Any]:
         """One API call under the retry policy. `may_vanish`: a 404 means the object listed (a
         group) was deleted meanwhile (`_GroupGone`), and a 403 is the caller's to judge
@@ -419,9 +433,8 @@ class _Session:
                 where = f"{step}: {label} from {redact_url(str(exc.uri))}"
                 throttled = status == 429 or (status == 403 and reason in THROTTLE_REASONS)
                 if throttled or status >= 500:
-                    log.warning("%s%s; backing off (attempt %d)", tenant_prefix(self.tenant), where, attempt)
                     limit = max(self.policy.max_attempts, THROTTLE_ATTEMPTS) if throttled else None
-                    self.policy.wait(attempt, None, what=where, step=step, attempts=limit)
+                    self._retry(where, attempt, step, attempts=limit)
                     continue
                 if status == 404 and may_vanish:
                     raise _GroupGone(where) from None
@@ -463,15 +476,13 @@ class _Session:
                     # AuthError that said "refused" and sent the admin to check the delegation.
                     what = (f"{step}: the token endpoint failed with HTTP {token_status} (an outage at Google, "
                             f"not a refusal of the service account): {readable_body(detail, 200)}")  # fmt: skip
-                    log.warning("%s%s; retrying (attempt %d)", tenant_prefix(self.tenant), what, attempt)
-                    self.policy.wait(attempt, None, what=what, step=step)
+                    self._retry(what, attempt, step)
                     continue
                 if getattr(exc, "retryable", False):
                     # A 429/408 or a server_error/temporarily_unavailable from the token endpoint
                     # (google-auth has tried it 3 times by now): an outage, not a refusal.
                     what = f"{step}: the token endpoint failed: {readable_body(detail, 200)}"
-                    log.warning("%s%s; retrying (attempt %d)", tenant_prefix(self.tenant), what, attempt)
-                    self.policy.wait(attempt, None, what=what, step=step)
+                    self._retry(what, attempt, step)
                     continue
                 hint = ""
                 if detail.startswith("unauthorized_client"):
@@ -490,8 +501,7 @@ class _Session:
                 raise ConnectorError(f"{step}: {exc}", retriable=False, step=step) from None
             except _BadTokenAnswer as exc:
                 what = f"{step}: {exc}"
-                log.warning("%s%s; retrying (attempt %d)", tenant_prefix(self.tenant), what, attempt)
-                self.policy.wait(attempt, None, what=what, step=step)
+                self._retry(what, attempt, step)
                 continue
             except (
                 TransportError,
@@ -503,14 +513,12 @@ class _Session:
                 raw = getattr(self._local, "http", None)
                 url = getattr(raw, "last_uri", None) or self.api_url
                 what = f"{step}: {transport_reason(exc)} talking to {redact_url(url)}"
-                log.warning("%s%s; retrying (attempt %d)", tenant_prefix(self.tenant), what, attempt)
-                self.policy.wait(attempt, None, what=what, step=step)
+                self._retry(what, attempt, step)
                 continue
             if not isinstance(body, dict):
                 # googleapiclient hands back the raw text when a 2xx body is not JSON.
                 what = f"{step}: the response body was not JSON"
-                log.warning("%s%s; retrying (attempt %d)", tenant_prefix(self.tenant), what, attempt)
-                self.policy.wait(attempt, None, what=what, step=step)
+                self._retry(what, attempt, step)
                 continue
             return body
 

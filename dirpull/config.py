@@ -65,7 +65,8 @@ def _secret_file_text(path: Path) -> str:
     breaks."""
     try:
         if not path.is_file():  # a named pipe with no writer blocked the run (and a daemon worker) on open
-            raise _Unreadable(_NOT_REGULAR)
+            # A file removed (or never there) is not a pipe: the daemon's runs said it was one.
+            raise _Unreadable(_NOT_REGULAR if path.exists() else "does not exist")
         raw = path.read_bytes()
     except OSError as exc:  # a key mode 0600 owned by another user than the daemon's
         raise _Unreadable(f"cannot be read ({exc.strerror or exc})") from None

@@ -2017,3 +2017,19 @@ def test_python_dash_m_dirpull_is_the_dirpull_command(tmp_path):
     wrong = subprocess.run([sys.executable, "-m", "dirpull", "sink"], capture_output=True, text=True,
                            timeout=60, env=env)  # fmt: skip
     assert wrong.returncode == 2 and "No such command 'sink'" in wrong.stderr, wrong.stderr
+
+
+def test_a_secret_file_that_is_missing_fails_the_daemons_runs_saying_so(env):
+    """The daemon logs a missing secret file at start as missing, then syncs: each run of the tenant
+    failed saying the file "is not a regular file (a pipe, a socket, a device)", in the log, in
+    `dirpull runs` and `dirpull status`, sending the operator after a pipe that is not there."""
+    config = Path(env["config"])
+    text = config.read_text().replace("[defaults.guard]", '[defaults]\nschedule = "1s"\n[defaults.guard]')
+    config.write_text(text.replace('api_key = "file:key"', 'api_key = "file:gone.key"'))
+    daemon = run(env, "run", "--max-seconds", "3")
+    assert daemon.exit_code == 0, daemon.stderr
+    runs = jsonl(run(env, "runs", "hr", "--json").stdout)
+    failed = [r for r in runs if not r["error"].startswith("interrupted")]
+    why = "bamboohr: api_key: secret file:gone.key: does not exist"
+    assert failed and all(r["status"] == "failed" and r["error"] == why for r in failed), [r["error"] for r in runs]
+    assert "not a regular file" not in daemon.stderr, daemon.stderr

@@ -532,6 +532,24 @@ def test_a_page_cut_short_fails_without_quoting_the_people_on_it(emu: OktaEmulat
     first = min(p.n for p in emu.org.listed_people())
     assert "is not JSON ([ … (values not shown))" in str(info.value)
     assert user_id(first) not in str(info.value)
+    assert str(info.value).endswith(f"(after {MAX_TRANSIENT_ATTEMPTS} attempts)")
+
+
+@pytest.mark.parametrize("path", ["/api/v1/users", "/api/v1/groups/", "/api/v1/logs"])
+def test_an_answer_garbled_on_the_way_is_asked_for_again(
+    emu: OktaEmulator, tmp_path: Path, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 200 whose body a proxy cut or garbled: the run failed on the first one, where the other
+    connectors (and this one, for a dropped connection) ask again."""
+    whole, _ = pull(connector(tenant(emu, tmp_path, poll_system_log=True)), full=True)
+    emu.faults.update({"malformed": 2, "path": path})
+    with caplog.at_level(logging.WARNING, logger="dirpull"):
+        again, _ = pull(connector(tenant(emu, tmp_path, poll_system_log=True)), full=True)
+    assert emu.faults.malformed == 0  # both garbled answers were served
+    assert sorted(u.idp_id for p in again for u in p.users) == sorted(u.idp_id for p in whole for u in p.users)
+    assert sorted(m for p in again for m in p.pairs()) == sorted(m for p in whole for m in p.pairs())
+    assert sum("with a body that is not JSON" in r.getMessage() for r in caplog.records) == 2
+    assert any(p.pairs() for p in whole) and any(p.users for p in whole)
 
 
 def test_bad_token_is_an_auth_error(emu: OktaEmulator, tmp_path: Path) -> None:
@@ -1637,8 +1655,11 @@ def test_an_oauth_token_answer_that_is_not_json_fails_naming_the_token_endpoint(
     cfg = {"provider": "okta", "org_url": emu.base_url, "client_id": "0oadirpull",
            "private_key": f"file:{tmp_path / 'okta.pem'}"}  # fmt: skip
     emu.faults.update({"malformed": 1, "path": "/oauth2/v1/token"})
+    pull(connector({**cfg, "backoff_base": 0.01}))  # garbled once: asked for again
+    assert emu.faults.malformed == 0
+    emu.faults.update({"malformed": 1000, "path": "/oauth2/v1/token"})
     with pytest.raises(ConnectorError) as err:  # not the SDK's bare JSONDecodeError
-        pull(connector(cfg))
+        pull(connector({**cfg, "backoff_base": 0.01}))
     msg = str(err.value)
     assert msg.startswith(f"list users: the answer from {emu.base_url}/oauth2/v1/token (HTTP 200, "), msg
     assert "is not JSON" in msg and "emu-at-" not in msg  # the cut answer's access token is not quoted

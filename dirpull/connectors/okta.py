@@ -306,12 +306,16 @@ def _server_date(headers: Any) -> float | None:
     return None if when is None else when.timestamp()
 
 
+_UNREAD: Any = object()
+
+
 @dataclass
 class LastResponse:
     status: int
     headers: Any
     body: str
     url: str
+    parsed: Any = _UNREAD  # a 2xx body, read once by the transport (`_Transport.send_request`)
 
 
 _TRANSPORT_CLASS: type | None = None
@@ -379,6 +383,18 @@ def _transport_class() -> type:
                         return req_info, resp, body, error  # classified by the caller
                     await self._wait(self.throttle.backoff(attempt), f"{what}: HTTP {resp.status}", step)
                     continue
+                if 200 <= resp.status <= 299 and body:
+                    # A 2xx body garbled or cut on the way (a proxy, a gateway) is an outage, as a
+                    # dropped connection is, and the other connectors retry it; the run failed on
+                    # the first one. Read here once, so the listing does not parse it again.
+                    try:
+                        self.last.parsed = loads_any(body)
+                    except ValueError:
+                        if attempt >= MAX_TRANSIENT_ATTEMPTS:
+                            return req_info, resp, body, error  # reported by the caller as not JSON
+                        why = f"{what}: HTTP {resp.status} with a body that is not JSON"
+                        await self._wait(self.throttle.backoff(attempt), why, step)
+                        continue
                 return req_info, resp, body, error
 
         def _fresh_assertion(self, request: dict[str, Any]) -> None:
@@ -1181,12 +1197,13 @@ class OktaConnector(CountsRequests):
                 f"{step}: HTTP {last.status} from {redact_url(last.url)} with an empty body, not a JSON array",
                 step=step,
             )
-        try:
-            raw = _loads(last.body)
-        except ValueError:
+        raw = last.parsed
+        if raw is _UNREAD:
             raise ConnectorError(
-                f"{step}: the response is not JSON ({body_opening(last.body, 120)})", step=step
-            ) from None
+                f"{step}: the response is not JSON ({body_opening(last.body, 120)}) "
+                f"(after {MAX_TRANSIENT_ATTEMPTS} attempts)",
+                step=step,
+            )
         if not isinstance(raw, list):
             raise ConnectorError(f"{step}: expected a JSON array, got {type(raw).__name__}", step=step)
         if kind is None:
@@ -1310,13 +1327,6 @@ def _dpop_error(last: LastResponse) -> str | None:
         return None
     description = data.get("error_description")
     return f"{error}: {description}" if isinstance(description, str) and description else error
-
-
-def _loads(text: str) -> Any:
-    """json.loads, through orjson when it can (about twice as fast on these pages); the standard
-    library decides whatever orjson refuses (NaN; a lone surrogate, which the SDK's models would
-    refuse, is read as U+FFFD)."""
-    return loads_any(text)
 
 
 def _validate_each(

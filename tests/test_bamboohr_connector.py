@@ -18,7 +18,7 @@ import requests
 from redirects import redirecting
 
 from dirpull.config import BambooHRTenant
-from dirpull.connectors.bamboohr import BambooHRConnector, build
+from dirpull.connectors.bamboohr import REPORT_FIELDS, BambooHRConnector, build
 from dirpull.connectors.base import AuthError, ConnectorError, Done, Page
 from dirpull.connectors.http import RetryPolicy
 from dirpull.emulators.bamboohr_api import BambooHREmulator
@@ -98,7 +98,10 @@ def test_full_pull_is_a_snapshot_of_active_and_inactive_employees(emu: BambooHRE
     assert p3.state == "inactive" and p3.raw_attributes["terminationDate"] == "2026-04-30"
     assert p2.raw_attributes["terminationDate"] is None
     assert "lastChanged" not in p2.raw_attributes  # volatile
-    assert done.cursor == {"since": max(_iso(p.updated_at) for p in org.people.values() if p.visible)}
+    assert done.cursor == {
+        "since": max(_iso(p.updated_at) for p in org.people.values() if p.visible),
+        "fields": sorted(f for f in REPORT_FIELDS if f != "id"),  # what the report's header lists
+    }
 
 
 def one_second_each(org: Org) -> str:
@@ -956,6 +959,92 @@ def test_a_field_the_key_may_no_longer_read_is_held_not_emptied_for_everyone(
     emu.forbidden_fields = set()  # access given back: nothing to apply, nothing held
     again = h.sync("hr", full=True)
     assert again.status == "succeeded" and again.events == 0, again.error
+
+
+def test_an_increment_after_the_key_lost_a_field_turns_full_and_is_held_not_clearing_it_quietly(
+    emu: BambooHREmulator, synced: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A key whose access level lost work emails made each incremental run clear the email of
+    everyone it read back (3 people changed: 3 emails emptied, under the guard's thresholds, with
+    no word), a few more each run, while the full run was held. The increment now turns full, says
+    which field went and why, and the guard weighs the field emptied for everyone."""
+    h, _ = synced
+    org = emu.org
+    org.update_person(9, title="Principal")
+    assert h.sync("hr").mode == "incremental"  # the cursor now past the generated org's second
+    seq = h.last_seq()
+    emails = {idp_id: u["email"] for idp_id, u in h.users("hr").items()}
+    assert sum(1 for e in emails.values() if e) > 20
+    emu.forbidden_fields = {"workEmail"}
+    for n in (5, 6, 7):
+        org.update_person(n, title="Principal")
+    r = h.sync("hr")
+    assert r.status == "held" and r.mode == "full", r.error
+    assert "would empty email for" in (r.error or "") and "apply with `dirpull sync hr --full --force`" in r.error
+    note = "the custom report no longer has workEmail (the API key may have lost access to it): full sync instead"
+    assert note in r.notes and note in h.store.runs("hr")[0]["notes"]
+    assert f"tenant hr: {note}" in caplog.messages
+    assert h.last_seq() == seq and {i: u["email"] for i, u in h.users("hr").items()} == emails
+    # Held again while the key cannot read it: the next increment turns full the same way.
+    again = h.sync("hr")
+    assert again.status == "held" and note in again.notes, again.error
+    # Accepted: applied once, and the increments after it go on without the field.
+    forced = h.sync("hr", force=True)
+    assert forced.status == "succeeded" and forced.mode == "full", forced.error
+    assert not any(u["email"] for u in h.users("hr").values())
+    org.update_person(8, title="Principal")
+    after = h.sync("hr")
+    assert after.status == "succeeded" and after.mode == "incremental" and not after.notes, after.error
+    assert h.users("hr")["8"]["job_title"] == "Principal"
+
+
+def test_a_field_the_key_never_could_read_leaves_increments_incremental(emu: BambooHREmulator) -> None:
+    """Only a field a report sent before counts as lost: a key that never could read home emails
+    (or a cursor from before the sent fields were kept, which this run records) stays incremental."""
+    emu.forbidden_fields = {"homeEmail"}
+    c = connector(emu)
+    _, first = pull(c)
+    assert "homeEmail" not in first.cursor["fields"] and "workEmail" in first.cursor["fields"]
+    emu.org.update_person(5, title="Principal")
+    pages, done = pull(c, first.cursor)
+    assert done.mode == "incremental" and not done.notes and users(pages)["5"].job_title == "Principal"
+    assert done.cursor["fields"] == first.cursor["fields"]
+    old = {"since": first.cursor["since"]}  # written by a dirpull that kept no fields
+    pages, done = pull(c, old)
+    assert done.mode == "incremental" and not done.notes and "5" in users(pages)
+    assert done.cursor["fields"] == first.cursor["fields"]
+    # A run that reads no report (nothing changed) keeps the fields the last one had.
+    _, quiet = pull(c, {**done.cursor, "since": _iso(time.time() + 60)})
+    assert quiet.mode == "incremental" and quiet.cursor["fields"] == first.cursor["fields"]
+
+
+def test_a_field_taken_out_of_the_settings_is_not_reported_lost(emu: BambooHREmulator) -> None:
+    """A custom field the operator removed from `attributes` is no longer asked for, so no longer
+    sent: that is their edit, not a permission lost, and the increment stays incremental."""
+    _, first = pull(connector(emu, attributes={"site": "location"}))
+    assert "location" in first.cursor["fields"]
+    emu.org.update_person(5, title="Principal")
+    pages, done = pull(connector(emu), first.cursor)
+    assert done.mode == "incremental" and not done.notes and "5" in users(pages)
+    assert "location" not in done.cursor["fields"]
+
+
+def test_a_field_lost_between_two_reports_of_one_increment_applies_nothing(emu: BambooHREmulator) -> None:
+    """Access taken away while an increment reads its changed employees batch by batch: its first
+    batches were handed on already (they cannot be taken back to turn the run full), so the run
+    fails, and the next one, from the same cursor, turns full."""
+    c = connector(emu, batch_size=2)
+    _, first = pull(c)
+    for n in (5, 6, 7, 8):
+        emu.org.update_person(n, title="Principal")
+    items = c.pull({**first.cursor, "since": _iso(time.time() - 30)}, full=False)
+    assert isinstance(next(items), Page)
+    emu.forbidden_fields = {"workEmail"}
+    with pytest.raises(ConnectorError, match=r"workEmail stopped coming during the run .* nothing applied"):
+        list(items)
+    _, done = pull(c, first.cursor)
+    assert done.mode == "full" and "the custom report no longer has workEmail" in done.notes[0]
+    assert "workEmail" not in done.cursor["fields"]
 
 
 def test_a_report_deactivating_many_active_workers_among_many_terminated_ones_is_held(harness: Any) -> None:

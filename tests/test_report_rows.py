@@ -41,6 +41,18 @@ def test_the_same_rows_as_ijson_whatever_the_layout_and_chunking(chunk_size: int
     assert rows_of(body, "employees", chunk_size) == ijson_rows(body, "employees") == TRICKY
 
 
+@pytest.mark.parametrize("chunk_size", [1, 7, 1 << 20])
+@pytest.mark.parametrize("recognizer", [None, lambda: lambda text: None])
+def test_the_documents_other_values_come_with_the_rows(chunk_size: int, recognizer: Any) -> None:
+    """A report's header (BambooHR's `fields`, the fields it sent) before the array or after it."""
+    doc = {"title": "dirpull", "fields": [{"id": "workEmail"}], "employees": TRICKY, "after": {"a": "},{"}}
+    body = json.dumps(doc).encode()
+    others: dict[str, Any] = {}
+    rows = [row for _, row, _ in report_rows.rows(io.BytesIO(body), "employees", recognizer,
+                                                  chunk_size=chunk_size, others=others)]  # fmt: skip
+    assert rows == TRICKY and others == {k: v for k, v in doc.items() if k != "employees"}
+
+
 def test_random_rows_with_every_awkward_character() -> None:
     rng = random.Random(7)
     alphabet = ['{', '}', ',', '"', '\\', ':', '[', ']', ' ', '\n', 'a', 'é', '😀', '},{', '},{"id":']

@@ -26,11 +26,19 @@ that flip moves `lastChanged` is not known either. So the cursor also keeps `end
 termination date of every one seen Active with a termination date still to come, read back the
 same way until they show Inactive: a leaver is not left active until the next full run.
 
+Fields the API key lost: BambooHR leaves out of the report, without a word, a field the key may
+not read, and the report's `fields` header lists only those it sends. An increment that applied
+such a report would clear that field for every employee it reads back, each run a few more,
+never more than the mass-change guard lets through. So the cursor also keeps `fields`, those the
+last run's report sent; an increment whose report no longer sends one of them, of those it asks
+for, becomes a full run (the guard then weighs the field emptied for everyone), naming them.
+
 BambooHR has no groups: the connector yields none.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Generator, Iterator
 from datetime import UTC, date, datetime, timedelta
@@ -65,6 +73,8 @@ from dirpull.connectors.report_rows import RECOGNIZED, NoRowsList, Recognize, fi
 from dirpull.connectors.report_rows import rows as report_rows
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import User
+
+log = logging.getLogger(__name__)
 
 # What a full or incremental pull asks the custom report for (plus the tenant's custom fields).
 REPORT_FIELDS = (
@@ -163,6 +173,29 @@ def _stored_days(cursor: dict[str, Any] | None, key: str) -> dict[str, str]:
         except (TypeError, ValueError):
             continue
     return out
+
+
+def _received_fields(header: Any) -> set[str] | None:
+    """The field ids a report's `fields` header lists (`[{"id": …, "type": …, "name": …}]`); None
+    when it is missing or not such a list: what the report sent is then unknown, not nothing."""
+    if not isinstance(header, list):
+        return None
+    out: set[str] = set()
+    for entry in header:
+        field_id = entry.get("id") if isinstance(entry, dict) else None
+        if not isinstance(field_id, str):
+            return None
+        out.add(field_id)
+    return out
+
+
+def _stored_fields(cursor: dict[str, Any] | None) -> set[str] | None:
+    """The cursor's `fields`, those the last run's report sent; None from a cursor without them
+    (written before they were kept) or with something else there."""
+    fields = cursor.get("fields") if cursor else None
+    if not isinstance(fields, list) or not all(isinstance(f, str) for f in fields):
+        return None
+    return set(fields)
 
 
 def _utc_today() -> date:
@@ -273,7 +306,7 @@ class BambooHRConnector(CountsRequests):
                 done = yield from self._full(client, notes, known)
             else:
                 stored = {key: _stored_days(cursor, key) for key in _PENDING}
-                done = yield from self._incremental(client, since, notes, stored)
+                done = yield from self._incremental(client, since, notes, stored, _stored_fields(cursor))
             done.requests = client.requests
             yield done
         except AuthError as exc:
@@ -314,6 +347,7 @@ class BambooHRConnector(CountsRequests):
         def recognizer() -> Recognize | None:  # once the rows arrive: by then the digests have loaded
             return _recognizer(sources, latest) if sources is not None and sources.owns_any() else None
 
+        header: dict[str, Any] = {}  # the report's other top-level values: its `fields`
         # Employee id → the fingerprint of the first row met with it (`report_rows.fingerprint`:
         # a small int, not the row), so that a second row can be told from a copy of the first.
         listed: dict[str, Any] = {}
@@ -322,7 +356,7 @@ class BambooHRConnector(CountsRequests):
         # Future hires and leavers: the cursor's `starts` and `ends` (employee id → date).
         pending: dict[str, dict[str, str]] = {key: {} for key in _PENDING}
         try:
-            for text, row, unchanged in _stream_employees(resp, recognizer):
+            for text, row, unchanged in _stream_employees(resp, recognizer, header):
                 eid = unchanged if unchanged is not None else _id_of(row)
                 if unchanged is None and isinstance(row, dict):
                     latest.add(row.get("lastChanged"))
@@ -372,13 +406,18 @@ class BambooHRConnector(CountsRequests):
         cursor: dict[str, Any] | None = {"since": format_timestamp(newest)} if newest is not None else None
         if cursor is not None:
             cursor.update({key: days for key, days in pending.items() if days})
+            received = _received_fields(header.get("fields"))
+            if received is not None:
+                cursor["fields"] = sorted(received)
         return Done(snapshot=True, cursor=cursor, mode="full", notes=notes)
 
     # --- increment ---------------------------------------------------------------------------------
 
     def _incremental(
-        self, client: HttpClient, since: str, notes: list[str], stored: dict[str, dict[str, str]]
-    ) -> Generator[Page, None, Done]:
+        self, client: HttpClient, since: str, notes: list[str], stored: dict[str, dict[str, str]],
+        had: set[str] | None,
+    ) -> Generator[Page, None, Done]:  # fmt: skip
+        """`had`: the fields the last run's report sent (`_stored_fields`), None if not known."""
         since_at = parse_timestamp(since)
         assert since_at is not None
         ask = format_timestamp(since_at - timedelta(seconds=self.settings.changed_overlap))
@@ -434,8 +473,9 @@ class BambooHRConnector(CountsRequests):
         if latest is not None:
             newest = max(newest, latest)
 
-        if removed or quarantined:
-            yield Page(removed_users=removed, quarantined=quarantined)
+        # Held back until the first report read by ids has shown which fields it sends: a run
+        # that turns full (`_lost_fields`) must not have handed on a page of the increment.
+        first_page: Page | None = Page(removed_users=removed, quarantined=quarantined)
         # Future hires and leavers whose day has come (by the company's date, which may be a day
         # ahead of UTC) are read back with the changed ones until they show Active / Inactive.
         today = _utc_today()
@@ -455,15 +495,43 @@ class BambooHRConnector(CountsRequests):
         numbers = self._employee_numbers(client) if (wanted and self._manager_by_number) else None
         missing = 0
         extra = False
+        sent: set[str] | None = None  # the fields every report of this run sent, once one said
         size = self.settings.batch_size
         for start in range(0, len(wanted), size):
             batch = wanted[start : start + size]
             asked = set(batch)
             ids = [int(e) if e.isdigit() else e for e in batch]
-            rows = _json_answer(
+            body = _json_answer(
                 client, "custom report",
                 partial(self._report, client, {"employeeIds": ids}, step="custom report (changed employees)"),
-            ).get("employees") or []  # fmt: skip
+            )  # fmt: skip
+            received = _received_fields(body.get("fields") if isinstance(body, dict) else None)
+            if received is not None:
+                lost = self._lost_fields(sent if sent is not None else had, received)
+                if lost and first_page is not None:
+                    note = (
+                        f"the custom report no longer has {', '.join(lost)} (the API key may have lost access "
+                        f"to {'it' if len(lost) == 1 else 'them'}): full sync instead"
+                    )
+                    notes.append(note)
+                    # Notes reach the run record; an operator watching the log sees the cause too.
+                    log.warning("tenant %s: %s", self.tenant, note)
+                    done = yield from self._full(client, notes)
+                    return done
+                if lost:
+                    # Pages of this increment were handed on already: none of it is applied, and
+                    # the next run, still holding the fields the last one had, turns full.
+                    raise ConnectorError(
+                        f"custom report (changed employees): {', '.join(lost)} stopped coming during the run (the API "
+                        "key may have lost access): nothing applied",
+                        step="custom report (changed employees)",
+                    )
+                sent = received if sent is None else sent & received
+            if first_page is not None:
+                if first_page.removed_users or first_page.quarantined:
+                    yield first_page
+                first_page = None
+            rows = body.get("employees") or []
             page = Page()
             seen = set()
             # As in a full walk: the very same row again is one row; another row with the id
@@ -492,6 +560,8 @@ class BambooHRConnector(CountsRequests):
                 self._add(page, row, numbers)
             missing += len((asked - seen) & changed_ids)
             yield page
+        if first_page is not None and (first_page.removed_users or first_page.quarantined):
+            yield first_page  # no report was read: nothing changed but removals
         if missing:
             notes.append(
                 f"{missing} changed employee(s) were not in the report (deleted since, or hidden from "
@@ -501,7 +571,19 @@ class BambooHRConnector(CountsRequests):
             notes.append("the custom report ignored the employeeIds filter: extra rows were skipped")
         cursor: dict[str, Any] = {"since": format_timestamp(newest)}
         cursor.update({key: days for key, days in pending.items() if days})
+        # Not one report read (nothing but removals), or none said: those the last run had stand.
+        fields = sent if sent is not None else had
+        if fields is not None:
+            cursor["fields"] = sorted(fields)
         return Done(snapshot=False, cursor=cursor, mode="incremental", notes=notes)
+
+    def _lost_fields(self, had: set[str] | None, received: set[str]) -> list[str]:
+        """The fields asked for that a report sent before and this one does not. A field never
+        sent (the key never could read it) is not lost, nor one no longer asked for (taken out of
+        the settings)."""
+        if had is None:
+            return []  # a cursor from before `fields` were kept: this run records them
+        return [f for f in self.fields if f in had and f not in received]
 
     # --- requests ----------------------------------------------------------------------------------
 
@@ -720,14 +802,16 @@ def _recognizer(sources: SourceDigests, latest: _Newest) -> Recognize:
 
 
 def _stream_employees(
-    resp: requests.Response, recognizer: Callable[[], Recognize | None] | None = None
-) -> Iterator[tuple[bytes | None, Any, str | None]]:
-    """The report's `employees` rows as they arrive: (text, row, id of an unchanged row)."""
+    resp: requests.Response, recognizer: Callable[[], Recognize | None] | None = None,
+    header: dict[str, Any] | None = None,
+) -> Iterator[tuple[bytes | None, Any, str | None]]:  # fmt: skip
+    """The report's `employees` rows as they arrive: (text, row, id of an unchanged row). `header`
+    receives the report's other top-level values (its `fields`)."""
     step = "custom report"
     _check_json(resp, step)
     resp.raw.decode_content = True
     try:
-        yield from report_rows(resp.raw, "employees", recognizer)
+        yield from report_rows(resp.raw, "employees", recognizer, others=header)
     except NoRowsList as exc:
         # Read as a report with no rows, it was a snapshot with nobody in it.
         raise ConnectorError(

@@ -102,7 +102,7 @@ class Readable(Protocol):
 
 def rows(
     stream: Readable, key: str, recognizer: Callable[[], Recognize | None] | None = None, *,
-    chunk_size: int = CHUNK,
+    chunk_size: int = CHUNK, others: dict[str, Any] | None = None,
 ) -> Iterator[tuple[bytes | None, Any, Any]]:  # fmt: skip
     """`(text, row, token)` for each row of the array: `text` is the row's exact JSON text where it
     is at hand (None otherwise), `row` the parsed row. `recognizer()` is called once, when the array
@@ -110,7 +110,11 @@ def rows(
     row's text is then first offered to it, a result other than None comes back as `token`, and
     that row is not parsed (`row` None). `recognize` must only say yes to a text it has seen as a
     whole row before (a digest of it): a piece of text between two wrong cuts is never one, so what
-    it recognizes needs no parsing to be trusted. Without one, rows are parsed in batches."""
+    it recognizes needs no parsing to be trusted. Without one, rows are parsed in batches.
+
+    `others`, if given, receives the document's other top-level values (a report's header, say):
+    those before the array once it opens, those after it at the end. Where ijson reads the whole
+    document (no array within HEAD_LIMIT), it receives none."""
     opened = _open(stream, key, chunk_size)
     if isinstance(opened, bytes):
         if len(opened) <= HEAD_LIMIT:  # the whole body, and no array opens at `key` in it
@@ -124,6 +128,7 @@ def rows(
                     # ijson found no rows in it and said nothing: a JSON document that is not the
                     # report (a gateway's, a proxy's) read as a report with no rows.
                     raise NoRowsList(key, document)
+                _keep_others(others, document, key)
                 for row in listed:
                     yield None, row, None
                 return
@@ -131,6 +136,8 @@ def rows(
             yield None, row, None
         return
     head, buf, more = opened
+    if others is not None:
+        _keep_others(others, loads_lenient(head + b"[]}"), key)  # `_open` saw it parse so
     recognize = recognizer() if recognizer is not None else None
     while more:
         chunk = stream.read(chunk_size)
@@ -153,6 +160,7 @@ def rows(
     rest = document.get(key) if isinstance(document, dict) else None
     if not isinstance(rest, list):
         raise NotJSON(f"the report's {key!r} is not a list")
+    _keep_others(others, document, key)
     # The last row comes with its text too, where it can be cut from the document's end: a
     # connector digests a row by its text where it has one, and a report spaced or escaped
     # otherwise than orjson writes digests differently as a parsed row — a copy of a row
@@ -160,6 +168,11 @@ def rows(
     last = _last_text(buf, rest[0]) if recognize is not None and len(rest) == 1 else None
     for row in rest:
         yield last, row, None
+
+
+def _keep_others(others: dict[str, Any] | None, document: Any, key: str) -> None:
+    if others is not None and isinstance(document, dict):
+        others.update((k, v) for k, v in document.items() if k != key)
 
 
 def _open(stream: Readable, key: str, chunk_size: int) -> tuple[bytes, bytes, bool] | bytes:

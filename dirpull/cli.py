@@ -842,7 +842,7 @@ def emulate(
     ] = None,
 ) -> None:
     """Serve local emulators of the vendors' APIs on 127.0.0.1 and print a config for them."""
-    from dirpull.emulators.cluster import Cluster
+    from dirpull.emulators.cluster import Cluster, write_private
     from dirpull.emulators.org import Org
 
     chosen = _provider_list(provider)
@@ -854,7 +854,7 @@ def emulate(
         try:  # the configuration and the Google emulator's key file go into write_config's folder
             text = cluster.config_toml(workdir, store_url=store_url)
             if write_config:
-                write_config.write_text(text, encoding="utf-8")
+                write_private(write_config, text)
         except OSError as exc:
             raise fail(f"--write-config {write_config}: cannot write ({exc.strerror})") from None
         if write_config:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dirpull.config import load_config
-from dirpull.emulators.cluster import Cluster
+from dirpull.emulators.cluster import Cluster, write_private
 from dirpull.emulators.org import Org
 from dirpull.storage.store import Store
 from dirpull.sync.daemon import Daemon
@@ -49,9 +49,7 @@ def run_demo(*, people: int, duration: float, schedule: str, workdir: Path) -> i
             _say("no provider has both an emulator and a connector yet; nothing to demo")
             return 1
         config_file = workdir / "dirpull.toml"
-        config_file.write_text(
-            cluster.config_toml(workdir, store_url=f"sqlite:///{db}", schedule=schedule), encoding="utf-8"
-        )
+        write_private(config_file, cluster.config_toml(workdir, store_url=f"sqlite:///{db}", schedule=schedule))
         config = load_config(config_file)
         store = Store(config.store.url)
         store.ensure_schema()

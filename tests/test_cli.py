@@ -1833,6 +1833,25 @@ def test_emulate_writes_a_config_that_loads(tmp_path):
     assert cfg.tenants["demo-bamboohr"].api_url.startswith("http://127.0.0.1:")
 
 
+def test_emulate_writes_its_config_readable_by_its_owner_only(tmp_path):
+    """The config holds the emulators' secrets inline (client_secret, api_token, password,
+    api_key): under the usual umask 022 it was written 0644, readable by every local account."""
+    target, kept = tmp_path / "emu.toml", tmp_path / "kept.toml"
+    kept.write_text("")
+    kept.chmod(0o400 | 0o200)
+    old = os.umask(0o022)
+    try:
+        for path in (target, kept):
+            args = ["emulate", "-p", "okta", "--people", "5", "--write-config", str(path), "--max-seconds", "0.1"]
+            r = CliRunner().invoke(app, args)
+            assert r.exit_code == 0, r.stderr
+    finally:
+        os.umask(old)
+    assert "api_token" in target.read_text()
+    assert oct(target.stat().st_mode & 0o777) == "0o600"
+    assert oct(kept.stat().st_mode & 0o777) == "0o600" and "api_token" in kept.read_text()
+
+
 def test_emulate_printing_its_config_leaves_no_folder_behind(tmp_path, monkeypatch):
     """Before, every run left a /tmp/dirpull-emulate-* folder holding the Google emulator's key."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

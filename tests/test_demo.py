@@ -13,3 +13,5 @@ def test_demo_syncs_every_provider_and_prints_events(tmp_path, capsys):
         assert f"[{tenant}] run" in out, f"no events printed for {tenant}"
     assert "user.created" in out and "directory change:" in out
     assert (tmp_path / "dirpull.toml").is_file() and (tmp_path / "demo.db").is_file()
+    # the config holds every emulator's secrets inline
+    assert oct((tmp_path / "dirpull.toml").stat().st_mode & 0o777) == "0o600"

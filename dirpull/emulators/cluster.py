@@ -4,6 +4,7 @@ points a tenant at each (`dirpull emulate`, `dirpull demo`, benchmarks)."""
 from __future__ import annotations
 
 import logging
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,16 @@ class Cluster:
         text = "\n".join(lines) + "\n"
         tomllib.loads(text)  # what we print must load
         return text
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a configuration the owner alone can read: it holds the emulators' client secrets, API
+    tokens and passwords inline, and under the usual umask 022 it came out 0644, readable by every
+    local account, unlike the store and the Google key file beside it. An existing file keeps the
+    mode its owner gave it (never loosened to the umask's)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with open(fd, "w", encoding="utf-8") as out:
+        out.write(text)
 
 
 def _toml(value: Any) -> str:

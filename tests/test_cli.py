@@ -183,6 +183,42 @@ def test_a_dry_run_without_a_store_creates_none(env, store_url, tmp_path, monkey
     assert len(jsonl(run(env, "users", "hr", "--json").stdout)) == visible
 
 
+def test_a_killed_dry_runs_scratch_store_is_removed_by_a_later_dry_run(env, store_url, tmp_path, monkeypatch):
+    """A dry run with no store yet plans against a scratch store in TMPDIR; SIGKILLed, its folder
+    (a planned copy of the directory's people) stayed there for good. The next dry run removes
+    such folders once their process is gone and they have been untouched for a day, and no other."""
+    if not store_url.startswith("sqlite"):
+        pytest.skip("a SQLite file")
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch_root))
+    config = Path(env["config"])
+    config.write_text(config.read_text().replace(store_url, f"sqlite:///{tmp_path / 'none.db'}"))
+    killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # as a dry run SIGKILLed
+    killed.kill()
+    killed.wait(10)
+    dead = killed.pid
+    day_old = time.time() - 86400 - 60
+
+    def leftover(name: str, *, age: float | None = day_old) -> Path:
+        folder = scratch_root / name
+        folder.mkdir(mode=0o700)
+        (folder / "dirpull.db").write_bytes(b"planned people")
+        if age is not None:
+            for p in (folder / "dirpull.db", folder):
+                os.utime(p, (age, age))
+        return folder
+
+    stale = leftover(f"dirpull-dry-run-{dead}-abc123")
+    recent = leftover(f"dirpull-dry-run-{dead}-def456", age=None)
+    alive = leftover(f"dirpull-dry-run-{os.getpid()}-ghi789")  # a long dry run still going
+    unnamed = leftover("dirpull-dry-run-jkl012")  # no process named: cannot tell it is over
+    r = run(env, "sync", "hr", "--dry-run")
+    assert r.exit_code == 0, r.stderr
+    assert not stale.exists()
+    assert sorted(scratch_root.iterdir()) == sorted([recent, alive, unnamed])
+
+
 def test_unchanged_resync_and_a_change(env):
     run(env, "sync", "hr")
     last = jsonl(run(env, "events", "hr", "--json").stdout)[-1]["seq"]

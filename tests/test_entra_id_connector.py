@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import requests
+from hostile import Answer, proxying
 from loopback_tls import self_signed_pem
 from redirects import redirecting
 
@@ -294,6 +295,36 @@ def test_wrong_secret_is_an_auth_error_without_the_secret(graph: GraphEmulator, 
     with pytest.raises(AuthError) as exc:
         pull(c)
     assert "AADSTS7000215" in str(exc.value) and "not-the-secret-xyz" not in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "body", "said"),
+    [
+        (401, "application/json", b'{"error":"invalid_client"}', "refused: invalid_client"),
+        (400, "application/json", b'{"error":"invalid_request","error_description":""}', "refused: invalid_request"),
+        (401, "text/html", b"<html><body><h1>401 Authorization Required</h1><p>client_secret=SECRET</p></body></html>",
+         "refused: HTTP 401: 401 Authorization Required client_secret=***"),
+        (403, "text/plain", b"", "refused: HTTP 403, no reason given"),
+    ],
+)
+def test_a_token_refusal_quotes_what_the_endpoint_said(
+    graph: GraphEmulator, tmp_path: Path, status: int, content_type: str, body: bytes, said: str
+) -> None:
+    """A token endpoint (or a gateway before it) refusing with an `error` but no
+    `error_description`, or with a page that is not JSON: the run's error read only "refused:
+    HTTP 401", dropping the `invalid_client` that says which credential to check."""
+
+    def refuse(answer: Answer) -> Answer | None:
+        if "/oauth2/v2.0/token" not in answer.path:
+            return None
+        return Answer(answer.path, status, [("Content-Type", content_type)],
+                      body.replace(b"SECRET", graph.client_secret.encode()))  # fmt: skip
+
+    with proxying(graph.base_url, refuse) as proxy, pytest.raises(AuthError) as exc:
+        pull(connector(graph, tmp_path, login_url=proxy.base_url))
+    message = str(exc.value)
+    assert message == f"token request to {proxy.base_url}/{graph.tenant_id}/oauth2/v2.0/token {said}"
+    assert graph.client_secret not in message
 
 
 @pytest.mark.parametrize("host", ["login_url", "graph_url"])

@@ -70,6 +70,7 @@ from dirpull.connectors.http import (
     interruptible_async_sleep,
     interruptible_sleep,
     parse_retry_after,
+    readable_body,
     redact_url,
     tenant_prefix,
     transport_reason,
@@ -325,11 +326,7 @@ class ClientCredentialsProvider:
                     continue
             break
         if resp.status_code in (400, 401, 403):
-            try:
-                body = resp.json()
-                detail = f"{body.get('error')}: {str(body.get('error_description', '')).splitlines()[0]}"
-            except (ValueError, AttributeError, IndexError):
-                detail = f"HTTP {resp.status_code}"
+            detail = _token_refusal(resp.status_code, resp.content)
             raise AuthError(f"token request to {redact_url(self._token_url)} refused: {detail}", step="token")
         if resp.status_code >= 400:
             raise ConnectorError(f"token request to {redact_url(self._token_url)}: HTTP {resp.status_code}",
@@ -608,6 +605,22 @@ async def _side_by_side(*walks: AsyncIterator[Page]) -> AsyncIterator[Page]:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _token_refusal(status: int, content: bytes) -> str:
+    """What a token endpoint's 400/401/403 says: `error: first line of error_description`, the
+    `error` alone when there is no description (it names the credential to check:
+    invalid_client, unauthorized_client), else the opening of whatever page answered (a gateway's),
+    credentials masked. The last two were dropped for a bare "HTTP 401"."""
+    try:
+        body = loads_any(content)
+    except ValueError:
+        body = None
+    if isinstance(body, dict) and isinstance(body.get("error"), str) and body["error"].strip():
+        lines = str(body.get("error_description") or "").strip().splitlines()
+        return readable_body(f"{body['error']}: {lines[0]}" if lines else body["error"], 500)
+    said = readable_body(content, 200)
+    return f"HTTP {status}: {said}" if said else f"HTTP {status}, no reason given"
 
 
 def _refused_delta_link(status: int, code: str) -> bool:

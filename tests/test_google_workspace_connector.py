@@ -997,6 +997,33 @@ def test_a_token_refusal_with_an_empty_body_says_so_instead_of_ending_on_a_colon
     assert str(err.value) == f"{refused}: HTTP 403, no reason given"
 
 
+@pytest.mark.parametrize(
+    ("status", "content_type", "body", "said"),
+    [
+        (400, "application/json", b'{"error":"invalid_grant"}', "invalid_grant"),
+        (401, "application/json", b'{"error":"invalid_client","error_description":null}', "invalid_client"),
+        (400, "application/json", b'{"error":"invalid_grant","error_description":" "}', "invalid_grant"),
+        (401, "text/html", b"<html><body><h1>401 Authorization Required</h1><p>assertion=eyJhbGciOi.eyJpc3Mi.c2ln"
+         b"</p></body></html>", "401 Authorization Required assertion=***"),
+    ],
+)
+def test_a_token_refusal_without_a_description_quotes_the_error_alone(
+    emu: GoogleEmulator, tmp_path: Path, status: int, content_type: str, body: bytes, said: str
+) -> None:
+    """A token endpoint answering an OAuth `error` without `error_description`: google-auth words it
+    "invalid_grant: None", and the run's error quoted that None as if it were the reason."""
+
+    def refuse(answer: Answer) -> Answer | None:
+        token = answer.path.startswith("/token")
+        return Answer(answer.path, status, [("Content-Type", content_type)], body) if token else None
+
+    with proxying(emu.base_url, refuse) as proxy:
+        c = with_token_uri(emu, tmp_path, f"{proxy.base_url}/token", Sleeps())
+        with pytest.raises(AuthError) as err:
+            list(c.pull(None, full=False))
+    assert str(err.value) == f"users.list: the token endpoint refused the service-account grant: {said}"
+
+
 def test_a_long_token_refusal_is_cut_with_an_ellipsis_on_one_line(emu: GoogleEmulator, tmp_path: Path) -> None:
     """A gateway's page or a long error_description: the run's error shows its first 200 characters
     on one line and says it was cut, instead of ending mid-word as though that were all of it."""

@@ -266,6 +266,17 @@ class _MemberReads:
         return out
 
 
+def _refresh_detail(exc: Exception) -> str:
+    """What google-auth's RefreshError quotes of the token endpoint's answer. For an OAuth error
+    without `error_description` it words it "invalid_grant: None" (or "invalid_grant: " when empty):
+    the `error` alone, not a None read as the reason."""
+    data = exc.args[1] if len(exc.args) > 1 else None
+    error = data.get("error") if isinstance(data, dict) else None
+    if isinstance(error, str) and error.strip() and not str(data.get("error_description") or "").strip():
+        return error
+    return exc.args[0] if exc.args and isinstance(exc.args[0], str) else "refused"
+
+
 def _refused(where: str, message: str, step: str, *, directory: str | None = None) -> AuthError:
     checks = "the subject, domain-wide delegation and the read-only scopes"
     if directory:
@@ -453,7 +464,7 @@ class _Session:
                     raise ConfigurationError(f"{where}: {message}", step=step) from None
                 raise ConnectorError(f"{where}: {message}", retriable=False, step=step) from None
             except RefreshError as exc:
-                detail = exc.args[0] if exc.args and isinstance(exc.args[0], str) else "refused"
+                detail = _refresh_detail(exc)
                 raw = getattr(self._local, "http", None)
                 token_status = getattr(raw, "token_status", None)
                 if token_status is not None and 300 <= token_status < 400:

@@ -1829,6 +1829,10 @@ def test_the_systemd_unit_starts_the_daemon(env, monkeypatch):
     unit = (Path(__file__).parent.parent / "config" / "dirpull.service").read_text()
     lines = [line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith("#")]
     assert ["Environment", "DIRPULL_CONFIG=/etc/dirpull/dirpull.toml"] in lines
+    # The runs spool people's records to TMPDIR: a /tmp of the unit's own, not the one every
+    # service shares; a disk-backed TMPDIR is shown for hosts whose /tmp is RAM.
+    assert ["PrivateTmp", "true"] in lines
+    assert "# Environment=TMPDIR=/var/lib/dirpull/tmp\n" in unit
     config = Path(env["config"])
     config.write_text(config.read_text().replace("[defaults.guard]", '[defaults]\nschedule = "1s"\n[defaults.guard]'))
     monkeypatch.setenv("DIRPULL_CONFIG", str(config))

@@ -321,9 +321,14 @@ class _EchoingGateway(http.server.BaseHTTPRequestHandler):
     """A gateway whose error page shows the request it refused, headers included (a debugging
     page, some WAFs): the Authorization header holds the credentials."""
 
+    body_first = False  # the request's body (a token form) before its headers
+
     def _any(self) -> None:
         shown = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in self.headers.items())
-        body = f"<html><body><h1>400 Bad Request</h1><table>{shown}</table></body></html>".encode()
+        sent = self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode("utf-8", "replace")
+        parts = [f"<table>{shown}</table>", f"<pre>{sent}</pre>"]
+        page = "".join(reversed(parts) if self.body_first else parts)
+        body = f"<html><body><h1>400 Bad Request</h1>{page}</body></html>".encode()
         self.send_response(400)
         self.send_header("Content-Type", "text/html")
         self.send_header("Content-Length", str(len(body)))
@@ -361,6 +366,36 @@ def test_a_page_echoing_the_authorization_header_is_quoted_without_the_credentia
     assert result.status == "failed" and "Authorization Basic ***" in stored, stored
     for text in (result.error, stored, caplog.text):
         assert encoded not in text and SECRET not in text
+
+
+@pytest.mark.parametrize("provider", ["okta", "entra_id"])
+def test_a_short_secret_echoed_by_a_gateway_is_masked_where_it_stands_as_a_credential(
+    provider: str, serve: Callable[..., str], harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Configured secrets under 8 characters were never masked (they could be any word), nor
+    by the credential patterns (12 and 8 characters and more): a 6-character Okta API token echoed
+    as `Authorization: SSWS ab12cd`, or a client secret in an echoed token form
+    (`client_secret=ab12cd&`), went into the run's error, `dirpull runs` and the log as sent."""
+    from dirpull.connectors.entra_id import build as entra
+    from dirpull.connectors.okta import OktaConnector
+
+    short = "ab12cd"
+    base = serve(type("FormEchoingGateway", (_EchoingGateway,), {"body_first": True}), False)
+    if provider == "okta":
+        tenant = {"provider": provider, "org_url": base, "api_token": short, "backoff_base": 0.01}
+        h = harness({"t1": tenant}, connector_factory=lambda name, s: OktaConnector(name, s, sleep=_OktaSleeps()))
+        shown = "Authorization SSWS ***"
+    else:
+        tenant = {"provider": provider, "tenant_id": "t", "client_id": "c", "client_secret": short,
+                  "login_url": base, "graph_url": f"{base}/v1.0"}  # fmt: skip
+        h = harness({"t1": tenant}, connector_factory=lambda name, s: entra(name, s, policy=_policy([])))
+        shown = "client_secret=***&"
+    with caplog.at_level("INFO"):
+        result = h.sync("t1")
+    stored = h.store.runs("t1")[0]["error"]
+    assert result.status == "failed" and shown in stored, stored
+    for text in (result.error, stored, caplog.text):
+        assert short not in text
 
 
 _CA_NAMES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTPLIB2_CA_CERTS")

@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import socket
 import threading
@@ -819,6 +820,7 @@ def _secret_values(settings: Any) -> list[str]:
     """The tenant's secrets as configured now, longest first, and each line of a multi-line one (a
     PEM key, a service-account file and the private key in it)."""
     values: set[str] = set()
+    short: set[str] = set()  # a whole secret under MIN_ANYWHERE characters (never a line of one)
     for key in getattr(type(settings), "model_fields", {}):
         ref = getattr(settings, key, None)
         if not isinstance(ref, SecretRef):
@@ -828,6 +830,8 @@ def _secret_values(settings: Any) -> list[str]:
         except ConfigError:
             continue
         found = [value]
+        if 0 < len(value.strip()) < MIN_ANYWHERE:
+            short.add(value.strip())
         try:
             info = json.loads(value)
         except ValueError:
@@ -837,7 +841,7 @@ def _secret_values(settings: Any) -> list[str]:
         for v in found:
             values.add(v)
             values.update(line.strip() for line in v.splitlines())
-    return sorted((v for v in values if len(v) >= 8), key=len, reverse=True)
+    return sorted({v for v in values if len(v) >= MIN_ANYWHERE} | short, key=len, reverse=True)
 
 
 def _without_secrets(text: str, settings: Any) -> str:
@@ -850,17 +854,36 @@ def _without_secrets(text: str, settings: Any) -> str:
 
 CUT = "…"  # where a connector cut a quoted vendor page short (`readable_body`, `transport_reason`)
 MIN_CUT_PREFIX = 3  # characters of a secret before a cut that are masked as its start
+# A secret this long is masked wherever it appears; a shorter one (a 6-character password or API
+# token) could be any word of the text, and is masked only where text names a credential.
+MIN_ANYWHERE = 8
+
+
+def _short_secret(secret: str) -> re.Pattern[str]:
+    """Where a short secret shows as a credential: after an authorization scheme (`SSWS ab12cd`, a
+    gateway's page echoing the request's headers) or as a field's value (`client_secret=ab12cd&`
+    in an echoed form or query, `"api_token": "ab12cd"`). These are skipped by `mask_credentials`
+    (they are for values of 8 or 12 characters and more) and were quoted as sent."""
+    value = re.escape(secret)
+    return re.compile(
+        rf"""(\b(?i:Basic|Bearer|SSWS|DPoP|Token)\s+|[=:]\s*["']?){value}(?=$|[\s"'&,;}})\]<])"""
+    )
 
 
 def _mask_secrets(text: str, secrets: Sequence[str]) -> str:
     """`text` with each of `secrets` (longest first) as `***`, and with the start of one that a cut
     went through: a vendor's page is quoted to 200 or 300 characters and ends in `…`, and a secret
     it quoted near its end (a gateway's page naming the key it could not check) left its first part
-    in the log and the run record, the whole secret being nowhere to find."""
+    in the log and the run record, the whole secret being nowhere to find. A secret shorter than
+    MIN_ANYWHERE only where it stands as a credential (`_short_secret`)."""
     for secret in secrets:
-        text = text.replace(secret, "***")
+        if len(secret) >= MIN_ANYWHERE:
+            text = text.replace(secret, "***")
+        elif secret in text:
+            text = _short_secret(secret).sub(r"\1***", text)
     if CUT not in text:
         return text
+    secrets = [s for s in secrets if len(s) >= MIN_ANYWHERE]
     out: list[str] = []
     start = 0
     while (cut := text.find(CUT, start)) >= 0:

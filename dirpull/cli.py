@@ -14,7 +14,6 @@ import logging
 import os
 import shlex
 import shutil
-import stat
 import sys
 import tempfile
 import threading
@@ -206,52 +205,6 @@ def _missing_sqlite(url: str) -> str | None:
     if not os.path.isabs(database):
         return f"{missing} (the store url's {database} is relative to the current folder, {os.getcwd()})"
     return missing
-
-
-DRY_RUN_PREFIX = "dirpull-dry-run-"
-LEFTOVER_AGE_S = 86400.0
-
-
-def _sweep_dry_run_leftovers() -> None:
-    """Remove the scratch stores of dry runs that were killed (SIGKILL, OOM, power loss) before
-    their own cleanup: each left a folder in TMPDIR holding a planned copy of the directory's
-    people. SQLite needs the folder while the run lasts (its -wal and -shm files are made and
-    reopened there), so it cannot be unlinked early; a later dry run removes it instead. Only a
-    folder of this account's, untouched for a day, whose process (named in it) is gone: a live
-    dry run, however long, keeps its own."""
-    root = tempfile.gettempdir()
-    try:
-        names = [n for n in os.listdir(root) if n.startswith(DRY_RUN_PREFIX)]
-    except OSError:
-        return
-    now = time.time()
-    for name in names:
-        pid = name.removeprefix(DRY_RUN_PREFIX).partition("-")[0]
-        if not pid.isdigit() or _process_lives(int(pid)):
-            continue
-        path = os.path.join(root, name)
-        try:
-            st = os.lstat(path)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
-                continue
-            with os.scandir(path) as entries:
-                newest = max([st.st_mtime, *(e.stat(follow_symlinks=False).st_mtime for e in entries)])
-        except OSError:
-            continue
-        if now - newest > LEFTOVER_AGE_S:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _process_lives(pid: int) -> bool:
-    if pid <= 0:
-        return True  # not a process id: left alone
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: another account's live process
-        return True
-    return True
 
 
 def _refuse_missing_sqlite(url: str) -> None:
@@ -488,8 +441,9 @@ def sync(
         # A dry run changes nothing: it made the store file (run from the wrong folder with a
         # relative URL, a stray one there). It plans against an empty store, as the first sync
         # would find, made in a temporary folder that goes when it ends.
-        _sweep_dry_run_leftovers()
-        scratch = tempfile.mkdtemp(prefix=f"{DRY_RUN_PREFIX}{os.getpid()}-")
+        from dirpull.dry_run_scratch import make_scratch
+
+        scratch = make_scratch()
         url = f"sqlite:///{os.path.join(scratch, 'dirpull.db')}"
         config = config.model_copy(update={"store": config.store.model_copy(update={"url": url})})
         typer.echo(f"dirpull: no store at {missing} yet: planned against an empty one; nothing created", err=True)

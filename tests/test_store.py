@@ -990,6 +990,64 @@ def test_a_users_groups_are_read_by_index_not_from_all_of_the_tenants_membership
         s.close()
 
 
+@pytest.mark.stores
+def test_listing_users_by_state_reads_only_those_users_not_the_whole_tenant(store_url: str):
+    """`dirpull users T --state inactive` lists the tenant's inactive users by idp_id. SQLite read
+    every user of the tenant by the primary key to keep those (100,000 users of ~2 kB: 0.19 s for
+    5,000 inactive ones), and so did PostgreSQL through the stream's cursor, until 0007 put the
+    idp_id in the index by state: the listing's order, no sort, no other users read."""
+    from alembic import command
+
+    s = Store(store_url)
+    try:
+        with s.engine.begin() as conn:  # a store made by the previous release
+            command.upgrade(s._alembic(conn), "0006")
+        for tenant, n in (("t", 20_000), ("other", 2_000)):
+            s.ensure_tenant(tenant, "bamboohr")
+            assert s.acquire_lease(tenant, "a", timedelta(seconds=60)) is None
+            ws = writes(tenant, n, "u")
+            for i, user in enumerate(ws.user_creates):
+                user["state"] = "inactive" if i % 20 == 7 else "active"
+            run_id = s.start_run(tenant, trigger="test", mode="full", worker="a")
+            s.apply(tenant, run_id, ws, holder="a", cursor=None, full=True,
+                    run_fields={"status": "succeeded", "mode": "full", "counts": {}, "requests": 0})  # fmt: skip
+        assert s.upgrade() == ("0006", CURRENT)
+        if s.dialect == "postgresql":
+            with s.engine.connect() as conn:
+                conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("ANALYZE users"))
+
+        queries: list[tuple[str, Any]] = []
+
+        def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+            if "FROM users" in statement:
+                queries.append((statement, parameters))
+
+        sa.event.listen(s.engine, "before_cursor_execute", seen)
+        try:
+            listed, plans = _sqlite_plans(s, lambda: s.iter_users("t", state="inactive"))
+        finally:
+            sa.event.remove(s.engine, "before_cursor_execute", seen)
+        expected = sorted(f"u-{i}" for i in range(20_000) if i % 20 == 7)
+        assert [u["idp_id"] for u in listed] == expected and {u["state"] for u in listed} == {"inactive"}
+        assert s.count_users("t") == {"active": 19_000, "inactive": 1_000}
+        if s.dialect == "sqlite":
+            assert len(plans) == 1, plans
+            assert "USING INDEX ix_users_tenant_state_id (tenant=? AND state=?)" in plans[0], plans
+            assert "TEMP B-TREE" not in plans[0], plans
+        else:
+            # As the stream runs it: a cursor, which PostgreSQL plans for its first rows.
+            assert len(queries) == 1, queries
+            statement, parameters = queries[0]
+            with s.engine.begin() as conn:
+                plan = " | ".join(
+                    row[0].strip()
+                    for row in conn.exec_driver_sql(f"EXPLAIN DECLARE plan_check CURSOR FOR {statement}", parameters)
+                )
+            assert "Index Scan using ix_users_tenant_state_id" in plan and "Sort" not in plan, plan
+    finally:
+        s.close()
+
+
 def _pg_plans(s: Store, call: Any) -> tuple[Any, list[str]]:
     """As `_sqlite_plans`, on PostgreSQL: each SELECT or UPDATE `call()` ran, with EXPLAIN's plan."""
     ran: list[tuple[str, Any]] = []

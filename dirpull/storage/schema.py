@@ -65,7 +65,8 @@ users = sa.Table(
     sa.Column("source_digest", sa.String(32)),
     sa.Column("created_at", TS, nullable=False),
     sa.Column("updated_at", TS, nullable=False),
-    sa.Index("ix_users_tenant_state", "tenant", "state"),
+    # `dirpull users T --state S`, already in idp_id order (0007), and users counted by state.
+    sa.Index("ix_users_tenant_state_id", "tenant", "state", "idp_id"),
     # A deleted manager's reports (`Store.load_reports`, 0004).
     sa.Index("ix_users_tenant_manager", "tenant", "manager_idp_id"),
 )

@@ -1172,6 +1172,35 @@ def test_polling_a_quiet_tenant_reads_its_own_events_not_every_later_one(store: 
 
 
 @pytest.mark.postgres
+def test_listing_a_tenants_runs_reads_its_own_not_every_later_run_of_the_others(store: Store):
+    """`dirpull runs quiet`, and `dirpull status` for each tenant, read the tenant's newest runs.
+    For a tenant with half the runs or more whose runs stopped (disabled, or synced by hand no
+    more) while another went on, PostgreSQL (statistics up to date) walked the primary key back
+    from the newest run of all through every later run of the other tenant (105,000: 33 ms a
+    listing, for each such tenant in each `dirpull status`), instead of the (tenant, id) index."""
+    store.ensure_tenant("quiet", "bamboohr")
+    with store.engine.begin() as conn:  # quiet's 30,000 runs, then t's 30,000
+        conn.execute(
+            sa.text(
+                "INSERT INTO runs (tenant, trigger, mode, status, worker, started_at, finished_at, duration_s, "
+                "requests, counts, notes, quarantined) "
+                "SELECT CASE WHEN i <= 30000 THEN 'quiet' ELSE 't' END, 'schedule', 'incremental', 'succeeded', "
+                "'w', now(), now(), 0, 0, '{}', '[]', '[]' FROM generate_series(1, 60000) AS i"
+            )
+        )
+    with store.engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("ANALYZE runs"))
+
+    listed, plans = _pg_plans(store, lambda: [store.runs("quiet", 20), store.runs("t", 1), store.runs("none", 5)])
+    quiet, t_runs, none = listed
+    assert [r["id"] for r in quiet] == list(range(30000, 29980, -1)) and {r["tenant"] for r in quiet} == {"quiet"}
+    assert [r["id"] for r in t_runs] == [60000] and none == []
+    assert len(plans) == 3, plans
+    for plan in plans:
+        assert "Index Scan Backward using ix_runs_tenant_id" in plan and "runs_pkey" not in plan, plan
+
+
+@pytest.mark.postgres
 def test_a_slow_event_consumer_is_not_cut_off(store):
     """`dirpull events --json | slow-consumer`: the stream waits for its reader between batches of
     1,000 events. The connection's two-minute idle-in-transaction limit (shortened here to 1 s)

@@ -135,6 +135,10 @@ runs = sa.Table(
     # A tenant's runs by outcome (0006): the run still marked running that a new one marks cut
     # off, whether it ever succeeded, when it last did (`dirpull status`).
     sa.Index("ix_runs_tenant_status", "tenant", "status", "finished_at"),
+    # A tenant's newest run of a trigger (0008): `dirpull status`'s newest scheduled run. The trigger
+    # first: the tenant is a range in that query (`Store.last_runs`), which would stop a (tenant,
+    # trigger) index from seeking the trigger.
+    sa.Index("ix_runs_trigger_tenant", "trigger", "tenant", "id"),
 )
 
 cursors = sa.Table(

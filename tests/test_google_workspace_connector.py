@@ -962,6 +962,27 @@ def test_a_token_answer_that_is_not_json_is_retried_and_then_fails_naming_the_to
     assert "gave up after 5 attempts" in str(err.value) and err.value.retriable
 
 
+def test_a_token_endpoint_answering_a_rate_limit_is_waited_out_not_taken_for_a_refused_grant(
+    emu: GoogleEmulator, tmp_path: Path
+) -> None:
+    """A throttling in the API's error shape from the token endpoint (403 userRateLimitExceeded)
+    failed the run at once as "the token endpoint refused the service-account grant", quoting the
+    error as a Python dict. (A 429 google-auth retries itself.)"""
+    clean, _ = pull(connector(emu, tmp_path))
+    emu.rate_limit_kind = "user"
+    emu.faults.update({"rate_limit": 2, "path": "/token"})
+    sleeps = Sleeps()
+    pages, _ = pull(connector(emu, tmp_path, sleeps))
+    assert users(pages) == users(clean) and len(sleeps) >= 1
+    emu.faults.update({"rate_limit": 1000, "path": "/token"})
+    with pytest.raises(ConnectorError) as err:
+        pull(connector(emu, tmp_path, Sleeps()))
+    msg = str(err.value)
+    assert msg.startswith("users.list: the token endpoint is rate limited: "), msg
+    assert "Rate Limit Exceeded (" in msg and "{'code'" not in msg and err.value.retriable
+    assert not isinstance(err.value, AuthError)
+
+
 def test_a_token_endpoint_that_cannot_be_reached_is_the_url_named(emu: GoogleEmulator, tmp_path: Path) -> None:
     """The key file's token_uri is another host than api_url (oauth2.googleapis.com beside
     admin.googleapis.com): a proxy or firewall blocking it was reported as a failure talking to

@@ -274,7 +274,20 @@ def _refresh_detail(exc: Exception) -> str:
     error = data.get("error") if isinstance(data, dict) else None
     if isinstance(error, str) and error.strip() and not str(data.get("error_description") or "").strip():
         return error
+    if isinstance(error, dict):
+        # The API's error shape (a front end's answer, not the OAuth server's): google-auth quotes
+        # the dict as Python writes it, "{'code': 403, 'message': …".
+        reason, message = _api_error(error)
+        return f"{message} ({reason})" if message and reason else message or reason or "refused"
     return exc.args[0] if exc.args and isinstance(exc.args[0], str) else "refused"
+
+
+def _token_throttled(exc: Exception) -> bool:
+    """The token endpoint's answer is a throttling in the API's error shape (403 or 429 with
+    userRateLimitExceeded, rateLimitExceeded, quotaExceeded): a rate limit, not a refusal."""
+    data = exc.args[1] if len(exc.args) > 1 else None
+    error = data.get("error") if isinstance(data, dict) else None
+    return isinstance(error, dict) and _api_error(error)[0] in THROTTLE_REASONS
 
 
 def _refused(where: str, message: str, step: str, *, directory: str | None = None) -> AuthError:
@@ -289,10 +302,17 @@ def _refused(where: str, message: str, step: str, *, directory: str | None = Non
 def _error_reason(exc: Any) -> tuple[str, str]:
     """(reason, message) from a Google JSON error body."""
     try:
-        err = json.loads(exc.content)["error"]
+        return _api_error(json.loads(exc.content)["error"])
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return "", ""
+
+
+def _api_error(err: Any) -> tuple[str, str]:
+    """(reason, message) of the API's `error` object."""
+    try:
         first = (err.get("errors") or [{}])[0]
         return str(first.get("reason") or err.get("status") or ""), str(err.get("message") or "")
-    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+    except (KeyError, TypeError, AttributeError, IndexError):
         return "", ""
 
 
@@ -488,6 +508,10 @@ class _Session:
                     what = (f"{step}: the token endpoint failed with HTTP {token_status} (an outage at Google, "
                             f"not a refusal of the service account): {readable_body(detail, 200)}")  # fmt: skip
                     self._retry(what, attempt, step)
+                    continue
+                if _token_throttled(exc):
+                    what = f"{step}: the token endpoint is rate limited: {readable_body(detail, 200)}"
+                    self._retry(what, attempt, step, attempts=max(self.policy.max_attempts, THROTTLE_ATTEMPTS))
                     continue
                 if getattr(exc, "retryable", False):
                     # A 429/408 or a server_error/temporarily_unavailable from the token endpoint

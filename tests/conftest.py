@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import os
 import uuid
 from collections.abc import Iterator
@@ -48,14 +49,52 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pg_url_or_skip() -> str:
-    """The PostgreSQL server for tests; skipped by hand without one, a failure in CI."""
+    """A database of this test process's own on the PostgreSQL server for tests; skipped by hand
+    without a server, a failure in CI."""
     url = os.environ.get(PG_ENV)
     if url:
-        return url
+        return _own_database(url)
     message = f'PostgreSQL tests need {PG_ENV} (start a throw-away server: export {PG_ENV}="$(scripts/postgres start)")'
     if os.environ.get("CI"):
         pytest.fail(f"CI is set and {message}", pytrace=False)
     pytest.skip(message)
+
+
+_OWN_DATABASES: list[tuple[Any, str]] = []  # (the server's URL, a database made on it) to drop at the end
+
+
+@functools.cache
+def _own_database(server_url: str) -> str:
+    """Advisory locks (the store's event and migration locks) and `pg_locks` are per database, not
+    per schema: parallel test workers (pytest-xdist), or two test runs sharing one server, would
+    wait on each other's locks and see each other's waiters. So each test process gets a database
+    of its own, made on first use and dropped when the session ends."""
+    import sqlalchemy as sa
+
+    base = sa.engine.make_url(server_url)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    name = f"{base.database}_{worker}_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(base, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    finally:
+        admin.dispose()
+    _OWN_DATABASES.append((base, name))
+    return base.set(database=name).render_as_string(hide_password=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import sqlalchemy as sa
+
+    for base, name in _OWN_DATABASES:
+        admin = sa.create_engine(base, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+        try:
+            with admin.connect() as conn:
+                # FORCE: a connection a test left open (a killed worker's, a pool's) must not keep it.
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        finally:
+            admin.dispose()
 
 
 @pytest.fixture

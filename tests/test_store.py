@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from conftest import pg_url_or_skip
+from conftest import PG_ENV, pg_url_or_skip
 from typer.testing import CliRunner
 
 from dirpull.cli import app
@@ -814,6 +814,35 @@ def test_upgrading_a_0001_store_keeps_its_rows_cursor_and_event_sequence(store_u
         assert s.membership_pairs("hr") == {("g1", "u1")}
     finally:
         s.close()
+
+
+@pytest.mark.postgres
+def test_a_test_process_migrates_while_another_test_run_on_the_server_holds_the_migration_lock(store_url: str):
+    """The store's advisory locks are per database: while PostgreSQL tests had only a schema each
+    in the server's one database, a parallel worker (pytest-xdist) or another test run migrating a
+    store held up this process's migrations and commits, and showed up in its `pg_locks` counts."""
+    other_run = sa.create_engine(os.environ[PG_ENV], poolclass=sa.pool.NullPool)
+    s = Store(store_url)
+    done = threading.Event()
+
+    def migrate() -> None:
+        s.ensure_schema()
+        done.set()
+
+    try:
+        with other_run.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": store_module.MIGRATION_LOCK_KEY})
+            migrating = threading.Thread(target=migrate)
+            migrating.start()
+            try:
+                assert done.wait(30), "the migration waited for another test run's lock"
+            finally:
+                conn.rollback()  # releases the lock: a blocked migration goes on and the thread ends
+                migrating.join(60)
+        assert s.schema_state()[0] == s.schema_state()[1]
+    finally:
+        s.close()
+        other_run.dispose()
 
 
 def test_two_db_upgrades_at_once_one_migrates_and_the_other_says_it_was_already_current(

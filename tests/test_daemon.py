@@ -166,6 +166,8 @@ def test_a_worker_whose_machine_slept_through_a_cron_time_fires_soon_after_it_wa
         # The machine wakes up a second after 02:00, having slept through it.
         slept[0] = next_fire(nightly, None) - datetime.now(UTC) + timedelta(seconds=1)
         assert wait_for(lambda: d.pulls == 2, timeout=5)
+        # The pull is counted as it starts: on a loaded machine the shutdown would cut the run off.
+        assert wait_for(lambda: daemon.results)
     finally:
         daemon.shutdown()
     assert [r.status for r in daemon.results] == ["succeeded"]

@@ -424,7 +424,7 @@ def stall(self, *args, **kwargs):  # rows and events are written, the cursor and
 
 Store._write_cursor = stall
 s = Store(sys.argv[1])
-assert s.acquire_lease("t", "dying", timedelta(seconds=1)) is None
+assert s.acquire_lease("t", "dying", timedelta(seconds=float(sys.argv[4]))) is None
 commit_run(s, "t", "dying", 3000, "lost")
 """
 
@@ -441,7 +441,12 @@ def test_a_worker_killed_in_the_middle_of_its_commit_applied_nothing(store_url: 
     stalled = tmp_path / "stalled"
     script = tmp_path / "dying.py"
     script.write_text(_KILLED_MID_COMMIT)
-    worker = subprocess.Popen([sys.executable, str(script), store_url, str(stalled), str(Path(__file__).parent)])
+    # The dying worker's lease must outlast its commit and this test's checks, on a loaded machine too.
+    lease_ttl = 5.0
+    worker = subprocess.Popen(
+        [sys.executable, str(script), store_url, str(stalled), str(Path(__file__).parent), str(lease_ttl)]
+    )
+    started = time.monotonic()
     try:
         deadline = time.monotonic() + 60
         while not stalled.exists():
@@ -455,8 +460,12 @@ def test_a_worker_killed_in_the_middle_of_its_commit_applied_nothing(store_url: 
     assert sorted(u["idp_id"] for u in store.iter_users("t")) == ["before-0", "before-1"]
     assert [e["seq"] for e in store.iter_events("t")] == seen
     assert store.acquire_lease("t", "b", timedelta(seconds=30)) is not None  # the dead one's, until it expires
-    time.sleep(1.2)
-    assert store.acquire_lease("t", "b", timedelta(seconds=30)) is None
+    # It was taken after `started`, once the worker's Python was up: expired at the latest soon after.
+    time.sleep(max(0.0, started + lease_ttl + 0.2 - time.monotonic()))
+    deadline = time.monotonic() + 30
+    while (holder := store.acquire_lease("t", "b", timedelta(seconds=30))) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert holder is None
     commit_run(store, "t", "b", 1, "after")
     runs = store.runs("t")
     assert [r["status"] for r in runs] == ["succeeded", "failed", "succeeded"]

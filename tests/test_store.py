@@ -102,6 +102,30 @@ def test_lease_is_exclusive_renewable_and_expires(store):
     assert not store.renew_lease("t", "b", ttl)  # b cannot come back
 
 
+@pytest.mark.postgres  # SQLite's write lock, taken by the UPDATE, keeps the release out until the read
+def test_a_lease_released_while_another_worker_asks_for_it_is_taken_not_said_held_by_none(store_url: str, store):
+    """A worker asks for the lease while its holder releases it, the release committed between the
+    conditional UPDATE (held: nothing taken) and the read of the holder. On PostgreSQL the read saw
+    the free lease, so the run was skipped as "tenant t is being synced by None (lease until ?)"."""
+    assert store.acquire_lease("t", "a", timedelta(seconds=30)) is None
+    asking = Store(store_url)
+    released: list[bool] = []
+
+    @sa.event.listens_for(asking.engine, "before_cursor_execute")
+    def release_first(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and "leases" in statement and not released:
+            released.append(True)
+            store.release_lease("t", "a")  # a's run ends, in its own transaction
+
+    try:
+        taken = asking.acquire_lease("t", "b", timedelta(seconds=30))
+        assert released  # the release did come in between
+        assert taken is None, f"not taken: held by {taken.holder} until {taken.expires_at}"
+        assert store.lease("t").holder == "b"
+    finally:
+        asking.close()
+
+
 def test_racing_workers_never_both_take_an_expired_lease(store_url: str, store):
     stores = [Store(store_url) for _ in range(4)]
     try:

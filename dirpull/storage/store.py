@@ -560,7 +560,8 @@ class Store:
         before it expires. The caller guarantees no holder of that form is in use.
 
         One conditional UPDATE: of two workers racing for an expired lease, PostgreSQL makes the
-        second wait for the first's row lock and then re-checks the WHERE against the new holder."""
+        second wait for the first's row lock and then re-checks the WHERE against the new holder.
+        Once more if the lease was released between that UPDATE and the read of its holder."""
         L = t.leases.c
         with self.engine.begin() as conn:
             now = self._now(conn)
@@ -570,14 +571,20 @@ class Store:
                 # substr, not LIKE: exact on both databases (SQLite's LIKE ignores ASCII case).
                 mine = sa.and_(sa.func.substr(L.holder, 1, len(prefix)) == prefix, sa.func.length(L.holder) == length)
                 free.append(mine)
-            taken = conn.execute(
+            take = (
                 t.leases.update()
                 .where(L.tenant == tenant, sa.or_(*free))
                 .values(holder=holder, acquired_at=now, expires_at=now + ttl)
-            ).rowcount
-            if taken:
+            )
+            if conn.execute(take).rowcount:
                 return None
             row = conn.execute(sa.select(L.holder, L.expires_at).where(L.tenant == tenant)).first()
+            if row is not None and row.holder is None:
+                # Released after the UPDATE found it held (PostgreSQL reads each statement's own
+                # snapshot): free now, so take it, rather than be skipped as "synced by None".
+                if conn.execute(take).rowcount:
+                    return None
+                row = conn.execute(sa.select(L.holder, L.expires_at).where(L.tenant == tenant)).first()
             if row is None:
                 try:
                     with conn.begin_nested():

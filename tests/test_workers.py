@@ -24,7 +24,8 @@ from dirpull.storage.store import Store
 
 TENANTS = 20
 WORKERS = 3
-RUN_SECONDS = 16.0  # each worker's --max-seconds
+RUN_SECONDS = 24.0  # each worker's --max-seconds: time for a takeover after the kill, even when the
+# workers were slow to start (a loaded machine, tests in parallel)
 LEASE_TTL = 3.0
 REQUEST_DELAY = 0.3  # every emulator request: a sync lasts long enough to be killed mid-run
 

@@ -61,6 +61,13 @@ def pg_url_or_skip() -> str:
 
 
 _OWN_DATABASES: list[tuple[Any, str]] = []  # (the server's URL, a database made on it) to drop at the end
+# Names of the databases test processes make: `<the URL's database>_tp_<worker>_<8 hex>`. Each such
+# process keeps a connection to the URL's database whose application_name is its database's name
+# for as long as it lives, so a process gone without its session's end (an xdist worker that
+# crashed and was restarted, a run killed with SIGKILL) is told from a live one, here or on another
+# machine: only the databases of gone ones are swept.
+_OWN_MARK = "_tp_"
+_HOLDERS: list[Any] = []  # the connections that say this process's databases are in use
 
 
 @functools.cache
@@ -68,15 +75,23 @@ def _own_database(server_url: str) -> str:
     """Advisory locks (the store's event and migration locks) and `pg_locks` are per database, not
     per schema: parallel test workers (pytest-xdist), or two test runs sharing one server, would
     wait on each other's locks and see each other's waiters. So each test process gets a database
-    of its own, made on first use and dropped when the session ends."""
+    of its own, made on first use and dropped when the session ends. Those of test processes that
+    never reached their end are dropped first: on a developer's own server they added up, a
+    database per crashed worker or killed run."""
     import sqlalchemy as sa
 
     base = sa.engine.make_url(server_url)
     worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-    name = f"{base.database}_{worker}_{uuid.uuid4().hex[:8]}"
+    name = f"{base.database}{_OWN_MARK}{worker}_{uuid.uuid4().hex[:8]}"
+    # Held before the database exists: another process sweeping meanwhile never takes it for a leftover.
+    holder = sa.create_engine(
+        base.update_query_dict({"application_name": name}), poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT"
+    )
+    _HOLDERS.append((holder, holder.connect()))
     admin = sa.create_engine(base, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
+            _drop_leftovers(conn, f"{base.database}{_OWN_MARK}")
             conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
     finally:
         admin.dispose()
@@ -84,17 +99,38 @@ def _own_database(server_url: str) -> str:
     return base.set(database=name).render_as_string(hide_password=False)
 
 
+def _drop_leftovers(conn: Any, prefix: str) -> None:
+    """Drop the test databases (`prefix`…) whose process no longer holds its connection."""
+    import sqlalchemy as sa
+
+    names = [n for (n,) in conn.execute(sa.text("SELECT datname FROM pg_database")) if n.startswith(prefix)]
+    # Read after the names: a database listed was made after its holder connected, so a live one's
+    # holder is seen here.
+    live = {a for (a,) in conn.execute(sa.text("SELECT application_name FROM pg_stat_activity"))}
+    for name in names:
+        if name not in live:
+            try:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            except sa.exc.DBAPIError:
+                pass  # another account's (must be owner), or dropped by another process sweeping too
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     import sqlalchemy as sa
 
-    for base, name in _OWN_DATABASES:
-        admin = sa.create_engine(base, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
-        try:
-            with admin.connect() as conn:
-                # FORCE: a connection a test left open (a killed worker's, a pool's) must not keep it.
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        finally:
-            admin.dispose()
+    try:
+        for base, name in _OWN_DATABASES:
+            admin = sa.create_engine(base, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+            try:
+                with admin.connect() as conn:
+                    # FORCE: a connection a test left open (a killed worker's, a pool's) must not keep it.
+                    conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+            finally:
+                admin.dispose()
+    finally:
+        for engine, conn in _HOLDERS:
+            conn.close()
+            engine.dispose()
 
 
 @pytest.fixture

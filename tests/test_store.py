@@ -878,6 +878,68 @@ def test_a_test_process_migrates_while_another_test_run_on_the_server_holds_the_
         other_run.dispose()
 
 
+# A test process on the PostgreSQL test server: it makes its database (conftest), says its name,
+# and then ends as told: "crash" without its session's end (an xdist worker that died, a run killed
+# with SIGKILL), "hold" alive until its stdin closes, then ends its session, "end" at once, cleanly.
+_TEST_PROCESS = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import conftest
+print(conftest.pg_url_or_skip().rsplit("/", 1)[1].split("?")[0], flush=True)
+if sys.argv[2] == "crash":
+    os._exit(0)
+if sys.argv[2] == "hold":
+    sys.stdin.read()
+conftest.pytest_sessionfinish(None, 0)
+"""
+
+
+@pytest.mark.postgres
+def test_the_databases_of_test_processes_that_never_ended_are_dropped_by_the_next_one(store_url: str) -> None:
+    """Each test process makes a database on the test server, dropped at its session's end: one
+    that crashed (pytest-xdist restarts it) or a run killed with SIGKILL left its database behind,
+    and on a developer's own server they piled up, one more per crash. The next test process drops
+    them, and never a live one's (another worker's, another run's on the same server)."""
+    server = sa.create_engine(os.environ[PG_ENV], poolclass=sa.pool.NullPool)
+    here = str(Path(__file__).parent)
+
+    def process(how: str, **kwargs: Any) -> subprocess.Popen[str]:
+        cmd = [sys.executable, "-c", _TEST_PROCESS, here, how]
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "CI": ""}, **kwargs)
+
+    def databases() -> set[str]:
+        with server.connect() as conn:
+            return set(conn.execute(sa.text("SELECT datname FROM pg_database")).scalars())
+
+    def sessions() -> set[str]:
+        with server.connect() as conn:
+            return set(conn.execute(sa.text("SELECT application_name FROM pg_stat_activity")).scalars())
+
+    gone = held = ""
+    live = process("hold", stdin=subprocess.PIPE)  # first: a process starting drops what it finds of gone ones
+    try:
+        held = live.stdout.readline().strip() if live.stdout else ""
+        gone = process("crash").communicate(timeout=60)[0].strip()
+        assert gone in databases() and held in databases()
+        deadline = time.monotonic() + 10  # the server notices the crashed process's connections closed
+        while gone in sessions() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        later = process("end")
+        later.communicate(timeout=60)
+        assert later.returncode == 0
+        left = databases()
+        assert gone not in left, "a crashed test process's database was left on the server"
+        assert held in left, "a live test process's database was dropped"
+    finally:
+        if live.stdin:
+            live.stdin.close()
+        live.wait(60)
+        with server.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            for name in {gone, held} & databases():  # what this test made, whatever it found
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        server.dispose()
+
+
 def test_two_db_upgrades_at_once_one_migrates_and_the_other_says_it_was_already_current(
     store_url: str, tmp_path: Path
 ):

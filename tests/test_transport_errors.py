@@ -398,6 +398,30 @@ def test_a_short_secret_echoed_by_a_gateway_is_masked_where_it_stands_as_a_crede
         assert short not in text
 
 
+@pytest.mark.parametrize("short", ["ab+1c", "a b1c", "ab&1c"])
+def test_a_short_secret_echoed_url_encoded_in_a_token_form_is_masked(
+    short: str, serve: Callable[..., str], harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The token form is sent URL-encoded: a short client secret with a `+`, a space or a `&` in it
+    came back from a gateway echoing the form as `client_secret=ab%2B1c`, which neither the
+    configured secret (`ab+1c`) nor the credential patterns (8 characters and more) matched, and
+    went into the run's error, `dirpull runs` and the log, decoded by anyone."""
+    from urllib.parse import quote_plus
+
+    from dirpull.connectors.entra_id import build as entra
+
+    base = serve(type("FormEchoingGateway", (_EchoingGateway,), {"body_first": True}), False)
+    tenant = {"provider": "entra_id", "tenant_id": "t", "client_id": "c", "client_secret": short,
+              "login_url": base, "graph_url": f"{base}/v1.0"}  # fmt: skip
+    h = harness({"t1": tenant}, connector_factory=lambda name, s: entra(name, s, policy=_policy([])))
+    with caplog.at_level("INFO"):
+        result = h.sync("t1")
+    stored = h.store.runs("t1")[0]["error"]
+    assert result.status == "failed" and "client_secret=***&" in stored, stored
+    for text in (result.error, stored, caplog.text):
+        assert quote_plus(short) not in text and short not in text
+
+
 _CA_NAMES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTPLIB2_CA_CERTS")
 
 

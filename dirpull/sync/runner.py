@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, NamedTuple
+from urllib.parse import quote, quote_plus
 
 from dirpull.config import Config, ConfigError, SecretRef, parse_duration
 from dirpull.connectors import CONNECTOR_MODULES, make_connector
@@ -831,7 +832,9 @@ def _secret_values(settings: Any) -> list[str]:
             continue
         found = [value]
         if 0 < len(value.strip()) < MIN_ANYWHERE:
-            short.add(value.strip())
+            # And as a token form or a query sends it (`client_secret=ab%2B1c`, `a+b1c` for `a b1c`),
+            # which a gateway echoes as sent.
+            short.update({value.strip(), quote_plus(value.strip()), quote(value.strip(), safe="")})
         try:
             info = json.loads(value)
         except ValueError:

@@ -728,3 +728,22 @@ def test_a_pull_left_behind_by_a_lost_lease_stops_calling_the_vendor(
     )
     assert len([t for t in arrived if t <= ended]) >= 1
     assert [round(t - ended, 2) for t in arrived if t > ended] == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "401: invalid token SSWS ab12cd.",  # the end of a sentence
+        "GET /api/v1/users?token=ab12cd#top",  # a fragment
+        "token=ab12cd/ refused",
+        "Authorization: SSWS ab12cd?",
+        "Authorization: SSWS ab12cd…",  # a quoted page cut right after it
+    ],
+)
+def test_a_short_secret_as_a_credential_is_masked_whatever_punctuation_follows(text: str) -> None:
+    """A short secret in a credential's place was kept when a `.`, `#`, `/`, `?` or the cut mark
+    followed it: only spaces, quotes and a few brackets counted as its end."""
+    from dirpull.sync.runner import _mask_secrets
+
+    masked = _mask_secrets(text, ["ab12cd"])
+    assert "ab12cd" not in masked and "***" in masked, masked

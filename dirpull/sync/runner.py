@@ -869,7 +869,7 @@ def _short_secret(secret: str) -> re.Pattern[str]:
     (they are for values of 8 or 12 characters and more) and were quoted as sent."""
     value = re.escape(secret)
     return re.compile(
-        rf"""(\b(?i:Basic|Bearer|SSWS|DPoP|Token)\s+|[=:]\s*["']?){value}(?=$|[\s"'&,;}})\]<])"""
+        rf"""(\b(?i:Basic|Bearer|SSWS|DPoP|Token)\s+|[=:]\s*["']?){value}(?=$|[\s"'&,;}})\]<.#/?{CUT}])"""
     )
 
 

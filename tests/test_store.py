@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -1019,14 +1020,8 @@ def test_a_deleted_managers_reports_are_looked_up_by_index_after_upgrading_a_000
         indexes = {ix["name"]: ix["column_names"] for ix in sa.inspect(s.engine).get_indexes("users")}
         assert indexes.get("ix_users_tenant_manager") == ["tenant", "manager_idp_id"]
 
-        queries: list[tuple[str, Any]] = []
-
-        def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
-            queries.append((statement, parameters))
-
-        sa.event.listen(s.engine, "before_cursor_execute", seen)
-        reports = s.load_reports("t", ["u-1", "u-2"])
-        sa.event.remove(s.engine, "before_cursor_execute", seen)
+        with _statements(s.engine) as queries:
+            reports = s.load_reports("t", ["u-1", "u-2"])
         assert sorted(reports) == sorted(f"u-{i}" for i in range(3, 60) if i % 3 in (1, 2))
         assert len(queries) == 1
         statement, parameters = queries[0]
@@ -1140,17 +1135,8 @@ def test_listing_users_by_state_reads_only_those_users_not_the_whole_tenant(stor
             with s.engine.connect() as conn:
                 conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("ANALYZE users"))
 
-        queries: list[tuple[str, Any]] = []
-
-        def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
-            if "FROM users" in statement:
-                queries.append((statement, parameters))
-
-        sa.event.listen(s.engine, "before_cursor_execute", seen)
-        try:
+        with _statements(s.engine, lambda statement: "FROM users" in statement) as queries:
             listed, plans = _sqlite_plans(s, lambda: s.iter_users("t", state="inactive"))
-        finally:
-            sa.event.remove(s.engine, "before_cursor_execute", seen)
         expected = sorted(f"u-{i}" for i in range(20_000) if i % 20 == 7)
         assert [u["idp_id"] for u in listed] == expected and {u["state"] for u in listed} == {"inactive"}
         assert s.count_users("t") == {"active": 19_000, "inactive": 1_000}
@@ -1172,19 +1158,31 @@ def test_listing_users_by_state_reads_only_those_users_not_the_whole_tenant(stor
         s.close()
 
 
-def _pg_plans(s: Store, call: Any) -> tuple[Any, list[str]]:
-    """As `_sqlite_plans`, on PostgreSQL: each SELECT or UPDATE `call()` ran, with EXPLAIN's plan."""
+@contextlib.contextmanager
+def _statements(
+    engine: sa.Engine, keep: Callable[[str], bool] = lambda statement: True
+) -> Iterator[list[tuple[str, Any]]]:
+    """The statements (with their parameters) `engine` sends while the block runs, those `keep` accepts."""
     ran: list[tuple[str, Any]] = []
 
     def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
-        if statement.lstrip().upper().startswith(("SELECT", "UPDATE")) and "pg_catalog" not in statement:
+        if keep(statement):
             ran.append((statement, parameters))
 
-    sa.event.listen(s.engine, "before_cursor_execute", seen)
+    sa.event.listen(engine, "before_cursor_execute", seen)
     try:
-        result = call()
+        yield ran
     finally:
-        sa.event.remove(s.engine, "before_cursor_execute", seen)
+        sa.event.remove(engine, "before_cursor_execute", seen)
+
+
+def _pg_plans(s: Store, call: Any) -> tuple[Any, list[str]]:
+    """As `_sqlite_plans`, on PostgreSQL: each SELECT or UPDATE `call()` ran, with EXPLAIN's plan."""
+    def wanted(statement: str) -> bool:
+        return statement.lstrip().upper().startswith(("SELECT", "UPDATE")) and "pg_catalog" not in statement
+
+    with _statements(s.engine, wanted) as ran:
+        result = call()
     with s.engine.connect() as conn:
         plans = [
             f"{' '.join(statement.split())}: "
@@ -1319,20 +1317,11 @@ def test_polling_a_quiet_tenant_reads_its_own_events_not_every_later_one(store: 
     with store.engine.connect() as conn:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(sa.text("ANALYZE events"))
 
-    queries: list[tuple[str, Any]] = []
-
-    def seen(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
-        if "FROM events" in statement:
-            queries.append((statement, parameters))
-
-    sa.event.listen(store.engine, "before_cursor_execute", seen)
-    try:
+    with _statements(store.engine, lambda statement: "FROM events" in statement) as queries:
         assert [e["seq"] for e in store.iter_events("quiet", after=29990, limit=20)] == [29991, 29994, 29997, 30000]
         assert list(store.iter_events("quiet", after=30000, limit=20)) == []
         assert list(store.iter_events("quiet", after=2**40, limit=20)) == []  # a seq past 32 bits is no error
         assert [e["seq"] for e in store.iter_events("t", after=0, limit=3)] == [1, 2, 4]
-    finally:
-        sa.event.remove(store.engine, "before_cursor_execute", seen)
     assert len(queries) == 4
     with store.engine.connect() as conn:
         for statement, parameters in queries:

@@ -535,3 +535,56 @@ def test_a_workday_report_with_its_rows_not_where_expected_is_refused_without_qu
     assert message.startswith("users report: the report has no rows; refusing to treat every worker as deleted")
     assert f"the body began: JSON with {shape}" in message
     assert not [x for x in person_values(v.org) if x in message], message
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (_without("employees"), "no 'employees' in it (its keys: 'title', 'fields')"),
+        (_set("employees", None), "its 'employees' is NoneType, not a list"),
+        (lambda doc: [doc], "a JSON list, not an object"),
+    ],
+    ids=["missing", "null", "list"],
+)
+def test_a_bamboohr_increments_report_without_its_employees_list_fails_instead_of_skipping_the_changes(
+    vendor: Any, harness: Any, change: Any, why: str
+) -> None:
+    """The report reading back the changed employees answered 200 with JSON that is not the report
+    (a gateway's): read as listing none of them, the run succeeded noting them "not in the report",
+    and moved the cursor past their changes, which no increment read again."""
+    from dirpull.connectors.bamboohr import build
+
+    v = vendor("bamboohr")
+    with proxying(v.emu.base_url) as proxy:
+        h = harness(
+            {"hr": v.settings(proxy.base_url)},
+            connector_factory=lambda name, settings: build(name, settings, policy=_policy()),
+        )
+        assert h.sync("hr").status == "succeeded"
+        v.org.update_person(5, title="Principal")
+        proxy.rewrite = answers("reports/custom", _json(change))
+        r = h.sync("hr")
+        assert r.status == "failed" and r.mode == "incremental", (r.status, r.notes)
+        assert r.error is not None and r.error.startswith("custom report (changed employees): the answer from ")
+        assert f"is JSON but not a report of employees ({why})" in r.error
+        proxy.rewrite = None
+        again = h.sync("hr")
+    assert again.status == "succeeded" and again.mode == "incremental", again.error
+    assert h.users("hr")["5"]["job_title"] == "Principal"
+
+
+def test_a_bamboohr_employee_numbers_report_without_its_employees_list_fails_instead_of_clearing_managers(
+    vendor: Any,
+) -> None:
+    """Managers given by employee number are resolved through a report of every employee's number:
+    a 200 answer to it that is not the report (a gateway's JSON) read as no numbers at all, and
+    every employee's manager was cleared."""
+    v = vendor("bamboohr")
+    with proxying(v.emu.base_url, answers("reports/custom", _json(_without("employees")), nth=1)) as proxy:
+        by_number = {"manager_field": "supervisorId", "manager_field_holds": "employee_number"}
+        settings = {**v.settings(proxy.base_url), **by_number}
+        with pytest.raises(ConnectorError) as info:
+            list(_connector("bamboohr", settings).pull(None, full=True))
+    assert str(info.value).startswith("custom report (employee numbers): the answer from http://127.0.0.1:")
+    why = "no 'employees' in it (its keys: 'title', 'fields')"
+    assert f"is JSON but not a report of employees ({why})" in str(info.value)

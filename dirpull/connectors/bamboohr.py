@@ -531,7 +531,7 @@ class BambooHRConnector(CountsRequests):
                 if first_page.removed_users or first_page.quarantined:
                     yield first_page
                 first_page = None
-            rows = body.get("employees") or []
+            rows = self._report_employees(body, "custom report (changed employees)")
             page = Page()
             seen = set()
             # As in a full walk: the very same row again is one row; another row with the id
@@ -604,6 +604,21 @@ class BambooHRConnector(CountsRequests):
             stream=stream,
         )
 
+    def _report_employees(self, body: Any, step: str) -> list[Any]:
+        """The rows of a report read whole. JSON without its list of rows (a gateway's, a proxy's)
+        is no report: read as one listing nobody, an increment noted its changed employees "not in
+        the report" and moved its cursor past their changes, and the employee numbers came back
+        none (every manager given by number cleared)."""
+        rows = body.get("employees") if isinstance(body, dict) else None
+        if not isinstance(rows, list):
+            url = redact_url(f"{self.base}/reports/custom?format=JSON&onlyCurrent=true")
+            raise ConnectorError(
+                f"{step}: the answer from {url} is JSON but not a report of employees "
+                f"({NoRowsList('employees', body)}); is something other than BambooHR answering (a proxy, a gateway)?",
+                step=step,
+            )
+        return rows
+
     @property
     def _manager_by_number(self) -> bool:
         return self.settings.manager_field_holds == "employee_number"
@@ -615,7 +630,7 @@ class BambooHRConnector(CountsRequests):
             lambda: self._report(client, {}, step="custom report (employee numbers)", fields=["id", "employeeNumber"]),
         )  # fmt: skip
         out: dict[str, str] = {}
-        for row in body.get("employees") or []:
+        for row in self._report_employees(body, "custom report (employee numbers)"):
             if isinstance(row, dict) and row.get("id") is not None and row.get("employeeNumber"):
                 out[str(row["employeeNumber"])] = str(row["id"])
         return out

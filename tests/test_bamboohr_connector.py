@@ -998,6 +998,36 @@ def test_an_increment_after_the_key_lost_a_field_turns_full_and_is_held_not_clea
     assert h.users("hr")["8"]["job_title"] == "Principal"
 
 
+def test_an_increment_after_the_key_was_given_a_field_back_turns_full_and_fills_it_for_everyone(
+    emu: BambooHREmulator, synced: Any
+) -> None:
+    """The key lost work emails and the emptied field was accepted (--force); access given back,
+    the increments read the emails back only for the employees who changed: everyone else's
+    stayed empty until the periodic full run, a day later by default."""
+    h, _ = synced
+    org = emu.org
+    org.update_person(9, title="Principal")
+    assert h.sync("hr").mode == "incremental"
+    emails = {idp_id: u["email"] for idp_id, u in h.users("hr").items()}
+    emu.forbidden_fields = {"workEmail"}
+    org.update_person(5, title="Principal")
+    assert h.sync("hr", force=True).status == "succeeded"
+    assert not any(u["email"] for u in h.users("hr").values())
+    emu.forbidden_fields = set()
+    org.update_person(6, title="Principal")
+    r = h.sync("hr")
+    assert r.status == "succeeded" and r.mode == "full", r.error
+    note = (
+        "the custom report now has workEmail, which the last run's did not (the API key may have been "
+        "given access to it): full sync instead"
+    )
+    assert note in r.notes
+    assert {i: u["email"] for i, u in h.users("hr").items()} == emails
+    org.update_person(7, title="Principal")
+    after = h.sync("hr")
+    assert after.status == "succeeded" and after.mode == "incremental" and not after.notes, after.error
+
+
 def test_a_field_the_key_never_could_read_leaves_increments_incremental(emu: BambooHREmulator) -> None:
     """Only a field a report sent before counts as lost: a key that never could read home emails
     (or a cursor from before the sent fields were kept, which this run records) stays incremental."""

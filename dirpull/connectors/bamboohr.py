@@ -31,7 +31,9 @@ not read, and the report's `fields` header lists only those it sends. An increme
 such a report would clear that field for every employee it reads back, each run a few more,
 never more than the mass-change guard lets through. So the cursor also keeps `fields`, those the
 last run's report sent; an increment whose report no longer sends one of them, of those it asks
-for, becomes a full run (the guard then weighs the field emptied for everyone), naming them.
+for, becomes a full run (the guard then weighs the field emptied for everyone), naming them. So
+does one whose report sends a field the last run's did not (access given back): read back only
+for the changed employees, it stayed empty for everyone else until the periodic full run.
 
 BambooHR has no groups: the connector yields none.
 """
@@ -508,14 +510,25 @@ class BambooHRConnector(CountsRequests):
             received = _received_fields(body.get("fields") if isinstance(body, dict) else None)
             if received is not None:
                 lost = self._lost_fields(sent if sent is not None else had, received)
-                if lost and first_page is not None:
-                    note = (
-                        f"the custom report no longer has {', '.join(lost)} (the API key may have lost access "
-                        f"to {'it' if len(lost) == 1 else 'them'}): full sync instead"
-                    )
+                # Judged on the first report only: one gained after it is left out of `sent`, so
+                # the next run, which reads it first, turns full.
+                gained = self._gained_fields(had, received) if sent is None else []
+                if (lost or gained) and first_page is not None:
+                    causes = []
+                    if lost:
+                        causes.append(
+                            f"no longer has {', '.join(lost)} (the API key may have lost access "
+                            f"to {'it' if len(lost) == 1 else 'them'})"
+                        )
+                    if gained:
+                        causes.append(
+                            f"now has {', '.join(gained)}, which the last run's did not (the API key may have "
+                            f"been given access to {'it' if len(gained) == 1 else 'them'})"
+                        )
+                    note = f"the custom report {' and '.join(causes)}: full sync instead"
                     notes.append(note)
                     # Notes reach the run record; an operator watching the log sees the cause too.
-                    log.warning("tenant %s: %s", self.tenant, note)
+                    log.log(logging.WARNING if lost else logging.INFO, "tenant %s: %s", self.tenant, note)
                     done = yield from self._full(client, notes)
                     return done
                 if lost:
@@ -584,6 +597,15 @@ class BambooHRConnector(CountsRequests):
         if had is None:
             return []  # a cursor from before `fields` were kept: this run records them
         return [f for f in self.fields if f in had and f not in received]
+
+    def _gained_fields(self, had: set[str] | None, received: set[str]) -> list[str]:
+        """The fields asked for that a report sends and the last run's did not: the key given
+        access (back). An increment would fill them in only for the employees it reads back;
+        everyone else's stayed empty (or as a forced run emptied them) until the periodic full
+        run. A field newly asked for is a settings change, which makes the run full already."""
+        if had is None:
+            return []  # a cursor from before `fields` were kept: nothing to compare with
+        return [f for f in self.fields if f not in had and f in received]
 
     # --- requests ----------------------------------------------------------------------------------
 

@@ -468,10 +468,12 @@ class PagingGuard:
 # key; Bearer an access token got during the run), a JWT (a signed grant or assertion, an access
 # token), a token or password field of a form or JSON body. The value must look like one (12+
 # characters, a digit or base64's +/=) so "Basic authentication failed" stays as the vendor said it.
+# A field's name stands alone, not as the end of a longer word: dirpull's own "secret
+# env:WD_PASSWORD: environment variable is not set" lost its "environment" to `***`.
 _AUTH_VALUE = re.compile(r"\b(Basic|Bearer|SSWS|DPoP)(\s+)(?=[\w+/=.~-]*[0-9+/=])[\w+/=.~-]{12,}", re.I)
 _JWT = re.compile(r"\beyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]*")
 _TOKEN_FIELD = re.compile(
-    r"""((?:access_token|refresh_token|id_token|client_secret|client_assertion|assertion|password)["']?\s*[=:]\s*["']?)"""
+    r"""((?<![A-Za-z0-9_])(?:access_token|refresh_token|id_token|client_secret|client_assertion|assertion|password)["']?\s*[=:]\s*["']?)"""
     r"""[^"'&\s,;}]{8,}""",
     re.I,
 )

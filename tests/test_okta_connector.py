@@ -544,8 +544,10 @@ def test_an_answer_garbled_on_the_way_is_asked_for_again(
     whole, _ = pull(connector(tenant(emu, tmp_path, poll_system_log=True)), full=True)
     emu.faults.update({"malformed": 2, "path": path})
     with caplog.at_level(logging.WARNING, logger="dirpull"):
-        again, _ = pull(connector(tenant(emu, tmp_path, poll_system_log=True)), full=True)
+        again, done = pull(connector(tenant(emu, tmp_path, poll_system_log=True)), full=True)
     assert emu.faults.malformed == 0  # both garbled answers were served
+    # Retries, not rate limits: the run's note said "rate limits: waited …" for them.
+    assert any(n.startswith("waited ") and n.endswith("over 2 pauses (rate limits and retries)") for n in done.notes)
     assert sorted(u.idp_id for p in again for u in p.users) == sorted(u.idp_id for p in whole for u in p.users)
     assert sorted(m for p in again for m in p.pairs()) == sorted(m for p in whole for m in p.pairs())
     assert sum("with a body that is not JSON" in r.getMessage() for r in caplog.records) == 2

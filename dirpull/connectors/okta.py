@@ -767,7 +767,11 @@ class OktaConnector(CountsRequests):
             exc.requests = transport.requests
             raise
         if throttle.waited:
-            run.notes.append(f"rate limits: waited {throttle.waited:.1f}s over {len(throttle.waits)} pauses")
+            # Every wait, not only rate limits: retries of 5xx, dropped and garbled answers count
+            # against the same max_rate_limit_wait.
+            run.notes.append(
+                f"waited {throttle.waited:.1f}s over {len(throttle.waits)} pauses (rate limits and retries)"
+            )
         yield Done(
             snapshot=mode == "full",
             cursor=new_cursor,

@@ -325,6 +325,46 @@ def test_members_have_owner_manager_and_member_roles_and_roles_filters_them(emu:
         assert {m["role"] for m in got} == want and len(got) == sum(r in want for r in roles.values())
 
 
+def test_has_member_answers_direct_and_nested_membership_by_id_email_or_alias(emu: GoogleEmulator) -> None:
+    """members.hasMember (directory-apis.md §2.1): {"isMember": bool}, "direct or nested, but if
+    nested, the memberKey and groupKey must be entities in the same domain or an Invalid input"."""
+    org = emu.org
+    outer, inner = org.create_group("Outer"), org.create_group("Inner")
+    org.add_subgroup(outer.n, inner.n)
+    org.add_member(outer.n, 4)  # 4 has an alias (every fourth person with a mailbox)
+    org.add_member(inner.n, 8)
+    outsider = next(p.n for p in org.listed_people() if p.n not in org.transitive_members(outer.n) and p.n % 4)
+    svc = service(emu)
+
+    def has(group: str, member: str) -> bool:
+        return svc.members().hasMember(groupKey=group, memberKey=member).execute() == {"isMember": True}
+
+    alias = next(u for u in svc.users().list(customer="my_customer").execute()["users"] if u["id"] == user_id(4))
+    for key in (user_id(4), org.people[4].email, *alias["aliases"]):
+        assert has(group_id(outer.n), key), key
+    assert has(outer.email, user_id(8))  # through Inner
+    assert not has(group_id(outer.n), user_id(outsider)) and not has(group_id(inner.n), user_id(4))
+    emu.customer_groups.add(inner.n)  # the whole domain is in Inner, so in Outer
+    assert has(group_id(outer.n), user_id(outsider))
+    emu.customer_groups.discard(inner.n)
+    with pytest.raises(HttpError) as err:
+        svc.members().hasMember(groupKey=group_id(outer.n), memberKey="nobody@" + org.domain).execute()
+    assert err.value.resp.status == 404 and reason(err.value) == "notFound"
+    with pytest.raises(HttpError) as err:
+        svc.members().hasMember(groupKey="03x8tuzt9999999", memberKey=user_id(4)).execute()
+    assert err.value.resp.status == 404 and reason(err.value) == "notFound"
+    # Nested across two domains of the customer: refused; a direct member of another domain is not.
+    emu.secondary_domain, emu.secondary_people = "eu-" + org.domain, {4, 8}
+    assert has(group_id(outer.n), user_id(4))
+    with pytest.raises(HttpError) as err:
+        svc.members().hasMember(groupKey=group_id(outer.n), memberKey=user_id(8)).execute()
+    assert err.value.resp.status == 400 and reason(err.value) == "invalid"
+    # The member scopes read it: a token for users only does not.
+    with pytest.raises(HttpError) as err:
+        service(emu, scopes=RO[:1]).members().hasMember(groupKey=group_id(outer.n), memberKey=user_id(4)).execute()
+    assert err.value.resp.status == 403 and reason(err.value) == "insufficientPermissions"
+
+
 # --- auth ----------------------------------------------------------------------------------------
 
 

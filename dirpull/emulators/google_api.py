@@ -13,6 +13,9 @@ What it serves (../shared/directory-apis.md §2, §6 rule 2):
                                                 (`domain`: one domain's users or groups,
                                                 `customer`: every domain's; see secondary_domain)
   GET  /admin/directory/v1/groups/{key}/members members.list: ≤200, USER/GROUP/CUSTOMER/EXTERNAL
+  GET  /admin/directory/v1/groups/{key}/hasMember/{member}
+                                                members.hasMember: {"isMember": bool}, direct or
+                                                nested (nested only within one domain)
   POST /_emulator/google                        switches: {"rate_limit_kind": "user"|"quota"|
                                                 "concurrent"|"alternate", "silent_empty": bool,
                                                 "broken_users": [n, …], "delegated_scopes":
@@ -244,6 +247,7 @@ class GoogleEmulator(Emulator):
         self.route("GET", API + r"/users", self._users_list)
         self.route("GET", API + r"/groups", self._groups_list)
         self.route("GET", API + r"/groups/(?P<key>[^/]+)/members", self._members_list)
+        self.route("GET", API + r"/groups/(?P<key>[^/]+)/hasMember/(?P<member>[^/]+)", self._has_member)
         self.switch_route(
             "/_emulator/google",
             {
@@ -426,7 +430,7 @@ class GoogleEmulator(Emulator):
         if subject is None:
             # A service account acting as itself (no domain-wide delegation) sees no directory.
             return Response(403, google_error(403, "Not Authorized to access this resource/api", "forbidden"))
-        if req.path.endswith("/members"):
+        if req.path.endswith("/members") or "/hasMember/" in req.path:
             needed = MEMBER_SCOPES
         elif req.path.startswith(API + "/groups"):
             needed = GROUP_SCOPES
@@ -496,6 +500,14 @@ class GoogleEmulator(Emulator):
     def _domains(self) -> tuple[str, ...]:
         """The customer's domains, primary first."""
         return (self.org.domain, self.secondary_domain) if self.secondary_domain else (self.org.domain,)
+
+    def _user_alias(self, p: Person) -> str | None:
+        """The alias made when the account was created (every fourth person with a mailbox):
+        renames do not touch it."""
+        if not p.email or p.n % 4:
+            return None
+        given, family = [*p.username.split("@")[0].split("."), "x", "x"][:2]
+        return f"{given[:1]}{family}.{p.n}@{self.org.domain}"
 
     @staticmethod
     def org_unit(p: Person) -> str:
@@ -571,10 +583,8 @@ class GoogleEmulator(Emulator):
             user["suspensionTime"] = Org.iso(p.inactive_at)
         if archived:
             user["archivalTime"] = Org.iso(p.inactive_at)
-        if p.email and p.n % 4 == 0:
-            # An alias made when the account was created: renames do not touch it.
-            given, family = [*p.username.split("@")[0].split("."), "x", "x"][:2]
-            alias = f"{given[:1]}{family}.{p.n}@{self.org.domain}"
+        alias = self._user_alias(p)
+        if alias:
             user["emails"].append({"address": alias})
             user["aliases"] = [alias]
         org_entry: dict[str, Any] = {"primary": True, "customType": "", "costCenter": p.cost_center}
@@ -776,14 +786,15 @@ class GoogleEmulator(Emulator):
             out["nonEditableAliases"] = [_non_editable_alias(out["email"])]
         return out
 
-    def _find_person(self, key: str) -> Person | None:
+    def _find_person(self, key: str, *, alias: bool = False) -> Person | None:
+        """The listed user whose id or primary address `key` is (or alias, with `alias`)."""
         n = _parse_id(key, "1077", 17)
         if n is not None:
             p = self.org.people.get(n)
             return p if p and p.visible else None
         key = key.lower()
         for p in self.org.listed_people():
-            if self._email(p).lower() == key:
+            if self._email(p).lower() == key or (alias and (self._user_alias(p) or "").lower() == key):
                 return p
         return None
 
@@ -864,6 +875,36 @@ class GoogleEmulator(Emulator):
         if more and last is not None:
             body["nextPageToken"] = _token("g", str(last))
         return Response(200, body)
+
+    # --- members.hasMember -----------------------------------------------------------------------
+
+    def _has_member(self, req: Request) -> Response:
+        """Whether a user is in a group, directly or through groups nested in it; a nested answer
+        across two domains is refused ("Invalid input"), as the discovery document says."""
+        key, member = unquote(req.params["key"]), unquote(req.params["member"])
+        with self.org.lock:
+            g = self._find_group(key)
+            if g is None and any(key.lower() in (a, _foreign_group_id(a)) for a in self._foreign_addresses()):
+                return Response(403, google_error(403, "Not Authorized to access this resource/api", "forbidden"))
+            if g is None:
+                return Response(404, google_error(404, "Resource Not Found: groupKey", "notFound"))
+            p = self._find_person(member, alias=True)
+            if p is None:
+                return Response(404, google_error(404, "Resource Not Found: memberKey", "notFound"))
+            people, subs = self.org.direct_members(g.n)
+            if p.n in people or g.n in self.customer_groups:
+                return Response(200, {"isMember": True})
+            user_domain = self._email(p).rpartition("@")[2].lower()
+            if user_domain != (self._group_email(g) or "").rpartition("@")[2].lower():
+                return Response(400, google_error(400, "Invalid Input", "invalid"))
+            reach, stack = set(), list(subs)
+            while stack:
+                cur = stack.pop()
+                if cur not in reach:
+                    reach.add(cur)
+                    stack.extend(self.org.direct_members(cur)[1])
+            nested = p.n in self.org.transitive_members(g.n) or bool(reach & self.customer_groups)
+        return Response(200, {"isMember": nested})
 
     # --- members.list ----------------------------------------------------------------------------
 

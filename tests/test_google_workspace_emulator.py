@@ -244,6 +244,36 @@ def test_groups_order_by_email_holds_across_pages(emu: GoogleEmulator) -> None:
     assert [g["id"] for g in plain] == [group_id(n) for n in sorted(emu.org.groups)]
 
 
+def test_groups_query_searches_email_name_and_member_key(emu: GoogleEmulator) -> None:
+    """groups.list `query` (directory-apis.md §2.1; Google's "Search for groups" guide): `email`
+    and `name` with `=` or `:PREFIX*`, clauses joined by AND; `memberKey=` alone."""
+    org = emu.org
+    outer, inner = org.create_group("Contact Team"), org.create_group("Contactless")
+    org.add_subgroup(outer.n, inner.n)
+    org.add_member(outer.n, 4)
+    svc = service(emu)
+
+    def ids(query: str) -> set[str]:
+        found, _ = all_pages(svc.groups(), svc.groups().list(customer="my_customer", query=query), "groups")
+        return {g["id"] for g in found}
+
+    every = {group_id(g.n) for g in org.listed_groups()}
+    assert ids(f"email={outer.email}") == {group_id(outer.n)}
+    assert ids(f"email:{outer.email.split('@')[0][:4]}*") == {
+        group_id(g.n) for g in org.listed_groups() if g.email.startswith(outer.email.split("@")[0][:4])
+    } != every
+    assert ids("name='Contact Team'") == {group_id(outer.n)}
+    assert ids("name:contact*") == {group_id(outer.n), group_id(inner.n)}
+    assert ids(f"name:contact* email={inner.email}") == {group_id(inner.n)}
+    assert ids(f"memberKey={org.people[4].email}") == {group_id(g.n) for g in org.listed_groups() if 4 in g.members}
+    assert ids(f"memberKey={user_id(4)}") == ids(f"memberKey={org.people[4].email}")
+    assert ids(f"memberKey={inner.email}") == {group_id(outer.n)}
+    for bad in (f"memberKey={inner.email} name:contact*", "owner=someone", "name~x"):
+        with pytest.raises(HttpError) as err:
+            svc.groups().list(customer="my_customer", query=bad).execute()
+        assert err.value.resp.status == 400, bad
+
+
 def test_groups_capped_at_200_with_string_member_counts(emu: GoogleEmulator) -> None:
     for i in range(210):
         emu.org.create_group(f"Project {i}")

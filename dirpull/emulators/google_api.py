@@ -9,7 +9,8 @@ What it serves (../shared/directory-apis.md §2, §6 rule 2):
                                                 customFieldMask, showDeleted, query, orderBy
                                                 (email|familyName|givenName) + sortOrder
   GET  /admin/directory/v1/groups               groups.list: customer|domain|userKey, ≤200,
-                                                orderBy=email + sortOrder
+                                                orderBy=email + sortOrder, query (email, name:
+                                                `=` or `:prefix*`; memberKey=, alone)
                                                 (`domain`: one domain's users or groups,
                                                 `customer`: every domain's; see secondary_domain)
   GET  /admin/directory/v1/groups/{key}/members members.list: ≤200, USER/GROUP/CUSTOMER/EXTERNAL
@@ -616,8 +617,9 @@ class GoogleEmulator(Emulator):
         return self._keys
 
     @staticmethod
-    def _parse_query(query: str) -> list[tuple[str, str]]:
-        terms: list[tuple[str, str]] = []
+    def _parse_query(query: str) -> list[tuple[str, str, str]]:
+        """The (field, operator, value) clauses of a search query, joined by AND."""
+        terms: list[tuple[str, str, str]] = []
         i, text = 0, query.strip()
         while i < len(text):
             if text[i].isspace():
@@ -628,7 +630,7 @@ class GoogleEmulator(Emulator):
                 j += 1
             if j >= len(text):
                 raise _bad("Invalid Input")
-            key = text[i:j].strip()
+            key, op = text[i:j].strip(), text[j]
             j += 1
             if j < len(text) and text[j] in "'\"":
                 end = text.find(text[j], j + 1)
@@ -640,14 +642,14 @@ class GoogleEmulator(Emulator):
                 while end < len(text) and not text[end].isspace():
                     end += 1
                 value, i = text[j:end], end
-            terms.append((key, value))
+            terms.append((key, op, value))
         return terms
 
     def _matcher(self, query: str | None):  # -> Callable[[Person], bool]
         if not query:
             return lambda p: True
         checks = []
-        for key, value in self._parse_query(query):
+        for key, _, value in self._parse_query(query):
             if key == "orgUnitPath":
                 # Matches the org unit and every org unit under it.
                 ou = "/" + value.strip("/") if value.strip("/") else "/"
@@ -816,6 +818,39 @@ class GoogleEmulator(Emulator):
                 return g
         return None
 
+    def _group_matcher(self, query: str | None):  # -> Callable[[Group], bool]
+        """groups.list `query` (guides/search-groups): `email` and `name` with `=` (the whole value)
+        or `:PREFIX*`, or `memberKey=` alone (the groups a user or group is directly in, named by
+        its address, alias or id)."""
+        if not query:
+            return lambda g: True
+        terms = self._parse_query(query)
+        keys = {key for key, _, _ in terms}
+        if not keys <= {"email", "name", "memberKey"} or ("memberKey" in keys and len(keys) > 1):
+            raise _bad("Invalid Input")
+        checks = []
+        for key, op, value in terms:
+            v = value.casefold()
+            if key == "memberKey":
+                if op != "=":
+                    raise _bad("Invalid Input")
+                person = self._find_person(value, alias=True)
+                sub = self._find_group(value)
+                checks.append(
+                    lambda g, person=person, sub=sub: (
+                        (person is not None and person.n in g.members) or (sub is not None and sub.n in g.subgroups)
+                    )
+                )
+                continue
+            text = (lambda g: self._group_email(g) or "") if key == "email" else (lambda g: g.name)
+            if op == ":" and v.endswith("*"):
+                checks.append(lambda g, text=text, v=v[:-1]: text(g).casefold().startswith(v))
+            elif op == "=":
+                checks.append(lambda g, text=text, v=v: text(g).casefold() == v)
+            else:
+                raise _bad("Invalid Input")
+        return lambda g: all(c(g) for c in checks)
+
     def _groups_list(self, req: Request) -> Response:
         try:
             self._check_customer(req, allow_user_key=True)
@@ -841,10 +876,15 @@ class GoogleEmulator(Emulator):
                 person = self._find_person(user_key)
                 if person is None:
                     return Response(404, google_error(404, "Resource Not Found: userKey", "notFound"))
+            try:
+                match = self._group_matcher(req.arg("query"))
+            except _BadRequest as exc:
+                return exc.response
             listed = [
                 g
                 for g in sorted(self.org.listed_groups(), key=lambda g: g.n)
                 if (person is None or person.n in g.members)
+                and match(g)
                 # `domain`: that domain's groups only
                 and (not domain or (self._group_email(g) or "").lower().endswith("@" + domain))
             ]

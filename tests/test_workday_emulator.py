@@ -144,6 +144,30 @@ def test_prompts_are_recorded_and_reference_prompts_filter(emu: WorkdayEmulator,
     assert bad.status_code == 400 and "Effective_as_of_Date" in bad.text
 
 
+@pytest.mark.parametrize(
+    ("value", "served"),
+    [
+        ("2018-10-01", True),
+        ("2018-10-01-07:00", True),
+        ("2018-10-01+02:00", True),
+        ("2018-10-01Z", True),
+        ("20181001", False),
+        ("2018-W40-1", False),
+        ("2018-10-01T00:00:00", False),
+        ("2018-10-01 garbage", False),
+        ("2018-02-30", False),
+    ],
+)
+def test_a_date_prompt_takes_only_the_date_form_workday_reads(emu: WorkdayEmulator, value: str, served: bool) -> None:
+    # A prompt in a form Workday refuses (a compact date, a week date, a datetime) must fail here
+    # too, not be read as its first ten characters and pass until production.
+    r = get(emu, Effective_as_of_Date=value)
+    if served:
+        assert r.status_code == 200, r.text
+    else:
+        assert r.status_code == 400 and "Invalid value for prompt Effective_as_of_Date" in r.text
+
+
 def test_groups_report_nested_members_and_subgroups(emu: WorkdayEmulator, org: Org) -> None:
     entries = {r["Group_ID"]: r for r in rows(emu, "Worker_Groups")}
     assert len(entries) == sum(1 for _ in org.listed_groups())

@@ -4,8 +4,9 @@ directory-apis.md §5.1 and §6 rule 5: `GET /ccx/service/customreport2/{tenant}
 returns ONE unpaged `{"Report_Entry": [...]}`. Keys are the columns' aliases, every value is a string
 (booleans `"1"`/`"0"`), a field with no value is omitted (never null), multi-valued fields are nested
 arrays of objects whose alias ends in `_group`. Prompts are query parameters (`Effective_as_of_Date=…`,
-reference prompts `X!WID=wid1!wid2`). Auth is HTTP Basic for an integration system user, or a Bearer
-token from `POST /ccx/oauth2/{tenant}/token` (grant_type=refresh_token). Errors come back as XML or HTML
+an XML Schema date with an optional zone, anything else a 400; reference prompts `X!WID=wid1!wid2`).
+Auth is HTTP Basic for an integration system user, or a Bearer token from
+`POST /ccx/oauth2/{tenant}/token` (grant_type=refresh_token). Errors come back as XML or HTML
 even when `format=json` was asked for. A report comes in the format its URL names, as the URLs under
 Actions › Web Service › View URLs do: `format=json`, `format=csv` (nested `_group` values joined with
 "; "), or XML (`wd:Report_Data`) without a format (RaaS's default) or with `format=xml`/`simplexml`.
@@ -52,6 +53,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 import secrets
 import threading
 import xml.etree.ElementTree as ET
@@ -511,13 +513,22 @@ class WorkdayEmulator(Emulator):
         }
 
 
+# A date prompt's value in the XML Schema date form Workday's prompts take: the day, optionally
+# with a zone (`2018-10-01`, `2018-10-01-07:00`, `2018-10-01Z`). Python's `date.fromisoformat`
+# alone also reads `20181001`, `2018-W40-1` and a datetime, which a date prompt refuses.
+_XS_DATE = re.compile(r"(\d{4}-\d{2}-\d{2})(?:Z|[+-]\d{2}:\d{2})?")
+
+
 def _as_of(value: str | None) -> date | None:
     """`Effective_as_of_Date` as Workday takes it: `2018-10-01` or `2018-10-01-07:00`."""
     if not value:
         return datetime.now(UTC).date()  # as the org dates hires and terminations
+    matched = _XS_DATE.fullmatch(value)
+    if matched is None:
+        return None
     try:
-        return date.fromisoformat(value[:10])
-    except ValueError:
+        return date.fromisoformat(matched.group(1))
+    except ValueError:  # a day that does not exist: 2018-02-30
         return None
 
 

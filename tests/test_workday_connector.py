@@ -284,6 +284,23 @@ def test_a_nested_column_with_one_entry_sent_as_an_object_is_read_as_a_list_of_o
         assert users_of(mapped)[employee_id(p.n)].email == p.email
 
 
+def test_an_attribute_path_into_a_one_entry_column_sent_as_an_object_finds_its_value(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    """`attributes` paths with a selector (`Email_Address_group[Usage_Type=WORK]…`) read a one-entry
+    `_group` column sent as the object itself as the list of one it stands for: the attribute was
+    missing for every worker with a single email."""
+    attributes = {"work_email": "Email_Address_group[Usage_Type=WORK].Email_Address"}
+    single = [p for p in org.listed_people() if p.email and p.n % 5]
+    assert single
+    emu.lone_objects = True
+    h = sync_harness(harness, tenant(emu, tmp_path, groups_report_url=None, attributes=attributes), Clock())
+    assert h.sync("t1").status == "succeeded"
+    stored = h.users("t1")
+    for p in single:
+        assert stored[employee_id(p.n)]["custom_attributes"] == {"work_email": p.email}
+
+
 def test_numeric_worker_ids_are_read_as_their_digits(emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
     emu.numeric_ids = True  # a calculated field: Employee_ID 21004, not "21004"
     assert isinstance(json.loads(emu._groups_body())["Report_Entry"][0]["Members_group"][0]["Employee_ID"], int)

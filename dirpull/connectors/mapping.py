@@ -60,8 +60,10 @@ def check_path(path: str) -> str:
     return path
 
 
-def extract(record: Mapping[str, Any], path: str) -> Any:
-    """The value at `path`, or None when any step is missing."""
+def extract(record: Mapping[str, Any], path: str, *, lone_lists: bool = False) -> Any:
+    """The value at `path`, or None when any step is missing. `lone_lists`: a list step finding
+    one object reads it as a list of one (Workday's `_group` columns with one entry may come as
+    that object: a selector found nothing for every worker with a single email)."""
     cur: Any = record
     for m in _STEP.finditer(path):
         key, selectors = m.group(1), m.group(2)
@@ -69,6 +71,8 @@ def extract(record: Mapping[str, Any], path: str) -> Any:
             return None
         cur = cur.get(key)
         for sel in _SELECTOR.findall(selectors):
+            if lone_lists and isinstance(cur, Mapping):
+                cur = [cur]
             if not isinstance(cur, list):
                 return None
             cur = _select(cur, sel)
@@ -83,11 +87,14 @@ def mapping_root(path: str) -> str:
     return m.group(1) if m else path
 
 
-def map_attributes(record: Mapping[str, Any], mapping: Mapping[str, str]) -> dict[str, Any]:
-    """custom_attributes for one record from the tenant's `attributes` table (missing → absent)."""
+def map_attributes(
+    record: Mapping[str, Any], mapping: Mapping[str, str], *, lone_lists: bool = False
+) -> dict[str, Any]:
+    """custom_attributes for one record from the tenant's `attributes` table (missing → absent);
+    `lone_lists` as for `extract`."""
     out = {}
     for name, path in mapping.items():
-        value = extract(record, path)
+        value = extract(record, path, lone_lists=lone_lists)
         if value is not None:
             out[name] = value
     return out

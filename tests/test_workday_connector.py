@@ -1576,12 +1576,25 @@ def test_a_resync_getting_multi_instance_columns_in_another_order_is_silent(
         assert f"w3.{worker}@example.test" not in h.users("t1")[worker]["emails"]
 
 
+@pytest.mark.parametrize(
+    ("settings", "read"),
+    [
+        ({"fields": {"email": "Email_Address_group"}}, lambda user: user["email"]),
+        # An `attributes` path's `[primary]`: the entry flagged `"Primary": "1"`, not the first.
+        (
+            {"attributes": {"primary_email": "Email_Address_group[primary].Email_Address"}},
+            lambda user: user["custom_attributes"].get("primary_email"),
+        ),
+    ],
+    ids=["field", "attribute"],
+)
 def test_a_field_read_from_a_multi_instance_column_is_its_primary_entry_whatever_the_order(
-    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path, settings: dict[str, Any], read: Any
 ) -> None:
-    """`fields.email` naming the worker's email group: the entry flagged Primary is the email,
-    however the report orders the entries. Taking the first one, a report listing the home address
-    first changed every such worker's email to it (and back on the next run)."""
+    """`fields.email` naming the worker's email group (or an attribute path's `[primary]` into it):
+    the entry flagged Primary is the email, however the report orders the entries. Taking the first
+    one, a report listing the home address first changed every such worker's email to it (and back
+    on the next run)."""
     state = {"reversed": False}
 
     def present(answer: Answer) -> Answer | None:
@@ -1594,7 +1607,7 @@ def test_a_field_read_from_a_multi_instance_column_is_its_primary_entry_whatever
         return Answer(answer.path, answer.status, answer.headers, json.dumps(body).encode())
 
     with proxying(emu.base_url, present) as proxy:
-        cfg = tenant(emu, tmp_path, fields={"email": "Email_Address_group"})
+        cfg = tenant(emu, tmp_path, **settings)
         cfg = {k: v.replace(emu.base_url, proxy.base_url) if k.endswith("_url") else v for k, v in cfg.items()}
         h = sync_harness(harness, cfg, Clock())
         assert h.sync("t1").status == "succeeded"
@@ -1603,8 +1616,8 @@ def test_a_field_read_from_a_multi_instance_column_is_its_primary_entry_whatever
             "Email_Address_group") or []) > 1]  # fmt: skip
         assert with_home
         for p in with_home:
-            assert h.users("t1")[employee_id(p.n)]["email"] == p.email
+            assert read(h.users("t1")[employee_id(p.n)]) == p.email
         state["reversed"] = True
         again = h.sync("t1", full=True)
         assert (again.events, again.counts["rows_written"]) == (0, 0), h.changes("t1")
-        assert all(h.users("t1")[employee_id(p.n)]["email"] == p.email for p in with_home)
+        assert all(read(h.users("t1")[employee_id(p.n)]) == p.email for p in with_home)

@@ -2,7 +2,7 @@
 connectors' own field picking.
 
 A path is dotted keys; a list step may pick an element by `[primary]` (the element whose
-`primary` is true, else the first), by `[key=value]`, or by index `[0]`:
+`primary` is true, or the vendor's own flag (`extract`), else the first), by `[key=value]`, or by index `[0]`:
   organizations[primary].costCenter · relations[type=manager].value · customSchemas.Employment.Type
 """
 
@@ -26,10 +26,14 @@ def _spelled(value: Any) -> str:
     return str(value)
 
 
-def _select(items: list[Any], selector: str) -> Any:
+def _primary(item: Any) -> bool:
+    return isinstance(item, Mapping) and item.get("primary") is True
+
+
+def _select(items: list[Any], selector: str, primary: Callable[[Any], bool] = _primary) -> Any:
     if selector == "primary":
         for item in items:
-            if isinstance(item, Mapping) and item.get("primary") is True:
+            if primary(item):
                 return item
         return items[0] if items else None
     if "=" in selector:
@@ -60,10 +64,14 @@ def check_path(path: str) -> str:
     return path
 
 
-def extract(record: Mapping[str, Any], path: str, *, lone_lists: bool = False) -> Any:
+def extract(
+    record: Mapping[str, Any], path: str, *, lone_lists: bool = False, primary: Callable[[Any], bool] = _primary
+) -> Any:
     """The value at `path`, or None when any step is missing. `lone_lists`: a list step finding
     one object reads it as a list of one (Workday's `_group` columns with one entry may come as
-    that object: a selector found nothing for every worker with a single email)."""
+    that object: a selector found nothing for every worker with a single email). `primary`: which
+    element `[primary]` picks, for a vendor that flags it otherwise than `"primary": true`
+    (Workday's `"Primary": "1"`: the first element, in no promised order, was taken)."""
     cur: Any = record
     for m in _STEP.finditer(path):
         key, selectors = m.group(1), m.group(2)
@@ -75,7 +83,7 @@ def extract(record: Mapping[str, Any], path: str, *, lone_lists: bool = False) -
                 cur = [cur]
             if not isinstance(cur, list):
                 return None
-            cur = _select(cur, sel)
+            cur = _select(cur, sel, primary)
         if cur is None:
             return None
     return cur
@@ -88,13 +96,17 @@ def mapping_root(path: str) -> str:
 
 
 def map_attributes(
-    record: Mapping[str, Any], mapping: Mapping[str, str], *, lone_lists: bool = False
+    record: Mapping[str, Any],
+    mapping: Mapping[str, str],
+    *,
+    lone_lists: bool = False,
+    primary: Callable[[Any], bool] = _primary,
 ) -> dict[str, Any]:
     """custom_attributes for one record from the tenant's `attributes` table (missing → absent);
-    `lone_lists` as for `extract`."""
+    `lone_lists` and `primary` as for `extract`."""
     out = {}
     for name, path in mapping.items():
-        value = extract(record, path, lone_lists=lone_lists)
+        value = extract(record, path, lone_lists=lone_lists, primary=primary)
         if value is not None:
             out[name] = value
     return out

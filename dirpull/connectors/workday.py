@@ -706,8 +706,11 @@ class WorkdayConnector(CountsRequests):
             department=self._str(row, "department"),
             employee_number=self._str(row, "employee_number"),
             manager_idp_id=self._str(row, "manager"),
-            # A one-entry `_group` column may come as that object: read as the list, as `_values` does.
-            custom_attributes=mapping.map_attributes(row, self.settings.attributes, lone_lists=True),
+            # A one-entry `_group` column may come as that object: read as the list, as `_values` does;
+            # `[primary]` is the entry flagged `"Primary": "1"`, whatever the order.
+            custom_attributes=mapping.map_attributes(
+                row, self.settings.attributes, lone_lists=True, primary=_primary_entry
+            ),
             # Workday promises no order for a multi-instance column's entries: a report run again
             # may list a worker's emails (positions…) otherwise, the same worker.
             raw_attributes=mapping.unordered_lists(row, _primary_entry),

@@ -594,6 +594,18 @@ def test_oauth_refresh_token_flow(emu: WorkdayEmulator, org: Org, tmp_path: Path
     assert not isinstance(info.value, AuthError) and info.value.retriable
 
 
+@pytest.mark.parametrize("secret", ["pa€ss-wörd", "pässwörd", "パスワード-2026"])
+def test_a_password_or_client_secret_beyond_ascii_signs_in(org: Org, tmp_path: Path, secret: str) -> None:
+    """Basic credentials go in UTF-8 (RFC 7617). requests encodes strings as Latin-1: "pa€ss-wörd"
+    failed the run with UnicodeEncodeError (an "unexpected error" and a traceback, nothing naming
+    the password), and "pässwörd" was sent as bytes the server does not read as the password."""
+    with WorkdayEmulator(org, password=secret, client_secret=secret) as e:
+        pages, _ = pull(connector(tenant(e, tmp_path)))
+        assert len(users_of(pages)) == sum(1 for _ in org.listed_people())
+        pages, _ = pull(connector(oauth_tenant(e, tmp_path)))  # the token request's client secret
+        assert len(users_of(pages)) == sum(1 for _ in org.listed_people()) and e.tokens_issued == 1
+
+
 def test_a_token_answer_without_access_token_quotes_only_the_oauth_error(
     emu: WorkdayEmulator, tmp_path: Path
 ) -> None:

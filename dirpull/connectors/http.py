@@ -558,6 +558,18 @@ def _same_origin_session() -> requests.Session:
     return _Session()
 
 
+def utf8_basic_auth(auth: Any) -> Any:
+    """A (user, password) pair as Basic credentials encoded in UTF-8 (RFC 7617), not in the Latin-1
+    requests uses for strings: a password with a character Latin-1 lacks (€, a CJK one) failed the
+    run as an "unexpected error" (UnicodeEncodeError, a traceback), and one with ä or é went out as
+    a byte that a UTF-8 server does not read as the password. ASCII credentials are the same bytes."""
+    if isinstance(auth, tuple) and len(auth) == 2 and all(isinstance(part, str) for part in auth):
+        from requests.auth import HTTPBasicAuth
+
+        return HTTPBasicAuth(auth[0].encode("utf-8"), auth[1].encode("utf-8"))
+    return auth
+
+
 class HttpClient:
     """A `requests` session with the shared policy: timeouts, retries, classification, counting."""
 
@@ -587,7 +599,7 @@ class HttpClient:
         self.session.verify = env_ca_file() or os.environ.get("SSL_CERT_DIR") or True
         if headers:
             self.session.headers.update(headers)
-        self.session.auth = auth
+        self.session.auth = utf8_basic_auth(auth)
         self.policy = policy or RetryPolicy()
         self.timeout = timeout
         self.retry_statuses = retry_statuses
@@ -622,6 +634,8 @@ class HttpClient:
 
     def request(self, method: str, url: str, *, step: str, stream: bool = False, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self.timeout)
+        if "auth" in kwargs:
+            kwargs["auth"] = utf8_basic_auth(kwargs["auth"])
         attempt = 0
         while True:
             attempt += 1

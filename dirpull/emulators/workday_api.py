@@ -225,7 +225,10 @@ class WorkdayEmulator(Emulator):
                 user, _, pwd = base64.b64decode(value).decode().partition(":")
             except (ValueError, UnicodeDecodeError):
                 return self.unauthorized(req)
-            if secrets.compare_digest(user, self.username) and secrets.compare_digest(pwd, self.password):
+            # As bytes: compare_digest refuses str with a character beyond ASCII.
+            if secrets.compare_digest(user.encode(), self.username.encode()) and secrets.compare_digest(
+                pwd.encode(), self.password.encode()
+            ):
                 return None
         elif scheme.lower() == "bearer":
             with self._tok_lock:

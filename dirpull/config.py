@@ -33,7 +33,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from dirpull.connectors.mapping import check_path
+from dirpull.connectors.mapping import check_path, mapping_root
 
 DEFAULT_CONFIG = "dirpull.toml"
 PROVIDERS = ("entra_id", "google_workspace", "okta", "workday", "bamboohr")
@@ -452,6 +452,15 @@ MAX_HTTP_TIMEOUT = 86_400.0  # seconds
 MIN_CHANGED_OVERLAP = 1.0  # seconds: BambooHR's timestamps are to the second
 
 
+# What a BambooHR pull asks the custom report for, besides manager_field and the attributes' fields.
+BAMBOOHR_REPORT_FIELDS = (
+    "id", "employeeNumber", "firstName", "lastName", "preferredName", "displayName", "workEmail",
+    "homeEmail", "status", "department", "division", "jobTitle", "supervisorEId", "hireDate",
+    "terminationDate", "lastChanged",
+)  # fmt: skip
+BAMBOOHR_MAX_REPORT_FIELDS = 400  # the custom report answers 400 over that (directory-apis.md §4.1)
+
+
 class BambooHRTenant(TenantBase):
     provider: Literal["bamboohr"]
     company_domain: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*$")
@@ -481,6 +490,24 @@ class BambooHRTenant(TenantBase):
                 "with less, a change made in the cursor's second is missed by every later run"
             )
         return v
+
+    def report_fields(self) -> list[str]:
+        """The fields every custom report of a pull asks for, each once."""
+        extra = [self.manager_field, *(mapping_root(path) for path in self.attributes.values())]
+        return list(dict.fromkeys([*BAMBOOHR_REPORT_FIELDS, *extra]))
+
+    @model_validator(mode="after")
+    def _report_width(self) -> BambooHRTenant:
+        # Over the limit, every run of the tenant failed at its first request, on an HTTP 400.
+        asked = len(self.report_fields())
+        if asked > BAMBOOHR_MAX_REPORT_FIELDS:
+            own = len({*BAMBOOHR_REPORT_FIELDS, self.manager_field})
+            raise ValueError(
+                f"the custom report would ask for {asked} fields and BambooHR takes at most "
+                f"{BAMBOOHR_MAX_REPORT_FIELDS}: map fewer attributes ({own} of them are dirpull's own, "
+                "manager_field included)"
+            )
+        return self
 
 
 class EntraTenant(TenantBase):

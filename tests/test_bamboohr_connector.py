@@ -17,7 +17,7 @@ import pytest
 import requests
 from redirects import redirecting
 
-from dirpull.config import BambooHRTenant
+from dirpull.config import BambooHRTenant, ConfigError, load_config
 from dirpull.connectors.bamboohr import REPORT_FIELDS, BambooHRConnector, build
 from dirpull.connectors.base import AuthError, ConnectorError, Done, Page
 from dirpull.connectors.http import RetryPolicy
@@ -293,6 +293,34 @@ def test_custom_attributes_come_from_report_fields(emu: BambooHREmulator) -> Non
         "division": u.raw_attributes["division"],
     }
     assert u.custom_attributes["division"]  # requested by the core field list anyway
+
+
+def test_settings_asking_the_report_for_more_than_400_fields_are_refused_at_load(
+    emu: BambooHREmulator, tmp_path: Path
+) -> None:
+    """BambooHR's custom report takes at most 400 fields and answers 400 over that: settings mapping
+    that many attributes loaded, and every run of the tenant then failed at its first request."""
+    core = len({*REPORT_FIELDS, "supervisorEId"})
+    widest = {f"a{i}": f"custom{i}" for i in range(400 - core)}
+    pages, done = pull(connector(emu, attributes=widest))  # exactly 400: BambooHR takes it
+    assert done.snapshot and len(users(pages)) == 40
+    text = f"""[store]
+url = "sqlite:///{tmp_path / 'store.db'}"
+[tenants.hr]
+provider = "bamboohr"
+company_domain = "acme"
+api_key = "k"
+manager_field = "supervisorId"
+[tenants.hr.attributes]
+division = "division"
+""" + "".join(f'a{i} = "custom{i}[0].value"\n' for i in range(400 - core))
+    (tmp_path / "dirpull.toml").write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:  # supervisorId is one more field than the report takes
+        load_config(tmp_path / "dirpull.toml")
+    assert str(info.value) == (
+        f"{tmp_path / 'dirpull.toml'}: tenants.hr: the custom report would ask for 401 fields and BambooHR "
+        f"takes at most 400: map fewer attributes ({core + 1} of them are dirpull's own, manager_field included)"
+    )
 
 
 def test_a_report_cut_off_or_garbled_before_a_page_was_handed_on_is_asked_for_again(

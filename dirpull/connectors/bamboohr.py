@@ -51,7 +51,7 @@ import orjson
 import requests
 import urllib3
 
-from dirpull.config import BambooHRTenant, ConfigError
+from dirpull.config import BAMBOOHR_REPORT_FIELDS, BambooHRTenant, ConfigError
 from dirpull.connectors.base import (
     AuthError,
     ConfigurationError,
@@ -78,18 +78,12 @@ from dirpull.model import User
 
 log = logging.getLogger(__name__)
 
-# What a full or incremental pull asks the custom report for (plus the tenant's custom fields).
-REPORT_FIELDS = (
-    "id", "employeeNumber", "firstName", "lastName", "preferredName", "displayName", "workEmail",
-    "homeEmail", "status", "department", "division", "jobTitle", "supervisorEId", "hireDate",
-    "terminationDate", "lastChanged",
-)  # fmt: skip
+REPORT_FIELDS = BAMBOOHR_REPORT_FIELDS  # what every report asks for, plus the tenant's fields
 # Changes with every edit, including edits to fields we do not read (compensation, …): keeping it
 # in raw_attributes would turn those into update events that change nothing a consumer sees.
 VOLATILE = ("lastChanged",)
 EMPTY_VALUES = frozenset({"", "0000-00-00", "0000-00-00 00:00:00"})
 REPORT_TITLE = "dirpull"
-_FIELD_OF_PATH = re.compile(r"^[^.\[]+")
 _LAST_CHANGED = re.compile(rb'"lastChanged"\s*:\s*"([^"\\]*)"')
 # A row's text with a termination date that is not the empty date: the few that may be leavers.
 _DATED_END = re.compile(rb'"terminationDate"\s*:\s*"(?!0000-00-00")[^"]')
@@ -273,9 +267,7 @@ class BambooHRConnector(CountsRequests):
         # in its host and is used as given; any other api_url is the legacy gateway, which takes
         # the company in its path (directory-apis.md §4.1: whether both stay accepted is unsure).
         self.base = api if api.endswith("/v1") else f"{api}/{settings.company_domain}/v1"
-        custom = [_field_of(path) for path in settings.attributes.values()]
-        extra = [settings.manager_field, *custom]
-        self.fields = list(dict.fromkeys([*REPORT_FIELDS, *(f for f in extra if f)]))
+        self.fields = settings.report_fields()
 
     def __repr__(self) -> str:
         return f"BambooHRConnector(tenant={self.tenant!r}, company={self.settings.company_domain!r})"
@@ -743,11 +735,6 @@ class BambooHRConnector(CountsRequests):
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-
-
-def _field_of(path: str) -> str:
-    m = _FIELD_OF_PATH.match(path)
-    return m.group(0) if m else path
 
 
 def _id_of(row: Any) -> str | None:

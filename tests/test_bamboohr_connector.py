@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import re
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -144,6 +145,21 @@ def test_incremental_pull_reads_only_what_changed_and_moves_the_cursor_forward(e
     pages, again = pull(c, done.cursor)
     assert again.cursor == done.cursor
     assert set(users(pages)) == {"5", "6", str(hired.n)} and again.requests == 2
+
+
+def test_a_refused_changed_employees_call_without_a_reason_turns_full_saying_so_plainly(
+    emu: BambooHREmulator,
+) -> None:
+    """A 400 with no X-BambooHR-Error-Message and an empty body: the note read
+    "…/employees/changed: ): full sync instead", a reason left empty after its colon."""
+    c = connector(emu)
+    _, first = pull(c)
+    emu.faults.update({"error": 1, "error_status": 400, "path": "employees/changed"})
+    pages, done = pull(c, first.cursor)
+    assert done.snapshot and len(users(pages)) == sum(1 for _ in emu.org.listed_people())
+    [note] = [n for n in done.notes if "employees/changed refused" in n]
+    pattern = r"employees/changed refused since=\S+ \(changed employees: HTTP 400 from \S+/employees/changed\)"
+    assert re.fullmatch(pattern + ": full sync instead", note), note
 
 
 def test_incremental_reads_changed_employees_in_batches(emu: BambooHREmulator) -> None:

@@ -685,7 +685,7 @@ class HttpClient:
                     or readable_body(resp.content)
                 )
                 raise ConnectorError(
-                    f"{step}: HTTP {resp.status_code} from {redact_url(url)}: {detail}",
+                    f"{step}: HTTP {resp.status_code} from {redact_url(url)}" + (f": {detail}" if detail else ""),
                     retriable=resp.status_code >= 500,
                     step=step,
                     status=resp.status_code,

@@ -498,3 +498,20 @@ def test_a_bounded_system_log_request_comes_ordered_by_published(emu: OktaEmulat
     assert targets(limit=2, sortOrder="DESCENDING") == ([user_id(20), user_id(22), user_id(21)], 2)
     polled = get(emu, "/api/v1/logs", since=window["since"], filter=window["filter"]).json()
     assert [ev["target"][0]["id"] for ev in polled] == [user_id(20), user_id(21), user_id(22)]  # as stored
+
+
+def test_a_timestamp_searched_with_a_string_operator_is_a_400_not_a_server_error(emu: OktaEmulator) -> None:
+    """`sw` and `co` are string operators (directory-apis.md §3.1 search): a user or group search
+    that applies one to a timestamp is a malformed search, 400 E0000053. The emulator crashed on
+    it with a 500, which a client retries as an Okta outage."""
+    when = '"2026-01-01T00:00:00.000Z"'
+    for path, attr in (
+        ("/api/v1/users", "lastUpdated"),
+        ("/api/v1/users", "created"),
+        ("/api/v1/users", "statusChanged"),
+        ("/api/v1/groups", "lastMembershipUpdated"),
+    ):
+        for op in ("sw", "co"):
+            r = get(emu, path, search=f"{attr} {op} {when}")
+            assert r.status_code == 400 and r.json()["errorCode"] == "E0000053", (path, attr, op)
+    assert get(emu, "/api/v1/users", search=f"lastUpdated ge {when}").status_code == 200

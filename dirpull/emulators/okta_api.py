@@ -230,6 +230,9 @@ class Expr:
         else:
             literal_value = literal
         if attr in DATE_ATTRS:
+            if op not in RANGE:
+                # `sw` and `co` are string operators; a timestamp is compared, never matched as text.
+                raise FilterError(f"operator {op!r} is not supported for the timestamp {attr!r}")
             try:
                 bound = parse_time(str(literal_value))
             except ValueError:

@@ -515,3 +515,17 @@ def test_a_timestamp_searched_with_a_string_operator_is_a_400_not_a_server_error
             r = get(emu, path, search=f"{attr} {op} {when}")
             assert r.status_code == 400 and r.json()["errorCode"] == "E0000053", (path, attr, op)
     assert get(emu, "/api/v1/users", search=f"lastUpdated ge {when}").status_code == 200
+
+
+def test_a_search_on_activated_finds_only_users_whose_record_has_it(emu: OktaEmulator, org: Org) -> None:
+    """A STAGED user was never activated: the record says `activated: null`, and a search on
+    `activated` (directory-apis.md §3.1) must not find them. The emulator searched its own creation
+    time instead, and served STAGED users whose `activated` contradicted the search that found them."""
+    emu.status_overrides[5] = "STAGED"
+    staged = get(emu, f"/api/v1/users/{user_id(5)}").json()
+    assert staged["status"] == "STAGED" and staged["activated"] is None
+    for search in ("activated pr", 'activated gt "1970-01-01T00:00:00.000Z"'):
+        found = walk(emu, "/api/v1/users", search=search)[0]
+        assert found and all(u["activated"] is not None for u in found), search
+        assert user_id(5) not in {u["id"] for u in found}, search
+    assert user_id(5) in {u["id"] for u in walk(emu, "/api/v1/users", search='status eq "STAGED"')[0]}

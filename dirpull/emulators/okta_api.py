@@ -618,8 +618,8 @@ class OktaEmulator(Emulator):
                 return p.created_at
             if attr == "statusChanged":
                 return p.updated_at if self.status_of(p) != "ACTIVE" else p.created_at
-            if attr == "activated":
-                return p.created_at
+            if attr == "activated":  # as served: a STAGED user was never activated
+                return p.created_at if self.status_of(p) != "STAGED" else None
             if attr == "type.id":
                 return USER_TYPE
             if attr.startswith("profile."):

@@ -24,23 +24,23 @@ Served over the shared `Org`:
                                      then, is refused: 401 invalid_client "The client_assertion token
                                      has already been used."
 
-Every response carries `X-Rate-Limit-Limit/Remaining/Reset` from a real per-window counter of its
-endpoint family (users, groups, logs, token: each its own window, and its own limit with
-`rate_limits`) and a `Date`; exhausting the window gives 429 E0000047. Switches (attributes, or over HTTP at
-`POST /_emulator/okta`): `status_overrides` (Person.n → STAGED, PROVISIONED, …), `malformed_users`
-(Person.n served with a record the SDK's models reject), `rate_limit_headers` (a faulted 429 with or
-without the X-Rate-Limit headers), `fault_reset_in` (a faulted 429's X-Rate-Limit-Reset, seconds from
-now; 0 or less: not ahead of the server's clock, as the concurrent limit's estimate can be),
-`app_group_every`, `failed_deletes` (an Okta user or group id → the `outcome.result` of a deletion
-attempt logged for it, FAILURE, DENY, …, or null for an event without `outcome`; the user or group
-stays: each is logged once, at the next System Log request), `ssws_space_required` (refuse
-`SSWS<token>` without the space the reference documents, `SSWS {token}`, with 401; default: accept
-both, as sdk-notes advises for fakes, since the SDK itself sends it without), `dpop_required` (the
-OAuth app "Requires Demonstrating Proof of Possession", RFC 9449 as Okta does it: a token request
-without a `DPoP` proof → 400 `invalid_dpop_proof`; a proof without the server's nonce → 400
-`use_dpop_nonce` with a `DPoP-Nonce` header; a verified proof → a `token_type: "DPoP"` token that the
-APIs take only as `Authorization: DPoP <token>` with a proof of the same key, its `ath` the token's
-hash, else 401).
+Every response carries `x-rate-limit-limit/remaining/reset` (lower-case, as Okta writes them, and
+`link` too) from a real per-window counter of its endpoint family (users, groups, logs, token: each
+its own window, and its own limit with `rate_limits`) and a `Date`; exhausting the window gives 429
+E0000047. Switches (attributes, or over HTTP at `POST /_emulator/okta`): `status_overrides`
+(Person.n → STAGED, PROVISIONED, …), `malformed_users` (Person.n served with a record the SDK's
+models reject), `rate_limit_headers` (a faulted 429 with or without the X-Rate-Limit headers),
+`fault_reset_in` (a faulted 429's X-Rate-Limit-Reset, seconds from now; 0 or less: not ahead of the
+server's clock, as the concurrent limit's estimate can be), `app_group_every`, `failed_deletes` (an
+Okta user or group id → the `outcome.result` of a deletion attempt logged for it, FAILURE, DENY, …,
+or null for an event without `outcome`; the user or group stays: each is logged once, at the next
+System Log request), `ssws_space_required` (refuse `SSWS<token>` without the space the reference
+documents, `SSWS {token}`, with 401; default: accept both, as sdk-notes advises for fakes, since the
+SDK itself sends it without), `dpop_required` (the OAuth app "Requires Demonstrating Proof of
+Possession", RFC 9449 as Okta does it: a token request without a `DPoP` proof → 400
+`invalid_dpop_proof`; a proof without the server's nonce → 400 `use_dpop_nonce` with a `DPoP-Nonce`
+header; a verified proof → a `token_type: "DPoP"` token that the APIs take only as `Authorization:
+DPoP <token>` with a proof of the same key, its `ath` the token's hash, else 401).
 """
 
 from __future__ import annotations
@@ -504,9 +504,9 @@ class OktaEmulator(Emulator):
         resp = _error(429, "E0000047", "API call exceeded rate limit due to too many requests.")
         if self.rate_limit_headers:
             resp.headers += [
-                ("X-Rate-Limit-Limit", str(self.rates.limit_of(_bucket(req.path)))),
-                ("X-Rate-Limit-Remaining", "0"),
-                ("X-Rate-Limit-Reset", str(int(time.time()) + self.fault_reset_in)),
+                ("x-rate-limit-limit", str(self.rates.limit_of(_bucket(req.path)))),
+                ("x-rate-limit-remaining", "0"),
+                ("x-rate-limit-reset", str(int(time.time()) + self.fault_reset_in)),
             ]
         resp.no_rate_headers = True  # type: ignore[attr-defined]  # the fault decides the headers
         return resp
@@ -526,9 +526,9 @@ class OktaEmulator(Emulator):
             resp, wire = super().handle(req)
         if not getattr(resp, "no_rate_headers", False):
             resp.headers += [
-                ("X-Rate-Limit-Limit", str(limit)),
-                ("X-Rate-Limit-Remaining", str(remaining)),
-                ("X-Rate-Limit-Reset", str(reset)),
+                ("x-rate-limit-limit", str(limit)),
+                ("x-rate-limit-remaining", str(remaining)),
+                ("x-rate-limit-reset", str(reset)),
             ]
         resp.headers.append(("X-Okta-Request-Id", secrets.token_hex(10)))
         return resp, wire
@@ -708,11 +708,12 @@ class OktaEmulator(Emulator):
     def _links(self, req: Request, path: str, params: dict[str, str], next_after: str | None) -> list[tuple[str, str]]:
         base = self.base_url
         self_q = urlencode({k: v for k, v in params.items() if v is not None})
-        links = [("Link", f'<{base}{path}{"?" + self_q if self_q else ""}>; rel="self"')]
+        links = [("link", f'<{base}{path}{"?" + self_q if self_q else ""}>; rel="self"')]
         if next_after is not None:
             nq = urlencode({**{k: v for k, v in params.items() if v is not None and k != "after"}, "after": next_after})
-            # rel="next" LAST: the SDK keeps headers in a dict and the last Link wins.
-            links.append(("Link", f'<{base}{path}?{nq}>; rel="next"'))
+            # rel="next" LAST: the SDK keeps headers in a dict and the last Link wins. Names in
+            # lower case, as Okta writes them (§3.1): a client must not depend on the case.
+            links.append(("link", f'<{base}{path}?{nq}>; rel="next"'))
         return links
 
     # --- users ------------------------------------------------------------------------------------

@@ -572,6 +572,44 @@ def test_msgraph_sdk_reads_users_list_paging(graph: GraphEmulator, org: Org) -> 
     assert first.account_enabled is True
 
 
+def test_msgraph_sdk_reads_managers_expanded_on_the_users_list(graph: GraphEmulator, org: Org) -> None:
+    # §1.1 user fields: `manager` comes with `$expand=manager` on a plain list, on every page; a
+    # user without one has no `manager`. Ignored, every user read as having no manager.
+    from kiota_abstractions.base_request_configuration import RequestConfiguration
+    from msgraph.generated.users.users_request_builder import UsersRequestBuilder
+
+    org.soft_delete(org.person(9).manager or 1)
+
+    async def main(expand: str) -> list[Any]:
+        client = _sdk_client(graph)
+        qp = UsersRequestBuilder.UsersRequestBuilderGetQueryParameters(select=["id"], expand=[expand], top=25)
+        page = await client.users.get(request_configuration=RequestConfiguration(query_parameters=qp))
+        users = list(page.value)
+        while page.odata_next_link:
+            page = await client.users.with_url(page.odata_next_link).get()
+            users += page.value
+        return users
+
+    def manager_of(n: int) -> str | None:
+        mgr = org.person(n).manager
+        return user_id(mgr) if mgr is not None and org.person(mgr).visible else None
+
+    users = asyncio.run(main("manager"))
+    listed = list(org.listed_people())
+    assert len(users) == len(listed)
+    expected = {user_id(p.n): manager_of(p.n) for p in listed}
+    assert {u.id: (u.manager.id if u.manager else None) for u in users} == expected
+    assert any(expected.values()) and not all(expected.values())
+    with_manager = next(u for u in users if u.manager)
+    assert with_manager.manager.odata_type == "#microsoft.graph.user"
+    assert with_manager.manager.user_principal_name  # the default properties
+
+    narrow = asyncio.run(main("manager($select=id,displayName)"))
+    named = next(u for u in narrow if u.manager)
+    assert named.manager.display_name == org.person(int(named.manager.id[-12:])).display
+    assert named.manager.user_principal_name is None
+
+
 def test_msgraph_sdk_reads_users_delta(graph: GraphEmulator, org: Org) -> None:
     from kiota_abstractions.base_request_configuration import RequestConfiguration
     from msgraph.generated.users.delta.delta_request_builder import DeltaRequestBuilder

@@ -2,7 +2,8 @@
 
 Served on one port:
   POST /{tenant}/oauth2/v2.0/token              client credentials → bearer token (login host)
-  GET  /v1.0/users, /v1.0/groups                 plain lists, $select/$top, @odata.nextLink ($skiptoken; $skip: 400)
+  GET  /v1.0/users, /v1.0/groups                 plain lists, $select/$top, @odata.nextLink ($skiptoken; $skip: 400);
+                                                 users take $expand=manager[($select=…)]
   GET  /v1.0/users/{id}/manager                  the user's manager (404 when there is none)
   GET  /v1.0/directory/deletedItems/microsoft.graph.user
                                                  soft-deleted users (restorable), with deletedDateTime;
@@ -697,14 +698,17 @@ class GraphEmulator(Emulator):
         table: dict[str, Any],
         navigation: dict[str, Any],
         context: str,
+        expandable: bool = False,
     ) -> Response:
         skiptoken = req.arg("$skiptoken")
         if skiptoken is not None:
             state = _decode(skiptoken)
             select, top, pos = state.get("f"), int(state.get("n", 100)), int(state.get("p", 0))
+            expand = state.get("e")
         else:
             select = self._select(req, table, navigation, default, kind)
             top, pos = self._top(req), 0
+            expand = self._expand_manager(req) if expandable else None
         names = [s for s in select if s in table] if select is not None else list(default)
         items: list[dict[str, Any]] = []
         with self.org.lock:
@@ -714,7 +718,10 @@ class GraphEmulator(Emulator):
                 n += 1
                 obj = objects(n)
                 if obj is not None:
-                    items.append(render(obj, names))
+                    item = render(obj, names)
+                    if expand is not None:
+                        self._add_manager(item, obj, expand)
+                    items.append(item)
             more = n < hi  # the last page may be empty: Graph allows that
         ctx = f"{self.base_url}/v1.0/$metadata#{context}" + (f"({','.join(select)})" if select else "")
         body: dict[str, Any] = {"@odata.context": ctx}
@@ -722,10 +729,43 @@ class GraphEmulator(Emulator):
             params = [("$top", str(top))] if req.arg("$top") or skiptoken else []
             if select:
                 params.insert(0, ("$select", ",".join(select)))
-            params.append(("$skiptoken", _encode({"p": n, "n": top, "f": select})))
+            state = {"p": n, "n": top, "f": select}
+            if expand is not None:
+                state["e"] = expand
+            params.append(("$skiptoken", _encode(state)))
             body["@odata.nextLink"] = self._url(path, params)
         body["value"] = items
         return self._json(body)
+
+    @staticmethod
+    def _expand_manager(req: Request) -> list[str] | None:
+        """The manager properties `$expand=manager` (or `manager($select=a,b)`) asks for: the list
+        (the default user properties when none are selected), or None without that expand. Other
+        navigation properties are left as they were: not modelled here."""
+        raw = req.arg("$expand")
+        if raw is None:
+            return None
+        for part in re.split(r",(?![^(]*\))", raw):
+            m = re.fullmatch(r"\s*manager\s*(?:\(\s*\$select\s*=\s*([^)]*)\))?\s*", part)
+            if m is None:
+                continue
+            if m.group(1) is None:
+                return list(USER_DEFAULT)
+            names = [x.strip() for x in m.group(1).split(",") if x.strip()]
+            for name in names:
+                if name not in USER_PROPERTIES:
+                    raise GraphError(
+                        400, "BadRequest", f"Could not find a property named '{name}' on type 'microsoft.graph.user'."
+                    )
+            return names
+        return None
+
+    def _add_manager(self, item: dict[str, Any], p: Person, names: list[str]) -> None:
+        """The user's manager, expanded in place (§1.1 user fields: `manager`, `$expand=manager`);
+        left out when the user has none, as Graph leaves out an empty single-valued navigation."""
+        mgr = self.org.people.get(p.manager) if p.manager is not None else None
+        if mgr is not None and mgr.visible:
+            item["manager"] = {"@odata.type": "#microsoft.graph.user", **self._render(mgr, USER_PROPERTIES, names)}
 
     def _visible_person(self, n: int) -> Person | None:
         p = self.org.people.get(n)
@@ -748,6 +788,7 @@ class GraphEmulator(Emulator):
                 USER_PROPERTIES,
                 {},
                 "users",
+                expandable=True,
             ),
             req,
         )

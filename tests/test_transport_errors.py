@@ -368,6 +368,51 @@ def test_a_page_echoing_the_authorization_header_is_quoted_without_the_credentia
         assert encoded not in text and SECRET not in text
 
 
+class _FieldEchoingGateway(http.server.BaseHTTPRequestHandler):
+    """A vendor's error page echoing credentials under its own field names (a form or query field,
+    a JSON key, a header), none of them a setting of the tenant, next to prose naming such fields."""
+
+    page = (
+        b'{"error": "invalid_request", "query": "?oauth_access_token=abcd1234efgh5678&page=2", '
+        b'"user_password": "pw12345678ab", "headers": "X-Api-Token: tok9876543210abc", '
+        b'"hint": "check the api_token: configuration and the WD_PASSWORD: environment"}'
+    )
+
+    def _any(self) -> None:
+        self.send_response(400)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(self.page)))
+        self.end_headers()
+        self.wfile.write(self.page)
+
+    do_GET = do_POST = _any
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_credentials_echoed_under_prefixed_field_names_are_masked_and_prose_is_not(
+    serve: Callable[..., str], harness: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Only a field named exactly `access_token`, `password`… was masked: a page echoing
+    `oauth_access_token=…`, `"user_password": "…"` or `X-Api-Token: …` put the value in the run's
+    error, `dirpull runs` and the log. A name before a bare `:` in prose stays as written."""
+    base = serve(_FieldEchoingGateway, False)
+    tenant = {"provider": "workday", "username": "isu", "password": SECRET,
+              "users_report_url": f"{base}/ccx/service/customreport2/acme/ISU/Workers?format=json"}  # fmt: skip
+    h = harness({"t1": tenant}, connector_factory=lambda name, settings: connector("workday", base, Path("."), []))
+    with caplog.at_level("INFO"):
+        result = h.sync("t1")
+    stored = h.store.runs("t1")[0]["error"]
+    assert result.status == "failed", result.error
+    for shown in ("oauth_access_token=***&page=2", '"user_password": "***"', "X-Api-Token: ***",
+                  "check the api_token: configuration and the WD_PASSWORD: environment"):  # fmt: skip
+        assert shown in stored, stored
+    for text in (result.error, stored, caplog.text):
+        for value in ("abcd1234efgh5678", "pw12345678ab", "tok9876543210abc"):
+            assert value not in text, text
+
+
 @pytest.mark.parametrize("provider", ["okta", "entra_id"])
 def test_a_short_secret_echoed_by_a_gateway_is_masked_where_it_stands_as_a_credential(
     provider: str, serve: Callable[..., str], harness: Any, caplog: pytest.LogCaptureFixture

@@ -469,11 +469,23 @@ class PagingGuard:
 # token), a token or password field of a form or JSON body. The value must look like one (12+
 # characters, a digit or base64's +/=) so "Basic authentication failed" stays as the vendor said it.
 # A field's name stands alone, not as the end of a longer word: dirpull's own "secret
-# env:WD_PASSWORD: environment variable is not set" lost its "environment" to `***`.
+# env:WD_PASSWORD: environment variable is not set" lost its "environment" to `***`. A longer name
+# ending in a credential word (`oauth_access_token`, `user_password`, `X-Api-Token`) counts only
+# where it can be nothing but a field: right before a form's or query's `=`, as a quoted JSON key
+# (or a Python dict's) before its `:`, or as a header name (words joined by `-`, which no
+# environment variable has) before its `:`.
 _AUTH_VALUE = re.compile(r"\b(Basic|Bearer|SSWS|DPoP)(\s+)(?=[\w+/=.~-]*[0-9+/=])[\w+/=.~-]{12,}", re.I)
 _JWT = re.compile(r"\beyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]*")
 _TOKEN_FIELD = re.compile(
     r"""((?<![A-Za-z0-9_])(?:access_token|refresh_token|id_token|client_secret|client_assertion|assertion|password)["']?\s*[=:]\s*["']?)"""
+    r"""[^"'&\s,;}]{8,}""",
+    re.I,
+)
+_CREDENTIAL_END = r"(?:token|secret|password|passwd|assertion)"
+_PREFIXED_FIELD = re.compile(
+    rf"""((?:(?<![\w-])[a-z0-9]+(?:[_-][a-z0-9]+)*[_-]{_CREDENTIAL_END}="""
+    rf"""|(?<=["'])[a-z0-9]+(?:[_-][a-z0-9]+)*[_-]{_CREDENTIAL_END}\\?["']\s*:\s*\\?["']?"""
+    rf"""|(?<![\w-])[a-z0-9]+(?:-[a-z0-9]+)*-{_CREDENTIAL_END}:\s*))"""
     r"""[^"'&\s,;}]{8,}""",
     re.I,
 )
@@ -486,7 +498,8 @@ def mask_credentials(text: str) -> str:
     setting holds: tokens got during the run, and the base64 of a basic-auth password."""
     text = _AUTH_VALUE.sub(r"\1\2***", text)
     text = _JWT.sub("***", text)
-    return _TOKEN_FIELD.sub(r"\1***", text)
+    text = _TOKEN_FIELD.sub(r"\1***", text)
+    return _PREFIXED_FIELD.sub(r"\1***", text)
 
 
 def readable_body(body: bytes | str, limit: int = 300) -> str:

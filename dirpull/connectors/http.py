@@ -473,11 +473,12 @@ class PagingGuard:
 # ending in a credential word (`oauth_access_token`, `user_password`, `X-Api-Token`) counts only
 # where it can be nothing but a field: right before a form's or query's `=`, as a quoted JSON key
 # (or a Python dict's) before its `:`, or as a header name (words joined by `-`, which no
-# environment variable has) before its `:`.
+# environment variable has) before its `:`. Nor is a name right after `env:` a field: it is a
+# variable's, in dirpull's own "secret env:CLIENT_SECRET: environment variable is not set".
 _AUTH_VALUE = re.compile(r"\b(Basic|Bearer|SSWS|DPoP)(\s+)(?=[\w+/=.~-]*[0-9+/=])[\w+/=.~-]{12,}", re.I)
 _JWT = re.compile(r"\beyJ[\w-]{5,}\.[\w-]{5,}\.[\w-]*")
 _TOKEN_FIELD = re.compile(
-    r"""((?<![A-Za-z0-9_])(?:access_token|refresh_token|id_token|client_secret|client_assertion|assertion|password)["']?\s*[=:]\s*["']?)"""
+    r"""((?<![A-Za-z0-9_])(?<!env:)(?:access_token|refresh_token|id_token|client_secret|client_assertion|assertion|password)["']?\s*[=:]\s*["']?)"""
     r"""[^"'&\s,;}]{8,}""",
     re.I,
 )

@@ -72,9 +72,9 @@ _HOLDERS: list[Any] = []  # the connections that say this process's databases ar
 
 @functools.cache
 def _own_database(server_url: str) -> str:
-    """Advisory locks (the store's event and migration locks) and `pg_locks` are per database, not
-    per schema: parallel test workers (pytest-xdist), or two test runs sharing one server, would
-    wait on each other's locks and see each other's waiters. So each test process gets a database
+    """`pg_locks` is per database, not per schema: parallel test workers (pytest-xdist), or two
+    test runs sharing one server, would see each other's waiters (and, before the store's advisory
+    locks were keyed by its schema, wait on each other's locks). So each test process gets a database
     of its own, made on first use and dropped when the session ends. Those of test processes that
     never reached their end are dropped first: on a developer's own server they added up, a
     database per crashed worker or killed run."""

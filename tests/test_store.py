@@ -865,7 +865,7 @@ def test_a_test_process_migrates_while_another_test_run_on_the_server_holds_the_
 
     try:
         with other_run.connect() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": store_module.MIGRATION_LOCK_KEY})
+            store_module.lock_schema(conn, store_module.MIGRATION_LOCK_KEY)
             migrating = threading.Thread(target=migrate)
             migrating.start()
             try:
@@ -877,6 +877,89 @@ def test_a_test_process_migrates_while_another_test_run_on_the_server_holds_the_
     finally:
         s.close()
         other_run.dispose()
+
+
+class _PausedAtItsLock:
+    """Runs `work` in a thread that stops right after the store has taken an advisory lock, inside
+    the store's own transaction, until `release()`: the lock held exactly as the store holds it."""
+
+    def __init__(self, work: Callable[[], Any]) -> None:
+        self.locked, self.go, self.done = threading.Event(), threading.Event(), threading.Event()
+        self._work = work
+        self._thread = threading.Thread(target=self._run)
+        sa.event.listen(sa.engine.Engine, "after_cursor_execute", self._after)
+
+    def _after(self, conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if threading.current_thread() is self._thread and "pg_advisory_xact_lock" in statement:
+            self.locked.set()
+            self.go.wait(60)
+
+    def _run(self) -> None:
+        self._work()
+        self.done.set()
+
+    def __enter__(self) -> _PausedAtItsLock:
+        self._thread.start()
+        assert self.locked.wait(30), "the store took no advisory lock"
+        return self
+
+    def release(self) -> None:
+        self.go.set()
+        self._thread.join(60)
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+        sa.event.remove(sa.engine.Engine, "after_cursor_execute", self._after)
+
+
+def _waits_for_a_lock(work: Callable[[], Any], seconds: float) -> bool:
+    """Whether `work` is still running after `seconds` (waiting for a lock); it is left to end."""
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return thread.is_alive()
+
+
+@pytest.mark.postgres
+def test_stores_in_two_schemas_of_one_database_do_not_wait_for_each_others_locks(
+    pg_schema_url: Callable[[], str],
+) -> None:
+    """The store URL can name a schema (`?options=-csearch_path=acme`): two stores in one database
+    (one per environment, per team) waited for each other's migrations and event commits, the
+    advisory locks being keyed by the database alone. A second process on the same store still
+    waits, which keeps its events in order."""
+    acme, other = pg_schema_url(), pg_schema_url()
+    stores = [Store(acme), Store(acme), Store(other), Store(other)]
+    try:
+        # A migration: holding it in `acme` holds up `acme`'s second process, not `other`'s.
+        with _PausedAtItsLock(stores[0].ensure_schema) as held:
+            assert not _waits_for_a_lock(stores[2].ensure_schema, 15), "waited for another schema's migration"
+            assert _waits_for_a_lock(stores[1].ensure_schema, 1), "did not wait for its own schema's migration"
+            held.release()
+            assert held.done.wait(30)
+        for s in stores:
+            s.ensure_schema()
+            s.ensure_tenant("hr", "bamboohr")
+        assert stores[0].acquire_lease("hr", "a", timedelta(seconds=60)) is None
+        assert stores[2].acquire_lease("hr", "a", timedelta(seconds=60)) is None
+        # An event commit: the same.
+        with _PausedAtItsLock(lambda: commit_run(stores[0], "hr", "a", 1, "first")) as held:
+            assert not _waits_for_a_lock(lambda: commit_run(stores[2], "hr", "a", 1, "x"), 15), (
+                "waited for another schema's event commit"
+            )
+            assert _waits_for_a_lock(lambda: commit_run(stores[1], "hr", "a", 1, "second"), 1), (
+                "did not wait for its own schema's event commit"
+            )
+            held.release()
+            assert held.done.wait(30)
+        deadline = time.monotonic() + 30  # the waiting commit goes on once the first is in
+        while len(list(stores[0].iter_events("hr"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [e["data"]["idp_id"] for e in stores[0].iter_events("hr")] == ["first-0", "second-0"]
+        assert [e["data"]["idp_id"] for e in stores[2].iter_events("hr")] == ["x-0"]
+    finally:
+        for s in stores:
+            s.close()
 
 
 # A test process on the PostgreSQL test server: it makes its database (conftest), says its name,
@@ -962,7 +1045,7 @@ def test_two_db_upgrades_at_once_one_migrates_and_the_other_says_it_was_already_
     pg = conn.dialect.name == "postgresql"
     # Hold the migration's own lock, so both read the schema as 0001 and then wait for it.
     if pg:
-        conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": store_module.MIGRATION_LOCK_KEY})
+        store_module.lock_schema(conn, store_module.MIGRATION_LOCK_KEY)
     else:
         conn.close()
         conn = sqlite3.connect(sa.engine.make_url(store_url).database, isolation_level=None)

@@ -51,8 +51,22 @@ BIG_WRITE_ROWS = 50_000
 WRITE_CACHE_KIB = 32 * 1024
 TIMESTAMPS = ("created_at", "updated_at")  # a user's or group's, after its fields (contract: Objects)
 MEMBER_SEPARATOR = "\x1f"  # joins a group's member ids in `group_members` (ASCII unit separator)
-EVENT_LOCK_KEY = 0x64697270756C6C  # "dirpull": one advisory lock serializes event commits
-MIGRATION_LOCK_KEY = EVENT_LOCK_KEY + 1  # one migration at a time
+# Advisory locks: one serializes a store's event commits, one its migrations. A store is a schema
+# (the URL's search_path can name one), and advisory locks are per database: each key is the lock's
+# kind in its high 32 bits and the schema's oid in its low 32, so stores in two schemas of one
+# database never wait for each other, and two processes on one store always do.
+EVENT_LOCK_KEY = 0x64697270  # "dirp"
+MIGRATION_LOCK_KEY = EVENT_LOCK_KEY + 1
+_SCHEMA_LOCK = sa.text(
+    "SELECT pg_advisory_xact_lock(CAST(:kind AS bigint) * 4294967296"
+    " + coalesce((SELECT oid::bigint FROM pg_namespace WHERE nspname = current_schema()), 0))"
+)
+
+
+def lock_schema(conn: Connection, kind: int) -> None:
+    """Take the advisory lock `kind` (EVENT_LOCK_KEY, MIGRATION_LOCK_KEY) of the store `conn` is in,
+    until its transaction ends (PostgreSQL)."""
+    conn.execute(_SCHEMA_LOCK, {"kind": kind})
 # How long a migration's statement waits for a table another session is using (PostgreSQL). While
 # an ALTER TABLE waits, every later query on that table queues behind its lock request: unbounded,
 # a long `dirpull events` or an analyst's open transaction stalled every consumer of the store.
@@ -274,7 +288,7 @@ class Store:
         try:
             with engine.begin() as conn:
                 if self.dialect == "postgresql":  # DDL is transactional there
-                    conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+                    lock_schema(conn, MIGRATION_LOCK_KEY)
                     # Set after the advisory lock: a second `dirpull db upgrade` (or a worker
                     # starting on an empty store) waits for the first to finish, however long.
                     ms = int(MIGRATION_LOCK_TIMEOUT_S * 1000)
@@ -968,7 +982,7 @@ class Store:
         if not writes.event_count:
             return 0
         if self.dialect == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": EVENT_LOCK_KEY})
+            lock_schema(conn, EVENT_LOCK_KEY)
         ts = _bound(t.TS, now, conn)
         return _insert_many(
             conn,

@@ -29,7 +29,7 @@ from redirects import redirecting
 from dirpull.config import MIN_CURSOR_HOLDBACK, ConfigError, OktaTenant, parse_config
 from dirpull.connectors.base import AuthError, ConfigurationError, ConnectorError, Done, Page
 from dirpull.connectors.okta import MAX_TRANSIENT_ATTEMPTS, OktaConnector, check_org_url
-from dirpull.emulators.okta_api import OktaEmulator, group_id, user_id
+from dirpull.emulators.okta_api import EVERYONE, OktaEmulator, group_id, user_id
 from dirpull.emulators.okta_api import _error as okta_error
 from dirpull.emulators.org import Org
 
@@ -571,6 +571,32 @@ def test_system_log_finds_deletions_between_full_syncs(emu: OktaEmulator, org: O
     pages, delta = pull(c, done.cursor)
     assert [u for p in pages for u in p.removed_users] == [user_id(victim)]
     assert delta.cursor and delta.cursor["log_next"] != done.cursor["log_next"]
+
+
+@pytest.mark.parametrize("include_everyone", [False, True])
+def test_a_hire_logged_as_joining_everyone_lists_everyones_members_only_when_everyone_is_synced(
+    harness: Any, emu: OktaEmulator, org: Org, tmp_path: Path, include_everyone: bool
+) -> None:
+    """Okta logs each new user as joining Everyone (`group.user_membership.add`): with
+    `poll_system_log`, the next incremental run listed all of Everyone's members (a request per
+    200 users of the org) for a group that is not synced. Synced (`include_everyone`), the new
+    member is still stored."""
+    age(org)
+    everyone = group_id(EVERYONE)
+    h = make_harness(harness, emu, tmp_path, poll_system_log=True, include_everyone=include_everyone)
+    assert h.sync("t1").status == "succeeded"
+    hired = user_id(org.hire("Eve", "Newcomer").n)
+    n0 = len(emu.request_log)
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", r.error
+    logged = [e for e in emu._events if e["eventType"] == "group.user_membership.add"]
+    assert [[t["id"] for t in e["target"]] for e in logged] == [[hired, everyone]]  # the event was there
+    listed = [p for _, p in emu.request_log[n0:] if p.startswith(f"/api/v1/groups/{everyone}/users")]
+    assert hired in h.users("t1")
+    if include_everyone:
+        assert len(listed) == 1 and (everyone, hired) in h.members("t1"), listed
+    else:
+        assert listed == [] and everyone not in h.groups("t1")
 
 
 def test_a_deletion_the_system_log_says_failed_leaves_the_user_and_group_stored(

@@ -607,6 +607,9 @@ class _Run:
         self.newest_user: datetime | None = None
         self.newest_group: datetime | None = None
         self.newest_members: datetime | None = None
+        # Groups listed but not synced (Everyone without `include_everyone`, a type dirpull does not
+        # read): a System Log membership change in one is no reason to list its members.
+        self.unsynced_groups: set[str] = set()
         # Full pulls given `known=`: see `OktaConnector._add_user`.
         self.sources: SourceDigests | None = None
         self.digest_whole_record = False
@@ -798,6 +801,8 @@ class OktaConnector(CountsRequests):
             "groups_since": held(run.newest_group, "groups_since"),
             "members_since": held(run.newest_members, "members_since"),
             "log_next": log_next,
+            # Kept from run to run: an incremental run lists only the groups that changed.
+            "unsynced_groups": sorted(run.unsynced_groups | set(prev.get("unsynced_groups", ()) if prev else ())),
         }
 
     async def _full(self, run: _Run) -> AsyncIterator[Page]:
@@ -908,9 +913,11 @@ class OktaConnector(CountsRequests):
             ids: list[str] = []
             for rec in records:
                 gtype = rec.get("type")
-                if gtype == "BUILT_IN" and not self.settings.include_everyone:
-                    continue
-                if gtype not in ("OKTA_GROUP", "APP_GROUP", "BUILT_IN"):
+                everyone = self.settings.include_everyone
+                synced = gtype in ("OKTA_GROUP", "APP_GROUP") or (gtype == "BUILT_IN" and everyone)
+                if not synced:
+                    if isinstance(rec.get("id"), str):
+                        run.unsynced_groups.add(rec["id"])
                     continue
                 run.newest_group = _newest(run.newest_group, rec.get("lastUpdated"))
                 run.newest_members = _newest(run.newest_members, rec.get("lastMembershipUpdated"))
@@ -1015,6 +1022,9 @@ class OktaConnector(CountsRequests):
         return records, headers
 
     async def _log(self, run: _Run, state: dict[str, Any], refreshed: set[str]) -> AsyncIterator[Page]:
+        # Okta logs every new user as joining Everyone: not synced, listing its members (a request
+        # per 200 users of the org) would change nothing.
+        unsynced = run.unsynced_groups | set(state.get("unsynced_groups", ()))
         # The stored polling link's `since` is sent with its `after` (a link stored by an older
         # version may have none: followed with `after` only, until a full sync takes a new one).
         since, after = log_position(state.get("log_next"))
@@ -1067,7 +1077,7 @@ class OktaConnector(CountsRequests):
                 elif kind == "group.lifecycle.delete":
                     removed_groups += grps
                 elif kind.startswith("group.user_membership"):
-                    groups += [g for g in grps if g not in refreshed and g not in groups]
+                    groups += [g for g in grps if g not in refreshed and g not in groups and g not in unsynced]
             link_since, nxt = log_position(link)
             if not records or nxt is None or nxt == after:
                 break
@@ -1625,7 +1635,13 @@ def _parse_cursor(cursor: dict[str, Any] | None) -> dict[str, Any] | None:
     keys = ("users_since", "groups_since", "members_since")
     if any(_ts(cursor.get(k)) is None for k in keys):
         return None
-    return {**{k: _iso(_ts(cursor[k])) for k in keys}, "log_next": cursor.get("log_next")}  # type: ignore[arg-type]
+    unsynced = cursor.get("unsynced_groups")
+    return {
+        **{k: _iso(_ts(cursor[k])) for k in keys},  # type: ignore[arg-type]
+        "log_next": cursor.get("log_next"),
+        # Absent from a cursor written before it was kept: learned again from the groups listed.
+        "unsynced_groups": [g for g in unsynced if isinstance(g, str)] if isinstance(unsynced, list) else [],
+    }
 
 
 def _str(value: Any) -> str | None:

@@ -13,12 +13,13 @@ Served over the shared `Org`:
                                      (also on /groups/{id}): `_embedded.stats.usersCount`
   GET  /api/v1/groups/{id}/users     full User objects, default limit 1000; Org subgroups are served
                                      flattened (Okta groups do not nest)
-  GET  /api/v1/logs                  System Log derived from Org changes (people, memberships, group
-                                     deletions); a polling request (no `until`) always carries
-                                     rel="next", pages may be empty, and its `since` is compared
-                                     with when the event was stored; a bounded one (`since` and
-                                     `until`) compares `published`, is ordered by it (`sortOrder`)
-                                     and ends; events published over 90 days ago are gone
+  GET  /api/v1/logs                  System Log derived from Org changes (people, memberships, a
+                                     hire's joining Everyone, group deletions); a polling request
+                                     (no `until`) always carries rel="next", pages may be empty, and
+                                     its `since` is compared with when the event was stored; a
+                                     bounded one (`since` and `until`) compares `published`, is
+                                     ordered by it (`sortOrder`) and ends; events published over 90
+                                     days ago are gone
   POST /oauth2/v1/token              client_credentials + private_key_jwt (OAuth service app); an
                                      assertion whose `jti` it has read before, whatever it answered
                                      then, is refused: 401 invalid_client "The client_assertion token
@@ -903,6 +904,9 @@ class OktaEmulator(Emulator):
             "displayName": group.name,
         }
 
+    def _everyone_target(self) -> dict[str, Any]:
+        return {"id": group_id(EVERYONE), "type": "UserGroup", "alternateId": "unknown", "displayName": "Everyone"}
+
     def _append_event(
         self,
         event_type: str,
@@ -960,6 +964,13 @@ class OktaEmulator(Emulator):
                     self._append_event("user.lifecycle.create", p.created_at, target, "Create Okta user")
                     if hired == "ACTIVE":
                         self._append_event("user.lifecycle.activate", p.created_at, target, "Activate Okta user")
+                    # Okta puts every new user in Everyone, and logs it as a membership change.
+                    self._append_event(
+                        "group.user_membership.add",
+                        p.created_at,
+                        [*target, self._everyone_target()],
+                        "Add user to group membership",
+                    )
                     before = (hired, p.version)
                     if p.updated_at == p.created_at:  # not changed since the hire
                         self._seen_people[p.n] = (now_status, p.version)

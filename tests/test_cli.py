@@ -872,7 +872,8 @@ def test_a_second_signal_while_stopping_exits_at_once_applying_nothing(env, stor
         proc.send_signal(how)
         started = time.monotonic()
         _, err = proc.communicate(timeout=20)
-        assert time.monotonic() - started < 5, err  # not the 30 s the report would take
+        # Not the 30 s the report would take; wide enough for a loaded CI machine.
+        assert time.monotonic() - started < 15, err
         assert proc.returncode == code, err
         assert "Traceback" not in err
         assert "exits at once" in err, err  # said at the first signal

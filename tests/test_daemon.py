@@ -294,7 +294,7 @@ def test_shutdown_cuts_a_vendor_retry_wait_short(harness):
     assert waiting.wait(10)
     t0 = time.monotonic()
     daemon.shutdown()
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 30  # not the 300 s retry wait (a loaded CI machine has room)
     assert h.users("good") == {}
     # Recorded as cut off by the stop (`dirpull status`: interrupted), not as the vendor failing.
     assert h.store.runs("good")[0]["error"].startswith("interrupted: the worker is stopping; nothing applied")
@@ -738,7 +738,9 @@ def test_no_retry_of_a_failed_run_after_the_daemon_stops(harness, no_jitter):
     finally:
         t0 = time.monotonic()
         daemon.shutdown()
-    assert time.monotonic() - t0 < 2  # a pending retry does not hold the stop
+    # A pending retry does not hold the stop (were it run, the pulls below would say so); only a
+    # hang is told by the time, so a loaded CI machine has room.
+    assert time.monotonic() - t0 < 15
     time.sleep(1.0)
     assert len(vendor.pulls) == 1 and [r["status"] for r in h.store.runs("nightly")] == ["failed"]
 

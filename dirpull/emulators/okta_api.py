@@ -964,7 +964,9 @@ class OktaEmulator(Emulator):
                     self._append_event("user.lifecycle.create", p.created_at, target, "Create Okta user")
                     if hired == "ACTIVE":
                         self._append_event("user.lifecycle.activate", p.created_at, target, "Activate Okta user")
-                    # Okta puts every new user in Everyone, and logs it as a membership change.
+                    # Okta puts every new user in Everyone; logging that as a membership change is
+                    # not in directory-apis.md (it is believed, not checked): the connector must
+                    # stand either way, and with it logged the cost of ignoring it shows.
                     self._append_event(
                         "group.user_membership.add",
                         p.created_at,

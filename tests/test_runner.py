@@ -750,6 +750,34 @@ def test_lost_lease_means_nothing_is_applied(harness, hands_over):
     assert h.users("t") == {}
 
 
+@handover
+def test_a_lease_that_ran_out_while_the_worker_slept_but_no_one_took_still_commits(harness, hands_over):
+    """The worker's machine slept (a suspended VM or laptop, a paused container) past `lease_ttl`
+    in the middle of the pull, and no other worker took the tenant meanwhile. Its heartbeat waits on
+    the monotonic clock, which stood still, and had not renewed the lease yet (it would have, the
+    lease still naming this run) when the run reached its commit: the run failed "lease lost before
+    commit; nothing applied", and a run the guard held was recorded failed, not held. Another
+    worker taking the lease still keeps it from committing (`test_lost_lease_means_nothing_is_applied`)."""
+    from dirpull.storage import schema
+
+    d = Directory(users=people(30), hands_over_pages=hands_over)
+    h = make(harness, d)
+
+    def sleep_through_the_lease(n: int) -> None:
+        with h.store.engine.begin() as conn:
+            conn.execute(schema.leases.update().values(expires_at=utcnow() - timedelta(minutes=5)))
+
+    d.on_page = sleep_through_the_lease
+    r = h.sync("t")
+    assert (r.status, r.error) == ("succeeded", None)
+    assert len(h.users("t")) == 30 and h.store.runs("t", 1)[0]["status"] == "succeeded"
+    assert h.store.lease("t").holder is None  # given back as usual
+    d.users = []  # a run the guard holds
+    held = h.sync("t")
+    assert (held.status, held.exit_code) == ("held", 3), held.error
+    assert h.store.runs("t", 1)[0]["status"] == "held" and len(h.users("t")) == 30
+
+
 def test_cursor_is_handed_back_and_advances_only_on_commit(harness):
     d = Directory(users=people(3))
     h = make(harness, d)

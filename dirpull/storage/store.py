@@ -711,7 +711,7 @@ class Store:
             ).one()
             tenants.append(tenant)
             if holder is not None:
-                self._fence(c, tenant, holder, self._now(c))
+                self._fence(c, tenant, holder)
             values["duration_s"] = (
                 duration_s if duration_s is not None else round((utcnow() - _aware(started)).total_seconds(), 3)
             )
@@ -831,7 +831,7 @@ class Store:
         try:
             with self.engine.connect() as conn, self._write_cache(conn, writes), conn.begin():
                 now = self._now(conn)
-                self._fence(conn, tenant, holder, now)
+                self._fence(conn, tenant, holder)
                 self._write_rows(conn, tenant, writes, now)
                 written = self._write_events(conn, tenant, run_id, writes, now)
                 self._write_cursor(conn, tenant, cursor, full, now, run_id)
@@ -880,14 +880,18 @@ class Store:
             f"{lost} at the commit; the store shows the run was not committed: nothing applied"
         ) from None
 
-    def _fence(self, conn: Connection, tenant: str, holder: str, now: datetime) -> None:
+    def _fence(self, conn: Connection, tenant: str, holder: str) -> None:
         """The fencing check, and on PostgreSQL a row lock on the lease until the transaction
-        commits: no other worker can take the lease between this check and the commit."""
+        commits: no other worker can take the lease between this check and the commit.
+
+        The lease is this run's while it names this run's holder, expired or not, as for
+        `renew_lease`: a worker takes a lease by writing its own holder there, and cannot until
+        this transaction ends (the row lock; SQLite's write lock). A run whose machine slept past
+        the lease's expiry, no one taking it meanwhile, reached its commit before its heartbeat
+        (on the monotonic clock, stopped during the sleep) renewed the lease, and failed."""
         L = t.leases.c
         fenced = conn.execute(
-            t.leases.update()
-            .where(L.tenant == tenant, L.holder == holder, L.expires_at >= now)
-            .values(expires_at=L.expires_at)
+            t.leases.update().where(L.tenant == tenant, L.holder == holder).values(expires_at=L.expires_at)
         ).rowcount
         if not fenced:
             raise LeaseLost(f"tenant {tenant}: lease lost before commit; nothing applied")

@@ -85,6 +85,11 @@ def loads_lenient(text: str | bytes) -> Any:
         return without_surrogates(value)
 
 
+def has_lone_surrogate(text: str) -> bool:
+    """Whether `text` holds a lone surrogate (what has no UTF-8 form)."""
+    return _SURROGATE.search(text) is not None
+
+
 def without_surrogates(value: Any) -> Any:
     """`value` with each lone surrogate in its strings (dict keys too) replaced by U+FFFD: a
     surrogate in a Python string is always a lone one, and it has no UTF-8 form."""

@@ -214,6 +214,31 @@ def test_a_record_whose_id_holds_a_nul_is_quarantined_on_both_stores(harness):
     assert again.status == "succeeded" and again.counts["rows_written"] == 0 and h.last_seq() == seq
 
 
+def test_a_record_whose_id_holds_a_lone_surrogate_is_quarantined_not_a_failed_run(harness):
+    """A lone surrogate (half an emoji from a vendor whose strings are UTF-16) in a value is stored
+    as U+FFFD; in an id it failed every run of the tenant, on both stores (an id has no UTF-8 form
+    to write, and U+FFFD in its place could name another record). Quarantined instead, like an id
+    holding a NUL: reported with U+FFFD, its memberships skipped, the rest of the run applied."""
+    d = Directory(
+        users=[*people(3), User(idp_id="u\ud83dx", username="half@example.test")],
+        groups=[Group(idp_id="g1", name="Eng"), Group(idp_id="g\udc002", name="Ops")],
+        members=[("g1", "u0"), ("g1", "u\ud83dx"), ("g\udc002", "u1")],
+    )
+    h = make(harness, d)
+    r = h.sync("t")
+    assert r.status == "succeeded", r.error
+    assert set(h.users("t")) == {"u0", "u1", "u2"} and set(h.groups("t")) == {"g1"}
+    assert h.members("t") == {("g1", "u0")}
+    [run] = h.store.runs("t", 1)
+    assert sorted((q["kind"], q["idp_id"], q["reason"]) for q in run["quarantined"]) == [
+        ("group", "g\ufffd2", "its id holds a lone UTF-16 surrogate, which the store cannot keep"),
+        ("user", "u\ufffdx", "its id holds a lone UTF-16 surrogate, which the store cannot keep"),
+    ]
+    seq = h.last_seq()
+    again = h.sync("t", full=True)
+    assert again.status == "succeeded" and again.counts["rows_written"] == 0 and h.last_seq() == seq
+
+
 def test_long_vendor_values_sync_on_both_stores(harness):
     """Vendors set their own limits: a 300-character job title or a 600-character name used to
     fail every run of the tenant on PostgreSQL (varchar(255)), while SQLite stored it."""

@@ -20,7 +20,7 @@ from sys import intern
 from typing import Any, Literal, Protocol
 
 from dirpull.connectors.base import Done, Page, Quarantined
-from dirpull.jsoncodec import canonical, loads
+from dirpull.jsoncodec import canonical, has_lone_surrogate, loads, without_surrogates
 from dirpull.model import EventType, User, digest, without_nul
 from dirpull.spool import RecordSpool, SpooledJson
 from dirpull.storage.store import WriteSet
@@ -169,7 +169,7 @@ class Diff:
     _complete_groups: set[str] = field(default_factory=set)
     _quarantined: list[Quarantined] = field(default_factory=list)
     _quarantined_ids: set[tuple[str, str]] = field(default_factory=set)
-    _nul_ids: set[tuple[str, str]] = field(default_factory=set)  # (kind, id as given): see _quarantine_nul_id
+    _bad_ids: set[tuple[str, str]] = field(default_factory=set)  # (kind, id as given): see _quarantine_bad_id
     _notes: list[str] = field(default_factory=list)
     _user_sources: dict[str, str] = field(default_factory=dict)
     _source_refreshes: dict[str, str] = field(default_factory=dict)
@@ -186,6 +186,14 @@ class Diff:
                 continue
             stored = lookup([r.idp_id for r in records])
             for record in records:
+                if not record.idp_id.isascii() and has_lone_surrogate(record.idp_id):
+                    # Neither store can take such an id (no UTF-8 form), and U+FFFD in its place
+                    # could name another record.
+                    self._quarantine_bad_id(
+                        "user" if isinstance(record, User) else "group", record.idp_id,
+                        "its id holds a lone UTF-16 surrogate, which the store cannot keep",
+                    )  # fmt: skip
+                    continue
                 # The model's own field dict: the same canonical bytes as `record_fields(record)`
                 # (every field is a JSON type) without model_dump's deep copy, 3 µs per record.
                 blob = canonical(record.__dict__)
@@ -193,7 +201,10 @@ class Diff:
                     if "\x00" in record.idp_id:
                         # PostgreSQL cannot hold such an id (every run of the tenant failed there,
                         # with a traceback), and dropping the NUL could name another record.
-                        self._quarantine_nul_id("user" if isinstance(record, User) else "group", record.idp_id)
+                        self._quarantine_bad_id(
+                            "user" if isinstance(record, User) else "group", record.idp_id,
+                            "its id holds a NUL character, which the store cannot keep",
+                        )  # fmt: skip
                         continue
                     # The id stays as the vendor gave it: it names the record in pairs and removals.
                     blob = canonical({**without_nul(record.__dict__), "idp_id": record.idp_id})
@@ -243,16 +254,15 @@ class Diff:
                 self._quarantined_ids.add((q.kind, q.idp_id))
             self._quarantined.append(q)
 
-    def _quarantine_nul_id(self, kind: Literal["user", "group"], idp_id: str) -> None:
-        """Quarantine a record whose id holds a NUL character. The run reports it with U+FFFD in
-        place of each NUL (a run record cannot hold one on PostgreSQL either); the id itself is
-        kept as given, so a record SQLite stored under it is left as stored, like any quarantined
-        one. Memberships naming it name no record the run knows, and are skipped."""
-        if (kind, idp_id) in self._nul_ids:
+    def _quarantine_bad_id(self, kind: Literal["user", "group"], idp_id: str, reason: str) -> None:
+        """Quarantine a record whose id holds a NUL character or a lone surrogate. The run reports
+        it with U+FFFD in place of each (a run record cannot hold either); the id itself is kept
+        as given, so a record SQLite stored under it is left as stored, like any quarantined one.
+        Memberships naming it name no record the run knows, and are skipped."""
+        if (kind, idp_id) in self._bad_ids:
             return
-        self._nul_ids.add((kind, idp_id))
-        reason = "its id holds a NUL character, which the store cannot keep"
-        self._quarantined.append(Quarantined(kind, idp_id.replace("\x00", "\ufffd"), reason))
+        self._bad_ids.add((kind, idp_id))
+        self._quarantined.append(Quarantined(kind, without_surrogates(idp_id.replace("\x00", "\ufffd")), reason))
 
     def _add_pairs(self, pairs: list[tuple[str, str]]) -> None:
         paired, removed = self._paired, self._removed_members
@@ -291,10 +301,10 @@ class Diff:
         unchanged — as a refresh of the stored digest if that differs."""
         given = page.user_sources
         stored = self.stored.user_sources(list(given)) if given else {}
-        nul_ids = self._nul_ids
+        bad_ids = self._bad_ids
         for record in page.users:
             key = record.idp_id
-            if nul_ids and ("user", key) in nul_ids:
+            if bad_ids and ("user", key) in bad_ids:
                 continue  # quarantined: nothing of it is stored
             source = given.get(key)
             if key in self._users:
@@ -313,8 +323,8 @@ class Diff:
     def finish(self, done: Done) -> Plan:
         quarantined_users = {q.idp_id for q in self._quarantined if q.kind == "user" and q.idp_id}
         quarantined_groups = {q.idp_id for q in self._quarantined if q.kind == "group" and q.idp_id}
-        quarantined_users |= {i for k, i in self._nul_ids if k == "user"}
-        quarantined_groups |= {i for k, i in self._nul_ids if k == "group"}
+        quarantined_users |= {i for k, i in self._bad_ids if k == "user"}
+        quarantined_groups |= {i for k, i in self._bad_ids if k == "group"}
         member_digests = None
         if done.snapshot:
             adds, removes, user_deletes, group_deletes, skipped, member_digests = self._finish_snapshot(

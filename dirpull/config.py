@@ -239,6 +239,15 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
+def interval_jitter(schedule: str) -> float:
+    """The most an interval tenant's fire may come after its slot (seconds); 0 on a cron schedule.
+    A little (10%, at most 30 s) keeps many tenants on the same interval from hitting the store at
+    once, and makes workers sharing a store race fairly for each fire."""
+    if schedule.startswith("cron:"):
+        return 0.0
+    return min(30.0, parse_duration(schedule).total_seconds() * 0.1)
+
+
 _CRON_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
 _CRON_DAY_TERM = re.compile(r"^(?:(\*)|([A-Za-z0-9]+)(?:-([A-Za-z0-9]+))?)(?:/([0-9]+))?$")
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from scripted import Directory, factory, people
@@ -866,6 +866,27 @@ def test_a_run_one_full_sync_period_after_the_last_full_ones_start_is_full(harne
     assert r.mode == "full" and "periodic full reconciliation" in r.notes, (r.mode, r.notes)
     assert d.cursors_seen[-1] is None
 
+
+
+def test_a_fire_early_by_its_interval_jitter_one_full_period_on_still_does_the_full_walk(harness, monkeypatch):
+    """A "5m" tenant with full_sync_every "15m": its fires land up to 30 s after their slots (the
+    jitter), so the third fire after a full run's may come up to 30 s less than 15 min after it,
+    more than the 1% (9 s) allowed early. That fire was incremental and the full walk waited for
+    the next one, 5 min later, or every other period once the fires drifted."""
+    import dirpull.sync.runner as runner_module
+
+    d = Directory(users=people(3))
+    h = make(harness, d, defaults={"schedule": "5m", "full_sync_every": "15m"})
+    assert h.sync("t").status == "succeeded"
+    started = datetime.fromisoformat(h.store.runs("t", 1)[0]["started_at"].replace("Z", "+00:00"))
+    # The full run's fire was 28 s into its slot; the fire two slots on, 30 s into its own, is
+    # still incremental, and the next one, 2 s into its own, the full walk.
+    monkeypatch.setattr(runner_module, "utcnow", lambda: started + timedelta(minutes=10, seconds=2))
+    r = h.sync("t")
+    assert d.cursors_seen[-1] is not None and "periodic full reconciliation" not in r.notes, r.notes
+    monkeypatch.setattr(runner_module, "utcnow", lambda: started + timedelta(minutes=15, seconds=-26))
+    r = h.sync("t")
+    assert d.cursors_seen[-1] is None and "periodic full reconciliation" in r.notes, r.notes
 
 def test_quarantined_record_is_kept_as_stored_not_deleted(harness):
     from dirpull.connectors.base import Done, Page, Quarantined

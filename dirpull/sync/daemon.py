@@ -34,7 +34,7 @@ from apscheduler.triggers.base import BaseTrigger
 from apscheduler.triggers.date import DateTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from dirpull.config import Config, ConfigError, cron_trigger, load_config, parse_duration
+from dirpull.config import Config, ConfigError, cron_trigger, interval_jitter, load_config, parse_duration
 from dirpull.connectors.http import SHUTDOWN
 from dirpull.signals import stop_on_signals
 from dirpull.storage.store import Store
@@ -79,16 +79,33 @@ class _NoOverlapWarning(logging.Filter):
 _NO_OVERLAP_WARNING = _NoOverlapWarning()
 
 
-def trigger_for(schedule: str) -> BaseTrigger:
+class _SlottedInterval(IntervalTrigger):
+    """An interval trigger whose jitter does not pile up. APScheduler 3 counts the next fire from
+    the previous one as it fired, its jitter (always added, never taken off) included: each
+    interval was half the jitter longer on average, a "15m" tenant 8 hours behind its schedule
+    after three weeks, a "30s" one firing 5% less often than configured. The next fire is counted
+    from the previous fire's own slot on the grid from `start_date`, then jittered."""
+
+    def get_next_fire_time(self, previous_fire_time: datetime | None, now: datetime) -> datetime | None:
+        if previous_fire_time is not None:
+            start = self.start_date.timestamp()
+            # The jitter is under a tenth of the interval: the nearest slot to the fire less half
+            # of it is the fire's own, whatever rounding the timestamps have.
+            slot = round((previous_fire_time.timestamp() - (self.jitter or 0) / 2 - start) / self.interval_length)
+            previous_fire_time = datetime.fromtimestamp(start + slot * self.interval_length, self.timezone)
+        return super().get_next_fire_time(previous_fire_time, now)
+
+
+def trigger_for(schedule: str, start: datetime | None = None) -> BaseTrigger:
+    """The tenant's trigger; an interval one counts its slots from `start` (its first fire), by
+    default one interval from now."""
     if schedule.startswith("cron:"):
         return cron_trigger(schedule[5:].strip())
     seconds = parse_duration(schedule).total_seconds()
-    # A little jitter (10%, at most 30 s) keeps many tenants on the same interval from hitting the
-    # store at once, and makes workers sharing a store race fairly for each fire.
     # In UTC, as every other trigger here: by default it takes the machine's zone (tzlocal), which
     # raises for a POSIX TZ such as "UTC0" or "JST-9", and `dirpull run` failed at start. The zone
     # changes nothing else: intervals are counted in elapsed seconds.
-    return IntervalTrigger(seconds=seconds, jitter=min(30.0, seconds * 0.1) or None, timezone=UTC)
+    return _SlottedInterval(seconds=seconds, jitter=interval_jitter(schedule) or None, start_date=start, timezone=UTC)
 
 
 def first_fire_delay(schedule: str) -> float:
@@ -380,14 +397,15 @@ class Daemon:
         # tenant that has not missed a fire: it waits for its cron time ("0 2 * * *" means at
         # 02:00, not whenever the daemon happens to restart; a vendor may allow its reports only
         # at night).
-        first = (
-            {}
+        first_at = (
+            None
             if schedule.startswith("cron:") and name not in missed
-            else {"next_run_time": now + timedelta(seconds=first_fire_delay(schedule))}
+            else now + timedelta(seconds=first_fire_delay(schedule))
         )
+        first = {} if first_at is None else {"next_run_time": first_at}
         self.scheduler.add_job(
             self.fire,
-            trigger_for(schedule),
+            trigger_for(schedule, first_at),
             args=[name],
             id=name,
             name=f"sync {name}",

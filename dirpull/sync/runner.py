@@ -24,7 +24,7 @@ from datetime import timedelta
 from typing import Any, NamedTuple
 from urllib.parse import quote, quote_plus
 
-from dirpull.config import Config, ConfigError, SecretRef, parse_duration
+from dirpull.config import Config, ConfigError, SecretRef, interval_jitter, parse_duration
 from dirpull.connectors import CONNECTOR_MODULES, make_connector
 from dirpull.connectors.base import Connector, ConnectorError, CountsRequests, Done, Page
 from dirpull.connectors.http import RUN_ENDED, mask_credentials
@@ -373,11 +373,13 @@ class Runner:
             notes.append("the tenant's settings changed since the last sync: full sync")
         elif stored_cursor is not None and cursor.last_full_at is not None:
             every = config.full_sync_every_of(tenant)
-            # A fire is never exactly one period after the last full run's: interval jitter (up to
-            # 30 s), a busy thread pool, the scheduler's own latency. One a little early (1% of
-            # the period) still counts, or the full walk waited for the next fire, a day later
-            # on a daily schedule.
-            if utcnow() >= cursor.last_full_at + every - every / 100:
+            # A fire is never exactly one period after the last full run's: interval jitter (the
+            # last full run's fire late in its slot, this one early in its own: up to 30 s early),
+            # a busy thread pool, the scheduler's own latency. One a little early (1% of the
+            # period, or twice the jitter: still less than the interval) counts, or the full walk
+            # waited for the next fire, a day later on a daily schedule.
+            early = max(every / 100, timedelta(seconds=2 * interval_jitter(config.schedule_of(tenant))))
+            if utcnow() >= cursor.last_full_at + every - early:
                 full = True
                 notes.append("periodic full reconciliation")
         planned_mode = "full" if full or stored_cursor is None else "incremental"

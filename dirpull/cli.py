@@ -691,10 +691,16 @@ def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] 
         if tenant is not None and not tenant.enabled:
             attention.append("disabled")
         next_run = next_fire(schedule, started, now) if scheduled_next and schedule is not None else None
-        if next_run is not None and schedule is not None and schedule.startswith("cron:") and _never_ended(store, run):
+        if (
+            next_run is not None
+            and schedule is not None
+            and schedule.startswith("cron:")
+            and _cron_due(store, schedule, run, now)
+        ):
             # A starting daemon (or one reloaded with the tenant new) syncs a cron tenant that
-            # never synced within seconds, not at its cron time (`Daemon._missed_cron_fires`);
-            # a running one has done so already: it is due now, as an interval tenant would be.
+            # never synced, or missed a cron time, within seconds, not at its next cron time
+            # (`Daemon._missed_cron_fires`); a running one has done so already, or its fire waits
+            # for a free thread: it is due now, as an interval tenant would be.
             next_run = now
         rows.append(
             {
@@ -721,6 +727,21 @@ def _stopped(run: dict[str, Any]) -> bool:
     from dirpull.sync.runner import STOPPED
 
     return run["status"] == "failed" and (run["error"] or "").startswith(STOPPED)
+
+
+def _cron_due(store: Store, schedule: str, run: dict[str, Any] | None, now: datetime) -> bool:
+    """A cron tenant the daemon syncs now, not at its next cron time: it never synced, or a cron
+    time came after the start of its last run that ended (none is under way): the daemon was down
+    then."""
+    from dirpull.sync.daemon import cron_time_passed
+    from dirpull.sync.runner import cut_off
+
+    if run is None or _never_ended(store, run):
+        return True
+    if run["status"] == "running":  # this cron time's run, under way
+        return False
+    ended = run if not cut_off(run) else next((r for r in store.runs(run["tenant"], 20) if not cut_off(r)), None)
+    return ended is None or cron_time_passed(schedule, ended["started_at"], now)
 
 
 def _never_ended(store: Store, run: dict[str, Any] | None) -> bool:

@@ -678,6 +678,30 @@ def test_status_next_run_of_a_cron_tenant_never_synced_is_when_the_daemon_syncs_
     assert (shown.month, shown.day, shown.hour, shown.minute) == (1, 1, 3, 0) and shown > before, row
 
 
+
+def test_status_next_run_of_a_cron_tenant_that_missed_its_time_is_when_the_daemon_syncs_it(env, store_url):
+    """The daemon was down over a nightly tenant's cron time: a starting daemon catches the tenant
+    up within seconds, and one whose fire waits for a free thread runs it as soon as one is free.
+    `dirpull status` showed the next night's cron time for it, a day off, where an interval tenant
+    overdue shows now. A run that ended since the cron time puts it back on its cron time."""
+    config = Path(env["config"])
+    config.write_text(config.read_text() + 'schedule = "cron: 0 3 * * *"\n')
+    assert run(env, "sync", "hr").exit_code == 0
+    _age_runs(store_url, timedelta(days=2))  # the last run: before last night's 03:00
+    before = datetime.now(UTC)
+    [row] = jsonl(run(env, "status", "--json").stdout)
+    shown = datetime.fromisoformat(row["next_run"].replace("Z", "+00:00"))
+
+    with _paused_daemon(env) as daemon:
+        fires_at = daemon.scheduler.get_job("hr").next_run_time
+    assert fires_at - before < timedelta(seconds=15)  # the daemon's catch-up: within seconds
+    assert abs(shown - fires_at) < timedelta(seconds=15), (shown, fires_at)
+
+    assert run(env, "sync", "hr").exit_code == 0
+    [row] = jsonl(run(env, "status", "--json").stdout)
+    shown = datetime.fromisoformat(row["next_run"].replace("Z", "+00:00"))
+    assert (shown.hour, shown.minute) == (3, 0) and shown > before, row
+
 WEEKDAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday"]
 
 

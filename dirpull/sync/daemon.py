@@ -126,6 +126,13 @@ def next_fire(schedule: str, last_start: datetime | None, now: datetime | None =
     return max(now, last_start + parse_duration(schedule))
 
 
+def cron_time_passed(schedule: str, started_at: str, now: datetime) -> bool:
+    """A cron time of `schedule` came after a run that started at `started_at` (as the store
+    records it), by `now`: that run was not the sync of it."""
+    since = datetime.fromisoformat(started_at.replace("Z", "+00:00")) + timedelta(seconds=1)
+    return next_fire(schedule, None, since) <= now
+
+
 class Daemon:
     def __init__(
         self,
@@ -551,8 +558,7 @@ class Daemon:
             if started is None or last[name]["status"] == "failed":
                 missed.add(name)
                 continue
-            since = datetime.fromisoformat(started.replace("Z", "+00:00")) + timedelta(seconds=1)
-            if next_fire(self.config.schedule_of(name), None, since) <= now:
+            if cron_time_passed(self.config.schedule_of(name), started, now):
                 missed.add(name)
         return missed
 

@@ -588,3 +588,19 @@ def test_a_bamboohr_employee_numbers_report_without_its_employees_list_fails_ins
     assert str(info.value).startswith("custom report (employee numbers): the answer from http://127.0.0.1:")
     why = "no 'employees' in it (its keys: 'title', 'fields')"
     assert f"is JSON but not a report of employees ({why})" in str(info.value)
+
+
+# --- an error answer that is not the vendor's error format ------------------------------------------
+
+_PROXY_PAGE = b"<html><body><h1>Access denied</h1><p>Blocked by policy 7 of the corporate proxy</p></body></html>"
+
+
+@pytest.mark.parametrize("status", [400, 403, 404])
+def test_an_entra_error_answered_by_a_proxys_page_quotes_the_page(vendor: Any, status: int) -> None:
+    """kiota reads an error body as Graph's JSON only: a proxy's or gateway's page in its place
+    left the run's error ending on a colon, with nothing of what the page said."""
+    v = vendor("entra_id")
+    page = answers("/users/delta", lambda a: Answer(a.path, status, [("Content-Type", "text/html")], _PROXY_PAGE))
+    message = v.error(page)
+    assert message.startswith(f"users delta: HTTP {status} on GET http://127.0.0.1:")
+    assert message.endswith(": not Graph's error format: Access denied Blocked by policy 7 of the corporate proxy")

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import ssl
@@ -108,6 +109,9 @@ GROUP_TYPE = "#microsoft.graph.group"
 PAGE_PAIRS = 5000  # about this many members per yielded page of member lists
 MANAGER_READS = 8  # /users/{id}/manager requests in flight at once in a later round
 EXPIRED_NOTE = "delta token expired: full resync"
+# Where `_Session.get` finds the body of an error answer: kiota's APIError does not carry it, and
+# one it cannot read as Graph's JSON (a proxy's or gateway's page) leaves no message at all.
+_ERROR_BODY: contextvars.ContextVar[list[bytes] | None] = contextvars.ContextVar("entra_error_body", default=None)
 
 
 def build(tenant: str, settings: EntraTenant, **kwargs: Any) -> EntraConnector:
@@ -376,6 +380,24 @@ def _telemetry_handler_class() -> type:
     return GraphOnlyTelemetryHandler
 
 
+async def _keep_error_body(response: httpx.Response) -> None:
+    """httpx response hook: the opening of an error answer's body, for `_Session.get`'s message."""
+    holder = _ERROR_BODY.get()
+    if holder is not None and response.status_code >= 400:
+        await response.aread()
+        holder.append(response.content[:4096])
+
+
+def _error_detail(code: str, message: str, said: list[bytes]) -> str:
+    """What an error answer says: Graph's code and message, else the opening of the page that
+    answered in Graph's place; never nothing (the message ended on a colon)."""
+    detail = f"{code} {message}".strip()
+    if detail:
+        return detail
+    body = readable_body(said[-1], 200) if said else ""
+    return f"not Graph's error format: {body}" if body else "no reason given"
+
+
 class _Session:
     """The SDK client, the token provider and the request counter of one pull (one event loop)."""
 
@@ -409,8 +431,10 @@ class _Session:
         # connection open after every run, given back only by a cyclic garbage collection.
         self._transport = httpx.AsyncHTTPTransport(verify=tls)
         self._http = GraphClientFactory.create_with_custom_middleware(
-            middleware, client=httpx.AsyncClient(timeout=timeout, verify=tls, transport=self._transport)
-        )
+            middleware,
+            client=httpx.AsyncClient(timeout=timeout, verify=tls, transport=self._transport,
+                                     event_hooks={"response": [_keep_error_body]}),
+        )  # fmt: skip
         token_url = f"{login_url.rstrip('/')}/{settings.tenant_id}/oauth2/v2.0/token"
         self.auth = ClientCredentialsProvider(self, token_url, settings.client_id, settings.client_secret,
                                               scope, self.graph_url)  # fmt: skip
@@ -479,6 +503,8 @@ class _Session:
         while True:
             attempt += 1
             self.requests += 1
+            said: list[bytes] = []
+            _ERROR_BODY.set(said)
             try:
                 body = await self.client.request_adapter.send_primitive_async(
                     request_info, "bytes", {"XXX": ODataError}
@@ -502,13 +528,13 @@ class _Session:
                     refreshed = True
                     continue
                 if status in (401, 403):
-                    raise AuthError(f"{what}: {code} {message}".strip(), step=step) from None
+                    raise AuthError(f"{what}: {_error_detail(code, message, said)}", step=step) from None
                 if status in RETRIABLE_STATUSES:
                     hint = parse_retry_after(_header(headers, "Retry-After"))
                     await self._wait(attempt, hint, what=what, step=step)
                     continue
-                raise ConnectorError(f"{what}: {code} {message}".strip(), retriable=status >= 500, status=status,
-                                     step=step) from None  # fmt: skip
+                raise ConnectorError(f"{what}: {_error_detail(code, message, said)}", retriable=status >= 500,
+                                     status=status, step=step) from None  # fmt: skip
             except _ForeignRedirect as exc:
                 raise ConnectorError(f"{step}: {exc}", retriable=False, step=step) from None
             except httpx.TransportError as exc:

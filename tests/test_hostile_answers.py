@@ -604,3 +604,14 @@ def test_an_entra_error_answered_by_a_proxys_page_quotes_the_page(vendor: Any, s
     message = v.error(page)
     assert message.startswith(f"users delta: HTTP {status} on GET http://127.0.0.1:")
     assert message.endswith(": not Graph's error format: Access denied Blocked by policy 7 of the corporate proxy")
+
+
+@pytest.mark.parametrize("status", [400, 403, 404])
+def test_a_google_error_answered_by_a_proxys_page_quotes_the_page(vendor: Any, status: int) -> None:
+    """googleapiclient's HttpError holds the page; dirpull read only the API's JSON error from it:
+    a 400 ended on a colon, a 403 or 404 said "not permitted" or "not found" for a proxy's refusal."""
+    v = vendor("google_workspace")
+    page = answers("/users?", lambda a: Answer(a.path, status, [("Content-Type", "text/html")], _PROXY_PAGE))
+    message = v.error(page)
+    assert message.startswith(f"users.list: HTTP {status} from http://127.0.0.1:")
+    assert ": not Google's error format: Access denied Blocked by policy 7 of the corporate proxy" in message

@@ -460,6 +460,11 @@ class _Session:
             except HttpError as exc:
                 status = exc.resp.status
                 reason, message = _error_reason(exc)
+                if not reason and not message:
+                    # Not the API's error format (a proxy's or gateway's page): what it says, not
+                    # nothing (a 400 ended on a colon) or a guess such as "not permitted".
+                    said = readable_body(exc.content or b"", 200)
+                    message = f"not Google's error format: {said}" if said else ""
                 label = f"HTTP {status} {reason}" if reason else f"HTTP {status}"
                 where = f"{step}: {label} from {redact_url(str(exc.uri))}"
                 throttled = status == 429 or (status == 403 and reason in THROTTLE_REASONS)

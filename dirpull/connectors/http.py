@@ -376,9 +376,11 @@ def tenant_prefix(tenant: str) -> str:
 class RetryPolicy:
     """How long to wait before retry number `attempt` (1-based), and when to give up.
 
-    A server's own hint (`Retry-After`, Okta's reset time) wins over the backoff, but never past
-    `max_delay` for a single wait or `max_total_wait` for the whole run: a vendor that keeps
-    throttling fails the run cleanly instead of holding a worker for hours.
+    A server's own hint (`Retry-After`, Okta's reset time) wins over the backoff and is waited in
+    full: a retry before the vendor allows it only meets another 429 and spends an attempt (a 90 s
+    `Retry-After` was retried after 60 s). `max_delay` caps the backoff's own waits, and
+    `max_total_wait` every wait of the run: a vendor that keeps throttling, or asks for a wait the
+    run's budget does not hold, fails the run cleanly instead of holding a worker for hours.
     """
 
     max_attempts: int = 6
@@ -422,7 +424,6 @@ class RetryPolicy:
         if attempt >= (self.max_attempts if attempts is None else attempts):
             raise RetriesExhausted(f"{what}: gave up after {attempt} attempts", step=step)
         delay = self.backoff(attempt) if hint is None else hint
-        delay = min(delay, self.max_delay)
         with self._lock:
             now = time.monotonic()
             overlap = max(0.0, self._waits_end - now) if self._waiting else 0.0

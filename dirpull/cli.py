@@ -29,6 +29,7 @@ from typer.core import TyperGroup
 
 from dirpull import logs
 from dirpull.config import Config, ConfigError, load_config
+from dirpull.model import in_contract_order
 from dirpull.storage.store import Store, StoreError, WriteSet
 from dirpull.sync import guard
 
@@ -396,8 +397,8 @@ def _planned(tenant: str, event: dict[str, Any]) -> dict[str, Any]:
         "type": event["type"],
         "tenant": tenant,
         "run_id": None,
-        "data": event["data"],
-        "previous_attributes": event.get("previous_attributes"),
+        "data": in_contract_order(event["type"], event["data"]),
+        "previous_attributes": in_contract_order(event["type"], event.get("previous_attributes")),
         "created_at": None,
         "object_id": event["object_id"],
     }

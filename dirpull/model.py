@@ -50,6 +50,28 @@ USER_FIELDS: tuple[str, ...] = tuple(User.model_fields)
 GROUP_FIELDS: tuple[str, ...] = tuple(Group.model_fields)
 
 
+# A user's or group's fields as the contract lists them (CONTRACT.md: Objects), then the times the
+# store stamps: the order `dirpull users --json` and `groups --json` print.
+_FIELD_ORDER = {
+    "user": (*USER_FIELDS, "created_at", "updated_at"),
+    "group": (*GROUP_FIELDS, "created_at", "updated_at"),
+}
+
+
+def in_contract_order(event_type: str, fields: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A user or group event's `data` (or `previous_attributes`) with its fields in the contract's
+    order. Event data is stored as JSON whose key order is the store's, not the contract's: sorted
+    on SQLite (the canonical JSON of a fingerprint), jsonb's shortest-key-first on PostgreSQL. A key
+    the contract does not name keeps its place after those it names; membership data is as is."""
+    order = _FIELD_ORDER.get(event_type.partition(".")[0])
+    if fields is None or order is None or event_type.startswith("group.user_"):
+        return fields
+    out = {k: fields[k] for k in order if k in fields}
+    if len(out) != len(fields):
+        out.update(fields)
+    return out
+
+
 class EventType(StrEnum):
     USER_CREATED = "user.created"
     USER_UPDATED = "user.updated"

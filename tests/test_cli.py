@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.stores
 
 EVENT_KEYS = {"seq", "type", "tenant", "run_id", "data", "previous_attributes", "created_at"}
-USER_KEYS = {
+# In the contract's order (CONTRACT.md: Objects), as `users --json` prints them.
+USER_ORDER = [
     "idp_id",
     "username",
     "email",
@@ -55,7 +56,9 @@ USER_KEYS = {
     "raw_attributes",
     "created_at",
     "updated_at",
-}
+]
+USER_KEYS = set(USER_ORDER)
+GROUP_ORDER = ["idp_id", "name", "description", "email", "raw_attributes", "created_at", "updated_at"]
 
 
 @pytest.fixture
@@ -1319,6 +1322,38 @@ def test_dry_run_json_events_have_every_field_of_the_applied_ones(okta):
     assert [(e["type"], e["tenant"], e["previous_attributes"]) for e in applied] == [
         (e["type"], e["tenant"], e["previous_attributes"]) for e in planned
     ]
+
+
+def test_event_data_lists_the_objects_fields_in_the_contracts_order(okta):
+    """A user or group event's `data` is the object, but its fields came in the stored JSON's order:
+    alphabetical on SQLite (`idp_id` between `first_name` and `job_title`), PostgreSQL's jsonb order
+    (shortest key first) there, unlike `users --json` and `groups --json`, which follow the contract.
+    Planned (`sync --dry-run --json`) and applied events now list them as those do, on both stores."""
+    org = okta["org"]
+    person = next(p for p in org.people.values() if p.visible and p.state == "active" and p.n > 1)
+    org.update_person(person.n, title="Principal")
+    org.hire()
+    groups = list(org.groups)
+    org.update_group(groups[0], description="Everyone who builds")
+    org.delete_group(groups[-1])
+    org.delete(next(p.n for p in org.people.values() if p.visible and p.n not in (1, person.n)))
+    user_order = list(jsonl(run(okta, "users", "demo-okta", "--json").stdout)[0])
+    group_order = list(jsonl(run(okta, "groups", "demo-okta", "--json").stdout)[0])
+    assert (user_order, group_order) == (USER_ORDER, GROUP_ORDER)
+    seq = max(e["seq"] for e in jsonl(run(okta, "events", "demo-okta", "--json").stdout))
+    planned = jsonl(run(okta, "sync", "demo-okta", "--full", "--dry-run", "--json").stdout)[1:]
+    assert run(okta, "sync", "demo-okta", "--full").exit_code == 0
+    applied = jsonl(run(okta, "events", "demo-okta", "--after", str(seq), "--json").stdout)
+    everything = jsonl(run(okta, "events", "demo-okta", "--json").stdout)
+    kinds = {"user.created", "user.updated", "user.deleted", "group.created", "group.updated", "group.deleted"}
+    for events in (planned, applied, everything):
+        objects = [e for e in events if e["type"] in kinds]
+        assert {e["type"] for e in objects} >= (kinds if events is everything else kinds - {"group.created"})
+        for e in objects:
+            order = user_order if e["type"].startswith("user.") else group_order
+            assert list(e["data"]) == order, e["type"]
+            if e["previous_attributes"] is not None:  # the changed fields, in the object's order too
+                assert list(e["previous_attributes"]) == [k for k in order if k in e["previous_attributes"]]
 
 
 def test_an_empty_group_or_user_id_lists_no_one(okta):

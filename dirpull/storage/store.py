@@ -32,7 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from dirpull.jsoncodec import compact, dumps, loads
-from dirpull.model import GROUP_FIELDS, USER_FIELDS
+from dirpull.model import GROUP_FIELDS, USER_FIELDS, in_contract_order
 from dirpull.prefetch import Prefetch
 from dirpull.spool import SpooledJson
 from dirpull.storage import schema as t
@@ -1101,8 +1101,8 @@ class Store:
                 "type": row["type"],
                 "tenant": row["tenant"],
                 "run_id": row["run_id"],
-                "data": row["data"],
-                "previous_attributes": row["previous_attributes"],
+                "data": in_contract_order(row["type"], row["data"]),
+                "previous_attributes": in_contract_order(row["type"], row["previous_attributes"]),
                 "created_at": row["created_at"],
             }
 

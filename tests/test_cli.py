@@ -2001,6 +2001,17 @@ def test_cluster_config_toml_round_trips(tmp_path):
     assert "[tenants.demo-bamboohr]" in text and 'schedule = "10s"' in text
 
 
+def test_a_demo_schedule_with_a_line_break_runs_the_demo_not_a_traceback(tmp_path):
+    """`dirpull demo --schedule` takes what a tenant's `schedule` takes, a line break after the
+    interval too ("5m\\n" from a file or a template). The demo wrote it into its configuration
+    unescaped: TOML refuses a line break inside a string, and the demo ended in a TOMLDecodeError
+    traceback, exit 1, its emulators up until then. Any character is now written escaped."""
+    args = ["demo", "--schedule", "5m\n", "--duration", "0.2", "--people", "5", "--workdir", str(tmp_path)]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert load_config(tmp_path / "dirpull.toml").defaults.schedule == "5m\n"
+
+
 def test_db_check_of_a_store_that_does_not_exist_creates_nothing(tmp_path, monkeypatch):
     """Before, it created an empty database file there (run from the wrong folder: a stray store)
     and said "schema empty" without saying where it had looked."""

@@ -672,10 +672,11 @@ class WorkdayTenant(TenantBase):
     users_report_url: HttpUrl
     groups_report_url: HttpUrl | None = None
     prompts: dict[str, str] = Field(default_factory=dict)
-    username: str | None = None
+    # Empty (a template's value that came out blank), each run sent it and failed on Workday's 401.
+    username: str | None = Field(None, min_length=1)
     password: Secret | None = None
     token_url: HttpUrl | None = None
-    client_id: str | None = None
+    client_id: str | None = Field(None, min_length=1)
     client_secret: Secret | None = None
     refresh_token: Secret | None = None
     fields: dict[str, str] = Field(default_factory=dict)

@@ -1884,6 +1884,27 @@ def test_config_mistake_is_one_line_exit_2(tmp_path, monkeypatch, toml, env_vars
     assert "hunter2" not in r.stdout + r.stderr
 
 
+@pytest.mark.parametrize(
+    ("credentials", "key"),
+    [
+        ('username = ""\npassword = "hunter2"\n', "username"),
+        ('token_url = "https://127.0.0.1:9/token"\nclient_id = ""\nclient_secret = "hunter2"\n'
+         'refresh_token = "hunter2"\n', "client_id"),
+    ],
+)
+def test_an_empty_workday_user_name_or_client_id_is_a_mistake_named_at_load(tmp_path, store_url, credentials, key):
+    """A Workday tenant's empty `username` or `client_id` (a template whose value came out empty)
+    loaded, and each run sent it to Workday and failed on its 401, exit 1, naming no key. As an
+    empty secret or Entra's empty client_id, it is now the tenant's configuration mistake: `sync`
+    exits 2 naming the file, the tenant and the key, and sends nothing."""
+    cfg = tmp_path / "dirpull.toml"
+    cfg.write_text(f'[store]\nurl = "{store_url}"\n[tenants.wd]\nprovider = "workday"\n'
+                   f'users_report_url = "https://127.0.0.1:9/report"\n{credentials}')  # fmt: skip
+    r = CliRunner().invoke(app, ["--config", str(cfg), "sync", "wd", "--json"])
+    assert (r.exit_code, r.stdout) == (2, ""), r.output
+    assert r.stderr == f"dirpull: {cfg}: tenants.wd.{key}: String should have at least 1 character\n"
+
+
 def test_a_config_file_not_in_utf8_is_named_and_a_bom_is_fine(tmp_path, monkeypatch):
     """Saved as Latin-1: one line naming the file and where, not a UnicodeDecodeError traceback.
     Saved by an editor that writes a byte-order mark: loads."""

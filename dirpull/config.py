@@ -349,6 +349,13 @@ class StoreSettings(_Strict):
     def _url(cls, v: str) -> str:
         from dirpull.storage.store import StoreError, parse_store_url
 
+        if v.startswith(("env:", "file:")):
+            # A PostgreSQL URL holds the database's password: a secret value, which the contract
+            # lets be `env:NAME` or `file:PATH`. It was refused as "not a database URL".
+            ref = SecretRef(v, _CONFIG_DIR.get())
+            if problem := ref.check():
+                raise ValueError(problem)
+            v = ref.get()
         try:
             parsed = parse_store_url(v)
         except StoreError as exc:  # phrased without the password

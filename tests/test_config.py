@@ -668,3 +668,24 @@ def test_the_documented_upper_limits_of_numeric_keys_hold(tmp_path, monkeypatch,
     assert error_of(tmp_path, text.format(first_bad)) == (
         f"{tmp_path / 'dirpull.toml'}: {where}: Input should be {words} {problem.split()[1]}"
     )
+
+
+@pytest.mark.parametrize("form", ["env", "file"])
+def test_the_store_url_may_be_an_env_or_file_secret_as_any_secret_value(tmp_path, monkeypatch, form):
+    # It holds the database's password; refused as "not a database URL" before.
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    url = f"sqlite:///{tmp_path / 'from-secret.db'}"
+    if form == "env":
+        monkeypatch.setenv("DIRPULL_TEST_STORE_URL", url + "\n")
+        ref = "env:DIRPULL_TEST_STORE_URL"
+    else:
+        (tmp_path / "store-url").write_text(url + "\n", encoding="utf-8")
+        ref = "file:store-url"  # relative: to the configuration's folder, as every file: secret
+    assert load_config(write(tmp_path, GOOD.replace("sqlite:///x.db", ref))).store.url == url
+
+
+def test_a_store_url_secret_that_cannot_be_read_names_the_key_and_the_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    monkeypatch.delenv("DIRPULL_TEST_STORE_URL", raising=False)
+    msg = error_of(tmp_path, GOOD.replace("sqlite:///x.db", "env:DIRPULL_TEST_STORE_URL"))
+    assert msg == f"{tmp_path / 'dirpull.toml'}: store.url: environment variable DIRPULL_TEST_STORE_URL is not set"

@@ -46,7 +46,27 @@ def _one_line_usage_errors() -> Iterator[None]:
         if type(exc).__name__ == "NoArgsIsHelpError":  # `dirpull` alone: click prints the help
             raise
         where = exc.ctx.command_path if exc.ctx is not None else "dirpull"
+        misplaced = _misplaced_global_option(exc)
+        if misplaced is not None:
+            raise fail(misplaced, exc.exit_code) from None
         raise fail(f"{exc.format_message()} (see '{where} --help')", exc.exit_code) from None
+
+
+def _misplaced_global_option(exc: Exception) -> str | None:
+    """`dirpull status -c dirpull.toml`: "No such option: -c" read as if dirpull had no such
+    option at all, when it only has to come before the command."""
+    option = getattr(exc, "option_name", None)
+    ctx = getattr(exc, "ctx", None)
+    if type(exc).__name__ != "NoSuchOption" or not option or ctx is None or ctx.parent is None:
+        return None
+    root = ctx.find_root()
+    if not any(option in p.opts or option in p.secondary_opts for p in root.command.params):
+        return None
+    command = ctx.command_path[len(root.command_path) :].strip()
+    return (
+        f"{option} is a global option: give it before the command, `{root.command_path} {option} … {command} …`"
+        f" (see '{root.command_path} --help')"
+    )
 
 
 # 128 + SIGPIPE: what a shell shows for a command killed by SIGPIPE, as `cat` or `grep` are when

@@ -1788,6 +1788,16 @@ def test_config_mistake_exits_2_with_file_tenant_and_key(tmp_path):
         (["run", "--max-seconds", "-1"], "Invalid value for '--max-seconds': Input should be greater than or equal"),
         (["emulate", "--changes-every", "-1"], "Invalid value for '--changes-every': Input should be greater than"),
         (["demo", "--duration", "1e300"], "Invalid value for '--duration': Input should be less than or equal to "),
+        # A global option after the command: "No such option: -c" read as if there were none.
+        (["status", "-c", "x.toml"], "-c is a global option: give it before the command, `dirpull -c … status …`"),
+        (
+            ["db", "check", "--log-level=debug"],
+            "--log-level is a global option: give it before the command, `dirpull --log-level … db check …`",
+        ),
+        (
+            ["sync", "hr", "--log-format", "json"],
+            "--log-format is a global option: give it before the command, `dirpull --log-format … sync …`",
+        ),
     ],
 )
 def test_bad_usage_is_one_line_exit_2(args, expected):

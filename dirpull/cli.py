@@ -886,10 +886,15 @@ def emulate(
     ] = None,
 ) -> None:
     """Serve local emulators of the vendors' APIs on 127.0.0.1 and print a config for them."""
-    from dirpull.emulators.cluster import Cluster, write_private
+    from dirpull.emulators.cluster import Cluster, holds_another_config, write_private
     from dirpull.emulators.org import Org
 
     chosen = _provider_list(provider)
+    if write_config and holds_another_config(write_config):
+        raise fail(
+            f"--write-config {write_config}: the file exists and is not a configuration dirpull emulate wrote;"
+            " nothing overwritten (give another path, or remove the file first)"
+        )
     workdir = (write_config.parent if write_config else Path(tempfile.mkdtemp(prefix="dirpull-emulate-"))).resolve()
     cluster = Cluster(Org.generate(people, seed=seed))
     cluster.start(chosen)

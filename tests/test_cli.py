@@ -2005,6 +2005,27 @@ def test_emulate_writes_its_config_readable_by_its_owner_only(tmp_path):
     assert oct(kept.stat().st_mode & 0o777) == "0o600" and "api_token" in kept.read_text()
 
 
+def test_emulate_does_not_write_over_a_configuration_it_did_not_write(tmp_path):
+    """`dirpull emulate --write-config dirpull.toml` beside the operator's own dirpull.toml wrote
+    the emulators' tenants over it, without a word. Its own earlier file it still rewrites."""
+    own = tmp_path / "dirpull.toml"
+    own.write_text('[tenants.acme-hr]\nprovider = "bamboohr"\ncompany_domain = "acme"\napi_key = "env:K"\n')
+    before = own.read_text()
+    args = ["emulate", "-p", "okta", "--people", "5", "--write-config", str(own), "--max-seconds", "0.1"]
+    r = CliRunner().invoke(app, args)
+    assert (r.exit_code, r.stdout, own.read_text()) == (2, "", before)
+    assert r.stderr == (
+        f"dirpull: --write-config {own}: the file exists and is not a configuration dirpull emulate wrote;"
+        " nothing overwritten (give another path, or remove the file first)\n"
+    )
+    emulated = tmp_path / "emu.toml"
+    for _ in range(2):
+        args[-3] = str(emulated)
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 0, r.stderr
+    assert "demo-okta" in emulated.read_text()
+
+
 def test_emulate_printing_its_config_leaves_no_folder_behind(tmp_path, monkeypatch):
     """Before, every run left a /tmp/dirpull-emulate-* folder holding the Google emulator's key."""
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))

@@ -27,6 +27,10 @@ TENANT_NAMES = {
     "bamboohr": "demo-bamboohr",
 }
 
+# The first line of every configuration `dirpull emulate` and `dirpull demo` write: a file that
+# starts with it may be written over again, any other is someone's own configuration.
+CONFIG_HEADER = "# Written by dirpull: tenants pointed at local emulators (loopback only)."
+
 
 @dataclass
 class Cluster:
@@ -58,7 +62,7 @@ class Cluster:
 
     def config_toml(self, workdir: Path, *, store_url: str, schedule: str = "15m") -> str:
         lines = [
-            "# Written by dirpull: tenants pointed at local emulators (loopback only).",
+            CONFIG_HEADER,
             "[store]",
             f"url = {_toml(store_url)}",
             "",
@@ -74,6 +78,19 @@ class Cluster:
         text = "\n".join(lines) + "\n"
         tomllib.loads(text)  # what we print must load
         return text
+
+
+def holds_another_config(path: Path) -> bool:
+    """Whether writing an emulator configuration to `path` would destroy one it did not write
+    (`dirpull emulate --write-config dirpull.toml` beside the operator's real one)."""
+    if not path.is_file():  # not there, or a folder or a pipe (never opened: it would wait for a writer)
+        return False
+    try:
+        with open(path, "rb") as existing:
+            head = existing.read(len(CONFIG_HEADER.encode()) + 1)
+    except OSError:  # not readable: the write says what is wrong
+        return False
+    return head.strip() != b"" and not head.startswith(CONFIG_HEADER.encode())
 
 
 def write_private(path: Path, text: str) -> None:

@@ -228,6 +228,26 @@ def _missing_sqlite(url: str) -> str | None:
     return missing
 
 
+def _no_store_yet(config: Config) -> str | None:
+    """Where a dry run finds no store to plan against: a SQLite file that is not there, or a
+    database with no tables at all (one holding another application's is refused as a sync
+    refuses it). None when there is a store."""
+    if (missing := _missing_sqlite(config.store.url)) is not None:
+        return missing
+    try:
+        store = Store(config.store.url, pool_size=1, connect_timeout=config.store.connect_timeout)
+    except StoreError as exc:
+        raise fail(str(exc), 1) from None
+    try:
+        if store.schema_state()[0] is None and not store.holds_other_tables():
+            return f"{store.safe_url} (the database has no dirpull schema)"
+        return None
+    except StoreError as exc:
+        raise fail(str(exc), 1) from None
+    finally:
+        store.close()
+
+
 def _refuse_missing_sqlite(url: str) -> None:
     if (missing := _missing_sqlite(url)) is None:
         return
@@ -458,9 +478,10 @@ def sync(
     if problems := config.secret_problems(tenant):
         raise fail("\n".join(problems))
     scratch: str | None = None
-    if dry_run and (missing := _missing_sqlite(config.store.url)) is not None:
+    if dry_run and (missing := _no_store_yet(config)) is not None:
         # A dry run changes nothing: it made the store file (run from the wrong folder with a
-        # relative URL, a stray one there). It plans against an empty store, as the first sync
+        # relative URL, a stray one there), or every table in an empty database (the one just made
+        # for dirpull, or the wrong one named). It plans against an empty store, as the first sync
         # would find, made in a temporary folder that goes when it ends.
         from dirpull.dry_run_scratch import make_scratch
 

@@ -186,6 +186,26 @@ def test_a_dry_run_without_a_store_creates_none(env, store_url, tmp_path, monkey
     assert len(jsonl(run(env, "users", "hr", "--json").stdout)) == visible
 
 
+def test_a_dry_run_on_an_empty_database_leaves_it_empty(env, store_url):
+    """The database just made for dirpull (README: create it, then `dirpull sync T --dry-run`), or
+    the wrong one named: the dry run that promises to apply nothing created every table of
+    dirpull's schema in it. It plans against an empty store instead and leaves the database as it
+    was; the real sync then makes the schema."""
+    engine = sa.create_engine(store_url)
+    if store_url.startswith("sqlite"):
+        with engine.begin() as conn:  # an empty SQLite file: a database with no tables
+            conn.exec_driver_sql("VACUUM")
+    r = run(env, "sync", "hr", "--dry-run")
+    assert r.exit_code == 0, r.stderr
+    assert "(the database has no dirpull schema) yet: planned against an empty one; nothing created" in r.stderr
+    visible = sum(1 for p in env["org"].people.values() if not p.deleted)
+    assert "hr: planned (full)" in r.stdout and f"users_created {visible}" in r.stdout, r.stdout
+    assert sa.inspect(engine).get_table_names() == []
+    engine.dispose()
+    assert run(env, "sync", "hr").exit_code == 0
+    assert len(jsonl(run(env, "users", "hr", "--json").stdout)) == visible
+
+
 def test_a_killed_dry_runs_scratch_store_is_removed_by_a_later_dry_run(env, store_url, tmp_path, monkeypatch):
     """A dry run with no store yet plans against a scratch store in TMPDIR; SIGKILLed, its folder
     (a planned copy of the directory's people) stayed there for good. The next dry run removes

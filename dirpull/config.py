@@ -474,12 +474,14 @@ BAMBOOHR_REPORT_FIELDS = (
     "homeEmail", "status", "department", "division", "jobTitle", "supervisorEId", "hireDate",
     "terminationDate", "lastChanged",
 )  # fmt: skip
+# The company's subdomain, the "acme" of acme.bamboohr.com: it goes into every request's path.
+_BAMBOOHR_COMPANY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 BAMBOOHR_MAX_REPORT_FIELDS = 400  # the custom report answers 400 over that (directory-apis.md §4.1)
 
 
 class BambooHRTenant(TenantBase):
     provider: Literal["bamboohr"]
-    company_domain: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*$")
+    company_domain: str
     api_key: Secret
     api_url: HttpUrl = "https://api.bamboohr.com/api/gateway.php"
     # Which report field names the manager, and what it holds. The reference is unsure whether
@@ -493,6 +495,21 @@ class BambooHRTenant(TenantBase):
     # Seconds subtracted from the stored `since` (BambooHR timestamps have second precision).
     changed_overlap: float = Field(1.0, le=86_400)
     timeout: float = Field(120.0, gt=0, le=MAX_HTTP_TIMEOUT)
+
+    @field_validator("company_domain")
+    @classmethod
+    def _company(cls, v: str) -> str:
+        # pydantic's own words were its regex ("String should match pattern '^[A-Za-z0-9]…'"), for
+        # what is most often the whole host pasted from the browser's address bar.
+        if _BAMBOOHR_COMPANY.fullmatch(v):
+            return v
+        host = re.sub(r"^[a-z]+://", "", v.strip(), flags=re.IGNORECASE).split("/")[0]
+        company = host.split(".")[0]
+        if "." in host and _BAMBOOHR_COMPANY.fullmatch(company):
+            raise ValueError(f"{v!r} is the whole address; give only the company's part of it: {company!r}")
+        raise ValueError(
+            f"{v!r} is not a BambooHR company subdomain (the 'acme' of acme.bamboohr.com: letters, digits and '-')"
+        )
 
     @field_validator("changed_overlap")
     @classmethod

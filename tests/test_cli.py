@@ -1935,6 +1935,28 @@ def test_an_empty_workday_user_name_or_client_id_is_a_mistake_named_at_load(tmp_
     assert r.stderr == f"dirpull: {cfg}: tenants.wd.{key}: String should have at least 1 character\n"
 
 
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("acme.bamboohr.com", "'acme.bamboohr.com' is the whole address; give only the company's part of it: 'acme'"),
+        ("https://acme.bamboohr.com/", "'https://acme.bamboohr.com/' is the whole address; give only the company's"),
+        ("acme corp", "'acme corp' is not a BambooHR company subdomain (the 'acme' of acme.bamboohr.com: letters,"),
+    ],
+)
+def test_a_bamboohr_company_domain_given_as_the_whole_address_says_which_part_to_give(
+    tmp_path, monkeypatch, value, expected
+):
+    """The host pasted from the browser's address bar: the message was pydantic's regex, "String
+    should match pattern '^[A-Za-z0-9][A-Za-z0-9-]*$'", not what to write instead."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "dirpull.toml"
+    cfg.write_text(BAMBOO.replace('company_domain = "acme"', f'company_domain = "{value}"'))
+    r = CliRunner().invoke(app, ["--config", str(cfg), "sync", "hr"])
+    assert (r.exit_code, r.stdout) == (2, "")
+    assert r.stderr.startswith(f"dirpull: {cfg}: tenants.hr.company_domain: {expected}"), r.stderr
+    assert len(r.stderr.splitlines()) == 1 and "pattern" not in r.stderr
+
+
 def test_a_config_file_not_in_utf8_is_named_and_a_bom_is_fine(tmp_path, monkeypatch):
     """Saved as Latin-1: one line naming the file and where, not a UnicodeDecodeError traceback.
     Saved by an editor that writes a byte-order mark: loads."""

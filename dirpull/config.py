@@ -11,6 +11,7 @@ one `[tenants.X]` table makes only that tenant broken (`Config.broken`), not the
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import re
 import tomllib
@@ -889,10 +890,28 @@ def _error_lines(path: Path, errors: Any, *, url_from_env: bool = False) -> list
                 msg = f'{given} has no unit: write it in quotes with one, {units} or "{given}d"'
                 if loc[-1] == "schedule":
                     msg += ', or "cron: …"'
+        elif err["type"] in ("float_parsing", "int_parsing") and isinstance(err["input"], str):
+            msg = _not_a_number(loc[-1], err["input"], integer=err["type"] == "int_parsing")
+        elif err["type"] == "list_type" and isinstance(err["input"], str):
+            # `org_units = "/Engineering"`: "Input should be a valid list" did not say what a list is.
+            msg = f"must be a list, in brackets: {loc[-1]} = [{json.dumps(err['input'], ensure_ascii=False)}]"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, ") :]
         lines.append(f"{path}: {where}: {msg}")
     return lines
+
+
+_DURATION_TEXT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", re.IGNORECASE)
+
+
+def _not_a_number(key: str, given: str, *, integer: bool) -> str:
+    """A number written as text: `timeout = "2m"`, as `schedule` and `lease_ttl` take "2m", where
+    pydantic said "Input should be a valid number, unable to parse string as a number"."""
+    kind = "a whole number" if integer else "a number"
+    if not integer and (m := _DURATION_TEXT.fullmatch(given)):
+        seconds = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[m.group(2).lower()]
+        return f"{given!r} is not a number: this key takes seconds, without quotes or a unit: {key} = {seconds:g}"
+    return f"{given!r} is not {kind}: write {kind}, without quotes"
 
 
 # Keys whose value is a duration string ("60s"): a bare number there is a common mistake.

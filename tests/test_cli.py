@@ -1957,6 +1957,38 @@ def test_a_bamboohr_company_domain_given_as_the_whole_address_says_which_part_to
     assert len(r.stderr.splitlines()) == 1 and "pattern" not in r.stderr
 
 
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        ('timeout = "2m"', "tenants.hr.timeout: '2m' is not a number: this key takes seconds, without quotes or a unit:"
+         " timeout = 120"),
+        ('timeout = "soon"', "tenants.hr.timeout: 'soon' is not a number: write a number, without quotes"),
+        ('batch_size = "lots"', "tenants.hr.batch_size: 'lots' is not a whole number: write a whole number,"
+         " without quotes"),
+    ],
+)  # fmt: skip
+def test_a_number_written_as_text_says_how_to_write_it(tmp_path, monkeypatch, key, expected):
+    """`timeout = "2m"`, as `schedule` takes "2m": pydantic's "Input should be a valid number,
+    unable to parse string as a number" said neither that the key takes seconds nor how to write it."""
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "dirpull.toml"
+    cfg.write_text(BAMBOO + key + "\n")
+    r = CliRunner().invoke(app, ["--config", str(cfg), "sync", "hr"])
+    assert (r.exit_code, r.stdout, r.stderr) == (2, "", f"dirpull: {cfg}: {expected}\n")
+
+
+def test_a_list_written_as_one_string_says_to_put_it_in_brackets(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = tmp_path / "dirpull.toml"
+    cfg.write_text(
+        '[tenants.g]\nprovider = "google_workspace"\ncredentials_file = "file:sa.json"\nsubject = "a@b.example"\n'
+        'org_units = "/Engineering"\n'
+    )
+    r = CliRunner().invoke(app, ["--config", str(cfg), "sync", "g"])
+    expected = f'dirpull: {cfg}: tenants.g.org_units: must be a list, in brackets: org_units = ["/Engineering"]\n'
+    assert (r.exit_code, r.stdout, r.stderr) == (2, "", expected)
+
+
 def test_a_config_file_not_in_utf8_is_named_and_a_bom_is_fine(tmp_path, monkeypatch):
     """Saved as Latin-1: one line naming the file and where, not a UnicodeDecodeError traceback.
     Saved by an editor that writes a byte-order mark: loads."""

@@ -353,25 +353,25 @@ def test_429_storm_is_retried_honouring_retry_after(graph: GraphEmulator, tmp_pa
     assert len({u.idp_id for p in pages for u in p.users}) == 80
 
 
+def throttled_once(graph: GraphEmulator, tmp_path: Path, retry_after: str, sleeps: list[float]) -> EntraConnector:
+    """A connector with the default retry budget (300 s of waiting), its first users page a 429."""
+    cfg = parse_config({"tenants": {"t1": tenant(graph, tmp_path)}}, tmp_path / "dirpull.toml")
+    graph.retry_after = retry_after
+    graph.faults.update({"rate_limit": 1, "path": "/v1.0/users/delta"})
+    return build("t1", cfg.tenants["t1"], policy=RetryPolicy(max_total_wait=300, sleep=sleeps.append))
+
+
 def test_a_retry_after_longer_than_a_backoff_step_is_waited_in_full(graph: GraphEmulator, tmp_path: Path) -> None:
     # Retried after 60 s (the backoff's own cap) when Graph asked for 90: another 429, an attempt spent.
     sleeps: list[float] = []
-    cfg = parse_config({"tenants": {"t1": tenant(graph, tmp_path)}}, tmp_path / "dirpull.toml")
-    c = build("t1", cfg.tenants["t1"], policy=RetryPolicy(max_total_wait=300, sleep=sleeps.append))
-    graph.retry_after = "90"
-    graph.faults.update({"rate_limit": 1, "path": "/v1.0/users/delta"})
-    _, done = pull(c)
+    _, done = pull(throttled_once(graph, tmp_path, "90", sleeps))
     assert done.snapshot and sleeps == [90.0]
 
 
 def test_a_retry_after_past_the_runs_wait_budget_fails_at_once(graph: GraphEmulator, tmp_path: Path) -> None:
     sleeps: list[float] = []
-    cfg = parse_config({"tenants": {"t1": tenant(graph, tmp_path)}}, tmp_path / "dirpull.toml")
-    c = build("t1", cfg.tenants["t1"], policy=RetryPolicy(max_total_wait=300, sleep=sleeps.append))
-    graph.retry_after = "400"
-    graph.faults.update({"rate_limit": 1, "path": "/v1.0/users/delta"})
     with pytest.raises(ConnectorError, match=r"waiting 400\.0s more would pass the 300s cap"):
-        pull(c)
+        pull(throttled_once(graph, tmp_path, "400", sleeps))
     assert sleeps == []
 
 

@@ -465,7 +465,8 @@ def sync(
     Exit 0: applied, or nothing to do.
     Exit 1: failed, or skipped because another worker is syncing it (see --wait).
     Exit 2: a mistake in the configuration, or an unreadable secret.
-    Exit 3: held by the guard (--dry-run: would be held; with --force: 0)."""
+    Exit 3: held by the guard (--dry-run: would be held; with --force: 0).
+    Exit 130 / 143: a second Ctrl-C / SIGTERM ended it at once (nothing half-applied)."""
     from dirpull.connectors.http import SHUTDOWN
     from dirpull.signals import stop_on_signals
     from dirpull.sync.runner import Runner
@@ -819,7 +820,12 @@ def run(
         typer.Option("--max-seconds", help="Stop after this long (tests, demos).", min=0, max=MAX_SECONDS),
     ] = None,
 ) -> None:
-    """The daemon: every tenant on its schedule until SIGTERM/SIGINT; SIGHUP reloads the configuration."""
+    """The daemon: every tenant on its schedule until SIGTERM/SIGINT; SIGHUP reloads the configuration.
+
+    Exit 0: stopped cleanly.
+    Exit 1: the store cannot be opened or made, or its schema is behind or ahead of this dirpull.
+    Exit 2: a mistake in the configuration, or every tenant's table has one.
+    Exit 130 / 143: a second Ctrl-C / SIGTERM ended the stop at once."""
     from dirpull.sync.daemon import Daemon
 
     config = _config()

@@ -2311,3 +2311,16 @@ def test_a_secret_file_that_is_missing_fails_the_daemons_runs_saying_so(env):
     why = "bamboohr: api_key: secret file:gone.key: does not exist"
     assert failed and all(r["status"] == "failed" and r["error"] == why for r in failed), [r["error"] for r in runs]
     assert "not a regular file" not in daemon.stderr, daemon.stderr
+
+
+@pytest.mark.parametrize("command", ["run", "sync"])
+def test_help_lists_every_exit_code_the_readme_gives(command):
+    """`dirpull sync --help` and `run --help` said nothing of 130 / 143 (and `run`'s of any code),
+    which the README's command table gives."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    row = next(line for line in readme.splitlines() if line.startswith(f"| `dirpull {command} "))
+    codes = set(re.findall(r"\b(0|1|2|3|130|143)\b", row.rsplit("|", 2)[1]))
+    r = CliRunner().invoke(app, [command, "--help"], terminal_width=200)
+    assert r.exit_code == 0
+    said = set(re.findall(r"Exit (\d+)(?: / (\d+))?:", r.stdout))
+    assert codes == {c for pair in said for c in pair if c}, r.stdout

@@ -112,6 +112,40 @@ def test_filter_last_updated_and_bad_filter(emu: OktaEmulator, org: Org) -> None
         assert r.status_code == 400 and r.json()["errorCode"] == "E0000053", bad
 
 
+def test_last_updated_bounds_hold_to_the_millisecond_for_a_manager_rename_and_under_or(
+    emu: OktaEmulator, org: Org
+) -> None:
+    """The listing passes over whoever surely changed before a `lastUpdated gt/ge` bound without
+    running the filter on them: a record stamped at the bound's very millisecond, or moved past it
+    only by its manager's rename, is still judged, and under `or` the bound rules out nobody."""
+    at = float(int(time.time()) + 3600)  # later than every generated stamp
+    with org.clock_at(at - 7200):
+        org.deactivate(13, "suspended")
+    with org.clock_at(at):
+        org.update_person(10, title="Edited")
+    managers = {p.manager for p in org.people.values()}
+    skip = {1, 10, 13, org.people[10].manager, org.people[13].manager}
+    boss = next(n for n in sorted(org.people) if n not in skip and n in managers)
+    reports = {user_id(p.n) for p in org.people.values() if p.manager == boss and p.visible}
+    with org.clock_at(at + 1):
+        org.rename(boss, "Renamed", "Boss")
+
+    def ids(filt: str) -> set[str]:
+        return {u["id"] for u in walk(emu, "/api/v1/users", filter=filt)[0]}
+
+    later = {user_id(boss)} | reports
+    assert reports and user_id(10) not in reports
+    assert ids(f'lastUpdated gt "{Org.iso(at)}"') == later
+    assert ids(f'lastUpdated ge "{Org.iso(at)}"') == later | {user_id(10)}
+    assert ids(f'lastUpdated gt "{Org.iso(at - 0.001)}"') == later | {user_id(10)}
+    assert ids(f'lastUpdated gt "{Org.iso(at + 1)}"') == set()
+    either = ids(f'lastUpdated gt "{Org.iso(at + 1)}" or status eq "SUSPENDED"')
+    assert user_id(13) in either and either == {user_id(p.n) for p in org.people.values()
+                                                if p.visible and emu.status_of(p) == "SUSPENDED"}  # fmt: skip
+    searched = {u["id"] for u in walk(emu, "/api/v1/users", search=f'lastUpdated ge "{Org.iso(at)}"')[0]}
+    assert searched == later | {user_id(10)}
+
+
 def test_deleted_user_vanishes_and_statuses(emu: OktaEmulator, org: Org) -> None:
     org.delete(12)
     assert get(emu, f"/api/v1/users/{user_id(12)}").json()["errorCode"] == "E0000007"

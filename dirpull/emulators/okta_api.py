@@ -157,9 +157,14 @@ class Expr:
         self.allowed = allowed
         self.tokens = self._tokenize(text)
         self.pos = 0
+        # A timestamp attribute → the bound of its `gt`/`ge` terms, which every match is later than
+        # when nothing is joined by `or`: what an index on it would answer (`_list_users`).
+        self.floors: dict[str, float] = {}
         self.predicate = self._or()
         if self.pos != len(self.tokens):
             raise FilterError(f"unexpected {self.tokens[self.pos][1]!r}")
+        if any(kind == "word" and value.lower() == "or" for kind, value in self.tokens):
+            self.floors = {}
 
     @staticmethod
     def _tokenize(text: str) -> list[tuple[str, str]]:
@@ -238,6 +243,8 @@ class Expr:
                 bound = parse_time(str(literal_value))
             except ValueError:
                 raise FilterError(f"{literal_value!r} is not an ISO-8601 timestamp") from None
+            if op in ("gt", "ge"):
+                self.floors[attr] = max(bound, self.floors.get(attr, bound))
             cmp = {
                 "eq": lambda a, b: a == b,
                 "gt": lambda a, b: a > b,
@@ -726,9 +733,10 @@ class OktaEmulator(Emulator):
         if isinstance(limit, Response):
             return limit
         filt, search = req.arg("filter"), req.arg("search")
-        predicate = _predicate(filt, search, USER_FILTER, USER_SEARCH)
-        if isinstance(predicate, Response):
-            return predicate
+        parsed = _predicate(filt, search, USER_FILTER, USER_SEARCH)
+        if isinstance(parsed, Response):
+            return parsed
+        predicate, floors = parsed
         if q:
             predicate = _and(predicate, _starts_with(q, ("profile.firstName", "profile.lastName", "profile.email")))
         include_deprovisioned = bool(filt or search)
@@ -743,14 +751,24 @@ class OktaEmulator(Emulator):
         last_n: int | None = None
         more = False
         org = self.org
+        people = org.people
+        # Okta answers a `lastUpdated gt` search from an index. Without one, running the filter's
+        # predicate on each of 100,000 people took 0.2 s, most of a no-change incremental run's
+        # time here: whoever surely changed before the bound is passed over first. A millisecond
+        # early, as the predicate compares milliseconds; anyone nearer is left to it.
+        floor = floors["lastUpdated"] - 0.001 if "lastUpdated" in floors else None
         with org.lock:
-            top = next(reversed(org.people), 0) if org.people else 0
+            top = next(reversed(people), 0) if people else 0
             n = start
             while n <= top:
-                p = org.people.get(n)
+                p = people.get(n)
                 n += 1
                 if p is None or not p.visible:
                     continue
+                if floor is not None and p.updated_at < floor:
+                    boss = people.get(p.manager) if p.manager else None
+                    if boss is None or boss.renamed_at < floor:  # `_last_updated`
+                        continue
                 if not include_deprovisioned and self.status_of(p) == "DEPROVISIONED":
                     continue
                 if predicate is not None and not predicate(self._user_getter(p)):
@@ -791,9 +809,10 @@ class OktaEmulator(Emulator):
         if isinstance(limit, Response):
             return limit
         filt, search = req.arg("filter"), req.arg("search")
-        predicate = _predicate(filt, search, GROUP_FILTER, GROUP_SEARCH)
-        if isinstance(predicate, Response):
-            return predicate
+        parsed = _predicate(filt, search, GROUP_FILTER, GROUP_SEARCH)
+        if isinstance(parsed, Response):
+            return parsed
+        predicate = parsed[0]
         if q:
             predicate = _and(predicate, _starts_with(q, ("profile.name",)))
         after = req.arg("after")
@@ -1262,18 +1281,22 @@ __all__ = ["API_TOKEN", "EVERYONE", "STATUSES", "OktaEmulator", "group_id", "par
 
 def _predicate(
     filt: str | None, search: str | None, filter_fields: Any, search_fields: Any
-) -> Predicate | Response | None:
-    """One predicate for `filter` and `search` together, or Okta's 400 for either one malformed."""
+) -> tuple[Predicate | None, dict[str, float]] | Response:
+    """One predicate for `filter` and `search` together with their `Expr.floors`, or Okta's 400
+    for either one malformed."""
     predicate: Predicate | None = None
+    floors: dict[str, float] = {}
     try:
-        if filt:
-            predicate = Expr(filt, filter_fields).predicate
-        if search:
-            sp = Expr(search, search_fields).predicate
-            predicate = sp if predicate is None else (lambda get, a=predicate, b=sp: a(get) and b(get))
+        for text, fields in ((filt, filter_fields), (search, search_fields)):
+            if not text:
+                continue
+            expr = Expr(text, fields)
+            predicate = expr.predicate if predicate is None else _and(predicate, expr.predicate)
+            for attr, bound in expr.floors.items():  # both must hold: the later bound
+                floors[attr] = max(bound, floors.get(attr, bound))
     except FilterError as exc:
         return _error(400, "E0000053", "Invalid value for filter or search parameter.", [str(exc)])
-    return predicate
+    return predicate, floors
 
 
 def _starts_with(q: str, attrs: tuple[str, ...]) -> Predicate:

@@ -17,9 +17,9 @@ One run, per provider, in one process tree on 127.0.0.1:
   * the phases, each a `dirpull sync` in its own subprocess (peak RSS = that process's own, from
     wait4's ru_maxrss): initial (empty store), full no-change, full 1% change, and for providers with
     deltas incremental no-change and incremental 1% change. The initial sync (into an emptied store
-    each time) and the two full resyncs run --repeats times (the 1% one after a fresh round of
-    changes each time) and keep the fastest, as the floors keep their fastest: on a shared machine
-    one slow sample otherwise decides a ratio;
+    each time), the two full resyncs and the incremental no-change run --repeats times (the 1% one
+    after a fresh round of changes each time) and keep the fastest, as the floors keep their
+    fastest: on a shared machine one slow sample otherwise decides a ratio;
   * streaming: `dirpull events T --after 0 --json` and `dirpull users T --json`, each at two sizes
     (events inflated by INSERT … SELECT to ≥ max(--events, 2× what the sync wrote); users copied 9
     times under suffixed ids, so 10×), to show whether peak RSS grows with the row count;
@@ -645,7 +645,7 @@ def _pick_run(name: str, runs: list[dict[str, Any]]) -> int:
     a no-change resync that wrote anything is never hidden by a faster one, and a 1% resync is one
     whose round of changes touched a stored row."""
     candidates = list(range(len(runs)))
-    if name == "full_nochange":
+    if name in ("full_nochange", "incr_nochange"):
         wrote = [i for i in candidates if runs[i]["rows_written"] or runs[i]["events"]]
         if wrote:
             return wrote[0]
@@ -725,7 +725,8 @@ def bench_provider(provider: str, args: argparse.Namespace, root: Path) -> dict[
             # Steady state: nothing changed since the organization was generated (a day ago, see
             # --age). Run right after a change round instead, Okta's incremental re-reads whatever
             # changed within its cursor_holdback (300 s) — see docs/benchmarks.md.
-            phase("incr_nochange", full=False)
+            for _ in range(max(1, args.repeats)):
+                phase("incr_nochange", full=False)
         # Each repeat is a fresh round of changes to 1% of the users, then the resync.
         rounds = []
         for _ in range(max(1, args.repeats)):
@@ -909,8 +910,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the baseline fetch and the baseline insert (into an empty store each time) run this "
                          "many times, the fastest kept (default 2)")
     ap.add_argument("--repeats", type=int, default=2,
-                    help="the initial sync (into an empty store each time) and the full resyncs (no change; 1%% "
-                         "change, each after its own round of changes) run this many times, the fastest kept, "
+                    help="the initial sync (into an empty store each time), the full resyncs (no change; 1%% "
+                         "change, each after its own round of changes) and the incremental no-change run this "
+                         "many times, the fastest kept, "
                          "like the floors' best of --baseline-repeats (default 2)")
     ap.add_argument("--phase-timeout", type=float, default=1800.0)
     ap.add_argument("--emulator-workers", type=int, default=None, metavar="N",

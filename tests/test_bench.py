@@ -60,10 +60,14 @@ def test_bench_smoke(provider: str, tmp_path: Path) -> None:
     assert phases["initial"]["rows_written"] >= 200
     assert phases["full_nochange"]["rows_written"] == 0 and phases["full_nochange"]["events"] == 0
     assert phases["full_1pct"]["events"] > 0
-    # Both full resyncs ran twice (the default --repeats) and kept the faster run.
-    for name in ("full_nochange", "full_1pct"):
+    # Both full resyncs and the incremental no-change ran twice (the default --repeats) and kept
+    # the faster run; the incremental 1% once, after its one round of changes.
+    for name in ("full_nochange", "full_1pct", "incr_nochange"):
         assert len(phases[name]["runs_s"]) == 2 and phases[name]["sync_s"] in phases[name]["runs_s"]
-    assert phases["full_nochange"]["sync_s"] == min(phases["full_nochange"]["runs_s"])
+    for name in ("full_nochange", "incr_nochange"):
+        assert phases[name]["sync_s"] == min(phases[name]["runs_s"])
+    assert all(r["rows_written"] == 0 and r["events"] == 0 for r in phases["incr_nochange"]["runs"])
+    assert len(phases["incr_1pct"]["runs_s"]) == 1
     assert len(phases["full_1pct"]["changes_per_round"]) == 2
     # So did the first sync, into an emptied store each time: each created every user again.
     initial = phases["initial"]["runs"]

@@ -1719,3 +1719,64 @@ def test_a_sqlite_store_in_a_folder_this_user_cannot_write_is_named_not_the_file
         folder.chmod(0o755)
         if prefix:
             shutil.rmtree(folder)
+
+
+@contextlib.contextmanager
+def _store_in_server_locale(store_kind: str, store_url: str) -> Iterator[str]:
+    """`store_url`, or on PostgreSQL a database whose default collation is en-US: what a server
+    installed on a machine in that locale gives every database it makes (the test server's is C)."""
+    if store_kind == "sqlite":
+        yield store_url
+        return
+    base = sa.engine.make_url(pg_url_or_skip())
+    name = f"{base.database}_icu_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine(base, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            try:
+                icu = "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+                conn.execute(sa.text(f'CREATE DATABASE "{name}" {icu}'))
+            except sa.exc.DBAPIError as exc:
+                pytest.skip(f"this PostgreSQL cannot make an ICU en-US database: {exc.orig}")
+        try:
+            yield base.set(database=name).render_as_string(hide_password=False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+def test_users_and_groups_are_listed_in_the_same_order_whatever_the_servers_collation(
+    store_kind: str, store_url: str, tmp_path: Path
+):
+    """A PostgreSQL server whose databases collate in en-US (its machine's locale) listed users and
+    groups by idp_id ignoring case and punctuation ("_x", "a", "b", "B", "é", "Z"), where SQLite
+    lists them by code point ("B", "Z", "_x", "a", "b", "é"): the same directory came out in
+    another order, and a script comparing two listings or paging by the last id saw changes."""
+    ids = ["b", "B", "a", "_x", "é", "Z", "a b", "a-b", "10", "9", "e"]
+    with _store_in_server_locale(store_kind, store_url) as url:
+        s = Store(url)
+        try:
+            s.ensure_schema()
+            s.ensure_tenant("hr", "bamboohr")
+            ws = writes("hr", 0, "x")
+            template = writes("hr", 1, "x").user_creates[0]
+            ws.user_creates = [{**template, "idp_id": i, "username": i} for i in ids]
+            ws.group_creates = [{"idp_id": i, "name": i, "description": None, "email": None, "raw_attributes": {},
+                                 "fingerprint": "g"} for i in ids]  # fmt: skip
+            ws.member_adds = [(g, u) for g in ids[:3] for u in ids]
+            assert s.acquire_lease("hr", "a", timedelta(seconds=30)) is None
+            run_id = s.start_run("hr", trigger="test", mode="full", worker="a")
+            s.apply("hr", run_id, ws, holder="a", cursor=None, full=True,
+                    run_fields={"status": "succeeded", "mode": "full", "counts": {}, "requests": 0})  # fmt: skip
+        finally:
+            s.close()
+        config = _config(tmp_path, url)
+        for args in (["users", "hr"], ["users", "hr", "--state", "active"], ["users", "hr", "--group", "b"],
+                     ["groups", "hr"], ["groups", "hr", "--user", "é"]):  # fmt: skip
+            r = _cli(config, *args, "--json")
+            assert r.exit_code == 0, (args, r.output)
+            listed = [json.loads(line)["idp_id"] for line in r.stdout.splitlines()]
+            expected = sorted(ids) if args[-1] not in ("é",) else sorted(ids[:3])
+            assert listed == expected, args

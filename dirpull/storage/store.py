@@ -40,7 +40,7 @@ from dirpull.storage import schema as t
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-HEAD_REVISION = "0008"  # the newest migration's revision
+HEAD_REVISION = "0009"  # the newest migration's revision
 BATCH = 500
 BULK = 2000  # rows per driver executemany call
 SQLITE_ROWS_PER_INSERT = 1000  # rows per multi-row INSERT on SQLite (fewer when columns × rows > its limit)

@@ -1780,3 +1780,42 @@ def test_users_and_groups_are_listed_in_the_same_order_whatever_the_servers_coll
             listed = [json.loads(line)["idp_id"] for line in r.stdout.splitlines()]
             expected = sorted(ids) if args[-1] not in ("é",) else sorted(ids[:3])
             assert listed == expected, args
+
+
+def test_large_floats_in_vendor_values_read_back_as_floats(store_url: str, tmp_path: Path):
+    """jsonb keeps a number's digits, not its JSON type: a vendor's 1e18 (a float, written 1e18)
+    was read back from PostgreSQL as the integer 1000000000000000000, so `users --json` and event
+    data printed another type, and another value for a consumer's typed parser, than on SQLite."""
+    floats = {"a": 1e18, "b": -2.5e20, "c": 1e16, "d": 1e-7, "e": 3.0, "f": 1e300}
+    lookalikes = {"s": "1e18", ":1e18,[2e20": [1e17, "x"], "n": {"deep": [4e19]}}
+    s = Store(store_url)
+    try:
+        s.ensure_schema()
+        s.ensure_tenant("hr", "bamboohr")
+        template = writes("hr", 1, "x").user_creates[0]
+        created = {**template, "idp_id": "u1", "raw_attributes": {**floats, **lookalikes}}
+        ws = writes("hr", 0, "x")
+        ws.user_creates = [created]
+        ws.events = [{"type": "user.created", "object_id": "u1", "data": created}]
+        assert s.acquire_lease("hr", "a", timedelta(seconds=30)) is None
+        fields = {"status": "succeeded", "mode": "full", "counts": {}, "requests": 0}
+        s.apply("hr", s.start_run("hr", trigger="test", mode="full", worker="a"), ws, holder="a", cursor=None,
+                full=True, run_fields=fields)  # fmt: skip
+        # A second run rewrites the row (another path to the database) with a float custom attribute.
+        ws = writes("hr", 0, "y")
+        ws.user_creates = [{**template, "idp_id": "u2", "custom_attributes": {"cost": 2e17}}]
+        ws.user_updates = [{**created, "custom_attributes": {"cost": 5e18}}]
+        s.apply("hr", s.start_run("hr", trigger="test", mode="full", worker="a"), ws, holder="a", cursor=None,
+                full=True, run_fields=fields)  # fmt: skip
+    finally:
+        s.close()
+    config = _config(tmp_path, store_url)
+    users = [json.loads(line) for line in _cli(config, "users", "hr", "--json").stdout.splitlines()]
+    assert users[0]["raw_attributes"] == {**floats, **lookalikes}
+    assert all(type(users[0]["raw_attributes"][k]) is float for k in floats)
+    assert type(users[0]["raw_attributes"][":1e18,[2e20"][0]) is float
+    assert type(users[0]["raw_attributes"]["n"]["deep"][0]) is float
+    assert [(u["idp_id"], u["custom_attributes"]) for u in users] == [("u1", {"cost": 5e18}), ("u2", {"cost": 2e17})]
+    assert all(type(u["custom_attributes"]["cost"]) is float for u in users)
+    events = [json.loads(line) for line in _cli(config, "events", "hr", "--json").stdout.splitlines()]
+    assert all(type(events[0]["data"]["raw_attributes"][k]) is float for k in floats)

@@ -24,6 +24,7 @@ import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 from sys import intern
 from typing import Any
@@ -1170,7 +1171,10 @@ def _insert_many(conn: Connection, table: sa.Table, names: Sequence[str], rows: 
     sql = head + one
     written = 0
     batch: list[tuple[Any, ...]] = []
+    json_at = [i for i, n in enumerate(names) if isinstance(table.c[n].type, t.JSONType)]
     for row in rows:
+        if json_at:
+            row = tuple(_jsonb_text(v) if i in json_at and v is not None else v for i, v in enumerate(row))
         batch.append(row)
         if len(batch) == BULK:
             conn.exec_driver_sql(sql, batch)
@@ -1406,6 +1410,30 @@ def _driver_rows(conn: Connection, q: sa.Select[Any], size: int = 5000) -> Itera
 
 def _as_dict(row: dict[str, Any] | SpooledJson) -> dict[str, Any]:
     return loads(row.read()) if isinstance(row, SpooledJson) else row
+
+
+# A JSON number in exponent form with a positive exponent, and the strings to step over to find one.
+_JSON_STRING_OR_BIG_FLOAT = re.compile(r'"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?[eE]\+?\d+')
+# What could start such a number in compact JSON (a string holding this is stepped over).
+_MAYBE_BIG_FLOAT = re.compile(r"[:,\[]-?\d+(?:\.\d+)?[eE]\+?\d")
+
+
+def _jsonb_text(text: str) -> str:
+    """JSON `text` as PostgreSQL's jsonb is to keep it: a float written in exponent form (1e18, every
+    float from 1e16 up) with its digits and a fraction. jsonb keeps a number's digits, not its JSON
+    type: 1e18 read back as the integer 1000000000000000000, where SQLite gives back the float, so
+    `users --json` and event data printed another type on PostgreSQL."""
+    if not _MAYBE_BIG_FLOAT.search(text):
+        return text
+
+    def spelled_out(m: re.Match[str]) -> str:
+        token = m.group()
+        if token.startswith('"'):
+            return token
+        digits = f"{Decimal(token):f}"
+        return digits if "." in digits else f"{digits}.0"
+
+    return _JSON_STRING_OR_BIG_FLOAT.sub(spelled_out, text)
 
 
 def _json_text(value: Any) -> str:
@@ -1721,7 +1749,7 @@ def _make_engine(url: str, *, pool_size: int, connect_timeout: float, migrating:
             pool_pre_ping=True,
             pool_timeout=connect_timeout,
             connect_args=connect_args,
-            json_serializer=dumps,
+            json_serializer=lambda value: _jsonb_text(dumps(value)),
             json_deserializer=loads,
             # A failed statement's parameters are the tenant's people (names, emails, attributes):
             # never in an error, a run record or a log line.

@@ -5,6 +5,7 @@ connector through its real SDK, over loopback only."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.server
 import json
 import socket
@@ -792,3 +793,60 @@ def test_a_short_secret_as_a_credential_is_masked_whatever_punctuation_follows(t
 
     masked = _mask_secrets(text, ["ab12cd"])
     assert "ab12cd" not in masked and "***" in masked, masked
+
+
+class _Trickling(http.server.BaseHTTPRequestHandler):
+    """A vendor that answers the token request, then sends each API answer's body one byte every
+    0.2 s, well within any read timeout: a declared length it never reaches, or a chunked body
+    that never ends. Bounded here (20 s), so a run that waits for it all still ends."""
+
+    protocol_version = "HTTP/1.1"
+    chunked = False
+
+    def _any(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if self.command == "POST":  # a token endpoint (Entra's, Google's)
+            body = json.dumps({"access_token": "a" * 40, "token_type": "Bearer", "expires_in": 3600}).encode()
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        self.send_header(*(("Transfer-Encoding", "chunked") if self.chunked else ("Content-Length", "100000")))
+        self.end_headers()
+        with contextlib.suppress(OSError):  # the client gave up and closed the connection
+            for _ in range(100):
+                self.wfile.write(b"1\r\n \r\n" if self.chunked else b" ")
+                self.wfile.flush()
+                time.sleep(0.2)
+
+    do_GET = do_POST = _any
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["trickled body", "endless chunked body"])
+@pytest.mark.parametrize("provider", ["entra_id", "google_workspace", "okta"])
+def test_an_answer_trickled_past_the_timeout_ends_the_run_within_it(
+    provider: str, chunked: bool, serve: Callable[..., str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entra's `timeout` is "seconds for one HTTP response", Google's "60 s per request", but
+    httpx and httplib2 bound each read only: a gateway or vendor sending a byte now and then (a
+    slow-loris body, a chunked body that never ends) held the run, and its tenant's lease, for as
+    long as it kept sending. Now each attempt ends at the timeout and the run fails saying so."""
+    import dirpull.connectors.google_workspace as google
+
+    monkeypatch.setattr(google, "HTTP_TIMEOUT", 1.0)
+    base = serve(type("Handler", (_Trickling,), {"chunked": chunked}), False)
+    c = connector(provider, base, tmp_path, [])
+    key = "request_timeout" if provider == "okta" else "timeout"
+    if provider != "google_workspace":
+        c.settings = c.settings.model_copy(update={key: 1.0})  # type: ignore[attr-defined]
+    started = time.monotonic()
+    with pytest.raises(ConnectorError) as info:
+        list(c.pull(None, full=False))
+    took = time.monotonic() - started
+    assert "timed out" in str(info.value), str(info.value)
+    assert took < 8, took  # two attempts (one retry) of 1 s each, not the 20 s the server trickles

@@ -398,6 +398,54 @@ def _error_detail(code: str, message: str, said: list[bytes]) -> str:
     return f"not Graph's error format: {body}" if body else "no reason given"
 
 
+class _ResponseDeadline(httpx.AsyncByteStream):
+    """A response body that must have arrived by `deadline` (the event loop's clock)."""
+
+    def __init__(self, stream: httpx.AsyncByteStream, deadline: float, seconds: float) -> None:
+        self._stream = stream
+        self._deadline = deadline
+        self._seconds = seconds
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        chunks = self._stream.__aiter__()
+        while True:
+            try:
+                async with asyncio.timeout_at(self._deadline):
+                    chunk = await chunks.__anext__()
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise httpx.ReadTimeout(f"timed out: no whole answer within {self._seconds:g}s") from None
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class _DeadlineTransport(httpx.AsyncBaseTransport):
+    """httpx's timeouts bound each read: a server trickling a byte now and then, or a chunked body
+    that never ends, held the run for good. `timeout` is documented as the seconds for one HTTP
+    response, so the whole answer, body included, must arrive within it."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, seconds: float) -> None:
+        self._inner = inner
+        self._seconds = seconds
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        deadline = asyncio.get_running_loop().time() + self._seconds
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await self._inner.handle_async_request(request)
+        except TimeoutError:
+            raise httpx.ReadTimeout(f"timed out: no answer within {self._seconds:g}s", request=request) from None
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _ResponseDeadline(response.stream, deadline, self._seconds)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+
 class _Session:
     """The SDK client, the token provider and the request counter of one pull (one event loop)."""
 
@@ -418,7 +466,9 @@ class _Session:
         self.requests = 0
         timeout = httpx.Timeout(settings.timeout, connect=min(10.0, settings.timeout))
         tls = _tls_context()
-        self._plain = httpx.AsyncClient(timeout=timeout, verify=tls)  # the token endpoint (another host)
+        token_transport = _DeadlineTransport(httpx.AsyncHTTPTransport(verify=tls), settings.timeout)
+        # the token endpoint (another host)
+        self._plain = httpx.AsyncClient(timeout=timeout, verify=tls, transport=token_transport)
         # The default pipeline less what this connector does not use: kiota's RetryHandler (it
         # sleeps for any Retry-After, uncapped: retries are ours), UrlReplaceHandler (/me paths)
         # and the two inspection handlers (hooks for callers that read raw headers and bodies).
@@ -429,7 +479,7 @@ class _Session:
         # Our own transport, closed by `close()`: the factory wraps the client's in msgraph's
         # AsyncGraphTransport, whose aclose() does nothing, so closing the client left the Graph
         # connection open after every run, given back only by a cyclic garbage collection.
-        self._transport = httpx.AsyncHTTPTransport(verify=tls)
+        self._transport = _DeadlineTransport(httpx.AsyncHTTPTransport(verify=tls), settings.timeout)
         self._http = GraphClientFactory.create_with_custom_middleware(
             middleware,
             client=httpx.AsyncClient(timeout=timeout, verify=tls, transport=self._transport,

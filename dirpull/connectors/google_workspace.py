@@ -36,6 +36,7 @@ import json
 import logging
 import os
 import queue
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Generator, Iterator
@@ -113,6 +114,7 @@ class _CountingHttp(httplib2.Http):
         # connectors do when only that is set (connectors.http.env_ca_file).
         ca = None if os.environ.get("HTTPLIB2_CA_CERTS") else env_ca_file()
         super().__init__(timeout=timeout, ca_certs=ca)
+        self._seconds = timeout
         self._counter = counter
         # The URL of the request last sent (one instance per thread): a connection that fails may
         # be the token endpoint's (the key file's token_uri, another host than api_url).
@@ -126,6 +128,33 @@ class _CountingHttp(httplib2.Http):
         # The URL whose answer is being handled: httplib2 follows a redirect by calling `request`
         # again from inside it, so a request made while this is set is a redirect of it.
         self._redirected_from: str | None = None
+
+    def _conn_request(self, conn: Any, *args: Any, **kwargs: Any) -> Any:
+        # httplib2's timeout bounds each socket read: a server trickling a byte now and then, or a
+        # chunked body that never ends, held the run for good. The whole answer must come within
+        # the timeout ("60 s per request"): past it the connection is shut, which ends the read.
+        expired = threading.Event()
+
+        def expire() -> None:
+            expired.set()
+            with contextlib.suppress(OSError, AttributeError):
+                conn.sock.shutdown(socket.SHUT_RDWR)
+
+        timer = threading.Timer(self._seconds, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            answer = super()._conn_request(conn, *args, **kwargs)
+        except BaseException:
+            if not expired.is_set():
+                raise
+            answer = None
+        finally:
+            timer.cancel()
+        if expired.is_set():  # even a body read "to the end": the end was the shutdown's
+            conn.close()
+            raise TimeoutError(f"timed out: no whole answer within {self._seconds:g}s")
+        return answer
 
     def request(self, *args: Any, **kwargs: Any) -> Any:
         uri = str(kwargs.get("uri") or (args[0] if args else ""))

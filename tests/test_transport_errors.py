@@ -850,3 +850,51 @@ def test_an_answer_trickled_past_the_timeout_ends_the_run_within_it(
     took = time.monotonic() - started
     assert "timed out" in str(info.value), str(info.value)
     assert took < 8, took  # two attempts (one retry) of 1 s each, not the 20 s the server trickles
+
+
+class _EndlessDelta(http.server.BaseHTTPRequestHandler):
+    """A Graph whose delta always says "more": an empty page and a new nextLink each time (a
+    deltaLink only after 300 pages, so a run that follows them all still ends here)."""
+
+    protocol_version = "HTTP/1.1"
+    pages: list[str]
+
+    def _any(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        host = f"http://{self.headers['Host']}"
+        path = self.path.split("?")[0]
+        if self.command == "POST":
+            answer: dict[str, Any] = {"access_token": "a" * 40, "token_type": "Bearer", "expires_in": 3600}
+        elif len(self.pages) < 300:
+            self.pages.append(self.path)
+            answer = {"value": [], "@odata.nextLink": f"{host}{path}?$skiptoken={len(self.pages)}"}
+        else:
+            answer = {"value": [], "@odata.deltaLink": f"{host}{path}?$deltatoken=1"}
+        body = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = _any
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_an_entra_delta_that_always_says_more_ends_at_the_page_cap(
+    serve: Callable[..., str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entra's paging stopped only on a repeated link, where the other connectors' listings also
+    stop at a page cap: a delta answering empty pages with a new nextLink each time was followed
+    for as long as the server kept answering, the run (and its lease) never ending."""
+    import dirpull.connectors.http
+
+    monkeypatch.setattr(dirpull.connectors.http, "MAX_PAGES", 50)  # the cap, small enough to reach here
+    pages: list[str] = []
+    base = serve(type("Handler", (_EndlessDelta,), {"pages": pages}), False)
+    with pytest.raises(ConnectorError) as info:
+        list(connector("entra_id", base, tmp_path, []).pull(None, full=False))
+    assert "more than 50 pages, giving up" in str(info.value), str(info.value)
+    assert len(pages) <= 2 * 51  # the users and the groups delta, walked side by side

@@ -67,6 +67,7 @@ from dirpull.connectors.base import (
 )
 from dirpull.connectors.http import (
     RETRIABLE_STATUSES,
+    PagingGuard,
     RetryPolicy,
     interruptible_async_sleep,
     interruptible_sleep,
@@ -853,7 +854,9 @@ class EntraConnector(CountsRequests):
                     links: dict[str, str]) -> AsyncIterator[dict[str, Any]]:  # fmt: skip
         """Pages of one delta round; the round's deltaLink is left in links[step]."""
         page = first if isinstance(first, dict) else await session.get(first, step=step)
-        seen: set[str] = set()
+        # Graph's delta may say "more" with a new link every time, on empty pages: only a page cap
+        # ends that, as the other connectors' listings have.
+        guard = PagingGuard(step, cursor="page link")
         while True:
             _check_records(page, step)
             next_link = page.get("@odata.nextLink")
@@ -864,9 +867,7 @@ class EntraConnector(CountsRequests):
                 return
             if not next_link:
                 raise ConnectorError(f"{step}: a page with neither @odata.nextLink nor @odata.deltaLink")
-            if next_link in seen:
-                raise ConnectorError(f"{step}: the server repeated a page link; stopping a loop")
-            seen.add(next_link)
+            guard.next(next_link)
             # Ask for page N+1 before handing page N on: Graph renders it while this page is
             # normalized (in a worker thread, so this loop goes on sending the request meanwhile)
             # and diffed. Without both, the pull waited for every page: +50% on a 100k-user walk.
@@ -1170,7 +1171,7 @@ class EntraConnector(CountsRequests):
                 if exc.status == 404:
                     continue  # deleted since the delta: no members
                 raise
-            seen: set[str] = set()
+            guard = PagingGuard("group members", cursor="page link")
             while True:
                 _check_records(page, "group members")
                 for ref in page.get("value") or []:
@@ -1183,7 +1184,5 @@ class EntraConnector(CountsRequests):
                 nxt = page.get("@odata.nextLink")
                 if not nxt:
                     break
-                if nxt in seen:
-                    raise ConnectorError("group members: the server repeated a page link; stopping a loop")
-                seen.add(nxt)
+                guard.next(nxt)
                 page = await session.get(session.link(nxt), step="group members")

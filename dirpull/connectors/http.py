@@ -444,12 +444,18 @@ class RetryPolicy:
             self._waiting -= 1
 
 
+# Pages one listing may take: a server whose next link or token changes every time (empty pages
+# that always say "more") is not caught by the repeat check.
+MAX_PAGES = 1_000_000
+
+
 class PagingGuard:
     """Stops a paging loop that would never end: a repeated cursor or too many pages."""
 
-    def __init__(self, what: str, max_pages: int = 1_000_000) -> None:
+    def __init__(self, what: str, max_pages: int | None = None, *, cursor: str = "page cursor") -> None:
         self.what = what
-        self.max_pages = max_pages
+        self.max_pages = MAX_PAGES if max_pages is None else max_pages
+        self.cursor = cursor
         self.pages = 0
         self._seen: set[str] = set()
 
@@ -460,7 +466,7 @@ class PagingGuard:
         if cursor is None:
             return
         if cursor in self._seen:
-            raise ConnectorError(f"{self.what}: the server repeated a page cursor; stopping a loop")
+            raise ConnectorError(f"{self.what}: the server repeated a {self.cursor}; stopping a loop")
         self._seen.add(cursor)
 
 

@@ -1288,3 +1288,43 @@ def test_a_wall_clock_step_back_during_a_run_does_not_record_a_negative_duration
     assert h.sync("t").status == "failed"
     durations = [r["duration_s"] for r in h.store.runs("t")]
     assert len(durations) == 2 and all(0 <= s < 60 for s in durations), durations
+
+
+@pytest.mark.postgres
+def test_a_commit_waiting_for_a_lock_another_session_holds_fails_in_bounded_time_saying_so(harness, pg_schema_url):
+    """A transaction left open in psql holding a lock on `events` (or a stuck worker's event lock)
+    held every run that had events to commit for as long as it stayed open, with nothing in the log
+    or the run record, though a SQLite store gives up after 3 × [store] connect_timeout. The
+    PostgreSQL apply now waits as long, then fails the run (nothing applied) saying what it waited
+    for, and the next run applies once the lock is gone."""
+    import time
+
+    import sqlalchemy as sa
+
+    url = pg_schema_url()
+    d = Directory(users=people(3))
+    h = make(harness, d, store_url=url, store={"connect_timeout": 0.5})
+    assert h.sync("t").status == "succeeded"
+    before = h.last_seq()
+    d.users[0] = d.users[0].model_copy(update={"job_title": "Changed"})
+    other = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with other.connect() as conn:
+            conn.execute(sa.text("LOCK TABLE events IN EXCLUSIVE MODE"))  # an operator's open transaction
+            result: list[object] = []
+            sync = threading.Thread(target=lambda: result.append(h.sync("t")), daemon=True)
+            started = time.monotonic()
+            sync.start()
+            sync.join(20)  # bounded: the lock is let go below, whatever happened
+            took = time.monotonic() - started
+            conn.rollback()
+        sync.join(20)
+    finally:
+        other.dispose()
+    assert took < 10, took
+    r = result[0]
+    assert (r.status, r.exit_code) == ("failed", 1)  # type: ignore[attr-defined]
+    assert "lock timeout" in r.error and "held a lock this write needed for over 1.5s" in r.error, r.error  # type: ignore[attr-defined]
+    assert h.store.runs("t", 1)[0]["error"] == r.error  # type: ignore[attr-defined]
+    assert h.last_seq() == before and h.users("t")["u0"]["job_title"] != "Changed"
+    assert h.sync("t").status == "succeeded" and h.users("t")["u0"]["job_title"] == "Changed"

@@ -231,9 +231,10 @@ class Store:
         _one_line_errors(self.engine, self.safe_url, lock_wait=self._lock_wait)
 
     @property
-    def _lock_wait(self) -> float | None:
-        """How long a SQLite statement waits for another process's write lock (`_make_engine`)."""
-        return self.connect_timeout * 3 if self.dialect == "sqlite" else None
+    def _lock_wait(self) -> float:
+        """How long a write waits for another session's lock: a SQLite statement for another
+        process's write lock (`_make_engine`), a PostgreSQL apply for any lock (`apply`)."""
+        return self.connect_timeout * 3
 
     def _now(self, conn: Connection) -> datetime:
         """Lease times come from the database's clock on PostgreSQL, so the workers' machines may
@@ -831,6 +832,11 @@ class Store:
         committing = False
         try:
             with self.engine.connect() as conn, self._write_cache(conn, writes), conn.begin():
+                if self.dialect == "postgresql":
+                    # A session holding a lock the apply needs (a psql transaction left open on a
+                    # table, a stuck worker's event lock) held the run, and its tenant, for good,
+                    # saying nothing: it now waits as long as a SQLite store's write does.
+                    conn.execute(sa.text(f"SET LOCAL lock_timeout = {max(1, int(self._lock_wait * 1000))}"))
                 now = self._now(conn)
                 self._fence(conn, tenant, holder)
                 self._write_rows(conn, tenant, writes, now)
@@ -1471,7 +1477,7 @@ def failed_statement(exc: BaseException) -> tuple[str, str] | None:
 def _one_line_errors(engine: Engine, safe_url: str, *, lock_wait: float | None = None) -> None:
     """Connection and database failures become one StoreUnavailable line naming the store (host and
     port, password hidden), instead of a driver traceback with the SQL and its parameters.
-    `lock_wait`: a SQLite store's wait for the write lock, named when it ran out."""
+    `lock_wait`: a write's wait for another session's lock, named when it ran out."""
 
     @sa.event.listens_for(engine, "handle_error")
     def _handle(ctx: sa.engine.ExceptionContext) -> BaseException | None:
@@ -1499,6 +1505,11 @@ def _one_line_errors(engine: Engine, safe_url: str, *, lock_wait: float | None =
             # SQLite's words alone do not say that it waited, how long, or for whom.
             detail += (f": another process (a sync, `dirpull db upgrade`, a tool with the file open) held"
                        f" the store's write lock for over {lock_wait:g}s, 3 × [store] connect_timeout")  # fmt: skip
+        if lock_wait is not None and getattr(ctx.original_exception, "sqlstate", None) == "55P03":
+            # PostgreSQL's "canceling statement due to lock timeout" does not say for what.
+            detail += (f": another session (a worker's commit, a transaction left open in psql, a migration)"
+                       f" held a lock this write needed for over {lock_wait:g}s,"
+                       f" 3 × [store] connect_timeout")  # fmt: skip
         if lock_wait is not None and detail.startswith("attempt to write a readonly database"):
             detail += _unwritable(engine.url.database)
         return StoreUnavailable(

@@ -898,3 +898,52 @@ def test_an_entra_delta_that_always_says_more_ends_at_the_page_cap(
         list(connector("entra_id", base, tmp_path, []).pull(None, full=False))
     assert "more than 50 pages, giving up" in str(info.value), str(info.value)
     assert len(pages) <= 2 * 51  # the users and the groups delta, walked side by side
+
+
+class _HugeErrorPage(http.server.BaseHTTPRequestHandler):
+    """A gateway answering `status` with a page of 64 MiB, sent as fast as it is read (a misrouted
+    request landing on a download, a proxy streaming a log): only its opening is worth quoting."""
+
+    protocol_version = "HTTP/1.1"
+    sent: list[int]
+    status = 404
+
+    def _any(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.send_response(self.status)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(64 << 20))
+        self.end_headers()
+        chunk = b"Not Found. " * 6000
+        with contextlib.suppress(OSError):  # the client stopped reading and closed the connection
+            for _ in range((64 << 20) // len(chunk)):
+                self.wfile.write(chunk)
+                self.sent[0] += len(chunk)
+            self.wfile.write(b" " * ((64 << 20) % len(chunk)))
+
+    do_GET = do_POST = _any
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("provider, status", [("workday", 404), ("bamboohr", 404), ("workday", 500)])
+def test_a_huge_error_page_for_a_report_is_quoted_from_its_opening_only(
+    provider: str, status: int, serve: Callable[..., str], tmp_path: Path
+) -> None:
+    """The report is asked for streamed, but an error answer's whole body was read to quote 300
+    characters of it (Workday's retried 5xx too, kept for the run's error): a 64 MiB page took a
+    gigabyte of the worker's memory at its peak, a page that never ends all it had. Now only its
+    opening is read, and the connection closed."""
+    import tracemalloc
+
+    sent = [0]
+    base = serve(type("Handler", (_HugeErrorPage,), {"sent": sent, "status": status}), False)
+    tracemalloc.start()
+    try:
+        message = run_error(provider, base, tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"HTTP {status}" in message and "Not Found. Not Found." in message, message
+    assert peak < 8 << 20, peak

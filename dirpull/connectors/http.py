@@ -591,6 +591,26 @@ def utf8_basic_auth(auth: Any) -> Any:
     return auth
 
 
+# How much of a streamed answer's error page is read: enough to quote it and to recognise a
+# vendor's fault in it (Workday's SOAP fault), not the whole page, which may be any size.
+ERROR_PAGE_BYTES = 64 << 10
+
+
+def keep_error_opening(resp: requests.Response) -> None:
+    """Reads only the opening of a streamed error answer, as its `content`, and closes it: reading
+    the whole page to quote 300 characters of it took its size in memory, many times over, and an
+    error page that never ended all of the worker's memory. An answer already read is left as is."""
+    if resp._content is not False:
+        return
+    try:
+        opening = resp.raw.read(ERROR_PAGE_BYTES, decode_content=True) or b""
+    except Exception:  # a page cut or garbled: nothing to quote, the status says enough
+        opening = b""
+    resp._content = opening
+    resp._content_consumed = True
+    resp.close()
+
+
 class HttpClient:
     """A `requests` session with the shared policy: timeouts, retries, classification, counting."""
 
@@ -670,6 +690,8 @@ class HttpClient:
                 self._retrying(what, attempt)
                 self.policy.wait(attempt, None, what=what, step=step)
                 continue
+            if stream and resp.status_code >= 400:
+                keep_error_opening(resp)
             if resp.status_code in self.retry_statuses and self.permanent is not None:
                 why = self.permanent(resp)
                 if why is not None:

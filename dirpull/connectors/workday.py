@@ -55,6 +55,7 @@ from dirpull.connectors.http import (
     UnreadableBody,
     body_opening,
     ending_also_with,
+    keep_error_opening,
     readable_body,
     transport_reason,
     warn_plain_http,
@@ -290,6 +291,7 @@ class WorkdayConnector(CountsRequests):
 
         def remember(resp: requests.Response, *args: Any, **kwargs: Any) -> None:
             if resp.status_code in RETRIABLE_STATUSES:
+                keep_error_opening(resp)  # a report's answer is streamed: not a whole page of any size
                 client.last_error = readable_body(resp.content)  # type: ignore[attr-defined]
 
         client.session.hooks["response"].append(remember)

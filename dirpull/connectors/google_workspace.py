@@ -58,6 +58,7 @@ from dirpull.connectors.base import (
     Page,
     Quarantined,
 )
+from dirpull.connectors.deadline import DEADLINES
 from dirpull.connectors.http import (
     PagingGuard,
     RetryPolicy,
@@ -140,9 +141,7 @@ class _CountingHttp(httplib2.Http):
             with contextlib.suppress(OSError, AttributeError):
                 conn.sock.shutdown(socket.SHUT_RDWR)
 
-        timer = threading.Timer(self._seconds, expire)
-        timer.daemon = True
-        timer.start()
+        key = DEADLINES.arm(self._seconds, expire)
         try:
             answer = super()._conn_request(conn, *args, **kwargs)
         except BaseException:
@@ -150,7 +149,7 @@ class _CountingHttp(httplib2.Http):
                 raise
             answer = None
         finally:
-            timer.cancel()
+            DEADLINES.disarm(key)  # after this `expire` cannot run: the connection may be reused
         if expired.is_set():  # even a body read "to the end": the end was the shutdown's
             conn.close()
             raise TimeoutError(f"timed out: no whole answer within {self._seconds:g}s")

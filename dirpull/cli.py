@@ -354,7 +354,7 @@ def _table(rows: Iterator[dict[str, Any]], columns: list[str]) -> int:
 # --- sync ------------------------------------------------------------------------------------------
 
 
-def _progress() -> tuple[Any, Any]:
+def _progress(dry_run: bool = False) -> tuple[Any, Any]:
     """A live progress line on a terminal; nothing otherwise."""
     if not sys.stderr.isatty():
         return None, None
@@ -370,8 +370,16 @@ def _progress() -> tuple[Any, Any]:
     )
     task = progress.add_task("connecting…")
 
-    def update(tenant: str, pages: int, users: int, groups: int) -> None:
-        progress.update(task, description=f"{tenant}: {pages} pages · {users:,} users · {groups:,} groups read")
+    def update(tenant: str, pages: int, users: int, groups: int, read_all: bool = False) -> None:
+        read = f"{tenant}: {pages} pages · {users:,} users · {groups:,} groups read"
+        if not read_all:
+            progress.update(task, description=read)
+            return
+        # The rest of the run (the diff's end, the writes) reads nothing more: without this the
+        # line said "… read" for the ten seconds a 100,000-user first sync then spends writing.
+        then = "comparing with the store (dry run)" if dry_run else "comparing with the store and writing"
+        progress.update(task, description=f"{read} · {then}…")
+        progress.refresh()
 
     return progress, update
 
@@ -496,7 +504,7 @@ def sync(
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
         raise
-    progress, update = (None, None) if as_json else _progress()
+    progress, update = (None, None) if as_json else _progress(dry_run)
     try:
         if progress:
             progress.start()

@@ -832,6 +832,15 @@ def test_log_lines_on_a_terminal_do_not_land_in_the_progress_line(env):
     assert all(own_row.match(row) for row in logged), logged
 
 
+def test_the_progress_line_says_when_the_directory_is_read_and_the_run_writes(env):
+    """After the last page a first sync of 100,000 users spends seconds comparing and writing with
+    nothing more to read: the line kept saying "… read" meanwhile, as if the pull had stalled."""
+    code, _out, raw = _on_a_terminal(env, "sync", "hr")
+    assert code == 0, raw
+    line = r"hr: \d+ pages · [\d,]+ users · [\d,]+ groups read · comparing with the store and writing…"
+    assert re.search(line, raw), raw
+
+
 def test_status_shows_a_run_whose_process_was_killed(env, store_url):
     """SIGKILL (the OOM killer, `kill -9`) leaves the run recorded as `running`: once its lease has
     lapsed, `dirpull status` says the run never finished, instead of showing a sync in progress

@@ -36,8 +36,11 @@ def test_first_sync_creates_everything_and_unchanged_resync_writes_nothing(harne
     )  # fmt: skip
     h = make(harness, d)
     seen = []
-    r = h.sync("t", progress=lambda tenant, pages, users, groups: seen.append((pages, users, groups)))
-    assert seen[-1] == (4, 25, 1)  # three pages of users, then the groups
+    r = h.sync("t", progress=lambda _t, pages, users, groups, done=False: seen.append((pages, users, groups, done)))
+    # Three pages of users, then the groups; then, once everything is read, that the run goes on
+    # to compare and write (the terminal's line said "… read" through a long write).
+    assert seen[-2:] == [(4, 25, 1, False), (4, 25, 1, True)]
+    assert not any(read_all for *_, read_all in seen[:-1])
     assert r.status == "succeeded" and r.exit_code == 0
     assert r.counts["users_created"] == 25 and r.counts["members_added"] == 2
     assert len(h.users("t")) == 25 and h.members("t") == {("g1", "u1"), ("g1", "u2")}

@@ -1024,6 +1024,12 @@ def parse_config(raw: dict[str, Any], path: Path, *, isolate_tenants: bool = Fal
     from_env = bool(store_url) and isinstance(raw.get("store", {}), dict)  # anything else is reported below
     if from_env:
         raw = {**raw, "store": {**raw.get("store", {}), "url": store_url}}
+    stray_path: list[str] = []
+    if "path" in raw:
+        # Config's `path` is where the file was read from, set below: a `path = …` line of the file
+        # was overwritten without a word, where any other unknown top-level key fails the load.
+        raw = {k: v for k, v in raw.items() if k != "path"}
+        stray_path = [f'{path}: path: unknown key; the store\'s file goes in [store] url = "sqlite:///PATH"']
     broken: dict[str, BrokenTenant] = {}
     tables = raw.get("tenants")
     order = list(tables) if isinstance(tables, dict) else []
@@ -1039,7 +1045,7 @@ def parse_config(raw: dict[str, Any], path: Path, *, isolate_tenants: bool = Fal
         except ValidationError as exc:
             mine = _tenant_errors(exc.errors()) if isolate_tenants else None
             if mine is None:  # every mistake listed, the bad tenant ids set aside above too
-                lines = _error_lines(path, exc.errors(), url_from_env=from_env)
+                lines = [*_error_lines(path, exc.errors(), url_from_env=from_env), *stray_path]
                 raise ConfigError("\n".join([*lines, *(line for b in broken.values() for line in b.errors)])) from None
             tables = raw["tenants"]
             for name, errs in mine.items():
@@ -1051,6 +1057,8 @@ def parse_config(raw: dict[str, Any], path: Path, *, isolate_tenants: bool = Fal
                 raise ConfigError(_format_errors(path, again, url_from_env=from_env)) from None
     finally:
         _CONFIG_DIR.value = None
+    if stray_path:
+        raise ConfigError("\n".join(stray_path))
     for name, t in list(cfg.tenants.items()):
         # A System Log position keeps the `since` of the full sync that took it; Okta refuses one
         # older than 180 days and keeps 90 days of events: with rarer full syncs, incrementals

@@ -162,6 +162,18 @@ def test_a_misspelt_key_is_reported_with_the_key_it_is_close_to(tmp_path, monkey
     ]
 
 
+@pytest.mark.parametrize("isolate", [False, True])
+def test_a_top_level_path_key_fails_the_load_as_any_unknown_top_level_key(tmp_path, monkeypatch, isolate):
+    """`path = "/var/lib/dirpull/dirpull.db"` above the tables loaded without a word (the name of
+    Config's own record of the file it was read from), and the store stayed ./dirpull.db."""
+    monkeypatch.setenv("ACME_BAMBOO_KEY", "k")
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(tmp_path, 'path = "/var/lib/dirpull/dirpull.db"\n' + GOOD), isolate_tenants=isolate)
+    assert str(exc.value) == (
+        f"{tmp_path / 'dirpull.toml'}: path: unknown key; the store's file goes in [store] url = \"sqlite:///PATH\""
+    )
+
+
 def test_a_misspelt_provider_key_is_named_beside_provider_is_missing(tmp_path):
     """Before, `providr = "okta"` gave only "provider is missing": the line with the typo is
     not reported otherwise, as the table's keys are not checked without a provider."""

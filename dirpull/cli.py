@@ -49,7 +49,10 @@ def _one_line_usage_errors() -> Iterator[None]:
         misplaced = _misplaced_global_option(exc)
         if misplaced is not None:
             raise fail(misplaced, exc.exit_code) from None
-        raise fail(f"{exc.format_message()} (see '{where} --help')", exc.exit_code) from None
+        # Typer's validation of a choice (`--state gone`) words it as pydantic does, "Value error, …":
+        # the words are for the operator, the prefix is the library's.
+        message = exc.format_message().replace(": Value error, ", ": ", 1)
+        raise fail(f"{message} (see '{where} --help')", exc.exit_code) from None
 
 
 def _misplaced_global_option(exc: Exception) -> str | None:

@@ -1808,7 +1808,7 @@ def test_config_mistake_exits_2_with_file_tenant_and_key(tmp_path):
         (["events", "hr", "--jsn"], "No such option: --jsn (Possible options: --json) (see 'dirpull events --help')"),
         (["events"], "Missing argument 'tenant'. (see 'dirpull events --help')"),
         (["events", "hr", "--after", "x"], "Invalid value for '--after': "),
-        (["users", "hr", "--state", "gone"], "Invalid value for '--state': "),
+        (["users", "hr", "--state", "gone"], "Invalid value for '--state': 'gone' is not one of 'active', 'inactive'."),
         (["nosuch"], "No such command 'nosuch'. (see 'dirpull --help')"),
         (["--bogus", "status"], "No such option: --bogus (see 'dirpull --help')"),
         (["db", "check", "--bogus"], "No such option: --bogus (see 'dirpull db check --help')"),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from dirpull.demo import run_demo
-from dirpull.emulators.cluster import TENANT_NAMES
+from dirpull.emulators.cluster import TENANT_NAMES, Cluster
 
 
 def test_demo_syncs_every_provider_and_prints_events(tmp_path, capsys):
@@ -15,3 +17,22 @@ def test_demo_syncs_every_provider_and_prints_events(tmp_path, capsys):
     assert (tmp_path / "dirpull.toml").is_file() and (tmp_path / "demo.db").is_file()
     # the config holds every emulator's secrets inline
     assert oct((tmp_path / "dirpull.toml").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_run_the_demos_stop_cuts_off_is_not_listed_as_a_failure(tmp_path, capsys, monkeypatch):
+    """The summary at the demo's end said `failed 1` and `failure demo-workday: interrupted: the
+    worker is stopping; nothing applied` for a run under way as the demo stopped: no failure, as
+    `dirpull status` has it (`interrupted`)."""
+    start = Cluster.start
+
+    def with_a_slow_workday(self: Cluster, *args: Any, **kwargs: Any) -> None:
+        start(self, *args, **kwargs)
+        # Each report answer takes longer than the demo runs: its stop finds the run waiting.
+        self.emulators["workday"].faults.delay = 4.0
+
+    monkeypatch.setattr(Cluster, "start", with_a_slow_workday)
+    assert run_demo(people=5, duration=2.5, schedule="1s", workdir=tmp_path) == 0
+    summary = capsys.readouterr().out.split("runs by tenant:")[1]
+    workday = next(line for line in summary.splitlines() if TENANT_NAMES["workday"] in line)
+    assert "interrupted 1" in workday and "failed" not in workday, summary
+    assert "failure" not in summary, summary

@@ -843,7 +843,11 @@ def run(
     if not config.tenants and config.broken:  # nothing to schedule: as a mistake in the file always was
         raise fail("\n".join(line for broken in config.broken.values() for line in broken.errors))
     if not config.tenants:  # said before the store is opened, which would create an empty one
-        raise fail(f"{config.path}: no tenants configured")
+        # What to do, not only what is missing: a first `dirpull run` on a file with only [store].
+        raise fail(
+            f"{config.path}: no tenants configured; add a [tenants.<id>] table for each directory to sync "
+            "(see config/dirpull.example.toml)"
+        )
     store = _store(config, create=True, syncs=config.defaults.max_concurrent_syncs)
     for tenant in (name for name, t in config.tenants.items() if t.enabled):  # a disabled one never runs
         for problem in config.secret_problems(tenant):

@@ -2273,7 +2273,11 @@ def test_the_daemon_without_tenants_says_so_and_creates_no_store(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     r = CliRunner().invoke(app, ["--config", str(cfg), "run", "--max-seconds", "1"])
     assert r.exit_code == 2, r.output
-    assert "no tenants configured" in r.stderr
+    # It said only "no tenants configured", not what to add.
+    assert r.stderr == (
+        f"dirpull: {cfg}: no tenants configured; add a [tenants.<id>] table for each directory to sync "
+        "(see config/dirpull.example.toml)\n"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dirpull.toml"]
 
 

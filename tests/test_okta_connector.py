@@ -1699,6 +1699,34 @@ def test_an_oauth_token_answer_that_is_not_json_fails_naming_the_token_endpoint(
     assert str(err.value).endswith("; check client_id and private_key") and "MIIBnotakey" not in str(err.value)
 
 
+@pytest.mark.parametrize("jwk", ["public", "without_primes"])
+def test_a_jwk_private_key_the_sdk_cannot_sign_with_fails_as_a_configuration_error(
+    emu: OktaEmulator, tmp_path: Path, jwk: str
+) -> None:
+    """The public JWK Okta's console shows beside an app's key pair, given as private_key (or a JWK
+    missing private members): an unexpected error with a traceback, `InvalidJWKType: Unknown type
+    "No private key available"` or `TypeError: object of type 'NoneType' has no len()`."""
+    from jwcrypto.jwk import JWK
+
+    key = JWK.generate(kty="RSA", size=2048)
+    members = json.loads(key.export_private())
+    if jwk == "public":
+        given = key.export_public()
+    else:
+        given = json.dumps({k: v for k, v in members.items() if k not in ("p", "q", "dp", "dq", "qi")})
+    (tmp_path / "okta.jwk").write_text(given)
+    cfg = {"provider": "okta", "org_url": emu.base_url, "client_id": "0oadirpull",
+           "private_key": f"file:{tmp_path / 'okta.jwk'}"}  # fmt: skip
+    with pytest.raises(ConfigurationError) as err:
+        pull(connector(cfg))
+    msg = str(err.value)
+    assert msg.startswith("list users: the okta SDK cannot use the credentials ("), msg
+    assert msg.endswith("check client_id and private_key: the app's private key, as PEM or as a JWK with its "
+                        "private members (d, p, q, dp, dq, qi), not its public key"), msg  # fmt: skip
+    assert members["n"][:20] not in msg and members["d"][:20] not in msg
+    assert emu.request_log == []  # refused before any request
+
+
 def test_an_api_token_no_header_can_hold_fails_as_a_configuration_error(
     emu: OktaEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1199,6 +1199,19 @@ class OktaConnector(CountsRequests):
                 f"characters) is not JSON ({_first_line(exc)})",
                 step=step,
             ) from None
+        except _key_errors() as exc:
+            # A JWK private_key the SDK's signer cannot use: the public key Okta's console shows
+            # beside the app's key pair (jwcrypto: "No private key available"), or one missing a
+            # private member (a TypeError deep in jwcrypto). Each was an unexpected error with a
+            # traceback, naming neither the key nor what to give instead.
+            if transport.last is not None or self.settings.private_key is None:
+                raise
+            raise ConfigurationError(
+                f"{step}: the okta SDK cannot use the credentials ({type(exc).__name__}: {_first_line(exc)}); "
+                "check client_id and private_key: the app's private key, as PEM or as a JWK with its "
+                "private members (d, p, q, dp, dq, qi), not its public key",
+                step=step,
+            ) from None
         finally:
             _STEP.reset(named)
         last = transport.last
@@ -1646,6 +1659,14 @@ def _parse_cursor(cursor: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def _str(value: Any) -> str | None:
     return None if value is None or value == "" else str(value)
+
+
+def _key_errors() -> tuple[type[Exception], ...]:
+    """What the SDK's JWT signer raises for a JWK it cannot sign with. Looked up only when an
+    exception is being matched: jwcrypto is not imported for an api_token tenant."""
+    from jwcrypto.common import JWException
+
+    return (JWException, TypeError, KeyError)
 
 
 def _first_line(exc: object, limit: int = 300) -> str:

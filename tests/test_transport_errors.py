@@ -21,7 +21,7 @@ from loopback_tls import self_signed_pem
 
 from dirpull.config import BambooHRTenant, EntraTenant, GoogleTenant, OktaTenant, WorkdayTenant
 from dirpull.connectors.base import Connector, ConnectorError
-from dirpull.connectors.http import RetryPolicy
+from dirpull.connectors.http import _CA_VARIABLES, RetryPolicy
 
 SECRET = "s3cr3t-never-shown"
 
@@ -469,6 +469,15 @@ def test_a_short_secret_echoed_url_encoded_in_a_token_form_is_masked(
 
 
 _CA_NAMES = ("SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "HTTPLIB2_CA_CERTS")
+
+
+def test_the_readme_names_every_ca_variable_a_connector_reads() -> None:
+    """CURL_CA_BUNDLE, which wins over SSL_CERT_FILE for Workday and BambooHR (requests reads it),
+    and SSL_CERT_DIR were named nowhere: an operator behind a re-signing proxy whose environment
+    set CURL_CA_BUNDLE for curl could not tell why SSL_CERT_FILE did not apply to those two."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    named = {name for names in _CA_VARIABLES.values() for name in names}
+    assert {name for name in named if f"`{name}`" not in readme} == set()
 
 
 @pytest.mark.parametrize(

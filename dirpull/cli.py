@@ -870,6 +870,9 @@ def db_upgrade() -> None:
     typer.echo(f"schema at {head}" + (f" (was {was})" if before != head else " (already current)"))
 
 
+UPGRADE_MAKES_IT = " (`dirpull db upgrade` makes it)"
+
+
 @db_app.command("check")
 def db_check() -> None:
     """Exit 0 when the schema is current, 1 otherwise."""
@@ -878,7 +881,7 @@ def db_check() -> None:
     config = _config()
     if (missing := missing_sqlite_file(config.store.url)) is not None:
         # A check creates nothing: run from the wrong folder it would leave a stray empty store.
-        typer.echo(f"schema empty (no store at {missing}), needed {HEAD_REVISION}")
+        typer.echo(f"schema empty (no store at {missing}), needed {HEAD_REVISION}{UPGRADE_MAKES_IT}")
         raise typer.Exit(1)
     try:
         store = Store(config.store.url, connect_timeout=config.store.connect_timeout)
@@ -888,6 +891,10 @@ def db_check() -> None:
     except StoreError as exc:
         raise fail(str(exc), 1) from None
     hint = " (newer than this dirpull: upgrade dirpull)" if newer else ""
+    if current != head and not newer:
+        # The unit's ExecStartPre: the journal showed only the two revisions, the unit restarting
+        # every 10 s, and not the command that ends it.
+        hint = UPGRADE_MAKES_IT if current is None else " (behind: run `dirpull db upgrade`)"
     if foreign:
         hint = (" (the database has tables, none of them dirpull's: another application's database, "
                 "or the wrong one named?)")  # fmt: skip

@@ -604,7 +604,9 @@ def test_schema_behind_daemon_refuses_and_db_upgrade_fixes_it(store_url: str, tm
         f"dirpull: store {Store(store_url).safe_url}: schema is at revision {CURRENT}, this dirpull needs {NEXT}; "
         "run `dirpull db upgrade`"
     ]
-    assert _cli(config, "db", "check").exit_code == 1
+    check = _cli(config, "db", "check")  # it gave the two revisions only, not the command to run
+    behind = f"schema {CURRENT}, needed {NEXT} (behind: run `dirpull db upgrade`)\n"
+    assert (check.exit_code, check.stdout) == (1, behind)
     up = _cli(config, "db", "upgrade")
     assert up.exit_code == 0 and f"schema at {NEXT} (was {CURRENT})" in up.stdout
     assert _cli(config, "db", "check").exit_code == 0

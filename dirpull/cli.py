@@ -583,7 +583,10 @@ def users(
     group: Annotated[str | None, typer.Option("--group", help="Only members of this group (idp_id).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines, every field.")] = False,
 ) -> None:
-    """Users in the store."""
+    """Users in the store.
+
+    Exit 0: printed (nothing to print too).
+    Exit 1: no store, or its schema is behind or ahead of this dirpull."""
     config = _config()
     store = _query_store(config, tenant)
     rows: Iterator[dict[str, Any]] = iter(())
@@ -598,7 +601,10 @@ def groups(
     user: Annotated[str | None, typer.Option("--user", help="Only groups this user (idp_id) is in.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines, every field.")] = False,
 ) -> None:
-    """Groups in the store."""
+    """Groups in the store.
+
+    Exit 0: printed (nothing to print too).
+    Exit 1: no store, or its schema is behind or ahead of this dirpull."""
     config = _config()
     store = _query_store(config, tenant)
     rows: Iterator[dict[str, Any]] = iter(())
@@ -640,7 +646,10 @@ def events(
     limit: Annotated[int | None, typer.Option("--limit", help="At most this many.", min=1, max=MAX_INT)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] = False,
 ) -> None:
-    """The event log, oldest first. Store the last seq you read and pass it as --after."""
+    """The event log, oldest first. Store the last seq you read and pass it as --after.
+
+    Exit 0: printed (nothing to print too).
+    Exit 1: no store, or its schema is behind or ahead of this dirpull."""
     config = _config()
     store = _query_store(config, tenant)
     rows = store.iter_events(tenant, after=after, limit=limit)
@@ -660,7 +669,10 @@ def runs(
     limit: Annotated[int, typer.Option("--limit", help="The newest this many runs.", min=1, max=MAX_INT)] = 20,
     as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] = False,
 ) -> None:
-    """Sync runs, newest first."""
+    """Sync runs, newest first.
+
+    Exit 0: printed (nothing to print too).
+    Exit 1: no store, or its schema is behind or ahead of this dirpull."""
     config = _config()
     store = _query_store(config, tenant)
     rows = store.runs(tenant, limit)
@@ -697,7 +709,10 @@ def _stale_at(schedule: str, last_success: datetime) -> datetime | None:
 
 @app.command()
 def status(as_json: Annotated[bool, typer.Option("--json", help="JSON Lines.")] = False) -> None:
-    """Every tenant: provider, last run, result, next run — and what needs attention."""
+    """Every tenant: provider, last run, result, next run — and what needs attention.
+
+    Exit 0: printed (nothing to print too).
+    Exit 1: no store, or its schema is behind or ahead of this dirpull."""
     from dirpull.sync.daemon import next_fire
 
     config = _config()
@@ -934,7 +949,10 @@ def emulate(
         typer.Option("--max-seconds", help="Stop after this long (default: at Ctrl-C).", min=0, max=MAX_SECONDS),
     ] = None,
 ) -> None:
-    """Serve local emulators of the vendors' APIs on 127.0.0.1 and print a config for them."""
+    """Serve local emulators of the vendors' APIs on 127.0.0.1 and print a config for them.
+
+    Exit 0: stopped (Ctrl-C, or --max-seconds).
+    Exit 2: a bad option, or --write-config naming a file it did not write."""
     from dirpull.emulators.cluster import Cluster, holds_another_config, write_private
     from dirpull.emulators.org import Org
 

@@ -2329,10 +2329,11 @@ def test_a_secret_file_that_is_missing_fails_the_daemons_runs_saying_so(env):
     assert "not a regular file" not in daemon.stderr, daemon.stderr
 
 
-@pytest.mark.parametrize("command", ["run", "sync"])
+@pytest.mark.parametrize("command", ["run", "sync", "users", "groups", "events", "runs", "status", "emulate"])
 def test_help_lists_every_exit_code_the_readme_gives(command):
     """`dirpull sync --help` and `run --help` said nothing of 130 / 143 (and `run`'s of any code),
-    which the README's command table gives."""
+    which the README's command table gives; the query commands' and `emulate`'s said nothing of
+    their 1 (no store) or 2 (a file --write-config did not write)."""
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     row = next(line for line in readme.splitlines() if line.startswith(f"| `dirpull {command} "))
     codes = set(re.findall(r"\b(0|1|2|3|130|143)\b", row.rsplit("|", 2)[1]))

@@ -3,7 +3,6 @@ per provider into an SQLite store, and the events printed as they are committed.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import signal
 import threading
@@ -85,19 +84,23 @@ def _tail(store: Store, org: Org, stop: threading.Event, duration: float) -> Non
             for line in org.random_changes(2):
                 _say(f"~ directory change: {line}")
             next_change = now + 4.0
-        batch = list(store.iter_events(None, after=last_seq, limit=5000))
-        if not batch:
-            continue
-        last_seq = batch[-1]["seq"]
-        by_run: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
-        for e in batch:
-            by_run[(e["tenant"], e["run_id"])].append(e)
-        for (tenant, run_id), evs in by_run.items():
-            _say(f"[{tenant}] run {run_id}: {len(evs)} events")
-            for e in itertools.islice(evs, SHOW_PER_RUN):
+        # Read to the end of the log, keeping only counts and the first events of each run: a run
+        # is one unbroken block of seqs, committed at once. Read 5,000 at a time, a first sync of
+        # a few thousand people was printed as several runs of "5000 events", the same run each.
+        counts: dict[tuple[str, int], int] = defaultdict(int)
+        shown: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+        for e in store.iter_events(None, after=last_seq):
+            last_seq = e["seq"]
+            run = (e["tenant"], e["run_id"])
+            counts[run] += 1
+            if len(shown[run]) < SHOW_PER_RUN:
+                shown[run].append(e)
+        for (tenant, run_id), n in counts.items():
+            _say(f"[{tenant}] run {run_id}: {n} events")
+            for e in shown[(tenant, run_id)]:
                 _say(f"    #{e['seq']} {_line(e)}")
-            if len(evs) > SHOW_PER_RUN:
-                _say(f"    … {len(evs) - SHOW_PER_RUN} more (dirpull -c … events {tenant} --after …)")
+            if n > SHOW_PER_RUN:
+                _say(f"    … {n - SHOW_PER_RUN} more (dirpull -c … events {tenant} --after …)")
 
 
 def _line(e: dict[str, Any]) -> str:

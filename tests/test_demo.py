@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import sqlite3
 from typing import Any
 
 from dirpull.demo import run_demo
@@ -36,3 +38,19 @@ def test_a_run_the_demos_stop_cuts_off_is_not_listed_as_a_failure(tmp_path, caps
     workday = next(line for line in summary.splitlines() if TENANT_NAMES["workday"] in line)
     assert "interrupted 1" in workday and "failed" not in workday, summary
     assert "failure" not in summary, summary
+
+
+def test_a_run_of_more_events_than_one_read_is_printed_once_with_its_count(tmp_path, capsys):
+    """The demo read the log 5,000 events at a time and printed each read's events by run: a first
+    sync of a few thousand people (the README suggests `--people 5000`) showed as several
+    `[demo-okta] run 3: 5000 events`, the same run each time."""
+    assert run_demo(people=2500, duration=12, schedule="30s", workdir=tmp_path) == 0
+    out = capsys.readouterr().out
+    headers = re.findall(r"^\[(\S+)\] run (\d+): (\d+) events$", out, re.M)
+    assert len(headers) == len({(tenant, run) for tenant, run, _ in headers}), headers
+    with sqlite3.connect(tmp_path / "demo.db") as db:
+        stored = {(t, str(r)): n for t, r, n in db.execute("SELECT tenant, run_id, count(*) FROM events GROUP BY 1, 2")}
+    printed = {(t, r): int(n) for t, r, n in headers}
+    assert max(printed.values()) > 5000  # a run larger than one read was
+    # A run committed after the demo's last read is in the store only.
+    assert printed == {run: n for run, n in stored.items() if run in printed}

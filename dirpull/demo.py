@@ -4,6 +4,7 @@ per provider into an SQLite store, and the events printed as they are committed.
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
 import threading
 import time
@@ -61,7 +62,7 @@ def run_demo(*, people: int, duration: float, schedule: str, workdir: Path) -> i
         _say(f"each tenant syncs every {schedule}; the organization changes every few seconds. Ctrl-C stops.\n")
         daemon = Daemon(config, store, backoff_base=2.0)
         daemon.start()
-        _tail(store, org, stop, duration)
+        _tail(store, org, stop, duration, config_file)
         return 0
     finally:
         if daemon is not None:
@@ -72,7 +73,7 @@ def run_demo(*, people: int, duration: float, schedule: str, workdir: Path) -> i
             signal.signal(sig, handler)
 
 
-def _tail(store: Store, org: Org, stop: threading.Event, duration: float) -> None:
+def _tail(store: Store, org: Org, stop: threading.Event, duration: float, config_file: Path) -> None:
     deadline = None if duration <= 0 else time.monotonic() + duration
     next_change = time.monotonic() + 6.0
     last_seq = 0
@@ -100,7 +101,11 @@ def _tail(store: Store, org: Org, stop: threading.Event, duration: float) -> Non
             for e in shown[(tenant, run_id)]:
                 _say(f"    #{e['seq']} {_line(e)}")
             if n > SHOW_PER_RUN:
-                _say(f"    … {n - SHOW_PER_RUN} more (dirpull -c … events {tenant} --after …)")
+                # The command itself, to paste: "dirpull -c … events T --after …" left the file and
+                # the seq to guess.
+                after = shown[(tenant, run_id)][-1]["seq"]
+                command = f"dirpull -c {shlex.quote(str(config_file))} events {tenant} --after {after}"
+                _say(f"    … {n - SHOW_PER_RUN} more: {command}")
 
 
 def _line(e: dict[str, Any]) -> str:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 from typing import Any
 
+from typer.testing import CliRunner
+
+from dirpull.cli import app
 from dirpull.demo import run_demo
 from dirpull.emulators.cluster import TENANT_NAMES, Cluster
 
@@ -54,3 +58,18 @@ def test_a_run_of_more_events_than_one_read_is_printed_once_with_its_count(tmp_p
     assert max(printed.values()) > 5000  # a run larger than one read was
     # A run committed after the demo's last read is in the store only.
     assert printed == {run: n for run, n in stored.items() if run in printed}
+
+
+def test_the_rest_of_a_runs_events_is_given_as_a_command_to_paste(tmp_path, capsys):
+    """It said `… 82 more (dirpull -c … events demo-okta --after …)`: the file and the seq left out."""
+    assert run_demo(people=20, duration=5, schedule="30s", workdir=tmp_path) == 0
+    out = capsys.readouterr().out
+    config = tmp_path.resolve() / "dirpull.toml"
+    hint = rf"    … (\d+) more: dirpull -c {re.escape(str(config))} events (\S+) --after (\d+)$"
+    rest = re.findall(rf"^\[(\S+)\] run (\d+): \d+ events\n(?:    #.*\n)+{hint}", out, re.M)
+    assert rest, out
+    for tenant, run, more, named, after in rest:
+        assert named == tenant
+        listed = CliRunner().invoke(app, ["-c", str(config), "events", tenant, "--after", after, "--json"])
+        events = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert [e["run_id"] for e in events[: int(more)]] == [int(run)] * int(more), (tenant, listed.output)

@@ -1030,9 +1030,20 @@ def demo(
     ] = "5s",
     workdir: Annotated[Path, typer.Option("--workdir", help="Where the demo config and store go.")] = Path("demo"),
 ) -> None:
-    """Emulators for every provider, the real daemon syncing them into SQLite, and the events as they arrive."""
-    from dirpull.demo import run_demo
+    """Emulators for every provider, the real daemon syncing them into SQLite, and the events as they arrive.
 
+    Exit 0: stopped (Ctrl-C, or --duration).
+    Exit 2: a bad option, or a --workdir whose dirpull.toml the demo did not write."""
+    from dirpull.demo import run_demo
+    from dirpull.emulators.cluster import holds_another_config
+
+    # `dirpull demo --workdir .` in the folder of the operator's own dirpull.toml replaced it with
+    # the emulators' configuration, as `emulate --write-config` never does.
+    if holds_another_config(workdir / "dirpull.toml"):
+        raise fail(
+            f"--workdir {workdir}: its dirpull.toml is not a configuration dirpull demo wrote; nothing overwritten "
+            "(give another folder, or remove the file first)"
+        )
     raise typer.Exit(run_demo(people=people, duration=duration, schedule=schedule, workdir=workdir))
 
 

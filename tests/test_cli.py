@@ -2329,7 +2329,7 @@ def test_a_secret_file_that_is_missing_fails_the_daemons_runs_saying_so(env):
     assert "not a regular file" not in daemon.stderr, daemon.stderr
 
 
-@pytest.mark.parametrize("command", ["run", "sync", "users", "groups", "events", "runs", "status", "emulate"])
+@pytest.mark.parametrize("command", ["run", "sync", "users", "groups", "events", "runs", "status", "emulate", "demo"])
 def test_help_lists_every_exit_code_the_readme_gives(command):
     """`dirpull sync --help` and `run --help` said nothing of 130 / 143 (and `run`'s of any code),
     which the README's command table gives; the query commands' and `emulate`'s said nothing of
@@ -2341,3 +2341,18 @@ def test_help_lists_every_exit_code_the_readme_gives(command):
     assert r.exit_code == 0
     said = set(re.findall(r"Exit (\d+)(?: / (\d+))?:", r.stdout))
     assert codes == {c for pair in said for c in pair if c}, r.stdout
+
+
+def test_the_demo_does_not_overwrite_a_dirpull_toml_it_did_not_write(tmp_path):
+    """`dirpull demo --workdir .` beside the operator's own dirpull.toml replaced it with the
+    emulators' configuration (`emulate --write-config` refuses that)."""
+    mine = tmp_path / "dirpull.toml"
+    mine.write_text('[store]\nurl = "sqlite:///dirpull.db"\n')
+    r = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path), "--duration", "1", "--people", "5"])
+    assert (r.exit_code, r.stdout) == (2, ""), r.output
+    assert r.stderr == (
+        f"dirpull: --workdir {tmp_path}: its dirpull.toml is not a configuration dirpull demo wrote; nothing "
+        "overwritten (give another folder, or remove the file first)\n"
+    )
+    assert mine.read_text() == '[store]\nurl = "sqlite:///dirpull.db"\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dirpull.toml"]

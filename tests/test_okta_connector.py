@@ -1522,6 +1522,29 @@ def test_oauth_service_app_private_key_jwt(emu: OktaEmulator, tmp_path: Path) ->
     assert ("POST", "/oauth2/v1/token") in emu.request_log
 
 
+@pytest.mark.parametrize("auth", ["api_token", "oauth"])
+def test_refused_credentials_name_the_keys_this_tenant_signs_in_with(
+    emu: OktaEmulator, tmp_path: Path, auth: str
+) -> None:
+    """An OAuth app refused as invalid_client (a client_id or key Okta does not know) was told
+    "(check api_token / OAuth app scopes)": an api_token it does not have, and scopes that are no
+    part of a refused sign-in."""
+    if auth == "api_token":
+        cfg = tenant(emu, tmp_path, api_token="00wrong-token")
+    else:
+        cfg = {**oauth_app(emu, tmp_path), "client_id": "0oaunknown"}
+    with pytest.raises(AuthError) as info:
+        pull(connector({**cfg, "backoff_base": 0.01}))
+    msg = str(info.value)
+    assert msg.startswith("list users: HTTP 401 from "), msg
+    if auth == "api_token":
+        assert msg.endswith(" (check api_token)"), msg
+    else:
+        assert "invalid_client" in msg and "api_token" not in msg, msg
+        hint = " (check client_id, private_key (the app's key pair) and the scopes granted to the app)"
+        assert msg.endswith(hint), msg
+
+
 def test_an_oauth_app_polling_the_system_log_asks_for_its_scope(emu: OktaEmulator, tmp_path: Path) -> None:
     """Before, the default scopes lacked okta.logs.read: with poll_system_log every run of an
     OAuth tenant failed with a 403 on /api/v1/logs, full syncs included."""

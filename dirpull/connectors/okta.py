@@ -1264,7 +1264,13 @@ class OktaConnector(CountsRequests):
                 status=last.status,
             )
         if last.status in (401, 403):
-            return AuthError(msg + " (check api_token / OAuth app scopes)", step=step, status=last.status)
+            # The keys this tenant signs in with: an OAuth app refused as invalid_client was told to
+            # check an api_token it does not have.
+            if self.settings.api_token is not None:
+                check = "check api_token"
+            else:
+                check = "check client_id, private_key (the app's key pair) and the scopes granted to the app"
+            return AuthError(f"{msg} ({check})", step=step, status=last.status)
         if last.status == 404 and code == "E0000007":
             return _NotFound(msg, step=step, status=404)
         if last.status == 400:

@@ -404,8 +404,26 @@ def test_a_report_url_naming_no_report_fails_at_once_saying_what_to_check(
 
 def test_forbidden_html_page_is_an_auth_error(emu: WorkdayEmulator, tmp_path: Path) -> None:
     emu.forbidden.add("Worker_Groups")
-    with pytest.raises(AuthError, match=r"403.*not authorized: Worker_Groups"):
+    with pytest.raises(AuthError, match=r"403.*not authorized: Worker_Groups") as info:
         list(connector(tenant(emu, tmp_path)).pull(None, full=False))
+    assert str(info.value).endswith("; check that the report is shared with the integration user (or API client)")
+
+
+@pytest.mark.parametrize("auth", ["basic", "oauth"])
+def test_refused_credentials_name_the_keys_this_tenant_signs_in_with(
+    emu: WorkdayEmulator, tmp_path: Path, auth: str
+) -> None:
+    """"users report: HTTP 401 from …: credentials refused or not permitted (…)" named none of the
+    tenant's keys (BambooHR's says api_key and company_domain, Okta's api_token)."""
+    cfg = tenant(emu, tmp_path, password="wrong-password") if auth == "basic" else oauth_tenant(emu, tmp_path)
+    if auth == "oauth":
+        emu.faults.update({"expire_auth": 10, "path": "customreport2"})  # the reports refused, after a refresh too
+    with pytest.raises(AuthError) as info:
+        list(connector(cfg).pull(None, full=False))
+    msg = str(info.value)
+    assert msg.startswith("users report: HTTP 401 from http://"), msg
+    expected = "check username and password" if auth == "basic" else "check client_id, client_secret and refresh_token"
+    assert msg.endswith(f"; {expected}") and "wrong-password" not in msg, msg
 
 
 def test_a_json_report_labelled_otherwise_fails_without_quoting_its_rows(emu: WorkdayEmulator, tmp_path: Path) -> None:

@@ -364,6 +364,15 @@ class WorkdayConnector(CountsRequests):
     def _get(self, client: HttpClient, url: str, step: str, headers: dict[str, str]) -> requests.Response:
         try:
             return client.request("GET", url, step=step, stream=True, headers=headers)
+        except AuthError as exc:
+            # "credentials refused or not permitted" named none of the tenant's keys: which to check.
+            if exc.status == 403:
+                check = "check that the report is shared with the integration user (or API client)"
+            elif self._uses_oauth():
+                check = "check client_id, client_secret and refresh_token"
+            else:
+                check = "check username and password"
+            raise AuthError(f"{exc}; {check}", step=exc.step, status=exc.status) from None
         except RetriesExhausted as exc:
             last = getattr(client, "last_error", "")
             raise RetriesExhausted(

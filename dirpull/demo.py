@@ -31,7 +31,8 @@ def run_demo(*, people: int, duration: float, schedule: str, workdir: Path) -> i
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     # The events are the show: per-run log lines would bury them (warnings still print).
-    for name in ("dirpull.sync", "dirpull.daemon"):
+    quieted = {name: logging.getLogger(name).level for name in ("dirpull.sync", "dirpull.daemon")}
+    for name in quieted:
         logging.getLogger(name).setLevel(logging.WARNING)
     db = workdir / "demo.db"
     for leftover in (db, db.with_suffix(".db-wal"), db.with_suffix(".db-shm")):
@@ -71,6 +72,9 @@ def run_demo(*, people: int, duration: float, schedule: str, workdir: Path) -> i
         cluster.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        # As they were: a process going on after the demo (a test run) logged no sync or daemon line.
+        for name, level in quieted.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _tail(store: Store, org: Org, stop: threading.Event, duration: float, config_file: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
 from typing import Any
@@ -15,7 +16,10 @@ from dirpull.emulators.cluster import TENANT_NAMES, Cluster
 
 
 def test_demo_syncs_every_provider_and_prints_events(tmp_path, capsys):
+    levels = {name: logging.getLogger(name).level for name in ("dirpull.sync", "dirpull.daemon")}
     assert run_demo(people=20, duration=9, schedule="2s", workdir=tmp_path) == 0
+    # Quieted for the show only: later tests in the process read these loggers' INFO lines.
+    assert {name: logging.getLogger(name).level for name in levels} == levels
     out = capsys.readouterr().out
     for tenant in TENANT_NAMES.values():
         assert f"[{tenant}] run" in out, f"no events printed for {tenant}"

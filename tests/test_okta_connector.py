@@ -1820,3 +1820,37 @@ def test_a_cursor_stored_before_a_setting_was_added_keeps_its_next_run_increment
     # A setting the operator does change still makes the next run a full one.
     r = make_harness(harness, emu, tmp_path, include_everyone=True).sync("t1")
     assert r.mode == "full" and "the tenant's settings changed since the last sync: full sync" in r.notes
+
+
+def test_a_cursor_stored_while_transport_settings_were_pinned_keeps_its_next_run_incremental(
+    harness: Any, emu: OktaEmulator, org: Org, tmp_path: Path
+) -> None:
+    """A tenant with a raised request_timeout and a smaller page_size, last synced by the dirpull
+    that digested every setting with such transport settings pinned to their defaults, then
+    upgraded: its digest matched neither the new one nor the older ones, so the next run was a
+    full walk of the org noted "the tenant's settings changed since the last sync"."""
+    from dirpull.jsoncodec import canonical
+    from dirpull.model import digest
+    from dirpull.storage import schema
+
+    h = make_harness(harness, emu, tmp_path, request_timeout=90.0, page_size=50)
+    assert h.sync("t1").mode == "full"
+    settings = h.config.tenants["t1"]
+    fields = type(settings).model_fields
+    transport = {"timeout", "request_timeout", "max_retry_attempts", "max_retry_wait", "max_rate_limit_wait",
+                 "rate_limit_reserve", "backoff_base", "page_size", "batch_size", "member_workers"}  # fmt: skip
+    pinned = {
+        k: (fields[k].default if k in transport else v)
+        for k, v in settings.model_dump(mode="json").items()
+        if k not in {"schedule", "full_sync_every", "guard", "enabled"}
+    }
+    cursor = {**h.store.get_cursor("t1").value, "dirpull_settings": digest(canonical(pinned))}
+    with h.store.engine.begin() as conn:
+        conn.execute(schema.cursors.update().values(value=cursor))
+    seq = h.last_seq()
+    title_p = next(n for n in sorted(org.people) if org.people[n].state == "active")
+    org.update_person(title_p, title="Title pinned")
+    r = h.sync("t1")
+    assert r.status == "succeeded" and r.mode == "incremental", (r.error, r.notes)
+    assert not any("settings changed" in n for n in r.notes), r.notes
+    assert h.changes("t1", after=seq) == [("user.updated", user_id(title_p), ("job_title", "raw_attributes"))]

@@ -946,15 +946,23 @@ def _settings_digest(settings: Any) -> str:
 
 def _settings_unchanged(stored: str, settings: Any) -> bool:
     """Whether a cursor's settings digest was made under these settings, by this dirpull or by an
-    older one that digested every setting (with or without those added since)."""
+    older one that digested every setting (with or without those added since), the transport
+    settings as they were or, as the release before this one did, pinned to their defaults."""
     if stored == _settings_digest(settings):
         return True
     if not hasattr(settings, "model_dump"):
         return False
     dumped = {k: v for k, v in settings.model_dump(mode="json").items() if k not in _SCHEDULING_KEYS}
+    fields = getattr(type(settings), "model_fields", {})
+    # A tenant with a raised timeout or a smaller page size, last synced by that release, would
+    # otherwise match no digest here, and its first run after the upgrade was a full walk.
+    pinned = {k: (fields[k].default if k in _TRANSPORT_KEYS and k in fields else v) for k, v in dumped.items()}
     added = _ADDED_SINCE_FIRST_DIGEST
-    before_added = {k: v for k, v in dumped.items() if k not in added or v != added[k]}
-    return stored in (digest(canonical(dumped)), digest(canonical(before_added)))
+    candidates = []
+    for every in (dumped, pinned):
+        before_added = {k: v for k, v in every.items() if k not in added or v != added[k]}
+        candidates += [digest(canonical(every)), digest(canonical(before_added))]
+    return stored in candidates
 
 
 def _split_cursor(value: dict[str, Any] | None) -> tuple[dict[str, Any] | None, str | None]:

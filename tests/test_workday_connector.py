@@ -1651,3 +1651,18 @@ def test_a_field_read_from_a_multi_instance_column_is_its_primary_entry_whatever
         again = h.sync("t1", full=True)
         assert (again.events, again.counts["rows_written"]) == (0, 0), h.changes("t1")
         assert all(read(h.users("t1")[employee_id(p.n)]) == p.email for p in with_home)
+
+
+@pytest.mark.parametrize("refused", ["client_id", "client_secret", "refresh_token"])
+def test_a_refused_token_grant_names_the_keys_to_check(emu: WorkdayEmulator, tmp_path: Path, refused: str) -> None:
+    """The token endpoint refusing the client (401) or its refresh token (400 invalid_grant) said
+    "OAuth refresh-token grant failed: token: HTTP 401 … credentials refused or not permitted (…)",
+    naming none of the tenant's keys, where a refused report names them."""
+    cfg = oauth_tenant(emu, tmp_path)
+    cfg[refused] = f"wrong-{refused}"
+    with pytest.raises(AuthError) as info:
+        list(connector(cfg).pull(None, full=False))
+    msg = str(info.value)
+    assert msg.startswith("OAuth refresh-token grant failed: token: HTTP "), msg
+    assert msg.endswith("; check client_id, client_secret and refresh_token"), msg
+    assert f"wrong-{refused}" not in msg or refused == "client_id", msg

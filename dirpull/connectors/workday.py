@@ -311,7 +311,10 @@ class WorkdayConnector(CountsRequests):
         except ConnectorError as exc:
             if exc.retriable:  # the token endpoint is down or throttling: the next run may work
                 raise
-            raise AuthError(f"OAuth refresh-token grant failed: {exc}", step="token") from None
+            # The client refused (401/403) or its refresh token (400 invalid_grant, RFC 6749 §5.2):
+            # "credentials refused or not permitted" named none of the keys, as the reports' did.
+            check = "; check client_id, client_secret and refresh_token" if exc.status in (400, 401, 403) else ""
+            raise AuthError(f"OAuth refresh-token grant failed: {exc}{check}", step="token") from None
         try:
             body = resp.json()
         except ValueError:

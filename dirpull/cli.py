@@ -968,7 +968,10 @@ def emulate(
     stop = threading.Event()
     try:
         try:  # the configuration and the Google emulator's key file go into write_config's folder
-            text = cluster.config_toml(workdir, store_url=store_url)
+            # The key file is named after the config: two configs written into one folder each
+            # keep their own emulator's key (a shared name had the second replace the first's).
+            prefix = f"{write_config.name}-" if write_config else ""
+            text = cluster.config_toml(workdir, store_url=store_url, key_prefix=prefix)
             if write_config:
                 write_private(write_config, text)
         except OSError as exc:

@@ -2069,6 +2069,35 @@ def test_emulate_writes_a_config_that_loads(tmp_path):
     assert cfg.tenants["demo-bamboohr"].api_url.startswith("http://127.0.0.1:")
 
 
+def test_two_emulator_configs_in_one_folder_keep_their_own_google_key(tmp_path: Path) -> None:
+    """`emulate --write-config DIR/a.toml` and `DIR/b.toml` wrote the same
+    `DIR/demo-google-google-service-account.json`: the second replaced the first's key, and the
+    first config's Google tenant then failed to sign in to its own, still running, emulator."""
+    first, second = tmp_path / "a.toml", tmp_path / "b.toml"
+    store = f"sqlite:///{tmp_path / 'a.db'}"
+    root = Path(__file__).resolve().parent.parent
+    args = ["emulate", "-p", "google_workspace", "--people", "5", "--max-seconds", "120", "--store-url", store]
+    serving = subprocess.Popen(
+        [sys.executable, "-m", "dirpull.cli", *args, "--write-config", str(first)],
+        stderr=subprocess.PIPE, text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+    )  # fmt: skip
+    try:
+        assert serving.stderr is not None
+        lines = [serving.stderr.readline() for _ in range(3)]  # "wrote …", the emulator's URL, "serving"
+        assert lines[-1].startswith("serving"), lines
+        r = CliRunner().invoke(app, ["emulate", "-p", "google_workspace", "--people", "5", "--max-seconds", "0.1",
+                                     "--write-config", str(second)])  # fmt: skip
+        assert r.exit_code == 0, r.stderr
+        keys = {load_config(p).tenants["demo-google"].credentials_file for p in (first, second)}
+        assert len(keys) == 2, keys
+        synced = CliRunner().invoke(app, ["--config", str(first), "sync", "demo-google", "--json"])
+        assert synced.exit_code == 0, synced.output
+        assert json.loads(synced.stdout.splitlines()[-1])["status"] == "succeeded"
+    finally:
+        serving.terminate()
+        serving.wait(30)
+
+
 def test_emulate_writes_its_config_readable_by_its_owner_only(tmp_path):
     """The config holds the emulators' secrets inline (client_secret, api_token, password,
     api_key): under the usual umask 022 it was written 0644, readable by every local account."""

@@ -55,12 +55,16 @@ class Cluster:
             emulator.stop()
         self.emulators.clear()
 
-    def tenants(self, workdir: Path) -> dict[str, dict[str, Any]]:
-        return {
-            TENANT_NAMES[p]: emulator.tenant_config(TENANT_NAMES[p], workdir) for p, emulator in self.emulators.items()
-        }
+    def tenants(self, workdir: Path, *, key_prefix: str = "") -> dict[str, dict[str, Any]]:
+        """Each emulator's tenant table; a key file an emulator writes into `workdir` (Google's)
+        has its name begin with `key_prefix`."""
+        out = {}
+        for p, emulator in self.emulators.items():
+            extra = {"key_prefix": key_prefix} if p == "google_workspace" else {}
+            out[TENANT_NAMES[p]] = emulator.tenant_config(TENANT_NAMES[p], workdir, **extra)
+        return out
 
-    def config_toml(self, workdir: Path, *, store_url: str, schedule: str = "15m") -> str:
+    def config_toml(self, workdir: Path, *, store_url: str, schedule: str = "15m", key_prefix: str = "") -> str:
         lines = [
             CONFIG_HEADER,
             "[store]",
@@ -69,7 +73,7 @@ class Cluster:
             "[defaults]",
             f"schedule = {_toml(schedule)}",
         ]
-        for name, table in self.tenants(workdir).items():
+        for name, table in self.tenants(workdir, key_prefix=key_prefix).items():
             lines += ["", f"[tenants.{name}]"]
             nested = {k: v for k, v in table.items() if isinstance(v, dict)}
             lines += [f"{k} = {_toml(v)}" for k, v in table.items() if k not in nested]

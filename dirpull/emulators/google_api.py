@@ -329,10 +329,10 @@ class GoogleEmulator(Emulator):
     def before_fork(self) -> None:
         self.service_account_info()  # the default account's key, made once for every worker
 
-    def tenant_config(self, tenant: str, workdir: Path) -> dict[str, Any]:
+    def tenant_config(self, tenant: str, workdir: Path, *, key_prefix: str = "") -> dict[str, Any]:
         workdir = Path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        path = workdir / f"{tenant}-google-service-account.json"
+        path = workdir / f"{key_prefix}{tenant}-google-service-account.json"
         path.write_text(json.dumps(self.service_account_info(), indent=2), encoding="utf-8")
         path.chmod(0o600)
         return {

@@ -1821,3 +1821,56 @@ def test_large_floats_in_vendor_values_read_back_as_floats(store_url: str, tmp_p
     assert all(type(u["custom_attributes"]["cost"]) is float for u in users)
     events = [json.loads(line) for line in _cli(config, "events", "hr", "--json").stdout.splitlines()]
     assert all(type(events[0]["data"]["raw_attributes"][k]) is float for k in floats)
+
+
+def test_upgrading_a_0008_store_in_a_server_locale_keeps_its_rows_and_lists_by_code_point(
+    store_kind: str, store_url: str, tmp_path: Path
+):
+    """Migration 0009 changes the id columns' collation with the rows in place: on a database that
+    collates in en-US, every user, group, membership and event stays as it was, the ids are then
+    listed by code point, and the next runs find, change and remove the rows by those ids."""
+    from alembic import command
+
+    ids = ["b", "B", "a", "_x", "é", "Z", "a b", "a-b", "10", "9"]
+    with _store_in_server_locale(store_kind, store_url) as url:
+        s = Store(url)
+        try:
+            with s.engine.begin() as conn:
+                command.upgrade(s._alembic(conn), "0008")
+            s.ensure_tenant("hr", "bamboohr")
+            ws = writes("hr", 0, "x")
+            template = writes("hr", 1, "x").user_creates[0]
+            ws.user_creates = [{**template, "idp_id": i, "username": i, "manager_idp_id": "a"} for i in ids]
+            ws.group_creates = [{"idp_id": i, "name": i, "description": None, "email": None, "raw_attributes": {},
+                                 "fingerprint": "g"} for i in ids]  # fmt: skip
+            ws.member_adds = [(g, u) for g in ids[:3] for u in ids]
+            ws.events = [{"type": "user.created", "object_id": i, "data": {"idp_id": i}} for i in ids]
+            assert s.acquire_lease("hr", "a", timedelta(seconds=30)) is None
+            run_id = s.start_run("hr", trigger="test", mode="full", worker="a")
+            s.apply("hr", run_id, ws, holder="a", cursor={"since": "x"}, full=True,
+                    run_fields={"status": "succeeded", "mode": "full", "counts": {}, "requests": 0})  # fmt: skip
+            before = [(e["seq"], e["type"], e["data"]) for e in s.iter_events("hr")]
+            assert s.upgrade() == ("0008", CURRENT)
+            assert [(e["seq"], e["type"], e["data"]) for e in s.iter_events("hr")] == before
+            assert s.membership_pairs("hr") == {(g, u) for g in ids[:3] for u in ids}
+            assert s.user_digests("hr")[0] == dict.fromkeys(ids, "x")
+            assert s.get_cursor("hr").value == {"since": "x"}
+            # The next run removes a membership and changes a user, by id: the events go on after.
+            ws = writes("hr", 0, "y")
+            ws.member_removes = [("B", "é")]
+            ws.user_updates = [{**template, "idp_id": "é", "username": "é2", "manager_idp_id": "a"}]
+            ws.events = [{"type": "user.updated", "object_id": "é", "data": {"idp_id": "é"}}]
+            run_id = s.start_run("hr", trigger="test", mode="incremental", worker="a")
+            s.apply("hr", run_id, ws, holder="a", cursor={"since": "y"}, full=False,
+                    run_fields={"status": "succeeded", "mode": "incremental", "counts": {}, "requests": 0})  # fmt: skip
+            after = [(e["seq"], e["type"]) for e in s.iter_events("hr", after=before[-1][0])]
+            assert after == [(before[-1][0] + 1, "user.updated"), (before[-1][0] + 2, "group.user_removed")]
+            assert ("B", "é") not in s.membership_pairs("hr") and len(s.membership_pairs("hr")) == 29
+            assert {u["idp_id"]: u["username"] for u in s.iter_users("hr")}["é"] == "é2"
+        finally:
+            s.close()
+        config = _config(tmp_path, url)
+        for args in (["users", "hr"], ["users", "hr", "--group", "b"], ["groups", "hr"]):
+            r = _cli(config, *args, "--json")
+            assert r.exit_code == 0, (args, r.output)
+            assert [json.loads(line)["idp_id"] for line in r.stdout.splitlines()] == sorted(ids), args

@@ -340,9 +340,22 @@ def _jsonl(rows: Iterable[dict[str, Any]]) -> None:
 _CELL_BREAKS = str.maketrans({c: " " for c in "\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
 
 
+# The other control characters (ESC, BEL, NUL, DEL, the C1 set) in a vendor's value or a quoted
+# error page reached the terminal as they were, and it obeyed them: `\x1b[2J` cleared the screen,
+# `\x1b]0;…\x07` retitled the window, `\x1b[8m` hid what followed. Shown escaped (`\x1b`) instead.
+_CONTROLS = str.maketrans(
+    {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n\r\x0b\x0c\x1c\x1d\x1e\x85"}
+)
+
+
+def _shown(text: Any) -> str:
+    """A vendor-derived text for the terminal: its control characters escaped, not obeyed."""
+    return str(text).translate(_CONTROLS)
+
+
 def _cells(*values: Any) -> str:
     """One row of a tab-separated table."""
-    return "\t".join("" if v is None else str(v).translate(_CELL_BREAKS) for v in values)
+    return "\t".join("" if v is None else _shown(str(v).translate(_CELL_BREAKS)) for v in values)
 
 
 def _table(rows: Iterator[dict[str, Any]], columns: list[str]) -> int:
@@ -553,7 +566,7 @@ def sync(
     else:
         if dry_run and result.writes is not None:
             for line in _describe(result.writes):
-                typer.echo(line)
+                typer.echo(_cells(line))
         counts = ", ".join(f"{k} {v}" for k, v in result.counts.items() if v and not k.endswith("_seen"))
         # A held or failed run's counts are what it would have written: said so, not read as done.
         done = result.status in ("succeeded", "planned")
@@ -565,9 +578,9 @@ def sync(
             + (f"; {planned}{counts}" if counts else "; no changes" if done else "; nothing applied")
         )
         for note in result.notes:
-            typer.echo(f"  note: {note}")
+            typer.echo(f"  note: {_shown(note)}")
         if result.error:
-            typer.echo(f"  {result.error}", err=True)
+            typer.echo(f"  {_shown(result.error)}", err=True)
     raise typer.Exit(result.exit_code)
 
 

@@ -2385,3 +2385,31 @@ def test_the_demo_does_not_overwrite_a_dirpull_toml_it_did_not_write(tmp_path):
     )
     assert mine.read_text() == '[store]\nurl = "sqlite:///dirpull.db"\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dirpull.toml"]
+
+
+def test_terminal_escapes_in_vendor_values_are_shown_not_obeyed_by_the_tables(env, store_url):
+    """A vendor value holding ESC (a title with `\\x1b]0;…\\x07`, `\\x1b[2J`), NUL or another
+    control character reached the terminal from the tables and the dry run's list as it was: the
+    terminal obeyed it (cleared the screen, retitled the window, hid the text after it). They are
+    shown escaped; --json keeps the value as it is."""
+    hostile = "Head\x1b[2J\x1b]0;owned\x07of\x00People\x7f\x9b31m"
+    n = next(p.n for p in env["org"].people.values() if p.visible and p.state == "active")
+    env["org"].update_person(n, title=hostile, username="ev\x1b[8mil")
+    planned = run(env, "sync", "hr", "--dry-run")
+    assert planned.exit_code == 0, planned.output
+    assert run(env, "sync", "hr").exit_code == 0
+    store = Store(store_url)
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(sa.update(schema.runs).values(status="failed", error="vendor said \x1b[31mred\x1b[0m"))
+    finally:
+        store.close()
+    for args in (("users", "hr"), ("events", "hr"), ("runs", "hr"), ("status",)):
+        out = run(env, *args).stdout
+        assert not any(c in out for c in "\x1b\x07\x00\x7f\x9b"), (args, out[:300])
+    assert not any(c in planned.stdout for c in "\x1b\x07\x00\x7f\x9b"), planned.stdout[:300]
+    # (the NUL is dropped when the record is read, as the store cannot hold one)
+    assert "Head\\x1b[2J\\x1b]0;owned\\x07ofPeople\\x7f\\x9b31m" in run(env, "users", "hr").stdout
+    assert "vendor said \\x1b[31mred\\x1b[0m" in run(env, "runs", "hr").stdout
+    titles = {u["job_title"] for u in jsonl(run(env, "users", "hr", "--json").stdout)}
+    assert hostile.replace("\x00", "") in titles

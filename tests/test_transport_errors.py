@@ -956,3 +956,34 @@ def test_a_huge_error_page_for_a_report_is_quoted_from_its_opening_only(
         tracemalloc.stop()
     assert f"HTTP {status}" in message and "Not Found. Not Found." in message, message
     assert peak < 8 << 20, peak
+
+
+def test_a_vendor_page_with_terminal_escapes_is_quoted_with_them_escaped(
+    serve: Callable[..., str], harness: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A gateway's error page holding ESC sequences (`\\x1b[2J`, a window title `\\x1b]0;…\\x07`)
+    was quoted as it was in the run's error and the log's line ending the run: the daemon's log on a terminal
+    (and `journalctl`, `less -R`) obeyed them, clearing the screen or hiding the lines after it. The
+    quote shows them escaped."""
+    from dirpull.emulators import Org, emulator_class
+
+    def page(user: str, password: str, body: bytes) -> tuple[bytes, str]:
+        return "401 upstream \x1b[2J\x1b]0;owned\x07unavailable\x1b[8m\x9b8m hidden\x7f".encode(), "text/plain"
+
+    emu: Any = emulator_class("workday")(Org.generate(5, seed=2))
+    emu.start()
+    try:
+        tenant = emu.tenant_config("t1", tmp_path)
+        base = serve(_failing_gateway(emu.base_url, "/customreport2/", 401, page), False)
+        tenant = {k: v.replace(emu.base_url, base) if isinstance(v, str) else v for k, v in tenant.items()}
+        h = harness({"t1": tenant})
+        with caplog.at_level("INFO"):
+            result = h.sync("t1")
+    finally:
+        emu.stop()
+    assert result.status == "failed"
+    lines = [r.getMessage() for r in caplog.records if "upstream" in r.getMessage()]
+    assert lines and "upstream" in (result.error or ""), result.error
+    for text in [*lines, result.error or ""]:
+        assert not any(c in text for c in "\x1b\x07\x9b\x7f"), text
+    assert "upstream \\x1b[2J\\x1b]0;owned\\x07unavailable\\x1b[8m\\x9b8m hidden\\x7f" in result.error

@@ -510,13 +510,19 @@ def mask_credentials(text: str) -> str:
     return _PREFIXED_FIELD.sub(r"\1***", text)
 
 
+# ESC, BEL, DEL and the C1 controls in a page (a gateway's coloured error text, or one crafted to) went
+# as they were into the run's error and the log, and a terminal showing either obeyed them:
+# `\x1b[2J` cleared the screen, `\x1b[8m` hid the lines after it. Quoted escaped (`\x1b`) instead.
+_CONTROLS = str.maketrans({c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)]})
+
+
 def readable_body(body: bytes | str, limit: int = 300) -> str:
     """A short, single-line rendering of an error body (JSON, XML or HTML), without credentials."""
     text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
     if "<" in text and ">" in text:
         text = re.sub(r"<(script|style)\b.*?</\1>", " ", text, flags=re.S | re.I)
         text = re.sub(r"<[^>]+>", " ", text)
-    text = mask_credentials(re.sub(r"\s+", " ", text).strip())
+    text = mask_credentials(re.sub(r"\s+", " ", text).strip()).translate(_CONTROLS)
     return text[:limit] + ("…" if len(text) > limit else "")
 
 

@@ -407,7 +407,9 @@ def test_more_syncs_at_once_than_pool_size_all_apply(store_url, tmp_path):
     blocker = sa.create_engine(store_url, poolclass=sa.pool.NullPool)
     proc = None
     try:
-        lines = ["[store]", f"url = {json.dumps(store_url)}", "connect_timeout = 1", "[defaults]",
+        # connect_timeout: how long a sync waits for a pooled connection (the defect: they ran
+        # out); an apply waits 3× as long for a lock (here the users table's) before it fails.
+        lines = ["[store]", f"url = {json.dumps(store_url)}", "connect_timeout = 5", "[defaults]",
                  'schedule = "2s"', 'lease_ttl = "3s"', "max_concurrent_syncs = 16"]  # fmt: skip
         for name in tenants:
             lines.append(f"[tenants.{name}]")
@@ -427,7 +429,9 @@ def test_more_syncs_at_once_than_pool_size_all_apply(store_url, tmp_path):
                 "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = 'users'::regclass"
             )
             wait_for(lambda: conn.execute(waiting).scalar_one() == len(tenants), timeout=20)
-            time.sleep(2.5)  # the heartbeats (every second) wait on the lease rows; a wait for the pool times out
+            # The heartbeats (every second) wait on the lease rows; a wait for the pool would time
+            # out (5 s) while every apply still waits for the lock (15 s).
+            time.sleep(6)
             conn.rollback()
         assert wait_for(lambda: all(store.has_succeeded(name) for name in tenants), timeout=30), log.read_text()
         proc.send_signal(signal.SIGTERM)

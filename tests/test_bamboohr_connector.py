@@ -301,6 +301,26 @@ def test_manager_field_is_configurable_for_both_readings(emu: BambooHREmulator) 
     assert users(pages)["20"].manager_idp_id == str(emu.org.people[20].manager)
 
 
+def test_a_padded_manager_id_or_employee_number_still_names_the_manager(emu: BambooHREmulator) -> None:
+    # The employee's own id is trimmed; a manager field or employee number with the same padding
+    # named no one (or, holding " 0", a manager "0").
+    row = {"id": " 7 ", "status": "Active", "workEmail": "ann@example.com"}
+    by_id = connector(emu)
+    assert by_id.normalize({**row, "supervisorEId": " 12 "}).manager_idp_id == "12"
+    assert by_id.normalize({**row, "supervisorEId": " 0"}).manager_idp_id is None
+    by_number = connector(emu, manager_field_holds="employee_number")
+    assert by_number.normalize({**row, "supervisorEId": "E12 "}, {"E12": "12"}).manager_idp_id == "12"
+    # Through the emulator: the boss's employee number padded, in the employee-number report and
+    # in the manager field alike.
+    emu.supervisor_ids_swapped = True  # supervisorEId then holds the employee number
+    boss = emu.org.people[20].manager
+    assert boss is not None
+    with emu.org.lock:
+        emu.org.people[boss].employee_number = f" {emu.org.people[boss].employee_number}\t"
+    pages, _ = pull(by_number)
+    assert users(pages)["20"].manager_idp_id == str(boss)
+
+
 def test_custom_attributes_come_from_report_fields(emu: BambooHREmulator) -> None:
     pages, _ = pull(connector(emu, attributes={"cost_center": "customCostCenter", "division": "division"}))
     u = users(pages)["2"]

@@ -645,8 +645,11 @@ class BambooHRConnector(CountsRequests):
         )  # fmt: skip
         out: dict[str, str] = {}
         for row in self._report_employees(body, "custom report (employee numbers)"):
-            if isinstance(row, dict) and row.get("id") is not None and row.get("employeeNumber"):
-                out[str(row["employeeNumber"])] = str(row["id"])
+            # Trimmed as `normalize` trims the employee's id and the manager field: a padded
+            # number or id otherwise gave a manager_idp_id naming no one.
+            eid, number = _id_of(row), _text(row.get("employeeNumber")) if isinstance(row, dict) else None
+            if eid is not None and number is not None:
+                out[number] = eid
         return out
 
     # --- normalizing -------------------------------------------------------------------------------
@@ -689,8 +692,9 @@ class BambooHRConnector(CountsRequests):
         state = {"active": "active", "inactive": "inactive"}.get(str(status).strip().lower())
         if state is None:
             return Quarantined("user", eid, f"unknown status {status!r}")
-        manager = rec.get(self.settings.manager_field)
-        manager_id = None if manager in (None, "0", 0) else str(manager)
+        # Trimmed as the employee's own id is: a padded supervisor id named no one.
+        manager = _text(rec.get(self.settings.manager_field))
+        manager_id = None if manager in (None, "0") else manager
         if manager_id is not None and numbers is not None:
             manager_id = numbers.get(manager_id)
         work, home = _text(rec.get("workEmail")), _text(rec.get("homeEmail"))

@@ -346,6 +346,20 @@ def test_an_empty_cell_reads_as_an_omitted_one_and_does_not_hide_the_next_column
     assert (moved.email, moved.username, moved.job_title) == ("mover@work.example", mover.username, None)
 
 
+def test_a_padded_email_is_listed_once_trimmed_not_again_as_sent(
+    emu: WorkdayEmulator, org: Org, tmp_path: Path
+) -> None:
+    """The primary column's address was trimmed, the email group's copy of it not: `emails` held
+    the address twice, once with its padding."""
+    ann = next(p for p in org.listed_people() if p.state == "active" and p.email)
+    address = ann.email
+    org.update_person(ann.n, email=f" {address}\t")
+    users = users_of(pull(connector(tenant(emu, tmp_path)))[0])
+    worker = users[employee_id(ann.n)]
+    assert worker.email == address
+    assert worker.emails == [address]
+
+
 def test_empty_report_is_refused(emu: WorkdayEmulator, tmp_path: Path) -> None:
     from dirpull.emulators.workday_api import wid
 

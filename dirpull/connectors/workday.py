@@ -741,9 +741,10 @@ class WorkdayConnector(CountsRequests):
                 if not isinstance(item, dict):
                     continue
                 usage = str(item.get("Usage_Type") or item.get("Type") or "WORK").upper()
-                value = next(
+                value = _text(next(
                     (v for k, v in item.items() if "email" in k.lower() and isinstance(v, str)), None
-                )
+                ))  # fmt: skip
+                # Trimmed as the primary column is: padding made the primary a second entry.
                 if value and usage == "WORK" and value not in out:
                     out.append(value)
         # The primary column's address first, the others in one order: the group's come in none.

@@ -321,6 +321,16 @@ def test_a_padded_manager_id_or_employee_number_still_names_the_manager(emu: Bam
     assert users(pages)["20"].manager_idp_id == str(boss)
 
 
+def test_an_employee_who_is_their_own_supervisor_has_no_manager(emu: BambooHREmulator) -> None:
+    """No manager, as Google's connector reads it, for both readings of the manager field."""
+    emu.org.update_person(20, manager=20)
+    assert users(pull(connector(emu))[0])["20"].manager_idp_id is None
+    emu.supervisor_ids_swapped = True  # supervisorEId then holds the employee number
+    by_number = users(pull(connector(emu, manager_field_holds="employee_number"))[0])
+    assert by_number["20"].manager_idp_id is None
+    assert by_number["21"].manager_idp_id == str(emu.org.people[21].manager)
+
+
 def test_custom_attributes_come_from_report_fields(emu: BambooHREmulator) -> None:
     pages, _ = pull(connector(emu, attributes={"cost_center": "customCostCenter", "division": "division"}))
     u = users(pages)["2"]

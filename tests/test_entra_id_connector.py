@@ -89,6 +89,15 @@ def test_initial_pull_is_a_flattened_snapshot(graph: GraphEmulator, org: Org, tm
     assert done.requests == graph.requests
 
 
+def test_a_user_listed_as_their_own_manager_has_no_manager(graph: GraphEmulator, org: Org, tmp_path: Path) -> None:
+    """No manager, as Google's connector reads it, not a manager_idp_id naming the user."""
+    head = next(p for p in org.listed_people() if p.manager is not None)
+    org.update_person(head.n, manager=head.n)
+    users = {u.idp_id: u for p in pull(connector(graph, tmp_path))[0] for u in p.users}
+    assert users[user_id(head.n)].manager_idp_id is None
+    assert sum(u.manager_idp_id is not None for u in users.values()) > len(users) // 2
+
+
 def test_extension_attributes_and_mapping_are_selected(graph: GraphEmulator, org: Org, tmp_path: Path) -> None:
     from dirpull.emulators.graph_api import COST_CENTER_EXTENSION
 

@@ -497,6 +497,16 @@ def test_cancelling_the_listing_while_it_drops_the_page_ahead_still_cancels_it(
     assert finished == []  # the cancellation was not swallowed by the listing's clean-up
 
 
+def test_a_user_whose_manager_id_is_their_own_has_no_manager(emu: OktaEmulator, org: Org, tmp_path: Path) -> None:
+    """Google's connector already read it so; here the user named themselves, a manager no one
+    could follow. A cycle of two is kept as sent: each names someone else."""
+    boss = next(p for p in org.listed_people() if p.manager is not None)
+    org.update_person(boss.n, manager=boss.n)
+    users = users_of(pull(connector(tenant(emu, tmp_path)))[0])
+    assert users[user_id(boss.n)].manager_idp_id is None
+    assert sum(u.manager_idp_id is not None for u in users.values()) > len(users) // 2
+
+
 def test_malformed_user_is_quarantined_alone(emu: OktaEmulator, tmp_path: Path) -> None:
     emu.malformed_users.add(8)
     pages, _ = pull(connector(tenant(emu, tmp_path)))

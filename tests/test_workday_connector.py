@@ -360,6 +360,16 @@ def test_a_padded_email_is_listed_once_trimmed_not_again_as_sent(
     assert worker.emails == [address]
 
 
+def test_a_worker_whose_manager_is_themselves_has_no_manager(emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
+    """The head of a supervisory organization may be listed as their own manager: no manager, as
+    Google's connector reads it, not a manager_idp_id naming the worker."""
+    head = next(p for p in org.listed_people() if p.manager is not None)
+    org.update_person(head.n, manager=head.n)
+    users = users_of(pull(connector(tenant(emu, tmp_path)))[0])
+    assert users[employee_id(head.n)].manager_idp_id is None
+    assert sum(u.manager_idp_id is not None for u in users.values()) > len(users) // 2
+
+
 def test_empty_report_is_refused(emu: WorkdayEmulator, tmp_path: Path) -> None:
     from dirpull.emulators.workday_api import wid
 

@@ -697,6 +697,8 @@ class BambooHRConnector(CountsRequests):
         manager_id = None if manager in (None, "0") else manager
         if manager_id is not None and numbers is not None:
             manager_id = numbers.get(manager_id)
+        if manager_id == eid:  # their own manager (a CEO's row): no manager, as on Google
+            manager_id = None
         work, home = _text(rec.get("workEmail")), _text(rec.get("homeEmail"))
         first, last = _text(rec.get("firstName")), _text(rec.get("lastName"))
         display = _text(rec.get("displayName")) or (

@@ -177,6 +177,8 @@ def normalize_user(rec: dict[str, Any], attributes: dict[str, str]) -> User:
     for ref in rec.get("manager@delta") or []:
         if isinstance(ref, dict) and "@removed" not in ref and ref.get("id"):
             manager = ref["id"]
+    if manager == rec["id"]:  # their own manager: no manager, as on Google
+        manager = None
     raw = _raw(rec)
     return User(
         idp_id=rec["id"],
@@ -1140,7 +1142,8 @@ class EntraConnector(CountsRequests):
                         raise
                     found = {}
             manager = found.get("id")
-            user.manager_idp_id = manager if isinstance(manager, str) and manager else None
+            own = manager == user.idp_id  # no manager, as in a user's listing naming them
+            user.manager_idp_id = manager if isinstance(manager, str) and manager and not own else None
 
         # The first failure fails the run at once: the other reads are cancelled (their retry waits
         # with them) and waited for. Run to their ends, the run waited out another read's back-off

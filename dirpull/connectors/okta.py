@@ -892,7 +892,9 @@ class OktaConnector(CountsRequests):
             job_title=profile.get("title"),
             department=profile.get("department"),
             employee_number=_str(profile.get("employeeNumber")),
-            manager_idp_id=profile.get("managerId") or None,
+            # managerId is free text (often an HR import's): one naming the user is no manager,
+            # as on Google.
+            manager_idp_id=manager if (manager := profile.get("managerId") or None) != rec["id"] else None,
             custom_attributes=map_attributes(rec, self.settings.attributes),
             # Okta may leave a null-valued property out of one answer and send it in the next.
             raw_attributes=without_nulls(without(rec, VOLATILE_USER)),

@@ -719,7 +719,7 @@ class WorkdayConnector(CountsRequests):
             job_title=self._str(row, "job_title"),
             department=self._str(row, "department"),
             employee_number=self._str(row, "employee_number"),
-            manager_idp_id=self._str(row, "manager"),
+            manager_idp_id=_not_self(self._str(row, "manager"), idp_id),
             # A one-entry `_group` column may come as that object: read as the list, as `_values` does;
             # `[primary]` is the entry flagged `"Primary": "1"`, whatever the order.
             custom_attributes=mapping.map_attributes(
@@ -1005,6 +1005,12 @@ def _client_fault(resp: requests.Response) -> str | None:
         "URLs), that the report is enabled as a web service and shared with the integration user "
         "or API client, and that user's credentials"
     )
+
+
+def _not_self(manager: str | None, idp_id: str) -> str | None:
+    """A worker's manager, None when it is the worker: Workday resolves the head of a supervisory
+    organization's manager to that head. No manager, as on Google."""
+    return None if manager == idp_id else manager
 
 
 def _text(value: Any) -> str | None:

@@ -356,18 +356,23 @@ def test_a_held_full_run_says_to_review_and_apply_it_as_a_full_one(env):
     assert len(jsonl(run(env, "users", "hr", "--json").stdout)) == 30
 
 
+def _every_run_failed(store_url: str, error: str) -> None:
+    """The store's runs recorded as failed with `error`, as a vendor's words would come back."""
+    store = Store(store_url)
+    try:
+        with store.engine.begin() as conn:
+            conn.execute(sa.update(schema.runs).values(status="failed", error=error))
+    finally:
+        store.close()
+
+
 def test_tabs_and_line_breaks_in_values_keep_the_tables_one_row_each(env, store_url):
     """A tab or a line break in a vendor value or a run's error shifted the columns of the
     tab-separated tables or split a row in two; --json keeps the value as it is."""
     n = next(p.n for p in env["org"].people.values() if p.visible and p.state == "active")
     env["org"].update_person(n, title="Head of\tPeople\nand Culture")
     assert run(env, "sync", "hr").exit_code == 0
-    store = Store(store_url)
-    try:
-        with store.engine.begin() as conn:
-            conn.execute(sa.update(schema.runs).values(status="failed", error="unexpected\nsecond line\tand a tab"))
-    finally:
-        store.close()
+    _every_run_failed(store_url, "unexpected\nsecond line\tand a tab")
     for args in (("users", "hr"), ("runs", "hr"), ("status",)):
         header, *rows = run(env, *args).stdout.splitlines()
         assert rows and all(row.count("\t") == header.count("\t") for row in rows), args
@@ -2398,12 +2403,7 @@ def test_terminal_escapes_in_vendor_values_are_shown_not_obeyed_by_the_tables(en
     planned = run(env, "sync", "hr", "--dry-run")
     assert planned.exit_code == 0, planned.output
     assert run(env, "sync", "hr").exit_code == 0
-    store = Store(store_url)
-    try:
-        with store.engine.begin() as conn:
-            conn.execute(sa.update(schema.runs).values(status="failed", error="vendor said \x1b[31mred\x1b[0m"))
-    finally:
-        store.close()
+    _every_run_failed(store_url, "vendor said \x1b[31mred\x1b[0m")
     for args in (("users", "hr"), ("events", "hr"), ("runs", "hr"), ("status",)):
         out = run(env, *args).stdout
         assert not any(c in out for c in "\x1b\x07\x00\x7f\x9b"), (args, out[:300])

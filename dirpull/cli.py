@@ -337,15 +337,14 @@ def _jsonl(rows: Iterable[dict[str, Any]]) -> None:
 
 # Tabs and line breaks inside a value (a vendor's job title, a multi-line error) would shift or
 # split a row of the tab-separated tables: shown as spaces there (--json keeps them).
-_CELL_BREAKS = str.maketrans({c: " " for c in "\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"})
-
+_BREAKS = "\t\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"
 
 # The other control characters (ESC, BEL, NUL, DEL, the C1 set) in a vendor's value or a quoted
 # error page reached the terminal as they were, and it obeyed them: `\x1b[2J` cleared the screen,
 # `\x1b]0;…\x07` retitled the window, `\x1b[8m` hid what followed. Shown escaped (`\x1b`) instead.
-_CONTROLS = str.maketrans(
-    {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in "\t\n\r\x0b\x0c\x1c\x1d\x1e\x85"}
-)
+_ESCAPED = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7F, 0xA0)] if chr(c) not in _BREAKS}
+_CONTROLS = str.maketrans(_ESCAPED)
+_CELL = str.maketrans({**_ESCAPED, **{ord(c): " " for c in _BREAKS}})  # one pass per cell
 
 
 def _shown(text: Any) -> str:
@@ -355,7 +354,7 @@ def _shown(text: Any) -> str:
 
 def _cells(*values: Any) -> str:
     """One row of a tab-separated table."""
-    return "\t".join("" if v is None else _shown(str(v).translate(_CELL_BREAKS)) for v in values)
+    return "\t".join("" if v is None else str(v).translate(_CELL) for v in values)
 
 
 def _table(rows: Iterator[dict[str, Any]], columns: list[str]) -> int:

@@ -615,3 +615,52 @@ def test_a_google_error_answered_by_a_proxys_page_quotes_the_page(vendor: Any, s
     message = v.error(page)
     assert message.startswith(f"users.list: HTTP {status} from http://127.0.0.1:")
     assert ": not Google's error format: Access denied Blocked by policy 7 of the corporate proxy" in message
+
+
+# --- a record nested too deep to parse ------------------------------------------------------------
+
+
+def _tenant_connector(provider: str) -> Any:
+    """The harness's connector factory for `provider` (it is given the tenant's settings model)."""
+    if provider == "okta":
+        from dirpull.connectors.okta import OktaConnector
+
+        return lambda name, settings: OktaConnector(name, settings, sleep=_OktaSleeps())
+    return lambda name, settings: _connector(provider, settings)
+
+
+@pytest.mark.parametrize(
+    ("provider", "listing", "records"),
+    [
+        ("entra_id", "/users/delta", lambda doc: doc["value"]),
+        ("okta", "/api/v1/users?", lambda doc: [r["profile"] for r in doc]),
+        ("google_workspace", "/users?", lambda doc: doc["users"]),
+    ],
+)
+def test_a_user_with_an_attribute_nested_100000_levels_deep_is_quarantined_and_the_tenant_syncs(
+    vendor: Any, harness: Any, provider: str, listing: str, records: Any
+) -> None:
+    """A value nested deeper than a JSON parser goes (orjson: 1,024 levels; the standard library:
+    the recursion limit) failed every run of the tenant with a RecursionError, for as long as the
+    vendor kept the record: the whole directory stopped syncing over one user."""
+    v = vendor(provider)
+    deep = "[" * 100_000 + "1" + "]" * 100_000
+
+    def nest(a: Answer) -> Answer:
+        doc = json.loads(a.body)
+        recs = records(doc)
+        if not recs:
+            return a
+        recs[0]["deepAttribute"] = "@@deep@@"
+        return Answer(a.path, a.status, a.headers, json.dumps(doc).replace('"@@deep@@"', deep).encode())
+
+    with proxying(v.emu.base_url, answers(listing, nest)) as proxy:
+        h = harness({"t1": v.settings(proxy.base_url)}, connector_factory=_tenant_connector(provider))
+        first = h.sync("t1", full=True)
+        again = h.sync("t1", full=True)  # the vendor still sends it: the tenant goes on
+    for r, run in zip((again, first), h.store.runs("t1", 2), strict=True):
+        assert r.status == "succeeded", r.error
+        assert {q["reason"] for q in run["quarantined"]} == {"an attribute is nested more than 200 levels deep"}
+        assert 0 < r.counts["quarantined"] < r.counts["users_seen"]
+    users = h.users("t1")
+    assert users and not [u for u in users.values() if "deepAttribute" in json.dumps(u)]

@@ -20,7 +20,7 @@ from sys import intern
 from typing import Any, Literal, Protocol
 
 from dirpull.connectors.base import Done, Page, Quarantined
-from dirpull.jsoncodec import canonical, has_lone_surrogate, loads, without_surrogates
+from dirpull.jsoncodec import MAX_DEPTH, TOO_DEEP_JSON, canonical, has_lone_surrogate, loads, without_surrogates
 from dirpull.model import EventType, User, digest, without_nul
 from dirpull.spool import RecordSpool, SpooledJson
 from dirpull.storage.store import WriteSet
@@ -198,6 +198,14 @@ class Diff:
                 # (every field is a JSON type) without model_dump's deep copy, 3 µs per record.
                 blob = canonical(record.__dict__)
                 if b"\\u0000" in blob:  # a NUL in a value (rare: checked on the JSON, not field by field)
+                    if TOO_DEEP_JSON in blob:
+                        # Read in part only (`jsoncodec.loads_any`): stored, it would be a
+                        # record the vendor never sent. It stays as stored until it is readable.
+                        self._quarantine_bad_id(
+                            "user" if isinstance(record, User) else "group", record.idp_id,
+                            f"an attribute is nested more than {MAX_DEPTH} levels deep",
+                        )  # fmt: skip
+                        continue
                     if "\x00" in record.idp_id:
                         # PostgreSQL cannot hold such an id (every run of the tenant failed there,
                         # with a traceback), and dropping the NUL could name another record.
@@ -255,7 +263,8 @@ class Diff:
             self._quarantined.append(q)
 
     def _quarantine_bad_id(self, kind: Literal["user", "group"], idp_id: str, reason: str) -> None:
-        """Quarantine a record whose id holds a NUL character or a lone surrogate. The run reports
+        """Quarantine a record whose id holds a NUL character or a lone surrogate (or that was read
+        in part only: nested too deep). The run reports
         it with U+FFFD in place of each (a run record cannot hold either); the id itself is kept
         as given, so a record SQLite stored under it is left as stored, like any quarantined one.
         Memberships naming it name no record the run knows, and are skipped."""

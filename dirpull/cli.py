@@ -8,6 +8,7 @@ Exit codes: 0 ok · 1 failed · 2 bad usage, configuration or unknown tenant · 
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -406,6 +407,16 @@ def _restore_terminal() -> None:
         sys.__stderr__.write("\n\x1b[?25h")
 
 
+def _before_exit(*, restore_terminal: bool, scratch: str | None) -> None:
+    """What a forced exit (a second SIGTERM or Ctrl-C) still does: the process ends without its
+    `finally` blocks, and a dry run's scratch store (a planned copy of the directory's people)
+    stayed in TMPDIR until a later dry run swept it, a day on."""
+    if restore_terminal:
+        _restore_terminal()
+    if scratch is not None:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 LOSSES = ("user.deleted", "group.deleted")
 
 
@@ -529,7 +540,7 @@ def sync(
         with stop_on_signals(
             SHUTDOWN,
             force_exit=True,
-            before_exit=_restore_terminal if progress else None,
+            before_exit=functools.partial(_before_exit, restore_terminal=progress is not None, scratch=scratch),
             announce="stopping at the run's next page; nothing applied (a second SIGTERM or Ctrl-C exits at once)",
         ) as stop:
             runner = Runner(config, store, stop=stop)

@@ -242,6 +242,43 @@ def test_a_killed_dry_runs_scratch_store_is_removed_by_a_later_dry_run(env, stor
     assert sorted(scratch_root.iterdir()) == sorted([recent, alive, unnamed])
 
 
+@pytest.mark.parametrize(("signals", "code"), [(1, 1), (2, 143)], ids=["one-SIGTERM", "two-SIGTERMs"])
+def test_a_dry_run_stopped_by_sigterm_leaves_no_scratch_store(env, store_url, tmp_path, signals, code):
+    """A dry run with no store yet keeps a planned copy of the directory's people in TMPDIR. A
+    second SIGTERM (exiting at once, past the cleanup) left that folder there for a day, until a
+    later dry run swept it."""
+    if not store_url.startswith("sqlite"):
+        pytest.skip("a SQLite file")
+    scratch_root = tmp_path / "tmp"
+    scratch_root.mkdir()
+    config = Path(env["config"])
+    config.write_text(config.read_text().replace(store_url, f"sqlite:///{tmp_path / 'none.db'}"))
+    env["emulator"].faults.update({"delay": 30.0})  # the report hangs
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dirpull.cli", "--config", env["config"], "sync", "hr", "--dry-run"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TMPDIR": str(scratch_root)},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while not any(scratch_root.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert any(scratch_root.iterdir()), "the dry run made no scratch store"
+        time.sleep(1.0)  # into the report's request
+        for _ in range(signals):
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == code, err
+        assert "Traceback" not in err
+        assert list(scratch_root.iterdir()) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        env["emulator"].faults.clear()
+
+
 def test_unchanged_resync_and_a_change(env):
     run(env, "sync", "hr")
     last = jsonl(run(env, "events", "hr", "--json").stdout)[-1]["seq"]

@@ -112,12 +112,20 @@ def _cut_deep(text: str) -> str:
 
 
 def loads_lenient(text: str | bytes) -> Any:
-    """`loads`, except that a lone surrogate escape ("\\ud83d", half an emoji from a vendor whose
+    """`loads`, except that a value nested deeper than orjson reads is read as `TOO_DEEP` (as in
+    `loads_any`), and a lone surrogate escape ("\\ud83d", half an emoji from a vendor whose
     strings are UTF-16), which orjson refuses, is read as U+FFFD. Anything else orjson refuses
     raises its error, so a caller can still take it for a cut in the wrong place."""
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError as exc:
+        if "depth limit" in str(exc):
+            # A report row nested too deep: read as in `loads_any` (the diff quarantines it). A
+            # text that still does not parse is a cut in the wrong place, as before.
+            try:
+                return orjson.loads(_cut_deep(text if isinstance(text, str) else text.decode("utf-8", "surrogatepass")))
+            except (orjson.JSONDecodeError, UnicodeDecodeError):
+                raise exc from None
         if "surrogate" not in str(exc):
             raise
         try:

@@ -635,6 +635,8 @@ def _tenant_connector(provider: str) -> Any:
         ("entra_id", "/users/delta", lambda doc: doc["value"]),
         ("okta", "/api/v1/users?", lambda doc: [r["profile"] for r in doc]),
         ("google_workspace", "/users?", lambda doc: doc["users"]),
+        ("workday", "Worker_Directory", lambda doc: doc["Report_Entry"]),
+        ("bamboohr", "reports/custom", lambda doc: doc["employees"]),
     ],
 )
 def test_a_user_with_an_attribute_nested_100000_levels_deep_is_quarantined_and_the_tenant_syncs(

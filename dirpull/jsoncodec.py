@@ -38,7 +38,10 @@ def canonical(value: Any) -> bytes:
     try:
         return orjson.dumps(value, option=_SORTED, default=str)
     except (TypeError, orjson.JSONEncodeError):
-        return _utf8(json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str))
+        try:
+            return _utf8(json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str))
+        except RecursionError:
+            return canonical(_cut_value(value))
 
 
 def dumps(value: Any) -> str:
@@ -51,7 +54,22 @@ def compact(value: Any) -> bytes:
     try:
         return orjson.dumps(value, option=_OPTS, default=str)
     except (TypeError, orjson.JSONEncodeError):
-        return _utf8(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str))
+        try:
+            return _utf8(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str))
+        except RecursionError:
+            return compact(_cut_value(value))
+
+
+def _cut_value(value: Any, depth: int = 0) -> Any:
+    """`value` with each list or dict deeper than `MAX_DEPTH` levels replaced by `TOO_DEEP`: a
+    value orjson parsed (up to 1,024 levels) that neither encoder can write (orjson: 255 levels;
+    the standard library: the recursion limit) failed every run of its tenant. The diff
+    quarantines a record holding `TOO_DEEP`. Recursive: at most `MAX_DEPTH` frames deep."""
+    if isinstance(value, dict):
+        return TOO_DEEP if depth >= MAX_DEPTH else {k: _cut_value(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return TOO_DEEP if depth >= MAX_DEPTH else [_cut_value(v, depth + 1) for v in value]
+    return value
 
 
 def _utf8(text: str) -> bytes:

@@ -66,7 +66,8 @@ def test_a_run_of_more_events_than_one_read_is_printed_once_with_its_count(tmp_p
 
 def test_the_rest_of_a_runs_events_is_given_as_a_command_to_paste(tmp_path, capsys):
     """It said `… 82 more (dirpull -c … events demo-okta --after …)`: the file and the seq left out."""
-    assert run_demo(people=20, duration=5, schedule="30s", workdir=tmp_path) == 0
+    # Long enough for a first sync on a busy CI machine (with 5 s none had ended there).
+    assert run_demo(people=20, duration=15, schedule="30s", workdir=tmp_path) == 0
     out = capsys.readouterr().out
     config = tmp_path.resolve() / "dirpull.toml"
     hint = rf"    … (\d+) more: dirpull -c {re.escape(str(config))} events (\S+) --after (\d+)$"

@@ -26,6 +26,16 @@ from dirpull.connectors.http import _CA_VARIABLES, RetryPolicy
 SECRET = "s3cr3t-never-shown"
 
 
+def _reply(handler: http.server.BaseHTTPRequestHandler, status: int, body: bytes, content_type: str) -> None:
+    """A loopback server's whole answer: `body` with its length."""
+    handler.send_response(status)
+    handler.send_header("Content-Type", content_type)
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+
 class _OktaSleeps:
     def __init__(self) -> None:
         self.calls: list[float] = []
@@ -330,11 +340,7 @@ class _EchoingGateway(http.server.BaseHTTPRequestHandler):
         parts = [f"<table>{shown}</table>", f"<pre>{sent}</pre>"]
         page = "".join(reversed(parts) if self.body_first else parts)
         body = f"<html><body><h1>400 Bad Request</h1>{page}</body></html>".encode()
-        self.send_response(400)
-        self.send_header("Content-Type", "text/html")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        _reply(self, 400, body, "text/html")
 
     do_GET = do_POST = _any
 
@@ -380,11 +386,7 @@ class _FieldEchoingGateway(http.server.BaseHTTPRequestHandler):
     )
 
     def _any(self) -> None:
-        self.send_response(400)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(self.page)))
-        self.end_headers()
-        self.wfile.write(self.page)
+        _reply(self, 400, self.page, "application/json")
 
     do_GET = do_POST = _any
 
@@ -554,11 +556,7 @@ def _failing_gateway(
                 basic = base64.b64decode(auth[6:]).decode() if auth.lower().startswith("basic ") else ""
                 user, _, password = basic.partition(":")
                 text, kind = page(user, password, body)
-                self.send_response(status)
-                self.send_header("Content-Type", kind)
-                self.send_header("Content-Length", str(len(text)))
-                self.end_headers()
-                self.wfile.write(text)
+                _reply(self, status, text, kind)
                 return
             conn = http.client.HTTPConnection(target.hostname, target.port, timeout=30)
             try:
@@ -879,12 +877,7 @@ class _EndlessDelta(http.server.BaseHTTPRequestHandler):
             answer = {"value": [], "@odata.nextLink": f"{host}{path}?$skiptoken={len(self.pages)}"}
         else:
             answer = {"value": [], "@odata.deltaLink": f"{host}{path}?$deltatoken=1"}
-        body = json.dumps(answer).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        _reply(self, 200, json.dumps(answer).encode(), "application/json")
 
     do_GET = do_POST = _any
 

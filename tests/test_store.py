@@ -1733,20 +1733,25 @@ def _store_in_server_locale(store_kind: str, store_url: str) -> Iterator[str]:
     base = sa.engine.make_url(pg_url_or_skip())
     name = f"{base.database}_icu_{uuid.uuid4().hex[:8]}"
     admin = sa.create_engine(base, poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT")
+    # The name is under the test databases' mark: a test process starting on another worker sweeps
+    # it unless a live session says it is in use (conftest's holders), as it did mid-test in CI.
+    holder = sa.create_engine(
+        base.update_query_dict({"application_name": name}), poolclass=sa.pool.NullPool, isolation_level="AUTOCOMMIT"
+    )
     try:
-        with admin.connect() as conn:
+        with holder.connect(), admin.connect() as conn:
             try:
                 icu = "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
                 conn.execute(sa.text(f'CREATE DATABASE "{name}" {icu}'))
             except sa.exc.DBAPIError as exc:
                 pytest.skip(f"this PostgreSQL cannot make an ICU en-US database: {exc.orig}")
-        try:
-            yield base.set(database=name).render_as_string(hide_password=False)
-        finally:
-            with admin.connect() as conn:
+            try:
+                yield base.set(database=name).render_as_string(hide_password=False)
+            finally:
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+        holder.dispose()
 
 
 def test_users_and_groups_are_listed_in_the_same_order_whatever_the_servers_collation(

@@ -946,6 +946,42 @@ class OddRecords(OktaEmulator):
         return g
 
 
+class ZonelessTimes(OktaEmulator):
+    """Prints one user's `lastUpdated` and every group's `lastMembershipUpdated` without a zone
+    (`2026-05-05T18:15:44.000`), a form the SDK's models accept."""
+
+    zoneless_user: int = 3
+
+    def user_json(self, p: Any) -> dict[str, Any]:
+        r = super().user_json(p)
+        if p.n == self.zoneless_user:
+            r["lastUpdated"] = r["lastUpdated"].removesuffix("Z")
+        return r
+
+    def group_json(self, n: int, gtype: str) -> dict[str, Any]:
+        g = super().group_json(n, gtype)
+        g["lastMembershipUpdated"] = g["lastMembershipUpdated"].removesuffix("Z")
+        return g
+
+
+def test_timestamps_without_a_zone_are_read_as_utc_not_a_failed_run(
+    harness: Any, org: Org, tmp_path: Path
+) -> None:
+    e = ZonelessTimes(age(org))
+    with e:
+        h = make_harness(harness, e, tmp_path)
+        first = h.sync("t1")
+        assert first.status == "succeeded", first.error
+        assert user_id(e.zoneless_user) in h.users("t1")
+        seq = h.last_seq()
+        org.rename(e.zoneless_user, "Zoe", "Zoneless")
+        again = h.sync("t1")
+        assert again.status == "succeeded", again.error
+        assert again.mode == "incremental"
+        assert h.users("t1")[user_id(e.zoneless_user)]["first_name"] == "Zoe"
+        assert ("user.updated", user_id(e.zoneless_user)) in {c[:2] for c in h.changes("t1", after=seq)}
+
+
 def test_records_the_sdk_rejects_are_quarantined_one_by_one(org: Org, tmp_path: Path) -> None:
     e = OddRecords(org)
     e.bad_group = bad_group = sorted(g.n for g in org.listed_groups())[1]

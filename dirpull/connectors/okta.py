@@ -129,12 +129,15 @@ def check_org_url(url: str) -> tuple[str, bool]:
 
 
 def _ts(text: str | None) -> datetime | None:
-    if not text:
+    if not text or not isinstance(text, str):
         return None
     try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00"))
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         return None
+    # Okta prints UTC; a timestamp without a zone (which the SDK accepts) is read as UTC too, so
+    # that it can be compared with the others instead of failing every run of the tenant.
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _iso(dt: datetime) -> str:

@@ -213,6 +213,41 @@ def test_the_cursor_after_a_full_walk_is_the_newest_change_whatever_form_it_is_p
     assert newest(None, "", "0000-00-00", 20250101) is None
 
 
+class OddLastChanged(BambooHREmulator):
+    """Prints employee 3's `lastChanged` as `odd_last_changed`, when set."""
+
+    odd_last_changed: str | None = None
+
+    def _value(self, p: Any, f: str, boss: Any) -> Any:
+        value = super()._value(p, f, boss)
+        return self.odd_last_changed if f == "lastChanged" and p.n == 3 and self.odd_last_changed else value
+
+
+def odd_last_changed_sync(harness: Any, text: str) -> tuple[Any, OddLastChanged]:
+    """A harness over an emulator printing employee 3's `lastChanged` as `text`, after a first sync."""
+    org = Org.generate(40, seed=5)
+    one_second_each(org)
+    emu = OddLastChanged(org, api_key=SECRET)
+    emu.odd_last_changed = text
+    emu.start()
+    h = harness({"hr": emu.tenant_config("hr", Path("."))})
+    return h, emu
+
+
+def test_a_last_changed_past_year_9999_in_utc_does_not_fail_every_run(harness: Any) -> None:
+    h, emu = odd_last_changed_sync(harness, "9999-12-31T23:59:59-05:00")
+    try:
+        first = h.sync("hr")
+        assert first.status == "succeeded", first.error
+        assert len(h.users("hr")) == 40
+        emu.org.update_person(5, title="Changed After")
+        again = h.sync("hr")
+        assert again.status == "succeeded" and again.mode == "incremental", again.error
+        assert h.users("hr")["5"]["job_title"] == "Changed After"
+    finally:
+        emu.stop()
+
+
 def test_the_current_host_style_base_url_is_used_as_given(emu: BambooHREmulator) -> None:
     """BambooHR's current spec serves `https://{companyDomain}.bamboohr.com/api/v1/...` (the host
     names the company); the reference is unsure the legacy gateway stays: an api_url ending in

@@ -211,9 +211,11 @@ def parse_timestamp(text: Any) -> datetime | None:
         value = value[:-1] + "+00:00"
     try:
         when = datetime.fromisoformat(value)
-    except ValueError:
+        when = when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+        when.astimezone(UTC)  # "9999-12-31T23:59:59-05:00" is past year 9999 in UTC: no time to compare
+    except (ValueError, OverflowError):
         return None
-    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+    return when
 
 
 class _Newest:

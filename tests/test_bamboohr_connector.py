@@ -120,11 +120,14 @@ def test_incremental_pull_reads_only_what_changed_and_moves_the_cursor_forward(e
     newest = one_second_each(org)
     c = connector(emu)  # changed_overlap: 1 s, the default and the least accepted
     _, first = pull(c)
-    with org.clock_at(int(time.time()) + 2):  # every change in one second (after every stamp the org has made)
+    stamp = int(time.time()) + 1
+    with org.clock_at(stamp):  # every change in one second (after every stamp the org has made)
         org.update_person(5, title="Principal")
         org.deactivate(6)  # terminated → inactive
         org.delete(30)
         hired = org.hire("Ngozi", "Adeyemi", manager=5)
+    # BambooHR's clock (its `Date`) has reached them: the cursor is not held back at a clock behind them.
+    time.sleep(max(0.0, stamp - time.time()))
     pages, done = pull(c, first.cursor)
     assert not done.snapshot and done.mode == "incremental"
     got = users(pages)
@@ -181,9 +184,11 @@ def test_a_change_made_in_the_cursors_second_is_read_by_the_next_run(emu: Bamboo
     (at least a second; less is refused at load) asks from the second before the cursor's, so a
     change made in the cursor's own second after the run that took it is still reported."""
     org = emu.org
-    second = int(time.time()) + 2  # after every stamp the org has made (its clock never goes back)
+    second = int(time.time()) + 1  # after every stamp the org has made (its clock never goes back)
     with org.clock_at(second):
         org.update_person(3, title="The Newest Change")
+    # BambooHR's clock (its `Date`) has reached the change: no cursor passes its clock.
+    time.sleep(max(0.0, second - time.time()))
     c = connector(emu, changed_overlap=1)
     _, first = pull(c)
     assert datetime.fromisoformat(first.cursor["since"]).timestamp() == second
@@ -246,6 +251,31 @@ def test_a_last_changed_past_year_9999_in_utc_does_not_fail_every_run(harness: A
         assert h.users("hr")["5"]["job_title"] == "Changed After"
     finally:
         emu.stop()
+
+
+def test_a_last_changed_ahead_of_bamboohrs_clock_does_not_carry_the_cursor_past_later_changes(
+    harness: Any,
+) -> None:
+    h, emu = odd_last_changed_sync(harness, "9999-12-31T23:59:59+00:00")
+    try:
+        first = h.sync("hr")
+        assert first.status == "succeeded", first.error
+        emu.org.update_person(5, title="Changed After")
+        again = h.sync("hr")
+        assert again.status == "succeeded" and again.mode == "incremental", again.error
+        assert h.users("hr")["5"]["job_title"] == "Changed After"
+    finally:
+        emu.stop()
+
+
+def test_a_stored_cursor_ahead_of_bamboohrs_clock_turns_the_run_full(emu: BambooHREmulator) -> None:
+    """A cursor an earlier version took from a bogus `lastChanged`: an increment from it reads nothing."""
+    emu.org.update_person(5, title="Changed Before")
+    pages, done = pull(connector(emu), {"since": "9999-12-31T23:59:59+00:00"})
+    assert done.mode == "full" and done.snapshot
+    assert users(pages)["5"].job_title == "Changed Before"
+    assert any("ahead of BambooHR's clock" in n for n in done.notes)
+    assert datetime.fromisoformat(done.cursor["since"]) <= datetime.now(UTC)
 
 
 def test_the_current_host_style_base_url_is_used_as_given(emu: BambooHREmulator) -> None:
@@ -1153,7 +1183,8 @@ def test_a_field_the_key_never_could_read_leaves_increments_incremental(emu: Bam
     assert done.mode == "incremental" and not done.notes and "5" in users(pages)
     assert done.cursor["fields"] == first.cursor["fields"]
     # A run that reads no report (nothing changed) keeps the fields the last one had.
-    _, quiet = pull(c, {**done.cursor, "since": _iso(time.time() + 60)})
+    age(emu.org)  # every change an hour before the cursor (one ahead of BambooHR's clock turns the run full)
+    _, quiet = pull(c, {**done.cursor, "since": _iso(time.time())})
     assert quiet.mode == "incremental" and quiet.cursor["fields"] == first.cursor["fields"]
 
 

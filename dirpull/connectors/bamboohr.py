@@ -218,6 +218,13 @@ def parse_timestamp(text: Any) -> datetime | None:
     return when
 
 
+def _not_past(when: datetime, clock: datetime | None) -> datetime:
+    """`when`, or BambooHR's clock at its answer (`Date`) if that is earlier. Every change BambooHR
+    reports was made by then: a `lastChanged` after it (a bogus "9999-12-31T23:59:59+00:00") would
+    carry the cursor past every change to come, and each increment would read nothing."""
+    return clock if clock is not None and when > clock else when
+
+
 class _Newest:
     """The newest of a report's `lastChanged` timestamps. BambooHR prints them in one form
     ("2025-11-28T08:03:15+00:00"), whose text sorts as its time does: of those, only a text
@@ -397,8 +404,8 @@ class BambooHRConnector(CountsRequests):
         # The next increment starts at the newest change the report shows; with no rows, at the
         # server's clock.
         newest = latest.when
-        if newest is None:
-            newest = _date_header(resp)
+        clock = _date_header(resp)
+        newest = clock if newest is None else _not_past(newest, clock)
         cursor: dict[str, Any] | None = {"since": format_timestamp(newest)} if newest is not None else None
         if cursor is not None:
             cursor.update({key: days for key, days in pending.items() if days})
@@ -418,11 +425,15 @@ class BambooHRConnector(CountsRequests):
         assert since_at is not None
         ask = format_timestamp(since_at - timedelta(seconds=self.settings.changed_overlap))
 
+        answers: list[requests.Response] = []
+
         def changed() -> requests.Response:
             # requests encodes the '+' of the offset as %2B, as BambooHR requires.
-            return client.request(
+            resp = client.request(
                 "GET", f"{self.base}/employees/changed", params={"since": ask}, step="changed employees"
             )
+            answers.append(resp)
+            return resp
 
         try:
             body = _json_answer(client, "changed employees", changed)
@@ -432,6 +443,14 @@ class BambooHRConnector(CountsRequests):
             if exc.status != 400:
                 raise
             notes.append(f"employees/changed refused since={ask} ({exc}): full sync instead")
+            done = yield from self._full(client, notes)
+            return done
+        clock = _date_header(answers[-1]) if answers else None
+        if clock is not None and since_at > clock:
+            # A cursor BambooHR's clock has not reached (stored from a bogus `lastChanged` by an
+            # earlier version): every increment from it would read nothing.
+            notes.append(f"stored cursor {since!r} is ahead of BambooHR's clock ({format_timestamp(clock)}): "
+                         "full sync instead")  # fmt: skip
             done = yield from self._full(client, notes)
             return done
         entries = body.get("employees") if isinstance(body, dict) else None
@@ -468,6 +487,7 @@ class BambooHRConnector(CountsRequests):
         latest = parse_timestamp(body.get("latest"))
         if latest is not None:
             newest = max(newest, latest)
+        newest = max(since_at, _not_past(newest, clock))  # never backwards
 
         # Held back until the first report read by ids has shown which fields it sends: a run
         # that turns full (`_lost_fields`) must not have handed on a page of the increment.

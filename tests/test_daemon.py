@@ -1067,3 +1067,39 @@ def test_an_interval_tenant_fires_once_per_interval_however_long_the_daemon_runs
     interval, jitter = timedelta(minutes=15), timedelta(seconds=30)
     assert fires[-1] - fires[0] - 2000 * interval <= jitter, fires[-1] - fires[0] - 2000 * interval
     assert all(interval - jitter <= b - a <= interval + jitter for a, b in itertools.pairwise(fires))
+
+
+def test_interval_tenants_and_retries_still_come_on_time_after_the_clock_is_stepped_back(
+    harness, monkeypatch, no_jitter
+):
+    """A wall clock stepped back (NTP correcting a clock that ran fast, a VM restored from a
+    snapshot) left every interval tenant's next fire, and a failed run's retry, that much in the
+    future: an hour's step, an hour without a sync of a "2s" tenant or a retry due in a second."""
+    import apscheduler.schedulers.base as aps_base
+
+    import dirpull.sync.daemon as daemon_module
+    from dirpull.sync.daemon import _QuietStopScheduler
+
+    dirs = {"good": Directory(users=people(2)), "bad": Directory(users=people(2), fail_after_pages=0)}
+    tenants = {"good": {**TENANTS["good"], "schedule": "2s"}, "bad": {**TENANTS["bad"], "schedule": "1h"}}
+    h = harness(tenants)
+    stepped = [timedelta()]
+
+    class WallClock(datetime):  # the machine's wall clock; the monotonic one goes on
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[override]
+            return datetime.now(tz) + stepped[0]
+
+    monkeypatch.setattr(aps_base, "datetime", WallClock)  # the scheduler's
+    monkeypatch.setattr(daemon_module, "datetime", WallClock)  # the retries'
+    monkeypatch.setattr(_QuietStopScheduler, "max_sleep", 0.2, raising=False)  # a minute in production
+    daemon = Daemon(h.config, h.store, backoff_base=1.5, connector_factory=lambda t, s: ScriptedConnector(dirs[t]))
+    daemon.start()
+    try:
+        assert wait_for(lambda: dirs["good"].pulls >= 1 and dirs["bad"].pulls == 1)
+        stepped[0] = -timedelta(hours=1)  # as the bad tenant's retry waits
+        good = dirs["good"].pulls
+        assert wait_for(lambda: dirs["good"].pulls >= good + 2, timeout=8), dirs["good"].pulls
+        assert wait_for(lambda: dirs["bad"].pulls >= 2, timeout=5)
+    finally:
+        daemon.shutdown()

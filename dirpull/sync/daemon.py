@@ -16,6 +16,7 @@ file (`Daemon.reload`) without interrupting the running syncs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import random
 import signal
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import apscheduler.schedulers.base as aps_base
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobSubmissionEvent
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.jobstores.base import JobLookupError
@@ -62,8 +64,42 @@ class _QuietStopScheduler(BackgroundScheduler):
         # through 02:00 fired its nightly tenant as many hours late as it slept (or, with no
         # fire due, waited up to 49 days). Waking every minute fires it within a minute of the
         # wall clock's time (agronholm/apscheduler#794).
+        self._follow_clock_step_back()
         wait = super()._process_jobs()
         return self.max_sleep if wait is None else min(wait, self.max_sleep)
+
+    # A wall clock that lost more than this against the monotonic one between two passes was
+    # stepped back (NTP slews a few milliseconds a minute; the passes are at most a minute apart).
+    clock_step_tolerance = timedelta(seconds=1)
+    _clock: tuple[datetime, float] | None = None
+
+    def _follow_clock_step_back(self) -> None:
+        """A wall clock stepped back (NTP correcting a clock that ran fast, a VM restored from a
+        snapshot) left every fire counted in elapsed time (an interval tenant's, a retry's) that
+        much further away: an hour's step, an hour without a sync of a "5m" tenant. Those fires
+        move back with the clock, so they still come when they were due; a cron tenant's stays at
+        its wall-clock time. A step forward needs nothing: the fires it passed over are due, once."""
+        # The clock the scheduler compares fire times with (its module's `datetime`).
+        wall, mono = aps_base.datetime.now(UTC), time.monotonic()
+        last, self._clock = self._clock, (wall, mono)
+        if last is None:
+            return
+        step = (wall - last[0]) - timedelta(seconds=mono - last[1])
+        if step > -self.clock_step_tolerance:
+            return
+        log.warning(
+            "the wall clock was stepped back %.0fs: interval fires and retries move back with it", -step.total_seconds()
+        )
+        for job in self.get_jobs():
+            if job.next_run_time is None or not isinstance(job.trigger, IntervalTrigger | DateTrigger):
+                continue  # a cron tenant's (CronTrigger, OrTrigger) fires at its wall-clock time
+            changes: dict[str, Any] = {"next_run_time": job.next_run_time + step}
+            if isinstance(job.trigger, IntervalTrigger):  # its slots too, or the one after is off them
+                trigger = copy.copy(job.trigger)
+                trigger.start_date = trigger.start_date + step
+                changes["trigger"] = trigger
+            with contextlib.suppress(JobLookupError):  # a fire of its own just removed it (a retry)
+                job.modify(**changes)
 
 
 class _NoOverlapWarning(logging.Filter):

@@ -1103,3 +1103,31 @@ def test_interval_tenants_and_retries_still_come_on_time_after_the_clock_is_step
         assert wait_for(lambda: dirs["bad"].pulls >= 2, timeout=5)
     finally:
         daemon.shutdown()
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+def test_a_daemon_whose_sqlite_file_is_deleted_or_replaced_fails_its_syncs_instead_of_losing_them(
+    harness, caplog, store_kind, how
+):
+    """The pooled connections went on writing to the file the daemon opened: every sync
+    "succeeded" into a file no one could read any more (deleted), or one moved aside while the
+    file in its place (a backup restored over it) saw no sync, and the log said nothing."""
+    if store_kind != "sqlite":
+        pytest.skip("a SQLite store's file")
+    d = Directory(users=people(2))
+    h = harness({"good": TENANTS["good"]})
+    daemon = Daemon(h.config, h.store, backoff_base=60.0, connector_factory=factory(d))
+    daemon.start()
+    try:
+        assert wait_for(lambda: any(r.status == "succeeded" for r in daemon.results))
+        path = Path(h.store.engine.url.database)
+        if how == "replaced":  # moved aside, a copy in its place
+            path.rename(path.with_name("moved-aside.db"))
+            path.write_bytes(path.with_name("moved-aside.db").read_bytes())
+        else:
+            path.unlink()
+        assert wait_for(lambda: daemon.results[-1].status == "failed")
+    finally:
+        daemon.shutdown()
+    assert f"its file was {how} since this process opened it" in daemon.results[-1].error
+    assert any("restart dirpull" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")

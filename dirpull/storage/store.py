@@ -229,6 +229,25 @@ class Store:
         self.engine = _make_engine(url, pool_size=pool_size, connect_timeout=connect_timeout)
         self.dialect = self.engine.dialect.name
         _one_line_errors(self.engine, self.safe_url, lock_wait=self._lock_wait)
+        self._file = _sqlite_file(url)
+
+    def check_file(self) -> None:
+        """A SQLite store's file is still the one this Store opened. Deleted or replaced (moved
+        aside, a backup restored over it) under a running daemon, the pooled connections went on
+        writing to the old one: every sync succeeded into a file no one could read any more,
+        `dirpull status` said there was no store, and the log said nothing."""
+        if self._file is None:
+            return
+        path, opened = self._file
+        try:
+            now: tuple[int, int] | None = _identity(path)
+        except FileNotFoundError:
+            now = None
+        if now != opened:
+            raise StoreUnavailable(
+                f"store {self.safe_url}: its file was {'deleted' if now is None else 'replaced'} since this process "
+                "opened it; nothing is written to the old one: restart dirpull to use the file there now"
+            )
 
     @property
     def _lock_wait(self) -> float:
@@ -1634,6 +1653,24 @@ def _refuse_missing_folder(url: str, database: str | None) -> None:
         f"store {mask_password(url)}: cannot create {os.path.abspath(database)}: its folder {folder} does not "
         f"exist (create it, or fix the store url{where})"
     )
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _sqlite_file(url: str) -> tuple[str, tuple[int, int]] | None:
+    """A SQLite store's file (absolute: the process may change folder) and its identity as opened."""
+    parsed = parse_store_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    path = os.path.abspath(database)
+    try:
+        return path, _identity(path)
+    except OSError:  # not made (a folder it cannot be made in): opening it says why
+        return None
 
 
 def _create_private(database: str | None) -> None:

@@ -247,6 +247,7 @@ class Runner:
         config = config or self.config
         settings = config.tenant(tenant)
         lease_ttl = parse_duration(config.defaults.lease_ttl)
+        self.store.check_file()
         self.store.ensure_tenant(tenant, settings.provider)
         with self._syncing_lock:
             self._syncing[tenant] = self._syncing.get(tenant, 0) + 1

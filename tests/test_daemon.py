@@ -1131,3 +1131,36 @@ def test_a_daemon_whose_sqlite_file_is_deleted_or_replaced_fails_its_syncs_inste
         daemon.shutdown()
     assert f"its file was {how} since this process opened it" in daemon.results[-1].error
     assert any("restart dirpull" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
+def test_a_failed_run_the_store_could_not_take_is_recorded_with_its_error_once_the_store_is_back(
+    harness, store_kind
+):
+    """A run that failed while the store was out (its write lock held by another process past the
+    busy timeout) stayed `running`; the tenant's next run marked it "interrupted: worker stopped
+    or lost its lease", so the history and `dirpull status` read a restart where the vendor had
+    failed, and the error was lost."""
+    import sqlite3
+
+    if store_kind != "sqlite":
+        pytest.skip("a SQLite store's write lock, held from another process")
+    gate = threading.Event()
+    d = Directory(users=people(30), fail_after_pages=1, gate=gate)
+    h = harness({"good": TENANTS["good"]}, store={"connect_timeout": 0.2}, connector_factory=factory(d))
+    first = threading.Thread(target=h.sync, args=("good",), kwargs={"trigger": "schedule"})
+    first.start()
+    assert d.entered.wait(10)
+    other = sqlite3.connect(h.store.engine.url.database, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # the store's write lock, held as the run fails
+        gate.set()
+        first.join(15)
+        assert not first.is_alive()
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    d.fail_after_pages, d.gate = None, None
+    assert h.sync("good", trigger="schedule").status == "succeeded"
+    runs = h.store.runs("good")
+    assert [r["status"] for r in runs] == ["succeeded", "failed"]
+    assert runs[1]["error"] == "HTTP 500 from the directory (scripted)"

@@ -224,6 +224,9 @@ class Runner:
         # Syncs under way in this Runner, by tenant (a lease attempt counts as one).
         self._syncing: dict[str, int] = {}
         self._syncing_lock = threading.Lock()
+        # Failed runs whose end the store could not take (it was out as they failed), by tenant
+        # and run id: what `finish_run` is to record once it can.
+        self._unrecorded: dict[str, dict[int, dict[str, Any]]] = {}
 
     def sync(
         self,
@@ -389,6 +392,8 @@ class Runner:
                 full = True
                 notes.append("periodic full reconciliation")
         planned_mode = "full" if full or stored_cursor is None else "incremental"
+        if not dry_run:
+            self._record_unrecorded(tenant)
         run_id = (
             None if dry_run else self.store.start_run(tenant, trigger=trigger, mode=planned_mode, worker=self.worker)
         )
@@ -609,7 +614,30 @@ class Runner:
                     )  # fmt: skip
             except Exception as exc:
                 log.error("tenant %s: could not record the failed run: %s", result.tenant, exc)
+                with self._syncing_lock:
+                    self._unrecorded.setdefault(result.tenant, {})[result.run_id] = {
+                        "status": "failed", "mode": result.mode, "counts": result.counts,
+                        "requests": result.requests, "notes": notes, "error": result.error,
+                        "duration_s": _elapsed(result),
+                    }  # fmt: skip
         return result
+
+    def _record_unrecorded(self, tenant: str) -> None:
+        """Record the tenant's failed runs whose end the store could not take, before a new run
+        starts (under the lease: no other run of the tenant can end them meanwhile). Left
+        `running`, the next run marked each "interrupted: worker stopped or lost its lease": a
+        vendor outage that met a store outage read as a restart in the runs' history and in
+        `dirpull status`, and its error was lost."""
+        with self._syncing_lock:
+            pending = self._unrecorded.pop(tenant, {})
+        for run_id, end in pending.items():
+            try:
+                # Only if still running: a worker that took the tenant over may have ended it.
+                self.store.finish_run(run_id, only_running=True, **end)
+            except Exception as exc:  # still out: `start_run` fails next, and this is tried again
+                log.warning("tenant %s: could not record failed run %d yet: %s", tenant, run_id, exc)
+                with self._syncing_lock:
+                    self._unrecorded.setdefault(tenant, {})[run_id] = end
 
     def _check_still_running(self, heartbeat: _Heartbeat) -> None:
         if self.stop.is_set():

@@ -875,6 +875,7 @@ def run(
     Exit 1: the store cannot be opened or made, or its schema is behind or ahead of this dirpull.
     Exit 2: a mistake in the configuration, or every tenant's table has one.
     Exit 130 / 143: a second Ctrl-C / SIGTERM ended the stop at once."""
+    from dirpull.signals import stop_on_signals
     from dirpull.sync.daemon import Daemon
 
     config = _config()
@@ -886,12 +887,19 @@ def run(
             f"{config.path}: no tenants configured; add a [tenants.<id>] table for each directory to sync "
             "(see config/dirpull.example.toml)"
         )
-    store = _store(config, create=True, syncs=config.defaults.max_concurrent_syncs)
-    for tenant in (name for name, t in config.tenants.items() if t.enabled):  # a disabled one never runs
-        for problem in config.secret_problems(tenant):
-            log.error("%s (its runs fail until this is fixed; the other tenants sync)", problem)
-    Daemon(config, store).run_forever(max_seconds=max_seconds)
-    store.close()
+    stopping = threading.Event()
+    # Taken from here on: a SIGTERM while the store opens (a PostgreSQL server slow to answer, the
+    # schema being made) ended the process by the default action, exit 143 and no "stopped" line,
+    # where a stop at any later moment is clean, exit 0.
+    with stop_on_signals(stopping):
+        store = _store(config, create=True, syncs=config.defaults.max_concurrent_syncs)
+        try:
+            for tenant in (name for name, t in config.tenants.items() if t.enabled):  # a disabled one never runs
+                for problem in config.secret_problems(tenant):
+                    log.error("%s (its runs fail until this is fixed; the other tenants sync)", problem)
+            Daemon(config, store).run_forever(until=stopping, max_seconds=max_seconds)
+        finally:
+            store.close()
 
 
 @db_app.command("upgrade")

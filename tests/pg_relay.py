@@ -34,6 +34,9 @@ class CommitCutter:
         self.cut: list[str] = []  # "after commit" / "before commit", as they happened
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        self.accepted = threading.Event()  # a client has connected
+        self._open = threading.Event()  # cleared by `hold()`: clients wait before the server is reached
+        self._open.set()
         self._threads: list[threading.Thread] = []
         self._sockets: list[socket.socket] = []
         self._spawn(self._accept)
@@ -54,8 +57,17 @@ class CommitCutter:
             self._armed[port] = after_commit
             self._refuse_after_cut = refuse
 
+    def hold(self) -> None:
+        """Keep each new client waiting, connected but unanswered (a server slow to answer), until
+        `release()` (or 30 s)."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
     def close(self) -> None:
         self._stopped.set()
+        self._open.set()
         with self._lock:
             for sock in self._sockets:
                 with contextlib.suppress(OSError):
@@ -84,6 +96,8 @@ class CommitCutter:
             if refused:
                 client.close()
                 continue
+            self.accepted.set()
+            self._open.wait(30)
             client.settimeout(None)
             server = socket.create_connection(self.target, timeout=10)
             server.settimeout(None)

@@ -611,6 +611,9 @@ class Daemon:
         """Run until SIGTERM/SIGINT (or `until` is set, or `max_seconds` pass)."""
         # A second signal while the running syncs are awaited exits at once (signals.py).
         with stop_on_signals(until or threading.Event(), force_exit=True) as stop, _hangups() as hangup:
+            if stop.is_set():  # asked to stop while starting up: no sync is begun only to be interrupted
+                log.info("stopped")
+                return
             self.start()
             why = "asked to stop"
             try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from dirpull.connectors.google_workspace import GoogleWorkspaceConnector, build
 from dirpull.connectors.http import RetryPolicy
 from dirpull.emulators.google_api import GoogleEmulator, group_id, user_id
 from dirpull.emulators.org import Org
+from dirpull.emulators.server import Request, Response
 from dirpull.spool import SpoolError
 
 
@@ -780,6 +781,58 @@ def test_sync_persistent_failure_leaves_the_store_unchanged(
     emu.faults.clear()
     r = h.sync("g1")
     assert r.status == "succeeded" and r.counts["users_created"] == 1 and r.counts["users_deleted"] == 1
+
+
+class _ChangesAfterTheListing(GoogleEmulator):
+    """Runs `then` once, right after serving the last page of users.list: a change made while a
+    run reads, after its user listing and before its groups' members."""
+
+    then: Callable[[], None] | None = None
+
+    def _users_list(self, req: Request) -> Response:
+        answer = super()._users_list(req)
+        if self.then is not None and answer.status == 200 and "nextPageToken" not in answer.body:
+            then, self.then = self.then, None
+            then()
+        return answer
+
+
+def test_sync_a_person_hired_while_the_run_reads_is_not_taken_for_an_external_member(
+    tmp_path: Path, harness: Any
+) -> None:
+    """Google has no delta. A person hired after users.list has passed them, and put in a group
+    before its members are read, is a member the run has no user for: they were kept on the group
+    as an external address, as a partner's account is, a `group.updated` telling consumers an
+    outsider joined, and another that they left once the next run listed them. They are a user of
+    this directory, left (with their memberships) to the next run, and the run says so."""
+    org = Org.generate(60, seed=7)
+    with _ChangesAfterTheListing(org) as emu:
+        h = harness({"g1": tenant(emu, tmp_path)}, connector_factory=fast)
+        assert h.sync("g1").status == "succeeded"
+        hired: list[int] = []
+
+        def hire() -> None:
+            hired.append(org.hire("Mia", "Midrun").n)
+            org.add_member(1, hired[0])
+
+        emu.then = hire
+        seq = h.last_seq()
+        r = h.sync("g1")
+        assert r.status == "succeeded", r.error
+        assert hired and h.changes("g1", after=seq) == []
+        address = org.people[hired[0]].email
+        assert not [g for g in h.groups("g1").values() if address in g["raw_attributes"].get("externalMembers", [])]
+        assert "1 member(s) with an address of this directory that users.list did not return" in " ".join(r.notes)
+
+        seq = h.last_seq()
+        r = h.sync("g1")
+        assert r.status == "succeeded", r.error
+        uid = user_id(hired[0])
+        assert (group_id(1), uid) in h.members("g1")
+        assert Counter(h.changes("g1", after=seq)) == Counter(
+            [("user.created", uid)] + [("group.user_added", g, u) for g, u in expected_members(emu) if u == uid]
+        )
+        assert h.sync("g1").events == 0
 
 
 def test_sync_with_api_url_set_to_the_api_root_fails_with_a_configuration_error(

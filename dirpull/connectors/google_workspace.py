@@ -236,6 +236,7 @@ class _Direct:
     groups: list[str] = field(default_factory=list)
     customer: bool = False
     external: list[str] = field(default_factory=list)
+    unlisted: list[str] = field(default_factory=list)  # addresses of this directory users.list did not return
     unreadable: bool = False  # a nested group whose members the admin may not read (403)
 
 
@@ -681,6 +682,7 @@ class GoogleWorkspaceConnector(CountsRequests):
         quarantined: list[Quarantined] = []
         email_to_id: dict[str, str] = {}
         domain_ids: set[str] = set()
+        user_domains: set[str] = set()  # the domains of the listed users' addresses
         ou_scope: set[str] | None = set() if self.org_units else None
         paths: set[str | None] = set()  # the org units users were listed in (only with an org-unit scope)
         # Login times and etags change without changing the user: left out of the digest, unless
@@ -727,6 +729,7 @@ class GoogleWorkspaceConnector(CountsRequests):
                         quarantined.append(Quarantined("user", uid, "user record without primaryEmail"))
                         continue
                     email_to_id[email.lower()] = uid
+                    user_domains.add(_domain(email))
                     for alias in raw.get("aliases") or []:
                         if isinstance(alias, str):
                             email_to_id.setdefault(alias.lower(), uid)
@@ -769,13 +772,23 @@ class GoogleWorkspaceConnector(CountsRequests):
                 notes.append(f"configured groups not found: {', '.join(missing)}")
 
         keep: set[str] = set()
-        with _MemberReads(lambda gid: self._members_of(session, gid, domain_ids, listed), self.workers) as reads:
+
+        def members_of(gid: str) -> _Direct | None:
+            return self._members_of(session, gid, domain_ids, listed, user_domains)
+
+        with _MemberReads(members_of, self.workers) as reads:
             reads.start([g["id"] for g in groups])
             if not self.group_filter:
                 # The scope is known already: hand the users on now, so the sync diffs them while
                 # the members are read (the longest part of a run: one request per group and page).
                 keep = yield from self._emit_users(spool, quarantined, email_to_id, domain_ids, in_ous, sources)
             direct = reads.result()
+        unlisted = {a for d in direct.values() for a in d.unlisted}
+        if unlisted:
+            notes.append(
+                f"{len(unlisted)} member(s) with an address of this directory that users.list did not return "
+                "(hired while the run read, or not visible to this admin) left out until a run lists them"
+            )
         unreadable = sorted(gid for gid, d in direct.items() if d.unreadable)
         if unreadable:
             shown = ", ".join(unreadable[:10]) + (" …" if len(unreadable) > 10 else "")
@@ -877,7 +890,9 @@ class GoogleWorkspaceConnector(CountsRequests):
     def _group_selected(self, raw: dict[str, Any]) -> bool:
         return any(k in self.group_filter for k in _group_keys(raw))
 
-    def _members_of(self, session: _Session, gid: str, domain_ids: set[str], listed: set[str]) -> _Direct | None:
+    def _members_of(
+        self, session: _Session, gid: str, domain_ids: set[str], listed: set[str], user_domains: set[str]
+    ) -> _Direct | None:
         result = _Direct()
         try:
             for body in session.pages("members", "members.list", may_vanish=True, groupKey=gid,
@@ -895,6 +910,12 @@ class GoogleWorkspaceConnector(CountsRequests):
                     elif kind == "USER" and mid in domain_ids:
                         # One string per user however many groups list them (~8 at 100k users).
                         result.users.append(intern(mid))
+                    elif kind == "USER" and isinstance(email, str) and _domain(email) in user_domains:
+                        # One of this directory's people whom users.list did not return: hired
+                        # after the listing passed them (Google has no delta; a run reads for
+                        # minutes). Kept by address, they read as an outsider joining the group,
+                        # then leaving once a run lists them: left to that run instead.
+                        result.unlisted.append(email.lower())
                     elif kind in ("USER", "EXTERNAL") and isinstance(email, str):
                         # Not a user of this domain (a consumer account, a partner): no idp_id to
                         # pair with, so it is kept on the group by address.
@@ -1014,6 +1035,10 @@ def _group_keys(raw: dict[str, Any]) -> set[str]:
             keys.update(str(a).lower() for a in aliases)
     keys.discard("")
     return keys
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
 
 
 def _flatten(gid: str, direct: dict[str, _Direct]) -> tuple[set[str], bool, set[str]]:

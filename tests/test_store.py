@@ -967,10 +967,13 @@ def test_stores_in_two_schemas_of_one_database_do_not_wait_for_each_others_locks
 # A test process on the PostgreSQL test server: it makes its database (conftest), says its name,
 # and then ends as told: "crash" without its session's end (an xdist worker that died, a run killed
 # with SIGKILL), "hold" alive until its stdin closes, then ends its session, "end" at once, cleanly.
+# Its databases bear a mark of their own: under the suite's, the crashed one's would be swept by
+# any test process starting meanwhile on another worker, before this test sees it left behind.
 _TEST_PROCESS = """
 import os, sys
 sys.path.insert(0, sys.argv[1])
 import conftest
+conftest._OWN_MARK = "_tq_"
 print(conftest.pg_url_or_skip().rsplit("/", 1)[1].split("?")[0], flush=True)
 if sys.argv[2] == "crash":
     os._exit(0)

@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from dirpull.config import Config, parse_config
 from dirpull.storage.store import Store
 from dirpull.sync.runner import Runner, RunResult
+
+
+@contextmanager
+def closed_port() -> Iterator[int]:
+    """A loopback port nothing listens on, for as long as the block runs: bound, not listening, so
+    a connection to it is refused. A port bound and let go at once is free for the kernel to give
+    to the next process binding port 0 (another test worker's emulator, proxy or PostgreSQL relay),
+    which then answers the test's connections."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        yield holder.getsockname()[1]
 
 
 class SyncHarness:

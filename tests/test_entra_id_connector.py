@@ -341,14 +341,13 @@ def test_a_host_that_cannot_be_reached_is_named_in_the_error(graph: GraphEmulato
     """A run that gives up on a dropped or refused connection says where it tried to go: the token
     endpoint's failure named no URL at all ("token: ConnectError"), and Graph's first request
     only its path, so a wrong `login_url`/`graph_url` or cloud could not be told from an outage."""
-    import socket
+    from harness import closed_port
 
-    with socket.socket() as probe:  # a loopback port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    url = closed if host == "login_url" else closed + "/v1.0"
-    with pytest.raises(ConnectorError, match="gave up after 5 attempts") as exc:
-        pull(connector(graph, tmp_path, **{host: url}))
+    with closed_port() as port:
+        closed = f"http://127.0.0.1:{port}"
+        url = closed if host == "login_url" else closed + "/v1.0"
+        with pytest.raises(ConnectorError, match="gave up after 5 attempts") as exc:
+            pull(connector(graph, tmp_path, **{host: url}))
     assert closed in str(exc.value) and "ConnectError" in str(exc.value)
     assert graph.client_secret not in str(exc.value)
 

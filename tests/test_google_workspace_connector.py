@@ -1040,15 +1040,14 @@ def test_a_token_endpoint_that_cannot_be_reached_is_the_url_named(emu: GoogleEmu
     """The key file's token_uri is another host than api_url (oauth2.googleapis.com beside
     admin.googleapis.com): a proxy or firewall blocking it was reported as a failure talking to
     api_url, which answers fine."""
-    import socket
+    from harness import closed_port
 
-    with socket.socket() as probe:  # a loopback port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    sleeps = Sleeps()
-    c = with_token_uri(emu, tmp_path, f"{closed}/token", sleeps)
-    with pytest.raises(ConnectorError) as err:
-        list(c.pull(None, full=False))
+    with closed_port() as port:
+        closed = f"http://127.0.0.1:{port}"
+        sleeps = Sleeps()
+        c = with_token_uri(emu, tmp_path, f"{closed}/token", sleeps)
+        with pytest.raises(ConnectorError) as err:
+            list(c.pull(None, full=False))
     message = str(err.value)
     assert f"talking to {closed}/token" in message and "Connection refused" in message, message
     assert emu.base_url not in message and len(sleeps) == 1

@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from conftest import PG_ENV, pg_url_or_skip
+from harness import closed_port
 from typer.testing import CliRunner
 
 from dirpull.cli import app
@@ -546,29 +547,28 @@ def _cli(config: str, *args: str):
 
 
 def test_unreachable_store_is_one_line_naming_the_host_without_the_password(store_kind: str, tmp_path: Path):
-    if store_kind == "postgresql":
-        real = sa.engine.make_url(pg_url_or_skip())
-        with __import__("socket").socket() as sock:  # a port nobody listens on
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        url = real.set(port=port).render_as_string(hide_password=False)
-        where, secret = f"127.0.0.1:{port}", real.password
-    else:
-        # A folder where the file should be: SQLite cannot open it. (A missing folder is named as
-        # such: test_cli.py::test_a_sqlite_store_whose_folder_is_missing_is_named_not_cannot_connect.)
-        (tmp_path / "a-folder").mkdir()
-        url = f"sqlite:///{tmp_path / 'a-folder'}"
-        where, secret = "a-folder", None
-    config = _config(tmp_path, url)
-    for args in (["run", "--max-seconds", "1"], ["status"], ["users", "hr"], ["db", "upgrade"], ["db", "check"]):
-        r = _cli(config, *args)
-        assert r.exit_code == 1, (args, r.output)
-        lines = r.stderr.strip().splitlines()
-        assert len(lines) == 1, (args, r.stderr)
-        assert where in lines[0] and "cannot connect" in lines[0], lines[0]
-        assert "Traceback" not in r.output
-        if secret:
-            assert secret not in r.output and "***" in lines[0]
+    with contextlib.ExitStack() as stack:  # the PostgreSQL port held closed until the end
+        if store_kind == "postgresql":
+            real = sa.engine.make_url(pg_url_or_skip())
+            port = stack.enter_context(closed_port())
+            url = real.set(port=port).render_as_string(hide_password=False)
+            where, secret = f"127.0.0.1:{port}", real.password
+        else:
+            # A folder where the file should be: SQLite cannot open it. (A missing folder is named as
+            # such: test_cli.py::test_a_sqlite_store_whose_folder_is_missing_is_named_not_cannot_connect.)
+            (tmp_path / "a-folder").mkdir()
+            url = f"sqlite:///{tmp_path / 'a-folder'}"
+            where, secret = "a-folder", None
+        config = _config(tmp_path, url)
+        for args in (["run", "--max-seconds", "1"], ["status"], ["users", "hr"], ["db", "upgrade"], ["db", "check"]):
+            r = _cli(config, *args)
+            assert r.exit_code == 1, (args, r.output)
+            lines = r.stderr.strip().splitlines()
+            assert len(lines) == 1, (args, r.stderr)
+            assert where in lines[0] and "cannot connect" in lines[0], lines[0]
+            assert "Traceback" not in r.output
+            if secret:
+                assert secret not in r.output and "***" in lines[0]
 
 
 @pytest.fixture
@@ -1565,15 +1565,13 @@ def test_store_recovers_when_the_server_drops_its_connections(store_url):
 
 def test_a_store_password_given_in_the_query_is_hidden_in_store_errors(tmp_path: Path):
     # libpq (and so psycopg) takes the password as a query parameter too: ?password=…
-    with __import__("socket").socket() as sock:  # a port nobody listens on: no server needed
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    config = _config(tmp_path, f"postgresql+psycopg://dirpull@127.0.0.1:{port}/dirpull?password=hunter2-in-query")
-    for args in (["status"], ["users", "hr"], ["db", "check"]):
-        r = _cli(config, *args)
-        assert r.exit_code == 1, (args, r.output)
-        assert f"127.0.0.1:{port}" in r.stderr and "cannot connect" in r.stderr, r.stderr
-        assert "hunter2-in-query" not in r.output and "password=***" in r.stderr, r.stderr
+    with closed_port() as port:  # no server needed
+        config = _config(tmp_path, f"postgresql+psycopg://dirpull@127.0.0.1:{port}/dirpull?password=hunter2-in-query")
+        for args in (["status"], ["users", "hr"], ["db", "check"]):
+            r = _cli(config, *args)
+            assert r.exit_code == 1, (args, r.output)
+            assert f"127.0.0.1:{port}" in r.stderr and "cannot connect" in r.stderr, r.stderr
+            assert "hunter2-in-query" not in r.output and "password=***" in r.stderr, r.stderr
 
 
 def test_a_sqlite_commit_is_on_disk_when_it_returns(tmp_path):

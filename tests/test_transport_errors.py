@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import http.server
 import json
-import socket
 import ssl
 import threading
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from harness import closed_port
 from loopback_tls import self_signed_pem
 
 from dirpull.config import BambooHRTenant, EntraTenant, GoogleTenant, OktaTenant, WorkdayTenant
@@ -140,10 +140,9 @@ def run_error(provider: str, base: str, tmp_path: Path) -> str:
 
 
 @pytest.fixture
-def closed_url() -> str:
-    with socket.socket() as probe:  # a loopback port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+def closed_url() -> Iterator[str]:
+    with closed_port() as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

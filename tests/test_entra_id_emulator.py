@@ -98,12 +98,14 @@ def test_graph_requires_a_valid_unexpired_bearer_token(graph: GraphEmulator) -> 
     assert none.json()["error"]["code"] == "InvalidAuthenticationToken"
     assert {"date", "request-id", "client-request-id"} <= set(none.json()["error"]["innerError"])
 
-    graph.token_lifetime = 0.3
+    # Long enough to be used before it expires on a loaded machine, which can stall a second or two.
+    graph.token_lifetime = 2.5
     token = token_request(graph).json()
-    assert token["expires_in"] == 0
+    issued = time.time()  # after the token was minted: it expires by issued + its lifetime
+    assert token["expires_in"] == 2
     headers = {"Authorization": "Bearer " + token["access_token"]}
     assert requests.get(f"{graph.base_url}/v1.0/users", headers=headers, timeout=5).status_code == 200
-    time.sleep(0.4)
+    time.sleep(max(0.0, issued + graph.token_lifetime + 0.1 - time.time()))
     expired = requests.get(f"{graph.base_url}/v1.0/users", headers=headers, timeout=5)
     assert expired.status_code == 401 and expired.json()["error"]["code"] == "InvalidAuthenticationToken"
 

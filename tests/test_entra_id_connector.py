@@ -862,7 +862,8 @@ def test_manager_reads_throttled_together_wait_once(
     assert graph.faults.rate_limit == 0  # all eight were throttled
     stored = h.users("t1")
     assert all(stored[user_id(n)]["manager_idp_id"] == user_id(org.people[n].manager) for n in managed[:16])
-    assert r.duration_s < 3
+    # One wait: ~1.1 s idle, 1.65 s on a loaded CI machine; eight in turn take 8 s or more.
+    assert r.duration_s < 6
 
 
 def test_a_manager_read_that_fails_the_run_does_not_wait_out_another_reads_back_off(

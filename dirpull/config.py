@@ -707,6 +707,23 @@ class WorkdayTenant(TenantBase):
     fields: dict[str, str] = Field(default_factory=dict)
     group_column: str | None = None
     timeout: float = Field(300.0, gt=0, le=MAX_HTTP_TIMEOUT)
+    # Whose "today" the `{today}` prompt and the termination dates are read against: an IANA zone
+    # (the company's), or unset for the worker's local date. Workers in different zones sharing
+    # one store each flipped a worker's state on the day they disagreed on.
+    timezone: str | None = Field(None, min_length=1)
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {v!r}: an IANA name such as \"America/New_York\" or \"UTC\"") from None
+        return v
 
     @field_validator("fields")
     @classmethod

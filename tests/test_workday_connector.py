@@ -1690,3 +1690,52 @@ def test_a_refused_token_grant_names_the_keys_to_check(emu: WorkdayEmulator, tmp
     assert msg.startswith("OAuth refresh-token grant failed: token: HTTP "), msg
     assert msg.endswith("; check client_id, client_secret and refresh_token"), msg
     assert f"wrong-{refused}" not in msg or refused == "client_id", msg
+
+
+def _in_zone(monkeypatch: pytest.MonkeyPatch, zone: str) -> None:
+    """The machine's local zone, as a worker's TZ sets it (restored by monkeypatch, then tzset)."""
+    monkeypatch.setenv("TZ", zone)
+    time.tzset()
+
+
+@pytest.fixture
+def _restore_tz() -> Iterator[None]:
+    yield
+    time.tzset()  # after monkeypatch has put TZ back (fixtures end in reverse order)
+
+
+@pytest.mark.parametrize("timezone", [None, "UTC"])
+def test_workers_in_different_zones_agree_on_today_once_the_tenant_names_its_zone(
+    _restore_tz: None, monkeypatch: pytest.MonkeyPatch, harness: Any, emu: WorkdayEmulator, org: Org,
+    tmp_path: Path, timezone: str | None,
+) -> None:  # fmt: skip
+    """Two workers sharing a store, one whose machine is at UTC-12 and one at UTC+14 (their dates
+    always differ), each read a worker terminated "today" against its own date: every run of one
+    flipped them inactive, every run of the other back to active. With `timezone` set, both read
+    the tenant's date, and the prompt's `{today}` is that date too."""
+    from datetime import UTC, datetime
+
+    behind, ahead = "Etc/GMT+12", "Etc/GMT-14"  # POSIX names: the sign is inverted
+    _in_zone(monkeypatch, behind)
+    leaving = next(p for p in org.listed_people() if p.state == "active" and p.n > 2)
+    org.schedule_termination(leaving.n, date.today().isoformat())  # the last day worked, at UTC-12
+    cfg = tenant(emu, tmp_path, groups_report_url=None, timezone=timezone)
+    h = harness({"t1": cfg})
+    states = []
+    for zone in (behind, ahead, behind):
+        _in_zone(monkeypatch, zone)
+        r = h.sync("t1")
+        assert r.status == "succeeded", r.error
+        states.append(h.users("t1")[employee_id(leaving.n)]["state"])
+    if timezone is None:  # the documented default: each machine's own date
+        assert states == ["active", "inactive", "active"]
+        return
+    utc_today = datetime.now(UTC).date()
+    expected = "inactive" if date.fromisoformat(leaving.termination_date or "") < utc_today else "active"
+    assert states == [expected] * 3
+    assert [p["Effective_as_of_Date"] for p in emu.prompts_log[-3:]] == [utc_today.isoformat()] * 3
+
+
+def test_an_unknown_timezone_is_a_mistake_in_the_tenants_table(emu: WorkdayEmulator, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"unknown time zone 'Mars/Olympus'.*IANA"):
+        WorkdayTenant.model_validate(tenant(emu, tmp_path, timezone="Mars/Olympus"))

@@ -29,9 +29,10 @@ import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent import futures
 from concurrent.futures import Future
-from datetime import date
+from datetime import date, datetime
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from zoneinfo import ZoneInfo
 
 import ijson
 import requests
@@ -110,6 +111,14 @@ _INACTIVE_STATUS = {"terminated", "inactive", "retired", "deceased"}
 _PLACEHOLDER = re.compile(r"\{today(?::([^}]*))?\}")
 # Fields a users report without any of their columns gets a note about.
 _NOTED_FIELDS = ("email", "first_name", "last_name", "display_name", "manager", "job_title", "department")
+
+
+def _today_in(zone: str | None) -> Callable[[], date]:
+    """Today's date in `zone` (the tenant's `timezone`), or the machine's local date."""
+    if zone is None:
+        return date.today
+    tz = ZoneInfo(zone)
+    return lambda: datetime.now(tz).date()
 
 
 def fill_prompt(value: str, today: date) -> str:
@@ -250,7 +259,7 @@ class WorkdayConnector(CountsRequests):
         for name in ("users_report_url", "groups_report_url", "token_url"):  # a password or a token each
             warn_plain_http(tenant, name, getattr(settings, name, None))
         self.policy_factory = policy_factory or RetryPolicy
-        self.today = today or date.today
+        self.today = today or _today_in(getattr(settings, "timezone", None))
         self.page_size = page_size
         fields = {_FIELD_SYNONYMS.get(k, k): v for k, v in (settings.fields or {}).items()}
         unknown = sorted(set(fields) - set(DEFAULT_COLUMNS))

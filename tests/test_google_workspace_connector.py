@@ -797,17 +797,21 @@ class _ChangesAfterTheListing(GoogleEmulator):
         return answer
 
 
-def test_sync_a_person_hired_while_the_run_reads_is_not_taken_for_an_external_member(
-    tmp_path: Path, harness: Any
+@pytest.mark.parametrize(
+    "scope", [{}, {"groups": [group_id(1)]}, {"org_units": ["/Engineering"]}, {"org_units": ["/Sales"]}]
+)
+def test_sync_a_person_hired_while_the_run_reads_is_a_user_of_that_run(
+    tmp_path: Path, harness: Any, scope: dict[str, Any]
 ) -> None:
     """Google has no delta. A person hired after users.list has passed them, and put in a group
-    before its members are read, is a member the run has no user for: they were kept on the group
-    as an external address, as a partner's account is, a `group.updated` telling consumers an
-    outsider joined, and another that they left once the next run listed them. They are a user of
-    this directory, left (with their memberships) to the next run, and the run says so."""
+    before its members are read, is a member the run has no user for: kept on the group as an
+    external address (a `group.updated`, another once the next run listed them), then left out of
+    the run until one listed them. Google says who they are (users.get): a user of this run, with
+    their memberships (in the tenant's scope as users.list would have scoped them), and the next run
+    has nothing to change."""
     org = Org.generate(60, seed=7)
     with _ChangesAfterTheListing(org) as emu:
-        h = harness({"g1": tenant(emu, tmp_path)}, connector_factory=fast)
+        h = harness({"g1": tenant(emu, tmp_path, **scope)}, connector_factory=fast)
         assert h.sync("g1").status == "succeeded"
         hired: list[int] = []
 
@@ -819,20 +823,91 @@ def test_sync_a_person_hired_while_the_run_reads_is_not_taken_for_an_external_me
         seq = h.last_seq()
         r = h.sync("g1")
         assert r.status == "succeeded", r.error
-        assert hired and h.changes("g1", after=seq) == []
+        uid = user_id(hired[0])
+        if scope.get("org_units") == ["/Sales"]:  # hired into Engineering: not this tenant's
+            assert h.changes("g1", after=seq) == [] and uid not in h.users("g1")
+        else:
+            assert (group_id(1), uid) in h.members("g1")
+            assert Counter(h.changes("g1", after=seq)) == Counter(
+                [("user.created", uid)]
+                + [("group.user_added", g, u) for g, u in expected_members(emu) if u == uid and g in h.groups("g1")]
+            )
         address = org.people[hired[0]].email
         assert not [g for g in h.groups("g1").values() if address in g["raw_attributes"].get("externalMembers", [])]
-        assert "1 member(s) with an address of this directory that users.list did not return" in " ".join(r.notes)
+        assert not [n for n in r.notes if "users.list did not return" in n]
 
-        seq = h.last_seq()
         r = h.sync("g1")
-        assert r.status == "succeeded", r.error
-        uid = user_id(hired[0])
-        assert (group_id(1), uid) in h.members("g1")
-        assert Counter(h.changes("g1", after=seq)) == Counter(
-            [("user.created", uid)] + [("group.user_added", g, u) for g, u in expected_members(emu) if u == uid]
-        )
-        assert h.sync("g1").events == 0
+        assert r.status == "succeeded" and r.events == 0, r.error
+        # Stored as the listing gives it: the next run's digest matched without a users.get.
+        assert not [p for _, p in emu.request_log if f"/users/{uid}" in p.split("?")[0]][1:]
+
+
+def test_sync_an_unmanaged_account_with_a_company_address_stays_an_external_member(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any
+) -> None:
+    """A Google account using a company address that is not the customer's (an unmanaged,
+    "conflicting" account) is a USER member users.list never returns: it was left out of every
+    run with the same note. Google does not find it (users.get 404): an outsider, kept on the group
+    by address, without a note, and the next run changes nothing."""
+    address = f"old.contractor@{emu.org.domain}"
+    emu.unmanaged_members[2] = {address}
+    h = harness({"g1": tenant(emu, tmp_path)}, connector_factory=fast)
+    r = h.sync("g1")
+    assert r.status == "succeeded", r.error
+    assert address in h.groups("g1")[group_id(2)]["raw_attributes"]["externalMembers"]
+    assert not [n for n in r.notes if "users.list did not return" in n]
+    assert set(h.users("g1")) == {user_id(p.n) for p in emu.org.listed_people()}
+    r = h.sync("g1")
+    assert r.status == "succeeded" and r.events == 0, r.error
+    assert not [n for n in r.notes if "users.list did not return" in n]
+
+
+@pytest.mark.parametrize("refusal", ["forbidden", "failing"])
+def test_sync_a_member_users_get_cannot_read_is_left_out_with_a_note(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any, refusal: str
+) -> None:
+    """A member users.list did not return and users.get may not read (a user outside what this
+    admin sees: 403) or cannot (it keeps failing): who they are is not known, so they are left out
+    of the run, neither a user nor an external address that would flip once a run lists them, and
+    the run says so."""
+    org = emu.org
+    hidden = next(n for n in sorted(org.groups[3].members) if n != 1)
+    emu.hidden_people.add(hidden)  # users.list leaves them out, users.get answers 403
+    if refusal == "failing":
+        emu.faults.update({"error": 1000, "error_status": 503, "path": "/admin/directory/v1/users/"})
+    listed = {p.n for p in org.listed_people()} - {hidden}
+    h = harness({"g1": tenant(emu, tmp_path)}, connector_factory=fast)
+    r = h.sync("g1")
+    assert r.status == "succeeded", r.error
+    uid = user_id(hidden)
+    assert uid not in h.users("g1") and not [m for m in h.members("g1") if m[1] == uid]
+    assert h.members("g1") == expected_members(emu, listed)
+    address = emu._email(org.people[hidden])
+    assert not [g for g in h.groups("g1").values() if address in g["raw_attributes"].get("externalMembers", [])]
+    assert "1 member(s) with an address of this directory that users.list did not return and users.get " \
+        "could not read" in " ".join(r.notes)
+    r = h.sync("g1")
+    assert r.status == "succeeded" and r.events == 0, r.error
+
+
+def test_sync_asks_users_get_about_a_bounded_number_of_unlisted_members(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory whose groups hold many accounts users.list does not return (unmanaged accounts
+    with company addresses) costs at most UNLISTED_READS users.get a run; the rest are left out,
+    and the run says how many were not checked."""
+    monkeypatch.setattr("dirpull.connectors.google_workspace.UNLISTED_READS", 2)
+    emu.unmanaged_members[2] = {f"unmanaged.{i}@{emu.org.domain}" for i in range(3)}
+    h = harness({"g1": tenant(emu, tmp_path)}, connector_factory=fast)
+    emu.request_log.clear()
+    r = h.sync("g1")
+    assert r.status == "succeeded", r.error
+    assert len([p for _, p in emu.request_log if "/admin/directory/v1/users/" in p]) == 2
+    assert len(h.groups("g1")[group_id(2)]["raw_attributes"].get("externalMembers", [])) == 2
+    assert "1 member(s) with an address of this directory that users.list did not return not checked " \
+        "(users.get is asked about at most 2 a run)" in " ".join(r.notes)
+    r = h.sync("g1")
+    assert r.status == "succeeded" and r.events == 0, r.error
 
 
 def test_sync_with_api_url_set_to_the_api_root_fails_with_a_configuration_error(

@@ -551,3 +551,30 @@ def test_switches_over_http_take_only_what_they_say(emu: GoogleEmulator) -> None
     assert requests.post(url, json={"silent_empty": False}, timeout=5).ok
     users = svc.users().list(customer="my_customer", maxResults=5).execute()["users"]
     assert "primaryEmail" not in users[1] and users[1]["id"] == user_id(2)
+
+
+def test_users_get_answers_a_user_by_id_address_or_alias_and_refuses_the_rest(emu: GoogleEmulator) -> None:
+    """users.get renders a user as users.list does; 404 for an account that is not the customer's
+    (an unmanaged account with a company address included), 403 for a user this admin may not see."""
+    users = service(emu).users()
+    listed = {u["id"]: u for u in all_pages(users, users.list(customer="my_customer"), "users")[0]}
+    p = emu.org.people[4]
+    got = users.get(userKey=user_id(4)).execute()
+    assert {k: v for k, v in got.items() if k not in ("etag", "lastLoginTime")} == {
+        k: v for k, v in listed[user_id(4)].items() if k not in ("etag", "lastLoginTime")
+    }
+    assert users.get(userKey=p.email).execute()["id"] == user_id(4)
+    assert users.get(userKey=got["aliases"][0]).execute()["id"] == user_id(4)
+    emu.unmanaged_members[2] = {f"unmanaged@{emu.org.domain}"}
+    member = next(m for m in service(emu).members().list(groupKey=group_id(2)).execute()["members"]
+                  if m["email"] == f"unmanaged@{emu.org.domain}")  # fmt: skip
+    assert member["type"] == "USER"
+    for key in (member["id"], member["email"], "nobody@example.test"):
+        with pytest.raises(HttpError) as err:
+            users.get(userKey=key).execute()
+        assert err.value.status_code == 404 and reason(err.value) == "notFound"
+    emu.hidden_people.add(4)
+    with pytest.raises(HttpError) as err:
+        users.get(userKey=user_id(4)).execute()
+    assert err.value.status_code == 403 and reason(err.value) == "forbidden"
+    assert user_id(4) not in {u["id"] for u in all_pages(users, users.list(customer="my_customer"), "users")[0]}

@@ -13,7 +13,10 @@ The Directory API has no delta, so every run is a full snapshot:
    (cycles are safe); a CUSTOMER member (the whole domain) is expanded to every user in scope;
    EXTERNAL members (and USER members who are not users of this domain) cannot be memberships
    because a membership names a user idp_id, so their addresses are kept on the group, in
-   `raw_attributes["externalMembers"]`.
+   `raw_attributes["externalMembers"]`. A USER member with an address of the listed users'
+   domains whom users.list did not return is looked up with users.get (at most UNLISTED_READS a
+   run): someone hired while the run read is a user of this run, an account Google does not find
+   is external, one it will not show is left out (see `_resolve_unlisted`).
 3. Users (scoped) are yielded as soon as their scope is known — right after users.list, before any
    member is fetched, unless a group scope is configured — then groups, then flattened
    memberships; `Done(snapshot=True)`.
@@ -61,6 +64,7 @@ from dirpull.connectors.base import (
 from dirpull.connectors.deadline import DEADLINES
 from dirpull.connectors.http import (
     PagingGuard,
+    RetriesExhausted,
     RetryPolicy,
     ending_also_with,
     env_ca_file,
@@ -97,6 +101,10 @@ THROTTLE_REASONS = frozenset({"userRateLimitExceeded", "rateLimitExceeded", "quo
 # keeps backing off (0.5 s, 1 s, … 32 s: over a minute of waits by the 8th) until a new minute's
 # quota is certain to have come, where an outage (5xx) gives up after the policy's max_attempts.
 THROTTLE_ATTEMPTS = 9
+# users.get reads a run may make for members users.list did not return (see `_resolve_unlisted`):
+# usually none or a handful; a directory full of unmanaged accounts with company addresses would
+# otherwise cost a request for each of them, every run.
+UNLISTED_READS = 100
 USER_VOLATILE = ("etag", "lastLoginTime", "thumbnailPhotoEtag")
 GROUP_VOLATILE = ("etag", "directMembersCount")
 
@@ -236,7 +244,8 @@ class _Direct:
     groups: list[str] = field(default_factory=list)
     customer: bool = False
     external: list[str] = field(default_factory=list)
-    unlisted: list[str] = field(default_factory=list)  # addresses of this directory users.list did not return
+    # USER members with an address of this directory whom users.list did not return: (userKey, address)
+    unlisted: list[tuple[str, str]] = field(default_factory=list)
     unreadable: bool = False  # a nested group whose members the admin may not read (403)
 
 
@@ -683,6 +692,7 @@ class GoogleWorkspaceConnector(CountsRequests):
         email_to_id: dict[str, str] = {}
         domain_ids: set[str] = set()
         user_domains: set[str] = set()  # the domains of the listed users' addresses
+        customer_ids: set[Any] = set()  # the listed users' customerId
         ou_scope: set[str] | None = set() if self.org_units else None
         paths: set[str | None] = set()  # the org units users were listed in (only with an org-unit scope)
         # Login times and etags change without changing the user: left out of the digest, unless
@@ -696,6 +706,15 @@ class GoogleWorkspaceConnector(CountsRequests):
         # failure of its own) otherwise waited out the next page's back-off, JOIN_S and then behind
         # the failed run, still calling Google.
         stop = threading.Event()
+
+        def index(raw: dict[str, Any], uid: str, email: str) -> bytes | None:
+            """Makes a user's addresses known (managers and members name users by address) and
+            returns the record's share of its source digest."""
+            email_to_id[email.lower()] = uid
+            for alias in raw.get("aliases") or []:
+                if isinstance(alias, str):
+                    email_to_id.setdefault(alias.lower(), uid)
+            return sources.record_part(raw if whole else without(raw, USER_VOLATILE)) if sources else None
 
         def list_users() -> Iterator[dict[str, Any]]:
             with ending_also_with(stop):
@@ -717,6 +736,7 @@ class GoogleWorkspaceConnector(CountsRequests):
                     # Google promises no order for a user's emails, aliases, organizations…: one
                     # listing may send them in another order than the last, the same user.
                     raw = unordered_lists(raw, _primary)
+                    customer_ids.add(raw.get("customerId"))
                     # Known to the domain even when unreadable, so its memberships are not mistaken
                     # for external ones.
                     domain_ids.add(intern(uid))
@@ -728,13 +748,8 @@ class GoogleWorkspaceConnector(CountsRequests):
                     if not isinstance(email, str) or not email:
                         quarantined.append(Quarantined("user", uid, "user record without primaryEmail"))
                         continue
-                    email_to_id[email.lower()] = uid
                     user_domains.add(_domain(email))
-                    for alias in raw.get("aliases") or []:
-                        if isinstance(alias, str):
-                            email_to_id.setdefault(alias.lower(), uid)
-                    part = sources.record_part(raw if whole else without(raw, USER_VOLATILE)) if sources else None
-                    spool.add(raw, uid, part, _manager_value(raw))
+                    spool.add(raw, uid, index(raw, uid, email), _manager_value(raw))
         if not spool.ids:
             notes.append("users.list returned no users")
         elif self.org_units:
@@ -783,12 +798,15 @@ class GoogleWorkspaceConnector(CountsRequests):
                 # the members are read (the longest part of a run: one request per group and page).
                 keep = yield from self._emit_users(spool, quarantined, email_to_id, domain_ids, in_ous, sources)
             direct = reads.result()
-        unlisted = {a for d in direct.values() for a in d.unlisted}
-        if unlisted:
-            notes.append(
-                f"{len(unlisted)} member(s) with an address of this directory that users.list did not return "
-                "(hired while the run read, or not visible to this admin) left out until a run lists them"
-            )
+        customers = {c for c in customer_ids if isinstance(c, str) and c}
+        hired: list[tuple[dict[str, Any], bytes | None]] = []
+        for raw in self._resolve_unlisted(session, direct, domain_ids, customers, notes):
+            # Read by users.get instead of users.list: known to the domain and scoped alike.
+            uid = raw["id"]
+            domain_ids.add(intern(uid))
+            if ou_scope is not None and _in_ous(raw.get("orgUnitPath"), self.org_units):
+                ou_scope.add(uid)
+            hired.append((raw, index(raw, uid, raw["primaryEmail"])))
         unreadable = sorted(gid for gid, d in direct.items() if d.unreadable)
         if unreadable:
             shown = ", ".join(unreadable[:10]) + (" …" if len(unreadable) > 10 else "")
@@ -800,6 +818,7 @@ class GoogleWorkspaceConnector(CountsRequests):
             groups = [g for g in groups if g["id"] in direct]
 
         # 3. With a group scope: users in the scoped groups (and the org units, when both are set).
+        in_scope = in_ous
         if self.group_filter:
             member_scope: set[str] = set()
             for g in groups:
@@ -808,10 +827,24 @@ class GoogleWorkspaceConnector(CountsRequests):
                     member_scope = domain_ids
                     break
                 member_scope |= users
-            keep = yield from self._emit_users(
-                spool, quarantined, email_to_id, domain_ids, lambda uid: in_ous(uid) and uid in member_scope,
-                sources,
-            )
+
+            def in_scope(uid: str) -> bool:
+                return in_ous(uid) and uid in member_scope
+
+            keep = yield from self._emit_users(spool, quarantined, email_to_id, domain_ids, in_scope, sources)
+        if hired:
+            # Hired while the run read the groups: users of this run as if listed, normalized the
+            # same way and with the same digest (the next run, which lists them, finds them unchanged).
+            with spool_errors("create", SPOOLED_USERS):
+                file = tempfile.TemporaryFile(prefix="dirpull-users-")  # noqa: SIM115 - closed below
+            try:
+                hires = _UserSpool(file)
+                for raw, part in hired:
+                    hires.add(raw, raw["id"], part, _manager_value(raw))
+                keep |= yield from self._emit_users(hires, [], email_to_id, domain_ids, in_scope, sources)
+            finally:
+                with contextlib.suppress(OSError):
+                    file.close()
 
         # 5. Groups, with the addresses of members who are not users of this domain.
         page = Page(quarantined=[q for q in quarantined if q.kind == "group"])
@@ -887,6 +920,76 @@ class GoogleWorkspaceConnector(CountsRequests):
             yield page
         return emitted | {q.idp_id for q in quarantined if q.kind == "user" and q.idp_id and in_scope(q.idp_id)}
 
+    def _resolve_unlisted(
+        self, session: _Session, direct: dict[str, _Direct], domain_ids: set[str], customers: set[str],
+        notes: list[str],
+    ) -> list[dict[str, Any]]:
+        """Asks Google (users.get) about each USER member with an address of this directory whom
+        users.list did not return, and files them in `direct` by its answer. Returns the records of
+        those who are users of this tenant (hired while the run read the groups): their memberships
+        stand. A 404 (or another customer's account: an unmanaged account using a company address)
+        is an outsider, kept by address as any other. One this admin may not read (403, or the read
+        failing) is left out of the run, as are those past UNLISTED_READS: kept by address, they
+        would read as an outsider who joins, then leaves once a run lists them."""
+        keys: dict[str, str] = {}  # userKey → address
+        for d in direct.values():
+            for key, address in d.unlisted:
+                keys.setdefault(key, address)
+        if not keys:
+            return []
+        ordered = sorted(keys)
+        users: dict[str, str] = {}  # userKey → user id
+        found: dict[str, dict[str, Any]] = {}  # user id → record
+        outsiders: set[str] = set()
+        unreadable = 0
+        for key in ordered[:UNLISTED_READS]:
+            request = session.collection("users").get(userKey=key, projection=self.projection)
+            try:
+                raw = session.execute(request, "users.get", may_vanish=True)
+            except _GroupGone:  # 404: not a user of this customer
+                outsiders.add(key)
+                continue
+            except (_GroupForbidden, RetriesExhausted) as exc:
+                log.warning("%s%s: a member users.list did not return, left out of this run",
+                            tenant_prefix(self.tenant), getattr(exc, "where", exc))  # fmt: skip
+                unreadable += 1
+                continue
+            uid, email = raw.get("id"), raw.get("primaryEmail")
+            if not isinstance(uid, str) or not uid or not isinstance(email, str) or not email:
+                unreadable += 1  # a record that cannot be a user: left to a run that lists them
+            elif (customers and raw.get("customerId") not in customers) or (
+                self.domain and _domain(email) != self.domain.lower()
+            ):
+                # Another customer's, or another domain of this one than the tenant's: what
+                # users.list would not have listed either.
+                outsiders.add(key)
+            else:
+                users[key] = intern(uid)
+                if uid not in domain_ids:
+                    found.setdefault(uid, unordered_lists(raw, _primary))
+        for d in direct.values():
+            for key, address in d.unlisted:
+                if key in users:
+                    d.users.append(users[key])
+                elif key in outsiders:
+                    d.external.append(address)
+            d.unlisted = []
+        if unreadable:
+            notes.append(
+                f"{unreadable} member(s) with an address of this directory that users.list did not return and "
+                "users.get could not read (not visible to this admin, or failing) left out until a run lists them"
+            )
+        unchecked = len(ordered) - UNLISTED_READS
+        if unchecked > 0:
+            notes.append(
+                f"{unchecked} member(s) with an address of this directory that users.list did not return not "
+                f"checked (users.get is asked about at most {UNLISTED_READS} a run) left out until a run lists them"
+            )
+        if found:
+            log.info("%s%d user(s) hired while the run read the groups, read with users.get",
+                     tenant_prefix(self.tenant), len(found))  # fmt: skip
+        return list(found.values())
+
     def _group_selected(self, raw: dict[str, Any]) -> bool:
         return any(k in self.group_filter for k in _group_keys(raw))
 
@@ -911,11 +1014,12 @@ class GoogleWorkspaceConnector(CountsRequests):
                         # One string per user however many groups list them (~8 at 100k users).
                         result.users.append(intern(mid))
                     elif kind == "USER" and isinstance(email, str) and _domain(email) in user_domains:
-                        # One of this directory's people whom users.list did not return: hired
-                        # after the listing passed them (Google has no delta; a run reads for
-                        # minutes). Kept by address, they read as an outsider joining the group,
-                        # then leaving once a run lists them: left to that run instead.
-                        result.unlisted.append(email.lower())
+                        # An address of this directory whom users.list did not return: hired after
+                        # the listing passed them (Google has no delta; a run reads for minutes), or
+                        # an account that is not this customer's. Google is asked which, once the
+                        # members are read (`_resolve_unlisted`).
+                        key = mid if isinstance(mid, str) and mid else email
+                        result.unlisted.append((key, email.lower()))
                     elif kind in ("USER", "EXTERNAL") and isinstance(email, str):
                         # Not a user of this domain (a consumer account, a partner): no idp_id to
                         # pair with, so it is kept on the group by address.

@@ -8,6 +8,10 @@ What it serves (../shared/directory-apis.md §2, §6 rule 2):
                                                 1..500 (default 100), pageToken, projection,
                                                 customFieldMask, showDeleted, query, orderBy
                                                 (email|familyName|givenName) + sortOrder
+  GET  /admin/directory/v1/users/{key}          users.get: by id, primary address or alias;
+                                                projection, customFieldMask; 404 for anyone not
+                                                a user of this customer, 403 for a user this
+                                                admin may not see (`hidden_people`)
   GET  /admin/directory/v1/groups               groups.list: customer|domain|userKey, ≤200,
                                                 orderBy=email + sortOrder, query (email, name:
                                                 `=` or `:prefix*`; memberKey=, alone)
@@ -90,6 +94,11 @@ def _parse_id(value: str, prefix: str, width: int) -> int | None:
 def _foreign_group_id(address: str) -> str:
     """The id another organization's group has (not this customer's "03x8tuzt" form)."""
     return "04f" + hashlib.sha1(address.lower().encode()).hexdigest()[:12]
+
+
+def _unmanaged_id(address: str) -> str:
+    """The id of a Google account outside this customer (21 digits, not this customer's "1077")."""
+    return "1099" + f"{int(hashlib.sha1(address.lower().encode()).hexdigest()[:14], 16):017d}"[:17]
 
 
 def _non_editable_alias(email: str) -> str:
@@ -235,6 +244,14 @@ class GoogleEmulator(Emulator):
         # GROUP members; their own members.list answers 403, as it does for any group outside the
         # admin's customer. Empty unless a test sets it.
         self.foreign_subgroups: dict[int, set[str]] = {}
+        # Google accounts with an address in the customer's domain that are not the customer's (an
+        # unmanaged "conflicting" account, made before the domain was verified), Group.n → their
+        # addresses: listed as USER members; users.get does not find them (404).
+        self.unmanaged_members: dict[int, set[str]] = {}
+        # People (Person.n) outside what this admin may see (a delegated admin's role limited to
+        # some org units): users.list leaves them out and users.get answers 403, while members.list
+        # still names them.
+        self.hidden_people: set[int] = set()
         # Service accounts whose keys this emulator trusts: client_email → (key id, public key).
         self._accounts: dict[str, tuple[str, Any]] = {}
         self._default_account: dict[str, Any] | None = None
@@ -246,6 +263,7 @@ class GoogleEmulator(Emulator):
         self.route("POST", r"/token", self._token_endpoint)
         self.route("POST", r"/oauth2/v4/token", self._token_endpoint)
         self.route("GET", API + r"/users", self._users_list)
+        self.route("GET", API + r"/users/(?P<key>[^/]+)", self._users_get)
         self.route("GET", API + r"/groups", self._groups_list)
         self.route("GET", API + r"/groups/(?P<key>[^/]+)/members", self._members_list)
         self.route("GET", API + r"/groups/(?P<key>[^/]+)/hasMember/(?P<member>[^/]+)", self._has_member)
@@ -717,7 +735,7 @@ class GoogleEmulator(Emulator):
 
             def wanted(p: Person) -> bool:
                 gone = p.deleted or p.soft_deleted
-                if gone != deleted_only or not match(p):
+                if gone != deleted_only or not match(p) or p.n in self.hidden_people:
                     return False
                 return not domain or self._email(p).lower().endswith("@" + domain)
 
@@ -744,7 +762,7 @@ class GoogleEmulator(Emulator):
             for i in range(bisect_right(keys, after), len(keys)):
                 p = people[keys[i]]
                 gone = p.deleted or p.soft_deleted
-                if gone != deleted_only or not match(p):
+                if gone != deleted_only or not match(p) or p.n in self.hidden_people:
                     continue
                 if domain and not self._email(p).lower().endswith("@" + domain):
                     continue
@@ -759,6 +777,29 @@ class GoogleEmulator(Emulator):
             body["nextPageToken"] = _token("u", str(last))
         return Response(200, body)
 
+    # --- users.get -------------------------------------------------------------------------------
+
+    def _users_get(self, req: Request) -> Response:
+        """One user by id, primary address or alias, rendered as users.list renders it."""
+        try:
+            projection = req.arg("projection", "basic") or "basic"
+            if projection not in ("basic", "custom", "full"):
+                raise _bad(f"Invalid value for projection: {projection}", "invalidParameter")
+            mask_arg = req.arg("customFieldMask")
+            if mask_arg and projection != "custom":
+                raise _bad("Invalid Input: customFieldMask needs projection=custom", "invalid")
+        except _BadRequest as exc:
+            return exc.response
+        with self.org.lock:
+            p = self._find_person(unquote(req.params["key"]), alias=True)
+            if p is None:
+                # Deleted, never this customer's, or an unmanaged account with a company address.
+                return Response(404, google_error(404, "Resource Not Found: userKey", "notFound"))
+            if p.n in self.hidden_people:
+                return Response(403, google_error(403, "Not Authorized to access this resource/api", "forbidden"))
+            user = self.render_user(p, projection, set(mask_arg.split(",")) if mask_arg else None, time.time())
+        return Response(200, user)
+
     # --- groups.list -----------------------------------------------------------------------------
 
     def _direct_count(self, g: Group) -> int:
@@ -769,6 +810,7 @@ class GoogleEmulator(Emulator):
             + (1 if g.n in self.customer_groups else 0)
             + len(self.external_members.get(g.n, ()))
             + len(self.foreign_subgroups.get(g.n, ()))
+            + len(self.unmanaged_members.get(g.n, ()))
         )
 
     def render_group(self, g: Group) -> dict[str, Any]:
@@ -1010,6 +1052,18 @@ class GoogleEmulator(Emulator):
                         "email": address,
                         "role": "MEMBER",
                         "type": "GROUP",
+                        "status": "ACTIVE",
+                    }
+                )
+            for address in sorted(self.unmanaged_members.get(g.n, ())):
+                members.append(
+                    {
+                        "kind": "admin#directory#member",
+                        "etag": f'"u{g.n}-{address}"',
+                        "id": _unmanaged_id(address),
+                        "email": address,
+                        "role": "MEMBER",
+                        "type": "USER",
                         "status": "ACTIVE",
                     }
                 )

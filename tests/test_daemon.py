@@ -380,6 +380,38 @@ def test_a_sync_longer_than_its_interval_is_not_a_warning_every_interval(harness
     assert overlaps and overlaps[0].startswith("tenant good: its previous sync is still running")
 
 
+def test_a_fire_waiting_for_a_free_thread_is_not_logged_as_a_sync_still_running(harness, caplog, monkeypatch):
+    """Hundreds of tenants, `max_concurrent_syncs` at a time: a tenant whose fire waits behind
+    the busy threads skips its later fires. The log said "its previous sync is still running" for
+    it, a tenant with no sync running, perhaps one that never synced: the operator looking for
+    the stuck sync found none, and nothing said the worker was short of threads."""
+    import dirpull.sync.daemon as daemon_module
+
+    delays = iter([0.0, 0.3])  # big first, then small, in the order of the tenants' tables
+    monkeypatch.setattr(daemon_module, "first_fire_delay", lambda schedule: next(delays))
+    caplog.set_level("INFO", logger="dirpull.daemon")
+    gate = threading.Event()
+    dirs = {"big": Directory(users=people(20), gate=gate), "small": Directory(users=people(2))}
+    h = harness({name: {**TENANTS["good"], "schedule": "1s"} for name in dirs}, defaults={"max_concurrent_syncs": 1})
+    daemon = Daemon(h.config, h.store, connector_factory=lambda t, s: ScriptedConnector(dirs[t]))
+    daemon.start()
+    try:
+        assert dirs["big"].entered.wait(10)
+        time.sleep(2.5)  # two fires or so of small while its first waits for the thread
+        assert dirs["small"].pulls == 0
+    finally:
+        gate.set()
+        daemon.shutdown()
+    skipped = [r.getMessage() for r in caplog.records if "this fire is skipped" in r.getMessage()]
+    assert "tenant small: its previous sync is still running; this fire is skipped" not in skipped
+    assert (
+        "tenant small: its previous fire is still waiting for a free sync thread "
+        "(all 1 of max_concurrent_syncs are busy); this fire is skipped"
+    ) in skipped
+    # The tenant whose sync does run is still told apart.
+    assert "tenant big: its previous sync is still running; this fire is skipped" in skipped
+
+
 @pytest.mark.postgres  # the pool is PostgreSQL's: a SQLite file's writes go one at a time anyway
 @pytest.mark.timeout(120)
 def test_more_syncs_at_once_than_pool_size_all_apply(store_url, tmp_path):

@@ -213,7 +213,20 @@ class Daemon:
         self.scheduler.add_listener(self._overlap, EVENT_JOB_MAX_INSTANCES)
 
     def _overlap(self, event: JobSubmissionEvent) -> None:
-        log.info("tenant %s: its previous sync is still running; this fire is skipped", event.job_id)
+        tenant = event.job_id.removesuffix(_retry_id(""))
+        with self._lock:
+            running = tenant in self._busy
+        if running:
+            log.info("tenant %s: its previous sync is still running; this fire is skipped", tenant)
+            return
+        # APScheduler counts a fire queued for a pool thread as running: with every thread busy
+        # (many tenants, a few slow ones) the tenant has no sync under way, perhaps never had one,
+        # and what holds it back is the worker's number of threads, not a long sync.
+        log.info(
+            "tenant %s: its previous fire is still waiting for a free sync thread (all %d of "
+            "max_concurrent_syncs are busy); this fire is skipped",
+            tenant, self.config.defaults.max_concurrent_syncs,
+        )  # fmt: skip
 
     def fire(
         self, tenant: str, attempt: int = 0, due_after: int | None = None, after_failure: bool = False

@@ -1250,3 +1250,37 @@ def test_a_failed_run_the_store_could_not_take_is_recorded_with_its_error_once_t
     runs = h.store.runs("good")
     assert [r["status"] for r in runs] == ["succeeded", "failed"]
     assert runs[1]["error"] == "HTTP 500 from the directory (scripted)"
+
+
+def test_a_retry_scheduled_just_after_the_clock_is_stepped_back_still_waits_its_back_off(
+    harness, monkeypatch, no_jitter
+):
+    """A retry scheduled after the wall clock was stepped back, before the scheduler's next pass
+    noticed the step, was counted on the new clock already and then moved back once more by that
+    pass: an hour's step, and a failed run was retried at once instead of after its back-off."""
+    import apscheduler.schedulers.base as aps_base
+
+    import dirpull.sync.daemon as daemon_module
+
+    stepped = [timedelta()]
+
+    class WallClock(datetime):  # the machine's wall clock; the monotonic one goes on
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[override]
+            return datetime.now(tz) + stepped[0]
+
+    def step_back(_pages: int) -> None:  # NTP steps the clock while the run reads
+        stepped[0] = -timedelta(hours=1)
+
+    bad = Directory(users=people(2), page_size=1, fail_after_pages=1, on_page=step_back)
+    h = harness({"bad": {**TENANTS["bad"], "schedule": "1h"}})
+    monkeypatch.setattr(aps_base, "datetime", WallClock)  # the scheduler's
+    monkeypatch.setattr(daemon_module, "datetime", WallClock)  # the retries'
+    daemon = Daemon(h.config, h.store, backoff_base=30.0, connector_factory=lambda t, s: ScriptedConnector(bad))
+    daemon.start()
+    try:
+        assert wait_for(lambda: bad.pulls == 1 and daemon.failures.get("bad", 0) == 1)
+        time.sleep(2)  # the retry is due in 30 s
+        assert bad.pulls == 1
+    finally:
+        daemon.shutdown()

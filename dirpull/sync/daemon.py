@@ -79,12 +79,15 @@ class _QuietStopScheduler(BackgroundScheduler):
         much further away: an hour's step, an hour without a sync of a "5m" tenant. Those fires
         move back with the clock, so they still come when they were due; a cron tenant's stays at
         its wall-clock time. A step forward needs nothing: the fires it passed over are due, once."""
-        # The clock the scheduler compares fire times with (its module's `datetime`).
-        wall, mono = aps_base.datetime.now(UTC), time.monotonic()
-        last, self._clock = self._clock, (wall, mono)
-        if last is None:
-            return
-        step = (wall - last[0]) - timedelta(seconds=mono - last[1])
+        with self._jobstores_lock:  # also called by the threads adding jobs (`_real_add_job`)
+            # The clock the scheduler compares fire times with (its module's `datetime`).
+            wall, mono = aps_base.datetime.now(UTC), time.monotonic()
+            last, self._clock = self._clock, (wall, mono)
+            if last is None:
+                return
+            self._move_back((wall - last[0]) - timedelta(seconds=mono - last[1]))
+
+    def _move_back(self, step: timedelta) -> None:
         if step > -self.clock_step_tolerance:
             return
         log.warning(
@@ -100,6 +103,18 @@ class _QuietStopScheduler(BackgroundScheduler):
                 changes["trigger"] = trigger
             with contextlib.suppress(JobLookupError):  # a fire of its own just removed it (a retry)
                 job.modify(**changes)
+
+    # A job added or changed (a retry, a reloaded tenant) is counted on the wall clock as it is now:
+    # the jobs already there are brought onto that clock first. Left to the next pass, which the
+    # addition itself wakes, a step just before it moved the new job back too, a second time: a
+    # failed run's retry came at once, an hour's step ahead of its back-off.
+    def _real_add_job(self, job: Any, jobstore_alias: str, replace_existing: bool) -> None:
+        self._follow_clock_step_back()
+        super()._real_add_job(job, jobstore_alias, replace_existing)
+
+    def modify_job(self, job_id: str, jobstore: str | None = None, **changes: Any) -> Any:
+        self._follow_clock_step_back()  # a call of its own (`job.modify`) finds no step: it was just taken
+        return super().modify_job(job_id, jobstore, **changes)
 
 
 class _NoOverlapWarning(logging.Filter):

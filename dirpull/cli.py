@@ -890,8 +890,9 @@ def run(
     stopping = threading.Event()
     # Taken from here on: a SIGTERM while the store opens (a PostgreSQL server slow to answer, the
     # schema being made) ended the process by the default action, exit 143 and no "stopped" line,
-    # where a stop at any later moment is clean, exit 0.
-    with stop_on_signals(stopping):
+    # where a stop at any later moment is clean, exit 0. A second one exits at once, as later: the
+    # store may be waited for a while (a file locked by another process, connect_timeout).
+    with stop_on_signals(stopping, force_exit=True):
         store = _store(config, create=True, syncs=config.defaults.max_concurrent_syncs)
         try:
             for tenant in (name for name, t in config.tenants.items() if t.enabled):  # a disabled one never runs

@@ -1284,3 +1284,52 @@ def test_a_retry_scheduled_just_after_the_clock_is_stepped_back_still_waits_its_
         assert bad.pulls == 1
     finally:
         daemon.shutdown()
+
+
+
+@pytest.mark.postgres  # a server slow to answer: what keeps a daemon in its start-up long enough
+@pytest.mark.timeout(120)
+def test_a_second_sigterm_while_the_daemon_opens_its_store_exits_at_once(store_url, tmp_path):
+    """A second SIGTERM or Ctrl-C ends a stop at once (exit 143 / 130). While `dirpull run` still
+    opened its store (a server slow to answer) the second one did nothing: the process waited for
+    the server however many signals came."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from pg_relay import CommitCutter
+
+    from dirpull.emulators.bamboohr_api import BambooHREmulator
+    from dirpull.emulators.org import Org
+
+    emulator = BambooHREmulator(Org.generate(3, seed=5))
+    emulator.start()
+    relay = CommitCutter(store_url)
+    relay.hold()
+    proc = None
+    try:
+        lines = ["[store]", f"url = {json.dumps(relay.url_for(store_url))}", "connect_timeout = 30",
+                 "[defaults]", 'schedule = "2s"', "[tenants.hr]"]  # fmt: skip
+        lines += [f"{k} = {json.dumps(v)}" for k, v in emulator.tenant_config("hr", tmp_path).items()]
+        config = tmp_path / "dirpull.toml"
+        config.write_text("\n".join(lines) + "\n")
+        env = {k: v for k, v in os.environ.items() if k != "DIRPULL_STORE_URL"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "dirpull.cli", "--config", str(config), "run", "--max-seconds", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
+        )  # fmt: skip
+        assert relay.accepted.wait(60), "the daemon never connected to its store"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=15)  # the server is held for 30 s
+        assert proc.returncode == 143, out
+        assert "SIGTERM again while stopping: exiting now" in out, out
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        relay.close()
+        emulator.stop()

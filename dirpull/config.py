@@ -721,7 +721,9 @@ class WorkdayTenant(TenantBase):
 
         try:
             ZoneInfo(v)
-        except (ZoneInfoNotFoundError, ValueError):
+        # OSError: a folder of the zone database ("America", a region without its city), which
+        # ZoneInfo opens as a file; it came out of the load as a traceback.
+        except (ZoneInfoNotFoundError, ValueError, OSError):
             raise ValueError(f"unknown time zone {v!r}: an IANA name such as \"America/New_York\" or \"UTC\"") from None
         return v
 

@@ -701,3 +701,25 @@ def test_a_store_url_secret_that_cannot_be_read_names_the_key_and_the_variable(t
     monkeypatch.delenv("DIRPULL_TEST_STORE_URL", raising=False)
     msg = error_of(tmp_path, GOOD.replace("sqlite:///x.db", "env:DIRPULL_TEST_STORE_URL"))
     assert msg == f"{tmp_path / 'dirpull.toml'}: store.url: environment variable DIRPULL_TEST_STORE_URL is not set"
+
+
+def test_a_workday_timezone_naming_a_folder_or_a_data_file_of_the_zone_database_fails_the_load_naming_the_key(
+    tmp_path,
+):
+    """`timezone = "America"` (a zone's region without its city) raised IsADirectoryError out of
+    the load: a traceback from every command instead of the tenant's one-line mistake."""
+    table = """
+[tenants.wd]
+provider = "workday"
+users_report_url = "https://wd2-impl-services1.workday.com/ccx/service/customreport2/acme/ISU/Workers"
+username = "ISU"
+password = "x"
+"""
+    for zone in ("America", "Europe", "zone.tab"):
+        msg = error_of(tmp_path, table + f'timezone = "{zone}"\n')
+        assert f"tenants.wd.timezone: unknown time zone '{zone}'" in msg, msg
+    # Loaded by the daemon, the mistake makes only that tenant broken, saying why.
+    cfg = load_config(write(tmp_path, GOOD + table + 'timezone = "America"\n'), isolate_tenants=True)
+    assert set(cfg.tenants) == {"acme-hr"}
+    assert "tenants.wd.timezone: unknown time zone 'America'" in cfg.broken["wd"].message
+    assert load_config(write(tmp_path, table + 'timezone = "America/New_York"\n')).tenant("wd").timezone

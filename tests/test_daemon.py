@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -483,15 +485,14 @@ def test_more_syncs_at_once_than_pool_size_all_apply(store_url, tmp_path):
         emulator.stop()
 
 
-@pytest.mark.postgres  # a server slow to answer: what keeps a daemon in its start-up long enough
-@pytest.mark.timeout(120)
-def test_sigterm_while_the_daemon_opens_its_store_stops_it_cleanly(store_url, tmp_path):
-    """SIGTERM (systemd stopping the service, a rolling restart) while `dirpull run` was still
-    opening its store, a PostgreSQL server slow to answer, ended the process by the default
-    action: exit 143, no "stopped" line, where a stop at any later moment is clean, exit 0."""
+@contextlib.contextmanager
+def _daemon_held_at_its_store(store_url: str, tmp_path: Path) -> Iterator[Any]:
+    """`dirpull run` (one BambooHR tenant) in a process of its own, whose PostgreSQL store is
+    reached through a relay that holds its connections unanswered (a server slow to answer) until
+    `relay.release()`: yields (the process, its combined output pipe, the relay) once it has
+    connected, still opening its store."""
     import json
     import os
-    import signal
     import subprocess
     import sys
 
@@ -499,7 +500,6 @@ def test_sigterm_while_the_daemon_opens_its_store_stops_it_cleanly(store_url, tm
 
     from dirpull.emulators.bamboohr_api import BambooHREmulator
     from dirpull.emulators.org import Org
-    from dirpull.storage.store import Store
 
     emulator = BambooHREmulator(Org.generate(3, seed=5))
     emulator.start()
@@ -518,23 +518,37 @@ def test_sigterm_while_the_daemon_opens_its_store_stops_it_cleanly(store_url, tm
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
         )  # fmt: skip
         assert relay.accepted.wait(60), "the daemon never connected to its store"
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)  # delivered while the connection still waits for the server's answer
-        relay.release()
-        out, _ = proc.communicate(timeout=60)
-        assert proc.returncode == 0, out
-        assert out.rstrip().endswith("stopped"), out
-        store = Store(store_url)
-        try:
-            assert store.runs("hr") == [], "a sync was begun after the stop was asked for"
-        finally:
-            store.close()
+        yield proc, relay
     finally:
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait(10)
         relay.close()
         emulator.stop()
+
+
+@pytest.mark.postgres  # a server slow to answer: what keeps a daemon in its start-up long enough
+@pytest.mark.timeout(120)
+def test_sigterm_while_the_daemon_opens_its_store_stops_it_cleanly(store_url, tmp_path):
+    """SIGTERM (systemd stopping the service, a rolling restart) while `dirpull run` was still
+    opening its store, a PostgreSQL server slow to answer, ended the process by the default
+    action: exit 143, no "stopped" line, where a stop at any later moment is clean, exit 0."""
+    import signal
+
+    from dirpull.storage.store import Store
+
+    with _daemon_held_at_its_store(store_url, tmp_path) as (proc, relay):
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # delivered while the connection still waits for the server's answer
+        relay.release()
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert out.rstrip().endswith("stopped"), out
+    store = Store(store_url)
+    try:
+        assert store.runs("hr") == [], "a sync was begun after the stop was asked for"
+    finally:
+        store.close()
 
 
 def test_a_fire_that_found_the_lease_taken_does_not_skip_the_next_interval_for_that_run(harness):
@@ -1293,43 +1307,14 @@ def test_a_second_sigterm_while_the_daemon_opens_its_store_exits_at_once(store_u
     """A second SIGTERM or Ctrl-C ends a stop at once (exit 143 / 130). While `dirpull run` still
     opened its store (a server slow to answer) the second one did nothing: the process waited for
     the server however many signals came."""
-    import json
-    import os
     import signal
-    import subprocess
-    import sys
 
-    from pg_relay import CommitCutter
-
-    from dirpull.emulators.bamboohr_api import BambooHREmulator
-    from dirpull.emulators.org import Org
-
-    emulator = BambooHREmulator(Org.generate(3, seed=5))
-    emulator.start()
-    relay = CommitCutter(store_url)
-    relay.hold()
-    proc = None
-    try:
-        lines = ["[store]", f"url = {json.dumps(relay.url_for(store_url))}", "connect_timeout = 30",
-                 "[defaults]", 'schedule = "2s"', "[tenants.hr]"]  # fmt: skip
-        lines += [f"{k} = {json.dumps(v)}" for k, v in emulator.tenant_config("hr", tmp_path).items()]
-        config = tmp_path / "dirpull.toml"
-        config.write_text("\n".join(lines) + "\n")
-        env = {k: v for k, v in os.environ.items() if k != "DIRPULL_STORE_URL"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "dirpull.cli", "--config", str(config), "run", "--max-seconds", "60"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-        )  # fmt: skip
-        assert relay.accepted.wait(60), "the daemon never connected to its store"
+    with _daemon_held_at_its_store(store_url, tmp_path) as (proc, _relay):
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=15)  # the server is held for 30 s
         assert proc.returncode == 143, out
         assert "SIGTERM again while stopping: exiting now" in out, out
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        relay.close()
-        emulator.stop()
+
+

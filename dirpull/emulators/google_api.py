@@ -702,17 +702,22 @@ class GoogleEmulator(Emulator):
                 raise _bad("Invalid Input")
         return lambda p: all(c(p) for c in checks)
 
+    @staticmethod
+    def _projection(req: Request) -> tuple[str, set[str] | None]:
+        """users.list's and users.get's `projection` and `customFieldMask`, checked as Google does."""
+        projection = req.arg("projection", "basic") or "basic"
+        if projection not in ("basic", "custom", "full"):
+            raise _bad(f"Invalid value for projection: {projection}", "invalidParameter")
+        mask_arg = req.arg("customFieldMask")
+        if mask_arg and projection != "custom":
+            raise _bad("Invalid Input: customFieldMask needs projection=custom", "invalid")
+        return projection, set(mask_arg.split(",")) if mask_arg else None
+
     def _users_list(self, req: Request) -> Response:
         try:
             self._check_customer(req)
             limit = self._max_results(req, 100, 500)
-            projection = req.arg("projection", "basic") or "basic"
-            if projection not in ("basic", "custom", "full"):
-                raise _bad(f"Invalid value for projection: {projection}", "invalidParameter")
-            mask_arg = req.arg("customFieldMask")
-            if mask_arg and projection != "custom":
-                raise _bad("Invalid Input: customFieldMask needs projection=custom", "invalid")
-            mask = set(mask_arg.split(",")) if mask_arg else None
+            projection, mask = self._projection(req)
             deleted_only = (req.arg("showDeleted") or "").lower() == "true"
             match = self._matcher(req.arg("query"))
             domain = (req.arg("domain") or "").lower()
@@ -782,12 +787,7 @@ class GoogleEmulator(Emulator):
     def _users_get(self, req: Request) -> Response:
         """One user by id, primary address or alias, rendered as users.list renders it."""
         try:
-            projection = req.arg("projection", "basic") or "basic"
-            if projection not in ("basic", "custom", "full"):
-                raise _bad(f"Invalid value for projection: {projection}", "invalidParameter")
-            mask_arg = req.arg("customFieldMask")
-            if mask_arg and projection != "custom":
-                raise _bad("Invalid Input: customFieldMask needs projection=custom", "invalid")
+            projection, mask = self._projection(req)
         except _BadRequest as exc:
             return exc.response
         with self.org.lock:
@@ -797,7 +797,7 @@ class GoogleEmulator(Emulator):
                 return Response(404, google_error(404, "Resource Not Found: userKey", "notFound"))
             if p.n in self.hidden_people:
                 return Response(403, google_error(403, "Not Authorized to access this resource/api", "forbidden"))
-            user = self.render_user(p, projection, set(mask_arg.split(",")) if mask_arg else None, time.time())
+            user = self.render_user(p, projection, mask, time.time())
         return Response(200, user)
 
     # --- groups.list -----------------------------------------------------------------------------

@@ -1568,6 +1568,26 @@ def test_oauth_service_app_private_key_jwt(emu: OktaEmulator, tmp_path: Path) ->
     assert ("POST", "/oauth2/v1/token") in emu.request_log
 
 
+@pytest.mark.parametrize("dpop", [False, True], ids=["bearer", "dpop"])
+def test_an_oauth_token_refused_mid_run_is_renewed_and_the_run_goes_on(
+    emu: OktaEmulator, org: Org, tmp_path: Path, dpop: bool
+) -> None:
+    """An access token Okta stops taking during a run (its hour ran out while a request waited out
+    rate limits, or it was revoked) is 401 E0000011 on the next call: the run failed there, told
+    to check client_id and private_key, where Entra's and Google's get a new token and go on."""
+    cfg = {**oauth_app(emu, tmp_path), "backoff_base": 0.01, "dpop": dpop}
+    emu.dpop_required = dpop
+    emu.faults.update({"expire_auth": 1, "path": "/api/v1/groups"})
+    pages, _ = pull(connector(cfg))
+    assert len(users_of(pages)) == PEOPLE and {g.idp_id for p in pages for g in p.groups}
+    assert [p for _, p in emu.request_log].count("/oauth2/v1/token") == (3 if dpop else 2)  # + the nonce round
+    # A token refused again, freshly issued too, is a refusal: the run fails once, not in a loop.
+    emu.faults.update({"expire_auth": 3, "path": "/api/v1/groups"})
+    with pytest.raises(AuthError, match="list groups: HTTP 401"):
+        pull(connector(cfg))
+    assert emu.faults.expire_auth == 1
+
+
 @pytest.mark.parametrize("auth", ["api_token", "oauth"])
 def test_refused_credentials_name_the_keys_this_tenant_signs_in_with(
     emu: OktaEmulator, tmp_path: Path, auth: str

@@ -342,6 +342,7 @@ def _transport_class() -> type:
         first_date: float | None = None  # the `Date` of the run's first answer (`_Run.start`)
         dpop: Any = None  # the SDK's DPoPProofGenerator, with `dpop` (`_fresh_proof`)
         assertion: Callable[[], str] | None = None  # the SDK's `OAuth.get_JWT`, with OAuth (`_fresh_assertion`)
+        oauth: Any = None  # the SDK's `OAuth`, with client_id/private_key (`_renew_token`)
 
         async def send_request(self, request: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
             url = request["url"]
@@ -355,6 +356,7 @@ def _transport_class() -> type:
             what = f"{step + ': ' if step else ''}{request['method']} {redact_url(url)}"
             endpoint = rate_endpoint(url)
             attempt = 0
+            renewed = False
             while True:
                 attempt += 1
                 await self.throttle.pace(endpoint)
@@ -374,6 +376,11 @@ def _transport_class() -> type:
                 if self.first_date is None:
                     self.first_date = _server_date(resp.headers)
                 self.last = LastResponse(resp.status, resp.headers, body or "", url)
+                # A 401 with a DPoP-Nonce is the nonce challenge the SDK answers itself (RFC 9449 §9).
+                nonce = resp.headers.get("DPoP-Nonce")
+                if resp.status == 401 and not renewed and not nonce and await self._renew_token(request):
+                    renewed = True  # once: a fresh token refused too is a refusal
+                    continue
                 if resp.status == 429:
                     if attempt >= MAX_RATE_LIMITED_ATTEMPTS:
                         return req_info, resp, body, error  # classified by the caller
@@ -399,6 +406,26 @@ def _transport_class() -> type:
                         await self._wait(self.throttle.backoff(attempt), why, step)
                         continue
                 return req_info, resp, body, error
+
+        async def _renew_token(self, request: dict[str, Any]) -> bool:
+            """A new OAuth access token in `request` after a 401 on an API call: the token, taken
+            before the call, can run out while it waits out rate limits and retries, or be revoked
+            mid-run. False (nothing changed) with an api_token, on the token request itself, or when
+            Okta gives no new token: the 401 stands."""
+            headers = request.get("headers")
+            auth = headers.get("Authorization") if isinstance(headers, dict) else None
+            if self.oauth is None or not isinstance(auth, str) or not auth.startswith(("Bearer ", "DPoP ")):
+                return False
+            if urlsplit(request["url"]).path.endswith("/oauth2/v1/token"):
+                return False
+            refused = self.last
+            self.oauth.clear_access_token()
+            token, token_type, error = await self.oauth.get_oauth_token()  # through this transport
+            self.last = refused  # the call's own answer, whatever the token request's was
+            if error is not None or not token:
+                return False
+            headers["Authorization"] = f"{token_type} {token}"
+            return True
 
         def _fresh_assertion(self, request: dict[str, Any]) -> None:
             """A new `client_assertion` for a resent token request: Okta keeps the `jti` of every
@@ -740,6 +767,7 @@ class OktaConnector(CountsRequests):
             oauth._dpop_enabled = True
         transport.dpop = oauth.get_dpop_generator() if oauth is not None else None
         transport.assertion = oauth.get_JWT if oauth is not None else None  # its signer, for resends
+        transport.oauth = oauth
         run = _Run(sdk, transport)
 
         state = _parse_cursor(cursor) if not full else None

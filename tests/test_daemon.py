@@ -839,7 +839,8 @@ def test_no_retry_of_a_failed_run_after_the_daemon_stops(harness, no_jitter):
     daemon.start()
     try:
         assert wait_for(lambda: [r.status for r in daemon.results] == ["failed"], timeout=10)
-        assert daemon.scheduler.get_job("nightly (retry)") is not None
+        # (the result is kept before the fire schedules its retry)
+        assert wait_for(lambda: daemon.scheduler.get_job("nightly (retry)") is not None, timeout=10)
     finally:
         t0 = time.monotonic()
         daemon.shutdown()
@@ -848,6 +849,41 @@ def test_no_retry_of_a_failed_run_after_the_daemon_stops(harness, no_jitter):
     assert time.monotonic() - t0 < 15
     time.sleep(1.0)
     assert len(vendor.pulls) == 1 and [r["status"] for r in h.store.runs("nightly")] == ["failed"]
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_that_meets_a_failed_fire_adding_its_retry_does_not_hang(harness, no_jitter):
+    """A failed fire past its "stopping?" check as the stop came added its retry while the stop
+    waited for the running fires holding APScheduler's job-store lock, which the addition waits
+    for: the daemon never stopped (SIGTERM did nothing; CI caught it as a 300 s test timeout)."""
+    d = Directory(users=people(3))
+    vendor = FailingFirst(d, failures=1)
+    h = harness({"nightly": YEARLY})
+    daemon = Daemon(h.config, h.store, backoff_base=0.5, connector_factory=vendor)
+    reached, go = threading.Event(), threading.Event()
+    add_job = daemon.scheduler.add_job
+
+    def add_job_when_let(*args: Any, **kwargs: Any) -> Any:
+        if kwargs.get("id") == "nightly (retry)":
+            reached.set()
+            go.wait(10)
+        return add_job(*args, **kwargs)
+
+    daemon.scheduler.add_job = add_job_when_let  # type: ignore[method-assign]
+    daemon.start()
+    stopper = threading.Thread(target=daemon.shutdown, daemon=True)
+    try:
+        assert reached.wait(10), "the failed fire never scheduled its retry"
+        stopper.start()
+        assert wait_for(daemon.stop_event.is_set, timeout=5)
+        time.sleep(0.3)  # the stop now waits for the running fire
+        go.set()
+        stopper.join(10)
+        assert not stopper.is_alive(), "the daemon's stop hung on the fire adding its retry"
+    finally:
+        go.set()
+    time.sleep(1.0)  # the retry was due at once: it never runs
+    assert len(vendor.pulls) == 1
 
 
 def _write_config(path, store_url: str, tenants: dict[str, dict]) -> None:

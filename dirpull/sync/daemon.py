@@ -215,8 +215,9 @@ class Daemon:
         # Bumped by a reload that changes or unschedules the tenant: a run that started before it
         # used the settings replaced since, and its failure does not back off the new ones.
         self._generation: dict[str, int] = {}
+        self._executor = ThreadPoolExecutor(config.defaults.max_concurrent_syncs)
         self.scheduler = _QuietStopScheduler(
-            executors={"default": ThreadPoolExecutor(config.defaults.max_concurrent_syncs)},
+            executors={"default": self._executor},
             # No misfire grace limit: APScheduler checks it when a pool thread takes the fire, so
             # with every thread busy on long syncs a tenant's fire that queued longer than the grace
             # was dropped ("Run time of job … was missed") and the tenant skipped that round, the
@@ -631,7 +632,13 @@ class Daemon:
         SHUTDOWN.set()
         try:
             if self.scheduler.running:
-                self.scheduler.shutdown(wait=wait)
+                # The running fires are waited for outside the scheduler's locks: APScheduler's own
+                # wait holds its job-store lock, and a fire ending just then with a retry to add
+                # (past its stop check as the stop came) waited for that lock: the daemon hung on
+                # its stop for good. Stopped first, the scheduler files such a job as pending.
+                self.scheduler.shutdown(wait=False)
+                if wait:
+                    self._executor.shutdown(wait=True)
         finally:
             SHUTDOWN.clear()
 

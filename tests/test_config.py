@@ -708,13 +708,7 @@ def test_a_workday_timezone_naming_a_folder_or_a_data_file_of_the_zone_database_
 ):
     """`timezone = "America"` (a zone's region without its city) raised IsADirectoryError out of
     the load: a traceback from every command instead of the tenant's one-line mistake."""
-    table = """
-[tenants.wd]
-provider = "workday"
-users_report_url = "https://wd2-impl-services1.workday.com/ccx/service/customreport2/acme/ISU/Workers"
-username = "ISU"
-password = "x"
-"""
+    table = WORKDAY_BASIC
     for zone in ("America", "Europe", "zone.tab"):
         msg = error_of(tmp_path, table + f'timezone = "{zone}"\n')
         assert f"tenants.wd.timezone: unknown time zone '{zone}'" in msg, msg

@@ -144,7 +144,7 @@ class StateFilter(StrEnum):
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"dirpull: {message}", err=True)
+    typer.echo(logs.last_word(message), err=True)
     return typer.Exit(code)
 
 
@@ -158,6 +158,7 @@ def main_options(
     log_format: Annotated[str, typer.Option("--log-format", help="text or json.")] = "text",
 ) -> None:
     log_format = log_format.lower()  # as --log-level: JSON in a unit file is what the operator meant
+    logs.set_format(log_format if log_format == "json" else "text")  # this command's errors are said so
     if log_format not in ("text", "json"):
         raise fail("--log-format must be text or json")
     if log_level.lower() not in ("debug", "info", "warning", "error"):
@@ -1093,7 +1094,7 @@ def main() -> None:
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except StoreError as exc:  # the database went away mid-command: one line, no traceback
-        typer.echo(f"dirpull: {exc}", err=True)
+        typer.echo(logs.last_word(str(exc)), err=True)
         raise SystemExit(1) from None
 
 

@@ -52,7 +52,25 @@ class TextFormatter(logging.Formatter):
         return _utc(record)
 
 
+_format = "text"  # as `setup` set it
+
+
+def last_word(message: str) -> str:
+    """The line a command prints on stderr as it exits on an error: `dirpull: …`, or under
+    `--log-format json` a JSON object as every log line is — a unit's log shipper parsing JSON got
+    a plain line for the one error that stopped the daemon (its configuration, its store)."""
+    if _format != "json":
+        return f"dirpull: {message}"
+    return JsonFormatter().format(logging.LogRecord("dirpull", logging.ERROR, __file__, 0, message, None, None))
+
+
+def set_format(fmt: str) -> None:
+    global _format
+    _format = fmt
+
+
 def setup(level: str = "info", fmt: str = "text") -> None:
+    set_format(fmt)
     handler = _StderrHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()

@@ -2453,3 +2453,18 @@ def test_terminal_escapes_in_vendor_values_are_shown_not_obeyed_by_the_tables(en
     assert "vendor said \\x1b[31mred\\x1b[0m" in run(env, "runs", "hr").stdout
     titles = {u["job_title"] for u in jsonl(run(env, "users", "hr", "--json").stdout)}
     assert hostile.replace("\x00", "") in titles
+
+
+def test_a_fatal_error_under_log_format_json_is_a_json_line(env, tmp_path):
+    """The unit runs `dirpull --log-format json run`: the error that stops the daemon at start (its
+    configuration, its store) reaches the log shipper as JSON too, as every other line does."""
+    config = Path(env["config"])
+    broken = tmp_path / "broken.toml"
+    broken.write_text(config.read_text().replace('provider = "bamboohr"', 'provider = "bamboohr"\nbogus_key = 1', 1))
+    r = CliRunner().invoke(app, ["--config", str(broken), "--log-format", "json", "run", "--max-seconds", "1"])
+    assert r.exit_code == 2, r.stderr
+    [line] = jsonl(r.stderr)
+    assert line["level"] == "error" and "bogus_key" in line["msg"] and not line["msg"].startswith("dirpull:")
+    # The same mistake in text, as before.
+    r = CliRunner().invoke(app, ["--config", str(broken), "run", "--max-seconds", "1"])
+    assert r.exit_code == 2 and r.stderr.startswith("dirpull: ") and "bogus_key" in r.stderr

@@ -147,9 +147,10 @@ def _note_pending(pending: dict[str, dict[str, str]], eid: str, row: Any, today:
 
 def _recognized_row(text: bytes | None) -> Any:
     """A row recognized by its text (not parsed), parsed if it may show a flip still to come:
-    only one that says Inactive somewhere (a few in a hundred) or has a termination date (the
-    terminated, and the leavers) is parsed; None for the others."""
-    if text is None or (b"nactive" not in text and _DATED_END.search(text) is None):
+    only one that says Inactive somewhere, in any case (`_shows` reads the status so), a few in a
+    hundred, or has a termination date (the terminated, and the leavers) is parsed; None for the
+    others."""
+    if text is None or (b"nactive" not in text.lower() and _DATED_END.search(text) is None):
         return None
     try:
         return orjson.loads(text)

@@ -5,6 +5,7 @@ makes a throw-away RSA key), plus raw HTTP for the exact error shapes."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -91,6 +92,31 @@ def test_users_max_results_is_capped_at_500(emu: GoogleEmulator) -> None:
     with pytest.raises(HttpError) as err:
         svc.users().list(customer="my_customer", maxResults=0).execute()
     assert err.value.resp.status == 400
+
+
+@pytest.mark.parametrize("order", [{}, {"orderBy": "email"}], ids=["plain", "ordered"])
+def test_users_page_tokens_are_valid_for_three_days_only(emu: GoogleEmulator, order: dict[str, str]) -> None:
+    """users.list's nextPageToken is "only valid for three days" (directory-apis.md §2.1): the next
+    page asked for with an older token is refused (400), not served as if the listing were fresh.
+    The lifetime is shortened over the control endpoint rather than waited out."""
+    from dirpull.emulators.google_api import PAGE_TOKEN_LIFETIME
+
+    assert PAGE_TOKEN_LIFETIME == 3 * 86400
+    users = service(emu).users()
+    request = users.list(customer="my_customer", maxResults=50, **order)
+    first = request.execute()
+    assert len(users.list_next(request, first).execute()["users"]) == 50  # fresh: served
+    assert requests.post(f"{emu.base_url}/_emulator/google", json={"page_token_lifetime": 0.05}, timeout=5).ok
+    time.sleep(0.1)
+    with pytest.raises(HttpError) as err:
+        users.list_next(request, first).execute()
+    assert err.value.resp.status == 400 and reason(err.value) == "invalid"
+    # A token of groups.list is not one of users.list's (the reference gives no lifetime for it).
+    groups = service(emu).groups()
+    request = groups.list(customer="my_customer", maxResults=2)
+    assert groups.list_next(request, request.execute()).execute()["groups"]
+    refused = requests.post(f"{emu.base_url}/_emulator/google", json={"page_token_lifetime": -1}, timeout=5)
+    assert refused.status_code == 400
 
 
 def test_users_list_needs_customer_or_domain(emu: GoogleEmulator) -> None:

@@ -5,7 +5,8 @@ What it serves (../shared/directory-apis.md §2, §6 rule 2):
                                                 (RS256 signature checked against the key this
                                                 emulator made; `sub` = the impersonated admin)
   GET  /admin/directory/v1/users                users.list: customer|domain required, maxResults
-                                                1..500 (default 100), pageToken, projection,
+                                                1..500 (default 100), pageToken (valid for
+                                                three days, then 400 "Invalid pageToken"), projection,
                                                 customFieldMask, showDeleted, query, orderBy
                                                 (email|familyName|givenName) + sortOrder
   GET  /admin/directory/v1/users/{key}          users.get: by id, primary address or alias;
@@ -25,7 +26,9 @@ What it serves (../shared/directory-apis.md §2, §6 rule 2):
                                                 "concurrent"|"alternate", "silent_empty": bool,
                                                 "broken_users": [n, …], "delegated_scopes":
                                                 [scope, …] (what domain-wide delegation grants;
-                                                [] = none set up: 401 unauthorized_client)}
+                                                [] = none set up: 401 unauthorized_client),
+                                                "page_token_lifetime": seconds (users.list page
+                                                tokens are valid for three days, then 400)}
 With `prefix="/google"` the API and /token answer only under that path (as behind a proxy); the
 control endpoints stay at the root.
 
@@ -73,6 +76,10 @@ DELEGATED_SCOPES = (
 )
 TOKEN_LIFETIME = 3599
 SCHEMA = "Employment"
+# users.list's nextPageToken is "only valid for three days" (directory-apis.md §2.1; the reference
+# says so of users.list only). An older one is refused as any bad token is: 400 "Invalid pageToken"
+# (Google's exact wording for it is not in the reference).
+PAGE_TOKEN_LIFETIME = 3 * 86400.0
 
 RateLimitKind = Literal["user", "quota", "concurrent", "alternate"]
 
@@ -112,16 +119,26 @@ def _b64url_decode(part: str) -> bytes:
 
 
 def _token(kind: str, value: str) -> str:
-    return base64.urlsafe_b64encode(f"{kind}:{value}".encode()).decode().rstrip("=")
+    """A page token: its kind, when it was issued (see `_untoken`) and where the next page starts."""
+    return base64.urlsafe_b64encode(f"{kind}:{time.time():.3f}:{value}".encode()).decode().rstrip("=")
 
 
-def _untoken(kind: str, token: str) -> str | None:
+def _untoken(kind: str, token: str, lifetime: float | None = None) -> str | None:
+    """Where a page token of `kind` says the next page starts; None for anything else, and for a
+    token issued more than `lifetime` seconds ago."""
     try:
         text = _b64url_decode(token).decode()
     except (ValueError, UnicodeDecodeError):
         return None
-    k, _, value = text.partition(":")
-    return value if k == kind else None
+    k, _, rest = text.partition(":")
+    issued, _, value = rest.partition(":")
+    try:
+        age = time.time() - float(issued)
+    except ValueError:
+        return None
+    if k != kind or (lifetime is not None and age > lifetime):
+        return None
+    return value
 
 
 def google_error(status: int, message: str, reason: str, domain: str = "global", **extra: Any) -> dict:
@@ -154,6 +171,12 @@ def _scope_list(value: Any) -> frozenset[str]:
     return frozenset(value)
 
 
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"{value!r} is not a number of seconds")
+    return float(value)
+
+
 def _order(req: Request, fields: tuple[str, ...]) -> tuple[str, bool] | None:
     """(orderBy, descending) of a listing, None without `orderBy`: `sortOrder` alone orders
     nothing (directory-apis.md §2.1: users by email, familyName or givenName, groups by email)."""
@@ -169,7 +192,8 @@ def _order(req: Request, fields: tuple[str, ...]) -> tuple[str, bool] | None:
 
 
 def _ordered_page(
-    objects: list[Any], value: Any, descending: bool, kind: str, token: str | None, limit: int
+    objects: list[Any], value: Any, descending: bool, kind: str, token: str | None, limit: int,
+    lifetime: float | None = None,
 ) -> tuple[list[Any], str | None]:
     """One page of `objects` (Person or Group) sorted by `value` ignoring case (then by number),
     and the token of the next. The token names the last object's place in that order, not an
@@ -177,7 +201,7 @@ def _ordered_page(
     keyed = sorted(((str(value(o)).casefold(), o.n, o) for o in objects), key=lambda t: t[:2], reverse=descending)
     start = 0
     if token:
-        raw = _untoken(kind, token)
+        raw = _untoken(kind, token, lifetime)
         try:
             last = json.loads(raw) if raw is not None else None
             mark = (str(last[0]), int(last[1]))
@@ -214,6 +238,8 @@ class GoogleEmulator(Emulator):
         # endpoint answer only under it (the control endpoints stay at the root).
         self.prefix = "/" + prefix.strip("/") if prefix.strip("/") else ""
         self._rate_limit_count = 0
+        # Seconds a users.list page token is honoured (a test shortens it rather than wait 3 days).
+        self.page_token_lifetime = PAGE_TOKEN_LIFETIME
         # A listing outage that looks like an empty domain (first page without `users`).
         self.silent_empty = False
         # People served without primaryEmail (a record a connector cannot normalize).
@@ -274,6 +300,7 @@ class GoogleEmulator(Emulator):
                 "silent_empty": flag,  # "false" is not true
                 "broken_users": lambda v: {int(n) for n in v},
                 "delegated_scopes": _scope_list,
+                "page_token_lifetime": _seconds,
             },
         )
 
@@ -725,7 +752,7 @@ class GoogleEmulator(Emulator):
             after = 0
             token = req.arg("pageToken")
             if token and order is None:
-                value = _untoken("u", token)
+                value = _untoken("u", token, self.page_token_lifetime)
                 if value is None or not value.isdigit():
                     raise _bad("Invalid pageToken", "invalid")
                 after = int(value)
@@ -749,7 +776,7 @@ class GoogleEmulator(Emulator):
                 with self.org.lock:
                     found, next_token = _ordered_page(
                         [p for p in self.org.people.values() if wanted(p)],
-                        sort_value[order[0]], order[1], "uo", token, limit,
+                        sort_value[order[0]], order[1], "uo", token, limit, self.page_token_lifetime,
                     )  # fmt: skip
                     users = [self.render_user(p, projection, mask, now) for p in found]
             except _BadRequest as exc:

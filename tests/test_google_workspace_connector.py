@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -456,6 +457,21 @@ def test_a_customer_or_domain_not_the_subjects_is_named_in_the_refusal(
     refused = rf"^users\.list: HTTP 403 forbidden .*\(check {named}, the subject, domain-wide"
     with pytest.raises(AuthError, match=refused):
         pull(connector(emu, tmp_path, **extra))
+
+def test_sync_with_a_subject_who_is_not_an_admin_fails_naming_the_subject(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any
+) -> None:
+    """Domain-wide delegation lets the service account act as any user, but only an admin reads the
+    directory: a subject who is not one fails the run as Google refuses it (403 forbidden), with
+    the subject among what to check, and nothing is applied."""
+    user = next(p for p in emu.org.listed_people() if p.n not in emu.admins and p.email)
+    h = harness({"g1": tenant(emu, tmp_path, subject=user.email)}, connector_factory=fast)
+    r = h.sync("g1")
+    assert r.status == "failed"
+    refused = r"users\.list: HTTP 403 forbidden .*Not Authorized.*the subject, domain-wide"
+    assert re.match(refused, r.error or ""), r.error
+    assert h.users("g1") == {} and h.last_seq() == 0
+
 
 def test_a_404_from_members_list_leaves_the_group_out(emu: GoogleEmulator, tmp_path: Path) -> None:
     emu.faults.update({"error": 1, "error_status": 404, "path": "/members"})  # deleted while read

@@ -148,6 +148,7 @@ def test_domain_lists_one_domain_of_a_multi_domain_customer_customer_all(emu: Go
     assert group_id(3) in {g["id"] for g in svc.groups().list(customer="my_customer").execute()["groups"]}
     assert svc.members().list(groupKey=groups[0]["email"]).execute()["members"]
     # A subject in the other domain is the customer's too; a domain the customer lacks is refused.
+    emu.admins.add(5)
     assert service(emu, subject=eu[0]["primaryEmail"]).users().list(customer="my_customer").execute()["users"]
     with pytest.raises(HttpError) as err:
         svc.users().list(domain="elsewhere.example").execute()
@@ -480,6 +481,28 @@ def test_token_endpoint_checks_signature_subject_and_scopes(emu: GoogleEmulator)
     # The raw grant answers the documented shape.
     r = requests.post(f"{emu.base_url}/token", data={"grant_type": "password"}, timeout=5)
     assert r.status_code == 400 and r.json()["error"] == "unsupported_grant_type"
+
+
+def test_a_subject_who_is_not_an_admin_gets_a_token_the_directory_refuses(emu: GoogleEmulator) -> None:
+    """`sub` is "the admin user to impersonate" (directory-apis.md §2.1): a user who is not an admin
+    is issued a token, and the Directory API answers it 403 forbidden; the domain_public view of
+    users is every user's to read."""
+    person = next(p for p in emu.org.listed_people() if p.n not in emu.admins and p.email)
+    svc = service(emu, subject=person.email)
+    for request in (
+        svc.users().list(customer="my_customer"),
+        svc.users().get(userKey=person.email),
+        svc.groups().list(customer="my_customer"),
+        svc.members().list(groupKey=group_id(1)),
+    ):
+        with pytest.raises(HttpError) as err:
+            request.execute()
+        assert err.value.resp.status == 403 and reason(err.value) == "forbidden", request.uri
+    assert svc.users().list(customer="my_customer", viewType="domain_public").execute()["users"]
+    admin = service(emu).users().list(customer="my_customer", query="isAdmin=true").execute()["users"]
+    assert [u["id"] for u in admin] == [user_id(1)]
+    emu.admins.add(person.n)
+    assert svc.groups().list(customer="my_customer").execute()["groups"]
 
 
 def test_token_response_shape(emu: GoogleEmulator) -> None:

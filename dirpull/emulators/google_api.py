@@ -3,7 +3,9 @@
 What it serves (../shared/directory-apis.md §2, §6 rule 2):
   POST /token                                   OAuth 2.0 JWT-bearer grant of a service account
                                                 (RS256 signature checked against the key this
-                                                emulator made; `sub` = the impersonated admin)
+                                                emulator made; `sub` = the impersonated admin:
+                                                a user not in `admins` gets a token, and 403
+                                                forbidden from the directory)
   GET  /admin/directory/v1/users                users.list: customer|domain required, maxResults
                                                 1..500 (default 100), pageToken (valid for
                                                 three days, then 400 "Invalid pageToken"), projection,
@@ -278,6 +280,9 @@ class GoogleEmulator(Emulator):
         # some org units): users.list leaves them out and users.get answers 403, while members.list
         # still names them.
         self.hidden_people: set[int] = set()
+        # The customer's super admins (Person.n, `isAdmin`): the only subjects whose impersonation
+        # reads the directory. Person 1 (the CEO) is the one `tenant_config` names.
+        self.admins: set[int] = {1}
         # Service accounts whose keys this emulator trusts: client_email → (key id, public key).
         self._accounts: dict[str, tuple[str, Any]] = {}
         self._default_account: dict[str, Any] | None = None
@@ -489,7 +494,24 @@ class GoogleEmulator(Emulator):
                     403, "Request had insufficient authentication scopes.", "insufficientPermissions"
                 ),
             )
+        # `sub` must be an admin (directory-apis.md §2.1 "Auth"): a user who is not is issued a
+        # token, and the directory refuses it as it refuses a customer that is not the subject's.
+        # Only users.list/users.get in the `domain_public` view are any user's to read (that view
+        # is served as the admin's here: the emulator does not cut it down to the public fields).
+        public = req.arg("viewType") == "domain_public" and req.path.startswith(API + "/users")
+        if not public and not self._is_admin(subject):
+            return Response(403, google_error(403, "Not Authorized to access this resource/api", "forbidden"))
         return None
+
+    def _is_admin(self, subject: str) -> bool:
+        """Whether `subject` (the token's impersonated user) is an admin's address or alias."""
+        key = subject.lower()
+        with self.org.lock:
+            for n in self.admins:
+                p = self.org.people.get(n)
+                if p is not None and p.visible and key in (self._email(p).lower(), (self._user_alias(p) or "").lower()):
+                    return True
+        return False
 
     def unauthorized(self, req: Request) -> Response:
         body = google_error(
@@ -606,7 +628,7 @@ class GoogleEmulator(Emulator):
             "etag": '"' + hashlib.sha1(f"{p.version}:{last_login}".encode()).hexdigest()[:27] + '"',
             "primaryEmail": email,
             "name": {"givenName": p.given, "familyName": p.family, "fullName": p.display},
-            "isAdmin": p.n == 1,
+            "isAdmin": p.n in self.admins,
             "isDelegatedAdmin": False,
             "lastLoginTime": last_login,
             "creationTime": Org.iso(p.created_at),
@@ -718,7 +740,7 @@ class GoogleEmulator(Emulator):
                         )
                     )
             elif key == "isAdmin":
-                checks.append(lambda p, want=value.lower() == "true": (p.n == 1) == want)
+                checks.append(lambda p, want=value.lower() == "true": (p.n in self.admins) == want)
             elif key == "email":
                 v = value.lower()
                 if v.endswith("*"):

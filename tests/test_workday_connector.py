@@ -998,14 +998,16 @@ def test_identical_copies_of_a_worker_are_one_row_applied_once(
     assert ids["same"] not in normalized and len(h.users("t1")) == len(list(org.listed_people()))
 
 
-def test_a_spaced_report_whose_last_row_copies_a_recognized_one_keeps_the_worker_unquarantined(
-    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path
+@pytest.mark.parametrize("where", ["copy last", "first row, copy in the middle"])
+def test_a_spaced_report_repeating_a_recognized_row_keeps_the_worker_unquarantined(
+    harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path, where: str
 ) -> None:
     """A report printed with spaces and line breaks (not as orjson writes JSON) that repeats a
-    worker's row as its last row: on a resync the first copy is recognized by its text, and the
-    last one (parsed with the document's end) must still count as that very row. It was digested
-    as a parsed row instead, which never matches a spaced text: every unchanged resync quarantined
-    the worker as listed twice with different rows."""
+    worker's row: on a resync the first copy is recognized by its text, and the other must still
+    count as that very row. As the last row (parsed with the document's end) it was digested as a
+    parsed row, which never matches a spaced text; as the array's first row, its text began with
+    the line break and indent after `[`, which the copy's does not. Either way every unchanged
+    resync quarantined the worker as listed twice with different rows."""
     h = harness(
         {"t1": tenant(emu, tmp_path, prompts={})},
         connector_factory=lambda t, s: WorkdayConnector(t, s, policy_factory=fast_policy),
@@ -1015,7 +1017,14 @@ def test_a_spaced_report_whose_last_row_copies_a_recognized_one_keeps_the_worker
 
     def spaced(*args: Any) -> bytes:
         doc = json.loads(real_body(*args))
-        doc["Report_Entry"] += [r for r in doc["Report_Entry"] if r["Employee_ID"] == employee_id(twin.n)]
+        rows = doc["Report_Entry"]
+        row = next(r for r in rows if r["Employee_ID"] == employee_id(twin.n))
+        if where == "copy last":
+            rows.append(row)
+        else:
+            rows.remove(row)
+            rows.insert(0, row)
+            rows.insert(len(rows) // 2, row)
         return json.dumps(doc, indent=2, ensure_ascii=False).encode()
 
     emu._users_body = spaced  # type: ignore[method-assign]

@@ -197,7 +197,10 @@ def _row_by_row(
     rest, and whether a row kept refusing its cuts (nested objects: ijson had better read on)."""
     start, refused = 0, 0
     for boundary in _ROW_BOUNDARY.finditer(buf):
-        text = buf[start : boundary.start() + 1]
+        # From the row's `{`: the array's first row comes after the `[` with the report's line
+        # break and indent, which no later copy of it has (a spaced report), so its text, digested
+        # and stored, never matched that copy again: the worker was "listed twice" every resync.
+        text = buf[start : boundary.start() + 1].lstrip()
         token = recognize(text)
         if token is not None:
             yield text, None, token

@@ -174,8 +174,14 @@ def test_without_a_recognizer_rows_are_parsed_in_batches_and_have_no_text() -> N
         assert out == [(None, row, None) for row in rows]
 
 
-def test_a_row_that_keeps_refusing_its_cuts_hands_over_to_ijson(handed_over: list[bytes]) -> None:
-    expected = [{"id": str(i), "refs": [{"r": k} for k in range(40)]} for i in range(5)]
-    body = json.dumps({"employees": expected}).encode()
-    out = list(report_rows.rows(io.BytesIO(body), "employees", lambda: lambda text: None, chunk_size=1 << 20))
-    assert [row for _, row, _ in out] == expected and len(handed_over) == 1
+@pytest.mark.parametrize("chunk_size", [7, 256, 1 << 20])
+def test_a_row_that_keeps_refusing_its_cuts_is_cut_where_it_ends_and_later_rows_keep_their_texts(
+    chunk_size: int, handed_over: list[bytes]
+) -> None:
+    # Rows nesting more objects than ROW_CUT_TRIES cuts, with brackets and escapes in strings.
+    expected = [{"id": str(i), "refs": [{"r": k, "s": ["},{", '\\"]{']} for k in range(40)]} for i in range(5)]
+    texts = [json.dumps(r, indent=1).encode() for r in expected]
+    body = b'{"employees": [\n' + b",\n".join(texts) + b"\n]}"
+    out = list(report_rows.rows(io.BytesIO(body), "employees", lambda: lambda text: None, chunk_size=chunk_size))
+    assert [row for _, row, _ in out] == expected and handed_over == []
+    assert [text for text, _, _ in out[:-1]] == texts[:-1] and out[-1][0] in (texts[-1], None)

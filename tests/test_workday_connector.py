@@ -998,7 +998,7 @@ def test_identical_copies_of_a_worker_are_one_row_applied_once(
     assert ids["same"] not in normalized and len(h.users("t1")) == len(list(org.listed_people()))
 
 
-@pytest.mark.parametrize("where", ["copy last", "first row, copy in the middle"])
+@pytest.mark.parametrize("where", ["copy last", "first row, copy in the middle", "copy after a long nested column"])
 def test_a_spaced_report_repeating_a_recognized_row_keeps_the_worker_unquarantined(
     harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path, where: str
 ) -> None:
@@ -1006,8 +1006,9 @@ def test_a_spaced_report_repeating_a_recognized_row_keeps_the_worker_unquarantin
     worker's row: on a resync the first copy is recognized by its text, and the other must still
     count as that very row. As the last row (parsed with the document's end) it was digested as a
     parsed row, which never matches a spaced text; as the array's first row, its text began with
-    the line break and indent after `[`, which the copy's does not. Either way every unchanged
-    resync quarantined the worker as listed twice with different rows."""
+    the line break and indent after `[`, which the copy's does not; after a row nesting more
+    entries than the reader tries cuts in, the rest of the report was read without texts. Each
+    way every unchanged resync quarantined the worker as listed twice with different rows."""
     h = harness(
         {"t1": tenant(emu, tmp_path, prompts={})},
         connector_factory=lambda t, s: WorkdayConnector(t, s, policy_factory=fast_policy),
@@ -1024,6 +1025,8 @@ def test_a_spaced_report_repeating_a_recognized_row_keeps_the_worker_unquarantin
         else:
             rows.remove(row)
             rows.insert(0, row)
+            if where == "copy after a long nested column":
+                rows[1] = {**rows[1], "Organizations_group": [{"Organization": f"Org {k}"} for k in range(30)]}
             rows.insert(len(rows) // 2, row)
         return json.dumps(doc, indent=2, ensure_ascii=False).encode()
 

@@ -12,9 +12,12 @@ only if `[` + everything before it + `]` parses. A `}` inside a string leaves th
 unterminated, and one closing a nested object leaves its row unclosed, so a wrong cut never
 parses: what parses is exactly a run of whole rows. What remains after the last cut is parsed at
 the end together with the document's opening, which checks the document as a whole (its other
-keys, its closing brackets). Rows are expected flat, as these reports' are: where the last few
-candidate cuts of a chunk (or 16 of one row) fall inside nested objects, or 8 MB are held that way,
-ijson reads the rest. A document laid out otherwise (the array not a top-level value, no
+keys, its closing brackets). Rows are expected mostly flat, as these reports' are: where the last
+few candidate cuts of a chunk fall inside nested objects, or 8 MB are held that way, ijson reads
+the rest; a row taken alone (with a recognizer) whose first cut does not parse is cut where its
+braces balance (or, failing that, its brackets outside strings), checked the same way, so the
+rows after one with a long nested column keep their texts.
+A document laid out otherwise (the array not a top-level value, no
 such key in the first 8 MB) goes to ijson unchanged. Differences from ijson: an integer beyond
 64 bits, which it refuses, comes out as a float (these reports print numbers as strings); a whole
 body under 8 MB with no list at `key` (none, null, an object: a gateway's JSON, not the report),
@@ -36,7 +39,7 @@ from dirpull.jsoncodec import loads_lenient
 CHUNK = 1 << 20
 HEAD_LIMIT = 8 << 20  # the array must open within this many bytes, else ijson reads the body
 CUT_TRIES = 4  # candidate cuts tried per chunk, from the last one back
-ROW_CUT_TRIES = 16  # … or per row, when rows are taken one at a time
+ROW_CUT_TRIES = 16  # … or for the document's last row (`_last_text`)
 STUCK_LIMIT = 8 << 20  # rows no cut could free: ijson reads the rest (rows with nested objects)
 _ROW_BOUNDARY = re.compile(rb"\}\s*,\s*\{")
 _ARRAY_END = re.compile(rb"\}\s*\]")
@@ -194,9 +197,12 @@ def _row_by_row(
     buf: bytes, recognize: Recognize
 ) -> Generator[tuple[bytes, Any, Any], None, tuple[bytes, bool]]:
     """Each whole row at the start of `buf`, as its text: recognized, or else parsed. Returns the
-    rest, and whether a row kept refusing its cuts (nested objects: ijson had better read on)."""
-    start, refused = 0, 0
-    for boundary in _ROW_BOUNDARY.finditer(buf):
+    rest, and whether ijson had better read on (never, now that a row's end is found by counting
+    its brackets; kept for `rows`)."""
+    # How the current row's end is being looked for: None = at the next cut; False = where its
+    # brackets balance, counted as if none were in a string; True = counted outside strings.
+    start, pos, exact = 0, 0, None
+    while (boundary := _ROW_BOUNDARY.search(buf, pos)) is not None:
         # From the row's `{`: the array's first row comes after the `[` with the report's line
         # break and indent, which no later copy of it has (a spaced report), so its text, digested
         # and stored, never matched that copy again: the worker was "listed twice" every resync.
@@ -208,13 +214,59 @@ def _row_by_row(
             try:
                 row = loads_lenient(text)
             except orjson.JSONDecodeError:
-                refused += 1  # a cut inside a string or a nested object: the row goes on
-                if refused > ROW_CUT_TRIES:
-                    return buf[start:], True
+                # A cut inside a string or a nested object (a `_group` column): the row goes on to
+                # where its brackets close. Trying the cuts one by one cost a parse of the row so
+                # far each; after 16 the rest of the report went to ijson, whose rows have no
+                # text, and a copy there of a row recognized earlier, digested as parsed, never
+                # matched that row's text: the worker was "listed twice" every resync.
+                if exact:
+                    # Not even where its brackets close outside strings: the row is not all here
+                    # yet (the scan went astray in a string cut off at the buffer's end). A
+                    # document that is not JSON at all fails at its end, or at STUCK_LIMIT in ijson.
+                    return buf[start:], False
+                end = _row_end(buf, start) if exact is None else None
+                exact = end is None
+                if exact:
+                    end = _row_end(buf, start, exact=True)
+                if end is None:
+                    return buf[start:], False  # the row goes on in the next chunk
+                pos = end - 1
                 continue
             yield text, row, None
-        start, refused = boundary.end() - 1, 0
+        start = pos = boundary.end() - 1
+        exact = None
     return buf[start:], False
+
+
+# A JSON string (escapes included) or a bracket.
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]', re.S)
+
+
+def _row_end(buf: bytes, start: int, *, exact: bool = False) -> int | None:
+    """Just past the `}` closing the object that opens first at or after `buf[start]`, where a row
+    boundary follows; None where none is found in `buf`. Not `exact`: the first row boundary
+    where as many braces close as opened, counted as if none were in a string (fast, per
+    boundary); `exact`: brackets inside strings skipped (per token, slower). Only a guess either
+    way: the caller takes the cut only if the text up to it parses."""
+    depth = 0
+    if not exact:
+        counted = start
+        for boundary in _ROW_BOUNDARY.finditer(buf, start):
+            cut = boundary.start() + 1
+            # Braces alone: where they balance, any bracket inside has closed too.
+            depth += buf.count(b"{", counted, cut) - buf.count(b"}", counted, cut)
+            counted = cut
+            if depth == 0:
+                return cut
+        return None
+    for token in _JSON_TOKEN.finditer(buf, start):
+        first = buf[token.start()]
+        if first == 0x22:  # a string
+            continue
+        depth += 1 if first in (0x7B, 0x5B) else -1
+        if depth == 0:
+            return token.end()
+    return None
 
 
 def _last_text(buf: bytes, row: Any) -> bytes | None:

@@ -86,6 +86,9 @@ def test_the_report_comes_in_the_format_its_url_names_and_xml_without_one(emu: W
 def test_empty_fields_are_omitted_not_null(org: Org) -> None:
     ceo = org.person(1)
     no_mail = org.hire("No", "Mail", with_email=False, department=None, title=None)
+    # A worker with one name (no first name) and a blank location and cost center.
+    mononym = org.hire("", "Mononym", title="", department="")
+    org.update_person(mononym.n, location="", cost_center="")
     e = WorkdayEmulator(org)
     e.start()
     try:
@@ -97,6 +100,11 @@ def test_empty_fields_are_omitted_not_null(org: Org) -> None:
     for key in ("Email_Address", "Email_Address_group", "Supervisory_Organization", "Job_Title"):
         assert key not in row
     assert row["Manager_Employee_ID"] == employee_id(1)
+    row = by_id[employee_id(mononym.n)]
+    assert all(value != "" for value in row.values()), row
+    for key in ("First_Name", "Location", "Cost_Center", "Job_Title", "Supervisory_Organization"):
+        assert key not in row
+    assert row["Worker"] == row["Legal_Name"] == "Mononym" and row["Last_Name"] == "Mononym"
 
 
 def test_emails_are_a_nested_group_array(emu: WorkdayEmulator, org: Org) -> None:

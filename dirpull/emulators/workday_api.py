@@ -448,8 +448,8 @@ class WorkdayEmulator(Emulator):
         active = p.state == "active" and not terminated
         row: dict[str, Any] = {
             "Employee_ID": employee_id(p.n),
-            "Worker": p.display,
-            "Legal_Name": p.display,
+            "Worker": _name(p),
+            "Legal_Name": _name(p),
             "First_Name": p.given,
             "Last_Name": p.family,
             "User_Name": p.username,
@@ -476,13 +476,15 @@ class WorkdayEmulator(Emulator):
             row["Termination_Date"] = p.termination_date
         manager = people.get(p.manager) if p.manager is not None else None
         if manager is not None and manager.visible:
-            row["Manager"] = manager.display
+            row["Manager"] = _name(manager)
             row["Manager_Employee_ID"] = employee_id(manager.n)
         if p.department:
             row["Supervisory_Organization"] = p.department
         if p.title:
             row["Job_Title"] = p.title
-        return row
+        # A field with no value is left out of the row, never sent as "" (a worker with one name
+        # has no First_Name; a blank location no Location).
+        return {k: v for k, v in row.items() if v != ""}
 
     def group_row(self, g: Group) -> dict[str, Any]:
         people, subs = self.org.direct_members(g.n)
@@ -533,6 +535,11 @@ def _as_of(value: str | None) -> date | None:
         return date.fromisoformat(matched.group(1))
     except ValueError:  # a day that does not exist: 2018-02-30
         return None
+
+
+def _name(p: Person) -> str:
+    """A worker's name as Workday shows it: the names it has, without the space of a missing one."""
+    return " ".join(part for part in (p.given, p.family) if part)
 
 
 def _flat(value: Any) -> str:

@@ -463,6 +463,18 @@ class TenantBase(_Strict):
         return None if v is None else _check_duration(v)
 
 
+class RetryingTenant(TenantBase):
+    """A tenant whose connector retries under the shared `RetryPolicy` (connectors/http.py)."""
+
+    # Throttling and outages (429, 5xx, dropped connections): give up after this many attempts per
+    # request or this many seconds of waiting in one run, whatever Retry-After says. Only Entra's
+    # could be raised: a large Google tenant, whose per-minute quota holds it for more than the
+    # fixed 300 s of a run, failed every run with nothing to set. Okta's waits have their own
+    # `max_rate_limit_wait`.
+    max_retry_attempts: int = Field(6, ge=1, le=20)
+    max_retry_wait: float = Field(300.0, gt=0)
+
+
 # A response timeout of `inf` (or ~1e10 s and more) loaded, then every run of the tenant failed
 # with an OverflowError from the socket or aiohttp's timer: at most a day, far beyond any report.
 MAX_HTTP_TIMEOUT = 86_400.0  # seconds
@@ -480,7 +492,7 @@ _BAMBOOHR_COMPANY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 BAMBOOHR_MAX_REPORT_FIELDS = 400  # the custom report answers 400 over that (directory-apis.md §4.1)
 
 
-class BambooHRTenant(TenantBase):
+class BambooHRTenant(RetryingTenant):
     provider: Literal["bamboohr"]
     company_domain: str
     api_key: Secret
@@ -544,7 +556,7 @@ class BambooHRTenant(TenantBase):
         return self
 
 
-class EntraTenant(TenantBase):
+class EntraTenant(RetryingTenant):
     provider: Literal["entra_id"]
     tenant_id: str = Field(min_length=1)
     client_id: str = Field(min_length=1)
@@ -554,15 +566,11 @@ class EntraTenant(TenantBase):
     graph_url: HttpUrl | None = None
     # Extension attributes to $select, e.g. "extension_abc123_costCenter" or "onPremisesExtensionAttributes".
     extension_attributes: list[str] = Field(default_factory=list)
-    # Throttling (429/503/504): give up after this many attempts per request or this many seconds
-    # of waiting in one run, whatever Retry-After says.
-    max_retry_attempts: int = Field(6, ge=1, le=20)
-    max_retry_wait: float = Field(300.0, gt=0)
     # Seconds to wait for one HTTP response.
     timeout: float = Field(60.0, gt=0)
 
 
-class GoogleTenant(TenantBase):
+class GoogleTenant(RetryingTenant):
     provider: Literal["google_workspace"]
     credentials_file: Secret
     subject: str = Field(min_length=3)
@@ -692,7 +700,7 @@ class OktaTenant(TenantBase):
         return self
 
 
-class WorkdayTenant(TenantBase):
+class WorkdayTenant(RetryingTenant):
     provider: Literal["workday"]
     users_report_url: HttpUrl
     groups_report_url: HttpUrl | None = None

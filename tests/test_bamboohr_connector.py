@@ -1015,6 +1015,48 @@ def test_a_throttled_sync_waits_as_told_and_succeeds(emu: BambooHREmulator, sync
     assert sleeps == [2.0, 2.0]
 
 
+def test_a_sync_throttled_past_its_retry_budget_can_be_given_more(emu: BambooHREmulator, harness: Any) -> None:
+    """The run's retry budget was a fixed 300 s: a company whose BambooHR kept asking it to wait
+    longer failed every run with nothing to raise. `max_retry_wait` is that budget (scaled down:
+    a Retry-After of 1 s passes 0.5 s); `max_retry_attempts` caps the attempts."""
+    cfg = emu.tenant_config("hr", Path("."))
+    emu.retry_after = "1"
+    emu.faults.rate_limit = 1
+    r = harness({"hr": {**cfg, "max_retry_wait": 0.5}}).sync("hr")
+    assert r.status == "failed" and "cap on retry waits" in (r.error or ""), r.error
+    emu.faults.rate_limit = 1
+    r = harness({"hr": {**cfg, "max_retry_attempts": 1}}).sync("hr")
+    assert r.status == "failed" and "gave up after 1 attempts" in (r.error or ""), r.error
+    emu.faults.rate_limit = 1
+    h = harness({"hr": {**cfg, "max_retry_wait": 2}})
+    r = h.sync("hr")
+    assert r.status == "succeeded", r.error
+    assert emu.faults.rate_limit == 0 and h.users("hr")
+
+
+def test_a_cursor_stored_before_the_retry_settings_existed_keeps_its_next_run_incremental(
+    emu: BambooHREmulator, synced: Any
+) -> None:
+    """A tenant last synced by the dirpull that digested every setting it had into the cursor,
+    from before BambooHR had `max_retry_attempts` and `max_retry_wait`, then upgraded: its
+    untouched settings must not read as changed (a full walk noted "the tenant's settings changed")."""
+    from dirpull.jsoncodec import canonical
+    from dirpull.model import digest
+    from dirpull.storage import schema
+
+    h, _ = synced
+    every = h.config.tenants["hr"].model_dump(mode="json")
+    skipped = {"schedule", "full_sync_every", "guard", "enabled", "max_retry_attempts", "max_retry_wait"}
+    older = {k: v for k, v in every.items() if k not in skipped}
+    cursor = {**h.store.get_cursor("hr").value, "dirpull_settings": digest(canonical(older))}
+    with h.store.engine.begin() as conn:
+        conn.execute(schema.cursors.update().values(value=cursor))
+    emu.org.update_person(5, title="Principal")
+    r = h.sync("hr")
+    assert r.status == "succeeded" and r.mode == "incremental", (r.error, r.notes)
+    assert not any("settings changed" in n for n in r.notes), r.notes
+
+
 # --- cost measurement (opt-in) -------------------------------------------------------------------
 
 

@@ -665,10 +665,12 @@ client_secret = "s"
         (GOOD + "page_size = {}\n", "tenants.acme-hr.page_size", "100000", "100001", "<= 100000"),
         (GOOD + "changed_overlap = {}\n", "tenants.acme-hr.changed_overlap", "86400", "86401", "<= 86400"),
         (ENTRA + "max_retry_attempts = {}\n", "tenants.acme-hr.max_retry_attempts", "20", "21", "<= 20"),
+        (GOOD + "max_retry_attempts = {}\n", "tenants.acme-hr.max_retry_attempts", "20", "21", "<= 20"),
+        (WORKDAY + "max_retry_attempts = {}\n", "tenants.acme-hr.max_retry_attempts", "20", "21", "<= 20"),
         (OKTA + "rate_limit_reserve = {}\n", "tenants.acme-hr.rate_limit_reserve", "0.99", "1", "< 1"),
     ],
     ids=["pool_size", "max_concurrent_syncs", "batch_size", "page_size", "changed_overlap", "max_retry_attempts",
-         "rate_limit_reserve"],
+         "bamboohr_max_retry_attempts", "workday_max_retry_attempts", "rate_limit_reserve"],
 )
 def test_the_documented_upper_limits_of_numeric_keys_hold(tmp_path, monkeypatch, text, where, last_good, first_bad,
                                                             problem):  # fmt: skip

@@ -782,6 +782,38 @@ def test_sync_member_workers_throttled_together_are_charged_one_wait(
     assert h.members("g1") == expected_members(emu)
 
 
+def test_sync_a_tenant_throttled_past_its_retry_budget_can_be_given_more(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any
+) -> None:
+    """A large tenant spends minutes of each run waiting on Google's per-minute quota: the run's
+    retry budget was a fixed 300 s, and a tenant that needed more failed every run with nothing to
+    raise. `max_retry_wait` is that budget (scaled down here: one backoff of 0.5 s passes 0.4 s)."""
+    h = harness({"g1": tenant(emu, tmp_path, max_retry_wait=0.4)})
+    emu.faults.update({"rate_limit": 1, "path": "/admin/directory/v1/users"})
+    r = h.sync("g1")
+    assert r.status == "failed" and "cap on retry waits" in (r.error or ""), r.error
+    raised = harness({"g1": tenant(emu, tmp_path, max_retry_wait=5)})
+    emu.faults.update({"rate_limit": 1, "path": "/admin/directory/v1/users"})
+    r = raised.sync("g1")
+    assert r.status == "succeeded", r.error
+    assert emu.faults.rate_limit == 0 and raised.members("g1") == expected_members(emu)
+
+
+def test_sync_max_retry_attempts_caps_an_outage_but_not_the_quotas_minimum(
+    emu: GoogleEmulator, tmp_path: Path, harness: Any
+) -> None:
+    """`max_retry_attempts` gives up on an outage after that many attempts; a throttled request
+    still gets its 9 (Google's quota is per minute)."""
+    h = harness({"g1": tenant(emu, tmp_path, max_retry_attempts=1)})
+    emu.faults.update({"error": 1, "error_status": 503, "path": "/admin/directory/v1/users"})
+    r = h.sync("g1")
+    assert r.status == "failed" and "gave up after 1 attempts" in (r.error or ""), r.error
+    emu.faults.update({"rate_limit": 1, "path": "/admin/directory/v1/users"})
+    r = h.sync("g1")
+    assert r.status == "succeeded", r.error
+    assert emu.faults.rate_limit == 0
+
+
 def test_sync_persistent_failure_leaves_the_store_unchanged(
     emu: GoogleEmulator, tmp_path: Path, harness: Any
 ) -> None:

@@ -834,6 +834,26 @@ def test_an_unreadable_row_naming_another_department_makes_no_group_and_keeps_th
     assert {g for g, u in h.members("t1") if u == employee_id(solo.n)} == {new} and old not in h.groups("t1")
 
 
+def test_sync_a_run_busy_past_its_retry_budget_can_be_given_more(
+    harness: Any, emu: WorkdayEmulator, tmp_path: Path
+) -> None:
+    """The run's retry budget was a fixed 300 s: a tenant whose Workday kept asking it to wait
+    longer failed every run with nothing to raise. `max_retry_wait` is that budget (scaled down:
+    the emulator's Retry-After of 1 s passes 0.5 s); `max_retry_attempts` caps the attempts."""
+    cfg = tenant(emu, tmp_path, groups_report_url=None)
+    emu.faults.update({"rate_limit": 1})
+    r = harness({"t1": {**cfg, "max_retry_wait": 0.5}}).sync("t1")
+    assert r.status == "failed" and "cap on retry waits" in (r.error or ""), r.error
+    emu.faults.update({"rate_limit": 1})
+    r = harness({"t1": {**cfg, "max_retry_attempts": 1}}).sync("t1")
+    assert r.status == "failed" and "gave up after 1 attempts" in (r.error or ""), r.error
+    emu.faults.update({"rate_limit": 1})
+    h = harness({"t1": {**cfg, "max_retry_wait": 2}})
+    r = h.sync("t1")
+    assert r.status == "succeeded", r.error
+    assert emu.faults.rate_limit == 0 and h.users("t1")
+
+
 def test_sync_with_groups_report(harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path) -> None:
     h = sync_harness(harness, tenant(emu, tmp_path), Clock())
     assert h.sync("t1").status == "succeeded"

@@ -109,10 +109,13 @@ USER_VOLATILE = ("etag", "lastLoginTime", "thumbnailPhotoEtag")
 GROUP_VOLATILE = ("etag", "directMembersCount")
 
 
-def make_policy(template: RetryPolicy | None = None) -> RetryPolicy:
-    """A fresh retry policy for one pull (its wait budget is per run). `template` carries the
-    caps and the sleep function (tests record sleeps instead of sleeping)."""
-    return dataclasses.replace(template) if template is not None else RetryPolicy()
+def make_policy(template: RetryPolicy | None, settings: Any) -> RetryPolicy:
+    """A fresh retry policy for one pull (its wait budget is per run): a copy of `template` (tests
+    record sleeps instead of sleeping), else the tenant's `max_retry_attempts` and
+    `max_retry_wait`. A throttled request still gets at least THROTTLE_ATTEMPTS."""
+    if template is not None:
+        return dataclasses.replace(template)
+    return RetryPolicy(max_attempts=settings.max_retry_attempts, max_total_wait=settings.max_retry_wait)
 
 
 class _CountingHttp(httplib2.Http):
@@ -665,7 +668,7 @@ class GoogleWorkspaceConnector(CountsRequests):
     ) -> Iterator[Page | Done]:
         # No delta exists: `cursor` and `full` change nothing, every run is a full snapshot.
         self._new_pull()
-        session = _Session(self.settings, make_policy(self.policy), self.tenant)
+        session = _Session(self.settings, make_policy(self.policy, self.settings), self.tenant)
         self._counting(lambda: session.counter.value)
         sources = SourceDigests(known, self.settings, [__name__]) if known else None
         try:

@@ -258,7 +258,9 @@ class WorkdayConnector(CountsRequests):
         self.settings = settings
         for name in ("users_report_url", "groups_report_url", "token_url"):  # a password or a token each
             warn_plain_http(tenant, name, getattr(settings, name, None))
-        self.policy_factory = policy_factory or RetryPolicy
+        self.policy_factory = policy_factory or (
+            lambda: RetryPolicy(max_attempts=settings.max_retry_attempts, max_total_wait=settings.max_retry_wait)
+        )
         self.today = today or _today_in(getattr(settings, "timezone", None))
         self.page_size = page_size
         fields = {_FIELD_SYNONYMS.get(k, k): v for k, v in (settings.fields or {}).items()}
@@ -1067,7 +1069,7 @@ def _values(value: Any, *keys: str) -> list[str]:
 
 
 # Test hooks for connectors made through the registry (sync-level tests): a fast retry policy and
-# a fixed "today". None = the defaults (RetryPolicy(), date.today).
+# a fixed "today". None = the defaults (the tenant's retry settings, date.today).
 POLICY_FACTORY: Callable[[], RetryPolicy] | None = None
 TODAY: Callable[[], date] | None = None
 

@@ -956,8 +956,9 @@ _TRANSPORT_KEYS = frozenset({
 
 
 # Settings a dirpull added after cursors began to carry SETTINGS_KEY, with their defaults. Such a
-# cursor digested every setting of its dirpull, defaults included, and knew none of these.
-_ADDED_SINCE_FIRST_DIGEST: dict[str, Any] = {"dpop": False}
+# cursor digested every setting of its dirpull, defaults included, and knew none of these (the
+# retry settings: none but Entra's, which `_settings_unchanged` still matches with them).
+_ADDED_SINCE_FIRST_DIGEST: dict[str, Any] = {"dpop": False, "max_retry_attempts": 6, "max_retry_wait": 300.0}
 
 
 def _settings_digest(settings: Any) -> str:

@@ -463,6 +463,11 @@ class TenantBase(_Strict):
         return None if v is None else _check_duration(v)
 
 
+# Waiting of a run, at most: `inf` loaded, and then a vendor's Retry-After of 1e20 was slept as
+# given, an OverflowError out of the sleep. A week outlasts any throttling worth waiting out.
+MAX_RETRY_WAIT = 7 * 86_400.0  # seconds
+
+
 class RetryingTenant(TenantBase):
     """A tenant whose connector retries under the shared `RetryPolicy` (connectors/http.py)."""
 
@@ -472,7 +477,7 @@ class RetryingTenant(TenantBase):
     # fixed 300 s of a run, failed every run with nothing to set. Okta's waits have their own
     # `max_rate_limit_wait`.
     max_retry_attempts: int = Field(6, ge=1, le=20)
-    max_retry_wait: float = Field(300.0, gt=0)
+    max_retry_wait: float = Field(300.0, gt=0, le=MAX_RETRY_WAIT)
 
 
 # A response timeout of `inf` (or ~1e10 s and more) loaded, then every run of the tenant failed
@@ -617,7 +622,7 @@ class OktaTenant(TenantBase):
     include_everyone: bool = False
     poll_system_log: bool = False
     rate_limit_reserve: float = Field(0.30, ge=0, lt=1)
-    max_rate_limit_wait: float = Field(300.0, gt=0)
+    max_rate_limit_wait: float = Field(300.0, gt=0, le=MAX_RETRY_WAIT)
     # Incremental cursors stay this many seconds behind the newest lastUpdated seen (Okta's lists
     # are eventually consistent); records in that window are re-read and de-duplicated by the diff.
     cursor_holdback: float = 300.0

@@ -668,9 +668,13 @@ client_secret = "s"
         (GOOD + "max_retry_attempts = {}\n", "tenants.acme-hr.max_retry_attempts", "20", "21", "<= 20"),
         (WORKDAY + "max_retry_attempts = {}\n", "tenants.acme-hr.max_retry_attempts", "20", "21", "<= 20"),
         (OKTA + "rate_limit_reserve = {}\n", "tenants.acme-hr.rate_limit_reserve", "0.99", "1", "< 1"),
+        (ENTRA + "max_retry_wait = {}\n", "tenants.acme-hr.max_retry_wait", "604800", "inf", "<= 604800"),
+        (GOOD + "max_retry_wait = {}\n", "tenants.acme-hr.max_retry_wait", "604800", "604801", "<= 604800"),
+        (OKTA + "max_rate_limit_wait = {}\n", "tenants.acme-hr.max_rate_limit_wait", "604800", "inf", "<= 604800"),
     ],
     ids=["pool_size", "max_concurrent_syncs", "batch_size", "page_size", "changed_overlap", "max_retry_attempts",
-         "bamboohr_max_retry_attempts", "workday_max_retry_attempts", "rate_limit_reserve"],
+         "bamboohr_max_retry_attempts", "workday_max_retry_attempts", "rate_limit_reserve",
+         "max_retry_wait", "bamboohr_max_retry_wait", "max_rate_limit_wait"],
 )
 def test_the_documented_upper_limits_of_numeric_keys_hold(tmp_path, monkeypatch, text, where, last_good, first_bad,
                                                             problem):  # fmt: skip

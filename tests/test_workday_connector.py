@@ -843,7 +843,7 @@ def test_sync_a_run_busy_past_its_retry_budget_can_be_given_more(
     cfg = tenant(emu, tmp_path, groups_report_url=None)
     emu.faults.update({"rate_limit": 1})
     r = harness({"t1": {**cfg, "max_retry_wait": 0.5}}).sync("t1")
-    assert r.status == "failed" and "cap on retry waits" in (r.error or ""), r.error
+    assert r.status == "failed" and "the 0.5s cap on retry waits" in (r.error or ""), r.error
     emu.faults.update({"rate_limit": 1})
     r = harness({"t1": {**cfg, "max_retry_attempts": 1}}).sync("t1")
     assert r.status == "failed" and "gave up after 1 attempts" in (r.error or ""), r.error

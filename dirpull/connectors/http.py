@@ -431,7 +431,7 @@ class RetryPolicy:
             if self.waited + charged > self.max_total_wait:
                 raise RetriesExhausted(
                     f"{what}: gave up, waiting {charged:.1f}s more would pass the "
-                    f"{self.max_total_wait:.0f}s cap on retry waits",
+                    f"{self.max_total_wait:g}s cap on retry waits",
                     step=step,
                 )
             self.waited += charged

@@ -15,8 +15,8 @@ the end together with the document's opening, which checks the document as a who
 keys, its closing brackets). Rows are expected mostly flat, as these reports' are: where the last
 few candidate cuts of a chunk fall inside nested objects, or 8 MB are held that way, ijson reads
 the rest; a row taken alone (with a recognizer) whose first cut does not parse is cut where its
-braces balance (or, failing that, its brackets outside strings), checked the same way, so the
-rows after one with a long nested column keep their texts.
+brackets outside strings close, checked the same way, so the rows after one with a long nested
+column keep their texts.
 A document laid out otherwise (the array not a top-level value, no
 such key in the first 8 MB) goes to ijson unchanged. Differences from ijson: an integer beyond
 64 bits, which it refuses, comes out as a float (these reports print numbers as strings); a whole
@@ -199,9 +199,8 @@ def _row_by_row(
     """Each whole row at the start of `buf`, as its text: recognized, or else parsed. Returns the
     rest, and whether ijson had better read on (never, now that a row's end is found by counting
     its brackets; kept for `rows`)."""
-    # How the current row's end is being looked for: None = at the next cut; False = where its
-    # brackets balance, counted as if none were in a string; True = counted outside strings.
-    start, pos, exact = 0, 0, None
+    # Whether the current row is being cut where its brackets close (its first cut did not parse).
+    start, pos, closed = 0, 0, False
     while (boundary := _ROW_BOUNDARY.search(buf, pos)) is not None:
         # From the row's `{`: the array's first row comes after the `[` with the report's line
         # break and indent, which no later copy of it has (a spaced report), so its text, digested
@@ -219,53 +218,48 @@ def _row_by_row(
                 # far each; after 16 the rest of the report went to ijson, whose rows have no
                 # text, and a copy there of a row recognized earlier, digested as parsed, never
                 # matched that row's text: the worker was "listed twice" every resync.
-                if exact:
-                    # Not even where its brackets close outside strings: the row is not all here
-                    # yet (the scan went astray in a string cut off at the buffer's end). A
-                    # document that is not JSON at all fails at its end, or at STUCK_LIMIT in ijson.
+                if closed:
+                    # Not even where its brackets close: the row is not all here yet (a string
+                    # cut off at the buffer's end). A document that is not JSON at all fails at
+                    # its end, or at STUCK_LIMIT in ijson.
                     return buf[start:], False
-                end = _row_end(buf, start) if exact is None else None
-                exact = end is None
-                if exact:
-                    end = _row_end(buf, start, exact=True)
+                end = _row_end(buf, start)
                 if end is None:
                     return buf[start:], False  # the row goes on in the next chunk
-                pos = end - 1
+                pos, closed = end - 1, True
                 continue
             yield text, row, None
         start = pos = boundary.end() - 1
-        exact = None
+        closed = False
     return buf[start:], False
 
 
-# A JSON string (escapes included) or a bracket.
-_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\]]', re.S)
+# Up to the next bracket outside strings, whole strings (escapes included) and whole objects with
+# no bracket inside (a nested column's entries) skipped in one step. Possessive: where no bracket
+# follows (a string cut off at the buffer's end), it fails without backtracking.
+_PLAIN = rb'[^"{}\[\]]++'
+_STRING = rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"'
+_FLAT = rb"\{(?:" + _PLAIN + rb"|" + _STRING + rb")*+\}"
+_TO_BRACKET = re.compile(rb"(?:" + _PLAIN + rb"|" + _STRING + rb"|" + _FLAT + rb")*+[{}\[\]]", re.S)
 
 
-def _row_end(buf: bytes, start: int, *, exact: bool = False) -> int | None:
-    """Just past the `}` closing the object that opens first at or after `buf[start]`, where a row
-    boundary follows; None where none is found in `buf`. Not `exact`: the first row boundary
-    where as many braces close as opened, counted as if none were in a string (fast, per
-    boundary); `exact`: brackets inside strings skipped (per token, slower). Only a guess either
-    way: the caller takes the cut only if the text up to it parses."""
-    depth = 0
-    if not exact:
-        counted = start
-        for boundary in _ROW_BOUNDARY.finditer(buf, start):
-            cut = boundary.start() + 1
-            # Braces alone: where they balance, any bracket inside has closed too.
-            depth += buf.count(b"{", counted, cut) - buf.count(b"}", counted, cut)
-            counted = cut
-            if depth == 0:
-                return cut
+def _row_end(buf: bytes, start: int) -> int | None:
+    """Just past the `}` closing the object that opens first at or after `buf[start]`, brackets
+    inside strings skipped; None where it does not close within `buf`. A step for each bracket of
+    the row outside its flat objects, and none past its end: braces counted as if none were in a
+    string (a row's cuts) never balanced again after a row with a `{` in a string, and were
+    counted to the buffer's end for each such row — a chunk of them took minutes. Only a guess
+    where the text is not JSON (or a string is cut off): the caller takes the cut only if the
+    text up to it parses."""
+    opening = buf.find(b"{", start)
+    if opening < 0:
         return None
-    for token in _JSON_TOKEN.finditer(buf, start):
-        first = buf[token.start()]
-        if first == 0x22:  # a string
-            continue
-        depth += 1 if first in (0x7B, 0x5B) else -1
+    depth, pos = 1, opening + 1
+    while (bracket := _TO_BRACKET.match(buf, pos)) is not None:
+        pos = bracket.end()
+        depth += 1 if buf[pos - 1] in b"{[" else -1
         if depth == 0:
-            return token.end()
+            return pos
     return None
 
 

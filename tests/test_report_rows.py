@@ -180,7 +180,7 @@ def test_without_a_recognizer_rows_are_parsed_in_batches_and_have_no_text() -> N
 def test_a_row_that_keeps_refusing_its_cuts_is_cut_where_it_ends_and_later_rows_keep_their_texts(
     chunk_size: int, handed_over: list[bytes]
 ) -> None:
-    # Rows nesting more objects than ROW_CUT_TRIES cuts, with brackets and escapes in strings.
+    # Rows nesting many objects (cut after cut inside them), with brackets and escapes in strings.
     expected = [{"id": str(i), "refs": [{"r": k, "s": ["},{", '\\"]{']} for k in range(40)]} for i in range(5)]
     texts = [json.dumps(r, indent=1).encode() for r in expected]
     body = b'{"employees": [\n' + b",\n".join(texts) + b"\n]}"

@@ -1018,7 +1018,10 @@ def test_identical_copies_of_a_worker_are_one_row_applied_once(
     assert ids["same"] not in normalized and len(h.users("t1")) == len(list(org.listed_people()))
 
 
-@pytest.mark.parametrize("where", ["copy last", "first row, copy in the middle", "copy after a long nested column"])
+@pytest.mark.parametrize(
+    "where",
+    ["copy last", "first row, copy in the middle", "copy after a long nested column", "copy last, many nested columns"],
+)
 def test_a_spaced_report_repeating_a_recognized_row_keeps_the_worker_unquarantined(
     harness: Any, emu: WorkdayEmulator, org: Org, tmp_path: Path, where: str
 ) -> None:
@@ -1027,8 +1030,9 @@ def test_a_spaced_report_repeating_a_recognized_row_keeps_the_worker_unquarantin
     count as that very row. As the last row (parsed with the document's end) it was digested as a
     parsed row, which never matches a spaced text; as the array's first row, its text began with
     the line break and indent after `[`, which the copy's does not; after a row nesting more
-    entries than the reader tries cuts in, the rest of the report was read without texts. Each
-    way every unchanged resync quarantined the worker as listed twice with different rows."""
+    entries than the reader tries cuts in, the rest of the report was read without texts; as the
+    last row with more nested columns than the reader tried cuts in (16), it had no text either.
+    Each way every unchanged resync quarantined the worker as listed twice with different rows."""
     h = harness(
         {"t1": tenant(emu, tmp_path, prompts={})},
         connector_factory=lambda t, s: WorkdayConnector(t, s, policy_factory=fast_policy),
@@ -1040,7 +1044,9 @@ def test_a_spaced_report_repeating_a_recognized_row_keeps_the_worker_unquarantin
         doc = json.loads(real_body(*args))
         rows = doc["Report_Entry"]
         row = next(r for r in rows if r["Employee_ID"] == employee_id(twin.n))
-        if where == "copy last":
+        if where == "copy last, many nested columns":
+            row.update({f"Extra_{k}_group": [{"ID": f"X{k}"}] for k in range(20)})
+        if where.startswith("copy last"):
             rows.append(row)
         else:
             rows.remove(row)

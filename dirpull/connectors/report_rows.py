@@ -39,7 +39,6 @@ from dirpull.jsoncodec import loads_lenient
 CHUNK = 1 << 20
 HEAD_LIMIT = 8 << 20  # the array must open within this many bytes, else ijson reads the body
 CUT_TRIES = 4  # candidate cuts tried per chunk, from the last one back
-ROW_CUT_TRIES = 16  # … or for the document's last row (`_last_text`)
 STUCK_LIMIT = 8 << 20  # rows no cut could free: ijson reads the rest (rows with nested objects)
 _ROW_BOUNDARY = re.compile(rb"\}\s*,\s*\{")
 _ARRAY_END = re.compile(rb"\}\s*\]")
@@ -265,18 +264,19 @@ def _row_end(buf: bytes, start: int) -> int | None:
 
 def _last_text(buf: bytes, row: Any) -> bytes | None:
     """The text of `row`, the one row at the start of `buf` (which goes on with the array's and the
-    document's end): up to the first `}` before a `]` that closes a whole object equal to `row`.
-    None where no such cut is found within ROW_CUT_TRIES (nested objects)."""
+    document's end): up to where its brackets close, if a `]` follows and it is a whole object
+    equal to `row`. Found by the first `}` before a `]` that parsed, within 16 tries, a last row
+    with more nested columns than that (`_group`s) had no text, and a copy of it recognized earlier
+    quarantined the worker as listed twice on every resync."""
     text = buf.lstrip()
-    for tries, end in enumerate(_ARRAY_END.finditer(text)):
-        if tries >= ROW_CUT_TRIES:
-            break
-        try:
-            parsed = loads_lenient(text[: end.start() + 1])
-        except orjson.JSONDecodeError:
-            continue  # a `}` inside a string or a nested object
-        return text[: end.start() + 1] if parsed == row else None
-    return None
+    end = _row_end(text, 0)
+    if end is None or _ARRAY_END.match(text, end - 1) is None:
+        return None
+    try:
+        parsed = loads_lenient(text[:end])
+    except orjson.JSONDecodeError:
+        return None
+    return text[:end] if parsed == row else None
 
 
 def _opens_top_level(head: bytes, key: str) -> bool:

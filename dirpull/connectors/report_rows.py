@@ -145,14 +145,13 @@ def rows(
         chunk = stream.read(chunk_size)
         more = bool(chunk)
         buf += chunk
-        stuck = False
         if recognize is None:
             batch, buf = _whole_rows(buf)
             for row in batch:
                 yield None, row, None
         else:
-            buf, stuck = yield from _row_by_row(buf, recognize)
-        if stuck or len(buf) > STUCK_LIMIT:
+            buf = yield from _row_by_row(buf, recognize)
+        if len(buf) > STUCK_LIMIT:
             for row in _ijson(head + b"[" + buf, stream, key):  # the same document, minus the rows read
                 yield None, row, None
             return
@@ -192,12 +191,9 @@ def _open(stream: Readable, key: str, chunk_size: int) -> tuple[bytes, bytes, bo
     return buf
 
 
-def _row_by_row(
-    buf: bytes, recognize: Recognize
-) -> Generator[tuple[bytes, Any, Any], None, tuple[bytes, bool]]:
+def _row_by_row(buf: bytes, recognize: Recognize) -> Generator[tuple[bytes, Any, Any], None, bytes]:
     """Each whole row at the start of `buf`, as its text: recognized, or else parsed. Returns the
-    rest, and whether ijson had better read on (never, now that a row's end is found by counting
-    its brackets; kept for `rows`)."""
+    rest."""
     # Whether the current row is being cut where its brackets close (its first cut did not parse).
     start, pos, closed = 0, 0, False
     while (boundary := _ROW_BOUNDARY.search(buf, pos)) is not None:
@@ -221,16 +217,16 @@ def _row_by_row(
                     # Not even where its brackets close: the row is not all here yet (a string
                     # cut off at the buffer's end). A document that is not JSON at all fails at
                     # its end, or at STUCK_LIMIT in ijson.
-                    return buf[start:], False
+                    return buf[start:]
                 end = _row_end(buf, start)
                 if end is None:
-                    return buf[start:], False  # the row goes on in the next chunk
+                    return buf[start:]  # the row goes on in the next chunk
                 pos, closed = end - 1, True
                 continue
             yield text, row, None
         start = pos = boundary.end() - 1
         closed = False
-    return buf[start:], False
+    return buf[start:]
 
 
 # Up to the next bracket outside strings, whole strings (escapes included) and whole objects with

@@ -293,8 +293,7 @@ class BambooHRConnector(CountsRequests):
         except ConfigError as exc:
             raise ConfigurationError(f"bamboohr: api_key: {exc}", step="credentials") from None
         client = HttpClient(
-            policy=self._policy
-            or RetryPolicy(max_attempts=self.settings.max_retry_attempts, max_total_wait=self.settings.max_retry_wait),
+            policy=self._policy or RetryPolicy.of(self.settings),
             timeout=(10.0, self.settings.timeout),
             headers={"Accept": "application/json"},
             auth=(api_key, "x"),

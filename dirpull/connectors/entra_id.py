@@ -772,7 +772,7 @@ class EntraConnector(CountsRequests):
         if self._policy is not None:
             self._policy.waited = 0.0
             return self._policy
-        return RetryPolicy(max_attempts=self.settings.max_retry_attempts, max_total_wait=self.settings.max_retry_wait)
+        return RetryPolicy.of(self.settings)
 
     # The runner calls pull() from worker threads: each pull runs its own event loop, and the SDK
     # client (tied to the loop that created it) lives and dies inside it.

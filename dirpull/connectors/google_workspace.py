@@ -115,7 +115,7 @@ def make_policy(template: RetryPolicy | None, settings: Any) -> RetryPolicy:
     `max_retry_wait`. A throttled request still gets at least THROTTLE_ATTEMPTS."""
     if template is not None:
         return dataclasses.replace(template)
-    return RetryPolicy(max_attempts=settings.max_retry_attempts, max_total_wait=settings.max_retry_wait)
+    return RetryPolicy.of(settings)
 
 
 class _CountingHttp(httplib2.Http):

@@ -394,6 +394,12 @@ class RetryPolicy:
     _waiting: int = field(default=0, init=False, repr=False)  # waits in progress
     _waits_end: float = field(default=0.0, init=False, repr=False)  # when the latest ends (monotonic)
 
+    @classmethod
+    def of(cls, settings: Any) -> RetryPolicy:
+        """A fresh policy (its wait budget is per run) with a tenant's `max_retry_attempts` and
+        `max_retry_wait` (config.RetryingTenant)."""
+        return cls(max_attempts=settings.max_retry_attempts, max_total_wait=settings.max_retry_wait)
+
     def backoff(self, attempt: int) -> float:
         delay = min(self.max_delay, self.base_delay * (2 ** (attempt - 1)))
         return delay + random.uniform(0, self.jitter * delay)

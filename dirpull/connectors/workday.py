@@ -259,7 +259,7 @@ class WorkdayConnector(CountsRequests):
         for name in ("users_report_url", "groups_report_url", "token_url"):  # a password or a token each
             warn_plain_http(tenant, name, getattr(settings, name, None))
         self.policy_factory = policy_factory or (
-            lambda: RetryPolicy(max_attempts=settings.max_retry_attempts, max_total_wait=settings.max_retry_wait)
+            lambda: RetryPolicy.of(settings)
         )
         self.today = today or _today_in(getattr(settings, "timezone", None))
         self.page_size = page_size

@@ -391,6 +391,27 @@ class TenantGuard(_Strict):
 
 
 MIN_LEASE_TTL = timedelta(seconds=1)
+# A run's time from its start to its writes, at most: the HTTP timeouts bound each read, not a
+# report a vendor (or a proxy) trickles a few bytes a second, which held the run, its thread and the
+# tenant's lease for as long as it kept sending, failing nothing and flagging nothing.
+DEFAULT_MAX_RUN_TIME = 6 * 3600.0  # seconds
+MAX_RUN_TIME = 7 * 86_400.0  # a week, as MAX_RETRY_WAIT
+
+
+def _run_time_seconds(value: Any) -> Any:
+    """`max_run_time` as seconds: a number as given, a duration text ("6h", "90m") converted."""
+    if isinstance(value, bool):  # a float field takes `true` as 1 s
+        raise PydanticCustomError("run_time", 'must be seconds as a number, or a duration like "6h" or "90m"')
+    if isinstance(value, str):
+        try:
+            return parse_duration(value).total_seconds()
+        except ValueError as exc:
+            problem = str(exc) if _DURATION.match(value) else f"{exc}; or seconds as a number, without quotes"
+            raise PydanticCustomError("run_time", "{problem}", {"problem": problem}) from None
+    return value
+
+
+RunTime = Annotated[float, BeforeValidator(_run_time_seconds)]
 
 
 class Defaults(_Strict):
@@ -399,6 +420,7 @@ class Defaults(_Strict):
     guard: GuardSettings = GuardSettings()
     max_concurrent_syncs: int = Field(4, ge=1, le=64)
     lease_ttl: str = "60s"
+    max_run_time: RunTime = Field(DEFAULT_MAX_RUN_TIME, gt=0, le=MAX_RUN_TIME)
 
     @field_validator("schedule")
     @classmethod
@@ -451,6 +473,8 @@ class TenantBase(_Strict):
     # custom_attributes name → provider attribute path (dotted), e.g. cost_center = "organizations.costCenter"
     attributes: dict[str, AttributePath] = Field(default_factory=dict)
     enabled: bool = True
+    # Seconds (or "6h") a run may pull and compare before it is cut; None: `[defaults]`'s.
+    max_run_time: RunTime | None = Field(None, gt=0, le=MAX_RUN_TIME)
 
     @field_validator("schedule")
     @classmethod
@@ -875,6 +899,11 @@ class Config(_Strict):
 
     def full_sync_every_of(self, name: str) -> timedelta:
         return parse_duration(self.tenants[name].full_sync_every or self.defaults.full_sync_every)
+
+    def max_run_time_of(self, name: str) -> float:
+        """Seconds the tenant's run may take before its writes: its own, else `[defaults]`'s."""
+        own = self.tenants[name].max_run_time
+        return self.defaults.max_run_time if own is None else own
 
 
 def _format_errors(path: Path, exc: ValidationError, *, url_from_env: bool = False) -> str:

@@ -2468,3 +2468,21 @@ def test_a_fatal_error_under_log_format_json_is_a_json_line(env, tmp_path):
     # The same mistake in text, as before.
     r = CliRunner().invoke(app, ["--config", str(broken), "run", "--max-seconds", "1"])
     assert r.exit_code == 2 and r.stderr.startswith("dirpull: ") and "bogus_key" in r.stderr
+
+
+def test_a_sync_past_max_run_time_fails_and_status_flags_the_tenant(env):
+    """A vendor that keeps a run waiting past the tenant's `max_run_time` (a report that never
+    ends): `dirpull sync` fails as any failed run does, and `dirpull status` flags the tenant,
+    where a run cut by a clean stop is not flagged. It held the run and the lease without end."""
+    config = Path(env["config"])
+    config.write_text(config.read_text() + "max_run_time = 1\n")
+    env["emulator"].faults.update({"delay": 2.5})
+    try:
+        r = run(env, "sync", "hr")
+    finally:
+        env["emulator"].faults.clear()
+    error = "the run took longer than max_run_time (1s); nothing applied"
+    assert r.exit_code == 1 and error in r.stderr, r.stdout + r.stderr
+    row = jsonl(run(env, "status", "--json").stdout)[0]
+    assert row["result"] == "failed" and row["attention"] == [f"failing: {error}"], row
+    assert run(env, "users", "hr", "--json").stdout == ""

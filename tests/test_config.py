@@ -671,10 +671,14 @@ client_secret = "s"
         (ENTRA + "max_retry_wait = {}\n", "tenants.acme-hr.max_retry_wait", "604800", "inf", "<= 604800"),
         (GOOD + "max_retry_wait = {}\n", "tenants.acme-hr.max_retry_wait", "604800", "604801", "<= 604800"),
         (OKTA + "max_rate_limit_wait = {}\n", "tenants.acme-hr.max_rate_limit_wait", "604800", "inf", "<= 604800"),
+        (OKTA + "max_run_time = {}\n", "tenants.acme-hr.max_run_time", "604800", "604801", "<= 604800"),
+        (GOOD.replace("[defaults]\n", "[defaults]\nmax_run_time = {}\n"), "defaults.max_run_time",
+         '"7d"', '"8d"', "<= 604800"),
     ],
     ids=["pool_size", "max_concurrent_syncs", "batch_size", "page_size", "changed_overlap", "max_retry_attempts",
          "bamboohr_max_retry_attempts", "workday_max_retry_attempts", "rate_limit_reserve",
-         "max_retry_wait", "bamboohr_max_retry_wait", "max_rate_limit_wait"],
+         "max_retry_wait", "bamboohr_max_retry_wait", "max_rate_limit_wait", "max_run_time",
+         "defaults_max_run_time"],
 )
 def test_the_documented_upper_limits_of_numeric_keys_hold(tmp_path, monkeypatch, text, where, last_good, first_bad,
                                                             problem):  # fmt: skip
@@ -723,3 +727,29 @@ def test_a_workday_timezone_naming_a_folder_or_a_data_file_of_the_zone_database_
     assert set(cfg.tenants) == {"acme-hr"}
     assert "tenants.wd.timezone: unknown time zone 'America'" in cfg.broken["wd"].message
     assert load_config(write(tmp_path, table + 'timezone = "America/New_York"\n')).tenant("wd").timezone
+
+
+@pytest.mark.parametrize("tenant", [GOOD, WORKDAY, OKTA, ENTRA], ids=["bamboohr", "workday", "okta", "entra_id"])
+def test_max_run_time_is_seconds_or_a_duration_in_defaults_and_per_tenant(tmp_path, monkeypatch, tenant):
+    """A run's time limit (default 6 hours): `[defaults]`'s, or the tenant's own, as a number of
+    seconds or a duration; a bad value is refused at load, naming the key."""
+    monkeypatch.delenv("DIRPULL_STORE_URL", raising=False)
+    assert load_config(write(tmp_path, tenant)).max_run_time_of("acme-hr") == 6 * 3600
+    with_defaults = tenant.replace("[defaults]\n", '[defaults]\nmax_run_time = "90m"\n')
+    assert load_config(write(tmp_path, with_defaults)).max_run_time_of("acme-hr") == 5400
+    assert load_config(write(tmp_path, with_defaults + "max_run_time = 1.5\n")).max_run_time_of("acme-hr") == 1.5
+    assert load_config(write(tmp_path, tenant + 'max_run_time = "2h"\n')).max_run_time_of("acme-hr") == 7200
+    where = f"{tmp_path / 'dirpull.toml'}: tenants.acme-hr.max_run_time"
+    assert error_of(tmp_path, tenant + "max_run_time = 0\n") == f"{where}: Input should be greater than 0"
+    assert error_of(tmp_path, tenant + "max_run_time = -5\n") == f"{where}: Input should be greater than 0"
+    assert error_of(tmp_path, tenant + "max_run_time = nan\n") == f"{where}: Input should be greater than 0"
+    assert error_of(tmp_path, tenant + 'max_run_time = "0s"\n') == f"{where}: a duration must be positive"
+    assert error_of(tmp_path, tenant + 'max_run_time = "6 hours"\n') == (
+        f"{where}: '6 hours' is not a duration like 30s, 15m, 6h or 1d; or seconds as a number, without quotes"
+    )
+    assert error_of(tmp_path, tenant + "max_run_time = true\n") == (
+        f'{where}: must be seconds as a number, or a duration like "6h" or "90m"'
+    )
+    assert error_of(tmp_path, tenant.replace("[defaults]\n", "[defaults]\nmax_run_time = 0\n")) == (
+        f"{tmp_path / 'dirpull.toml'}: defaults.max_run_time: Input should be greater than 0"
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from datetime import datetime, timedelta
 
 import pytest
@@ -13,6 +14,7 @@ from scripted import Directory, factory, people
 from dirpull.connectors.base import Done, Page
 from dirpull.model import Group, User
 from dirpull.storage.store import utcnow
+from dirpull.sync.runner import cut_off
 
 pytestmark = pytest.mark.stores  # each test runs on SQLite and on PostgreSQL
 
@@ -1331,3 +1333,53 @@ def test_a_commit_waiting_for_a_lock_another_session_holds_fails_in_bounded_time
     assert h.store.runs("t", 1)[0]["error"] == r.error  # type: ignore[attr-defined]
     assert h.last_seq() == before and h.users("t")["u0"]["job_title"] != "Changed"
     assert h.sync("t").status == "succeeded" and h.users("t")["u0"]["job_title"] == "Changed"
+
+
+@handover
+def test_a_run_past_max_run_time_is_cut_while_waiting_for_a_page_applies_nothing_and_fails(harness, hands_over):
+    """A pull that never reaches its end (a report trickled a byte at a time, within every read
+    timeout) held the run, its thread and the tenant's lease for as long as the vendor went on:
+    nothing failed, nothing was flagged. Past `max_run_time` the run is cut as a stop cuts it, even
+    while waiting for the next page, and recorded failed, not interrupted: the tenant is flagged."""
+    slow = Directory(users=people(30), on_page=lambda n: time.sleep(0.6), hands_over_pages=hands_over)
+    h = make(harness, slow, defaults={"max_run_time": 0.5})
+    started = time.monotonic()
+    r = h.sync("t")
+    assert time.monotonic() - started < 3  # cut at 0.5 s, not after the pull's 1.8 s
+    assert r.status == "failed" and r.exit_code == 1
+    assert r.error == "the run took longer than max_run_time (0.5s); nothing applied"
+    assert not cut_off(h.store.runs("t", 1)[0])  # `dirpull status` flags it, as it does not a stop
+    assert h.store.runs("t", 1)[0]["error"] == r.error
+    assert h.users("t") == {} and h.store.lease("t").holder is None
+    # The tenant's own limit wins over `[defaults]`'s: a generous one leaves the run alone.
+    tenant = {"t": {**TENANT["t"], "max_run_time": "1h"}}
+    again = harness(tenant, connector_factory=factory(slow), defaults={"max_run_time": 0.5}).sync("t")
+    assert again.status == "succeeded" and len(h.users("t")) == 30, again.error
+
+
+def test_setting_or_adding_max_run_time_does_not_make_the_next_run_a_full_one(harness):
+    """`max_run_time` decides how long a run may take, not what it reads: editing it, or upgrading to
+    a dirpull that has it from one whose cursors digested every setting it knew, must not make the
+    tenant's next run a full walk noted "the tenant's settings changed since the last sync"."""
+    from dirpull.jsoncodec import canonical
+    from dirpull.model import digest
+    from dirpull.storage import schema
+
+    d = Directory(users=people(5))
+    assert make(harness, d).sync("t").status == "succeeded"
+    tenant = {"t": {**TENANT["t"], "max_run_time": "3h"}}
+    h = harness(tenant, connector_factory=factory(d), defaults={"max_run_time": "2h"})
+    r = h.sync("t")
+    assert r.status == "succeeded" and d.cursors_seen[-1] is not None, r.notes  # its cursor: incremental
+    assert not any("settings changed" in n for n in r.notes), r.notes
+    # A cursor an older dirpull stored: every setting it had (defaults included), no max_run_time.
+    every = make(harness, d).config.tenants["t"].model_dump(mode="json")
+    older = {k: v for k, v in every.items() if k not in {"schedule", "full_sync_every", "guard", "enabled",
+                                                          "max_run_time"}}  # fmt: skip
+    for edited in (False, True):
+        cursor = {**h.store.get_cursor("t").value, "dirpull_settings": digest(canonical(older))}
+        with h.store.engine.begin() as conn:
+            conn.execute(schema.cursors.update().values(value=cursor))
+        r = (h if edited else make(harness, d)).sync("t")
+        assert r.status == "succeeded" and d.cursors_seen[-1] is not None, (edited, r.notes)
+        assert not any("settings changed" in n for n in r.notes), (edited, r.notes)

@@ -124,7 +124,33 @@ class _Masked:
 
 
 class Interrupted(Exception):
-    """The worker is stopping (SIGTERM/SIGINT) or lost its lease: the run applies nothing."""
+    """The worker is stopping (SIGTERM/SIGINT), lost its lease, or the run took longer than its
+    `max_run_time`: the run applies nothing."""
+
+
+def _duration_text(seconds: float) -> str:
+    """`seconds` as the configuration would write it: 21600 → "6h", 5400 → "90m", 1.5 → "1.5s"."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"
+
+
+@dataclass(frozen=True)
+class _RunLimit:
+    """A run's `max_run_time`, from its start on the monotonic clock. The HTTP timeouts bound each
+    read only: a report trickled a few bytes a second (a vendor's, a proxy's) held the run, its
+    thread and the tenant's lease for as long as it kept sending, and nothing failed or was
+    flagged. Cut as a stop is (nothing applied), but recorded as a failure: not an interruption."""
+
+    seconds: float
+    ends: float  # time.monotonic() past which the run is cut
+
+    def check(self) -> None:
+        if time.monotonic() > self.ends:
+            raise Interrupted(
+                f"the run took longer than max_run_time ({_duration_text(self.seconds)}); nothing applied"
+            )
 
 
 # The error of a run cut off by SIGTERM/SIGINT (a daemon restart, Ctrl-C): `dirpull status` shows
@@ -412,7 +438,10 @@ class Runner:
         masked = _Masked(_secret_values(settings))
         try:
             connector = self.connector_factory(tenant, settings)
-            done, plan = self._pull_and_diff(connector, tenant, stored_cursor, full, heartbeat, progress, masked)
+            limit = _RunLimit(config.max_run_time_of(tenant), started + config.max_run_time_of(tenant))
+            done, plan = self._pull_and_diff(
+                connector, tenant, stored_cursor, full, heartbeat, progress, masked, limit
+            )
             result.mode = done.mode
             result.requests = done.requests
             notes.extend(done.notes)
@@ -639,11 +668,13 @@ class Runner:
                 with self._syncing_lock:
                     self._unrecorded.setdefault(tenant, {})[run_id] = end
 
-    def _check_still_running(self, heartbeat: _Heartbeat) -> None:
+    def _check_still_running(self, heartbeat: _Heartbeat, limit: _RunLimit | None = None) -> None:
         if self.stop.is_set():
             raise Interrupted(STOPPED)
         if heartbeat.lost:
             raise Interrupted("lease lost during the run (another worker took over); nothing applied")
+        if limit is not None:  # not once the directory is read: a run about to write is let finish
+            limit.check()
 
     def _pull_and_diff(
         self,
@@ -654,6 +685,7 @@ class Runner:
         heartbeat: _Heartbeat,
         progress: Progress | None,
         masked: _Masked | None = None,
+        limit: _RunLimit | None = None,
     ) -> tuple[Done, Plan]:
         done: Done | None = None
         pages = users = groups = 0
@@ -734,8 +766,8 @@ class Runner:
                 RUN_ENDED.set(run_ended)  # in the pull thread: its waits end with the run
                 return pull_and_diff() if same_thread else pull()
 
-            def check() -> None:
-                self._check_still_running(heartbeat)
+            def check() -> None:  # also while the main thread waits for the next page
+                self._check_still_running(heartbeat, limit)
 
             with Prefetch(opened, name=f"pull-{tenant}", check=check, stop=run_ended) as stream:
                 stream.start()
@@ -745,7 +777,7 @@ class Runner:
                 if not same_thread:
                     diffs.append(new_diff())
                 for item in stream:
-                    self._check_still_running(heartbeat)
+                    self._check_still_running(heartbeat, limit)
                     if isinstance(item, Done):
                         done = item
                         break
@@ -945,13 +977,13 @@ def _mask_secrets(text: str, secrets: Sequence[str]) -> str:
 SETTINGS_KEY = "dirpull_settings"
 # Settings that only decide when and whether a tenant syncs, not what its records become.
 _SCHEDULING_KEYS = frozenset({"schedule", "full_sync_every", "guard", "enabled"})
-# Settings that only decide how requests are made (waits, retries, page and batch sizes, threads):
-# the same directory comes back whatever they are. In the digest, a raised timeout after a slow
-# day made the next run a full one, at 100,000 users a walk of minutes, and a run held then said
-# the operator's edit may be its cause.
+# Settings that only decide how requests are made (waits, retries, page and batch sizes, threads)
+# and how long a run may take: the same directory comes back whatever they are. In the digest, a
+# raised timeout after a slow day made the next run a full one, at 100,000 users a walk of minutes,
+# and a run held then said the operator's edit may be its cause.
 _TRANSPORT_KEYS = frozenset({
     "timeout", "request_timeout", "max_retry_attempts", "max_retry_wait", "max_rate_limit_wait",
-    "rate_limit_reserve", "backoff_base", "page_size", "batch_size", "member_workers",
+    "rate_limit_reserve", "backoff_base", "page_size", "batch_size", "member_workers", "max_run_time",
 })  # fmt: skip
 
 
@@ -959,6 +991,9 @@ _TRANSPORT_KEYS = frozenset({
 # cursor digested every setting of its dirpull, defaults included, and knew none of these (the
 # retry settings: none but Entra's, which `_settings_unchanged` still matches with them).
 _ADDED_SINCE_FIRST_DIGEST: dict[str, Any] = {"dpop": False, "max_retry_attempts": 6, "max_retry_wait": 300.0}
+# Settings added after the digest left the transport settings out: no cursor's digest ever held
+# them, so none of the older forms `_settings_unchanged` matches has them either.
+_NEVER_DIGESTED = frozenset({"max_run_time"})
 
 
 def _settings_digest(settings: Any) -> str:
@@ -982,7 +1017,8 @@ def _settings_unchanged(stored: str, settings: Any) -> bool:
         return True
     if not hasattr(settings, "model_dump"):
         return False
-    dumped = {k: v for k, v in settings.model_dump(mode="json").items() if k not in _SCHEDULING_KEYS}
+    left_out = _SCHEDULING_KEYS | _NEVER_DIGESTED
+    dumped = {k: v for k, v in settings.model_dump(mode="json").items() if k not in left_out}
     fields = getattr(type(settings), "model_fields", {})
     # A tenant with a raised timeout or a smaller page size, last synced by that release, would
     # otherwise match no digest here, and its first run after the upgrade was a full walk.

@@ -979,3 +979,70 @@ def test_a_vendor_page_with_terminal_escapes_is_quoted_with_them_escaped(
     for text in [*lines, result.error or ""]:
         assert not any(c in text for c in "\x1b\x07\x9b\x7f"), text
     assert "upstream \\x1b[2J\\x1b]0;owned\\x07unavailable\\x1b[8m\\x9b8m hidden\\x7f" in result.error
+
+
+class _TricklingReport(http.server.BaseHTTPRequestHandler):
+    """A Workday or BambooHR report sent one byte of valid JSON every 0.3 s, well within any read
+    timeout, its declared length far off; `closed` is set once the client has closed the
+    connection. Bounded here (30 s), so a run that waits for it all still ends."""
+
+    protocol_version = "HTTP/1.1"
+    closed: threading.Event
+
+    def _any(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        key = b"employees" if "/reports/custom" in self.path else b"Report_Entry"
+        rows = b",".join(b'{"id":"%d","Employee_ID":"%d","firstName":"Ada"}' % (i, i) for i in range(100))
+        body = b'{"' + key + b'":[' + rows + b"]}"
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        try:
+            for i in range(100):
+                self.wfile.write(body[i : i + 1])
+                self.wfile.flush()
+                time.sleep(0.3)
+        except OSError:  # the client closed the connection: the second write after it fails
+            self.closed.set()
+
+    do_GET = do_POST = _any
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.mark.parametrize("provider", ["workday", "bamboohr"])
+def test_a_trickled_report_is_cut_at_max_run_time_and_its_reading_ends_with_the_run(
+    provider: str, serve: Callable[..., str], tmp_path: Path
+) -> None:
+    """A report trickled a byte every 0.3 s never trips the 2 s read timeout: the run went on for
+    as long as the server did, and, once a time limit cut it, its pull thread went on reading
+    (urllib3 reads a whole megabyte before it returns), holding the connection and the vendor's
+    request behind the ended run. Now the run ends at `max_run_time`, recorded failed with
+    nothing applied, and its pull thread stops reading and closes the connection."""
+    from harness import SyncHarness
+
+    closed = threading.Event()
+    base = serve(type("Handler", (_TricklingReport,), {"closed": closed}), False)
+    tables = {
+        "workday": {"users_report_url": f"{base}/ccx/service/customreport2/acme/ISU/Workers", "username": "isu"},
+        "bamboohr": {"company_domain": "acme", "api_url": f"{base}/api/gateway.php"},
+    }
+    secret = {"workday": "password", "bamboohr": "api_key"}[provider]
+    tenant = {"provider": provider, **tables[provider], secret: SECRET, "timeout": 2, "max_run_time": 1.5}
+    h = SyncHarness(tmp_path, {"t": tenant})
+    try:
+        started = time.monotonic()
+        r = h.sync("t")
+        took = time.monotonic() - started
+        assert r.status == "failed" and r.error == "the run took longer than max_run_time (1.5s); nothing applied"
+        assert took < 4, took  # not the 30 s the server trickles for
+        assert h.users("t") == {} and h.store.lease("t").holder is None
+        ended = time.monotonic() + 2
+        while time.monotonic() < ended and any(t.name == "pull-t" for t in threading.enumerate()):
+            time.sleep(0.05)
+        assert not any(t.name == "pull-t" for t in threading.enumerate())
+        assert closed.wait(2)  # the report's connection, not left open behind the run
+    finally:
+        h.close()

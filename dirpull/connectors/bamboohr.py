@@ -71,7 +71,7 @@ from dirpull.connectors.http import (
     warn_plain_http,
 )
 from dirpull.connectors.mapping import map_attributes, without
-from dirpull.connectors.report_rows import RECOGNIZED, NoRowsList, Recognize, fingerprint
+from dirpull.connectors.report_rows import RECOGNIZED, NoRowsList, Recognize, WhileRunning, fingerprint
 from dirpull.connectors.report_rows import rows as report_rows
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import User
@@ -864,7 +864,8 @@ def _stream_employees(
     _check_json(resp, step)
     resp.raw.decode_content = True
     try:
-        yield from report_rows(resp.raw, "employees", recognizer, others=header)
+        # Read only while the run goes on: a trickled report held the pull thread past its run.
+        yield from report_rows(WhileRunning(resp.raw), "employees", recognizer, others=header)
     except NoRowsList as exc:
         # Read as a report with no rows, it was a snapshot with nobody in it.
         raise ConnectorError(

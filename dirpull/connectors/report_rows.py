@@ -34,6 +34,8 @@ from typing import Any, Protocol
 import ijson
 import orjson
 
+from dirpull.connectors.base import ConnectorError
+from dirpull.connectors.http import RUN_ENDED, Ended
 from dirpull.jsoncodec import loads_lenient
 
 CHUNK = 1 << 20
@@ -100,6 +102,40 @@ def parse_error(exc: Exception) -> str:
 
 class Readable(Protocol):
     def read(self, size: int = ..., /) -> bytes: ...
+
+
+class RunEnded(ConnectorError):
+    """The run a report was read for has ended (cut at its `max_run_time`, stopped, its lease
+    lost): the rest of the body is not read."""
+
+
+class WhileRunning:
+    """A streamed response body (urllib3's) read only while the run it is read for goes on
+    (`RUN_ENDED`, as set where this is made). urllib3's `read(n)` returns only once n bytes have
+    come: a report trickled a few bytes a second (a vendor's, a proxy's), within every read timeout,
+    kept the pull thread, its connection and the vendor's request for as long as it kept sending,
+    long after its run was cut. Here a read is made of what each socket read gives (`read1`), the
+    run looked at between them: a look at an event per socket read, never per row."""
+
+    def __init__(self, raw: Any, ended: Ended | None = None) -> None:
+        self._raw = raw
+        self._ended = ended if ended is not None else RUN_ENDED.get()
+
+    def read(self, size: int = -1) -> bytes:
+        ended = self._ended
+        if ended is None:  # no run to end (a connector used on its own)
+            return bytes(self._raw.read(size if size >= 0 else None))
+        pieces: list[bytes] = []
+        got = 0
+        while size < 0 or got < size:
+            if ended.is_set():
+                raise RunEnded("the run has ended: the rest of the report is not read")
+            piece = self._raw.read1(size - got if size >= 0 else CHUNK)
+            if not piece:
+                break
+            pieces.append(piece)
+            got += len(piece)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def rows(

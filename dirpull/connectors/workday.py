@@ -62,7 +62,15 @@ from dirpull.connectors.http import (
     warn_plain_http,
 )
 from dirpull.connectors.nesting import flatten, nested_groups
-from dirpull.connectors.report_rows import RECOGNIZED, NoRowsList, Recognize, fingerprint, parse_error
+from dirpull.connectors.report_rows import (
+    RECOGNIZED,
+    NoRowsList,
+    Recognize,
+    RunEnded,
+    WhileRunning,
+    fingerprint,
+    parse_error,
+)
 from dirpull.connectors.report_rows import rows as report_rows
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import Group, User
@@ -409,8 +417,9 @@ class WorkdayConnector(CountsRequests):
                 body = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115 - handed on, closed by _rows
                 try:
                     resp.raw.decode_content = True
+                    reader = WhileRunning(resp.raw)  # its run's end or `stop` (ending_also_with)
                     while not stop.is_set():
-                        chunk = resp.raw.read(1 << 20)
+                        chunk = reader.read(1 << 20)
                         if not chunk:
                             break
                         # A full TMPDIR is no connection cut off: asking for the report again
@@ -430,6 +439,9 @@ class WorkdayConnector(CountsRequests):
                 except SpoolError:
                     with contextlib.suppress(OSError):  # its last buffer cannot go to disk either
                         body.close()
+                    raise
+                except RunEnded:
+                    body.close()
                     raise
                 finally:
                     resp.close()
@@ -454,7 +466,8 @@ class WorkdayConnector(CountsRequests):
     ) -> Iterator[tuple[bytes | None, Any, str | None]]:
         """The workers report's rows from the socket: (text, row, id of an unchanged row), as
         `report_rows.rows` gives them."""
-        head = _Head(resp.raw)
+        # Read only while the run goes on: a trickled report held the pull thread past its run.
+        head = _Head(WhileRunning(resp.raw))
         resp.raw.decode_content = True
         with self._reading(resp, head, "users report", counter):
             try:

@@ -1046,3 +1046,74 @@ def test_a_trickled_report_is_cut_at_max_run_time_and_its_reading_ends_with_the_
         assert closed.wait(2)  # the report's connection, not left open behind the run
     finally:
         h.close()
+
+
+def _emulated_tenant(provider: str, emu: Any, base: str, tmp_path: Path) -> dict[str, Any]:
+    """The emulator's tenant configuration with every URL (the Google key's token_uri too) at `base`."""
+    tenant: dict[str, Any] = json.loads(json.dumps(emu.tenant_config("t1", tmp_path)).replace(emu.base_url, base))
+    if provider == "google_workspace":
+        key = Path(tenant["credentials_file"].removeprefix("file:"))
+        key.write_text(key.read_text().replace(emu.base_url, base))
+    return tenant
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("problem", ["plain http", "untrusted certificate"])
+def test_a_connection_no_retry_can_heal_fails_the_run_at_once_saying_what_to_check(
+    provider: str, problem: str, serve: Callable[..., str], harness: Any, tmp_path: Path
+) -> None:
+    """A tenant configured with https:// for a server speaking plain HTTP (ssl: wrong version
+    number), or one whose certificate does not verify, was retried like an outage: the run failed
+    after ~19 s (Okta's after 35 s) and six identical attempts, "gave up after 6 attempts". Every
+    attempt meets the same server: the run now fails at the first, saying what to check."""
+    from dirpull.emulators import Org, emulator_class
+
+    emu: Any = emulator_class(provider)(Org.generate(5, seed=2))
+    emu.start()
+    try:
+        if problem == "plain http":
+            base = emu.base_url.replace("http://", "https://")
+            check = "the server does not speak TLS: is the URL's scheme right (http://, not https://)?"
+            reason = "wrong version number"
+        else:
+            base = serve(type("Handler", (_Recorder,), {"served": []}), True)
+            check = "certificate does not verify: is the URL's host right, and is the CA that signed it trusted"
+            reason = "certificate verify failed: self-signed certificate"
+        h = harness({"t1": _emulated_tenant(provider, emu, base, tmp_path)})  # the default retry policy
+        started = time.monotonic()
+        result = h.sync("t1")
+        took = time.monotonic() - started
+    finally:
+        emu.stop()
+    assert result.status == "failed" and check in result.error and reason in result.error, result.error
+    assert "attempts" not in result.error and "\n" not in result.error
+    assert took < 2.5, took
+    assert h.store.runs("t1")[0]["error"] == result.error
+
+
+class _Resetting(http.server.BaseHTTPRequestHandler):
+    """A server that resets every connection as it comes, before a byte of TLS or HTTP."""
+
+    def setup(self) -> None:
+        import socket
+        import struct
+
+        self.request.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.request.close()
+
+    def handle(self) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("scheme", ["https", "http"])
+def test_a_connection_reset_is_still_retried(
+    provider: str, scheme: str, serve: Callable[..., str], tmp_path: Path
+) -> None:
+    """A reset (a TLS handshake cut short included) may heal: it is retried, as before."""
+    base = serve(_Resetting, False).replace("http://", f"{scheme}://")
+    message = run_error(provider, base, tmp_path)
+    assert "attempts" in message and "does not speak TLS" not in message, message

@@ -72,6 +72,7 @@ from dirpull.connectors.http import (
     redact_url,
     tenant_prefix,
     transport_reason,
+    unhealable,
     warn_plain_http,
 )
 from dirpull.connectors.mapping import map_attributes, mapping_root, unordered_lists, without
@@ -593,6 +594,13 @@ class _Session:
             ) as exc:
                 raw = getattr(self._local, "http", None)
                 url = getattr(raw, "last_uri", None) or self.api_url
+                why = unhealable(exc)
+                if why is not None:
+                    raise ConnectorError(
+                        f"{step}: {why} ({transport_reason(exc)} talking to {redact_url(url)})",
+                        retriable=False,
+                        step=step,
+                    ) from None
                 what = f"{step}: {transport_reason(exc)} talking to {redact_url(url)}"
                 self._retry(what, attempt, step)
                 continue

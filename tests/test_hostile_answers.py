@@ -170,6 +170,27 @@ def test_a_body_behind_a_byte_order_mark_is_refused_without_quoting_people(
     assert not [x for x in person_values(v.org) if x in message], message
 
 
+@pytest.mark.parametrize(
+    ("provider", "report"),
+    [("workday", "Worker_Directory"), ("workday", "Worker_Groups"), ("bamboohr", "/reports/custom")],
+)
+def test_a_report_behind_a_byte_order_mark_is_refused_at_the_first_download(
+    vendor: Any, provider: str, report: str
+) -> None:
+    """A Workday or BambooHR report behind a byte order mark was asked for again as if cut off on
+    the way: six whole downloads (~18 s) at the default policy, each beginning with the mark,
+    before the run failed. It fails at the first, saying what the body began with."""
+    v = vendor(provider)
+    rewrite = answers(report, lambda a: Answer(a.path, a.status, a.headers, b"\xef\xbb\xbf" + a.body))
+    with proxying(v.emu.base_url, rewrite) as proxy, pytest.raises(ConnectorError) as info:
+        list(_connector(provider, v.settings(proxy.base_url)).pull(None, full=True))
+    message = str(info.value)
+    assert "begins with a UTF-8 byte order mark, which JSON does not allow; not asked for again" in message, message
+    assert "attempts" not in message and not info.value.retriable
+    assert len([p for p in proxy.paths if report in p]) == 1, proxy.paths
+    assert not [x for x in person_values(v.org) if x in message], message
+
+
 # --- a page of the wrong shape --------------------------------------------------------------------
 
 

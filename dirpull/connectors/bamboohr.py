@@ -71,7 +71,7 @@ from dirpull.connectors.http import (
     warn_plain_http,
 )
 from dirpull.connectors.mapping import map_attributes, without
-from dirpull.connectors.report_rows import RECOGNIZED, NoRowsList, Recognize, WhileRunning, fingerprint
+from dirpull.connectors.report_rows import RECOGNIZED, ByteOrderMark, NoRowsList, Recognize, WhileRunning, fingerprint
 from dirpull.connectors.report_rows import rows as report_rows
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import User
@@ -871,6 +871,16 @@ def _stream_employees(
         raise ConnectorError(
             f"{step}: the answer from {redact_url(resp.url)} is JSON but not a report of employees ({exc}); "
             "is something other than BambooHR answering (a proxy, a gateway)?",
+            step=step,
+        ) from None
+    except ByteOrderMark:
+        # Every copy of the report begins so: asked for again, the run failed only after six
+        # downloads of it (~18 s, and the whole report each time).
+        raise ConnectorError(
+            f"{step}: the report from {redact_url(resp.url)} begins with a UTF-8 byte order mark, which JSON "
+            "does not allow; not asked for again: is something between dirpull and BambooHR (a proxy, a "
+            "gateway) rewriting it?",
+            retriable=False,
             step=step,
         ) from None
     except ValueError as exc:  # report_rows.NotJSON, and a body that is not UTF-8

@@ -42,6 +42,7 @@ CHUNK = 1 << 20
 HEAD_LIMIT = 8 << 20  # the array must open within this many bytes, else ijson reads the body
 CUT_TRIES = 4  # candidate cuts tried per chunk, from the last one back
 STUCK_LIMIT = 8 << 20  # rows no cut could free: ijson reads the rest (rows with nested objects)
+BOM = b"\xef\xbb\xbf"
 _ROW_BOUNDARY = re.compile(rb"\}\s*,\s*\{")
 _ARRAY_END = re.compile(rb"\}\s*\]")
 
@@ -75,6 +76,15 @@ def fingerprint(row: Any) -> Any:
 
 class NotJSON(ValueError):
     """The report body is not valid JSON (or not the document asked for)."""
+
+
+class ByteOrderMark(NotJSON):
+    """The report body begins with a UTF-8 byte order mark, which JSON text must not (RFC 8259
+    §8.1) and these parsers refuse: unlike a body cut off or garbled on the way, every copy of the
+    report begins with it, so asking again does not help."""
+
+    def __init__(self) -> None:
+        super().__init__("it begins with a UTF-8 byte order mark, which JSON does not allow")
 
 
 class NoRowsList(NotJSON):
@@ -220,6 +230,8 @@ def _open(stream: Readable, key: str, chunk_size: int) -> tuple[bytes, bytes, bo
     while chunk and len(buf) <= HEAD_LIMIT:
         chunk = stream.read(chunk_size)
         buf += chunk
+        if buf.startswith(BOM):
+            raise ByteOrderMark
         for match in opening.finditer(buf, searched):
             if _opens_top_level(buf[: match.end() - 1], key):
                 return buf[: match.end() - 1], buf[match.end() :], bool(chunk)

@@ -63,6 +63,7 @@ from dirpull.connectors.http import (
 )
 from dirpull.connectors.nesting import flatten, nested_groups
 from dirpull.connectors.report_rows import (
+    BOM,
     RECOGNIZED,
     NoRowsList,
     Recognize,
@@ -489,6 +490,16 @@ class WorkdayConnector(CountsRequests):
         try:
             yield
         except (ijson.JSONError, ValueError) as exc:  # also report_rows.NotJSON, a body not UTF-8
+            if head.head.startswith(BOM):
+                # Every copy of the report begins so: asked for again, the run failed only after
+                # six downloads of it (~18 s, and the whole report each time).
+                raise ConnectorError(
+                    f"{step}: the report begins with a UTF-8 byte order mark, which JSON does not allow; "
+                    f"not asked for again: is something between dirpull and Workday (a proxy, a gateway) "
+                    f"rewriting it? It began: {body_opening(head.head)}",
+                    retriable=False,
+                    step=step,
+                ) from None
             raise UnreadableBody(
                 f"{step}: the report is not valid JSON ({readable_body(parse_error(exc), 120)}) "
                 f"after {head.bytes} bytes; "

@@ -680,6 +680,8 @@ def events(
     if as_json:
         _jsonl(rows)
         return
+    # A header as the other tables have, on a terminal and in a pipe alike: `tail -n +2` skips it.
+    typer.echo("seq\tcreated_at\ttype\tobject")
     for e in rows:
         d = e["data"]
         what = f"group={d['group']} user={d['user']}" if "group" in d and "user" in d else d.get("idp_id", "")

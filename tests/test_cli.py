@@ -413,7 +413,7 @@ def test_tabs_and_line_breaks_in_values_keep_the_tables_one_row_each(env, store_
     for args in (("users", "hr"), ("runs", "hr"), ("status",)):
         header, *rows = run(env, *args).stdout.splitlines()
         assert rows and all(row.count("\t") == header.count("\t") for row in rows), args
-    # The event log's rows (no header): four columns each, an id holding a tab or a line break too.
+    # The event log's rows: four columns each, an id holding a tab or a line break too.
     store = Store(store_url)
     try:
         with store.engine.begin() as conn:  # an id as odd as a vendor may send
@@ -421,14 +421,31 @@ def test_tabs_and_line_breaks_in_values_keep_the_tables_one_row_each(env, store_
                 data={"idp_id": "odd\tid\nhere"}))  # fmt: skip
     finally:
         store.close()
-    rows = run(env, "events", "hr").stdout.splitlines()
-    assert rows and all(row.count("\t") == 3 for row in rows), [r for r in rows if r.count("\t") != 3][:3]
+    header, *rows = run(env, "events", "hr").stdout.splitlines()
+    assert rows and all(row.count("\t") == header.count("\t") == 3 for row in rows), \
+        [r for r in rows if r.count("\t") != 3][:3]
     assert "odd id here" in rows[0]
     assert "Head of People and Culture" in run(env, "users", "hr").stdout
     assert "unexpected second line and a tab" in run(env, "runs", "hr").stdout
     assert "failing: unexpected second line and a tab" in run(env, "status").stdout
     titles = {u["job_title"] for u in jsonl(run(env, "users", "hr", "--json").stdout)}
     assert "Head of\tPeople\nand Culture" in titles
+
+
+def test_the_event_log_table_has_a_header_line_as_the_other_tables_do(env):
+    """`dirpull events T` printed its rows with no header, where `users`, `groups`, `runs` and
+    `status` each begin with one (in a pipe too): the columns were left to guess, and a script
+    skipping the other tables' first line with `tail -n +2` dropped an event here."""
+    assert run(env, "sync", "hr").exit_code == 0
+    events = jsonl(run(env, "events", "hr", "--json").stdout)
+    header, *rows = run(env, "events", "hr").stdout.splitlines()
+    assert header.split("\t") == ["seq", "created_at", "type", "object"]
+    assert [row.split("\t")[0] for row in rows] == [str(e["seq"]) for e in events]
+    assert rows[0].split("\t")[1:3] == [events[0]["created_at"], events[0]["type"]]
+    # Nothing after --after: the header alone, as an empty group's `users --group` prints.
+    r = run(env, "events", "hr", "--after", str(events[-1]["seq"]))
+    assert (r.exit_code, r.stdout) == (0, f"{header}\n")
+    assert run(env, "events", "hr", "--json", "--after", str(events[-1]["seq"])).stdout == ""
 
 
 def test_an_argument_that_is_not_utf8_is_an_unknown_tenant_user_or_group_not_a_traceback(env):

@@ -701,15 +701,28 @@ def runs(
     Exit 1: no store, or its schema is behind or ahead of this dirpull."""
     config = _config()
     store = _query_store(config, tenant)
-    rows = store.runs(tenant, limit)
+    rows = [_with_events(r) for r in store.runs(tenant, limit)]
     if as_json:
         _jsonl(rows)
         return
     typer.echo("id\tstarted_at\ttrigger\tmode\tstatus\tduration_s\trequests\tevents\terror")
     for r in rows:
-        events = r["counts"].get("events", 0) if r["status"] == "succeeded" else 0
         typer.echo(_cells(r["id"], r["started_at"], r["trigger"], r["mode"], r["status"], r["duration_s"],
-                          r["requests"], events, r["error"] or ""))  # fmt: skip
+                          r["requests"], r["events"], r["error"] or ""))  # fmt: skip
+
+
+def _with_events(run: dict[str, Any]) -> dict[str, Any]:
+    """The run with `events`, the events it wrote, after `requests` as in `sync --json`. Its
+    `counts.events` is not that: a held or failed run's counts are what it would have written,
+    so a consumer reading them took a held run's planned events for new ones in the log."""
+    events = run["counts"].get("events", 0) if run["status"] == "succeeded" else 0
+    out: dict[str, Any] = {}
+    for key, value in run.items():
+        out[key] = value
+        if key == "requests":
+            out["events"] = events
+    out.setdefault("events", events)
+    return out
 
 
 def _stale_at(schedule: str, last_success: datetime) -> datetime | None:

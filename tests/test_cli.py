@@ -500,6 +500,25 @@ def test_a_held_run_is_not_reported_as_having_written_events(env):
     assert jsonl(run(env, "runs", "hr", "--json").stdout)[0]["counts"]["users_deleted"] == 30  # what it would do
 
 
+def test_runs_json_says_how_many_events_each_run_wrote_as_sync_json_does(env):
+    """A run object of `runs --json` had no `events`, which `sync --json` and the `runs` table
+    show: only `counts.events`, which for a held run is what it would have written, so a consumer
+    counting from it expected events in the log that were never written."""
+    first = jsonl(run(env, "sync", "hr", "--json").stdout)[0]
+    for n in range(2, 32):
+        env["org"].delete(n)
+    held = run(env, "sync", "hr", "--json")
+    assert held.exit_code == 3
+    written: dict[int, int] = {}
+    for e in jsonl(run(env, "events", "hr", "--json").stdout):
+        written[e["run_id"]] = written.get(e["run_id"], 0) + 1
+    latest, applied = jsonl(run(env, "runs", "hr", "--json").stdout)
+    assert applied["id"] == first["run_id"] and applied["events"] == first["events"] == written[applied["id"]] > 0
+    assert latest["status"] == "held" and latest["events"] == jsonl(held.stdout)[0]["events"] == 0
+    assert latest["counts"]["events"] > 0  # what it would have written, kept as it was
+    assert list(latest)[list(latest).index("requests") + 1] == "events"
+
+
 def test_a_held_runs_dry_run_names_who_would_be_removed_first(env):
     """The guard says "review with --dry-run": its bounded listing names the people the run would
     delete or deactivate even when hundreds of other changes come before them in event order."""

@@ -253,7 +253,8 @@ def test_a_dry_run_stopped_by_sigterm_leaves_no_scratch_store(env, store_url, tm
     scratch_root.mkdir()
     config = Path(env["config"])
     config.write_text(config.read_text().replace(store_url, f"sqlite:///{tmp_path / 'none.db'}"))
-    env["emulator"].faults.update({"delay": 30.0})  # the report hangs
+    env["emulator"].faults.update({"delay": 30.0})  # every request hangs
+    asked = env["emulator"].requests
     proc = subprocess.Popen(
         [sys.executable, "-m", "dirpull.cli", "--config", env["config"], "sync", "hr", "--dry-run"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -261,10 +262,14 @@ def test_a_dry_run_stopped_by_sigterm_leaves_no_scratch_store(env, store_url, tm
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 20
-        while not any(scratch_root.iterdir()) and time.monotonic() < deadline:
+        # Signalled once its pull waits in a request: a busy machine (CI) had a signal sent a fixed
+        # second after the scratch store reach a run not asking yet, which stopped at once, and the
+        # second signal then met a process already past its handler.
+        while (not any(scratch_root.iterdir()) or env["emulator"].requests == asked) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert any(scratch_root.iterdir()), "the dry run made no scratch store"
-        time.sleep(1.0)  # into the report's request
+        assert env["emulator"].requests > asked, "the dry run asked the vendor nothing"
+        time.sleep(0.3)  # the request's answer is awaited
         for _ in range(signals):
             proc.send_signal(signal.SIGTERM)
             time.sleep(0.5)
@@ -993,6 +998,7 @@ def test_a_second_signal_while_stopping_exits_at_once_applying_nothing(env, stor
     assert run(env, "sync", "hr").exit_code == 0
     env["org"].random_changes(5)  # something to apply, were the run to apply anything
     env["emulator"].faults.update({"delay": 30.0})  # the report hangs
+    asked = env["emulator"].requests
     proc = subprocess.Popen(
         [sys.executable, "-m", "dirpull.cli", "--config", env["config"], *args],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -1002,7 +1008,10 @@ def test_a_second_signal_while_stopping_exits_at_once_applying_nothing(env, stor
         before = store.runs("hr", 1)[0]["id"]
         events = len(list(store.iter_events("hr", after=0)))
         last = wait_for_a_running_run(store, "hr", after=before)
-        time.sleep(0.3)  # into the report's request
+        deadline = time.monotonic() + 20  # into the report's request, on a busy machine too
+        while env["emulator"].requests == asked and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)
         proc.send_signal(how)
         time.sleep(1.0)
         assert proc.poll() is None  # the first signal waits for the run to reach a safe point

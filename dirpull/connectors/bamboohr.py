@@ -71,7 +71,15 @@ from dirpull.connectors.http import (
     warn_plain_http,
 )
 from dirpull.connectors.mapping import map_attributes, without
-from dirpull.connectors.report_rows import RECOGNIZED, ByteOrderMark, NoRowsList, Recognize, WhileRunning, fingerprint
+from dirpull.connectors.report_rows import (
+    BOM,
+    RECOGNIZED,
+    ByteOrderMark,
+    NoRowsList,
+    Recognize,
+    WhileRunning,
+    fingerprint,
+)
 from dirpull.connectors.report_rows import rows as report_rows
 from dirpull.connectors.source import Known, SourceDigests
 from dirpull.model import User
@@ -816,6 +824,16 @@ def _json(resp: requests.Response, step: str) -> Any:
     try:
         return resp.json()
     except ValueError as exc:
+        if resp.content.startswith(BOM):
+            # Every copy of the answer begins so: asked for again, an increment failed only after
+            # six downloads of it, as the full walk's streamed report did.
+            raise ConnectorError(
+                f"{step}: the answer from {resp.request.method} {redact_url(resp.url)} begins with a UTF-8 byte "
+                "order mark, which JSON does not allow; not asked for again: is something between dirpull and "
+                "BambooHR (a proxy, a gateway) rewriting it?",
+                retriable=False,
+                step=step,
+            ) from None
         raise UnreadableBody(
             f"{step}: the answer from {resp.request.method} {redact_url(resp.url)} is not valid JSON ({exc})", step=step
         ) from None

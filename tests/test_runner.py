@@ -1383,3 +1383,14 @@ def test_setting_or_adding_max_run_time_does_not_make_the_next_run_a_full_one(ha
         r = (h if edited else make(harness, d)).sync("t")
         assert r.status == "succeeded" and d.cursors_seen[-1] is not None, (edited, r.notes)
         assert not any("settings changed" in n for n in r.notes), (edited, r.notes)
+
+
+@pytest.mark.parametrize("limit", [0.2500001, "0.3s"], ids=["seconds", "duration"])
+def test_a_run_cut_at_max_run_time_names_the_limit_as_configured(harness, limit):
+    """The failed run's error quotes the tenant's `max_run_time`. A number of seconds with more than
+    six significant digits was rounded there (604799.5 read "604800s", a week, and 0.2500001
+    "0.25s"): the limit the operator looks up in the configuration is not the one quoted."""
+    slow = Directory(users=people(30), on_page=lambda n: time.sleep(0.6))
+    r = make(harness, slow, defaults={"max_run_time": limit}).sync("t")
+    quoted = "0.2500001s" if limit == 0.2500001 else "0.3s"
+    assert r.status == "failed" and r.error == f"the run took longer than max_run_time ({quoted}); nothing applied"

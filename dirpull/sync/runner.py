@@ -133,7 +133,8 @@ def _duration_text(seconds: float) -> str:
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
+    # Python's shortest exact form: `:g` keeps six significant digits, and 604799.5 read "604800s".
+    return f"{repr(float(seconds)).removesuffix('.0')}s"
 
 
 @dataclass(frozen=True)

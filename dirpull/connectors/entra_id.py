@@ -69,6 +69,7 @@ from dirpull.connectors.http import (
     RETRIABLE_STATUSES,
     PagingGuard,
     RetryPolicy,
+    fail_if_unhealable,
     interruptible_async_sleep,
     interruptible_sleep,
     parse_retry_after,
@@ -76,7 +77,6 @@ from dirpull.connectors.http import (
     redact_url,
     tenant_prefix,
     transport_reason,
-    unhealable,
     warn_plain_http,
 )
 from dirpull.connectors.mapping import map_attributes
@@ -357,14 +357,6 @@ class ClientCredentialsProvider:
 # --- one pull's HTTP session ----------------------------------------------------------------------
 
 
-def _fail_if_unhealable(exc: BaseException, step: str, method: str, url: str) -> None:
-    """Fails the request at once, saying what to check, for a connection no retry heals."""
-    why = unhealable(exc)
-    if why is not None:
-        raise ConnectorError(f"{step}: {why} ({transport_reason(exc)} on {method} {redact_url(url)})",
-                             retriable=False, step=step) from None  # fmt: skip
-
-
 @functools.cache
 def _tls_context() -> ssl.SSLContext:
     """The TLS settings httpx would make for each client (certifi's CAs, or SSL_CERT_FILE /
@@ -536,7 +528,7 @@ class _Session:
             try:
                 resp = await call(self._plain)
             except httpx.TransportError as exc:
-                _fail_if_unhealable(exc, step, "POST", url)
+                fail_if_unhealable(exc, step, f"{transport_reason(exc)} on POST {redact_url(url)}", step)
                 await self._wait(attempt, None, what=f"{step}: {transport_reason(exc)} on POST {redact_url(url)}",
                                  step=step)  # fmt: skip
                 continue
@@ -601,7 +593,7 @@ class _Session:
             except _ForeignRedirect as exc:
                 raise ConnectorError(f"{step}: {exc}", retriable=False, step=step) from None
             except httpx.TransportError as exc:
-                _fail_if_unhealable(exc, step, "GET", url)
+                fail_if_unhealable(exc, step, f"{transport_reason(exc)} on GET {redact_url(url)}", step)
                 await self._wait(attempt, None, what=f"{step}: {transport_reason(exc)} on GET {redact_url(url)}",
                                  step=step)  # fmt: skip
             except ValueError:  # a truncated or malformed body

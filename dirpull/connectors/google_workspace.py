@@ -68,11 +68,11 @@ from dirpull.connectors.http import (
     RetryPolicy,
     ending_also_with,
     env_ca_file,
+    fail_if_unhealable,
     readable_body,
     redact_url,
     tenant_prefix,
     transport_reason,
-    unhealable,
     warn_plain_http,
 )
 from dirpull.connectors.mapping import map_attributes, mapping_root, unordered_lists, without
@@ -594,14 +594,9 @@ class _Session:
             ) as exc:
                 raw = getattr(self._local, "http", None)
                 url = getattr(raw, "last_uri", None) or self.api_url
-                why = unhealable(exc)
-                if why is not None:
-                    raise ConnectorError(
-                        f"{step}: {why} ({transport_reason(exc)} talking to {redact_url(url)})",
-                        retriable=False,
-                        step=step,
-                    ) from None
-                what = f"{step}: {transport_reason(exc)} talking to {redact_url(url)}"
+                detail = f"{transport_reason(exc)} talking to {redact_url(url)}"
+                fail_if_unhealable(exc, step, detail, step)
+                what = f"{step}: {detail}"
                 self._retry(what, attempt, step)
                 continue
             if not isinstance(body, dict):

@@ -195,6 +195,14 @@ def unhealable(exc: BaseException) -> str | None:
     return None
 
 
+def fail_if_unhealable(exc: BaseException, where: str, detail: str, step: str) -> None:
+    """Fails the request at once, "`where`: what to check (`detail`)", for a connection no retry
+    heals (`unhealable`); returns for one that may."""
+    why = unhealable(exc)
+    if why is not None:
+        raise ConnectorError(f"{where}: {why} ({detail})", retriable=False, step=step) from None
+
+
 def _exception_chain(exc: BaseException) -> list[BaseException]:
     """`exc` and every exception it wraps, outermost first."""
     out: list[BaseException] = []
@@ -719,14 +727,9 @@ class HttpClient:
             except ForeignRedirect as exc:
                 raise ConnectorError(f"{step}: {exc}", retriable=False, step=step, status=exc.status) from None
             except self._transient as exc:
-                why = unhealable(exc)
-                if why is not None:
-                    raise ConnectorError(
-                        f"{step}: {why} ({transport_reason(exc)} on {method} {redact_url(url)})",
-                        retriable=False,
-                        step=step,
-                    ) from None
-                what = f"{step}: {transport_reason(exc)} on {method} {redact_url(url)}"
+                detail = f"{transport_reason(exc)} on {method} {redact_url(url)}"
+                fail_if_unhealable(exc, step, detail, step)
+                what = f"{step}: {detail}"
                 self._retrying(what, attempt)
                 self.policy.wait(attempt, None, what=what, step=step)
                 continue

@@ -64,6 +64,7 @@ from dirpull.connectors.base import (
 from dirpull.connectors.http import (
     PagingGuard,
     body_opening,
+    fail_if_unhealable,
     interruptible_async_sleep,
     is_loopback_host,
     parse_http_date,
@@ -71,7 +72,6 @@ from dirpull.connectors.http import (
     redact_url,
     tenant_prefix,
     transport_reason,
-    unhealable,
 )
 from dirpull.connectors.mapping import map_attributes, mapping_root, without, without_nulls
 from dirpull.connectors.source import Known, SourceDigests
@@ -369,9 +369,8 @@ def _transport_class() -> type:
                 if resp is None:
                     # Connection refused, reset, timeout: the SDK would crash on this later.
                     reason = transport_reason(error) if error else "no response"
-                    why = unhealable(error) if error else None
-                    if why is not None:
-                        raise ConnectorError(f"{what}: {why} ({reason})", retriable=False, step=step)
+                    if error is not None:
+                        fail_if_unhealable(error, what, reason, step)
                     if attempt >= MAX_TRANSIENT_ATTEMPTS:
                         raise ConnectorError(f"{what}: {reason} (after {attempt} attempts)", step=step)
                     await self._wait(self.throttle.backoff(attempt), f"{what}: {reason}", step)

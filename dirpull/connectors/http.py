@@ -569,9 +569,9 @@ def body_opening(body: bytes | str, limit: int = 200) -> str:
     text = raw.lstrip()
     # A JSON document behind a UTF-8 byte order mark (which the report parsers refuse) is still
     # people's records: shown as the BOM and the opening, not as text with the first people in it.
-    bom = text.startswith(_BOM)
+    bom = text.startswith(BOM)
     if bom:
-        text = text[len(_BOM) :].lstrip()
+        text = text[len(BOM) :].lstrip()
     if text[:1] not in (b"{", b"["):
         return readable_body(raw, limit)
     opening = _ROWS_OPENING.match(text)  # `{"Report_Entry":[`: a key, no value yet
@@ -579,7 +579,7 @@ def body_opening(body: bytes | str, limit: int = 200) -> str:
     return f"a UTF-8 byte order mark, then {shown}" if bom else shown
 
 
-_BOM = b"\xef\xbb\xbf"
+BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark, which JSON text must not begin with
 _ROWS_OPENING = re.compile(rb'\{\s*"[^"\\]{0,100}"\s*:\s*\[')
 
 

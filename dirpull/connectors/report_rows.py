@@ -35,14 +35,13 @@ import ijson
 import orjson
 
 from dirpull.connectors.base import ConnectorError
-from dirpull.connectors.http import RUN_ENDED, Ended
+from dirpull.connectors.http import BOM, RUN_ENDED, Ended
 from dirpull.jsoncodec import loads_lenient
 
 CHUNK = 1 << 20
 HEAD_LIMIT = 8 << 20  # the array must open within this many bytes, else ijson reads the body
 CUT_TRIES = 4  # candidate cuts tried per chunk, from the last one back
 STUCK_LIMIT = 8 << 20  # rows no cut could free: ijson reads the rest (rows with nested objects)
-BOM = b"\xef\xbb\xbf"
 _ROW_BOUNDARY = re.compile(rb"\}\s*,\s*\{")
 _ARRAY_END = re.compile(rb"\}\s*\]")
 

@@ -13,13 +13,16 @@ One run, per provider, in one process tree on 127.0.0.1:
     per-user connector cost, excluding the diff and the store;
   * baseline insert: the same user/group/membership rows as the initial sync stored, inserted into a
     fresh store of the same kind with SQLAlchemy Core executemany, one transaction (the database
-    floor; best of --baseline-repeats);
+    floor; the fastest of its samples, counted as a phase's are, below);
   * the phases, each a `dirpull sync` in its own subprocess (peak RSS = that process's own, from
     wait4's ru_maxrss): initial (empty store), full no-change, full 1% change, and for providers with
     deltas incremental no-change and incremental 1% change. The initial sync (into an emptied store
     each time), the two full resyncs and the incremental no-change run --repeats times (the 1% one
     after a fresh round of changes each time) and keep the fastest, as the floors keep their
-    fastest: on a shared machine one slow sample otherwise decides a ratio;
+    fastest: on a shared machine one slow sample otherwise decides a ratio. A phase whose runs so
+    far took under --repeat-budget seconds runs again, up to --max-repeats times: as many samples
+    as the fetch floor's (2 × --baseline-repeats) where a run is short and the noise large against
+    it;
   * streaming: `dirpull events T --after 0 --json` and `dirpull users T --json`, each at two sizes
     (events inflated by INSERT … SELECT to ≥ max(--events, 2× what the sync wrote); users copied 9
     times under suffixed ids, so 10×), to show whether peak RSS grows with the row count;
@@ -434,9 +437,11 @@ def baseline_fetch(provider: str, tenant: dict[str, Any], repeats: int) -> dict[
 
 
 def baseline_insert(
-    sync_url: str, tenant: str, target_url: str, target_tenant: str, repeats: int = 1
+    sync_url: str, tenant: str, target_url: str, target_tenant: str, repeats: int = 1, most: int = 1,
+    budget: float = 0.0,
 ) -> dict[str, Any]:
-    """The database floor, best of `repeats`: each an insert into an empty store."""
+    """The database floor, the best of `repeats` samples (more, up to `most`, while they took under
+    `budget` seconds: `another_sample`): each an insert into an empty store."""
     from dirpull.storage import schema as t
     from dirpull.storage.store import Store
 
@@ -454,8 +459,10 @@ def baseline_insert(
     for rows in (users, groups, members):
         for r in rows:
             r["tenant"] = target_tenant
-    took = float("inf")
-    for _ in range(max(1, repeats)):
+    took, samples, spent = float("inf"), 0, 0.0
+    while another_sample(samples, spent, repeats, most, budget):
+        samples += 1
+        sample_started = time.monotonic()
         _drop_sqlite(target_url)
         dst = Store(target_url)
         try:
@@ -472,8 +479,9 @@ def baseline_insert(
                         conn.execute(table.delete().where(table.c.tenant == target_tenant))
         finally:
             dst.close()
+        spent += time.monotonic() - sample_started
     return {"s": round(took, 3), "rows": len(users) + len(groups) + len(members), "users": len(users),
-            "groups": len(groups), "memberships": len(members), "repeats": max(1, repeats)}  # fmt: skip
+            "groups": len(groups), "memberships": len(members), "repeats": samples}  # fmt: skip
 
 
 def _drop_sqlite(url: str) -> None:
@@ -640,6 +648,16 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a is not None and b else None
 
 
+def another_sample(done: int, spent: float, least: int, most: int, budget: float) -> bool:
+    """Whether a phase or a floor is measured once more: until it has `least` samples, then, up to
+    `most`, while its samples so far took under `budget` seconds. The fetch floor's fastest is of
+    2 × --baseline-repeats samples (before the syncs and after); a phase kept as the fastest of
+    fewer had its ratio biased upward by the machine's noise alone — largest where a run is short,
+    and where the noise is largest against it. A long phase, whose noise is small against its time,
+    stays at `least`."""
+    return done < max(1, least) or (done < most and spent < budget)
+
+
 def _pick_run(name: str, runs: list[dict[str, Any]]) -> int:
     """Which run a repeated phase reports: the fastest, as the floor reports its fastest fetch — but
     a no-change resync that wrote anything is never hidden by a faster one, and a 1% resync is one
@@ -700,18 +718,24 @@ def bench_provider(provider: str, args: argparse.Namespace, root: Path) -> dict[
             done = em.control("/_emulator/changes", {"random": n, "seed": args.seed + len(phases)})
             return len(done.get("changes", []))
 
-        # The first sync, --repeats times into an empty store, and the insert floor, best of
-        # --baseline-repeats, are compared fastest to fastest, as the resyncs and the fetch are.
-        for i in range(max(1, args.repeats)):
-            if i:
+        def runs_again(name: str) -> bool:
+            runs = phases.get(name, {}).get("runs", [])
+            spent = sum(r["wall_s"] or 0.0 for r in runs)
+            return another_sample(len(runs), spent, args.repeats, args.max_repeats, args.repeat_budget)
+
+        # The first sync, into an empty store each time, and the insert floor are compared fastest
+        # to fastest, as the resyncs and the fetch are.
+        while runs_again("initial"):
+            if "initial" in phases:
                 empty_store(store_url, tenant)
             phase("initial", full=False)
         log(f"[{provider}] baseline insert")
         result["baseline_insert"] = baseline_insert(
-            store_url, tenant, insert_url, f"{tenant}-insert", args.baseline_repeats
+            store_url, tenant, insert_url, f"{tenant}-insert", args.baseline_repeats, args.max_repeats,
+            args.repeat_budget,
         )
         log(f"[{provider}]   {result['baseline_insert']}")
-        for _ in range(max(1, args.repeats)):
+        while runs_again("full_nochange"):
             phase("full_nochange", full=True)
         # The fetch floor again, over the same data, after the syncs: a busy moment of the machine
         # at the first sample would otherwise set a slow floor, and every ratio would look better.
@@ -725,11 +749,11 @@ def bench_provider(provider: str, args: argparse.Namespace, root: Path) -> dict[
             # Steady state: nothing changed since the organization was generated (a day ago, see
             # --age). Run right after a change round instead, Okta's incremental re-reads whatever
             # changed within its cursor_holdback (300 s) — see docs/benchmarks.md.
-            for _ in range(max(1, args.repeats)):
+            while runs_again("incr_nochange"):
                 phase("incr_nochange", full=False)
         # Each repeat is a fresh round of changes to 1% of the users, then the resync.
         rounds = []
-        for _ in range(max(1, args.repeats)):
+        while runs_again("full_1pct"):
             rounds.append(change())
             phase("full_1pct", full=True)
         phases["full_1pct"]["changes_per_round"] = rounds
@@ -912,8 +936,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=2,
                     help="the initial sync (into an empty store each time), the full resyncs (no change; 1%% "
                          "change, each after its own round of changes) and the incremental no-change run this "
-                         "many times, the fastest kept, "
+                         "many times at least, the fastest kept, "
                          "like the floors' best of --baseline-repeats (default 2)")
+    ap.add_argument("--max-repeats", type=int, default=4,
+                    help="a phase (and the insert floor) is run again, up to this many times in all, while "
+                         "its runs so far took under --repeat-budget seconds: as many samples as the fetch "
+                         "floor's 2 × --baseline-repeats where a run is short (default 4)")
+    ap.add_argument("--repeat-budget", type=float, default=60.0, metavar="S",
+                    help="see --max-repeats (default 60; 0: every phase runs --repeats times)")
     ap.add_argument("--phase-timeout", type=float, default=1800.0)
     ap.add_argument("--emulator-workers", type=int, default=None, metavar="N",
                     help="processes serving the emulators that can run several, Graph's and Google's "

@@ -975,7 +975,11 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(root, ignore_errors=True)
     if args.compare and results:
         compare_growth(results, json.loads(Path(args.compare).read_text(encoding="utf-8")))
-    report = {"machine": machine(), "users": args.users, "groups": args.groups, "results": results, "failed": failed}
+    # How many samples each number is the fastest of: ratios of runs sampled otherwise do not compare.
+    sampling = {"repeats": args.repeats, "max_repeats": args.max_repeats, "repeat_budget_s": args.repeat_budget,
+                "baseline_repeats": args.baseline_repeats}  # fmt: skip
+    report = {"machine": machine(), "users": args.users, "groups": args.groups, "sampling": sampling,
+              "results": results, "failed": failed}  # fmt: skip
     if results:
         print(table(results))
         print()

@@ -54,6 +54,7 @@ def test_bench_smoke(provider: str, tmp_path: Path) -> None:
     assert code == 0
     report = json.loads(out.read_text())
     assert not report["failed"]
+    assert report["sampling"] == {"repeats": 2, "max_repeats": 3, "repeat_budget_s": 60.0, "baseline_repeats": 1}
     (result,) = report["results"]
     phases = result["phases"]
     assert list(phases) == ["initial", "full_nochange", "incr_nochange", "full_1pct", "incr_1pct"]

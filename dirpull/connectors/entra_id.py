@@ -528,9 +528,9 @@ class _Session:
             try:
                 resp = await call(self._plain)
             except httpx.TransportError as exc:
-                fail_if_unhealable(exc, step, f"{transport_reason(exc)} on POST {redact_url(url)}", step)
-                await self._wait(attempt, None, what=f"{step}: {transport_reason(exc)} on POST {redact_url(url)}",
-                                 step=step)  # fmt: skip
+                detail = f"{transport_reason(exc)} on POST {redact_url(url)}"
+                fail_if_unhealable(exc, step, detail, step)
+                await self._wait(attempt, None, what=f"{step}: {detail}", step=step)
                 continue
             if resp.status_code in RETRIABLE_STATUSES:
                 hint = parse_retry_after(resp.headers.get("Retry-After"))
@@ -593,9 +593,9 @@ class _Session:
             except _ForeignRedirect as exc:
                 raise ConnectorError(f"{step}: {exc}", retriable=False, step=step) from None
             except httpx.TransportError as exc:
-                fail_if_unhealable(exc, step, f"{transport_reason(exc)} on GET {redact_url(url)}", step)
-                await self._wait(attempt, None, what=f"{step}: {transport_reason(exc)} on GET {redact_url(url)}",
-                                 step=step)  # fmt: skip
+                detail = f"{transport_reason(exc)} on GET {redact_url(url)}"
+                fail_if_unhealable(exc, step, detail, step)
+                await self._wait(attempt, None, what=f"{step}: {detail}", step=step)
             except ValueError:  # a truncated or malformed body
                 await self._wait(attempt, None, what=f"{step}: malformed JSON from {redact_url(url)}", step=step)
 
